@@ -1,0 +1,339 @@
+//! Model shapes: [`ClipConfig`] with its vision and text towers, and the named presets.
+//!
+//! The serialised form is the Hugging Face `config.json` of a `CLIPModel`, so a config written
+//! by clipcid opens in `transformers` and a config from the Hub opens here.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ModelError;
+
+/// Non-linearity inside the transformer MLP blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Activation {
+    /// `x * sigmoid(1.702 x)`, used by OpenAI's CLIP checkpoints.
+    #[default]
+    #[serde(rename = "quick_gelu")]
+    QuickGelu,
+    /// Exact (erf) GELU, used by most OpenCLIP models trained from scratch.
+    #[serde(rename = "gelu")]
+    Gelu,
+}
+
+/// Shape of the vision transformer (the image tower).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VisionConfig {
+    /// Transformer width (`hidden_size`).
+    pub hidden_size: usize,
+    /// MLP hidden width, usually `4 * hidden_size`.
+    pub intermediate_size: usize,
+    /// Number of transformer blocks.
+    pub num_hidden_layers: usize,
+    /// Attention heads; must divide `hidden_size`.
+    pub num_attention_heads: usize,
+    /// Input resolution (square), in pixels.
+    pub image_size: usize,
+    /// Patch size (square), in pixels; must divide `image_size`.
+    pub patch_size: usize,
+    /// Input channels (3 for RGB).
+    pub num_channels: usize,
+    /// MLP activation.
+    pub hidden_act: Activation,
+    /// Layer-norm epsilon.
+    pub layer_norm_eps: f64,
+}
+
+impl Default for VisionConfig {
+    fn default() -> Self {
+        // Hugging Face's CLIPVisionConfig defaults (ViT-B/32).
+        Self {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            image_size: 224,
+            patch_size: 32,
+            num_channels: 3,
+            hidden_act: Activation::QuickGelu,
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
+impl VisionConfig {
+    /// Number of patches along one side of the image.
+    pub fn grid_size(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    /// Sequence length seen by the transformer: one class token plus one token per patch.
+    pub fn num_positions(&self) -> usize {
+        self.grid_size() * self.grid_size() + 1
+    }
+}
+
+/// Shape of the text transformer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TextConfig {
+    /// Vocabulary size of the token embedding.
+    pub vocab_size: usize,
+    /// Context length (`max_position_embeddings`), 77 for CLIP.
+    pub max_position_embeddings: usize,
+    /// Transformer width.
+    pub hidden_size: usize,
+    /// MLP hidden width.
+    pub intermediate_size: usize,
+    /// Number of transformer blocks.
+    pub num_hidden_layers: usize,
+    /// Attention heads; must divide `hidden_size`.
+    pub num_attention_heads: usize,
+    /// MLP activation.
+    pub hidden_act: Activation,
+    /// Layer-norm epsilon.
+    pub layer_norm_eps: f64,
+    /// Token whose final hidden state is the sentence embedding. `None` (or the legacy value 2
+    /// found in old Hub configs) pools at the highest token id, as OpenAI's code does.
+    pub eos_token_id: Option<u32>,
+}
+
+impl Default for TextConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 49408,
+            max_position_embeddings: 77,
+            hidden_size: 512,
+            intermediate_size: 2048,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            hidden_act: Activation::QuickGelu,
+            layer_norm_eps: 1e-5,
+            eos_token_id: Some(49407),
+        }
+    }
+}
+
+/// A whole CLIP model: both towers and the shared embedding width.
+///
+/// ```
+/// use clipcid_models::ClipConfig;
+/// let cfg = ClipConfig::preset("piccollage-s12").unwrap();
+/// assert_eq!(cfg.vision_config.hidden_size, 384);
+/// assert_eq!(cfg.projection_dim, 512);
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ClipConfig {
+    /// Width of the joint image-text embedding space.
+    pub projection_dim: usize,
+    /// Initial value of the learnable log logit scale, `ln(1 / 0.07)` in CLIP.
+    pub logit_scale_init_value: f64,
+    /// Image tower.
+    #[serde(alias = "vision_config_dict")]
+    pub vision_config: VisionConfig,
+    /// Text tower.
+    #[serde(alias = "text_config_dict")]
+    pub text_config: TextConfig,
+}
+
+impl Default for ClipConfig {
+    fn default() -> Self {
+        Self {
+            projection_dim: 512,
+            logit_scale_init_value: 2.6592,
+            vision_config: VisionConfig::default(),
+            text_config: TextConfig::default(),
+        }
+    }
+}
+
+/// Names accepted by [`ClipConfig::preset`].
+pub const PRESETS: &[&str] = &[
+    "vit-b-32",
+    "vit-b-16",
+    "piccollage-s12",
+    "piccollage-s24",
+    "tiny",
+];
+
+impl ClipConfig {
+    /// A named model shape.
+    ///
+    /// - `vit-b-32`, `vit-b-16`: OpenAI CLIP ViT-B/32 and ViT-B/16.
+    /// - `piccollage-s12`, `piccollage-s24`: PicCollage's distilled image towers (width 384,
+    ///   6 layers, 12 or 24 heads, patch 32, output 512) paired with the ViT-B/32 text tower,
+    ///   which PicCollage keeps from the teacher.
+    /// - `tiny`: a very small model (width 32, 2 layers, 32 px images, 514-token vocabulary
+    ///   of [`crate::ClipTokenizer::byte_level`]) for tests and smoke runs.
+    pub fn preset(name: &str) -> Result<Self, ModelError> {
+        let b32 = Self::default();
+        let piccollage = |heads| {
+            let mut c = Self::default();
+            c.vision_config.hidden_size = 384;
+            c.vision_config.intermediate_size = 4 * 384;
+            c.vision_config.num_hidden_layers = 6;
+            c.vision_config.num_attention_heads = heads;
+            c
+        };
+        let cfg = match name.to_ascii_lowercase().replace(['/', '_'], "-").as_str() {
+            "vit-b-32" => b32,
+            "vit-b-16" => {
+                let mut c = b32;
+                c.vision_config.patch_size = 16;
+                c
+            }
+            "piccollage-s12" => piccollage(12),
+            "piccollage-s24" => piccollage(24),
+            "tiny" => Self {
+                projection_dim: 16,
+                logit_scale_init_value: 2.6592,
+                vision_config: VisionConfig {
+                    hidden_size: 32,
+                    intermediate_size: 64,
+                    num_hidden_layers: 2,
+                    num_attention_heads: 2,
+                    image_size: 32,
+                    patch_size: 8,
+                    ..VisionConfig::default()
+                },
+                text_config: TextConfig {
+                    vocab_size: 514,
+                    max_position_embeddings: 16,
+                    hidden_size: 32,
+                    intermediate_size: 64,
+                    num_hidden_layers: 2,
+                    num_attention_heads: 2,
+                    eos_token_id: Some(513),
+                    ..TextConfig::default()
+                },
+            },
+            _ => {
+                return Err(ModelError::Config(format!(
+                    "unknown preset `{name}`; known presets: {}",
+                    PRESETS.join(", ")
+                )))
+            }
+        };
+        Ok(cfg)
+    }
+
+    /// The pooling token, with the legacy Hub value 2 mapped to "highest id" pooling.
+    pub fn eos_token_id(&self) -> Option<u32> {
+        match self.text_config.eos_token_id {
+            Some(2) | None => None,
+            id => id,
+        }
+    }
+
+    /// Checks that the shapes are consistent (heads divide widths, patches tile the image...).
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let v = &self.vision_config;
+        let t = &self.text_config;
+        let check = |ok: bool, msg: String| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ModelError::Config(msg))
+            }
+        };
+        check(self.projection_dim > 0, "projection_dim must be > 0".into())?;
+        for (tower, width, heads, layers, mlp) in [
+            (
+                "vision",
+                v.hidden_size,
+                v.num_attention_heads,
+                v.num_hidden_layers,
+                v.intermediate_size,
+            ),
+            (
+                "text",
+                t.hidden_size,
+                t.num_attention_heads,
+                t.num_hidden_layers,
+                t.intermediate_size,
+            ),
+        ] {
+            check(
+                width > 0 && heads > 0 && layers > 0 && mlp > 0,
+                format!("{tower}: width, heads, layers and intermediate size must all be > 0"),
+            )?;
+            check(
+                width % heads == 0,
+                format!("{tower}: {heads} attention heads do not divide width {width}"),
+            )?;
+        }
+        check(
+            v.patch_size > 0 && v.image_size % v.patch_size == 0,
+            format!(
+                "vision: patch size {} does not tile image size {}",
+                v.patch_size, v.image_size
+            ),
+        )?;
+        check(
+            v.num_channels > 0,
+            "vision: num_channels must be > 0".into(),
+        )?;
+        check(
+            t.vocab_size > 0 && t.max_position_embeddings > 0,
+            "text: vocab_size and max_position_embeddings must be > 0".into(),
+        )?;
+        if let Some(eos) = self.eos_token_id() {
+            check(
+                (eos as usize) < t.vocab_size,
+                format!(
+                    "text: eos_token_id {eos} is outside the vocabulary of {}",
+                    t.vocab_size
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The Hugging Face `config.json` for this model.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("model_type".into(), "clip".into());
+            obj.insert("architectures".into(), serde_json::json!(["CLIPModel"]));
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_validate_and_round_trip_through_json() {
+        for name in PRESETS {
+            let cfg = ClipConfig::preset(name).expect("preset");
+            cfg.validate().expect("valid");
+            let json = serde_json::to_string(&cfg.to_hf_json()).expect("json");
+            let back: ClipConfig = serde_json::from_str(&json).expect("parse");
+            assert_eq!(back, cfg, "{name}");
+        }
+    }
+
+    #[test]
+    fn hub_style_config_parses_with_defaults() {
+        let json = r#"{"projection_dim": 512, "text_config_dict": {"eos_token_id": 2},
+                       "vision_config": {"patch_size": 16}, "model_type": "clip"}"#;
+        let cfg: ClipConfig = serde_json::from_str(json).expect("parse");
+        assert_eq!(cfg.vision_config.patch_size, 16);
+        assert_eq!(cfg.vision_config.hidden_size, 768);
+        assert_eq!(cfg.eos_token_id(), None);
+    }
+
+    #[test]
+    fn bad_shapes_are_rejected() {
+        let mut cfg = ClipConfig::preset("tiny").expect("preset");
+        cfg.vision_config.num_attention_heads = 3;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("3 attention heads do not divide width 32"),
+            "{err}"
+        );
+        assert!(ClipConfig::preset("vit-h-14").is_err());
+    }
+}

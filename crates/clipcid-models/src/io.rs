@@ -1,0 +1,144 @@
+//! Safetensors helpers shared by every stage: atomic writes and header-only reads.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::Deserialize;
+
+use crate::ModelError;
+
+/// Writes `tensors` to `path` as safetensors with `metadata`, atomically: the data goes to a
+/// temporary file in the same folder, which is renamed over `path` only once complete, so a
+/// crash never leaves a half-written file under the final name.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use candle_core::{Device, Tensor};
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("x.safetensors");
+/// let t = Tensor::arange(0f32, 6., &Device::Cpu)?.reshape((2, 3))?;
+/// clipcid_models::io::write_safetensors(&path, [("x".to_string(), t)], &Default::default())?;
+/// let header = clipcid_models::io::read_header(&path)?;
+/// assert_eq!(header.tensors["x"].shape, vec![2, 3]);
+/// # Ok(()) }
+/// ```
+pub fn write_safetensors(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (String, Tensor)>,
+    metadata: &HashMap<String, String>,
+) -> Result<(), ModelError> {
+    let cpu = tensors
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<Vec<_>, candle_core::Error>>()?;
+    let tmp = temp_path(path);
+    let meta = (!metadata.is_empty()).then(|| metadata.clone());
+    let res = safetensors::serialize_to_file(cpu, meta, &tmp)
+        .map_err(|e| ModelError::file(&tmp, format!("cannot write safetensors: {e}")))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path).map_err(|e| {
+                ModelError::file(path, format!("cannot move finished file into place: {e}"))
+            })
+        });
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
+/// Writes bytes to `path` atomically (temp file in the same folder, then rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
+    let tmp = temp_path(path);
+    let res = std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| ModelError::file(path, format!("cannot write: {e}")));
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
+/// The temporary name [`write_safetensors`] and [`write_atomic`] write to before renaming.
+pub fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// One tensor entry of a safetensors header.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TensorInfo {
+    /// Element type as spelled in the file (`F32`, `F16`, `U64`...).
+    pub dtype: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Byte range inside the data section.
+    pub data_offsets: [usize; 2],
+}
+
+/// A parsed safetensors header, read without touching the tensor data.
+#[derive(Debug, Clone, Default)]
+pub struct Header {
+    /// Tensors by name.
+    pub tensors: BTreeMap<String, TensorInfo>,
+    /// The `__metadata__` string map.
+    pub metadata: HashMap<String, String>,
+}
+
+/// Reads only the header of a safetensors file and checks that the file is complete (its
+/// length covers every tensor's byte range).
+pub fn read_header(path: &Path) -> Result<Header, ModelError> {
+    let bad = |msg: String| ModelError::file(path, msg);
+    let mut f = std::fs::File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
+    let file_len = f
+        .metadata()
+        .map_err(|e| bad(format!("cannot stat: {e}")))?
+        .len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .map_err(|_| bad("not a safetensors file (shorter than 8 bytes)".into()))?;
+    let n = u64::from_le_bytes(n);
+    if n > 100_000_000 || 8 + n > file_len {
+        return Err(bad(format!(
+            "not a safetensors file (header length {n}, file length {file_len})"
+        )));
+    }
+    let mut buf = vec![0u8; n as usize];
+    f.read_exact(&mut buf)
+        .map_err(|e| bad(format!("cannot read header: {e}")))?;
+    let raw: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&buf)
+        .map_err(|e| bad(format!("corrupt safetensors header: {e}")))?;
+    let mut header = Header::default();
+    let mut data_end = 0usize;
+    for (name, v) in raw {
+        if name == "__metadata__" {
+            header.metadata =
+                serde_json::from_value(v).map_err(|e| bad(format!("corrupt metadata: {e}")))?;
+        } else {
+            let info: TensorInfo = serde_json::from_value(v)
+                .map_err(|e| bad(format!("corrupt entry for `{name}`: {e}")))?;
+            data_end = data_end.max(info.data_offsets[1]);
+            header.tensors.insert(name, info);
+        }
+    }
+    if 8 + n + data_end as u64 != file_len {
+        return Err(bad(format!(
+            "truncated or padded file: header promises {} data bytes, file holds {}",
+            data_end,
+            file_len - 8 - n
+        )));
+    }
+    Ok(header)
+}
+
+/// Loads every tensor of a safetensors file onto the CPU, with the file named in any error.
+pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>, ModelError> {
+    let bytes =
+        std::fs::read(path).map_err(|e| ModelError::file(path, format!("cannot read: {e}")))?;
+    candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .map_err(|e| ModelError::file(path, format!("not a valid safetensors file: {e}")))
+}

@@ -1,0 +1,365 @@
+//! [`ClipModel`]: both towers, loading, saving and the trainable constructor.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::PoisonError;
+
+use candle_core::Var;
+use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
+use candle_nn::VarMap;
+
+use crate::config::{ClipConfig, TextConfig, VisionConfig};
+use crate::nn::{get, linear_no_bias, Encoder, LayerNorm, Params};
+use crate::weights::{
+    check_tensors, hf_tensor_shapes, init_tensors, Checkpoint, CONFIG_METADATA_KEY,
+};
+use crate::{io, ModelError};
+
+/// The image tower: patch embedding, class token, pre-norm transformer, projection.
+#[derive(Debug, Clone)]
+pub struct VisionTransformer {
+    cfg: VisionConfig,
+    patch_embedding: Tensor,
+    class_embedding: Tensor,
+    position_embedding: Tensor,
+    pre_norm: LayerNorm,
+    encoder: Encoder,
+    post_norm: LayerNorm,
+    projection: candle_nn::Linear,
+}
+
+impl VisionTransformer {
+    fn load(p: &Params, cfg: &VisionConfig) -> candle_core::Result<Self> {
+        let e = cfg.layer_norm_eps;
+        Ok(Self {
+            cfg: cfg.clone(),
+            patch_embedding: get(p, "vision_model.embeddings.patch_embedding.weight")?,
+            class_embedding: get(p, "vision_model.embeddings.class_embedding")?,
+            position_embedding: get(p, "vision_model.embeddings.position_embedding.weight")?,
+            pre_norm: LayerNorm::load(p, "vision_model.pre_layrnorm", e)?,
+            encoder: Encoder::load(
+                p,
+                "vision_model",
+                cfg.num_hidden_layers,
+                cfg.num_attention_heads,
+                cfg.hidden_act,
+                e,
+            )?,
+            post_norm: LayerNorm::load(p, "vision_model.post_layernorm", e)?,
+            projection: linear_no_bias(p, "visual_projection.weight")?,
+        })
+    }
+
+    /// Pooled, projected image features `[B, projection_dim]` (not normalised) from
+    /// preprocessed pixels `[B, C, H, W]`.
+    pub fn forward(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = pixels.dims4()?;
+        let s = self.cfg.image_size;
+        if (c, h, w) != (self.cfg.num_channels, s, s) {
+            candle_core::bail!(
+                "image batch has shape [{b}, {c}, {h}, {w}] but the model takes [B, {}, {s}, {s}]",
+                self.cfg.num_channels
+            );
+        }
+        let x = pixels.to_dtype(self.patch_embedding.dtype())?;
+        let x = x.conv2d(&self.patch_embedding, 0, self.cfg.patch_size, 1, 1)?;
+        let width = self.cfg.hidden_size;
+        let x = x.flatten_from(2)?.transpose(1, 2)?; // [B, grid^2, W]
+        let cls = self
+            .class_embedding
+            .reshape((1, 1, width))?
+            .broadcast_as((b, 1, width))?;
+        let x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.position_embedding)?;
+        let x = self.pre_norm.forward(&x)?;
+        let x = self.encoder.forward(&x, None)?;
+        let pooled = self.post_norm.forward(&x.i((.., 0, ..))?)?;
+        self.projection.forward(&pooled)
+    }
+}
+
+/// The text tower: token + position embeddings, causal transformer, pooled at the end token.
+#[derive(Debug, Clone)]
+pub struct TextTransformer {
+    cfg: TextConfig,
+    eos_token_id: Option<u32>,
+    token_embedding: candle_nn::Embedding,
+    position_embedding: Tensor,
+    encoder: Encoder,
+    final_norm: LayerNorm,
+    projection: candle_nn::Linear,
+}
+
+impl TextTransformer {
+    fn load(p: &Params, cfg: &TextConfig, eos_token_id: Option<u32>) -> candle_core::Result<Self> {
+        let e = cfg.layer_norm_eps;
+        Ok(Self {
+            cfg: cfg.clone(),
+            eos_token_id,
+            token_embedding: candle_nn::Embedding::new(
+                get(p, "text_model.embeddings.token_embedding.weight")?,
+                cfg.hidden_size,
+            ),
+            position_embedding: get(p, "text_model.embeddings.position_embedding.weight")?,
+            encoder: Encoder::load(
+                p,
+                "text_model",
+                cfg.num_hidden_layers,
+                cfg.num_attention_heads,
+                cfg.hidden_act,
+                e,
+            )?,
+            final_norm: LayerNorm::load(p, "text_model.final_layer_norm", e)?,
+            projection: linear_no_bias(p, "text_projection.weight")?,
+        })
+    }
+
+    /// Pooled, projected text features `[B, projection_dim]` (not normalised) from token ids
+    /// `[B, T]` (u32, `T <= max_position_embeddings`). The features are read at the first end
+    /// token of each row (or at the highest id when the config has no end token), so tokens
+    /// after it never change the result.
+    pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if t > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "{t} tokens exceed the context length {}",
+                self.cfg.max_position_embeddings
+            );
+        }
+        let ids = ids.to_dtype(DType::U32)?;
+        let rows = ids.to_vec2::<u32>()?;
+        let vocab = self.cfg.vocab_size as u32;
+        if let Some(bad) = rows.iter().flatten().find(|&&id| id >= vocab) {
+            candle_core::bail!("token id {bad} is outside the vocabulary of {vocab}");
+        }
+        let x = self.token_embedding.forward(&ids)?;
+        let x = x.broadcast_add(&self.position_embedding.narrow(0, 0, t)?)?;
+        let mask = causal_mask(t, x.dtype(), x.device())?;
+        let x = self.encoder.forward(&x, Some(&mask))?;
+        let x = self.final_norm.forward(&x)?;
+        let pos: Vec<u32> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, row)| (i * t + pool_position(row, self.eos_token_id)) as u32)
+            .collect();
+        let pos = Tensor::new(pos, x.device())?;
+        let pooled = x
+            .reshape((b * t, self.cfg.hidden_size))?
+            .index_select(&pos, 0)?;
+        self.projection.forward(&pooled)
+    }
+}
+
+fn pool_position(row: &[u32], eos: Option<u32>) -> usize {
+    let first_eos = eos.and_then(|e| row.iter().position(|&id| id == e));
+    first_eos.unwrap_or_else(|| {
+        // Highest id, first occurrence (OpenAI's `argmax`).
+        let mut best = 0;
+        for (i, &id) in row.iter().enumerate() {
+            if id > row[best] {
+                best = i;
+            }
+        }
+        best
+    })
+}
+
+fn causal_mask(t: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)
+}
+
+/// A CLIP model: image tower, text tower and the learnable logit scale.
+///
+/// The same type is a frozen teacher ([`ClipModel::load`]) or a trainable student
+/// ([`ClipModel::trainable`], whose parameters live in a [`VarMap`]).
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use candle_core::{Device, Tensor};
+/// use clipcid_models::{ClipConfig, ClipModel};
+/// let cfg = ClipConfig::preset("tiny")?;
+/// let model = ClipModel::random(&cfg, 0, &Device::Cpu)?;
+/// let pixels = Tensor::zeros((2, 3, 32, 32), candle_core::DType::F32, &Device::Cpu)?;
+/// let emb = model.encode_image(&pixels)?;
+/// assert_eq!(emb.dims(), &[2, 16]);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClipModel {
+    config: ClipConfig,
+    vision: VisionTransformer,
+    text: TextTransformer,
+    logit_scale: Tensor,
+    params: Params,
+}
+
+impl ClipModel {
+    /// Builds a model from Hugging Face-named tensors, checked against `config`. Tensors are
+    /// moved to `device` and cast to `dtype`.
+    pub fn from_tensors(
+        config: &ClipConfig,
+        tensors: HashMap<String, Tensor>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, ModelError> {
+        config.validate()?;
+        check_tensors(Path::new("<tensors>"), config, &tensors)?;
+        let params = tensors
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.to_device(device)?.to_dtype(dtype)?)))
+            .collect::<Result<Params, candle_core::Error>>()?;
+        Self::build(config, params)
+    }
+
+    fn build(config: &ClipConfig, params: Params) -> Result<Self, ModelError> {
+        Ok(Self {
+            vision: VisionTransformer::load(&params, &config.vision_config)?,
+            text: TextTransformer::load(&params, &config.text_config, config.eos_token_id())?,
+            logit_scale: get(&params, "logit_scale")?,
+            config: config.clone(),
+            params,
+        })
+    }
+
+    /// Loads a checkpoint file or folder (Hugging Face or OpenCLIP names; see
+    /// [`Checkpoint::read`]) in f32.
+    pub fn load(path: &Path, device: &Device) -> Result<Self, ModelError> {
+        Self::load_with(path, None, device, DType::F32)
+    }
+
+    /// [`ClipModel::load`] with an explicit config override and compute dtype.
+    pub fn load_with(
+        path: &Path,
+        config: Option<ClipConfig>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, ModelError> {
+        let ckpt = Checkpoint::read(path, config)?;
+        Self::from_tensors(&ckpt.config, ckpt.tensors, device, dtype)
+            .map_err(|e| ModelError::file(&ckpt.path, e))
+    }
+
+    /// A frozen model with seeded random weights ([`init_tensors`]): same seed, same model.
+    pub fn random(config: &ClipConfig, seed: u64, device: &Device) -> Result<Self, ModelError> {
+        Self::from_tensors(config, init_tensors(config, seed)?, device, DType::F32)
+    }
+
+    /// A trainable model with seeded random weights: every parameter is a [`Var`] in the
+    /// returned [`VarMap`] under its Hugging Face name, ready for a `candle_nn` optimizer.
+    pub fn trainable(
+        config: &ClipConfig,
+        seed: u64,
+        device: &Device,
+    ) -> Result<(Self, VarMap), ModelError> {
+        Self::trainable_from(config, init_tensors(config, seed)?, device)
+    }
+
+    /// A trainable model starting from the given tensors (e.g. a [`Checkpoint`]'s), in f32.
+    pub fn trainable_from(
+        config: &ClipConfig,
+        tensors: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<(Self, VarMap), ModelError> {
+        config.validate()?;
+        check_tensors(Path::new("<tensors>"), config, &tensors)?;
+        let varmap = VarMap::new();
+        let mut params = Params::new();
+        {
+            let mut data = varmap.data().lock().unwrap_or_else(PoisonError::into_inner);
+            for (name, t) in tensors {
+                let var = Var::from_tensor(&t.to_device(device)?.to_dtype(DType::F32)?)?;
+                params.insert(name.clone(), var.as_tensor().clone());
+                data.insert(name, var);
+            }
+        }
+        Ok((Self::build(config, params)?, varmap))
+    }
+
+    /// The model's shape.
+    pub fn config(&self) -> &ClipConfig {
+        &self.config
+    }
+
+    /// The image tower.
+    pub fn vision(&self) -> &VisionTransformer {
+        &self.vision
+    }
+
+    /// The text tower.
+    pub fn text(&self) -> &TextTransformer {
+        &self.text
+    }
+
+    /// Every parameter under its Hugging Face name.
+    pub fn tensors(&self) -> &HashMap<String, Tensor> {
+        &self.params
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> &Device {
+        self.logit_scale.device()
+    }
+
+    /// Image features `[B, projection_dim]`, not normalised.
+    pub fn encode_image(&self, pixels: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(self.vision.forward(pixels)?)
+    }
+
+    /// Text features `[B, projection_dim]`, not normalised.
+    pub fn encode_text(&self, ids: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(self.text.forward(ids)?)
+    }
+
+    /// The learnable log logit scale (a scalar tensor; the logit multiplier is its `exp`).
+    pub fn logit_scale(&self) -> &Tensor {
+        &self.logit_scale
+    }
+
+    /// CLIP similarity logits `[B_img, B_txt]`: `exp(logit_scale) * norm(img) . norm(txt)^T`.
+    pub fn logits(&self, pixels: &Tensor, ids: &Tensor) -> Result<Tensor, ModelError> {
+        let i = l2_normalize(&self.encode_image(pixels)?)?;
+        let t = l2_normalize(&self.encode_text(ids)?)?;
+        let scale = self.logit_scale.to_dtype(i.dtype())?.exp()?;
+        Ok(i.matmul(&t.t()?)?.broadcast_mul(&scale)?)
+    }
+
+    /// Saves the model in the Hugging Face tensor layout as `dtype` (f32 or f16 / bf16), with
+    /// its config in the safetensors metadata, atomically. A `config.json` for `transformers`
+    /// is written by [`ClipModel::save_pretrained`].
+    pub fn save(&self, path: &Path, dtype: DType) -> Result<(), ModelError> {
+        let mut meta = HashMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        meta.insert(
+            CONFIG_METADATA_KEY.to_string(),
+            self.config.to_hf_json().to_string(),
+        );
+        let order = hf_tensor_shapes(&self.config);
+        let tensors = order
+            .keys()
+            .map(|n| Ok((n.clone(), get(&self.params, n)?.to_dtype(dtype)?)))
+            .collect::<Result<Vec<_>, candle_core::Error>>()?;
+        io::write_safetensors(path, tensors, &meta)
+    }
+
+    /// Writes a Hugging Face model folder: `model.safetensors` and `config.json`.
+    pub fn save_pretrained(&self, dir: &Path, dtype: DType) -> Result<(), ModelError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ModelError::file(dir, format!("cannot create folder: {e}")))?;
+        self.save(&dir.join("model.safetensors"), dtype)?;
+        let json = serde_json::to_vec_pretty(&self.config.to_hf_json())
+            .map_err(|e| ModelError::Config(e.to_string()))?;
+        io::write_atomic(&dir.join("config.json"), &json)
+    }
+}
+
+/// Divides each row by its L2 norm (rows of zeros stay zero).
+pub fn l2_normalize(x: &Tensor) -> candle_core::Result<Tensor> {
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::INFINITY)?;
+    x.broadcast_div(&norm)
+}

@@ -1,0 +1,330 @@
+//! The CLIP byte-level BPE tokenizer, running on the `tokenizers` crate.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use candle_core::{Device, Tensor};
+use serde_json::json;
+
+use crate::ModelError;
+
+/// Start-of-text token of CLIP's vocabulary.
+pub const START_OF_TEXT: &str = "<|startoftext|>";
+/// End-of-text token of CLIP's vocabulary (also the pooling token).
+pub const END_OF_TEXT: &str = "<|endoftext|>";
+
+/// CLIP's pre-tokenizer pattern (OpenAI `simple_tokenizer.py`, lower-cased input).
+const CLIP_PATTERN: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+
+/// CLIP text tokenizer: lower-cases, splits words, byte-level BPE with `</w>` word ends, then
+/// `[<|startoftext|>, tokens.., <|endoftext|>]` truncated (keeping the end token) and padded
+/// to the context length, as open_clip's `tokenize` does.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use clipcid_models::ClipTokenizer;
+/// // No merges: every byte is a token ("a</w>" is id 320, as in CLIP's real vocabulary).
+/// let tok = ClipTokenizer::byte_level(8)?;
+/// assert_eq!(tok.encode("a")?, vec![512, 320, 513, 0, 0, 0, 0, 0]);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct ClipTokenizer {
+    inner: tokenizers::Tokenizer,
+    context_length: usize,
+    start_id: u32,
+    end_id: u32,
+    pad_id: u32,
+}
+
+impl std::fmt::Debug for ClipTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClipTokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("context_length", &self.context_length)
+            .finish()
+    }
+}
+
+/// GPT-2 / CLIP byte -> printable character table, in vocabulary order.
+fn bytes_to_unicode() -> Vec<(u8, char)> {
+    let mut bs: Vec<u32> = (u32::from('!')..=u32::from('~'))
+        .chain(u32::from('¡')..=u32::from('¬'))
+        .chain(u32::from('®')..=u32::from('ÿ'))
+        .collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    bs.into_iter()
+        .zip(cs)
+        .map(|(b, c)| (b as u8, char::from_u32(c).unwrap_or('?')))
+        .collect()
+}
+
+impl ClipTokenizer {
+    /// Loads a Hugging Face `tokenizer.json` (e.g. from `openai/clip-vit-base-patch32`).
+    pub fn from_file(path: &Path, context_length: usize) -> Result<Self, ModelError> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| ModelError::file(path, format!("not a tokenizer.json: {e}")))?;
+        Self::from_tokenizer(inner, context_length).map_err(|e| ModelError::file(path, e))
+    }
+
+    /// Wraps an already built `tokenizers::Tokenizer` that has CLIP's special tokens.
+    pub fn from_tokenizer(
+        inner: tokenizers::Tokenizer,
+        context_length: usize,
+    ) -> Result<Self, ModelError> {
+        if context_length < 2 {
+            return Err(ModelError::Tokenizer(format!(
+                "context length {context_length} leaves no room for start and end tokens"
+            )));
+        }
+        let id = |t: &str| {
+            inner
+                .token_to_id(t)
+                .ok_or_else(|| ModelError::Tokenizer(format!("vocabulary has no `{t}` token")))
+        };
+        Ok(Self {
+            start_id: id(START_OF_TEXT)?,
+            end_id: id(END_OF_TEXT)?,
+            pad_id: 0,
+            inner,
+            context_length,
+        })
+    }
+
+    /// Builds CLIP's tokenizer from a BPE merge list, with CLIP's vocabulary order: the 256
+    /// byte symbols, the same with `</w>`, one entry per merge, then the two special tokens.
+    /// With OpenAI's 48,894 merges this is the real 49,408-entry CLIP vocabulary.
+    pub fn from_merges(
+        merges: &[(String, String)],
+        context_length: usize,
+    ) -> Result<Self, ModelError> {
+        let bytes: Vec<String> = bytes_to_unicode()
+            .into_iter()
+            .map(|(_, c)| c.to_string())
+            .collect();
+        let tokens: Vec<String> = bytes
+            .iter()
+            .cloned()
+            .chain(bytes.iter().map(|b| format!("{b}</w>")))
+            .chain(merges.iter().map(|(a, b)| format!("{a}{b}")))
+            .chain([START_OF_TEXT.to_string(), END_OF_TEXT.to_string()])
+            .collect();
+        let start = tokens.len() - 2;
+        let mut vocab = serde_json::Map::new();
+        for (id, tok) in tokens.into_iter().enumerate() {
+            vocab.entry(tok).or_insert(json!(id));
+        }
+        if vocab.len() != start + 2 {
+            return Err(ModelError::Tokenizer(
+                "merge list produces duplicate vocabulary entries".into(),
+            ));
+        }
+        let special = |id: usize, content: &str| {
+            json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": true, "special": true})
+        };
+        let merges: Vec<String> = merges.iter().map(|(a, b)| format!("{a} {b}")).collect();
+        let doc = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": [special(start, START_OF_TEXT), special(start + 1, END_OF_TEXT)],
+            "normalizer": {"type": "Sequence", "normalizers": [
+                {"type": "NFC"},
+                {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
+                {"type": "Lowercase"}]},
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": CLIP_PATTERN}, "behavior": "Removed", "invert": true},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]},
+            "post_processor": {"type": "RobertaProcessing", "sep": [END_OF_TEXT, start + 1],
+                "cls": [START_OF_TEXT, start], "trim_offsets": false, "add_prefix_space": false},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": END_OF_TEXT,
+                "continuing_subword_prefix": "", "end_of_word_suffix": "</w>", "fuse_unk": false,
+                "byte_fallback": false, "vocab": vocab, "merges": merges}
+        });
+        let inner = tokenizers::Tokenizer::from_str(&doc.to_string())
+            .map_err(|e| ModelError::Tokenizer(format!("cannot build CLIP tokenizer: {e}")))?;
+        Self::from_tokenizer(inner, context_length)
+    }
+
+    /// CLIP's tokenizer with no merges: 514 tokens, one per byte (with and without `</w>`).
+    /// Matches the `tiny` preset's vocabulary; useful for tests and smoke runs.
+    pub fn byte_level(context_length: usize) -> Result<Self, ModelError> {
+        Self::from_merges(&[], context_length)
+    }
+
+    /// Reads OpenAI's `bpe_simple_vocab_16e6.txt.gz` (or the uncompressed text) and builds the
+    /// real CLIP tokenizer: lines 1..=48894 are the merges, as in `simple_tokenizer.py`.
+    pub fn from_bpe_vocab(path: &Path, context_length: usize) -> Result<Self, ModelError> {
+        let raw =
+            std::fs::read(path).map_err(|e| ModelError::file(path, format!("cannot read: {e}")))?;
+        let text = if raw.starts_with(&[0x1f, 0x8b]) {
+            let mut s = String::new();
+            std::io::Read::read_to_string(
+                &mut flate2::read::GzDecoder::new(raw.as_slice()),
+                &mut s,
+            )
+            .map_err(|e| ModelError::file(path, format!("corrupt gzip: {e}")))?;
+            s
+        } else {
+            String::from_utf8(raw).map_err(|e| ModelError::file(path, format!("not UTF-8: {e}")))?
+        };
+        let merges = text
+            .lines()
+            .skip(1)
+            .take(49152 - 256 - 2)
+            .map(|l| {
+                l.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| ModelError::file(path, format!("merge line `{l}` is not `a b`")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::from_merges(&merges, context_length).map_err(|e| ModelError::file(path, e))
+    }
+
+    /// Writes the tokenizer as a Hugging Face `tokenizer.json`, atomically.
+    pub fn save(&self, path: &Path) -> Result<(), ModelError> {
+        let s = self
+            .inner
+            .to_string(true)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        crate::io::write_atomic(path, s.as_bytes())
+    }
+
+    /// Vocabulary size including the special tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Sequence length of every encoded row.
+    pub fn context_length(&self) -> usize {
+        self.context_length
+    }
+
+    /// Id of `<|endoftext|>`.
+    pub fn end_id(&self) -> u32 {
+        self.end_id
+    }
+
+    /// Id of `<|startoftext|>`.
+    pub fn start_id(&self) -> u32 {
+        self.start_id
+    }
+
+    /// Ids of `text` without special tokens, truncation or padding.
+    pub fn tokens(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// One row of exactly `context_length` ids: start, tokens, end, padding with 0. Text too
+    /// long is cut and its last kept position replaced by the end token.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let mut ids = Vec::with_capacity(self.context_length);
+        ids.push(self.start_id);
+        ids.extend(self.tokens(text)?);
+        ids.push(self.end_id);
+        if ids.len() > self.context_length {
+            ids.truncate(self.context_length);
+            ids[self.context_length - 1] = self.end_id;
+        }
+        ids.resize(self.context_length, self.pad_id);
+        Ok(ids)
+    }
+
+    /// A `[B, context_length]` u32 tensor of encoded texts.
+    pub fn encode_batch<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+        device: &Device,
+    ) -> Result<Tensor, ModelError> {
+        let mut flat = Vec::with_capacity(texts.len() * self.context_length);
+        for t in texts {
+            flat.extend(self.encode(t.as_ref())?);
+        }
+        Ok(Tensor::from_vec(
+            flat,
+            (texts.len(), self.context_length),
+            device,
+        )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_table_matches_clip() {
+        let t = bytes_to_unicode();
+        assert_eq!(t.len(), 256);
+        assert_eq!(t[0], (b'!', '!'));
+        assert_eq!(t[64], (b'a', 'a'));
+        // The first non-printable byte (0x00) comes after the 188 printable ones, as U+0100.
+        assert_eq!(t[188], (0, '\u{100}'));
+        // Space (0x20) is byte 32, the 33rd non-printable: U+0120 'Ġ'.
+        assert_eq!(
+            t.iter().find(|(b, _)| *b == b' ').map(|x| x.1),
+            Some('\u{120}')
+        );
+    }
+
+    #[test]
+    fn merges_apply_in_rank_order_with_word_ends() {
+        // Ids by CLIP's construction: 512 + merge rank, then <|startoftext|>, <|endoftext|>.
+        let merges = vec![
+            ("c".to_string(), "a".to_string()),
+            ("ca".to_string(), "t</w>".to_string()),
+        ];
+        let tok = ClipTokenizer::from_merges(&merges, 8).expect("tokenizer");
+        assert_eq!(tok.vocab_size(), 516);
+        assert_eq!((tok.start_id(), tok.end_id()), (514, 515));
+        // "Cat" lower-cases to "cat" -> c a t</w> -> ca t</w> -> cat</w> (id 513).
+        // "cab": c a b</w> -> ca b</w>; "ca" = 512, "b</w>" = 256 + 65.
+        // "!" -> "!</w>" = 256 + 0.
+        assert_eq!(
+            tok.encode("Cat  cab!").expect("encode"),
+            vec![514, 513, 512, 321, 256, 515, 0, 0]
+        );
+    }
+
+    #[test]
+    fn long_text_is_truncated_keeping_the_end_token() {
+        let tok = ClipTokenizer::byte_level(4).expect("tokenizer");
+        // "abcdef" -> a b c d e f</w>: 6 tokens; 4 slots: start a b end.
+        assert_eq!(
+            tok.encode("abcdef").expect("encode"),
+            vec![512, 64, 65, 513]
+        );
+        // Non-ASCII is byte-level: "é" is bytes C3 A9. Printable ranges are '!'..'~' (ids
+        // 0..=93), '¡'..'¬' (94..=105), '®'..'ÿ' (106..=187); so 0xC3 -> 106 + (0xC3 - 0xAE)
+        // = 127 and 0xA9 ('©') -> 94 + (0xA9 - 0xA1) = 102, as "©</w>" = 256 + 102.
+        assert_eq!(tok.tokens("é").expect("tokens"), vec![127, 256 + 102]);
+    }
+
+    #[test]
+    fn saved_tokenizer_json_reloads_identically() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tokenizer.json");
+        let merges = vec![("h".to_string(), "i</w>".to_string())];
+        let tok = ClipTokenizer::from_merges(&merges, 10).expect("tokenizer");
+        tok.save(&path).expect("save");
+        let back = ClipTokenizer::from_file(&path, 10).expect("load");
+        for s in ["hi there", "HI, hi!", "élan 42"] {
+            assert_eq!(tok.encode(s).expect("a"), back.encode(s).expect("b"), "{s}");
+        }
+    }
+}

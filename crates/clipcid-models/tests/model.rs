@@ -1,0 +1,353 @@
+//! Model-level properties: round trips, OpenCLIP equivalence, error messages, gradients.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use clipcid_models::weights::{hf_to_open_clip, init_tensors};
+use clipcid_models::{io, ClipConfig, ClipModel, ClipTokenizer, Layout, ModelError};
+
+fn tiny() -> ClipConfig {
+    ClipConfig::preset("tiny").expect("tiny preset")
+}
+
+/// Deterministic pseudo-random pixels in roughly the normalised range.
+fn pixels(b: usize, seed: u64) -> Tensor {
+    let n = b * 3 * 32 * 32;
+    let v: Vec<f32> = (0..n)
+        .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0)
+        .collect();
+    Tensor::from_vec(v, (b, 3, 32, 32), &Device::Cpu).expect("pixels")
+}
+
+fn ids(cfg: &ClipConfig) -> Tensor {
+    let tok = ClipTokenizer::byte_level(cfg.text_config.max_position_embeddings).expect("tok");
+    tok.encode_batch(&["a red square", "two blue circles", "x"], &Device::Cpu)
+        .expect("ids")
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .expect("sub")
+        .abs()
+        .expect("abs")
+        .flatten_all()
+        .expect("flat")
+        .max(0)
+        .expect("max")
+        .to_scalar::<f32>()
+        .expect("scalar")
+}
+
+#[test]
+fn save_then_load_gives_identical_outputs() {
+    let cfg = tiny();
+    let dev = Device::Cpu;
+    let model = ClipModel::random(&cfg, 7, &dev).expect("model");
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("m.safetensors");
+    model.save(&path, DType::F32).expect("save");
+    let back = ClipModel::load(&path, &dev).expect("load");
+    assert_eq!(back.config(), &cfg, "config travels in the metadata");
+    let (img, txt) = (pixels(2, 1), ids(&cfg));
+    assert_eq!(
+        max_abs_diff(
+            &model.encode_image(&img).unwrap(),
+            &back.encode_image(&img).unwrap()
+        ),
+        0.0
+    );
+    assert_eq!(
+        max_abs_diff(
+            &model.encode_text(&txt).unwrap(),
+            &back.encode_text(&txt).unwrap()
+        ),
+        0.0
+    );
+    // No temp file left behind.
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+}
+
+#[test]
+fn save_pretrained_folder_loads_through_config_json() {
+    let cfg = tiny();
+    let model = ClipModel::random(&cfg, 3, &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    model.save_pretrained(dir.path(), DType::F16).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["model_type"], "clip");
+    assert_eq!(json["vision_config"]["hidden_size"], 32);
+    let back = ClipModel::load(dir.path(), &Device::Cpu).unwrap();
+    // f16 storage: outputs agree to f16 precision.
+    let img = pixels(2, 5);
+    let d = max_abs_diff(
+        &model.encode_image(&img).unwrap(),
+        &back.encode_image(&img).unwrap(),
+    );
+    assert!(d < 1e-2 && d > 0.0, "f16 round trip diff {d}");
+    let header = io::read_header(&dir.path().join("model.safetensors")).unwrap();
+    assert!(header.tensors.values().all(|t| t.dtype == "F16"));
+}
+
+#[test]
+fn open_clip_named_file_equals_hf_named_file() {
+    let cfg = tiny();
+    let dev = Device::Cpu;
+    let hf = init_tensors(&cfg, 11).unwrap();
+    let oc = hf_to_open_clip(&hf).unwrap();
+    assert!(oc.contains_key("visual.transformer.resblocks.0.attn.in_proj_weight"));
+    assert!(oc.contains_key("text_projection"));
+    assert!(!oc.keys().any(|k| k.contains("q_proj")));
+    let dir = tempfile::tempdir().unwrap();
+    let hf_path = dir.path().join("hf.safetensors");
+    let oc_path = dir.path().join("oc.safetensors");
+    io::write_safetensors(&hf_path, hf.clone(), &HashMap::new()).unwrap();
+    io::write_safetensors(&oc_path, oc, &HashMap::new()).unwrap();
+    // No metadata and no config file: both configs are inferred from shapes; give the tiny
+    // config explicitly since its heads (2) are not width/64.
+    let a = ClipModel::load_with(&hf_path, Some(cfg.clone()), &dev, DType::F32).unwrap();
+    let b = ClipModel::load_with(&oc_path, Some(cfg.clone()), &dev, DType::F32).unwrap();
+    for (name, t) in a.tensors() {
+        assert_eq!(max_abs_diff(t, &b.tensors()[name]), 0.0, "{name}");
+    }
+    let (img, txt) = (pixels(3, 2), ids(&cfg));
+    assert_eq!(
+        max_abs_diff(
+            &a.encode_image(&img).unwrap(),
+            &b.encode_image(&img).unwrap()
+        ),
+        0.0
+    );
+    assert_eq!(
+        max_abs_diff(&a.encode_text(&txt).unwrap(), &b.encode_text(&txt).unwrap()),
+        0.0
+    );
+    let ck = clipcid_models::Checkpoint::read(&oc_path, Some(cfg)).unwrap();
+    assert_eq!(ck.layout, Layout::OpenClip);
+}
+
+#[test]
+fn config_is_inferred_from_shapes_for_openai_style_widths() {
+    let mut cfg = tiny();
+    cfg.vision_config.hidden_size = 64;
+    cfg.vision_config.num_attention_heads = 1;
+    cfg.text_config.hidden_size = 128;
+    cfg.text_config.num_attention_heads = 2;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bare.safetensors");
+    io::write_safetensors(&path, init_tensors(&cfg, 1).unwrap(), &HashMap::new()).unwrap();
+    let ck = clipcid_models::Checkpoint::read(&path, None).unwrap();
+    assert_eq!(ck.config_source, "inferred from tensor shapes");
+    assert_eq!(ck.config, cfg);
+}
+
+#[test]
+fn missing_and_misshaped_tensors_are_named() {
+    let cfg = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = init_tensors(&cfg, 0).unwrap();
+    t.remove("text_model.encoder.layers.1.mlp.fc2.bias");
+    let path = dir.path().join("missing.safetensors");
+    io::write_safetensors(&path, t, &HashMap::new()).unwrap();
+    let err = ClipModel::load_with(&path, Some(cfg.clone()), &Device::Cpu, DType::F32).unwrap_err();
+    assert!(matches!(err, ModelError::MissingTensor { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("missing.safetensors")
+            && msg.contains("text_model.encoder.layers.1.mlp.fc2.bias")
+            && msg.contains("[32]"),
+        "{msg}"
+    );
+
+    let mut t = init_tensors(&cfg, 0).unwrap();
+    t.insert(
+        "visual_projection.weight".into(),
+        Tensor::zeros((8, 32), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let path = dir.path().join("shape.safetensors");
+    io::write_safetensors(&path, t, &HashMap::new()).unwrap();
+    let msg = ClipModel::load_with(&path, Some(cfg), &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("visual_projection.weight")
+            && msg.contains("[8, 32]")
+            && msg.contains("[16, 32]"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn corrupt_or_truncated_files_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("junk.safetensors");
+    std::fs::write(&path, b"definitely not safetensors").unwrap();
+    let msg = ClipModel::load(&path, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("junk.safetensors") && msg.contains("not a safetensors file"),
+        "{msg}"
+    );
+
+    let good = dir.path().join("good.safetensors");
+    ClipModel::random(&tiny(), 0, &Device::Cpu)
+        .unwrap()
+        .save(&good, DType::F32)
+        .unwrap();
+    let bytes = std::fs::read(&good).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+    let msg = ClipModel::load(&path, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("truncated"), "{msg}");
+    let msg = ClipModel::load(&dir.path().join("nope"), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("nope") && msg.contains("no such"), "{msg}");
+}
+
+#[test]
+fn random_models_are_deterministic_under_a_seed() {
+    let cfg = tiny();
+    let a = ClipModel::random(&cfg, 5, &Device::Cpu).unwrap();
+    let b = ClipModel::random(&cfg, 5, &Device::Cpu).unwrap();
+    let c = ClipModel::random(&cfg, 6, &Device::Cpu).unwrap();
+    let img = pixels(1, 0);
+    let (ea, eb, ec) = (
+        a.encode_image(&img).unwrap(),
+        b.encode_image(&img).unwrap(),
+        c.encode_image(&img).unwrap(),
+    );
+    assert_eq!(max_abs_diff(&ea, &eb), 0.0);
+    assert!(max_abs_diff(&ea, &ec) > 1e-3);
+}
+
+#[test]
+fn trainable_model_matches_frozen_model_and_every_parameter_gets_a_gradient() {
+    let cfg = tiny();
+    let dev = Device::Cpu;
+    let frozen = ClipModel::random(&cfg, 9, &dev).unwrap();
+    let (train, varmap) = ClipModel::trainable(&cfg, 9, &dev).unwrap();
+    let (img, txt) = (pixels(2, 3), ids(&cfg));
+    // Fused inference kernels vs differentiable primitive ops: same numbers.
+    let d = max_abs_diff(
+        &frozen.logits(&img, &txt).unwrap(),
+        &train.logits(&img, &txt).unwrap(),
+    );
+    assert!(d < 1e-4, "fused vs differentiable path differ by {d}");
+    let loss = train
+        .logits(&img, &txt)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let vars = varmap.data().lock().unwrap();
+    assert_eq!(vars.len(), frozen.tensors().len());
+    for (name, var) in vars.iter() {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(norm.is_finite(), "{name}");
+    }
+}
+
+#[test]
+fn image_gradient_matches_finite_differences() {
+    // d/dx of a scalar function of the image embedding, checked on a few pixels.
+    let cfg = tiny();
+    let dev = Device::Cpu;
+    let (model, _vm) = ClipModel::trainable(&cfg, 2, &dev).unwrap();
+    let base: Vec<f32> = pixels(1, 4).flatten_all().unwrap().to_vec1().unwrap();
+    let f = |v: &[f32]| -> f64 {
+        let x = Tensor::from_vec(v.to_vec(), (1, 3, 32, 32), &dev).unwrap();
+        let e = model.encode_image(&x).unwrap();
+        e.sum_all().unwrap().to_scalar::<f32>().unwrap() as f64
+    };
+    let x = candle_core::Var::from_tensor(
+        &Tensor::from_vec(base.clone(), (1, 3, 32, 32), &dev).unwrap(),
+    )
+    .unwrap();
+    let y = model
+        .encode_image(x.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let g: Vec<f32> = y
+        .backward()
+        .unwrap()
+        .get(x.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let h = 1e-2f32;
+    for &i in &[0usize, 100, 1500, 3071] {
+        let (mut p, mut m) = (base.clone(), base.clone());
+        p[i] += h;
+        m[i] -= h;
+        let fd = (f(&p) - f(&m)) / (2.0 * h as f64);
+        let rel = (fd - g[i] as f64).abs() / (fd.abs().max(g[i].abs() as f64).max(1e-3));
+        assert!(
+            rel < 2e-2,
+            "pixel {i}: analytic {} vs finite difference {fd}",
+            g[i]
+        );
+    }
+}
+
+#[test]
+fn tokens_after_the_end_token_do_not_change_the_text_embedding() {
+    let cfg = tiny();
+    let model = ClipModel::random(&cfg, 1, &Device::Cpu).unwrap();
+    let tok = ClipTokenizer::byte_level(16).unwrap();
+    let mut row = tok.encode("hi").unwrap();
+    let a = Tensor::new(vec![row.clone()], &Device::Cpu).unwrap();
+    // Overwrite the padding after <|endoftext|> with other tokens.
+    for (i, slot) in row.iter_mut().enumerate().skip(4) {
+        *slot = 10 + i as u32;
+    }
+    let b = Tensor::new(vec![row.clone()], &Device::Cpu).unwrap();
+    assert_eq!(
+        max_abs_diff(
+            &model.encode_text(&a).unwrap(),
+            &model.encode_text(&b).unwrap()
+        ),
+        0.0
+    );
+    // ... while tokens before it do.
+    row[1] = 70;
+    let c = Tensor::new(vec![row], &Device::Cpu).unwrap();
+    assert!(
+        max_abs_diff(
+            &model.encode_text(&a).unwrap(),
+            &model.encode_text(&c).unwrap()
+        ) > 1e-4
+    );
+}
+
+#[test]
+fn wrong_input_shapes_are_errors_not_panics() {
+    let model = ClipModel::random(&tiny(), 0, &Device::Cpu).unwrap();
+    let wrong = Tensor::zeros((1, 3, 64, 64), DType::F32, &Device::Cpu).unwrap();
+    let msg = model.encode_image(&wrong).unwrap_err().to_string();
+    assert!(msg.contains("[B, 3, 32, 32]"), "{msg}");
+    let bad_ids = Tensor::new(&[[512u32, 9999, 513]], &Device::Cpu).unwrap();
+    let msg = model.encode_text(&bad_ids).unwrap_err().to_string();
+    assert!(msg.contains("9999"), "{msg}");
+}
