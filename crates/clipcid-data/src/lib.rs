@@ -1,1 +1,36 @@
-pub fn x() {}
+//! Image-text data for clipcid: readers for a folder of images with a captions TSV/CSV,
+//! WebDataset tar shards (as img2dataset writes them) and labelled image folders; CLIP
+//! preprocessing; parallel (rayon) decoding into candle batches. A corrupt or unreadable
+//! sample is skipped, logged with its key and counted, never fatal.
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use clipcid_data::{BatchIter, Dataset, Preprocess};
+//!
+//! // A labelled folder: root/class_name/*.png
+//! let root = tempfile::tempdir()?;
+//! for class in ["cat", "dog"] {
+//!     std::fs::create_dir(root.path().join(class))?;
+//!     image::RgbImage::new(48, 32).save(root.path().join(class).join("0.png"))?;
+//! }
+//! let ds = Dataset::open(root.path())?;
+//! assert_eq!(ds.classes(), &["cat".to_string(), "dog".to_string()]);
+//! let batches = BatchIter::new(ds.samples()?, Preprocess::clip(224), 32, candle_core::Device::Cpu);
+//! for batch in batches {
+//!     let batch = batch?;
+//!     assert_eq!(batch.pixels.dims(), &[2, 3, 224, 224]);
+//!     assert_eq!(batch.labels, vec![Some(0), Some(1)]);
+//! }
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+mod batch;
+mod dataset;
+mod error;
+mod preprocess;
+
+pub use batch::{decode_batch, Batch, BatchIter, Skipped};
+pub use dataset::{read_lines, Dataset, Sample, SampleStream, Source, IMAGE_EXTENSIONS};
+pub use error::DataError;
+pub use preprocess::{Preprocess, CLIP_MEAN, CLIP_STD};

@@ -1,0 +1,182 @@
+//! Decoding samples into batches of candle tensors, in parallel, skipping bad samples.
+
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+
+use crate::{DataError, Preprocess, Sample, SampleStream};
+
+/// A sample that was dropped, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// Position of the sample in the dataset.
+    pub index: u64,
+    /// Its key.
+    pub key: String,
+    /// What was wrong (undecodable image, missing file...).
+    pub reason: String,
+}
+
+/// Decoded samples ready for a model.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Sample positions in the dataset.
+    pub indices: Vec<u64>,
+    /// Sample keys.
+    pub keys: Vec<String>,
+    /// Normalised pixels `[B, 3, S, S]`, f32.
+    pub pixels: Tensor,
+    /// Captions, where present.
+    pub captions: Vec<Option<String>>,
+    /// Labels, where present.
+    pub labels: Vec<Option<usize>>,
+}
+
+impl Batch {
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// True when the batch holds no sample.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// Decodes and preprocesses a group of samples on rayon's pool. Samples that fail are
+/// returned as [`Skipped`] (and logged with their key), the rest form the batch (`None`
+/// when every sample failed).
+pub fn decode_batch(
+    samples: Vec<Sample>,
+    preprocess: &Preprocess,
+    device: &Device,
+) -> Result<(Option<Batch>, Vec<Skipped>), DataError> {
+    let decoded: Vec<(Sample, Result<Vec<f32>, String>)> = samples
+        .into_par_iter()
+        .map(|mut s| {
+            let px = match std::mem::replace(&mut s.image, Ok(Vec::new())) {
+                Ok(bytes) => preprocess.decode(&bytes),
+                Err(reason) => Err(reason),
+            };
+            (s, px)
+        })
+        .collect();
+    let s = preprocess.image_size;
+    let mut skipped = Vec::new();
+    let (mut indices, mut keys, mut captions, mut labels) = (vec![], vec![], vec![], vec![]);
+    let mut flat = Vec::with_capacity(decoded.len() * 3 * s * s);
+    for (sample, px) in decoded {
+        match px {
+            Ok(px) => {
+                flat.extend_from_slice(&px);
+                indices.push(sample.index);
+                keys.push(sample.key);
+                captions.push(sample.caption);
+                labels.push(sample.label);
+            }
+            Err(reason) => {
+                log::warn!("skipping sample `{}`: {reason}", sample.key);
+                skipped.push(Skipped {
+                    index: sample.index,
+                    key: sample.key,
+                    reason,
+                });
+            }
+        }
+    }
+    if keys.is_empty() {
+        return Ok((None, skipped));
+    }
+    let pixels = Tensor::from_vec(flat, (keys.len(), 3, s, s), device)?;
+    Ok((
+        Some(Batch {
+            indices,
+            keys,
+            pixels,
+            captions,
+            labels,
+        }),
+        skipped,
+    ))
+}
+
+/// Iterator of [`Batch`]es over a [`SampleStream`]; every batch but the last holds
+/// `batch_size` samples read (fewer decoded if some were skipped). [`BatchIter::skipped`]
+/// lists every dropped sample so far.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use clipcid_data::{BatchIter, Dataset, Preprocess};
+/// let dir = tempfile::tempdir()?;
+/// for i in 0..3 {
+///     image::RgbImage::new(10, 8).save(dir.path().join(format!("{i}.png")))?;
+/// }
+/// std::fs::write(dir.path().join("bad.png"), b"not a png")?;
+/// std::fs::write(dir.path().join("captions.tsv"), "0.png\tzero\n1.png\tone\nbad.png\tbad\n2.png\ttwo\n")?;
+/// let ds = Dataset::open(dir.path())?;
+/// let mut it = BatchIter::new(ds.samples()?, Preprocess::clip(8), 2, candle_core::Device::Cpu);
+/// let sizes: Vec<usize> = it.by_ref().map(|b| b.map(|b| b.len())).collect::<Result<_, _>>()?;
+/// assert_eq!(sizes, vec![2, 1]);
+/// assert_eq!(it.skipped()[0].key, "bad.png");
+/// # Ok(()) }
+/// ```
+pub struct BatchIter<'a> {
+    samples: SampleStream<'a>,
+    preprocess: Preprocess,
+    batch_size: usize,
+    device: Device,
+    skipped: Vec<Skipped>,
+}
+
+impl<'a> BatchIter<'a> {
+    /// Batches `samples` `batch_size` at a time (at least 1).
+    pub fn new(
+        samples: SampleStream<'a>,
+        preprocess: Preprocess,
+        batch_size: usize,
+        device: Device,
+    ) -> Self {
+        Self {
+            samples,
+            preprocess,
+            batch_size: batch_size.max(1),
+            device,
+            skipped: vec![],
+        }
+    }
+
+    /// Samples dropped so far.
+    pub fn skipped(&self) -> &[Skipped] {
+        &self.skipped
+    }
+}
+
+impl Iterator for BatchIter<'_> {
+    type Item = Result<Batch, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let raw: Vec<Sample> = match self
+                .samples
+                .by_ref()
+                .take(self.batch_size)
+                .collect::<Result<_, _>>()
+            {
+                Ok(v) => v,
+                Err(e) => return Some(Err(e)),
+            };
+            if raw.is_empty() {
+                return None;
+            }
+            match decode_batch(raw, &self.preprocess, &self.device) {
+                Ok((batch, skipped)) => {
+                    self.skipped.extend(skipped);
+                    if let Some(b) = batch {
+                        return Some(Ok(b));
+                    }
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}

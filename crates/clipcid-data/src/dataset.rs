@@ -1,0 +1,507 @@
+//! Dataset sources and the raw-sample stream they produce.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use crate::DataError;
+
+/// Image file extensions read from folders and tar shards.
+pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "bmp", "gif"];
+
+/// One undecoded sample: encoded image bytes (or why they could not be read) plus text/label.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Position of the sample in the dataset's fixed order, from 0.
+    pub index: u64,
+    /// Stable name: the WebDataset key, the path in the captions file, or `class/file`.
+    pub key: String,
+    /// Encoded image bytes, or the reason they are unavailable (missing file, no image member).
+    pub image: Result<Vec<u8>, String>,
+    /// Caption, when the source has one.
+    pub caption: Option<String>,
+    /// Class index, for labelled sources.
+    pub label: Option<usize>,
+}
+
+/// Where samples come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// Images listed in a captions file (`path<TAB>caption` TSV, or CSV with a header naming
+    /// `path`/`filepath`/`image` and `caption`/`text`/`title`); paths relative to the file.
+    Captioned {
+        /// The captions file.
+        captions: PathBuf,
+    },
+    /// WebDataset tar shards as img2dataset writes them: `key.jpg`/`key.png` + `key.txt`
+    /// (caption), optional `key.json`, optional `key.cls` (integer label).
+    WebDataset {
+        /// Shards, read in this order.
+        shards: Vec<PathBuf>,
+    },
+    /// `root/class_name/*.png`: class indices follow the sorted class folder names.
+    Labelled {
+        /// The root folder.
+        root: PathBuf,
+    },
+}
+
+/// A dataset: a [`Source`] with a fixed sample order.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// image::RgbImage::new(4, 4).save(dir.path().join("a.png"))?;
+/// std::fs::write(dir.path().join("captions.tsv"), "a.png\ta black square\n")?;
+/// let ds = clipcid_data::Dataset::open(&dir.path().join("captions.tsv"))?;
+/// let samples: Vec<_> = ds.samples()?.collect::<Result<_, _>>()?;
+/// assert_eq!(samples[0].caption.as_deref(), Some("a black square"));
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    source: Source,
+    classes: Vec<String>,
+    entries: Vec<(String, PathBuf, Option<String>, Option<usize>)>,
+}
+
+fn ext_of(path: &Path) -> String {
+    path.extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default()
+}
+
+fn sorted_dir(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| DataError::io(dir, e))?
+        .map(|e| e.map(|e| e.path()).map_err(|e| DataError::io(dir, e)))
+        .collect::<Result<_, _>>()?;
+    v.sort();
+    Ok(v)
+}
+
+impl Dataset {
+    /// Opens a dataset, recognising its kind: a `.tsv`/`.csv` file is a captions file; a
+    /// `.tar` file, or a folder of `.tar` files, is WebDataset; a folder holding a
+    /// `captions.tsv`/`captions.csv` is a captioned folder; any other folder of class
+    /// sub-folders is a labelled folder.
+    pub fn open(path: &Path) -> Result<Self, DataError> {
+        if path.is_file() {
+            return match ext_of(path).as_str() {
+                "tsv" | "csv" | "txt" => Self::captioned(path),
+                "tar" => Self::webdataset(vec![path.to_path_buf()]),
+                other => Err(DataError::format(
+                    path,
+                    format!("unknown dataset file type `.{other}`; expected .tsv, .csv or .tar"),
+                )),
+            };
+        }
+        if !path.is_dir() {
+            return Err(DataError::format(path, "no such dataset file or folder"));
+        }
+        for name in ["captions.tsv", "captions.csv"] {
+            if path.join(name).is_file() {
+                return Self::captioned(&path.join(name));
+            }
+        }
+        let entries = sorted_dir(path)?;
+        let tars: Vec<PathBuf> = entries
+            .iter()
+            .filter(|p| p.is_file() && ext_of(p) == "tar")
+            .cloned()
+            .collect();
+        if !tars.is_empty() {
+            return Self::webdataset(tars);
+        }
+        Self::labelled(path)
+    }
+
+    /// A captions file source (see [`Source::Captioned`]).
+    pub fn captioned(captions: &Path) -> Result<Self, DataError> {
+        let base = captions.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let rows = read_captions(captions)?;
+        if rows.is_empty() {
+            return Err(DataError::format(captions, "captions file lists no images"));
+        }
+        let entries = rows
+            .into_iter()
+            .map(|(p, c)| {
+                let full = if Path::new(&p).is_absolute() {
+                    PathBuf::from(&p)
+                } else {
+                    base.join(&p)
+                };
+                (p, full, Some(c), None)
+            })
+            .collect();
+        Ok(Self {
+            source: Source::Captioned {
+                captions: captions.to_path_buf(),
+            },
+            classes: vec![],
+            entries,
+        })
+    }
+
+    /// WebDataset tar shards, read in the given order.
+    pub fn webdataset(shards: Vec<PathBuf>) -> Result<Self, DataError> {
+        if shards.is_empty() {
+            return Err(DataError::format(".", "no tar shards given"));
+        }
+        for s in &shards {
+            if !s.is_file() {
+                return Err(DataError::format(s, "tar shard not found"));
+            }
+        }
+        Ok(Self {
+            source: Source::WebDataset { shards },
+            classes: vec![],
+            entries: vec![],
+        })
+    }
+
+    /// A labelled image folder (see [`Source::Labelled`]).
+    pub fn labelled(root: &Path) -> Result<Self, DataError> {
+        let mut classes = Vec::new();
+        let mut entries = Vec::new();
+        for dir in sorted_dir(root)?.into_iter().filter(|p| p.is_dir()) {
+            let class = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let label = classes.len();
+            for file in sorted_dir(&dir)? {
+                if file.is_file() && IMAGE_EXTENSIONS.contains(&ext_of(&file).as_str()) {
+                    let name = file
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    entries.push((format!("{class}/{name}"), file, None, Some(label)));
+                }
+            }
+            classes.push(class);
+        }
+        if entries.is_empty() {
+            return Err(DataError::format(
+                root,
+                "no images found: expected class sub-folders of images, .tar shards, or a captions.tsv",
+            ));
+        }
+        Ok(Self {
+            source: Source::Labelled {
+                root: root.to_path_buf(),
+            },
+            classes,
+            entries,
+        })
+    }
+
+    /// The source this dataset reads.
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
+    /// Class names (labelled sources), indexed by label.
+    pub fn classes(&self) -> &[String] {
+        &self.classes
+    }
+
+    /// Whether samples carry captions (always true for captioned and WebDataset sources; a
+    /// WebDataset sample without a `.txt` member has `caption: None`).
+    pub fn has_captions(&self) -> bool {
+        !matches!(self.source, Source::Labelled { .. })
+    }
+
+    /// Number of samples when known without reading the data (not for tar shards).
+    pub fn len_hint(&self) -> Option<usize> {
+        match self.source {
+            Source::WebDataset { .. } => None,
+            _ => Some(self.entries.len()),
+        }
+    }
+
+    /// The samples in order. Reading is lazy: image bytes are read as the stream advances.
+    pub fn samples(&self) -> Result<SampleStream<'_>, DataError> {
+        let inner = match &self.source {
+            Source::WebDataset { shards } => Inner::Tar(TarSamples::new(shards.clone())),
+            _ => Inner::Files { pos: 0 },
+        };
+        Ok(SampleStream {
+            ds: self,
+            inner,
+            next_index: 0,
+        })
+    }
+}
+
+fn read_captions(path: &Path) -> Result<Vec<(String, String)>, DataError> {
+    let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let csv = ext_of(path) == "csv";
+    let mut rdr = csv::ReaderBuilder::new()
+        .delimiter(if csv { b',' } else { b'\t' })
+        .has_headers(false)
+        .flexible(true)
+        .quoting(csv)
+        .from_reader(BufReader::new(file));
+    let mut rows = Vec::new();
+    let (mut path_col, mut cap_col) = (0usize, 1usize);
+    for (i, rec) in rdr.records().enumerate() {
+        let rec = rec.map_err(|e| DataError::format(path, format!("line {}: {e}", i + 1)))?;
+        if rec.iter().all(|f| f.trim().is_empty()) {
+            continue;
+        }
+        if i == 0 {
+            let lower: Vec<String> = rec.iter().map(|f| f.trim().to_ascii_lowercase()).collect();
+            let p = lower.iter().position(|f| {
+                ["path", "filepath", "image", "file", "filename"].contains(&f.as_str())
+            });
+            let c = lower
+                .iter()
+                .position(|f| ["caption", "text", "title"].contains(&f.as_str()));
+            if let (Some(p), Some(c)) = (p, c) {
+                (path_col, cap_col) = (p, c);
+                continue;
+            }
+        }
+        let (Some(p), Some(c)) = (rec.get(path_col), rec.get(cap_col)) else {
+            return Err(DataError::format(
+                path,
+                format!(
+                    "line {}: expected `path{}caption`",
+                    i + 1,
+                    if csv { "," } else { "<TAB>" }
+                ),
+            ));
+        };
+        rows.push((p.trim().to_string(), c.trim().to_string()));
+    }
+    Ok(rows)
+}
+
+/// The stream of [`Sample`]s of a [`Dataset`], in order. Yields `Err` only for problems that
+/// stop the whole read (an unreadable or malformed tar shard); a bad sample is yielded with
+/// its `image` set to the reason, for the batcher to skip and count.
+pub struct SampleStream<'a> {
+    ds: &'a Dataset,
+    inner: Inner,
+    next_index: u64,
+}
+
+enum Inner {
+    Files { pos: usize },
+    Tar(TarSamples),
+}
+
+impl SampleStream<'_> {
+    /// Advances past `n` samples without decoding them (folder sources do not even read the
+    /// files). Returns how many were skipped (fewer at the end of the data).
+    pub fn skip_samples(&mut self, n: u64) -> Result<u64, DataError> {
+        let mut done = 0;
+        while done < n {
+            match &mut self.inner {
+                Inner::Files { pos } => {
+                    let left = (self.ds.entries.len() - *pos) as u64;
+                    let k = left.min(n - done);
+                    *pos += k as usize;
+                    self.next_index += k;
+                    return Ok(done + k);
+                }
+                Inner::Tar(t) => match t.next_sample()? {
+                    Some(_) => {
+                        done += 1;
+                        self.next_index += 1;
+                    }
+                    None => break,
+                },
+            }
+        }
+        Ok(done)
+    }
+}
+
+impl Iterator for SampleStream<'_> {
+    type Item = Result<Sample, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let index = self.next_index;
+        let item = match &mut self.inner {
+            Inner::Files { pos } => {
+                let (key, path, caption, label) = self.ds.entries.get(*pos)?.clone();
+                *pos += 1;
+                let image = std::fs::read(&path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()));
+                Ok(Sample {
+                    index,
+                    key,
+                    image,
+                    caption,
+                    label,
+                })
+            }
+            Inner::Tar(t) => match t.next_sample() {
+                Ok(Some(mut s)) => {
+                    s.index = index;
+                    Ok(s)
+                }
+                Ok(None) => return None,
+                Err(e) => Err(e),
+            },
+        };
+        self.next_index += 1;
+        Some(item)
+    }
+}
+
+/// Streams grouped WebDataset samples out of tar shards. A reader thread walks the shards in
+/// order and sends entries through a bounded channel, so memory stays at a few hundred
+/// entries whatever the shard size, and reading overlaps decoding.
+struct TarSamples {
+    rx: std::sync::mpsc::Receiver<Result<TarEntry, DataError>>,
+    pending: Vec<TarEntry>,
+}
+
+/// (key, lower-case extension after the key's first dot, bytes)
+type TarEntry = (String, String, Vec<u8>);
+
+impl TarSamples {
+    fn new(shards: Vec<PathBuf>) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel(256);
+        std::thread::spawn(move || {
+            for path in shards {
+                if let Err(e) = read_shard(&path, &tx) {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            }
+        });
+        Self {
+            rx,
+            pending: vec![],
+        }
+    }
+
+    fn next_entry(&mut self) -> Result<Option<TarEntry>, DataError> {
+        match self.rx.recv() {
+            Ok(Ok(e)) => Ok(Some(e)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Ok(None), // reader finished
+        }
+    }
+
+    fn next_sample(&mut self) -> Result<Option<Sample>, DataError> {
+        loop {
+            let entry = self.next_entry()?;
+            let same_key = match (&entry, self.pending.first()) {
+                (Some((k, _, _)), Some((pk, _, _))) => k == pk,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if same_key {
+                if let Some(e) = entry {
+                    self.pending.push(e);
+                }
+                continue;
+            }
+            let group = std::mem::take(&mut self.pending);
+            if let Some(e) = entry {
+                self.pending.push(e);
+            }
+            if group.is_empty() {
+                return Ok(None);
+            }
+            return Ok(Some(group_to_sample(group)));
+        }
+    }
+}
+
+/// Sends the file entries of one shard; stops quietly when the receiver is gone.
+fn read_shard(
+    path: &Path,
+    tx: &std::sync::mpsc::SyncSender<Result<TarEntry, DataError>>,
+) -> Result<(), DataError> {
+    let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, file));
+    let entries = archive
+        .entries()
+        .map_err(|e| DataError::format(path, format!("not a tar file: {e}")))?;
+    for entry in entries {
+        let mut entry =
+            entry.map_err(|e| DataError::format(path, format!("corrupt tar shard: {e}")))?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let name = entry
+            .path()
+            .map_err(|e| DataError::format(path, format!("bad entry name: {e}")))?
+            .to_string_lossy()
+            .into_owned();
+        let (dir, base) = match name.rfind('/') {
+            Some(i) => (&name[..=i], &name[i + 1..]),
+            None => ("", name.as_str()),
+        };
+        // WebDataset: the key is everything before the first dot of the file name.
+        let Some(dot) = base.find('.').filter(|&d| d > 0) else {
+            continue;
+        };
+        let key = format!("{dir}{}", &base[..dot]);
+        let ext = base[dot + 1..].to_ascii_lowercase();
+        let mut bytes = Vec::with_capacity(entry.size() as usize);
+        entry
+            .read_to_end(&mut bytes)
+            .map_err(|e| DataError::format(path, format!("corrupt tar shard at `{name}`: {e}")))?;
+        if tx.send(Ok((key, ext, bytes))).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+fn group_to_sample(group: Vec<TarEntry>) -> Sample {
+    let key = group[0].0.clone();
+    let mut image = Err("sample has no image member (.jpg/.png/...)".to_string());
+    let mut caption = None;
+    let mut json_caption = None;
+    let mut label = None;
+    let exts: BTreeSet<&str> = group.iter().map(|(_, e, _)| e.as_str()).collect();
+    for (_, ext, bytes) in &group {
+        match ext.as_str() {
+            e if IMAGE_EXTENSIONS.contains(&e) && image.is_err() => image = Ok(bytes.clone()),
+            "txt" => caption = Some(String::from_utf8_lossy(bytes).trim().to_string()),
+            "cls" => label = String::from_utf8_lossy(bytes).trim().parse().ok(),
+            "json" => {
+                json_caption = serde_json::from_slice::<serde_json::Value>(bytes)
+                    .ok()
+                    .and_then(|v| {
+                        v.get("caption")
+                            .and_then(|c| c.as_str())
+                            .map(str::to_string)
+                    });
+            }
+            _ => {}
+        }
+    }
+    if image.is_err() {
+        image = Err(format!(
+            "sample has no image member (found: {})",
+            exts.into_iter().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    Sample {
+        index: 0,
+        key,
+        image,
+        caption: caption.or(json_caption),
+        label,
+    }
+}
+
+/// Reads the lines of a small text file (class names, prompt lists).
+pub fn read_lines(path: &Path) -> Result<Vec<String>, DataError> {
+    let f = File::open(path).map_err(|e| DataError::io(path, e))?;
+    BufReader::new(f)
+        .lines()
+        .map(|l| l.map_err(|e| DataError::io(path, e)))
+        .filter(|l| !matches!(l, Ok(s) if s.trim().is_empty()))
+        .collect()
+}
