@@ -1,1 +1,377 @@
-pub fn x() {}
+//! Teacher embedding extraction for clipcid: runs a CLIP checkpoint over a dataset in batches
+//! and writes L2-normalised image (and caption) embeddings as safetensors shards, f32 or f16.
+//! Each output shard covers a fixed range of input samples, is written atomically, and is
+//! skipped on a re-run once its header checks out, so an interrupted run resumes where it
+//! stopped.
+//!
+//! Shard layout (`embeddings-00000.safetensors`, ...): tensors `image` `[n, D]`, `text`
+//! `[n, D]` and `has_text` `[n]` (u8) when captions are embedded, `ids` `[n]` (i64, the
+//! sample's position in the dataset); metadata `keys` (JSON list of sample keys), `skipped`
+//! (JSON list of keys dropped as unreadable), `first_index` / `end_index` (input range),
+//! `dim`, `teacher`.
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use candle_core::Device;
+//! use clipcid_embed::{embed_dataset, EmbedOptions, EmbeddingShard};
+//! use clipcid_models::{ClipConfig, ClipModel, ClipTokenizer};
+//!
+//! let data = tempfile::tempdir()?;
+//! for (i, colour) in [[255u8, 0, 0], [0, 0, 255]].iter().enumerate() {
+//!     image::RgbImage::from_pixel(40, 40, image::Rgb(*colour)).save(data.path().join(format!("{i}.png")))?;
+//! }
+//! std::fs::write(data.path().join("captions.tsv"), "0.png\ta red square\n1.png\ta blue square\n")?;
+//! let dataset = clipcid_data::Dataset::open(data.path())?;
+//!
+//! let cfg = ClipConfig::preset("tiny")?;
+//! let teacher = ClipModel::random(&cfg, 0, &Device::Cpu)?;
+//! let tokenizer = ClipTokenizer::byte_level(cfg.text_config.max_position_embeddings)?;
+//! let out = tempfile::tempdir()?;
+//! let summary = embed_dataset(&teacher, Some(&tokenizer), &dataset, out.path(), &EmbedOptions::default())?;
+//! assert_eq!(summary.samples_embedded, 2);
+//!
+//! let shard = EmbeddingShard::read(&summary.shards[0])?;
+//! assert_eq!(shard.image.dims(), &[2, 16]);
+//! assert_eq!(shard.keys, vec!["0.png", "1.png"]);
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+mod shard;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use clipcid_data::{decode_batch, DataError, Dataset, Preprocess, Sample, Skipped};
+use clipcid_models::{l2_normalize, ClipModel, ClipTokenizer, ModelError};
+
+pub use shard::{list_shards, shard_path, EmbeddingShard, SHARD_KIND};
+
+/// Errors of an embedding run or of reading its shards.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    /// Reading the dataset failed.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// The model or tokenizer failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// An embedding shard is malformed or inconsistent.
+    #[error("{}: {msg}", path.display())]
+    Shard {
+        /// The shard file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// The options or inputs do not fit together.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Storage precision of the embeddings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EmbedDtype {
+    /// 4 bytes per value.
+    #[default]
+    F32,
+    /// 2 bytes per value (IEEE half), via the `half` crate.
+    F16,
+}
+
+impl EmbedDtype {
+    fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "F32",
+            Self::F16 => "F16",
+        }
+    }
+}
+
+impl std::str::FromStr for EmbedDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(Self::F32),
+            "f16" | "float16" | "half" => Ok(Self::F16),
+            _ => Err(format!("unknown embedding dtype `{s}` (f32 or f16)")),
+        }
+    }
+}
+
+/// How to run [`embed_dataset`].
+#[derive(Debug, Clone)]
+pub struct EmbedOptions {
+    /// Images per forward pass.
+    pub batch_size: usize,
+    /// Input samples per output shard.
+    pub shard_size: usize,
+    /// Storage precision.
+    pub dtype: EmbedDtype,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+    /// Name of the teacher, recorded in every shard.
+    pub teacher_name: String,
+}
+
+impl Default for EmbedOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: 64,
+            shard_size: 10_000,
+            dtype: EmbedDtype::F32,
+            progress: false,
+            teacher_name: String::new(),
+        }
+    }
+}
+
+/// What an [`embed_dataset`] run did.
+#[derive(Debug, Clone, Default)]
+pub struct EmbedSummary {
+    /// Every shard of the output, in order.
+    pub shards: Vec<PathBuf>,
+    /// How many of them were already complete and kept from an earlier run.
+    pub shards_resumed: usize,
+    /// Samples embedded in this run.
+    pub samples_embedded: usize,
+    /// Samples dropped in this run (unreadable or undecodable), with their keys.
+    pub skipped: Vec<Skipped>,
+    /// Wall time of this run.
+    pub seconds: f64,
+}
+
+impl EmbedSummary {
+    /// Images embedded per second in this run.
+    pub fn images_per_second(&self) -> f64 {
+        self.samples_embedded as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// Embeds every sample of `dataset` with `model` into shards under `out_dir`.
+///
+/// With a `tokenizer`, captions are embedded too (`text`); a sample without a caption gets a
+/// zero row and `has_text = 0`. Shards already complete from an earlier run with the same
+/// options are kept. Unreadable samples are skipped, logged by key, and listed in the summary
+/// and in their shard's `skipped` metadata.
+pub fn embed_dataset(
+    model: &ClipModel,
+    tokenizer: Option<&ClipTokenizer>,
+    dataset: &Dataset,
+    out_dir: &Path,
+    opts: &EmbedOptions,
+) -> Result<EmbedSummary, EmbedError> {
+    if opts.shard_size == 0 || opts.batch_size == 0 {
+        return Err(EmbedError::Config(
+            "batch size and shard size must be at least 1".into(),
+        ));
+    }
+    let cfg = model.config();
+    if let Some(tok) = tokenizer {
+        if tok.context_length() > cfg.text_config.max_position_embeddings {
+            return Err(EmbedError::Config(format!(
+                "tokenizer context length {} exceeds the model's {}",
+                tok.context_length(),
+                cfg.text_config.max_position_embeddings
+            )));
+        }
+        if tok.vocab_size() > cfg.text_config.vocab_size {
+            return Err(EmbedError::Config(format!(
+                "tokenizer vocabulary ({}) is larger than the model's ({}); wrong tokenizer for this teacher?",
+                tok.vocab_size(),
+                cfg.text_config.vocab_size
+            )));
+        }
+    }
+    std::fs::create_dir_all(out_dir).map_err(|e| {
+        EmbedError::Config(format!(
+            "{}: cannot create output folder: {e}",
+            out_dir.display()
+        ))
+    })?;
+    let start = Instant::now();
+    let preprocess = Preprocess::clip(cfg.vision_config.image_size);
+    let expect = shard::Expect {
+        dim: cfg.projection_dim,
+        dtype: opts.dtype.name(),
+        with_text: tokenizer.is_some(),
+        shard_size: opts.shard_size as u64,
+    };
+    let bar = progress_bar(opts.progress, dataset.len_hint());
+    let mut summary = EmbedSummary::default();
+    let mut stream = dataset.samples()?;
+    for shard_idx in 0.. {
+        let path = shard_path(out_dir, shard_idx);
+        let first = shard_idx as u64 * opts.shard_size as u64;
+        if shard::is_complete(&path, first, &expect) {
+            let n = stream.skip_samples(opts.shard_size as u64)?;
+            if n == opts.shard_size as u64 {
+                bar.inc(n);
+                summary.shards.push(path);
+                summary.shards_resumed += 1;
+                continue;
+            }
+            // A complete shard over fewer samples than it claims: the dataset changed.
+            return Err(EmbedError::Shard {
+                path,
+                msg: format!(
+                    "shard covers samples {first}.. but the dataset now ends at {}",
+                    first + n
+                ),
+            });
+        }
+        let mut rows = ShardRows::default();
+        let mut read = 0u64;
+        while read < opts.shard_size as u64 {
+            let want = opts.batch_size.min(opts.shard_size - read as usize);
+            let raw: Vec<Sample> = stream.by_ref().take(want).collect::<Result<_, _>>()?;
+            if raw.is_empty() {
+                break;
+            }
+            read += raw.len() as u64;
+            let n_raw = raw.len() as u64;
+            let (batch, skipped) = decode_batch(raw, &preprocess, model.device())?;
+            rows.skipped.extend(skipped);
+            if let Some(batch) = batch {
+                let img = l2_normalize(&model.encode_image(&batch.pixels)?)?;
+                rows.image.push(
+                    img.to_dtype(opts.dtype.dtype())?
+                        .to_device(&candle_core::Device::Cpu)?,
+                );
+                if let Some(tok) = tokenizer {
+                    let texts: Vec<&str> = batch
+                        .captions
+                        .iter()
+                        .map(|c| c.as_deref().unwrap_or(""))
+                        .collect();
+                    let has: Vec<u8> = batch.captions.iter().map(|c| c.is_some() as u8).collect();
+                    let ids = tok.encode_batch(&texts, model.device())?;
+                    let txt = l2_normalize(&model.encode_text(&ids)?)?;
+                    let mask = Tensor::new(
+                        has.iter().map(|&h| h as f32).collect::<Vec<_>>(),
+                        model.device(),
+                    )?
+                    .to_dtype(txt.dtype())?
+                    .unsqueeze(1)?;
+                    let txt = txt.broadcast_mul(&mask)?;
+                    rows.text.push(
+                        txt.to_dtype(opts.dtype.dtype())?
+                            .to_device(&candle_core::Device::Cpu)?,
+                    );
+                    rows.has_text.extend(has);
+                }
+                rows.ids.extend(batch.indices.iter().map(|&i| i as i64));
+                rows.keys.extend(batch.keys);
+            }
+            bar.inc(n_raw);
+        }
+        if read == 0 {
+            break;
+        }
+        summary.samples_embedded += rows.keys.len();
+        summary.skipped.extend(rows.skipped.iter().cloned());
+        rows.write(&path, first, first + read, &expect, &opts.teacher_name)?;
+        summary.shards.push(path);
+        if read < opts.shard_size as u64 {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    summary.seconds = start.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+fn progress_bar(show: bool, len: Option<usize>) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let (bar, template) = match len {
+        Some(n) => (
+            indicatif::ProgressBar::new(n as u64),
+            "{spinner} embed [{elapsed_precise}] {wide_bar} {pos}/{len} images ({per_sec}, eta {eta})",
+        ),
+        None => (indicatif::ProgressBar::new_spinner(), "{spinner} embed [{elapsed_precise}] {pos} images ({per_sec})"),
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+#[derive(Default)]
+struct ShardRows {
+    image: Vec<Tensor>,
+    text: Vec<Tensor>,
+    has_text: Vec<u8>,
+    ids: Vec<i64>,
+    keys: Vec<String>,
+    skipped: Vec<Skipped>,
+}
+
+impl ShardRows {
+    fn write(
+        self,
+        path: &Path,
+        first: u64,
+        end: u64,
+        expect: &shard::Expect,
+        teacher: &str,
+    ) -> Result<(), EmbedError> {
+        let n = self.keys.len();
+        let dtype = if expect.dtype == "F16" {
+            DType::F16
+        } else {
+            DType::F32
+        };
+        let cpu = candle_core::Device::Cpu;
+        let cat = |v: &[Tensor]| -> Result<Tensor, candle_core::Error> {
+            if v.is_empty() {
+                Tensor::zeros((0, expect.dim), dtype, &cpu)
+            } else {
+                Tensor::cat(v, 0)
+            }
+        };
+        let mut tensors = vec![
+            ("image".to_string(), cat(&self.image)?),
+            ("ids".to_string(), Tensor::from_vec(self.ids, n, &cpu)?),
+        ];
+        if expect.with_text {
+            tensors.push(("text".to_string(), cat(&self.text)?));
+            tensors.push((
+                "has_text".to_string(),
+                Tensor::from_vec(self.has_text, n, &cpu)?,
+            ));
+        }
+        let skipped: Vec<&str> = self.skipped.iter().map(|s| s.key.as_str()).collect();
+        let meta: HashMap<String, String> = [
+            ("clipcid.kind", SHARD_KIND.to_string()),
+            ("first_index", first.to_string()),
+            ("end_index", end.to_string()),
+            ("dim", expect.dim.to_string()),
+            ("normalized", "true".to_string()),
+            ("teacher", teacher.to_string()),
+            ("keys", json_list(&self.keys)),
+            ("skipped", json_list(&skipped)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        clipcid_models::io::write_safetensors(path, tensors, &meta)?;
+        Ok(())
+    }
+}
+
+fn json_list<S: serde::Serialize>(v: &[S]) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
+}

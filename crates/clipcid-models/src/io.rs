@@ -29,23 +29,50 @@ pub fn write_safetensors(
     tensors: impl IntoIterator<Item = (String, Tensor)>,
     metadata: &HashMap<String, String>,
 ) -> Result<(), ModelError> {
-    let cpu = tensors
+    let bytes = serialize(tensors, metadata)?;
+    write_atomic(path, &bytes)
+}
+
+/// Serialises tensors to safetensors bytes with tensors and metadata in sorted order.
+///
+/// Written here rather than with `safetensors::serialize` because that takes the metadata
+/// as a `HashMap` and emits it in random order, so the same content would give different
+/// bytes on every run; sorted keys make outputs byte-reproducible (resume checks, checksums).
+pub fn serialize(
+    tensors: impl IntoIterator<Item = (String, Tensor)>,
+    metadata: &HashMap<String, String>,
+) -> Result<Vec<u8>, ModelError> {
+    use safetensors::View;
+    let sorted: BTreeMap<String, Tensor> = tensors
         .into_iter()
         .map(|(name, t)| Ok((name, t.to_device(&Device::Cpu)?.contiguous()?)))
-        .collect::<Result<Vec<_>, candle_core::Error>>()?;
-    let tmp = temp_path(path);
-    let meta = (!metadata.is_empty()).then(|| metadata.clone());
-    let res = safetensors::serialize_to_file(cpu, meta, &tmp)
-        .map_err(|e| ModelError::file(&tmp, format!("cannot write safetensors: {e}")))
-        .and_then(|()| {
-            std::fs::rename(&tmp, path).map_err(|e| {
-                ModelError::file(path, format!("cannot move finished file into place: {e}"))
-            })
-        });
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        .collect::<Result<_, candle_core::Error>>()?;
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        let meta: BTreeMap<&String, &String> = metadata.iter().collect();
+        header.insert("__metadata__".into(), serde_json::json!(meta));
     }
-    res
+    let mut offset = 0usize;
+    for (name, t) in &sorted {
+        let len = t.data_len();
+        let dtype =
+            serde_json::to_value(View::dtype(t)).map_err(|e| ModelError::Config(e.to_string()))?;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": t.dims(), "data_offsets": [offset, offset + len]}),
+        );
+        offset += len;
+    }
+    let mut json = serde_json::to_vec(&header).map_err(|e| ModelError::Config(e.to_string()))?;
+    // The data section must start 8-byte aligned; pad the header with spaces.
+    json.resize(json.len().div_ceil(8) * 8, b' ');
+    let mut out = Vec::with_capacity(8 + json.len() + offset);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    for t in sorted.values() {
+        out.extend_from_slice(&View::data(t));
+    }
+    Ok(out)
 }
 
 /// Writes bytes to `path` atomically (temp file in the same folder, then rename).

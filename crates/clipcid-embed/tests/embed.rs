@@ -1,0 +1,237 @@
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use clipcid_data::{Dataset, Preprocess};
+use clipcid_embed::{embed_dataset, list_shards, EmbedDtype, EmbedOptions, EmbeddingShard};
+use clipcid_models::{l2_normalize, ClipConfig, ClipModel, ClipTokenizer};
+use image::{Rgb, RgbImage};
+
+fn add(b: &mut tar::Builder<std::fs::File>, name: &str, bytes: &[u8]) {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(bytes.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append_data(&mut h, name, bytes).unwrap();
+}
+
+fn jpeg(i: usize) -> Vec<u8> {
+    let img = RgbImage::from_fn(48, 40, |x, y| {
+        Rgb([(i * 30) as u8, (x * 5) as u8, (y * 6) as u8])
+    });
+    let mut buf = Cursor::new(Vec::new());
+    img.write_to(&mut buf, image::ImageFormat::Jpeg).unwrap();
+    buf.into_inner()
+}
+
+/// `n` samples in one shard; sample `corrupt` has a truncated JPEG.
+fn shard(dir: &Path, n: usize, corrupt: Option<usize>) -> Dataset {
+    let path = dir.join("data-00000.tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
+    for i in 0..n {
+        let mut bytes = jpeg(i);
+        if corrupt == Some(i) {
+            bytes.truncate(bytes.len() / 3);
+        }
+        add(&mut b, &format!("s{i:04}.jpg"), &bytes);
+        add(
+            &mut b,
+            &format!("s{i:04}.txt"),
+            format!("picture number {i}").as_bytes(),
+        );
+    }
+    b.finish().unwrap();
+    Dataset::open(&path).unwrap()
+}
+
+fn setup() -> (ClipModel, ClipTokenizer) {
+    let cfg = ClipConfig::preset("tiny").unwrap();
+    (
+        ClipModel::random(&cfg, 1, &Device::Cpu).unwrap(),
+        ClipTokenizer::byte_level(16).unwrap(),
+    )
+}
+
+fn opts(batch: usize, shard: usize) -> EmbedOptions {
+    EmbedOptions {
+        batch_size: batch,
+        shard_size: shard,
+        ..EmbedOptions::default()
+    }
+}
+
+#[test]
+fn corrupt_jpeg_in_a_tar_shard_is_skipped_counted_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = shard(dir.path(), 6, Some(4));
+    let (model, tok) = setup();
+    let out = dir.path().join("emb");
+    let s = embed_dataset(&model, Some(&tok), &ds, &out, &opts(4, 100)).unwrap();
+    assert_eq!(s.skipped.len(), 1);
+    assert_eq!(s.skipped[0].key, "s0004");
+    assert_eq!(s.samples_embedded, 5);
+    let shard = EmbeddingShard::read(&s.shards[0]).unwrap();
+    assert_eq!(shard.skipped, vec!["s0004"]);
+    assert_eq!(shard.ids, vec![0, 1, 2, 3, 5]);
+    assert!(!shard.keys.contains(&"s0004".to_string()));
+}
+
+#[test]
+fn stored_embeddings_equal_direct_model_outputs_and_are_normalised() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = shard(dir.path(), 5, None);
+    let (model, tok) = setup();
+    let s = embed_dataset(
+        &model,
+        Some(&tok),
+        &ds,
+        &dir.path().join("e"),
+        &opts(2, 100),
+    )
+    .unwrap();
+    let shard = EmbeddingShard::read(&s.shards[0]).unwrap();
+    let p = Preprocess::clip(32);
+    let px: Vec<f32> = (0..5).flat_map(|i| p.decode(&jpeg(i)).unwrap()).collect();
+    let px = Tensor::from_vec(px, (5, 3, 32, 32), &Device::Cpu).unwrap();
+    let direct = l2_normalize(&model.encode_image(&px).unwrap()).unwrap();
+    let diff = (&direct - &shard.image)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        diff < 1e-5,
+        "batched vs direct image embeddings differ by {diff}"
+    );
+    let texts: Vec<String> = (0..5).map(|i| format!("picture number {i}")).collect();
+    let ids = tok.encode_batch(&texts, &Device::Cpu).unwrap();
+    let direct = l2_normalize(&model.encode_text(&ids).unwrap()).unwrap();
+    let text = shard.text.clone().unwrap();
+    let diff = (&direct - &text)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-5, "text embeddings differ by {diff}");
+    let norms: Vec<f32> = shard
+        .image
+        .sqr()
+        .unwrap()
+        .sum(1)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-5), "{norms:?}");
+}
+
+#[test]
+fn rerun_resumes_complete_shards_and_redoes_damaged_or_short_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = shard(dir.path(), 7, None);
+    let (model, tok) = setup();
+    let out = dir.path().join("e");
+    let first = embed_dataset(&model, Some(&tok), &ds, &out, &opts(2, 3)).unwrap();
+    assert_eq!(first.shards.len(), 3);
+    assert_eq!(first.shards_resumed, 0);
+    let bytes: Vec<Vec<u8>> = first
+        .shards
+        .iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+
+    let again = embed_dataset(&model, Some(&tok), &ds, &out, &opts(2, 3)).unwrap();
+    assert_eq!(
+        again.shards_resumed, 2,
+        "the two full shards are kept, the short last one redone"
+    );
+    assert_eq!(again.samples_embedded, 1);
+
+    // Damage shard 1: it is recomputed, byte for byte the same as before.
+    let b1 = &bytes[1];
+    std::fs::write(&first.shards[1], &b1[..b1.len() - 7]).unwrap();
+    let third = embed_dataset(&model, Some(&tok), &ds, &out, &opts(2, 3)).unwrap();
+    assert_eq!(third.shards_resumed, 1);
+    for (p, b) in third.shards.iter().zip(&bytes) {
+        assert_eq!(&std::fs::read(p).unwrap(), b, "{}", p.display());
+    }
+    // A run with different options does not trust the old shards.
+    let f16 = EmbedOptions {
+        dtype: EmbedDtype::F16,
+        ..opts(2, 3)
+    };
+    let fourth = embed_dataset(&model, Some(&tok), &ds, &out, &f16).unwrap();
+    assert_eq!(fourth.shards_resumed, 0);
+    assert_eq!(list_shards(&out).unwrap(), fourth.shards);
+    // No temporary files left.
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 3);
+}
+
+#[test]
+fn f16_shards_store_half_precision_close_to_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = shard(dir.path(), 3, None);
+    let (model, _) = setup();
+    let a = embed_dataset(&model, None, &ds, &dir.path().join("a"), &opts(3, 10)).unwrap();
+    let f16 = EmbedOptions {
+        dtype: EmbedDtype::F16,
+        ..opts(3, 10)
+    };
+    let b = embed_dataset(&model, None, &ds, &dir.path().join("b"), &f16).unwrap();
+    let h = clipcid_models::io::read_header(&b.shards[0]).unwrap();
+    assert_eq!(h.tensors["image"].dtype, "F16");
+    assert!(!h.tensors.contains_key("text"), "no tokenizer, no text");
+    let (x, y) = (
+        EmbeddingShard::read(&a.shards[0]).unwrap(),
+        EmbeddingShard::read(&b.shards[0]).unwrap(),
+    );
+    let diff = (&x.image - &y.image)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff > 0.0 && diff < 1e-3, "{diff}");
+}
+
+#[test]
+fn mismatched_tokenizer_and_malformed_shards_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = shard(dir.path(), 2, None);
+    let (model, _) = setup();
+    let long = ClipTokenizer::byte_level(77).unwrap();
+    let err =
+        embed_dataset(&model, Some(&long), &ds, &dir.path().join("x"), &opts(2, 2)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("context length 77 exceeds the model's 16"),
+        "{err}"
+    );
+
+    let path = dir.path().join("bad.safetensors");
+    let t: HashMap<String, Tensor> = [
+        (
+            "image".to_string(),
+            Tensor::zeros((3, 8), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        ),
+        (
+            "text".to_string(),
+            Tensor::zeros((3, 4), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        ),
+    ]
+    .into();
+    clipcid_models::io::write_safetensors(&path, t, &HashMap::new()).unwrap();
+    let err = EmbeddingShard::read(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("bad.safetensors") && err.contains("[3, 4]") && err.contains("[3, 8]"),
+        "{err}"
+    );
+}
