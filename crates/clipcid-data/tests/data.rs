@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)] // test helpers: a failed setup step should panic
 use std::io::Cursor;
 use std::path::Path;
 

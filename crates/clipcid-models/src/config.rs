@@ -258,12 +258,12 @@ impl ClipConfig {
                 format!("{tower}: width, heads, layers and intermediate size must all be > 0"),
             )?;
             check(
-                width % heads == 0,
+                width.is_multiple_of(heads),
                 format!("{tower}: {heads} attention heads do not divide width {width}"),
             )?;
         }
         check(
-            v.patch_size > 0 && v.image_size % v.patch_size == 0,
+            v.patch_size > 0 && v.image_size.is_multiple_of(v.patch_size),
             format!(
                 "vision: patch size {} does not tile image size {}",
                 v.patch_size, v.image_size

@@ -616,7 +616,7 @@ fn infer_config(file: &Path, t: &HashMap<String, Tensor>) -> Result<ClipConfig, 
             .take_while(|i| t.contains_key(&format!("{prefix}.encoder.layers.{i}.mlp.fc1.weight")))
             .count()
     };
-    let heads = |w: usize| if w % 64 == 0 { w / 64 } else { 1 };
+    let heads = |w: usize| if w.is_multiple_of(64) { w / 64 } else { 1 };
     let patch = dims("vision_model.embeddings.patch_embedding.weight")?;
     let vpos = dims("vision_model.embeddings.position_embedding.weight")?;
     let vfc1 = dims("vision_model.encoder.layers.0.mlp.fc1.weight")?;

@@ -1,4 +1,5 @@
 //! Model-level properties: round trips, OpenCLIP equivalence, error messages, gradients.
+#![allow(clippy::unwrap_used)] // test helpers: a failed setup step should panic
 
 use std::collections::HashMap;
 

@@ -1,1 +1,233 @@
-fn main() {}
+//! `clipcid`: distil big CLIP models into small ones. One subcommand per pipeline stage.
+
+mod demo;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Parser, Subcommand};
+use clipcid_data::Dataset;
+use clipcid_embed::{embed_dataset, EmbedDtype, EmbedOptions, EmbedSummary};
+use clipcid_models::{ClipConfig, ClipModel, ClipTokenizer};
+
+#[derive(Parser)]
+#[command(
+    name = "clipcid",
+    version,
+    about = "Distil large CLIP models into small, fast students"
+)]
+struct Cli {
+    /// Compute device: `cpu` or `cuda:N` (needs a build with `--features cuda`).
+    #[arg(long, global = true, default_value = "cpu")]
+    device: String,
+    /// Log more (repeat for debug output).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Embed a dataset with a teacher CLIP into safetensors shards (resumable).
+    Embed(EmbedArgs),
+    /// Write a CLIP checkpoint with seeded random weights (for tests and smoke runs).
+    InitModel {
+        /// Model shape: vit-b-32, vit-b-16, piccollage-s12, piccollage-s24 or tiny.
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        /// Random seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output `.safetensors` file (Hugging Face layout, config in the metadata).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write a CLIP `tokenizer.json`, from OpenAI's BPE vocabulary or byte-level (no merges).
+    Tokenizer {
+        /// `bpe_simple_vocab_16e6.txt.gz`; without it, the 514-token byte-level tokenizer.
+        #[arg(long)]
+        bpe_vocab: Option<PathBuf>,
+        /// Output `tokenizer.json`.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Run the pipeline end to end on bundled generated data (see the README).
+    Demo {
+        /// Working folder for data, models and outputs.
+        #[arg(long, default_value = "demo-out")]
+        out: PathBuf,
+        /// Number of generated image-caption pairs.
+        #[arg(long, default_value_t = 512)]
+        samples: usize,
+    },
+}
+
+#[derive(clap::Args)]
+struct EmbedArgs {
+    /// Teacher checkpoint: a `.safetensors` file or a model folder (HF or OpenCLIP names).
+    #[arg(long)]
+    teacher: PathBuf,
+    /// Model config (HF `config.json`) overriding the one found with the teacher.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Dataset: captions `.tsv`/`.csv`, a `.tar` shard, a folder of shards, or a labelled folder.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output folder for `embeddings-NNNNN.safetensors`.
+    #[arg(long)]
+    out: PathBuf,
+    /// `tokenizer.json` for the captions (default: `tokenizer.json` beside the teacher).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Embed images only, even when the data has captions.
+    #[arg(long)]
+    images_only: bool,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Input samples per output shard.
+    #[arg(long, default_value_t = 10_000)]
+    shard_size: usize,
+    /// Storage precision: f32 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: EmbedDtype,
+    /// Hide the progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// Parses `cpu` or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        _ => {
+            let Some(n) = s.strip_prefix("cuda").map(|r| r.trim_start_matches(':')) else {
+                bail!("unknown device `{s}`: use `cpu` or `cuda:N`");
+            };
+            let n: usize = if n.is_empty() {
+                0
+            } else {
+                n.parse()
+                    .with_context(|| format!("bad CUDA ordinal in `{s}`"))?
+            };
+            Device::new_cuda(n).with_context(|| {
+                format!("cannot open {s} (was clipcid built with `--features cuda`?)")
+            })
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let device = parse_device(&cli.device)?;
+    match cli.command {
+        Command::Embed(args) => {
+            let summary = embed(&args, &device)?;
+            print_embed_summary(&summary, &args.out);
+        }
+        Command::InitModel { preset, seed, out } => {
+            let cfg = ClipConfig::preset(&preset)?;
+            ClipModel::random(&cfg, seed, &Device::Cpu)?.save(&out, DType::F32)?;
+            println!(
+                "wrote {} ({preset}, seed {seed}, random weights)",
+                out.display()
+            );
+        }
+        Command::Tokenizer { bpe_vocab, out } => {
+            let tok = match &bpe_vocab {
+                Some(p) => ClipTokenizer::from_bpe_vocab(p, 77)?,
+                None => ClipTokenizer::byte_level(77)?,
+            };
+            tok.save(&out)?;
+            println!("wrote {} ({} tokens)", out.display(), tok.vocab_size());
+        }
+        Command::Demo { out, samples } => demo::run(&out, samples, &device)?,
+    }
+    Ok(())
+}
+
+fn embed(args: &EmbedArgs, device: &Device) -> Result<EmbedSummary> {
+    let config = match &args.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read {}", p.display()))?;
+            Some(
+                serde_json::from_str::<ClipConfig>(&text)
+                    .with_context(|| format!("{}: not a CLIP config", p.display()))?,
+            )
+        }
+        None => None,
+    };
+    let teacher = ClipModel::load_with(&args.teacher, config, device, DType::F32)?;
+    let dataset = Dataset::open(&args.data)?;
+    let ctx = teacher.config().text_config.max_position_embeddings;
+    let tokenizer = if args.images_only || !dataset.has_captions() {
+        None
+    } else {
+        let beside = args.teacher.parent().map(|d| {
+            if args.teacher.is_dir() {
+                args.teacher.join("tokenizer.json")
+            } else {
+                d.join("tokenizer.json")
+            }
+        });
+        let path = args.tokenizer.clone().or(beside.filter(|p| p.is_file()));
+        let Some(path) = path else {
+            bail!(
+                "{} has captions but no tokenizer was given: pass --tokenizer tokenizer.json, or --images-only",
+                args.data.display()
+            );
+        };
+        Some(ClipTokenizer::from_file(&path, ctx)?)
+    };
+    let opts = EmbedOptions {
+        batch_size: args.batch_size,
+        shard_size: args.shard_size,
+        dtype: args.dtype,
+        progress: !args.quiet,
+        teacher_name: args.teacher.display().to_string(),
+    };
+    Ok(embed_dataset(
+        &teacher,
+        tokenizer.as_ref(),
+        &dataset,
+        &args.out,
+        &opts,
+    )?)
+}
+
+fn print_embed_summary(s: &EmbedSummary, out: &Path) {
+    println!(
+        "embedded {} images in {:.1} s ({:.1} images/s) into {} shard(s) under {} ({} resumed from an earlier run)",
+        s.samples_embedded,
+        s.seconds,
+        s.images_per_second(),
+        s.shards.len(),
+        out.display(),
+        s.shards_resumed
+    );
+    if !s.skipped.is_empty() {
+        let keys: Vec<&str> = s.skipped.iter().take(10).map(|k| k.key.as_str()).collect();
+        println!(
+            "skipped {} unreadable sample(s): {}{}",
+            s.skipped.len(),
+            keys.join(", "),
+            if s.skipped.len() > 10 { ", ..." } else { "" }
+        );
+    }
+}

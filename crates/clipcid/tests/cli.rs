@@ -1,0 +1,111 @@
+//! The `clipcid` binary end to end: init-model, tokenizer, embed (with resume), errors.
+#![allow(clippy::unwrap_used)] // test helpers: a failed setup step should panic
+
+use std::path::Path;
+use std::process::Command;
+
+fn clipcid(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_clipcid"))
+        .args(args)
+        .output()
+        .expect("run clipcid");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+#[test]
+fn embed_from_the_command_line_with_resume_and_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = d.join("data");
+    std::fs::create_dir(&data).unwrap();
+    let mut tsv = String::new();
+    for i in 0..5u8 {
+        image::RgbImage::from_pixel(40, 30, image::Rgb([i * 50, 10, 10]))
+            .save(data.join(format!("{i}.png")))
+            .unwrap();
+        tsv.push_str(&format!("{i}.png\ta picture {i}\n"));
+    }
+    std::fs::write(data.join("broken.png"), b"\x89PNG garbage").unwrap();
+    tsv.push_str("broken.png\tbroken\n");
+    std::fs::write(data.join("captions.tsv"), tsv).unwrap();
+
+    let model = d.join("teacher.safetensors");
+    let (ok, out) = clipcid(&[
+        "init-model",
+        "--preset",
+        "tiny",
+        "--seed",
+        "4",
+        "--out",
+        s(&model),
+    ]);
+    assert!(ok, "{out}");
+    let emb = d.join("emb");
+    let base = [
+        "embed",
+        "--teacher",
+        s(&model),
+        "--data",
+        s(&data),
+        "--out",
+        s(&emb),
+        "--quiet",
+    ];
+
+    let (ok, out) = clipcid(&base);
+    assert!(!ok);
+    assert!(out.contains("has captions but no tokenizer"), "{out}");
+
+    let tok = d.join("tokenizer.json");
+    let (ok, out) = clipcid(&["tokenizer", "--out", s(&tok)]);
+    assert!(ok && out.contains("514 tokens"), "{out}");
+    let mut args = base.to_vec();
+    args.extend([
+        "--tokenizer",
+        s(&tok),
+        "--shard-size",
+        "3",
+        "--batch-size",
+        "2",
+    ]);
+    let (ok, out) = clipcid(&args);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("embedded 5 images") && out.contains("into 2 shard(s)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("skipped 1 unreadable sample(s): broken.png"),
+        "{out}"
+    );
+    let (ok, out) = clipcid(&args);
+    assert!(
+        ok && out.contains("embedded 0 images") && out.contains("(2 resumed"),
+        "{out}"
+    );
+
+    let (ok, out) = clipcid(&[
+        "embed",
+        "--teacher",
+        s(&d.join("missing.safetensors")),
+        "--data",
+        s(&data),
+        "--out",
+        s(&emb),
+    ]);
+    assert!(
+        !ok && out.contains("missing.safetensors") && out.contains("no such"),
+        "{out}"
+    );
+    let (ok, out) = clipcid(&["--device", "tpu", "init-model", "--out", s(&model)]);
+    assert!(!ok && out.contains("unknown device `tpu`"), "{out}");
+}

@@ -1,0 +1,26 @@
+//! Helpers shared by the workspace-level integration tests and benchmarks.
+#![deny(missing_docs)]
+
+use std::path::PathBuf;
+
+/// The project's `shared/` folder (beside the checkout), when present.
+pub fn shared_dir() -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("shared");
+    p.is_dir().then_some(p)
+}
+
+/// Median of a list of timings in seconds (NaN for an empty list).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
