@@ -80,7 +80,7 @@ pub enum EmbedDtype {
     /// 4 bytes per value.
     #[default]
     F32,
-    /// 2 bytes per value (IEEE half), via the `half` crate.
+    /// 2 bytes per value (IEEE half precision, candle's `half::f16`).
     F16,
 }
 

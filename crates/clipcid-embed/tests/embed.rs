@@ -46,6 +46,17 @@ fn shard(dir: &Path, n: usize, corrupt: Option<usize>) -> Dataset {
     Dataset::open(&path).unwrap()
 }
 
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 fn setup() -> (ClipModel, ClipTokenizer) {
     let cfg = ClipConfig::preset("tiny").unwrap();
     (
@@ -96,14 +107,7 @@ fn stored_embeddings_equal_direct_model_outputs_and_are_normalised() {
     let px: Vec<f32> = (0..5).flat_map(|i| p.decode(&jpeg(i)).unwrap()).collect();
     let px = Tensor::from_vec(px, (5, 3, 32, 32), &Device::Cpu).unwrap();
     let direct = l2_normalize(&model.encode_image(&px).unwrap()).unwrap();
-    let diff = (&direct - &shard.image)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&direct, &shard.image);
     assert!(
         diff < 1e-5,
         "batched vs direct image embeddings differ by {diff}"
@@ -112,14 +116,7 @@ fn stored_embeddings_equal_direct_model_outputs_and_are_normalised() {
     let ids = tok.encode_batch(&texts, &Device::Cpu).unwrap();
     let direct = l2_normalize(&model.encode_text(&ids).unwrap()).unwrap();
     let text = shard.text.clone().unwrap();
-    let diff = (&direct - &text)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&direct, &text);
     assert!(diff < 1e-5, "text embeddings differ by {diff}");
     let norms: Vec<f32> = shard
         .image
@@ -192,14 +189,7 @@ fn f16_shards_store_half_precision_close_to_f32() {
         EmbeddingShard::read(&a.shards[0]).unwrap(),
         EmbeddingShard::read(&b.shards[0]).unwrap(),
     );
-    let diff = (&x.image - &y.image)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&x.image, &y.image);
     assert!(diff > 0.0 && diff < 1e-3, "{diff}");
 }
 
