@@ -32,6 +32,8 @@ struct Cli {
 enum Command {
     /// Embed a dataset with a teacher CLIP into safetensors shards (resumable).
     Embed(EmbedArgs),
+    /// Remove near-duplicate images (image semantic balance): union-find over distance < threshold.
+    Balance(BalanceArgs),
     /// Write a CLIP checkpoint with seeded random weights (for tests and smoke runs).
     InitModel {
         /// Model shape: vit-b-32, vit-b-16, piccollage-s12, piccollage-s24 or tiny.
@@ -98,6 +100,75 @@ struct EmbedArgs {
     quiet: bool,
 }
 
+#[derive(clap::Args)]
+struct BalanceArgs {
+    /// Embedding shards: folders of `embeddings-*.safetensors` or single safetensors files
+    /// with an `image` [n, D] tensor.
+    #[arg(long, required = true, num_args = 1..)]
+    embeddings: Vec<PathBuf>,
+    /// Output keep file (`.safetensors`; the summary is also written as `.json` beside it).
+    #[arg(long)]
+    out: PathBuf,
+    /// Euclidean distance between normalised embeddings under which images are duplicates.
+    #[arg(long, default_value_t = 0.07)]
+    threshold: f32,
+    /// Rows per distance tile (memory grows with its square, not with N).
+    #[arg(long, default_value_t = 4096)]
+    block_size: usize,
+    /// Tile matmuls in f16 (for GPUs).
+    #[arg(long)]
+    f16: bool,
+    /// Also report the removed fraction at these thresholds (comma-separated), same pass.
+    #[arg(long, value_delimiter = ',')]
+    sweep: Vec<f32>,
+    /// Hide the progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn balance(args: &BalanceArgs, device: &Device) -> Result<()> {
+    let emb = clipcid_dedup::load_embeddings(&args.embeddings, device)?;
+    let opts = clipcid_dedup::BalanceOptions {
+        threshold: args.threshold,
+        block_size: args.block_size,
+        f16: args.f16,
+        sweep: args.sweep.clone(),
+        progress: !args.quiet,
+    };
+    let result = clipcid_dedup::balance(&emb.image, &opts)?;
+    clipcid_dedup::write_keep_file(&args.out, &result, &emb.ids)?;
+    let s = &result.summary;
+    println!(
+        "balanced {} images from {} shard(s) at threshold {}: {} sets, kept {}, removed {} ({:.2}%), largest set {}",
+        s.n,
+        emb.shards.len(),
+        s.threshold,
+        s.sets,
+        s.kept,
+        s.removed,
+        s.removed_pct,
+        s.largest_set
+    );
+    println!(
+        "time: distance {:.2} s, union-find {:.2} s, representatives {:.2} s; wrote {}",
+        s.seconds_distance,
+        s.seconds_union_find,
+        s.seconds_representatives,
+        args.out.display()
+    );
+    if !s.sweep.is_empty() {
+        println!("| threshold | kept | removed % |");
+        println!("|---:|---:|---:|");
+        for row in &s.sweep {
+            println!(
+                "| {} | {} | {:.2} |",
+                row.threshold, row.kept, row.removed_pct
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Parses `cpu` or `cuda:N`.
 pub fn parse_device(s: &str) -> Result<Device> {
     match s {
@@ -140,6 +211,7 @@ fn run(cli: Cli) -> Result<()> {
             let summary = embed(&args, &device)?;
             print_embed_summary(&summary, &args.out);
         }
+        Command::Balance(args) => balance(&args, &device)?,
         Command::InitModel { preset, seed, out } => {
             let cfg = ClipConfig::preset(&preset)?;
             ClipModel::random(&cfg, seed, &Device::Cpu)?.save(&out, DType::F32)?;

@@ -1,0 +1,114 @@
+//! Reading embedding shards for balancing, writing the keep file.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use clipcid_embed::EmbeddingShard;
+
+use crate::{BalanceResult, DedupError};
+
+/// Image embeddings gathered from shards, in shard order.
+#[derive(Debug, Clone)]
+pub struct Embeddings {
+    /// `[n, D]` f32 image embeddings.
+    pub image: Tensor,
+    /// Dataset position of each row.
+    pub ids: Vec<i64>,
+    /// Shards read, in order.
+    pub shards: Vec<PathBuf>,
+}
+
+/// Reads the `image` tensors of embedding shards (a folder of `embeddings-*.safetensors`,
+/// or single files), checking that every shard has the same width and no NaN/inf values.
+pub fn load_embeddings(inputs: &[PathBuf], device: &Device) -> Result<Embeddings, DedupError> {
+    let mut shards = Vec::new();
+    for p in inputs {
+        if p.is_dir() {
+            shards.extend(clipcid_embed::list_shards(p)?);
+        } else {
+            shards.push(p.clone());
+        }
+    }
+    if shards.is_empty() {
+        return Err(DedupError::Config("no embedding shards given".into()));
+    }
+    let mut parts = Vec::new();
+    let mut ids = Vec::new();
+    let mut width: Option<(usize, &Path)> = None;
+    for path in &shards {
+        let shard = EmbeddingShard::read(path)?;
+        if shard.is_empty() {
+            continue;
+        }
+        let d = shard.dim();
+        match width {
+            Some((w, first)) if w != d => {
+                return Err(DedupError::Config(format!(
+                    "{}: embeddings are {d} wide but {} has {w}",
+                    path.display(),
+                    first.display()
+                )))
+            }
+            None => width = Some((d, path)),
+            _ => {}
+        }
+        let values: Vec<f32> = shard.image.flatten_all()?.to_vec1()?;
+        if let Some(pos) = values.iter().position(|v| !v.is_finite()) {
+            return Err(DedupError::Config(format!(
+                "{}: non-finite value {} in row {} (sample `{}`)",
+                path.display(),
+                values[pos],
+                pos / d,
+                shard.keys[pos / d]
+            )));
+        }
+        ids.extend(shard.ids);
+        parts.push(shard.image);
+    }
+    if parts.is_empty() {
+        return Err(DedupError::Config(
+            "the embedding shards hold no rows".into(),
+        ));
+    }
+    let image = Tensor::cat(&parts, 0)?.to_device(device)?;
+    Ok(Embeddings { image, ids, shards })
+}
+
+/// Writes the balance result as safetensors (atomically): `keep` u8 `[n]`, `set_id` u32
+/// `[n]`, `representatives` u32 `[sets]`, `ids` i64 `[n]`; metadata `summary` (JSON). The
+/// summary is also written beside it as `<name>.json`.
+pub fn write_keep_file(path: &Path, result: &BalanceResult, ids: &[i64]) -> Result<(), DedupError> {
+    let cpu = Device::Cpu;
+    let n = result.keep.len();
+    let keep: Vec<u8> = result.keep.iter().map(|&k| k as u8).collect();
+    let tensors = vec![
+        ("keep".to_string(), Tensor::from_vec(keep, n, &cpu)?),
+        (
+            "set_id".to_string(),
+            Tensor::from_vec(result.set_id.clone(), n, &cpu)?,
+        ),
+        (
+            "representatives".to_string(),
+            Tensor::from_vec(
+                result.representatives.clone(),
+                result.representatives.len(),
+                &cpu,
+            )?,
+        ),
+        (
+            "ids".to_string(),
+            Tensor::from_vec(ids.to_vec(), ids.len(), &cpu)?,
+        ),
+    ];
+    let summary = serde_json::to_string_pretty(&result.summary)
+        .map_err(|e| DedupError::Config(e.to_string()))?;
+    let meta: HashMap<String, String> = [
+        ("clipcid.kind".to_string(), "balance".to_string()),
+        ("summary".to_string(), summary.clone()),
+    ]
+    .into();
+    clipcid_models::io::write_safetensors(path, tensors, &meta)?;
+    clipcid_models::io::write_atomic(&path.with_extension("json"), summary.as_bytes())?;
+    Ok(())
+}

@@ -1,0 +1,282 @@
+//! Image semantic balance (CLIP-CID): remove near-duplicate images before clustering.
+//!
+//! Teacher image embeddings are L2-normalised; every pair closer than a Euclidean threshold
+//! (0.07 in the paper, which removed 43.7% of LAION-400M) is found blockwise on a candle
+//! device without ever forming the `N x N` matrix; pairs are merged with union-find; each set
+//! keeps the member nearest its centroid (ties: lowest id) and drops the rest. One pass, no
+//! iterations. A threshold sweep reports the removed fraction for several thresholds from the
+//! same pass.
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use candle_core::{Device, Tensor};
+//! use clipcid_dedup::{balance, BalanceOptions};
+//! // Rows 0 and 2 are near-duplicates; row 1 is far from both.
+//! let x = Tensor::new(&[[1.0f32, 0.0], [0.0, 1.0], [0.999, 0.02]], &Device::Cpu)?;
+//! let r = balance(&x, &BalanceOptions { threshold: 0.1, ..Default::default() })?;
+//! assert_eq!(r.keep, vec![true, true, false]); // 0 and 2 tie on distance; lowest id wins
+//! assert_eq!(r.summary.removed, 1);
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+mod io;
+mod pairs;
+mod union_find;
+
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+pub use io::{load_embeddings, write_keep_file, Embeddings};
+pub use pairs::{near_pairs, NearPairs};
+pub use union_find::UnionFind;
+
+/// Errors of the balance stage.
+#[derive(Debug, thiserror::Error)]
+pub enum DedupError {
+    /// Bad options or input.
+    #[error("{0}")]
+    Config(String),
+    /// Reading embedding shards failed.
+    #[error(transparent)]
+    Embed(#[from] clipcid_embed::EmbedError),
+    /// Writing the output failed.
+    #[error(transparent)]
+    Model(#[from] clipcid_models::ModelError),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Options of [`balance`].
+#[derive(Debug, Clone)]
+pub struct BalanceOptions {
+    /// Euclidean distance under which two normalised embeddings are duplicates (paper: 0.07).
+    pub threshold: f32,
+    /// Rows per tile of the distance computation; memory is `O(block^2)`.
+    pub block_size: usize,
+    /// Tile matmuls in f16 (for GPUs).
+    pub f16: bool,
+    /// Extra thresholds to report the removed fraction for, from the same pass.
+    pub sweep: Vec<f32>,
+    /// Show a progress bar over tiles.
+    pub progress: bool,
+}
+
+impl Default for BalanceOptions {
+    fn default() -> Self {
+        Self {
+            threshold: 0.07,
+            block_size: 4096,
+            f16: false,
+            sweep: vec![],
+            progress: false,
+        }
+    }
+}
+
+/// One row of a threshold sweep.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SweepRow {
+    /// Threshold.
+    pub threshold: f32,
+    /// Images kept (= number of sets).
+    pub kept: usize,
+    /// Percentage removed.
+    pub removed_pct: f64,
+}
+
+/// What a [`balance`] run found.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BalanceSummary {
+    /// Images in.
+    pub n: usize,
+    /// Threshold used.
+    pub threshold: f32,
+    /// Number of sets (singletons included) = images kept.
+    pub sets: usize,
+    /// Images kept.
+    pub kept: usize,
+    /// Images removed.
+    pub removed: usize,
+    /// Percentage removed.
+    pub removed_pct: f64,
+    /// Size of the largest set.
+    pub largest_set: usize,
+    /// Near pairs found.
+    pub pairs: usize,
+    /// Seconds in the blockwise distance search.
+    pub seconds_distance: f64,
+    /// Seconds in union-find.
+    pub seconds_union_find: f64,
+    /// Seconds choosing representatives.
+    pub seconds_representatives: f64,
+    /// Removed fraction at other thresholds (empty unless asked).
+    pub sweep: Vec<SweepRow>,
+}
+
+/// Result of [`balance`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct BalanceResult {
+    /// Per image: kept?
+    pub keep: Vec<bool>,
+    /// Per image: its set, numbered `0..sets` in order of each set's smallest member.
+    pub set_id: Vec<u32>,
+    /// Per set: the kept image.
+    pub representatives: Vec<u32>,
+    /// Counts and timings.
+    pub summary: BalanceSummary,
+}
+
+/// Runs image semantic balance over the rows of `x` (`[n, D]`, normalised here).
+pub fn balance(x: &Tensor, opts: &BalanceOptions) -> Result<BalanceResult, DedupError> {
+    let (n, _) = x.dims2()?;
+    if n == 0 {
+        return Err(DedupError::Config("no embeddings to balance".into()));
+    }
+    if !(opts.threshold > 0.0) || opts.sweep.iter().any(|t| !(*t > 0.0)) {
+        return Err(DedupError::Config("thresholds must be positive".into()));
+    }
+    let x = clipcid_models::l2_normalize(&x.to_dtype(DType::F32)?)?;
+    let search = opts.sweep.iter().copied().fold(opts.threshold, f32::max);
+    let t0 = Instant::now();
+    let tiles = n.div_ceil(opts.block_size.max(1));
+    let bar = if opts.progress {
+        let b = indicatif::ProgressBar::new((tiles * (tiles + 1) / 2) as u64);
+        if let Ok(s) = indicatif::ProgressStyle::with_template(
+            "{spinner} balance [{elapsed_precise}] {wide_bar} {pos}/{len} tiles ({per_sec}, eta {eta})",
+        ) {
+            b.set_style(s);
+        }
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let pairs = near_pairs(&x, search, opts.block_size, opts.f16, || bar.inc(1))?;
+    bar.finish_and_clear();
+    let seconds_distance = t0.elapsed().as_secs_f64();
+
+    let t1 = Instant::now();
+    let t2 = opts.threshold * opts.threshold;
+    let mut uf = UnionFind::new(n);
+    for k in 0..pairs.len() {
+        if pairs.dist2[k] < t2 {
+            uf.union(pairs.i[k], pairs.j[k]);
+        }
+    }
+    let labels = uf.canonical_labels();
+    let sweep = sweep_rows(n, &pairs, &opts.sweep);
+    let seconds_union_find = t1.elapsed().as_secs_f64();
+
+    let t2_start = Instant::now();
+    let (set_id, members) = dense_sets(&labels);
+    let d = x.dim(1)?;
+    let host: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let representatives: Vec<u32> = members
+        .par_iter()
+        .map(|m| representative(&host, d, m))
+        .collect();
+    let mut keep = vec![false; n];
+    for &r in &representatives {
+        keep[r as usize] = true;
+    }
+    let seconds_representatives = t2_start.elapsed().as_secs_f64();
+    let sets = representatives.len();
+    let summary = BalanceSummary {
+        n,
+        threshold: opts.threshold,
+        sets,
+        kept: sets,
+        removed: n - sets,
+        removed_pct: 100.0 * (n - sets) as f64 / n as f64,
+        largest_set: members.iter().map(Vec::len).max().unwrap_or(0),
+        pairs: pairs.dist2.iter().filter(|&&d| d < t2).count(),
+        seconds_distance,
+        seconds_union_find,
+        seconds_representatives,
+        sweep,
+    };
+    Ok(BalanceResult {
+        keep,
+        set_id,
+        representatives,
+        summary,
+    })
+}
+
+/// Dense set ids in order of smallest member, and the members of each set (ascending).
+fn dense_sets(labels: &[u32]) -> (Vec<u32>, Vec<Vec<u32>>) {
+    let mut dense = vec![u32::MAX; labels.len()];
+    let mut members: Vec<Vec<u32>> = Vec::new();
+    let mut set_id = Vec::with_capacity(labels.len());
+    for (i, &l) in labels.iter().enumerate() {
+        // A canonical label is its set's smallest member, so it is seen first at i == l.
+        if dense[l as usize] == u32::MAX {
+            dense[l as usize] = members.len() as u32;
+            members.push(Vec::new());
+        }
+        let s = dense[l as usize];
+        members[s as usize].push(i as u32);
+        set_id.push(s);
+    }
+    (set_id, members)
+}
+
+/// The member nearest the mean of the members (f64), lowest id on ties. `x` is row-major
+/// `[n, d]`.
+fn representative(x: &[f32], d: usize, members: &[u32]) -> u32 {
+    if members.len() == 1 {
+        return members[0];
+    }
+    let row = |id: u32| &x[id as usize * d..(id as usize + 1) * d];
+    let mut centroid = vec![0f64; d];
+    for &id in members {
+        for (c, v) in centroid.iter_mut().zip(row(id)) {
+            *c += *v as f64;
+        }
+    }
+    centroid.iter_mut().for_each(|c| *c /= members.len() as f64);
+    let mut best = (f64::INFINITY, members[0]);
+    for &id in members {
+        let dist: f64 = row(id)
+            .iter()
+            .zip(&centroid)
+            .map(|(v, c)| (*v as f64 - c).powi(2))
+            .sum();
+        if dist < best.0 {
+            best = (dist, id);
+        }
+    }
+    best.1
+}
+
+/// Kept counts for several thresholds in one incremental union-find over sorted pairs.
+fn sweep_rows(n: usize, pairs: &NearPairs, thresholds: &[f32]) -> Vec<SweepRow> {
+    if thresholds.is_empty() {
+        return vec![];
+    }
+    let mut order: Vec<usize> = (0..pairs.len()).collect();
+    order.sort_by(|&a, &b| pairs.dist2[a].total_cmp(&pairs.dist2[b]));
+    let mut ts: Vec<f32> = thresholds.to_vec();
+    ts.sort_by(f32::total_cmp);
+    ts.dedup();
+    let mut uf = UnionFind::new(n);
+    let mut k = 0;
+    ts.iter()
+        .map(|&t| {
+            while k < order.len() && pairs.dist2[order[k]] < t * t {
+                uf.union(pairs.i[order[k]], pairs.j[order[k]]);
+                k += 1;
+            }
+            let kept = uf.num_sets();
+            SweepRow {
+                threshold: t,
+                kept,
+                removed_pct: 100.0 * (n - kept) as f64 / n as f64,
+            }
+        })
+        .collect()
+}

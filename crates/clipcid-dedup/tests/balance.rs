@@ -1,0 +1,344 @@
+//! Balance agrees exactly with a brute-force O(N^2) reference.
+#![allow(clippy::unwrap_used)] // test helpers: a failed setup step should panic
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+use clipcid_dedup::{balance, load_embeddings, write_keep_file, BalanceOptions, UnionFind};
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+
+fn normalise(v: &mut [f32]) {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.iter_mut().for_each(|x| *x /= n);
+}
+
+/// `n` unit vectors in `d` dims: ~70% random "sources", ~30% copies of a random source plus
+/// noise of norm about `noise`, shuffled.
+fn planted(n: usize, d: usize, noise: f32, seed: u64) -> Vec<Vec<f32>> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n_src = (n * 7).div_ceil(10);
+    let mut rows: Vec<Vec<f32>> = (0..n_src)
+        .map(|_| {
+            let mut v: Vec<f32> = (0..d).map(|_| StandardNormal.sample(&mut rng)).collect();
+            normalise(&mut v);
+            v
+        })
+        .collect();
+    for _ in n_src..n {
+        let s = rows[rng.random_range(0..n_src)].clone();
+        let mut v: Vec<f32> = s
+            .iter()
+            .map(|x| {
+                let z: f32 = StandardNormal.sample(&mut rng);
+                x + noise / (d as f32).sqrt() * z
+            })
+            .collect();
+        normalise(&mut v);
+        rows.push(v);
+    }
+    for i in (1..rows.len()).rev() {
+        let j = rng.random_range(0..=i);
+        rows.swap(i, j);
+    }
+    rows
+}
+
+fn tensor(rows: &[Vec<f32>]) -> Tensor {
+    Tensor::new(rows.to_vec(), &Device::Cpu).unwrap()
+}
+
+/// Components of the graph `d(i, j) < thr` (f64 distances), as smallest-member labels.
+fn brute_force_labels(rows: &[Vec<f32>], thr: f64) -> Vec<usize> {
+    let n = rows.len();
+    let mut label: Vec<usize> = (0..n).collect();
+    let mut changed = true;
+    let near = |a: usize, b: usize| {
+        rows[a]
+            .iter()
+            .zip(&rows[b])
+            .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
+            < thr
+    };
+    let adj: Vec<Vec<usize>> = (0..n)
+        .map(|i| (0..n).filter(|&j| j != i && near(i, j)).collect())
+        .collect();
+    while changed {
+        changed = false;
+        for i in 0..n {
+            for &j in &adj[i] {
+                if label[j] < label[i] {
+                    label[i] = label[j];
+                    changed = true;
+                }
+            }
+        }
+    }
+    label
+}
+
+fn smallest_member_labels(set_id: &[u32]) -> Vec<usize> {
+    let mut first: HashMap<u32, usize> = HashMap::new();
+    set_id
+        .iter()
+        .enumerate()
+        .map(|(i, s)| *first.entry(*s).or_insert(i))
+        .collect()
+}
+
+fn reference_representative(rows: &[Vec<f32>], members: &[usize]) -> usize {
+    let d = rows[0].len();
+    let c: Vec<f64> = (0..d)
+        .map(|k| members.iter().map(|&m| rows[m][k] as f64).sum::<f64>() / members.len() as f64)
+        .collect();
+    let dist = |m: usize| {
+        rows[m]
+            .iter()
+            .zip(&c)
+            .map(|(v, c)| (*v as f64 - c).powi(2))
+            .sum::<f64>()
+    };
+    let mut best = members[0];
+    for &m in members {
+        if dist(m) < dist(best) {
+            best = m;
+        }
+    }
+    best
+}
+
+#[test]
+fn partition_and_representatives_equal_brute_force() {
+    for (n, thr, block) in [
+        (50, 0.1, 7),
+        (333, 0.1, 64),
+        (333, 0.3, 333),
+        (700, 0.05, 100),
+        (700, 0.2, 1024),
+        (512, 0.1, 128),
+    ] {
+        let rows = planted(n, 32, 0.04, n as u64);
+        let opts = BalanceOptions {
+            threshold: thr as f32,
+            block_size: block,
+            ..Default::default()
+        };
+        let r = balance(&tensor(&rows), &opts).unwrap();
+        let want = brute_force_labels(&rows, thr);
+        assert_eq!(
+            smallest_member_labels(&r.set_id),
+            want,
+            "n={n} thr={thr} block={block}"
+        );
+        let mut groups: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (i, l) in want.iter().enumerate() {
+            groups.entry(*l).or_default().push(i);
+        }
+        assert_eq!(r.summary.sets, groups.len());
+        assert_eq!(r.keep.iter().filter(|k| **k).count(), groups.len());
+        for members in groups.values() {
+            let rep = reference_representative(&rows, members);
+            assert!(
+                r.keep[rep],
+                "n={n} thr={thr}: representative {rep} of {members:?} not kept"
+            );
+        }
+        if thr >= 0.1 {
+            assert!(
+                r.summary.removed > 0,
+                "planted duplicates must be found (n={n}, thr={thr})"
+            );
+        }
+    }
+}
+
+#[test]
+fn chains_merge_transitively() {
+    // Points on a great circle, 0.06 apart: neighbours are within 0.1, ends are far apart.
+    let rows: Vec<Vec<f32>> = (0..20)
+        .map(|k| {
+            let a = k as f32 * 0.06;
+            vec![a.cos(), a.sin(), 0.0]
+        })
+        .chain(std::iter::once(vec![0.0, 0.0, 1.0]))
+        .collect();
+    let r = balance(
+        &tensor(&rows),
+        &BalanceOptions {
+            threshold: 0.1,
+            block_size: 3,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(r.summary.sets, 2);
+    assert_eq!(r.summary.largest_set, 20);
+    // The centroid of an evenly spaced arc is nearest its middle points (9 and 10 tie; 9 wins).
+    assert!(
+        r.keep[9] && r.keep[20] && r.keep.iter().filter(|k| **k).count() == 2,
+        "{:?}",
+        r.keep
+    );
+}
+
+#[test]
+fn sweep_matches_separate_runs_and_thread_count_does_not_matter() {
+    let rows = planted(400, 16, 0.08, 9);
+    let x = tensor(&rows);
+    let sweep = vec![0.05f32, 0.08, 0.12, 0.3];
+    let r = balance(
+        &x,
+        &BalanceOptions {
+            threshold: 0.08,
+            block_size: 50,
+            sweep: sweep.clone(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for row in &r.summary.sweep {
+        let alone = balance(
+            &x,
+            &BalanceOptions {
+                threshold: row.threshold,
+                block_size: 64,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(row.kept, alone.summary.kept, "threshold {}", row.threshold);
+    }
+    assert!(r
+        .summary
+        .sweep
+        .windows(2)
+        .all(|w| w[0].removed_pct <= w[1].removed_pct));
+    let in_pool = |threads| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| {
+                balance(
+                    &x,
+                    &BalanceOptions {
+                        threshold: 0.08,
+                        block_size: 50,
+                        ..Default::default()
+                    },
+                )
+                .unwrap()
+            })
+    };
+    let (a, b) = (in_pool(1), in_pool(4));
+    assert_eq!(
+        (a.keep, a.set_id, a.representatives),
+        (b.keep, b.set_id, b.representatives)
+    );
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = |name: &str, rows: usize, d: usize, poison: bool| {
+        let mut v = vec![0.5f32; rows * d];
+        if poison {
+            v[d + 1] = f32::NAN;
+        }
+        let t: HashMap<String, Tensor> = [(
+            "image".to_string(),
+            Tensor::from_vec(v, (rows, d), &Device::Cpu).unwrap(),
+        )]
+        .into();
+        let p = dir.path().join(name);
+        clipcid_models::io::write_safetensors(&p, t, &HashMap::new()).unwrap();
+        p
+    };
+    let a = shard("a.safetensors", 3, 8, false);
+    let b = shard("b.safetensors", 3, 4, false);
+    let msg = load_embeddings(&[a.clone(), b], &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("b.safetensors") && msg.contains("4 wide") && msg.contains("has 8"),
+        "{msg}"
+    );
+    let nan = shard("nan.safetensors", 3, 8, true);
+    let msg = load_embeddings(&[nan], &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("nan.safetensors") && msg.contains("NaN") && msg.contains("row 1"),
+        "{msg}"
+    );
+    let empty = shard("empty.safetensors", 0, 8, false);
+    let msg = load_embeddings(&[empty], &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("no rows"), "{msg}");
+    let msg = load_embeddings(&[dir.path().join("none")], &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("none"), "{msg}");
+
+    let e = load_embeddings(&[a], &Device::Cpu).unwrap();
+    let r = balance(&e.image, &BalanceOptions::default()).unwrap();
+    assert_eq!(r.summary.kept, 1, "three identical rows are one set");
+    let out = dir.path().join("keep.safetensors");
+    write_keep_file(&out, &r, &e.ids).unwrap();
+    let back = clipcid_models::io::load_tensors(&out).unwrap();
+    assert_eq!(back["keep"].to_vec1::<u8>().unwrap(), vec![1, 0, 0]);
+    assert!(out.with_extension("json").is_file());
+    let err = balance(
+        &e.image,
+        &BalanceOptions {
+            threshold: -1.0,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("positive"));
+}
+
+fn naive_components(n: usize, edges: &[(u32, u32)]) -> Vec<u32> {
+    let mut label: Vec<u32> = (0..n as u32).collect();
+    loop {
+        let mut changed = false;
+        for &(a, b) in edges {
+            let m = label[a as usize].min(label[b as usize]);
+            for x in [a, b] {
+                if label[x as usize] != m {
+                    label[x as usize] = m;
+                    changed = true;
+                }
+            }
+        }
+        if !changed {
+            return label;
+        }
+    }
+}
+
+proptest! {
+    #[test]
+    fn union_find_matches_naive_components(n in 1usize..60, raw in prop::collection::vec((0u32..60, 0u32..60), 0..120)) {
+        let edges: Vec<(u32, u32)> = raw.into_iter().map(|(a, b)| (a % n as u32, b % n as u32)).collect();
+        let mut uf = UnionFind::new(n);
+        for &(a, b) in &edges {
+            uf.union(a, b);
+        }
+        let want = naive_components(n, &edges);
+        prop_assert_eq!(uf.canonical_labels(), want.clone());
+        let distinct: std::collections::BTreeSet<u32> = want.into_iter().collect();
+        prop_assert_eq!(uf.num_sets(), distinct.len());
+        // Reversed union order: same partition.
+        let mut rev = UnionFind::new(n);
+        for &(a, b) in edges.iter().rev() {
+            rev.union(b, a);
+        }
+        prop_assert_eq!(rev.canonical_labels(), uf.canonical_labels());
+    }
+}
