@@ -137,8 +137,9 @@ pub fn balance(x: &Tensor, opts: &BalanceOptions) -> Result<BalanceResult, Dedup
     if n == 0 {
         return Err(DedupError::Config("no embeddings to balance".into()));
     }
-    if !(opts.threshold > 0.0) || opts.sweep.iter().any(|t| !(*t > 0.0)) {
-        return Err(DedupError::Config("thresholds must be positive".into()));
+    let valid = |t: f32| t.is_finite() && t > 0.0;
+    if !valid(opts.threshold) || !opts.sweep.iter().all(|&t| valid(t)) {
+        return Err(DedupError::Config("thresholds must be positive and finite".into()));
     }
     let x = clipcid_models::l2_normalize(&x.to_dtype(DType::F32)?)?;
     let search = opts.sweep.iter().copied().fold(opts.threshold, f32::max);

@@ -109,3 +109,46 @@ fn embed_from_the_command_line_with_resume_and_clear_errors() {
     let (ok, out) = clipcid(&["--device", "tpu", "init-model", "--out", s(&model)]);
     assert!(!ok && out.contains("unknown device `tpu`"), "{out}");
 }
+
+#[test]
+fn balance_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Rows 0 and 2 are near-duplicates (distance 0.02), row 1 is far away.
+    let rows = [[1.0f32, 0.0, 0.0], [0.0, 1.0, 0.0], [0.9998, 0.02, 0.0]];
+    let t = candle_core::Tensor::new(&rows, &candle_core::Device::Cpu).unwrap();
+    let emb = d.join("emb.safetensors");
+    clipcid_models::io::write_safetensors(&emb, [("image".to_string(), t)], &Default::default())
+        .unwrap();
+    let out = d.join("keep.safetensors");
+    let (ok, text) = clipcid(&[
+        "balance",
+        "--embeddings",
+        s(&emb),
+        "--out",
+        s(&out),
+        "--sweep",
+        "0.01,0.5",
+        "--quiet",
+    ]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("2 sets, kept 2, removed 1 (33.33%), largest set 2"),
+        "{text}"
+    );
+    assert!(text.contains("| 0.01 | 3 | 0.00 |"), "{text}");
+    let keep = clipcid_models::io::load_tensors(&out).unwrap();
+    assert_eq!(keep["keep"].to_vec1::<u8>().unwrap(), vec![1, 1, 0]);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("keep.json")).unwrap()).unwrap();
+    assert_eq!(summary["removed"], 1);
+
+    let (ok, text) = clipcid(&[
+        "balance",
+        "--embeddings",
+        s(&d.join("nothing")),
+        "--out",
+        s(&out),
+    ]);
+    assert!(!ok && text.contains("nothing"), "{text}");
+}
