@@ -20,7 +20,9 @@ pub struct Embeddings {
 }
 
 /// Reads the `image` tensors of embedding shards (a folder of `embeddings-*.safetensors`,
-/// or single files), checking that every shard has the same width and no NaN/inf values.
+/// or single files), checking that every shard has the same width and no NaN/inf values, and
+/// L2-normalises the rows. The rows are gathered into one buffer as each shard is read, so
+/// peak memory is the matrix plus one shard.
 pub fn load_embeddings(inputs: &[PathBuf], device: &Device) -> Result<Embeddings, DedupError> {
     let mut shards = Vec::new();
     for p in inputs {
@@ -33,7 +35,7 @@ pub fn load_embeddings(inputs: &[PathBuf], device: &Device) -> Result<Embeddings
     if shards.is_empty() {
         return Err(DedupError::Config("no embedding shards given".into()));
     }
-    let mut parts = Vec::new();
+    let mut data: Vec<f32> = Vec::new();
     let mut ids = Vec::new();
     let mut width: Option<(usize, &Path)> = None;
     for path in &shards {
@@ -64,14 +66,18 @@ pub fn load_embeddings(inputs: &[PathBuf], device: &Device) -> Result<Embeddings
             )));
         }
         ids.extend(shard.ids);
-        parts.push(shard.image);
+        data.extend(values.chunks_exact(d).flat_map(|row| {
+            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+            row.iter().map(move |v| v / norm)
+        }));
     }
-    if parts.is_empty() {
+    let Some((d, _)) = width else {
         return Err(DedupError::Config(
             "the embedding shards hold no rows".into(),
         ));
-    }
-    let image = Tensor::cat(&parts, 0)?.to_device(device)?;
+    };
+    let n = data.len() / d;
+    let image = Tensor::from_vec(data, (n, d), &Device::Cpu)?.to_device(device)?;
     Ok(Embeddings { image, ids, shards })
 }
 

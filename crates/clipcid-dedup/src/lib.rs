@@ -139,16 +139,18 @@ pub fn balance(x: &Tensor, opts: &BalanceOptions) -> Result<BalanceResult, Dedup
     }
     let valid = |t: f32| t.is_finite() && t > 0.0;
     if !valid(opts.threshold) || !opts.sweep.iter().all(|&t| valid(t)) {
-        return Err(DedupError::Config("thresholds must be positive and finite".into()));
+        return Err(DedupError::Config(
+            "thresholds must be positive and finite".into(),
+        ));
     }
-    let x = clipcid_models::l2_normalize(&x.to_dtype(DType::F32)?)?;
+    let x = normalized(&x.to_dtype(DType::F32)?)?;
     let search = opts.sweep.iter().copied().fold(opts.threshold, f32::max);
     let t0 = Instant::now();
     let tiles = n.div_ceil(opts.block_size.max(1));
     let bar = if opts.progress {
         let b = indicatif::ProgressBar::new((tiles * (tiles + 1) / 2) as u64);
         if let Ok(s) = indicatif::ProgressStyle::with_template(
-            "{spinner} balance [{elapsed_precise}] {wide_bar} {pos}/{len} tiles ({per_sec}, eta {eta})",
+            "{spinner} balance [{elapsed_precise}] {wide_bar} {pos}/{len} block pairs ({per_sec}, eta {eta})",
         ) {
             b.set_style(s);
         }
@@ -174,12 +176,7 @@ pub fn balance(x: &Tensor, opts: &BalanceOptions) -> Result<BalanceResult, Dedup
 
     let t2_start = Instant::now();
     let (set_id, members) = dense_sets(&labels);
-    let d = x.dim(1)?;
-    let host: Vec<f32> = x.flatten_all()?.to_vec1()?;
-    let representatives: Vec<u32> = members
-        .par_iter()
-        .map(|m| representative(&host, d, m))
-        .collect();
+    let representatives = representatives(&x, &members, 1 << 16)?;
     let mut keep = vec![false; n];
     for &r in &representatives {
         keep[r as usize] = true;
@@ -226,23 +223,81 @@ fn dense_sets(labels: &[u32]) -> (Vec<u32>, Vec<Vec<u32>>) {
     (set_id, members)
 }
 
-/// The member nearest the mean of the members (f64), lowest id on ties. `x` is row-major
-/// `[n, d]`.
-fn representative(x: &[f32], d: usize, members: &[u32]) -> u32 {
-    if members.len() == 1 {
-        return members[0];
+/// `x` with unit rows: returned as is (no copy) when it already has them, as embeddings from
+/// shards do; normalised otherwise.
+fn normalized(x: &Tensor) -> Result<Tensor, candle_core::Error> {
+    let norms: Vec<f32> = x.sqr()?.sum(1)?.to_vec1()?;
+    if norms.iter().all(|n| (n - 1.0).abs() < 1e-5) {
+        Ok(x.clone())
+    } else {
+        clipcid_models::l2_normalize(x)
     }
-    let row = |id: u32| &x[id as usize * d..(id as usize + 1) * d];
+}
+
+/// The representative of every set. Rows of multi-member sets are gathered from `x` a chunk
+/// of sets (about `chunk_rows` rows) at a time, so no host copy of the whole matrix is made.
+fn representatives(
+    x: &Tensor,
+    members: &[Vec<u32>],
+    chunk_rows: usize,
+) -> Result<Vec<u32>, candle_core::Error> {
+    let d = x.dim(1)?;
+    let mut reps: Vec<u32> = members.iter().map(|m| m[0]).collect();
+    let multi: Vec<usize> = (0..members.len())
+        .filter(|&s| members[s].len() > 1)
+        .collect();
+    let mut start = 0;
+    while start < multi.len() {
+        let mut end = start;
+        let mut rows = 0;
+        while end < multi.len() && (end == start || rows + members[multi[end]].len() <= chunk_rows)
+        {
+            rows += members[multi[end]].len();
+            end += 1;
+        }
+        let sets = &multi[start..end];
+        let idx: Vec<u32> = sets
+            .iter()
+            .flat_map(|&s| members[s].iter().copied())
+            .collect();
+        let host: Vec<f32> = x
+            .index_select(&Tensor::new(idx, x.device())?, 0)?
+            .flatten_all()?
+            .to_vec1()?;
+        let mut offsets = Vec::with_capacity(sets.len());
+        let mut off = 0;
+        for &s in sets {
+            offsets.push(off);
+            off += members[s].len();
+        }
+        let chosen: Vec<u32> = sets
+            .par_iter()
+            .zip(&offsets)
+            .map(|(&s, &o)| {
+                representative(&host[o * d..(o + members[s].len()) * d], d, &members[s])
+            })
+            .collect();
+        for (&s, r) in sets.iter().zip(chosen) {
+            reps[s] = r;
+        }
+        start = end;
+    }
+    Ok(reps)
+}
+
+/// The member nearest the mean of the members (f64), lowest id on ties. `rows` holds the
+/// members' rows in the order of `members` (ascending ids), row-major `[members.len(), d]`.
+fn representative(rows: &[f32], d: usize, members: &[u32]) -> u32 {
     let mut centroid = vec![0f64; d];
-    for &id in members {
-        for (c, v) in centroid.iter_mut().zip(row(id)) {
+    for row in rows.chunks_exact(d) {
+        for (c, v) in centroid.iter_mut().zip(row) {
             *c += *v as f64;
         }
     }
     centroid.iter_mut().for_each(|c| *c /= members.len() as f64);
     let mut best = (f64::INFINITY, members[0]);
-    for &id in members {
-        let dist: f64 = row(id)
+    for (row, &id) in rows.chunks_exact(d).zip(members) {
+        let dist: f64 = row
             .iter()
             .zip(&centroid)
             .map(|(v, c)| (*v as f64 - c).powi(2))
@@ -280,4 +335,44 @@ fn sweep_rows(n: usize, pairs: &NearPairs, thresholds: &[f32]) -> Vec<SweepRow> 
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_representatives_equal_one_chunk() {
+        // 12 rows on a circle, grouped into sets of sizes 1..=4 in a scrambled order.
+        let rows: Vec<Vec<f32>> = (0..12)
+            .map(|k| vec![(k as f32 * 0.7).cos(), (k as f32 * 0.7).sin()])
+            .collect();
+        let x = Tensor::new(rows, &candle_core::Device::Cpu).unwrap();
+        let members = vec![
+            vec![0, 5, 7],
+            vec![1],
+            vec![2, 3, 9, 11],
+            vec![4, 6],
+            vec![8, 10],
+        ];
+        let whole = representatives(&x, &members, usize::MAX).unwrap();
+        for chunk in [1, 2, 3, 5] {
+            assert_eq!(
+                representatives(&x, &members, chunk).unwrap(),
+                whole,
+                "chunk {chunk}"
+            );
+        }
+        assert_eq!(whole[1], 1);
+        // Set {0, 5, 7}: angles 0, 3.5, 4.9 rad; check against a direct computation.
+        let direct = representative(
+            &[0, 5, 7]
+                .iter()
+                .flat_map(|&k| [(k as f32 * 0.7).cos(), (k as f32 * 0.7).sin()])
+                .collect::<Vec<_>>(),
+            2,
+            &[0, 5, 7],
+        );
+        assert_eq!(whole[0], direct);
+    }
 }

@@ -56,28 +56,26 @@ pub fn near_pairs(
         for j0 in (i0..n).step_by(block) {
             let bj = block.min(n - j0);
             let b = xm.narrow(0, j0, bj)?;
-            let s: Vec<f32> = a
-                .matmul(&b.t()?)?
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1()?;
+            let tile = a.matmul(&b.t()?)?.to_dtype(DType::F32)?;
             let (na, nb) = (&norms[i0..i0 + bi], &norms[j0..j0 + bj]);
             let diagonal = i0 == j0;
-            let rows: Vec<Vec<(u32, u32, f32)>> = (0..bi)
-                .into_par_iter()
-                .map(|r| {
-                    let row = &s[r * bj..(r + 1) * bj];
-                    let start = if diagonal { r + 1 } else { 0 };
-                    let mut hits = Vec::new();
-                    for c in start..bj {
-                        let d2 = na[r] + nb[c] - 2.0 * row[c];
-                        if d2 < t2 {
-                            hits.push(((i0 + r) as u32, (j0 + c) as u32, d2.max(0.0)));
+            let rows: Vec<Vec<(u32, u32, f32)>> = with_host_slice(&tile, |s| {
+                (0..bi)
+                    .into_par_iter()
+                    .map(|r| {
+                        let row = &s[r * bj..(r + 1) * bj];
+                        let start = if diagonal { r + 1 } else { 0 };
+                        let mut hits = Vec::new();
+                        for c in start..bj {
+                            let d2 = na[r] + nb[c] - 2.0 * row[c];
+                            if d2 < t2 {
+                                hits.push(((i0 + r) as u32, (j0 + c) as u32, d2.max(0.0)));
+                            }
                         }
-                    }
-                    hits
-                })
-                .collect();
+                        hits
+                    })
+                    .collect()
+            })?;
             for (i, j, d2) in rows.into_iter().flatten() {
                 out.i.push(i);
                 out.j.push(j);
@@ -87,4 +85,20 @@ pub fn near_pairs(
         }
     }
     Ok(out)
+}
+
+/// Runs `f` on the f32 values of a contiguous tensor: in place for CPU tensors (the tile is
+/// 64 MB at block 4096, and copying it out costs as much as scanning it), through a host copy
+/// for other devices.
+fn with_host_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let candle_core::Storage::Cpu(cpu) = &*storage {
+            if let Some((start, end)) = layout.contiguous_offsets() {
+                return Ok(f(&cpu.as_slice::<f32>()?[start..end]));
+            }
+        }
+    }
+    let host: Vec<f32> = t.flatten_all()?.to_vec1()?;
+    Ok(f(&host))
 }

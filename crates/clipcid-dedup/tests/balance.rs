@@ -158,7 +158,7 @@ fn partition_and_representatives_equal_brute_force() {
 #[test]
 fn chains_merge_transitively() {
     // Points on a great circle, 0.06 apart: neighbours are within 0.1, ends are far apart.
-    let rows: Vec<Vec<f32>> = (0..20)
+    let rows: Vec<Vec<f32>> = (0..21)
         .map(|k| {
             let a = k as f32 * 0.06;
             vec![a.cos(), a.sin(), 0.0]
@@ -175,10 +175,10 @@ fn chains_merge_transitively() {
     )
     .unwrap();
     assert_eq!(r.summary.sets, 2);
-    assert_eq!(r.summary.largest_set, 20);
-    // The centroid of an evenly spaced arc is nearest its middle points (9 and 10 tie; 9 wins).
+    assert_eq!(r.summary.largest_set, 21);
+    // The centroid of an evenly spaced arc of 21 points is nearest its middle point, 10.
     assert!(
-        r.keep[9] && r.keep[20] && r.keep.iter().filter(|k| **k).count() == 2,
+        r.keep[10] && r.keep[21] && r.keep.iter().filter(|k| **k).count() == 2,
         "{:?}",
         r.keep
     );
@@ -341,4 +341,49 @@ proptest! {
         }
         prop_assert_eq!(rev.canonical_labels(), uf.canonical_labels());
     }
+}
+
+#[test]
+fn f16_tiles_and_unnormalised_input_give_the_same_partition() {
+    // Well-separated planted data: f16 rounding (~1e-3) cannot move a pair across 0.2.
+    let rows = planted(300, 32, 0.03, 5);
+    let base = balance(
+        &tensor(&rows),
+        &BalanceOptions {
+            threshold: 0.2,
+            block_size: 64,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let half = balance(
+        &tensor(&rows),
+        &BalanceOptions {
+            threshold: 0.2,
+            block_size: 64,
+            f16: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(base.set_id, half.set_id);
+    let scaled: Vec<Vec<f32>> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| r.iter().map(|v| v * (1.0 + i as f32)).collect())
+        .collect();
+    let s = balance(
+        &tensor(&scaled),
+        &BalanceOptions {
+            threshold: 0.2,
+            block_size: 64,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        (base.keep, base.set_id, base.representatives),
+        (s.keep, s.set_id, s.representatives),
+        "rows are normalised before comparing"
+    );
 }
