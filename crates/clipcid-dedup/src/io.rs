@@ -87,6 +87,13 @@ pub fn load_embeddings(inputs: &[PathBuf], device: &Device) -> Result<Embeddings
 pub fn write_keep_file(path: &Path, result: &BalanceResult, ids: &[i64]) -> Result<(), DedupError> {
     let cpu = Device::Cpu;
     let n = result.keep.len();
+    if ids.len() != n {
+        return Err(DedupError::Config(format!(
+            "{}: {} ids for {n} balanced rows",
+            path.display(),
+            ids.len()
+        )));
+    }
     let keep: Vec<u8> = result.keep.iter().map(|&k| k as u8).collect();
     let tensors = vec![
         ("keep".to_string(), Tensor::from_vec(keep, n, &cpu)?),

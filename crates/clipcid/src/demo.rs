@@ -97,7 +97,7 @@ pub fn run(out: &Path, samples: usize, device: &Device) -> Result<()> {
     write_shapes_dataset(&data, samples, 0)?;
 
     let teacher_dir = out.join("teacher");
-    println!("[2/3] writing the teacher -> {}", teacher_dir.display());
+    println!("[2/4] writing the teacher -> {}", teacher_dir.display());
     let cfg = ClipConfig::preset("tiny")?;
     let teacher = ClipModel::random(&cfg, 0, &Device::Cpu)?;
     teacher.save_pretrained(&teacher_dir, DType::F32)?;
@@ -106,7 +106,7 @@ pub fn run(out: &Path, samples: usize, device: &Device) -> Result<()> {
     let teacher = ClipModel::load(&teacher_dir, device)?;
 
     let emb = out.join("embeddings");
-    println!("[3/3] embedding images and captions -> {}", emb.display());
+    println!("[3/4] embedding images and captions -> {}", emb.display());
     let opts = EmbedOptions {
         batch_size: 64,
         shard_size: 256,
@@ -121,6 +121,25 @@ pub fn run(out: &Path, samples: usize, device: &Device) -> Result<()> {
         &emb,
         &opts,
     )?;
+    println!(
+        "[4/4] balancing (near-duplicate removal) -> {}",
+        out.join("keep.safetensors").display()
+    );
+    let emb_all = clipcid_dedup::load_embeddings(std::slice::from_ref(&emb), device)?;
+    let bal = clipcid_dedup::balance(
+        &emb_all.image,
+        &clipcid_dedup::BalanceOptions {
+            sweep: vec![0.03, 0.05, 0.07, 0.1],
+            ..Default::default()
+        },
+    )?;
+    clipcid_dedup::write_keep_file(&out.join("keep.safetensors"), &bal, &emb_all.ids)?;
+    let sweep: Vec<String> = bal
+        .summary
+        .sweep
+        .iter()
+        .map(|r| format!("{}: {:.1}%", r.threshold, r.removed_pct))
+        .collect();
     println!();
     println!("| stage | result |");
     println!("|---|---|");
@@ -133,8 +152,16 @@ pub fn run(out: &Path, samples: usize, device: &Device) -> Result<()> {
         s.images_per_second(),
         s.skipped.len()
     );
+    println!(
+        "| balance | threshold 0.07: kept {} of {}, removed {:.1}% (sweep {}) |",
+        bal.summary.kept,
+        bal.summary.n,
+        bal.summary.removed_pct,
+        sweep.join(", ")
+    );
     println!();
-    println!("Note: this demo checks the plumbing only. balance, cluster, distill and eval join the demo as they land,");
+    println!("Note: this demo checks the plumbing only: a random teacher maps most images close together, so");
+    println!("balance removes far more than it would with a pretrained one. cluster, distill and eval join as they land,");
     println!(
         "and a real pretrained teacher and real images replace the generated ones (see README)."
     );
