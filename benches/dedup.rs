@@ -10,17 +10,9 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use clipcid_dedup::{balance, BalanceOptions};
+use clipcid_suite::bench_arg as arg;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
-
-fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")

@@ -10,16 +10,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use clipcid_models::{ClipConfig, ClipModel};
-use clipcid_suite::median;
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use clipcid_suite::{bench_arg as arg, median};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (batch, reps, warmup) = (arg("--batch", 32), arg("--reps", 5), arg("--warmup", 1));
