@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use crate::DataError;
@@ -494,14 +494,4 @@ fn group_to_sample(group: Vec<TarEntry>) -> Sample {
         caption: caption.or(json_caption),
         label,
     }
-}
-
-/// Reads the lines of a small text file (class names, prompt lists).
-pub fn read_lines(path: &Path) -> Result<Vec<String>, DataError> {
-    let f = File::open(path).map_err(|e| DataError::io(path, e))?;
-    BufReader::new(f)
-        .lines()
-        .map(|l| l.map_err(|e| DataError::io(path, e)))
-        .filter(|l| !matches!(l, Ok(s) if s.trim().is_empty()))
-        .collect()
 }

@@ -31,6 +31,6 @@ mod error;
 mod preprocess;
 
 pub use batch::{decode_batch, Batch, BatchIter, Skipped};
-pub use dataset::{read_lines, Dataset, Sample, SampleStream, Source, IMAGE_EXTENSIONS};
+pub use dataset::{Dataset, Sample, SampleStream, Source, IMAGE_EXTENSIONS};
 pub use error::DataError;
 pub use preprocess::{Preprocess, CLIP_MEAN, CLIP_STD};

@@ -204,7 +204,7 @@ pub fn embed_dataset(
     let preprocess = Preprocess::clip(cfg.vision_config.image_size);
     let expect = shard::Expect {
         dim: cfg.projection_dim,
-        dtype: opts.dtype.name(),
+        dtype: opts.dtype,
         with_text: tokenizer.is_some(),
         shard_size: opts.shard_size as u64,
     };
@@ -329,11 +329,7 @@ impl ShardRows {
         teacher: &str,
     ) -> Result<(), EmbedError> {
         let n = self.keys.len();
-        let dtype = if expect.dtype == "F16" {
-            DType::F16
-        } else {
-            DType::F32
-        };
+        let dtype = expect.dtype.dtype();
         let cpu = candle_core::Device::Cpu;
         let cat = |v: &[Tensor]| -> Result<Tensor, candle_core::Error> {
             if v.is_empty() {

@@ -39,7 +39,7 @@ pub fn list_shards(dir: &Path) -> Result<Vec<PathBuf>, EmbedError> {
 /// What a shard written by this run must look like to be kept on resume.
 pub(crate) struct Expect {
     pub dim: usize,
-    pub dtype: &'static str,
+    pub dtype: crate::EmbedDtype,
     pub with_text: bool,
     pub shard_size: u64,
 }
@@ -68,10 +68,13 @@ pub(crate) fn is_complete(path: &Path, first: u64, expect: &Expect) -> bool {
             ));
         }
         let img = h.tensors.get("image").ok_or("no `image` tensor")?;
-        if img.shape.len() != 2 || img.shape[1] != expect.dim || img.dtype != expect.dtype {
+        if img.shape.len() != 2 || img.shape[1] != expect.dim || img.dtype != expect.dtype.name() {
             return Err(format!(
                 "image is {:?} {}, this run writes [n, {}] {}",
-                img.shape, img.dtype, expect.dim, expect.dtype
+                img.shape,
+                img.dtype,
+                expect.dim,
+                expect.dtype.name()
             ));
         }
         if h.tensors.contains_key("text") != expect.with_text {
