@@ -24,17 +24,7 @@ pub struct Embeddings {
 /// L2-normalises the rows. The rows are gathered into one buffer as each shard is read, so
 /// peak memory is the matrix plus one shard.
 pub fn load_embeddings(inputs: &[PathBuf], device: &Device) -> Result<Embeddings, DedupError> {
-    let mut shards = Vec::new();
-    for p in inputs {
-        if p.is_dir() {
-            shards.extend(clipcid_embed::list_shards(p)?);
-        } else {
-            shards.push(p.clone());
-        }
-    }
-    if shards.is_empty() {
-        return Err(DedupError::Config("no embedding shards given".into()));
-    }
+    let shards = clipcid_embed::expand_shard_inputs(inputs)?;
     let mut data: Vec<f32> = Vec::new();
     let mut ids = Vec::new();
     let mut width: Option<(usize, &Path)> = None;
@@ -124,4 +114,52 @@ pub fn write_keep_file(path: &Path, result: &BalanceResult, ids: &[i64]) -> Resu
     clipcid_models::io::write_safetensors(path, tensors, &meta)?;
     clipcid_models::io::write_atomic(&path.with_extension("json"), summary.as_bytes())?;
     Ok(())
+}
+
+/// A keep file read back: which balanced rows survive, and their dataset ids.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeepList {
+    /// Per balanced row (shard order): kept?
+    pub keep: Vec<bool>,
+    /// Per balanced row: dataset id.
+    pub ids: Vec<i64>,
+}
+
+impl KeepList {
+    /// Reads `keep` and `ids` from a file written by [`write_keep_file`]; a missing tensor or
+    /// mismatched lengths are errors naming the file.
+    pub fn read(path: &Path) -> Result<Self, DedupError> {
+        let bad = |msg: String| DedupError::Config(format!("{}: {msg}", path.display()));
+        let mut t = clipcid_models::io::load_tensors(path)?;
+        let keep = t.remove("keep").ok_or_else(|| {
+            bad("no `keep` tensor (not a keep file from `clipcid balance`?)".into())
+        })?;
+        let keep: Vec<bool> = keep
+            .flatten_all()?
+            .to_dtype(candle_core::DType::U8)?
+            .to_vec1::<u8>()?
+            .into_iter()
+            .map(|b| b != 0)
+            .collect();
+        let ids: Vec<i64> = match t.remove("ids") {
+            Some(x) => x
+                .flatten_all()?
+                .to_dtype(candle_core::DType::I64)?
+                .to_vec1()?,
+            None => return Err(bad("no `ids` tensor".into())),
+        };
+        if ids.len() != keep.len() {
+            return Err(bad(format!(
+                "{} keep flags but {} ids",
+                keep.len(),
+                ids.len()
+            )));
+        }
+        Ok(Self { keep, ids })
+    }
+
+    /// Number of kept rows.
+    pub fn kept(&self) -> usize {
+        self.keep.iter().filter(|&&k| k).count()
+    }
 }

@@ -30,7 +30,7 @@ use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-pub use io::{load_embeddings, write_keep_file, Embeddings};
+pub use io::{load_embeddings, write_keep_file, Embeddings, KeepList};
 pub use pairs::{near_pairs, NearPairs};
 pub use union_find::UnionFind;
 

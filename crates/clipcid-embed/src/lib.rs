@@ -47,7 +47,7 @@ use candle_core::{DType, Tensor};
 use clipcid_data::{decode_batch, DataError, Dataset, Preprocess, Sample, Skipped};
 use clipcid_models::{l2_normalize, ClipModel, ClipTokenizer, ModelError};
 
-pub use shard::{list_shards, shard_path, EmbeddingShard, SHARD_KIND};
+pub use shard::{expand_shard_inputs, list_shards, shard_path, EmbeddingShard, SHARD_KIND};
 
 /// Errors of an embedding run or of reading its shards.
 #[derive(Debug, thiserror::Error)]

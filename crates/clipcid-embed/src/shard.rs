@@ -14,6 +14,23 @@ pub fn shard_path(dir: &Path, index: usize) -> PathBuf {
     dir.join(format!("embeddings-{index:05}.safetensors"))
 }
 
+/// Expands command-line inputs into shard files: a folder becomes its
+/// `embeddings-*.safetensors` in order, a file stays itself. No input at all is an error.
+pub fn expand_shard_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, EmbedError> {
+    let mut shards = Vec::new();
+    for p in inputs {
+        if p.is_dir() {
+            shards.extend(list_shards(p)?);
+        } else {
+            shards.push(p.clone());
+        }
+    }
+    if shards.is_empty() {
+        return Err(EmbedError::Config("no embedding shards given".into()));
+    }
+    Ok(shards)
+}
+
 /// The embedding shards in `dir`, in order.
 pub fn list_shards(dir: &Path) -> Result<Vec<PathBuf>, EmbedError> {
     let rd = std::fs::read_dir(dir)

@@ -91,13 +91,13 @@ pub fn write_shapes_dataset(dir: &Path, n: usize, seed: u64) -> Result<()> {
 pub fn run(out: &Path, samples: usize, device: &Device) -> Result<()> {
     let data = out.join("data");
     println!(
-        "[1/3] generating {samples} captioned shape images -> {}",
+        "[1/5] generating {samples} captioned shape images -> {}",
         data.display()
     );
     write_shapes_dataset(&data, samples, 0)?;
 
     let teacher_dir = out.join("teacher");
-    println!("[2/4] writing the teacher -> {}", teacher_dir.display());
+    println!("[2/5] writing the teacher -> {}", teacher_dir.display());
     let cfg = ClipConfig::preset("tiny")?;
     let teacher = ClipModel::random(&cfg, 0, &Device::Cpu)?;
     teacher.save_pretrained(&teacher_dir, DType::F32)?;
@@ -106,7 +106,7 @@ pub fn run(out: &Path, samples: usize, device: &Device) -> Result<()> {
     let teacher = ClipModel::load(&teacher_dir, device)?;
 
     let emb = out.join("embeddings");
-    println!("[3/4] embedding images and captions -> {}", emb.display());
+    println!("[3/5] embedding images and captions -> {}", emb.display());
     let opts = EmbedOptions {
         batch_size: 64,
         shard_size: 256,
@@ -122,7 +122,7 @@ pub fn run(out: &Path, samples: usize, device: &Device) -> Result<()> {
         &opts,
     )?;
     println!(
-        "[4/4] balancing (near-duplicate removal) -> {}",
+        "[4/5] balancing (near-duplicate removal) -> {}",
         out.join("keep.safetensors").display()
     );
     let emb_all = clipcid_dedup::load_embeddings(std::slice::from_ref(&emb), device)?;
@@ -134,6 +134,31 @@ pub fn run(out: &Path, samples: usize, device: &Device) -> Result<()> {
         },
     )?;
     clipcid_dedup::write_keep_file(&out.join("keep.safetensors"), &bal, &emb_all.ids)?;
+    let clusters = out.join("clusters.safetensors");
+    let k = (bal.summary.kept / 8).clamp(2, 32);
+    println!(
+        "[5/5] k-means (faiss, K = {k}) on all and on the kept embeddings -> {}",
+        clusters.display()
+    );
+    let kmeans = clipcid_cluster::KMeans::new(k).iterations(20).seed(0);
+    let all_rows = clipcid_cluster::ShardRows::open(std::slice::from_ref(&emb), None)?;
+    let before = clipcid_cluster::cluster_shards(&kmeans, &all_rows, false)?;
+    clipcid_cluster::write_clusters(&out.join("clusters-unbalanced.safetensors"), &before)?;
+    let kept_rows = clipcid_cluster::ShardRows::open(
+        std::slice::from_ref(&emb),
+        Some(&out.join("keep.safetensors")),
+    )?;
+    let after = clipcid_cluster::cluster_shards(&kmeans, &kept_rows, false)?;
+    clipcid_cluster::write_clusters(&clusters, &after)?;
+    let png = clusters.with_extension("png");
+    clipcid_cluster::plot_size_histogram(
+        &png,
+        &format!("cluster sizes, K = {k}: before and after balancing"),
+        &[
+            ("after balance", &after.sizes),
+            ("before balance", &before.sizes),
+        ],
+    )?;
     let sweep: Vec<String> = bal
         .summary
         .sweep
@@ -159,9 +184,19 @@ pub fn run(out: &Path, samples: usize, device: &Device) -> Result<()> {
         bal.summary.removed_pct,
         sweep.join(", ")
     );
+    let sz = |f: &clipcid_cluster::ClusterFile| {
+        let s = &f.summary.sizes;
+        format!("min {} / median {} / max {}", s.min, s.median, s.max)
+    };
+    println!(
+        "| cluster | K = {k}: sizes before balance {}, after {} (histogram {}) |",
+        sz(&before),
+        sz(&after),
+        png.display()
+    );
     println!();
     println!("Note: this demo checks the plumbing only: a random teacher maps most images close together, so");
-    println!("balance removes far more than it would with a pretrained one. cluster, distill and eval join as they land,");
+    println!("balance removes far more than it would with a pretrained one. distill and eval join as they land,");
     println!(
         "and a real pretrained teacher and real images replace the generated ones (see README)."
     );

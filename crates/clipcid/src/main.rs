@@ -34,6 +34,8 @@ enum Command {
     Embed(EmbedArgs),
     /// Remove near-duplicate images (image semantic balance): union-find over distance < threshold.
     Balance(BalanceArgs),
+    /// k-means (faiss) over the kept teacher image embeddings: centroids + pseudo-labels.
+    Cluster(ClusterArgs),
     /// Write a CLIP checkpoint with seeded random weights (for tests and smoke runs).
     InitModel {
         /// Model shape: vit-b-32, vit-b-16, piccollage-s12, piccollage-s24 or tiny.
@@ -126,6 +128,103 @@ struct BalanceArgs {
     quiet: bool,
 }
 
+#[derive(clap::Args)]
+struct ClusterArgs {
+    /// Embedding shards: folders of `embeddings-*.safetensors` or single safetensors files.
+    #[arg(long, required = true, num_args = 1..)]
+    embeddings: Vec<PathBuf>,
+    /// Keep file from `clipcid balance`; only kept rows are clustered (default: all rows).
+    #[arg(long)]
+    keep: Option<PathBuf>,
+    /// Output cluster file (`.safetensors`; summary `.json` and size histogram `.png` beside it).
+    #[arg(long)]
+    out: PathBuf,
+    /// Number of clusters (pseudo-classes).
+    #[arg(long)]
+    k: usize,
+    /// Lloyd iterations per run.
+    #[arg(long, default_value_t = 25)]
+    iterations: usize,
+    /// Runs with different seeds; the best objective is kept.
+    #[arg(long, default_value_t = 1)]
+    redo: usize,
+    /// Seed of sampling, initialisation and faiss.
+    #[arg(long, default_value_t = 1234)]
+    seed: u32,
+    /// Train on at most this many points per centroid (a seeded sample beyond that).
+    #[arg(long, default_value_t = 256)]
+    max_points_per_centroid: usize,
+    /// Initial centroids: `random` (faiss's) or `kmeans++`.
+    #[arg(long, default_value = "random")]
+    init: clipcid_cluster::KMeansInit,
+    /// Plain L2 k-means instead of spherical (unit centroids, inner-product assignment).
+    #[arg(long)]
+    l2: bool,
+    /// Another cluster file whose sizes are drawn in the same histogram (e.g. the same K
+    /// before balancing: the paper's Figure 2d).
+    #[arg(long)]
+    compare: Option<PathBuf>,
+    /// Hide the progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn cluster(args: &ClusterArgs, device: &Device) -> Result<()> {
+    let gpu = match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => Some(gpu_id as i32),
+        _ => None,
+    };
+    let kmeans = clipcid_cluster::KMeans::new(args.k)
+        .iterations(args.iterations)
+        .redo(args.redo)
+        .seed(args.seed)
+        .max_points_per_centroid(args.max_points_per_centroid)
+        .init(args.init)
+        .spherical(!args.l2)
+        .gpu(gpu)
+        .verbose(false);
+    let rows = clipcid_cluster::ShardRows::open(&args.embeddings, args.keep.as_deref())?;
+    let file = clipcid_cluster::cluster_shards(&kmeans, &rows, !args.quiet)?;
+    clipcid_cluster::write_clusters(&args.out, &file)?;
+    let png = args.out.with_extension("png");
+    let name = if args.keep.is_some() {
+        "kept rows"
+    } else {
+        "all rows"
+    };
+    let other = match &args.compare {
+        Some(p) => Some(clipcid_cluster::read_clusters(p)?),
+        None => None,
+    };
+    let mut series: Vec<(&str, &[u32])> = vec![(name, &file.sizes)];
+    if let Some(o) = &other {
+        series.push(("compared file", &o.sizes));
+    }
+    clipcid_cluster::plot_size_histogram(&png, &format!("cluster sizes, K = {}", file.k), &series)?;
+    let s = &file.summary;
+    println!(
+        "clustered {} of {} rows into K = {} (dim {}, trained on {}, objective {:.4}, imbalance {:.3})",
+        file.labels.len(),
+        rows.total(),
+        file.k,
+        file.dim,
+        s.trained_on,
+        s.objective,
+        s.imbalance_factor
+    );
+    println!(
+        "sizes: min {}, median {}, max {}, empty {}; time: train {:.2} s, assign {:.2} s",
+        s.sizes.min, s.sizes.median, s.sizes.max, s.sizes.empty, s.seconds_train, s.seconds_assign
+    );
+    println!(
+        "wrote {}, {} and {}",
+        args.out.display(),
+        args.out.with_extension("json").display(),
+        png.display()
+    );
+    Ok(())
+}
+
 fn balance(args: &BalanceArgs, device: &Device) -> Result<()> {
     let emb = clipcid_dedup::load_embeddings(&args.embeddings, device)?;
     let opts = clipcid_dedup::BalanceOptions {
@@ -212,6 +311,7 @@ fn run(cli: Cli) -> Result<()> {
             print_embed_summary(&summary, &args.out);
         }
         Command::Balance(args) => balance(&args, &device)?,
+        Command::Cluster(args) => cluster(&args, &device)?,
         Command::InitModel { preset, seed, out } => {
             let cfg = ClipConfig::preset(&preset)?;
             ClipModel::random(&cfg, seed, &Device::Cpu)?.save(&out, DType::F32)?;

@@ -152,3 +152,109 @@ fn balance_from_the_command_line() {
     ]);
     assert!(!ok && text.contains("nothing"), "{text}");
 }
+
+#[test]
+fn cluster_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Three tight groups of four on the axes of R^3, plus an exact duplicate of row 0.
+    let mut rows: Vec<[f32; 3]> = Vec::new();
+    for i in 0..12 {
+        let mut r = [0.02 * (i % 4) as f32; 3];
+        r[i % 3] = 1.0;
+        rows.push(r);
+    }
+    rows.push(rows[0]);
+    let flat: Vec<f32> = rows.concat();
+    let t = candle_core::Tensor::from_vec(flat, (13, 3), &candle_core::Device::Cpu).unwrap();
+    let emb = d.join("emb.safetensors");
+    clipcid_models::io::write_safetensors(&emb, [("image".to_string(), t)], &Default::default())
+        .unwrap();
+    let keep = d.join("keep.safetensors");
+    let (ok, text) = clipcid(&[
+        "balance",
+        "--embeddings",
+        s(&emb),
+        "--out",
+        s(&keep),
+        "--threshold",
+        "0.001",
+        "--quiet",
+    ]);
+    assert!(ok && text.contains("kept 12, removed 1"), "{text}");
+    let out = d.join("clusters.safetensors");
+    let (ok, text) = clipcid(&[
+        "cluster",
+        "--embeddings",
+        s(&emb),
+        "--keep",
+        s(&keep),
+        "--out",
+        s(&out),
+        "--k",
+        "3",
+        "--init",
+        "kmeans++",
+        "--iterations",
+        "5",
+        "--quiet",
+    ]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("clustered 12 of 13 rows into K = 3"),
+        "{text}"
+    );
+    assert!(text.contains("min 4, median 4, max 4, empty 0"), "{text}");
+    let file = clipcid_cluster::read_clusters(&out).unwrap();
+    // Kept rows are 0..12 (row 12 duplicates row 0 and is dropped); groups are i % 3.
+    assert_eq!(file.ids, (0..12).collect::<Vec<i64>>());
+    for i in 0..12 {
+        assert_eq!(file.labels[i], file.labels[i % 3], "row {i}");
+    }
+    assert!(d.join("clusters.json").exists() && d.join("clusters.png").exists());
+
+    // Unbalanced run compared in the same picture; then clear errors.
+    let before = d.join("before.safetensors");
+    let (ok, text) = clipcid(&[
+        "cluster",
+        "--embeddings",
+        s(&emb),
+        "--out",
+        s(&before),
+        "--k",
+        "3",
+        "--compare",
+        s(&out),
+        "--quiet",
+    ]);
+    assert!(ok && text.contains("clustered 13 of 13 rows"), "{text}");
+    let (ok, text) = clipcid(&[
+        "cluster",
+        "--embeddings",
+        s(&emb),
+        "--out",
+        s(&before),
+        "--k",
+        "14",
+        "--quiet",
+    ]);
+    assert!(
+        !ok && text.contains("K = 14") && text.contains("(13)"),
+        "{text}"
+    );
+    let (ok, text) = clipcid(&[
+        "cluster",
+        "--embeddings",
+        s(&emb),
+        "--out",
+        s(&before),
+        "--k",
+        "2",
+        "--init",
+        "best",
+    ]);
+    assert!(
+        !ok && text.contains("unknown k-means init `best`"),
+        "{text}"
+    );
+}

@@ -1,0 +1,785 @@
+//! Pseudo-classes for CLIP-CID's cluster-level distillation: k-means with
+//! [faiss](https://github.com/facebookresearch/faiss) over L2-normalised teacher image
+//! embeddings, giving a centroid matrix `[K, D]` (normalised; it initialises the student's
+//! classifier) and a pseudo-label per image.
+//!
+//! [`KMeans`] wraps `faiss::Clustering` (spherical by default, as in the paper: centroids are
+//! renormalised after each iteration and points are assigned by inner product). It samples
+//! the training set itself (at most `max_points_per_centroid * K` rows, seeded), so the
+//! caller can stream: [`train_from_shards`] reads only the sampled rows of embedding shards,
+//! and [`assign_shards`] labels every kept row shard by shard against the trained
+//! [`Centroids`]. Optionally the centroids start from a seeded k-means++ draw
+//! ([`KMeansInit::PlusPlus`]; faiss's C API only offers random points, which can leave two
+//! centroids in one well-separated cluster).
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use clipcid_cluster::{adjusted_rand_index, KMeans, KMeansInit};
+//! // Two tight groups on the unit circle.
+//! let x: Vec<f32> = [[1.0, 0.0], [0.995, 0.0998], [0.0, 1.0], [0.0998, 0.995]]
+//!     .concat();
+//! let fit = KMeans::new(2).iterations(5).seed(7).init(KMeansInit::PlusPlus).fit_slice(&x, 2)?;
+//! assert_eq!(fit.centroids.k(), 2);
+//! assert_eq!(adjusted_rand_index(&fit.labels, &[0, 0, 1, 1])?, 1.0);
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+mod io;
+mod plot;
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use faiss::cluster::{Clustering, ClusteringParameters};
+use faiss::index::flat::FlatIndexImpl;
+use faiss::index::NativeIndex;
+use faiss::{FlatIndex, Index};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+pub use io::{
+    assign_shards, cluster_shards, read_clusters, train_from_shards, write_clusters, ClusterFile,
+    ShardRows,
+};
+pub use plot::plot_size_histogram;
+
+/// Errors of the clustering stage.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// Bad options or input.
+    #[error("{0}")]
+    Config(String),
+    /// faiss reported an error.
+    #[error("faiss: {0}")]
+    Faiss(#[from] faiss::error::Error),
+    /// Reading embedding shards failed.
+    #[error(transparent)]
+    Embed(#[from] clipcid_embed::EmbedError),
+    /// Reading the keep file failed.
+    #[error(transparent)]
+    Dedup(#[from] clipcid_dedup::DedupError),
+    /// Reading or writing a safetensors file failed.
+    #[error(transparent)]
+    Model(#[from] clipcid_models::ModelError),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// Drawing the histogram failed.
+    #[error("{path}: cannot draw the histogram: {message}")]
+    Plot {
+        /// The PNG being written.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// How the centroids are initialised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum KMeansInit {
+    /// faiss's own: `K` distinct training points chosen at random (seeded). What
+    /// `faiss.Kmeans` does; cheap at any `K`.
+    #[default]
+    Random,
+    /// k-means++ (seeded), computed here and handed to faiss as the initial centroids.
+    /// Costs `K` passes over the training sample (`O(n K D)`), about one k-means iteration
+    /// per `D`-th of a pass per centroid; meant for small `K` and well-separated data.
+    PlusPlus,
+}
+
+impl std::str::FromStr for KMeansInit {
+    type Err = ClusterError;
+
+    /// `random` or `kmeans++` (also `plus-plus`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "random" => Ok(Self::Random),
+            "kmeans++" | "k-means++" | "plus-plus" => Ok(Self::PlusPlus),
+            _ => Err(ClusterError::Config(format!(
+                "unknown k-means init `{s}`: use `random` or `kmeans++`"
+            ))),
+        }
+    }
+}
+
+/// k-means configuration, built fluently; [`KMeans::fit`] trains and assigns.
+#[derive(Debug, Clone)]
+pub struct KMeans {
+    k: usize,
+    iterations: usize,
+    redo: usize,
+    seed: u32,
+    spherical: bool,
+    max_points_per_centroid: usize,
+    init: KMeansInit,
+    gpu: Option<i32>,
+    verbose: bool,
+}
+
+impl KMeans {
+    /// `k` clusters with faiss's defaults: 25 iterations, 1 run, seed 1234, at most 256
+    /// training points per centroid; spherical (the paper clusters normalised embeddings).
+    pub fn new(k: usize) -> Self {
+        Self {
+            k,
+            iterations: 25,
+            redo: 1,
+            seed: 1234,
+            spherical: true,
+            max_points_per_centroid: 256,
+            init: KMeansInit::Random,
+            gpu: None,
+            verbose: false,
+        }
+    }
+
+    /// Lloyd iterations per run.
+    pub fn iterations(mut self, n: usize) -> Self {
+        self.iterations = n;
+        self
+    }
+
+    /// Runs with different seeds; the one with the best objective is kept.
+    pub fn redo(mut self, n: usize) -> Self {
+        self.redo = n;
+        self
+    }
+
+    /// Seed of the sampling, the initialisation and faiss's own random draws.
+    pub fn seed(mut self, seed: u32) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// Spherical k-means (unit centroids, inner-product assignment) or plain L2.
+    pub fn spherical(mut self, yes: bool) -> Self {
+        self.spherical = yes;
+        self
+    }
+
+    /// Training uses at most `m * K` points, a seeded sample when there are more.
+    pub fn max_points_per_centroid(mut self, m: usize) -> Self {
+        self.max_points_per_centroid = m;
+        self
+    }
+
+    /// Initialisation method.
+    pub fn init(mut self, init: KMeansInit) -> Self {
+        self.init = init;
+        self
+    }
+
+    /// Train on this CUDA device with faiss's GPU flat index (needs the `cuda` feature).
+    pub fn gpu(mut self, device: Option<i32>) -> Self {
+        self.gpu = device;
+        self
+    }
+
+    /// Let faiss print its per-iteration log.
+    pub fn verbose(mut self, yes: bool) -> Self {
+        self.verbose = yes;
+        self
+    }
+
+    /// Number of clusters.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Iterations per run.
+    pub fn get_iterations(&self) -> usize {
+        self.iterations
+    }
+
+    /// Seed.
+    pub fn get_seed(&self) -> u32 {
+        self.seed
+    }
+
+    /// Initialisation method.
+    pub fn get_init(&self) -> KMeansInit {
+        self.init
+    }
+
+    /// Most training rows used: `max_points_per_centroid * K`.
+    pub fn sample_limit(&self) -> usize {
+        self.max_points_per_centroid.max(1).saturating_mul(self.k)
+    }
+
+    /// Which of `n` rows training uses: all of them, or a seeded sorted sample of
+    /// [`KMeans::sample_limit`] rows. [`train_from_shards`] reads only these.
+    pub fn training_rows(&self, n: usize) -> Vec<usize> {
+        let limit = self.sample_limit();
+        if n <= limit {
+            return (0..n).collect();
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed as u64);
+        let mut rows = rand::seq::index::sample(&mut rng, n, limit).into_vec();
+        rows.sort_unstable();
+        rows
+    }
+
+    fn check(&self, n: usize, d: usize) -> Result<(), ClusterError> {
+        if self.k == 0 {
+            return Err(ClusterError::Config("K must be at least 1".into()));
+        }
+        if self.iterations == 0 || self.redo == 0 {
+            return Err(ClusterError::Config(
+                "iterations and redo must be at least 1".into(),
+            ));
+        }
+        if d == 0 {
+            return Err(ClusterError::Config("embedding width is 0".into()));
+        }
+        if self.k > n {
+            return Err(ClusterError::Config(format!(
+                "K = {} is larger than the number of points ({n})",
+                self.k
+            )));
+        }
+        if self.k > i32::MAX as usize || d > i32::MAX as usize {
+            return Err(ClusterError::Config(format!(
+                "K = {} or width {d} is too large for faiss",
+                self.k
+            )));
+        }
+        Ok(())
+    }
+
+    /// Trains on the rows of `x` (`[n, d]` row-major; not normalised here), sampling
+    /// [`KMeans::training_rows`] first. Errors on `K > n`, a width that does not divide the
+    /// data, and non-finite values.
+    pub fn train(&self, x: &[f32], d: usize) -> Result<Centroids, ClusterError> {
+        let n = rows_of(x, d)?;
+        self.check(n, d)?;
+        let rows = self.training_rows(n);
+        if rows.len() == n {
+            self.train_sample(x, d)
+        } else {
+            let mut sample = Vec::with_capacity(rows.len() * d);
+            for &r in &rows {
+                sample.extend_from_slice(&x[r * d..(r + 1) * d]);
+            }
+            self.train_sample(&sample, d)
+        }
+    }
+
+    /// Trains on exactly these rows (already sampled), as [`train_from_shards`] does.
+    pub fn train_sample(&self, x: &[f32], d: usize) -> Result<Centroids, ClusterError> {
+        let n = rows_of(x, d)?;
+        self.check(n, d)?;
+        check_finite(x, d, "training data")?;
+        let min_points = 39;
+        if n < self.k * min_points {
+            log::warn!(
+                "clustering {n} points into {} centroids: faiss advises at least {} points",
+                self.k,
+                self.k * min_points
+            );
+        }
+        let start = Instant::now();
+        let mut best: Option<Centroids> = None;
+        let runs = match self.init {
+            // faiss's own redo loop keeps the best run.
+            KMeansInit::Random => 1,
+            KMeansInit::PlusPlus => self.redo,
+        };
+        for run in 0..runs {
+            let seed = self.seed.wrapping_add(run as u32);
+            let init = match self.init {
+                KMeansInit::Random => None,
+                KMeansInit::PlusPlus => Some(kmeans_plus_plus(x, d, self.k, seed as u64)),
+            };
+            let fit = self.faiss_train(x, d, seed, init.as_deref())?;
+            let better = match &best {
+                None => true,
+                Some(b) if self.spherical => fit.objective > b.objective,
+                Some(b) => fit.objective < b.objective,
+            };
+            if better {
+                best = Some(fit);
+            }
+        }
+        let mut best =
+            best.ok_or_else(|| ClusterError::Config("no k-means run was made".into()))?;
+        best.trained_on = n;
+        best.seconds_train = start.elapsed().as_secs_f64();
+        Ok(best)
+    }
+
+    fn params(&self, seed: u32, runs: usize) -> Result<ClusteringParameters, ClusterError> {
+        let mut p = ClusteringParameters::new();
+        p.set_niter(self.iterations as u32);
+        p.set_nredo(runs as u32);
+        p.set_seed(seed);
+        p.set_spherical(self.spherical);
+        p.set_verbose(self.verbose);
+        // The sample is drawn here; faiss must neither resample nor warn on its own.
+        p.set_max_points_per_centroid(self.max_points_per_centroid.max(1) as u32);
+        p.set_min_points_per_centroid(1);
+        Ok(p)
+    }
+
+    fn faiss_train(
+        &self,
+        x: &[f32],
+        d: usize,
+        seed: u32,
+        init: Option<&[f32]>,
+    ) -> Result<Centroids, ClusterError> {
+        let runs = if init.is_some() { 1 } else { self.redo };
+        let params = self.params(seed, runs)?;
+        let mut clustering = Clustering::new_with_params(d as u32, self.k as u32, &params)?;
+        if let Some(init) = init {
+            // faiss uses centroids already present as the starting point; training on exactly
+            // K points just copies them in.
+            let mut seedless = self.new_index(d)?;
+            clustering.train(init, &mut seedless)?;
+        }
+        match self.gpu {
+            None => {
+                let mut index = self.new_index(d)?;
+                clustering.train(x, &mut index)?;
+            }
+            Some(device) => gpu_train(&mut clustering, x, d, self.spherical, device)?,
+        }
+        let data: Vec<f32> = clustering.centroids()?.concat();
+        let stats = clustering.iteration_stats();
+        let objective = stats.last().map(|s| s.obj()).unwrap_or(f32::NAN);
+        let imbalance = stats.last().map(|s| s.imbalance_factor()).unwrap_or(1.0);
+        Ok(Centroids {
+            data,
+            k: self.k,
+            d,
+            spherical: self.spherical,
+            objective,
+            imbalance_factor: imbalance,
+            trained_on: 0,
+            seconds_train: 0.0,
+        })
+    }
+
+    fn new_index(&self, d: usize) -> Result<FlatIndexImpl, ClusterError> {
+        Ok(if self.spherical {
+            FlatIndex::new_ip(d as u32)?
+        } else {
+            FlatIndex::new_l2(d as u32)?
+        })
+    }
+
+    /// Trains on `x` and assigns every row of it. See [`KMeans::train`].
+    pub fn fit_slice(&self, x: &[f32], d: usize) -> Result<KMeansResult, ClusterError> {
+        let centroids = self.train(x, d)?;
+        let start = Instant::now();
+        let labels = centroids.assign(x)?;
+        let seconds_assign = start.elapsed().as_secs_f64();
+        Ok(KMeansResult {
+            centroids,
+            labels,
+            seconds_assign,
+        })
+    }
+
+    /// Trains on the rows of a `[n, D]` tensor (any device, any float dtype) and assigns them.
+    pub fn fit(&self, x: &Tensor) -> Result<KMeansResult, ClusterError> {
+        let (_, d) = x.dims2()?;
+        let host: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        self.fit_slice(&host, d)
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_train(
+    clustering: &mut Clustering,
+    x: &[f32],
+    d: usize,
+    spherical: bool,
+    device: i32,
+) -> Result<(), ClusterError> {
+    let res = faiss::gpu::StandardGpuResources::new()?;
+    let cpu = if spherical {
+        FlatIndex::new_ip(d as u32)?
+    } else {
+        FlatIndex::new_l2(d as u32)?
+    };
+    let mut index = cpu.into_gpu(&res, device)?;
+    clustering.train(x, &mut index)?;
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_train(
+    _clustering: &mut Clustering,
+    _x: &[f32],
+    _d: usize,
+    _spherical: bool,
+    device: i32,
+) -> Result<(), ClusterError> {
+    Err(ClusterError::Config(format!(
+        "k-means on GPU {device} needs clipcid built with the `cuda` feature"
+    )))
+}
+
+/// Trained centroids.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Centroids {
+    data: Vec<f32>,
+    k: usize,
+    d: usize,
+    spherical: bool,
+    /// Final objective reported by faiss (sum of inner products when spherical, of squared
+    /// distances otherwise).
+    pub objective: f32,
+    /// Final imbalance factor reported by faiss (1 = perfectly even).
+    pub imbalance_factor: f64,
+    /// Training rows used.
+    pub trained_on: usize,
+    /// Seconds spent training.
+    pub seconds_train: f64,
+}
+
+impl Centroids {
+    /// Centroids from a row-major `[k, d]` buffer (as read back from a cluster file).
+    pub fn from_vec(
+        data: Vec<f32>,
+        k: usize,
+        d: usize,
+        spherical: bool,
+    ) -> Result<Self, ClusterError> {
+        if k == 0 || d == 0 || data.len() != k * d {
+            return Err(ClusterError::Config(format!(
+                "{} values do not make {k} centroids of width {d}",
+                data.len()
+            )));
+        }
+        check_finite(&data, d, "centroids")?;
+        Ok(Self {
+            data,
+            k,
+            d,
+            spherical,
+            objective: f32::NAN,
+            imbalance_factor: f64::NAN,
+            trained_on: 0,
+            seconds_train: 0.0,
+        })
+    }
+
+    /// Number of centroids.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Width.
+    pub fn dim(&self) -> usize {
+        self.d
+    }
+
+    /// Whether assignment is by inner product (spherical) or L2.
+    pub fn is_spherical(&self) -> bool {
+        self.spherical
+    }
+
+    /// Row-major `[k, d]` values as trained.
+    pub fn as_slice(&self) -> &[f32] {
+        &self.data
+    }
+
+    /// Row-major `[k, d]` with every row scaled to unit length (what the student's cluster
+    /// classifier is initialised with).
+    pub fn normalized(&self) -> Vec<f32> {
+        self.data
+            .chunks_exact(self.d)
+            .flat_map(|row| {
+                let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                row.iter().map(move |v| v / norm)
+            })
+            .collect()
+    }
+
+    /// The normalised centroids as a `[k, d]` f32 tensor.
+    pub fn to_tensor(&self, device: &Device) -> Result<Tensor, ClusterError> {
+        Ok(Tensor::from_vec(
+            self.normalized(),
+            (self.k, self.d),
+            device,
+        )?)
+    }
+
+    /// An index over the centroids for repeated [`Assigner::assign`] calls (shard by shard).
+    pub fn assigner(&self) -> Result<Assigner, ClusterError> {
+        let mut index = if self.spherical {
+            FlatIndex::new_ip(self.d as u32)?
+        } else {
+            FlatIndex::new_l2(self.d as u32)?
+        };
+        index.add(&self.data)?;
+        Ok(Assigner {
+            index,
+            d: self.d,
+            k: self.k,
+        })
+    }
+
+    /// The nearest centroid of every row of `x` (`[n, d]` row-major).
+    pub fn assign(&self, x: &[f32]) -> Result<Vec<u32>, ClusterError> {
+        self.assigner()?.assign(x)
+    }
+}
+
+/// A faiss flat index over trained centroids; assigns rows to their nearest centroid.
+pub struct Assigner {
+    index: FlatIndexImpl,
+    d: usize,
+    k: usize,
+}
+
+impl std::fmt::Debug for Assigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Assigner")
+            .field("k", &self.k)
+            .field("d", &self.d)
+            .finish()
+    }
+}
+
+impl Assigner {
+    /// Nearest centroid of each row of `x` (`[n, d]` row-major), in blocks of 65,536 rows.
+    pub fn assign(&mut self, x: &[f32]) -> Result<Vec<u32>, ClusterError> {
+        rows_of(x, self.d)?;
+        check_finite(x, self.d, "data to assign")?;
+        let mut labels = Vec::with_capacity(x.len() / self.d);
+        for chunk in x.chunks(65_536 * self.d) {
+            let found = self.index.assign(chunk, 1)?;
+            for idx in found.labels {
+                let l = idx
+                    .get()
+                    .filter(|&l| (l as usize) < self.k)
+                    .ok_or_else(|| ClusterError::Config("faiss returned no centroid".into()))?;
+                labels.push(l as u32);
+            }
+        }
+        Ok(labels)
+    }
+
+    /// Raw access to the faiss index (for searches beyond nearest-centroid assignment).
+    pub fn index_mut(&mut self) -> &mut impl NativeIndex {
+        &mut self.index
+    }
+}
+
+/// Trained centroids plus the label of every input row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KMeansResult {
+    /// The centroids.
+    pub centroids: Centroids,
+    /// Nearest centroid of each input row.
+    pub labels: Vec<u32>,
+    /// Seconds spent assigning.
+    pub seconds_assign: f64,
+}
+
+/// Rows of `x` at width `d`, or an error when `d` does not divide it.
+fn rows_of(x: &[f32], d: usize) -> Result<usize, ClusterError> {
+    if d == 0 || !x.len().is_multiple_of(d) {
+        return Err(ClusterError::Config(format!(
+            "{} values are not whole rows of width {d}",
+            x.len()
+        )));
+    }
+    Ok(x.len() / d)
+}
+
+fn check_finite(x: &[f32], d: usize, what: &str) -> Result<(), ClusterError> {
+    if let Some(pos) = x.par_iter().position_first(|v| !v.is_finite()) {
+        return Err(ClusterError::Config(format!(
+            "{what}: non-finite value {} in row {}",
+            x[pos],
+            pos / d
+        )));
+    }
+    Ok(())
+}
+
+/// Seeded greedy k-means++ over the rows of `x` (as scikit-learn does it): the first centre
+/// uniformly; then at each step `2 + ln K` candidates are drawn with probability
+/// proportional to their squared distance to the nearest centre so far, and the candidate
+/// that most lowers the total of those distances is taken. Plain k-means++ (one candidate)
+/// still puts two seeds into one tight cluster now and then.
+fn kmeans_plus_plus(x: &[f32], d: usize, k: usize, seed: u64) -> Vec<f32> {
+    let n = x.len() / d;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let dist2 = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(p, q)| (p - q) * (p - q)).sum::<f32>();
+    let row = |i: usize| &x[i * d..(i + 1) * d];
+    let trials = 2 + (k as f64).ln().floor() as usize;
+    let first = rng.random_range(0..n);
+    let mut centres = Vec::with_capacity(k * d);
+    centres.extend_from_slice(row(first));
+    let mut nearest: Vec<f32> = x
+        .par_chunks_exact(d)
+        .map(|r| dist2(r, row(first)))
+        .collect();
+    for _ in 1..k {
+        // Prefix sums in f64 so draws are exact and reproducible.
+        let mut cumulative = Vec::with_capacity(n);
+        let mut total = 0f64;
+        for &v in &nearest {
+            total += v as f64;
+            cumulative.push(total);
+        }
+        let candidates: Vec<usize> = (0..trials)
+            .map(|_| {
+                if total > 0.0 {
+                    let target = rng.random::<f64>() * total;
+                    cumulative.partition_point(|&c| c <= target).min(n - 1)
+                } else {
+                    rng.random_range(0..n)
+                }
+            })
+            .collect();
+        // Potential (sum of nearest distances) after adding each candidate; lowest wins,
+        // first candidate on ties.
+        let potentials: Vec<f64> = candidates
+            .iter()
+            .map(|&c| {
+                // Fixed chunks summed in order: the same total whatever the thread count.
+                let parts: Vec<f64> = x
+                    .par_chunks(4096 * d)
+                    .zip(nearest.par_chunks(4096))
+                    .map(|(rows, near)| {
+                        rows.chunks_exact(d)
+                            .zip(near)
+                            .map(|(r, &m)| m.min(dist2(r, row(c))) as f64)
+                            .sum::<f64>()
+                    })
+                    .collect();
+                parts.iter().sum::<f64>()
+            })
+            .collect();
+        let mut best = 0;
+        for (i, &p) in potentials.iter().enumerate() {
+            if p < potentials[best] {
+                best = i;
+            }
+        }
+        let c = row(candidates[best]);
+        centres.extend_from_slice(c);
+        nearest
+            .par_iter_mut()
+            .zip(x.par_chunks_exact(d))
+            .for_each(|(m, r)| *m = m.min(dist2(r, c)));
+    }
+    centres
+}
+
+/// Points per cluster.
+pub fn cluster_sizes(labels: &[u32], k: usize) -> Vec<u32> {
+    let mut sizes = vec![0u32; k];
+    for &l in labels {
+        if let Some(s) = sizes.get_mut(l as usize) {
+            *s += 1;
+        }
+    }
+    sizes
+}
+
+/// Cluster-size statistics: what the paper's Figure 2d compares before and after balancing.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SizeSummary {
+    /// Clusters.
+    pub k: usize,
+    /// Points.
+    pub n: usize,
+    /// Clusters with no point.
+    pub empty: usize,
+    /// Smallest cluster.
+    pub min: u32,
+    /// Median cluster size (lower median).
+    pub median: u32,
+    /// Largest cluster.
+    pub max: u32,
+}
+
+impl SizeSummary {
+    /// Statistics of these cluster sizes.
+    pub fn of(sizes: &[u32]) -> Self {
+        let mut s = sizes.to_vec();
+        s.sort_unstable();
+        Self {
+            k: s.len(),
+            n: s.iter().map(|&v| v as usize).sum(),
+            empty: s.iter().filter(|&&v| v == 0).count(),
+            min: s.first().copied().unwrap_or(0),
+            median: s.get(s.len().saturating_sub(1) / 2).copied().unwrap_or(0),
+            max: s.last().copied().unwrap_or(0),
+        }
+    }
+}
+
+/// What a clustering run did: options, sizes and timings (written as JSON beside the file).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterSummary {
+    /// Embedding width.
+    pub dim: usize,
+    /// Iterations per run.
+    pub iterations: usize,
+    /// Seed.
+    pub seed: u32,
+    /// Spherical k-means?
+    pub spherical: bool,
+    /// Initialisation.
+    pub init: KMeansInit,
+    /// Rows k-means was trained on (a sample when there were more than
+    /// `max_points_per_centroid * K`).
+    pub trained_on: usize,
+    /// Final faiss objective.
+    pub objective: f32,
+    /// Final faiss imbalance factor.
+    pub imbalance_factor: f64,
+    /// Cluster sizes over all assigned rows.
+    pub sizes: SizeSummary,
+    /// Seconds training.
+    pub seconds_train: f64,
+    /// Seconds assigning.
+    pub seconds_assign: f64,
+}
+
+/// Adjusted Rand index of two labelings of the same points (1 = same partition up to
+/// renaming, about 0 = chance). Hubert and Arabie's formula over the contingency table.
+pub fn adjusted_rand_index(a: &[u32], b: &[u32]) -> Result<f64, ClusterError> {
+    if a.len() != b.len() {
+        return Err(ClusterError::Config(format!(
+            "labelings of different lengths ({} and {})",
+            a.len(),
+            b.len()
+        )));
+    }
+    let n = a.len() as f64;
+    let choose2 = |v: f64| v * (v - 1.0) / 2.0;
+    let mut table = std::collections::HashMap::<(u32, u32), f64>::new();
+    let mut rows = std::collections::HashMap::<u32, f64>::new();
+    let mut cols = std::collections::HashMap::<u32, f64>::new();
+    for (&p, &q) in a.iter().zip(b) {
+        *table.entry((p, q)).or_default() += 1.0;
+        *rows.entry(p).or_default() += 1.0;
+        *cols.entry(q).or_default() += 1.0;
+    }
+    let index: f64 = table.values().map(|&v| choose2(v)).sum();
+    let sum_a: f64 = rows.values().map(|&v| choose2(v)).sum();
+    let sum_b: f64 = cols.values().map(|&v| choose2(v)).sum();
+    let expected = sum_a * sum_b / choose2(n).max(1.0);
+    let max = (sum_a + sum_b) / 2.0;
+    if (max - expected).abs() < 1e-12 {
+        // Both labelings are all-one-cluster or all-singletons: identical partitions.
+        return Ok(if (index - expected).abs() < 1e-12 {
+            1.0
+        } else {
+            0.0
+        });
+    }
+    Ok((index - expected) / (max - expected))
+}

@@ -1,0 +1,373 @@
+#![allow(clippy::unwrap_used)]
+//! k-means through faiss: planted partitions, determinism, brute-force assignment,
+//! streaming over shards, file round trip, errors.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use clipcid_cluster::{
+    adjusted_rand_index, assign_shards, cluster_sizes, plot_size_histogram, read_clusters,
+    train_from_shards, write_clusters, ClusterFile, ClusterSummary, KMeans, KMeansInit, ShardRows,
+    SizeSummary,
+};
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+
+fn normalise(v: &mut [f32]) {
+    let n = v.iter().map(|a| a * a).sum::<f32>().sqrt();
+    v.iter_mut().for_each(|a| *a /= n);
+}
+
+/// `k` random unit centres in `d` dimensions, `per` points around each (noise of norm about
+/// `noise`), normalised and shuffled. Returns the rows and the planted label of each.
+fn planted(k: usize, per: usize, d: usize, noise: f32, seed: u64) -> (Vec<f32>, Vec<u32>) {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut centres = vec![0f32; k * d];
+    for c in centres.chunks_exact_mut(d) {
+        c.iter_mut()
+            .for_each(|v| *v = StandardNormal.sample(&mut rng));
+        normalise(c);
+    }
+    let mut rows: Vec<(Vec<f32>, u32)> = Vec::new();
+    for (c, centre) in centres.chunks_exact(d).enumerate() {
+        for _ in 0..per {
+            let mut v: Vec<f32> = centre
+                .iter()
+                .map(|&x| {
+                    let z: f32 = StandardNormal.sample(&mut rng);
+                    x + z * noise / (d as f32).sqrt()
+                })
+                .collect();
+            normalise(&mut v);
+            rows.push((v, c as u32));
+        }
+    }
+    for i in (1..rows.len()).rev() {
+        let j = rng.random_range(0..=i);
+        rows.swap(i, j);
+    }
+    let labels = rows.iter().map(|r| r.1).collect();
+    (rows.into_iter().flat_map(|r| r.0).collect(), labels)
+}
+
+#[test]
+fn planted_clusters_are_recovered_exactly() {
+    for (k, d, seed) in [(8, 32, 1u64), (20, 64, 2), (3, 16, 3)] {
+        let (x, truth) = planted(k, 40, d, 0.1, seed);
+        for spherical in [true, false] {
+            let fit = KMeans::new(k)
+                .iterations(10)
+                .seed(seed as u32)
+                .spherical(spherical)
+                .init(KMeansInit::PlusPlus)
+                .fit_slice(&x, d)
+                .unwrap();
+            assert_eq!(
+                adjusted_rand_index(&fit.labels, &truth).unwrap(),
+                1.0,
+                "k={k} d={d} spherical={spherical}"
+            );
+            let sizes = cluster_sizes(&fit.labels, k);
+            assert!(sizes.iter().all(|&s| s == 40), "{sizes:?}");
+            // Normalised centroids are unit rows.
+            for row in fit.centroids.normalized().chunks_exact(d) {
+                let n: f32 = row.iter().map(|v| v * v).sum();
+                assert!((n - 1.0).abs() < 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn same_seed_same_result_and_seed_matters() {
+    let (x, _) = planted(16, 30, 24, 0.6, 9);
+    for init in [KMeansInit::Random, KMeansInit::PlusPlus] {
+        let run = |seed| {
+            KMeans::new(16)
+                .iterations(8)
+                .redo(2)
+                .seed(seed)
+                .init(init)
+                .fit_slice(&x, 24)
+                .unwrap()
+        };
+        let (a, b) = (run(5), run(5));
+        assert_eq!(a.centroids.as_slice(), b.centroids.as_slice(), "{init:?}");
+        assert_eq!(a.labels, b.labels);
+        // A different seed starts elsewhere: the centroids differ (noisy, overlapping data).
+        assert_ne!(
+            run(6).centroids.as_slice(),
+            a.centroids.as_slice(),
+            "{init:?}"
+        );
+    }
+}
+
+#[test]
+fn assignment_matches_brute_force() {
+    let (x, _) = planted(10, 30, 16, 0.8, 4);
+    let d = 16;
+    for spherical in [true, false] {
+        let fit = KMeans::new(10)
+            .iterations(5)
+            .spherical(spherical)
+            .fit_slice(&x, d)
+            .unwrap();
+        let c = fit.centroids.as_slice();
+        for (i, row) in x.chunks_exact(d).enumerate() {
+            let score = |j: usize| -> f64 {
+                let cj = &c[j * d..(j + 1) * d];
+                if spherical {
+                    row.iter().zip(cj).map(|(a, b)| (a * b) as f64).sum()
+                } else {
+                    -row.iter()
+                        .zip(cj)
+                        .map(|(a, b)| ((a - b) * (a - b)) as f64)
+                        .sum::<f64>()
+                }
+            };
+            let got = fit.labels[i] as usize;
+            let best = (0..10).map(score).fold(f64::NEG_INFINITY, f64::max);
+            assert!(
+                score(got) >= best - 1e-5,
+                "row {i}: {} vs {best}",
+                score(got)
+            );
+        }
+        // The tensor entry point gives the same as the slice one.
+        let t = Tensor::from_vec(x.clone(), (x.len() / d, d), &Device::Cpu).unwrap();
+        let via_tensor = KMeans::new(10)
+            .iterations(5)
+            .spherical(spherical)
+            .fit(&t)
+            .unwrap();
+        assert_eq!(via_tensor.labels, fit.labels);
+    }
+}
+
+#[test]
+fn adjusted_rand_index_matches_known_values() {
+    // Values from scikit-learn's adjusted_rand_score.
+    let ari = |a: &[u32], b: &[u32]| adjusted_rand_index(a, b).unwrap();
+    assert_eq!(ari(&[0, 0, 1, 1], &[1, 1, 0, 0]), 1.0);
+    assert!((ari(&[0, 0, 1, 1], &[0, 0, 1, 2]) - 0.571_428_571_428_571_5).abs() < 1e-12);
+    assert!(
+        (ari(&[0, 0, 0, 1, 1, 1], &[0, 0, 1, 1, 2, 2]) - 0.242_424_242_424_242_4).abs() < 1e-12
+    );
+    assert!((ari(&[0, 0, 1, 1], &[0, 1, 0, 1]) + 0.5).abs() < 1e-12);
+    assert!(adjusted_rand_index(&[0, 1], &[0]).is_err());
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let (x, _) = planted(2, 3, 4, 0.1, 1);
+    let msg = |r: Result<_, clipcid_cluster::ClusterError>| r.err().unwrap().to_string();
+    let e = msg(KMeans::new(7).fit_slice(&x, 4).map(|_| ()));
+    assert!(e.contains("K = 7") && e.contains("(6)"), "{e}");
+    let e = msg(KMeans::new(2).fit_slice(&x, 5).map(|_| ()));
+    assert!(e.contains("width 5"), "{e}");
+    let mut nan = x.clone();
+    nan[9] = f32::NAN;
+    let e = msg(KMeans::new(2).fit_slice(&nan, 4).map(|_| ()));
+    assert!(e.contains("non-finite") && e.contains("row 2"), "{e}");
+    let e = msg(KMeans::new(0).fit_slice(&x, 4).map(|_| ()));
+    assert!(e.contains("at least 1"), "{e}");
+    // Centroids of another width cannot label these rows.
+    let c = KMeans::new(2).train(&x, 4).unwrap();
+    let e = msg(c.assign(&x[..10]).map(|_| ()));
+    assert!(e.contains("width 4"), "{e}");
+    #[cfg(not(feature = "cuda"))]
+    {
+        let e = msg(KMeans::new(2).gpu(Some(0)).fit_slice(&x, 4).map(|_| ()));
+        assert!(e.contains("cuda"), "{e}");
+    }
+}
+
+#[test]
+fn training_sample_is_seeded_bounded_and_used() {
+    let km = KMeans::new(4).max_points_per_centroid(5).seed(3);
+    let rows = km.training_rows(100);
+    assert_eq!(rows.len(), 20);
+    assert!(rows.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(rows, km.training_rows(100));
+    assert_ne!(rows, km.clone().seed(4).training_rows(100));
+    assert_eq!(km.training_rows(15), (0..15).collect::<Vec<_>>());
+    // Training on all rows equals training on exactly the sampled rows.
+    let (x, _) = planted(4, 25, 8, 0.3, 2);
+    let full = km.train(&x, 8).unwrap();
+    assert_eq!(full.trained_on, 20);
+    let sample: Vec<f32> = rows
+        .iter()
+        .flat_map(|&r| x[r * 8..(r + 1) * 8].to_vec())
+        .collect();
+    let direct = km.train_sample(&sample, 8).unwrap();
+    assert_eq!(full.as_slice(), direct.as_slice());
+}
+
+/// Writes `x` as embedding shards of `per` rows (ids `100 + row`, like `clipcid embed`).
+fn write_shards(dir: &Path, x: &[f32], d: usize, per: usize) -> Vec<PathBuf> {
+    let n = x.len() / d;
+    let mut paths = Vec::new();
+    for (s, start) in (0..n).step_by(per).enumerate() {
+        let m = per.min(n - start);
+        let image =
+            Tensor::from_vec(x[start * d..(start + m) * d].to_vec(), (m, d), &Device::Cpu).unwrap();
+        let ids = Tensor::from_vec(
+            (start as i64 + 100..(start + m) as i64 + 100).collect::<Vec<_>>(),
+            m,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let p = clipcid_embed::shard_path(dir, s);
+        clipcid_models::io::write_safetensors(
+            &p,
+            vec![("image".into(), image), ("ids".into(), ids)],
+            &HashMap::new(),
+        )
+        .unwrap();
+        paths.push(p);
+    }
+    paths
+}
+
+fn write_keep(path: &Path, keep: &[bool], ids: &[i64]) {
+    let t = vec![
+        (
+            "keep".to_string(),
+            Tensor::from_vec(
+                keep.iter().map(|&k| k as u8).collect::<Vec<_>>(),
+                keep.len(),
+                &Device::Cpu,
+            )
+            .unwrap(),
+        ),
+        (
+            "ids".to_string(),
+            Tensor::from_vec(ids.to_vec(), ids.len(), &Device::Cpu).unwrap(),
+        ),
+    ];
+    clipcid_models::io::write_safetensors(path, t, &HashMap::new()).unwrap();
+}
+
+#[test]
+fn streaming_over_shards_equals_in_memory_and_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = 12;
+    let (mut x, _) = planted(6, 30, d, 0.4, 8);
+    // Scale rows: the shard reader normalises them, as the in-memory reference does here.
+    for (i, row) in x.chunks_exact_mut(d).enumerate() {
+        row.iter_mut().for_each(|v| *v *= 1.0 + (i % 3) as f32);
+    }
+    write_shards(dir.path(), &x, d, 47);
+    let n = x.len() / d;
+    let keep: Vec<bool> = (0..n).map(|i| i % 4 != 1).collect();
+    let ids: Vec<i64> = (0..n as i64).map(|i| i + 100).collect();
+    let keep_path = dir.path().join("keep.safetensors");
+    write_keep(&keep_path, &keep, &ids);
+
+    let kept_rows: Vec<f32> = x
+        .chunks_exact(d)
+        .zip(&keep)
+        .filter(|(_, &k)| k)
+        .flat_map(|(r, _)| {
+            let mut r = r.to_vec();
+            normalise(&mut r);
+            r
+        })
+        .collect();
+    let km = KMeans::new(6)
+        .iterations(6)
+        .max_points_per_centroid(20)
+        .seed(11);
+    let rows = ShardRows::open(&[dir.path().to_path_buf()], Some(&keep_path)).unwrap();
+    assert_eq!(
+        (rows.total(), rows.kept(), rows.dim),
+        (n, kept_rows.len() / d, d)
+    );
+    let streamed = train_from_shards(&km, &rows).unwrap();
+    let in_memory = km.train(&kept_rows, d).unwrap();
+    assert_eq!(streamed.trained_on, 120);
+    assert_eq!(streamed.as_slice(), in_memory.as_slice());
+    let mut progress = Vec::new();
+    let (labels, kept_ids) = assign_shards(&streamed, &rows, |done| progress.push(done)).unwrap();
+    assert_eq!(labels, in_memory.assign(&kept_rows).unwrap());
+    assert_eq!(progress.last(), Some(&labels.len()));
+    let expect_ids: Vec<i64> = ids
+        .iter()
+        .zip(&keep)
+        .filter(|(_, &k)| k)
+        .map(|(&i, _)| i)
+        .collect();
+    assert_eq!(kept_ids, expect_ids);
+
+    // Cluster file round trip, summary JSON beside it, histogram PNG that decodes.
+    let sizes = cluster_sizes(&labels, 6);
+    let file = ClusterFile {
+        centroids: streamed.normalized(),
+        k: 6,
+        dim: d,
+        labels: labels.clone(),
+        ids: kept_ids,
+        sizes: sizes.clone(),
+        summary: ClusterSummary {
+            dim: d,
+            sizes: SizeSummary::of(&sizes),
+            ..Default::default()
+        },
+    };
+    let out = dir.path().join("clusters.safetensors");
+    write_clusters(&out, &file).unwrap();
+    assert_eq!(read_clusters(&out).unwrap(), file);
+    assert!(dir.path().join("clusters.json").exists());
+    let png = dir.path().join("sizes.png");
+    plot_size_histogram(
+        &png,
+        "cluster sizes",
+        &[("after", &sizes), ("before", &[50, 10, 3])],
+    )
+    .unwrap();
+    let img = image::open(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (900, 540));
+    assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains(".tmp")));
+
+    // Mismatched inputs are errors naming the file.
+    let other = dir.path().join("other-keep.safetensors");
+    write_keep(&other, &keep[..10], &ids[..10]);
+    let e = ShardRows::open(&[dir.path().to_path_buf()], Some(&other))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("other-keep.safetensors") && e.contains("covers 10 rows"),
+        "{e}"
+    );
+    let mut wrong_ids = ids.clone();
+    wrong_ids[50] = 7;
+    write_keep(&other, &keep, &wrong_ids);
+    let rows = ShardRows::open(&[dir.path().to_path_buf()], Some(&other)).unwrap();
+    let e = assign_shards(&streamed, &rows, |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("embeddings-00001") && e.contains("id 150") && e.contains("id 7"),
+        "{e}"
+    );
+    let e = read_clusters(&keep_path).unwrap_err().to_string();
+    assert!(
+        e.contains("keep.safetensors") && e.contains("`centroids`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn size_summary_counts_empty_clusters() {
+    let s = SizeSummary::of(&[0, 5, 2, 0, 9]);
+    assert_eq!(
+        (s.k, s.n, s.empty, s.min, s.median, s.max),
+        (5, 16, 2, 0, 2, 9)
+    );
+}
