@@ -25,7 +25,16 @@ pub struct Embeddings {
 /// peak memory is the matrix plus one shard.
 pub fn load_embeddings(inputs: &[PathBuf], device: &Device) -> Result<Embeddings, DedupError> {
     let shards = clipcid_embed::expand_shard_inputs(inputs)?;
-    let mut data: Vec<f32> = Vec::new();
+    // Reserve the whole matrix from the headers: growing the buffer shard by shard would
+    // briefly hold old and new copies.
+    let mut capacity = 0usize;
+    for path in &shards {
+        let header = clipcid_models::io::read_header(path)?;
+        if let Some(info) = header.tensors.get("image") {
+            capacity += info.shape.iter().product::<usize>();
+        }
+    }
+    let mut data: Vec<f32> = Vec::with_capacity(capacity);
     let mut ids = Vec::new();
     let mut width: Option<(usize, &Path)> = None;
     for path in &shards {

@@ -226,7 +226,7 @@ fn dense_sets(labels: &[u32]) -> (Vec<u32>, Vec<Vec<u32>>) {
 /// `x` with unit rows: returned as is (no copy) when it already has them, as embeddings from
 /// shards do; normalised otherwise.
 fn normalized(x: &Tensor) -> Result<Tensor, candle_core::Error> {
-    let norms: Vec<f32> = x.sqr()?.sum(1)?.to_vec1()?;
+    let norms = pairs::row_sq_norms(x)?;
     if norms.iter().all(|n| (n - 1.0).abs() < 1e-5) {
         Ok(x.clone())
     } else {

@@ -49,7 +49,7 @@ pub fn near_pairs(
         return Err(DedupError::Config("block size must be at least 1".into()));
     }
     let x = x.to_dtype(DType::F32)?.contiguous()?;
-    let norms: Vec<f32> = x.sqr()?.sum(1)?.to_vec1()?;
+    let norms = row_sq_norms(&x)?;
     let t2 = threshold * threshold;
     let mut out = NearPairs::default();
     let mut emit = |i0: usize, j0: usize, bi: usize, bj: usize, s: &[f32]| {
@@ -94,6 +94,19 @@ pub fn near_pairs(
             with_host_slice(&tile, |s| emit(i0, j0, bi, bj, s))?;
             Ok::<_, DedupError>(())
         })?;
+    }
+    Ok(out)
+}
+
+/// Squared L2 norm of every row of a `[n, D]` f32 tensor, a chunk of rows at a time: the
+/// whole-matrix `x.sqr()` would briefly double memory (2 GB more at 1M x 512).
+pub(crate) fn row_sq_norms(x: &Tensor) -> candle_core::Result<Vec<f32>> {
+    let (n, _) = x.dims2()?;
+    let chunk = 65_536;
+    let mut out = Vec::with_capacity(n);
+    for start in (0..n).step_by(chunk) {
+        let rows = x.narrow(0, start, chunk.min(n - start))?;
+        out.extend(rows.sqr()?.sum(1)?.to_vec1::<f32>()?);
     }
     Ok(out)
 }
