@@ -1,0 +1,241 @@
+#![allow(clippy::unwrap_used)]
+//! AdamW against a scalar reference, decay rule, schedule, clipping, exact resume.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use clipcid_train::{clip_grad_norm, AdamW, AdamWConfig, WarmupCosine};
+
+/// PyTorch's AdamW on one scalar.
+struct RefAdamW {
+    p: f64,
+    m: f64,
+    v: f64,
+    t: i32,
+}
+
+impl RefAdamW {
+    fn step(&mut self, g: f64, lr: f64, c: &AdamWConfig, decay: bool) {
+        self.t += 1;
+        if decay {
+            self.p -= lr * c.weight_decay * self.p;
+        }
+        self.m = c.beta1 * self.m + (1.0 - c.beta1) * g;
+        self.v = c.beta2 * self.v + (1.0 - c.beta2) * g * g;
+        let mh = self.m / (1.0 - c.beta1.powi(self.t));
+        let vh = self.v / (1.0 - c.beta2.powi(self.t));
+        self.p -= lr * mh / (vh.sqrt() + c.eps);
+    }
+}
+
+/// Loss sum_i a_i * p_i^3 + p_i: gradients that change with p.
+fn loss(vars: &[&Var], a: &[f64]) -> Tensor {
+    let mut total: Option<Tensor> = None;
+    for v in vars {
+        let x = v.as_tensor();
+        let av = Tensor::new(a, &Device::Cpu)
+            .unwrap()
+            .reshape(x.shape())
+            .unwrap()
+            .to_dtype(x.dtype())
+            .unwrap();
+        let term = ((x.powf(3.0).unwrap() * &av).unwrap() + x)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        total = Some(match total {
+            None => term,
+            Some(t) => (t + term).unwrap(),
+        });
+    }
+    total.unwrap()
+}
+
+#[test]
+fn adamw_matches_the_reference_with_and_without_decay() {
+    let c = AdamWConfig::default();
+    let w = Var::new(&[[0.5f64, -0.3]], &Device::Cpu).unwrap();
+    let b = Var::new(&[0.2f64, 0.7], &Device::Cpu).unwrap();
+    let mut opt = AdamW::new(
+        vec![
+            ("layer.bias".into(), b.clone()),
+            ("layer.weight".into(), w.clone()),
+        ],
+        c,
+    )
+    .unwrap();
+    assert_eq!(opt.decayed(), vec!["layer.weight"]);
+    let a = [0.3, -0.8];
+    let mut rw: Vec<RefAdamW> = [0.5, -0.3]
+        .iter()
+        .map(|&p| RefAdamW {
+            p,
+            m: 0.0,
+            v: 0.0,
+            t: 0,
+        })
+        .collect();
+    let mut rb: Vec<RefAdamW> = [0.2, 0.7]
+        .iter()
+        .map(|&p| RefAdamW {
+            p,
+            m: 0.0,
+            v: 0.0,
+            t: 0,
+        })
+        .collect();
+    let sched = WarmupCosine {
+        peak_lr: 0.05,
+        warmup_steps: 3,
+        total_steps: 12,
+        min_lr: 0.001,
+    };
+    for step in 0..12 {
+        let lr = sched.lr(step);
+        for (r, ai) in rw.iter_mut().zip(a) {
+            let g = 3.0 * ai * r.p * r.p + 1.0;
+            r.step(g, lr, &c, true);
+        }
+        for (r, ai) in rb.iter_mut().zip(a) {
+            let g = 3.0 * ai * r.p * r.p + 1.0;
+            r.step(g, lr, &c, false);
+        }
+        let grads = loss(&[&w, &b], &a).backward().unwrap();
+        opt.step(&grads, lr).unwrap();
+    }
+    let got_w: Vec<f64> = w.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+    let got_b: Vec<f64> = b.as_tensor().to_vec1().unwrap();
+    // Moments are kept in f32, so agreement is to f32 precision.
+    for (g, r) in got_w.iter().zip(&rw).chain(got_b.iter().zip(&rb)) {
+        assert!((g - r.p).abs() < 1e-5, "{g} vs {}", r.p);
+    }
+    assert_eq!(opt.steps(), 12);
+}
+
+#[test]
+fn decay_rule_follows_open_clip() {
+    assert!(AdamW::decays(
+        "vision_model.encoder.layers.0.mlp.fc1.weight",
+        2
+    ));
+    for (name, rank) in [
+        ("vision_model.encoder.layers.0.mlp.fc1.bias", 1),
+        ("vision_model.post_layernorm.weight", 1),
+        ("text_model.final_layer_norm.weight", 1),
+        ("logit_scale", 0),
+        ("vision_model.embeddings.position_embedding.weight", 2),
+        ("vision_model.embeddings.class_embedding", 1),
+    ] {
+        assert!(!AdamW::decays(name, rank), "{name}");
+    }
+}
+
+#[test]
+fn schedule_warms_up_then_follows_the_cosine() {
+    let s = WarmupCosine {
+        peak_lr: 1.0,
+        warmup_steps: 4,
+        total_steps: 14,
+        min_lr: 0.1,
+    };
+    let lrs: Vec<f64> = (0..16).map(|t| s.lr(t)).collect();
+    assert_eq!(&lrs[..4], &[0.25, 0.5, 0.75, 1.0]);
+    assert!((lrs[4] - 1.0).abs() < 1e-12);
+    assert!((lrs[9] - 0.55).abs() < 1e-12, "half way: {}", lrs[9]);
+    assert!((lrs[14] - 0.1).abs() < 1e-12 && (lrs[15] - 0.1).abs() < 1e-12);
+    assert!(lrs[4..15].windows(2).all(|w| w[1] <= w[0]));
+}
+
+#[test]
+fn clipping_scales_to_the_global_norm() {
+    let x = Var::new(&[3.0f64, 0.0], &Device::Cpu).unwrap();
+    let y = Var::new(&[[0.0f64, 4.0]], &Device::Cpu).unwrap();
+    // d/dx of sum(x^2)/2 = x: gradients (3, 0) and (0, 4), global norm 5.
+    let l = ((x.as_tensor().sqr().unwrap().sum_all().unwrap()
+        + y.as_tensor().sqr().unwrap().sum_all().unwrap())
+    .unwrap()
+        * 0.5)
+        .unwrap();
+    let mut g = l.backward().unwrap();
+    assert!((clip_grad_norm(&mut g, &[&x, &y], 10.0).unwrap() - 5.0).abs() < 1e-12);
+    assert_eq!(g.get(&x).unwrap().to_vec1::<f64>().unwrap(), vec![3.0, 0.0]);
+    let norm = clip_grad_norm(&mut g, &[&x, &y], 1.0).unwrap();
+    assert!((norm - 5.0).abs() < 1e-12);
+    let gx = g.get(&x).unwrap().to_vec1::<f64>().unwrap();
+    let gy = g
+        .get(&y)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    assert!((gx[0] - 0.6).abs() < 1e-6 && (gy[1] - 0.8).abs() < 1e-6);
+    // A NaN gradient is reported, not scaled away.
+    let z = Var::new(&[f64::NAN], &Device::Cpu).unwrap();
+    let mut gz = z.as_tensor().sum_all().unwrap().backward().unwrap();
+    gz.insert(&z, Tensor::new(&[f64::NAN], &Device::Cpu).unwrap());
+    assert!(clip_grad_norm(&mut gz, &[&z], 1.0).unwrap().is_nan());
+}
+
+#[test]
+fn saved_state_continues_bit_identically() {
+    let init = [[0.4f32, -0.1, 0.9], [0.3, 0.2, -0.5]];
+    let a = [0.5, -0.2, 0.1, 0.7, -0.9, 0.3];
+    let sched = WarmupCosine {
+        peak_lr: 0.02,
+        warmup_steps: 2,
+        total_steps: 8,
+        min_lr: 0.0,
+    };
+    let run = |split: Option<u64>| -> Vec<f32> {
+        let w = Var::new(&init, &Device::Cpu).unwrap();
+        let mut opt =
+            AdamW::new(vec![("w.weight".into(), w.clone())], AdamWConfig::default()).unwrap();
+        for step in 0..8u64 {
+            if Some(step) == split {
+                // Save, rebuild everything from the saved tensors, continue.
+                let (state, steps) = opt.state();
+                let saved: HashMap<String, Tensor> = state
+                    .into_iter()
+                    .map(|(k, t)| (k, t.copy().unwrap()))
+                    .collect();
+                let weights = w.as_tensor().copy().unwrap();
+                let w2 = Var::from_tensor(&weights).unwrap();
+                let mut opt2 = AdamW::new(
+                    vec![("w.weight".into(), w2.clone())],
+                    AdamWConfig::default(),
+                )
+                .unwrap();
+                opt2.load_state(&saved, steps).unwrap();
+                for step in step..8 {
+                    let g = loss(&[&w2], &a).backward().unwrap();
+                    opt2.step(&g, sched.lr(step)).unwrap();
+                }
+                return w2.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            }
+            let g = loss(&[&w], &a).backward().unwrap();
+            opt.step(&g, sched.lr(step)).unwrap();
+        }
+        w.as_tensor().flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let straight = run(None);
+    let resumed = run(Some(4));
+    assert_eq!(straight, resumed);
+    assert_ne!(straight, init.concat());
+    // Missing or mis-shaped state is an error naming the tensor.
+    let w = Var::new(&init, &Device::Cpu).unwrap();
+    let mut opt = AdamW::new(vec![("w.weight".into(), w)], AdamWConfig::default()).unwrap();
+    let e = opt.load_state(&HashMap::new(), 3).unwrap_err().to_string();
+    assert!(e.contains("adamw.m.w.weight"), "{e}");
+    let bad: HashMap<String, Tensor> = ["m", "v"]
+        .iter()
+        .map(|k| {
+            (
+                format!("adamw.{k}.w.weight"),
+                Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+            )
+        })
+        .collect();
+    let e = opt.load_state(&bad, 3).unwrap_err().to_string();
+    assert!(e.contains("[3]") && e.contains("[2, 3]"), "{e}");
+}
