@@ -57,6 +57,7 @@ impl EmbeddingL1 {
 
 /// A piecewise-constant temperature: `(first_epoch, T)` steps, sorted by epoch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TemperatureSchedule {
     /// `(first epoch, temperature)` pairs; the last one whose epoch has been reached applies.
     pub steps: Vec<(usize, f64)>,
@@ -91,6 +92,7 @@ impl TemperatureSchedule {
 /// where the embedding dimensions play the role of classes ([`KlDistill`]) and `T` follows
 /// the [`TemperatureSchedule`] (4, then 2 from epoch 10). Weights default to 1 each.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct PicCollageLoss {
     /// Weight of the KL term.
     pub kl_weight: f64,

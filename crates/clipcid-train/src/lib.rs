@@ -1,5 +1,5 @@
-//! Distillation training for clipcid (in progress): the optimiser pieces the trainer is
-//! built on. [`AdamW`] with decoupled weight decay that skips biases, norms and other
+//! Distillation training for clipcid (in progress): the run's TOML configuration
+//! ([`DistillConfig`]) and the optimiser pieces the trainer is built on. [`AdamW`] with decoupled weight decay that skips biases, norms and other
 //! vectors (open_clip's rule), checkpointable state for exact resume; [`WarmupCosine`]
 //! learning rates; [`clip_grad_norm`] by global norm.
 //!
@@ -19,8 +19,13 @@
 //! ```
 #![deny(missing_docs)]
 
+mod config;
 mod optim;
 
+pub use config::{
+    ClusterTermConfig, DataConfig, DistillConfig, InstanceTermConfig, LossConfig, Mode,
+    OptimConfig, StudentConfig, TermConfig,
+};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, WarmupCosine};
 
 /// Errors of training.

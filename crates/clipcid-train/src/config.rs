@@ -1,0 +1,304 @@
+//! The distillation run's TOML configuration: every loss term switchable and weighted.
+
+use std::path::{Path, PathBuf};
+
+use clipcid_loss::Margin;
+use serde::{Deserialize, Serialize};
+
+use crate::{AdamWConfig, TrainError};
+
+/// What is trained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// CLIP-CID: both towers, `L = w_clip L_clip + w_cluster L_cluster + w_instance L_instance`.
+    #[default]
+    ClipCid,
+    /// PicCollage: the image tower only, KL (temperature schedule) + L1 to the teacher.
+    Piccollage,
+}
+
+/// Inputs of the run (paths relative to the config file's folder).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Dataset the teacher embedded (captions file, tar shards, or labelled folder).
+    pub dataset: PathBuf,
+    /// Folder of teacher embedding shards from `clipcid embed`.
+    pub embeddings: PathBuf,
+    /// Keep file from `clipcid balance` (optional: all rows are used without it).
+    pub keep: Option<PathBuf>,
+    /// Cluster file from `clipcid cluster` (needed by the cluster loss).
+    pub clusters: Option<PathBuf>,
+    /// `tokenizer.json` for the captions.
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// The student CLIP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudentConfig {
+    /// A preset name (`vit-b-32`, `piccollage-s12`, `tiny`, ...) or a HF `config.json` path.
+    pub model: String,
+    /// Start from these weights instead of a seeded random init.
+    pub init: Option<PathBuf>,
+}
+
+impl Default for StudentConfig {
+    fn default() -> Self {
+        Self {
+            model: "tiny".into(),
+            init: None,
+        }
+    }
+}
+
+/// A loss term that can be switched off.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TermConfig {
+    /// Whether the term is in the loss.
+    pub enabled: bool,
+    /// Its weight.
+    pub weight: f64,
+}
+
+impl Default for TermConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            weight: 1.0,
+        }
+    }
+}
+
+/// The cluster-level term ([`clipcid_loss::ClusterDistillLoss`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterTermConfig {
+    /// Whether the term is in the loss.
+    pub enabled: bool,
+    /// Its weight.
+    pub weight: f64,
+    /// PartialFC share of centres per step.
+    pub sample_rate: f64,
+    /// Logit scale.
+    pub scale: f64,
+    /// Target margin.
+    pub margin: Margin,
+    /// Weight of the teacher-student KL inside the term.
+    pub kl_weight: f64,
+    /// Temperature of that KL.
+    pub kl_temperature: f64,
+}
+
+impl Default for ClusterTermConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            weight: 1.0,
+            sample_rate: 0.1,
+            scale: 64.0,
+            margin: Margin::None,
+            kl_weight: 1.0,
+            kl_temperature: 1.0,
+        }
+    }
+}
+
+/// The instance-level term ([`clipcid_loss::InstanceDistillLoss`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InstanceTermConfig {
+    /// Whether the term is in the loss.
+    pub enabled: bool,
+    /// Its weight.
+    pub weight: f64,
+    /// Student image vs teacher text.
+    pub image_text_weight: f64,
+    /// Student text vs teacher image.
+    pub text_image_weight: f64,
+}
+
+impl Default for InstanceTermConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            weight: 1.0,
+            image_text_weight: 1.0,
+            text_image_weight: 1.0,
+        }
+    }
+}
+
+/// The loss terms.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossConfig {
+    /// Student's own image-text InfoNCE.
+    pub clip: TermConfig,
+    /// Cluster-level distillation.
+    pub cluster: ClusterTermConfig,
+    /// Instance-level distillation.
+    pub instance: InstanceTermConfig,
+    /// PicCollage mode's loss.
+    pub piccollage: clipcid_loss::PicCollageLoss,
+}
+
+/// Optimisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate of the cosine.
+    pub min_lr: f64,
+    /// Linear warmup steps.
+    pub warmup_steps: u64,
+    /// AdamW.
+    pub adamw: AdamWConfig,
+    /// Clip gradients to this global norm (0: off).
+    pub clip_grad_norm: f64,
+    /// Micro-batches per optimiser step.
+    pub accumulate: usize,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            lr: 5e-4,
+            min_lr: 0.0,
+            warmup_steps: 100,
+            adamw: AdamWConfig::default(),
+            clip_grad_norm: 1.0,
+            accumulate: 1,
+        }
+    }
+}
+
+/// A whole distillation run, as read from TOML.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DistillConfig {
+    /// CLIP-CID or PicCollage.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Inputs.
+    pub data: DataConfig,
+    /// The student.
+    #[serde(default)]
+    pub student: StudentConfig,
+    /// Loss terms.
+    #[serde(default)]
+    pub loss: LossConfig,
+    /// Optimisation.
+    #[serde(default)]
+    pub optim: OptimConfig,
+    /// Samples per micro-batch.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Passes over the data.
+    #[serde(default = "default_epochs")]
+    pub epochs: usize,
+    /// Seed of the init, the data order and PartialFC sampling.
+    #[serde(default)]
+    pub seed: u64,
+    /// Checkpoint every this many optimiser steps (and at the end).
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+}
+
+fn default_batch() -> usize {
+    32
+}
+
+fn default_epochs() -> usize {
+    1
+}
+
+fn default_checkpoint_every() -> u64 {
+    500
+}
+
+impl DistillConfig {
+    /// Reads a TOML file. Unknown keys, missing required keys and bad values are errors
+    /// naming the file (and the key, as the TOML parser reports it); relative paths are
+    /// resolved against the file's folder and must exist.
+    pub fn from_file(path: &Path) -> Result<Self, TrainError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| TrainError::Config(format!("{}: cannot read: {e}", path.display())))?;
+        let mut cfg: Self = toml::from_str(&text)
+            .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.resolve_paths(base);
+        cfg.validate()
+            .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+        Ok(cfg)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.data.dataset);
+        fix(&mut self.data.embeddings);
+        for p in [
+            &mut self.data.keep,
+            &mut self.data.clusters,
+            &mut self.data.tokenizer,
+            &mut self.student.init,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            fix(p);
+        }
+    }
+
+    /// Checks values and that every named input exists.
+    pub fn validate(&self) -> Result<(), String> {
+        let must_exist = |what: &str, p: &Path| {
+            if p.exists() {
+                Ok(())
+            } else {
+                Err(format!("{what} `{}` does not exist", p.display()))
+            }
+        };
+        must_exist("data.dataset", &self.data.dataset)?;
+        must_exist("data.embeddings", &self.data.embeddings)?;
+        for (what, p) in [
+            ("data.keep", &self.data.keep),
+            ("data.clusters", &self.data.clusters),
+            ("data.tokenizer", &self.data.tokenizer),
+            ("student.init", &self.student.init),
+        ] {
+            if let Some(p) = p {
+                must_exist(what, p)?;
+            }
+        }
+        if self.batch_size == 0 || self.epochs == 0 || self.optim.accumulate == 0 {
+            return Err("batch_size, epochs and optim.accumulate must be at least 1".into());
+        }
+        if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
+            return Err(format!("optim.lr must be positive, got {}", self.optim.lr));
+        }
+        let l = &self.loss;
+        if self.mode == Mode::ClipCid {
+            if !(l.clip.enabled || l.cluster.enabled || l.instance.enabled) {
+                return Err("every loss term is disabled".into());
+            }
+            if l.cluster.enabled && self.data.clusters.is_none() {
+                return Err("loss.cluster is enabled but data.clusters is not set".into());
+            }
+            if !(l.cluster.sample_rate > 0.0 && l.cluster.sample_rate <= 1.0) {
+                return Err(format!(
+                    "loss.cluster.sample_rate must be in (0, 1], got {}",
+                    l.cluster.sample_rate
+                ));
+            }
+        }
+        Ok(())
+    }
+}

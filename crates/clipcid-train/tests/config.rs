@@ -1,0 +1,100 @@
+#![allow(clippy::unwrap_used)]
+//! The distillation config: the shipped examples parse as intended; bad files are clear errors.
+
+use std::path::{Path, PathBuf};
+
+use clipcid_train::{DistillConfig, Mode};
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/configs")
+}
+
+fn parse(name: &str) -> DistillConfig {
+    let text = std::fs::read_to_string(examples().join(name)).unwrap();
+    toml::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[test]
+fn ablation_configs_switch_the_terms() {
+    let terms = |c: &DistillConfig| {
+        (
+            c.loss.clip.enabled,
+            c.loss.cluster.enabled,
+            c.loss.instance.enabled,
+        )
+    };
+    assert_eq!(terms(&parse("clip-only.toml")), (true, false, false));
+    assert_eq!(terms(&parse("clip-cluster.toml")), (true, true, false));
+    let full = parse("clip-cluster-instance.toml");
+    assert_eq!(terms(&full), (true, true, true));
+    assert_eq!(full.loss.cluster.sample_rate, 0.1);
+    assert_eq!(full.optim.adamw.beta2, 0.98);
+    let pc = parse("piccollage.toml");
+    assert_eq!(pc.mode, Mode::Piccollage);
+    assert_eq!(pc.student.model, "piccollage-s12");
+    assert_eq!(
+        [
+            pc.loss.piccollage.schedule.at(9),
+            pc.loss.piccollage.schedule.at(10)
+        ],
+        [4.0, 2.0]
+    );
+}
+
+fn write(dir: &Path, body: &str) -> PathBuf {
+    std::fs::create_dir_all(dir.join("emb")).unwrap();
+    std::fs::write(dir.join("data.tsv"), "a.png\tcaption\n").unwrap();
+    let p = dir.join("run.toml");
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+const DATA: &str = "[data]\ndataset = \"data.tsv\"\nembeddings = \"emb\"\n";
+
+#[test]
+fn bad_configs_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A valid minimal file: relative paths resolve against its folder.
+    let ok = write(d, &format!("{DATA}[loss.cluster]\nenabled = false\n"));
+    let cfg = DistillConfig::from_file(&ok).unwrap();
+    assert_eq!(cfg.data.embeddings, d.join("emb"));
+    assert_eq!((cfg.batch_size, cfg.epochs), (32, 1));
+
+    let err = |body: String| {
+        DistillConfig::from_file(&write(d, &body))
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err(format!(
+        "{DATA}[loss.cluster]\nenabled = false\nsample_rat = 0.2\n"
+    ));
+    assert!(
+        e.contains("run.toml") && e.contains("unknown field `sample_rat`"),
+        "{e}"
+    );
+    let e = err(format!("{DATA}bach_size = 4\n"));
+    assert!(e.contains("unknown field `bach_size`"), "{e}");
+    let e = err(format!("{DATA}[loss.cluster]\nenabled = true\n"));
+    assert!(e.contains("data.clusters is not set"), "{e}");
+    let e = err(format!("{DATA}clusters = \"nope.safetensors\"\n"));
+    assert!(
+        e.contains("data.clusters")
+            && e.contains("nope.safetensors")
+            && e.contains("does not exist"),
+        "{e}"
+    );
+    let e = err("[student]\nmodel = \"tiny\"\n".into());
+    assert!(e.contains("missing field `data`"), "{e}");
+    let e = err(format!(
+        "{DATA}[loss.cluster]\nenabled = false\n[optim]\nlr = -1.0\n"
+    ));
+    assert!(e.contains("optim.lr"), "{e}");
+    let e = DistillConfig::from_file(&d.join("absent.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("absent.toml") && e.contains("cannot read"),
+        "{e}"
+    );
+}
