@@ -85,9 +85,10 @@ pub enum KMeansInit {
     /// `faiss.Kmeans` does; cheap at any `K`.
     #[default]
     Random,
-    /// k-means++ (seeded), computed here and handed to faiss as the initial centroids.
-    /// Costs `K` passes over the training sample (`O(n K D)`), about one k-means iteration
-    /// per `D`-th of a pass per centroid; meant for small `K` and well-separated data.
+    /// Greedy k-means++ (seeded), computed here and handed to faiss as the initial
+    /// centroids. Each of the `K` seeds costs `2 + ln K` passes over the training sample
+    /// (`O(n K D log K)` in all, single-vector products rather than BLAS), so it is meant
+    /// for small `K` and well-separated data.
     PlusPlus,
 }
 
