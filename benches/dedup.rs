@@ -10,26 +10,9 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use clipcid_dedup::{balance, BalanceOptions};
-use clipcid_suite::bench_arg as arg;
+use clipcid_suite::{bench_arg as arg, peak_rss_mb};
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
-
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .map(|l| l.to_string())
-        })
-        .and_then(|l| {
-            l.split_whitespace()
-                .nth(1)
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
-}
 
 fn planted(n: usize, d: usize, dup_frac: f64, noise: f32) -> (Vec<f32>, usize) {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);

@@ -9,21 +9,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use clipcid_loss::{Margin, PartialFc};
-use clipcid_suite::{bench_arg as arg, median};
+use clipcid_suite::{bench_arg as arg, median, peak_rss_mb};
 use rand::{Rng, SeedableRng};
-
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
-        })
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
-}
 
 fn one_rate(
     rate: f64,
