@@ -1,7 +1,6 @@
 //! Streaming over embedding shards (train on a sample, assign shard by shard) and the
 //! cluster file.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -328,15 +327,7 @@ pub fn write_clusters(path: &Path, file: &ClusterFile) -> Result<(), ClusterErro
             Tensor::from_vec(file.sizes.clone(), file.k, &cpu)?,
         ),
     ];
-    let summary = serde_json::to_string_pretty(&file.summary)
-        .map_err(|e| ClusterError::Config(e.to_string()))?;
-    let meta: HashMap<String, String> = [
-        ("clipcid.kind".to_string(), "clusters".to_string()),
-        ("summary".to_string(), summary.clone()),
-    ]
-    .into();
-    clipcid_models::io::write_safetensors(path, tensors, &meta)?;
-    clipcid_models::io::write_atomic(&path.with_extension("json"), summary.as_bytes())?;
+    clipcid_models::io::write_with_summary(path, tensors, "clusters", &file.summary)?;
     Ok(())
 }
 

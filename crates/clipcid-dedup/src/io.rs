@@ -1,6 +1,5 @@
 //! Reading embedding shards for balancing, writing the keep file.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -113,15 +112,7 @@ pub fn write_keep_file(path: &Path, result: &BalanceResult, ids: &[i64]) -> Resu
             Tensor::from_vec(ids.to_vec(), ids.len(), &cpu)?,
         ),
     ];
-    let summary = serde_json::to_string_pretty(&result.summary)
-        .map_err(|e| DedupError::Config(e.to_string()))?;
-    let meta: HashMap<String, String> = [
-        ("clipcid.kind".to_string(), "balance".to_string()),
-        ("summary".to_string(), summary.clone()),
-    ]
-    .into();
-    clipcid_models::io::write_safetensors(path, tensors, &meta)?;
-    clipcid_models::io::write_atomic(&path.with_extension("json"), summary.as_bytes())?;
+    clipcid_models::io::write_with_summary(path, tensors, "balance", &result.summary)?;
     Ok(())
 }
 

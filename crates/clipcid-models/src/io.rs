@@ -33,6 +33,26 @@ pub fn write_safetensors(
     write_atomic(path, &bytes)
 }
 
+/// Writes a stage's output file the way every clipcid stage does: the tensors, with
+/// metadata `clipcid.kind = kind` and `summary` (`summary` as pretty JSON), atomically; and
+/// the same JSON beside it as `<name>.json`.
+pub fn write_with_summary(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (String, Tensor)>,
+    kind: &str,
+    summary: &impl serde::Serialize,
+) -> Result<(), ModelError> {
+    let summary =
+        serde_json::to_string_pretty(summary).map_err(|e| ModelError::Config(e.to_string()))?;
+    let meta: HashMap<String, String> = [
+        ("clipcid.kind".to_string(), kind.to_string()),
+        ("summary".to_string(), summary.clone()),
+    ]
+    .into();
+    write_safetensors(path, tensors, &meta)?;
+    write_atomic(&path.with_extension("json"), summary.as_bytes())
+}
+
 /// Serialises tensors to safetensors bytes with tensors and metadata in sorted order.
 ///
 /// Written here rather than with `safetensors::serialize` because that takes the metadata
