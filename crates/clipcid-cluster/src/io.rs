@@ -124,39 +124,27 @@ impl ShardRows {
                     self.dim
                 )));
             }
-            let values: Vec<f32> = shard.image.flatten_all()?.to_vec1()?;
-            let mut ids = Vec::with_capacity(count);
-            let mut rows = Vec::with_capacity(count * d);
-            for r in 0..count {
-                if let Some(list) = &self.keep {
-                    if list.ids[row + r] != shard.ids[r] {
-                        return Err(ClusterError::Config(format!(
-                            "{}: row {r} has id {} but the keep list{} has id {} there",
-                            path.display(),
-                            shard.ids[r],
-                            self.keep_path
-                                .as_ref()
-                                .map(|p| format!(" {}", p.display()))
-                                .unwrap_or_default(),
-                            list.ids[row + r]
-                        )));
-                    }
-                    if !list.keep[row + r] {
-                        continue;
-                    }
-                }
-                let v = &values[r * d..(r + 1) * d];
-                if let Some(bad) = v.iter().find(|x| !x.is_finite()) {
+            let keep = self.keep.as_ref();
+            if let Some(list) = keep {
+                if let Some(r) = (0..count).find(|&r| list.ids[row + r] != shard.ids[r]) {
                     return Err(ClusterError::Config(format!(
-                        "{}: non-finite value {bad} in row {r} (sample `{}`)",
+                        "{}: row {r} has id {} but the keep list{} has id {} there",
                         path.display(),
-                        shard.keys[r]
+                        shard.ids[r],
+                        self.keep_path
+                            .as_ref()
+                            .map(|p| format!(" {}", p.display()))
+                            .unwrap_or_default(),
+                        list.ids[row + r]
                     )));
                 }
-                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-                rows.extend(v.iter().map(|x| x / norm));
-                ids.push(shard.ids[r]);
             }
+            let kept_here = |r: usize| keep.is_none_or(|list| list.keep[row + r]);
+            let rows = shard.unit_image_rows(kept_here)?;
+            let ids: Vec<i64> = (0..count)
+                .filter(|&r| kept_here(r))
+                .map(|r| shard.ids[r])
+                .collect();
             f(path, kept, &ids, &rows)?;
             kept += ids.len();
             row += count;

@@ -356,6 +356,20 @@ fn streaming_over_shards_equals_in_memory_and_round_trips() {
         e.contains("embeddings-00001") && e.contains("id 150") && e.contains("id 7"),
         "{e}"
     );
+    // A non-finite value in a kept row names the shard, row and sample.
+    let nan_dir = dir.path().join("nan");
+    let mut bad = x.clone();
+    bad[3 * d + 2] = f32::NAN;
+    std::fs::create_dir(&nan_dir).unwrap();
+    write_shards(&nan_dir, &bad, d, 47);
+    let rows = ShardRows::open(&[nan_dir], None).unwrap();
+    let e = assign_shards(&streamed, &rows, |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("embeddings-00000") && e.contains("NaN in row 3"),
+        "{e}"
+    );
     let e = read_clusters(&keep_path).unwrap_err().to_string();
     assert!(
         e.contains("keep.safetensors") && e.contains("`centroids`"),

@@ -53,21 +53,8 @@ pub fn load_embeddings(inputs: &[PathBuf], device: &Device) -> Result<Embeddings
             None => width = Some((d, path)),
             _ => {}
         }
-        let values: Vec<f32> = shard.image.flatten_all()?.to_vec1()?;
-        if let Some(pos) = values.iter().position(|v| !v.is_finite()) {
-            return Err(DedupError::Config(format!(
-                "{}: non-finite value {} in row {} (sample `{}`)",
-                path.display(),
-                values[pos],
-                pos / d,
-                shard.keys[pos / d]
-            )));
-        }
+        data.extend(shard.unit_image_rows(|_| true)?);
         ids.extend(shard.ids);
-        data.extend(values.chunks_exact(d).flat_map(|row| {
-            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-            row.iter().map(move |v| v / norm)
-        }));
     }
     let Some((d, _)) = width else {
         return Err(DedupError::Config(

@@ -219,6 +219,32 @@ impl EmbeddingShard {
         self.image.dims().get(1).copied().unwrap_or(0)
     }
 
+    /// The `image` rows for which `select(row)` holds, in order, each scaled to unit L2
+    /// norm, as one row-major buffer. A non-finite value in a selected row is an error
+    /// naming the shard, the row and its sample key.
+    pub fn unit_image_rows(&self, select: impl Fn(usize) -> bool) -> Result<Vec<f32>, EmbedError> {
+        let d = self.dim();
+        let values: Vec<f32> = self.image.flatten_all()?.to_vec1()?;
+        let mut out = Vec::with_capacity(values.len());
+        for (r, row) in values.chunks_exact(d.max(1)).enumerate() {
+            if !select(r) {
+                continue;
+            }
+            if let Some(bad) = row.iter().find(|v| !v.is_finite()) {
+                return Err(EmbedError::Shard {
+                    path: self.path.clone(),
+                    msg: format!(
+                        "non-finite value {bad} in row {r} (sample `{}`)",
+                        self.keys[r]
+                    ),
+                });
+            }
+            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+            out.extend(row.iter().map(|v| v / norm));
+        }
+        Ok(out)
+    }
+
     /// Moves the embeddings to `device`.
     pub fn to_device(mut self, device: &Device) -> Result<Self, EmbedError> {
         self.image = self.image.to_device(device)?;
