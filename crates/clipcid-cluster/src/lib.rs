@@ -44,7 +44,7 @@ pub use io::{
     assign_shards, cluster_shards, read_clusters, train_from_shards, write_clusters, ClusterFile,
     ShardRows,
 };
-pub use plot::plot_size_histogram;
+pub use plot::{plot_size_histogram, register_plot_font};
 
 /// Errors of the clustering stage.
 #[derive(Debug, thiserror::Error)]

@@ -25,7 +25,7 @@ pub fn plot_size_histogram(
     if series.is_empty() || series.iter().all(|(_, s)| s.is_empty()) {
         return Err(fail("no cluster sizes to plot".into()));
     }
-    register_font().map_err(|e| fail(e.to_string()))?;
+    register_plot_font().map_err(|e| fail(e.to_string()))?;
     let max_size = series
         .iter()
         .flat_map(|(_, s)| s.iter().copied())
@@ -91,7 +91,10 @@ pub fn plot_size_histogram(
     })
 }
 
-fn register_font() -> Result<(), String> {
+/// Registers the built-in DejaVu Sans as plotters' `sans-serif` (once per process), so
+/// pictures need no system fonts. Other crates' plots (loss curves, evaluation charts) call
+/// it too.
+pub fn register_plot_font() -> Result<(), String> {
     static REGISTERED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     REGISTERED
         .get_or_init(|| {

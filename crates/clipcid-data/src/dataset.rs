@@ -221,6 +221,11 @@ impl Dataset {
         }
     }
 
+    /// Folder sources' samples: (key, image path, caption, label), in order.
+    pub(crate) fn entries(&self) -> &[(String, PathBuf, Option<String>, Option<usize>)] {
+        &self.entries
+    }
+
     /// The samples in order. Reading is lazy: image bytes are read as the stream advances.
     pub fn samples(&self) -> Result<SampleStream<'_>, DataError> {
         let inner = match &self.source {
@@ -362,7 +367,7 @@ struct TarSamples {
 }
 
 /// (key, lower-case extension after the key's first dot, bytes)
-type TarEntry = (String, String, Vec<u8>);
+pub(crate) type TarEntry = (String, String, Vec<u8>);
 
 impl TarSamples {
     fn new(shards: Vec<PathBuf>) -> Self {
@@ -436,16 +441,9 @@ fn read_shard(
             .map_err(|e| DataError::format(path, format!("bad entry name: {e}")))?
             .to_string_lossy()
             .into_owned();
-        let (dir, base) = match name.rfind('/') {
-            Some(i) => (&name[..=i], &name[i + 1..]),
-            None => ("", name.as_str()),
-        };
-        // WebDataset: the key is everything before the first dot of the file name.
-        let Some(dot) = base.find('.').filter(|&d| d > 0) else {
+        let Some((key, ext)) = member_key(&name) else {
             continue;
         };
-        let key = format!("{dir}{}", &base[..dot]);
-        let ext = base[dot + 1..].to_ascii_lowercase();
         let mut bytes = Vec::with_capacity(entry.size() as usize);
         entry
             .read_to_end(&mut bytes)
@@ -457,7 +455,22 @@ fn read_shard(
     Ok(())
 }
 
-fn group_to_sample(group: Vec<TarEntry>) -> Sample {
+/// WebDataset naming: a member `dir/key.ext1.ext2` belongs to sample `dir/key` (everything
+/// before the first dot of the file name) with extension `ext1.ext2`, lower-cased. Names
+/// with no key (a leading dot) or no extension are not sample members.
+pub(crate) fn member_key(name: &str) -> Option<(String, String)> {
+    let (dir, base) = match name.rfind('/') {
+        Some(i) => (&name[..=i], &name[i + 1..]),
+        None => ("", name),
+    };
+    let dot = base.find('.').filter(|&d| d > 0)?;
+    Some((
+        format!("{dir}{}", &base[..dot]),
+        base[dot + 1..].to_ascii_lowercase(),
+    ))
+}
+
+pub(crate) fn group_to_sample(group: Vec<TarEntry>) -> Sample {
     let key = group[0].0.clone();
     let mut image = Err("sample has no image member (.jpg/.png/...)".to_string());
     let mut caption = None;

@@ -28,9 +28,11 @@
 mod batch;
 mod dataset;
 mod error;
+mod index;
 mod preprocess;
 
 pub use batch::{decode_batch, Batch, BatchIter, Skipped};
 pub use dataset::{Dataset, Sample, SampleStream, Source, IMAGE_EXTENSIONS};
 pub use error::DataError;
+pub use index::SampleIndex;
 pub use preprocess::{Preprocess, CLIP_MEAN, CLIP_STD};

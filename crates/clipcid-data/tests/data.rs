@@ -261,3 +261,36 @@ fn labelled_folder_and_detection_errors() {
     assert_eq!(stream.skip_samples(2).unwrap(), 2);
     assert_eq!(stream.next().unwrap().unwrap().key, "zebra/1.png");
 }
+
+/// Every field of a sample (index, key, image bytes or error, caption, label).
+fn fingerprint(s: &clipcid_data::Sample) -> String {
+    format!("{s:?}")
+}
+
+#[test]
+fn sample_index_reads_exactly_what_the_stream_yields_in_any_order() {
+    let dir = tempfile::tempdir().unwrap();
+    write_shard(&dir.path().join("00000.tar"), Some("000000002"));
+    write_shard(&dir.path().join("00001.tar"), None);
+    let labelled = tempfile::tempdir().unwrap();
+    for class in ["a", "b"] {
+        std::fs::create_dir(labelled.path().join(class)).unwrap();
+        for i in 0..2 {
+            RgbImage::from_pixel(6, 6, Rgb([i * 50, 0, 0]))
+                .save(labelled.path().join(class).join(format!("{i}.png")))
+                .unwrap();
+        }
+    }
+    for root in [dir.path(), labelled.path()] {
+        let ds = Dataset::open(root).unwrap();
+        let streamed: Vec<_> = ds.samples().unwrap().collect::<Result<_, _>>().unwrap();
+        let index = ds.index().unwrap();
+        assert_eq!(index.len(), streamed.len());
+        for i in (0..streamed.len()).rev() {
+            let got = index.get(i as u64).unwrap();
+            assert_eq!(fingerprint(&got), fingerprint(&streamed[i]), "sample {i}");
+        }
+        let err = index.get(streamed.len() as u64).unwrap_err().to_string();
+        assert!(err.contains("out of range"), "{err}");
+    }
+}

@@ -100,6 +100,17 @@ impl PartialFc {
         &self.weight
     }
 
+    /// Position of the sampling generator in its stream, for a checkpoint: with the same
+    /// seed, [`PartialFc::set_rng_position`] resumes the exact sequence of draws.
+    pub fn rng_position(&self) -> u128 {
+        self.rng.get_word_pos()
+    }
+
+    /// Moves the sampling generator to a position [`PartialFc::rng_position`] returned.
+    pub fn set_rng_position(&mut self, position: u128) {
+        self.rng.set_word_pos(position);
+    }
+
     /// Number of classes `K`.
     pub fn num_classes(&self) -> usize {
         self.weight.dim(0).unwrap_or(0)

@@ -353,6 +353,13 @@ fn partial_fc_sampling_keeps_positives_is_seeded_and_sized() {
         }
     }
     assert!(differs, "another seed draws other negatives");
+    // A checkpointed sampler position continues the same sequence of draws.
+    let mut restored = PartialFc::new(&w, 0.3, 1.0, Margin::None, 7).unwrap();
+    restored.set_rng_position(a.rng_position());
+    for _ in 0..20 {
+        let labels: Vec<u32> = (0..5).map(|_| rng.random_range(0..50)).collect();
+        assert_eq!(a.sample(&labels).unwrap(), restored.sample(&labels).unwrap());
+    }
 }
 
 #[test]

@@ -20,13 +20,21 @@
 #![deny(missing_docs)]
 
 mod config;
+mod data;
 mod optim;
+mod plot;
+mod trainer;
 
 pub use config::{
     ClusterTermConfig, DataConfig, DistillConfig, InstanceTermConfig, LossConfig, Mode,
     OptimConfig, StudentConfig, TermConfig,
 };
+pub use data::{Needs, TrainBatch, TrainingSet};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, WarmupCosine};
+pub use plot::plot_loss_curves;
+pub use trainer::{read_metrics, student_config, RunSummary, StepMetrics, Trainer};
+
+use std::path::{Path, PathBuf};
 
 /// Errors of training.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +42,61 @@ pub enum TrainError {
     /// Bad options or state.
     #[error("{0}")]
     Config(String),
+    /// Inputs that do not fit together (ids, widths, missing tensors...).
+    #[error("{0}")]
+    Input(String),
+    /// A loss term or the gradient became NaN or infinite; nothing was updated.
+    #[error("step {step}: {what}; {}", match last_checkpoint {
+        Some(p) => format!("last good checkpoint: {} (continue with --resume)", p.display()),
+        None => "no checkpoint was written yet".to_string(),
+    })]
+    NonFinite {
+        /// The step that failed (1-based).
+        step: u64,
+        /// Which value.
+        what: String,
+        /// Newest checkpoint written before it.
+        last_checkpoint: Option<PathBuf>,
+    },
+    /// A file could not be read or written.
+    #[error("{}: {what}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        what: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// Reading the dataset failed.
+    #[error(transparent)]
+    Data(#[from] clipcid_data::DataError),
+    /// Reading embedding shards failed.
+    #[error(transparent)]
+    Embed(#[from] clipcid_embed::EmbedError),
+    /// Reading the keep file failed.
+    #[error(transparent)]
+    Dedup(#[from] clipcid_dedup::DedupError),
+    /// Reading the cluster file failed.
+    #[error(transparent)]
+    Cluster(#[from] clipcid_cluster::ClusterError),
+    /// Reading or writing a model or safetensors file failed.
+    #[error(transparent)]
+    Model(#[from] clipcid_models::ModelError),
+    /// A loss could not be computed.
+    #[error(transparent)]
+    Loss(#[from] clipcid_loss::LossError),
+}
+
+impl TrainError {
+    pub(crate) fn io(path: &Path, what: &'static str, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            what,
+            source,
+        }
+    }
 }

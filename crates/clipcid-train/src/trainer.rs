@@ -1,0 +1,807 @@
+//! The distillation loop: one [`Trainer`] owns the student, the loss terms, the optimiser,
+//! the data order and the run folder (checkpoints, metrics, loss curves).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var, D};
+use clipcid_data::Preprocess;
+use clipcid_loss::{ClipLoss, ClusterDistillLoss, InstanceDistillLoss, PartialFc};
+use clipcid_models::{ClipConfig, ClipModel, ClipTokenizer};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::data::{Needs, TrainBatch, TrainingSet};
+use crate::{clip_grad_norm, AdamW, DistillConfig, Mode, TrainError, WarmupCosine};
+
+/// What one optimiser step measured (one line of `metrics.jsonl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// Optimiser steps done, this one included.
+    pub step: u64,
+    /// Epoch of this step (from 0).
+    pub epoch: u64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Weighted total loss (mean over micro-batches).
+    pub loss: f64,
+    /// Each enabled term, unweighted, by name (`clip`, `cluster`, `cluster_cls`, `cluster_kl`,
+    /// `instance`, `piccollage`).
+    pub terms: std::collections::BTreeMap<String, f64>,
+    /// Mean cosine similarity of student and teacher image embeddings in the batch.
+    pub teacher_cosine: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Samples in the step (after dropping unreadable images).
+    pub samples: usize,
+    /// Wall time of the step.
+    pub seconds: f64,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// Optimiser steps done in total.
+    pub steps: u64,
+    /// Steps done by this call.
+    pub steps_this_run: u64,
+    /// Samples per second over this call's steps.
+    pub samples_per_second: f64,
+    /// Last step's metrics.
+    pub last: Option<StepMetrics>,
+    /// Newest checkpoint folder.
+    pub checkpoint: Option<PathBuf>,
+    /// Hugging Face model folder of the finished student (when the run completed).
+    pub student: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct TrainerState {
+    step: u64,
+    partial_fc_rng: Option<String>,
+    config: String,
+}
+
+/// Trains a student CLIP from a [`DistillConfig`], writing into a run folder:
+///
+/// - `checkpoints/step-NNNNNNNN/`: `model.safetensors` + `config.json` (Hugging Face CLIP
+///   layout, f32) and `trainer.safetensors` (AdamW moments, cluster centres; step, sampler
+///   position and the config in its metadata). Written to a `.tmp` folder and renamed, so a
+///   checkpoint is whole or absent; `checkpoints/latest` names the newest.
+/// - `metrics.jsonl`: one [`StepMetrics`] per step; `loss.png`: the curves.
+/// - `student/`: the final student, a Hugging Face model folder.
+///
+/// Data order is a seeded permutation per epoch and PartialFC sampling is seeded, so a run
+/// resumed from a checkpoint ([`Trainer::resume`]) ends with bit-identical weights to an
+/// uninterrupted one on the same machine.
+///
+/// ```no_run
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use clipcid_train::{DistillConfig, Trainer};
+/// let config = DistillConfig::from_file("examples/configs/clip-cluster-instance.toml".as_ref())?;
+/// let mut trainer = Trainer::new(config, "runs/ablation-3".as_ref(), &candle_core::Device::Cpu)?;
+/// let summary = trainer.run(None, true)?;
+/// println!("student in {:?}", summary.student);
+/// # Ok(()) }
+/// ```
+pub struct Trainer {
+    config: DistillConfig,
+    out_dir: PathBuf,
+    device: Device,
+    set: TrainingSet,
+    model: ClipModel,
+    varmap: candle_nn::VarMap,
+    optimizer: AdamW,
+    cluster: Option<ClusterDistillLoss>,
+    tokenizer: Option<ClipTokenizer>,
+    preprocess: Preprocess,
+    schedule: WarmupCosine,
+    steps_per_epoch: u64,
+    step: u64,
+    order: Option<(u64, Vec<usize>)>,
+    last_checkpoint: Option<PathBuf>,
+    history: Vec<StepMetrics>,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("out_dir", &self.out_dir)
+            .field("rows", &self.set.len())
+            .field("step", &self.step)
+            .field("total_steps", &self.total_steps())
+            .finish()
+    }
+}
+
+/// A micro-batch's weighted loss, its unweighted terms by name, and the mean
+/// student-teacher cosine.
+struct MicroLoss {
+    total: Tensor,
+    terms: Vec<(String, Tensor)>,
+    cos: Tensor,
+}
+
+const CENTRES: &str = "cluster.centres";
+
+/// Resolves `student.model`: a preset name, or a Hugging Face `config.json` path.
+pub fn student_config(model: &str) -> Result<ClipConfig, TrainError> {
+    if let Ok(c) = ClipConfig::preset(model) {
+        return Ok(c);
+    }
+    let path = Path::new(model);
+    if !path.is_file() {
+        return Err(TrainError::Config(format!(
+            "student.model `{model}` is neither a preset ({}) nor a config.json file",
+            clipcid_models::PRESETS.join(", ")
+        )));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| TrainError::Config(format!("{}: cannot read: {e}", path.display())))?;
+    let cfg: ClipConfig = serde_json::from_str(&text).map_err(|e| {
+        TrainError::Config(format!("{}: not a CLIP config.json: {e}", path.display()))
+    })?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+impl DistillConfig {
+    /// What the enabled loss terms read.
+    pub fn needs(&self) -> Needs {
+        match self.mode {
+            Mode::Piccollage => Needs::default(),
+            Mode::ClipCid => {
+                let l = &self.loss;
+                Needs {
+                    captions: l.clip.enabled || l.instance.enabled,
+                    teacher_text: l.instance.enabled,
+                    clusters: l.cluster.enabled,
+                }
+            }
+        }
+    }
+
+    fn compares_with_teacher(&self) -> bool {
+        self.mode == Mode::Piccollage || self.loss.cluster.enabled || self.loss.instance.enabled
+    }
+}
+
+impl Trainer {
+    /// Loads the data, builds the student (seeded random, or `student.init`), the loss terms
+    /// and the optimiser. `out_dir` is created; an existing run there is not read (see
+    /// [`Trainer::resume`]).
+    pub fn new(config: DistillConfig, out_dir: &Path, device: &Device) -> Result<Self, TrainError> {
+        config.validate().map_err(TrainError::Config)?;
+        let needs = config.needs();
+        let set = TrainingSet::load(&config.data, needs)?;
+        let student_cfg = student_config(&config.student.model)?;
+        if config.compares_with_teacher() && student_cfg.projection_dim != set.dim() {
+            return Err(TrainError::Config(format!(
+                "teacher embeddings in `{}` are {} wide but student `{}` projects to {}: pick a student with projection_dim = {}",
+                config.data.embeddings.display(),
+                set.dim(),
+                config.student.model,
+                student_cfg.projection_dim,
+                set.dim()
+            )));
+        }
+        let tensors = match &config.student.init {
+            Some(p) => clipcid_models::Checkpoint::read(p, Some(student_cfg.clone()))?.tensors,
+            None => clipcid_models::weights::init_tensors(&student_cfg, config.seed)?,
+        };
+        let (model, varmap) = ClipModel::trainable_from(&student_cfg, tensors, device)?;
+        let tokenizer = if needs.captions {
+            let path = config.data.tokenizer.as_ref().ok_or_else(|| {
+                TrainError::Config(
+                    "the CLIP and instance loss terms need data.tokenizer (a tokenizer.json)"
+                        .into(),
+                )
+            })?;
+            let tok =
+                ClipTokenizer::from_file(path, student_cfg.text_config.max_position_embeddings)?;
+            if tok.vocab_size() > student_cfg.text_config.vocab_size {
+                return Err(TrainError::Config(format!(
+                    "{}: the tokenizer has {} tokens but the student's vocabulary is {}",
+                    path.display(),
+                    tok.vocab_size(),
+                    student_cfg.text_config.vocab_size
+                )));
+            }
+            Some(tok)
+        } else {
+            None
+        };
+        let cluster = match set.centroids(device)? {
+            Some(c) if needs.clusters => {
+                let l = &config.loss.cluster;
+                let fc = PartialFc::new(&c, l.sample_rate, l.scale, l.margin, config.seed)?;
+                let mut loss = ClusterDistillLoss::new(fc);
+                loss.kl_weight = l.kl_weight;
+                loss.kl_temperature = l.kl_temperature;
+                Some(loss)
+            }
+            _ => None,
+        };
+        let mut params: Vec<(String, Var)> = {
+            let data = varmap
+                .data()
+                .lock()
+                .map_err(|_| TrainError::Config("parameter map lock poisoned".into()))?;
+            data.iter()
+                .filter(|(name, _)| {
+                    config.mode == Mode::ClipCid
+                        || name.starts_with("vision_model.")
+                        || name.starts_with("visual_projection.")
+                })
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect()
+        };
+        if let Some(c) = &cluster {
+            params.push((CENTRES.into(), c.fc.weight().clone()));
+        }
+        let optimizer = AdamW::new(params, config.optim.adamw)?;
+        let per_step = (config.batch_size * config.optim.accumulate) as u64;
+        let steps_per_epoch = set.len() as u64 / per_step;
+        if steps_per_epoch == 0 {
+            return Err(TrainError::Config(format!(
+                "{} training rows are fewer than one step's batch_size x optim.accumulate = {per_step}",
+                set.len()
+            )));
+        }
+        let total = steps_per_epoch * config.epochs as u64;
+        let schedule = WarmupCosine {
+            peak_lr: config.optim.lr,
+            warmup_steps: config.optim.warmup_steps.min(total),
+            total_steps: total,
+            min_lr: config.optim.min_lr,
+        };
+        std::fs::create_dir_all(out_dir)
+            .map_err(|e| TrainError::io(out_dir, "cannot create the run folder", e))?;
+        Ok(Self {
+            preprocess: Preprocess::clip(student_cfg.vision_config.image_size),
+            config,
+            out_dir: out_dir.to_path_buf(),
+            device: device.clone(),
+            set,
+            model,
+            varmap,
+            optimizer,
+            cluster,
+            tokenizer,
+            schedule,
+            steps_per_epoch,
+            step: 0,
+            order: None,
+            last_checkpoint: None,
+            history: vec![],
+        })
+    }
+
+    /// [`Trainer::new`], then restores the newest checkpoint in `out_dir` (named by
+    /// `checkpoints/latest`): weights, optimiser moments, cluster centres, step and sampler
+    /// position. Metrics after that step are dropped from `metrics.jsonl`. A config that
+    /// changes the data order (batch size, accumulation, seed, epochs) is refused.
+    pub fn resume(
+        config: DistillConfig,
+        out_dir: &Path,
+        device: &Device,
+    ) -> Result<Self, TrainError> {
+        let latest = out_dir.join("checkpoints").join("latest");
+        let name = std::fs::read_to_string(&latest)
+            .map_err(|e| TrainError::io(&latest, "no checkpoint to resume from", e))?;
+        let dir = out_dir.join("checkpoints").join(name.trim());
+        let mut t = Self::new(config, out_dir, device)?;
+        t.load_checkpoint(&dir)?;
+        Ok(t)
+    }
+
+    fn load_checkpoint(&mut self, dir: &Path) -> Result<(), TrainError> {
+        let file = dir.join("trainer.safetensors");
+        let header = clipcid_models::io::read_header(&file)?;
+        let state: TrainerState = header
+            .metadata
+            .get("state")
+            .and_then(|s| serde_json::from_str(s).ok())
+            .ok_or_else(|| {
+                TrainError::Input(format!(
+                    "{}: no trainer state in the metadata",
+                    file.display()
+                ))
+            })?;
+        let saved: DistillConfig = toml::from_str(&state.config)
+            .map_err(|e| TrainError::Input(format!("{}: bad saved config: {e}", file.display())))?;
+        for (what, a, b) in [
+            (
+                "batch_size",
+                saved.batch_size as u64,
+                self.config.batch_size as u64,
+            ),
+            (
+                "optim.accumulate",
+                saved.optim.accumulate as u64,
+                self.config.optim.accumulate as u64,
+            ),
+            ("seed", saved.seed, self.config.seed),
+            ("epochs", saved.epochs as u64, self.config.epochs as u64),
+        ] {
+            if a != b {
+                return Err(TrainError::Config(format!(
+                    "{}: the checkpoint was trained with {what} = {a}, this config says {b}; resuming would not continue the same run",
+                    dir.display()
+                )));
+            }
+        }
+        if saved.mode != self.config.mode {
+            return Err(TrainError::Config(format!(
+                "{}: the checkpoint is a {:?} run, this config is {:?}",
+                dir.display(),
+                saved.mode,
+                self.config.mode
+            )));
+        }
+        let ckpt = clipcid_models::Checkpoint::read(
+            &dir.join("model.safetensors"),
+            Some(self.model.config().clone()),
+        )?;
+        let tensors = clipcid_models::io::load_tensors(&file)?;
+        // Every student parameter (frozen ones too: the text tower in PicCollage mode).
+        let vars: Vec<(String, Var)> = {
+            let data = self
+                .varmap
+                .data()
+                .lock()
+                .map_err(|_| TrainError::Config("parameter map lock poisoned".into()))?;
+            data.iter().map(|(n, v)| (n.clone(), v.clone())).collect()
+        };
+        for (name, var) in &vars {
+            let src = ckpt.tensors.get(name).ok_or_else(|| {
+                TrainError::Input(format!("{}: checkpoint lacks `{name}`", dir.display()))
+            })?;
+            var.set(&src.to_device(&self.device)?.to_dtype(var.dtype())?)?;
+        }
+        if let Some(c) = &self.cluster {
+            let src = tensors.get(CENTRES).ok_or_else(|| {
+                TrainError::Input(format!("{}: checkpoint lacks `{CENTRES}`", file.display()))
+            })?;
+            let w = c.fc.weight();
+            if src.dims() != w.dims() {
+                return Err(TrainError::Input(format!(
+                    "{}: `{CENTRES}` is {:?} but the cluster file gives {:?}",
+                    file.display(),
+                    src.dims(),
+                    w.dims()
+                )));
+            }
+            w.set(&src.to_device(&self.device)?.to_dtype(w.dtype())?)?;
+        }
+        self.optimizer.load_state(&tensors, state.step)?;
+        if let (Some(c), Some(pos)) = (self.cluster.as_mut(), state.partial_fc_rng.as_deref()) {
+            let pos: u128 = pos.parse().map_err(|_| {
+                TrainError::Input(format!("{}: bad sampler position", file.display()))
+            })?;
+            c.fc.set_rng_position(pos);
+        }
+        self.step = state.step;
+        self.last_checkpoint = Some(dir.to_path_buf());
+        self.history = read_metrics(&self.out_dir.join("metrics.jsonl"))?
+            .into_iter()
+            .filter(|m| m.step <= self.step)
+            .collect();
+        write_metrics(&self.out_dir.join("metrics.jsonl"), &self.history)?;
+        Ok(())
+    }
+}
+
+impl Trainer {
+    /// The student being trained.
+    pub fn model(&self) -> &ClipModel {
+        &self.model
+    }
+
+    /// The joined training rows.
+    pub fn training_set(&self) -> &TrainingSet {
+        &self.set
+    }
+
+    /// The run's configuration.
+    pub fn config(&self) -> &DistillConfig {
+        &self.config
+    }
+
+    /// Optimiser steps done.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// Optimiser steps per epoch (`rows / (batch_size * accumulate)`, the last partial
+    /// batch dropped as open_clip does).
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.steps_per_epoch
+    }
+
+    /// Steps of the whole run.
+    pub fn total_steps(&self) -> u64 {
+        self.steps_per_epoch * self.config.epochs as u64
+    }
+
+    /// Metrics of the steps so far (restored from `metrics.jsonl` on resume).
+    pub fn history(&self) -> &[StepMetrics] {
+        &self.history
+    }
+
+    /// The newest checkpoint written or resumed from.
+    pub fn last_checkpoint(&self) -> Option<&Path> {
+        self.last_checkpoint.as_deref()
+    }
+
+    /// The run folder.
+    pub fn out_dir(&self) -> &Path {
+        &self.out_dir
+    }
+
+    /// Training rows of `epoch` in order: a permutation drawn from ChaCha8 seeded with the
+    /// run's seed on stream `epoch`, so it depends on nothing else.
+    pub fn epoch_order(&self, epoch: u64) -> Vec<usize> {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed);
+        rng.set_stream(epoch);
+        let mut order: Vec<usize> = (0..self.set.len()).collect();
+        order.shuffle(&mut rng);
+        order
+    }
+
+    fn nonfinite(&self, what: String) -> TrainError {
+        TrainError::NonFinite {
+            step: self.step + 1,
+            what,
+            last_checkpoint: self.last_checkpoint.clone(),
+        }
+    }
+
+    /// The weighted loss of one micro-batch and its unweighted terms.
+    fn micro_loss(
+        &mut self,
+        b: &TrainBatch,
+        epoch: u64,
+    ) -> Result<MicroLoss, TrainError> {
+        let image = self.model.encode_image(&b.pixels)?;
+        let mut terms: Vec<(String, Tensor)> = vec![];
+        let mut weighted: Vec<Tensor> = vec![];
+        match self.config.mode {
+            Mode::Piccollage => {
+                let l = self.config.loss.piccollage.forward(
+                    &image,
+                    &b.teacher_image,
+                    epoch as usize,
+                )?;
+                weighted.push(l.clone());
+                terms.push(("piccollage".into(), l));
+            }
+            Mode::ClipCid => {
+                let cfg = self.config.loss.clone();
+                let text = match &b.tokens {
+                    Some(t) => Some(self.model.encode_text(t)?),
+                    None => None,
+                };
+                let scale = self.model.logit_scale().clone();
+                if cfg.clip.enabled {
+                    let text = text
+                        .as_ref()
+                        .ok_or_else(|| TrainError::Config("no captions".into()))?;
+                    let l = ClipLoss::new().forward(&image, text, &scale)?;
+                    weighted.push((&l * cfg.clip.weight)?);
+                    terms.push(("clip".into(), l));
+                }
+                if cfg.cluster.enabled {
+                    let c = self
+                        .cluster
+                        .as_mut()
+                        .ok_or_else(|| TrainError::Config("no cluster file".into()))?;
+                    let out = c.forward(&image, &b.teacher_image, &b.labels)?;
+                    weighted.push((&out.loss * cfg.cluster.weight)?);
+                    terms.push(("cluster".into(), out.loss));
+                    terms.push(("cluster_cls".into(), out.classification));
+                    terms.push(("cluster_kl".into(), out.kl));
+                }
+                if cfg.instance.enabled {
+                    let (text, t_text) = match (&text, &b.teacher_text) {
+                        (Some(a), Some(b)) => (a, b),
+                        _ => return Err(TrainError::Config("no teacher text".into())),
+                    };
+                    let l = InstanceDistillLoss {
+                        image_text_weight: cfg.instance.image_text_weight,
+                        text_image_weight: cfg.instance.text_image_weight,
+                    }
+                    .forward(&image, text, &b.teacher_image, t_text, &scale)?;
+                    weighted.push((&l * cfg.instance.weight)?);
+                    terms.push(("instance".into(), l));
+                }
+            }
+        }
+        let mut total = weighted
+            .first()
+            .cloned()
+            .ok_or_else(|| TrainError::Config("every loss term is disabled".into()))?;
+        for w in &weighted[1..] {
+            total = (total + w)?;
+        }
+        // Cosine between unit student and teacher image rows: the distillation's yardstick.
+        let cos = if image.dim(1)? == b.teacher_image.dim(1)? {
+            clipcid_models::l2_normalize(&image.detach())?
+                .mul(&b.teacher_image)?
+                .sum(D::Minus1)?
+                .mean_all()?
+        } else {
+            Tensor::new(f32::NAN, &self.device)?
+        };
+        Ok(MicroLoss { total, terms, cos })
+    }
+
+    /// One optimiser step: `accumulate` micro-batches (gradients summed, each loss divided
+    /// by `accumulate`; contrastive negatives come from within each micro-batch), gradient
+    /// clipping, AdamW at the scheduled learning rate. A non-finite loss term or gradient
+    /// norm stops with [`TrainError::NonFinite`] before any weight changes.
+    pub fn step(&mut self) -> Result<StepMetrics, TrainError> {
+        let start = Instant::now();
+        if self.step >= self.total_steps() {
+            return Err(TrainError::Config(format!(
+                "the run is complete ({} steps)",
+                self.total_steps()
+            )));
+        }
+        let epoch = self.step / self.steps_per_epoch;
+        if self.order.as_ref().map(|(e, _)| *e) != Some(epoch) {
+            self.order = Some((epoch, self.epoch_order(epoch)));
+        }
+        let in_epoch = (self.step % self.steps_per_epoch) as usize;
+        let (bs, accum) = (self.config.batch_size, self.config.optim.accumulate);
+        let mut grads: Option<GradStore> = None;
+        let mut sums: std::collections::BTreeMap<String, f64> = Default::default();
+        let (mut loss_sum, mut cos_sum, mut samples) = (0f64, 0f64, 0usize);
+        for micro in 0..accum {
+            let first = (in_epoch * accum + micro) * bs;
+            let rows: Vec<usize> = match &self.order {
+                Some((_, o)) => o[first..first + bs].to_vec(),
+                None => vec![],
+            };
+            let batch = self.set.batch(
+                &rows,
+                &self.preprocess,
+                self.tokenizer.as_ref(),
+                &self.device,
+            )?;
+            for s in &batch.skipped {
+                log::warn!(
+                    "step {}: skipped sample `{}`: {}",
+                    self.step + 1,
+                    s.key,
+                    s.reason
+                );
+            }
+            samples += batch.rows.len();
+            let MicroLoss { total, terms, cos } = self.micro_loss(&batch, epoch)?;
+            for (name, t) in &terms {
+                let v = t.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !v.is_finite() {
+                    return Err(self.nonfinite(format!("loss term `{name}` is {v}")));
+                }
+                *sums.entry(name.clone()).or_default() += v / accum as f64;
+            }
+            loss_sum += total.to_dtype(DType::F64)?.to_scalar::<f64>()? / accum as f64;
+            cos_sum += cos.to_dtype(DType::F64)?.to_scalar::<f64>()? / accum as f64;
+            let g = (total / accum as f64)?.backward()?;
+            grads = Some(match grads {
+                None => g,
+                Some(mut acc) => {
+                    for (_, var) in self.optimizer.params() {
+                        if let Some(new) = g.get(var) {
+                            let sum = match acc.get(var) {
+                                Some(old) => (old + new)?,
+                                None => new.clone(),
+                            };
+                            acc.insert(var, sum);
+                        }
+                    }
+                    acc
+                }
+            });
+        }
+        let mut grads = grads.ok_or_else(|| TrainError::Config("no micro-batch".into()))?;
+        let vars: Vec<Var> = self.optimizer.params().map(|(_, v)| v.clone()).collect();
+        let refs: Vec<&Var> = vars.iter().collect();
+        let max = if self.config.optim.clip_grad_norm > 0.0 {
+            self.config.optim.clip_grad_norm
+        } else {
+            f64::INFINITY
+        };
+        let grad_norm = clip_grad_norm(&mut grads, &refs, max)?;
+        if !grad_norm.is_finite() {
+            return Err(self.nonfinite(format!("gradient norm is {grad_norm}")));
+        }
+        let lr = self.schedule.lr(self.step);
+        self.optimizer.step(&grads, lr)?;
+        self.step += 1;
+        let m = StepMetrics {
+            step: self.step,
+            epoch,
+            lr,
+            loss: loss_sum,
+            terms: sums,
+            teacher_cosine: cos_sum,
+            grad_norm,
+            samples,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        append_metrics(&self.out_dir.join("metrics.jsonl"), &m)?;
+        self.history.push(m.clone());
+        Ok(m)
+    }
+
+    /// Writes a checkpoint for the current step (see [`Trainer`] for the layout) and points
+    /// `checkpoints/latest` at it. Only the three newest step folders are kept.
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf, TrainError> {
+        let root = self.out_dir.join("checkpoints");
+        let name = format!("step-{:08}", self.step);
+        let dir = root.join(&name);
+        let tmp = root.join(format!(".{name}.tmp"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp)
+            .map_err(|e| TrainError::io(&tmp, "cannot create checkpoint folder", e))?;
+        self.model.save_pretrained(&tmp, DType::F32)?;
+        let (mut tensors, steps) = self.optimizer.state();
+        if let Some(c) = &self.cluster {
+            tensors.push((CENTRES.into(), c.fc.weight().as_tensor().clone()));
+        }
+        let state = TrainerState {
+            step: steps,
+            partial_fc_rng: self
+                .cluster
+                .as_ref()
+                .map(|c| c.fc.rng_position().to_string()),
+            config: toml::to_string(&self.config)
+                .map_err(|e| TrainError::Config(format!("cannot serialise the config: {e}")))?,
+        };
+        let meta: HashMap<String, String> = [(
+            "state".to_string(),
+            serde_json::to_string(&state).map_err(|e| TrainError::Config(e.to_string()))?,
+        )]
+        .into();
+        clipcid_models::io::write_safetensors(&tmp.join("trainer.safetensors"), tensors, &meta)?;
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&tmp, &dir)
+            .map_err(|e| TrainError::io(&dir, "cannot move the checkpoint into place", e))?;
+        clipcid_models::io::write_atomic(&root.join("latest"), name.as_bytes())?;
+        self.last_checkpoint = Some(dir.clone());
+        // Keep the three newest.
+        let mut old: Vec<PathBuf> = std::fs::read_dir(&root)
+            .map_err(|e| TrainError::io(&root, "cannot list checkpoints", e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_dir()
+                    && p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("step-"))
+            })
+            .collect();
+        old.sort();
+        if old.len() > 3 {
+            for p in &old[..old.len() - 3] {
+                let _ = std::fs::remove_dir_all(p);
+            }
+        }
+        Ok(dir)
+    }
+
+    /// Runs until `until` steps are done (the whole run with `None`), checkpointing every
+    /// `checkpoint_every` steps and at the end. When the run completes, the student is also
+    /// written as a Hugging Face model folder `student/` and the loss curves as `loss.png`.
+    pub fn run(&mut self, until: Option<u64>, progress: bool) -> Result<RunSummary, TrainError> {
+        let end = until.unwrap_or(u64::MAX).min(self.total_steps());
+        let bar = progress_bar(progress, self.total_steps(), self.step);
+        let started = Instant::now();
+        let first = self.step;
+        let mut samples = 0usize;
+        let mut last = None;
+        while self.step < end {
+            let m = self.step()?;
+            samples += m.samples;
+            let rate = samples as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            bar.set_position(self.step);
+            bar.set_message(format!(
+                "loss {:.4} {}| cos {:.3} | {rate:.1} samples/s",
+                m.loss,
+                m.terms
+                    .iter()
+                    .filter(|(k, _)| !k.contains('_'))
+                    .map(|(k, v)| format!("{k} {v:.3} "))
+                    .collect::<String>(),
+                m.teacher_cosine
+            ));
+            last = Some(m);
+            let every = self.config.checkpoint_every.max(1);
+            if self.step.is_multiple_of(every) && self.step < self.total_steps() {
+                self.save_checkpoint()?;
+                crate::plot::plot_loss_curves(&self.out_dir.join("loss.png"), &self.history)?;
+            }
+        }
+        bar.finish_and_clear();
+        let done = self.step >= self.total_steps();
+        if self.step > first || done {
+            self.save_checkpoint()?;
+            if !self.history.is_empty() {
+                crate::plot::plot_loss_curves(&self.out_dir.join("loss.png"), &self.history)?;
+            }
+        }
+        let student = if done {
+            let dir = self.out_dir.join("student");
+            self.model.save_pretrained(&dir, DType::F32)?;
+            Some(dir)
+        } else {
+            None
+        };
+        Ok(RunSummary {
+            steps: self.step,
+            steps_this_run: self.step - first,
+            samples_per_second: samples as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            last: last.or_else(|| self.history.last().cloned()),
+            checkpoint: self.last_checkpoint.clone(),
+            student,
+        })
+    }
+}
+
+fn progress_bar(show: bool, total: u64, at: u64) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "distill [{elapsed_precise}] {bar:30} {pos}/{len} steps (eta {eta}) {msg}",
+    ) {
+        bar.set_style(style);
+    }
+    bar.set_position(at);
+    bar
+}
+
+fn append_metrics(path: &Path, m: &StepMetrics) -> Result<(), TrainError> {
+    let line = serde_json::to_string(m).map_err(|e| TrainError::Config(e.to_string()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| TrainError::io(path, "cannot open", e))?;
+    writeln!(f, "{line}").map_err(|e| TrainError::io(path, "cannot write", e))
+}
+
+/// Reads a `metrics.jsonl` (empty when the file does not exist); a bad line is an error
+/// naming the file and line.
+pub fn read_metrics(path: &Path) -> Result<Vec<StepMetrics>, TrainError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(TrainError::io(path, "cannot read", e)),
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| TrainError::Input(format!("{}: line {}: {e}", path.display(), i + 1)))
+        })
+        .collect()
+}
+
+fn write_metrics(path: &Path, rows: &[StepMetrics]) -> Result<(), TrainError> {
+    let mut out = String::new();
+    for m in rows {
+        out.push_str(&serde_json::to_string(m).map_err(|e| TrainError::Config(e.to_string()))?);
+        out.push('\n');
+    }
+    clipcid_models::io::write_atomic(path, out.as_bytes())?;
+    Ok(())
+}

@@ -1,0 +1,506 @@
+#![allow(clippy::unwrap_used)]
+//! The distillation loop end to end on a synthetic task with a known answer: images are
+//! random mixtures of four smooth patterns and the teacher is a fixed random projection of
+//! their (preprocessed) pixels, so a student that learns the projection reaches cosine 1.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use clipcid_data::Preprocess;
+use clipcid_models::{l2_normalize, ClipModel, ClipTokenizer};
+use clipcid_train::{DistillConfig, Mode, TrainError, Trainer};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const SIZE: u32 = 32;
+const DIM: usize = 16;
+const PATTERNS: usize = 4;
+
+/// A dataset folder, its teacher embeddings and (optionally) clusters.
+struct Fixture {
+    dir: tempfile::TempDir,
+    held_out: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+fn pattern(i: usize, x: u32, y: u32, c: usize) -> f32 {
+    let (fx, fy) = (x as f32 / SIZE as f32, y as f32 / SIZE as f32);
+    let phase = c as f32 * 1.3;
+    match i {
+        0 => (std::f32::consts::TAU * fx + phase).sin(),
+        1 => (std::f32::consts::TAU * fy + phase).cos(),
+        2 => (std::f32::consts::TAU * (fx + fy) + phase).sin(),
+        _ => (std::f32::consts::PI * 3.0 * fx * fy + phase).cos(),
+    }
+}
+
+fn image(w: &[f32]) -> image::RgbImage {
+    image::RgbImage::from_fn(SIZE, SIZE, |x, y| {
+        image::Rgb(std::array::from_fn(|c| {
+            let v: f32 = (0..PATTERNS).map(|i| w[i] * pattern(i, x, y, c)).sum();
+            (128.0 + 28.0 * v).round().clamp(0.0, 255.0) as u8
+        }))
+    })
+}
+
+/// The teacher: `normalize(P (x - gray))` over preprocessed pixels `x`.
+struct Teacher {
+    projection: Vec<f32>,
+    gray: Vec<f32>,
+}
+
+impl Teacher {
+    fn new() -> Self {
+        let n = 3 * (SIZE * SIZE) as usize;
+        let mut rng = ChaCha8Rng::seed_from_u64(99);
+        let projection = (0..DIM * n)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        let gray = Preprocess::clip(SIZE as usize).apply(&image::DynamicImage::ImageRgb8(
+            image::RgbImage::from_pixel(SIZE, SIZE, image::Rgb([128, 128, 128])),
+        ));
+        Self { projection, gray }
+    }
+
+    fn embed(&self, png: &[u8]) -> (Vec<f32>, Vec<f32>) {
+        let x = Preprocess::clip(SIZE as usize).decode(png).unwrap();
+        let centred: Vec<f32> = x.iter().zip(&self.gray).map(|(a, b)| a - b).collect();
+        let mut t: Vec<f32> = self
+            .projection
+            .chunks_exact(centred.len())
+            .map(|row| row.iter().zip(&centred).map(|(a, b)| a * b).sum())
+            .collect();
+        let n = t.iter().map(|v| v * v).sum::<f32>().sqrt();
+        t.iter_mut().for_each(|v| *v /= n);
+        (x, t)
+    }
+}
+
+fn png(img: &image::RgbImage) -> Vec<u8> {
+    let mut buf = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut buf, image::ImageFormat::Png).unwrap();
+    buf.into_inner()
+}
+
+/// `n` training images with captions, teacher shards (image + text), a tokenizer, and
+/// `held` held-out (pixels, teacher embedding) pairs; with `k > 0`, a cluster file from
+/// faiss k-means of the teacher embeddings.
+fn fixture(n: usize, held: usize, k: usize) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("data")).unwrap();
+    std::fs::create_dir_all(d.join("emb")).unwrap();
+    let teacher = Teacher::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let mut tsv = String::new();
+    let (mut img_rows, mut txt_rows) = (vec![], vec![]);
+    let mut held_out = vec![];
+    for i in 0..n + held {
+        let w: Vec<f32> = (0..PATTERNS)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        let bytes = png(&image(&w));
+        let (pixels, t) = teacher.embed(&bytes);
+        if i >= n {
+            held_out.push((pixels, t));
+            continue;
+        }
+        std::fs::write(d.join("data").join(format!("{i}.png")), &bytes).unwrap();
+        let words: Vec<String> = w
+            .iter()
+            .enumerate()
+            .map(|(j, v)| {
+                format!(
+                    "{}{}",
+                    ["sin", "cos", "diag", "ring"][j],
+                    if *v > 0.0 { "+" } else { "-" }
+                )
+            })
+            .collect();
+        tsv.push_str(&format!("{i}.png\t{}\n", words.join(" ")));
+        // The teacher's text embedding: its image embedding, slightly perturbed.
+        let txt: Vec<f32> = t
+            .iter()
+            .map(|v| v + rng.random_range(-0.05f32..0.05))
+            .collect();
+        img_rows.extend(t);
+        txt_rows.extend(txt);
+    }
+    std::fs::write(d.join("data").join("captions.tsv"), tsv).unwrap();
+    let cpu = Device::Cpu;
+    let tensors = vec![
+        (
+            "image".to_string(),
+            Tensor::from_vec(img_rows, (n, DIM), &cpu).unwrap(),
+        ),
+        (
+            "text".to_string(),
+            Tensor::from_vec(txt_rows, (n, DIM), &cpu).unwrap(),
+        ),
+        (
+            "ids".to_string(),
+            Tensor::from_vec((0..n as i64).collect::<Vec<_>>(), n, &cpu).unwrap(),
+        ),
+    ];
+    let meta = HashMap::from([("teacher".to_string(), "random projection".to_string())]);
+    clipcid_models::io::write_safetensors(
+        &clipcid_embed::shard_path(&d.join("emb"), 0),
+        tensors,
+        &meta,
+    )
+    .unwrap();
+    ClipTokenizer::byte_level(16)
+        .unwrap()
+        .save(&d.join("tokenizer.json"))
+        .unwrap();
+    if k > 0 {
+        let rows = clipcid_cluster::ShardRows::open(&[d.join("emb")], None).unwrap();
+        let kmeans = clipcid_cluster::KMeans::new(k).seed(1).iterations(20);
+        let file = clipcid_cluster::cluster_shards(&kmeans, &rows, false).unwrap();
+        clipcid_cluster::write_clusters(&d.join("clusters.safetensors"), &file).unwrap();
+    }
+    Fixture { dir, held_out }
+}
+
+impl Fixture {
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn config(&self, body: &str) -> DistillConfig {
+        let p = self.path("run.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "{body}\n[data]\ndataset = \"data\"\nembeddings = \"emb\"\ntokenizer = \"tokenizer.json\"\n{}",
+                if self.path("clusters.safetensors").exists() { "clusters = \"clusters.safetensors\"\n" } else { "" }
+            ),
+        )
+        .unwrap();
+        DistillConfig::from_file(&p).unwrap()
+    }
+
+    /// Mean cosine of the student's and the teacher's embeddings of the held-out images.
+    fn held_out_cosine(&self, model: &ClipModel) -> f32 {
+        let n = self.held_out.len();
+        let px: Vec<f32> = self.held_out.iter().flat_map(|(p, _)| p.clone()).collect();
+        let t: Vec<f32> = self.held_out.iter().flat_map(|(_, t)| t.clone()).collect();
+        let px = Tensor::from_vec(px, (n, 3, SIZE as usize, SIZE as usize), &Device::Cpu).unwrap();
+        let t = Tensor::from_vec(t, (n, DIM), &Device::Cpu).unwrap();
+        let s = l2_normalize(&model.encode_image(&px).unwrap()).unwrap();
+        (s * t)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            / n as f32
+    }
+}
+
+const PICCOLLAGE: &str = r#"
+mode = "piccollage"
+batch_size = 32
+epochs = 25
+seed = 3
+checkpoint_every = 100000
+[student]
+model = "tiny"
+[loss.piccollage]
+kl_weight = 1.0
+l1_weight = 1.0
+schedule = { steps = [[0, 4.0], [15, 2.0]] }
+[optim]
+lr = 3e-3
+warmup_steps = 20
+clip_grad_norm = 1.0
+adamw = { weight_decay = 0.0 }
+"#;
+
+#[test]
+fn distillation_learns_a_random_projection_teacher_on_held_out_images() {
+    let fx = fixture(512, 128, 0);
+    let cfg = fx.config(PICCOLLAGE);
+    assert_eq!(cfg.mode, Mode::Piccollage);
+    let mut trainer = Trainer::new(cfg, &fx.path("run"), &Device::Cpu).unwrap();
+    let before = fx.held_out_cosine(trainer.model());
+    let summary = trainer.run(None, false).unwrap();
+    let after = fx.held_out_cosine(trainer.model());
+    eprintln!(
+        "held-out cosine {before:.3} -> {after:.3} in {} steps",
+        summary.steps
+    );
+    assert!(
+        before < 0.5,
+        "an untrained student already agrees: {before}"
+    );
+    assert!(
+        after > 0.95,
+        "held-out student-teacher cosine {after} <= 0.95"
+    );
+    // The run folder: final student, metrics for every step, loss curves.
+    let student = ClipModel::load(&summary.student.unwrap(), &Device::Cpu).unwrap();
+    assert!((fx.held_out_cosine(&student) - after).abs() < 1e-6);
+    let metrics = clipcid_train::read_metrics(&fx.path("run/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.len() as u64, summary.steps);
+    assert!(metrics.last().unwrap().terms.contains_key("piccollage"));
+    assert!(fx.path("run/loss.png").metadata().unwrap().len() > 1000);
+}
+
+/// Index of the nearest of `k` centroids (rows of `c`) to each unit row of `x`.
+fn nearest(x: &[f32], c: &[f32], d: usize) -> Vec<usize> {
+    x.chunks_exact(d)
+        .map(|row| {
+            let dots = c
+                .chunks_exact(d)
+                .map(|cr| cr.iter().zip(row).map(|(a, b)| a * b).sum::<f32>());
+            dots.enumerate()
+                .fold((0, f32::MIN), |b, (i, v)| if v > b.1 { (i, v) } else { b })
+                .0
+        })
+        .collect()
+}
+
+#[test]
+fn cluster_loss_alone_learns_the_pseudo_labels() {
+    let k = 8;
+    let fx = fixture(512, 256, k);
+    let cfg = fx.config(
+        r#"
+batch_size = 32
+epochs = 12
+seed = 4
+checkpoint_every = 100000
+[student]
+model = "tiny"
+[loss.clip]
+enabled = false
+[loss.instance]
+enabled = false
+[loss.cluster]
+sample_rate = 0.5
+scale = 16.0
+[optim]
+lr = 3e-3
+warmup_steps = 20
+"#,
+    );
+    let clusters = clipcid_cluster::read_clusters(&fx.path("clusters.safetensors")).unwrap();
+    let teacher: Vec<f32> = fx.held_out.iter().flat_map(|(_, t)| t.clone()).collect();
+    let truth = nearest(&teacher, &clusters.centroids, DIM);
+    let mut counts = vec![0usize; k];
+    truth.iter().for_each(|&l| counts[l] += 1);
+    let majority = *counts.iter().max().unwrap() as f32 / truth.len() as f32;
+
+    let mut trainer = Trainer::new(cfg, &fx.path("run"), &Device::Cpu).unwrap();
+    let accuracy = |model: &ClipModel| {
+        let n = fx.held_out.len();
+        let px: Vec<f32> = fx.held_out.iter().flat_map(|(p, _)| p.clone()).collect();
+        let px = Tensor::from_vec(px, (n, 3, SIZE as usize, SIZE as usize), &Device::Cpu).unwrap();
+        let s = l2_normalize(&model.encode_image(&px).unwrap()).unwrap();
+        let s: Vec<f32> = s.flatten_all().unwrap().to_vec1().unwrap();
+        let got = nearest(&s, &clusters.centroids, DIM);
+        got.iter().zip(&truth).filter(|(a, b)| a == b).count() as f32 / n as f32
+    };
+    let before = accuracy(trainer.model());
+    trainer.run(None, false).unwrap();
+    let after = accuracy(trainer.model());
+    eprintln!(
+        "pseudo-label accuracy {before:.3} -> {after:.3} (chance {:.3}, majority {majority:.3})",
+        1.0 / k as f32
+    );
+    let last = trainer.history().last().unwrap();
+    assert!(last.terms.contains_key("cluster_cls") && !last.terms.contains_key("clip"));
+    assert!(
+        after > 0.7 && after > majority + 0.4,
+        "pseudo-label accuracy {after}, majority class {majority}"
+    );
+}
+
+/// Every parameter of the student as raw f32 values, by name.
+fn weights(model: &ClipModel) -> Vec<(String, Vec<f32>)> {
+    let mut v: Vec<_> = model
+        .tensors()
+        .iter()
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            )
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+const FULL: &str = r#"
+batch_size = 16
+epochs = 2
+seed = 11
+checkpoint_every = 3
+[student]
+model = "tiny"
+[loss.cluster]
+sample_rate = 0.5
+[optim]
+lr = 1e-3
+warmup_steps = 2
+accumulate = 2
+"#;
+
+#[test]
+fn resume_at_half_way_gives_bit_identical_weights() {
+    // 32 clusters at sample rate 0.5: 16 centres a step, so negatives are drawn at random.
+    let fx = fixture(128, 0, 32);
+    // 128 rows / (16 x 2) = 4 steps per epoch, 8 in all; resume at 4 crosses no epoch edge
+    // and lands between checkpoints (every 3 steps), so the stop's own checkpoint is used.
+    let mut straight = Trainer::new(fx.config(FULL), &fx.path("a"), &Device::Cpu).unwrap();
+    assert_eq!(straight.total_steps(), 8);
+    let a = straight.run(None, false).unwrap();
+
+    let mut first = Trainer::new(fx.config(FULL), &fx.path("b"), &Device::Cpu).unwrap();
+    let half = first.run(Some(4), false).unwrap();
+    assert_eq!((half.steps, half.student.as_ref()), (4, None));
+    drop(first);
+    let mut resumed = Trainer::resume(fx.config(FULL), &fx.path("b"), &Device::Cpu).unwrap();
+    assert_eq!(resumed.step_count(), 4);
+    let b = resumed.run(None, false).unwrap();
+    assert_eq!((a.steps, b.steps, b.steps_this_run), (8, 8, 4));
+    assert!(
+        weights(straight.model()) == weights(resumed.model()),
+        "weights differ after resume"
+    );
+    let centres = |dir: &str| {
+        let t = clipcid_models::io::load_tensors(
+            &fx.path(dir)
+                .join("checkpoints/step-00000008/trainer.safetensors"),
+        )
+        .unwrap();
+        t.iter()
+            .map(|(n, t)| {
+                (
+                    n.clone(),
+                    t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                )
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    assert!(
+        centres("a") == centres("b"),
+        "optimizer state or cluster centres differ"
+    );
+    let (ma, mb) = (
+        clipcid_train::read_metrics(&fx.path("a/metrics.jsonl")).unwrap(),
+        clipcid_train::read_metrics(&fx.path("b/metrics.jsonl")).unwrap(),
+    );
+    let losses = |m: &[clipcid_train::StepMetrics]| {
+        m.iter()
+            .map(|m| (m.step, m.loss, m.terms.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(losses(&ma), losses(&mb));
+    // Only the three newest checkpoints are kept; `latest` names the final one.
+    let latest = std::fs::read_to_string(fx.path("b/checkpoints/latest")).unwrap();
+    assert_eq!(latest, "step-00000008");
+    let mut kept: Vec<_> = std::fs::read_dir(fx.path("a/checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["step-00000003", "step-00000006", "step-00000008"]);
+}
+
+#[test]
+fn a_diverging_run_stops_naming_the_step_and_the_last_good_checkpoint() {
+    let fx = fixture(64, 0, 0);
+    let cfg = fx.config(
+        "mode = \"piccollage\"\nbatch_size = 16\nepochs = 3\ncheckpoint_every = 1\n[student]\nmodel = \"tiny\"\n[optim]\nlr = 1e30\nwarmup_steps = 0\nclip_grad_norm = 0.0\n",
+    );
+    let mut trainer = Trainer::new(cfg, &fx.path("run"), &Device::Cpu).unwrap();
+    let err = trainer.run(None, false).unwrap_err();
+    let TrainError::NonFinite {
+        step,
+        last_checkpoint,
+        ..
+    } = &err
+    else {
+        panic!("expected a non-finite stop, got {err}");
+    };
+    assert!(*step >= 2, "{err}");
+    let ckpt = last_checkpoint.clone().unwrap();
+    assert_eq!(
+        ckpt,
+        fx.path("run/checkpoints")
+            .join(format!("step-{:08}", step - 1))
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("step {step}")) && msg.contains("last good checkpoint"),
+        "{msg}"
+    );
+    assert_eq!(
+        trainer.step_count(),
+        step - 1,
+        "the failing step must not count"
+    );
+}
+
+#[test]
+fn inputs_that_do_not_fit_are_clear_errors() {
+    let fx = fixture(64, 0, 0);
+    let err = |body: &str| {
+        std::fs::write(
+            fx.path("bad.toml"),
+            format!("{body}\n[data]\ndataset = \"data\"\nembeddings = \"emb\"\n"),
+        )
+        .unwrap();
+        match DistillConfig::from_file(&fx.path("bad.toml")) {
+            Err(e) => e.to_string(),
+            Ok(cfg) => Trainer::new(cfg, &fx.path("run"), &Device::Cpu)
+                .unwrap_err()
+                .to_string(),
+        }
+    };
+    // A student whose embedding width differs from the teacher's.
+    let e = err("mode = \"piccollage\"\n[student]\nmodel = \"piccollage-s12\"\n");
+    assert!(
+        e.contains("16 wide") && e.contains("projects to 512"),
+        "{e}"
+    );
+    // Cluster loss without a cluster file; the CLIP loss without a tokenizer.
+    let e = err("[student]\nmodel = \"tiny\"\n");
+    assert!(e.contains("bad.toml") && e.contains("data.clusters"), "{e}");
+    let e = err("[student]\nmodel = \"tiny\"\n[loss.cluster]\nenabled = false\n");
+    assert!(e.contains("data.tokenizer"), "{e}");
+    // More rows per step than the data has.
+    let e = err("mode = \"piccollage\"\nbatch_size = 100\n[student]\nmodel = \"tiny\"\n");
+    assert!(e.contains("64 training rows") && e.contains("100"), "{e}");
+    // A student preset that does not exist.
+    let e = err("mode = \"piccollage\"\n[student]\nmodel = \"vit-z\"\n");
+    assert!(e.contains("vit-z") && e.contains("tiny"), "{e}");
+    // A NaN in the teacher embeddings names the shard, row and sample.
+    let shard = clipcid_embed::shard_path(&fx.path("emb"), 0);
+    let mut t = clipcid_models::io::load_tensors(&shard).unwrap();
+    let mut img: Vec<f32> = t["image"].flatten_all().unwrap().to_vec1().unwrap();
+    img[5 * DIM + 3] = f32::NAN;
+    t.insert(
+        "image".into(),
+        Tensor::from_vec(img, (64, DIM), &Device::Cpu).unwrap(),
+    );
+    clipcid_models::io::write_safetensors(&shard, t, &HashMap::new()).unwrap();
+    let e = err("mode = \"piccollage\"\n[student]\nmodel = \"tiny\"\n");
+    assert!(
+        e.contains("embeddings-") && e.contains("row 5") && e.contains("NaN"),
+        "{e}"
+    );
+    // Resuming where no run was checkpointed.
+    let e = Trainer::resume(
+        fx.config("mode = \"piccollage\"\n"),
+        &fx.path("nowhere"),
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("no checkpoint to resume from"), "{e}");
+}
