@@ -358,7 +358,10 @@ fn partial_fc_sampling_keeps_positives_is_seeded_and_sized() {
     restored.set_rng_position(a.rng_position());
     for _ in 0..20 {
         let labels: Vec<u32> = (0..5).map(|_| rng.random_range(0..50)).collect();
-        assert_eq!(a.sample(&labels).unwrap(), restored.sample(&labels).unwrap());
+        assert_eq!(
+            a.sample(&labels).unwrap(),
+            restored.sample(&labels).unwrap()
+        );
     }
 }
 

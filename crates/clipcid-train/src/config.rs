@@ -24,8 +24,10 @@ pub enum Mode {
 pub struct DataConfig {
     /// Dataset the teacher embedded (captions file, tar shards, or labelled folder).
     pub dataset: PathBuf,
-    /// Folder of teacher embedding shards from `clipcid embed`.
-    pub embeddings: PathBuf,
+    /// Folder of teacher embedding shards from `clipcid embed`. Needed by every term that
+    /// compares with the teacher (cluster, instance, PicCollage); a CLIP-only run (the
+    /// no-distillation baseline) without it trains on every captioned sample.
+    pub embeddings: Option<PathBuf>,
     /// Keep file from `clipcid balance` (optional: all rows are used without it).
     pub keep: Option<PathBuf>,
     /// Cluster file from `clipcid cluster` (needed by the cluster loss).
@@ -38,7 +40,8 @@ pub struct DataConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StudentConfig {
-    /// A preset name (`vit-b-32`, `piccollage-s12`, `tiny`, ...) or a HF `config.json` path.
+    /// A preset name (`vit-b-32`, `piccollage-s12`, `tiny`, ...) or a Hugging Face
+    /// `config.json` path (relative to the config file) for any other size.
     pub model: String,
     /// Start from these weights instead of a seeded random init.
     pub init: Option<PathBuf>,
@@ -243,8 +246,14 @@ impl DistillConfig {
             }
         };
         fix(&mut self.data.dataset);
-        fix(&mut self.data.embeddings);
+        // `student.model` is a preset name or a config.json path relative to this file.
+        if clipcid_models::ClipConfig::preset(&self.student.model).is_err()
+            && Path::new(&self.student.model).is_relative()
+        {
+            self.student.model = base.join(&self.student.model).display().to_string();
+        }
         for p in [
+            &mut self.data.embeddings,
             &mut self.data.keep,
             &mut self.data.clusters,
             &mut self.data.tokenizer,
@@ -267,8 +276,8 @@ impl DistillConfig {
             }
         };
         must_exist("data.dataset", &self.data.dataset)?;
-        must_exist("data.embeddings", &self.data.embeddings)?;
         for (what, p) in [
+            ("data.embeddings", &self.data.embeddings),
             ("data.keep", &self.data.keep),
             ("data.clusters", &self.data.clusters),
             ("data.tokenizer", &self.data.tokenizer),
@@ -285,6 +294,19 @@ impl DistillConfig {
             return Err(format!("optim.lr must be positive, got {}", self.optim.lr));
         }
         let l = &self.loss;
+        let teacher_terms =
+            self.mode == Mode::Piccollage || l.cluster.enabled || l.instance.enabled;
+        if teacher_terms && self.data.embeddings.is_none() {
+            return Err(
+                "data.embeddings is required: the enabled loss terms compare with the teacher"
+                    .into(),
+            );
+        }
+        if self.data.embeddings.is_none() && self.data.keep.is_some() {
+            return Err(
+                "data.keep needs data.embeddings (the keep list names embedding rows)".into(),
+            );
+        }
         if self.mode == Mode::ClipCid {
             if !(l.clip.enabled || l.cluster.enabled || l.instance.enabled) {
                 return Err("every loss term is disabled".into());

@@ -117,7 +117,10 @@ impl TrainingSet {
                 .collect()
         });
 
-        let shards = list_shards(&data.embeddings)?;
+        let Some(embeddings) = &data.embeddings else {
+            return Self::captions_only(index, needs);
+        };
+        let shards = list_shards(embeddings)?;
         let mut set = Self {
             index,
             ids: vec![],
@@ -213,7 +216,7 @@ impl TrainingSet {
         }
         if set.ids.is_empty() {
             return Err(file_err(
-                &data.embeddings,
+                embeddings,
                 "no training rows (every row was dropped by the keep list or lacked a caption)"
                     .into(),
             ));
@@ -236,6 +239,42 @@ impl TrainingSet {
         Ok(set)
     }
 
+    /// Every captioned sample, without teacher embeddings (a CLIP-only run).
+    fn captions_only(index: SampleIndex, needs: Needs) -> Result<Self, TrainError> {
+        if needs.teacher_text || needs.clusters {
+            return Err(TrainError::Input(
+                "data.embeddings is required by the cluster and instance loss terms".into(),
+            ));
+        }
+        let mut ids = Vec::with_capacity(index.len());
+        let mut stream = index.dataset().samples()?;
+        let mut dropped = 0;
+        for s in stream.by_ref() {
+            let s = s?;
+            if s.caption.is_some() {
+                ids.push(s.index);
+            } else {
+                dropped += 1;
+            }
+        }
+        if ids.is_empty() {
+            return Err(TrainError::Input(
+                "the dataset has no captioned sample".into(),
+            ));
+        }
+        Ok(Self {
+            index,
+            ids,
+            dim: 0,
+            teacher_image: vec![],
+            teacher_text: None,
+            labels: None,
+            centroids: None,
+            teacher: String::new(),
+            dropped_without_caption: dropped,
+        })
+    }
+
     /// Number of training rows.
     pub fn len(&self) -> usize {
         self.ids.len()
@@ -246,7 +285,7 @@ impl TrainingSet {
         self.ids.is_empty()
     }
 
-    /// Width of the teacher embeddings.
+    /// Width of the teacher embeddings (0 without them).
     pub fn dim(&self) -> usize {
         self.dim
     }
@@ -338,7 +377,11 @@ impl TrainingSet {
             None => None,
         };
         Ok(TrainBatch {
-            teacher_image: self.gather(&self.teacher_image, &rows, device)?,
+            teacher_image: if self.dim == 0 {
+                Tensor::zeros((rows.len(), 0), candle_core::DType::F32, device)?
+            } else {
+                self.gather(&self.teacher_image, &rows, device)?
+            },
             teacher_text: match &self.teacher_text {
                 Some(t) => Some(self.gather(t, &rows, device)?),
                 None => None,

@@ -1,7 +1,14 @@
-//! Distillation training for clipcid (in progress): the run's TOML configuration
-//! ([`DistillConfig`]) and the optimiser pieces the trainer is built on. [`AdamW`] with decoupled weight decay that skips biases, norms and other
-//! vectors (open_clip's rule), checkpointable state for exact resume; [`WarmupCosine`]
-//! learning rates; [`clip_grad_norm`] by global norm.
+//! Distillation training for clipcid. A [`Trainer`] reads a run's TOML configuration
+//! ([`DistillConfig`]), joins the dataset with the teacher's embedding shards, keep list and
+//! cluster file by sample id ([`TrainingSet`]), and trains a student CLIP with every loss
+//! term switchable and weighted: CLIP-CID (`L_clip + L_cluster + L_instance`) or PicCollage
+//! (image tower only, KL at a scheduled temperature + L1). It writes atomic checkpoints that
+//! resume to bit-identical weights, stops on a NaN naming the last good checkpoint, and logs
+//! metrics as JSONL with a loss-curve PNG.
+//!
+//! The optimiser pieces are usable alone: [`AdamW`] with decoupled weight decay that skips
+//! biases, norms and other vectors (open_clip's rule) and checkpointable state;
+//! [`WarmupCosine`] learning rates; [`clip_grad_norm`] by global norm.
 //!
 //! ```
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -33,8 +33,9 @@ pub struct StepMetrics {
     /// Each enabled term, unweighted, by name (`clip`, `cluster`, `cluster_cls`, `cluster_kl`,
     /// `instance`, `piccollage`).
     pub terms: std::collections::BTreeMap<String, f64>,
-    /// Mean cosine similarity of student and teacher image embeddings in the batch.
-    pub teacher_cosine: f64,
+    /// Mean cosine similarity of student and teacher image embeddings in the batch (when
+    /// the run has teacher embeddings of the student's width).
+    pub teacher_cosine: Option<f64>,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
     /// Samples in the step (after dropping unreadable images).
@@ -124,7 +125,7 @@ impl std::fmt::Debug for Trainer {
 struct MicroLoss {
     total: Tensor,
     terms: Vec<(String, Tensor)>,
-    cos: Tensor,
+    cos: Option<Tensor>,
 }
 
 const CENTRES: &str = "cluster.centres";
@@ -183,7 +184,12 @@ impl Trainer {
         if config.compares_with_teacher() && student_cfg.projection_dim != set.dim() {
             return Err(TrainError::Config(format!(
                 "teacher embeddings in `{}` are {} wide but student `{}` projects to {}: pick a student with projection_dim = {}",
-                config.data.embeddings.display(),
+                config
+                    .data
+                    .embeddings
+                    .as_deref()
+                    .unwrap_or(Path::new(""))
+                    .display(),
                 set.dim(),
                 config.student.model,
                 student_cfg.projection_dim,
@@ -463,11 +469,7 @@ impl Trainer {
     }
 
     /// The weighted loss of one micro-batch and its unweighted terms.
-    fn micro_loss(
-        &mut self,
-        b: &TrainBatch,
-        epoch: u64,
-    ) -> Result<MicroLoss, TrainError> {
+    fn micro_loss(&mut self, b: &TrainBatch, epoch: u64) -> Result<MicroLoss, TrainError> {
         let image = self.model.encode_image(&b.pixels)?;
         let mut terms: Vec<(String, Tensor)> = vec![];
         let mut weighted: Vec<Tensor> = vec![];
@@ -531,12 +533,14 @@ impl Trainer {
         }
         // Cosine between unit student and teacher image rows: the distillation's yardstick.
         let cos = if image.dim(1)? == b.teacher_image.dim(1)? {
-            clipcid_models::l2_normalize(&image.detach())?
-                .mul(&b.teacher_image)?
-                .sum(D::Minus1)?
-                .mean_all()?
+            Some(
+                clipcid_models::l2_normalize(&image.detach())?
+                    .mul(&b.teacher_image)?
+                    .sum(D::Minus1)?
+                    .mean_all()?,
+            )
         } else {
-            Tensor::new(f32::NAN, &self.device)?
+            None
         };
         Ok(MicroLoss { total, terms, cos })
     }
@@ -561,7 +565,7 @@ impl Trainer {
         let (bs, accum) = (self.config.batch_size, self.config.optim.accumulate);
         let mut grads: Option<GradStore> = None;
         let mut sums: std::collections::BTreeMap<String, f64> = Default::default();
-        let (mut loss_sum, mut cos_sum, mut samples) = (0f64, 0f64, 0usize);
+        let (mut loss_sum, mut cos_sum, mut samples) = (0f64, None::<f64>, 0usize);
         for micro in 0..accum {
             let first = (in_epoch * accum + micro) * bs;
             let rows: Vec<usize> = match &self.order {
@@ -592,7 +596,10 @@ impl Trainer {
                 *sums.entry(name.clone()).or_default() += v / accum as f64;
             }
             loss_sum += total.to_dtype(DType::F64)?.to_scalar::<f64>()? / accum as f64;
-            cos_sum += cos.to_dtype(DType::F64)?.to_scalar::<f64>()? / accum as f64;
+            if let Some(c) = cos {
+                let c = c.to_dtype(DType::F64)?.to_scalar::<f64>()? / accum as f64;
+                cos_sum = Some(cos_sum.unwrap_or(0.0) + c);
+            }
             let g = (total / accum as f64)?.backward()?;
             grads = Some(match grads {
                 None => g,
@@ -712,7 +719,7 @@ impl Trainer {
             let rate = samples as f64 / started.elapsed().as_secs_f64().max(1e-9);
             bar.set_position(self.step);
             bar.set_message(format!(
-                "loss {:.4} {}| cos {:.3} | {rate:.1} samples/s",
+                "loss {:.4} {}|{} {rate:.1} samples/s",
                 m.loss,
                 m.terms
                     .iter()
@@ -720,6 +727,8 @@ impl Trainer {
                     .map(|(k, v)| format!("{k} {v:.3} "))
                     .collect::<String>(),
                 m.teacher_cosine
+                    .map(|c| format!(" teacher cos {c:.3} |"))
+                    .unwrap_or_default()
             ));
             last = Some(m);
             let every = self.config.checkpoint_every.max(1);

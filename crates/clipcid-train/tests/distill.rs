@@ -504,3 +504,29 @@ fn inputs_that_do_not_fit_are_clear_errors() {
     .to_string();
     assert!(e.contains("no checkpoint to resume from"), "{e}");
 }
+
+#[test]
+fn a_clip_only_baseline_needs_no_teacher_and_learns_to_match_captions() {
+    let fx = fixture(256, 0, 0);
+    std::fs::write(
+        fx.path("clip.toml"),
+        "batch_size = 32\nepochs = 10\n[loss.cluster]\nenabled = false\n[loss.instance]\nenabled = false\n[optim]\nlr = 2e-3\nwarmup_steps = 10\n[data]\ndataset = \"data\"\ntokenizer = \"tokenizer.json\"\n",
+    )
+    .unwrap();
+    let cfg = DistillConfig::from_file(&fx.path("clip.toml")).unwrap();
+    assert_eq!(cfg.data.embeddings, None);
+    let mut trainer = Trainer::new(cfg, &fx.path("run"), &Device::Cpu).unwrap();
+    assert_eq!(trainer.training_set().len(), 256);
+    trainer.run(None, false).unwrap();
+    let h = trainer.history();
+    let mean = |m: &[clipcid_train::StepMetrics]| {
+        m.iter().map(|m| m.terms["clip"]).sum::<f64>() / m.len() as f64
+    };
+    let (first, last) = (mean(&h[..8]), mean(&h[h.len() - 8..]));
+    assert!(h.iter().all(|m| m.teacher_cosine.is_none()));
+    // ln(32) = 3.47 is chance for in-batch InfoNCE at batch 32.
+    assert!(
+        first > 3.0 && last < 0.8 * first,
+        "CLIP loss {first:.3} -> {last:.3}"
+    );
+}

@@ -1,15 +1,18 @@
-//! `clipcid demo`: the README's main command. Until the later stages (balance, cluster,
-//! distill, eval) and the real default data and teacher land, it generates a small captioned
-//! image set as WebDataset shards, writes a seeded random `tiny` teacher, and runs `embed`.
+//! `clipcid demo`: the README's main command. Until real default data and a pretrained
+//! teacher ship offline (issue 8), it generates a captioned shape-image set as WebDataset
+//! shards, trains a small teacher CLIP on it from scratch, and runs the whole pipeline:
+//! embed -> balance -> cluster -> distill (plus a no-distillation baseline) -> eval, then
+//! prints a results table and writes `report/`.
 
 use std::io::Cursor;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device};
-use clipcid_data::Dataset;
+use candle_core::{DType, Device, Tensor};
+use clipcid_data::{BatchIter, Dataset, Preprocess};
 use clipcid_embed::{embed_dataset, EmbedOptions};
-use clipcid_models::{ClipConfig, ClipModel, ClipTokenizer};
+use clipcid_models::{l2_normalize, ClipConfig, ClipModel, ClipTokenizer};
+use clipcid_train::{DistillConfig, RunSummary, Trainer};
 use image::{Rgb, RgbImage};
 use rand::{Rng, SeedableRng};
 
@@ -88,30 +91,158 @@ pub fn write_shapes_dataset(dir: &Path, n: usize, seed: u64) -> Result<()> {
     Ok(())
 }
 
-pub fn run(out: &Path, samples: usize, device: &Device) -> Result<()> {
+/// The demo's sizes; `clipcid demo --samples N` scales the data, the rest follows.
+#[derive(Debug, Clone, Copy)]
+pub struct DemoSize {
+    /// Generated training pairs.
+    pub samples: usize,
+    /// Generated held-out pairs for evaluation.
+    pub eval_samples: usize,
+    /// Epochs of the teacher's own training.
+    pub teacher_epochs: usize,
+    /// Epochs of each student run.
+    pub student_epochs: usize,
+}
+
+/// Every caption the generator can write, in a fixed order: the zero-shot classes.
+fn class_prompts() -> Vec<String> {
+    let mut v = vec![];
+    for size in ["large", "small"] {
+        for (c, _) in COLOURS {
+            for s in SHAPES {
+                v.push(format!("a {size} {c} {s}"));
+            }
+        }
+    }
+    v
+}
+
+/// The demo teacher's shape: the `tiny` preset at twice the width and depth (the student
+/// is `tiny` itself), sharing its 16-wide embedding space so distillation can compare them.
+fn teacher_config() -> Result<ClipConfig> {
+    let mut c = ClipConfig::preset("tiny")?;
+    for (hidden, inter, layers, heads) in [
+        (
+            &mut c.vision_config.hidden_size,
+            &mut c.vision_config.intermediate_size,
+            &mut c.vision_config.num_hidden_layers,
+            &mut c.vision_config.num_attention_heads,
+        ),
+        (
+            &mut c.text_config.hidden_size,
+            &mut c.text_config.intermediate_size,
+            &mut c.text_config.num_hidden_layers,
+            &mut c.text_config.num_attention_heads,
+        ),
+    ] {
+        *hidden = 64;
+        *inter = 256;
+        *layers = 4;
+        *heads = 4;
+    }
+    Ok(c)
+}
+
+/// Writes a run config beside the demo's outputs (so it can be re-run with `clipcid distill`)
+/// and reads it back through the same parser the CLI uses.
+fn write_config(path: &Path, body: &str) -> Result<DistillConfig> {
+    std::fs::write(path, body).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(DistillConfig::from_file(path)?)
+}
+
+fn train(config: DistillConfig, out: &Path, device: &Device) -> Result<(RunSummary, ClipModel)> {
+    let mut t = Trainer::new(config, out, device)?;
+    let s = t.run(None, true)?;
+    let student = s
+        .student
+        .clone()
+        .context("the run stopped before its last step")?;
+    Ok((s, ClipModel::load(&student, device)?))
+}
+
+/// Zero-shot results of one model on the held-out set.
+struct Scores {
+    /// Top-1 accuracy over the 40 caption classes.
+    accuracy: f64,
+    /// Predicted class per image.
+    predictions: Vec<usize>,
+    /// Unit image embeddings `[n, D]`.
+    image: Tensor,
+}
+
+fn zero_shot(
+    model: &ClipModel,
+    tok: &ClipTokenizer,
+    pixels: &Tensor,
+    truth: &[usize],
+    prompts: &[String],
+) -> Result<Scores> {
+    let text = l2_normalize(&model.encode_text(&tok.encode_batch(prompts, model.device())?)?)?;
+    let image = l2_normalize(&model.encode_image(pixels)?)?;
+    let predictions: Vec<usize> = image
+        .matmul(&text.t()?)?
+        .argmax(1)?
+        .to_vec1::<u32>()?
+        .into_iter()
+        .map(|p| p as usize)
+        .collect();
+    let right = predictions
+        .iter()
+        .zip(truth)
+        .filter(|(p, t)| p == t)
+        .count();
+    Ok(Scores {
+        accuracy: right as f64 / truth.len().max(1) as f64,
+        predictions,
+        image,
+    })
+}
+
+/// Runs the demo: returns the markdown results table it printed.
+pub fn run(out: &Path, size: DemoSize, device: &Device) -> Result<String> {
+    let started = std::time::Instant::now();
     let data = out.join("data");
+    let eval_data = out.join("eval-data");
     println!(
-        "[1/5] generating {samples} captioned shape images -> {}",
+        "[1/8] generating {} training and {} held-out captioned shape images -> {}",
+        size.samples,
+        size.eval_samples,
         data.display()
     );
-    write_shapes_dataset(&data, samples, 0)?;
-
+    write_shapes_dataset(&data, size.samples, 0)?;
+    write_shapes_dataset(&eval_data, size.eval_samples, 1)?;
     let teacher_dir = out.join("teacher");
-    println!("[2/5] writing the teacher -> {}", teacher_dir.display());
-    let cfg = ClipConfig::preset("tiny")?;
-    let teacher = ClipModel::random(&cfg, 0, &Device::Cpu)?;
+    let tokenizer = ClipTokenizer::byte_level(16)?;
+    let tok_path = out.join("tokenizer.json");
+    tokenizer.save(&tok_path)?;
+
+    println!(
+        "[2/8] training the teacher CLIP (width 64, 4 layers) from scratch on the generated pairs"
+    );
+    let teacher_cfg = teacher_config()?;
+    let json = serde_json::to_vec_pretty(&teacher_cfg.to_hf_json())?;
+    std::fs::write(out.join("teacher-config.json"), json)?;
+    let teacher_run = write_config(
+        &out.join("teacher.toml"),
+        &format!(
+            "# The demo teacher: CLIP loss only, no teacher of its own.\nbatch_size = 64\nepochs = {}\nseed = 0\ncheckpoint_every = 100000\n\n[data]\ndataset = \"data\"\ntokenizer = \"tokenizer.json\"\n\n[student]\nmodel = \"teacher-config.json\"\n\n[loss.cluster]\nenabled = false\n\n[loss.instance]\nenabled = false\n\n[optim]\nlr = 2e-3\nwarmup_steps = 30\n",
+            size.teacher_epochs
+        ),
+    )?;
+    let (_, teacher) = train(teacher_run, &out.join("runs/teacher"), device)?;
     teacher.save_pretrained(&teacher_dir, DType::F32)?;
-    let tokenizer = ClipTokenizer::byte_level(cfg.text_config.max_position_embeddings)?;
     tokenizer.save(&teacher_dir.join("tokenizer.json"))?;
-    let teacher = ClipModel::load(&teacher_dir, device)?;
 
     let emb = out.join("embeddings");
-    println!("[3/5] embedding images and captions -> {}", emb.display());
+    println!(
+        "[3/8] embedding images and captions with the teacher -> {}",
+        emb.display()
+    );
     let opts = EmbedOptions {
         batch_size: 64,
-        shard_size: 256,
+        shard_size: 1024,
         progress: true,
-        teacher_name: "random tiny CLIP (seed 0)".into(),
+        teacher_name: "demo teacher (tiny x2, trained on the generated shapes)".into(),
         ..EmbedOptions::default()
     };
     let s = embed_dataset(
@@ -121,9 +252,11 @@ pub fn run(out: &Path, samples: usize, device: &Device) -> Result<()> {
         &emb,
         &opts,
     )?;
+
+    let keep = out.join("keep.safetensors");
     println!(
-        "[4/5] balancing (near-duplicate removal) -> {}",
-        out.join("keep.safetensors").display()
+        "[4/8] balancing (near-duplicate removal, threshold 0.07) -> {}",
+        keep.display()
     );
     let emb_all = clipcid_dedup::load_embeddings(std::slice::from_ref(&emb), device)?;
     let bal = clipcid_dedup::balance(
@@ -133,72 +266,195 @@ pub fn run(out: &Path, samples: usize, device: &Device) -> Result<()> {
             ..Default::default()
         },
     )?;
-    clipcid_dedup::write_keep_file(&out.join("keep.safetensors"), &bal, &emb_all.ids)?;
+    clipcid_dedup::write_keep_file(&keep, &bal, &emb_all.ids)?;
+
     let clusters = out.join("clusters.safetensors");
-    let k = (bal.summary.kept / 8).clamp(2, 32);
+    // faiss wants at least 39 training points per centroid.
+    let k = (bal.summary.kept / 39).clamp(2, 64);
     println!(
-        "[5/5] k-means (faiss, K = {k}) on all and on the kept embeddings -> {}",
+        "[5/8] k-means (faiss, K = {k}) on all and on the kept embeddings -> {}",
         clusters.display()
     );
     let kmeans = clipcid_cluster::KMeans::new(k).iterations(20).seed(0);
     let all_rows = clipcid_cluster::ShardRows::open(std::slice::from_ref(&emb), None)?;
     let before = clipcid_cluster::cluster_shards(&kmeans, &all_rows, false)?;
     clipcid_cluster::write_clusters(&out.join("clusters-unbalanced.safetensors"), &before)?;
-    let kept_rows = clipcid_cluster::ShardRows::open(
-        std::slice::from_ref(&emb),
-        Some(&out.join("keep.safetensors")),
-    )?;
+    let kept_rows = clipcid_cluster::ShardRows::open(std::slice::from_ref(&emb), Some(&keep))?;
     let after = clipcid_cluster::cluster_shards(&kmeans, &kept_rows, false)?;
     clipcid_cluster::write_clusters(&clusters, &after)?;
-    let png = clusters.with_extension("png");
+    let report = out.join("report");
+    std::fs::create_dir_all(&report)?;
     clipcid_cluster::plot_size_histogram(
-        &png,
+        &report.join("cluster-sizes.png"),
         &format!("cluster sizes, K = {k}: before and after balancing"),
         &[
             ("after balance", &after.sizes),
             ("before balance", &before.sizes),
         ],
     )?;
+
+    let student_body = |terms: &str| {
+        format!(
+            "batch_size = 32\nepochs = {}\nseed = 0\ncheckpoint_every = 200\n\n[data]\ndataset = \"data\"\nembeddings = \"embeddings\"\nkeep = \"keep.safetensors\"\nclusters = \"clusters.safetensors\"\ntokenizer = \"tokenizer.json\"\n\n[student]\nmodel = \"tiny\"\n\n{terms}\n[optim]\nlr = 2e-3\nwarmup_steps = 30\n",
+            size.student_epochs
+        )
+    };
+    println!(
+        "[6/8] distilling the `tiny` student: CLIP + cluster + instance loss -> {}",
+        out.join("runs/distilled").display()
+    );
+    let distill_cfg = write_config(
+        &out.join("distill.toml"),
+        &student_body(
+            "[loss.cluster]\nsample_rate = 0.5\nscale = 16.0\n\n[loss.instance]\nweight = 1.0\n",
+        ),
+    )?;
+    let (distilled_run, distilled) = train(distill_cfg, &out.join("runs/distilled"), device)?;
+    println!("[7/8] training the same student without distillation (CLIP loss only, same data and steps)");
+    let baseline_cfg = write_config(
+        &out.join("baseline.toml"),
+        &student_body("[loss.cluster]\nenabled = false\n\n[loss.instance]\nenabled = false\n"),
+    )?;
+    let (baseline_run, baseline) = train(baseline_cfg, &out.join("runs/baseline"), device)?;
+
+    println!(
+        "[8/8] evaluating on the {} held-out images -> {}",
+        size.eval_samples,
+        report.display()
+    );
+    let prompts = class_prompts();
+    let eval = Dataset::open(&eval_data)?;
+    let (mut pixels, mut truth) = (vec![], vec![]);
+    for b in BatchIter::new(eval.samples()?, Preprocess::clip(32), 256, device.clone()) {
+        let b = b?;
+        for c in &b.captions {
+            let c = c.as_deref().unwrap_or("");
+            truth.push(
+                prompts
+                    .iter()
+                    .position(|p| p == c)
+                    .context("unknown caption")?,
+            );
+        }
+        pixels.push(b.pixels);
+    }
+    let pixels = Tensor::cat(&pixels, 0)?;
+    let t = zero_shot(&teacher, &tokenizer, &pixels, &truth, &prompts)?;
+    let d = zero_shot(&distilled, &tokenizer, &pixels, &truth, &prompts)?;
+    let b = zero_shot(&baseline, &tokenizer, &pixels, &truth, &prompts)?;
+    let agree = |x: &Scores| {
+        let same = x
+            .predictions
+            .iter()
+            .zip(&t.predictions)
+            .filter(|(a, b)| a == b)
+            .count();
+        same as f64 / truth.len().max(1) as f64
+    };
+    let cosine = |x: &Scores| -> Result<f64> {
+        Ok((&x.image * &t.image)?
+            .sum(1)?
+            .mean_all()?
+            .to_scalar::<f32>()? as f64)
+    };
+    let params = |m: &ClipModel| m.tensors().values().map(|t| t.elem_count()).sum::<usize>();
+    let mut table = String::new();
+    table.push_str("| model | parameters | zero-shot top-1 (40 classes) | agrees with teacher | image cosine to teacher | train samples/s |\n|---|---|---|---|---|---|\n");
+    table.push_str(&format!(
+        "| teacher (tiny x2, CLIP loss) | {} | {:.1}% | - | - | - |\n",
+        params(&teacher),
+        100.0 * t.accuracy
+    ));
+    for (name, m, sc, run) in [
+        (
+            "student, distilled (CLIP + cluster + instance)",
+            &distilled,
+            &d,
+            &distilled_run,
+        ),
+        (
+            "student, no distillation (CLIP only)",
+            &baseline,
+            &b,
+            &baseline_run,
+        ),
+    ] {
+        table.push_str(&format!(
+            "| {name} | {} | {:.1}% | {:.1}% | {:.3} | {:.0} |\n",
+            params(m),
+            100.0 * sc.accuracy,
+            100.0 * agree(sc),
+            cosine(sc)?,
+            run.samples_per_second
+        ));
+    }
+    for (run, name) in [
+        ("distilled", "loss-distilled.png"),
+        ("baseline", "loss-baseline.png"),
+        ("teacher", "loss-teacher.png"),
+    ] {
+        std::fs::copy(
+            out.join("runs").join(run).join("loss.png"),
+            report.join(name),
+        )?;
+    }
     let sweep: Vec<String> = bal
         .summary
         .sweep
         .iter()
         .map(|r| format!("{}: {:.1}%", r.threshold, r.removed_pct))
         .collect();
-    println!();
-    println!("| stage | result |");
-    println!("|---|---|");
-    println!("| data | {samples} generated image-caption pairs (64x64 PNG, WebDataset shards) |");
-    println!("| teacher | `tiny` preset with seeded RANDOM weights: not a pretrained CLIP |");
-    println!(
-        "| embed | {} images + captions -> {} shard(s), {:.0} images/s, {} skipped |",
-        s.samples_embedded,
-        s.shards.len(),
-        s.images_per_second(),
-        s.skipped.len()
-    );
-    println!(
-        "| balance | threshold 0.07: kept {} of {}, removed {:.1}% (sweep {}) |",
-        bal.summary.kept,
-        bal.summary.n,
-        bal.summary.removed_pct,
-        sweep.join(", ")
-    );
     let sz = |f: &clipcid_cluster::ClusterFile| {
         let s = &f.summary.sizes;
         format!("min {} / median {} / max {}", s.min, s.median, s.max)
     };
-    println!(
-        "| cluster | K = {k}: sizes before balance {}, after {} (histogram {}) |",
+    let pipeline = format!(
+        "| stage | result |\n|---|---|\n\
+         | data | {} training + {} held-out generated image-caption pairs (64x64 PNG, WebDataset shards) |\n\
+         | teacher | trained here from scratch with the CLIP loss ({} epochs): NOT a pretrained CLIP |\n\
+         | embed | {} images + captions -> {} shard(s), {:.0} images/s |\n\
+         | balance | threshold 0.07: kept {} of {}, removed {:.1}% (sweep {}) |\n\
+         | cluster | K = {k}: sizes before balance {}, after {} |\n\
+         | distill | {} steps x 32, {} epochs per student |\n",
+        size.samples,
+        size.eval_samples,
+        size.teacher_epochs,
+        s.samples_embedded,
+        s.shards.len(),
+        s.images_per_second(),
+        bal.summary.kept,
+        bal.summary.n,
+        bal.summary.removed_pct,
+        sweep.join(", "),
         sz(&before),
         sz(&after),
-        png.display()
+        distilled_run.steps,
+        size.student_epochs,
     );
+    let md = format!(
+        "# clipcid demo report\n\n\
+         Teacher used: a small CLIP trained by this demo on its own generated shapes (no pretrained\n\
+         teacher ships offline yet). Students are the `tiny` preset (half the teacher's width and depth).\n\n\
+         ## Results on {} held-out images\n\n{table}\n\
+         ## Pipeline\n\n{pipeline}\n\
+         ## Pictures\n\n\
+         - Cluster sizes before and after balancing: ![](cluster-sizes.png)\n\
+         - Loss curves: distilled ![](loss-distilled.png), baseline ![](loss-baseline.png), teacher ![](loss-teacher.png)\n\n\
+         Re-run a stage with the configs beside this folder: `clipcid distill --config {} --out runs/x`.\n\
+         Total time {:.0} s.\n",
+        size.eval_samples,
+        out.join("distill.toml").display(),
+        started.elapsed().as_secs_f64()
+    );
+    clipcid_models::io::write_atomic(&report.join("README.md"), md.as_bytes())?;
     println!();
-    println!("Note: this demo checks the plumbing only: a random teacher maps most images close together, so");
-    println!("balance removes far more than it would with a pretrained one. distill and eval join as they land,");
+    println!("{pipeline}");
+    println!("{table}");
+    println!("Teacher used: a small CLIP the demo trained itself on the generated shapes, NOT a pretrained");
     println!(
-        "and a real pretrained teacher and real images replace the generated ones (see README)."
+        "CLIP (none ships offline yet). Report: {}",
+        report.join("README.md").display()
     );
-    Ok(())
+    println!("Total time {:.0} s.", started.elapsed().as_secs_f64());
+    Ok(table)
 }

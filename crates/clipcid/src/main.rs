@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use clipcid_data::Dataset;
 use clipcid_embed::{embed_dataset, EmbedDtype, EmbedOptions, EmbedSummary};
 use clipcid_models::{ClipConfig, ClipModel, ClipTokenizer};
+use clipcid_train::{DistillConfig, Trainer};
 
 #[derive(Parser)]
 #[command(
@@ -36,6 +37,8 @@ enum Command {
     Balance(BalanceArgs),
     /// k-means (faiss) over the kept teacher image embeddings: centroids + pseudo-labels.
     Cluster(ClusterArgs),
+    /// Train a student CLIP from a TOML run config (CLIP-CID or PicCollage; resumable).
+    Distill(DistillArgs),
     /// Write a CLIP checkpoint with seeded random weights (for tests and smoke runs).
     InitModel {
         /// Model shape: vit-b-32, vit-b-16, piccollage-s12, piccollage-s24 or tiny.
@@ -62,10 +65,38 @@ enum Command {
         /// Working folder for data, models and outputs.
         #[arg(long, default_value = "demo-out")]
         out: PathBuf,
-        /// Number of generated image-caption pairs.
-        #[arg(long, default_value_t = 512)]
+        /// Number of generated training image-caption pairs.
+        #[arg(long, default_value_t = 2048)]
         samples: usize,
+        /// Number of generated held-out pairs for the evaluation.
+        #[arg(long, default_value_t = 400)]
+        eval_samples: usize,
+        /// Epochs of the demo teacher's training.
+        #[arg(long, default_value_t = 30)]
+        teacher_epochs: usize,
+        /// Epochs of each student run.
+        #[arg(long, default_value_t = 60)]
+        student_epochs: usize,
     },
+}
+
+#[derive(clap::Args)]
+struct DistillArgs {
+    /// The run's TOML config (see `examples/configs/`); paths in it are relative to it.
+    #[arg(long)]
+    config: PathBuf,
+    /// Run folder: `checkpoints/`, `metrics.jsonl`, `loss.png` and the final `student/`.
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue from the newest checkpoint in `--out`.
+    #[arg(long)]
+    resume: bool,
+    /// Stop after this many steps in total (checkpointed; continue later with `--resume`).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Hide the progress bar.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(clap::Args)]
@@ -312,6 +343,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Balance(args) => balance(&args, &device)?,
         Command::Cluster(args) => cluster(&args, &device)?,
+        Command::Distill(args) => distill(&args, &device)?,
         Command::InitModel { preset, seed, out } => {
             let cfg = ClipConfig::preset(&preset)?;
             ClipModel::random(&cfg, seed, &Device::Cpu)?.save(&out, DType::F32)?;
@@ -328,7 +360,78 @@ fn run(cli: Cli) -> Result<()> {
             tok.save(&out)?;
             println!("wrote {} ({} tokens)", out.display(), tok.vocab_size());
         }
-        Command::Demo { out, samples } => demo::run(&out, samples, &device)?,
+        Command::Demo {
+            out,
+            samples,
+            eval_samples,
+            teacher_epochs,
+            student_epochs,
+        } => {
+            let size = demo::DemoSize {
+                samples,
+                eval_samples,
+                teacher_epochs,
+                student_epochs,
+            };
+            demo::run(&out, size, &device)?;
+        }
+    }
+    Ok(())
+}
+
+fn distill(args: &DistillArgs, device: &Device) -> Result<()> {
+    let config = DistillConfig::from_file(&args.config)?;
+    let mut trainer = if args.resume {
+        Trainer::resume(config, &args.out, device)?
+    } else {
+        Trainer::new(config, &args.out, device)?
+    };
+    let set = trainer.training_set();
+    println!(
+        "distilling: {} training rows{}, {} steps per epoch, {} steps in all{}",
+        set.len(),
+        if set.teacher().is_empty() {
+            String::new()
+        } else {
+            format!(" (teacher: {})", set.teacher())
+        },
+        trainer.steps_per_epoch(),
+        trainer.total_steps(),
+        if trainer.step_count() > 0 {
+            format!(", resuming at step {}", trainer.step_count())
+        } else {
+            String::new()
+        }
+    );
+    let s = trainer.run(args.max_steps, !args.quiet)?;
+    if let Some(m) = &s.last {
+        let terms: Vec<String> = m.terms.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+        println!(
+            "step {}: loss {:.4} ({}){}",
+            m.step,
+            m.loss,
+            terms.join(", "),
+            m.teacher_cosine
+                .map(|c| format!(", student-teacher cosine {c:.3}"))
+                .unwrap_or_default()
+        );
+    }
+    println!(
+        "{} steps this run at {:.1} samples/s; checkpoint {}",
+        s.steps_this_run,
+        s.samples_per_second,
+        s.checkpoint
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "none".into())
+    );
+    match &s.student {
+        Some(p) => println!("student (Hugging Face CLIP folder): {}", p.display()),
+        None => println!(
+            "stopped at step {} of {}: continue with --resume",
+            s.steps,
+            trainer.total_steps()
+        ),
     }
     Ok(())
 }

@@ -258,3 +258,101 @@ fn cluster_from_the_command_line() {
         "{text}"
     );
 }
+
+#[test]
+fn demo_then_distill_with_stop_and_resume_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = d.join("demo");
+    // The whole pipeline at a toy size (the README's demo is the same with larger defaults).
+    let (ok, text) = clipcid(&[
+        "demo",
+        "--out",
+        s(&out),
+        "--samples",
+        "256",
+        "--eval-samples",
+        "40",
+        "--teacher-epochs",
+        "2",
+        "--student-epochs",
+        "2",
+    ]);
+    assert!(ok, "{text}");
+    for want in [
+        "[8/8]",
+        "| teacher",
+        "student, distilled",
+        "student, no distillation",
+        "NOT a pretrained",
+    ] {
+        assert!(text.contains(want), "missing `{want}` in:\n{text}");
+    }
+    let report = std::fs::read_to_string(out.join("report/README.md")).unwrap();
+    assert!(report.contains("zero-shot top-1"), "{report}");
+    for png in [
+        "cluster-sizes.png",
+        "loss-distilled.png",
+        "loss-baseline.png",
+        "loss-teacher.png",
+    ] {
+        assert!(
+            out.join("report").join(png).metadata().unwrap().len() > 1000,
+            "{png}"
+        );
+    }
+    // `clipcid distill` on the config the demo wrote: stop after 3 steps, then resume.
+    let cfg = out.join("distill.toml");
+    let run = d.join("run");
+    let (ok, text) = clipcid(&[
+        "distill",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&run),
+        "--max-steps",
+        "3",
+        "--quiet",
+    ]);
+    assert!(
+        ok && text.contains("stopped at step 3") && text.contains("--resume"),
+        "{text}"
+    );
+    let (ok, text) = clipcid(&[
+        "distill",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&run),
+        "--resume",
+        "--quiet",
+    ]);
+    assert!(
+        ok && text.contains("resuming at step 3")
+            && text.contains("student (Hugging Face CLIP folder)"),
+        "{text}"
+    );
+    assert!(
+        run.join("student/model.safetensors").exists() && run.join("student/config.json").exists()
+    );
+    // Clear errors: an unknown key, and resume with nothing to resume.
+    let bad = d.join("bad.toml");
+    std::fs::write(&bad, "batch_sise = 4\n[data]\ndataset = \"x\"\n").unwrap();
+    let (ok, text) = clipcid(&["distill", "--config", s(&bad), "--out", s(&run)]);
+    assert!(
+        !ok && text.contains("bad.toml") && text.contains("batch_sise"),
+        "{text}"
+    );
+    let (ok, text) = clipcid(&[
+        "distill",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&d.join("empty")),
+        "--resume",
+    ]);
+    assert!(
+        !ok && text.contains("no checkpoint to resume from"),
+        "{text}"
+    );
+}
