@@ -1,6 +1,7 @@
 //! `clipcid`: distil big CLIP models into small ones. One subcommand per pipeline stage.
 
 mod demo;
+mod evaluate;
 
 use std::path::{Path, PathBuf};
 
@@ -39,6 +40,13 @@ enum Command {
     Cluster(ClusterArgs),
     /// Train a student CLIP from a TOML run config (CLIP-CID or PicCollage; resumable).
     Distill(DistillArgs),
+    /// Evaluate a student (and its teacher, and other models) side by side: zero-shot,
+    /// linear probe, retrieval, teacher agreement; writes a markdown report with plots.
+    Eval(evaluate::EvalArgs),
+    /// Textness bias: probe the direction of "text in the image" and show its effect on search.
+    Textness(evaluate::TextnessArgs),
+    /// Export a model to FP16 safetensors (Hugging Face layout) with a size and error report.
+    Export(evaluate::ExportArgs),
     /// Write a CLIP checkpoint with seeded random weights (for tests and smoke runs).
     InitModel {
         /// Model shape: vit-b-32, vit-b-16, piccollage-s12, piccollage-s24 or tiny.
@@ -344,6 +352,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Balance(args) => balance(&args, &device)?,
         Command::Cluster(args) => cluster(&args, &device)?,
         Command::Distill(args) => distill(&args, &device)?,
+        Command::Eval(args) => evaluate::eval(&args, &device)?,
+        Command::Textness(args) => evaluate::textness(&args, &device)?,
+        Command::Export(args) => evaluate::export(&args, &device)?,
         Command::InitModel { preset, seed, out } => {
             let cfg = ClipConfig::preset(&preset)?;
             ClipModel::random(&cfg, seed, &Device::Cpu)?.save(&out, DType::F32)?;
@@ -454,14 +465,11 @@ fn embed(args: &EmbedArgs, device: &Device) -> Result<EmbedSummary> {
     let tokenizer = if args.images_only || !dataset.has_captions() {
         None
     } else {
-        let beside = args.teacher.parent().map(|d| {
-            if args.teacher.is_dir() {
-                args.teacher.join("tokenizer.json")
-            } else {
-                d.join("tokenizer.json")
-            }
-        });
-        let path = args.tokenizer.clone().or(beside.filter(|p| p.is_file()));
+        let beside = evaluate::tokenizer_beside(&args.teacher);
+        let path = args
+            .tokenizer
+            .clone()
+            .or(Some(beside).filter(|p| p.is_file()));
         let Some(path) = path else {
             bail!(
                 "{} has captions but no tokenizer was given: pass --tokenizer tokenizer.json, or --images-only",

@@ -356,3 +356,175 @@ fn demo_then_distill_with_stop_and_resume_from_the_command_line() {
         "{text}"
     );
 }
+
+/// Writes `n` images per colour class into `root/<class>/`.
+fn labelled_set(root: &Path, n: u8, offset: u8) {
+    for (class, rgb) in [
+        ("red", [200, 30, 30]),
+        ("green", [30, 180, 40]),
+        ("deep_blue", [20, 40, 200]),
+    ] {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for i in 0..n {
+            let img = image::RgbImage::from_fn(32, 32, |x, y| {
+                let v = ((x + y) as u8).wrapping_mul(i + offset) / 8;
+                image::Rgb(rgb.map(|c: u8| c.saturating_add(v)))
+            });
+            img.save(root.join(class).join(format!("{i}.png"))).unwrap();
+        }
+    }
+}
+
+#[test]
+fn eval_textness_and_export_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (seed, name) in [("1", "student.safetensors"), ("2", "teacher.safetensors")] {
+        let (ok, out) = clipcid(&[
+            "init-model",
+            "--preset",
+            "tiny",
+            "--seed",
+            seed,
+            "--out",
+            s(&d.join(name)),
+        ]);
+        assert!(ok, "{out}");
+    }
+    let (ok, out) = clipcid(&["tokenizer", "--out", s(&d.join("tokenizer.json"))]);
+    assert!(ok, "{out}");
+    labelled_set(&d.join("train"), 6, 1);
+    labelled_set(&d.join("test"), 3, 9);
+    let captioned = d.join("captioned");
+    std::fs::create_dir_all(&captioned).unwrap();
+    let mut tsv = String::new();
+    for i in 0..6u8 {
+        image::RgbImage::from_pixel(32, 32, image::Rgb([i * 40, 100, 255 - i * 40]))
+            .save(captioned.join(format!("{i}.png")))
+            .unwrap();
+        tsv.push_str(&format!("{i}.png\tcolour number {i}\n"));
+    }
+    std::fs::write(captioned.join("captions.tsv"), tsv).unwrap();
+    std::fs::write(d.join("queries.txt"), "red\nsomething blue\n").unwrap();
+    let report = d.join("report");
+    let (ok, text) = clipcid(&[
+        "eval",
+        "--model",
+        s(&d.join("student.safetensors")),
+        "--teacher",
+        s(&d.join("teacher.safetensors")),
+        "--compare",
+        &format!("again={}", s(&d.join("student.safetensors"))),
+        "--zero-shot",
+        s(&d.join("test")),
+        "--templates",
+        "cifar",
+        "--probe-train",
+        s(&d.join("train")),
+        "--probe-test",
+        s(&d.join("test")),
+        "--retrieval",
+        s(&captioned),
+        "--queries",
+        s(&d.join("queries.txt")),
+        "--out",
+        s(&report),
+    ]);
+    assert!(ok, "{text}");
+    for want in [
+        "## Zero-shot classification",
+        "9 images, 3 classes, 18 templates",
+        "## Linear probe",
+        "## Retrieval",
+        "## Agreement with the teacher",
+        "| again |",
+    ] {
+        assert!(text.contains(want), "missing `{want}` in:\n{text}");
+    }
+    // The same weights under two names agree with the teacher exactly alike.
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report.join("results.json")).unwrap()).unwrap();
+    let (student, again) = (&results["agreement"][0], &results["agreement"][1]);
+    assert_eq!(
+        (&student[0], &again[0]),
+        (&"student".into(), &"again".into())
+    );
+    assert_eq!(student[1], again[1]);
+    assert_eq!(
+        results["models"],
+        serde_json::json!(["teacher", "student", "again"])
+    );
+    for png in [
+        "zero-shot-per-class.png",
+        "zero-shot-confusion-student.png",
+        "linear-probe-per-class.png",
+    ] {
+        assert!(report.join(png).metadata().unwrap().len() > 1000, "{png}");
+    }
+    // Class names come from the folder names, `_` as a space, in sorted order.
+    assert_eq!(results["class_names"][0], "deep blue");
+    let (ok, text) = clipcid(&["eval", "--model", s(&d.join("student.safetensors"))]);
+    assert!(!ok && text.contains("nothing to evaluate"), "{text}");
+    let (ok, text) = clipcid(&[
+        "eval",
+        "--model",
+        s(&d.join("student.safetensors")),
+        "--compare",
+        "nopath",
+        "--retrieval",
+        s(&captioned),
+    ]);
+    assert!(!ok && text.contains("NAME=PATH"), "{text}");
+
+    // Textness on the labelled images (as a plain folder of files).
+    let photos = d.join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    for (i, e) in std::fs::read_dir(d.join("train/red")).unwrap().enumerate() {
+        std::fs::copy(e.unwrap().path(), photos.join(format!("{i}.png"))).unwrap();
+    }
+    let tx = d.join("textness");
+    let (ok, text) = clipcid(&[
+        "textness",
+        "--model",
+        s(&d.join("student.safetensors")),
+        "--images",
+        s(&photos),
+        "--query",
+        "a red square",
+        "--scales=-1,0,1",
+        "--top",
+        "4",
+        "--out",
+        s(&tx),
+    ]);
+    assert!(ok, "{text}");
+    assert!(text.contains("| -1 |") && text.contains("| +1 |"), "{text}");
+    assert!(tx.join("textness.safetensors").exists());
+    assert!(tx.join("grid-0.png").metadata().unwrap().len() > 1000);
+
+    // FP16 export.
+    let fp16 = d.join("fp16");
+    let (ok, text) = clipcid(&[
+        "export",
+        "--model",
+        s(&d.join("student.safetensors")),
+        "--out",
+        s(&fp16),
+        "--sample",
+        s(&d.join("test")),
+    ]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("9 images of") && text.contains("min cosine"),
+        "{text}"
+    );
+    assert!(fp16.join("model.safetensors").exists() && fp16.join("tokenizer.json").exists());
+    let (ok, text) = clipcid(&[
+        "export",
+        "--model",
+        s(&d.join("missing.safetensors")),
+        "--out",
+        s(&fp16),
+    ]);
+    assert!(!ok && text.contains("missing.safetensors"), "{text}");
+}

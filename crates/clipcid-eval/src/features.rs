@@ -1,0 +1,187 @@
+//! Unit-normalised image and text features of a model, as plain row-major `f32` matrices,
+//! and the similarity products the evaluations share.
+
+use candle_core::Tensor;
+use clipcid_data::{BatchIter, Dataset, Preprocess, Skipped};
+use clipcid_models::{l2_normalize, ClipModel, ClipTokenizer};
+use image::{DynamicImage, RgbImage};
+use ndarray::ArrayView2;
+
+use crate::EvalError;
+
+/// A row-major matrix of unit rows `[rows, dim]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Features {
+    /// The values, `rows * dim` of them.
+    pub data: Vec<f32>,
+    /// Row width.
+    pub dim: usize,
+}
+
+impl Features {
+    /// Wraps row-major values; each row is L2-normalised here (zero rows stay zero).
+    pub fn normalized(mut data: Vec<f32>, dim: usize) -> Result<Self, EvalError> {
+        if dim == 0 || !data.len().is_multiple_of(dim) {
+            return Err(EvalError::Input(format!(
+                "{} values are not rows of width {dim}",
+                data.len()
+            )));
+        }
+        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+            return Err(EvalError::Input(format!(
+                "row {} holds a non-finite value",
+                i / dim
+            )));
+        }
+        for row in data.chunks_exact_mut(dim) {
+            let n = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+            if n > 0.0 {
+                row.iter_mut().for_each(|v| *v /= n);
+            }
+        }
+        Ok(Self { data, dim })
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.data.len() / self.dim.max(1)
+    }
+
+    /// Row `i`.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.dim..(i + 1) * self.dim]
+    }
+
+    /// `self . other^T`: `[self.rows(), other.rows()]`, row-major (OpenBLAS sgemm).
+    pub fn similarity(&self, other: &Features) -> Result<Vec<f32>, EvalError> {
+        if self.dim != other.dim {
+            return Err(EvalError::Input(format!(
+                "cannot compare {}-wide with {}-wide embeddings",
+                self.dim, other.dim
+            )));
+        }
+        let a = ArrayView2::from_shape((self.rows(), self.dim), &self.data)
+            .map_err(|e| EvalError::Input(e.to_string()))?;
+        let b = ArrayView2::from_shape((other.rows(), other.dim), &other.data)
+            .map_err(|e| EvalError::Input(e.to_string()))?;
+        Ok(a.dot(&b.t()).into_raw_vec_and_offset().0)
+    }
+
+    /// Mean over rows of the cosine between row `i` of `self` and of `other` (both unit).
+    pub fn mean_row_cosine(&self, other: &Features) -> Result<f64, EvalError> {
+        if self.dim != other.dim || self.rows() != other.rows() {
+            return Err(EvalError::Input(format!(
+                "[{}, {}] and [{}, {}] embeddings do not pair up",
+                self.rows(),
+                self.dim,
+                other.rows(),
+                other.dim
+            )));
+        }
+        let sum: f64 = (0..self.rows())
+            .map(|i| {
+                self.row(i)
+                    .iter()
+                    .zip(other.row(i))
+                    .map(|(a, b)| (a * b) as f64)
+                    .sum::<f64>()
+            })
+            .sum();
+        Ok(sum / self.rows().max(1) as f64)
+    }
+}
+
+fn unit_rows(t: &Tensor) -> Result<Features, EvalError> {
+    let t = l2_normalize(&t.to_dtype(candle_core::DType::F32)?)?;
+    let dim = t.dim(1)?;
+    Features::normalized(t.flatten_all()?.to_vec1::<f32>()?, dim)
+}
+
+/// Image features of a whole dataset with what came with each image.
+#[derive(Debug, Clone)]
+pub struct EncodedImages {
+    /// Unit image embeddings, one row per decoded sample.
+    pub features: Features,
+    /// Sample keys.
+    pub keys: Vec<String>,
+    /// Captions (when the dataset has them).
+    pub captions: Vec<Option<String>>,
+    /// Class labels (labelled folders and `.cls` members).
+    pub labels: Vec<Option<usize>>,
+    /// Samples that could not be decoded (named, skipped).
+    pub skipped: Vec<Skipped>,
+}
+
+/// Encodes every image of `data` with `model`'s image tower, `batch` at a time, preprocessed
+/// CLIP-style at the model's resolution.
+pub fn encode_dataset(
+    model: &ClipModel,
+    data: &Dataset,
+    batch: usize,
+) -> Result<EncodedImages, EvalError> {
+    let pre = Preprocess::clip(model.config().vision_config.image_size);
+    let mut iter = BatchIter::new(data.samples()?, pre, batch.max(1), model.device().clone());
+    let (mut rows, mut keys, mut captions, mut labels) = (vec![], vec![], vec![], vec![]);
+    let mut dim = model.config().projection_dim;
+    for b in iter.by_ref() {
+        let b = b?;
+        if b.is_empty() {
+            continue;
+        }
+        let f = unit_rows(&model.encode_image(&b.pixels)?)?;
+        dim = f.dim;
+        rows.extend(f.data);
+        keys.extend(b.keys);
+        captions.extend(b.captions);
+        labels.extend(b.labels);
+    }
+    let skipped = iter.skipped().to_vec();
+    Ok(EncodedImages {
+        features: Features::normalized(rows, dim)?,
+        keys,
+        captions,
+        labels,
+        skipped,
+    })
+}
+
+/// Encodes in-memory images (e.g. rendered ones) `batch` at a time.
+pub fn encode_images(
+    model: &ClipModel,
+    images: &[RgbImage],
+    batch: usize,
+) -> Result<Features, EvalError> {
+    let size = model.config().vision_config.image_size;
+    let pre = Preprocess::clip(size);
+    let mut rows = vec![];
+    let mut dim = model.config().projection_dim;
+    for chunk in images.chunks(batch.max(1)) {
+        let mut px = Vec::with_capacity(chunk.len() * 3 * size * size);
+        for img in chunk {
+            px.extend(pre.apply(&DynamicImage::ImageRgb8(img.clone())));
+        }
+        let t = Tensor::from_vec(px, (chunk.len(), 3, size, size), model.device())?;
+        let f = unit_rows(&model.encode_image(&t)?)?;
+        dim = f.dim;
+        rows.extend(f.data);
+    }
+    Features::normalized(rows, dim)
+}
+
+/// Encodes texts `batch` at a time with `model`'s text tower.
+pub fn encode_texts(
+    model: &ClipModel,
+    tokenizer: &ClipTokenizer,
+    texts: &[String],
+    batch: usize,
+) -> Result<Features, EvalError> {
+    let mut rows = vec![];
+    let mut dim = model.config().projection_dim;
+    for chunk in texts.chunks(batch.max(1)) {
+        let ids = tokenizer.encode_batch(chunk, model.device())?;
+        let f = unit_rows(&model.encode_text(&ids)?)?;
+        dim = f.dim;
+        rows.extend(f.data);
+    }
+    Features::normalized(rows, dim)
+}

@@ -1,0 +1,411 @@
+//! Linear probe: multinomial logistic regression on frozen image features, fitted with
+//! L-BFGS (argmin's, More-Thuente line search), the L2 strength chosen on a validation split
+//! by the parametric sweep of CLIP's paper (appendix A.3).
+//!
+//! The objective is the mean cross-entropy plus `l2 / 2 * ||W||^2` (the bias is not
+//! penalised), so `l2 = 1 / (C * n)` matches scikit-learn's `LogisticRegression(C=C)` on `n`
+//! samples. The products run in f64 through ndarray's BLAS (the system OpenBLAS).
+
+use std::sync::Mutex;
+
+use argmin::core::{CostFunction, Executor, Gradient, State};
+use argmin::solver::linesearch::MoreThuenteLineSearch;
+use argmin::solver::quasinewton::LBFGS;
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use crate::{Classification, EvalError};
+
+/// Row-major features `[n, dim]` with a class per row.
+#[derive(Debug, Clone)]
+pub struct LabelledFeatures {
+    x: Array2<f64>,
+    y: Vec<usize>,
+}
+
+impl LabelledFeatures {
+    /// Checks shapes, labels (`< classes`) and finiteness.
+    pub fn new(
+        features: &[f32],
+        dim: usize,
+        labels: &[usize],
+        classes: usize,
+    ) -> Result<Self, EvalError> {
+        if dim == 0 || features.len() != labels.len() * dim {
+            return Err(EvalError::Input(format!(
+                "{} feature values are not {} rows of width {dim}",
+                features.len(),
+                labels.len()
+            )));
+        }
+        if let Some(i) = features.iter().position(|v| !v.is_finite()) {
+            return Err(EvalError::Input(format!(
+                "feature row {} holds a non-finite value",
+                i / dim
+            )));
+        }
+        if let Some(&c) = labels.iter().find(|&&c| c >= classes) {
+            return Err(EvalError::Input(format!(
+                "label {c} is out of range for {classes} classes"
+            )));
+        }
+        let x = Array2::from_shape_vec(
+            (labels.len(), dim),
+            features.iter().map(|&v| v as f64).collect(),
+        )
+        .map_err(|e| EvalError::Input(e.to_string()))?;
+        Ok(Self {
+            x,
+            y: labels.to_vec(),
+        })
+    }
+
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.y.len()
+    }
+
+    /// True when there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.y.is_empty()
+    }
+
+    /// Feature width.
+    pub fn dim(&self) -> usize {
+        self.x.ncols()
+    }
+
+    /// The rows at `idx`, in that order.
+    pub fn select(&self, idx: &[usize]) -> Self {
+        Self {
+            x: self.x.select(Axis(0), idx),
+            y: idx.iter().map(|&i| self.y[i]).collect(),
+        }
+    }
+
+    /// The labels.
+    pub fn labels(&self) -> &[usize] {
+        &self.y
+    }
+}
+
+/// The objective and its gradient at `params` = `[W (classes x dim, row-major), b (classes)]`:
+/// `mean_i [logsumexp(W x_i + b) - (W x_i + b)_{y_i}] + l2 / 2 * ||W||^2`.
+pub fn objective(
+    params: &[f64],
+    data: &LabelledFeatures,
+    classes: usize,
+    l2: f64,
+) -> Result<(f64, Vec<f64>), EvalError> {
+    let d = data.dim();
+    if params.len() != classes * (d + 1) {
+        return Err(EvalError::Input(format!(
+            "{} parameters do not fit {classes} classes x {d} features + bias",
+            params.len()
+        )));
+    }
+    let w = ArrayView2::from_shape((classes, d), &params[..classes * d])
+        .map_err(|e| EvalError::Input(e.to_string()))?;
+    let b = ArrayView1::from(&params[classes * d..]);
+    let mut probs = data.x.dot(&w.t()) + b;
+    let n = data.len().max(1) as f64;
+    let mut loss = 0.0;
+    for (mut row, &y) in probs.rows_mut().into_iter().zip(&data.y) {
+        let m = row.fold(f64::NEG_INFINITY, |a, &v| a.max(v));
+        let lse = m + row.iter().map(|&v| (v - m).exp()).sum::<f64>().ln();
+        loss += lse - row[y];
+        row.mapv_inplace(|v| (v - lse).exp() / n);
+        row[y] -= 1.0 / n;
+    }
+    let loss = loss / n + 0.5 * l2 * w.iter().map(|v| v * v).sum::<f64>();
+    let gw = probs.t().dot(&data.x) + &(&w * l2);
+    let gb = probs.sum_axis(Axis(0));
+    let mut grad = gw.into_raw_vec_and_offset().0;
+    grad.extend(gb.iter());
+    Ok((loss, grad))
+}
+
+/// The argmin problem; caches the last evaluation since the line search asks for the cost
+/// and the gradient at the same point separately.
+/// The point last evaluated, its objective and its gradient.
+type Evaluation = (Vec<f64>, f64, Vec<f64>);
+
+struct Problem<'a> {
+    data: &'a LabelledFeatures,
+    classes: usize,
+    l2: f64,
+    last: Mutex<Option<Evaluation>>,
+}
+
+impl Problem<'_> {
+    fn eval(&self, p: &[f64]) -> Result<(f64, Vec<f64>), argmin::core::Error> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((q, f, g)) = last.as_ref() {
+            if q.as_slice() == p {
+                return Ok((*f, g.clone()));
+            }
+        }
+        let (f, g) = objective(p, self.data, self.classes, self.l2)?;
+        if !f.is_finite() {
+            return Err(EvalError::Input("the linear-probe loss became non-finite".into()).into());
+        }
+        *last = Some((p.to_vec(), f, g.clone()));
+        Ok((f, g))
+    }
+}
+
+impl CostFunction for Problem<'_> {
+    type Param = Vec<f64>;
+    type Output = f64;
+    fn cost(&self, p: &Vec<f64>) -> Result<f64, argmin::core::Error> {
+        Ok(self.eval(p)?.0)
+    }
+}
+
+impl Gradient for Problem<'_> {
+    type Param = Vec<f64>;
+    type Gradient = Vec<f64>;
+    fn gradient(&self, p: &Vec<f64>) -> Result<Vec<f64>, argmin::core::Error> {
+        Ok(self.eval(p)?.1)
+    }
+}
+
+/// A fitted multinomial logistic regression.
+///
+/// ```
+/// use clipcid_eval::{LabelledFeatures, LogisticRegression};
+/// // Two classes split by the sign of the first feature.
+/// let x = [1.0, 0.2, 0.9, -0.1, -1.0, 0.1, -0.8, 0.3];
+/// let data = LabelledFeatures::new(&x, 2, &[1, 1, 0, 0], 2).unwrap();
+/// let fit = LogisticRegression::fit(&data, 2, 1e-3, 200, None).unwrap();
+/// assert_eq!(fit.predict(&data), vec![1, 1, 0, 0]);
+/// ```
+#[derive(Debug, Clone, Serialize)]
+pub struct LogisticRegression {
+    classes: usize,
+    dim: usize,
+    /// `[W, b]` as in [`objective`].
+    params: Vec<f64>,
+    /// The L2 strength it was fitted with.
+    pub l2: f64,
+    /// L-BFGS iterations used.
+    pub iterations: u64,
+    /// The objective at the solution.
+    pub loss: f64,
+}
+
+impl LogisticRegression {
+    /// Fits by L-BFGS (memory 10) from zero, or from `warm` (a previous fit of the same
+    /// shape), for at most `max_iterations`, stopping when the gradient's norm falls under
+    /// 1e-6.
+    pub fn fit(
+        data: &LabelledFeatures,
+        classes: usize,
+        l2: f64,
+        max_iterations: u64,
+        warm: Option<&LogisticRegression>,
+    ) -> Result<Self, EvalError> {
+        if data.is_empty() || classes < 2 {
+            return Err(EvalError::Input(format!(
+                "a linear probe needs rows and at least 2 classes ({} rows, {classes} classes)",
+                data.len()
+            )));
+        }
+        if !(l2.is_finite() && l2 >= 0.0) {
+            return Err(EvalError::Input(format!("L2 strength {l2} is not >= 0")));
+        }
+        let dim = data.dim();
+        let init = match warm {
+            Some(w) if w.classes == classes && w.dim == dim => w.params.clone(),
+            _ => vec![0.0; classes * (dim + 1)],
+        };
+        let problem = Problem {
+            data,
+            classes,
+            l2,
+            last: Mutex::new(None),
+        };
+        let solver = LBFGS::new(MoreThuenteLineSearch::new(), 10)
+            .with_tolerance_grad(1e-6)
+            .and_then(|s| s.with_tolerance_cost(1e-12))
+            .map_err(|e| EvalError::Input(e.to_string()))?;
+        let res = Executor::new(problem, solver)
+            .configure(|s| s.param(init).max_iters(max_iterations))
+            .run()
+            .map_err(|e| EvalError::Input(format!("L-BFGS failed: {e}")))?;
+        let state = res.state();
+        let params = state
+            .get_best_param()
+            .cloned()
+            .ok_or_else(|| EvalError::Input("L-BFGS returned no parameters".into()))?;
+        Ok(Self {
+            classes,
+            dim,
+            params,
+            l2,
+            iterations: state.get_iter(),
+            loss: state.get_best_cost(),
+        })
+    }
+
+    /// The weight matrix `[classes, dim]`.
+    pub fn weights(&self) -> ArrayView2<'_, f64> {
+        ArrayView2::from_shape(
+            (self.classes, self.dim),
+            &self.params[..self.classes * self.dim],
+        )
+        .expect("params hold classes x dim weights by construction")
+    }
+
+    /// The bias `[classes]`.
+    pub fn bias(&self) -> &[f64] {
+        &self.params[self.classes * self.dim..]
+    }
+
+    /// Class scores (logits) `[n, classes]`, row-major.
+    pub fn scores(&self, data: &LabelledFeatures) -> Vec<f32> {
+        let b = Array1::from(self.bias().to_vec());
+        (data.x.dot(&self.weights().t()) + &b)
+            .iter()
+            .map(|&v| v as f32)
+            .collect()
+    }
+
+    /// The best class of each row.
+    pub fn predict(&self, data: &LabelledFeatures) -> Vec<usize> {
+        self.scores(data)
+            .chunks_exact(self.classes)
+            .map(crate::metrics::argmax)
+            .collect()
+    }
+
+    /// Fraction of rows predicted right.
+    pub fn accuracy(&self, data: &LabelledFeatures) -> f64 {
+        let p = self.predict(data);
+        p.iter().zip(data.labels()).filter(|(a, b)| a == b).count() as f64
+            / data.len().max(1) as f64
+    }
+}
+
+/// Options of [`linear_probe`].
+#[derive(Debug, Clone)]
+pub struct ProbeOptions {
+    /// Fraction of the training rows held out to choose the L2 strength.
+    pub validation_fraction: f64,
+    /// Seed of the train/validation split.
+    pub seed: u64,
+    /// L-BFGS iterations per fit.
+    pub max_iterations: u64,
+    /// log10 of the smallest and largest L2 strength of the sweep.
+    pub log10_range: (f64, f64),
+    /// Resolution the sweep refines to, in steps per decade (CLIP: 8).
+    pub steps_per_decade: f64,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        Self {
+            validation_fraction: 0.2,
+            seed: 0,
+            max_iterations: 1000,
+            log10_range: (-6.0, 2.0),
+            steps_per_decade: 8.0,
+        }
+    }
+}
+
+/// A linear-probe result.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeResult {
+    /// `(l2, validation accuracy)` of every fit of the sweep, in the order tried.
+    pub sweep: Vec<(f64, f64)>,
+    /// The chosen L2 strength.
+    pub l2: f64,
+    /// The final model, refitted on all training rows with `l2`.
+    pub model: LogisticRegression,
+    /// Test-split scores.
+    pub test: Classification,
+}
+
+/// CLIP's linear-probe protocol: hold out `validation_fraction` of `train`, sweep the L2
+/// strength over a log grid two decades apart, then repeatedly halve the step around the
+/// best value until `steps_per_decade` is reached (ties go to the stronger L2); refit on all
+/// of `train` with the winner and score `test`.
+pub fn linear_probe(
+    train: &LabelledFeatures,
+    test: &LabelledFeatures,
+    classes: usize,
+    opts: &ProbeOptions,
+) -> Result<ProbeResult, EvalError> {
+    if train.dim() != test.dim() {
+        return Err(EvalError::Input(format!(
+            "train features are {}-wide, test features {}-wide",
+            train.dim(),
+            test.dim()
+        )));
+    }
+    let mut idx: Vec<usize> = (0..train.len()).collect();
+    idx.shuffle(&mut ChaCha8Rng::seed_from_u64(opts.seed));
+    let n_val = ((train.len() as f64 * opts.validation_fraction).round() as usize)
+        .clamp(1, train.len().saturating_sub(1).max(1));
+    if train.len() < 2 {
+        return Err(EvalError::Input(
+            "a linear probe needs at least 2 training rows".into(),
+        ));
+    }
+    let (val_idx, fit_idx) = idx.split_at(n_val);
+    let (fit_set, val_set) = (train.select(fit_idx), train.select(val_idx));
+    let mut sweep: Vec<(f64, f64)> = vec![];
+    let mut warm: Option<LogisticRegression> = None;
+    let mut try_l2 = |log10: f64, sweep: &mut Vec<(f64, f64)>| -> Result<f64, EvalError> {
+        let l2 = 10f64.powf(log10);
+        if let Some(&(_, acc)) = sweep.iter().find(|(v, _)| (v.log10() - log10).abs() < 1e-9) {
+            return Ok(acc);
+        }
+        let m = LogisticRegression::fit(&fit_set, classes, l2, opts.max_iterations, warm.as_ref())?;
+        let acc = m.accuracy(&val_set);
+        warm = Some(m);
+        sweep.push((l2, acc));
+        Ok(acc)
+    };
+    let (lo, hi) = opts.log10_range;
+    let mut step = 2.0;
+    let mut grid = vec![];
+    let mut v = hi; // strong to weak: each fit warm-starts the next, less regular one
+    while v >= lo - 1e-9 {
+        grid.push(v);
+        v -= step;
+    }
+    let mut best = (f64::NEG_INFINITY, hi);
+    for &g in &grid {
+        let acc = try_l2(g, &mut sweep)?;
+        if acc > best.0 {
+            best = (acc, g);
+        }
+    }
+    while step > 1.0 / opts.steps_per_decade + 1e-9 {
+        step /= 2.0;
+        let centre = best.1;
+        for g in [centre + step, centre - step] {
+            if g < lo - 1e-9 || g > hi + 1e-9 {
+                continue;
+            }
+            let acc = try_l2(g, &mut sweep)?;
+            if acc > best.0 || (acc == best.0 && g > best.1) {
+                best = (acc, g);
+            }
+        }
+    }
+    let l2 = 10f64.powf(best.1);
+    let model = LogisticRegression::fit(train, classes, l2, opts.max_iterations, warm.as_ref())?;
+    let test_scores = Classification::from_scores(&model.scores(test), classes, test.labels())?;
+    Ok(ProbeResult {
+        sweep,
+        l2,
+        model,
+        test: test_scores,
+    })
+}

@@ -1,0 +1,385 @@
+//! The evaluation report: every measure the plan asks for, for every model side by side,
+//! written as `report.md` + `results.json` + PNG plots.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use clipcid_data::Dataset;
+use clipcid_models::{ClipModel, ClipTokenizer};
+use serde::Serialize;
+
+use crate::features::{encode_dataset, encode_texts, EncodedImages};
+use crate::{
+    linear_probe, plot_confusion, plot_per_class_recall, Agreement, Classification, EvalError,
+    LabelledFeatures, ProbeOptions, Retrieval, Templates, ZeroShotClassifier,
+};
+
+/// A model under evaluation.
+#[derive(Debug)]
+pub struct EvalModel {
+    /// Its name in the tables (e.g. `teacher`, `student`).
+    pub name: String,
+    /// The model.
+    pub model: ClipModel,
+    /// Its tokenizer.
+    pub tokenizer: ClipTokenizer,
+}
+
+/// What to evaluate. Every part is optional; datasets are anything
+/// [`Dataset::open`] reads (labelled folders for classification, captioned sets for
+/// retrieval).
+#[derive(Debug, Clone, Default)]
+pub struct EvalPlan {
+    /// Zero-shot classification on a labelled set.
+    pub zero_shot: Option<ZeroShotPlan>,
+    /// Linear probe: a labelled train set and a labelled test set (same classes).
+    pub linear_probe: Option<(PathBuf, PathBuf, ProbeOptions)>,
+    /// Retrieval on a captioned set (one caption per image).
+    pub retrieval: Option<PathBuf>,
+    /// Teacher agreement: text queries ranked over an image set; needs a teacher model.
+    pub agreement: Option<AgreementPlan>,
+    /// Images per forward pass.
+    pub batch_size: usize,
+}
+
+/// Zero-shot part of an [`EvalPlan`].
+#[derive(Debug, Clone)]
+pub struct ZeroShotPlan {
+    /// The labelled set.
+    pub data: PathBuf,
+    /// Prompt templates.
+    pub templates: Templates,
+    /// Class names in label order; default: the folder names with `_` as spaces.
+    pub class_names: Option<Vec<String>>,
+}
+
+/// Agreement part of an [`EvalPlan`].
+#[derive(Debug, Clone)]
+pub struct AgreementPlan {
+    /// The image collection searched.
+    pub images: PathBuf,
+    /// Text queries.
+    pub queries: Vec<String>,
+    /// Which model is the teacher (its name).
+    pub teacher: String,
+    /// The N values (PicCollage: 10..=20).
+    pub ns: Vec<usize>,
+}
+
+/// All results, per model in the order given.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct EvalResults {
+    /// Model names.
+    pub models: Vec<String>,
+    /// Zero-shot scores per model.
+    pub zero_shot: Vec<Classification>,
+    /// Class names of the classification sets.
+    pub class_names: Vec<String>,
+    /// Linear-probe test scores and chosen L2 per model.
+    pub linear_probe: Vec<(f64, Classification)>,
+    /// Retrieval per model.
+    pub retrieval: Vec<Retrieval>,
+    /// Agreement of each non-teacher model with the teacher, and the mean cosine between
+    /// their embeddings of the same images (`None` when the widths differ).
+    pub agreement: Vec<(String, Agreement, Option<f64>)>,
+}
+
+fn labelled(enc: &EncodedImages, what: &Path) -> Result<Vec<usize>, EvalError> {
+    enc.labels
+        .iter()
+        .zip(&enc.keys)
+        .map(|(l, k)| {
+            l.ok_or_else(|| EvalError::file(what, format!("sample `{k}` has no class label")))
+        })
+        .collect()
+}
+
+fn class_names_of(data: &Dataset) -> Vec<String> {
+    data.classes().iter().map(|c| c.replace('_', " ")).collect()
+}
+
+fn open(path: &Path) -> Result<Dataset, EvalError> {
+    Ok(Dataset::open(path)?)
+}
+
+fn pct(v: f64) -> String {
+    format!("{:.1}%", 100.0 * v)
+}
+
+/// Runs `plan` for every model and writes `out/report.md`, `out/results.json` and the
+/// plots. Returns the results and the markdown.
+pub fn evaluate(
+    models: &[EvalModel],
+    plan: &EvalPlan,
+    out: &Path,
+) -> Result<(EvalResults, String), EvalError> {
+    if models.is_empty() {
+        return Err(EvalError::Input("no models to evaluate".into()));
+    }
+    std::fs::create_dir_all(out).map_err(|e| EvalError::file(out, e))?;
+    let batch = plan.batch_size.max(1);
+    let names: Vec<String> = models.iter().map(|m| m.name.clone()).collect();
+    let mut res = EvalResults {
+        models: names.clone(),
+        ..Default::default()
+    };
+    let mut md = String::from("# Evaluation report\n\n");
+    for m in models {
+        let params: usize = m.model.tensors().values().map(|t| t.elem_count()).sum();
+        let _ = writeln!(
+            md,
+            "- **{}**: {:.2} M parameters, image {}px, embedding width {}",
+            m.name,
+            params as f64 / 1e6,
+            m.model.config().vision_config.image_size,
+            m.model.config().projection_dim
+        );
+    }
+    md.push('\n');
+
+    if let Some(zs) = &plan.zero_shot {
+        let data = open(&zs.data)?;
+        let classes = zs
+            .class_names
+            .clone()
+            .unwrap_or_else(|| class_names_of(&data));
+        if classes.len() != data.classes().len() {
+            return Err(EvalError::file(
+                &zs.data,
+                format!(
+                    "{} class names given for {} class folders",
+                    classes.len(),
+                    data.classes().len()
+                ),
+            ));
+        }
+        for m in models {
+            let enc = encode_dataset(&m.model, &data, batch)?;
+            let truth = labelled(&enc, &zs.data)?;
+            let zsc = ZeroShotClassifier::new(&m.model, &m.tokenizer, &classes, &zs.templates)?;
+            res.zero_shot.push(zsc.classify(&enc.features, &truth)?);
+        }
+        let _ = writeln!(
+            md,
+            "## Zero-shot classification\n\n{} ({} images, {} classes, {} templates)\n\n| model | top-1 | top-5 | mean per-class recall |\n|---|---:|---:|---:|",
+            zs.data.display(),
+            res.zero_shot[0].predictions.len(),
+            classes.len(),
+            zs.templates.len()
+        );
+        for (n, c) in names.iter().zip(&res.zero_shot) {
+            let _ = writeln!(
+                md,
+                "| {n} | {} | {} | {} |",
+                pct(c.top1),
+                pct(c.top5),
+                pct(c.mean_per_class_recall)
+            );
+        }
+        let series: Vec<(&str, &[f64])> = names
+            .iter()
+            .zip(&res.zero_shot)
+            .map(|(n, c)| (n.as_str(), c.per_class_recall.as_slice()))
+            .collect();
+        plot_per_class_recall(
+            &out.join("zero-shot-per-class.png"),
+            "zero-shot recall per class",
+            &classes,
+            &series,
+        )?;
+        md.push_str("\n![zero-shot recall per class](zero-shot-per-class.png)\n\n");
+        if classes.len() <= 50 {
+            for (n, c) in names.iter().zip(&res.zero_shot) {
+                let file = format!("zero-shot-confusion-{n}.png");
+                plot_confusion(
+                    &out.join(&file),
+                    &format!("zero-shot confusion: {n}"),
+                    &classes,
+                    &c.confusion,
+                )?;
+                let _ = writeln!(md, "![confusion {n}]({file})");
+            }
+            md.push('\n');
+        }
+        res.class_names = classes;
+    }
+
+    if let Some((train, test, opts)) = &plan.linear_probe {
+        let (train_data, test_data) = (open(train)?, open(test)?);
+        if train_data.classes() != test_data.classes() {
+            return Err(EvalError::file(
+                test,
+                format!("its classes differ from those of {}", train.display()),
+            ));
+        }
+        let classes = class_names_of(&train_data);
+        for m in models {
+            let tr = encode_dataset(&m.model, &train_data, batch)?;
+            let te = encode_dataset(&m.model, &test_data, batch)?;
+            let k = classes.len();
+            let trf = LabelledFeatures::new(
+                &tr.features.data,
+                tr.features.dim,
+                &labelled(&tr, train)?,
+                k,
+            )?;
+            let tef = LabelledFeatures::new(
+                &te.features.data,
+                te.features.dim,
+                &labelled(&te, test)?,
+                k,
+            )?;
+            let r = linear_probe(&trf, &tef, k, opts)?;
+            res.linear_probe.push((r.l2, r.test));
+        }
+        let _ = writeln!(
+            md,
+            "## Linear probe\n\nLogistic regression (L-BFGS) on frozen image features of {} ({} classes); L2 strength swept on a {:.0}% validation split, accuracy on {}.\n\n| model | top-1 | top-5 | mean per-class recall | chosen L2 |\n|---|---:|---:|---:|---:|",
+            train.display(),
+            classes.len(),
+            100.0 * opts.validation_fraction,
+            test.display()
+        );
+        for (n, (l2, c)) in names.iter().zip(&res.linear_probe) {
+            let _ = writeln!(
+                md,
+                "| {n} | {} | {} | {} | {l2:.2e} |",
+                pct(c.top1),
+                pct(c.top5),
+                pct(c.mean_per_class_recall)
+            );
+        }
+        let series: Vec<(&str, &[f64])> = names
+            .iter()
+            .zip(&res.linear_probe)
+            .map(|(n, (_, c))| (n.as_str(), c.per_class_recall.as_slice()))
+            .collect();
+        plot_per_class_recall(
+            &out.join("linear-probe-per-class.png"),
+            "linear-probe recall per class",
+            &classes,
+            &series,
+        )?;
+        md.push_str("\n![linear-probe recall per class](linear-probe-per-class.png)\n\n");
+        if res.class_names.is_empty() {
+            res.class_names = classes;
+        }
+    }
+
+    if let Some(path) = &plan.retrieval {
+        let data = open(path)?;
+        let ks = [1, 5, 10];
+        let mut pairs = 0;
+        for m in models {
+            let enc = encode_dataset(&m.model, &data, batch)?;
+            let captions: Vec<String> = enc
+                .captions
+                .iter()
+                .zip(&enc.keys)
+                .map(|(c, k)| {
+                    c.clone().ok_or_else(|| {
+                        EvalError::file(path, format!("sample `{k}` has no caption"))
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            let text = encode_texts(&m.model, &m.tokenizer, &captions, 256)?;
+            let sim = enc.features.similarity(&text)?;
+            pairs = captions.len();
+            let owner: Vec<usize> = (0..pairs).collect();
+            res.retrieval.push(Retrieval::from_similarity(
+                &sim,
+                captions.len(),
+                &owner,
+                &ks,
+            )?);
+        }
+        let _ = writeln!(
+            md,
+            "## Retrieval\n\n{} ({} image-caption pairs)\n\n| model | image->text R@1 | R@5 | R@10 | text->image R@1 | R@5 | R@10 |\n|---|---:|---:|---:|---:|---:|---:|",
+            path.display(),
+            pairs
+        );
+        for (n, r) in names.iter().zip(&res.retrieval) {
+            let cells: Vec<String> = r
+                .image_to_text
+                .iter()
+                .chain(&r.text_to_image)
+                .map(|&v| pct(v))
+                .collect();
+            let _ = writeln!(md, "| {n} | {} |", cells.join(" | "));
+        }
+        md.push('\n');
+    }
+
+    if let Some(ag) = &plan.agreement {
+        let t = models
+            .iter()
+            .position(|m| m.name == ag.teacher)
+            .ok_or_else(|| {
+                EvalError::Input(format!(
+                    "teacher agreement needs a model named `{}`",
+                    ag.teacher
+                ))
+            })?;
+        if ag.queries.is_empty() {
+            return Err(EvalError::Input(
+                "teacher agreement needs text queries".into(),
+            ));
+        }
+        let data = open(&ag.images)?;
+        let encoded: Vec<EncodedImages> = models
+            .iter()
+            .map(|m| encode_dataset(&m.model, &data, batch))
+            .collect::<Result<_, _>>()?;
+        let sims: Vec<Vec<f32>> = models
+            .iter()
+            .zip(&encoded)
+            .map(|(m, e)| {
+                encode_texts(&m.model, &m.tokenizer, &ag.queries, 256)?.similarity(&e.features)
+            })
+            .collect::<Result<_, _>>()?;
+        let images = encoded[t].features.rows();
+        let _ = writeln!(
+            md,
+            "## Agreement with the teacher\n\n{} text queries over {} images of {}: mean average precision of each model's top-N against {}'s top-N (PicCollage's measure), and the mean cosine between the two models' embeddings of the same image.\n",
+            ag.queries.len(),
+            images,
+            ag.images.display(),
+            ag.teacher
+        );
+        let header: Vec<String> = ag.ns.iter().map(|n| format!("mAP@{n}")).collect();
+        let _ = writeln!(
+            md,
+            "| model | {} | mean | image cosine |\n|---|{}---:|---:|",
+            header.join(" | "),
+            "---:|".repeat(ag.ns.len())
+        );
+        for (i, m) in models.iter().enumerate() {
+            if i == t {
+                continue;
+            }
+            let a = Agreement::from_similarity(&sims[t], &sims[i], images, ag.ns.iter().copied())?;
+            let cos = encoded[t]
+                .features
+                .mean_row_cosine(&encoded[i].features)
+                .ok();
+            let cells: Vec<String> = a.map_at_n.iter().map(|(_, v)| format!("{v:.3}")).collect();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.3} | {} |",
+                m.name,
+                cells.join(" | "),
+                a.mean_map,
+                cos.map(|c| format!("{c:.3}"))
+                    .unwrap_or_else(|| "- (widths differ)".into())
+            );
+            res.agreement.push((m.name.clone(), a, cos));
+        }
+        md.push('\n');
+    }
+
+    let json = serde_json::to_vec_pretty(&res).map_err(|e| EvalError::Input(e.to_string()))?;
+    clipcid_models::io::write_atomic(&out.join("results.json"), &json)?;
+    clipcid_models::io::write_atomic(&out.join("report.md"), md.as_bytes())?;
+    Ok((res, md))
+}

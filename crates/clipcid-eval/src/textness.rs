@@ -1,0 +1,564 @@
+//! Textness bias (PicCollage): a 2-class linear probe on embeddings of images with and
+//! without text in them; its positive-class weight vector is the *textness direction*. At
+//! query time `text_vec += scale * textness` (then renormalised) moves search towards
+//! (scale > 0) or away from (scale < 0) images that show text.
+//!
+//! The direction is stored unit-length, so `scale` is in units of the (unit) query
+//! embedding: `scale = 1` adds as much textness as there is query. The probe's raw weight
+//! norm is kept in the file's metadata.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use ab_glyph::{Font, FontArc, PxScale, ScaleFont};
+use candle_core::{Device, Tensor};
+use image::{Rgb, RgbImage};
+use rand::Rng;
+use serde::Serialize;
+
+use crate::features::Features;
+use crate::linear_probe::{LabelledFeatures, LogisticRegression};
+use crate::metrics::top_n;
+use crate::EvalError;
+
+/// Draws words onto images with a TrueType font.
+///
+/// ```
+/// use clipcid_eval::TextRenderer;
+/// use rand::SeedableRng;
+/// let r = TextRenderer::dejavu_sans().unwrap();
+/// let img = image::RgbImage::from_pixel(64, 64, image::Rgb([200, 200, 200]));
+/// let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+/// let with_text = r.render(&img, "SALE", &mut rng);
+/// assert_ne!(with_text, img);
+/// ```
+pub struct TextRenderer {
+    font: FontArc,
+}
+
+impl std::fmt::Debug for TextRenderer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TextRenderer")
+    }
+}
+
+impl TextRenderer {
+    /// DejaVu Sans, built into the binary (the `dejavu` crate; the same font as Debian's
+    /// `fonts-dejavu-core`).
+    pub fn dejavu_sans() -> Result<Self, EvalError> {
+        let font = FontArc::try_from_slice(dejavu::sans::regular())
+            .map_err(|e| EvalError::Input(format!("built-in DejaVu Sans: {e}")))?;
+        Ok(Self { font })
+    }
+
+    /// A `.ttf`/`.otf` file.
+    pub fn from_file(path: &Path) -> Result<Self, EvalError> {
+        let bytes = std::fs::read(path).map_err(|e| EvalError::file(path, e))?;
+        let font = FontArc::try_from_vec(bytes)
+            .map_err(|e| EvalError::file(path, format!("not a TrueType/OpenType font: {e}")))?;
+        Ok(Self { font })
+    }
+
+    /// A copy of `img` with `text` drawn on it: height 15-30% of the image (shrunk to fit
+    /// the width), a random position, black or white with a contrasting outline.
+    pub fn render(&self, img: &RgbImage, text: &str, rng: &mut impl Rng) -> RgbImage {
+        let (w, h) = img.dimensions();
+        let mut size = h as f32 * rng.random_range(0.15..0.30);
+        let width_at = |size: f32| {
+            let s = self.font.as_scaled(PxScale::from(size));
+            text.chars()
+                .map(|c| s.h_advance(s.glyph_id(c)))
+                .sum::<f32>()
+        };
+        let max_w = w as f32 * 0.95;
+        let tw = width_at(size);
+        if tw > max_w {
+            size *= max_w / tw;
+        }
+        let tw = width_at(size);
+        let x0 = rng.random_range(0.0..(w as f32 - tw).max(1.0));
+        let y0 = rng.random_range(0.0..(h as f32 - size).max(1.0));
+        let (fg, edge) = if rng.random_bool(0.5) {
+            ([0u8, 0, 0], [255u8, 255, 255])
+        } else {
+            ([255, 255, 255], [0, 0, 0])
+        };
+        let mut out = img.clone();
+        let outline = (size / 14.0).max(1.0) as i32;
+        for (dx, dy, colour) in (-outline..=outline)
+            .flat_map(|dx| (-outline..=outline).map(move |dy| (dx, dy)))
+            .filter(|&(dx, dy)| dx != 0 || dy != 0)
+            .map(|(dx, dy)| (dx, dy, edge))
+            .chain(std::iter::once((0, 0, fg)))
+        {
+            self.draw(&mut out, text, size, x0 + dx as f32, y0 + dy as f32, colour);
+        }
+        out
+    }
+
+    fn draw(&self, img: &mut RgbImage, text: &str, size: f32, x0: f32, y0: f32, colour: [u8; 3]) {
+        let scaled = self.font.as_scaled(PxScale::from(size));
+        let mut x = x0;
+        let mut prev = None;
+        for c in text.chars() {
+            let id = scaled.glyph_id(c);
+            if let Some(p) = prev {
+                x += scaled.kern(p, id);
+            }
+            let glyph = id.with_scale_and_position(size, ab_glyph::point(x, y0 + scaled.ascent()));
+            x += scaled.h_advance(id);
+            prev = Some(id);
+            if let Some(outlined) = self.font.outline_glyph(glyph) {
+                let b = outlined.px_bounds();
+                outlined.draw(|gx, gy, coverage| {
+                    let (px, py) = (b.min.x as i64 + gx as i64, b.min.y as i64 + gy as i64);
+                    if px < 0 || py < 0 || px >= img.width() as i64 || py >= img.height() as i64 {
+                        return;
+                    }
+                    let p = img.get_pixel_mut(px as u32, py as u32);
+                    let a = coverage.clamp(0.0, 1.0);
+                    for (v, c) in p.0.iter_mut().zip(colour) {
+                        *v = (*v as f32 * (1.0 - a) + c as f32 * a).round() as u8;
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// The textness direction.
+#[derive(Debug, Clone, Serialize)]
+pub struct TextnessDirection {
+    /// Unit vector in the embedding space.
+    pub vector: Vec<f32>,
+    /// Norm of the probe's raw positive-class weight row.
+    pub raw_norm: f64,
+    /// The probe's accuracy on its own training embeddings.
+    pub train_accuracy: f64,
+}
+
+impl TextnessDirection {
+    /// Fits the 2-class probe (L-BFGS, L2 strength `l2`) on unit embeddings of images with
+    /// text (`positive`) and without (`negative`); the direction is the positive-class
+    /// weight row, normalised.
+    pub fn fit(positive: &Features, negative: &Features, l2: f64) -> Result<Self, EvalError> {
+        if positive.dim != negative.dim || positive.rows() == 0 || negative.rows() == 0 {
+            return Err(EvalError::Input(format!(
+                "textness needs embeddings of both kinds of the same width ({} x {} with text, {} x {} without)",
+                positive.rows(),
+                positive.dim,
+                negative.rows(),
+                negative.dim
+            )));
+        }
+        let mut x = negative.data.clone();
+        x.extend_from_slice(&positive.data);
+        let mut y = vec![0usize; negative.rows()];
+        y.extend(std::iter::repeat_n(1, positive.rows()));
+        let data = LabelledFeatures::new(&x, positive.dim, &y, 2)?;
+        let probe = LogisticRegression::fit(&data, 2, l2, 1000, None)?;
+        let row: Vec<f64> = probe.weights().row(1).to_vec();
+        let raw_norm = row.iter().map(|v| v * v).sum::<f64>().sqrt();
+        if raw_norm.is_nan() || raw_norm <= 0.0 {
+            return Err(EvalError::Input(
+                "the textness probe learned nothing (zero weights): are the two sets different?"
+                    .into(),
+            ));
+        }
+        Ok(Self {
+            vector: row.iter().map(|v| (v / raw_norm) as f32).collect(),
+            raw_norm,
+            train_accuracy: probe.accuracy(&data),
+        })
+    }
+
+    /// `normalise(query + scale * direction)` for every query row.
+    ///
+    /// ```
+    /// use clipcid_eval::{Features, TextnessDirection};
+    /// let dir = TextnessDirection { vector: vec![0.0, 1.0], raw_norm: 1.0, train_accuracy: 1.0 };
+    /// let q = Features::normalized(vec![1.0, 0.0], 2).unwrap();
+    /// let b = dir.bias(&q, 1.0).unwrap();
+    /// assert!((b.data[0] - b.data[1]).abs() < 1e-6); // 45 degrees
+    /// ```
+    pub fn bias(&self, queries: &Features, scale: f32) -> Result<Features, EvalError> {
+        if queries.dim != self.vector.len() {
+            return Err(EvalError::Input(format!(
+                "queries are {}-wide, the textness direction {}-wide",
+                queries.dim,
+                self.vector.len()
+            )));
+        }
+        let mut data = queries.data.clone();
+        for row in data.chunks_exact_mut(queries.dim) {
+            row.iter_mut()
+                .zip(&self.vector)
+                .for_each(|(q, t)| *q += scale * t);
+        }
+        Features::normalized(data, queries.dim)
+    }
+
+    /// Writes `textness` `[D]` (f32) with the norm and accuracy in the metadata, atomically.
+    pub fn save(&self, path: &Path) -> Result<(), EvalError> {
+        let t = Tensor::from_vec(self.vector.clone(), self.vector.len(), &Device::Cpu)?;
+        let mut meta = HashMap::new();
+        meta.insert("kind".to_string(), "clipcid-textness".to_string());
+        meta.insert("raw_norm".to_string(), self.raw_norm.to_string());
+        meta.insert(
+            "train_accuracy".to_string(),
+            self.train_accuracy.to_string(),
+        );
+        clipcid_models::io::write_safetensors(path, vec![("textness".to_string(), t)], &meta)?;
+        Ok(())
+    }
+
+    /// Reads a file written by [`TextnessDirection::save`].
+    pub fn load(path: &Path) -> Result<Self, EvalError> {
+        let tensors = clipcid_models::io::load_tensors(path)?;
+        let t = tensors
+            .get("textness")
+            .ok_or_else(|| EvalError::file(path, "no tensor named `textness`"))?;
+        let vector = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let header = clipcid_models::io::read_header(path)?;
+        let num = |k: &str| {
+            header
+                .metadata
+                .get(k)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
+        let norm = vector.iter().map(|v| v * v).sum::<f32>().sqrt();
+        if vector.is_empty() || !(norm - 1.0).abs().lt(&1e-3) {
+            return Err(EvalError::file(path, "`textness` is not a unit vector"));
+        }
+        Ok(Self {
+            vector,
+            raw_norm: num("raw_norm"),
+            train_accuracy: num("train_accuracy"),
+        })
+    }
+}
+
+/// One row of the scale sweep.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScaleRow {
+    /// The scale.
+    pub scale: f32,
+    /// Top results per query (image indices, best first).
+    pub top: Vec<Vec<usize>>,
+    /// Fraction of text-bearing images among all queries' top results.
+    pub text_fraction: f64,
+}
+
+/// Ranks `images` for each query at each scale and counts text-bearing images in the top
+/// `top` (`has_text[i]` says whether image `i` shows text).
+///
+/// ```
+/// use clipcid_eval::{textness_sweep, Features, TextnessDirection};
+/// let dir = TextnessDirection { vector: vec![0.0, 1.0], raw_norm: 1.0, train_accuracy: 1.0 };
+/// let images = Features::normalized(vec![1.0, 0.0, 0.8, 0.6], 2).unwrap();
+/// let query = Features::normalized(vec![1.0, 0.0], 2).unwrap();
+/// let rows = textness_sweep(&dir, &query, &images, &[false, true], &[0.0, 2.0], 1).unwrap();
+/// assert_eq!((rows[0].text_fraction, rows[1].text_fraction), (0.0, 1.0));
+/// ```
+pub fn textness_sweep(
+    direction: &TextnessDirection,
+    queries: &Features,
+    images: &Features,
+    has_text: &[bool],
+    scales: &[f32],
+    top: usize,
+) -> Result<Vec<ScaleRow>, EvalError> {
+    if has_text.len() != images.rows() {
+        return Err(EvalError::Input(format!(
+            "{} text flags for {} images",
+            has_text.len(),
+            images.rows()
+        )));
+    }
+    scales
+        .iter()
+        .map(|&scale| {
+            let sim = direction.bias(queries, scale)?.similarity(images)?;
+            let top: Vec<Vec<usize>> = sim
+                .chunks_exact(images.rows().max(1))
+                .map(|row| top_n(row, top))
+                .collect();
+            let shown: usize = top.iter().map(Vec::len).sum();
+            let with_text = top.iter().flatten().filter(|&&i| has_text[i]).count();
+            Ok(ScaleRow {
+                scale,
+                top,
+                text_fraction: with_text as f64 / shown.max(1) as f64,
+            })
+        })
+        .collect()
+}
+
+/// Draws a grid PNG: one row per scale (its label on the left), the top images of one query
+/// left to right, each `tile` pixels square; a red frame marks text-bearing images.
+pub fn plot_textness_grid(
+    path: &Path,
+    rows: &[(f32, Vec<usize>)],
+    images: &[RgbImage],
+    has_text: &[bool],
+    tile: u32,
+) -> Result<(), EvalError> {
+    let renderer = TextRenderer::dejavu_sans()?;
+    let label_w = tile;
+    let cols = rows.iter().map(|(_, r)| r.len()).max().unwrap_or(0) as u32;
+    let mut grid = RgbImage::from_pixel(
+        label_w + cols * (tile + 4),
+        rows.len() as u32 * (tile + 4),
+        Rgb([255, 255, 255]),
+    );
+    for (r, (scale, top)) in rows.iter().enumerate() {
+        let y = r as u32 * (tile + 4);
+        renderer.draw(
+            &mut grid,
+            &format!("{scale:+}"),
+            tile as f32 * 0.35,
+            4.0,
+            y as f32 + tile as f32 * 0.3,
+            [0, 0, 0],
+        );
+        for (c, &i) in top.iter().enumerate() {
+            let img = images.get(i).ok_or_else(|| {
+                EvalError::Input(format!("image {i} of {} in the grid", images.len()))
+            })?;
+            let thumb =
+                image::imageops::resize(img, tile, tile, image::imageops::FilterType::Triangle);
+            let x = label_w + c as u32 * (tile + 4);
+            if has_text.get(i).copied().unwrap_or(false) {
+                for px in 0..tile + 4 {
+                    for py in 0..tile + 4 {
+                        if px < 2 || py < 2 || px >= tile + 2 || py >= tile + 2 {
+                            let (gx, gy) = (x + px, y + py);
+                            if gx < grid.width() && gy < grid.height() {
+                                grid.put_pixel(gx, gy, Rgb([220, 30, 30]));
+                            }
+                        }
+                    }
+                }
+            }
+            image::imageops::overlay(&mut grid, &thumb, (x + 2) as i64, (y + 2) as i64);
+        }
+    }
+    let tmp = clipcid_models::io::temp_path(path).with_extension("png");
+    grid.save(&tmp)
+        .map_err(|e| EvalError::file(path, format!("cannot write PNG: {e}")))?;
+    std::fs::rename(&tmp, path).map_err(|e| EvalError::file(path, e))
+}
+
+/// Words drawn onto images when none are given: short sign, label and caption texts.
+pub const DEFAULT_WORDS: &[&str] = &[
+    "SALE",
+    "OPEN",
+    "STOP",
+    "EXIT",
+    "HELLO",
+    "Happy Birthday",
+    "FREE",
+    "NEWS",
+    "coffee",
+    "2024",
+    "WELCOME",
+    "Menu",
+    "NO PARKING",
+    "best friends",
+    "LOVE",
+    "Summer",
+    "50% OFF",
+    "Thank you",
+    "HOTEL",
+    "books",
+];
+
+/// Options of [`textness_study`].
+#[derive(Debug, Clone)]
+pub struct TextnessOptions {
+    /// Query-side scales, one grid row each (PicCollage: -2..2).
+    pub scales: Vec<f32>,
+    /// Results per row.
+    pub top: usize,
+    /// Seed of the split and of the text placement.
+    pub seed: u64,
+    /// Words to draw.
+    pub words: Vec<String>,
+    /// L2 strength of the 2-class probe.
+    pub l2: f64,
+    /// Grid tile size in pixels.
+    pub tile: u32,
+}
+
+impl Default for TextnessOptions {
+    fn default() -> Self {
+        Self {
+            scales: vec![-2.0, -1.0, 0.0, 1.0, 2.0],
+            top: 10,
+            seed: 0,
+            words: DEFAULT_WORDS.iter().map(|w| w.to_string()).collect(),
+            l2: 1e-3,
+            tile: 96,
+        }
+    }
+}
+
+/// What [`textness_study`] found.
+#[derive(Debug, Clone, Serialize)]
+pub struct TextnessReport {
+    /// The direction (also saved as `textness.safetensors`).
+    pub direction: TextnessDirection,
+    /// Images the probe was fitted on (each clean and with text).
+    pub probe_images: usize,
+    /// Images in the search pool (each clean and with text, so twice as many entries).
+    pub pool_images: usize,
+    /// The queries.
+    pub queries: Vec<String>,
+    /// One row per scale.
+    pub rows: Vec<ScaleRow>,
+    /// The markdown summary written to `report.md`.
+    pub markdown: String,
+}
+
+/// The whole textness experiment on real images: half of `images` (seeded) fit the probe,
+/// each both as it is and with a random word drawn on it; the other half form the search
+/// pool, again each both clean and with text, so at scale 0 the ranking is the query's
+/// meaning and the scale alone tips it towards or away from text. Writes to `out`:
+/// `textness.safetensors`, `grid-Q.png` per query (one row per scale, top results,
+/// text-bearing ones framed red) and `report.md` with the fraction of text-bearing images
+/// in the top results per scale.
+pub fn textness_study(
+    model: &clipcid_models::ClipModel,
+    tokenizer: &clipcid_models::ClipTokenizer,
+    images: &[RgbImage],
+    queries: &[String],
+    renderer: &TextRenderer,
+    opts: &TextnessOptions,
+    out: &Path,
+) -> Result<TextnessReport, EvalError> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    if images.len() < 4 {
+        return Err(EvalError::Input(format!(
+            "the textness study needs at least 4 images, got {}",
+            images.len()
+        )));
+    }
+    if queries.is_empty() || opts.words.is_empty() || opts.scales.is_empty() {
+        return Err(EvalError::Input(
+            "the textness study needs queries, words and scales".into(),
+        ));
+    }
+    std::fs::create_dir_all(out).map_err(|e| EvalError::file(out, e))?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
+    let mut order: Vec<usize> = (0..images.len()).collect();
+    order.shuffle(&mut rng);
+    let (probe_idx, pool_idx) = order.split_at(images.len() / 2);
+    let with_text = |i: usize, rng: &mut rand_chacha::ChaCha8Rng| {
+        let word = &opts.words[rng.random_range(0..opts.words.len())];
+        renderer.render(&images[i], word, rng)
+    };
+    let probe_clean: Vec<RgbImage> = probe_idx.iter().map(|&i| images[i].clone()).collect();
+    let probe_text: Vec<RgbImage> = probe_idx.iter().map(|&i| with_text(i, &mut rng)).collect();
+    let (mut pool, mut has_text) = (vec![], vec![]);
+    for &i in pool_idx {
+        pool.push(images[i].clone());
+        has_text.push(false);
+        pool.push(with_text(i, &mut rng));
+        has_text.push(true);
+    }
+    let batch = 64;
+    let enc = |imgs: &[RgbImage]| crate::features::encode_images(model, imgs, batch);
+    let direction = TextnessDirection::fit(&enc(&probe_text)?, &enc(&probe_clean)?, opts.l2)?;
+    direction.save(&out.join("textness.safetensors"))?;
+    let pool_features = enc(&pool)?;
+    let q = crate::features::encode_texts(model, tokenizer, queries, 256)?;
+    let rows = textness_sweep(
+        &direction,
+        &q,
+        &pool_features,
+        &has_text,
+        &opts.scales,
+        opts.top,
+    )?;
+    let mut md = format!(
+        "# Textness bias\n\nProbe: {} images, each clean and with a word drawn on it (training accuracy {:.1}%). Search pool: {} other images, each clean and with text ({} entries). `query += scale * textness` (unit direction), renormalised.\n\n| scale | text-bearing in top {} |\n|---:|---:|\n",
+        probe_idx.len(),
+        100.0 * direction.train_accuracy,
+        pool_idx.len(),
+        pool.len(),
+        opts.top
+    );
+    for r in &rows {
+        md.push_str(&format!(
+            "| {:+} | {:.0}% |\n",
+            r.scale,
+            100.0 * r.text_fraction
+        ));
+    }
+    md.push('\n');
+    for (qi, query) in queries.iter().enumerate() {
+        let grid: Vec<(f32, Vec<usize>)> =
+            rows.iter().map(|r| (r.scale, r.top[qi].clone())).collect();
+        let file = format!("grid-{qi}.png");
+        plot_textness_grid(&out.join(&file), &grid, &pool, &has_text, opts.tile)?;
+        md.push_str(&format!(
+            "**\"{query}\"** (rows: scale; red frame: text-bearing)\n\n![{query}]({file})\n\n"
+        ));
+    }
+    clipcid_models::io::write_atomic(&out.join("report.md"), md.as_bytes())?;
+    Ok(TextnessReport {
+        direction,
+        probe_images: probe_idx.len(),
+        pool_images: pool_idx.len(),
+        queries: queries.to_vec(),
+        rows,
+        markdown: md,
+    })
+}
+
+/// Decodes every image of a plain folder of image files (sorted by name), or of any
+/// dataset [`clipcid_data::Dataset::open`] reads. Undecodable files are errors naming the file.
+pub fn load_images(path: &Path) -> Result<Vec<RgbImage>, EvalError> {
+    const EXT: [&str; 6] = ["png", "jpg", "jpeg", "webp", "bmp", "gif"];
+    let is_image = |p: &Path| {
+        p.extension()
+            .map(|e| EXT.contains(&e.to_string_lossy().to_ascii_lowercase().as_str()))
+            .unwrap_or(false)
+    };
+    if path.is_dir() {
+        let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| EvalError::file(path, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && is_image(p))
+            .collect();
+        if !files.is_empty() {
+            files.sort();
+            return files
+                .iter()
+                .map(|f| {
+                    image::open(f)
+                        .map(|i| i.to_rgb8())
+                        .map_err(|e| EvalError::file(f, format!("cannot decode image: {e}")))
+                })
+                .collect();
+        }
+    }
+    let data = clipcid_data::Dataset::open(path)?;
+    let mut out = vec![];
+    for s in data.samples()? {
+        let s = s?;
+        let bytes = s
+            .image
+            .map_err(|e| EvalError::file(path, format!("sample `{}`: {e}", s.key)))?;
+        let img = image::load_from_memory(&bytes).map_err(|e| {
+            EvalError::file(path, format!("sample `{}`: cannot decode: {e}", s.key))
+        })?;
+        out.push(img.to_rgb8());
+    }
+    Ok(out)
+}

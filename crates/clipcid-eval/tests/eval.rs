@@ -1,0 +1,319 @@
+#![allow(clippy::unwrap_used)]
+//! Evaluation measures against hand-computed and brute-force references.
+
+use clipcid_eval::{
+    average_precision_at_n, linear_probe, objective, textness_sweep, Agreement, Classification,
+    Features, LabelledFeatures, LogisticRegression, ProbeOptions, Retrieval, TextRenderer,
+    TextnessDirection, ZeroShotClassifier,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+
+/// `classes` well-separated clusters in `dim` dimensions: unit class means plus noise.
+fn clusters(
+    rng: &mut ChaCha8Rng,
+    means: &[Vec<f32>],
+    per_class: usize,
+    noise: f32,
+) -> (Vec<f32>, Vec<usize>) {
+    let normal = Normal::new(0.0f32, noise).unwrap();
+    let (mut x, mut y) = (vec![], vec![]);
+    for i in 0..per_class * means.len() {
+        let c = i % means.len();
+        x.extend(means[c].iter().map(|m| m + normal.sample(rng)));
+        y.push(c);
+    }
+    (x, y)
+}
+
+fn random_means(rng: &mut ChaCha8Rng, classes: usize, dim: usize) -> Vec<Vec<f32>> {
+    let normal = Normal::new(0.0f32, 1.0).unwrap();
+    (0..classes)
+        .map(|_| {
+            let v: Vec<f32> = (0..dim).map(|_| normal.sample(rng)).collect();
+            let n = v.iter().map(|a| a * a).sum::<f32>().sqrt();
+            v.into_iter().map(|a| a / n).collect()
+        })
+        .collect()
+}
+
+#[test]
+fn zero_shot_on_separable_classes_is_perfect_and_averages_templates() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let (classes, dim, templates) = (6, 32, 4);
+    let means = random_means(&mut rng, classes, dim);
+    // Each template's prompt embedding is the class mean plus a template-specific offset.
+    let offsets = random_means(&mut rng, templates, dim);
+    let mut text = vec![];
+    for m in &means {
+        for o in &offsets {
+            text.extend(m.iter().zip(o).map(|(a, b)| a + 0.3 * b));
+        }
+    }
+    let text = Features::normalized(text, dim).unwrap();
+    let zs = ZeroShotClassifier::from_text_features(&text, templates).unwrap();
+    // Brute force: the class weight is the normalised mean of that class's unit prompts.
+    for c in 0..classes {
+        let mut mean = vec![0f32; dim];
+        for t in 0..templates {
+            mean.iter_mut()
+                .zip(text.row(c * templates + t))
+                .for_each(|(m, v)| *m += v);
+        }
+        let n = mean.iter().map(|a| a * a).sum::<f32>().sqrt();
+        for (a, b) in zs.weights.row(c).iter().zip(&mean) {
+            assert!((a - b / n).abs() < 1e-6);
+        }
+    }
+    let (x, y) = clusters(&mut rng, &means, 20, 0.05);
+    let images = Features::normalized(x, dim).unwrap();
+    let r = zs.classify(&images, &y).unwrap();
+    assert_eq!((r.top1, r.top5, r.mean_per_class_recall), (1.0, 1.0, 1.0));
+    assert!(r.confusion.iter().enumerate().all(|(i, row)| row[i] == 20));
+}
+
+#[test]
+fn classification_metrics_match_a_hand_count() {
+    // 3 classes, 4 samples; truth 0, 0, 1, 2.
+    let scores = [
+        0.9, 0.0, 0.1, // -> 0 (right)
+        0.1, 0.8, 0.1, // -> 1 (wrong; the truth ties class 2 for 2nd place)
+        0.3, 0.2, 0.5, // -> 2 (wrong; truth 1 ranks 3rd)
+        0.0, 0.1, 0.9, // -> 2 (right)
+    ];
+    let c = Classification::from_scores(&scores, 3, &[0, 0, 1, 2]).unwrap();
+    assert_eq!(c.predictions, vec![0, 1, 2, 2]);
+    assert_eq!(c.top1, 0.5);
+    assert_eq!(c.top5, 1.0); // only 3 classes
+    assert_eq!(c.per_class_recall, vec![0.5, 0.0, 1.0]);
+    assert_eq!(c.mean_per_class_recall, 0.5);
+    assert_eq!(
+        c.confusion,
+        vec![vec![1, 1, 0], vec![0, 0, 1], vec![0, 0, 1]]
+    );
+    assert!(Classification::from_scores(&scores, 3, &[0, 0, 1]).is_err());
+    assert!(Classification::from_scores(&scores, 3, &[0, 0, 1, 3]).is_err());
+}
+
+/// The objective computed the slow way, in f64 loops.
+fn reference_loss(
+    params: &[f64],
+    x: &[f32],
+    y: &[usize],
+    dim: usize,
+    classes: usize,
+    l2: f64,
+) -> f64 {
+    let n = y.len();
+    let mut total = 0.0;
+    for i in 0..n {
+        let logits: Vec<f64> = (0..classes)
+            .map(|c| {
+                params[classes * dim + c]
+                    + (0..dim)
+                        .map(|d| params[c * dim + d] * x[i * dim + d] as f64)
+                        .sum::<f64>()
+            })
+            .collect();
+        let z: f64 = logits.iter().map(|l| l.exp()).sum();
+        total += -(logits[y[i]].exp() / z).ln();
+    }
+    let wsq: f64 = params[..classes * dim].iter().map(|w| w * w).sum();
+    total / n as f64 + 0.5 * l2 * wsq
+}
+
+#[test]
+fn logistic_loss_and_gradient_match_references() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let (n, dim, classes, l2) = (17, 5, 3, 0.37);
+    let x: Vec<f32> = (0..n * dim).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let y: Vec<usize> = (0..n).map(|_| rng.random_range(0..classes)).collect();
+    let data = LabelledFeatures::new(&x, dim, &y, classes).unwrap();
+    let p: Vec<f64> = (0..classes * (dim + 1))
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
+    let (loss, grad) = objective(&p, &data, classes, l2).unwrap();
+    let want = reference_loss(&p, &x, &y, dim, classes, l2);
+    assert!((loss - want).abs() < 1e-12, "{loss} vs {want}");
+    // Central finite differences of the reference.
+    for (k, g) in grad.iter().enumerate() {
+        let h = 1e-6;
+        let (mut a, mut b) = (p.clone(), p.clone());
+        a[k] += h;
+        b[k] -= h;
+        let fd = (reference_loss(&a, &x, &y, dim, classes, l2)
+            - reference_loss(&b, &x, &y, dim, classes, l2))
+            / (2.0 * h);
+        assert!((g - fd).abs() < 1e-7, "param {k}: {g} vs {fd}");
+    }
+    // The fit reaches a stationary point of that objective.
+    let fit = LogisticRegression::fit(&data, classes, l2, 500, None).unwrap();
+    let mut params: Vec<f64> = fit.weights().iter().copied().collect();
+    params.extend(fit.bias());
+    let (fit_loss, g) = objective(&params, &data, classes, l2).unwrap();
+    assert!((fit_loss - fit.loss).abs() < 1e-12);
+    let gnorm = g.iter().map(|v| v * v).sum::<f64>().sqrt();
+    assert!(gnorm < 1e-5, "gradient norm {gnorm} at the solution");
+    assert!(fit_loss < want);
+}
+
+#[test]
+fn linear_probe_on_separable_classes_is_perfect_and_deterministic() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let (classes, dim) = (5, 24);
+    let means = random_means(&mut rng, classes, dim);
+    let (xtr, ytr) = clusters(&mut rng, &means, 30, 0.08);
+    let (xte, yte) = clusters(&mut rng, &means, 10, 0.08);
+    let train = LabelledFeatures::new(&xtr, dim, &ytr, classes).unwrap();
+    let test = LabelledFeatures::new(&xte, dim, &yte, classes).unwrap();
+    let opts = ProbeOptions {
+        max_iterations: 300,
+        ..ProbeOptions::default()
+    };
+    let r = linear_probe(&train, &test, classes, &opts).unwrap();
+    assert_eq!(r.test.top1, 1.0, "sweep {:?}", r.sweep);
+    // Grid two decades apart from 1e2 down to 1e-6, then refined to 1/8 decade.
+    assert!(r.sweep.len() >= 9 && r.sweep.len() <= 5 + 2 * 4);
+    let again = linear_probe(&train, &test, classes, &opts).unwrap();
+    assert_eq!(r.l2, again.l2);
+    assert_eq!(r.test.predictions, again.test.predictions);
+    // Width mismatch is a clear error.
+    let narrow = LabelledFeatures::new(&xte[..10 * 4], 4, &yte[..10], classes).unwrap();
+    let e = linear_probe(&train, &narrow, classes, &opts).unwrap_err();
+    assert!(e.to_string().contains("24-wide"), "{e}");
+    assert!(LabelledFeatures::new(&[f32::NAN, 0.0], 2, &[0], 2).is_err());
+}
+
+#[test]
+fn retrieval_recall_matches_brute_force() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let (images, texts) = (9, 20);
+    let sim: Vec<f32> = (0..images * texts).map(|_| rng.random()).collect();
+    let text_image: Vec<usize> = (0..texts).map(|j| j % images).collect();
+    let ks = [1, 3, 5];
+    let r = Retrieval::from_similarity(&sim, images, &text_image, &ks).unwrap();
+    for (ki, &k) in ks.iter().enumerate() {
+        // Brute force by sorting.
+        let mut hits = 0;
+        for i in 0..images {
+            let mut order: Vec<usize> = (0..texts).collect();
+            order.sort_by(|&a, &b| sim[i * texts + b].total_cmp(&sim[i * texts + a]));
+            hits += usize::from(order[..k].iter().any(|&j| text_image[j] == i));
+        }
+        assert_eq!(r.image_to_text[ki], hits as f64 / images as f64);
+        let mut hits = 0;
+        for j in 0..texts {
+            let mut order: Vec<usize> = (0..images).collect();
+            order.sort_by(|&a, &b| sim[b * texts + j].total_cmp(&sim[a * texts + j]));
+            hits += usize::from(order[..k].contains(&text_image[j]));
+        }
+        assert_eq!(r.text_to_image[ki], hits as f64 / texts as f64);
+    }
+    assert!(Retrieval::from_similarity(&sim, images, &[0, 99], &ks).is_err());
+}
+
+#[test]
+fn average_precision_identical_disjoint_and_partial() {
+    let t: Vec<usize> = (0..10).collect();
+    assert_eq!(average_precision_at_n(&t, &t, 10), 1.0);
+    let disjoint: Vec<usize> = (10..20).collect();
+    assert_eq!(average_precision_at_n(&disjoint, &t, 10), 0.0);
+    // Student ranks [0, 11, 1, 12, 2]; relevant {0..4}: hits at 1, 3, 5 -> (1 + 2/3 + 3/5) / 5.
+    let ap = average_precision_at_n(&[0, 11, 1, 12, 2], &[0, 1, 2, 3, 4], 5);
+    assert!((ap - (1.0 + 2.0 / 3.0 + 3.0 / 5.0) / 5.0).abs() < 1e-12);
+    // Same set, other order: [1, 0] vs [0, 1] is still 1 (both hits at full precision).
+    assert_eq!(average_precision_at_n(&[1, 0], &[0, 1], 2), 1.0);
+    // Agreement of a model with itself over N = 10..20 is 1; with reversed scores it is 0.
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let sim: Vec<f32> = (0..3 * 50).map(|_| rng.random()).collect();
+    let a = Agreement::from_similarity(&sim, &sim, 50, 10..=20).unwrap();
+    assert_eq!(a.mean_map, 1.0);
+    assert_eq!(a.map_at_n.len(), 11);
+    let neg: Vec<f32> = sim.iter().map(|v| -v).collect();
+    let a = Agreement::from_similarity(&sim, &neg, 50, 10..=20).unwrap();
+    assert_eq!(a.mean_map, 0.0);
+}
+
+#[test]
+fn textness_fraction_rises_with_the_scale() {
+    // Constructed embeddings: content directions for 4 topics, one textness axis. Half the
+    // images of each topic show text (a component along the axis).
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let dim = 48;
+    let basis = random_means(&mut rng, 5, dim);
+    let (topics, axis) = (&basis[..4], &basis[4]);
+    let normal = Normal::new(0.0f32, 0.06).unwrap();
+    let make = |rng: &mut ChaCha8Rng, topic: usize, text: bool, strength: f32| -> Vec<f32> {
+        (0..dim)
+            .map(|d| {
+                topics[topic][d] * strength
+                    + if text { 0.6 * axis[d] } else { 0.0 }
+                    + normal.sample(rng)
+            })
+            .collect()
+    };
+    let (mut pos, mut neg) = (vec![], vec![]);
+    for i in 0..80 {
+        pos.extend(make(&mut rng, i % 4, true, 1.0));
+        neg.extend(make(&mut rng, i % 4, false, 1.0));
+    }
+    let dir = TextnessDirection::fit(
+        &Features::normalized(pos, dim).unwrap(),
+        &Features::normalized(neg, dim).unwrap(),
+        1e-3,
+    )
+    .unwrap();
+    assert_eq!(dir.train_accuracy, 1.0);
+    let cos: f32 = dir.vector.iter().zip(axis).map(|(a, b)| a * b).sum();
+    assert!(cos > 0.8, "direction vs planted axis cosine {cos}");
+    // A search pool where text-bearing images are slightly less on-topic.
+    let (mut pool, mut has_text) = (vec![], vec![]);
+    for i in 0..200 {
+        let text = i % 2 == 0;
+        pool.extend(make(
+            &mut rng,
+            (i / 2) % 4,
+            text,
+            if text { 0.8 } else { 1.0 },
+        ));
+        has_text.push(text);
+    }
+    let pool = Features::normalized(pool, dim).unwrap();
+    let queries = Features::normalized(topics.concat(), dim).unwrap();
+    let scales = [-2.0, -1.0, 0.0, 1.0, 2.0];
+    let rows = textness_sweep(&dir, &queries, &pool, &has_text, &scales, 10).unwrap();
+    let f: Vec<f64> = rows.iter().map(|r| r.text_fraction).collect();
+    assert!(f.windows(2).all(|w| w[0] <= w[1]), "{f:?}");
+    assert!(f[0] < 0.2 && f[4] > 0.8, "{f:?}");
+    // Round trip through the file.
+    let dir_path = tempfile::tempdir().unwrap();
+    let p = dir_path.path().join("textness.safetensors");
+    dir.save(&p).unwrap();
+    let back = TextnessDirection::load(&p).unwrap();
+    assert_eq!(back.vector, dir.vector);
+    assert_eq!(back.raw_norm, dir.raw_norm);
+}
+
+#[test]
+fn rendered_text_changes_only_a_bounded_region() {
+    let r = TextRenderer::dejavu_sans().unwrap();
+    let img = image::RgbImage::from_pixel(96, 64, image::Rgb([120, 140, 160]));
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let out = r.render(&img, "OPEN 24H", &mut rng);
+    let changed: Vec<(u32, u32)> = out
+        .enumerate_pixels()
+        .filter(|(x, y, p)| *p != img.get_pixel(*x, *y))
+        .map(|(x, y, _)| (x, y))
+        .collect();
+    let frac = changed.len() as f64 / (96.0 * 64.0);
+    assert!(frac > 0.03 && frac < 0.6, "changed fraction {frac}");
+    // Same seed, same picture.
+    let again = r.render(&img, "OPEN 24H", &mut ChaCha8Rng::seed_from_u64(7));
+    assert_eq!(out, again);
+    let e = TextRenderer::from_file(std::path::Path::new("Cargo.toml")).unwrap_err();
+    assert!(
+        e.to_string().contains("Cargo.toml") && e.to_string().contains("font"),
+        "{e}"
+    );
+}
