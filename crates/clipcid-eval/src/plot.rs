@@ -11,6 +11,13 @@ fn fail(path: &Path) -> impl Fn(String) -> EvalError + '_ {
     move |m| EvalError::file(path, format!("cannot draw the plot: {m}"))
 }
 
+/// plotters centres a rotated axis label on its tick, so half of it would run into the plot
+/// area; leading spaces (about two per letter: a space is narrower) move the text's start to
+/// the tick.
+fn pad_rotated(label: &str) -> String {
+    format!("{}{label}", " ".repeat(2 * label.chars().count()))
+}
+
 fn finish(tmp: &Path, path: &Path) -> Result<(), EvalError> {
     std::fs::rename(tmp, path).map_err(|e| EvalError::file(path, e))
 }
@@ -36,12 +43,12 @@ pub fn plot_per_class_recall(
     let width = (120 + 28 * n * series.len().max(1)).clamp(640, 2400) as u32;
     let tmp = clipcid_models::io::temp_path(path).with_extension("png");
     {
-        let root = BitMapBackend::new(&tmp, (width, 520)).into_drawing_area();
+        let root = BitMapBackend::new(&tmp, (width, 600)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 22))
             .margin(16)
-            .x_label_area_size(90)
+            .x_label_area_size(170)
             .y_label_area_size(56)
             .build_cartesian_2d(0f64..n as f64, 0f64..1.05)
             .map_err(|e| fail(e.to_string()))?;
@@ -49,14 +56,14 @@ pub fn plot_per_class_recall(
         chart
             .configure_mesh()
             .disable_x_mesh()
-            .x_labels(n.min(60))
+            // Ticks at every half unit; only the class centres (x.5) get a name.
+            .x_labels(2 * n + 1)
             .x_label_formatter(&|x| {
-                let i = x.floor() as usize;
-                if (x - i as f64 - 0.5).abs() < 0.01 || x.fract() == 0.0 {
-                    names.get(i).cloned().unwrap_or_default()
-                } else {
-                    String::new()
+                let i = x.floor();
+                if i < 0.0 || (x - i - 0.5).abs() > 0.01 {
+                    return String::new();
                 }
+                pad_rotated(names.get(i as usize).map_or("", String::as_str))
             })
             .x_label_style(
                 ("sans-serif", 12)
@@ -115,7 +122,7 @@ pub fn plot_confusion(
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 20))
             .margin(12)
-            .x_label_area_size(110)
+            .x_label_area_size(170)
             .y_label_area_size(110)
             .build_cartesian_2d(0f64..n as f64, 0f64..n as f64)
             .map_err(|e| fail(e.to_string()))?;
@@ -135,7 +142,7 @@ pub fn plot_confusion(
             .y_labels(2 * n + 1)
             .x_desc("predicted")
             .y_desc("true")
-            .x_label_formatter(&|&x| label(x, false))
+            .x_label_formatter(&|&x| pad_rotated(&label(x, false)))
             .y_label_formatter(&|&y| label(y, true))
             .x_label_style(
                 ("sans-serif", 11)

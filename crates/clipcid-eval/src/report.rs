@@ -161,7 +161,7 @@ pub fn evaluate(
         }
         let _ = writeln!(
             md,
-            "## Zero-shot classification\n\n{} ({} images, {} classes, {} templates)\n\n| model | top-1 | top-5 | mean per-class recall |\n|---|---:|---:|---:|",
+            "## Zero-shot classification\n\n{} ({} images, {} classes, prompt templates: {})\n\n| model | top-1 | top-5 | mean per-class recall |\n|---|---:|---:|---:|",
             zs.data.display(),
             res.zero_shot[0].predictions.len(),
             classes.len(),

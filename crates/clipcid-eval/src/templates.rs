@@ -137,9 +137,11 @@ impl Templates {
             "mnist" => &MNIST_TEMPLATES,
             "simple" => &["a photo of a {}."],
             "name" => &["{}"],
-            other => return Err(EvalError::Input(format!(
+            other => {
+                return Err(EvalError::Input(format!(
                 "unknown template set `{other}` (imagenet, cifar, mnist, simple, name, or a file)"
-            ))),
+            )))
+            }
         };
         Ok(Self(list.iter().map(|s| s.to_string()).collect()))
     }

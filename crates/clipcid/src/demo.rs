@@ -8,10 +8,13 @@ use std::io::Cursor;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use clipcid_data::{BatchIter, Dataset, Preprocess};
 use clipcid_embed::{embed_dataset, EmbedOptions};
-use clipcid_models::{l2_normalize, ClipConfig, ClipModel, ClipTokenizer};
+use clipcid_eval::{
+    evaluate, AgreementPlan, EvalModel, EvalPlan, ProbeOptions, Templates, ZeroShotPlan,
+};
+use clipcid_models::{ClipConfig, ClipModel, ClipTokenizer};
 use clipcid_train::{DistillConfig, RunSummary, Trainer};
 use image::{Rgb, RgbImage};
 use rand::{Rng, SeedableRng};
@@ -91,6 +94,25 @@ pub fn write_shapes_dataset(dir: &Path, n: usize, seed: u64) -> Result<()> {
     Ok(())
 }
 
+/// Writes `n` generated images as a labelled folder `dir/<class>/<i>.png` (deterministic),
+/// with a folder for every one of the 40 classes (`large_red_circle`, ...) even when no image
+/// of it was drawn, so every split has the same class list.
+pub fn write_shapes_labelled(dir: &Path, n: usize, seed: u64) -> Result<()> {
+    let folder = |caption: &str| caption.trim_start_matches("a ").replace(' ', "_");
+    for c in class_prompts() {
+        std::fs::create_dir_all(dir.join(folder(&c)))
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    for i in 0..n {
+        let (img, caption) = draw(&mut rng, 64);
+        let path = dir.join(folder(&caption)).join(format!("{i:06}.png"));
+        img.save(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// The demo's sizes; `clipcid demo --samples N` scales the data, the rest follows.
 #[derive(Debug, Clone, Copy)]
 pub struct DemoSize {
@@ -160,49 +182,12 @@ fn train(config: DistillConfig, out: &Path, device: &Device) -> Result<(RunSumma
     Ok((s, ClipModel::load(&student, device)?))
 }
 
-/// Zero-shot results of one model on the held-out set.
-struct Scores {
-    /// Top-1 accuracy over the 40 caption classes.
-    accuracy: f64,
-    /// Predicted class per image.
-    predictions: Vec<usize>,
-    /// Unit image embeddings `[n, D]`.
-    image: Tensor,
-}
-
-fn zero_shot(
-    model: &ClipModel,
-    tok: &ClipTokenizer,
-    pixels: &Tensor,
-    truth: &[usize],
-    prompts: &[String],
-) -> Result<Scores> {
-    let text = l2_normalize(&model.encode_text(&tok.encode_batch(prompts, model.device())?)?)?;
-    let image = l2_normalize(&model.encode_image(pixels)?)?;
-    let predictions: Vec<usize> = image
-        .matmul(&text.t()?)?
-        .argmax(1)?
-        .to_vec1::<u32>()?
-        .into_iter()
-        .map(|p| p as usize)
-        .collect();
-    let right = predictions
-        .iter()
-        .zip(truth)
-        .filter(|(p, t)| p == t)
-        .count();
-    Ok(Scores {
-        accuracy: right as f64 / truth.len().max(1) as f64,
-        predictions,
-        image,
-    })
-}
-
 /// Runs the demo: returns the markdown results table it printed.
 pub fn run(out: &Path, size: DemoSize, device: &Device) -> Result<String> {
     let started = std::time::Instant::now();
     let data = out.join("data");
-    let eval_data = out.join("eval-data");
+    let eval_data = out.join("eval-classes");
+    let probe_data = out.join("probe-train");
     println!(
         "[1/8] generating {} training and {} held-out captioned shape images -> {}",
         size.samples,
@@ -210,7 +195,8 @@ pub fn run(out: &Path, size: DemoSize, device: &Device) -> Result<String> {
         data.display()
     );
     write_shapes_dataset(&data, size.samples, 0)?;
-    write_shapes_dataset(&eval_data, size.eval_samples, 1)?;
+    write_shapes_labelled(&eval_data, size.eval_samples, 1)?;
+    write_shapes_labelled(&probe_data, 2 * size.eval_samples, 2)?;
     let teacher_dir = out.join("teacher");
     let tokenizer = ClipTokenizer::byte_level(16)?;
     let tok_path = out.join("tokenizer.json");
@@ -323,71 +309,111 @@ pub fn run(out: &Path, size: DemoSize, device: &Device) -> Result<String> {
         report.display()
     );
     let prompts = class_prompts();
-    let eval = Dataset::open(&eval_data)?;
-    let (mut pixels, mut truth) = (vec![], vec![]);
-    for b in BatchIter::new(eval.samples()?, Preprocess::clip(32), 256, device.clone()) {
-        let b = b?;
-        for c in &b.captions {
-            let c = c.as_deref().unwrap_or("");
-            truth.push(
-                prompts
-                    .iter()
-                    .position(|p| p == c)
-                    .context("unknown caption")?,
-            );
-        }
-        pixels.push(b.pixels);
-    }
-    let pixels = Tensor::cat(&pixels, 0)?;
-    let t = zero_shot(&teacher, &tokenizer, &pixels, &truth, &prompts)?;
-    let d = zero_shot(&distilled, &tokenizer, &pixels, &truth, &prompts)?;
-    let b = zero_shot(&baseline, &tokenizer, &pixels, &truth, &prompts)?;
-    let agree = |x: &Scores| {
-        let same = x
-            .predictions
-            .iter()
-            .zip(&t.predictions)
-            .filter(|(a, b)| a == b)
-            .count();
-        same as f64 / truth.len().max(1) as f64
+    let named = |name: &str, model: &ClipModel| EvalModel {
+        name: name.into(),
+        model: model.clone(),
+        tokenizer: tokenizer.clone(),
     };
-    let cosine = |x: &Scores| -> Result<f64> {
-        Ok((&x.image * &t.image)?
-            .sum(1)?
-            .mean_all()?
-            .to_scalar::<f32>()? as f64)
+    let models = [
+        named("teacher", &teacher),
+        named("distilled", &distilled),
+        named("baseline", &baseline),
+    ];
+    let plan = EvalPlan {
+        zero_shot: Some(ZeroShotPlan {
+            data: eval_data.clone(),
+            // The class folders are the captions without their article: "a {}" rebuilds them.
+            templates: {
+                let path = out.join("templates.txt");
+                std::fs::write(
+                    &path,
+                    "# the demo's captions are \"a <class name>\"\na {}\n",
+                )
+                .with_context(|| format!("cannot write {}", path.display()))?;
+                Templates::from_file(&path)?
+            },
+            class_names: None,
+        }),
+        linear_probe: Some((
+            probe_data.clone(),
+            eval_data.clone(),
+            ProbeOptions::default(),
+        )),
+        retrieval: None,
+        agreement: Some(AgreementPlan {
+            images: eval_data.clone(),
+            queries: prompts.clone(),
+            teacher: "teacher".into(),
+            ns: (10..=20).collect(),
+        }),
+        batch_size: 256,
     };
+    let (res, _) = evaluate(&models, &plan, &report.join("eval"))?;
     let params = |m: &ClipModel| m.tensors().values().map(|t| t.elem_count()).sum::<usize>();
     let mut table = String::new();
-    table.push_str("| model | parameters | zero-shot top-1 (40 classes) | agrees with teacher | image cosine to teacher | train samples/s |\n|---|---|---|---|---|---|\n");
+    table.push_str("| model | parameters | zero-shot top-1 (40 classes) | linear probe top-1 | mAP@10-20 vs teacher | image cosine to teacher | train samples/s |\n|---|---|---|---|---|---|---|\n");
     table.push_str(&format!(
-        "| teacher (tiny x2, CLIP loss) | {} | {:.1}% | - | - | - |\n",
+        "| teacher (tiny x2, CLIP loss) | {} | {:.1}% | {:.1}% | - | - | - |\n",
         params(&teacher),
-        100.0 * t.accuracy
+        100.0 * res.zero_shot[0].top1,
+        100.0 * res.linear_probe[0].1.top1,
     ));
-    for (name, m, sc, run) in [
+    for (i, name, m, run) in [
         (
+            1,
             "student, distilled (CLIP + cluster + instance)",
             &distilled,
-            &d,
             &distilled_run,
         ),
         (
+            2,
             "student, no distillation (CLIP only)",
             &baseline,
-            &b,
             &baseline_run,
         ),
     ] {
+        let (_, agreement, cosine) = &res.agreement[i - 1];
         table.push_str(&format!(
-            "| {name} | {} | {:.1}% | {:.1}% | {:.3} | {:.0} |\n",
+            "| {name} | {} | {:.1}% | {:.1}% | {:.3} | {} | {:.0} |\n",
             params(m),
-            100.0 * sc.accuracy,
-            100.0 * agree(sc),
-            cosine(sc)?,
+            100.0 * res.zero_shot[i].top1,
+            100.0 * res.linear_probe[i].1.top1,
+            agreement.mean_map,
+            cosine
+                .map(|c| format!("{c:.3}"))
+                .unwrap_or_else(|| "-".into()),
             run.samples_per_second
         ));
     }
+
+    // Textness on the distilled student: words drawn onto held-out shapes.
+    let shapes = clipcid_eval::load_images(&eval_data)?;
+    let textness = clipcid_eval::textness_study(
+        &distilled,
+        &tokenizer,
+        &shapes,
+        &[
+            "a large red circle".to_string(),
+            "a small blue square".to_string(),
+        ],
+        &clipcid_eval::TextRenderer::dejavu_sans()?,
+        &clipcid_eval::TextnessOptions::default(),
+        &report.join("textness"),
+    )?;
+    let fractions: Vec<String> = textness
+        .rows
+        .iter()
+        .map(|r| format!("{:+}: {:.0}%", r.scale, 100.0 * r.text_fraction))
+        .collect();
+
+    // FP16 export of the distilled student.
+    let sample = {
+        let ds = Dataset::open(&eval_data)?;
+        let mut it = BatchIter::new(ds.samples()?, Preprocess::clip(32), 64, device.clone());
+        it.next().context("no held-out images")??.pixels
+    };
+    let fp16 = clipcid_eval::export_fp16(&distilled, &out.join("student-fp16"), &sample)?;
+    tokenizer.save(&out.join("student-fp16/tokenizer.json"))?;
     for (run, name) in [
         ("distilled", "loss-distilled.png"),
         ("baseline", "loss-baseline.png"),
@@ -415,7 +441,10 @@ pub fn run(out: &Path, size: DemoSize, device: &Device) -> Result<String> {
          | embed | {} images + captions -> {} shard(s), {:.0} images/s |\n\
          | balance | threshold 0.07: kept {} of {}, removed {:.1}% (sweep {}) |\n\
          | cluster | K = {k}: sizes before balance {}, after {} |\n\
-         | distill | {} steps x 32, {} epochs per student |\n",
+         | distill | {} steps x 32, {} epochs per student |\n\
+         | eval | zero-shot and linear probe (train: {} generated images) on {} held-out images, teacher agreement over the 40 class prompts: [eval/report.md](eval/report.md) |\n\
+         | textness | distilled student, words drawn on held-out shapes; text-bearing share of the top 10 by scale: {} ([textness/report.md](textness/report.md)) |\n\
+         | export | FP16 student: {:.1} kB -> {:.1} kB of tensors; unit image embeddings vs FP32: max abs diff {:.1e}, min cosine {:.5} |\n",
         size.samples,
         size.eval_samples,
         size.teacher_epochs,
@@ -430,6 +459,13 @@ pub fn run(out: &Path, size: DemoSize, device: &Device) -> Result<String> {
         sz(&after),
         distilled_run.steps,
         size.student_epochs,
+        2 * size.eval_samples,
+        size.eval_samples,
+        fractions.join(", "),
+        fp16.fp32_bytes as f64 / 1e3,
+        fp16.fp16_bytes as f64 / 1e3,
+        fp16.max_abs_diff,
+        fp16.min_cosine,
     );
     let md = format!(
         "# clipcid demo report\n\n\

@@ -433,7 +433,7 @@ fn eval_textness_and_export_from_the_command_line() {
     assert!(ok, "{text}");
     for want in [
         "## Zero-shot classification",
-        "9 images, 3 classes, 18 templates",
+        "9 images, 3 classes, prompt templates: 18",
         "## Linear probe",
         "## Retrieval",
         "## Agreement with the teacher",
