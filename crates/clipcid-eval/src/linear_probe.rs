@@ -173,6 +173,11 @@ impl Gradient for Problem<'_> {
     }
 }
 
+/// L-BFGS stops when the gradient's L2 norm is this small: scikit-learn's default `tol`
+/// (which bounds the largest gradient component of the same mean-loss objective, so this is
+/// a little stricter).
+pub const GRADIENT_TOLERANCE: f64 = 1e-4;
+
 /// A fitted multinomial logistic regression.
 ///
 /// ```
@@ -199,8 +204,8 @@ pub struct LogisticRegression {
 
 impl LogisticRegression {
     /// Fits by L-BFGS (memory 10) from zero, or from `warm` (a previous fit of the same
-    /// shape), for at most `max_iterations`, stopping when the gradient's norm falls under
-    /// 1e-6.
+    /// shape), for at most `max_iterations`, stopping when the gradient's L2 norm falls to
+    /// [`GRADIENT_TOLERANCE`] (or the objective stops changing).
     pub fn fit(
         data: &LabelledFeatures,
         classes: usize,
@@ -229,7 +234,7 @@ impl LogisticRegression {
             last: Mutex::new(None),
         };
         let solver = LBFGS::new(MoreThuenteLineSearch::new(), 10)
-            .with_tolerance_grad(1e-6)
+            .with_tolerance_grad(GRADIENT_TOLERANCE)
             .and_then(|s| s.with_tolerance_cost(1e-12))
             .map_err(|e| EvalError::Input(e.to_string()))?;
         let res = Executor::new(problem, solver)
