@@ -31,6 +31,7 @@
 
 pub mod config;
 mod error;
+mod hub;
 pub mod io;
 mod model;
 pub mod nn;
@@ -39,6 +40,9 @@ pub mod weights;
 
 pub use config::{Activation, ClipConfig, TextConfig, VisionConfig, PRESETS};
 pub use error::ModelError;
+pub use hub::{
+    hub_cache_dir, hub_offline, is_repo_id, resolve_model, HUB_FILES, HUB_OPTIONAL_FILES,
+};
 pub use model::{l2_normalize, ClipModel, TextTransformer, VisionTransformer};
 pub use tokenizer::{ClipTokenizer, END_OF_TEXT, START_OF_TEXT};
 pub use weights::{Checkpoint, Layout};

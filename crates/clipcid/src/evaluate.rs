@@ -23,6 +23,15 @@ pub fn tokenizer_beside(model: &Path) -> PathBuf {
     }
 }
 
+/// A model argument as a local path: itself, or a Hugging Face repository id's cached
+/// snapshot (downloaded unless HF_HUB_OFFLINE is set).
+pub fn resolve(spec: &Path) -> Result<PathBuf> {
+    let s = spec
+        .to_str()
+        .with_context(|| format!("{}: not a UTF-8 path", spec.display()))?;
+    Ok(clipcid_models::resolve_model(s)?)
+}
+
 /// Loads a model (f32) and its tokenizer (`tokenizer`, else the one beside the model).
 fn load_model(
     name: &str,
@@ -30,6 +39,7 @@ fn load_model(
     tokenizer: Option<&Path>,
     device: &Device,
 ) -> Result<EvalModel> {
+    let path = &resolve(path)?;
     let model = ClipModel::load(path, device)?;
     let tok_path = tokenizer
         .map(Path::to_path_buf)
@@ -52,10 +62,11 @@ fn load_model(
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    /// The student checkpoint (file or folder), reported as `student`.
+    /// The student checkpoint (file, folder or Hugging Face repo id), reported as `student`.
     #[arg(long)]
     model: PathBuf,
-    /// The teacher, reported as `teacher`; needed for --queries (teacher agreement).
+    /// The teacher (file, folder or Hugging Face repo id), reported as `teacher`; needed for
+    /// --queries (teacher agreement).
     #[arg(long)]
     teacher: Option<PathBuf>,
     /// More models to compare, as NAME=PATH (e.g. `baseline=runs/baseline/student`).
@@ -263,7 +274,8 @@ pub struct ExportArgs {
 }
 
 pub fn export(args: &ExportArgs, device: &Device) -> Result<()> {
-    let model = ClipModel::load(&args.model, device)?;
+    let model_path = resolve(&args.model)?;
+    let model = ClipModel::load(&model_path, device)?;
     let size = model.config().vision_config.image_size;
     let (pixels, what) = match &args.sample {
         Some(data) => {
@@ -290,7 +302,7 @@ pub fn export(args: &ExportArgs, device: &Device) -> Result<()> {
         }
     };
     let r = export_fp16(&model, &args.out, &pixels.to_dtype(DType::F32)?)?;
-    let tok = tokenizer_beside(&args.model);
+    let tok = tokenizer_beside(&model_path);
     if tok.is_file() {
         std::fs::copy(&tok, args.out.join("tokenizer.json"))
             .with_context(|| format!("cannot copy {}", tok.display()))?;

@@ -126,7 +126,8 @@ enum DataCommand {
 
 #[derive(clap::Args)]
 struct EmbedArgs {
-    /// Teacher checkpoint: a `.safetensors` file or a model folder (HF or OpenCLIP names).
+    /// Teacher checkpoint: a `.safetensors` file, a model folder (HF or OpenCLIP names), or a
+    /// Hugging Face repository id (`owner/name`, cached; HF_HUB_OFFLINE=1 uses only the cache).
     #[arg(long)]
     teacher: PathBuf,
     /// Model config (HF `config.json`) overriding the one found with the teacher.
@@ -490,13 +491,14 @@ fn embed(args: &EmbedArgs, device: &Device) -> Result<EmbedSummary> {
         }
         None => None,
     };
-    let teacher = ClipModel::load_with(&args.teacher, config, device, DType::F32)?;
+    let teacher_path = evaluate::resolve(&args.teacher)?;
+    let teacher = ClipModel::load_with(&teacher_path, config, device, DType::F32)?;
     let dataset = Dataset::open(&args.data)?;
     let ctx = teacher.config().text_config.max_position_embeddings;
     let tokenizer = if args.images_only || !dataset.has_captions() {
         None
     } else {
-        let beside = evaluate::tokenizer_beside(&args.teacher);
+        let beside = evaluate::tokenizer_beside(&teacher_path);
         let path = args
             .tokenizer
             .clone()

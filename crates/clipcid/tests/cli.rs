@@ -528,3 +528,62 @@ fn eval_textness_and_export_from_the_command_line() {
     ]);
     assert!(!ok && text.contains("missing.safetensors"), "{text}");
 }
+
+#[test]
+fn hub_repo_ids_resolve_offline_from_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("hub");
+    let snap = cache.join("models--someone--tiny-clip/snapshots/0123abcd");
+    std::fs::create_dir_all(cache.join("models--someone--tiny-clip/refs")).unwrap();
+    std::fs::write(
+        cache.join("models--someone--tiny-clip/refs/main"),
+        "0123abcd",
+    )
+    .unwrap();
+    std::fs::create_dir_all(&snap).unwrap();
+    let (ok, out) = clipcid(&[
+        "init-model",
+        "--preset",
+        "tiny",
+        "--out",
+        s(&snap.join("model.safetensors")),
+    ]);
+    assert!(ok, "{out}");
+    let cfg = serde_json::to_vec(
+        &clipcid_models::ClipConfig::preset("tiny")
+            .unwrap()
+            .to_hf_json(),
+    )
+    .unwrap();
+    std::fs::write(snap.join("config.json"), cfg).unwrap();
+    let run = |repo: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_clipcid"))
+            .args([
+                "export",
+                "--model",
+                repo,
+                "--out",
+                s(&dir.path().join("fp16")),
+                "--samples",
+                "2",
+            ])
+            .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = run("someone/tiny-clip");
+    assert!(ok && text.contains("exported someone/tiny-clip"), "{text}");
+    assert!(dir.path().join("fp16/model.safetensors").exists());
+    let (ok, text) = run("someone/other");
+    assert!(
+        !ok && text.contains("HF_HUB_OFFLINE") && text.contains("not in the Hugging Face cache"),
+        "{text}"
+    );
+}
