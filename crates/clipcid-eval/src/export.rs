@@ -48,7 +48,7 @@ pub fn export_fp16(
     let file_bytes = std::fs::metadata(&file)
         .map_err(|e| EvalError::file(&file, e))?
         .len();
-    let parameters: usize = model.tensors().values().map(|t| t.elem_count()).sum();
+    let parameters = model.parameter_count();
     let vision_parameters: usize = model
         .tensors()
         .iter()

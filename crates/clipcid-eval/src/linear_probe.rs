@@ -352,15 +352,15 @@ pub fn linear_probe(
             test.dim()
         )));
     }
-    let mut idx: Vec<usize> = (0..train.len()).collect();
-    idx.shuffle(&mut ChaCha8Rng::seed_from_u64(opts.seed));
-    let n_val = ((train.len() as f64 * opts.validation_fraction).round() as usize)
-        .clamp(1, train.len().saturating_sub(1).max(1));
     if train.len() < 2 {
         return Err(EvalError::Input(
             "a linear probe needs at least 2 training rows".into(),
         ));
     }
+    let mut idx: Vec<usize> = (0..train.len()).collect();
+    idx.shuffle(&mut ChaCha8Rng::seed_from_u64(opts.seed));
+    let n_val = ((train.len() as f64 * opts.validation_fraction).round() as usize)
+        .clamp(1, train.len() - 1);
     let (val_idx, fit_idx) = idx.split_at(n_val);
     let (fit_set, val_set) = (train.select(fit_idx), train.select(val_idx));
     let mut sweep: Vec<(f64, f64)> = vec![];

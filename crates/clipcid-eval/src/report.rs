@@ -1,8 +1,10 @@
 //! The evaluation report: every measure the plan asks for, for every model side by side,
 //! written as `report.md` + `results.json` + PNG plots.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use clipcid_data::Dataset;
 use clipcid_models::{ClipModel, ClipTokenizer};
@@ -94,6 +96,31 @@ fn labelled(enc: &EncodedImages, what: &Path) -> Result<Vec<usize>, EvalError> {
         .collect()
 }
 
+/// Image features per (model, dataset), so a set that several parts of the plan use (the
+/// demo's held-out images serve zero-shot, the probe's test split and agreement) is encoded
+/// once per model.
+struct EncodingCache<'a> {
+    models: &'a [EvalModel],
+    batch: usize,
+    done: HashMap<(usize, PathBuf), Rc<EncodedImages>>,
+}
+
+impl EncodingCache<'_> {
+    fn get(&mut self, model: usize, path: &Path) -> Result<Rc<EncodedImages>, EvalError> {
+        let key = (model, path.to_path_buf());
+        if let Some(e) = self.done.get(&key) {
+            return Ok(Rc::clone(e));
+        }
+        let enc = Rc::new(encode_dataset(
+            &self.models[model].model,
+            &open(path)?,
+            self.batch,
+        )?);
+        self.done.insert(key, Rc::clone(&enc));
+        Ok(enc)
+    }
+}
+
 fn class_names_of(data: &Dataset) -> Vec<String> {
     data.classes().iter().map(|c| c.replace('_', " ")).collect()
 }
@@ -117,7 +144,11 @@ pub fn evaluate(
         return Err(EvalError::Input("no models to evaluate".into()));
     }
     std::fs::create_dir_all(out).map_err(|e| EvalError::file(out, e))?;
-    let batch = plan.batch_size.max(1);
+    let mut cache = EncodingCache {
+        models,
+        batch: plan.batch_size.max(1),
+        done: HashMap::new(),
+    };
     let names: Vec<String> = models.iter().map(|m| m.name.clone()).collect();
     let mut res = EvalResults {
         models: names.clone(),
@@ -125,7 +156,7 @@ pub fn evaluate(
     };
     let mut md = String::from("# Evaluation report\n\n");
     for m in models {
-        let params: usize = m.model.tensors().values().map(|t| t.elem_count()).sum();
+        let params = m.model.parameter_count();
         let _ = writeln!(
             md,
             "- **{}**: {:.2} M parameters, image {}px, embedding width {}",
@@ -153,8 +184,8 @@ pub fn evaluate(
                 ),
             ));
         }
-        for m in models {
-            let enc = encode_dataset(&m.model, &data, batch)?;
+        for (i, m) in models.iter().enumerate() {
+            let enc = cache.get(i, &zs.data)?;
             let truth = labelled(&enc, &zs.data)?;
             let zsc = ZeroShotClassifier::new(&m.model, &m.tokenizer, &classes, &zs.templates)?;
             res.zero_shot.push(zsc.classify(&enc.features, &truth)?);
@@ -213,9 +244,9 @@ pub fn evaluate(
             ));
         }
         let classes = class_names_of(&train_data);
-        for m in models {
-            let tr = encode_dataset(&m.model, &train_data, batch)?;
-            let te = encode_dataset(&m.model, &test_data, batch)?;
+        for i in 0..models.len() {
+            let tr = cache.get(i, train)?;
+            let te = cache.get(i, test)?;
             let k = classes.len();
             let trf = LabelledFeatures::new(
                 &tr.features.data,
@@ -267,11 +298,10 @@ pub fn evaluate(
     }
 
     if let Some(path) = &plan.retrieval {
-        let data = open(path)?;
         let ks = [1, 5, 10];
         let mut pairs = 0;
-        for m in models {
-            let enc = encode_dataset(&m.model, &data, batch)?;
+        for (i, m) in models.iter().enumerate() {
+            let enc = cache.get(i, path)?;
             let captions: Vec<String> = enc
                 .captions
                 .iter()
@@ -326,10 +356,8 @@ pub fn evaluate(
                 "teacher agreement needs text queries".into(),
             ));
         }
-        let data = open(&ag.images)?;
-        let encoded: Vec<EncodedImages> = models
-            .iter()
-            .map(|m| encode_dataset(&m.model, &data, batch))
+        let encoded: Vec<Rc<EncodedImages>> = (0..models.len())
+            .map(|i| cache.get(i, &ag.images))
             .collect::<Result<_, _>>()?;
         let sims: Vec<Vec<f32>> = models
             .iter()

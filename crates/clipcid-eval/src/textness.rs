@@ -524,10 +524,12 @@ pub fn textness_study(
 /// Decodes every image of a plain folder of image files (sorted by name), or of any
 /// dataset [`clipcid_data::Dataset::open`] reads. Undecodable files are errors naming the file.
 pub fn load_images(path: &Path) -> Result<Vec<RgbImage>, EvalError> {
-    const EXT: [&str; 6] = ["png", "jpg", "jpeg", "webp", "bmp", "gif"];
     let is_image = |p: &Path| {
         p.extension()
-            .map(|e| EXT.contains(&e.to_string_lossy().to_ascii_lowercase().as_str()))
+            .map(|e| {
+                clipcid_data::IMAGE_EXTENSIONS
+                    .contains(&e.to_string_lossy().to_ascii_lowercase().as_str())
+            })
             .unwrap_or(false)
     };
     if path.is_dir() {

@@ -312,6 +312,11 @@ impl ClipModel {
         &self.params
     }
 
+    /// Number of scalar parameters (all tensors, both towers and the logit scale).
+    pub fn parameter_count(&self) -> usize {
+        self.params.values().map(Tensor::elem_count).sum()
+    }
+
     /// The device the parameters live on.
     pub fn device(&self) -> &Device {
         self.logit_scale.device()

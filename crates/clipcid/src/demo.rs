@@ -349,12 +349,11 @@ pub fn run(out: &Path, size: DemoSize, device: &Device) -> Result<String> {
         batch_size: 256,
     };
     let (res, _) = evaluate(&models, &plan, &report.join("eval"))?;
-    let params = |m: &ClipModel| m.tensors().values().map(|t| t.elem_count()).sum::<usize>();
     let mut table = String::new();
     table.push_str("| model | parameters | zero-shot top-1 (40 classes) | linear probe top-1 | mAP@10-20 vs teacher | image cosine to teacher | train samples/s |\n|---|---|---|---|---|---|---|\n");
     table.push_str(&format!(
         "| teacher (tiny x2, CLIP loss) | {} | {:.1}% | {:.1}% | - | - | - |\n",
-        params(&teacher),
+        teacher.parameter_count(),
         100.0 * res.zero_shot[0].top1,
         100.0 * res.linear_probe[0].1.top1,
     ));
@@ -375,7 +374,7 @@ pub fn run(out: &Path, size: DemoSize, device: &Device) -> Result<String> {
         let (_, agreement, cosine) = &res.agreement[i - 1];
         table.push_str(&format!(
             "| {name} | {} | {:.1}% | {:.1}% | {:.3} | {} | {:.0} |\n",
-            params(m),
+            m.parameter_count(),
             100.0 * res.zero_shot[i].top1,
             100.0 * res.linear_probe[i].1.top1,
             agreement.mean_map,
