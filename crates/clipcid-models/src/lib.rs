@@ -38,11 +38,13 @@ pub mod nn;
 mod tokenizer;
 pub mod weights;
 
-pub use config::{Activation, ClipConfig, TextConfig, VisionConfig, PRESETS};
+pub use config::{Activation, ClipConfig, TextConfig, TextTowerKind, VisionConfig, PRESETS};
 pub use error::ModelError;
 pub use hub::{
     hub_cache_dir, hub_offline, is_repo_id, resolve_model, HUB_FILES, HUB_OPTIONAL_FILES,
 };
-pub use model::{l2_normalize, ClipModel, TextTransformer, VisionTransformer};
+pub use model::{
+    l2_normalize, BertTextTower, ClipModel, TextTower, TextTransformer, VisionTransformer,
+};
 pub use tokenizer::{ClipTokenizer, END_OF_TEXT, START_OF_TEXT};
-pub use weights::{Checkpoint, Layout};
+pub use weights::{locked_text_tensors, Checkpoint, Layout};

@@ -2,13 +2,13 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::PoisonError;
+use std::sync::{Arc, PoisonError};
 
 use candle_core::Var;
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use candle_nn::VarMap;
 
-use crate::config::{ClipConfig, TextConfig, VisionConfig};
+use crate::config::{Activation, ClipConfig, TextConfig, TextTowerKind, VisionConfig};
 use crate::nn::{get, linear_no_bias, Encoder, LayerNorm, Params};
 use crate::weights::{
     check_tensors, hf_tensor_shapes, init_tensors, Checkpoint, CONFIG_METADATA_KEY,
@@ -164,6 +164,114 @@ impl TextTransformer {
     }
 }
 
+/// A BERT text tower (`candle_transformers`' `BertModel`), mean-pooled over the tokens that
+/// are not padding, then projected: sentence-transformers' embedding when the projection is
+/// the identity. Used frozen, as the text side of a locked-text (LiT) teacher.
+#[derive(Clone)]
+pub struct BertTextTower {
+    cfg: TextConfig,
+    bert: Arc<candle_transformers::models::bert::BertModel>,
+    projection: candle_nn::Linear,
+}
+
+impl std::fmt::Debug for BertTextTower {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BertTextTower")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BertTextTower {
+    fn load(p: &Params, cfg: &TextConfig) -> candle_core::Result<Self> {
+        use candle_transformers::models::bert;
+        let any = get(p, "text_projection.weight")?;
+        let hidden_act = match cfg.hidden_act {
+            Activation::Gelu => bert::HiddenAct::Gelu,
+            Activation::QuickGelu => {
+                candle_core::bail!("a BERT text tower needs hidden_act `gelu`, not `quick_gelu`")
+            }
+        };
+        let bert_cfg = bert::Config {
+            vocab_size: cfg.vocab_size,
+            hidden_size: cfg.hidden_size,
+            num_hidden_layers: cfg.num_hidden_layers,
+            num_attention_heads: cfg.num_attention_heads,
+            intermediate_size: cfg.intermediate_size,
+            hidden_act,
+            max_position_embeddings: cfg.max_position_embeddings,
+            type_vocab_size: cfg.type_vocab_size,
+            layer_norm_eps: cfg.layer_norm_eps,
+            pad_token_id: cfg.pad_token_id as usize,
+            ..bert::Config::default()
+        };
+        let text: HashMap<String, Tensor> = p
+            .iter()
+            .filter_map(|(n, t)| Some((n.strip_prefix("text_model.")?.to_string(), t.clone())))
+            .collect();
+        let vb = candle_nn::VarBuilder::from_tensors(text, any.dtype(), any.device());
+        Ok(Self {
+            cfg: cfg.clone(),
+            bert: Arc::new(bert::BertModel::load(vb, &bert_cfg)?),
+            projection: linear_no_bias(p, "text_projection.weight")?,
+        })
+    }
+
+    /// Mean-pooled, projected text features `[B, projection_dim]` (not normalised) from token
+    /// ids `[B, T]`; positions holding the padding id are masked out of attention and pooling.
+    pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        if t > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "{t} tokens exceed the context length {}",
+                self.cfg.max_position_embeddings
+            );
+        }
+        let ids = ids.to_dtype(DType::U32)?;
+        let vocab = self.cfg.vocab_size as u32;
+        let max = ids.max_all()?.to_scalar::<u32>()?;
+        if max >= vocab {
+            candle_core::bail!("token id {max} is outside the vocabulary of {vocab}");
+        }
+        let dtype = self.projection.weight().dtype();
+        let mask = ids.ne(self.cfg.pad_token_id)?.to_dtype(dtype)?;
+        let hidden = self.bert.forward(&ids, &ids.zeros_like()?, Some(&mask))?;
+        let summed = hidden.broadcast_mul(&mask.unsqueeze(2)?)?.sum(1)?;
+        let counts = mask.sum_keepdim(1)?.clamp(1.0, f64::INFINITY)?;
+        self.projection.forward(&summed.broadcast_div(&counts)?)
+    }
+}
+
+/// A text tower: CLIP's transformer or a frozen BERT (see [`TextTowerKind`]).
+#[derive(Debug, Clone)]
+pub enum TextTower {
+    /// CLIP's causal text transformer.
+    Clip(TextTransformer),
+    /// A mean-pooled BERT encoder.
+    Bert(BertTextTower),
+}
+
+impl TextTower {
+    fn load(p: &Params, config: &ClipConfig) -> candle_core::Result<Self> {
+        Ok(match config.text_config.kind {
+            TextTowerKind::Clip => Self::Clip(TextTransformer::load(
+                p,
+                &config.text_config,
+                config.eos_token_id(),
+            )?),
+            TextTowerKind::Bert => Self::Bert(BertTextTower::load(p, &config.text_config)?),
+        })
+    }
+
+    /// Projected text features `[B, projection_dim]` (not normalised) from token ids.
+    pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Clip(t) => t.forward(ids),
+            Self::Bert(t) => t.forward(ids),
+        }
+    }
+}
+
 fn pool_position(row: &[u32], eos: Option<u32>) -> usize {
     let first_eos = eos.and_then(|e| row.iter().position(|&id| id == e));
     first_eos.unwrap_or_else(|| {
@@ -205,7 +313,7 @@ fn causal_mask(t: usize, dtype: DType, device: &Device) -> candle_core::Result<T
 pub struct ClipModel {
     config: ClipConfig,
     vision: VisionTransformer,
-    text: TextTransformer,
+    text: TextTower,
     logit_scale: Tensor,
     params: Params,
 }
@@ -231,7 +339,7 @@ impl ClipModel {
     fn build(config: &ClipConfig, params: Params) -> Result<Self, ModelError> {
         Ok(Self {
             vision: VisionTransformer::load(&params, &config.vision_config)?,
-            text: TextTransformer::load(&params, &config.text_config, config.eos_token_id())?,
+            text: TextTower::load(&params, config)?,
             logit_scale: get(&params, "logit_scale")?,
             config: config.clone(),
             params,
@@ -303,7 +411,7 @@ impl ClipModel {
     }
 
     /// The text tower.
-    pub fn text(&self) -> &TextTransformer {
+    pub fn text(&self) -> &TextTower {
         &self.text
     }
 

@@ -19,7 +19,8 @@ const CLIP_PATTERN: &str =
 
 /// CLIP text tokenizer: lower-cases, splits words, byte-level BPE with `</w>` word ends, then
 /// `[<|startoftext|>, tokens.., <|endoftext|>]` truncated (keeping the end token) and padded
-/// to the context length, as open_clip's `tokenize` does.
+/// to the context length, as open_clip's `tokenize` does. Loaded from a BERT `tokenizer.json`
+/// it does the same with `[CLS]`, `[SEP]` and `[PAD]` (for locked-text teachers).
 ///
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -76,9 +77,13 @@ impl ClipTokenizer {
         Self::from_tokenizer(inner, context_length).map_err(|e| ModelError::file(path, e))
     }
 
-    /// Wraps an already built `tokenizers::Tokenizer` that has CLIP's special tokens.
+    /// Wraps an already built `tokenizers::Tokenizer` that has CLIP's special tokens
+    /// (`<|startoftext|>`, `<|endoftext|>`, padding with 0), or else BERT's (`[CLS]`, `[SEP]`,
+    /// padding with `[PAD]`): a BERT WordPiece `tokenizer.json` such as all-MiniLM-L6-v2's
+    /// serves the text tower of a locked-text teacher. The file's own padding and truncation
+    /// settings are dropped; rows are always `context_length` long.
     pub fn from_tokenizer(
-        inner: tokenizers::Tokenizer,
+        mut inner: tokenizers::Tokenizer,
         context_length: usize,
     ) -> Result<Self, ModelError> {
         if context_length < 2 {
@@ -86,18 +91,34 @@ impl ClipTokenizer {
                 "context length {context_length} leaves no room for start and end tokens"
             )));
         }
-        let id = |t: &str| {
-            inner
-                .token_to_id(t)
-                .ok_or_else(|| ModelError::Tokenizer(format!("vocabulary has no `{t}` token")))
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let id = |t: &str| inner.token_to_id(t);
+        let (start_id, end_id, pad_id) = match (id(START_OF_TEXT), id(END_OF_TEXT)) {
+            (Some(s), Some(e)) => (s, e, 0),
+            _ => match (id("[CLS]"), id("[SEP]"), id("[PAD]")) {
+                (Some(s), Some(e), Some(p)) => (s, e, p),
+                _ => {
+                    return Err(ModelError::Tokenizer(format!(
+                        "vocabulary has neither CLIP's `{START_OF_TEXT}`/`{END_OF_TEXT}` nor BERT's `[CLS]`/`[SEP]`/`[PAD]` tokens"
+                    )))
+                }
+            },
         };
         Ok(Self {
-            start_id: id(START_OF_TEXT)?,
-            end_id: id(END_OF_TEXT)?,
-            pad_id: 0,
+            start_id,
+            end_id,
+            pad_id,
             inner,
             context_length,
         })
+    }
+
+    /// Id used to pad rows to the context length (0 for CLIP, `[PAD]` for BERT).
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
     }
 
     /// Builds CLIP's tokenizer from a BPE merge list, with CLIP's vocabulary order: the 256
@@ -230,7 +251,7 @@ impl ClipTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
-    /// One row of exactly `context_length` ids: start, tokens, end, padding with 0. Text too
+    /// One row of exactly `context_length` ids: start, tokens, end, padding. Text too
     /// long is cut and its last kept position replaced by the end token.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
         let mut ids = Vec::with_capacity(self.context_length);

@@ -9,7 +9,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::Deserialize;
 
-use crate::config::{Activation, ClipConfig, TextConfig, VisionConfig};
+use crate::config::{Activation, ClipConfig, TextConfig, TextTowerKind, VisionConfig};
 use crate::io;
 use crate::ModelError;
 
@@ -26,6 +26,8 @@ pub enum Layout {
 }
 
 /// Every tensor of a CLIP model in Hugging Face names, with its shape, in a stable order.
+/// A BERT text tower ([`TextTowerKind::Bert`]) has `transformers`' `BertModel` names under
+/// `text_model.` (without the pooler, which mean pooling does not use).
 pub fn hf_tensor_shapes(cfg: &ClipConfig) -> BTreeMap<String, Vec<usize>> {
     let mut m = BTreeMap::new();
     let v = &cfg.vision_config;
@@ -53,12 +55,14 @@ pub fn hf_tensor_shapes(cfg: &ClipConfig) -> BTreeMap<String, Vec<usize>> {
         v.intermediate_size,
         v.num_hidden_layers,
     );
-    tower(
-        "text_model",
-        t.hidden_size,
-        t.intermediate_size,
-        t.num_hidden_layers,
-    );
+    if t.kind == TextTowerKind::Clip {
+        tower(
+            "text_model",
+            t.hidden_size,
+            t.intermediate_size,
+            t.num_hidden_layers,
+        );
+    }
     let vw = v.hidden_size;
     m.insert("vision_model.embeddings.class_embedding".into(), vec![vw]);
     m.insert(
@@ -74,16 +78,21 @@ pub fn hf_tensor_shapes(cfg: &ClipConfig) -> BTreeMap<String, Vec<usize>> {
         m.insert(format!("vision_model.{ln}.bias"), vec![vw]);
     }
     let tw = t.hidden_size;
-    m.insert(
-        "text_model.embeddings.token_embedding.weight".into(),
-        vec![t.vocab_size, tw],
-    );
-    m.insert(
-        "text_model.embeddings.position_embedding.weight".into(),
-        vec![t.max_position_embeddings, tw],
-    );
-    m.insert("text_model.final_layer_norm.weight".into(), vec![tw]);
-    m.insert("text_model.final_layer_norm.bias".into(), vec![tw]);
+    match t.kind {
+        TextTowerKind::Clip => {
+            m.insert(
+                "text_model.embeddings.token_embedding.weight".into(),
+                vec![t.vocab_size, tw],
+            );
+            m.insert(
+                "text_model.embeddings.position_embedding.weight".into(),
+                vec![t.max_position_embeddings, tw],
+            );
+            m.insert("text_model.final_layer_norm.weight".into(), vec![tw]);
+            m.insert("text_model.final_layer_norm.bias".into(), vec![tw]);
+        }
+        TextTowerKind::Bert => bert_tensor_shapes(t, &mut m),
+    }
     m.insert(
         "visual_projection.weight".into(),
         vec![cfg.projection_dim, vw],
@@ -96,10 +105,49 @@ pub fn hf_tensor_shapes(cfg: &ClipConfig) -> BTreeMap<String, Vec<usize>> {
     m
 }
 
+fn bert_tensor_shapes(t: &TextConfig, m: &mut BTreeMap<String, Vec<usize>>) {
+    let (w, inter) = (t.hidden_size, t.intermediate_size);
+    let e = "text_model.embeddings";
+    m.insert(format!("{e}.word_embeddings.weight"), vec![t.vocab_size, w]);
+    m.insert(
+        format!("{e}.position_embeddings.weight"),
+        vec![t.max_position_embeddings, w],
+    );
+    m.insert(
+        format!("{e}.token_type_embeddings.weight"),
+        vec![t.type_vocab_size, w],
+    );
+    let mut norm = |prefix: String| {
+        m.insert(format!("{prefix}.LayerNorm.weight"), vec![w]);
+        m.insert(format!("{prefix}.LayerNorm.bias"), vec![w]);
+    };
+    norm(e.to_string());
+    for i in 0..t.num_hidden_layers {
+        let l = format!("text_model.encoder.layer.{i}");
+        norm(format!("{l}.attention.output"));
+        norm(format!("{l}.output"));
+    }
+    for i in 0..t.num_hidden_layers {
+        let l = format!("text_model.encoder.layer.{i}");
+        for (name, out, inp) in [
+            ("attention.self.query", w, w),
+            ("attention.self.key", w, w),
+            ("attention.self.value", w, w),
+            ("attention.output.dense", w, w),
+            ("intermediate.dense", inter, w),
+            ("output.dense", w, inter),
+        ] {
+            m.insert(format!("{l}.{name}.weight"), vec![out, inp]);
+            m.insert(format!("{l}.{name}.bias"), vec![out]);
+        }
+    }
+}
+
 /// Seeded initial tensors (CPU, f32) for every parameter, following open_clip's init scheme:
 /// normal with std `width^-0.5` for attention inputs and projections, `(2 width)^-0.5` for
 /// the MLP input, `width^-0.5 (2 layers)^-0.5` for residual outputs, 0.02 / 0.01 for text
-/// token / position embeddings, unit layer norms, zero biases. Same seed, same tensors.
+/// token / position embeddings, unit layer norms, zero biases; a BERT text tower gets BERT's
+/// normal(0.02) for every weight matrix. Same seed, same tensors.
 pub fn init_tensors(cfg: &ClipConfig, seed: u64) -> Result<HashMap<String, Tensor>, ModelError> {
     cfg.validate()?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -120,14 +168,17 @@ pub fn init_tensors(cfg: &ClipConfig, seed: u64) -> Result<HashMap<String, Tenso
         let proj_std = wf.powf(-0.5) * (2.0 * layers as f64).powf(-0.5);
         let n: usize = shape.iter().product();
         let fill = |v: f32| vec![v; n];
+        let bert = cfg.text_config.kind == TextTowerKind::Bert && name.starts_with("text_model.");
         let data: Vec<f32> = if name == "logit_scale" {
             fill(cfg.logit_scale_init_value as f32)
         } else if name.ends_with(".bias") {
             fill(0.0)
-        } else if name.contains("norm") && name.ends_with(".weight") {
+        } else if name.to_ascii_lowercase().contains("norm") && name.ends_with(".weight") {
             fill(1.0)
         } else {
-            let std = if name.contains("token_embedding") {
+            let std = if bert {
+                0.02
+            } else if name.contains("token_embedding") {
                 0.02
             } else if name.starts_with("text_model.embeddings.position_embedding") {
                 0.01
@@ -650,4 +701,41 @@ fn infer_config(file: &Path, t: &HashMap<String, Tensor>) -> Result<ClipConfig, 
         },
         ..ClipConfig::default()
     })
+}
+
+/// Tensors and config of a new locked-text (LiT) model: a seeded random CLIP image tower of
+/// shape `vision` (see [`init_tensors`]) and the pretrained BERT text tower in `bert_dir` (a
+/// `transformers` folder with `config.json` and `model.safetensors`, e.g. sentence-transformers
+/// all-MiniLM-L6-v2), with an identity text projection so text features are exactly the
+/// sentence embedding. The BERT pooler and `position_ids` buffer are dropped.
+///
+/// Train the image tower against the frozen text tower (clipcid-train's `train_locked_text`),
+/// then build a [`crate::ClipModel`] from the result.
+pub fn locked_text_tensors(
+    bert_dir: &Path,
+    vision: VisionConfig,
+    seed: u64,
+) -> Result<(ClipConfig, HashMap<String, Tensor>), ModelError> {
+    let config_path = bert_dir.join("config.json");
+    let json = std::fs::read_to_string(&config_path)
+        .map_err(|e| ModelError::file(&config_path, format!("cannot read: {e}")))?;
+    let cfg = ClipConfig::locked_text(vision, &json).map_err(|e| ModelError::file(&config_path, e))?;
+    let weights = bert_dir.join("model.safetensors");
+    let raw = io::load_tensors(&weights)?;
+    let mut tensors = init_tensors(&cfg, seed)?;
+    tensors.retain(|n, _| !n.starts_with("text_model."));
+    for (name, t) in raw {
+        let name = name.strip_prefix("bert.").unwrap_or(&name).to_string();
+        if name.ends_with("position_ids") || name.starts_with("pooler.") {
+            continue;
+        }
+        tensors.insert(format!("text_model.{name}"), t.to_dtype(candle_core::DType::F32)?);
+    }
+    let p = cfg.projection_dim;
+    tensors.insert(
+        "text_projection.weight".into(),
+        Tensor::eye(p, candle_core::DType::F32, &Device::Cpu)?,
+    );
+    check_tensors(&weights, &cfg, &tensors)?;
+    Ok((cfg, tensors))
 }
