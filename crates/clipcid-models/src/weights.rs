@@ -176,9 +176,7 @@ pub fn init_tensors(cfg: &ClipConfig, seed: u64) -> Result<HashMap<String, Tenso
         } else if name.to_ascii_lowercase().contains("norm") && name.ends_with(".weight") {
             fill(1.0)
         } else {
-            let std = if bert {
-                0.02
-            } else if name.contains("token_embedding") {
+            let std = if bert || name.contains("token_embedding") {
                 0.02
             } else if name.starts_with("text_model.embeddings.position_embedding") {
                 0.01
@@ -719,7 +717,8 @@ pub fn locked_text_tensors(
     let config_path = bert_dir.join("config.json");
     let json = std::fs::read_to_string(&config_path)
         .map_err(|e| ModelError::file(&config_path, format!("cannot read: {e}")))?;
-    let cfg = ClipConfig::locked_text(vision, &json).map_err(|e| ModelError::file(&config_path, e))?;
+    let cfg =
+        ClipConfig::locked_text(vision, &json).map_err(|e| ModelError::file(&config_path, e))?;
     let weights = bert_dir.join("model.safetensors");
     let raw = io::load_tensors(&weights)?;
     let mut tensors = init_tensors(&cfg, seed)?;
@@ -729,7 +728,10 @@ pub fn locked_text_tensors(
         if name.ends_with("position_ids") || name.starts_with("pooler.") {
             continue;
         }
-        tensors.insert(format!("text_model.{name}"), t.to_dtype(candle_core::DType::F32)?);
+        tensors.insert(
+            format!("text_model.{name}"),
+            t.to_dtype(candle_core::DType::F32)?,
+        );
     }
     let p = cfg.projection_dim;
     tensors.insert(
@@ -738,4 +740,74 @@ pub fn locked_text_tensors(
     );
     check_tensors(&weights, &cfg, &tensors)?;
     Ok((cfg, tensors))
+}
+
+/// Writes a seeded random BERT in `transformers`' folder layout — `config.json` (from
+/// `bert_config_json`), `model.safetensors` and a WordPiece `tokenizer.json` whose
+/// vocabulary is `[PAD] [UNK] [CLS] [SEP]` then `words` — for tests and smoke runs of
+/// locked-text teachers, as [`crate::ClipModel::random`] is for CLIP. Same seed, same files.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use clipcid_models::weights::{locked_text_tensors, write_random_bert};
+/// use clipcid_models::ClipConfig;
+/// let dir = tempfile::tempdir()?;
+/// let bert = r#"{"vocab_size": 8, "hidden_size": 16, "num_hidden_layers": 1,
+///     "num_attention_heads": 2, "intermediate_size": 32, "hidden_act": "gelu",
+///     "max_position_embeddings": 16, "model_type": "bert"}"#;
+/// write_random_bert(dir.path(), bert, &["red", "square"], 0)?;
+/// let vision = ClipConfig::preset("tiny")?.vision_config;
+/// let (cfg, _) = locked_text_tensors(dir.path(), vision, 0)?;
+/// assert_eq!(cfg.projection_dim, 16);
+/// # Ok(()) }
+/// ```
+pub fn write_random_bert(
+    dir: &Path,
+    bert_config_json: &str,
+    words: &[&str],
+    seed: u64,
+) -> Result<(), ModelError> {
+    use tokenizers::models::wordpiece::WordPiece;
+    let vision = VisionConfig {
+        hidden_size: 8,
+        intermediate_size: 8,
+        num_hidden_layers: 1,
+        num_attention_heads: 1,
+        image_size: 8,
+        patch_size: 8,
+        ..VisionConfig::default()
+    };
+    let cfg = ClipConfig::locked_text(vision, bert_config_json)?;
+    let mut vocab = vec!["[PAD]", "[UNK]", "[CLS]", "[SEP]"];
+    vocab.extend(words);
+    if vocab.len() > cfg.text_config.vocab_size {
+        return Err(ModelError::Config(format!(
+            "{} tokens do not fit the config's vocabulary of {}",
+            vocab.len(),
+            cfg.text_config.vocab_size
+        )));
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| ModelError::file(dir, format!("cannot create folder: {e}")))?;
+    io::write_atomic(&dir.join("config.json"), bert_config_json.as_bytes())?;
+    let tensors: Vec<(String, Tensor)> = init_tensors(&cfg, seed)?
+        .into_iter()
+        .filter_map(|(n, t)| Some((n.strip_prefix("text_model.")?.to_string(), t)))
+        .collect();
+    io::write_safetensors(&dir.join("model.safetensors"), tensors, &HashMap::new())?;
+    let vocab_txt = dir.join("vocab.txt");
+    io::write_atomic(&vocab_txt, vocab.join("\n").as_bytes())?;
+    let model = WordPiece::from_file(&vocab_txt.to_string_lossy())
+        .unk_token("[UNK]".into())
+        .build()
+        .map_err(|e| ModelError::file(&vocab_txt, e))?;
+    let mut tok = tokenizers::Tokenizer::new(model);
+    tok.with_normalizer(Some(
+        tokenizers::normalizers::bert::BertNormalizer::default(),
+    ));
+    tok.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::bert::BertPreTokenizer));
+    let json = tok
+        .to_string(false)
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    io::write_atomic(&dir.join("tokenizer.json"), json.as_bytes())
 }

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use clipcid_models::weights::write_random_bert;
 use clipcid_models::{
     l2_normalize, locked_text_tensors, ClipConfig, ClipModel, ClipTokenizer, TextTowerKind,
 };
@@ -44,7 +45,11 @@ fn padding_changes_neither_attention_nor_pooling() {
     let short = model.encode_text(&ids(&rows, 5)).expect("encode");
     let long = model.encode_text(&ids(&rows, 12)).expect("encode");
     assert_eq!(short.dims(), &[2, 32]);
-    assert!(max_diff(&short, &long) < 1e-5, "{}", max_diff(&short, &long));
+    assert!(
+        max_diff(&short, &long) < 1e-5,
+        "{}",
+        max_diff(&short, &long)
+    );
     // A row alone gives the same features as inside a batch with a longer one.
     let alone = model.encode_text(&ids(&rows[1..], 3)).expect("encode");
     let batched = short.narrow(0, 1, 1).expect("row");
@@ -84,39 +89,24 @@ fn out_of_vocabulary_ids_are_an_error_not_a_panic() {
     assert!(err.to_string().contains("token id 99"), "{err}");
 }
 
-/// A BERT-style WordPiece tokenizer with the usual special tokens, built in memory.
-fn wordpiece() -> tokenizers::Tokenizer {
-    use tokenizers::models::wordpiece::WordPiece;
-    use tokenizers::normalizers::bert::BertNormalizer;
-    use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
-    // WordPiece reads a BERT `vocab.txt`: one token a line, id = line number.
-    let dir = tempfile::tempdir().expect("tmp");
-    let vocab = dir.path().join("vocab.txt");
-    let tokens = [
-        "[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "cat", "photo", "of", "hand", "##written",
-    ];
-    std::fs::write(&vocab, tokens.join("\n")).expect("write");
-    let model = WordPiece::from_file(&vocab.to_string_lossy())
-        .unk_token("[UNK]".into())
-        .build()
-        .expect("wordpiece");
-    let mut tok = tokenizers::Tokenizer::new(model);
-    tok.with_normalizer(Some(BertNormalizer::default()));
-    tok.with_pre_tokenizer(Some(BertPreTokenizer));
-    tok
-}
-
 #[test]
 fn bert_tokenizer_uses_cls_sep_and_pad() {
-    let tok = ClipTokenizer::from_tokenizer(wordpiece(), 10).expect("tokenizer");
+    let dir = tempfile::tempdir().expect("tmp");
+    let words = ["a", "cat", "photo", "of", "hand", "##written"];
+    write_random_bert(dir.path(), TINY_BERT, &words, 0).expect("bert");
+    let path = dir.path().join("tokenizer.json");
+    let tok = ClipTokenizer::from_file(&path, 10).expect("tokenizer");
     assert_eq!((tok.start_id(), tok.end_id(), tok.pad_id()), (2, 3, 0));
     assert_eq!(
         tok.encode("A handwritten cat").expect("encode"),
         vec![2, 4, 8, 9, 5, 3, 0, 0, 0, 0]
     );
     // Truncation keeps the end token.
-    let tok = ClipTokenizer::from_tokenizer(wordpiece(), 4).expect("tokenizer");
-    assert_eq!(tok.encode("a photo of a cat").expect("encode"), vec![2, 4, 6, 3]);
+    let tok = ClipTokenizer::from_file(&path, 4).expect("tokenizer");
+    assert_eq!(
+        tok.encode("a photo of a cat").expect("encode"),
+        vec![2, 4, 6, 3]
+    );
 }
 
 /// The real MiniLM, when `scripts/fetch-data.sh` has extracted it (or `CLIPCID_MINILM` names
@@ -135,7 +125,9 @@ fn real_minilm() -> Option<PathBuf> {
 #[test]
 fn real_minilm_matches_the_pytorch_reference() {
     let Some(dir) = real_minilm() else {
-        eprintln!("skipped: no all-MiniLM-L6-v2 folder (run scripts/fetch-data.sh or set CLIPCID_MINILM)");
+        eprintln!(
+            "skipped: no all-MiniLM-L6-v2 folder (run scripts/fetch-data.sh or set CLIPCID_MINILM)"
+        );
         return;
     };
     let vision = ClipConfig::preset("tiny").expect("preset").vision_config;
@@ -156,8 +148,12 @@ fn real_minilm_matches_the_pytorch_reference() {
     let e = e.to_vec2::<f32>().expect("rows");
     // From `python scripts/reference/minilm_reference.py data/raw/minilm` (plain PyTorch).
     let reference: [[f32; 8]; 2] = [
-        [0.032963, 0.091185, 0.027717, 0.023629, -0.054558, -0.001317, 0.048048, 0.006095],
-        [0.042241, -0.006159, 0.057211, 0.086065, 0.011441, 0.055524, -0.023929, 0.056586],
+        [
+            0.032963, 0.091185, 0.027717, 0.023629, -0.054558, -0.001317, 0.048048, 0.006095,
+        ],
+        [
+            0.042241, -0.006159, 0.057211, 0.086065, 0.011441, 0.055524, -0.023929, 0.056586,
+        ],
     ];
     for (row, want) in e.iter().zip(reference) {
         for (got, want) in row.iter().zip(want) {

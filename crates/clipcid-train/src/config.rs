@@ -45,6 +45,14 @@ pub struct StudentConfig {
     pub model: String,
     /// Start from these weights instead of a seeded random init.
     pub init: Option<PathBuf>,
+    /// Locked-text tuning (LiT): keep the text tower and text projection as initialised
+    /// (from `init`) and train only the image tower and the logit scale against it. The text
+    /// features are detached, so no gradient is computed through the text tower.
+    #[serde(default)]
+    pub freeze_text: bool,
+    /// Tokens per caption; defaults to the text tower's `max_position_embeddings` (77 for
+    /// CLIP; set it for BERT towers, whose 512 positions are far more than a caption needs).
+    pub context_length: Option<usize>,
 }
 
 impl Default for StudentConfig {
@@ -52,6 +60,8 @@ impl Default for StudentConfig {
         Self {
             model: "tiny".into(),
             init: None,
+            freeze_text: false,
+            context_length: None,
         }
     }
 }
@@ -286,6 +296,15 @@ impl DistillConfig {
             if let Some(p) = p {
                 must_exist(what, p)?;
             }
+        }
+        if self.student.freeze_text && self.student.init.is_none() {
+            return Err(
+                "student.freeze_text needs student.init: the locked text tower must be pretrained"
+                    .into(),
+            );
+        }
+        if self.student.context_length.is_some_and(|c| c < 2) {
+            return Err("student.context_length must be at least 2 (start and end tokens)".into());
         }
         if self.batch_size == 0 || self.epochs == 0 || self.optim.accumulate == 0 {
             return Err("batch_size, epochs and optim.accumulate must be at least 1".into());

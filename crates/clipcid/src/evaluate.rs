@@ -51,7 +51,7 @@ fn load_model(
             tok_path.display()
         );
     }
-    let ctx = model.config().text_config.max_position_embeddings;
+    let ctx = model.config().text_config.default_context_length();
     let tokenizer = ClipTokenizer::from_file(&tok_path, ctx)?;
     Ok(EvalModel {
         name: name.to_string(),
@@ -72,9 +72,14 @@ pub struct EvalArgs {
     /// More models to compare, as NAME=PATH (e.g. `baseline=runs/baseline/student`).
     #[arg(long = "compare", value_name = "NAME=PATH")]
     compare: Vec<String>,
-    /// `tokenizer.json` for every model (default: the one inside/beside each model).
+    /// `tokenizer.json` for the student and the --compare models (default: the one
+    /// inside/beside each model).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// `tokenizer.json` for the teacher (default: the one inside/beside it; a locked-text
+    /// teacher's is MiniLM's WordPiece, not the students' CLIP BPE).
+    #[arg(long, requires = "teacher")]
+    teacher_tokenizer: Option<PathBuf>,
     /// Labelled folder (`class_name/*.png`) for zero-shot classification.
     #[arg(long)]
     zero_shot: Option<PathBuf>,
@@ -111,7 +116,8 @@ pub fn eval(args: &EvalArgs, device: &Device) -> Result<()> {
     let tok = args.tokenizer.as_deref();
     let mut models = vec![load_model("student", &args.model, tok, device)?];
     if let Some(t) = &args.teacher {
-        models.insert(0, load_model("teacher", t, tok, device)?);
+        let teacher_tok = args.teacher_tokenizer.as_deref();
+        models.insert(0, load_model("teacher", t, teacher_tok, device)?);
     }
     for spec in &args.compare {
         let Some((name, path)) = spec.split_once('=') else {
@@ -196,6 +202,10 @@ pub struct TextnessArgs {
     /// Real images without text: a folder of image files or any dataset.
     #[arg(long)]
     images: PathBuf,
+    /// Real images that carry text (a folder of image files), added to the probe and the
+    /// search pool beside the rendered ones (e.g. data/text-images).
+    #[arg(long)]
+    text_images: Option<PathBuf>,
     /// Text queries (repeatable).
     #[arg(long = "query", default_value = "a photo")]
     queries: Vec<String>,
@@ -235,6 +245,10 @@ pub fn textness(args: &TextnessArgs, device: &Device) -> Result<()> {
         scales: args.scales.clone(),
         top: args.top,
         seed: args.seed,
+        real_text_images: match &args.text_images {
+            Some(p) => load_images(p)?,
+            None => vec![],
+        },
         ..TextnessOptions::default()
     };
     if let Some(w) = &args.words {

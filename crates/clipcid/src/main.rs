@@ -50,6 +50,9 @@ enum Command {
     /// The default real data (see `scripts/fetch-data.sh`, which downloads it and calls this).
     #[command(subcommand)]
     Data(DataCommand),
+    /// Build a teacher when no pretrained CLIP is at hand.
+    #[command(subcommand)]
+    Teacher(TeacherCommand),
     /// Write a CLIP checkpoint with seeded random weights (for tests and smoke runs).
     InitModel {
         /// Model shape: vit-b-32, vit-b-16, piccollage-s12, piccollage-s24 or tiny.
@@ -71,22 +74,24 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Run the pipeline end to end on bundled generated data (see the README).
+    /// Run the pipeline end to end on the real default data (fetch it first with
+    /// scripts/fetch-data.sh; see the README). Teacher: --teacher, else a pretrained CLIP in
+    /// ../shared/teacher/, else a locked-text teacher built once in DATA/teacher-lit.
     Demo {
-        /// Working folder for data, models and outputs.
+        /// Folder written by scripts/fetch-data.sh.
+        #[arg(long, default_value = "data")]
+        data: PathBuf,
+        /// Working folder for models and outputs.
         #[arg(long, default_value = "demo-out")]
         out: PathBuf,
-        /// Number of generated training image-caption pairs.
-        #[arg(long, default_value_t = 2048)]
-        samples: usize,
-        /// Number of generated held-out pairs for the evaluation.
-        #[arg(long, default_value_t = 400)]
-        eval_samples: usize,
-        /// Epochs of the demo teacher's training.
-        #[arg(long, default_value_t = 30)]
+        /// Teacher to use instead of the default order: a file, a folder or a Hugging Face id.
+        #[arg(long)]
+        teacher: Option<PathBuf>,
+        /// Epochs of the locked-text teacher's image tower, when it is built.
+        #[arg(long, default_value_t = 4)]
         teacher_epochs: usize,
         /// Epochs of each student run.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = 6)]
         student_epochs: usize,
     },
 }
@@ -121,6 +126,43 @@ enum DataCommand {
         /// Output folder.
         #[arg(long, default_value = "data")]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TeacherCommand {
+    /// Locked-text (LiT) teacher: a frozen pretrained BERT sentence encoder (e.g.
+    /// all-MiniLM-L6-v2, fetched by scripts/fetch-data.sh) as the text tower and a ViT
+    /// trained against it with the CLIP loss. Reused when the output already holds one built
+    /// with the same options. Not an OpenAI CLIP.
+    Lit {
+        /// BERT folder: config.json, model.safetensors, tokenizer.json.
+        #[arg(long, default_value = "data/raw/minilm")]
+        text_tower: PathBuf,
+        /// Captioned training images (WebDataset shards folder, captions file...).
+        #[arg(long, default_value = "data/shards")]
+        data: PathBuf,
+        /// Output model folder.
+        #[arg(long, default_value = "data/teacher-lit")]
+        out: PathBuf,
+        /// Passes over the data.
+        #[arg(long, default_value_t = 4)]
+        epochs: usize,
+        /// Images per step.
+        #[arg(long, default_value_t = 128)]
+        batch_size: usize,
+        /// Peak learning rate.
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        /// Image tower width (heads: width / 32).
+        #[arg(long, default_value_t = 128)]
+        width: usize,
+        /// Image tower layers.
+        #[arg(long, default_value_t = 4)]
+        layers: usize,
+        /// Seed of the image tower's init and the data order.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
 }
 
@@ -384,6 +426,37 @@ fn run(cli: Cli) -> Result<()> {
                 out.join("SHA256SUMS").display()
             );
         }
+        Command::Teacher(TeacherCommand::Lit {
+            text_tower,
+            data,
+            out,
+            epochs,
+            batch_size,
+            lr,
+            width,
+            layers,
+            seed,
+        }) => {
+            let mut opts = clipcid_train::LockedTextOptions::new(&text_tower, &data);
+            opts.epochs = epochs;
+            opts.batch_size = batch_size;
+            opts.lr = lr;
+            opts.seed = seed;
+            opts.vision.hidden_size = width;
+            opts.vision.intermediate_size = 4 * width;
+            opts.vision.num_attention_heads = (width / 32).max(1);
+            opts.vision.num_hidden_layers = layers;
+            let t = clipcid_train::build_locked_text_teacher(&opts, &out, &device)?;
+            match &t.run {
+                None => println!("reused the locked-text teacher in {}", t.dir.display()),
+                Some(r) => println!(
+                    "trained the locked-text teacher: {} steps, {:.1} samples/s -> {}",
+                    r.steps,
+                    r.samples_per_second,
+                    t.dir.display()
+                ),
+            }
+        }
         Command::Eval(args) => evaluate::eval(&args, &device)?,
         Command::Textness(args) => evaluate::textness(&args, &device)?,
         Command::Export(args) => evaluate::export(&args, &device)?,
@@ -404,19 +477,20 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {} ({} tokens)", out.display(), tok.vocab_size());
         }
         Command::Demo {
+            data,
             out,
-            samples,
-            eval_samples,
+            teacher,
             teacher_epochs,
             student_epochs,
         } => {
-            let size = demo::DemoSize {
-                samples,
-                eval_samples,
+            let opts = demo::DemoOptions {
+                data,
+                out,
+                teacher,
                 teacher_epochs,
                 student_epochs,
             };
-            demo::run(&out, size, &device)?;
+            demo::run(&opts, &device)?;
         }
     }
     Ok(())
@@ -494,7 +568,7 @@ fn embed(args: &EmbedArgs, device: &Device) -> Result<EmbedSummary> {
     let teacher_path = evaluate::resolve(&args.teacher)?;
     let teacher = ClipModel::load_with(&teacher_path, config, device, DType::F32)?;
     let dataset = Dataset::open(&args.data)?;
-    let ctx = teacher.config().text_config.max_position_embeddings;
+    let ctx = teacher.config().text_config.default_context_length();
     let tokenizer = if args.images_only || !dataset.has_captions() {
         None
     } else {

@@ -1,0 +1,200 @@
+//! Locked-text (LiT) teachers: a pretrained sentence encoder frozen as the text tower and a
+//! CLIP image tower trained contrastively against it, for when no pretrained CLIP is at hand.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use clipcid_models::{locked_text_tensors, ClipModel, VisionConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::{DistillConfig, RunSummary, TrainError, Trainer};
+
+/// What a locked-text teacher is built from. Saved as `teacher.json` beside the model; a
+/// folder whose record equals the request is reused instead of trained again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LockedTextOptions {
+    /// The frozen text tower: a BERT folder with `config.json`, `model.safetensors` and
+    /// `tokenizer.json` (e.g. sentence-transformers all-MiniLM-L6-v2).
+    pub text_tower: PathBuf,
+    /// Captioned training images (WebDataset shards, a captions file...).
+    pub dataset: PathBuf,
+    /// Shape of the image tower trained against the text tower.
+    pub vision: VisionConfig,
+    /// Passes over the data.
+    pub epochs: usize,
+    /// Images per step.
+    pub batch_size: usize,
+    /// Peak AdamW learning rate (warm-up then cosine decay).
+    pub lr: f64,
+    /// Warm-up steps.
+    pub warmup_steps: u64,
+    /// Tokens per caption.
+    pub context_length: usize,
+    /// Seed of the image tower's init and of the data order.
+    pub seed: u64,
+}
+
+impl LockedTextOptions {
+    /// The defaults clipcid's demo uses: a 32 px, patch-8, width-128, 4-layer image tower,
+    /// 4 epochs of batch 128 at learning rate 1e-3, 32 caption tokens.
+    pub fn new(text_tower: &Path, dataset: &Path) -> Self {
+        Self {
+            text_tower: text_tower.to_path_buf(),
+            dataset: dataset.to_path_buf(),
+            vision: VisionConfig {
+                hidden_size: 128,
+                intermediate_size: 512,
+                num_hidden_layers: 4,
+                num_attention_heads: 4,
+                image_size: 32,
+                patch_size: 8,
+                ..VisionConfig::default()
+            },
+            epochs: 4,
+            batch_size: 128,
+            lr: 1e-3,
+            warmup_steps: 50,
+            context_length: 32,
+            seed: 0,
+        }
+    }
+}
+
+/// A locked-text teacher folder.
+#[derive(Debug, Clone)]
+pub struct LockedTextTeacher {
+    /// The Hugging Face-style model folder: `model.safetensors`, `config.json`,
+    /// `tokenizer.json`, `teacher.json`, `TEACHER.md`.
+    pub dir: PathBuf,
+    /// Whether an existing folder built from the same options was reused.
+    pub reused: bool,
+    /// The training run's summary (`None` when reused).
+    pub run: Option<RunSummary>,
+}
+
+/// Builds a locked-text teacher in `out_dir`, or reuses the one already there when its
+/// `teacher.json` records the same options.
+///
+/// The text tower and its identity projection are loaded from `options.text_tower` and stay
+/// frozen ([`crate::StudentConfig::freeze_text`]); the image tower starts from a seeded init
+/// and is trained with the CLIP contrastive loss against the frozen caption embeddings, as
+/// LiT does. The run's TOML is kept in `out_dir/run/lit.toml` (re-run it with
+/// `clipcid distill`). The result is **not** an OpenAI CLIP: its text space is MiniLM's and
+/// its image tower has seen only `options.dataset`.
+///
+/// ```no_run
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use clipcid_train::{build_locked_text_teacher, LockedTextOptions};
+/// let opts = LockedTextOptions::new("data/raw/minilm".as_ref(), "data/shards".as_ref());
+/// let teacher = build_locked_text_teacher(&opts, "data/teacher-lit".as_ref(), &candle_core::Device::Cpu)?;
+/// let model = clipcid_models::ClipModel::load(&teacher.dir, &candle_core::Device::Cpu)?;
+/// # Ok(()) }
+/// ```
+pub fn build_locked_text_teacher(
+    options: &LockedTextOptions,
+    out_dir: &Path,
+    device: &Device,
+) -> Result<LockedTextTeacher, TrainError> {
+    let record_path = out_dir.join("teacher.json");
+    if out_dir.join("model.safetensors").is_file() && out_dir.join("tokenizer.json").is_file() {
+        let same = std::fs::read(&record_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<LockedTextOptions>(&b).ok())
+            .is_some_and(|r| &r == options);
+        if same {
+            return Ok(LockedTextTeacher {
+                dir: out_dir.to_path_buf(),
+                reused: true,
+                run: None,
+            });
+        }
+    }
+    let tokenizer = options.text_tower.join("tokenizer.json");
+    if !tokenizer.is_file() {
+        return Err(TrainError::Config(format!(
+            "{}: the text tower folder has no tokenizer.json",
+            options.text_tower.display()
+        )));
+    }
+    let run_dir = out_dir.join("run");
+    let init_dir = run_dir.join("init");
+    let (cfg, tensors) =
+        locked_text_tensors(&options.text_tower, options.vision.clone(), options.seed)?;
+    ClipModel::from_tensors(&cfg, tensors, &Device::Cpu, DType::F32)?
+        .save_pretrained(&init_dir, DType::F32)?;
+    let toml_path = run_dir.join("lit.toml");
+    let mut config = DistillConfig::default();
+    config.data.dataset = std::path::absolute(&options.dataset)
+        .map_err(|e| TrainError::io(&options.dataset, "cannot resolve", e))?;
+    config.data.tokenizer = Some(
+        std::path::absolute(&tokenizer)
+            .map_err(|e| TrainError::io(&tokenizer, "cannot resolve", e))?,
+    );
+    config.student.model = std::path::absolute(init_dir.join("config.json"))
+        .map_err(|e| TrainError::io(&init_dir, "cannot resolve", e))?
+        .to_string_lossy()
+        .into_owned();
+    config.student.init = Some(
+        std::path::absolute(init_dir.join("model.safetensors"))
+            .map_err(|e| TrainError::io(&init_dir, "cannot resolve", e))?,
+    );
+    config.student.freeze_text = true;
+    config.student.context_length = Some(options.context_length);
+    config.loss.cluster.enabled = false;
+    config.loss.instance.enabled = false;
+    config.optim.lr = options.lr;
+    config.optim.warmup_steps = options.warmup_steps;
+    config.batch_size = options.batch_size;
+    config.epochs = options.epochs;
+    config.seed = options.seed;
+    config.checkpoint_every = u64::MAX / 2;
+    let body = format!(
+        "# Locked-text (LiT) teacher: frozen text tower from {}, image tower trained with the\n# CLIP loss. Written by clipcid; re-run with `clipcid distill`.\n{}",
+        options.text_tower.display(),
+        toml::to_string(&config).map_err(|e| TrainError::Config(e.to_string()))?
+    );
+    std::fs::write(&toml_path, body).map_err(|e| TrainError::io(&toml_path, "cannot write", e))?;
+    let config = DistillConfig::from_file(&toml_path)?;
+    let mut trainer = Trainer::new(config, &run_dir, device)?;
+    let run = trainer.run(None, true)?;
+    let trained = trainer.model();
+    trained.save_pretrained(out_dir, DType::F32)?;
+    let copy = |from: &Path, name: &str| {
+        let to = out_dir.join(name);
+        std::fs::copy(from, &to).map_err(|e| TrainError::io(&to, "cannot copy", e))
+    };
+    copy(&tokenizer, "tokenizer.json")?;
+    let readme = options.text_tower.join("README.md");
+    if readme.is_file() {
+        copy(&readme, "TEXT_TOWER_README.md")?;
+    }
+    let last = run.last.as_ref().map(|m| m.loss).unwrap_or(f64::NAN);
+    let md = format!(
+        "# Locked-text teacher (not OpenAI CLIP)\n\n\
+         - Text tower: frozen BERT from `{}` (mean pooling, identity projection; all-MiniLM-L6-v2 when built by the demo, Apache-2.0).\n\
+         - Image tower: ViT width {}, {} layers, {} heads, {} px, patch {}, trained here with the CLIP loss against the frozen caption embeddings (LiT) on `{}`: {} epochs, batch {}, lr {}, seed {}, {} steps, final loss {last:.4}.\n\
+         - Run config: `run/lit.toml`; options: `teacher.json`.\n",
+        options.text_tower.display(),
+        options.vision.hidden_size,
+        options.vision.num_hidden_layers,
+        options.vision.num_attention_heads,
+        options.vision.image_size,
+        options.vision.patch_size,
+        options.dataset.display(),
+        options.epochs,
+        options.batch_size,
+        options.lr,
+        options.seed,
+        run.steps,
+    );
+    clipcid_models::io::write_atomic(&out_dir.join("TEACHER.md"), md.as_bytes())?;
+    // The record goes last: a folder is reused only when everything above was written.
+    let record =
+        serde_json::to_vec_pretty(options).map_err(|e| TrainError::Config(e.to_string()))?;
+    clipcid_models::io::write_atomic(&record_path, &record)?;
+    Ok(LockedTextTeacher {
+        dir: out_dir.to_path_buf(),
+        reused: false,
+        run: Some(run),
+    })
+}
