@@ -209,7 +209,9 @@ impl BertTextTower {
             .iter()
             .filter_map(|(n, t)| Some((n.strip_prefix("text_model.")?.to_string(), t.clone())))
             .collect();
-        let vb = candle_nn::VarBuilder::from_tensors(text, any.dtype(), any.device());
+        // BERT always runs in f32: candle's BERT builds its attention mask as
+        // `(1 - mask) * f32::MIN`, which is `0 * -inf = NaN` in f16.
+        let vb = candle_nn::VarBuilder::from_tensors(text, DType::F32, any.device());
         Ok(Self {
             cfg: cfg.clone(),
             bert: Arc::new(bert::BertModel::load(vb, &bert_cfg)?),
@@ -244,12 +246,13 @@ impl BertTextTower {
             .unwrap_or(0)
             .max(1);
         let ids = ids.narrow(1, 0, used.min(t))?.contiguous()?;
-        let dtype = self.projection.weight().dtype();
-        let mask = ids.ne(pad)?.to_dtype(dtype)?;
+        let mask = ids.ne(pad)?.to_dtype(DType::F32)?;
         let hidden = self.bert.forward(&ids, &ids.zeros_like()?, Some(&mask))?;
         let summed = hidden.broadcast_mul(&mask.unsqueeze(2)?)?.sum(1)?;
         let counts = mask.sum_keepdim(1)?.clamp(1.0, f64::INFINITY)?;
-        self.projection.forward(&summed.broadcast_div(&counts)?)
+        let pooled = summed.broadcast_div(&counts)?;
+        self.projection
+            .forward(&pooled.to_dtype(self.projection.weight().dtype())?)
     }
 }
 

@@ -83,6 +83,22 @@ fn locked_text_model_round_trips_through_a_folder() {
 }
 
 #[test]
+fn a_half_precision_model_gives_finite_text_features_close_to_f32() {
+    let model = tiny_locked();
+    let tensors = model.tensors().clone();
+    let half = ClipModel::from_tensors(model.config(), tensors, &Device::Cpu, DType::F16)
+        .expect("f16 model");
+    let x = ids(&[&[2, 4, 6, 7, 3], &[2, 5, 3]], 8);
+    let full = model.encode_text(&x).expect("f32");
+    let half = half
+        .encode_text(&x)
+        .and_then(|t| Ok(t.to_dtype(DType::F32)?))
+        .expect("f16");
+    let diff = max_diff(&full, &half);
+    assert!(diff.is_finite() && diff < 2e-2, "f16 vs f32: {diff}");
+}
+
+#[test]
 fn out_of_vocabulary_ids_are_an_error_not_a_panic() {
     let model = tiny_locked();
     let err = model.encode_text(&ids(&[&[2, 99, 3]], 4)).unwrap_err();
