@@ -320,3 +320,45 @@ fn rendered_text_changes_only_a_bounded_region() {
         "{e}"
     );
 }
+
+#[test]
+fn textness_study_adds_real_text_images_to_probe_and_pool() {
+    let cfg = clipcid_models::ClipConfig::preset("tiny").unwrap();
+    let model = clipcid_models::ClipModel::random(&cfg, 1, &candle_core::Device::Cpu).unwrap();
+    let tok = clipcid_models::ClipTokenizer::byte_level(16).unwrap();
+    let photos: Vec<image::RgbImage> = (0..8u8)
+        .map(|i| image::RgbImage::from_pixel(48, 48, image::Rgb([30 * i, 200 - 20 * i, 90])))
+        .collect();
+    let renderer = clipcid_eval::TextRenderer::dejavu_sans().unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let real: Vec<image::RgbImage> = ["SALE", "EXIT", "STOP"]
+        .iter()
+        .map(|w| renderer.render(&photos[0], w, &mut rng))
+        .collect();
+    let opts = clipcid_eval::TextnessOptions {
+        real_text_images: real,
+        scales: vec![0.0, 1.0],
+        top: 4,
+        ..clipcid_eval::TextnessOptions::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let r = clipcid_eval::textness_study(
+        &model,
+        &tok,
+        &photos,
+        &["a photo".to_string()],
+        &renderer,
+        &opts,
+        dir.path(),
+    )
+    .unwrap();
+    // 4 probe photos (+ 2 real text images), 4 pool photos x 2 (+ 1 real) = 9 entries.
+    assert!(
+        r.markdown.contains("plus 2 real text-bearing images")
+            && r.markdown
+                .contains("plus 1 real text-bearing images (9 entries)"),
+        "{}",
+        r.markdown
+    );
+    assert_eq!((r.probe_images, r.pool_images, r.rows.len()), (4, 4, 2));
+}
