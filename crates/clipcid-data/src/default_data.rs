@@ -36,6 +36,19 @@ pub const DIGIT_CAPTIONS: [&str; 6] = [
     "a scan of a handwritten {w}",
 ];
 
+/// Caption `k` of digit `label` (0-9): template `k` of [`DIGIT_CAPTIONS`] (cycling) with the
+/// numeral and the word filled in. The training shards' captions are `digit_caption(k, label)`
+/// for the `k`-th training digit.
+///
+/// ```
+/// assert_eq!(clipcid_data::digit_caption(2, 7), "the number seven");
+/// ```
+pub fn digit_caption(k: usize, label: usize) -> String {
+    DIGIT_CAPTIONS[k % DIGIT_CAPTIONS.len()]
+        .replace("{d}", &label.to_string())
+        .replace("{w}", WORDS[label % WORDS.len()])
+}
+
 /// Hand-written captions of the real photos (file in `raw/<source>/`, caption).
 pub const PHOTO_CAPTIONS: [(&str, &str, &str); 26] = [
     (
@@ -296,9 +309,7 @@ pub fn build_default_data(raw: &Path, out: &Path) -> Result<DefaultDataSummary, 
         written.push(path);
         if !test {
             let k = train.len();
-            let caption = DIGIT_CAPTIONS[k % DIGIT_CAPTIONS.len()]
-                .replace("{d}", &label.to_string())
-                .replace("{w}", WORDS[label]);
+            let caption = digit_caption(k, label);
             train.push((format!("{source}-{label}-{n:05}"), bytes, caption, label));
         }
         Ok(())

@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// A model under evaluation.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct EvalModel {
     /// Its name in the tables (e.g. `teacher`, `student`).
     pub name: String,

@@ -134,18 +134,7 @@ impl TextTransformer {
     /// after it never change the result.
     pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        if t > self.cfg.max_position_embeddings {
-            candle_core::bail!(
-                "{t} tokens exceed the context length {}",
-                self.cfg.max_position_embeddings
-            );
-        }
-        let ids = ids.to_dtype(DType::U32)?;
-        let rows = ids.to_vec2::<u32>()?;
-        let vocab = self.cfg.vocab_size as u32;
-        if let Some(bad) = rows.iter().flatten().find(|&&id| id >= vocab) {
-            candle_core::bail!("token id {bad} is outside the vocabulary of {vocab}");
-        }
+        let (ids, rows) = checked_ids(ids, &self.cfg)?;
         let x = self.token_embedding.forward(&ids)?;
         let x = x.broadcast_add(&self.position_embedding.narrow(0, 0, t)?)?;
         let mask = causal_mask(t, x.dtype(), x.device())?;
@@ -223,23 +212,11 @@ impl BertTextTower {
     /// ids `[B, T]`; positions holding the padding id are masked out of attention and pooling.
     pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let (_, t) = ids.dims2()?;
-        if t > self.cfg.max_position_embeddings {
-            candle_core::bail!(
-                "{t} tokens exceed the context length {}",
-                self.cfg.max_position_embeddings
-            );
-        }
-        let ids = ids.to_dtype(DType::U32)?;
-        let vocab = self.cfg.vocab_size as u32;
-        let max = ids.max_all()?.to_scalar::<u32>()?;
-        if max >= vocab {
-            candle_core::bail!("token id {max} is outside the vocabulary of {vocab}");
-        }
+        let (ids, rows) = checked_ids(ids, &self.cfg)?;
         // Padding is masked out of attention and pooling, so columns that are padding in
         // every row change nothing: drop them (captions are far shorter than the context).
         let pad = self.cfg.pad_token_id;
-        let used = ids
-            .to_vec2::<u32>()?
+        let used = rows
             .iter()
             .map(|row| row.iter().rposition(|&id| id != pad).map_or(0, |p| p + 1))
             .max()
@@ -284,6 +261,25 @@ impl TextTower {
             Self::Bert(t) => t.forward(ids),
         }
     }
+}
+
+/// Token ids `[B, T]` as u32, and as rows, after checking `T` against the context length
+/// and every id against the vocabulary (both towers).
+fn checked_ids(ids: &Tensor, cfg: &TextConfig) -> candle_core::Result<(Tensor, Vec<Vec<u32>>)> {
+    let (_, t) = ids.dims2()?;
+    if t > cfg.max_position_embeddings {
+        candle_core::bail!(
+            "{t} tokens exceed the context length {}",
+            cfg.max_position_embeddings
+        );
+    }
+    let ids = ids.to_dtype(DType::U32)?;
+    let rows = ids.to_vec2::<u32>()?;
+    let vocab = cfg.vocab_size as u32;
+    if let Some(bad) = rows.iter().flatten().find(|&&id| id >= vocab) {
+        candle_core::bail!("token id {bad} is outside the vocabulary of {vocab}");
+    }
+    Ok((ids, rows))
 }
 
 fn pool_position(row: &[u32], eos: Option<u32>) -> usize {

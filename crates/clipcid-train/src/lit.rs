@@ -124,20 +124,15 @@ pub fn build_locked_text_teacher(
         .save_pretrained(&init_dir, DType::F32)?;
     let toml_path = run_dir.join("lit.toml");
     let mut config = DistillConfig::default();
-    config.data.dataset = std::path::absolute(&options.dataset)
-        .map_err(|e| TrainError::io(&options.dataset, "cannot resolve", e))?;
-    config.data.tokenizer = Some(
-        std::path::absolute(&tokenizer)
-            .map_err(|e| TrainError::io(&tokenizer, "cannot resolve", e))?,
-    );
-    config.student.model = std::path::absolute(init_dir.join("config.json"))
-        .map_err(|e| TrainError::io(&init_dir, "cannot resolve", e))?
+    // The run's TOML lives in `run/`, so every path in it is made absolute.
+    let absolute =
+        |p: &Path| std::path::absolute(p).map_err(|e| TrainError::io(p, "cannot resolve", e));
+    config.data.dataset = absolute(&options.dataset)?;
+    config.data.tokenizer = Some(absolute(&tokenizer)?);
+    config.student.model = absolute(&init_dir.join("config.json"))?
         .to_string_lossy()
         .into_owned();
-    config.student.init = Some(
-        std::path::absolute(init_dir.join("model.safetensors"))
-            .map_err(|e| TrainError::io(&init_dir, "cannot resolve", e))?,
-    );
+    config.student.init = Some(absolute(&init_dir.join("model.safetensors"))?);
     config.student.freeze_text = true;
     config.student.context_length = Some(options.context_length);
     config.loss.cluster.enabled = false;

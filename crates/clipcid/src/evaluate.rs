@@ -33,7 +33,7 @@ pub fn resolve(spec: &Path) -> Result<PathBuf> {
 }
 
 /// Loads a model (f32) and its tokenizer (`tokenizer`, else the one beside the model).
-fn load_model(
+pub fn load_model(
     name: &str,
     path: &Path,
     tokenizer: Option<&Path>,
