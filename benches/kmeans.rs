@@ -2,12 +2,13 @@
 //! random unit vectors (512-d), 100k -> 1,000 and 200k -> 4,096 centroids, 10 iterations,
 //! spherical and plain; median training seconds of `--reps` runs after one warm-up.
 //!
-//! `cargo bench --bench kmeans [-- --reps 3 --niter 10 --only-first]`
+//! `cargo bench --bench kmeans [-- --reps 3 --niter 10 --only-first]`; `KM_VERBOSE=1` prints
+//! faiss's per-iteration times (search vs the rest).
 
 use std::time::Instant;
 
 use clipcid_cluster::KMeans;
-use clipcid_suite::{bench_arg as arg, median};
+use clipcid_suite::{bench_arg as arg, loaded_blas, median};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
@@ -38,6 +39,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|n| n.get())
             .unwrap_or(1)
     );
+    println!(
+        "BLAS: {}",
+        loaded_blas().unwrap_or_else(|| "none mapped".into())
+    );
     println!();
     println!("| n | k | spherical | median s | min s | max s | s/iter | objective |");
     println!("|---:|---:|---|---:|---:|---:|---:|---:|");
@@ -48,7 +53,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let km = KMeans::new(k)
                     .iterations(niter)
                     .seed(seed)
-                    .spherical(spherical);
+                    .spherical(spherical)
+                    .verbose(std::env::var_os("KM_VERBOSE").is_some());
                 let t = Instant::now();
                 let c = km.train(&x, d)?;
                 Ok((t.elapsed().as_secs_f64(), c.objective))

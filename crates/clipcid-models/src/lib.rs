@@ -31,6 +31,7 @@
 
 pub mod config;
 mod error;
+mod fused;
 mod hub;
 pub mod io;
 mod model;

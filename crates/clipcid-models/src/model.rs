@@ -9,7 +9,7 @@ use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use candle_nn::VarMap;
 
 use crate::config::{Activation, ClipConfig, TextConfig, TextTowerKind, VisionConfig};
-use crate::nn::{get, linear_no_bias, Encoder, LayerNorm, Params};
+use crate::nn::{get, linear_no_bias, Encoder, LayerNorm, Linear, Params};
 use crate::weights::{
     check_tensors, hf_tensor_shapes, init_tensors, Checkpoint, CONFIG_METADATA_KEY,
 };
@@ -25,7 +25,7 @@ pub struct VisionTransformer {
     pre_norm: LayerNorm,
     encoder: Encoder,
     post_norm: LayerNorm,
-    projection: candle_nn::Linear,
+    projection: Linear,
 }
 
 impl VisionTransformer {
@@ -101,7 +101,7 @@ pub struct TextTransformer {
     position_embedding: Tensor,
     encoder: Encoder,
     final_norm: LayerNorm,
-    projection: candle_nn::Linear,
+    projection: Linear,
 }
 
 impl TextTransformer {
@@ -160,7 +160,7 @@ impl TextTransformer {
 pub struct BertTextTower {
     cfg: TextConfig,
     bert: Arc<candle_transformers::models::bert::BertModel>,
-    projection: candle_nn::Linear,
+    projection: Linear,
 }
 
 impl std::fmt::Debug for BertTextTower {

@@ -3,14 +3,16 @@
 //! Every block is built from tensors looked up by their Hugging Face name in a [`Params`] map,
 //! so the same code serves a frozen teacher loaded from disk and a trainable student whose
 //! tensors are `candle_nn::Var`s. Layer norm and softmax use candle's fused kernels when no
-//! gradient is needed and differentiable primitive ops when one is (the fused kernels have no
-//! backward pass).
+//! gradient is needed (they have no backward pass). When one is, f32 CPU tensors go through
+//! this crate's fused kernels with hand-written backward passes (`fused.rs`), and other
+//! devices and dtypes through differentiable primitive ops.
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Module, Result, Tensor, D};
 
 use crate::config::Activation;
+use crate::fused;
 
 /// Name -> tensor map a model is built from.
 pub(crate) type Params = HashMap<String, Tensor>;
@@ -28,12 +30,23 @@ fn needs_grad(ts: &[&Tensor]) -> bool {
 /// Softmax over the last dimension, differentiable when its input tracks gradients.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if needs_grad(&[x]) {
+        if fused::is_cpu_f32(x) {
+            return fused::softmax_last_dim(x);
+        }
         let max = x.max_keepdim(D::Minus1)?;
         let e = x.broadcast_sub(&max)?.exp()?;
         e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
     } else {
         candle_nn::ops::softmax_last_dim(x)
     }
+}
+
+/// `x * sigmoid(1.702 x)`, OpenAI CLIP's activation.
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    if needs_grad(&[x]) && fused::is_cpu_f32(x) {
+        return fused::quick_gelu(x);
+    }
+    x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
 }
 
 /// Layer normalisation over the last dimension with learned scale and shift.
@@ -64,6 +77,12 @@ impl Module for LayerNorm {
                 self.eps as f32,
             );
         }
+        if [x, &self.weight, &self.bias]
+            .iter()
+            .all(|t| fused::is_cpu_f32(t))
+        {
+            return fused::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
         let mean = x.mean_keepdim(D::Minus1)?;
@@ -76,21 +95,58 @@ impl Module for LayerNorm {
     }
 }
 
-fn linear(p: &Params, prefix: &str) -> Result<candle_nn::Linear> {
-    let bias = p.get(&format!("{prefix}.bias")).cloned();
-    Ok(candle_nn::Linear::new(
-        get(p, &format!("{prefix}.weight"))?,
-        bias,
-    ))
+/// `y = x W^T + b` over the last dimension. On the CPU in f32 the product goes through
+/// OpenBLAS (`fused::matmul`, with its own backward pass); elsewhere through candle's matmul.
+#[derive(Debug, Clone)]
+pub(crate) struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// The `[out, in]` weight.
+    pub(crate) fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let on_blas = fused::is_cpu_f32(x)
+            && fused::is_cpu_f32(&self.weight)
+            && self.bias.as_ref().is_none_or(fused::is_cpu_f32);
+        if !on_blas {
+            return candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(x);
+        }
+        let (out, k) = self.weight.dims2()?;
+        let rows = x.elem_count() / k.max(1);
+        let y = fused::matmul(&x.contiguous()?.reshape((rows, k))?, &self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = out;
+        }
+        y.reshape(dims)
+    }
+}
+
+fn linear(p: &Params, prefix: &str) -> Result<Linear> {
+    Ok(Linear {
+        weight: get(p, &format!("{prefix}.weight"))?,
+        bias: p.get(&format!("{prefix}.bias")).cloned(),
+    })
 }
 
 /// Multi-head self-attention with separate q/k/v projections (HF layout).
 #[derive(Debug, Clone)]
 struct SelfAttention {
-    q: candle_nn::Linear,
-    k: candle_nn::Linear,
-    v: candle_nn::Linear,
-    out: candle_nn::Linear,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
     heads: usize,
 }
 
@@ -122,8 +178,8 @@ struct EncoderLayer {
     ln1: LayerNorm,
     attn: SelfAttention,
     ln2: LayerNorm,
-    fc1: candle_nn::Linear,
-    fc2: candle_nn::Linear,
+    fc1: Linear,
+    fc2: Linear,
     act: Activation,
 }
 
@@ -132,7 +188,7 @@ impl EncoderLayer {
         let x = (x + self.attn.forward(&self.ln1.forward(x)?, mask)?)?;
         let h = self.fc1.forward(&self.ln2.forward(&x)?)?;
         let h = match self.act {
-            Activation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
+            Activation::QuickGelu => quick_gelu(&h)?,
             Activation::Gelu => h.gelu_erf()?,
         };
         x + self.fc2.forward(&h)?
@@ -186,6 +242,9 @@ impl Encoder {
 }
 
 /// Loads a bias-free linear layer (the projections into the joint embedding space).
-pub(crate) fn linear_no_bias(p: &Params, name: &str) -> Result<candle_nn::Linear> {
-    Ok(candle_nn::Linear::new(get(p, name)?, None))
+pub(crate) fn linear_no_bias(p: &Params, name: &str) -> Result<Linear> {
+    Ok(Linear {
+        weight: get(p, name)?,
+        bias: None,
+    })
 }

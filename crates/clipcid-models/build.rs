@@ -1,0 +1,8 @@
+//! Links the system OpenBLAS (Debian: `libopenblas-dev`), whose `cblas_sgemm` ndarray calls for
+//! the linear layers' products in CPU training, clipcid-dedup's distance tiles and
+//! clipcid-eval's linear probe (both crates sit above this one, so the link reaches them). The
+//! `openblas-src` crate would do the same but pulls an HTTPS client into the build for its
+//! download mode, which this project never uses.
+fn main() {
+    println!("cargo:rustc-link-lib=dylib=openblas");
+}

@@ -1,0 +1,647 @@
+//! Fused CPU kernels with hand-written backward passes, for training on the CPU.
+//!
+//! Built from candle's primitive ops, a differentiable layer norm is eight ops and a softmax
+//! four, each writing a fresh tensor and each broadcast materialised again by autograd; they
+//! and their gradients were a third of a CPU training step. Here each is one pass over the
+//! rows forward and one backward, as candle `CustomOp`s (candle's own fused `layer_norm` and
+//! `softmax_last_dim` kernels have no backward pass). Only f32 CPU tensors take this path;
+//! [`crate::nn`] keeps the primitive-op version for other devices and dtypes. Every kernel
+//! reduces in a fixed order, so results do not depend on the thread count or scheduling.
+//!
+//! [`matmul`] sends the linear layers' 2-D products to OpenBLAS `sgemm` (through ndarray, as
+//! clipcid-dedup does): on the 2-core CI machine candle's CPU matmul (the `gemm` crate) reached
+//! 148 GFLOP/s where OpenBLAS reaches 235, and the products were half of a training step.
+
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
+};
+use rayon::prelude::*;
+
+/// Rows handed to one rayon task.
+const ROWS_PER_TASK: usize = 32;
+
+/// Whether `t` is an f32 tensor on the CPU (the tensors these kernels handle).
+pub(crate) fn is_cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        bail!("{op}: expected an f32 tensor")
+    };
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&v[start..end]),
+        None => bail!("{op}: expected a contiguous tensor"),
+    }
+}
+
+/// A forward value and its gradient: two contiguous f32 slices of one size.
+fn same_size_pair<'a>(
+    op: &str,
+    (s1, l1): (&'a CpuStorage, &Layout),
+    (s2, l2): (&'a CpuStorage, &Layout),
+) -> Result<(&'a [f32], &'a [f32])> {
+    let (a, b) = (f32_slice(s1, l1, op)?, f32_slice(s2, l2, op)?);
+    if a.len() != b.len() {
+        bail!(
+            "{op}: value and gradient sizes differ ({} vs {})",
+            a.len(),
+            b.len()
+        );
+    }
+    Ok((a, b))
+}
+
+fn row_width(l: &Layout, op: &str) -> Result<usize> {
+    match l.dims().last() {
+        Some(&d) if d > 0 => Ok(d),
+        _ => bail!("{op}: expected a tensor with a non-empty last dimension"),
+    }
+}
+
+/// Softmax over the last dimension (f32, CPU), differentiable.
+pub(crate) fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+/// Layer norm over the last dimension with scale and shift (f32, CPU), differentiable in all
+/// three arguments.
+pub(crate) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        LayerNorm { eps },
+    )
+}
+
+/// `x * sigmoid(1.702 x)` (OpenAI CLIP's activation; f32, CPU), differentiable.
+pub(crate) fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(QuickGelu)
+}
+
+/// `a @ b` for 2-D f32 CPU tensors through OpenBLAS, differentiable in both arguments. Either
+/// argument may be a transposed view (`t()`); other strided views are copied first.
+pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.apply_op2(b, Matmul)
+}
+
+/// A 2-D view of a CPU f32 tensor that cblas accepts: row-major or column-major with a unit
+/// inner stride; `None` for any other layout.
+fn blas_view<'a>(s: &'a CpuStorage, l: &Layout) -> Result<Option<ndarray::ArrayView2<'a, f32>>> {
+    use ndarray::ShapeBuilder;
+    let CpuStorage::F32(v) = s else {
+        bail!("clipcid-matmul: expected an f32 tensor")
+    };
+    let [rows, cols] = l.dims() else {
+        bail!(
+            "clipcid-matmul: expected a 2-D tensor, got shape {:?}",
+            l.dims()
+        )
+    };
+    let (rows, cols) = (*rows, *cols);
+    let st = l.stride();
+    let (s0, s1) = (st[0], st[1]);
+    let row_major = s1 == 1 || cols == 1;
+    let col_major = s0 == 1 || rows == 1;
+    if !(row_major || col_major) {
+        return Ok(None);
+    }
+    let start = l.start_offset();
+    let span = if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * s0 + (cols - 1) * s1 + 1
+    };
+    let data = &v[start..start + span];
+    let view = ndarray::ArrayView2::from_shape((rows, cols).strides((s0, s1)), data)
+        .map_err(|e| candle_core::Error::Msg(format!("clipcid-matmul: {e}")))?;
+    Ok(Some(view))
+}
+
+struct Matmul;
+
+impl CustomOp2 for Matmul {
+    fn name(&self) -> &'static str {
+        "clipcid-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (Some(a), Some(b)) = (blas_view(s1, l1)?, blas_view(s2, l2)?) else {
+            bail!("clipcid-matmul: an argument is neither row- nor column-major")
+        };
+        let (m, k) = a.dim();
+        let (k2, n) = b.dim();
+        if k != k2 {
+            bail!(
+                "clipcid-matmul: shapes {:?} and {:?} do not multiply",
+                a.dim(),
+                b.dim()
+            );
+        }
+        let mut out = vec![0f32; m * n];
+        let c = ndarray::ArrayViewMut2::from_shape((m, n), &mut out)
+            .map_err(|e| candle_core::Error::Msg(format!("clipcid-matmul: {e}")))?;
+        let mut c = c;
+        ndarray::linalg::general_mat_mul(1.0, &a, &b, 0.0, &mut c);
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let da = g.apply_op2_no_bwd(&b.t()?, &Matmul)?;
+        let db = a.t()?.apply_op2_no_bwd(&g, &Matmul)?;
+        Ok((Some(da), Some(db)))
+    }
+}
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "clipcid-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, self.name())?;
+        let d = row_width(l, self.name())?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d * ROWS_PER_TASK)
+            .zip(x.par_chunks(d * ROWS_PER_TASK))
+            .for_each(|(ys, xs)| {
+                for (yr, xr) in ys.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
+                    let max = xr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let mut sum = 0f32;
+                    for (o, &v) in yr.iter_mut().zip(xr) {
+                        *o = (v - max).exp();
+                        sum += *o;
+                    }
+                    let inv = 1.0 / sum;
+                    yr.iter_mut().for_each(|o| *o *= inv);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)?,
+        ))
+    }
+}
+
+/// `dx = y * (g - sum(g * y))` per row, from the softmax output `y` and its gradient `g`.
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "clipcid-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (y, g) = same_size_pair(self.name(), (s1, l1), (s2, l2))?;
+        let d = row_width(l1, self.name())?;
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(d * ROWS_PER_TASK)
+            .zip(
+                y.par_chunks(d * ROWS_PER_TASK)
+                    .zip(g.par_chunks(d * ROWS_PER_TASK)),
+            )
+            .for_each(|(out, (ys, gs))| {
+                for ((o, yr), gr) in out
+                    .chunks_exact_mut(d)
+                    .zip(ys.chunks_exact(d))
+                    .zip(gs.chunks_exact(d))
+                {
+                    let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                    for ((o, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
+                        *o = yv * (gv - dot);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// Mean and reciprocal standard deviation of one row (two passes, as PyTorch does).
+fn row_stats(xr: &[f32], eps: f32) -> (f32, f32) {
+    let d = xr.len() as f32;
+    let mean = xr.iter().sum::<f32>() / d;
+    let var = xr.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / d;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "clipcid-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let b = f32_slice(s3, l3, self.name())?;
+        let d = row_width(l1, self.name())?;
+        if w.len() != d || b.len() != d {
+            bail!(
+                "{}: scale/shift of {}/{} values for rows of {d}",
+                self.name(),
+                w.len(),
+                b.len()
+            );
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d * ROWS_PER_TASK)
+            .zip(x.par_chunks(d * ROWS_PER_TASK))
+            .for_each(|(ys, xs)| {
+                for (yr, xr) in ys.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
+                    let (mean, rstd) = row_stats(xr, self.eps);
+                    for (i, o) in yr.iter_mut().enumerate() {
+                        *o = (xr[i] - mean) * rstd * w[i] + b[i];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / d;
+        // One pass gives all three gradients, packed as `[rows + 2, d]`: dx, then dw, then db.
+        let packed =
+            x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormGrad { eps: self.eps })?;
+        let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, rows, 1)?.reshape(d)?;
+        let db = packed.narrow(0, rows + 1, 1)?.reshape(d)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// Layer-norm gradients from the input `x`, the scale `w` and the output gradient `g`:
+/// with `xh = (x - mean) * rstd` and `gh = g * w`,
+/// `dx = rstd * (gh - mean(gh) - xh * mean(gh * xh))`, `dw = sum_rows(g * xh)`,
+/// `db = sum_rows(g)`.
+struct LayerNormGrad {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormGrad {
+    fn name(&self) -> &'static str {
+        "clipcid-layer-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let g = f32_slice(s3, l3, self.name())?;
+        let d = row_width(l1, self.name())?;
+        if w.len() != d || g.len() != x.len() {
+            bail!("{}: input, scale and gradient sizes disagree", self.name());
+        }
+        let rows = x.len() / d;
+        let mut out = vec![0f32; (rows + 2) * d];
+        let (dx, sums) = out.split_at_mut(rows * d);
+        // Each task returns its partial dw and db; they are added in task order below.
+        let partials: Vec<Vec<f32>> = dx
+            .par_chunks_mut(d * ROWS_PER_TASK)
+            .zip(
+                x.par_chunks(d * ROWS_PER_TASK)
+                    .zip(g.par_chunks(d * ROWS_PER_TASK)),
+            )
+            .map(|(dxs, (xs, gs))| {
+                let mut part = vec![0f32; 2 * d];
+                let mut xh = vec![0f32; d];
+                for ((dxr, xr), gr) in dxs
+                    .chunks_exact_mut(d)
+                    .zip(xs.chunks_exact(d))
+                    .zip(gs.chunks_exact(d))
+                {
+                    let (mean, rstd) = row_stats(xr, self.eps);
+                    let (mut mean_gh, mut mean_ghxh) = (0f32, 0f32);
+                    for i in 0..d {
+                        xh[i] = (xr[i] - mean) * rstd;
+                        let gh = gr[i] * w[i];
+                        mean_gh += gh;
+                        mean_ghxh += gh * xh[i];
+                        part[i] += gr[i] * xh[i];
+                        part[d + i] += gr[i];
+                    }
+                    mean_gh /= d as f32;
+                    mean_ghxh /= d as f32;
+                    for i in 0..d {
+                        dxr[i] = rstd * (gr[i] * w[i] - mean_gh - xh[i] * mean_ghxh);
+                    }
+                }
+                part
+            })
+            .collect();
+        for part in &partials {
+            sums.iter_mut().zip(part).for_each(|(s, p)| *s += p);
+        }
+        let shape = Shape::from((rows + 2, d));
+        Ok((CpuStorage::F32(out), shape))
+    }
+}
+
+const QUICK_GELU_ALPHA: f32 = 1.702;
+
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+struct QuickGelu;
+
+impl CustomOp1 for QuickGelu {
+    fn name(&self) -> &'static str {
+        "clipcid-quick-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, self.name())?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(4096)
+            .zip(x.par_chunks(4096))
+            .for_each(|(ys, xs)| {
+                for (o, &v) in ys.iter_mut().zip(xs) {
+                    *o = v * sigmoid(QUICK_GELU_ALPHA * v);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            arg.apply_op2_no_bwd(&grad.contiguous()?, &QuickGeluGrad)?,
+        ))
+    }
+}
+
+/// `dx = g * (s + 1.702 x s (1 - s))` with `s = sigmoid(1.702 x)`.
+struct QuickGeluGrad;
+
+impl CustomOp2 for QuickGeluGrad {
+    fn name(&self) -> &'static str {
+        "clipcid-quick-gelu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, g) = same_size_pair(self.name(), (s1, l1), (s2, l2))?;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(4096)
+            .zip(x.par_chunks(4096).zip(g.par_chunks(4096)))
+            .for_each(|(out, (xs, gs))| {
+                for ((o, &v), &gv) in out.iter_mut().zip(xs).zip(gs) {
+                    let s = sigmoid(QUICK_GELU_ALPHA * v);
+                    *o = gv * (s + QUICK_GELU_ALPHA * v * s * (1.0 - s));
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a failed setup step should panic
+mod tests {
+    use candle_core::{DType, Device, Var, D};
+
+    use super::*;
+
+    /// Reference implementations from candle's primitive ops, run in f64.
+    fn softmax_ref(x: &Tensor) -> Result<Tensor> {
+        let e = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    }
+
+    fn layer_norm_ref(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+        let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        xc.broadcast_div(&(var + eps)?.sqrt()?)?
+            .broadcast_mul(w)?
+            .broadcast_add(b)
+    }
+
+    fn quick_gelu_ref(x: &Tensor) -> Result<Tensor> {
+        x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
+    }
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        use rand::SeedableRng;
+        use rand_distr::Distribution;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| rand_distr::StandardNormal.sample(&mut rng))
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Forward values and the gradients of `sum(f(inputs) * r)` with respect to every input,
+    /// for the fused f32 op and the f64 reference; returns the largest difference of each.
+    fn compare(
+        inputs: &[Tensor],
+        fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+        reference: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> (f32, Vec<f32>) {
+        let run = |dtype: DType, f: &dyn Fn(&[Tensor]) -> Result<Tensor>| {
+            let vars: Vec<Var> = inputs
+                .iter()
+                .map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap())
+                .collect();
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let y = f(&ts).unwrap();
+            let r = randn(y.dims(), 99).to_dtype(dtype).unwrap();
+            let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g: Vec<Tensor> = ts.iter().map(|t| grads.get(t).unwrap().clone()).collect();
+            (y, g)
+        };
+        let (y1, g1) = run(DType::F32, &fused);
+        let (y2, g2) = run(DType::F64, &reference);
+        let gd = g1
+            .iter()
+            .zip(&g2)
+            .map(|(a, b)| max_abs_diff(a, b))
+            .collect();
+        (max_abs_diff(&y1, &y2), gd)
+    }
+
+    #[test]
+    fn softmax_matches_primitive_ops_forward_and_backward() {
+        // Attention-shaped input with a masked (-inf) column, as the text tower makes.
+        let x = (randn(&[2, 3, 5, 7], 1) * 3.0).unwrap();
+        let mask = Tensor::from_vec(
+            vec![0f32, 0., 0., 0., 0., 0., f32::NEG_INFINITY],
+            7,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let x = x.broadcast_add(&mask).unwrap();
+        let (dy, dg) = compare(&[x], |t| softmax_last_dim(&t[0]), |t| softmax_ref(&t[0]));
+        assert!(dy < 1e-6, "forward differs by {dy}");
+        assert!(dg[0] < 1e-5, "gradient differs by {}", dg[0]);
+    }
+
+    #[test]
+    fn layer_norm_matches_primitive_ops_forward_and_backward() {
+        // More rows than one task holds, so the per-task dw/db partial sums are exercised.
+        let x = ((randn(&[3, 40, 24], 2) * 2.0).unwrap() + 0.5).unwrap();
+        let w = (randn(&[24], 3) + 1.0).unwrap();
+        let b = randn(&[24], 4);
+        let (dy, dg) = compare(
+            &[x, w, b],
+            |t| layer_norm(&t[0], &t[1], &t[2], 1e-5),
+            |t| layer_norm_ref(&t[0], &t[1], &t[2], 1e-5),
+        );
+        assert!(dy < 1e-5, "forward differs by {dy}");
+        for (name, d) in ["x", "weight", "bias"].iter().zip(&dg) {
+            assert!(*d < 1e-4, "gradient of {name} differs by {d}");
+        }
+    }
+
+    #[test]
+    fn layer_norm_gradient_matches_finite_differences() {
+        let x = randn(&[4, 6], 5);
+        let w = (randn(&[6], 6) + 1.0).unwrap();
+        let b = randn(&[6], 7);
+        let r = randn(&[4, 6], 8);
+        let loss = |x: &Tensor| -> f32 {
+            let y = layer_norm(x, &w, &b, 1e-5).unwrap();
+            (y * &r).unwrap().sum_all().unwrap().to_scalar().unwrap()
+        };
+        let var = Var::from_tensor(&x).unwrap();
+        let y = layer_norm(var.as_tensor(), &w, &b, 1e-5).unwrap();
+        let grads = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g: Vec<f32> = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let h = 1e-2f32;
+        for i in [0, 5, 7, 13, 23] {
+            let mut plus = xs.clone();
+            plus[i] += h;
+            let mut minus = xs.clone();
+            minus[i] -= h;
+            let t = |v: Vec<f32>| Tensor::from_vec(v, (4, 6), &Device::Cpu).unwrap();
+            let fd = (loss(&t(plus)) - loss(&t(minus))) / (2.0 * h);
+            assert!(
+                (fd - g[i]).abs() < 5e-3,
+                "element {i}: analytic {} vs {fd}",
+                g[i]
+            );
+        }
+    }
+
+    #[test]
+    fn quick_gelu_matches_primitive_ops_forward_and_backward() {
+        let x = (randn(&[5, 9000], 9) * 4.0).unwrap();
+        let (dy, dg) = compare(&[x], |t| quick_gelu(&t[0]), |t| quick_gelu_ref(&t[0]));
+        assert!(dy < 1e-5, "forward differs by {dy}");
+        assert!(dg[0] < 1e-5, "gradient differs by {}", dg[0]);
+    }
+
+    #[test]
+    fn matmul_matches_primitive_ops_forward_and_backward() {
+        // As a linear layer calls it: rows @ weight^T, the weight a transposed view.
+        let x = randn(&[37, 24], 11);
+        let w = randn(&[10, 24], 12);
+        let (dy, dg) = compare(
+            &[x, w],
+            |t| matmul(&t[0], &t[1].t()?),
+            |t| t[0].matmul(&t[1].t()?),
+        );
+        assert!(dy < 1e-4, "forward differs by {dy}");
+        assert!(dg.iter().all(|&d| d < 1e-4), "gradients differ by {dg:?}");
+        // A view that is neither row- nor column-major (strides 12 and 2) is refused.
+        let z = randn(&[4, 6, 2], 13)
+            .narrow(2, 0, 1)
+            .unwrap()
+            .squeeze(2)
+            .unwrap();
+        assert_eq!(z.stride(), [12, 2]);
+        let e = matmul(&z, &randn(&[6, 3], 14)).unwrap_err().to_string();
+        assert!(e.contains("neither row- nor column-major"), "{e}");
+        // A column-major left argument and a narrowed (row-major, offset) right one are read
+        // in place and give the same product as candle.
+        let a = randn(&[5, 7], 15).t().unwrap();
+        let b = randn(&[5, 9], 16).narrow(1, 2, 4).unwrap();
+        let want = a
+            .contiguous()
+            .unwrap()
+            .matmul(&b.contiguous().unwrap())
+            .unwrap();
+        assert!(max_abs_diff(&matmul(&a, &b).unwrap(), &want) < 1e-5);
+    }
+
+    #[test]
+    fn non_contiguous_inputs_are_made_contiguous() {
+        let x = randn(&[4, 6], 10).t().unwrap();
+        let a = softmax_last_dim(&x).unwrap();
+        let b = softmax_ref(&x.contiguous().unwrap()).unwrap();
+        assert!(max_abs_diff(&a, &b) < 1e-6);
+    }
+}
