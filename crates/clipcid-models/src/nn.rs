@@ -41,7 +41,17 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// `x * sigmoid(1.702 x)`, OpenAI CLIP's activation.
+/// `x * sigmoid(1.702 x)`, OpenAI CLIP's activation; differentiable, and a fused kernel with a
+/// hand-written backward pass for f32 CPU tensors that track gradients.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let x = Tensor::new(&[-1f32, 0.0, 2.0], &Device::Cpu)?;
+/// let y: Vec<f32> = clipcid_models::nn::quick_gelu(&x)?.to_vec1()?;
+/// assert_eq!(y[1], 0.0);
+/// assert!((y[2] - 2.0 / (1.0 + (-3.404f32).exp())).abs() < 1e-6);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     if needs_grad(&[x]) && fused::is_cpu_f32(x) {
         return fused::quick_gelu(x);
