@@ -47,14 +47,7 @@ fn shard(dir: &Path, n: usize, corrupt: Option<usize>) -> Dataset {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    clipcid_models::nn::max_abs_diff(a, b).unwrap()
 }
 
 fn setup() -> (ClipModel, ClipTokenizer) {

@@ -145,9 +145,8 @@ impl CustomOp2 for Matmul {
             );
         }
         let mut out = vec![0f32; m * n];
-        let c = ndarray::ArrayViewMut2::from_shape((m, n), &mut out)
+        let mut c = ndarray::ArrayViewMut2::from_shape((m, n), &mut out)
             .map_err(|e| candle_core::Error::Msg(format!("clipcid-matmul: {e}")))?;
-        let mut c = c;
         ndarray::linalg::general_mat_mul(1.0, &a, &b, 0.0, &mut c);
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
@@ -485,16 +484,7 @@ mod tests {
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        crate::nn::max_abs_diff(a, b).unwrap()
     }
 
     /// Forward values and the gradients of `sum(f(inputs) * r)` with respect to every input,

@@ -516,10 +516,7 @@ mod tests {
             .conv2d(&v.patch_embedding, 0, v.cfg.patch_size, 1, 1)?
             .flatten_from(2)?
             .transpose(1, 2)?;
-        let diff = (v.patch_embed(&x)? - conv)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
+        let diff = crate::nn::max_abs_diff(&v.patch_embed(&x)?, &conv)?;
         assert!(diff < 1e-5, "max difference {diff}");
         Ok(())
     }

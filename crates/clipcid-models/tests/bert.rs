@@ -30,11 +30,7 @@ fn ids(rows: &[&[u32]], len: usize) -> Tensor {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| d.abs())
-        .and_then(|d| d.max_all())
-        .and_then(|d| d.to_scalar::<f32>())
-        .expect("diff")
+    clipcid_models::nn::max_abs_diff(a, b).expect("diff")
 }
 
 #[test]

@@ -27,16 +27,7 @@ fn ids(cfg: &ClipConfig) -> Tensor {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .expect("sub")
-        .abs()
-        .expect("abs")
-        .flatten_all()
-        .expect("flat")
-        .max(0)
-        .expect("max")
-        .to_scalar::<f32>()
-        .expect("scalar")
+    clipcid_models::nn::max_abs_diff(a, b).expect("diff")
 }
 
 #[test]
