@@ -5,4 +5,7 @@
 //! download mode, which this project never uses.
 fn main() {
     println!("cargo:rustc-link-lib=dylib=openblas");
+    // libgomp (GCC's OpenMP runtime, which faiss and OpenMP OpenBLAS load anyway): the `blas`
+    // module sets the calling thread's OpenMP thread count around single-threaded products.
+    println!("cargo:rustc-link-lib=dylib=gomp");
 }

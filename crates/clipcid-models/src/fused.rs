@@ -12,13 +12,16 @@
 //! clipcid-dedup does): on the 2-core CI machine candle's CPU matmul (the `gemm` crate) reached
 //! 148 GFLOP/s where OpenBLAS reaches 235, and the products were half of a training step.
 
+use crate::pool;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
 };
-use rayon::prelude::*;
 
-/// Rows handed to one rayon task.
+/// Rows handed to one task of the thread pool.
 const ROWS_PER_TASK: usize = 32;
+
+/// Elements handed to one task of an element-wise kernel.
+const ELEMENTS_PER_TASK: usize = 4096;
 
 /// Whether `t` is an f32 tensor on the CPU (the tensors these kernels handle).
 pub(crate) fn is_cpu_f32(t: &Tensor) -> bool {
@@ -85,6 +88,15 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.apply_op2(b, Matmul)
 }
 
+/// `x @ w^T + b` for a 2-D f32 CPU input `[rows, in]`, weight `[out, in]` and bias `[out]`
+/// through OpenBLAS, differentiable in all three. One op instead of a product and a broadcast
+/// add: the bias is written into the output before `sgemm` adds the product to it, and the
+/// weight's gradient comes out as `[out, in]` rather than as the transpose of a product.
+pub(crate) fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LinearOp)
+}
+
 /// A 2-D view of a CPU f32 tensor that cblas accepts: row-major or column-major with a unit
 /// inner stride; `None` for any other layout.
 fn blas_view<'a>(s: &'a CpuStorage, l: &Layout) -> Result<Option<ndarray::ArrayView2<'a, f32>>> {
@@ -147,7 +159,7 @@ impl CustomOp2 for Matmul {
         let mut out = vec![0f32; m * n];
         let mut c = ndarray::ArrayViewMut2::from_shape((m, n), &mut out)
             .map_err(|e| candle_core::Error::Msg(format!("clipcid-matmul: {e}")))?;
-        ndarray::linalg::general_mat_mul(1.0, &a, &b, 0.0, &mut c);
+        crate::blas::gemm(&a, &b, 0.0, &mut c);
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 
@@ -165,6 +177,65 @@ impl CustomOp2 for Matmul {
     }
 }
 
+struct LinearOp;
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "clipcid-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (Some(x), Some(w)) = (blas_view(s1, l1)?, blas_view(s2, l2)?) else {
+            bail!(
+                "{}: an argument is neither row- nor column-major",
+                self.name()
+            )
+        };
+        let bias = f32_slice(s3, l3, self.name())?;
+        let ((rows, k), (n, k2)) = (x.dim(), w.dim());
+        if k != k2 || bias.len() != n {
+            bail!(
+                "{}: input {:?}, weight {:?} and bias of {} do not fit",
+                self.name(),
+                x.dim(),
+                w.dim(),
+                bias.len()
+            );
+        }
+        let mut out = vec![0f32; rows * n];
+        pool::for_each_chunk_mut(&mut out, n * ROWS_PER_TASK, |_, ys| {
+            ys.chunks_exact_mut(n).for_each(|r| r.copy_from_slice(bias));
+        });
+        let mut c = ndarray::ArrayViewMut2::from_shape((rows, n), &mut out)
+            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", self.name())))?;
+        crate::blas::gemm(&x, &w.t(), 1.0, &mut c);
+        Ok((CpuStorage::F32(out), Shape::from((rows, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let dx = g.apply_op2_no_bwd(w, &Matmul)?;
+        let dw = g.t()?.apply_op2_no_bwd(x, &Matmul)?;
+        let db = g.sum(0)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
 struct Softmax;
 
 impl CustomOp1 for Softmax {
@@ -176,20 +247,20 @@ impl CustomOp1 for Softmax {
         let x = f32_slice(s, l, self.name())?;
         let d = row_width(l, self.name())?;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d * ROWS_PER_TASK)
-            .zip(x.par_chunks(d * ROWS_PER_TASK))
-            .for_each(|(ys, xs)| {
-                for (yr, xr) in ys.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
-                    let max = xr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                    let mut sum = 0f32;
-                    for (o, &v) in yr.iter_mut().zip(xr) {
-                        *o = (v - max).exp();
-                        sum += *o;
-                    }
-                    let inv = 1.0 / sum;
-                    yr.iter_mut().for_each(|o| *o *= inv);
+        let block = d * ROWS_PER_TASK;
+        pool::for_each_chunk_mut(&mut y, block, |i, ys| {
+            let xs = &x[i * block..i * block + ys.len()];
+            for (yr, xr) in ys.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
+                let max = xr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let mut sum = 0f32;
+                for (o, &v) in yr.iter_mut().zip(xr) {
+                    *o = (v - max).exp();
+                    sum += *o;
                 }
-            });
+                let inv = 1.0 / sum;
+                yr.iter_mut().for_each(|o| *o *= inv);
+            }
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -218,23 +289,21 @@ impl CustomOp2 for SoftmaxGrad {
         let (y, g) = same_size_pair(self.name(), (s1, l1), (s2, l2))?;
         let d = row_width(l1, self.name())?;
         let mut dx = vec![0f32; y.len()];
-        dx.par_chunks_mut(d * ROWS_PER_TASK)
-            .zip(
-                y.par_chunks(d * ROWS_PER_TASK)
-                    .zip(g.par_chunks(d * ROWS_PER_TASK)),
-            )
-            .for_each(|(out, (ys, gs))| {
-                for ((o, yr), gr) in out
-                    .chunks_exact_mut(d)
-                    .zip(ys.chunks_exact(d))
-                    .zip(gs.chunks_exact(d))
-                {
-                    let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
-                    for ((o, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
-                        *o = yv * (gv - dot);
-                    }
+        let block = d * ROWS_PER_TASK;
+        pool::for_each_chunk_mut(&mut dx, block, |i, out| {
+            let range = i * block..i * block + out.len();
+            let (ys, gs) = (&y[range.clone()], &g[range]);
+            for ((o, yr), gr) in out
+                .chunks_exact_mut(d)
+                .zip(ys.chunks_exact(d))
+                .zip(gs.chunks_exact(d))
+            {
+                let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                for ((o, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
+                    *o = yv * (gv - dot);
                 }
-            });
+            }
+        });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -278,16 +347,16 @@ impl CustomOp3 for LayerNorm {
             );
         }
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d * ROWS_PER_TASK)
-            .zip(x.par_chunks(d * ROWS_PER_TASK))
-            .for_each(|(ys, xs)| {
-                for (yr, xr) in ys.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
-                    let (mean, rstd) = row_stats(xr, self.eps);
-                    for (i, o) in yr.iter_mut().enumerate() {
-                        *o = (xr[i] - mean) * rstd * w[i] + b[i];
-                    }
+        let block = d * ROWS_PER_TASK;
+        pool::for_each_chunk_mut(&mut y, block, |i, ys| {
+            let xs = &x[i * block..i * block + ys.len()];
+            for (yr, xr) in ys.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
+                let (mean, rstd) = row_stats(xr, self.eps);
+                for (i, o) in yr.iter_mut().enumerate() {
+                    *o = (xr[i] - mean) * rstd * w[i] + b[i];
                 }
-            });
+            }
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -344,39 +413,35 @@ impl CustomOp3 for LayerNormGrad {
         let mut out = vec![0f32; (rows + 2) * d];
         let (dx, sums) = out.split_at_mut(rows * d);
         // Each task returns its partial dw and db; they are added in task order below.
-        let partials: Vec<Vec<f32>> = dx
-            .par_chunks_mut(d * ROWS_PER_TASK)
-            .zip(
-                x.par_chunks(d * ROWS_PER_TASK)
-                    .zip(g.par_chunks(d * ROWS_PER_TASK)),
-            )
-            .map(|(dxs, (xs, gs))| {
-                let mut part = vec![0f32; 2 * d];
-                let mut xh = vec![0f32; d];
-                for ((dxr, xr), gr) in dxs
-                    .chunks_exact_mut(d)
-                    .zip(xs.chunks_exact(d))
-                    .zip(gs.chunks_exact(d))
-                {
-                    let (mean, rstd) = row_stats(xr, self.eps);
-                    let (mut mean_gh, mut mean_ghxh) = (0f32, 0f32);
-                    for i in 0..d {
-                        xh[i] = (xr[i] - mean) * rstd;
-                        let gh = gr[i] * w[i];
-                        mean_gh += gh;
-                        mean_ghxh += gh * xh[i];
-                        part[i] += gr[i] * xh[i];
-                        part[d + i] += gr[i];
-                    }
-                    mean_gh /= d as f32;
-                    mean_ghxh /= d as f32;
-                    for i in 0..d {
-                        dxr[i] = rstd * (gr[i] * w[i] - mean_gh - xh[i] * mean_ghxh);
-                    }
+        let block = d * ROWS_PER_TASK;
+        let partials: Vec<Vec<f32>> = pool::map_chunks_mut(dx, block, |i, dxs| {
+            let range = i * block..i * block + dxs.len();
+            let (xs, gs) = (&x[range.clone()], &g[range]);
+            let mut part = vec![0f32; 2 * d];
+            let mut xh = vec![0f32; d];
+            for ((dxr, xr), gr) in dxs
+                .chunks_exact_mut(d)
+                .zip(xs.chunks_exact(d))
+                .zip(gs.chunks_exact(d))
+            {
+                let (mean, rstd) = row_stats(xr, self.eps);
+                let (mut mean_gh, mut mean_ghxh) = (0f32, 0f32);
+                for i in 0..d {
+                    xh[i] = (xr[i] - mean) * rstd;
+                    let gh = gr[i] * w[i];
+                    mean_gh += gh;
+                    mean_ghxh += gh * xh[i];
+                    part[i] += gr[i] * xh[i];
+                    part[d + i] += gr[i];
                 }
-                part
-            })
-            .collect();
+                mean_gh /= d as f32;
+                mean_ghxh /= d as f32;
+                for i in 0..d {
+                    dxr[i] = rstd * (gr[i] * w[i] - mean_gh - xh[i] * mean_ghxh);
+                }
+            }
+            part
+        });
         for part in &partials {
             sums.iter_mut().zip(part).for_each(|(s, p)| *s += p);
         }
@@ -401,13 +466,12 @@ impl CustomOp1 for QuickGelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, self.name())?;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(4096)
-            .zip(x.par_chunks(4096))
-            .for_each(|(ys, xs)| {
-                for (o, &v) in ys.iter_mut().zip(xs) {
-                    *o = v * sigmoid(QUICK_GELU_ALPHA * v);
-                }
-            });
+        pool::for_each_chunk_mut(&mut y, ELEMENTS_PER_TASK, |i, ys| {
+            let xs = &x[i * ELEMENTS_PER_TASK..];
+            for (o, &v) in ys.iter_mut().zip(xs) {
+                *o = v * sigmoid(QUICK_GELU_ALPHA * v);
+            }
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -435,14 +499,13 @@ impl CustomOp2 for QuickGeluGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, g) = same_size_pair(self.name(), (s1, l1), (s2, l2))?;
         let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(4096)
-            .zip(x.par_chunks(4096).zip(g.par_chunks(4096)))
-            .for_each(|(out, (xs, gs))| {
-                for ((o, &v), &gv) in out.iter_mut().zip(xs).zip(gs) {
-                    let s = sigmoid(QUICK_GELU_ALPHA * v);
-                    *o = gv * (s + QUICK_GELU_ALPHA * v * s * (1.0 - s));
-                }
-            });
+        pool::for_each_chunk_mut(&mut dx, ELEMENTS_PER_TASK, |i, out| {
+            let (xs, gs) = (&x[i * ELEMENTS_PER_TASK..], &g[i * ELEMENTS_PER_TASK..]);
+            for ((o, &v), &gv) in out.iter_mut().zip(xs).zip(gs) {
+                let s = sigmoid(QUICK_GELU_ALPHA * v);
+                *o = gv * (s + QUICK_GELU_ALPHA * v * s * (1.0 - s));
+            }
+        });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -625,6 +688,44 @@ mod tests {
             .matmul(&b.contiguous().unwrap())
             .unwrap();
         assert!(max_abs_diff(&matmul(&a, &b).unwrap(), &want) < 1e-5);
+    }
+
+    #[test]
+    fn linear_matches_primitive_ops_forward_and_backward() {
+        // Small (one sgemm) and large enough to be cut into per-thread blocks.
+        for (rows, k, n, seed) in [(37, 24, 10, 20), (301, 96, 129, 30)] {
+            let x = randn(&[rows, k], seed);
+            let w = randn(&[n, k], seed + 1);
+            let b = randn(&[n], seed + 2);
+            let (dy, dg) = compare(
+                &[x, w, b],
+                |t| linear(&t[0], &t[1], &t[2]),
+                |t| t[0].matmul(&t[1].t()?)?.broadcast_add(&t[2]),
+            );
+            assert!(dy < 1e-3, "{rows}x{k}x{n}: forward differs by {dy}");
+            assert!(
+                dg.iter().all(|&d| d < 1e-3),
+                "{rows}x{k}x{n}: gradients differ by {dg:?}"
+            );
+        }
+        let e = linear(&randn(&[3, 4], 1), &randn(&[5, 4], 2), &randn(&[6], 3))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("do not fit"), "{e}");
+    }
+
+    #[test]
+    fn products_cut_into_blocks_match_one_product() {
+        // Above the split threshold, cut by rows (m >= n) and by columns (n > m), with sizes
+        // that leave a short last block; candle's own matmul is the reference.
+        for (m, k, n) in [(301, 97, 131), (41, 129, 303)] {
+            let a = randn(&[m, k], m as u64);
+            let b = randn(&[k, n], n as u64);
+            let got = matmul(&a, &b).unwrap();
+            let want = a.matmul(&b).unwrap();
+            let diff = max_abs_diff(&got, &want);
+            assert!(diff < 1e-3, "{m}x{k}x{n}: differs by {diff}");
+        }
     }
 
     #[test]

@@ -29,6 +29,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod blas;
 pub mod config;
 mod error;
 mod fused;
@@ -36,6 +37,7 @@ mod hub;
 pub mod io;
 mod model;
 pub mod nn;
+mod pool;
 mod tokenizer;
 pub mod weights;
 

@@ -147,10 +147,10 @@ impl Module for Linear {
         }
         let (out, k) = self.weight.dims2()?;
         let rows = x.elem_count() / k.max(1);
-        let y = fused::matmul(&x.contiguous()?.reshape((rows, k))?, &self.weight.t()?)?;
+        let x2 = x.contiguous()?.reshape((rows, k))?;
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+            Some(b) => fused::linear(&x2, &self.weight, b)?,
+            None => fused::matmul(&x2, &self.weight.t()?)?,
         };
         let mut dims = x.dims().to_vec();
         if let Some(last) = dims.last_mut() {
