@@ -8,9 +8,12 @@
 //! [`crate::nn`] keeps the primitive-op version for other devices and dtypes. Every kernel
 //! reduces in a fixed order, so results do not depend on the thread count or scheduling.
 //!
-//! [`matmul`] sends the linear layers' 2-D products to OpenBLAS `sgemm` (through ndarray, as
-//! clipcid-dedup does): on the 2-core CI machine candle's CPU matmul (the `gemm` crate) reached
-//! 148 GFLOP/s where OpenBLAS reaches 235, and the products were half of a training step.
+//! [`linear`] (a layer with a bias, as one op) and [`matmul`] send the linear layers' 2-D
+//! products and their gradients to OpenBLAS `sgemm` (through ndarray, as clipcid-dedup does):
+//! on the 2-core CI machine candle's CPU matmul (the `gemm` crate) reached 148 GFLOP/s where
+//! OpenBLAS reaches 235, and the products were half of a training step. Large products are
+//! cut into one single-threaded `sgemm` per thread of candle's pool (`crate::blas`), and the
+//! kernels here run on that pool too (`crate::pool`), so a step uses one set of threads.
 
 use crate::pool;
 use candle_core::{

@@ -1,6 +1,6 @@
 //! Transformer building blocks shared by both towers.
 //!
-//! Every block is built from tensors looked up by their Hugging Face name in a [`Params`] map,
+//! Every block is built from tensors looked up by their Hugging Face name in a name -> tensor map,
 //! so the same code serves a frozen teacher loaded from disk and a trainable student whose
 //! tensors are `candle_nn::Var`s. Layer norm and softmax use candle's fused kernels when no
 //! gradient is needed (they have no backward pass). When one is, f32 CPU tensors go through
