@@ -1,8 +1,8 @@
 //! Transformer building blocks shared by both towers.
 //!
 //! Every block is built from tensors looked up by their Hugging Face name in a map of named
-//! tensors, so the same code serves a frozen teacher loaded from disk and a trainable student whose
-//! tensors are `candle_nn::Var`s. Layer norm and softmax use candle's fused kernels when no
+//! tensors, so the same code serves a frozen teacher loaded from disk and a trainable student
+//! whose tensors are `candle_nn::Var`s. Layer norm and softmax use candle's fused kernels when no
 //! gradient is needed (they have no backward pass). When one is, f32 CPU tensors go through
 //! this crate's fused kernels with hand-written backward passes (`fused.rs`), and other
 //! devices and dtypes through differentiable primitive ops.
