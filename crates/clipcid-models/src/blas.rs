@@ -91,9 +91,9 @@ pub(crate) fn gemm(
     };
     let step = len.div_ceil(threads);
     let mut blocks: Vec<ArrayViewMut2<f32>> = c.axis_chunks_iter_mut(axis, step).collect();
-    crate::pool::for_each_chunk_mut(&mut blocks, 1, |i, block| {
+    crate::pool::for_each_chunk_mut(&mut blocks, 1, |span, block| {
         let _single = OmpThreadsGuard::single();
-        let (lo, hi) = (i * step, (i * step + step).min(len));
+        let (lo, hi) = (span.start * step, (span.start * step + step).min(len));
         if split_rows {
             let a = a.slice(ndarray::s![lo..hi, ..]);
             general_mat_mul(1.0, &a, b, beta, &mut block[0]);

@@ -253,10 +253,8 @@ impl CustomOp1 for Softmax {
         let x = f32_slice(s, l, self.name())?;
         let d = row_width(l, self.name())?;
         let mut y = vec![0f32; x.len()];
-        let block = d * ROWS_PER_TASK;
-        pool::for_each_chunk_mut(&mut y, block, |i, ys| {
-            let xs = &x[i * block..i * block + ys.len()];
-            for (yr, xr) in ys.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
+        pool::for_each_chunk_mut(&mut y, d * ROWS_PER_TASK, |span, ys| {
+            for (yr, xr) in ys.chunks_exact_mut(d).zip(x[span].chunks_exact(d)) {
                 let max = xr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
                 let mut sum = 0f32;
                 for (o, &v) in yr.iter_mut().zip(xr) {
@@ -295,10 +293,8 @@ impl CustomOp2 for SoftmaxGrad {
         let (y, g) = same_size_pair(self.name(), (s1, l1), (s2, l2))?;
         let d = row_width(l1, self.name())?;
         let mut dx = vec![0f32; y.len()];
-        let block = d * ROWS_PER_TASK;
-        pool::for_each_chunk_mut(&mut dx, block, |i, out| {
-            let range = i * block..i * block + out.len();
-            let (ys, gs) = (&y[range.clone()], &g[range]);
+        pool::for_each_chunk_mut(&mut dx, d * ROWS_PER_TASK, |span, out| {
+            let (ys, gs) = (&y[span.clone()], &g[span]);
             for ((o, yr), gr) in out
                 .chunks_exact_mut(d)
                 .zip(ys.chunks_exact(d))
@@ -353,10 +349,8 @@ impl CustomOp3 for LayerNorm {
             );
         }
         let mut y = vec![0f32; x.len()];
-        let block = d * ROWS_PER_TASK;
-        pool::for_each_chunk_mut(&mut y, block, |i, ys| {
-            let xs = &x[i * block..i * block + ys.len()];
-            for (yr, xr) in ys.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
+        pool::for_each_chunk_mut(&mut y, d * ROWS_PER_TASK, |span, ys| {
+            for (yr, xr) in ys.chunks_exact_mut(d).zip(x[span].chunks_exact(d)) {
                 let (mean, rstd) = row_stats(xr, self.eps);
                 for (i, o) in yr.iter_mut().enumerate() {
                     *o = (xr[i] - mean) * rstd * w[i] + b[i];
@@ -419,10 +413,8 @@ impl CustomOp3 for LayerNormGrad {
         let mut out = vec![0f32; (rows + 2) * d];
         let (dx, sums) = out.split_at_mut(rows * d);
         // Each task returns its partial dw and db; they are added in task order below.
-        let block = d * ROWS_PER_TASK;
-        let partials: Vec<Vec<f32>> = pool::map_chunks_mut(dx, block, |i, dxs| {
-            let range = i * block..i * block + dxs.len();
-            let (xs, gs) = (&x[range.clone()], &g[range]);
+        let partials: Vec<Vec<f32>> = pool::map_chunks_mut(dx, d * ROWS_PER_TASK, |span, dxs| {
+            let (xs, gs) = (&x[span.clone()], &g[span]);
             let mut part = vec![0f32; 2 * d];
             let mut xh = vec![0f32; d];
             for ((dxr, xr), gr) in dxs
@@ -472,9 +464,8 @@ impl CustomOp1 for QuickGelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, self.name())?;
         let mut y = vec![0f32; x.len()];
-        pool::for_each_chunk_mut(&mut y, ELEMENTS_PER_TASK, |i, ys| {
-            let xs = &x[i * ELEMENTS_PER_TASK..];
-            for (o, &v) in ys.iter_mut().zip(xs) {
+        pool::for_each_chunk_mut(&mut y, ELEMENTS_PER_TASK, |span, ys| {
+            for (o, &v) in ys.iter_mut().zip(&x[span]) {
                 *o = v * sigmoid(QUICK_GELU_ALPHA * v);
             }
         });
@@ -505,8 +496,8 @@ impl CustomOp2 for QuickGeluGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, g) = same_size_pair(self.name(), (s1, l1), (s2, l2))?;
         let mut dx = vec![0f32; x.len()];
-        pool::for_each_chunk_mut(&mut dx, ELEMENTS_PER_TASK, |i, out| {
-            let (xs, gs) = (&x[i * ELEMENTS_PER_TASK..], &g[i * ELEMENTS_PER_TASK..]);
+        pool::for_each_chunk_mut(&mut dx, ELEMENTS_PER_TASK, |span, out| {
+            let (xs, gs) = (&x[span.clone()], &g[span]);
             for ((o, &v), &gv) in out.iter_mut().zip(xs).zip(gs) {
                 let s = sigmoid(QUICK_GELU_ALPHA * v);
                 *o = gv * (s + QUICK_GELU_ALPHA * v * s * (1.0 - s));

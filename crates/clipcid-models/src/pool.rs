@@ -7,25 +7,29 @@
 //! split BLAS products run on candle's pool instead, so a training step's parallel work takes
 //! turns on one set of threads.
 
+use std::ops::Range;
 use std::sync::Mutex;
 
-/// Calls `f(i, chunk)` for every `chunk_len`-long chunk `i` of `out` (the last may be
-/// shorter), spread over candle's CPU threads; returns what each call returned, in chunk
-/// order, so that reductions over the results do not depend on scheduling.
+/// Calls `f(span, chunk)` for every `chunk_len`-long chunk of `out` (the last may be
+/// shorter), where `span` is the chunk's place in `out` (to take the same span of inputs as
+/// long as `out`), spread over candle's CPU threads; returns what each call returned, in
+/// chunk order, so that reductions over the results do not depend on scheduling.
 pub(crate) fn map_chunks_mut<T, R, F>(out: &mut [T], chunk_len: usize, f: F) -> Vec<R>
 where
     T: Send,
     R: Send,
-    F: Fn(usize, &mut [T]) -> R + Sync,
+    F: Fn(Range<usize>, &mut [T]) -> R + Sync,
 {
+    let chunk_len = chunk_len.max(1);
     let cells: Vec<Mutex<(&mut [T], Option<R>)>> = out
-        .chunks_mut(chunk_len.max(1))
+        .chunks_mut(chunk_len)
         .map(|c| Mutex::new((c, None)))
         .collect();
     run(cells.len(), |i| {
         // Each cell is locked once, by the one task that owns chunk `i`: never contended.
         let mut cell = cells[i].lock().unwrap_or_else(|e| e.into_inner());
-        let r = f(i, cell.0);
+        let start = i * chunk_len;
+        let r = f(start..start + cell.0.len(), cell.0);
         cell.1 = Some(r);
     });
     cells
@@ -34,11 +38,12 @@ where
         .collect()
 }
 
-/// Calls `f(i, chunk)` for every `chunk_len`-long chunk of `out`, on candle's CPU threads.
+/// Calls `f(span, chunk)` for every `chunk_len`-long chunk of `out`, on candle's CPU threads
+/// (see [`map_chunks_mut`]).
 pub(crate) fn for_each_chunk_mut<T, F>(out: &mut [T], chunk_len: usize, f: F)
 where
     T: Send,
-    F: Fn(usize, &mut [T]) + Sync,
+    F: Fn(Range<usize>, &mut [T]) + Sync,
 {
     map_chunks_mut(out, chunk_len, f);
 }
