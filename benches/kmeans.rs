@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use clipcid_cluster::KMeans;
-use clipcid_suite::{bench_arg as arg, loaded_blas, median};
+use clipcid_suite::{bench_arg as arg, faiss_has_avx2_kernel, loaded_blas, median};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
@@ -42,6 +42,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "BLAS: {}",
         loaded_blas().unwrap_or_else(|| "none mapped".into())
+    );
+    println!(
+        "faiss L2 top-1 kernel: {}",
+        match faiss_has_avx2_kernel() {
+            Some(true) => "AVX2 (fused distance + arg-min)",
+            Some(false) => "generic (distance pass, then arg-min pass)",
+            None => "unknown (executable unreadable)",
+        }
     );
     println!();
     println!("| n | k | spherical | median s | min s | max s | s/iter | objective |");

@@ -104,6 +104,43 @@ fn same_seed_same_result_and_seed_matters() {
     }
 }
 
+/// Spherical training on unit rows searches by L2 (faster in faiss 1.12); on rows scaled by 2
+/// (not unit) by inner product. Scaling every row by 2 changes neither the normalised centroids
+/// nor the assignments of spherical k-means and doubles its objective (the sum of inner
+/// products), so the two paths must agree.
+#[test]
+fn spherical_training_on_unit_rows_agrees_with_inner_product_search() {
+    for (k, d, seed) in [(6, 32, 11u64), (12, 48, 12)] {
+        let (x, _) = planted(k, 100, d, 0.6, seed);
+        let doubled: Vec<f32> = x.iter().map(|v| v * 2.0).collect();
+        let fit = |x: &[f32], redo| {
+            KMeans::new(k)
+                .iterations(10)
+                .redo(redo)
+                .seed(seed as u32)
+                .fit_slice(x, d)
+                .unwrap()
+        };
+        for redo in [1, 3] {
+            let (unit, scaled) = (fit(&x, redo), fit(&doubled, redo));
+            assert_eq!(unit.labels, scaled.labels, "k={k} redo={redo}");
+            let diff = unit
+                .centroids
+                .as_slice()
+                .iter()
+                .zip(scaled.centroids.as_slice())
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-4, "k={k} redo={redo}: centroids differ by {diff}");
+            let (a, b) = (unit.centroids.objective, scaled.centroids.objective / 2.0);
+            assert!(
+                (a - b).abs() <= 1e-3 * b.abs() && a > 0.0 && a <= x.len() as f32 / d as f32,
+                "k={k} redo={redo}: objective {a} on unit rows, {b} from the doubled rows / 2"
+            );
+        }
+    }
+}
+
 #[test]
 fn assignment_matches_brute_force() {
     let (x, _) = planted(10, 30, 16, 0.8, 4);
