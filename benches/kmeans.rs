@@ -2,7 +2,8 @@
 //! random unit vectors (512-d), 100k -> 1,000 and 200k -> 4,096 centroids, 10 iterations,
 //! spherical and plain; median training seconds of `--reps` runs after one warm-up.
 //!
-//! `cargo bench --bench kmeans [-- --reps 3 --niter 10 --only-first]`; `KM_VERBOSE=1` prints
+//! `cargo bench --bench kmeans [-- --reps 3 --niter 10 --only-first | --only-second]`
+//! (`--only-second`: the 200k case alone, for interleaving with the peer); `KM_VERBOSE=1` prints
 //! faiss's per-iteration times (search vs the rest).
 
 use std::time::Instant;
@@ -32,6 +33,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut cases = vec![(100_000usize, 1_000usize), (200_000, 4_096)];
     if only_first {
         cases.truncate(1);
+    } else if std::env::args().any(|a| a == "--only-second") {
+        cases.remove(0);
     }
     println!(
         "faiss k-means via clipcid-cluster, niter={niter}, reps={reps} (+1 warm-up), {} threads",
