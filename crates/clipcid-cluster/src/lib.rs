@@ -5,8 +5,8 @@
 //!
 //! [`KMeans`] wraps `faiss::Clustering` (spherical by default, as in the paper: centroids are
 //! renormalised after each iteration and points are assigned by inner product, which on
-//! unit-norm rows faiss computes through its faster L2 search; see [`KMeans::spherical`]). It samples
-//! the training set itself (at most `max_points_per_centroid * K` rows, seeded), so the
+//! unit-norm rows faiss computes through its faster L2 search; see [`KMeans::spherical`]). It
+//! samples the training set itself (at most `max_points_per_centroid * K` rows, seeded), so the
 //! caller can stream: [`train_from_shards`] reads only the sampled rows of embedding shards,
 //! and [`assign_shards`] labels every kept row shard by shard against the trained
 //! [`Centroids`]. Optionally the centroids start from a seeded k-means++ draw
@@ -628,19 +628,6 @@ fn rows_of(x: &[f32], d: usize) -> Result<usize, ClusterError> {
 /// count it as unit-norm: f32 normalisation leaves about 1e-7; a half-precision copy about 1e-3.
 const UNIT_NORM_TOLERANCE: f64 = 2e-3;
 
-/// `Some(sum of the rows' squared norms)` when every row of `x` has unit L2 norm (within
-/// [`UNIT_NORM_TOLERANCE`]), else `None`.
-///
-/// Spherical k-means keeps its centroids unit-norm (faiss renormalises them after the random
-/// draw and after every update), so for each row x, `|x - c|^2 = |x|^2 + 1 - 2 x.c` ranks the
-/// centroids exactly as `x.c` does, whatever the row's norm. faiss 1.12 finds the nearest
-/// centroid by L2 with one fused AVX2 pass over each block of distances (when compiled for
-/// AVX2), but by inner product with a scalar arg-max pass after the product: the L2 index trains
-/// the same k-means about 5% faster at 100k x 512 into 1,000 (docs/benchmarks.md). Both scores
-/// are computed from the same float32 product; for unit rows the L2 score's rounding
-/// (|x|^2 + 1 is near 2) is at most twice the inner product's, so only rows whose scores
-/// tie to within a few 1e-7 can be assigned differently. Rows far from unit norm would lose
-/// more precision that way, so they keep the inner-product index.
 /// Whether faiss's L2 nearest-centroid search is its fused AVX2 kernel. faiss is compiled for
 /// the build machine's CPU (`.cargo/config.toml`), so this asks whether the CPU has AVX2; a
 /// generic faiss build on an AVX2 CPU answers wrongly and only loses speed (the generic L2
@@ -656,6 +643,19 @@ fn faiss_has_fused_l2_search() -> bool {
     }
 }
 
+/// `Some(sum of the rows' squared norms)` when every row of `x` has unit L2 norm (within
+/// [`UNIT_NORM_TOLERANCE`]), else `None`.
+///
+/// Spherical k-means keeps its centroids unit-norm (faiss renormalises them after the random
+/// draw and after every update), so for each row x, `|x - c|^2 = |x|^2 + 1 - 2 x.c` ranks the
+/// centroids exactly as `x.c` does, whatever the row's norm. faiss 1.12 finds the nearest
+/// centroid by L2 with one fused AVX2 pass over each block of distances (when compiled for
+/// AVX2), but by inner product with a scalar arg-max pass after the product: the L2 index trains
+/// the same k-means about 5% faster at 100k x 512 into 1,000 (docs/benchmarks.md). Both scores
+/// are computed from the same float32 product; for unit rows the L2 score's rounding
+/// (|x|^2 + 1 is near 2) is at most twice the inner product's, so only rows whose scores
+/// tie to within a few 1e-7 can be assigned differently. Data with rows far from unit norm would
+/// lose more precision that way, so it keeps the inner-product index.
 fn unit_rows_squared_norm_sum(x: &[f32], d: usize) -> Option<f64> {
     x.par_chunks_exact(d)
         .map(|row| {
