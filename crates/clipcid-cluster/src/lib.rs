@@ -295,6 +295,14 @@ impl KMeans {
             );
         }
         let start = Instant::now();
+        // Spherical k-means on unit-norm rows searches with faiss's L2 index (see
+        // `unit_rows_squared_norm_sum`); the rows are the same for every run, so this is
+        // decided, and their squared norms summed, once.
+        let unit_rows = if self.spherical && self.gpu.is_none() && faiss_has_fused_l2_search() {
+            unit_rows_squared_norm_sum(x, d)
+        } else {
+            None
+        };
         let mut best: Option<Centroids> = None;
         let runs = match self.init {
             // faiss's own redo loop keeps the best run.
@@ -307,7 +315,7 @@ impl KMeans {
                 KMeansInit::Random => None,
                 KMeansInit::PlusPlus => Some(kmeans_plus_plus(x, d, self.k, seed as u64)),
             };
-            let fit = self.faiss_train(x, d, seed, init.as_deref())?;
+            let fit = self.faiss_train(x, d, seed, init.as_deref(), unit_rows)?;
             let better = match &best {
                 None => true,
                 Some(b) if self.spherical => fit.objective > b.objective,
@@ -337,12 +345,16 @@ impl KMeans {
         Ok(p)
     }
 
+    /// One faiss training run. `unit_rows` is `Some(sum of the rows' squared norms)` when the
+    /// search goes through faiss's L2 index in place of the inner-product one (spherical
+    /// k-means on unit rows, see `unit_rows_squared_norm_sum`).
     fn faiss_train(
         &self,
         x: &[f32],
         d: usize,
         seed: u32,
         init: Option<&[f32]>,
+        unit_rows: Option<f64>,
     ) -> Result<Centroids, ClusterError> {
         let runs = if init.is_some() { 1 } else { self.redo };
         let params = self.params(seed, runs)?;
@@ -353,18 +365,9 @@ impl KMeans {
             let mut seedless = self.new_index(d)?;
             clustering.train(init, &mut seedless)?;
         }
-        // Spherical k-means on unit-norm rows searches with faiss's L2 index: see
-        // `unit_rows_squared_norm_sum`. The objective faiss then reports is a sum of squared
-        // distances, converted back to the sum of inner products below.
-        let l2_search_of_unit_rows = match self.gpu {
-            None if self.spherical && faiss_has_fused_l2_search() => {
-                unit_rows_squared_norm_sum(x, d)
-            }
-            _ => None,
-        };
         match self.gpu {
             None => {
-                let mut index = match l2_search_of_unit_rows {
+                let mut index = match unit_rows {
                     Some(_) => FlatIndex::new_l2(d as u32)?,
                     None => self.new_index(d)?,
                 };
@@ -375,7 +378,8 @@ impl KMeans {
         let data: Vec<f32> = clustering.centroids()?.concat();
         let stats = clustering.iteration_stats();
         let objective = stats.last().map(|s| s.obj()).unwrap_or(f32::NAN);
-        let objective = match l2_search_of_unit_rows {
+        let objective = match unit_rows {
+            // faiss reports the sum of squared distances there, and
             // |x - c|^2 = |x|^2 + 1 - 2 x.c for a unit centroid c, summed over the rows.
             Some(norms) => ((norms + (x.len() / d) as f64 - objective as f64) / 2.0) as f32,
             None => objective,
