@@ -8,7 +8,8 @@ use candle_core::Device;
 use clipcid_data::Dataset;
 use clipcid_embed::{embed_dataset, EmbedOptions, EmbeddingShard};
 use clipcid_models::weights::{hf_to_open_clip, init_tensors};
-use clipcid_models::{io, ClipConfig, ClipModel, ClipTokenizer};
+use clipcid_models::{ClipConfig, ClipModel, ClipTokenizer};
+use clipcid_store::io;
 use image::{Rgb, RgbImage};
 
 #[test]

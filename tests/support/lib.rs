@@ -1,5 +1,7 @@
-//! Helpers shared by the workspace-level integration tests and benchmarks.
+//! Helpers shared by the workspace-level integration tests, benchmarks and examples.
 #![deny(missing_docs)]
+
+pub mod toy;
 
 use std::path::PathBuf;
 

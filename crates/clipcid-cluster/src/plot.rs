@@ -25,7 +25,7 @@ pub fn plot_size_histogram(
     if series.is_empty() || series.iter().all(|(_, s)| s.is_empty()) {
         return Err(fail("no cluster sizes to plot".into()));
     }
-    register_plot_font().map_err(|e| fail(e.to_string()))?;
+    clipcid_plot::register_font().map_err(fail)?;
     let max_size = series
         .iter()
         .flat_map(|(_, s)| s.iter().copied())
@@ -44,7 +44,7 @@ pub fn plot_size_histogram(
         })
         .collect();
     let y_max = counts.iter().flatten().copied().max().unwrap_or(1).max(1);
-    let tmp = clipcid_models::io::temp_path(path).with_extension("png");
+    let tmp = clipcid_plot::temp_png_path(path);
     {
         let root = BitMapBackend::new(&tmp, (900, 540)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
@@ -85,21 +85,5 @@ pub fn plot_size_histogram(
             .map_err(|e| fail(e.to_string()))?;
         root.present().map_err(|e| fail(e.to_string()))?;
     }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        fail(format!("cannot move the finished picture into place: {e}"))
-    })
-}
-
-/// Registers the built-in DejaVu Sans as plotters' `sans-serif` (once per process), so
-/// pictures need no system fonts. Other crates' plots (loss curves, evaluation charts) call
-/// it too.
-pub fn register_plot_font() -> Result<(), String> {
-    static REGISTERED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
-    REGISTERED
-        .get_or_init(|| {
-            plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
-                .map_err(|_| "the built-in DejaVu Sans font did not load".to_string())
-        })
-        .clone()
+    clipcid_plot::commit_png(&tmp, path).map_err(fail)
 }

@@ -256,8 +256,8 @@ fn write_shards(dir: &Path, x: &[f32], d: usize, per: usize) -> Vec<PathBuf> {
             &Device::Cpu,
         )
         .unwrap();
-        let p = clipcid_embed::shard_path(dir, s);
-        clipcid_models::io::write_safetensors(
+        let p = clipcid_store::shard_path(dir, s);
+        clipcid_store::io::write_safetensors(
             &p,
             vec![("image".into(), image), ("ids".into(), ids)],
             &HashMap::new(),
@@ -284,7 +284,7 @@ fn write_keep(path: &Path, keep: &[bool], ids: &[i64]) {
             Tensor::from_vec(ids.to_vec(), ids.len(), &Device::Cpu).unwrap(),
         ),
     ];
-    clipcid_models::io::write_safetensors(path, t, &HashMap::new()).unwrap();
+    clipcid_store::io::write_safetensors(path, t, &HashMap::new()).unwrap();
 }
 
 #[test]
@@ -319,7 +319,7 @@ fn streaming_over_shards_equals_in_memory_and_round_trips() {
         .seed(11);
     let rows = ShardRows::open(&[dir.path().to_path_buf()], Some(&keep_path)).unwrap();
     assert_eq!(
-        (rows.total(), rows.kept(), rows.dim),
+        (rows.total(), rows.kept(), rows.dim()),
         (n, kept_rows.len() / d, d)
     );
     let streamed = train_from_shards(&km, &rows).unwrap();

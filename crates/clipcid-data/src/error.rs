@@ -25,13 +25,15 @@ pub enum DataError {
 }
 
 impl DataError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// A [`DataError::Io`] naming `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),
             source,
         }
     }
-    pub(crate) fn format(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {
+    /// A [`DataError::Format`] naming `path`.
+    pub fn format(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {
         Self::Format {
             path: path.into(),
             msg: msg.to_string(),

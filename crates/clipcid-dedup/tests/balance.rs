@@ -254,7 +254,7 @@ fn bad_inputs_are_clear_errors() {
         )]
         .into();
         let p = dir.path().join(name);
-        clipcid_models::io::write_safetensors(&p, t, &HashMap::new()).unwrap();
+        clipcid_store::io::write_safetensors(&p, t, &HashMap::new()).unwrap();
         p
     };
     let a = shard("a.safetensors", 3, 8, false);
@@ -289,7 +289,7 @@ fn bad_inputs_are_clear_errors() {
     assert_eq!(r.summary.kept, 1, "three identical rows are one set");
     let out = dir.path().join("keep.safetensors");
     write_keep_file(&out, &r, &e.ids).unwrap();
-    let back = clipcid_models::io::load_tensors(&out).unwrap();
+    let back = clipcid_store::io::load_tensors(&out).unwrap();
     assert_eq!(back["keep"].to_vec1::<u8>().unwrap(), vec![1, 0, 0]);
     assert!(out.with_extension("json").is_file());
     let err = balance(

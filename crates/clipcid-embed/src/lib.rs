@@ -37,7 +37,7 @@
 //! ```
 #![deny(missing_docs)]
 
-mod shard;
+mod resume;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -47,7 +47,10 @@ use candle_core::{DType, Tensor};
 use clipcid_data::{decode_batch, DataError, Dataset, Preprocess, Sample, Skipped};
 use clipcid_models::{l2_normalize, ClipModel, ClipTokenizer, ModelError};
 
-pub use shard::{expand_shard_inputs, list_shards, shard_path, EmbeddingShard, SHARD_KIND};
+pub use clipcid_store::{
+    expand_shard_inputs, list_shards, shard_path, EmbeddingShard, ShardLayout, StoreError,
+    SHARD_KIND,
+};
 
 /// Errors of an embedding run or of reading its shards.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +61,9 @@ pub enum EmbedError {
     /// The model or tokenizer failed.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// Reading or writing a shard failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -91,7 +97,7 @@ impl EmbedDtype {
             Self::F16 => DType::F16,
         }
     }
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::F32 => "F32",
             Self::F16 => "F16",
@@ -202,7 +208,7 @@ pub fn embed_dataset(
     })?;
     let start = Instant::now();
     let preprocess = Preprocess::clip(cfg.vision_config.image_size);
-    let expect = shard::Expect {
+    let expect = resume::Expect {
         dim: cfg.projection_dim,
         dtype: opts.dtype,
         with_text: tokenizer.is_some(),
@@ -214,7 +220,7 @@ pub fn embed_dataset(
     for shard_idx in 0.. {
         let path = shard_path(out_dir, shard_idx);
         let first = shard_idx as u64 * opts.shard_size as u64;
-        if shard::is_complete(&path, first, &expect) {
+        if resume::is_complete(&path, first, &expect) {
             let n = stream.skip_samples(opts.shard_size as u64)?;
             if n == opts.shard_size as u64 {
                 bar.inc(n);
@@ -325,7 +331,7 @@ impl ShardRows {
         path: &Path,
         first: u64,
         end: u64,
-        expect: &shard::Expect,
+        expect: &resume::Expect,
         teacher: &str,
     ) -> Result<(), EmbedError> {
         let n = self.keys.len();
@@ -363,7 +369,7 @@ impl ShardRows {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        clipcid_models::io::write_safetensors(path, tensors, &meta)?;
+        clipcid_store::io::write_safetensors(path, tensors, &meta)?;
         Ok(())
     }
 }

@@ -175,7 +175,7 @@ fn f16_shards_store_half_precision_close_to_f32() {
         ..opts(3, 10)
     };
     let b = embed_dataset(&model, None, &ds, &dir.path().join("b"), &f16).unwrap();
-    let h = clipcid_models::io::read_header(&b.shards[0]).unwrap();
+    let h = clipcid_store::io::read_header(&b.shards[0]).unwrap();
     assert_eq!(h.tensors["image"].dtype, "F16");
     assert!(!h.tensors.contains_key("text"), "no tokenizer, no text");
     let (x, y) = (
@@ -212,7 +212,7 @@ fn mismatched_tokenizer_and_malformed_shards_are_clear_errors() {
         ),
     ]
     .into();
-    clipcid_models::io::write_safetensors(&path, t, &HashMap::new()).unwrap();
+    clipcid_store::io::write_safetensors(&path, t, &HashMap::new()).unwrap();
     let err = EmbeddingShard::read(&path).unwrap_err().to_string();
     assert!(
         err.contains("bad.safetensors") && err.contains("[3, 4]") && err.contains("[3, 8]"),

@@ -76,6 +76,9 @@ pub enum EvalError {
     /// A model failed to load or run.
     #[error(transparent)]
     Model(#[from] clipcid_models::ModelError),
+    /// Reading or writing a safetensors file failed.
+    #[error(transparent)]
+    Store(#[from] clipcid_store::StoreError),
     /// A dataset failed to read.
     #[error(transparent)]
     Data(#[from] clipcid_data::DataError),

@@ -19,7 +19,7 @@ fn pad_rotated(label: &str) -> String {
 }
 
 fn finish(tmp: &Path, path: &Path) -> Result<(), EvalError> {
-    std::fs::rename(tmp, path).map_err(|e| EvalError::file(path, e))
+    clipcid_plot::commit_png(tmp, path).map_err(|e| EvalError::file(path, e))
 }
 
 /// Grouped bars: recall of each class (x) for each `(model name, per-class recall)` series.
@@ -38,10 +38,10 @@ pub fn plot_per_class_recall(
             "{name} has a recall count that is not one per class"
         )));
     }
-    clipcid_cluster::register_plot_font().map_err(&fail)?;
+    clipcid_plot::register_font().map_err(&fail)?;
     let n = class_names.len();
     let width = (120 + 28 * n * series.len().max(1)).clamp(640, 2400) as u32;
-    let tmp = clipcid_models::io::temp_path(path).with_extension("png");
+    let tmp = clipcid_plot::temp_png_path(path);
     {
         let root = BitMapBackend::new(&tmp, (width, 600)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
@@ -113,9 +113,9 @@ pub fn plot_confusion(
     if n == 0 || confusion.len() != n || confusion.iter().any(|r| r.len() != n) {
         return Err(fail(format!("the confusion matrix is not {n} x {n}")));
     }
-    clipcid_cluster::register_plot_font().map_err(&fail)?;
+    clipcid_plot::register_font().map_err(&fail)?;
     let side = (160 + 18 * n).clamp(480, 1600) as u32;
-    let tmp = clipcid_models::io::temp_path(path).with_extension("png");
+    let tmp = clipcid_plot::temp_png_path(path);
     {
         let root = BitMapBackend::new(&tmp, (side + 40, side)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;

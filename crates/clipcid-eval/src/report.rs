@@ -407,7 +407,7 @@ pub fn evaluate(
     }
 
     let json = serde_json::to_vec_pretty(&res).map_err(|e| EvalError::Input(e.to_string()))?;
-    clipcid_models::io::write_atomic(&out.join("results.json"), &json)?;
-    clipcid_models::io::write_atomic(&out.join("report.md"), md.as_bytes())?;
+    clipcid_store::io::write_atomic(&out.join("results.json"), &json)?;
+    clipcid_store::io::write_atomic(&out.join("report.md"), md.as_bytes())?;
     Ok((res, md))
 }

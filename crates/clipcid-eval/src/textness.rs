@@ -208,13 +208,13 @@ impl TextnessDirection {
             "train_accuracy".to_string(),
             self.train_accuracy.to_string(),
         );
-        clipcid_models::io::write_safetensors(path, vec![("textness".to_string(), t)], &meta)?;
+        clipcid_store::io::write_safetensors(path, vec![("textness".to_string(), t)], &meta)?;
         Ok(())
     }
 
     /// Reads a file written by [`TextnessDirection::save`].
     pub fn load(path: &Path) -> Result<Self, EvalError> {
-        let tensors = clipcid_models::io::load_tensors(path)?;
+        let tensors = clipcid_store::io::load_tensors(path)?;
         let t = tensors
             .get("textness")
             .ok_or_else(|| EvalError::file(path, "no tensor named `textness`"))?;
@@ -222,7 +222,7 @@ impl TextnessDirection {
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let header = clipcid_models::io::read_header(path)?;
+        let header = clipcid_store::io::read_header(path)?;
         let num = |k: &str| {
             header
                 .metadata
@@ -347,10 +347,10 @@ pub fn plot_textness_grid(
             image::imageops::overlay(&mut grid, &thumb, (x + 2) as i64, (y + 2) as i64);
         }
     }
-    let tmp = clipcid_models::io::temp_path(path).with_extension("png");
+    let tmp = clipcid_plot::temp_png_path(path);
     grid.save(&tmp)
         .map_err(|e| EvalError::file(path, format!("cannot write PNG: {e}")))?;
-    std::fs::rename(&tmp, path).map_err(|e| EvalError::file(path, e))
+    clipcid_plot::commit_png(&tmp, path).map_err(|e| EvalError::file(path, e))
 }
 
 /// Words drawn onto images when none are given: short sign, label and caption texts.
@@ -525,7 +525,7 @@ pub fn textness_study(
             "**\"{query}\"** (rows: scale; red frame: text-bearing)\n\n![{query}]({file})\n\n"
         ));
     }
-    clipcid_models::io::write_atomic(&out.join("report.md"), md.as_bytes())?;
+    clipcid_store::io::write_atomic(&out.join("report.md"), md.as_bytes())?;
     Ok(TextnessReport {
         direction,
         probe_images: probe_idx.len(),

@@ -26,7 +26,7 @@ fn fp16_export_halves_the_file_and_keeps_embeddings() {
     assert!(r.min_cosine > 0.999, "{r:?}");
     assert!(r.max_abs_diff > 0.0 && r.max_abs_diff < 0.02, "{r:?}");
     assert!(r.mean_abs_diff <= r.max_abs_diff);
-    let header = clipcid_models::io::read_header(&out.join("model.safetensors")).unwrap();
+    let header = clipcid_store::io::read_header(&out.join("model.safetensors")).unwrap();
     assert!(header.tensors.values().all(|t| t.dtype == "F16"));
     assert!(out.join("config.json").exists());
     // The folder loads back as a model of the same shape.

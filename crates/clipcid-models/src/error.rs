@@ -44,6 +44,16 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
 }
 
+impl From<clipcid_store::StoreError> for ModelError {
+    fn from(e: clipcid_store::StoreError) -> Self {
+        match e {
+            clipcid_store::StoreError::File { path, msg } => Self::File { path, msg },
+            clipcid_store::StoreError::Invalid(msg) => Self::Config(msg),
+            clipcid_store::StoreError::Candle(e) => Self::Candle(e),
+        }
+    }
+}
+
 impl ModelError {
     pub(crate) fn file(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {
         Self::File {

@@ -29,25 +29,20 @@
 //! ```
 #![deny(missing_docs)]
 
-mod blas;
 pub mod config;
 mod error;
-mod fused;
 mod hub;
-pub mod io;
 mod model;
 pub mod nn;
-mod pool;
 mod tokenizer;
 pub mod weights;
 
+pub use clipcid_kernels::l2_normalize;
 pub use config::{Activation, ClipConfig, TextConfig, TextTowerKind, VisionConfig, PRESETS};
 pub use error::ModelError;
 pub use hub::{
     hub_cache_dir, hub_offline, is_repo_id, resolve_model, HUB_FILES, HUB_OPTIONAL_FILES,
 };
-pub use model::{
-    l2_normalize, BertTextTower, ClipModel, TextTower, TextTransformer, VisionTransformer,
-};
+pub use model::{BertTextTower, ClipModel, TextTower, TextTransformer, VisionTransformer};
 pub use tokenizer::{ClipTokenizer, END_OF_TEXT, START_OF_TEXT};
 pub use weights::{locked_text_tensors, Checkpoint, Layout};

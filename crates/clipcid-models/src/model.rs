@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::{Arc, PoisonError};
 
 use candle_core::Var;
-use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::VarMap;
 
 use crate::config::{Activation, ClipConfig, TextConfig, TextTowerKind, VisionConfig};
@@ -13,7 +13,9 @@ use crate::nn::{get, linear_no_bias, Encoder, LayerNorm, Linear, Params};
 use crate::weights::{
     check_tensors, hf_tensor_shapes, init_tensors, Checkpoint, CONFIG_METADATA_KEY,
 };
-use crate::{io, ModelError};
+use crate::ModelError;
+use clipcid_kernels::l2_normalize;
+use clipcid_store::io;
 
 /// The image tower: patch embedding, class token, pre-norm transformer, projection.
 #[derive(Debug, Clone)]
@@ -478,7 +480,7 @@ impl ClipModel {
             .keys()
             .map(|n| Ok((n.clone(), get(&self.params, n)?.to_dtype(dtype)?)))
             .collect::<Result<Vec<_>, candle_core::Error>>()?;
-        io::write_safetensors(path, tensors, &meta)
+        Ok(io::write_safetensors(path, tensors, &meta)?)
     }
 
     /// Writes a Hugging Face model folder: `model.safetensors` and `config.json`.
@@ -488,18 +490,8 @@ impl ClipModel {
         self.save(&dir.join("model.safetensors"), dtype)?;
         let json = serde_json::to_vec_pretty(&self.config.to_hf_json())
             .map_err(|e| ModelError::Config(e.to_string()))?;
-        io::write_atomic(&dir.join("config.json"), &json)
+        Ok(io::write_atomic(&dir.join("config.json"), &json)?)
     }
-}
-
-/// Divides each row by its L2 norm (rows of zeros stay zero).
-pub fn l2_normalize(x: &Tensor) -> candle_core::Result<Tensor> {
-    let norm = x
-        .sqr()?
-        .sum_keepdim(D::Minus1)?
-        .sqrt()?
-        .clamp(1e-12, f64::INFINITY)?;
-    x.broadcast_div(&norm)
 }
 
 #[cfg(test)]

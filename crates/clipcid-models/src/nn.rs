@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Module, Result, Tensor, D};
 
 use crate::config::Activation;
-use crate::fused;
+use clipcid_kernels::cpu as fused;
 
 /// Name -> tensor map a model is built from.
 pub(crate) type Params = HashMap<String, Tensor>;
@@ -41,22 +41,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Largest absolute difference between two tensors of one shape, compared in f32 (how tests
-/// and users check that two models or two code paths agree).
-///
-/// ```
-/// use candle_core::{Device, Tensor};
-/// let a = Tensor::new(&[1f32, 2.0, 3.0], &Device::Cpu)?;
-/// let b = Tensor::new(&[1f32, 2.5, 2.0], &Device::Cpu)?;
-/// assert_eq!(clipcid_models::nn::max_abs_diff(&a, &b)?, 1.0);
-/// # Ok::<(), candle_core::Error>(())
-/// ```
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
-        .abs()?
-        .max_all()?
-        .to_scalar::<f32>()
-}
+pub use clipcid_kernels::max_abs_diff;
 
 /// `x * sigmoid(1.702 x)`, OpenAI CLIP's activation; differentiable, and a fused kernel with a
 /// hand-written backward pass for f32 CPU tensors that track gradients.

@@ -219,7 +219,7 @@ impl ClipTokenizer {
             .inner
             .to_string(true)
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        crate::io::write_atomic(path, s.as_bytes())
+        Ok(clipcid_store::io::write_atomic(path, s.as_bytes())?)
     }
 
     /// Vocabulary size including the special tokens.

@@ -5,7 +5,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use clipcid_models::weights::{hf_to_open_clip, init_tensors};
-use clipcid_models::{io, ClipConfig, ClipModel, ClipTokenizer, Layout, ModelError};
+use clipcid_models::{ClipConfig, ClipModel, ClipTokenizer, Layout, ModelError};
+use clipcid_store::io;
 
 fn tiny() -> ClipConfig {
     ClipConfig::preset("tiny").expect("tiny preset")

@@ -189,8 +189,10 @@ impl Default for OptimConfig {
     }
 }
 
-/// A whole distillation run, as read from TOML.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+/// A whole distillation run, as read from TOML. [`Default`] gives what an empty file's
+/// `[data]`-only config gives (batch 32, 1 epoch, seed 0, a checkpoint every 500 steps), so
+/// `..DistillConfig::default()` fills a config built in code the way TOML defaults do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DistillConfig {
     /// CLIP-CID or PicCollage.
@@ -219,6 +221,22 @@ pub struct DistillConfig {
     /// Checkpoint every this many optimiser steps (and at the end).
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: u64,
+}
+
+impl Default for DistillConfig {
+    fn default() -> Self {
+        Self {
+            mode: Mode::default(),
+            data: DataConfig::default(),
+            student: StudentConfig::default(),
+            loss: LossConfig::default(),
+            optim: OptimConfig::default(),
+            batch_size: default_batch(),
+            epochs: default_epochs(),
+            seed: 0,
+            checkpoint_every: default_checkpoint_every(),
+        }
+    }
 }
 
 fn default_batch() -> usize {

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use clipcid_data::{decode_batch, Dataset, Preprocess, SampleIndex, Skipped};
-use clipcid_embed::{list_shards, EmbeddingShard};
 use clipcid_models::ClipTokenizer;
+use clipcid_store::{list_shards, EmbeddingShard};
 
 use crate::{DataConfig, TrainError};
 
@@ -88,7 +88,7 @@ impl TrainingSet {
         let index = dataset.index()?;
         let keep: Option<HashSet<i64>> = match &data.keep {
             Some(p) => {
-                let k = clipcid_dedup::KeepList::read(p)?;
+                let k = clipcid_store::KeepList::read(p)?;
                 Some(
                     k.ids
                         .iter()
@@ -101,7 +101,7 @@ impl TrainingSet {
             None => None,
         };
         let clusters = match (&data.clusters, needs.clusters) {
-            (Some(p), true) => Some((p.clone(), clipcid_cluster::read_clusters(p)?)),
+            (Some(p), true) => Some((p.clone(), clipcid_store::read_clusters(p)?)),
             (None, true) => {
                 return Err(TrainError::Input(
                     "the cluster loss needs data.clusters (a file from `clipcid cluster`)".into(),
@@ -137,7 +137,7 @@ impl TrainingSet {
             let d = shard.dim();
             if set.dim == 0 {
                 set.dim = d;
-                set.teacher = clipcid_models::io::read_header(path)?
+                set.teacher = clipcid_store::io::read_header(path)?
                     .metadata
                     .get("teacher")
                     .cloned()

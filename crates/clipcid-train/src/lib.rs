@@ -85,15 +85,9 @@ pub enum TrainError {
     /// Reading the dataset failed.
     #[error(transparent)]
     Data(#[from] clipcid_data::DataError),
-    /// Reading embedding shards failed.
+    /// Reading embedding shards, the keep file or the cluster file failed.
     #[error(transparent)]
-    Embed(#[from] clipcid_embed::EmbedError),
-    /// Reading the keep file failed.
-    #[error(transparent)]
-    Dedup(#[from] clipcid_dedup::DedupError),
-    /// Reading the cluster file failed.
-    #[error(transparent)]
-    Cluster(#[from] clipcid_cluster::ClusterError),
+    Store(#[from] clipcid_store::StoreError),
     /// Reading or writing a model or safetensors file failed.
     #[error(transparent)]
     Model(#[from] clipcid_models::ModelError),

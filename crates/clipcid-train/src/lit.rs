@@ -182,11 +182,11 @@ pub fn build_locked_text_teacher(
         options.seed,
         run.steps,
     );
-    clipcid_models::io::write_atomic(&out_dir.join("TEACHER.md"), md.as_bytes())?;
+    clipcid_store::io::write_atomic(&out_dir.join("TEACHER.md"), md.as_bytes())?;
     // The record goes last: a folder is reused only when everything above was written.
     let record =
         serde_json::to_vec_pretty(options).map_err(|e| TrainError::Config(e.to_string()))?;
-    clipcid_models::io::write_atomic(&record_path, &record)?;
+    clipcid_store::io::write_atomic(&record_path, &record)?;
     Ok(LockedTextTeacher {
         dir: out_dir.to_path_buf(),
         reused: false,

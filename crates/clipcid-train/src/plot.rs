@@ -18,7 +18,7 @@ pub fn plot_loss_curves(path: &Path, history: &[StepMetrics]) -> Result<(), Trai
     if history.is_empty() {
         return Err(fail("no steps to plot".into()));
     }
-    clipcid_cluster::register_plot_font().map_err(fail)?;
+    clipcid_plot::register_font().map_err(fail)?;
     let mut series: Vec<(String, Vec<(f64, f64)>)> = vec![(
         "total".into(),
         history.iter().map(|m| (m.step as f64, m.loss)).collect(),
@@ -49,7 +49,7 @@ pub fn plot_loss_curves(path: &Path, history: &[StepMetrics]) -> Result<(), Trai
     };
     let x_max = history.iter().map(|m| m.step).max().unwrap_or(1).max(1) as f64;
     let x_min = history.iter().map(|m| m.step).min().unwrap_or(0) as f64;
-    let tmp = clipcid_models::io::temp_path(path).with_extension("png");
+    let tmp = clipcid_plot::temp_png_path(path);
     {
         let root = BitMapBackend::new(&tmp, (900, 540)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
@@ -89,8 +89,5 @@ pub fn plot_loss_curves(path: &Path, history: &[StepMetrics]) -> Result<(), Trai
             .map_err(|e| fail(e.to_string()))?;
         root.present().map_err(|e| fail(e.to_string()))?;
     }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        fail(format!("cannot move the finished picture into place: {e}"))
-    })
+    clipcid_plot::commit_png(&tmp, path).map_err(fail)
 }

@@ -2,7 +2,6 @@
 //! the data order and the run folder (checkpoints, metrics, loss curves).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -14,35 +13,15 @@ use clipcid_models::{ClipConfig, ClipModel, ClipTokenizer};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 
 use crate::data::{Needs, TrainBatch, TrainingSet};
 use crate::{clip_grad_norm, AdamW, DistillConfig, Mode, TrainError, WarmupCosine};
 
-/// What one optimiser step measured (one line of `metrics.jsonl`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StepMetrics {
-    /// Optimiser steps done, this one included.
-    pub step: u64,
-    /// Epoch of this step (from 0).
-    pub epoch: u64,
-    /// Learning rate used.
-    pub lr: f64,
-    /// Weighted total loss (mean over micro-batches).
-    pub loss: f64,
-    /// Each enabled term, unweighted, by name (`clip`, `cluster`, `cluster_cls`, `cluster_kl`,
-    /// `instance`, `piccollage`).
-    pub terms: std::collections::BTreeMap<String, f64>,
-    /// Mean cosine similarity of student and teacher image embeddings in the batch (when
-    /// the run has teacher embeddings of the student's width).
-    pub teacher_cosine: Option<f64>,
-    /// Global gradient norm before clipping.
-    pub grad_norm: f64,
-    /// Samples in the step (after dropping unreadable images).
-    pub samples: usize,
-    /// Wall time of the step.
-    pub seconds: f64,
-}
+mod checkpoint;
+mod metrics;
+
+use metrics::{append_metrics, write_metrics};
+pub use metrics::{read_metrics, StepMetrics};
 
 /// How a run ended.
 #[derive(Debug, Clone)]
@@ -59,13 +38,6 @@ pub struct RunSummary {
     pub checkpoint: Option<PathBuf>,
     /// Hugging Face model folder of the finished student (when the run completed).
     pub student: Option<PathBuf>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct TrainerState {
-    step: u64,
-    partial_fc_rng: Option<String>,
-    config: String,
 }
 
 /// Trains a student CLIP from a [`DistillConfig`], writing into a run folder:
@@ -302,120 +274,6 @@ impl Trainer {
             last_checkpoint: None,
             history: vec![],
         })
-    }
-
-    /// [`Trainer::new`], then restores the newest checkpoint in `out_dir` (named by
-    /// `checkpoints/latest`): weights, optimiser moments, cluster centres, step and sampler
-    /// position. Metrics after that step are dropped from `metrics.jsonl`. A config that
-    /// changes the data order (batch size, accumulation, seed, epochs) is refused.
-    pub fn resume(
-        config: DistillConfig,
-        out_dir: &Path,
-        device: &Device,
-    ) -> Result<Self, TrainError> {
-        let latest = out_dir.join("checkpoints").join("latest");
-        let name = std::fs::read_to_string(&latest)
-            .map_err(|e| TrainError::io(&latest, "no checkpoint to resume from", e))?;
-        let dir = out_dir.join("checkpoints").join(name.trim());
-        let mut t = Self::new(config, out_dir, device)?;
-        t.load_checkpoint(&dir)?;
-        Ok(t)
-    }
-
-    fn load_checkpoint(&mut self, dir: &Path) -> Result<(), TrainError> {
-        let file = dir.join("trainer.safetensors");
-        let header = clipcid_models::io::read_header(&file)?;
-        let state: TrainerState = header
-            .metadata
-            .get("state")
-            .and_then(|s| serde_json::from_str(s).ok())
-            .ok_or_else(|| {
-                TrainError::Input(format!(
-                    "{}: no trainer state in the metadata",
-                    file.display()
-                ))
-            })?;
-        let saved: DistillConfig = toml::from_str(&state.config)
-            .map_err(|e| TrainError::Input(format!("{}: bad saved config: {e}", file.display())))?;
-        for (what, a, b) in [
-            (
-                "batch_size",
-                saved.batch_size as u64,
-                self.config.batch_size as u64,
-            ),
-            (
-                "optim.accumulate",
-                saved.optim.accumulate as u64,
-                self.config.optim.accumulate as u64,
-            ),
-            ("seed", saved.seed, self.config.seed),
-            ("epochs", saved.epochs as u64, self.config.epochs as u64),
-        ] {
-            if a != b {
-                return Err(TrainError::Config(format!(
-                    "{}: the checkpoint was trained with {what} = {a}, this config says {b}; resuming would not continue the same run",
-                    dir.display()
-                )));
-            }
-        }
-        if saved.mode != self.config.mode {
-            return Err(TrainError::Config(format!(
-                "{}: the checkpoint is a {:?} run, this config is {:?}",
-                dir.display(),
-                saved.mode,
-                self.config.mode
-            )));
-        }
-        let ckpt = clipcid_models::Checkpoint::read(
-            &dir.join("model.safetensors"),
-            Some(self.model.config().clone()),
-        )?;
-        let tensors = clipcid_models::io::load_tensors(&file)?;
-        // Every student parameter (frozen ones too: the text tower in PicCollage mode).
-        let vars: Vec<(String, Var)> = {
-            let data = self
-                .varmap
-                .data()
-                .lock()
-                .map_err(|_| TrainError::Config("parameter map lock poisoned".into()))?;
-            data.iter().map(|(n, v)| (n.clone(), v.clone())).collect()
-        };
-        for (name, var) in &vars {
-            let src = ckpt.tensors.get(name).ok_or_else(|| {
-                TrainError::Input(format!("{}: checkpoint lacks `{name}`", dir.display()))
-            })?;
-            var.set(&src.to_device(&self.device)?.to_dtype(var.dtype())?)?;
-        }
-        if let Some(c) = &self.cluster {
-            let src = tensors.get(CENTRES).ok_or_else(|| {
-                TrainError::Input(format!("{}: checkpoint lacks `{CENTRES}`", file.display()))
-            })?;
-            let w = c.fc.weight();
-            if src.dims() != w.dims() {
-                return Err(TrainError::Input(format!(
-                    "{}: `{CENTRES}` is {:?} but the cluster file gives {:?}",
-                    file.display(),
-                    src.dims(),
-                    w.dims()
-                )));
-            }
-            w.set(&src.to_device(&self.device)?.to_dtype(w.dtype())?)?;
-        }
-        self.optimizer.load_state(&tensors, state.step)?;
-        if let (Some(c), Some(pos)) = (self.cluster.as_mut(), state.partial_fc_rng.as_deref()) {
-            let pos: u128 = pos.parse().map_err(|_| {
-                TrainError::Input(format!("{}: bad sampler position", file.display()))
-            })?;
-            c.fc.set_rng_position(pos);
-        }
-        self.step = state.step;
-        self.last_checkpoint = Some(dir.to_path_buf());
-        self.history = read_metrics(&self.out_dir.join("metrics.jsonl"))?
-            .into_iter()
-            .filter(|m| m.step <= self.step)
-            .collect();
-        write_metrics(&self.out_dir.join("metrics.jsonl"), &self.history)?;
-        Ok(())
     }
 }
 
@@ -695,61 +553,6 @@ impl Trainer {
         Ok(m)
     }
 
-    /// Writes a checkpoint for the current step (see [`Trainer`] for the layout) and points
-    /// `checkpoints/latest` at it. Only the three newest step folders are kept.
-    pub fn save_checkpoint(&mut self) -> Result<PathBuf, TrainError> {
-        let root = self.out_dir.join("checkpoints");
-        let name = format!("step-{:08}", self.step);
-        let dir = root.join(&name);
-        let tmp = root.join(format!(".{name}.tmp"));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp)
-            .map_err(|e| TrainError::io(&tmp, "cannot create checkpoint folder", e))?;
-        self.model.save_pretrained(&tmp, DType::F32)?;
-        let (mut tensors, steps) = self.optimizer.state();
-        if let Some(c) = &self.cluster {
-            tensors.push((CENTRES.into(), c.fc.weight().as_tensor().clone()));
-        }
-        let state = TrainerState {
-            step: steps,
-            partial_fc_rng: self
-                .cluster
-                .as_ref()
-                .map(|c| c.fc.rng_position().to_string()),
-            config: toml::to_string(&self.config)
-                .map_err(|e| TrainError::Config(format!("cannot serialise the config: {e}")))?,
-        };
-        let meta: HashMap<String, String> = [(
-            "state".to_string(),
-            serde_json::to_string(&state).map_err(|e| TrainError::Config(e.to_string()))?,
-        )]
-        .into();
-        clipcid_models::io::write_safetensors(&tmp.join("trainer.safetensors"), tensors, &meta)?;
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(&tmp, &dir)
-            .map_err(|e| TrainError::io(&dir, "cannot move the checkpoint into place", e))?;
-        clipcid_models::io::write_atomic(&root.join("latest"), name.as_bytes())?;
-        self.last_checkpoint = Some(dir.clone());
-        // Keep the three newest.
-        let mut old: Vec<PathBuf> = std::fs::read_dir(&root)
-            .map_err(|e| TrainError::io(&root, "cannot list checkpoints", e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.is_dir()
-                    && p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with("step-"))
-            })
-            .collect();
-        old.sort();
-        if old.len() > 3 {
-            for p in &old[..old.len() - 3] {
-                let _ = std::fs::remove_dir_all(p);
-            }
-        }
-        Ok(dir)
-    }
-
     /// Runs until `until` steps are done (the whole run with `None`), checkpointing every
     /// `checkpoint_every` steps and at the end. When the run completes, the student is also
     /// written as a Hugging Face model folder `student/` and the loss curves as `loss.png`.
@@ -830,42 +633,4 @@ fn progress_bar(show: bool, total: u64, at: u64) -> indicatif::ProgressBar {
     }
     bar.set_position(at);
     bar
-}
-
-fn append_metrics(path: &Path, m: &StepMetrics) -> Result<(), TrainError> {
-    let line = serde_json::to_string(m).map_err(|e| TrainError::Config(e.to_string()))?;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| TrainError::io(path, "cannot open", e))?;
-    writeln!(f, "{line}").map_err(|e| TrainError::io(path, "cannot write", e))
-}
-
-/// Reads a `metrics.jsonl` (empty when the file does not exist); a bad line is an error
-/// naming the file and line.
-pub fn read_metrics(path: &Path) -> Result<Vec<StepMetrics>, TrainError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-        Err(e) => return Err(TrainError::io(path, "cannot read", e)),
-    };
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .map_err(|e| TrainError::Input(format!("{}: line {}: {e}", path.display(), i + 1)))
-        })
-        .collect()
-}
-
-fn write_metrics(path: &Path, rows: &[StepMetrics]) -> Result<(), TrainError> {
-    let mut out = String::new();
-    for m in rows {
-        out.push_str(&serde_json::to_string(m).map_err(|e| TrainError::Config(e.to_string()))?);
-        out.push('\n');
-    }
-    clipcid_models::io::write_atomic(path, out.as_bytes())?;
-    Ok(())
 }

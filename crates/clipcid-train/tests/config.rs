@@ -117,3 +117,10 @@ fn bad_configs_are_clear_errors() {
         "{e}"
     );
 }
+
+#[test]
+fn default_config_in_code_matches_an_empty_toml_file() {
+    let from_toml: clipcid_train::DistillConfig =
+        toml::from_str("[data]\ndataset = \"\"\n").unwrap();
+    assert_eq!(from_toml, clipcid_train::DistillConfig::default());
+}

@@ -143,8 +143,8 @@ fn fixture(n: usize, held: usize, k: usize) -> Fixture {
         ),
     ];
     let meta = HashMap::from([("teacher".to_string(), "random projection".to_string())]);
-    clipcid_models::io::write_safetensors(
-        &clipcid_embed::shard_path(&d.join("emb"), 0),
+    clipcid_store::io::write_safetensors(
+        &clipcid_store::shard_path(&d.join("emb"), 0),
         tensors,
         &meta,
     )
@@ -371,7 +371,7 @@ fn resume_at_half_way_gives_bit_identical_weights() {
         "weights differ after resume"
     );
     let centres = |dir: &str| {
-        let t = clipcid_models::io::load_tensors(
+        let t = clipcid_store::io::load_tensors(
             &fx.path(dir)
                 .join("checkpoints/step-00000008/trainer.safetensors"),
         )
@@ -480,15 +480,15 @@ fn inputs_that_do_not_fit_are_clear_errors() {
     let e = err("mode = \"piccollage\"\n[student]\nmodel = \"vit-z\"\n");
     assert!(e.contains("vit-z") && e.contains("tiny"), "{e}");
     // A NaN in the teacher embeddings names the shard, row and sample.
-    let shard = clipcid_embed::shard_path(&fx.path("emb"), 0);
-    let mut t = clipcid_models::io::load_tensors(&shard).unwrap();
+    let shard = clipcid_store::shard_path(&fx.path("emb"), 0);
+    let mut t = clipcid_store::io::load_tensors(&shard).unwrap();
     let mut img: Vec<f32> = t["image"].flatten_all().unwrap().to_vec1().unwrap();
     img[5 * DIM + 3] = f32::NAN;
     t.insert(
         "image".into(),
         Tensor::from_vec(img, (64, DIM), &Device::Cpu).unwrap(),
     );
-    clipcid_models::io::write_safetensors(&shard, t, &HashMap::new()).unwrap();
+    clipcid_store::io::write_safetensors(&shard, t, &HashMap::new()).unwrap();
     let e = err("mode = \"piccollage\"\n[student]\nmodel = \"tiny\"\n");
     assert!(
         e.contains("embeddings-") && e.contains("row 5") && e.contains("NaN"),

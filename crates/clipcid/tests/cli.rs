@@ -118,7 +118,7 @@ fn balance_from_the_command_line() {
     let rows = [[1.0f32, 0.0, 0.0], [0.0, 1.0, 0.0], [0.9998, 0.02, 0.0]];
     let t = candle_core::Tensor::new(&rows, &candle_core::Device::Cpu).unwrap();
     let emb = d.join("emb.safetensors");
-    clipcid_models::io::write_safetensors(&emb, [("image".to_string(), t)], &Default::default())
+    clipcid_store::io::write_safetensors(&emb, [("image".to_string(), t)], &Default::default())
         .unwrap();
     let out = d.join("keep.safetensors");
     let (ok, text) = clipcid(&[
@@ -137,7 +137,7 @@ fn balance_from_the_command_line() {
         "{text}"
     );
     assert!(text.contains("| 0.01 | 3 | 0.00 |"), "{text}");
-    let keep = clipcid_models::io::load_tensors(&out).unwrap();
+    let keep = clipcid_store::io::load_tensors(&out).unwrap();
     assert_eq!(keep["keep"].to_vec1::<u8>().unwrap(), vec![1, 1, 0]);
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("keep.json")).unwrap()).unwrap();
@@ -168,7 +168,7 @@ fn cluster_from_the_command_line() {
     let flat: Vec<f32> = rows.concat();
     let t = candle_core::Tensor::from_vec(flat, (13, 3), &candle_core::Device::Cpu).unwrap();
     let emb = d.join("emb.safetensors");
-    clipcid_models::io::write_safetensors(&emb, [("image".to_string(), t)], &Default::default())
+    clipcid_store::io::write_safetensors(&emb, [("image".to_string(), t)], &Default::default())
         .unwrap();
     let keep = d.join("keep.safetensors");
     let (ok, text) = clipcid(&[
@@ -205,7 +205,7 @@ fn cluster_from_the_command_line() {
         "{text}"
     );
     assert!(text.contains("min 4, median 4, max 4, empty 0"), "{text}");
-    let file = clipcid_cluster::read_clusters(&out).unwrap();
+    let file = clipcid_store::read_clusters(&out).unwrap();
     // Kept rows are 0..12 (row 12 duplicates row 0 and is dropped); groups are i % 3.
     assert_eq!(file.ids, (0..12).collect::<Vec<i64>>());
     for i in 0..12 {

@@ -1,10 +1,10 @@
-//! Embedding shard files: naming, completeness checks for resume, and reading.
+//! Embedding shard files: naming, listing, header checks and reading.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::EmbedError;
+use crate::StoreError;
 
 /// Value of the `clipcid.kind` metadata key in embedding shards.
 pub const SHARD_KIND: &str = "embeddings";
@@ -16,7 +16,7 @@ pub fn shard_path(dir: &Path, index: usize) -> PathBuf {
 
 /// Expands command-line inputs into shard files: a folder becomes its
 /// `embeddings-*.safetensors` in order, a file stays itself. No input at all is an error.
-pub fn expand_shard_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, EmbedError> {
+pub fn expand_shard_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, StoreError> {
     let mut shards = Vec::new();
     for p in inputs {
         if p.is_dir() {
@@ -26,15 +26,15 @@ pub fn expand_shard_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, EmbedErro
         }
     }
     if shards.is_empty() {
-        return Err(EmbedError::Config("no embedding shards given".into()));
+        return Err(StoreError::Invalid("no embedding shards given".into()));
     }
     Ok(shards)
 }
 
 /// The embedding shards in `dir`, in order.
-pub fn list_shards(dir: &Path) -> Result<Vec<PathBuf>, EmbedError> {
+pub fn list_shards(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
     let rd = std::fs::read_dir(dir)
-        .map_err(|e| EmbedError::Config(format!("{}: {e}", dir.display())))?;
+        .map_err(|e| StoreError::Invalid(format!("{}: {e}", dir.display())))?;
     let mut v: Vec<PathBuf> = rd
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
@@ -45,72 +45,12 @@ pub fn list_shards(dir: &Path) -> Result<Vec<PathBuf>, EmbedError> {
         .collect();
     v.sort();
     if v.is_empty() {
-        return Err(EmbedError::Config(format!(
+        return Err(StoreError::Invalid(format!(
             "{}: no embeddings-*.safetensors shards",
             dir.display()
         )));
     }
     Ok(v)
-}
-
-/// What a shard written by this run must look like to be kept on resume.
-pub(crate) struct Expect {
-    pub dim: usize,
-    pub dtype: crate::EmbedDtype,
-    pub with_text: bool,
-    pub shard_size: u64,
-}
-
-/// True when `path` holds a complete, full shard of this run's kind starting at `first`: the
-/// header parses, the file is as long as the header says, the range, width, precision and
-/// tensors match.
-pub(crate) fn is_complete(path: &Path, first: u64, expect: &Expect) -> bool {
-    if !path.exists() {
-        return false;
-    }
-    let check = || -> Result<(), String> {
-        let h = clipcid_models::io::read_header(path).map_err(|e| e.to_string())?;
-        let meta = |k: &str| h.metadata.get(k).cloned().unwrap_or_default();
-        if meta("clipcid.kind") != SHARD_KIND {
-            return Err("not an embedding shard".into());
-        }
-        if meta("first_index") != first.to_string()
-            || meta("end_index") != (first + expect.shard_size).to_string()
-        {
-            return Err(format!(
-                "covers samples {}..{}, this run wants {first}..{}",
-                meta("first_index"),
-                meta("end_index"),
-                first + expect.shard_size
-            ));
-        }
-        let img = h.tensors.get("image").ok_or("no `image` tensor")?;
-        if img.shape.len() != 2 || img.shape[1] != expect.dim || img.dtype != expect.dtype.name() {
-            return Err(format!(
-                "image is {:?} {}, this run writes [n, {}] {}",
-                img.shape,
-                img.dtype,
-                expect.dim,
-                expect.dtype.name()
-            ));
-        }
-        if h.tensors.contains_key("text") != expect.with_text {
-            return Err("text embeddings present/absent unlike this run".into());
-        }
-        let keys: Vec<String> =
-            serde_json::from_str(&meta("keys")).map_err(|e| format!("bad keys metadata: {e}"))?;
-        if keys.len() != img.shape[0] {
-            return Err("key count differs from row count".into());
-        }
-        Ok(())
-    };
-    match check() {
-        Ok(()) => true,
-        Err(why) => {
-            log::warn!("{}: recomputing shard ({why})", path.display());
-            false
-        }
-    }
 }
 
 /// One embedding shard, read and checked.
@@ -133,16 +73,16 @@ pub struct EmbeddingShard {
 }
 
 impl EmbeddingShard {
-    /// Reads a shard written by [`crate::embed_dataset`], or any safetensors file with an
+    /// Reads a shard written by `clipcid_embed::embed_dataset`, or any safetensors file with an
     /// `image` `[n, D]` tensor (then ids are `0..n` and keys their decimal strings).
     /// Mismatched row counts or widths are errors naming the file.
-    pub fn read(path: &Path) -> Result<Self, EmbedError> {
-        let bad = |msg: String| EmbedError::Shard {
+    pub fn read(path: &Path) -> Result<Self, StoreError> {
+        let bad = |msg: String| StoreError::File {
             path: path.to_path_buf(),
             msg,
         };
-        let header = clipcid_models::io::read_header(path)?;
-        let mut t = clipcid_models::io::load_tensors(path)?;
+        let header = crate::io::read_header(path)?;
+        let mut t = crate::io::load_tensors(path)?;
         let image = t
             .remove("image")
             .ok_or_else(|| bad("no `image` tensor".into()))?;
@@ -222,7 +162,7 @@ impl EmbeddingShard {
     /// The `image` rows for which `select(row)` holds, in order, each scaled to unit L2
     /// norm, as one row-major buffer. A non-finite value in a selected row is an error
     /// naming the shard, the row and its sample key.
-    pub fn unit_image_rows(&self, select: impl Fn(usize) -> bool) -> Result<Vec<f32>, EmbedError> {
+    pub fn unit_image_rows(&self, select: impl Fn(usize) -> bool) -> Result<Vec<f32>, StoreError> {
         let d = self.dim();
         let values: Vec<f32> = self.image.flatten_all()?.to_vec1()?;
         let mut out = Vec::with_capacity(values.len());
@@ -231,7 +171,7 @@ impl EmbeddingShard {
                 continue;
             }
             if let Some(bad) = row.iter().find(|v| !v.is_finite()) {
-                return Err(EmbedError::Shard {
+                return Err(StoreError::File {
                     path: self.path.clone(),
                     msg: format!(
                         "non-finite value {bad} in row {r} (sample `{}`)",
@@ -246,9 +186,108 @@ impl EmbeddingShard {
     }
 
     /// Moves the embeddings to `device`.
-    pub fn to_device(mut self, device: &Device) -> Result<Self, EmbedError> {
+    pub fn to_device(mut self, device: &Device) -> Result<Self, StoreError> {
         self.image = self.image.to_device(device)?;
         self.text = self.text.map(|t| t.to_device(device)).transpose()?;
         Ok(self)
+    }
+}
+
+/// The row count of every shard and their common embedding width, read from the headers
+/// only (no tensor data), so a set of shards larger than memory can be planned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardLayout {
+    /// Shards in order.
+    pub shards: Vec<PathBuf>,
+    /// Rows in each shard.
+    pub counts: Vec<usize>,
+    /// Embedding width shared by every non-empty shard.
+    pub dim: usize,
+}
+
+impl ShardLayout {
+    /// Expands `inputs` ([`expand_shard_inputs`]) and reads each shard's header: every shard
+    /// needs an `image` `[n, D]` tensor, and every non-empty shard the same `D`. A shard of
+    /// another width, a missing `image` tensor, or no row at all is an error naming the file.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use candle_core::{Device, Tensor};
+    /// use clipcid_store::{io::write_safetensors, ShardLayout};
+    /// let dir = tempfile::tempdir()?;
+    /// for (i, n) in [3usize, 2].into_iter().enumerate() {
+    ///     let image = Tensor::ones((n, 4), candle_core::DType::F32, &Device::Cpu)?;
+    ///     let path = clipcid_store::shard_path(dir.path(), i);
+    ///     write_safetensors(&path, [("image".to_string(), image)], &Default::default())?;
+    /// }
+    /// let layout = ShardLayout::open(&[dir.path().to_path_buf()])?;
+    /// assert_eq!((layout.counts.clone(), layout.dim, layout.total()), (vec![3, 2], 4, 5));
+    /// # Ok(()) }
+    /// ```
+    pub fn open(inputs: &[PathBuf]) -> Result<Self, StoreError> {
+        let shards = expand_shard_inputs(inputs)?;
+        let mut counts = Vec::with_capacity(shards.len());
+        let mut width: Option<(usize, &Path)> = None;
+        for path in &shards {
+            let header = crate::io::read_header(path)?;
+            let info = header
+                .tensors
+                .get("image")
+                .ok_or_else(|| StoreError::file(path, "no `image` tensor"))?;
+            let [n, d] = info.shape[..] else {
+                return Err(StoreError::file(
+                    path,
+                    format!("`image` must be [n, D], found {:?}", info.shape),
+                ));
+            };
+            match width {
+                Some((w, first)) if w != d && n > 0 => {
+                    return Err(StoreError::file(
+                        path,
+                        format!("embeddings are {d} wide but {} has {w}", first.display()),
+                    ))
+                }
+                None if n > 0 => width = Some((d, path)),
+                _ => {}
+            }
+            counts.push(n);
+        }
+        let Some((dim, _)) = width else {
+            return Err(StoreError::Invalid(
+                "the embedding shards hold no rows".into(),
+            ));
+        };
+        Ok(Self {
+            shards,
+            counts,
+            dim,
+        })
+    }
+
+    /// Rows in all shards.
+    pub fn total(&self) -> usize {
+        self.counts.iter().sum()
+    }
+
+    /// Reads shard `i` and checks that it still has the row count and width its header had
+    /// when the layout was opened.
+    pub fn read(&self, i: usize) -> Result<EmbeddingShard, StoreError> {
+        let path = self
+            .shards
+            .get(i)
+            .ok_or_else(|| StoreError::Invalid(format!("no shard {i}")))?;
+        let shard = EmbeddingShard::read(path)?;
+        let (count, d) = (self.counts[i], shard.dim());
+        if shard.len() != count || (count > 0 && d != self.dim) {
+            return Err(StoreError::file(
+                path,
+                format!(
+                    "changed while being read ({} x {d}, expected {count} x {})",
+                    shard.len(),
+                    self.dim
+                ),
+            ));
+        }
+        Ok(shard)
     }
 }

@@ -8,15 +8,24 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
-use candle_core::Device;
-use clipcid_data::{digit_caption, BatchIter, Dataset, Preprocess, DIGIT_CAPTIONS};
+use candle_core::{Device, DeviceLocation};
+use clipcid_data::{BatchIter, Dataset, Preprocess};
 use clipcid_embed::{embed_dataset, EmbedOptions};
 use clipcid_eval::{
     evaluate, AgreementPlan, EvalModel, EvalPlan, ProbeOptions, Templates, ZeroShotPlan,
 };
 use clipcid_models::{ClipConfig, ClipModel, ClipTokenizer, TextTowerKind};
-use clipcid_train::{DistillConfig, LockedTextOptions, RunSummary, Trainer};
+use clipcid_train::{
+    ClusterTermConfig, DataConfig, DistillConfig, InstanceTermConfig, LockedTextOptions,
+    RunSummary, StudentConfig,
+};
+
+use crate::{
+    digit_caption, input_error, kmeans_for, load_eval_model, resolve_model_path, tokenizer_beside,
+    PipelineError, DIGIT_CAPTIONS,
+};
+
+type Result<T> = std::result::Result<T, PipelineError>;
 
 /// Where a teacher with a real pretrained CLIP may be provided (CI sees it when present).
 pub const SHARED_TEACHER: &str = "../shared/teacher";
@@ -39,6 +48,21 @@ pub struct DemoOptions {
     pub student_epochs: usize,
 }
 
+/// What [`run`] produced, for the caller to print.
+#[derive(Debug, Clone)]
+pub struct DemoReport {
+    /// One row per stage: what it did (markdown table).
+    pub pipeline: String,
+    /// Teacher and students side by side (markdown table).
+    pub table: String,
+    /// Which teacher was used, and whether it is a pretrained CLIP.
+    pub teacher_note: String,
+    /// `report/README.md`.
+    pub report: PathBuf,
+    /// Wall-clock seconds of the whole run.
+    pub seconds: f64,
+}
+
 /// The teacher the demo uses, and how to describe it.
 struct Teacher {
     /// The model and its tokenizer, named `teacher`.
@@ -53,8 +77,8 @@ struct Teacher {
 
 /// The teacher with the tokenizer beside it, else `fallback_tokenizer` (CLIP's).
 fn load_teacher(dir: &Path, fallback_tokenizer: &Path, device: &Device) -> Result<EvalModel> {
-    let beside = crate::evaluate::tokenizer_beside(dir).is_file();
-    crate::evaluate::load_model(
+    let beside = tokenizer_beside(dir).is_file();
+    load_eval_model(
         "teacher",
         dir,
         (!beside).then_some(fallback_tokenizer),
@@ -68,10 +92,14 @@ fn read_source(dir: &Path) -> Option<String> {
         .find_map(|n| std::fs::read_to_string(dir.join(n)).ok())
 }
 
-fn choose_teacher(opts: &DemoOptions, device: &Device) -> Result<Teacher> {
+fn choose_teacher(
+    opts: &DemoOptions,
+    device: &Device,
+    say: &mut dyn FnMut(&str),
+) -> Result<Teacher> {
     let clip_tok = opts.data.join("clip-tokenizer.json");
     if let Some(spec) = &opts.teacher {
-        let dir = crate::evaluate::resolve(spec)?;
+        let dir = resolve_model_path(spec)?;
         let eval = load_teacher(&dir, &clip_tok, device)?;
         let bert = eval.model.config().text_config.kind == TextTowerKind::Bert;
         return Ok(Teacher {
@@ -87,7 +115,10 @@ fn choose_teacher(opts: &DemoOptions, device: &Device) -> Result<Teacher> {
     }
     let shared = Path::new(SHARED_TEACHER);
     if shared.is_dir() {
-        println!("      using the pretrained CLIP in {}", shared.display());
+        say(&format!(
+            "      using the pretrained CLIP in {}",
+            shared.display()
+        ));
         let eval = load_teacher(shared, &clip_tok, device)?;
         return Ok(Teacher {
             description: format!("pretrained CLIP from `{SHARED_TEACHER}`"),
@@ -100,13 +131,13 @@ fn choose_teacher(opts: &DemoOptions, device: &Device) -> Result<Teacher> {
     let mut lit = LockedTextOptions::new(&minilm, &opts.data.join("shards"));
     lit.epochs = opts.teacher_epochs;
     let dir = opts.data.join("teacher-lit");
-    println!(
+    say(&format!(
         "      no pretrained CLIP in {SHARED_TEACHER}: locked-text teacher (frozen all-MiniLM-L6-v2 + ViT trained against it) in {}",
         dir.display()
-    );
+    ));
     let built = clipcid_train::build_locked_text_teacher(&lit, &dir, device)?;
     if built.reused {
-        println!("      reusing it (built earlier with the same options)");
+        say("      reusing it (built earlier with the same options)");
     }
     let eval = load_teacher(&dir, &clip_tok, device)?;
     Ok(Teacher {
@@ -140,21 +171,51 @@ fn student_config(teacher: &ClipConfig, tokenizer: &ClipTokenizer) -> Result<Cli
     Ok(c)
 }
 
-/// Writes a run config beside the demo's outputs (so it can be re-run with `clipcid distill`)
-/// and reads it back through the same parser the CLI uses.
-fn write_config(path: &Path, body: &str) -> Result<DistillConfig> {
-    std::fs::write(path, body).with_context(|| format!("cannot write {}", path.display()))?;
+/// Writes a run config as TOML beside the demo's outputs (so it can be re-run with `clipcid
+/// distill`; its relative paths are relative to it) and reads it back through the same parser
+/// the command line uses.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use clipcid_train::{DataConfig, DistillConfig, Mode};
+/// let dir = tempfile::tempdir()?;
+/// std::fs::create_dir(dir.path().join("images"))?;
+/// std::fs::create_dir(dir.path().join("emb"))?;
+/// let config = DistillConfig {
+///     mode: Mode::Piccollage,
+///     data: DataConfig {
+///         dataset: "images".into(),
+///         embeddings: Some("emb".into()),
+///         ..DataConfig::default()
+///     },
+///     ..DistillConfig::default()
+/// };
+/// let read = clipcid_pipeline::write_run_config(&dir.path().join("run.toml"), &config)?;
+/// assert_eq!(read.data.dataset, dir.path().join("images")); // relative to the file
+/// # Ok(()) }
+/// ```
+pub fn write_run_config(path: &Path, config: &DistillConfig) -> Result<DistillConfig> {
+    let text = toml::to_string_pretty(config)
+        .map_err(|e| PipelineError::Input(format!("{}: cannot write TOML: {e}", path.display())))?;
+    clipcid_store::io::write_atomic(path, text.as_bytes())?;
     Ok(DistillConfig::from_file(path)?)
 }
 
+/// The demo's k-means: `K` clusters, 20 iterations, seed 0, placed like every other stage's
+/// ([`kmeans_for`]: on the run's GPU for a `cuda:N` device).
+///
+/// ```
+/// use candle_core::DeviceLocation;
+/// let kmeans = clipcid_pipeline::demo::demo_kmeans(10, DeviceLocation::Cuda { gpu_id: 0 });
+/// assert_eq!((kmeans.get_iterations(), kmeans.get_gpu()), (20, Some(0)));
+/// ```
+pub fn demo_kmeans(k: usize, location: DeviceLocation) -> clipcid_cluster::KMeans {
+    kmeans_for(k, location).iterations(20).seed(0)
+}
+
 fn train(config: DistillConfig, out: &Path, device: &Device) -> Result<(RunSummary, ClipModel)> {
-    let mut t = Trainer::new(config, out, device)?;
-    let s = t.run(None, true)?;
-    let student = s
-        .student
-        .clone()
-        .context("the run stopped before its last step")?;
-    Ok((s, ClipModel::load(&student, device)?))
+    let (summary, student) = crate::train_student(config, out, true, device)?;
+    Ok((summary, ClipModel::load(&student, device)?))
 }
 
 /// Paths inside the fetched data folder, checked before anything runs.
@@ -189,7 +250,7 @@ fn data_layout(data: &Path) -> Result<DataLayout> {
         &sources_path,
     ] {
         if !p.exists() {
-            bail!(
+            input_error!(
                 "{}: missing; the demo runs on the real default data: run `scripts/fetch-data.sh {}` first",
                 p.display(),
                 data.display()
@@ -197,28 +258,30 @@ fn data_layout(data: &Path) -> Result<DataLayout> {
         }
     }
     let sources = std::fs::read_to_string(&sources_path)
-        .with_context(|| format!("cannot read {}", sources_path.display()))?;
+        .map_err(|e| PipelineError::io(&sources_path, "read", e))?;
     Ok(DataLayout { sources, ..l })
 }
 
 /// Runs the demo: returns the markdown results table it printed.
-pub fn run(opts: &DemoOptions, device: &Device) -> Result<String> {
+/// Runs the demo. Progress lines go to `say` (the command line prints them); the returned
+/// report holds the results table, the pipeline summary and where `report/README.md` is.
+pub fn run(opts: &DemoOptions, device: &Device, say: &mut dyn FnMut(&str)) -> Result<DemoReport> {
     let started = std::time::Instant::now();
     let out = &opts.out;
     let data = data_layout(&opts.data)?;
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    println!("[1/9] choosing the teacher");
-    let teacher = choose_teacher(opts, device)?;
-    println!("      teacher: {}", teacher.description);
+    std::fs::create_dir_all(out).map_err(|e| PipelineError::io(out, "create", e))?;
+    say("[1/9] choosing the teacher");
+    let teacher = choose_teacher(opts, device, say)?;
+    say(&format!("      teacher: {}", teacher.description));
     let student_tok = ClipTokenizer::from_file(&data.clip_tokenizer, STUDENT_CONTEXT)?;
     let tok_path = out.join("tokenizer.json");
     student_tok.save(&tok_path)?;
 
     let emb = out.join("embeddings");
-    println!(
+    say(&format!(
         "[2/9] embedding the training digits and captions with the teacher -> {}",
         emb.display()
-    );
+    ));
     let embed_opts = EmbedOptions {
         batch_size: 128,
         shard_size: 4096,
@@ -235,10 +298,10 @@ pub fn run(opts: &DemoOptions, device: &Device) -> Result<String> {
     )?;
 
     let keep = out.join("keep.safetensors");
-    println!(
+    say(&format!(
         "[3/9] balancing (near-duplicate removal, threshold 0.07) -> {}",
         keep.display()
-    );
+    ));
     let emb_all = clipcid_dedup::load_embeddings(std::slice::from_ref(&emb), device)?;
     let bal = clipcid_dedup::balance(
         &emb_all.image,
@@ -252,19 +315,20 @@ pub fn run(opts: &DemoOptions, device: &Device) -> Result<String> {
     let clusters = out.join("clusters.safetensors");
     // faiss wants at least 39 training points per centroid.
     let k = (bal.summary.kept / 39).clamp(2, 100);
-    println!(
+    say(&format!(
         "[4/9] k-means (faiss, K = {k}) on all and on the kept embeddings -> {}",
         clusters.display()
-    );
-    let kmeans = clipcid_cluster::KMeans::new(k).iterations(20).seed(0);
-    let all_rows = clipcid_cluster::ShardRows::open(std::slice::from_ref(&emb), None)?;
-    let before = clipcid_cluster::cluster_shards(&kmeans, &all_rows, false)?;
-    clipcid_cluster::write_clusters(&out.join("clusters-unbalanced.safetensors"), &before)?;
-    let kept_rows = clipcid_cluster::ShardRows::open(std::slice::from_ref(&emb), Some(&keep))?;
-    let after = clipcid_cluster::cluster_shards(&kmeans, &kept_rows, false)?;
-    clipcid_cluster::write_clusters(&clusters, &after)?;
+    ));
+    let kmeans = demo_kmeans(k, device.location());
+    let before = crate::cluster_to_file(
+        &kmeans,
+        &emb,
+        None,
+        &out.join("clusters-unbalanced.safetensors"),
+    )?;
+    let after = crate::cluster_to_file(&kmeans, &emb, Some(&keep), &clusters)?;
     let report = out.join("report");
-    std::fs::create_dir_all(&report)?;
+    std::fs::create_dir_all(&report).map_err(|e| PipelineError::io(&report, "create", e))?;
     clipcid_cluster::plot_size_histogram(
         &report.join("cluster-sizes.png"),
         &format!("cluster sizes, K = {k}: before and after balancing"),
@@ -276,44 +340,76 @@ pub fn run(opts: &DemoOptions, device: &Device) -> Result<String> {
 
     let student_cfg = student_config(teacher.eval.model.config(), &student_tok)?;
     let student_json = out.join("student-config.json");
-    std::fs::write(
-        &student_json,
-        serde_json::to_vec_pretty(&student_cfg.to_hf_json())?,
-    )
-    .with_context(|| format!("cannot write {}", student_json.display()))?;
-    let dataset = std::path::absolute(&data.shards)?;
+    let json = serde_json::to_vec_pretty(&student_cfg.to_hf_json())
+        .map_err(|e| PipelineError::Input(format!("{}: {e}", student_json.display())))?;
+    clipcid_store::io::write_atomic(&student_json, &json)?;
+    let dataset = std::path::absolute(&data.shards)
+        .map_err(|e| PipelineError::io(&data.shards, "find", e))?;
     // 64 a step, fewer only when balancing left a toy-sized set.
     let batch = 64.min(bal.summary.kept / 2).max(2);
-    let student_body = |terms: &str| {
-        format!(
-            "batch_size = {batch}\nepochs = {}\nseed = 0\ncheckpoint_every = 500\n\n[data]\ndataset = {:?}\nembeddings = \"embeddings\"\nkeep = \"keep.safetensors\"\nclusters = \"clusters.safetensors\"\ntokenizer = \"tokenizer.json\"\n\n[student]\nmodel = \"student-config.json\"\n\n{terms}\n[optim]\nlr = 2e-3\nwarmup_steps = 50\n",
-            opts.student_epochs,
-            dataset.to_string_lossy()
-        )
+    let student_run = |cluster: ClusterTermConfig, instance: InstanceTermConfig| {
+        let mut c = DistillConfig {
+            data: DataConfig {
+                dataset: dataset.clone(),
+                embeddings: Some("embeddings".into()),
+                keep: Some("keep.safetensors".into()),
+                clusters: Some("clusters.safetensors".into()),
+                tokenizer: Some("tokenizer.json".into()),
+            },
+            student: StudentConfig {
+                model: "student-config.json".into(),
+                ..StudentConfig::default()
+            },
+            batch_size: batch,
+            epochs: opts.student_epochs,
+            seed: 0,
+            checkpoint_every: 500,
+            ..DistillConfig::default()
+        };
+        c.loss.cluster = cluster;
+        c.loss.instance = instance;
+        c.optim.lr = 2e-3;
+        c.optim.warmup_steps = 50;
+        c
     };
-    println!(
+    say(&format!(
         "[5/9] distilling the student (ViT width 64, 2 layers): CLIP + cluster + instance loss -> {}",
         out.join("runs/distilled").display()
-    );
-    let distill_cfg = write_config(
+    ));
+    let distill_cfg = write_run_config(
         &out.join("distill.toml"),
-        &student_body(
-            "[loss.cluster]\nsample_rate = 0.5\nscale = 16.0\n\n[loss.instance]\nweight = 1.0\n",
+        &student_run(
+            ClusterTermConfig {
+                sample_rate: 0.5,
+                scale: 16.0,
+                ..ClusterTermConfig::default()
+            },
+            InstanceTermConfig::default(),
         ),
     )?;
     let (distilled_run, distilled) = train(distill_cfg, &out.join("runs/distilled"), device)?;
-    println!("[6/9] training the same student without distillation (CLIP loss only, same data and steps)");
-    let baseline_cfg = write_config(
+    say("[6/9] training the same student without distillation (CLIP loss only, same data and steps)");
+    let off = |c: ClusterTermConfig| ClusterTermConfig {
+        enabled: false,
+        ..c
+    };
+    let baseline_cfg = write_run_config(
         &out.join("baseline.toml"),
-        &student_body("[loss.cluster]\nenabled = false\n\n[loss.instance]\nenabled = false\n"),
+        &student_run(
+            off(ClusterTermConfig::default()),
+            InstanceTermConfig {
+                enabled: false,
+                ..InstanceTermConfig::default()
+            },
+        ),
     )?;
     let (baseline_run, baseline) = train(baseline_cfg, &out.join("runs/baseline"), device)?;
 
-    println!(
+    say(&format!(
         "[7/9] evaluating on the held-out digits ({}) -> {}",
         data.test.display(),
         report.display()
-    );
+    ));
     let queries: Vec<String> = (0..10)
         .flat_map(|d| (0..DIGIT_CAPTIONS.len()).map(move |k| digit_caption(k, d)))
         .collect();
@@ -335,7 +431,7 @@ pub fn run(opts: &DemoOptions, device: &Device) -> Result<String> {
         &templates_path,
         "# zero-shot prompts for the digit classes (the training captions' templates)\na photo of the digit {}\na handwritten {}\na black and white image of the number {}\n",
     )
-    .with_context(|| format!("cannot write {}", templates_path.display()))?;
+    .map_err(|e| PipelineError::io(&templates_path, "write", e))?;
     let plan = EvalPlan {
         zero_shot: Some(ZeroShotPlan {
             data: data.test.clone(),
@@ -399,7 +495,7 @@ pub fn run(opts: &DemoOptions, device: &Device) -> Result<String> {
         ));
     }
 
-    println!("[8/9] textness bias on the real photos (words drawn with DejaVu Sans, plus the real text images)");
+    say("[8/9] textness bias on the real photos (words drawn with DejaVu Sans, plus the real text images)");
     let photos = clipcid_eval::load_images(&data.photos)?;
     let textness_opts = clipcid_eval::TextnessOptions {
         real_text_images: clipcid_eval::load_images(&data.text_images)?,
@@ -436,12 +532,16 @@ pub fn run(opts: &DemoOptions, device: &Device) -> Result<String> {
         ));
     }
 
-    println!("[9/9] FP16 export of the distilled student");
+    say("[9/9] FP16 export of the distilled student");
     let sample = {
         let ds = Dataset::open(&data.test)?;
         let size = distilled.config().vision_config.image_size;
         let mut it = BatchIter::new(ds.samples()?, Preprocess::clip(size), 64, device.clone());
-        it.next().context("no held-out images")??.pixels
+        it.next()
+            .ok_or_else(|| {
+                PipelineError::Input(format!("{}: no held-out images", data.test.display()))
+            })??
+            .pixels
     };
     let fp16 = clipcid_eval::export_fp16(&distilled, &out.join("student-fp16"), &sample)?;
     student_tok.save(&out.join("student-fp16/tokenizer.json"))?;
@@ -449,10 +549,8 @@ pub fn run(opts: &DemoOptions, device: &Device) -> Result<String> {
         ("distilled", "loss-distilled.png"),
         ("baseline", "loss-baseline.png"),
     ] {
-        std::fs::copy(
-            out.join("runs").join(run).join("loss.png"),
-            report.join(name),
-        )?;
+        let from = out.join("runs").join(run).join("loss.png");
+        std::fs::copy(&from, report.join(name)).map_err(|e| PipelineError::io(&from, "copy", e))?;
     }
     let sweep: Vec<String> = bal
         .summary
@@ -524,12 +622,12 @@ pub fn run(opts: &DemoOptions, device: &Device) -> Result<String> {
         started.elapsed().as_secs_f64(),
         data.sources.trim_start_matches(|c| c != '\n').trim(),
     );
-    clipcid_models::io::write_atomic(&report.join("README.md"), md.as_bytes())?;
-    println!();
-    println!("{pipeline}");
-    println!("{table}");
-    println!("{teacher_note}");
-    println!("Report: {}", report.join("README.md").display());
-    println!("Total time {:.0} s.", started.elapsed().as_secs_f64());
-    Ok(table)
+    clipcid_store::io::write_atomic(&report.join("README.md"), md.as_bytes())?;
+    Ok(DemoReport {
+        pipeline,
+        table,
+        teacher_note,
+        report: report.join("README.md"),
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }

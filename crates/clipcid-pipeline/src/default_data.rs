@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use image::GrayImage;
 use sha2::{Digest, Sha256};
 
-use crate::DataError;
+use clipcid_data::DataError;
 
 /// Digit names for captions.
 const WORDS: [&str; 10] = [
@@ -41,7 +41,7 @@ pub const DIGIT_CAPTIONS: [&str; 6] = [
 /// for the `k`-th training digit.
 ///
 /// ```
-/// assert_eq!(clipcid_data::digit_caption(2, 7), "the number seven");
+/// assert_eq!(clipcid_pipeline::digit_caption(2, 7), "the number seven");
 /// ```
 pub fn digit_caption(k: usize, label: usize) -> String {
     DIGIT_CAPTIONS[k % DIGIT_CAPTIONS.len()]
@@ -277,7 +277,7 @@ fn shard(samples: &[(String, Vec<u8>, String, usize)]) -> Result<Vec<u8>, DataEr
 ///
 /// ```no_run
 /// # fn main() -> Result<(), clipcid_data::DataError> {
-/// let s = clipcid_data::build_default_data("data/raw".as_ref(), "data".as_ref())?;
+/// let s = clipcid_pipeline::build_default_data("data/raw".as_ref(), "data".as_ref())?;
 /// println!("{} photos, {} shards", s.photos, s.shards);
 /// # Ok(()) }
 /// ```

@@ -5,15 +5,15 @@
 //! and their gradients were a third of a CPU training step. Here each is one pass over the
 //! rows forward and one backward, as candle `CustomOp`s (candle's own fused `layer_norm` and
 //! `softmax_last_dim` kernels have no backward pass). Only f32 CPU tensors take this path;
-//! [`crate::nn`] keeps the primitive-op version for other devices and dtypes. Every kernel
+//! `clipcid_models::nn` keeps the primitive-op version for other devices and dtypes. Every kernel
 //! reduces in a fixed order, so results do not depend on the thread count or scheduling.
 //!
 //! [`linear`] (a layer with a bias, as one op) and [`matmul`] send the linear layers' 2-D
 //! products and their gradients to OpenBLAS `sgemm` (through ndarray, as clipcid-dedup does):
 //! on the 2-core CI machine candle's CPU matmul (the `gemm` crate) reached 148 GFLOP/s where
 //! OpenBLAS reaches 235, and the products were half of a training step. Large products are
-//! cut into one single-threaded `sgemm` per thread of candle's pool (`crate::blas`), and the
-//! kernels here run on that pool too (`crate::pool`), so a step uses one set of threads.
+//! cut into one single-threaded `sgemm` per thread of candle's pool ([`crate::blas`]), and the
+//! kernels here run on that pool too, so a step uses one set of threads.
 
 use crate::pool;
 use candle_core::{
@@ -27,7 +27,7 @@ const ROWS_PER_TASK: usize = 32;
 const ELEMENTS_PER_TASK: usize = 4096;
 
 /// Whether `t` is an f32 tensor on the CPU (the tensors these kernels handle).
-pub(crate) fn is_cpu_f32(t: &Tensor) -> bool {
+pub fn is_cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32
 }
 
@@ -66,13 +66,13 @@ fn row_width(l: &Layout, op: &str) -> Result<usize> {
 }
 
 /// Softmax over the last dimension (f32, CPU), differentiable.
-pub(crate) fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Softmax)
 }
 
 /// Layer norm over the last dimension with scale and shift (f32, CPU), differentiable in all
 /// three arguments.
-pub(crate) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
     x.contiguous()?.apply_op3(
         &weight.contiguous()?,
         &bias.contiguous()?,
@@ -81,13 +81,13 @@ pub(crate) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -
 }
 
 /// `x * sigmoid(1.702 x)` (OpenAI CLIP's activation; f32, CPU), differentiable.
-pub(crate) fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(QuickGelu)
 }
 
 /// `a @ b` for 2-D f32 CPU tensors through OpenBLAS, differentiable in both arguments. Either
 /// argument may be a transposed view (`t()`); other strided views are copied first.
-pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.apply_op2(b, Matmul)
 }
 
@@ -95,7 +95,7 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// through OpenBLAS, differentiable in all three. One op instead of a product and a broadcast
 /// add: the bias is written into the output before `sgemm` adds the product to it, and the
 /// weight's gradient comes out as `[out, in]` rather than as the transpose of a product.
-pub(crate) fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     x.contiguous()?
         .apply_op3(&w.contiguous()?, &b.contiguous()?, LinearOp)
 }
@@ -544,7 +544,7 @@ mod tests {
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        crate::nn::max_abs_diff(a, b).unwrap()
+        crate::max_abs_diff(a, b).unwrap()
     }
 
     /// Forward values and the gradients of `sum(f(inputs) * r)` with respect to every input,

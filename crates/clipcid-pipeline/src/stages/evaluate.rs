@@ -1,129 +1,110 @@
-//! `clipcid eval`, `clipcid textness` and `clipcid export`: thin wrappers over clipcid-eval.
+//! `clipcid eval`, `clipcid textness` and `clipcid export`.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clipcid_data::{BatchIter, Dataset, Preprocess};
 use clipcid_eval::{
-    evaluate, export_fp16, load_images, textness_study, AgreementPlan, EvalModel, EvalPlan,
-    ProbeOptions, Templates, TextRenderer, TextnessOptions, ZeroShotPlan,
+    evaluate, export_fp16, load_images, textness_study, AgreementPlan, EvalPlan, ExportReport,
+    ProbeOptions, Templates, TextRenderer, TextnessOptions, TextnessReport, ZeroShotPlan,
 };
-use clipcid_models::{ClipModel, ClipTokenizer};
+use clipcid_models::ClipModel;
 
-/// Where a model's `tokenizer.json` is looked for: inside a model folder, or beside a file.
-pub fn tokenizer_beside(model: &Path) -> PathBuf {
-    if model.is_dir() {
-        model.join("tokenizer.json")
-    } else {
-        model
-            .parent()
-            .unwrap_or_else(|| Path::new("."))
-            .join("tokenizer.json")
-    }
-}
+use crate::{
+    input_error, load_eval_model, read_lines, resolve_model_path, tokenizer_beside, PipelineError,
+};
 
-/// A model argument as a local path: itself, or a Hugging Face repository id's cached
-/// snapshot (downloaded unless HF_HUB_OFFLINE is set).
-pub fn resolve(spec: &Path) -> Result<PathBuf> {
-    let s = spec
-        .to_str()
-        .with_context(|| format!("{}: not a UTF-8 path", spec.display()))?;
-    Ok(clipcid_models::resolve_model(s)?)
-}
-
-/// Loads a model (f32) and its tokenizer (`tokenizer`, else the one beside the model).
-pub fn load_model(
-    name: &str,
-    path: &Path,
-    tokenizer: Option<&Path>,
-    device: &Device,
-) -> Result<EvalModel> {
-    let path = &resolve(path)?;
-    let model = ClipModel::load(path, device)?;
-    let tok_path = tokenizer
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| tokenizer_beside(path));
-    if !tok_path.is_file() {
-        bail!(
-            "no tokenizer for {name} ({}): pass --tokenizer tokenizer.json or put one at {}",
-            path.display(),
-            tok_path.display()
-        );
-    }
-    let ctx = model.config().text_config.default_context_length();
-    let tokenizer = ClipTokenizer::from_file(&tok_path, ctx)?;
-    Ok(EvalModel {
-        name: name.to_string(),
-        model,
-        tokenizer,
-    })
-}
-
-#[derive(clap::Args)]
+/// Options of [`eval`] (the `clipcid eval` arguments).
+#[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct EvalArgs {
     /// The student checkpoint (file, folder or Hugging Face repo id), reported as `student`.
     #[arg(long)]
-    model: PathBuf,
+    pub model: PathBuf,
     /// The teacher (file, folder or Hugging Face repo id), reported as `teacher`; needed for
     /// --queries (teacher agreement).
     #[arg(long)]
-    teacher: Option<PathBuf>,
+    pub teacher: Option<PathBuf>,
     /// More models to compare, as NAME=PATH (e.g. `baseline=runs/baseline/student`).
     #[arg(long = "compare", value_name = "NAME=PATH")]
-    compare: Vec<String>,
+    pub compare: Vec<String>,
     /// `tokenizer.json` for the student and the --compare models (default: the one
     /// inside/beside each model).
     #[arg(long)]
-    tokenizer: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
     /// `tokenizer.json` for the teacher (default: the one inside/beside it; a locked-text
     /// teacher's is MiniLM's WordPiece, not the students' CLIP BPE).
     #[arg(long, requires = "teacher")]
-    teacher_tokenizer: Option<PathBuf>,
+    pub teacher_tokenizer: Option<PathBuf>,
     /// Labelled folder (`class_name/*.png`) for zero-shot classification.
     #[arg(long)]
-    zero_shot: Option<PathBuf>,
+    pub zero_shot: Option<PathBuf>,
     /// Prompt templates: imagenet, cifar, mnist, simple, name, or a file (one per line).
     #[arg(long, default_value = "imagenet")]
-    templates: String,
+    pub templates: String,
     /// Class names in label order, one per line (default: folder names, `_` as spaces).
     #[arg(long)]
-    class_names: Option<PathBuf>,
+    pub class_names: Option<PathBuf>,
     /// Labelled training set of the linear probe.
     #[arg(long, requires = "probe_test")]
-    probe_train: Option<PathBuf>,
+    pub probe_train: Option<PathBuf>,
     /// Labelled test set of the linear probe.
     #[arg(long, requires = "probe_train")]
-    probe_test: Option<PathBuf>,
+    pub probe_test: Option<PathBuf>,
     /// Captioned set (one caption per image) for image-text retrieval.
     #[arg(long)]
-    retrieval: Option<PathBuf>,
+    pub retrieval: Option<PathBuf>,
     /// Text queries, one per line, for teacher agreement (mAP@10..20); needs --teacher.
     #[arg(long, requires = "teacher")]
-    queries: Option<PathBuf>,
+    pub queries: Option<PathBuf>,
     /// Images searched by the queries (default: the --retrieval set, else --zero-shot).
     #[arg(long)]
-    query_images: Option<PathBuf>,
+    pub query_images: Option<PathBuf>,
     /// Report folder.
     #[arg(long, default_value = "eval-report")]
-    out: PathBuf,
+    pub out: PathBuf,
     /// Images per forward pass.
     #[arg(long, default_value_t = 64)]
-    batch_size: usize,
+    pub batch_size: usize,
 }
 
-pub fn eval(args: &EvalArgs, device: &Device) -> Result<()> {
+impl EvalArgs {
+    /// The command line's defaults for one model and nothing to evaluate yet: set at least one
+    /// of `zero_shot`, `probe_train`/`probe_test`, `retrieval` or `queries`.
+    pub fn new(model: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
+        Self {
+            model: model.into(),
+            teacher: None,
+            compare: vec![],
+            tokenizer: None,
+            teacher_tokenizer: None,
+            zero_shot: None,
+            templates: "imagenet".into(),
+            class_names: None,
+            probe_train: None,
+            probe_test: None,
+            retrieval: None,
+            queries: None,
+            query_images: None,
+            out: out.into(),
+            batch_size: 64,
+        }
+    }
+}
+
+/// Loads the student (and teacher and --compare models), evaluates them side by side and
+/// writes `report.md`, `results.json` and plots to `args.out`; returns the report's markdown.
+pub fn eval(args: &EvalArgs, device: &Device) -> Result<String, PipelineError> {
     let tok = args.tokenizer.as_deref();
-    let mut models = vec![load_model("student", &args.model, tok, device)?];
+    let mut models = vec![load_eval_model("student", &args.model, tok, device)?];
     if let Some(t) = &args.teacher {
         let teacher_tok = args.teacher_tokenizer.as_deref();
-        models.insert(0, load_model("teacher", t, teacher_tok, device)?);
+        models.insert(0, load_eval_model("teacher", t, teacher_tok, device)?);
     }
     for spec in &args.compare {
         let Some((name, path)) = spec.split_once('=') else {
-            bail!("--compare takes NAME=PATH, got `{spec}`");
+            input_error!("--compare takes NAME=PATH, got `{spec}`");
         };
-        models.push(load_model(name, Path::new(path), tok, device)?);
+        models.push(load_eval_model(name, Path::new(path), tok, device)?);
     }
     let zero_shot = match &args.zero_shot {
         Some(data) => Some(ZeroShotPlan {
@@ -143,9 +124,12 @@ pub fn eval(args: &EvalArgs, device: &Device) -> Result<()> {
                 .clone()
                 .or_else(|| args.retrieval.clone())
                 .or_else(|| args.zero_shot.clone())
-                .context(
-                    "--queries needs images to search: --query-images, --retrieval or --zero-shot",
-                )?,
+                .ok_or_else(|| {
+                    PipelineError::Input(
+                        "--queries needs images to search: --query-images, --retrieval or --zero-shot"
+                            .into(),
+                    )
+                })?,
             queries: read_lines(q)?,
             teacher: "teacher".into(),
             ns: (10..=20).collect(),
@@ -168,53 +152,37 @@ pub fn eval(args: &EvalArgs, device: &Device) -> Result<()> {
         && plan.retrieval.is_none()
         && plan.agreement.is_none()
     {
-        bail!("nothing to evaluate: give --zero-shot, --probe-train/--probe-test, --retrieval or --queries");
+        input_error!("nothing to evaluate: give --zero-shot, --probe-train/--probe-test, --retrieval or --queries");
     }
     let (_, md) = evaluate(&models, &plan, &args.out)?;
-    println!("{md}");
-    println!("report: {}", args.out.join("report.md").display());
-    Ok(())
+    Ok(md)
 }
 
-fn read_lines(path: &Path) -> Result<Vec<String>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let lines: Vec<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect();
-    if lines.is_empty() {
-        bail!("{}: no lines", path.display());
-    }
-    Ok(lines)
-}
-
-#[derive(clap::Args)]
+/// Options of [`textness`] (the `clipcid textness` arguments).
+#[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct TextnessArgs {
     /// Model checkpoint (file or folder).
     #[arg(long)]
-    model: PathBuf,
+    pub model: PathBuf,
     /// `tokenizer.json` (default: the one inside/beside the model).
     #[arg(long)]
-    tokenizer: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
     /// Real images without text: a folder of image files or any dataset.
     #[arg(long)]
-    images: PathBuf,
+    pub images: PathBuf,
     /// Real images that carry text (a folder of image files), added to the probe and the
     /// search pool beside the rendered ones (e.g. data/text-images).
     #[arg(long)]
-    text_images: Option<PathBuf>,
+    pub text_images: Option<PathBuf>,
     /// Text queries (repeatable).
     #[arg(long = "query", default_value = "a photo")]
-    queries: Vec<String>,
+    pub queries: Vec<String>,
     /// TrueType font for the rendered words (default: the built-in DejaVu Sans).
     #[arg(long)]
-    font: Option<PathBuf>,
+    pub font: Option<PathBuf>,
     /// Words to draw, one per line (default: a built-in list of sign texts).
     #[arg(long)]
-    words: Option<PathBuf>,
+    pub words: Option<PathBuf>,
     /// Query-side scales, one grid row each.
     #[arg(
         long,
@@ -222,20 +190,22 @@ pub struct TextnessArgs {
         allow_hyphen_values = true,
         default_value = "-2,-1,0,1,2"
     )]
-    scales: Vec<f32>,
+    pub scales: Vec<f32>,
     /// Results per row.
     #[arg(long, default_value_t = 10)]
-    top: usize,
+    pub top: usize,
     /// Seed of the probe/pool split and the text placement.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub seed: u64,
     /// Output folder: textness.safetensors, grid-N.png, report.md.
     #[arg(long, default_value = "textness")]
-    out: PathBuf,
+    pub out: PathBuf,
 }
 
-pub fn textness(args: &TextnessArgs, device: &Device) -> Result<()> {
-    let m = load_model("model", &args.model, args.tokenizer.as_deref(), device)?;
+/// Probes the textness direction of the model and writes `textness.safetensors`, one grid
+/// PNG per query and `report.md` to `args.out`.
+pub fn textness(args: &TextnessArgs, device: &Device) -> Result<TextnessReport, PipelineError> {
+    let m = load_eval_model("model", &args.model, args.tokenizer.as_deref(), device)?;
     let renderer = match &args.font {
         Some(f) => TextRenderer::from_file(f)?,
         None => TextRenderer::dejavu_sans()?,
@@ -263,32 +233,51 @@ pub fn textness(args: &TextnessArgs, device: &Device) -> Result<()> {
         &opts,
         &args.out,
     )?;
-    println!("{}", r.markdown);
-    println!(
-        "textness direction: {}",
-        args.out.join("textness.safetensors").display()
-    );
-    Ok(())
+    Ok(r)
 }
 
-#[derive(clap::Args)]
+/// Options of [`export`] (the `clipcid export` arguments).
+#[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct ExportArgs {
     /// Model checkpoint (file or folder) to export.
     #[arg(long)]
-    model: PathBuf,
+    pub model: PathBuf,
     /// Output folder: model.safetensors (f16) + config.json (+ tokenizer.json when found).
     #[arg(long)]
-    out: PathBuf,
+    pub out: PathBuf,
     /// Images to measure the FP16 error on (any dataset); default: seeded random pixels.
     #[arg(long)]
-    sample: Option<PathBuf>,
+    pub sample: Option<PathBuf>,
     /// At most this many sample images.
     #[arg(long, default_value_t = 64)]
-    samples: usize,
+    pub samples: usize,
 }
 
-pub fn export(args: &ExportArgs, device: &Device) -> Result<()> {
-    let model_path = resolve(&args.model)?;
+impl ExportArgs {
+    /// The command line's defaults: the error measured on 64 random-pixel inputs.
+    pub fn new(model: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
+        Self {
+            model: model.into(),
+            out: out.into(),
+            sample: None,
+            samples: 64,
+        }
+    }
+}
+
+/// What [`export`] did.
+#[derive(Debug, Clone)]
+pub struct ExportOutcome {
+    /// Sizes and the FP16-vs-FP32 error.
+    pub report: ExportReport,
+    /// The inputs the error was measured on, in words.
+    pub measured_on: String,
+}
+
+/// Writes the model as FP16 safetensors (Hugging Face layout) with its config and tokenizer
+/// to `args.out`, and measures the FP16 error on sample images (or random pixels).
+pub fn export(args: &ExportArgs, device: &Device) -> Result<ExportOutcome, PipelineError> {
+    let model_path = resolve_model_path(&args.model)?;
     let model = ClipModel::load(&model_path, device)?;
     let size = model.config().vision_config.image_size;
     let (pixels, what) = match &args.sample {
@@ -302,7 +291,7 @@ pub fn export(args: &ExportArgs, device: &Device) -> Result<()> {
             );
             let b = it
                 .next()
-                .with_context(|| format!("{}: no images", data.display()))??;
+                .ok_or_else(|| PipelineError::Input(format!("{}: no images", data.display())))??;
             let n = b.len();
             (b.pixels, format!("{n} images of {}", data.display()))
         }
@@ -319,24 +308,10 @@ pub fn export(args: &ExportArgs, device: &Device) -> Result<()> {
     let tok = tokenizer_beside(&model_path);
     if tok.is_file() {
         std::fs::copy(&tok, args.out.join("tokenizer.json"))
-            .with_context(|| format!("cannot copy {}", tok.display()))?;
+            .map_err(|e| PipelineError::io(&tok, "copy", e))?;
     }
-    let mb = |b: u64| b as f64 / 1e6;
-    println!(
-        "exported {} -> {} (f16, Hugging Face layout)\n\n| | FP32 | FP16 |\n|---|---:|---:|\n| all parameters ({:.2} M) | {:.1} MB | {:.1} MB |\n| image tower ({:.2} M) | {:.1} MB | {:.1} MB |\n| model.safetensors | - | {:.1} MB |\n\nunit image embeddings, FP16 ({} compute) vs FP32 on {what}: max |diff| {:.2e}, mean |diff| {:.2e}, min cosine {:.6}",
-        args.model.display(),
-        args.out.display(),
-        r.parameters as f64 / 1e6,
-        mb(r.fp32_bytes),
-        mb(r.fp16_bytes),
-        r.vision_parameters as f64 / 1e6,
-        mb(4 * r.vision_parameters as u64),
-        mb(2 * r.vision_parameters as u64),
-        mb(r.file_bytes),
-        r.compute,
-        r.max_abs_diff,
-        r.mean_abs_diff,
-        r.min_cosine
-    );
-    Ok(())
+    Ok(ExportOutcome {
+        report: r,
+        measured_on: what,
+    })
 }

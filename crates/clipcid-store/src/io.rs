@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
-use crate::ModelError;
+use crate::StoreError;
 
 /// Writes `tensors` to `path` as safetensors with `metadata`, atomically: the data goes to a
 /// temporary file in the same folder, which is renamed over `path` only once complete, so a
@@ -19,8 +19,8 @@ use crate::ModelError;
 /// let dir = tempfile::tempdir()?;
 /// let path = dir.path().join("x.safetensors");
 /// let t = Tensor::arange(0f32, 6., &Device::Cpu)?.reshape((2, 3))?;
-/// clipcid_models::io::write_safetensors(&path, [("x".to_string(), t)], &Default::default())?;
-/// let header = clipcid_models::io::read_header(&path)?;
+/// clipcid_store::io::write_safetensors(&path, [("x".to_string(), t)], &Default::default())?;
+/// let header = clipcid_store::io::read_header(&path)?;
 /// assert_eq!(header.tensors["x"].shape, vec![2, 3]);
 /// # Ok(()) }
 /// ```
@@ -28,7 +28,7 @@ pub fn write_safetensors(
     path: &Path,
     tensors: impl IntoIterator<Item = (String, Tensor)>,
     metadata: &HashMap<String, String>,
-) -> Result<(), ModelError> {
+) -> Result<(), StoreError> {
     let bytes = serialize(tensors, metadata)?;
     write_atomic(path, &bytes)
 }
@@ -41,9 +41,9 @@ pub fn write_with_summary(
     tensors: impl IntoIterator<Item = (String, Tensor)>,
     kind: &str,
     summary: &impl serde::Serialize,
-) -> Result<(), ModelError> {
+) -> Result<(), StoreError> {
     let summary =
-        serde_json::to_string_pretty(summary).map_err(|e| ModelError::Config(e.to_string()))?;
+        serde_json::to_string_pretty(summary).map_err(|e| StoreError::Invalid(e.to_string()))?;
     let meta: HashMap<String, String> = [
         ("clipcid.kind".to_string(), kind.to_string()),
         ("summary".to_string(), summary.clone()),
@@ -61,7 +61,7 @@ pub fn write_with_summary(
 pub fn serialize(
     tensors: impl IntoIterator<Item = (String, Tensor)>,
     metadata: &HashMap<String, String>,
-) -> Result<Vec<u8>, ModelError> {
+) -> Result<Vec<u8>, StoreError> {
     use safetensors::View;
     let sorted: BTreeMap<String, Tensor> = tensors
         .into_iter()
@@ -76,14 +76,14 @@ pub fn serialize(
     for (name, t) in &sorted {
         let len = t.data_len();
         let dtype =
-            serde_json::to_value(View::dtype(t)).map_err(|e| ModelError::Config(e.to_string()))?;
+            serde_json::to_value(View::dtype(t)).map_err(|e| StoreError::Invalid(e.to_string()))?;
         header.insert(
             name.clone(),
             serde_json::json!({"dtype": dtype, "shape": t.dims(), "data_offsets": [offset, offset + len]}),
         );
         offset += len;
     }
-    let mut json = serde_json::to_vec(&header).map_err(|e| ModelError::Config(e.to_string()))?;
+    let mut json = serde_json::to_vec(&header).map_err(|e| StoreError::Invalid(e.to_string()))?;
     // The data section must start 8-byte aligned; pad the header with spaces.
     json.resize(json.len().div_ceil(8) * 8, b' ');
     let mut out = Vec::with_capacity(8 + json.len() + offset);
@@ -96,11 +96,11 @@ pub fn serialize(
 }
 
 /// Writes bytes to `path` atomically (temp file in the same folder, then rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let tmp = temp_path(path);
     let res = std::fs::write(&tmp, bytes)
         .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| ModelError::file(path, format!("cannot write: {e}")));
+        .map_err(|e| StoreError::file(path, format!("cannot write: {e}")));
     if res.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -138,8 +138,8 @@ pub struct Header {
 
 /// Reads only the header of a safetensors file and checks that the file is complete (its
 /// length covers every tensor's byte range).
-pub fn read_header(path: &Path) -> Result<Header, ModelError> {
-    let bad = |msg: String| ModelError::file(path, msg);
+pub fn read_header(path: &Path) -> Result<Header, StoreError> {
+    let bad = |msg: String| StoreError::file(path, msg);
     let mut f = std::fs::File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
     let file_len = f
         .metadata()
@@ -183,9 +183,9 @@ pub fn read_header(path: &Path) -> Result<Header, ModelError> {
 }
 
 /// Loads every tensor of a safetensors file onto the CPU, with the file named in any error.
-pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>, ModelError> {
+pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>, StoreError> {
     let bytes =
-        std::fs::read(path).map_err(|e| ModelError::file(path, format!("cannot read: {e}")))?;
+        std::fs::read(path).map_err(|e| StoreError::file(path, format!("cannot read: {e}")))?;
     candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-        .map_err(|e| ModelError::file(path, format!("not a valid safetensors file: {e}")))
+        .map_err(|e| StoreError::file(path, format!("not a valid safetensors file: {e}")))
 }

@@ -7,7 +7,7 @@
 //! team and candle's workers took turns at each other's cores (libgomp's spin loop was 13% of
 //! a training-step profile). PyTorch avoids this by running everything on one OpenMP pool.
 //! Here a large product is cut into one block of rows (or columns) per thread of candle's
-//! pool ([`crate::pool`]), and each block is one single-threaded `sgemm` on that thread, so a
+//! pool, and each block is one single-threaded `sgemm` on that thread, so a
 //! training step's parallel work runs on one set of threads. Single-threaded means: the
 //! calling thread's OpenMP thread count is set to 1 for the call and restored after it, a
 //! thread-local setting that OpenBLAS's OpenMP build reads on every call and that leaves
@@ -41,7 +41,7 @@ const OPENBLAS_OPENMP: c_int = 2;
 const SPLIT_MIN_MACS: usize = 1 << 20;
 
 /// Whether the loaded OpenBLAS threads with OpenMP (checked once per process).
-pub(crate) fn openblas_uses_openmp() -> bool {
+pub fn openblas_uses_openmp() -> bool {
     static OPENMP: OnceLock<bool> = OnceLock::new();
     // SAFETY: a getter without arguments; OpenBLAS initialises itself when loaded.
     *OPENMP.get_or_init(|| unsafe { openblas_get_parallel() } == OPENBLAS_OPENMP)
@@ -69,12 +69,21 @@ impl Drop for OmpThreadsGuard {
 /// `c = a @ b + beta * c` through OpenBLAS `sgemm` (`beta` 0 overwrites `c`, 1 adds to it).
 /// `a`, `b` and `c` must each be row- or column-major with a unit inner stride (what ndarray
 /// hands to cblas).
-pub(crate) fn gemm(
-    a: &ArrayView2<f32>,
-    b: &ArrayView2<f32>,
-    beta: f32,
-    c: &mut ArrayViewMut2<f32>,
-) {
+///
+/// # Panics
+///
+/// When the shapes do not agree (`a` `[m, k]`, `b` `[k, n]`, `c` `[m, n]`), as ndarray's
+/// `general_mat_mul` does.
+///
+/// ```
+/// use ndarray::array;
+/// let a = array![[1f32, 2.0], [3.0, 4.0]];
+/// let b = array![[1f32, 0.0], [0.0, 1.0]];
+/// let mut c = ndarray::Array2::<f32>::ones((2, 2));
+/// clipcid_kernels::blas::gemm(&a.view(), &b.view(), 1.0, &mut c.view_mut());
+/// assert_eq!(c, array![[2f32, 3.0], [4.0, 5.0]]);
+/// ```
+pub fn gemm(a: &ArrayView2<f32>, b: &ArrayView2<f32>, beta: f32, c: &mut ArrayViewMut2<f32>) {
     let ((m, k), n) = (a.dim(), b.ncols());
     let threads = crate::pool::threads();
     if threads < 2 || m * n * k < SPLIT_MIN_MACS || !openblas_uses_openmp() {

@@ -5,7 +5,8 @@
 use std::io::Write;
 use std::path::Path;
 
-use clipcid_data::{build_default_data, Dataset, PHOTO_CAPTIONS, TEXT_IMAGES};
+use clipcid_data::Dataset;
+use clipcid_pipeline::{build_default_data, PHOTO_CAPTIONS, TEXT_IMAGES};
 
 fn fake_raw(raw: &Path) {
     for sub in ["sklearn", "skimage", "mnist", "opencv"] {

@@ -1,0 +1,75 @@
+//! Compute kernels for clipcid, below the models: one home for what runs the arithmetic.
+//!
+//! - [`cpu`]: fused f32 CPU ops with hand-written backward passes, as candle `CustomOp`s
+//!   (layer norm, softmax, QuickGELU, and linear layers through BLAS `sgemm`); each kernel
+//!   reduces in a fixed order, so results do not depend on the thread count.
+//! - [`blas`]: matrix products on the system BLAS, cut into one single-threaded `sgemm` per
+//!   thread of candle's CPU pool, so a training step uses one set of threads.
+//! - [`l2_normalize`] and [`max_abs_diff`]: small tensor helpers every stage uses.
+//!
+//! The BLAS backend is chosen by feature: `openblas` (default) links the system OpenBLAS
+//! (Debian `libopenblas-dev`); the build script is the one place that links it, for every
+//! crate above. CUDA kernels, when written, go beside each CPU kernel (a `cuda` module
+//! behind the `cuda` feature); until then other devices use candle's primitive ops.
+//!
+//! ```
+//! # fn main() -> candle_core::Result<()> {
+//! use candle_core::{Device, Tensor, Var};
+//! use clipcid_kernels::{cpu, max_abs_diff};
+//!
+//! let x = Var::new(&[[1f32, 2.0, 3.0], [0.5, 0.5, 0.5]], &Device::Cpu)?;
+//! let w = Tensor::ones(3, candle_core::DType::F32, &Device::Cpu)?;
+//! let b = Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu)?;
+//! let y = cpu::layer_norm(x.as_tensor(), &w, &b, 1e-5)?;
+//! // Each row has zero mean after the norm; gradients flow back to `x`.
+//! let means = y.mean_keepdim(1)?;
+//! assert!(max_abs_diff(&means, &means.zeros_like()?)? < 1e-6);
+//! let grads = y.sqr()?.sum_all()?.backward()?;
+//! assert!(grads.get(x.as_tensor()).is_some());
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+#[cfg(not(feature = "openblas"))]
+compile_error!("clipcid-kernels needs a BLAS backend: enable the `openblas` feature");
+
+pub mod blas;
+pub mod cpu;
+mod pool;
+
+use candle_core::{DType, Result, Tensor, D};
+
+/// Divides each row by its L2 norm (rows of zeros stay zero).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let x = Tensor::new(&[[3f32, 4.0], [0.0, 0.0]], &Device::Cpu)?;
+/// let y = clipcid_kernels::l2_normalize(&x)?;
+/// assert_eq!(y.to_vec2::<f32>()?, vec![vec![0.6, 0.8], vec![0.0, 0.0]]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::INFINITY)?;
+    x.broadcast_div(&norm)
+}
+
+/// Largest absolute difference between two tensors of one shape, compared in f32 (how tests
+/// and users check that two models or two code paths agree).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let a = Tensor::new(&[1f32, 2.0, 3.0], &Device::Cpu)?;
+/// let b = Tensor::new(&[1f32, 2.5, 2.0], &Device::Cpu)?;
+/// assert_eq!(clipcid_kernels::max_abs_diff(&a, &b)?, 1.0);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()
+}

@@ -1,0 +1,53 @@
+//! The compute device of a run, and where each stage puts its work on it.
+
+use candle_core::{Device, DeviceLocation};
+
+use crate::{input_error, PipelineError};
+
+/// Parses `cpu` or `cuda:N` (`cuda` alone is `cuda:0`) and opens the device.
+///
+/// ```
+/// let cpu = clipcid_pipeline::parse_device("cpu")?;
+/// assert!(cpu.is_cpu());
+/// assert!(clipcid_pipeline::parse_device("tpu").is_err());
+/// # Ok::<(), clipcid_pipeline::PipelineError>(())
+/// ```
+pub fn parse_device(s: &str) -> Result<Device, PipelineError> {
+    if s == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let Some(n) = s.strip_prefix("cuda").map(|r| r.trim_start_matches(':')) else {
+        input_error!("unknown device `{s}`: use `cpu` or `cuda:N`");
+    };
+    let n: usize = if n.is_empty() {
+        0
+    } else {
+        match n.parse() {
+            Ok(n) => n,
+            Err(_) => input_error!("bad CUDA ordinal in `{s}`"),
+        }
+    };
+    Device::new_cuda(n).map_err(|e| {
+        PipelineError::Input(format!(
+            "cannot open {s} (was clipcid built with `--features cuda`?): {e}"
+        ))
+    })
+}
+
+/// The GPU faiss should train k-means on for a run on `location`: the same CUDA ordinal as
+/// the run's tensors, or `None` (the CPU). Every stage that builds a [`clipcid_cluster::KMeans`]
+/// goes through [`crate::kmeans_for`], which calls this, so the demo and `clipcid cluster`
+/// cannot disagree about where k-means runs.
+///
+/// ```
+/// use candle_core::DeviceLocation;
+/// use clipcid_pipeline::faiss_gpu;
+/// assert_eq!(faiss_gpu(DeviceLocation::Cpu), None);
+/// assert_eq!(faiss_gpu(DeviceLocation::Cuda { gpu_id: 1 }), Some(1));
+/// ```
+pub fn faiss_gpu(location: DeviceLocation) -> Option<i32> {
+    match location {
+        DeviceLocation::Cuda { gpu_id } => i32::try_from(gpu_id).ok(),
+        _ => None,
+    }
+}

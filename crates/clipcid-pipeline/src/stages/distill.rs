@@ -1,0 +1,71 @@
+//! `clipcid distill`: train a student from a TOML run config.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use clipcid_train::{DistillConfig, RunSummary, Trainer};
+
+use crate::PipelineError;
+
+/// Options of [`open_trainer`] (the `clipcid distill` arguments).
+#[derive(Debug, Clone, PartialEq, clap::Args)]
+pub struct DistillArgs {
+    /// The run's TOML config (see `examples/configs/`); paths in it are relative to it.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Run folder: `checkpoints/`, `metrics.jsonl`, `loss.png` and the final `student/`.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue from the newest checkpoint in `--out`.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after this many steps in total (checkpointed; continue later with `--resume`).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl DistillArgs {
+    /// A fresh run to the end, without a progress bar.
+    pub fn new(config: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
+        Self {
+            config: config.into(),
+            out: out.into(),
+            resume: false,
+            max_steps: None,
+            quiet: true,
+        }
+    }
+}
+
+/// Reads the run config and opens a trainer on it: a fresh run in `args.out`, or with
+/// `args.resume` the newest checkpoint there. Run it with
+/// `trainer.run(args.max_steps, !args.quiet)`.
+pub fn open_trainer(args: &DistillArgs, device: &Device) -> Result<Trainer, PipelineError> {
+    let config = DistillConfig::from_file(&args.config)?;
+    Ok(if args.resume {
+        Trainer::resume(config, &args.out, device)?
+    } else {
+        Trainer::new(config, &args.out, device)?
+    })
+}
+
+/// Trains a fresh run of `config` in `out` to its last step; returns the run's summary and
+/// the finished student's Hugging Face folder.
+pub fn train_student(
+    config: DistillConfig,
+    out: &Path,
+    progress: bool,
+    device: &Device,
+) -> Result<(RunSummary, PathBuf), PipelineError> {
+    let summary = Trainer::new(config, out, device)?.run(None, progress)?;
+    let student = summary.student.clone().ok_or_else(|| {
+        PipelineError::Input(format!(
+            "{}: the run stopped before its last step",
+            out.display()
+        ))
+    })?;
+    Ok((summary, student))
+}

@@ -1,0 +1,114 @@
+//! The keep file written by `clipcid balance`: which embedding rows survive near-duplicate
+//! removal.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::StoreError;
+
+/// Value of the `clipcid.kind` metadata key in keep files.
+pub const KEEP_KIND: &str = "balance";
+
+/// A keep file: per balanced row (in shard order) whether it survives and its dataset id;
+/// when written by the balance stage, also each row's duplicate set and each set's kept row.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct KeepList {
+    /// Per balanced row (shard order): kept?
+    pub keep: Vec<bool>,
+    /// Per balanced row: dataset id.
+    pub ids: Vec<i64>,
+}
+
+impl KeepList {
+    /// Reads `keep` and `ids` from a file written by [`write_keep_file`]; a missing tensor or
+    /// mismatched lengths are errors naming the file.
+    pub fn read(path: &Path) -> Result<Self, StoreError> {
+        let bad = |msg: &str| StoreError::file(path, msg);
+        let mut t = crate::io::load_tensors(path)?;
+        let keep = t
+            .remove("keep")
+            .ok_or_else(|| bad("no `keep` tensor (not a keep file from `clipcid balance`?)"))?;
+        let keep: Vec<bool> = keep
+            .flatten_all()?
+            .to_dtype(DType::U8)?
+            .to_vec1::<u8>()?
+            .into_iter()
+            .map(|b| b != 0)
+            .collect();
+        let ids: Vec<i64> = match t.remove("ids") {
+            Some(x) => x.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?,
+            None => return Err(bad("no `ids` tensor")),
+        };
+        if ids.len() != keep.len() {
+            return Err(StoreError::file(
+                path,
+                format!("{} keep flags but {} ids", keep.len(), ids.len()),
+            ));
+        }
+        Ok(Self { keep, ids })
+    }
+
+    /// Number of kept rows.
+    pub fn kept(&self) -> usize {
+        self.keep.iter().filter(|&&k| k).count()
+    }
+
+    /// Dataset ids of the kept rows, in order.
+    pub fn kept_ids(&self) -> impl Iterator<Item = i64> + '_ {
+        self.ids
+            .iter()
+            .zip(&self.keep)
+            .filter(|(_, &kept)| kept)
+            .map(|(&id, _)| id)
+    }
+}
+
+/// Writes a keep file atomically: `keep` u8 `[n]`, `set_id` u32 `[n]` (each row's duplicate
+/// set), `representatives` u32 `[sets]` (the row each set keeps), `ids` i64 `[n]`; metadata
+/// `clipcid.kind = balance` and `summary` (JSON), also written beside it as `<name>.json`.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use clipcid_store::{write_keep_file, KeepList};
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("keep.safetensors");
+/// // Rows 0 and 1 are duplicates (set 0, represented by row 1); row 2 stands alone.
+/// let keep = [false, true, true];
+/// write_keep_file(&path, &keep, &[0, 0, 1], &[1, 2], &[10, 11, 12], &"summary")?;
+/// let list = KeepList::read(&path)?;
+/// assert_eq!(list.kept_ids().collect::<Vec<_>>(), vec![11, 12]);
+/// # Ok(()) }
+/// ```
+pub fn write_keep_file(
+    path: &Path,
+    keep: &[bool],
+    set_id: &[u32],
+    representatives: &[u32],
+    ids: &[i64],
+    summary: &impl serde::Serialize,
+) -> Result<(), StoreError> {
+    let cpu = Device::Cpu;
+    let n = keep.len();
+    if ids.len() != n || set_id.len() != n {
+        return Err(StoreError::file(
+            path,
+            format!(
+                "{} ids and {} set ids for {n} balanced rows",
+                ids.len(),
+                set_id.len()
+            ),
+        ));
+    }
+    let keep: Vec<u8> = keep.iter().map(|&k| k as u8).collect();
+    let tensors = vec![
+        ("keep".to_string(), Tensor::from_vec(keep, n, &cpu)?),
+        ("set_id".to_string(), Tensor::from_slice(set_id, n, &cpu)?),
+        (
+            "representatives".to_string(),
+            Tensor::from_slice(representatives, representatives.len(), &cpu)?,
+        ),
+        ("ids".to_string(), Tensor::from_slice(ids, n, &cpu)?),
+    ];
+    crate::io::write_with_summary(path, tensors, KEEP_KIND, summary)
+}

@@ -1,0 +1,43 @@
+//! The file formats every clipcid stage reads and writes, in one crate below all stages, so
+//! that each stage depends on the formats and not on the stage that wrote them.
+//!
+//! - [`io`]: safetensors written atomically (temporary file, then rename) with sorted,
+//!   byte-reproducible headers; header-only reads that check a file is complete.
+//! - [`EmbeddingShard`] and [`ShardLayout`]: the teacher embedding shards of `clipcid embed`
+//!   (`image` `[n, D]`, optional `text` `[n, D]`, `ids`, keys in the metadata).
+//! - [`KeepList`] and [`write_keep_file`]: the keep file of `clipcid balance`.
+//! - [`ClusterFile`]: the centroids and pseudo-labels of `clipcid cluster`.
+//!
+//! Every error is a [`StoreError`] naming the file and what is wrong with it.
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use candle_core::{Device, Tensor};
+//! use clipcid_store::{io, shard_path, EmbeddingShard};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let path = shard_path(dir.path(), 0);
+//! let image = Tensor::new(&[[3f32, 4.0], [0.0, 2.0]], &Device::Cpu)?;
+//! io::write_safetensors(&path, [("image".to_string(), image)], &Default::default())?;
+//!
+//! let shard = EmbeddingShard::read(&path)?;
+//! assert_eq!((shard.len(), shard.dim()), (2, 2));
+//! assert_eq!(shard.unit_image_rows(|_| true)?, vec![0.6, 0.8, 0.0, 1.0]);
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+pub mod clusters;
+mod error;
+pub mod io;
+mod keep;
+mod shard;
+
+pub use clusters::{
+    read_clusters, write_clusters, ClusterFile, ClusterSummary, KMeansInit, SizeSummary,
+};
+pub use error::StoreError;
+pub use keep::{write_keep_file, KeepList, KEEP_KIND};
+pub use shard::{
+    expand_shard_inputs, list_shards, shard_path, EmbeddingShard, ShardLayout, SHARD_KIND,
+};

@@ -1,0 +1,71 @@
+//! Per-step metrics: `metrics.jsonl`, one JSON object per optimiser step.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::TrainError;
+
+/// What one optimiser step measured (one line of `metrics.jsonl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// Optimiser steps done, this one included.
+    pub step: u64,
+    /// Epoch of this step (from 0).
+    pub epoch: u64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Weighted total loss (mean over micro-batches).
+    pub loss: f64,
+    /// Each enabled term, unweighted, by name (`clip`, `cluster`, `cluster_cls`, `cluster_kl`,
+    /// `instance`, `piccollage`).
+    pub terms: std::collections::BTreeMap<String, f64>,
+    /// Mean cosine similarity of student and teacher image embeddings in the batch (when
+    /// the run has teacher embeddings of the student's width).
+    pub teacher_cosine: Option<f64>,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Samples in the step (after dropping unreadable images).
+    pub samples: usize,
+    /// Wall time of the step.
+    pub seconds: f64,
+}
+
+pub(super) fn append_metrics(path: &Path, m: &StepMetrics) -> Result<(), TrainError> {
+    let line = serde_json::to_string(m).map_err(|e| TrainError::Config(e.to_string()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| TrainError::io(path, "cannot open", e))?;
+    writeln!(f, "{line}").map_err(|e| TrainError::io(path, "cannot write", e))
+}
+
+/// Reads a `metrics.jsonl` (empty when the file does not exist); a bad line is an error
+/// naming the file and line.
+pub fn read_metrics(path: &Path) -> Result<Vec<StepMetrics>, TrainError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(TrainError::io(path, "cannot read", e)),
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| TrainError::Input(format!("{}: line {}: {e}", path.display(), i + 1)))
+        })
+        .collect()
+}
+
+pub(super) fn write_metrics(path: &Path, rows: &[StepMetrics]) -> Result<(), TrainError> {
+    let mut out = String::new();
+    for m in rows {
+        out.push_str(&serde_json::to_string(m).map_err(|e| TrainError::Config(e.to_string()))?);
+        out.push('\n');
+    }
+    clipcid_store::io::write_atomic(path, out.as_bytes())?;
+    Ok(())
+}

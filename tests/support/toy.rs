@@ -1,0 +1,86 @@
+//! Small generated inputs for the examples' default runs and for tests: coloured, textured
+//! images with captions or class folders, and a seeded random teacher with its tokenizer.
+//! Real runs pass real data and a real teacher instead.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use clipcid_models::{ClipConfig, ClipModel, ClipTokenizer};
+
+/// Class colours of the generated images.
+pub const COLOURS: [(&str, [u8; 3]); 4] = [
+    ("red", [220, 30, 30]),
+    ("green", [30, 170, 60]),
+    ("blue", [40, 60, 220]),
+    ("yellow", [235, 210, 40]),
+];
+
+/// A 28 x 28 image of class `c`: its colour, shifted per image, with a stripe pattern and a
+/// texture of its own (`i`), so that even a random teacher's embeddings of two images are
+/// rarely near-duplicates.
+pub fn image(c: usize, i: usize) -> image::RgbImage {
+    let hash = |v: u32| (v.wrapping_mul(2_654_435_761) >> 24) as u8;
+    let colour = COLOURS[c % COLOURS.len()].1;
+    let shift = [
+        hash(i as u32 * 3 + 1),
+        hash(i as u32 * 5 + 2),
+        hash(i as u32 * 7 + 3),
+    ];
+    let period = 2 + (i as u32 % 7);
+    image::RgbImage::from_fn(28, 28, |x, y| {
+        let stripe = if ((x + y * (i as u32 % 3)) / period).is_multiple_of(2) {
+            0
+        } else {
+            90
+        };
+        let n = hash(x * 7 + y * 13 + i as u32 * 31) / 3;
+        image::Rgb([0, 1, 2].map(|k| {
+            let v = colour[k] / 2 + shift[k] / 2;
+            v.saturating_sub(n).saturating_sub(stripe)
+        }))
+    })
+}
+
+/// `n` captioned images (`dir/<i>.png` and `dir/captions.tsv`, "a red square"...); returns
+/// `dir`.
+pub fn captioned_images(dir: &Path, n: usize) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    std::fs::create_dir_all(dir)?;
+    let mut tsv = String::new();
+    for i in 0..n {
+        let c = i % COLOURS.len();
+        image(c, i).save(dir.join(format!("{i}.png")))?;
+        tsv.push_str(&format!("{i}.png\ta {} square\n", COLOURS[c].0));
+    }
+    std::fs::write(dir.join("captions.tsv"), tsv)?;
+    Ok(dir.to_path_buf())
+}
+
+/// A labelled folder: `dir/<colour>/<i>.png`, `per_class` images per colour; returns `dir`.
+pub fn labelled_images(
+    dir: &Path,
+    per_class: usize,
+    offset: usize,
+) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    for (c, (name, _)) in COLOURS.iter().enumerate() {
+        let class_dir = dir.join(name);
+        std::fs::create_dir_all(&class_dir)?;
+        for i in 0..per_class {
+            image(c, offset + i).save(class_dir.join(format!("{i}.png")))?;
+        }
+    }
+    Ok(dir.to_path_buf())
+}
+
+/// A Hugging Face CLIP folder (`model.safetensors`, `config.json`, byte-level
+/// `tokenizer.json`) with seeded random weights of the `preset` shape; returns `dir`.
+pub fn random_teacher(
+    dir: &Path,
+    preset: &str,
+    seed: u64,
+) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let cfg = ClipConfig::preset(preset)?;
+    ClipModel::random(&cfg, seed, &Device::Cpu)?.save_pretrained(dir, DType::F32)?;
+    ClipTokenizer::byte_level(cfg.text_config.max_position_embeddings)?
+        .save(&dir.join("tokenizer.json"))?;
+    Ok(dir.to_path_buf())
+}
