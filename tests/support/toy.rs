@@ -84,3 +84,47 @@ pub fn random_teacher(
         .save(&dir.join("tokenizer.json"))?;
     Ok(dir.to_path_buf())
 }
+
+/// A miniature of what `scripts/fetch-data.sh` writes into `data` (generated images in the
+/// same folders, a random BERT as the locked-text teacher's text tower, a byte-level CLIP
+/// tokenizer), so the demo's default path runs offline in seconds: tests never need the
+/// real data.
+pub fn default_data(data: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let shards = data.join("shards");
+    std::fs::create_dir_all(&shards)?;
+    let mut tsv = String::new();
+    for i in 0..256 {
+        let c = i % COLOURS.len();
+        image(c, i).save(shards.join(format!("{i}.png")))?;
+        tsv.push_str(&format!("{i}.png\ta {} digit {c}\n", COLOURS[c].0));
+    }
+    std::fs::write(shards.join("captions.tsv"), tsv)?;
+    for (split, per_class, offset) in [("train", 10, 1000), ("test", 5, 2000)] {
+        for c in 0..COLOURS.len() {
+            let dir = data.join("digits").join(split).join(c.to_string());
+            std::fs::create_dir_all(&dir)?;
+            for i in 0..per_class {
+                image(c, offset + 10 * i + c).save(dir.join(format!("{i}.png")))?;
+            }
+        }
+    }
+    for (folder, n) in [("photos", 8), ("text-images", 2)] {
+        std::fs::create_dir_all(data.join(folder))?;
+        for i in 0..n {
+            image(i % COLOURS.len(), 3000 + i).save(data.join(folder).join(format!("{i}.png")))?;
+        }
+    }
+    std::fs::write(
+        data.join("SOURCES.md"),
+        "# Default data\n\n| set | images |\n|---|---|\n| generated | 256 |\n",
+    )?;
+    let bert = r#"{"vocab_size": 16, "hidden_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "intermediate_size": 64, "hidden_act": "gelu",
+        "max_position_embeddings": 32, "model_type": "bert"}"#;
+    let vocab = [
+        "a", "digit", "red", "green", "blue", "yellow", "0", "1", "2", "3",
+    ];
+    clipcid_models::weights::write_random_bert(&data.join("raw/minilm"), bert, &vocab, 3)?;
+    ClipTokenizer::byte_level(77)?.save(&data.join("clip-tokenizer.json"))?;
+    Ok(())
+}

@@ -4,7 +4,7 @@
 //! tensors, so the same code serves a frozen teacher loaded from disk and a trainable student
 //! whose tensors are `candle_nn::Var`s. Layer norm and softmax use candle's fused kernels when no
 //! gradient is needed (they have no backward pass). When one is, f32 CPU tensors go through
-//! this crate's fused kernels with hand-written backward passes (`fused.rs`), and other
+//! the fused kernels with hand-written backward passes of `clipcid_kernels::cpu`, and other
 //! devices and dtypes through differentiable primitive ops.
 
 use std::collections::HashMap;
@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Module, Result, Tensor, D};
 
 use crate::config::Activation;
-use clipcid_kernels::cpu as fused;
+use clipcid_kernels::cpu;
 
 /// Name -> tensor map a model is built from.
 pub(crate) type Params = HashMap<String, Tensor>;
@@ -30,8 +30,8 @@ fn needs_grad(ts: &[&Tensor]) -> bool {
 /// Softmax over the last dimension, differentiable when its input tracks gradients.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if needs_grad(&[x]) {
-        if fused::is_cpu_f32(x) {
-            return fused::softmax_last_dim(x);
+        if cpu::is_cpu_f32(x) {
+            return cpu::softmax_last_dim(x);
         }
         let max = x.max_keepdim(D::Minus1)?;
         let e = x.broadcast_sub(&max)?.exp()?;
@@ -55,8 +55,8 @@ pub use clipcid_kernels::max_abs_diff;
 /// # Ok::<(), candle_core::Error>(())
 /// ```
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
-    if needs_grad(&[x]) && fused::is_cpu_f32(x) {
-        return fused::quick_gelu(x);
+    if needs_grad(&[x]) && cpu::is_cpu_f32(x) {
+        return cpu::quick_gelu(x);
     }
     x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
 }
@@ -91,9 +91,9 @@ impl Module for LayerNorm {
         }
         if [x, &self.weight, &self.bias]
             .iter()
-            .all(|t| fused::is_cpu_f32(t))
+            .all(|t| cpu::is_cpu_f32(t))
         {
-            return fused::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
+            return cpu::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
         }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
@@ -108,7 +108,7 @@ impl Module for LayerNorm {
 }
 
 /// `y = x W^T + b` over the last dimension. On the CPU in f32 the product goes through
-/// OpenBLAS (`fused::matmul`, with its own backward pass); elsewhere through candle's matmul.
+/// OpenBLAS (`cpu::matmul`, with its own backward pass); elsewhere through candle's matmul.
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
     weight: Tensor,
@@ -124,9 +124,9 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let on_blas = fused::is_cpu_f32(x)
-            && fused::is_cpu_f32(&self.weight)
-            && self.bias.as_ref().is_none_or(fused::is_cpu_f32);
+        let on_blas = cpu::is_cpu_f32(x)
+            && cpu::is_cpu_f32(&self.weight)
+            && self.bias.as_ref().is_none_or(cpu::is_cpu_f32);
         if !on_blas {
             return candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(x);
         }
@@ -134,8 +134,8 @@ impl Module for Linear {
         let rows = x.elem_count() / k.max(1);
         let x2 = x.contiguous()?.reshape((rows, k))?;
         let y = match &self.bias {
-            Some(b) => fused::linear(&x2, &self.weight, b)?,
-            None => fused::matmul(&x2, &self.weight.t()?)?,
+            Some(b) => cpu::linear(&x2, &self.weight, b)?,
+            None => cpu::matmul(&x2, &self.weight.t()?)?,
         };
         let mut dims = x.dims().to_vec();
         if let Some(last) = dims.last_mut() {

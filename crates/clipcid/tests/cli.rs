@@ -259,65 +259,6 @@ fn cluster_from_the_command_line() {
     );
 }
 
-/// A miniature of what `scripts/fetch-data.sh` writes (generated images, a random BERT as
-/// the text tower), so the demo's default path runs offline in seconds: the real data is
-/// never needed by tests.
-fn fake_default_data(data: &Path) {
-    let colours = [
-        [220u8, 30, 30],
-        [30, 170, 60],
-        [40, 60, 220],
-        [235, 210, 40],
-    ];
-    let words = ["red", "green", "blue", "yellow"];
-    // Each image its own texture over its class colour, so few are near-duplicates.
-    let img = |c: usize, i: usize| {
-        image::RgbImage::from_fn(28, 28, |x, y| {
-            let n = ((x * 7 + y * 13 + i as u32 * 31).wrapping_mul(2_654_435_761) >> 24) as u8 / 3;
-            image::Rgb(colours[c].map(|v| v.saturating_sub(n)))
-        })
-    };
-    let shards = data.join("shards");
-    std::fs::create_dir_all(&shards).unwrap();
-    let mut tsv = String::new();
-    for i in 0..256 {
-        img(i % 4, i).save(shards.join(format!("{i}.png"))).unwrap();
-        tsv.push_str(&format!("{i}.png\ta {} digit {}\n", words[i % 4], i % 4));
-    }
-    std::fs::write(shards.join("captions.tsv"), tsv).unwrap();
-    for (split, n) in [("train", 40), ("test", 20)] {
-        for c in 0..4 {
-            let dir = data.join("digits").join(split).join(c.to_string());
-            std::fs::create_dir_all(&dir).unwrap();
-            for i in 0..n / 4 {
-                img(c, i).save(dir.join(format!("{i}.png"))).unwrap();
-            }
-        }
-    }
-    for (folder, n) in [("photos", 8), ("text-images", 2)] {
-        std::fs::create_dir_all(data.join(folder)).unwrap();
-        for i in 0..n {
-            img(i % 4, i + 3)
-                .save(data.join(folder).join(format!("{i}.png")))
-                .unwrap();
-        }
-    }
-    std::fs::write(
-        data.join("SOURCES.md"),
-        "# Default data\n\n| set | images |\n|---|---|\n| generated | 256 |\n",
-    )
-    .unwrap();
-    let bert = r#"{"vocab_size": 16, "hidden_size": 32, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "intermediate_size": 64, "hidden_act": "gelu",
-        "max_position_embeddings": 32, "model_type": "bert"}"#;
-    let vocab = [
-        "a", "digit", "red", "green", "blue", "yellow", "0", "1", "2", "3",
-    ];
-    clipcid_models::weights::write_random_bert(&data.join("raw/minilm"), bert, &vocab, 3).unwrap();
-    let (ok, text) = clipcid(&["tokenizer", "--out", s(&data.join("clip-tokenizer.json"))]);
-    assert!(ok, "{text}");
-}
-
 #[test]
 fn demo_then_distill_with_stop_and_resume_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
@@ -327,7 +268,7 @@ fn demo_then_distill_with_stop_and_resume_from_the_command_line() {
     // Without the fetched data: a clear error saying how to get it.
     let (ok, text) = clipcid(&["demo", "--data", s(&data), "--out", s(&out)]);
     assert!(!ok && text.contains("scripts/fetch-data.sh"), "{text}");
-    fake_default_data(&data);
+    clipcid_suite::toy::default_data(&data).unwrap();
     // The whole pipeline at a toy size; no ../shared/teacher beside the temp folder, so the
     // locked-text teacher is built (and reused by a second run).
     let demo = |teacher_epochs: &str| {
