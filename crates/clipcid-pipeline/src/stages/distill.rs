@@ -69,3 +69,35 @@ pub fn train_student(
     })?;
     Ok((summary, student))
 }
+
+/// Writes a run config as TOML (so it can be re-run with `clipcid distill`; its relative paths
+/// are relative to the file) and reads it back through the parser the command line uses.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use clipcid_train::{DataConfig, DistillConfig, Mode};
+/// let dir = tempfile::tempdir()?;
+/// std::fs::create_dir(dir.path().join("images"))?;
+/// std::fs::create_dir(dir.path().join("emb"))?;
+/// let config = DistillConfig {
+///     mode: Mode::Piccollage,
+///     data: DataConfig {
+///         dataset: "images".into(),
+///         embeddings: Some("emb".into()),
+///         ..DataConfig::default()
+///     },
+///     ..DistillConfig::default()
+/// };
+/// let read = clipcid_pipeline::write_run_config(&dir.path().join("run.toml"), &config)?;
+/// assert_eq!(read.data.dataset, dir.path().join("images")); // relative to the file
+/// # Ok(()) }
+/// ```
+pub fn write_run_config(
+    path: &Path,
+    config: &DistillConfig,
+) -> Result<DistillConfig, PipelineError> {
+    let text = toml::to_string_pretty(config)
+        .map_err(|e| PipelineError::Input(format!("{}: cannot write TOML: {e}", path.display())))?;
+    clipcid_store::io::write_atomic(path, text.as_bytes())?;
+    Ok(DistillConfig::from_file(path)?)
+}
