@@ -87,17 +87,7 @@ impl TrainingSet {
         }
         let index = dataset.index()?;
         let keep: Option<HashSet<i64>> = match &data.keep {
-            Some(p) => {
-                let k = clipcid_store::KeepList::read(p)?;
-                Some(
-                    k.ids
-                        .iter()
-                        .zip(&k.keep)
-                        .filter(|(_, &kept)| kept)
-                        .map(|(&id, _)| id)
-                        .collect(),
-                )
-            }
+            Some(p) => Some(clipcid_store::KeepList::read(p)?.kept_ids().collect()),
             None => None,
         };
         let clusters = match (&data.clusters, needs.clusters) {
