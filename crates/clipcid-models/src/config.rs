@@ -352,6 +352,25 @@ impl ClipConfig {
         v
     }
 
+    /// Writes [`ClipConfig::to_hf_json`] as a pretty-printed Hugging Face `config.json` to
+    /// `path`, atomically (what `transformers` and a run config's `student.model` read).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let dir = tempfile::tempdir()?;
+    /// let cfg = clipcid_models::ClipConfig::preset("tiny")?;
+    /// cfg.save_json(&dir.path().join("config.json"))?;
+    /// let back: clipcid_models::ClipConfig =
+    ///     serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json"))?)?;
+    /// assert_eq!(back, cfg);
+    /// # Ok(()) }
+    /// ```
+    pub fn save_json(&self, path: &std::path::Path) -> Result<(), ModelError> {
+        let json = serde_json::to_vec_pretty(&self.to_hf_json())
+            .map_err(|e| ModelError::Config(e.to_string()))?;
+        Ok(clipcid_store::io::write_atomic(path, &json)?)
+    }
+
     /// A locked-text config: a CLIP image tower of shape `vision` projected into the
     /// embedding space of the BERT text tower described by `bert_config_json` (a
     /// `transformers` `BertConfig` `config.json`, e.g. all-MiniLM-L6-v2's). The text

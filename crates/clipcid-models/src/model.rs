@@ -488,9 +488,7 @@ impl ClipModel {
         std::fs::create_dir_all(dir)
             .map_err(|e| ModelError::file(dir, format!("cannot create folder: {e}")))?;
         self.save(&dir.join("model.safetensors"), dtype)?;
-        let json = serde_json::to_vec_pretty(&self.config.to_hf_json())
-            .map_err(|e| ModelError::Config(e.to_string()))?;
-        Ok(io::write_atomic(&dir.join("config.json"), &json)?)
+        self.config.save_json(&dir.join("config.json"))
     }
 }
 

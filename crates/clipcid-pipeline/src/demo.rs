@@ -309,10 +309,7 @@ pub fn run(opts: &DemoOptions, device: &Device, say: &mut dyn FnMut(&str)) -> Re
     )?;
 
     let student_cfg = student_config(teacher.eval.model.config(), &student_tok)?;
-    let student_json = out.join("student-config.json");
-    let json = serde_json::to_vec_pretty(&student_cfg.to_hf_json())
-        .map_err(|e| PipelineError::Input(format!("{}: {e}", student_json.display())))?;
-    clipcid_store::io::write_atomic(&student_json, &json)?;
+    student_cfg.save_json(&out.join("student-config.json"))?;
     let dataset = std::path::absolute(&data.shards)
         .map_err(|e| PipelineError::io(&data.shards, "find", e))?;
     // 64 a step, fewer only when balancing left a toy-sized set.

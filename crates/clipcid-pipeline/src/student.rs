@@ -65,8 +65,6 @@ pub fn half_size_student(teacher: &ClipConfig) -> Result<ClipConfig, PipelineErr
 pub fn write_half_size_student(teacher: &Path, path: &Path) -> Result<ClipConfig, PipelineError> {
     let teacher = ClipModel::load(teacher, &Device::Cpu)?;
     let student = half_size_student(teacher.config())?;
-    let json = serde_json::to_vec_pretty(&student.to_hf_json())
-        .map_err(|e| PipelineError::Input(format!("{}: {e}", path.display())))?;
-    clipcid_store::io::write_atomic(path, &json)?;
+    student.save_json(path)?;
     Ok(student)
 }
