@@ -158,19 +158,107 @@ impl Default for TextConfig {
 /// assert_eq!(cfg.vision_config.hidden_size, 384);
 /// assert_eq!(cfg.projection_dim, 512);
 /// ```
+///
+/// Deserialising reads a Hugging Face `config.json` as `transformers`' `CLIPConfig` does:
+/// omitted fields take `CLIPConfig`'s defaults, `null` means "not set", unknown keys are
+/// ignored, and the legacy `text_config_dict` / `vision_config_dict` (found in OpenAI's and
+/// LAION's Hub configs) override `text_config` / `vision_config` key by key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, try_from = "serde_json::Value")]
 pub struct ClipConfig {
     /// Width of the joint image-text embedding space.
     pub projection_dim: usize,
     /// Initial value of the learnable log logit scale, `ln(1 / 0.07)` in CLIP.
     pub logit_scale_init_value: f64,
     /// Image tower.
-    #[serde(alias = "vision_config_dict")]
     pub vision_config: VisionConfig,
     /// Text tower.
-    #[serde(alias = "text_config_dict")]
     pub text_config: TextConfig,
+}
+
+/// The fields of a Hub `config.json` after [`hf_overlay`]; the same shape as [`ClipConfig`].
+#[derive(Deserialize)]
+#[serde(default)]
+struct HfClipConfig {
+    projection_dim: usize,
+    logit_scale_init_value: f64,
+    vision_config: VisionConfig,
+    text_config: TextConfig,
+}
+
+impl Default for HfClipConfig {
+    fn default() -> Self {
+        let c = ClipConfig::default();
+        Self {
+            projection_dim: c.projection_dim,
+            logit_scale_init_value: c.logit_scale_init_value,
+            vision_config: c.vision_config,
+            text_config: c.text_config,
+        }
+    }
+}
+
+/// Top-level `model_type`s whose tensors use the names clipcid reads.
+const MODEL_TYPES: [&str; 2] = ["clip", "vision-text-dual-encoder"];
+
+/// Merges `{tower}_config_dict` over `{tower}_config` and drops `null` values (so defaults
+/// apply), as `transformers`' `CLIPConfig.__init__` does; checks the `model_type`s.
+fn hf_overlay(mut v: serde_json::Value) -> Result<serde_json::Value, String> {
+    let obj = v
+        .as_object_mut()
+        .ok_or("a model config must be a JSON object")?;
+    if let Some(t) = obj.get("model_type").and_then(|t| t.as_str()) {
+        if !MODEL_TYPES.contains(&t) {
+            return Err(format!(
+                "model_type `{t}` is not a CLIP model (clipcid reads {})",
+                MODEL_TYPES.join(", ")
+            ));
+        }
+    }
+    for tower in ["text", "vision"] {
+        let mut merged = serde_json::Map::new();
+        for key in [format!("{tower}_config"), format!("{tower}_config_dict")] {
+            match obj.remove(&key) {
+                None | Some(serde_json::Value::Null) => {}
+                Some(serde_json::Value::Object(m)) => merged.extend(m),
+                Some(other) => return Err(format!("`{key}` must be an object, not {other}")),
+            }
+        }
+        // `null` means "use the default", except for the one optional field, where it means
+        // "none" (a BERT tower has no end token), as in `transformers`.
+        merged.retain(|k, v| !v.is_null() || k == "eos_token_id");
+        let kind = merged.get("model_type").and_then(|t| t.as_str());
+        let known: &[&str] = match tower {
+            "text" => &["clip_text_model", "clip", "bert"],
+            _ => &["clip_vision_model", "clip"],
+        };
+        if let Some(k) = kind.filter(|k| !known.contains(k)) {
+            return Err(format!(
+                "{tower} tower model_type `{k}` is not supported (clipcid reads {})",
+                known.join(", ")
+            ));
+        }
+        if tower == "text" && kind == Some("clip") {
+            merged.insert("model_type".into(), "clip_text_model".into());
+        }
+        obj.insert(format!("{tower}_config"), serde_json::Value::Object(merged));
+    }
+    obj.retain(|_, v| !v.is_null());
+    Ok(v)
+}
+
+impl TryFrom<serde_json::Value> for ClipConfig {
+    type Error = String;
+
+    fn try_from(v: serde_json::Value) -> Result<Self, Self::Error> {
+        let hf: HfClipConfig = serde_json::from_value(hf_overlay(v)?).map_err(|e| e.to_string())?;
+        Ok(Self {
+            projection_dim: hf.projection_dim,
+            logit_scale_init_value: hf.logit_scale_init_value,
+            vision_config: hf.vision_config,
+            text_config: hf.text_config,
+        })
+    }
 }
 
 impl Default for ClipConfig {
@@ -348,6 +436,10 @@ impl ClipConfig {
             };
             obj.insert("model_type".into(), model_type.into());
             obj.insert("architectures".into(), serde_json::json!([class]));
+            // Without it `transformers` builds its default vision class for a dual encoder.
+            if let Some(vision) = obj.get_mut("vision_config").and_then(|v| v.as_object_mut()) {
+                vision.insert("model_type".into(), "clip_vision_model".into());
+            }
         }
         v
     }
@@ -369,6 +461,69 @@ impl ClipConfig {
         let json = serde_json::to_vec_pretty(&self.to_hf_json())
             .map_err(|e| ModelError::Config(e.to_string()))?;
         Ok(clipcid_store::io::write_atomic(path, &json)?)
+    }
+
+    /// Reads an open_clip model config: the Hub's `open_clip_config.json` (`{"model_cfg": ..,
+    /// "preprocess_cfg": ..}`) or a bare model config as in open_clip's `model_configs/*.json`
+    /// (`{"embed_dim": .., "vision_cfg": .., "text_cfg": ..}`).
+    ///
+    /// Every omitted field takes the default of open_clip's `CLIPVisionCfg` / `CLIPTextCfg`
+    /// (open_clip 3.x): vision width 768, 12 layers, head width 64, patch 16, 224 px; text width
+    /// 512, **8 heads**, 12 layers, context 77, vocabulary 49,408; MLP ratio 4; `quick_gelu`
+    /// false (exact GELU). Options that change the architecture beyond that (timm or Hugging Face
+    /// towers, LayerScale, attentional pooling, other pooling, custom attention blocks, ...) are
+    /// refused with the field's name rather than loaded wrongly.
+    ///
+    /// ```
+    /// use clipcid_models::{Activation, ClipConfig};
+    /// // open_clip's model_configs/ViT-B-32.json minus the fields open_clip defaults.
+    /// let bare = r#"{"embed_dim": 512, "vision_cfg": {"patch_size": 32}, "text_cfg": {}}"#;
+    /// let cfg = ClipConfig::from_open_clip_json(bare).unwrap();
+    /// assert_eq!(cfg.text_config.num_attention_heads, 8);
+    /// assert_eq!(cfg.vision_config.num_attention_heads, 12); // 768 / head_width 64
+    /// assert_eq!(cfg.vision_config.hidden_act, Activation::Gelu);
+    /// ```
+    pub fn from_open_clip_json(json: &str) -> Result<Self, ModelError> {
+        let cfg = crate::weights::open_clip::open_clip_config(json).map_err(ModelError::Config)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// open_clip's `model_cfg` for this model (what `open_clip_config.json` holds under
+    /// `model_cfg`), with every shape field written out. Models open_clip cannot express (a
+    /// BERT text tower, different activations per tower, ...) are an error saying why.
+    ///
+    /// ```
+    /// use clipcid_models::ClipConfig;
+    /// let cfg = ClipConfig::preset("vit-b-32").unwrap();
+    /// let json = cfg.to_open_clip_json().unwrap().to_string();
+    /// assert_eq!(ClipConfig::from_open_clip_json(&json).unwrap(), cfg);
+    /// ```
+    pub fn to_open_clip_json(&self) -> Result<serde_json::Value, ModelError> {
+        crate::weights::open_clip::open_clip_model_cfg(self).map_err(ModelError::Config)
+    }
+
+    /// Reads a model config file of either family: a Hugging Face `config.json` (see
+    /// [`ClipConfig`]'s deserialisation) or an open_clip config, wrapped or bare (see
+    /// [`ClipConfig::from_open_clip_json`]). Errors name the file.
+    pub fn from_json_file(path: &std::path::Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ModelError::file(path, format!("cannot read: {e}")))?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::file(path, format!("not JSON: {e}")))?;
+        let open_clip = ["model_cfg", "embed_dim", "vision_cfg", "text_cfg"]
+            .iter()
+            .any(|k| value.get(k).is_some());
+        let cfg = if open_clip {
+            Self::from_open_clip_json(&text)
+                .map_err(|e| ModelError::file(path, format!("not an open_clip config: {e}")))?
+        } else {
+            let cfg: Self = serde_json::from_value(value)
+                .map_err(|e| ModelError::file(path, format!("not a CLIP config: {e}")))?;
+            cfg.validate().map_err(|e| ModelError::file(path, e))?;
+            cfg
+        };
+        Ok(cfg)
     }
 
     /// A locked-text config: a CLIP image tower of shape `vision` projected into the

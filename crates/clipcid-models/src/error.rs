@@ -36,6 +36,10 @@ pub enum ModelError {
     /// Inconsistent model shape.
     #[error("invalid model config: {0}")]
     Config(String),
+    /// A Hugging Face Hub repository could not be resolved to local files (not cached while
+    /// offline, no network, no such repository or file).
+    #[error("Hugging Face Hub: {0}")]
+    Hub(String),
     /// Tokenizer construction or encoding failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

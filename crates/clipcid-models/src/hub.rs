@@ -7,12 +7,22 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::weights::checkpoint::shard_files;
+use crate::weights::CHECKPOINT_FILES;
 use crate::ModelError;
 
-/// Files a CLIP model repository must hold (Hugging Face layout).
-pub const HUB_FILES: [&str; 2] = ["config.json", "model.safetensors"];
-/// Files fetched when present.
-pub const HUB_OPTIONAL_FILES: [&str; 1] = ["tokenizer.json"];
+/// Config files of a CLIP repository, one of which must be there: `transformers`' and
+/// open_clip's.
+pub const HUB_CONFIG_FILES: [&str; 2] = ["config.json", "open_clip_config.json"];
+/// Files fetched when present: tokenizer and preprocessing configs of either family.
+pub const HUB_OPTIONAL_FILES: [&str; 6] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "preprocessor_config.json",
+];
 
 /// Whether `HF_HUB_OFFLINE` asks for no network (`1`, `true`, `yes`, `on`).
 pub fn hub_offline() -> bool {
@@ -37,7 +47,7 @@ pub fn hub_cache_dir() -> Result<PathBuf, ModelError> {
     std::env::var_os("HOME")
         .map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
         .ok_or_else(|| {
-            ModelError::Config("no Hugging Face cache: set HF_HUB_CACHE or HF_HOME".into())
+            ModelError::Hub("no cache folder: set HF_HUB_CACHE or HF_HOME".into())
         })
 }
 
@@ -57,9 +67,11 @@ pub fn is_repo_id(spec: &str) -> bool {
 }
 
 /// Resolves a model argument to a local path: an existing file or folder as it is, or a Hub
-/// repository id to its cached snapshot folder (downloading [`HUB_FILES`] and, when present,
-/// [`HUB_OPTIONAL_FILES`] unless offline). Offline and not cached, or neither a path nor a
-/// repository id, is an error that says what to do.
+/// repository id to its cached snapshot folder. A repository needs a config
+/// ([`HUB_CONFIG_FILES`]) and a checkpoint ([`CHECKPOINT_FILES`], the first the repository
+/// has; a sharded index brings its shards); [`HUB_OPTIONAL_FILES`] come along when present.
+/// Unless offline, what the cache lacks is downloaded. Offline and not cached, or neither a
+/// path nor a repository id, is an error that says what to do.
 ///
 /// ```
 /// # fn main() -> Result<(), clipcid_models::ModelError> {
@@ -81,17 +93,34 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf, ModelError> {
     }
     let cache = hf_hub::Cache::new(hub_cache_dir()?);
     let cached = cache.model(spec.to_string());
-    let from_cache: Option<Vec<PathBuf>> = HUB_FILES.iter().map(|f| cached.get(f)).collect();
-    if let Some(files) = from_cache {
-        return snapshot_dir(&files[0]);
+    if let Some(dir) = cached_snapshot(&cached)? {
+        return Ok(dir);
     }
     if hub_offline() {
-        return Err(ModelError::Config(format!(
-            "`{spec}` is not in the Hugging Face cache at {} and HF_HUB_OFFLINE is set: download it on a machine with network access (or unset HF_HUB_OFFLINE), or pass a local checkpoint path",
+        return Err(ModelError::Hub(format!(
+            "`{spec}` is not cached (no config and checkpoint under {}) and HF_HUB_OFFLINE is set, so nothing is downloaded: fetch it on a machine with network access (or unset HF_HUB_OFFLINE), or pass a local checkpoint path",
             cache.path().display()
         )));
     }
     download(spec, &cache)
+}
+
+/// The snapshot folder of a cached repository that holds a config and a whole checkpoint.
+fn cached_snapshot(cached: &hf_hub::CacheRepo) -> Result<Option<PathBuf>, ModelError> {
+    let Some(config) = HUB_CONFIG_FILES.iter().find_map(|f| cached.get(f)) else {
+        return Ok(None);
+    };
+    for f in CHECKPOINT_FILES {
+        let Some(p) = cached.get(f) else { continue };
+        if f.ends_with(".index.json") {
+            let shards = shard_files(&p)?;
+            if !shards.iter().all(|s| cached.get(s).is_some()) {
+                continue;
+            }
+        }
+        return snapshot_dir(&config).map(Some);
+    }
+    Ok(None)
 }
 
 #[cfg(feature = "hub")]
@@ -99,28 +128,41 @@ fn download(spec: &str, cache: &hf_hub::Cache) -> Result<PathBuf, ModelError> {
     let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
         .with_progress(true)
         .build()
-        .map_err(|e| ModelError::Config(format!("Hugging Face Hub client: {e}")))?;
+        .map_err(|e| ModelError::Hub(format!("cannot start the client: {e}")))?;
     let repo = api.model(spec.to_string());
-    let mut first = None;
-    for f in HUB_FILES {
-        let p = repo.get(f).map_err(|e| {
-            ModelError::Config(format!(
-                "cannot fetch {f} of `{spec}` from the Hugging Face Hub: {e} (offline? set HF_HUB_OFFLINE=1 to use only the cache, or pass a local path)"
-            ))
-        })?;
-        first.get_or_insert(p);
+    let fetch_first = |names: &[&str], what: &str| -> Result<(String, PathBuf), ModelError> {
+        let mut errors = vec![];
+        for f in names {
+            match repo.get(f) {
+                Ok(p) => return Ok((f.to_string(), p)),
+                Err(e) => errors.push(format!("{f}: {e}")),
+            }
+        }
+        Err(ModelError::Hub(format!(
+            "cannot fetch {what} of `{spec}` (tried {}): is the repository id right, and is the network reachable? (set HF_HUB_OFFLINE=1 to use only the cache, or pass a local path)",
+            errors.join("; ")
+        )))
+    };
+    let (_, config) = fetch_first(&HUB_CONFIG_FILES, "a model config")?;
+    let (name, checkpoint) = fetch_first(&CHECKPOINT_FILES, "a checkpoint")?;
+    if name.ends_with(".index.json") {
+        for shard in shard_files(&checkpoint)? {
+            repo.get(&shard).map_err(|e| {
+                ModelError::Hub(format!("cannot fetch shard {shard} of `{spec}`: {e}"))
+            })?;
+        }
     }
-    for f in HUB_OPTIONAL_FILES {
+    for f in HUB_CONFIG_FILES.iter().chain(&HUB_OPTIONAL_FILES) {
         if let Err(e) = repo.get(f) {
             log::info!("`{spec}` has no {f}: {e}");
         }
     }
-    snapshot_dir(&first.ok_or_else(|| ModelError::Config("no files".into()))?)
+    snapshot_dir(&config)
 }
 
 #[cfg(not(feature = "hub"))]
 fn download(spec: &str, _cache: &hf_hub::Cache) -> Result<PathBuf, ModelError> {
-    Err(ModelError::Config(format!(
+    Err(ModelError::Hub(format!(
         "`{spec}` is not cached and this build has no Hub client (enable the `hub` feature)"
     )))
 }

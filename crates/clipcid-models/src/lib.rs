@@ -41,8 +41,8 @@ pub use clipcid_kernels::l2_normalize;
 pub use config::{Activation, ClipConfig, TextConfig, TextTowerKind, VisionConfig, PRESETS};
 pub use error::ModelError;
 pub use hub::{
-    hub_cache_dir, hub_offline, is_repo_id, resolve_model, HUB_FILES, HUB_OPTIONAL_FILES,
+    hub_cache_dir, hub_offline, is_repo_id, resolve_model, HUB_CONFIG_FILES, HUB_OPTIONAL_FILES,
 };
 pub use model::{BertTextTower, ClipModel, TextTower, TextTransformer, VisionTransformer};
 pub use tokenizer::{ClipTokenizer, END_OF_TEXT, START_OF_TEXT};
-pub use weights::{locked_text_tensors, Checkpoint, Layout};
+pub use weights::{locked_text_tensors, Checkpoint, Layout, LoadOptions, CHECKPOINT_FILES};

@@ -36,9 +36,30 @@ fn repo_ids_resolve_from_the_cache_offline() {
 
     let e = resolve_model("someone/not-cached").unwrap_err().to_string();
     assert!(
-        e.contains("someone/not-cached") && e.contains("HF_HUB_OFFLINE") && e.contains("hub"),
+        e.starts_with("Hugging Face Hub: `someone/not-cached` is not cached")
+            && e.contains("HF_HUB_OFFLINE"),
         "{e}"
     );
+    // A cached index whose shards are not all cached is not a cached model.
+    let sharded = cache.join("models--someone--sharded");
+    std::fs::create_dir_all(sharded.join("refs")).unwrap();
+    std::fs::write(sharded.join("refs/main"), "r1").unwrap();
+    let snap = sharded.join("snapshots/r1");
+    std::fs::create_dir_all(&snap).unwrap();
+    ClipConfig::preset("tiny")
+        .unwrap()
+        .save_json(&snap.join("config.json"))
+        .unwrap();
+    std::fs::write(
+        snap.join("model.safetensors.index.json"),
+        r#"{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}"#,
+    )
+    .unwrap();
+    std::fs::write(snap.join("model-00001-of-00002.safetensors"), b"x").unwrap();
+    let e = resolve_model("someone/sharded").unwrap_err().to_string();
+    assert!(e.contains("is not cached"), "{e}");
+    std::fs::write(snap.join("model-00002-of-00002.safetensors"), b"x").unwrap();
+    assert_eq!(resolve_model("someone/sharded").unwrap(), snap);
     let e = resolve_model("no/such/path.safetensors")
         .unwrap_err()
         .to_string();

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use clipcid_models::weights::{hf_to_open_clip, init_tensors};
-use clipcid_models::{ClipConfig, ClipModel, ClipTokenizer, Layout, ModelError};
+use clipcid_models::{
+    Activation, ClipConfig, ClipModel, ClipTokenizer, Layout, LoadOptions, ModelError,
+};
 use clipcid_store::io;
 
 fn tiny() -> ClipConfig {
@@ -134,9 +136,223 @@ fn config_is_inferred_from_shapes_for_openai_style_widths() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bare.safetensors");
     io::write_safetensors(&path, init_tensors(&cfg, 1).unwrap(), &HashMap::new()).unwrap();
-    let ck = clipcid_models::Checkpoint::read(&path, None).unwrap();
-    assert_eq!(ck.config_source, "inferred from tensor shapes");
-    assert_eq!(ck.config, cfg);
+    // The shapes cannot say which activation: no guess, an error naming the choice.
+    let msg = clipcid_models::Checkpoint::read(&path, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("bare.safetensors") && msg.contains("--activation quick_gelu"),
+        "{msg}"
+    );
+    for act in [Activation::QuickGelu, Activation::Gelu] {
+        let opts = LoadOptions {
+            activation: Some(act),
+            ..LoadOptions::default()
+        };
+        let ck = clipcid_models::Checkpoint::read_with(&path, &opts).unwrap();
+        assert!(ck.config_source.starts_with("inferred from tensor shapes"));
+        let mut want = cfg.clone();
+        want.vision_config.hidden_act = act;
+        want.text_config.hidden_act = act;
+        assert_eq!(ck.config, want);
+    }
+}
+
+#[test]
+fn sharded_safetensors_load_like_one_file() {
+    let cfg = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let all = init_tensors(&cfg, 5).unwrap();
+    let one = dir.path().join("one");
+    std::fs::create_dir(&one).unwrap();
+    io::write_safetensors(&one.join("model.safetensors"), all.clone(), &HashMap::new()).unwrap();
+    cfg.save_json(&one.join("config.json")).unwrap();
+    let sharded = dir.path().join("sharded");
+    std::fs::create_dir(&sharded).unwrap();
+    cfg.save_json(&sharded.join("config.json")).unwrap();
+    let (mut a, mut b) = (HashMap::new(), HashMap::new());
+    let mut weight_map = serde_json::Map::new();
+    for (i, (name, t)) in all.iter().enumerate() {
+        let shard = if i % 2 == 0 { &mut a } else { &mut b };
+        shard.insert(name.clone(), t.clone());
+        let file = format!("model-0000{}-of-00002.safetensors", 1 + i % 2);
+        weight_map.insert(name.clone(), file.into());
+    }
+    io::write_safetensors(
+        &sharded.join("model-00001-of-00002.safetensors"),
+        a,
+        &HashMap::new(),
+    )
+    .unwrap();
+    io::write_safetensors(
+        &sharded.join("model-00002-of-00002.safetensors"),
+        b.clone(),
+        &HashMap::new(),
+    )
+    .unwrap();
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
+    std::fs::write(
+        sharded.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let x = ClipModel::load(&one, &Device::Cpu).unwrap();
+    let y = ClipModel::load(&sharded, &Device::Cpu).unwrap();
+    for (name, t) in x.tensors() {
+        assert_eq!(max_abs_diff(t, &y.tensors()[name]), 0.0, "{name}");
+    }
+    // A shard that lost a tensor the index promises is named.
+    let (gone, _) = b.iter().next().unwrap();
+    let gone = gone.clone();
+    b.remove(&gone);
+    io::write_safetensors(
+        &sharded.join("model-00002-of-00002.safetensors"),
+        b,
+        &HashMap::new(),
+    )
+    .unwrap();
+    let msg = ClipModel::load(&sharded, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("model-00002-of-00002.safetensors") && msg.contains(&gone),
+        "{msg}"
+    );
+}
+
+#[test]
+fn hub_configs_give_each_models_published_shape() {
+    // (file, projection, text width/heads/layers, vision width/heads/layers/patch/size, act)
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hub-configs");
+    let q = Activation::QuickGelu;
+    let g = Activation::Gelu;
+    let cases = [
+        (
+            "openai-clip-vit-base-patch32.json",
+            512,
+            (512, 8, 12),
+            (768, 12, 12, 32, 224),
+            q,
+        ),
+        (
+            "openai-clip-vit-base-patch16.json",
+            512,
+            (512, 8, 12),
+            (768, 12, 12, 16, 224),
+            q,
+        ),
+        (
+            "openai-clip-vit-large-patch14.json",
+            768,
+            (768, 12, 12),
+            (1024, 16, 24, 14, 224),
+            q,
+        ),
+        (
+            "openai-clip-vit-large-patch14-336.json",
+            768,
+            (768, 12, 12),
+            (1024, 16, 24, 14, 336),
+            q,
+        ),
+        (
+            "laion-CLIP-ViT-H-14-laion2B-s32B-b79K.json",
+            1024,
+            (1024, 16, 24),
+            (1280, 16, 32, 14, 224),
+            g,
+        ),
+        (
+            "laion-CLIP-ViT-bigG-14-laion2B-39B-b160k.json",
+            1280,
+            (1280, 20, 32),
+            (1664, 16, 48, 14, 224),
+            g,
+        ),
+    ];
+    for (file, proj, (tw, th, tl), (vw, vh, vl, p, size), act) in cases {
+        let cfg = ClipConfig::from_json_file(&dir.join(file)).unwrap();
+        let (t, v) = (&cfg.text_config, &cfg.vision_config);
+        assert_eq!(cfg.projection_dim, proj, "{file}");
+        assert_eq!(
+            (t.hidden_size, t.num_attention_heads, t.num_hidden_layers),
+            (tw, th, tl),
+            "{file}"
+        );
+        assert_eq!(
+            (
+                v.hidden_size,
+                v.num_attention_heads,
+                v.num_hidden_layers,
+                v.patch_size,
+                v.image_size
+            ),
+            (vw, vh, vl, p, size),
+            "{file}"
+        );
+        assert_eq!((t.hidden_act, v.hidden_act), (act, act), "{file}");
+        assert_eq!(t.intermediate_size, 4 * tw, "{file}");
+        // The legacy eos_token_id 2 means "pool at the highest id".
+        assert_eq!(cfg.eos_token_id(), None, "{file}");
+    }
+}
+
+#[test]
+fn open_clip_configs_fill_open_clips_defaults() {
+    // Text heads default to 8 (not width / 64), vision heads to width / head_width 64.
+    let cfg = ClipConfig::from_open_clip_json(
+        r#"{"model_cfg": {"embed_dim": 640, "vision_cfg": {"width": 896, "layers": 2, "patch_size": 14},
+            "text_cfg": {"width": 640, "layers": 2}}, "preprocess_cfg": {}}"#,
+    )
+    .unwrap();
+    assert_eq!(cfg.text_config.num_attention_heads, 8);
+    assert_eq!(cfg.vision_config.num_attention_heads, 14);
+    assert_eq!(cfg.text_config.max_position_embeddings, 77);
+    assert_eq!(cfg.vision_config.image_size, 224);
+    assert_eq!(cfg.text_config.hidden_act, Activation::Gelu);
+    // The bare form (open_clip's model_configs/*.json) reads the same.
+    let bare = ClipConfig::from_open_clip_json(
+        r#"{"embed_dim": 640, "quick_gelu": true, "vision_cfg": {"width": 896, "layers": 2, "patch_size": 14},
+            "text_cfg": {"width": 640, "layers": 2}}"#,
+    )
+    .unwrap();
+    assert_eq!(bare.text_config.hidden_act, Activation::QuickGelu);
+    assert_eq!(bare.text_config.num_attention_heads, 8);
+    // Architecture options clipcid does not build are refused by name.
+    for (json, field) in [
+        (
+            r#"{"embed_dim": 8, "vision_cfg": {"ls_init_value": 1e-5}, "text_cfg": {}}"#,
+            "vision_cfg.ls_init_value",
+        ),
+        (
+            r#"{"embed_dim": 8, "vision_cfg": {"timm_model_name": "vit"}, "text_cfg": {}}"#,
+            "vision_cfg.timm_model_name",
+        ),
+        (
+            r#"{"embed_dim": 8, "vision_cfg": {}, "text_cfg": {"hf_model_name": "roberta"}}"#,
+            "text_cfg.hf_model_name",
+        ),
+        (
+            r#"{"embed_dim": 8, "vision_cfg": {"layers": [3, 4, 6, 3]}, "text_cfg": {}}"#,
+            "vision_cfg.layers",
+        ),
+        (
+            r#"{"embed_dim": 8, "vision_cfg": {}, "text_cfg": {"pool_type": "last"}}"#,
+            "text_cfg.pool_type",
+        ),
+    ] {
+        let msg = ClipConfig::from_open_clip_json(json)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains(field), "{field}: {msg}");
+    }
+    // Written out again, every shape field round-trips.
+    for name in clipcid_models::PRESETS {
+        let c = ClipConfig::preset(name).unwrap();
+        let back =
+            ClipConfig::from_open_clip_json(&c.to_open_clip_json().unwrap().to_string()).unwrap();
+        assert_eq!(back, c, "{name}");
+    }
 }
 
 #[test]
