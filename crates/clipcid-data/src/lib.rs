@@ -1,6 +1,7 @@
 //! Image-text data for clipcid: readers for a folder of images with a captions TSV/CSV,
 //! WebDataset tar shards (as img2dataset writes them) and labelled image folders; CLIP
-//! preprocessing; parallel (rayon) decoding into candle batches. A corrupt or unreadable
+//! preprocessing as `transformers` or open_clip computes it (Pillow-exact resampling, each
+//! family's crop rule); parallel (rayon) decoding into candle batches. A corrupt or unreadable
 //! sample is skipped, logged with its key and counted, never fatal.
 //!
 //! ```
@@ -30,9 +31,11 @@ mod dataset;
 mod error;
 mod index;
 mod preprocess;
+mod resample;
 
 pub use batch::{decode_batch, Batch, BatchIter, Skipped};
 pub use dataset::{Dataset, Sample, SampleStream, Source, IMAGE_EXTENSIONS};
 pub use error::DataError;
 pub use index::SampleIndex;
-pub use preprocess::{Preprocess, CLIP_MEAN, CLIP_STD};
+pub use preprocess::{CropRule, Preprocess, PreprocessFamily, Resize, CLIP_MEAN, CLIP_STD};
+pub use resample::{pil_resize, Resample};

@@ -1,13 +1,89 @@
-//! CLIP image preprocessing: resize the shorter side (bicubic), centre crop, scale to [0, 1],
-//! normalise per channel. Matches torchvision's `Resize(s, BICUBIC)`, `CenterCrop(s)`,
-//! `ToTensor()`, `Normalize(mean, std)` as used by CLIP and open_clip.
+//! CLIP image preprocessing as each checkpoint family computes it: resize (Pillow-exact,
+//! see [`pil_resize`]), centre crop, scale to [0, 1], normalise per channel.
+//!
+//! The two families differ in one rule that matters: where the centre crop starts when the
+//! margin is odd. open_clip (torchvision's `CenterCrop`) rounds half the margin, ties to even;
+//! `transformers`' `CLIPImageProcessor` floors it. At 224 px one photo in four is shifted by a
+//! pixel between the two, and far more at small sizes, so a checkpoint must be preprocessed
+//! by its own family's rule ([`Preprocess::for_model`]).
 
-use image::{imageops::FilterType, DynamicImage, RgbImage};
+use std::path::Path;
+
+use image::{DynamicImage, RgbImage};
+
+use crate::resample::{pil_resize, Resample};
+use crate::DataError;
 
 /// OpenAI CLIP's per-channel mean (RGB).
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// OpenAI CLIP's per-channel standard deviation (RGB).
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+
+/// Where a centre crop starts when the image is larger than the crop by an odd margin
+/// (and where a smaller image sits in the zero padding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CropRule {
+    /// `transformers`: offset `floor(margin / 2)`; padding puts the image at
+    /// `ceil(pad / 2)`.
+    Floor,
+    /// torchvision's `CenterCrop` (open_clip): offset `round(margin / 2)`, ties to even;
+    /// padding puts the image at `floor(pad / 2)`.
+    Round,
+}
+
+/// How the image is resized before the crop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resize {
+    /// Shorter side to this length, the longer one to `int(len * long / short)`, as
+    /// torchvision's `Resize(int)` and `transformers`' `{"shortest_edge": n}`.
+    ShortestEdge(usize),
+    /// Exactly this size, aspect ratio not kept (open_clip's `resize_mode: "squash"`,
+    /// `transformers`' `{"height": h, "width": w}`).
+    Exact {
+        /// Output height.
+        height: usize,
+        /// Output width.
+        width: usize,
+    },
+}
+
+/// Which family's preprocessing a model gets ([`Preprocess::for_model`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PreprocessFamily {
+    /// Decided by the model's files: `preprocessor_config.json` means `transformers`, an
+    /// `open_clip_config.json` or open_clip tensor names mean open_clip, otherwise
+    /// `transformers` (clipcid's own folders are in its layout).
+    #[default]
+    Auto,
+    /// `transformers`' `CLIPImageProcessor` (floor crop).
+    Transformers,
+    /// open_clip's `image_transform` (round crop).
+    OpenClip,
+}
+
+impl std::str::FromStr for PreprocessFamily {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "transformers" | "hf" => Ok(Self::Transformers),
+            "open-clip" | "open_clip" | "openclip" => Ok(Self::OpenClip),
+            _ => Err(format!(
+                "unknown preprocessing `{s}` (auto, transformers, open-clip)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for PreprocessFamily {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Transformers => "transformers",
+            Self::OpenClip => "open-clip",
+        })
+    }
+}
 
 /// Image -> normalised `[3, size, size]` pixels.
 ///
@@ -21,8 +97,14 @@ pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Preprocess {
-    /// Output side length (the model's image size).
+    /// Output side length (the model's image size): the centre crop.
     pub image_size: usize,
+    /// Resize before the crop.
+    pub resize: Resize,
+    /// Resampling filter of the resize (Pillow's, bit for bit).
+    pub resample: Resample,
+    /// Crop offset rule.
+    pub crop: CropRule,
     /// Per-channel mean subtracted after scaling to [0, 1].
     pub mean: [f32; 3],
     /// Per-channel standard deviation divided by.
@@ -30,38 +112,344 @@ pub struct Preprocess {
 }
 
 impl Preprocess {
-    /// CLIP's preprocessing at `image_size`.
+    /// clipcid's default at `image_size`: `transformers`' CLIP preprocessing
+    /// ([`Preprocess::transformers`]), the rule its own model folders declare in the
+    /// `preprocessor_config.json` they carry.
     pub fn clip(image_size: usize) -> Self {
+        Self::transformers(image_size)
+    }
+
+    /// `transformers`' `CLIPImageProcessor` defaults at `image_size`: shortest edge to
+    /// `image_size` (Pillow bicubic), centre crop with the floor rule, OpenAI's mean and std.
+    pub fn transformers(image_size: usize) -> Self {
         Self {
             image_size,
+            resize: Resize::ShortestEdge(image_size),
+            resample: Resample::Bicubic,
+            crop: CropRule::Floor,
             mean: CLIP_MEAN,
             std: CLIP_STD,
         }
     }
 
-    /// Resizes so the shorter side is `image_size` (bicubic, Catmull-Rom, as PIL's BICUBIC)
-    /// and centre-crops to a square, returning an RGB image `image_size` on each side.
+    /// open_clip's `image_transform` defaults (eval): `Resize(image_size, BICUBIC)` on the
+    /// PIL image, torchvision's `CenterCrop` (round rule), OpenAI's mean and std.
+    pub fn open_clip(image_size: usize) -> Self {
+        Self {
+            crop: CropRule::Round,
+            ..Self::transformers(image_size)
+        }
+    }
+
+    /// Reads a `transformers` `preprocessor_config.json` (a `CLIPImageProcessor`'s): `size`
+    /// (`{"shortest_edge": n}`, `{"height", "width"}` or a bare number), `crop_size`,
+    /// `resample` (Pillow code), `image_mean`, `image_std`, and the `do_*` switches. The
+    /// crop must be `image_size` square (the model's input); what cannot be honoured
+    /// (no rescale to [0, 1], a crop of another size) is an error naming the field.
+    pub fn from_hf_preprocessor_config(path: &Path, image_size: usize) -> Result<Self, DataError> {
+        let bad = |msg: String| DataError::format(path, msg);
+        let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let flag = |k: &str| v.get(k).and_then(|x| x.as_bool()).unwrap_or(true);
+        let mut p = Self::transformers(image_size);
+        if let Some(code) = v.get("resample").filter(|x| !x.is_null()) {
+            let code = code
+                .as_i64()
+                .ok_or_else(|| bad(format!("`resample` must be a Pillow filter code, not {code}")))?;
+            p.resample = Resample::from_pil_code(code).map_err(|e| bad(e.to_string()))?;
+        }
+        if let Some(m) = v.get("image_mean").filter(|x| !x.is_null()) {
+            p.mean = three(m).map_err(|e| bad(format!("`image_mean`: {e}")))?;
+        }
+        if let Some(s) = v.get("image_std").filter(|x| !x.is_null()) {
+            p.std = three_positive(s).map_err(|e| bad(format!("`image_std`: {e}")))?;
+        }
+        if !flag("do_normalize") {
+            p.mean = [0.0; 3];
+            p.std = [1.0; 3];
+        }
+        if !flag("do_rescale") {
+            return Err(bad("`do_rescale: false` (pixels not scaled to [0, 1]) is not supported".into()));
+        }
+        if let Some(f) = v.get("rescale_factor").and_then(|x| x.as_f64()) {
+            if (f - 1.0 / 255.0).abs() > 1e-9 {
+                return Err(bad(format!("`rescale_factor` {f} is not 1/255")));
+            }
+        }
+        let size = |key: &str| -> Result<Option<(Option<usize>, usize, usize)>, DataError> {
+            let Some(s) = v.get(key).filter(|x| !x.is_null()) else {
+                return Ok(None);
+            };
+            let get = |k: &str| s.get(k).and_then(|x| x.as_u64()).map(|x| x as usize);
+            if let Some(n) = s.as_u64() {
+                return Ok(Some((Some(n as usize), n as usize, n as usize)));
+            }
+            match (get("shortest_edge"), get("height"), get("width")) {
+                (Some(n), _, _) => Ok(Some((Some(n), n, n))),
+                (None, Some(h), Some(w)) => Ok(Some((None, h, w))),
+                _ => Err(bad(format!(
+                    "`{key}` must be a number, {{\"shortest_edge\": n}} or {{\"height\": h, \"width\": w}}, not {s}"
+                ))),
+            }
+        };
+        if flag("do_resize") {
+            p.resize = match size("size")? {
+                Some((Some(n), _, _)) => Resize::ShortestEdge(n),
+                Some((None, height, width)) => Resize::Exact { height, width },
+                None => Resize::ShortestEdge(image_size),
+            };
+        } else {
+            return Err(bad("`do_resize: false` is not supported (images of any size must become the model's input size)".into()));
+        }
+        let crop = if flag("do_center_crop") {
+            size("crop_size")?.map(|(_, h, w)| (h, w)).unwrap_or((image_size, image_size))
+        } else {
+            match p.resize {
+                Resize::Exact { height, width } => (height, width),
+                Resize::ShortestEdge(_) => {
+                    return Err(bad("`do_center_crop: false` with a `shortest_edge` size gives non-square inputs; not supported".into()))
+                }
+            }
+        };
+        if crop != (image_size, image_size) {
+            return Err(bad(format!(
+                "crop size {}x{} is not the model's input size {image_size}x{image_size}",
+                crop.0, crop.1
+            )));
+        }
+        Ok(p)
+    }
+
+    /// Reads open_clip's preprocessing from an `open_clip_config.json` (its
+    /// `preprocess_cfg`) or from a bare `preprocess_cfg` object: `size`, `mean`, `std`,
+    /// `interpolation` (`bicubic`, `bilinear`), `resize_mode` (`shortest`, `squash`); omitted
+    /// fields take open_clip's defaults. A config without `preprocess_cfg` gives
+    /// [`Preprocess::open_clip`].
+    pub fn from_open_clip_config(path: &Path, image_size: usize) -> Result<Self, DataError> {
+        let bad = |msg: String| DataError::format(path, msg);
+        let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let cfg = if v.get("model_cfg").is_some() {
+            v.get("preprocess_cfg").cloned().unwrap_or(serde_json::Value::Null)
+        } else if v.get("embed_dim").is_some() || v.get("vision_cfg").is_some() {
+            serde_json::Value::Null
+        } else {
+            v
+        };
+        Self::from_open_clip_preprocess_cfg(&cfg, image_size).map_err(bad)
+    }
+
+    /// open_clip's `preprocess_cfg` object (see [`Preprocess::from_open_clip_config`]).
+    ///
+    /// ```
+    /// use clipcid_data::{CropRule, Preprocess, Resample};
+    /// let cfg = serde_json::json!({"interpolation": "bilinear", "mean": [0.5, 0.5, 0.5]});
+    /// let p = Preprocess::from_open_clip_preprocess_cfg(&cfg, 224).unwrap();
+    /// assert_eq!((p.crop, p.resample, p.mean), (CropRule::Round, Resample::Bilinear, [0.5; 3]));
+    /// ```
+    pub fn from_open_clip_preprocess_cfg(
+        cfg: &serde_json::Value,
+        image_size: usize,
+    ) -> Result<Self, String> {
+        let mut p = Self::open_clip(image_size);
+        if cfg.is_null() {
+            return Ok(p);
+        }
+        let field = |k: &str| cfg.get(k).filter(|x| !x.is_null());
+        if let Some(s) = field("size") {
+            let sizes: Vec<u64> = match s {
+                serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64()).collect(),
+                other => other.as_u64().into_iter().collect(),
+            };
+            if sizes.is_empty() || sizes.iter().any(|&x| x as usize != image_size) {
+                return Err(format!(
+                    "preprocess_cfg size {s} is not the model's image size {image_size}"
+                ));
+            }
+        }
+        if let Some(m) = field("mean") {
+            p.mean = three(m).map_err(|e| format!("preprocess_cfg mean: {e}"))?;
+        }
+        if let Some(s) = field("std") {
+            p.std = three_positive(s).map_err(|e| format!("preprocess_cfg std: {e}"))?;
+        }
+        if let Some(i) = field("interpolation") {
+            let name = i.as_str().unwrap_or("");
+            p.resample = match name {
+                "bicubic" => Resample::Bicubic,
+                "bilinear" => Resample::Bilinear,
+                "nearest" => Resample::Nearest,
+                "lanczos" => Resample::Lanczos,
+                _ => return Err(format!("preprocess_cfg interpolation {i} is not supported")),
+            };
+        }
+        match field("resize_mode").and_then(|m| m.as_str()) {
+            None | Some("shortest") => {}
+            Some("squash") => {
+                p.resize = Resize::Exact {
+                    height: image_size,
+                    width: image_size,
+                }
+            }
+            Some(other) => {
+                return Err(format!(
+                    "preprocess_cfg resize_mode `{other}` is not supported (shortest, squash)"
+                ))
+            }
+        }
+        if let Some(mode) = field("mode").and_then(|m| m.as_str()) {
+            if mode != "RGB" {
+                return Err(format!("preprocess_cfg mode `{mode}` is not supported (RGB)"));
+            }
+        }
+        Ok(p)
+    }
+
+    /// The preprocessing a model folder (or checkpoint file) asks for. With
+    /// [`PreprocessFamily::Auto`]: its `preprocessor_config.json` when present, else the
+    /// `preprocess_cfg` of its `open_clip_config.json`, else open_clip's defaults when
+    /// `open_clip_layout` (the checkpoint's tensor names are open_clip's), else
+    /// `transformers`' defaults. A forced family reads its own file when present and its
+    /// defaults otherwise. Returns the preprocessing and where it came from, for reports.
+    ///
+    /// ```
+    /// use clipcid_data::{CropRule, Preprocess, PreprocessFamily};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let (p, _) = Preprocess::for_model(dir.path(), 224, PreprocessFamily::Auto, true).unwrap();
+    /// assert_eq!(p.crop, CropRule::Round); // open_clip tensor names, no config files
+    /// let (p, _) = Preprocess::for_model(dir.path(), 224, PreprocessFamily::Transformers, true).unwrap();
+    /// assert_eq!(p.crop, CropRule::Floor);
+    /// ```
+    pub fn for_model(
+        model: &Path,
+        image_size: usize,
+        family: PreprocessFamily,
+        open_clip_layout: bool,
+    ) -> Result<(Self, String), DataError> {
+        let dir = if model.is_dir() {
+            model
+        } else {
+            model.parent().unwrap_or(Path::new("."))
+        };
+        let hf = dir.join("preprocessor_config.json");
+        let oc = dir.join("open_clip_config.json");
+        let use_hf = match family {
+            PreprocessFamily::Transformers => true,
+            PreprocessFamily::OpenClip => false,
+            PreprocessFamily::Auto => hf.is_file() || !(oc.is_file() || open_clip_layout),
+        };
+        if use_hf {
+            if hf.is_file() {
+                let p = Self::from_hf_preprocessor_config(&hf, image_size)?;
+                return Ok((p, format!("transformers, from {}", hf.display())));
+            }
+            return Ok((Self::transformers(image_size), "transformers defaults".into()));
+        }
+        if oc.is_file() {
+            let p = Self::from_open_clip_config(&oc, image_size)?;
+            return Ok((p, format!("open_clip, from {}", oc.display())));
+        }
+        Ok((Self::open_clip(image_size), "open_clip defaults".into()))
+    }
+
+    /// This preprocessing as a `transformers` `preprocessor_config.json` (a
+    /// `CLIPImageProcessor`), for model folders clipcid writes. Only the floor crop rule can
+    /// be expressed there; a [`CropRule::Round`] preprocessing is written with the floor rule
+    /// and differs by at most a one-pixel shift on odd margins.
+    pub fn to_hf_preprocessor_config(&self) -> serde_json::Value {
+        let size = match self.resize {
+            Resize::ShortestEdge(n) => serde_json::json!({"shortest_edge": n}),
+            Resize::Exact { height, width } => serde_json::json!({"height": height, "width": width}),
+        };
+        serde_json::json!({
+            "image_processor_type": "CLIPImageProcessor",
+            "processor_class": "CLIPProcessor",
+            "do_resize": true,
+            "size": size,
+            "resample": self.resample.pil_code(),
+            "do_center_crop": true,
+            "crop_size": {"height": self.image_size, "width": self.image_size},
+            "do_rescale": true,
+            "rescale_factor": 1.0 / 255.0,
+            "do_normalize": true,
+            "image_mean": self.mean,
+            "image_std": self.std,
+            "do_convert_rgb": true,
+        })
+    }
+
+    /// This preprocessing as open_clip's `preprocess_cfg` (for `open_clip_config.json`).
+    pub fn to_open_clip_preprocess_cfg(&self) -> serde_json::Value {
+        let resize_mode = match self.resize {
+            Resize::ShortestEdge(_) => "shortest",
+            Resize::Exact { .. } => "squash",
+        };
+        serde_json::json!({
+            "size": self.image_size,
+            "mode": "RGB",
+            "mean": self.mean,
+            "std": self.std,
+            "interpolation": self.resample.name(),
+            "resize_mode": resize_mode,
+            "fill_color": 0,
+        })
+    }
+
+    /// The resized size of a `w` x `h` image.
+    fn resized_size(&self, w: u32, h: u32) -> (u32, u32) {
+        match self.resize {
+            Resize::Exact { height, width } => (width as u32, height as u32),
+            Resize::ShortestEdge(s) => {
+                // torchvision and transformers: int(size * long / short), in floating point.
+                let (short, long) = if w <= h { (w, h) } else { (h, w) };
+                let new_long = (s as f64 * f64::from(long) / f64::from(short)) as u32;
+                if w <= h {
+                    (s as u32, new_long)
+                } else {
+                    (new_long, s as u32)
+                }
+            }
+        }
+    }
+
+    /// Resizes and centre-crops (zero-padding an image smaller than the crop), returning an
+    /// RGB image `image_size` on each side.
     pub fn resize_and_crop(&self, img: &DynamicImage) -> RgbImage {
         let s = self.image_size as u32;
         let rgb = img.to_rgb8();
         let (w, h) = rgb.dimensions();
-        let short = w.min(h);
-        let resized = if short == s {
-            rgb
-        } else {
-            // torchvision: the long side is int(size * long / short).
-            let (nw, nh) = if w <= h {
-                (s, ((s as u64 * h as u64) / w as u64) as u32)
-            } else {
-                (((s as u64 * w as u64) / h as u64) as u32, s)
-            };
-            image::imageops::resize(&rgb, nw.max(1), nh.max(1), FilterType::CatmullRom)
-        };
+        let (nw, nh) = self.resized_size(w, h);
+        let resized = pil_resize(&rgb, nw.max(1), nh.max(1), self.resample);
         let (w, h) = resized.dimensions();
-        // torchvision CenterCrop: offset = round((in - out) / 2), ties to even like Python.
-        let left = ((w.saturating_sub(s)) as f64 / 2.0).round_ties_even() as u32;
-        let top = ((h.saturating_sub(s)) as f64 / 2.0).round_ties_even() as u32;
-        image::imageops::crop_imm(&resized, left, top, s.min(w), s.min(h)).to_image()
+        // Offset of the crop in the resized image (negative: the image sits inside padding).
+        let offset = |len: u32| -> i64 {
+            let (len, s) = (i64::from(len), i64::from(s));
+            if len >= s {
+                match self.crop {
+                    CropRule::Floor => (len - s) / 2,
+                    CropRule::Round => ((len - s) as f64 / 2.0).round_ties_even() as i64,
+                }
+            } else {
+                match self.crop {
+                    CropRule::Floor => -((s - len + 1) / 2),
+                    CropRule::Round => -((s - len) / 2),
+                }
+            }
+        };
+        let (left, top) = (offset(w), offset(h));
+        if left >= 0 && top >= 0 {
+            return image::imageops::crop_imm(&resized, left as u32, top as u32, s, s).to_image();
+        }
+        RgbImage::from_fn(s, s, |x, y| {
+            let (sx, sy) = (i64::from(x) + left, i64::from(y) + top);
+            if sx >= 0 && sy >= 0 && sx < i64::from(w) && sy < i64::from(h) {
+                *resized.get_pixel(sx as u32, sy as u32)
+            } else {
+                image::Rgb([0, 0, 0])
+            }
+        })
     }
 
     /// Channel-major (`[3, H, W]`) normalised pixels of an image.
@@ -72,6 +460,7 @@ impl Preprocess {
         let mut out = vec![0f32; 3 * plane];
         for (i, px) in rgb.pixels().enumerate() {
             for c in 0..3 {
+                // torchvision's ToTensor + Normalize, in f32 and in this order.
                 out[c * plane + i] = (px[c] as f32 / 255.0 - self.mean[c]) / self.std[c];
             }
         }
@@ -87,4 +476,27 @@ impl Preprocess {
         }
         Ok(self.apply(&img))
     }
+}
+
+/// Three numbers from a JSON array.
+fn three(v: &serde_json::Value) -> Result<[f32; 3], String> {
+    let a: Vec<f32> = v
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_f64()).map(|x| x as f32).collect())
+        .unwrap_or_default();
+    let a = <[f32; 3]>::try_from(a.as_slice())
+        .map_err(|_| format!("expected three numbers, not {v}"))?;
+    if a.iter().any(|x| !x.is_finite()) {
+        return Err(format!("expected finite numbers, not {v}"));
+    }
+    Ok(a)
+}
+
+/// Three positive numbers (a standard deviation) from a JSON array.
+fn three_positive(v: &serde_json::Value) -> Result<[f32; 3], String> {
+    let a = three(v)?;
+    if a.iter().any(|&x| x <= 0.0) {
+        return Err(format!("a standard deviation must be positive, not {v}"));
+    }
+    Ok(a)
 }

@@ -38,13 +38,108 @@ fn centre_crop_without_resize_matches_hand_computed_pixels() {
 }
 
 #[test]
-fn odd_crop_offsets_round_half_to_even_like_torchvision() {
-    // 301 wide: (301 - 224) / 2 = 38.5 -> Python round() gives 38; 303 wide: 39.5 -> 40.
-    let p = Preprocess::clip(224);
-    for (w, left) in [(301u32, 38u32), (303, 40)] {
-        let rgb = p.resize_and_crop(&DynamicImage::ImageRgb8(pattern(w, 224)));
-        assert_eq!(rgb.get_pixel(0, 0)[0] as u32, left, "width {w}");
+fn odd_crop_offsets_follow_each_familys_rule() {
+    // 301 wide: (301 - 224) / 2 = 38.5 -> torchvision's round() gives 38, transformers' floor
+    // 38; 303 wide: 39.5 -> round 40 (ties to even), floor 39.
+    for (w, round, floor) in [(301u32, 38u32, 38u32), (303, 40, 39), (225, 0, 0), (226, 1, 1)] {
+        let img = DynamicImage::ImageRgb8(pattern(w, 224));
+        let oc = Preprocess::open_clip(224).resize_and_crop(&img);
+        let hf = Preprocess::transformers(224).resize_and_crop(&img);
+        assert_eq!(oc.get_pixel(0, 0)[0] as u32, round, "open_clip, width {w}");
+        assert_eq!(hf.get_pixel(0, 0)[0] as u32, floor, "transformers, width {w}");
     }
+    // clipcid's default is transformers' rule (what its folders' preprocessor_config says).
+    assert_eq!(Preprocess::clip(224), Preprocess::transformers(224));
+}
+
+#[test]
+fn images_smaller_than_the_crop_are_padded_with_black_by_each_rule() {
+    // Exact resize to 5 x 5 then a 8 x 8 crop: 3 pixels of padding, split 1 + 2 by torchvision
+    // (image at floor(3 / 2) = 1) and 2 + 1 by transformers (image at ceil(3 / 2) = 2).
+    let img = DynamicImage::ImageRgb8(RgbImage::from_pixel(5, 5, Rgb([255, 255, 255])));
+    for (p, at) in [(Preprocess::open_clip(8), 1u32), (Preprocess::transformers(8), 2)] {
+        let p = Preprocess {
+            resize: clipcid_data::Resize::Exact {
+                height: 5,
+                width: 5,
+            },
+            ..p
+        };
+        let rgb = p.resize_and_crop(&img);
+        assert_eq!(rgb.dimensions(), (8, 8));
+        for x in 0..8 {
+            let inside = (at..at + 5).contains(&x);
+            assert_eq!(rgb.get_pixel(x, at)[0] == 255, inside, "{:?} x {x}", p.crop);
+        }
+    }
+}
+
+#[test]
+fn preprocessing_configs_of_both_families_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("preprocessor_config.json");
+    // openai/clip-vit-base-patch32's preprocessor_config.json.
+    std::fs::write(
+        &hf,
+        r#"{"crop_size": 224, "do_center_crop": true, "do_normalize": true, "do_resize": true,
+            "feature_extractor_type": "CLIPFeatureExtractor",
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224}"#,
+    )
+    .unwrap();
+    let p = Preprocess::from_hf_preprocessor_config(&hf, 224).unwrap();
+    assert_eq!(p, Preprocess::transformers(224));
+    // What clipcid writes reads back as itself.
+    let lanczos = Preprocess {
+        resample: clipcid_data::Resample::Lanczos,
+        mean: [0.5; 3],
+        ..Preprocess::transformers(32)
+    };
+    std::fs::write(&hf, lanczos.to_hf_preprocessor_config().to_string()).unwrap();
+    assert_eq!(Preprocess::from_hf_preprocessor_config(&hf, 32).unwrap(), lanczos);
+    // A crop that is not the model's input size is refused, naming the file.
+    let e = Preprocess::from_hf_preprocessor_config(&hf, 64).unwrap_err().to_string();
+    assert!(e.contains("preprocessor_config.json") && e.contains("crop size"), "{e}");
+    std::fs::write(&hf, r#"{"image_std": [0.5, 0, 0.5]}"#).unwrap();
+    let e = Preprocess::from_hf_preprocessor_config(&hf, 224).unwrap_err().to_string();
+    assert!(e.contains("image_std"), "{e}");
+    std::fs::write(&hf, "{}").unwrap(); // all defaults
+
+    // open_clip: the Hub wrapper, defaults filled, and its own rule.
+    let oc = dir.path().join("open_clip_config.json");
+    std::fs::write(
+        &oc,
+        r#"{"model_cfg": {"embed_dim": 512}, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}"#,
+    )
+    .unwrap();
+    let p = Preprocess::from_open_clip_config(&oc, 224).unwrap();
+    assert_eq!(p.crop, clipcid_data::CropRule::Round);
+    assert_eq!((p.mean, p.std), ([0.5; 3], [0.5; 3]));
+    let squash = Preprocess {
+        resize: clipcid_data::Resize::Exact {
+            height: 32,
+            width: 32,
+        },
+        ..Preprocess::open_clip(32)
+    };
+    let cfg = squash.to_open_clip_preprocess_cfg();
+    assert_eq!(
+        Preprocess::from_open_clip_preprocess_cfg(&cfg, 32).unwrap(),
+        squash
+    );
+    let e = Preprocess::from_open_clip_preprocess_cfg(&serde_json::json!({"resize_mode": "longest"}), 32)
+        .unwrap_err();
+    assert!(e.contains("longest"), "{e}");
+
+    // for_model: the folder's files decide; a forced family reads its own file.
+    use clipcid_data::{CropRule, PreprocessFamily};
+    let (p, from) = Preprocess::for_model(dir.path(), 224, PreprocessFamily::Auto, true).unwrap();
+    assert_eq!(p.crop, CropRule::Floor, "{from}");
+    let (p, _) = Preprocess::for_model(dir.path(), 224, PreprocessFamily::OpenClip, false).unwrap();
+    assert_eq!((p.crop, p.mean), (CropRule::Round, [0.5; 3]));
+    std::fs::remove_file(&hf).unwrap();
+    let (p, _) = Preprocess::for_model(dir.path(), 224, PreprocessFamily::Auto, false).unwrap();
+    assert_eq!((p.crop, p.mean), (CropRule::Round, [0.5; 3]));
 }
 
 #[test]

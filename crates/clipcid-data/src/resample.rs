@@ -1,0 +1,395 @@
+//! Pillow's `Image.resize` for 8-bit RGB images, bit for bit.
+//!
+//! Both families of CLIP checkpoints resize with Pillow: open_clip through torchvision's
+//! `Resize` on PIL images, `transformers` through its PIL image processors. Pillow resamples
+//! in two separable passes (horizontal, then vertical) with fixed-point coefficients and
+//! rounds to 8 bits between the passes, so a float resampler such as the `image` crate's
+//! `CatmullRom` differs from it by a level or more on most pixels, and a level is 0.015 in a
+//! normalised CLIP input. This is a port of `libImaging/Resample.c` (Pillow 13: the
+//! filters, `precompute_coeffs`, `normalize_coeffs_8bpc` with 22 precision bits, the 8-bit
+//! horizontal and vertical passes, and Pillow 13's choice of which pass runs first) rather than a crate because no crate reproduces
+//! Pillow's rounding.
+
+use image::RgbImage;
+
+/// Pillow's resampling filters (`PIL.Image.Resampling`), with Pillow's numeric codes as
+/// `transformers`' `preprocessor_config.json` stores them (`"resample": 3` is bicubic).
+///
+/// ```
+/// use clipcid_data::Resample;
+/// assert_eq!(Resample::from_pil_code(3).unwrap(), Resample::Bicubic);
+/// assert_eq!(Resample::Bicubic.pil_code(), 3);
+/// assert_eq!("bilinear".parse::<Resample>().unwrap(), Resample::Bilinear);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resample {
+    /// `Image.NEAREST` (0): the source pixel under each output pixel's centre.
+    Nearest,
+    /// `Image.LANCZOS` (1): windowed sinc, support 3.
+    Lanczos,
+    /// `Image.BILINEAR` (2): triangle filter, support 1.
+    Bilinear,
+    /// `Image.BICUBIC` (3): cubic convolution with a = -0.5, support 2 (CLIP's choice).
+    Bicubic,
+    /// `Image.BOX` (4): box filter, support 0.5.
+    Box,
+    /// `Image.HAMMING` (5): Hamming-windowed sinc, support 1.
+    Hamming,
+}
+
+impl Resample {
+    /// The filter with Pillow's code `code` (0 to 5).
+    pub fn from_pil_code(code: i64) -> Result<Self, String> {
+        Ok(match code {
+            0 => Self::Nearest,
+            1 => Self::Lanczos,
+            2 => Self::Bilinear,
+            3 => Self::Bicubic,
+            4 => Self::Box,
+            5 => Self::Hamming,
+            _ => return Err(format!("resample code {code} is not one of Pillow's (0 to 5)")),
+        })
+    }
+
+    /// Pillow's code for this filter.
+    pub fn pil_code(self) -> i64 {
+        match self {
+            Self::Nearest => 0,
+            Self::Lanczos => 1,
+            Self::Bilinear => 2,
+            Self::Bicubic => 3,
+            Self::Box => 4,
+            Self::Hamming => 5,
+        }
+    }
+
+    /// The lower-case name open_clip and torchvision use (`"bicubic"`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Nearest => "nearest",
+            Self::Lanczos => "lanczos",
+            Self::Bilinear => "bilinear",
+            Self::Bicubic => "bicubic",
+            Self::Box => "box",
+            Self::Hamming => "hamming",
+        }
+    }
+
+    fn support(self) -> f64 {
+        match self {
+            Self::Nearest | Self::Box => 0.5,
+            Self::Bilinear | Self::Hamming => 1.0,
+            Self::Bicubic => 2.0,
+            Self::Lanczos => 3.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        fn sinc(x: f64) -> f64 {
+            if x == 0.0 {
+                1.0
+            } else {
+                let x = x * std::f64::consts::PI;
+                x.sin() / x
+            }
+        }
+        match self {
+            Self::Nearest | Self::Box => {
+                if x > -0.5 && x <= 0.5 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Self::Bilinear => {
+                let x = x.abs();
+                if x < 1.0 {
+                    1.0 - x
+                } else {
+                    0.0
+                }
+            }
+            Self::Hamming => {
+                let x = x.abs();
+                if x == 0.0 {
+                    1.0
+                } else if x >= 1.0 {
+                    0.0
+                } else {
+                    let x = x * std::f64::consts::PI;
+                    x.sin() / x * (0.54 + 0.46 * x.cos())
+                }
+            }
+            Self::Bicubic => {
+                const A: f64 = -0.5;
+                let x = x.abs();
+                if x < 1.0 {
+                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    (((x - 5.0) * x + 8.0) * x - 4.0) * A
+                } else {
+                    0.0
+                }
+            }
+            Self::Lanczos => {
+                if (-3.0..3.0).contains(&x) {
+                    sinc(x) * sinc(x / 3.0)
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for Resample {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "nearest" => Self::Nearest,
+            "lanczos" => Self::Lanczos,
+            "bilinear" => Self::Bilinear,
+            "bicubic" => Self::Bicubic,
+            "box" => Self::Box,
+            "hamming" => Self::Hamming,
+            other => {
+                return Err(format!(
+                "unknown resampling filter `{other}` (nearest, lanczos, bilinear, bicubic, box, hamming)"
+            ))
+            }
+        })
+    }
+}
+
+impl std::fmt::Display for Resample {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Fixed-point precision of Pillow's 8-bit coefficients (`PRECISION_BITS`).
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// One pass's coefficients: for each output index, the first source index, the number of
+/// source samples, and `ksize` fixed-point weights.
+struct Coeffs {
+    ksize: usize,
+    bounds: Vec<(usize, usize)>,
+    weights: Vec<i32>,
+}
+
+/// `precompute_coeffs` + `normalize_coeffs_8bpc` for the whole source range.
+fn coeffs(in_size: usize, out_size: usize, filter: Resample) -> Coeffs {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = filter.support() * filterscale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let mut bounds = Vec::with_capacity(out_size);
+    let mut weights = vec![0i32; out_size * ksize];
+    let mut k = vec![0f64; ksize];
+    for xx in 0..out_size {
+        let center = (xx as f64 + 0.5) * scale;
+        let ss = 1.0 / filterscale;
+        // C's (int) cast truncates toward zero; negative values are clamped to 0 next.
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
+        let xmax = xmax.min(ksize);
+        let mut ww = 0.0;
+        for (x, kx) in k.iter_mut().enumerate().take(xmax) {
+            let w = filter.weight((x as f64 + xmin as f64 - center + 0.5) * ss);
+            *kx = w;
+            ww += w;
+        }
+        let row = &mut weights[xx * ksize..(xx + 1) * ksize];
+        for x in 0..xmax {
+            let w = if ww != 0.0 { k[x] / ww } else { k[x] };
+            let scaled = w * f64::from(1u32 << PRECISION_BITS);
+            row[x] = if w < 0.0 {
+                (-0.5 + scaled) as i32
+            } else {
+                (0.5 + scaled) as i32
+            };
+        }
+        bounds.push((xmin, xmax));
+    }
+    Coeffs {
+        ksize,
+        bounds,
+        weights,
+    }
+}
+
+#[inline]
+fn clip8(v: i32) -> u8 {
+    if v >= (1 << PRECISION_BITS << 8) {
+        255
+    } else if v <= 0 {
+        0
+    } else {
+        (v >> PRECISION_BITS) as u8
+    }
+}
+
+/// Resizes `img` to `width` x `height` exactly as Pillow's `Image.resize((width, height),
+/// filter)` does for an RGB image (no `box`, no `reducing_gap`: what torchvision and
+/// `transformers` call). A size equal to the image's returns a copy.
+///
+/// ```
+/// use clipcid_data::{pil_resize, Resample};
+/// let img = image::RgbImage::from_fn(6, 4, |x, y| image::Rgb([(40 * x) as u8, (60 * y) as u8, 7]));
+/// let out = pil_resize(&img, 3, 2, Resample::Bicubic);
+/// assert_eq!(out.dimensions(), (3, 2));
+/// // Pillow 13: Image.fromarray(a).resize((3, 2), Image.BICUBIC) gives 22, 100, 178 in red.
+/// let red: Vec<u8> = (0..3).map(|x| out.get_pixel(x, 0)[0]).collect();
+/// assert_eq!(red, [22, 100, 178]);
+/// ```
+pub fn pil_resize(img: &RgbImage, width: u32, height: u32, filter: Resample) -> RgbImage {
+    let (w, h) = img.dimensions();
+    if (w, h) == (width, height) || width == 0 || height == 0 || w == 0 || h == 0 {
+        return if (w, h) == (width, height) {
+            img.clone()
+        } else {
+            RgbImage::new(width, height)
+        };
+    }
+    if filter == Resample::Nearest {
+        return nearest(img, width, height);
+    }
+    let (w, h, width, height) = (w as usize, h as usize, width as usize, height as usize);
+    let src = img.as_raw();
+    // Pillow 13: when the height shrinks by more than twice what the width does, the
+    // vertical pass runs first (Pillow 12 and older always start with the horizontal one).
+    let (dh, dw) = (h as i64 - height as i64, w as i64 - width as i64);
+    let horizontal_first = !(dh > 0 && dh > dw * 2);
+    let out = if horizontal_first {
+        let vert = coeffs(h, height, filter);
+        let (first, tmp) = if width != w {
+            // Only the rows the vertical pass reads.
+            let first = vert.bounds[0].0;
+            let last = vert.bounds[height - 1].0 + vert.bounds[height - 1].1;
+            (first, horizontal_pass(&src[first * w * 3..last * w * 3], w, width, filter))
+        } else {
+            (0, src.to_vec())
+        };
+        if height != h {
+            vertical_pass(&tmp, width, &vert, first)
+        } else {
+            tmp
+        }
+    } else {
+        let tmp = vertical_pass(src, w, &coeffs(h, height, filter), 0);
+        if width != w {
+            horizontal_pass(&tmp, w, width, filter)
+        } else {
+            tmp
+        }
+    };
+    RgbImage::from_raw(width as u32, height as u32, out)
+        .unwrap_or_else(|| RgbImage::new(width as u32, height as u32))
+}
+
+/// Pillow's 8-bit horizontal pass: rows of `w` RGB pixels to rows of `width`.
+fn horizontal_pass(src: &[u8], w: usize, width: usize, filter: Resample) -> Vec<u8> {
+    let horiz = coeffs(w, width, filter);
+    let rows = src.len() / (w * 3);
+    let mut out = vec![0u8; rows * width * 3];
+    for (orow, irow) in out.chunks_exact_mut(width * 3).zip(src.chunks_exact(w * 3)) {
+        for (xx, opx) in orow.chunks_exact_mut(3).enumerate() {
+            let (xmin, xmax) = horiz.bounds[xx];
+            let k = &horiz.weights[xx * horiz.ksize..];
+            let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
+            for x in 0..xmax {
+                let p = &irow[(x + xmin) * 3..(x + xmin) * 3 + 3];
+                for c in 0..3 {
+                    ss[c] += i32::from(p[c]) * k[x];
+                }
+            }
+            for c in 0..3 {
+                opx[c] = clip8(ss[c]);
+            }
+        }
+    }
+    out
+}
+
+/// Pillow's 8-bit vertical pass over rows of `w` RGB pixels whose first row is source row
+/// `first_row`.
+fn vertical_pass(src: &[u8], w: usize, vert: &Coeffs, first_row: usize) -> Vec<u8> {
+    let height = vert.bounds.len();
+    let mut out = vec![0u8; height * w * 3];
+    for (yy, orow) in out.chunks_exact_mut(w * 3).enumerate() {
+        let (ymin, ymax) = vert.bounds[yy];
+        let ymin = ymin - first_row;
+        let k = &vert.weights[yy * vert.ksize..];
+        for (xx, opx) in orow.chunks_exact_mut(3).enumerate() {
+            let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
+            for y in 0..ymax {
+                let i = ((y + ymin) * w + xx) * 3;
+                for c in 0..3 {
+                    ss[c] += i32::from(src[i + c]) * k[y];
+                }
+            }
+            for c in 0..3 {
+                opx[c] = clip8(ss[c]);
+            }
+        }
+    }
+    out
+}
+
+/// Pillow's nearest-neighbour resize (`ImagingScaleAffine`): the source index is the
+/// truncated running sum `scale / 2 + i * scale`, accumulated in `f64` as Pillow does.
+fn nearest(img: &RgbImage, width: u32, height: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let positions = |n_in: u32, n_out: u32| -> Vec<u32> {
+        let scale = f64::from(n_in) / f64::from(n_out);
+        let mut pos = scale * 0.5;
+        (0..n_out)
+            .map(|_| {
+                let i = (pos as u32).min(n_in - 1);
+                pos += scale;
+                i
+            })
+            .collect()
+    };
+    let (xs, ys) = (positions(w, width), positions(h, height));
+    RgbImage::from_fn(width, height, |x, y| {
+        *img.get_pixel(xs[x as usize], ys[y as usize])
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coefficients_sum_to_one_in_fixed_point() {
+        for filter in [
+            Resample::Bicubic,
+            Resample::Bilinear,
+            Resample::Lanczos,
+            Resample::Box,
+            Resample::Hamming,
+        ] {
+            for (a, b) in [(100, 37), (37, 100), (224, 224), (5, 1)] {
+                let c = coeffs(a, b, filter);
+                for (i, &(_, n)) in c.bounds.iter().enumerate() {
+                    let s: i64 = c.weights[i * c.ksize..i * c.ksize + n]
+                        .iter()
+                        .map(|&w| i64::from(w))
+                        .sum();
+                    assert!((s - (1 << PRECISION_BITS)).abs() <= n as i64, "{filter} {s}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_flat_image_stays_flat() {
+        let img = RgbImage::from_pixel(37, 23, image::Rgb([200, 13, 77]));
+        for f in [Resample::Bicubic, Resample::Lanczos, Resample::Bilinear] {
+            let out = pil_resize(&img, 11, 50, f);
+            assert!(out.pixels().all(|p| p.0 == [200, 13, 77]), "{f}");
+        }
+    }
+}
