@@ -34,6 +34,7 @@ mod error;
 mod hub;
 mod model;
 pub mod nn;
+mod text_clean;
 mod tokenizer;
 pub mod weights;
 
@@ -44,5 +45,6 @@ pub use hub::{
     hub_cache_dir, hub_offline, is_repo_id, resolve_model, HUB_CONFIG_FILES, HUB_OPTIONAL_FILES,
 };
 pub use model::{BertTextTower, ClipModel, TextTower, TextTransformer, VisionTransformer};
+pub use text_clean::clip_text_clean;
 pub use tokenizer::{ClipTokenizer, END_OF_TEXT, START_OF_TEXT};
 pub use weights::{locked_text_tensors, Checkpoint, Layout, LoadOptions, CHECKPOINT_FILES};

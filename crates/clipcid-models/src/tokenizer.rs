@@ -17,7 +17,8 @@ pub const END_OF_TEXT: &str = "<|endoftext|>";
 const CLIP_PATTERN: &str =
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
-/// CLIP text tokenizer: lower-cases, splits words, byte-level BPE with `</w>` word ends, then
+/// CLIP text tokenizer: cleans the text as open_clip does ([`crate::clip_text_clean`]),
+/// splits words, byte-level BPE with `</w>` word ends, then
 /// `[<|startoftext|>, tokens.., <|endoftext|>]` truncated (keeping the end token) and padded
 /// to the context length, as open_clip's `tokenize` does. Loaded from a BERT `tokenizer.json`
 /// it does the same with `[CLS]`, `[SEP]` and `[PAD]` (for locked-text teachers).
@@ -37,6 +38,8 @@ pub struct ClipTokenizer {
     start_id: u32,
     end_id: u32,
     pad_id: u32,
+    /// CLIP vocabulary: captions go through open_clip's cleaning first.
+    clean: bool,
 }
 
 impl std::fmt::Debug for ClipTokenizer {
@@ -96,10 +99,10 @@ impl ClipTokenizer {
             .with_truncation(None)
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         let id = |t: &str| inner.token_to_id(t);
-        let (start_id, end_id, pad_id) = match (id(START_OF_TEXT), id(END_OF_TEXT)) {
-            (Some(s), Some(e)) => (s, e, 0),
+        let (start_id, end_id, pad_id, clean) = match (id(START_OF_TEXT), id(END_OF_TEXT)) {
+            (Some(s), Some(e)) => (s, e, 0, true),
             _ => match (id("[CLS]"), id("[SEP]"), id("[PAD]")) {
-                (Some(s), Some(e), Some(p)) => (s, e, p),
+                (Some(s), Some(e), Some(p)) => (s, e, p, false),
                 _ => {
                     return Err(ModelError::Tokenizer(format!(
                         "vocabulary has neither CLIP's `{START_OF_TEXT}`/`{END_OF_TEXT}` nor BERT's `[CLS]`/`[SEP]`/`[PAD]` tokens"
@@ -111,6 +114,7 @@ impl ClipTokenizer {
             start_id,
             end_id,
             pad_id,
+            clean,
             inner,
             context_length,
         })
@@ -242,8 +246,17 @@ impl ClipTokenizer {
         self.start_id
     }
 
-    /// Ids of `text` without special tokens, truncation or padding.
+    /// Ids of `text` without special tokens, truncation or padding. With CLIP's vocabulary
+    /// the text is first cleaned as open_clip does ([`crate::clip_text_clean`]: ftfy fixes,
+    /// HTML entities, whitespace, lower case); a BERT vocabulary applies its own normaliser.
     pub fn tokens(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let cleaned;
+        let text = if self.clean {
+            cleaned = crate::clip_text_clean(text);
+            cleaned.as_str()
+        } else {
+            text
+        };
         let enc = self
             .inner
             .encode(text, false)
