@@ -129,6 +129,10 @@ pub struct EmbedOptions {
     pub progress: bool,
     /// Name of the teacher, recorded in every shard.
     pub teacher_name: String,
+    /// Image preprocessing; `None` is [`Preprocess::clip`] at the model's image size. Pass
+    /// the checkpoint family's own ([`Preprocess::for_model`]) for a teacher loaded from
+    /// `transformers` or open_clip files.
+    pub preprocess: Option<Preprocess>,
 }
 
 impl Default for EmbedOptions {
@@ -139,6 +143,7 @@ impl Default for EmbedOptions {
             dtype: EmbedDtype::F32,
             progress: false,
             teacher_name: String::new(),
+            preprocess: None,
         }
     }
 }
@@ -207,7 +212,16 @@ pub fn embed_dataset(
         ))
     })?;
     let start = Instant::now();
-    let preprocess = Preprocess::clip(cfg.vision_config.image_size);
+    let preprocess = match &opts.preprocess {
+        Some(p) if p.image_size != cfg.vision_config.image_size => {
+            return Err(EmbedError::Config(format!(
+                "preprocessing makes {} px images but the model takes {} px",
+                p.image_size, cfg.vision_config.image_size
+            )))
+        }
+        Some(p) => p.clone(),
+        None => Preprocess::clip(cfg.vision_config.image_size),
+    };
     let expect = resume::Expect {
         dim: cfg.projection_dim,
         dtype: opts.dtype,

@@ -113,14 +113,20 @@ pub struct EncodedImages {
 }
 
 /// Encodes every image of `data` with `model`'s image tower, `batch` at a time, preprocessed
-/// CLIP-style at the model's resolution.
+/// with `preprocess` (the model's family's, e.g. `Preprocess::clip` at its image size).
 pub fn encode_dataset(
     model: &ClipModel,
+    preprocess: &Preprocess,
     data: &Dataset,
     batch: usize,
 ) -> Result<EncodedImages, EvalError> {
-    let pre = Preprocess::clip(model.config().vision_config.image_size);
-    let mut iter = BatchIter::new(data.samples()?, pre, batch.max(1), model.device().clone());
+    check_size(model, preprocess)?;
+    let mut iter = BatchIter::new(
+        data.samples()?,
+        preprocess.clone(),
+        batch.max(1),
+        model.device().clone(),
+    );
     let (mut rows, mut keys, mut captions, mut labels) = (vec![], vec![], vec![], vec![]);
     let mut dim = model.config().projection_dim;
     for b in iter.by_ref() {
@@ -145,14 +151,29 @@ pub fn encode_dataset(
     })
 }
 
-/// Encodes in-memory images (e.g. rendered ones) `batch` at a time.
+/// The preprocessing must make the model's input size.
+fn check_size(model: &ClipModel, preprocess: &Preprocess) -> Result<(), EvalError> {
+    let size = model.config().vision_config.image_size;
+    if preprocess.image_size != size {
+        return Err(EvalError::Input(format!(
+            "preprocessing makes {} px images but the model takes {size} px",
+            preprocess.image_size
+        )));
+    }
+    Ok(())
+}
+
+/// Encodes in-memory images (e.g. rendered ones) `batch` at a time, preprocessed with
+/// `preprocess`.
 pub fn encode_images(
     model: &ClipModel,
+    preprocess: &Preprocess,
     images: &[RgbImage],
     batch: usize,
 ) -> Result<Features, EvalError> {
-    let size = model.config().vision_config.image_size;
-    let pre = Preprocess::clip(size);
+    check_size(model, preprocess)?;
+    let size = preprocess.image_size;
+    let pre = preprocess;
     let mut rows = vec![];
     let mut dim = model.config().projection_dim;
     for chunk in images.chunks(batch.max(1)) {

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use clipcid_data::Dataset;
+use clipcid_data::{Dataset, Preprocess};
 use clipcid_models::{ClipModel, ClipTokenizer};
 use serde::Serialize;
 
@@ -25,6 +25,8 @@ pub struct EvalModel {
     pub model: ClipModel,
     /// Its tokenizer.
     pub tokenizer: ClipTokenizer,
+    /// Its image preprocessing (its checkpoint family's; see `Preprocess::for_model`).
+    pub preprocess: Preprocess,
 }
 
 /// What to evaluate. Every part is optional; datasets are anything
@@ -111,8 +113,10 @@ impl EncodingCache<'_> {
         if let Some(e) = self.done.get(&key) {
             return Ok(Rc::clone(e));
         }
+        let m = &self.models[model];
         let enc = Rc::new(encode_dataset(
-            &self.models[model].model,
+            &m.model,
+            &m.preprocess,
             &open(path)?,
             self.batch,
         )?);

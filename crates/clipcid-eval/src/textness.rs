@@ -435,9 +435,11 @@ pub struct TextnessReport {
 /// `textness.safetensors`, `grid-Q.png` per query (one row per scale, top results,
 /// text-bearing ones framed red) and `report.md` with the fraction of text-bearing images
 /// in the top results per scale.
+#[allow(clippy::too_many_arguments)] // one call site per front end; a struct adds nothing
 pub fn textness_study(
     model: &clipcid_models::ClipModel,
     tokenizer: &clipcid_models::ClipTokenizer,
+    preprocess: &clipcid_data::Preprocess,
     images: &[RgbImage],
     queries: &[String],
     renderer: &TextRenderer,
@@ -485,7 +487,7 @@ pub fn textness_study(
     }
     let real = opts.real_text_images.len();
     let batch = 64;
-    let enc = |imgs: &[RgbImage]| crate::features::encode_images(model, imgs, batch);
+    let enc = |imgs: &[RgbImage]| crate::features::encode_images(model, preprocess, imgs, batch);
     let direction = TextnessDirection::fit(&enc(&probe_text)?, &enc(&probe_clean)?, opts.l2)?;
     direction.save(&out.join("textness.safetensors"))?;
     let pool_features = enc(&pool)?;

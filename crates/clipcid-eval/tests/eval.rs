@@ -345,6 +345,7 @@ fn textness_study_adds_real_text_images_to_probe_and_pool() {
     let r = clipcid_eval::textness_study(
         &model,
         &tok,
+        &clipcid_data::Preprocess::clip(model.config().vision_config.image_size),
         &photos,
         &["a photo".to_string()],
         &renderer,

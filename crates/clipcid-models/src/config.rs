@@ -19,6 +19,27 @@ pub enum Activation {
     Gelu,
 }
 
+impl std::str::FromStr for Activation {
+    type Err = String;
+    /// `gelu` or `quick_gelu` (also `quick-gelu`, `quickgelu`), as `config.json` spells them.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "gelu" => Ok(Self::Gelu),
+            "quick_gelu" | "quick-gelu" | "quickgelu" => Ok(Self::QuickGelu),
+            _ => Err(format!("unknown activation `{s}` (gelu or quick_gelu)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Activation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Gelu => "gelu",
+            Self::QuickGelu => "quick_gelu",
+        })
+    }
+}
+
 /// Shape of the vision transformer (the image tower).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]

@@ -371,7 +371,30 @@ impl ClipModel {
         device: &Device,
         dtype: DType,
     ) -> Result<Self, ModelError> {
-        let ckpt = Checkpoint::read(path, config)?;
+        Self::from_checkpoint(Checkpoint::read(path, config)?, device, dtype)
+    }
+
+    /// A model from a [`Checkpoint`] already read (e.g. with [`Checkpoint::read_with`] to
+    /// pass an activation, or to look at its layout first), on `device` in `dtype`.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), clipcid_models::ModelError> {
+    /// use candle_core::{DType, Device};
+    /// use clipcid_models::{Activation, Checkpoint, ClipConfig, ClipModel, LoadOptions};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let cfg = ClipConfig::preset("tiny")?;
+    /// ClipModel::random(&cfg, 0, &Device::Cpu)?.save_pretrained(dir.path(), DType::F32)?;
+    /// let opts = LoadOptions { activation: Some(Activation::Gelu), ..LoadOptions::default() };
+    /// let ckpt = Checkpoint::read_with(dir.path(), &opts)?;
+    /// let model = ClipModel::from_checkpoint(ckpt, &Device::Cpu, DType::F32)?;
+    /// assert_eq!(model.config().vision_config.hidden_act, Activation::Gelu);
+    /// # Ok(()) }
+    /// ```
+    pub fn from_checkpoint(
+        ckpt: Checkpoint,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, ModelError> {
         Self::from_tensors(&ckpt.config, ckpt.tensors, device, dtype)
             .map_err(|e| ModelError::file(&ckpt.path, e))
     }

@@ -80,6 +80,44 @@ impl ClipTokenizer {
         Self::from_tokenizer(inner, context_length).map_err(|e| ModelError::file(path, e))
     }
 
+    /// Loads a tokenizer file of either family: a Hugging Face `tokenizer.json`
+    /// ([`ClipTokenizer::from_file`]) or open_clip's BPE merges file such as
+    /// `bpe_simple_vocab_16e6.txt.gz` ([`ClipTokenizer::from_bpe_vocab`]), told apart by the
+    /// `.json` extension.
+    pub fn load(path: &Path, context_length: usize) -> Result<Self, ModelError> {
+        if path.extension().is_some_and(|e| e == "json") {
+            Self::from_file(path, context_length)
+        } else {
+            Self::from_bpe_vocab(path, context_length)
+        }
+    }
+
+    /// The tokenizer file of a model folder (or of the folder holding a checkpoint file):
+    /// `tokenizer.json`, else open_clip's `bpe_simple_vocab_16e6.txt.gz` (or `.txt`); `None`
+    /// when there is neither.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir().unwrap();
+    /// assert_eq!(clipcid_models::ClipTokenizer::find_beside(dir.path()), None);
+    /// std::fs::write(dir.path().join("bpe_simple_vocab_16e6.txt.gz"), b"").unwrap();
+    /// assert!(clipcid_models::ClipTokenizer::find_beside(dir.path()).is_some());
+    /// ```
+    pub fn find_beside(model: &Path) -> Option<std::path::PathBuf> {
+        let dir = if model.is_dir() {
+            model
+        } else {
+            model.parent().unwrap_or(Path::new("."))
+        };
+        [
+            "tokenizer.json",
+            "bpe_simple_vocab_16e6.txt.gz",
+            "bpe_simple_vocab_16e6.txt",
+        ]
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.is_file())
+    }
+
     /// Wraps an already built `tokenizers::Tokenizer` that has CLIP's special tokens
     /// (`<|startoftext|>`, `<|endoftext|>`, padding with 0), or else BERT's (`[CLS]`, `[SEP]`,
     /// padding with `[PAD]`): a BERT WordPiece `tokenizer.json` such as all-MiniLM-L6-v2's

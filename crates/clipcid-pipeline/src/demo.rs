@@ -386,11 +386,13 @@ pub fn run(opts: &DemoOptions, device: &Device, say: &mut dyn FnMut(&str)) -> Re
             name: "distilled".into(),
             model: distilled.clone(),
             tokenizer: student_tok.clone(),
+            preprocess: Preprocess::clip(distilled.config().vision_config.image_size),
         },
         EvalModel {
             name: "baseline".into(),
             model: baseline.clone(),
             tokenizer: student_tok.clone(),
+            preprocess: Preprocess::clip(baseline.config().vision_config.image_size),
         },
     ];
     let templates_path = out.join("templates.txt");
@@ -482,6 +484,7 @@ pub fn run(opts: &DemoOptions, device: &Device, say: &mut dyn FnMut(&str)) -> Re
         let t = clipcid_eval::textness_study(
             model,
             tok,
+            &Preprocess::clip(model.config().vision_config.image_size),
             &photos,
             &textness_queries,
             &renderer,

@@ -53,7 +53,10 @@ pub use demo::{DemoOptions, DemoReport};
 pub use device::{faiss_gpu, parse_device};
 pub(crate) use error::input_error;
 pub use error::PipelineError;
-pub use models::{load_eval_model, read_lines, resolve_model_path, tokenizer_beside};
+pub use models::{
+    load_eval_model, load_model, read_lines, resolve_model_path, tokenizer_beside, LoadedModel,
+    ModelOptions,
+};
 pub use stages::balance::{balance, BalanceArgs, BalanceOutcome};
 pub use stages::cluster::{cluster, cluster_to_file, kmeans_for, ClusterArgs, ClusterOutcome};
 pub use stages::distill::{open_trainer, train_student, write_run_config, DistillArgs};

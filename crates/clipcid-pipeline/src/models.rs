@@ -3,11 +3,83 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
+use candle_core::{DType, Device};
+use clipcid_data::{Preprocess, PreprocessFamily};
 use clipcid_eval::EvalModel;
-use clipcid_models::{ClipModel, ClipTokenizer};
+use clipcid_models::{
+    Activation, Checkpoint, ClipConfig, ClipModel, ClipTokenizer, Layout, LoadOptions,
+};
 
 use crate::{input_error, PipelineError};
+
+/// How a model argument is read (`--config`, `--activation`, `--preprocess`).
+///
+/// ```
+/// let opts = clipcid_pipeline::ModelOptions::default();
+/// assert_eq!(opts.preprocess, clipcid_data::PreprocessFamily::Auto);
+/// ```
+#[derive(Debug, Clone, PartialEq, Default, clap::Args)]
+pub struct ModelOptions {
+    /// Model config overriding the one found with the checkpoint: a Hugging Face
+    /// `config.json`, or an open_clip config (`open_clip_config.json` or a bare model config;
+    /// omitted fields take open_clip's defaults).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// MLP activation of the towers, `gelu` or `quick_gelu`, overriding the config's. Required
+    /// for a checkpoint that comes with no config (its tensors cannot tell).
+    #[arg(long)]
+    pub activation: Option<Activation>,
+    /// Image preprocessing: `auto` (the model's own: `preprocessor_config.json` means
+    /// transformers', open_clip files or tensor names mean open_clip's), `transformers` (floor
+    /// crop) or `open-clip` (torchvision's round crop).
+    #[arg(long, default_value = "auto")]
+    pub preprocess: PreprocessFamily,
+}
+
+/// A model read from a model argument, with the preprocessing its family uses.
+#[derive(Debug, Clone)]
+pub struct LoadedModel {
+    /// Local path it was read from (a Hub id resolved to its cached snapshot).
+    pub path: PathBuf,
+    /// The model.
+    pub model: ClipModel,
+    /// Its image preprocessing.
+    pub preprocess: Preprocess,
+    /// Where the config and the preprocessing came from, for reports.
+    pub source: String,
+}
+
+/// Reads a model argument (file, folder or Hub id) with `opts`, computing in `dtype`.
+pub fn load_model(
+    spec: &Path,
+    opts: &ModelOptions,
+    device: &Device,
+    dtype: DType,
+) -> Result<LoadedModel, PipelineError> {
+    let config = match &opts.config {
+        Some(p) => Some(ClipConfig::from_json_file(p)?),
+        None => None,
+    };
+    let path = resolve_model_path(spec)?;
+    let ckpt = Checkpoint::read_with(
+        &path,
+        &LoadOptions {
+            config,
+            activation: opts.activation,
+        },
+    )?;
+    let open_clip = ckpt.layout == Layout::OpenClip;
+    let config_source = ckpt.config_source.clone();
+    let model = ClipModel::from_checkpoint(ckpt, device, dtype)?;
+    let size = model.config().vision_config.image_size;
+    let (preprocess, from) = Preprocess::for_model(&path, size, opts.preprocess, open_clip)?;
+    Ok(LoadedModel {
+        path,
+        model,
+        preprocess,
+        source: format!("config from {config_source}; preprocessing: {from}"),
+    })
+}
 
 /// Where a model's `tokenizer.json` is looked for: inside a model folder, or beside a file.
 ///
@@ -44,24 +116,25 @@ pub fn load_eval_model(
     tokenizer: Option<&Path>,
     device: &Device,
 ) -> Result<EvalModel, PipelineError> {
-    let path = &resolve_model_path(path)?;
-    let model = ClipModel::load(path, device)?;
-    let tok_path = tokenizer
+    let loaded = load_model(path, &ModelOptions::default(), device, DType::F32)?;
+    let path = &loaded.path;
+    let Some(tok_path) = tokenizer
         .map(Path::to_path_buf)
-        .unwrap_or_else(|| tokenizer_beside(path));
-    if !tok_path.is_file() {
+        .or_else(|| ClipTokenizer::find_beside(path))
+    else {
         input_error!(
             "no tokenizer for {name} ({}): pass --tokenizer tokenizer.json or put one at {}",
             path.display(),
-            tok_path.display()
+            tokenizer_beside(path).display()
         );
-    }
-    let ctx = model.config().text_config.default_context_length();
-    let tokenizer = ClipTokenizer::from_file(&tok_path, ctx)?;
+    };
+    let ctx = loaded.model.config().text_config.default_context_length();
+    let tokenizer = ClipTokenizer::load(&tok_path, ctx)?;
     Ok(EvalModel {
         name: name.to_string(),
-        model,
+        model: loaded.model,
         tokenizer,
+        preprocess: loaded.preprocess,
     })
 }
 

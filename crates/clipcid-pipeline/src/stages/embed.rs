@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use candle_core::{DType, Device};
 use clipcid_data::Dataset;
 use clipcid_embed::{embed_dataset, EmbedDtype, EmbedOptions, EmbedSummary};
-use clipcid_models::{ClipConfig, ClipModel, ClipTokenizer};
+use clipcid_models::ClipTokenizer;
 
-use crate::{input_error, resolve_model_path, tokenizer_beside, PipelineError};
+use crate::{input_error, load_model, ModelOptions, PipelineError};
 
 /// Options of [`embed`] (the `clipcid embed` arguments).
 #[derive(Debug, Clone, PartialEq, clap::Args)]
@@ -16,16 +16,17 @@ pub struct EmbedArgs {
     /// Hugging Face repository id (`owner/name`, cached; HF_HUB_OFFLINE=1 uses only the cache).
     #[arg(long)]
     pub teacher: PathBuf,
-    /// Model config (HF `config.json`) overriding the one found with the teacher.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
+    /// How the teacher is read: `--config`, `--activation`, `--preprocess`.
+    #[command(flatten)]
+    pub model: ModelOptions,
     /// Dataset: captions `.tsv`/`.csv`, a `.tar` shard, a folder of shards, or a labelled folder.
     #[arg(long)]
     pub data: PathBuf,
     /// Output folder for `embeddings-NNNNN.safetensors`.
     #[arg(long)]
     pub out: PathBuf,
-    /// `tokenizer.json` for the captions (default: `tokenizer.json` beside the teacher).
+    /// Tokenizer for the captions: a `tokenizer.json` or open_clip's BPE merges file (default:
+    /// the one in the teacher's folder).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Embed images only, even when the data has captions.
@@ -54,7 +55,7 @@ impl EmbedArgs {
     ) -> Self {
         Self {
             teacher: teacher.into(),
-            config: None,
+            model: ModelOptions::default(),
             data: data.into(),
             out: out.into(),
             tokenizer: None,
@@ -70,35 +71,24 @@ impl EmbedArgs {
 /// Loads the teacher (and its tokenizer when the data has captions) and embeds the dataset
 /// into `args.out`, keeping shards a previous run completed.
 pub fn embed(args: &EmbedArgs, device: &Device) -> Result<EmbedSummary, PipelineError> {
-    let config = match &args.config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| PipelineError::io(p, "read", e))?;
-            match serde_json::from_str::<ClipConfig>(&text) {
-                Ok(c) => Some(c),
-                Err(e) => input_error!("{}: not a CLIP config: {e}", p.display()),
-            }
-        }
-        None => None,
-    };
-    let teacher_path = resolve_model_path(&args.teacher)?;
-    let teacher = ClipModel::load_with(&teacher_path, config, device, DType::F32)?;
+    let loaded = load_model(&args.teacher, &args.model, device, DType::F32)?;
+    let (teacher_path, teacher) = (loaded.path, loaded.model);
     let dataset = Dataset::open(&args.data)?;
     let ctx = teacher.config().text_config.default_context_length();
     let tokenizer = if args.images_only || !dataset.has_captions() {
         None
     } else {
-        let beside = tokenizer_beside(&teacher_path);
         let path = args
             .tokenizer
             .clone()
-            .or(Some(beside).filter(|p| p.is_file()));
+            .or_else(|| ClipTokenizer::find_beside(&teacher_path));
         let Some(path) = path else {
             input_error!(
-                "{} has captions but no tokenizer was given: pass --tokenizer tokenizer.json, or --images-only",
+                "{} has captions but no tokenizer was given: pass --tokenizer tokenizer.json (or open_clip's bpe_simple_vocab_16e6.txt.gz), or --images-only",
                 args.data.display()
             );
         };
-        Some(ClipTokenizer::from_file(&path, ctx)?)
+        Some(ClipTokenizer::load(&path, ctx)?)
     };
     let opts = EmbedOptions {
         batch_size: args.batch_size,
@@ -106,6 +96,7 @@ pub fn embed(args: &EmbedArgs, device: &Device) -> Result<EmbedSummary, Pipeline
         dtype: args.dtype,
         progress: !args.quiet,
         teacher_name: args.teacher.display().to_string(),
+        preprocess: Some(loaded.preprocess),
     };
     Ok(embed_dataset(
         &teacher,

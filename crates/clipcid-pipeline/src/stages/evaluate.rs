@@ -227,6 +227,7 @@ pub fn textness(args: &TextnessArgs, device: &Device) -> Result<TextnessReport, 
     let r = textness_study(
         &m.model,
         &m.tokenizer,
+        &m.preprocess,
         &images,
         &args.queries,
         &renderer,
