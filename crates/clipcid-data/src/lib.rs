@@ -37,5 +37,7 @@ pub use batch::{decode_batch, Batch, BatchIter, Skipped};
 pub use dataset::{Dataset, Sample, SampleStream, Source, IMAGE_EXTENSIONS};
 pub use error::DataError;
 pub use index::SampleIndex;
-pub use preprocess::{CropRule, Preprocess, PreprocessFamily, Resize, CLIP_MEAN, CLIP_STD};
-pub use resample::{pil_resize, Resample};
+pub use preprocess::{
+    AlphaRule, CropRule, Preprocess, PreprocessFamily, Resize, CLIP_MEAN, CLIP_STD,
+};
+pub use resample::{pil_resize, pil_resize_rgba, Resample};

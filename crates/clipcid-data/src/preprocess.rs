@@ -11,7 +11,7 @@ use std::path::Path;
 
 use image::{DynamicImage, RgbImage};
 
-use crate::resample::{pil_resize, Resample};
+use crate::resample::{pil_resize, pil_resize_rgba, Resample};
 use crate::DataError;
 
 /// OpenAI CLIP's per-channel mean (RGB).
@@ -29,6 +29,17 @@ pub enum CropRule {
     /// torchvision's `CenterCrop` (open_clip): offset `round(margin / 2)`, ties to even;
     /// padding puts the image at `floor(pad / 2)`.
     Round,
+}
+
+/// How an image with transparency becomes RGB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlphaRule {
+    /// `transformers`' `convert_to_rgb`: composited over white (Pillow's `alpha_composite`,
+    /// bit for bit).
+    OverWhite,
+    /// open_clip's `_convert_to_rgb` (`image.convert("RGB")`): the alpha channel dropped, the
+    /// colour under transparent pixels kept.
+    Drop,
 }
 
 /// How the image is resized before the crop.
@@ -105,6 +116,8 @@ pub struct Preprocess {
     pub resample: Resample,
     /// Crop offset rule.
     pub crop: CropRule,
+    /// What happens to transparency.
+    pub alpha: AlphaRule,
     /// Per-channel mean subtracted after scaling to [0, 1].
     pub mean: [f32; 3],
     /// Per-channel standard deviation divided by.
@@ -119,24 +132,28 @@ impl Preprocess {
         Self::transformers(image_size)
     }
 
-    /// `transformers`' `CLIPImageProcessor` defaults at `image_size`: shortest edge to
-    /// `image_size` (Pillow bicubic), centre crop with the floor rule, OpenAI's mean and std.
+    /// `transformers`' `CLIPImageProcessor` defaults at `image_size`: transparency over white,
+    /// shortest edge to `image_size` (Pillow bicubic), centre crop with the floor rule,
+    /// OpenAI's mean and std.
     pub fn transformers(image_size: usize) -> Self {
         Self {
             image_size,
             resize: Resize::ShortestEdge(image_size),
             resample: Resample::Bicubic,
             crop: CropRule::Floor,
+            alpha: AlphaRule::OverWhite,
             mean: CLIP_MEAN,
             std: CLIP_STD,
         }
     }
 
-    /// open_clip's `image_transform` defaults (eval): `Resize(image_size, BICUBIC)` on the
-    /// PIL image, torchvision's `CenterCrop` (round rule), OpenAI's mean and std.
+    /// open_clip's `image_transform` defaults (eval): alpha dropped, `Resize(image_size,
+    /// BICUBIC)` on the PIL image, torchvision's `CenterCrop` (round rule), OpenAI's mean and
+    /// std.
     pub fn open_clip(image_size: usize) -> Self {
         Self {
             crop: CropRule::Round,
+            alpha: AlphaRule::Drop,
             ..Self::transformers(image_size)
         }
     }
@@ -154,9 +171,11 @@ impl Preprocess {
         let flag = |k: &str| v.get(k).and_then(|x| x.as_bool()).unwrap_or(true);
         let mut p = Self::transformers(image_size);
         if let Some(code) = v.get("resample").filter(|x| !x.is_null()) {
-            let code = code
-                .as_i64()
-                .ok_or_else(|| bad(format!("`resample` must be a Pillow filter code, not {code}")))?;
+            let code = code.as_i64().ok_or_else(|| {
+                bad(format!(
+                    "`resample` must be a Pillow filter code, not {code}"
+                ))
+            })?;
             p.resample = Resample::from_pil_code(code).map_err(|e| bad(e.to_string()))?;
         }
         if let Some(m) = v.get("image_mean").filter(|x| !x.is_null()) {
@@ -170,7 +189,9 @@ impl Preprocess {
             p.std = [1.0; 3];
         }
         if !flag("do_rescale") {
-            return Err(bad("`do_rescale: false` (pixels not scaled to [0, 1]) is not supported".into()));
+            return Err(bad(
+                "`do_rescale: false` (pixels not scaled to [0, 1]) is not supported".into(),
+            ));
         }
         if let Some(f) = v.get("rescale_factor").and_then(|x| x.as_f64()) {
             if (f - 1.0 / 255.0).abs() > 1e-9 {
@@ -203,7 +224,9 @@ impl Preprocess {
             return Err(bad("`do_resize: false` is not supported (images of any size must become the model's input size)".into()));
         }
         let crop = if flag("do_center_crop") {
-            size("crop_size")?.map(|(_, h, w)| (h, w)).unwrap_or((image_size, image_size))
+            size("crop_size")?
+                .map(|(_, h, w)| (h, w))
+                .unwrap_or((image_size, image_size))
         } else {
             match p.resize {
                 Resize::Exact { height, width } => (height, width),
@@ -232,7 +255,9 @@ impl Preprocess {
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
         let cfg = if v.get("model_cfg").is_some() {
-            v.get("preprocess_cfg").cloned().unwrap_or(serde_json::Value::Null)
+            v.get("preprocess_cfg")
+                .cloned()
+                .unwrap_or(serde_json::Value::Null)
         } else if v.get("embed_dim").is_some() || v.get("vision_cfg").is_some() {
             serde_json::Value::Null
         } else {
@@ -301,7 +326,9 @@ impl Preprocess {
         }
         if let Some(mode) = field("mode").and_then(|m| m.as_str()) {
             if mode != "RGB" {
-                return Err(format!("preprocess_cfg mode `{mode}` is not supported (RGB)"));
+                return Err(format!(
+                    "preprocess_cfg mode `{mode}` is not supported (RGB)"
+                ));
             }
         }
         Ok(p)
@@ -345,7 +372,10 @@ impl Preprocess {
                 let p = Self::from_hf_preprocessor_config(&hf, image_size)?;
                 return Ok((p, format!("transformers, from {}", hf.display())));
             }
-            return Ok((Self::transformers(image_size), "transformers defaults".into()));
+            return Ok((
+                Self::transformers(image_size),
+                "transformers defaults".into(),
+            ));
         }
         if oc.is_file() {
             let p = Self::from_open_clip_config(&oc, image_size)?;
@@ -361,7 +391,9 @@ impl Preprocess {
     pub fn to_hf_preprocessor_config(&self) -> serde_json::Value {
         let size = match self.resize {
             Resize::ShortestEdge(n) => serde_json::json!({"shortest_edge": n}),
-            Resize::Exact { height, width } => serde_json::json!({"height": height, "width": width}),
+            Resize::Exact { height, width } => {
+                serde_json::json!({"height": height, "width": width})
+            }
         };
         serde_json::json!({
             "image_processor_type": "CLIPImageProcessor",
@@ -397,6 +429,32 @@ impl Preprocess {
         })
     }
 
+    /// The image as RGB by [`Preprocess::alpha`].
+    fn to_rgb(&self, img: &DynamicImage) -> RgbImage {
+        if self.alpha == AlphaRule::Drop || !img.color().has_alpha() {
+            return img.to_rgb8();
+        }
+        // Pillow's ImagingAlphaComposite of the image over opaque white (7 precision bits).
+        const BITS: u32 = 7;
+        let div255 = |a: u32| ((a >> 8) + a) >> 8;
+        let rgba = img.to_rgba8();
+        let (w, h) = rgba.dimensions();
+        let mut out = RgbImage::new(w, h);
+        for (o, p) in out.pixels_mut().zip(rgba.pixels()) {
+            let [r, g, b, a] = p.0.map(u32::from);
+            if a == 0 {
+                o.0 = [255, 255, 255];
+                continue;
+            }
+            let outa255 = a * 255 + 255 * (255 - a);
+            let coef1 = a * 255 * 255 * (1 << BITS) / outa255;
+            let coef2 = 255 * (1 << BITS) - coef1;
+            let mix = |c: u32| (div255(c * coef1 + 255 * coef2 + (0x80 << BITS)) >> BITS) as u8;
+            o.0 = [mix(r), mix(g), mix(b)];
+        }
+        out
+    }
+
     /// The resized size of a `w` x `h` image.
     fn resized_size(&self, w: u32, h: u32) -> (u32, u32) {
         match self.resize {
@@ -418,10 +476,16 @@ impl Preprocess {
     /// RGB image `image_size` on each side.
     pub fn resize_and_crop(&self, img: &DynamicImage) -> RgbImage {
         let s = self.image_size as u32;
-        let rgb = img.to_rgb8();
-        let (w, h) = rgb.dimensions();
-        let (nw, nh) = self.resized_size(w, h);
-        let resized = pil_resize(&rgb, nw.max(1), nh.max(1), self.resample);
+        let (nw, nh) = self.resized_size(img.width(), img.height());
+        let (nw, nh) = (nw.max(1), nh.max(1));
+        let resized = if self.alpha == AlphaRule::Drop && img.color().has_alpha() {
+            // open_clip resizes the RGBA image (Pillow premultiplies alpha) and drops alpha
+            // after the crop.
+            let rgba = pil_resize_rgba(&img.to_rgba8(), nw, nh, self.resample);
+            DynamicImage::ImageRgba8(rgba).to_rgb8()
+        } else {
+            pil_resize(&self.to_rgb(img), nw, nh, self.resample)
+        };
         let (w, h) = resized.dimensions();
         // Offset of the crop in the resized image (negative: the image sits inside padding).
         let offset = |len: u32| -> i64 {
@@ -482,7 +546,12 @@ impl Preprocess {
 fn three(v: &serde_json::Value) -> Result<[f32; 3], String> {
     let a: Vec<f32> = v
         .as_array()
-        .map(|a| a.iter().filter_map(|x| x.as_f64()).map(|x| x as f32).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_f64())
+                .map(|x| x as f32)
+                .collect()
+        })
         .unwrap_or_default();
     let a = <[f32; 3]>::try_from(a.as_slice())
         .map_err(|_| format!("expected three numbers, not {v}"))?;

@@ -10,7 +10,7 @@
 //! horizontal and vertical passes, and Pillow 13's choice of which pass runs first) rather than a crate because no crate reproduces
 //! Pillow's rounding.
 
-use image::RgbImage;
+use image::{RgbImage, RgbaImage};
 
 /// Pillow's resampling filters (`PIL.Image.Resampling`), with Pillow's numeric codes as
 /// `transformers`' `preprocessor_config.json` stores them (`"resample": 3` is bicubic).
@@ -47,7 +47,11 @@ impl Resample {
             3 => Self::Bicubic,
             4 => Self::Box,
             5 => Self::Hamming,
-            _ => return Err(format!("resample code {code} is not one of Pillow's (0 to 5)")),
+            _ => {
+                return Err(format!(
+                    "resample code {code} is not one of Pillow's (0 to 5)"
+                ))
+            }
         })
     }
 
@@ -245,66 +249,113 @@ fn clip8(v: i32) -> u8 {
 /// ```
 pub fn pil_resize(img: &RgbImage, width: u32, height: u32, filter: Resample) -> RgbImage {
     let (w, h) = img.dimensions();
-    if (w, h) == (width, height) || width == 0 || height == 0 || w == 0 || h == 0 {
-        return if (w, h) == (width, height) {
-            img.clone()
-        } else {
-            RgbImage::new(width, height)
-        };
+    let out = resize_raw(img.as_raw(), 3, (w, h), (width, height), filter);
+    RgbImage::from_raw(width, height, out).unwrap_or_else(|| RgbImage::new(width, height))
+}
+
+/// [`pil_resize`] for an RGBA image, as Pillow does it: colours premultiplied by alpha
+/// (`RGBa`), resized, then divided back (what open_clip's `Resize` does to a transparent PNG
+/// before it drops the alpha channel).
+pub fn pil_resize_rgba(img: &RgbaImage, width: u32, height: u32, filter: Resample) -> RgbaImage {
+    let (w, h) = img.dimensions();
+    if (w, h) == (width, height) {
+        return img.clone();
+    }
+    let out = if filter == Resample::Nearest {
+        resize_raw(img.as_raw(), 4, (w, h), (width, height), filter)
+    } else {
+        // Pillow's rgbA2rgba: MULDIV255 with rounding.
+        let mut pre = img.as_raw().clone();
+        for px in pre.chunks_exact_mut(4) {
+            let a = u32::from(px[3]);
+            for c in &mut px[..3] {
+                let t = u32::from(*c) * a + 128;
+                *c = (((t >> 8) + t) >> 8) as u8;
+            }
+        }
+        let mut out = resize_raw(&pre, 4, (w, h), (width, height), filter);
+        // Pillow's rgba2rgbA: integer division, clipped.
+        for px in out.chunks_exact_mut(4) {
+            let a = u32::from(px[3]);
+            if a != 0 && a != 255 {
+                for c in &mut px[..3] {
+                    *c = (255 * u32::from(*c) / a).min(255) as u8;
+                }
+            }
+        }
+        out
+    };
+    RgbaImage::from_raw(width, height, out).unwrap_or_else(|| RgbaImage::new(width, height))
+}
+
+/// Pillow's resize of interleaved 8-bit pixels with `ch` channels.
+fn resize_raw(
+    src: &[u8],
+    ch: usize,
+    (w, h): (u32, u32),
+    (width, height): (u32, u32),
+    filter: Resample,
+) -> Vec<u8> {
+    if (w, h) == (width, height) {
+        return src.to_vec();
+    }
+    if width == 0 || height == 0 || w == 0 || h == 0 {
+        return vec![0; width as usize * height as usize * ch];
     }
     if filter == Resample::Nearest {
-        return nearest(img, width, height);
+        return nearest(src, ch, (w, h), (width, height));
     }
     let (w, h, width, height) = (w as usize, h as usize, width as usize, height as usize);
-    let src = img.as_raw();
     // Pillow 13: when the height shrinks by more than twice what the width does, the
     // vertical pass runs first (Pillow 12 and older always start with the horizontal one).
     let (dh, dw) = (h as i64 - height as i64, w as i64 - width as i64);
     let horizontal_first = !(dh > 0 && dh > dw * 2);
-    let out = if horizontal_first {
+    if horizontal_first {
         let vert = coeffs(h, height, filter);
         let (first, tmp) = if width != w {
             // Only the rows the vertical pass reads.
             let first = vert.bounds[0].0;
             let last = vert.bounds[height - 1].0 + vert.bounds[height - 1].1;
-            (first, horizontal_pass(&src[first * w * 3..last * w * 3], w, width, filter))
+            let rows = &src[first * w * ch..last * w * ch];
+            (first, horizontal_pass(rows, ch, w, width, filter))
         } else {
             (0, src.to_vec())
         };
         if height != h {
-            vertical_pass(&tmp, width, &vert, first)
+            vertical_pass(&tmp, ch, width, &vert, first)
         } else {
             tmp
         }
     } else {
-        let tmp = vertical_pass(src, w, &coeffs(h, height, filter), 0);
+        let tmp = vertical_pass(src, ch, w, &coeffs(h, height, filter), 0);
         if width != w {
-            horizontal_pass(&tmp, w, width, filter)
+            horizontal_pass(&tmp, ch, w, width, filter)
         } else {
             tmp
         }
-    };
-    RgbImage::from_raw(width as u32, height as u32, out)
-        .unwrap_or_else(|| RgbImage::new(width as u32, height as u32))
+    }
 }
 
-/// Pillow's 8-bit horizontal pass: rows of `w` RGB pixels to rows of `width`.
-fn horizontal_pass(src: &[u8], w: usize, width: usize, filter: Resample) -> Vec<u8> {
+/// Pillow's 8-bit horizontal pass: rows of `w` pixels (`ch` channels) to rows of `width`.
+fn horizontal_pass(src: &[u8], ch: usize, w: usize, width: usize, filter: Resample) -> Vec<u8> {
     let horiz = coeffs(w, width, filter);
-    let rows = src.len() / (w * 3);
-    let mut out = vec![0u8; rows * width * 3];
-    for (orow, irow) in out.chunks_exact_mut(width * 3).zip(src.chunks_exact(w * 3)) {
-        for (xx, opx) in orow.chunks_exact_mut(3).enumerate() {
+    let rows = src.len() / (w * ch);
+    let mut out = vec![0u8; rows * width * ch];
+    for (orow, irow) in out
+        .chunks_exact_mut(width * ch)
+        .zip(src.chunks_exact(w * ch))
+    {
+        for (xx, opx) in orow.chunks_exact_mut(ch).enumerate() {
             let (xmin, xmax) = horiz.bounds[xx];
             let k = &horiz.weights[xx * horiz.ksize..];
-            let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
+            let mut ss = [1i32 << (PRECISION_BITS - 1); 4];
             for x in 0..xmax {
-                let p = &irow[(x + xmin) * 3..(x + xmin) * 3 + 3];
-                for c in 0..3 {
+                let p = &irow[(x + xmin) * ch..(x + xmin + 1) * ch];
+                for c in 0..ch {
                     ss[c] += i32::from(p[c]) * k[x];
                 }
             }
-            for c in 0..3 {
+            for c in 0..ch {
                 opx[c] = clip8(ss[c]);
             }
         }
@@ -312,24 +363,24 @@ fn horizontal_pass(src: &[u8], w: usize, width: usize, filter: Resample) -> Vec<
     out
 }
 
-/// Pillow's 8-bit vertical pass over rows of `w` RGB pixels whose first row is source row
-/// `first_row`.
-fn vertical_pass(src: &[u8], w: usize, vert: &Coeffs, first_row: usize) -> Vec<u8> {
+/// Pillow's 8-bit vertical pass over rows of `w` pixels (`ch` channels) whose first row is
+/// source row `first_row`.
+fn vertical_pass(src: &[u8], ch: usize, w: usize, vert: &Coeffs, first_row: usize) -> Vec<u8> {
     let height = vert.bounds.len();
-    let mut out = vec![0u8; height * w * 3];
-    for (yy, orow) in out.chunks_exact_mut(w * 3).enumerate() {
+    let mut out = vec![0u8; height * w * ch];
+    for (yy, orow) in out.chunks_exact_mut(w * ch).enumerate() {
         let (ymin, ymax) = vert.bounds[yy];
         let ymin = ymin - first_row;
         let k = &vert.weights[yy * vert.ksize..];
-        for (xx, opx) in orow.chunks_exact_mut(3).enumerate() {
-            let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
+        for (xx, opx) in orow.chunks_exact_mut(ch).enumerate() {
+            let mut ss = [1i32 << (PRECISION_BITS - 1); 4];
             for y in 0..ymax {
-                let i = ((y + ymin) * w + xx) * 3;
-                for c in 0..3 {
+                let i = ((y + ymin) * w + xx) * ch;
+                for c in 0..ch {
                     ss[c] += i32::from(src[i + c]) * k[y];
                 }
             }
-            for c in 0..3 {
+            for c in 0..ch {
                 opx[c] = clip8(ss[c]);
             }
         }
@@ -339,23 +390,27 @@ fn vertical_pass(src: &[u8], w: usize, vert: &Coeffs, first_row: usize) -> Vec<u
 
 /// Pillow's nearest-neighbour resize (`ImagingScaleAffine`): the source index is the
 /// truncated running sum `scale / 2 + i * scale`, accumulated in `f64` as Pillow does.
-fn nearest(img: &RgbImage, width: u32, height: u32) -> RgbImage {
-    let (w, h) = img.dimensions();
-    let positions = |n_in: u32, n_out: u32| -> Vec<u32> {
+fn nearest(src: &[u8], ch: usize, (w, h): (u32, u32), (width, height): (u32, u32)) -> Vec<u8> {
+    let positions = |n_in: u32, n_out: u32| -> Vec<usize> {
         let scale = f64::from(n_in) / f64::from(n_out);
         let mut pos = scale * 0.5;
         (0..n_out)
             .map(|_| {
-                let i = (pos as u32).min(n_in - 1);
+                let i = (pos as u32).min(n_in - 1) as usize;
                 pos += scale;
                 i
             })
             .collect()
     };
     let (xs, ys) = (positions(w, width), positions(h, height));
-    RgbImage::from_fn(width, height, |x, y| {
-        *img.get_pixel(xs[x as usize], ys[y as usize])
-    })
+    let mut out = Vec::with_capacity(width as usize * height as usize * ch);
+    for &y in &ys {
+        for &x in &xs {
+            let i = (y * w as usize + x) * ch;
+            out.extend_from_slice(&src[i..i + ch]);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -378,7 +433,10 @@ mod tests {
                         .iter()
                         .map(|&w| i64::from(w))
                         .sum();
-                    assert!((s - (1 << PRECISION_BITS)).abs() <= n as i64, "{filter} {s}");
+                    assert!(
+                        (s - (1 << PRECISION_BITS)).abs() <= n as i64,
+                        "{filter} {s}"
+                    );
                 }
             }
         }

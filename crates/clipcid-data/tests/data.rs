@@ -41,12 +41,21 @@ fn centre_crop_without_resize_matches_hand_computed_pixels() {
 fn odd_crop_offsets_follow_each_familys_rule() {
     // 301 wide: (301 - 224) / 2 = 38.5 -> torchvision's round() gives 38, transformers' floor
     // 38; 303 wide: 39.5 -> round 40 (ties to even), floor 39.
-    for (w, round, floor) in [(301u32, 38u32, 38u32), (303, 40, 39), (225, 0, 0), (226, 1, 1)] {
+    for (w, round, floor) in [
+        (301u32, 38u32, 38u32),
+        (303, 40, 39),
+        (225, 0, 0),
+        (226, 1, 1),
+    ] {
         let img = DynamicImage::ImageRgb8(pattern(w, 224));
         let oc = Preprocess::open_clip(224).resize_and_crop(&img);
         let hf = Preprocess::transformers(224).resize_and_crop(&img);
         assert_eq!(oc.get_pixel(0, 0)[0] as u32, round, "open_clip, width {w}");
-        assert_eq!(hf.get_pixel(0, 0)[0] as u32, floor, "transformers, width {w}");
+        assert_eq!(
+            hf.get_pixel(0, 0)[0] as u32,
+            floor,
+            "transformers, width {w}"
+        );
     }
     // clipcid's default is transformers' rule (what its folders' preprocessor_config says).
     assert_eq!(Preprocess::clip(224), Preprocess::transformers(224));
@@ -57,7 +66,10 @@ fn images_smaller_than_the_crop_are_padded_with_black_by_each_rule() {
     // Exact resize to 5 x 5 then a 8 x 8 crop: 3 pixels of padding, split 1 + 2 by torchvision
     // (image at floor(3 / 2) = 1) and 2 + 1 by transformers (image at ceil(3 / 2) = 2).
     let img = DynamicImage::ImageRgb8(RgbImage::from_pixel(5, 5, Rgb([255, 255, 255])));
-    for (p, at) in [(Preprocess::open_clip(8), 1u32), (Preprocess::transformers(8), 2)] {
+    for (p, at) in [
+        (Preprocess::open_clip(8), 1u32),
+        (Preprocess::transformers(8), 2),
+    ] {
         let p = Preprocess {
             resize: clipcid_data::Resize::Exact {
                 height: 5,
@@ -96,12 +108,22 @@ fn preprocessing_configs_of_both_families_are_read() {
         ..Preprocess::transformers(32)
     };
     std::fs::write(&hf, lanczos.to_hf_preprocessor_config().to_string()).unwrap();
-    assert_eq!(Preprocess::from_hf_preprocessor_config(&hf, 32).unwrap(), lanczos);
+    assert_eq!(
+        Preprocess::from_hf_preprocessor_config(&hf, 32).unwrap(),
+        lanczos
+    );
     // A crop that is not the model's input size is refused, naming the file.
-    let e = Preprocess::from_hf_preprocessor_config(&hf, 64).unwrap_err().to_string();
-    assert!(e.contains("preprocessor_config.json") && e.contains("crop size"), "{e}");
+    let e = Preprocess::from_hf_preprocessor_config(&hf, 64)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("preprocessor_config.json") && e.contains("crop size"),
+        "{e}"
+    );
     std::fs::write(&hf, r#"{"image_std": [0.5, 0, 0.5]}"#).unwrap();
-    let e = Preprocess::from_hf_preprocessor_config(&hf, 224).unwrap_err().to_string();
+    let e = Preprocess::from_hf_preprocessor_config(&hf, 224)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("image_std"), "{e}");
     std::fs::write(&hf, "{}").unwrap(); // all defaults
 
@@ -127,8 +149,11 @@ fn preprocessing_configs_of_both_families_are_read() {
         Preprocess::from_open_clip_preprocess_cfg(&cfg, 32).unwrap(),
         squash
     );
-    let e = Preprocess::from_open_clip_preprocess_cfg(&serde_json::json!({"resize_mode": "longest"}), 32)
-        .unwrap_err();
+    let e = Preprocess::from_open_clip_preprocess_cfg(
+        &serde_json::json!({"resize_mode": "longest"}),
+        32,
+    )
+    .unwrap_err();
     assert!(e.contains("longest"), "{e}");
 
     // for_model: the folder's files decide; a forced family reads its own file.
