@@ -320,24 +320,36 @@ def _versions():
 
 def student(dir_, images, captions_file):
     """A clipcid-written folder, loaded by transformers and (if it has one) open_clip."""
-    from transformers import CLIPModel, CLIPProcessor
+    from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor
     names = sorted(n for n in os.listdir(images) if n.endswith(".png"))
-    pil = [Image.open(os.path.join(images, n)).convert("RGB") for n in names]
+    pil = [Image.open(os.path.join(images, n)) for n in names]  # each processor converts
     captions = [l.rstrip("\n") for l in open(captions_file) if l.strip()]
     out = {"images": names}
     model = CLIPModel.from_pretrained(dir_, dtype=torch.float32).eval()
+    # What users run: the processor with its default (torchvision) image backend ...
     proc = CLIPProcessor.from_pretrained(dir_)
     inputs = proc(text=captions, images=pil, return_tensors="pt", padding="max_length")
+    # ... and the Pillow backend, the exact legacy CLIPImageProcessor clipcid reproduces.
+    pil_proc = AutoImageProcessor.from_pretrained(dir_, backend="pil")
+    px_pil = pil_proc(images=pil, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
+        image = lambda px: rows(normalize(features(model.get_image_features(pixel_values=px))))
         out["transformers"] = {
-            "image": rows(normalize(features(model.get_image_features(pixel_values=inputs["pixel_values"])))),
+            "image": image(px_pil),
+            "image_default_backend": image(inputs["pixel_values"]),
             "text": rows(normalize(features(model.get_text_features(input_ids=inputs["input_ids"])))),
+            "image_processor": type(pil_proc).__name__,
         }
     if os.path.exists(os.path.join(dir_, "open_clip_config.json")):
         import open_clip
         model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{dir_}")
         model.eval()
-        tok = open_clip.get_tokenizer(f"local-dir:{dir_}")
+        bpe = os.path.join(dir_, "bpe_simple_vocab_16e6.txt.gz")
+        if os.path.exists(bpe):  # the folder's own merges (a vocabulary other than OpenAI's)
+            from open_clip.tokenizer import SimpleTokenizer
+            tok = SimpleTokenizer(bpe_path=bpe, context_length=model.context_length)
+        else:
+            tok = open_clip.get_tokenizer(f"local-dir:{dir_}")
         px = torch.stack([preprocess(p) for p in pil])
         with torch.no_grad():
             out["open_clip"] = {"image": rows(normalize(model.encode_image(px))),

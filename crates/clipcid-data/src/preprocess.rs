@@ -412,6 +412,17 @@ impl Preprocess {
         })
     }
 
+    /// Writes [`Preprocess::to_hf_preprocessor_config`] to `dir/preprocessor_config.json`
+    /// (atomically: a temporary file renamed into place).
+    pub fn save_hf_preprocessor_config(&self, dir: &Path) -> Result<(), DataError> {
+        let path = dir.join("preprocessor_config.json");
+        let text = serde_json::to_string_pretty(&self.to_hf_preprocessor_config())
+            .map_err(|e| DataError::format(&path, e))?;
+        let tmp = dir.join(".preprocessor_config.json.tmp");
+        std::fs::write(&tmp, text).map_err(|e| DataError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| DataError::io(&path, e))
+    }
+
     /// This preprocessing as open_clip's `preprocess_cfg` (for `open_clip_config.json`).
     pub fn to_open_clip_preprocess_cfg(&self) -> serde_json::Value {
         let resize_mode = match self.resize {

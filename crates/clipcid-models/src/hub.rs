@@ -46,9 +46,7 @@ pub fn hub_cache_dir() -> Result<PathBuf, ModelError> {
     }
     std::env::var_os("HOME")
         .map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
-        .ok_or_else(|| {
-            ModelError::Hub("no cache folder: set HF_HUB_CACHE or HF_HOME".into())
-        })
+        .ok_or_else(|| ModelError::Hub("no cache folder: set HF_HUB_CACHE or HF_HOME".into()))
 }
 
 /// Whether `spec` reads as a Hub repository id (`owner/name`, no other slashes, not an

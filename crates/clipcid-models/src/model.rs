@@ -506,6 +506,61 @@ impl ClipModel {
         Ok(io::write_safetensors(path, tensors, &meta)?)
     }
 
+    /// Writes open_clip's files into `dir`: `open_clip_model.safetensors` (open_clip's tensor
+    /// names, `dtype`) and `open_clip_config.json` (`model_cfg` from
+    /// [`ClipConfig::to_open_clip_json`], and `preprocess_cfg` when given), which
+    /// `open_clip.create_model_and_transforms("local-dir:DIR")` loads. Models open_clip cannot
+    /// express (a BERT text tower) are an error.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), clipcid_models::ModelError> {
+    /// use candle_core::{DType, Device};
+    /// use clipcid_models::{ClipConfig, ClipModel};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let model = ClipModel::random(&ClipConfig::preset("tiny")?, 0, &Device::Cpu)?;
+    /// model.save_open_clip(dir.path(), DType::F32, None)?;
+    /// let back = ClipModel::load(dir.path(), &Device::Cpu)?; // reads open_clip folders too
+    /// assert_eq!(back.config(), model.config());
+    /// # Ok(()) }
+    /// ```
+    pub fn save_open_clip(
+        &self,
+        dir: &Path,
+        dtype: DType,
+        preprocess_cfg: Option<serde_json::Value>,
+    ) -> Result<(), ModelError> {
+        let model_cfg = self.config.to_open_clip_json()?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ModelError::file(dir, format!("cannot create folder: {e}")))?;
+        let hf: HashMap<String, Tensor> = hf_tensor_shapes(&self.config)
+            .keys()
+            .map(|n| Ok((n.clone(), get(&self.params, n)?.to_dtype(dtype)?)))
+            .collect::<Result<_, candle_core::Error>>()?;
+        let oc = crate::weights::hf_to_open_clip(&hf)?;
+        let mut names: Vec<String> = oc.keys().cloned().collect();
+        names.sort();
+        let tensors: Vec<(String, Tensor)> = names
+            .into_iter()
+            .map(|n| {
+                let t = oc[&n].clone();
+                (n, t)
+            })
+            .collect();
+        let mut meta = HashMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        io::write_safetensors(&dir.join("open_clip_model.safetensors"), tensors, &meta)?;
+        let mut config = serde_json::json!({ "model_cfg": model_cfg });
+        if let Some(p) = preprocess_cfg {
+            config["preprocess_cfg"] = p;
+        }
+        let text =
+            serde_json::to_string_pretty(&config).map_err(|e| ModelError::Config(e.to_string()))?;
+        Ok(io::write_atomic(
+            &dir.join("open_clip_config.json"),
+            text.as_bytes(),
+        )?)
+    }
+
     /// Writes a Hugging Face model folder: `model.safetensors` and `config.json`.
     pub fn save_pretrained(&self, dir: &Path, dtype: DType) -> Result<(), ModelError> {
         std::fs::create_dir_all(dir)

@@ -27,7 +27,10 @@ use unicode_normalization::UnicodeNormalization;
 pub fn clip_text_clean(text: &str) -> String {
     let fixed = ftfy_fix_text(text);
     let unescaped = html_unescape(&html_unescape(&fixed));
-    let words: Vec<&str> = unescaped.split(py_isspace).filter(|w| !w.is_empty()).collect();
+    let words: Vec<&str> = unescaped
+        .split(py_isspace)
+        .filter(|w| !w.is_empty())
+        .collect();
     words.join(" ").to_lowercase()
 }
 
@@ -41,9 +44,9 @@ fn invalid_charref(n: u32) -> Option<char> {
     const CP1252: [char; 32] = [
         '\u{20ac}', '\u{81}', '\u{201a}', '\u{192}', '\u{201e}', '\u{2026}', '\u{2020}',
         '\u{2021}', '\u{2c6}', '\u{2030}', '\u{160}', '\u{2039}', '\u{152}', '\u{8d}', '\u{17d}',
-        '\u{8f}', '\u{90}', '\u{2018}', '\u{2019}', '\u{201c}', '\u{201d}', '\u{2022}',
-        '\u{2013}', '\u{2014}', '\u{2dc}', '\u{2122}', '\u{161}', '\u{203a}', '\u{153}',
-        '\u{9d}', '\u{17e}', '\u{178}',
+        '\u{8f}', '\u{90}', '\u{2018}', '\u{2019}', '\u{201c}', '\u{201d}', '\u{2022}', '\u{2013}',
+        '\u{2014}', '\u{2dc}', '\u{2122}', '\u{161}', '\u{203a}', '\u{153}', '\u{9d}', '\u{17e}',
+        '\u{178}',
     ];
     match n {
         0 => Some('\u{fffd}'),
@@ -103,7 +106,13 @@ fn charref(s: &str) -> Option<(usize, String)> {
         };
         let n_digits = digits
             .bytes()
-            .take_while(|b| if hex { b.is_ascii_hexdigit() } else { b.is_ascii_digit() })
+            .take_while(|b| {
+                if hex {
+                    b.is_ascii_hexdigit()
+                } else {
+                    b.is_ascii_digit()
+                }
+            })
             .count();
         if n_digits == 0 {
             return None;
@@ -111,8 +120,8 @@ fn charref(s: &str) -> Option<(usize, String)> {
         let semi = usize::from(digits[n_digits..].starts_with(';'));
         let len = 1 + usize::from(hex) + n_digits + semi;
         // Too many digits for u32 is above U+10FFFF, as Python's unbounded int would be.
-        let n = u32::from_str_radix(&digits[..n_digits], if hex { 16 } else { 10 })
-            .unwrap_or(u32::MAX);
+        let n =
+            u32::from_str_radix(&digits[..n_digits], if hex { 16 } else { 10 }).unwrap_or(u32::MAX);
         let rep = if let Some(c) = invalid_charref(n) {
             c.to_string()
         } else if (0xd800..=0xdfff).contains(&n) || n > 0x10ffff {
@@ -169,13 +178,15 @@ fn ftfy_fix_text(text: &str) -> String {
                 s = ftfy_unescape_html(&s);
             }
             s = s.chars().map(c1_control).collect();
-            s = s.chars().fold(String::with_capacity(s.len()), |mut acc, c| {
-                match ligature(c) {
-                    Some(l) => acc.push_str(l),
-                    None => acc.push(c),
-                }
-                acc
-            });
+            s = s
+                .chars()
+                .fold(String::with_capacity(s.len()), |mut acc, c| {
+                    match ligature(c) {
+                        Some(l) => acc.push_str(l),
+                        None => acc.push(c),
+                    }
+                    acc
+                });
             s = fix_width(&s);
             s = s.chars().map(uncurl).collect();
             s = s

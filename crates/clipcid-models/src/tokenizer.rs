@@ -264,6 +264,114 @@ impl ClipTokenizer {
         Ok(clipcid_store::io::write_atomic(path, s.as_bytes())?)
     }
 
+    /// Writes the tokenizer files `transformers` reads into the model folder `dir`:
+    /// `tokenizer.json`, `tokenizer_config.json` (a `CLIPTokenizer`, or a `BertTokenizer` for
+    /// a BERT vocabulary, with `model_max_length` = the context length, so
+    /// `CLIPProcessor(..., padding="max_length")` makes rows the model takes) and
+    /// `special_tokens_map.json`.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), clipcid_models::ModelError> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// clipcid_models::ClipTokenizer::byte_level(24)?.save_pretrained(dir.path())?;
+    /// let cfg: serde_json::Value =
+    ///     serde_json::from_slice(&std::fs::read(dir.path().join("tokenizer_config.json")).unwrap()).unwrap();
+    /// assert_eq!(cfg["model_max_length"], 24);
+    /// # Ok(()) }
+    /// ```
+    pub fn save_pretrained(&self, dir: &Path) -> Result<(), ModelError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ModelError::file(dir, format!("cannot create folder: {e}")))?;
+        self.save(&dir.join("tokenizer.json"))?;
+        let (special, config) = if self.clean {
+            let special = json!({
+                "bos_token": START_OF_TEXT, "eos_token": END_OF_TEXT,
+                "unk_token": END_OF_TEXT, "pad_token": END_OF_TEXT,
+            });
+            let mut config = special.clone();
+            config["tokenizer_class"] = json!("CLIPTokenizer");
+            config["do_lower_case"] = json!(true);
+            (special, config)
+        } else {
+            let special = json!({
+                "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+                "unk_token": "[UNK]", "mask_token": "[MASK]",
+            });
+            let mut config = special.clone();
+            config["tokenizer_class"] = json!("BertTokenizer");
+            config["do_lower_case"] = json!(true);
+            (special, config)
+        };
+        let mut config = config;
+        config["model_max_length"] = json!(self.context_length);
+        for (name, value) in [
+            ("tokenizer_config.json", config),
+            ("special_tokens_map.json", special),
+        ] {
+            let text = serde_json::to_string_pretty(&value)
+                .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+            clipcid_store::io::write_atomic(&dir.join(name), text.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Writes the BPE merges in open_clip's format (`bpe_simple_vocab_16e6.txt.gz`: a header
+    /// line, then one `a b` merge per line, gzip), the file open_clip's `SimpleTokenizer`
+    /// takes as `bpe_path`. Only for CLIP's byte-level BPE; a BERT vocabulary is an error.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), clipcid_models::ModelError> {
+    /// use clipcid_models::ClipTokenizer;
+    /// let merges = vec![("c".to_string(), "a".to_string()), ("ca".to_string(), "t</w>".to_string())];
+    /// let tok = ClipTokenizer::from_merges(&merges, 8)?;
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("bpe_simple_vocab_16e6.txt.gz");
+    /// tok.save_bpe_merges(&path)?;
+    /// let back = ClipTokenizer::from_bpe_vocab(&path, 8)?;
+    /// assert_eq!(back.encode("cat")?, tok.encode("cat")?);
+    /// # Ok(()) }
+    /// ```
+    pub fn save_bpe_merges(&self, path: &Path) -> Result<(), ModelError> {
+        if !self.clean {
+            return Err(ModelError::Tokenizer(
+                "a BERT vocabulary has no BPE merges to write".into(),
+            ));
+        }
+        let doc: serde_json::Value = serde_json::from_str(
+            &self
+                .inner
+                .to_string(false)
+                .map_err(|e| ModelError::Tokenizer(e.to_string()))?,
+        )
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let merges = doc["model"]["merges"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let mut text = String::from("#version: 0.2");
+        for m in &merges {
+            let line = match m {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Array(pair) => pair
+                    .iter()
+                    .filter_map(|p| p.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                _ => continue,
+            };
+            text.push('\n');
+            text.push_str(&line);
+        }
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut gz, text.as_bytes())
+            .and_then(|_| gz.try_finish())
+            .map_err(|e| ModelError::file(path, format!("cannot compress: {e}")))?;
+        let bytes = gz
+            .finish()
+            .map_err(|e| ModelError::file(path, format!("cannot compress: {e}")))?;
+        Ok(clipcid_store::io::write_atomic(path, &bytes)?)
+    }
+
     /// Vocabulary size including the special tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -514,7 +514,11 @@ pub fn run(opts: &DemoOptions, device: &Device, say: &mut dyn FnMut(&str)) -> Re
             .pixels
     };
     let fp16 = clipcid_eval::export_fp16(&distilled, &out.join("student-fp16"), &sample)?;
-    student_tok.save(&out.join("student-fp16/tokenizer.json"))?;
+    // Everything transformers' CLIPModel and CLIPProcessor load (the text context is the
+    // student's, so the processor pads and truncates to what the model takes).
+    student_tok.save_pretrained(&out.join("student-fp16"))?;
+    Preprocess::clip(distilled.config().vision_config.image_size)
+        .save_hf_preprocessor_config(&out.join("student-fp16"))?;
     for (run, name) in [
         ("distilled", "loss-distilled.png"),
         ("baseline", "loss-baseline.png"),

@@ -96,7 +96,10 @@ fn compare(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
 fn check(row: &str, ours: &[Vec<f32>], theirs: &[Vec<f32>]) {
     let (max, cos) = compare(ours, theirs);
     println!("| {row} | {max:.2e} | {cos:.7} |");
-    assert!(max <= 1e-4, "{row}: max abs diff {max:.3e} > 1e-4 (min cosine {cos})");
+    assert!(
+        max <= 1e-4,
+        "{row}: max abs diff {max:.3e} > 1e-4 (min cosine {cos})"
+    );
 }
 
 #[test]
@@ -106,7 +109,12 @@ fn both_families_match_their_owners_end_to_end() {
     let (img, txt) = clipcid_rows("hf", "captions.tsv", None, |_| {});
     check("transformers image", &img, &r.hf.image);
     check("transformers text", &txt, &r.hf.text);
-    let (img, txt) = clipcid_rows("hf-sharded", "captions.tsv", Some("hf/tokenizer.json"), |_| {});
+    let (img, txt) = clipcid_rows(
+        "hf-sharded",
+        "captions.tsv",
+        Some("hf/tokenizer.json"),
+        |_| {},
+    );
     check("transformers sharded image", &img, &r.hf.image);
     check("transformers sharded text", &txt, &r.hf.text);
     let (img, txt) = clipcid_rows("open_clip", "captions-open_clip.tsv", None, |_| {});

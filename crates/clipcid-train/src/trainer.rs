@@ -47,7 +47,8 @@ pub struct RunSummary {
 ///   position and the config in its metadata). Written to a `.tmp` folder and renamed, so a
 ///   checkpoint is whole or absent; `checkpoints/latest` names the newest.
 /// - `metrics.jsonl`: one [`StepMetrics`] per step; `loss.png`: the curves.
-/// - `student/`: the final student, a Hugging Face model folder.
+/// - `student/`: the final student, a Hugging Face model folder (weights, config, tokenizer
+///   files when the run has a tokenizer, `preprocessor_config.json`).
 ///
 /// Data order is a seeded permutation per epoch and PartialFC sampling is seeded, so a run
 /// resumed from a checkpoint ([`Trainer::resume`]) ends with bit-identical weights to an
@@ -606,6 +607,11 @@ impl Trainer {
         let student = if done {
             let dir = self.out_dir.join("student");
             self.model.save_pretrained(&dir, DType::F32)?;
+            // What transformers' CLIPProcessor needs beside the weights.
+            if let Some(tok) = &self.tokenizer {
+                tok.save_pretrained(&dir)?;
+            }
+            self.preprocess.save_hf_preprocessor_config(&dir)?;
             Some(dir)
         } else {
             None

@@ -3,16 +3,14 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use clipcid_data::{BatchIter, Dataset, Preprocess};
+use clipcid_data::{BatchIter, Dataset};
 use clipcid_eval::{
     evaluate, export_fp16, load_images, textness_study, AgreementPlan, EvalPlan, ExportReport,
     ProbeOptions, Templates, TextRenderer, TextnessOptions, TextnessReport, ZeroShotPlan,
 };
-use clipcid_models::ClipModel;
+use clipcid_models::ClipTokenizer;
 
-use crate::{
-    input_error, load_eval_model, read_lines, resolve_model_path, tokenizer_beside, PipelineError,
-};
+use crate::{input_error, load_eval_model, load_model, read_lines, ModelOptions, PipelineError};
 
 /// Options of [`eval`] (the `clipcid eval` arguments).
 #[derive(Debug, Clone, PartialEq, clap::Args)]
@@ -243,9 +241,17 @@ pub struct ExportArgs {
     /// Model checkpoint (file or folder) to export.
     #[arg(long)]
     pub model: PathBuf,
-    /// Output folder: model.safetensors (f16) + config.json (+ tokenizer.json when found).
+    /// Output folder: model.safetensors (f16), config.json, preprocessor_config.json and, when
+    /// the model has a tokenizer, tokenizer.json, tokenizer_config.json and
+    /// special_tokens_map.json (what transformers' `CLIPModel` and `CLIPProcessor` load).
     #[arg(long)]
     pub out: PathBuf,
+    /// `hf`: the Hugging Face folder above. `open-clip`: also open_clip's files,
+    /// open_clip_model.safetensors (f16) and open_clip_config.json (with its preprocess_cfg)
+    /// and the BPE merges as bpe_simple_vocab_16e6.txt.gz, side by side as on LAION's Hub
+    /// repositories.
+    #[arg(long, value_enum, default_value = "hf")]
+    pub format: ExportFormat,
     /// Images to measure the FP16 error on (any dataset); default: seeded random pixels.
     #[arg(long)]
     pub sample: Option<PathBuf>,
@@ -262,8 +268,18 @@ impl ExportArgs {
             out: out.into(),
             sample: None,
             samples: 64,
+            format: ExportFormat::Hf,
         }
     }
+}
+
+/// What [`export`] writes (`--format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// A Hugging Face model folder.
+    Hf,
+    /// The Hugging Face folder plus open_clip's files.
+    OpenClip,
 }
 
 /// What [`export`] did.
@@ -278,15 +294,15 @@ pub struct ExportOutcome {
 /// Writes the model as FP16 safetensors (Hugging Face layout) with its config and tokenizer
 /// to `args.out`, and measures the FP16 error on sample images (or random pixels).
 pub fn export(args: &ExportArgs, device: &Device) -> Result<ExportOutcome, PipelineError> {
-    let model_path = resolve_model_path(&args.model)?;
-    let model = ClipModel::load(&model_path, device)?;
+    let loaded = load_model(&args.model, &ModelOptions::default(), device, DType::F32)?;
+    let (model_path, model, preprocess) = (loaded.path, loaded.model, loaded.preprocess);
     let size = model.config().vision_config.image_size;
     let (pixels, what) = match &args.sample {
         Some(data) => {
             let ds = Dataset::open(data)?;
             let mut it = BatchIter::new(
                 ds.samples()?,
-                Preprocess::clip(size),
+                preprocess.clone(),
                 args.samples.max(1),
                 device.clone(),
             );
@@ -306,10 +322,24 @@ pub fn export(args: &ExportArgs, device: &Device) -> Result<ExportOutcome, Pipel
         }
     };
     let r = export_fp16(&model, &args.out, &pixels.to_dtype(DType::F32)?)?;
-    let tok = tokenizer_beside(&model_path);
-    if tok.is_file() {
-        std::fs::copy(&tok, args.out.join("tokenizer.json"))
-            .map_err(|e| PipelineError::io(&tok, "copy", e))?;
+    preprocess.save_hf_preprocessor_config(&args.out)?;
+    let ctx = model.config().text_config.default_context_length();
+    let tokenizer = match ClipTokenizer::find_beside(&model_path) {
+        Some(p) => Some(ClipTokenizer::load(&p, ctx)?),
+        None => None,
+    };
+    if let Some(tok) = &tokenizer {
+        tok.save_pretrained(&args.out)?;
+    }
+    if args.format == ExportFormat::OpenClip {
+        model.save_open_clip(
+            &args.out,
+            DType::F16,
+            Some(preprocess.to_open_clip_preprocess_cfg()),
+        )?;
+        if let Some(tok) = &tokenizer {
+            tok.save_bpe_merges(&args.out.join("bpe_simple_vocab_16e6.txt.gz"))?;
+        }
     }
     Ok(ExportOutcome {
         report: r,
