@@ -264,7 +264,8 @@ pub fn embed_dataset(
             let (batch, skipped) = decode_batch(raw, &preprocess, model.device())?;
             rows.skipped.extend(skipped);
             if let Some(batch) = batch {
-                let img = l2_normalize(&model.encode_image(&batch.pixels)?)?;
+                // Features are normalised in f32 whatever the model computes in.
+                let img = l2_normalize(&model.encode_image(&batch.pixels)?.to_dtype(DType::F32)?)?;
                 rows.image.push(
                     img.to_dtype(opts.dtype.dtype())?
                         .to_device(&candle_core::Device::Cpu)?,
@@ -277,7 +278,7 @@ pub fn embed_dataset(
                         .collect();
                     let has: Vec<u8> = batch.captions.iter().map(|c| c.is_some() as u8).collect();
                     let ids = tok.encode_batch(&texts, model.device())?;
-                    let txt = l2_normalize(&model.encode_text(&ids)?)?;
+                    let txt = l2_normalize(&model.encode_text(&ids)?.to_dtype(DType::F32)?)?;
                     let mask = Tensor::new(
                         has.iter().map(|&h| h as f32).collect::<Vec<_>>(),
                         model.device(),

@@ -446,8 +446,20 @@ impl ClipConfig {
     /// The Hugging Face `config.json` for this model.
     ///
     /// A BERT text tower makes it a `vision-text-dual-encoder` config (the tensor names are
-    /// that class's); note that `transformers` would pool BERT with its pooler, where clipcid
-    /// mean-pools as sentence-transformers does.
+    /// that class's, and `vision_config.model_type` is `clip_vision_model`, without which
+    /// `transformers` would build another vision class and leave the tower's weights unused).
+    /// `VisionTextDualEncoderModel.from_pretrained` then loads every weight but BERT's pooler,
+    /// which a sentence-transformers tower does not have (transformers initialises it and
+    /// warns): image features come out of `get_image_features` as clipcid computes them, but
+    /// `get_text_features` pools through that pooler. clipcid mean-pools over the attention
+    /// mask, as sentence-transformers does; in `transformers` that is
+    ///
+    /// ```text
+    /// h = model.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    /// features = model.text_projection((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
+    /// ```
+    ///
+    /// (checked against transformers 5.24: equal to clipcid's text features to 1e-6).
     pub fn to_hf_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).unwrap_or_default();
         if let Some(obj) = v.as_object_mut() {

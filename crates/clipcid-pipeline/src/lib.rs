@@ -60,7 +60,7 @@ pub use models::{
 pub use stages::balance::{balance, BalanceArgs, BalanceOutcome};
 pub use stages::cluster::{cluster, cluster_to_file, kmeans_for, ClusterArgs, ClusterOutcome};
 pub use stages::distill::{open_trainer, train_student, write_run_config, DistillArgs};
-pub use stages::embed::{embed, EmbedArgs};
+pub use stages::embed::{embed, EmbedArgs, Precision};
 pub use stages::evaluate::{
     eval, export, textness, EvalArgs, ExportArgs, ExportFormat, ExportOutcome, TextnessArgs,
 };

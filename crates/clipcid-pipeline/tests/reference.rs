@@ -14,7 +14,7 @@ use candle_core::Device;
 use clipcid_data::PreprocessFamily;
 use clipcid_embed::EmbeddingShard;
 use clipcid_models::{Activation, ClipTokenizer};
-use clipcid_pipeline::{embed, EmbedArgs};
+use clipcid_pipeline::{embed, EmbedArgs, Precision};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference")
@@ -175,4 +175,29 @@ fn tokenizer_ids_equal_open_clips() {
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn half_precision_compute_stays_close_to_f32() {
+    // The figures docs/guide.md quotes: f16 and bf16 compute against the owners' f32.
+    let r = reference();
+    println!("| family | precision | tower | max abs diff | min cosine |\n|---|---|---|---|---|");
+    for (model, captions, theirs) in [
+        ("hf", "captions.tsv", &r.hf),
+        ("open_clip", "captions-open_clip.tsv", &r.open_clip),
+    ] {
+        for (precision, min_cos) in [(Precision::F16, 0.9999), (Precision::Bf16, 0.999)] {
+            let (img, txt) = clipcid_rows(model, captions, None, |a| a.precision = precision);
+            for (tower, ours, reference) in
+                [("image", &img, &theirs.image), ("text", &txt, &theirs.text)]
+            {
+                let (max, cos) = compare(ours, reference);
+                println!("| {model} | {precision:?} | {tower} | {max:.2e} | {cos:.6} |");
+                assert!(
+                    cos >= min_cos,
+                    "{model} {precision:?} {tower}: cosine {cos}"
+                );
+            }
+        }
+    }
 }

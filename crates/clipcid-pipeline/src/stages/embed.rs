@@ -38,9 +38,14 @@ pub struct EmbedArgs {
     /// Input samples per output shard.
     #[arg(long, default_value_t = 10_000)]
     pub shard_size: usize,
-    /// Storage precision: f32 or f16.
+    /// Storage precision of the embeddings: f32 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: EmbedDtype,
+    /// Compute precision of the teacher: f32, f16 or bf16 (weights cast, activations in that
+    /// type, embeddings normalised in f32). Measured against f32 on the reference checkpoints
+    /// (`tests/reference.rs`): see docs/guide.md.
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -63,7 +68,30 @@ impl EmbedArgs {
             batch_size: 64,
             shard_size: 10_000,
             dtype: EmbedDtype::F32,
+            precision: Precision::F32,
             quiet: true,
+        }
+    }
+}
+
+/// Compute precision of a model (`--precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    /// 32-bit floats.
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16 (open_clip's `amp_bf16`).
+    Bf16,
+}
+
+impl Precision {
+    /// The candle dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::Bf16 => DType::BF16,
         }
     }
 }
@@ -71,7 +99,7 @@ impl EmbedArgs {
 /// Loads the teacher (and its tokenizer when the data has captions) and embeds the dataset
 /// into `args.out`, keeping shards a previous run completed.
 pub fn embed(args: &EmbedArgs, device: &Device) -> Result<EmbedSummary, PipelineError> {
-    let loaded = load_model(&args.teacher, &args.model, device, DType::F32)?;
+    let loaded = load_model(&args.teacher, &args.model, device, args.precision.dtype())?;
     let (teacher_path, teacher) = (loaded.path, loaded.model);
     let dataset = Dataset::open(&args.data)?;
     let ctx = teacher.config().text_config.default_context_length();
