@@ -349,10 +349,10 @@ fn horizontal_pass(src: &[u8], ch: usize, w: usize, width: usize, filter: Resamp
             let (xmin, xmax) = horiz.bounds[xx];
             let k = &horiz.weights[xx * horiz.ksize..];
             let mut ss = [1i32 << (PRECISION_BITS - 1); 4];
-            for x in 0..xmax {
+            for (x, &kx) in k.iter().enumerate().take(xmax) {
                 let p = &irow[(x + xmin) * ch..(x + xmin + 1) * ch];
                 for c in 0..ch {
-                    ss[c] += i32::from(p[c]) * k[x];
+                    ss[c] += i32::from(p[c]) * kx;
                 }
             }
             for c in 0..ch {
@@ -374,10 +374,10 @@ fn vertical_pass(src: &[u8], ch: usize, w: usize, vert: &Coeffs, first_row: usiz
         let k = &vert.weights[yy * vert.ksize..];
         for (xx, opx) in orow.chunks_exact_mut(ch).enumerate() {
             let mut ss = [1i32 << (PRECISION_BITS - 1); 4];
-            for y in 0..ymax {
+            for (y, &ky) in k.iter().enumerate().take(ymax) {
                 let i = ((y + ymin) * w + xx) * ch;
                 for c in 0..ch {
-                    ss[c] += i32::from(src[i + c]) * k[y];
+                    ss[c] += i32::from(src[i + c]) * ky;
                 }
             }
             for c in 0..ch {

@@ -201,12 +201,25 @@ fn grayscale_and_alpha_images_become_rgb() {
     for ch in 0..3 {
         assert!((out[ch * 16] as f64 - expected(128, ch)).abs() < 1e-6);
     }
-    let rgba = DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(
-        4,
-        4,
-        image::Rgba([10, 20, 30, 0]),
-    ));
-    assert!((p.apply(&rgba)[16] as f64 - expected(20, 1)).abs() < 1e-6);
+    // Transparency: open_clip drops alpha (the colour under it stays); transformers
+    // composites over white. Expected values from Pillow 13's alpha_composite.
+    let rgba = |a: u8| {
+        DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(
+            4,
+            4,
+            image::Rgba([10, 20, 30, a]),
+        ))
+    };
+    let open_clip = Preprocess::open_clip(4);
+    assert!((open_clip.apply(&rgba(0))[16] as f64 - expected(20, 1)).abs() < 1e-6);
+    assert!((p.apply(&rgba(0))[16] as f64 - expected(255, 1)).abs() < 1e-6);
+    let half = p.apply(&rgba(128));
+    for (ch, v) in [132u8, 137, 142].into_iter().enumerate() {
+        assert!(
+            (half[ch * 16] as f64 - expected(v, ch)).abs() < 1e-6,
+            "{ch}"
+        );
+    }
 }
 
 fn encode(img: &RgbImage, fmt: image::ImageFormat) -> Vec<u8> {

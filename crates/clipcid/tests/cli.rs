@@ -612,7 +612,7 @@ fn hub_repo_ids_resolve_offline_from_the_cache() {
     assert!(dir.path().join("fp16/model.safetensors").exists());
     let (ok, text) = run("someone/other");
     assert!(
-        !ok && text.contains("HF_HUB_OFFLINE") && text.contains("not in the Hugging Face cache"),
+        !ok && text.contains("HF_HUB_OFFLINE") && text.contains("`someone/other` is not cached"),
         "{text}"
     );
 }

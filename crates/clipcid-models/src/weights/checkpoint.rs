@@ -120,6 +120,9 @@ struct CheckpointFiles {
     parts: Vec<(PathBuf, Vec<String>)>,
 }
 
+/// Tensors by name.
+type TensorMap = HashMap<String, Tensor>;
+
 /// Checkpoint file names looked for in a folder (and fetched from the Hub), in open_clip's
 /// order of preference: safetensors before PyTorch pickles, one file before shards.
 pub const CHECKPOINT_FILES: [&str; 8] = [
@@ -213,7 +216,7 @@ impl CheckpointFiles {
     }
 
     /// All tensors (CPU, as stored) and the safetensors metadata of the first part.
-    fn load(&self) -> Result<(HashMap<String, Tensor>, HashMap<String, String>), ModelError> {
+    fn load(&self) -> Result<(TensorMap, HashMap<String, String>), ModelError> {
         let mut all = HashMap::new();
         let mut metadata = HashMap::new();
         for (i, (file, expected)) in self.parts.iter().enumerate() {

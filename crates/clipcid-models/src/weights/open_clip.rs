@@ -298,9 +298,12 @@ pub(crate) fn open_clip_config(json: &str) -> Result<ClipConfig, String> {
         }
         refuse_unless(cfg, tower, "block_type", &["default".into()])?;
     }
-    for key in ["timm_model_name"] {
-        refuse_unless(&v, "vision_cfg", key, std::slice::from_ref(&none))?;
-    }
+    refuse_unless(
+        &v,
+        "vision_cfg",
+        "timm_model_name",
+        std::slice::from_ref(&none),
+    )?;
     for key in ["attentional_pool", "no_ln_pre"] {
         refuse_unless(&v, "vision_cfg", key, std::slice::from_ref(&f))?;
     }
