@@ -32,6 +32,9 @@ family's preprocessing, tokenizer, towers) and must agree to 1e-4.
 Weights are random, rounded to float16 and stored as float16 (half the bytes); both the
 reference and clipcid compute in float32 from those same values.
 
+`resize DIR` writes Pillow's resize of small random RGB and RGBA images with all six filters
+(`crates/clipcid-data/tests/fixtures/pillow-resize/`, for `pil_resize` / `pil_resize_rgba`).
+
 `student DIR IMAGES CAPTIONS` loads a clipcid-written model folder with transformers
 (`CLIPModel` + `CLIPProcessor.from_pretrained`) and, when DIR holds an open_clip_config.json,
 with `open_clip.create_model_and_transforms('local-dir:DIR')`, and prints their normalised
@@ -357,9 +360,39 @@ def student(dir_, images, captions_file):
     json.dump(out, sys.stdout)
 
 
+def resize_fixtures(out):
+    """Pillow's resize of small random RGB and RGBA images with every filter, as PNGs."""
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    rng = np.random.default_rng(SEED + 7)
+    filters = {"nearest": Image.NEAREST, "lanczos": Image.LANCZOS, "bilinear": Image.BILINEAR,
+               "bicubic": Image.BICUBIC, "box": Image.BOX, "hamming": Image.HAMMING}
+    cases = []
+    for i in range(14):
+        w, h = (int(v) for v in rng.integers(1, 40, 2))
+        mode = "RGBA" if i % 4 == 3 else "RGB"
+        a = rng.integers(0, 256, (h, w, len(mode)), dtype=np.uint8)
+        if i % 2:  # smooth content too, where rounding differences show
+            y, x = np.mgrid[0:h, 0:w]
+            a[..., :3] = (np.sin(x[..., None] / 3.0 + y[..., None] / 5.0 + np.arange(3)) * 120
+                          + 128).astype(np.uint8)
+        src = Image.fromarray(a, mode)
+        src.save(os.path.join(out, f"{i}.png"))
+        for name, f in filters.items():
+            nw, nh = (int(v) for v in rng.integers(1, 48, 2))
+            src.resize((nw, nh), f).save(os.path.join(out, f"{i}-{name}.png"))
+            cases.append({"input": f"{i}.png", "filter": name, "width": nw, "height": nh,
+                          "output": f"{i}-{name}.png"})
+    json.dump({"pillow": _versions()["pillow"], "cases": cases}, open(os.path.join(out, "cases.json"), "w"), indent=1)
+    total = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    print(f"wrote {len(cases)} resize cases to {out}: {total / 1e3:.0f} kB")
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "write":
         write(sys.argv[2])
+    elif len(sys.argv) == 3 and sys.argv[1] == "resize":
+        resize_fixtures(sys.argv[2])
     elif len(sys.argv) == 5 and sys.argv[1] == "student":
         student(sys.argv[2], sys.argv[3], sys.argv[4])
     else:
