@@ -21,8 +21,8 @@ use clipcid_train::{
 };
 
 use crate::{
-    digit_caption, input_error, kmeans_for, load_eval_model, resolve_model_path, tokenizer_beside,
-    write_run_config, PipelineError, DIGIT_CAPTIONS,
+    digit_caption, input_error, kmeans_for, load_eval_model, resolve_model_path, write_run_config,
+    PipelineError, DIGIT_CAPTIONS,
 };
 
 type Result<T> = std::result::Result<T, PipelineError>;
@@ -77,10 +77,11 @@ struct Teacher {
 
 /// The teacher with the tokenizer beside it, else `fallback_tokenizer` (CLIP's).
 fn load_teacher(dir: &Path, fallback_tokenizer: &Path, device: &Device) -> Result<EvalModel> {
-    let beside = tokenizer_beside(dir).is_file();
+    let beside = ClipTokenizer::find_beside(dir).is_some();
     load_eval_model(
         "teacher",
         dir,
+        &crate::ModelOptions::default(),
         (!beside).then_some(fallback_tokenizer),
         device,
     )

@@ -108,15 +108,16 @@ pub fn resolve_model_path(spec: &Path) -> Result<PathBuf, PipelineError> {
     Ok(clipcid_models::resolve_model(s)?)
 }
 
-/// Loads a model (f32) and its tokenizer (`tokenizer`, else the one beside the model), named
-/// `name` in reports.
+/// Loads a model (f32) read with `opts` and its tokenizer (`tokenizer`, else the one beside
+/// the model), named `name` in reports.
 pub fn load_eval_model(
     name: &str,
     path: &Path,
+    opts: &ModelOptions,
     tokenizer: Option<&Path>,
     device: &Device,
 ) -> Result<EvalModel, PipelineError> {
-    let loaded = load_model(path, &ModelOptions::default(), device, DType::F32)?;
+    let loaded = load_model(path, opts, device, DType::F32)?;
     let path = &loaded.path;
     let Some(tok_path) = tokenizer
         .map(Path::to_path_buf)

@@ -93,16 +93,31 @@ impl EvalArgs {
 /// writes `report.md`, `results.json` and plots to `args.out`; returns the report's markdown.
 pub fn eval(args: &EvalArgs, device: &Device) -> Result<String, PipelineError> {
     let tok = args.tokenizer.as_deref();
-    let mut models = vec![load_eval_model("student", &args.model, tok, device)?];
+    let mut models = vec![load_eval_model(
+        "student",
+        &args.model,
+        &ModelOptions::default(),
+        tok,
+        device,
+    )?];
     if let Some(t) = &args.teacher {
         let teacher_tok = args.teacher_tokenizer.as_deref();
-        models.insert(0, load_eval_model("teacher", t, teacher_tok, device)?);
+        models.insert(
+            0,
+            load_eval_model("teacher", t, &ModelOptions::default(), teacher_tok, device)?,
+        );
     }
     for spec in &args.compare {
         let Some((name, path)) = spec.split_once('=') else {
             input_error!("--compare takes NAME=PATH, got `{spec}`");
         };
-        models.push(load_eval_model(name, Path::new(path), tok, device)?);
+        models.push(load_eval_model(
+            name,
+            Path::new(path),
+            &ModelOptions::default(),
+            tok,
+            device,
+        )?);
     }
     let zero_shot = match &args.zero_shot {
         Some(data) => Some(ZeroShotPlan {
@@ -162,6 +177,9 @@ pub struct TextnessArgs {
     /// Model checkpoint (file or folder).
     #[arg(long)]
     pub model: PathBuf,
+    /// How the model is read: `--config`, `--activation`, `--preprocess`.
+    #[command(flatten)]
+    pub load: ModelOptions,
     /// `tokenizer.json` (default: the one inside/beside the model).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -203,7 +221,13 @@ pub struct TextnessArgs {
 /// Probes the textness direction of the model and writes `textness.safetensors`, one grid
 /// PNG per query and `report.md` to `args.out`.
 pub fn textness(args: &TextnessArgs, device: &Device) -> Result<TextnessReport, PipelineError> {
-    let m = load_eval_model("model", &args.model, args.tokenizer.as_deref(), device)?;
+    let m = load_eval_model(
+        "model",
+        &args.model,
+        &args.load,
+        args.tokenizer.as_deref(),
+        device,
+    )?;
     let renderer = match &args.font {
         Some(f) => TextRenderer::from_file(f)?,
         None => TextRenderer::dejavu_sans()?,
@@ -241,6 +265,10 @@ pub struct ExportArgs {
     /// Model checkpoint (file or folder) to export.
     #[arg(long)]
     pub model: PathBuf,
+    /// How the model is read: `--config`, `--activation`, `--preprocess` (a checkpoint
+    /// without a config needs `--activation`; the export then carries a config.json).
+    #[command(flatten)]
+    pub load: ModelOptions,
     /// Output folder: model.safetensors (f16), config.json, preprocessor_config.json and, when
     /// the model has a tokenizer, tokenizer.json, tokenizer_config.json and
     /// special_tokens_map.json (what transformers' `CLIPModel` and `CLIPProcessor` load).
@@ -265,6 +293,7 @@ impl ExportArgs {
     pub fn new(model: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
         Self {
             model: model.into(),
+            load: ModelOptions::default(),
             out: out.into(),
             sample: None,
             samples: 64,
@@ -294,7 +323,7 @@ pub struct ExportOutcome {
 /// Writes the model as FP16 safetensors (Hugging Face layout) with its config and tokenizer
 /// to `args.out`, and measures the FP16 error on sample images (or random pixels).
 pub fn export(args: &ExportArgs, device: &Device) -> Result<ExportOutcome, PipelineError> {
-    let loaded = load_model(&args.model, &ModelOptions::default(), device, DType::F32)?;
+    let loaded = load_model(&args.model, &args.load, device, DType::F32)?;
     let (model_path, model, preprocess) = (loaded.path, loaded.model, loaded.preprocess);
     let size = model.config().vision_config.image_size;
     let (pixels, what) = match &args.sample {
