@@ -426,10 +426,12 @@ fn read_shard(
     tx: &std::sync::mpsc::SyncSender<Result<TarEntry, DataError>>,
 ) -> Result<(), DataError> {
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| DataError::io(path, e))?.len();
     let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, file));
     let entries = archive
         .entries()
         .map_err(|e| DataError::format(path, format!("not a tar file: {e}")))?;
+    let mut keys = ShardKeys::default();
     for entry in entries {
         let mut entry =
             entry.map_err(|e| DataError::format(path, format!("corrupt tar shard: {e}")))?;
@@ -444,7 +446,14 @@ fn read_shard(
         let Some((key, ext)) = member_key(&name) else {
             continue;
         };
-        let mut bytes = Vec::with_capacity(entry.size() as usize);
+        // The header's size is untrusted: never allocate more than the shard can hold.
+        let size = check_member_size(path, &name, entry.size(), file_len)?;
+        if let Some(marker) = keys.see(&key) {
+            if tx.send(Ok(marker)).is_err() {
+                return Ok(());
+            }
+        }
+        let mut bytes = Vec::with_capacity(size);
         entry
             .read_to_end(&mut bytes)
             .map_err(|e| DataError::format(path, format!("corrupt tar shard at `{name}`: {e}")))?;
@@ -452,7 +461,69 @@ fn read_shard(
             return Ok(());
         }
     }
-    Ok(())
+    keys.finish(path)
+}
+
+/// A member's claimed size, refused when it exceeds the shard file itself (a corrupt or
+/// hostile header), so no allocation is sized by a header alone.
+pub(crate) fn check_member_size(
+    shard: &Path,
+    name: &str,
+    size: u64,
+    file_len: u64,
+) -> Result<usize, DataError> {
+    if size > file_len {
+        return Err(DataError::format(
+            shard,
+            format!(
+                "member `{name}` claims {size} bytes but the shard is only {file_len} bytes (corrupt tar header)"
+            ),
+        ));
+    }
+    usize::try_from(size)
+        .map_err(|_| DataError::format(shard, format!("member `{name}` is too large")))
+}
+
+/// Extension of the synthetic member that marks a key seen earlier in the same shard after
+/// other samples (WebDataset keys are unique and their members consecutive): the sample is
+/// skipped, named, instead of being paired with another sample's members downstream. The
+/// control character keeps it from clashing with any real extension.
+pub(crate) const REPEATED_KEY: &str = "\u{1}repeated-key";
+
+/// Keys of one shard: which sample groups closed, and how many members there were.
+#[derive(Default)]
+pub(crate) struct ShardKeys {
+    current: Option<String>,
+    closed: std::collections::HashSet<String>,
+    members: u64,
+}
+
+impl ShardKeys {
+    /// Records a member of `key`; returns the marker entry to send first when `key` starts a
+    /// new group although an earlier group of this shard had it.
+    pub(crate) fn see(&mut self, key: &str) -> Option<TarEntry> {
+        self.members += 1;
+        if self.current.as_deref() == Some(key) {
+            return None;
+        }
+        if let Some(prev) = self.current.replace(key.to_string()) {
+            self.closed.insert(prev);
+        }
+        self.closed
+            .contains(key)
+            .then(|| (key.to_string(), REPEATED_KEY.to_string(), Vec::new()))
+    }
+
+    /// A shard with no sample member is an error, not zero rows.
+    pub(crate) fn finish(&self, shard: &Path) -> Result<(), DataError> {
+        if self.members == 0 {
+            return Err(DataError::format(
+                shard,
+                "tar shard holds no sample members (empty, or not a WebDataset shard: members are named KEY.EXT)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// WebDataset naming: a member `dir/key.ext1.ext2` belongs to sample `dir/key` (everything
@@ -477,6 +548,32 @@ pub(crate) fn group_to_sample(group: Vec<TarEntry>) -> Sample {
     let mut json_caption = None;
     let mut label = None;
     let exts: BTreeSet<&str> = group.iter().map(|(_, e, _)| e.as_str()).collect();
+    let problem = if exts.contains(REPEATED_KEY) {
+        Some(format!(
+            "key `{key}` appears again after other samples in its shard (keys must be unique, their members consecutive)"
+        ))
+    } else if exts.len() < group.len() {
+        let mut seen = BTreeSet::new();
+        let twice = group
+            .iter()
+            .find(|(_, e, _)| !seen.insert(e.as_str()))
+            .map(|(_, e, _)| e.clone())
+            .unwrap_or_default();
+        Some(format!(
+            "member `{key}.{twice}` appears twice (which one belongs to the sample is unknown)"
+        ))
+    } else {
+        None
+    };
+    if let Some(reason) = problem {
+        return Sample {
+            index: 0,
+            key,
+            image: Err(reason),
+            caption: None,
+            label: None,
+        };
+    }
     for (_, ext, bytes) in &group {
         match ext.as_str() {
             e if IMAGE_EXTENSIONS.contains(&e) && image.is_err() => image = Ok(bytes.clone()),

@@ -4,7 +4,9 @@ use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::PathBuf;
 
-use crate::dataset::{group_to_sample, member_key, TarEntry};
+use crate::dataset::{
+    check_member_size, group_to_sample, member_key, ShardKeys, TarEntry, REPEATED_KEY,
+};
 use crate::{DataError, Dataset, Sample, Source};
 
 /// Where one tar member's bytes lie.
@@ -77,7 +79,9 @@ fn index_shards(shards: &[PathBuf]) -> Result<Vec<(String, Vec<Member>)>, DataEr
     let mut samples: Vec<(String, Vec<Member>)> = Vec::new();
     for (shard, path) in shards.iter().enumerate() {
         let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+        let file_len = file.metadata().map_err(|e| DataError::io(path, e))?.len();
         let mut archive = tar::Archive::new(BufReader::new(file));
+        let mut keys = ShardKeys::default();
         let entries = archive
             .entries_with_seek()
             .map_err(|e| DataError::format(path, format!("not a tar file: {e}")))?;
@@ -95,6 +99,19 @@ fn index_shards(shards: &[PathBuf]) -> Result<Vec<(String, Vec<Member>)>, DataEr
             let Some((key, ext)) = member_key(&name) else {
                 continue;
             };
+            check_member_size(path, &name, entry.size(), file_len)?;
+            if keys.see(&key).is_some() {
+                // The streaming reader's marker: this group is skipped as a repeated key.
+                samples.push((
+                    key.clone(),
+                    vec![Member {
+                        shard,
+                        ext: REPEATED_KEY.to_string(),
+                        offset: 0,
+                        size: 0,
+                    }],
+                ));
+            }
             let member = Member {
                 shard,
                 ext,
@@ -107,6 +124,7 @@ fn index_shards(shards: &[PathBuf]) -> Result<Vec<(String, Vec<Member>)>, DataEr
                 _ => samples.push((key, vec![member])),
             }
         }
+        keys.finish(path)?;
     }
     Ok(samples)
 }
@@ -165,6 +183,9 @@ impl SampleIndex {
                 for m in members {
                     let path = &shards[m.shard];
                     let read = || -> std::io::Result<Vec<u8>> {
+                        if m.size == 0 {
+                            return Ok(Vec::new());
+                        }
                         let mut f = File::open(path)?;
                         f.seek(SeekFrom::Start(m.offset))?;
                         let mut bytes = vec![0u8; m.size as usize];

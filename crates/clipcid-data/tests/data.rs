@@ -427,3 +427,82 @@ fn sample_index_reads_exactly_what_the_stream_yields_in_any_order() {
         assert!(err.contains("out of range"), "{err}");
     }
 }
+
+/// Every sample of `ds` from the streaming reader and from the index (they must agree):
+/// (key, Ok(()) or the skip reason).
+fn both_readers(ds: &Dataset) -> Result<Vec<(String, Result<(), String>)>, String> {
+    let stream: Vec<_> = ds
+        .samples()
+        .map_err(|e| e.to_string())?
+        .map(|s| s.map(|s| (s.key, s.image.map(|_| ()))))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let index = ds.index().map_err(|e| e.to_string())?;
+    let indexed: Vec<_> = (0..index.len() as u64)
+        .map(|i| index.get(i).map(|s| (s.key, s.image.map(|_| ()))))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    assert_eq!(stream, indexed, "the streaming reader and the index disagree");
+    Ok(stream)
+}
+
+#[test]
+fn a_tar_header_claiming_more_bytes_than_the_shard_is_an_error_not_an_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge.tar");
+    // A member whose header claims 2^40 bytes, followed by 1 KiB of data and the end blocks.
+    let mut header = tar::Header::new_gnu();
+    header.set_path("000.jpg").unwrap();
+    header.set_size(1 << 40);
+    header.set_mode(0o644);
+    header.set_cksum();
+    let mut bytes = header.as_bytes().to_vec();
+    bytes.extend(vec![0u8; 1024 + 1024]);
+    std::fs::write(&path, &bytes).unwrap();
+    let ds = Dataset::open(&path).unwrap();
+    let e = both_readers(&ds).unwrap_err();
+    assert!(
+        e.contains("huge.tar") && e.contains("000.jpg") && e.contains("claims 1099511627776 bytes"),
+        "{e}"
+    );
+}
+
+#[test]
+fn empty_shards_and_shards_without_members_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.tar");
+    std::fs::write(&empty, b"").unwrap();
+    let none = dir.path().join("none.tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&none).unwrap());
+    add(&mut b, "README", b"no extension, so not a sample member");
+    b.finish().unwrap();
+    drop(b);
+    for path in [&empty, &none] {
+        let e = both_readers(&Dataset::open(path).unwrap()).unwrap_err();
+        assert!(e.contains("holds no sample members"), "{e}");
+    }
+}
+
+#[test]
+fn repeated_members_and_keys_are_named_skips_not_mixed_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dup.tar");
+    let png = encode(&RgbImage::new(4, 4), image::ImageFormat::Png);
+    let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
+    add(&mut b, "a.png", &png);
+    add(&mut b, "a.txt", b"first caption");
+    add(&mut b, "a.png", &png); // same member twice in one group
+    add(&mut b, "a.txt", b"second caption");
+    add(&mut b, "b.png", &png);
+    add(&mut b, "b.txt", b"b");
+    add(&mut b, "c.png", &png);
+    add(&mut b, "b.txt", b"b again, after another sample");
+    b.finish().unwrap();
+    drop(b);
+    let got = both_readers(&Dataset::open(&path).unwrap()).unwrap();
+    let keys: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys, ["a", "b", "c", "b"]);
+    assert!(got[0].1.as_ref().unwrap_err().contains("`a.png` appears twice"));
+    assert!(got[1].1.is_ok() && got[2].1.is_ok());
+    assert!(got[3].1.as_ref().unwrap_err().contains("appears again"));
+}
