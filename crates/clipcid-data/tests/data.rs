@@ -428,9 +428,11 @@ fn sample_index_reads_exactly_what_the_stream_yields_in_any_order() {
     }
 }
 
-/// Every sample of `ds` from the streaming reader and from the index (they must agree):
-/// (key, Ok(()) or the skip reason).
-fn both_readers(ds: &Dataset) -> Result<Vec<(String, Result<(), String>)>, String> {
+/// A sample's key and `Ok(())` or its skip reason.
+type Outcome = (String, Result<(), String>);
+
+/// Every sample of `ds` from the streaming reader and from the index (they must agree).
+fn both_readers(ds: &Dataset) -> Result<Vec<Outcome>, String> {
     let stream: Vec<_> = ds
         .samples()
         .map_err(|e| e.to_string())?
