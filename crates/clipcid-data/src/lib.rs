@@ -40,4 +40,6 @@ pub use index::SampleIndex;
 pub use preprocess::{
     AlphaRule, CropRule, Preprocess, PreprocessFamily, Resize, CLIP_MEAN, CLIP_STD,
 };
-pub use resample::{pil_resize, pil_resize_rgba, Resample};
+pub use resample::{
+    pil_resize, pil_resize_rgba, pil_resize_rgba_window, pil_resize_window, Resample, Window,
+};

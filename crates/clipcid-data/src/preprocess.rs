@@ -11,7 +11,7 @@ use std::path::Path;
 
 use image::{DynamicImage, RgbImage};
 
-use crate::resample::{pil_resize, pil_resize_rgba, Resample};
+use crate::resample::{pil_resize_rgba_window, pil_resize_window, Resample, Window};
 use crate::DataError;
 
 /// OpenAI CLIP's per-channel mean (RGB).
@@ -484,20 +484,13 @@ impl Preprocess {
     }
 
     /// Resizes and centre-crops (zero-padding an image smaller than the crop), returning an
-    /// RGB image `image_size` on each side.
+    /// RGB image `image_size` on each side. Only the crop of the resized image is computed
+    /// ([`crate::pil_resize_window`]: the same pixels as resizing everything, with the time
+    /// and memory of the crop).
     pub fn resize_and_crop(&self, img: &DynamicImage) -> RgbImage {
         let s = self.image_size as u32;
         let (nw, nh) = self.resized_size(img.width(), img.height());
         let (nw, nh) = (nw.max(1), nh.max(1));
-        let resized = if self.alpha == AlphaRule::Drop && img.color().has_alpha() {
-            // open_clip resizes the RGBA image (Pillow premultiplies alpha) and drops alpha
-            // after the crop.
-            let rgba = pil_resize_rgba(&img.to_rgba8(), nw, nh, self.resample);
-            DynamicImage::ImageRgba8(rgba).to_rgb8()
-        } else {
-            pil_resize(&self.to_rgb(img), nw, nh, self.resample)
-        };
-        let (w, h) = resized.dimensions();
         // Offset of the crop in the resized image (negative: the image sits inside padding).
         let offset = |len: u32| -> i64 {
             let (len, s) = (i64::from(len), i64::from(s));
@@ -513,18 +506,29 @@ impl Preprocess {
                 }
             }
         };
-        let (left, top) = (offset(w), offset(h));
+        let (left, top) = (offset(nw), offset(nh));
+        let window = Window {
+            x: left.max(0) as usize,
+            y: top.max(0) as usize,
+            width: nw.min(s) as usize,
+            height: nh.min(s) as usize,
+        };
+        let part = if self.alpha == AlphaRule::Drop && img.color().has_alpha() {
+            // open_clip resizes the RGBA image (Pillow premultiplies alpha) and drops alpha
+            // after the crop.
+            let rgba = pil_resize_rgba_window(&img.to_rgba8(), (nw, nh), self.resample, window);
+            DynamicImage::ImageRgba8(rgba).to_rgb8()
+        } else {
+            pil_resize_window(&self.to_rgb(img), (nw, nh), self.resample, window)
+        };
         if left >= 0 && top >= 0 {
-            return image::imageops::crop_imm(&resized, left as u32, top as u32, s, s).to_image();
+            return part;
         }
-        RgbImage::from_fn(s, s, |x, y| {
-            let (sx, sy) = (i64::from(x) + left, i64::from(y) + top);
-            if sx >= 0 && sy >= 0 && sx < i64::from(w) && sy < i64::from(h) {
-                *resized.get_pixel(sx as u32, sy as u32)
-            } else {
-                image::Rgb([0, 0, 0])
-            }
-        })
+        // Paste the (smaller) resized image into black padding.
+        let (px, py) = ((-left).max(0) as u32, (-top).max(0) as u32);
+        let mut out = RgbImage::new(s, s);
+        image::imageops::replace(&mut out, &part, i64::from(px), i64::from(py));
+        out
     }
 
     /// Channel-major (`[3, H, W]`) normalised pixels of an image.

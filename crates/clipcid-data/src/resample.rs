@@ -182,16 +182,18 @@ struct Coeffs {
     weights: Vec<i32>,
 }
 
-/// `precompute_coeffs` + `normalize_coeffs_8bpc` for the whole source range.
-fn coeffs(in_size: usize, out_size: usize, filter: Resample) -> Coeffs {
+/// `precompute_coeffs` + `normalize_coeffs_8bpc` for output indices `start..start + count`
+/// of a resize from `in_size` to `out_size` (Pillow computes all of them; each output's
+/// coefficients depend on its own index only, so a window gives the same numbers).
+fn coeffs(in_size: usize, out_size: usize, filter: Resample, start: usize, count: usize) -> Coeffs {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = filter.support() * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
-    let mut bounds = Vec::with_capacity(out_size);
-    let mut weights = vec![0i32; out_size * ksize];
+    let mut bounds = Vec::with_capacity(count);
+    let mut weights = vec![0i32; count * ksize];
     let mut k = vec![0f64; ksize];
-    for xx in 0..out_size {
+    for (i, xx) in (start..start + count).enumerate() {
         let center = (xx as f64 + 0.5) * scale;
         let ss = 1.0 / filterscale;
         // C's (int) cast truncates toward zero; negative values are clamped to 0 next.
@@ -204,7 +206,7 @@ fn coeffs(in_size: usize, out_size: usize, filter: Resample) -> Coeffs {
             *kx = w;
             ww += w;
         }
-        let row = &mut weights[xx * ksize..(xx + 1) * ksize];
+        let row = &mut weights[i * ksize..(i + 1) * ksize];
         for x in 0..xmax {
             let w = if ww != 0.0 { k[x] / ww } else { k[x] };
             let scaled = w * f64::from(1u32 << PRECISION_BITS);
@@ -248,21 +250,71 @@ fn clip8(v: i32) -> u8 {
 /// assert_eq!(red, [22, 100, 178]);
 /// ```
 pub fn pil_resize(img: &RgbImage, width: u32, height: u32, filter: Resample) -> RgbImage {
-    let (w, h) = img.dimensions();
-    let out = resize_raw(img.as_raw(), 3, (w, h), (width, height), filter);
-    RgbImage::from_raw(width, height, out).unwrap_or_else(|| RgbImage::new(width, height))
+    let full = Window {
+        x: 0,
+        y: 0,
+        width: width as usize,
+        height: height as usize,
+    };
+    pil_resize_window(img, (width, height), filter, full)
+}
+
+/// The `window` of [`pil_resize`]'s output, computed without the rest: bit for bit the full
+/// resize cropped, with time and memory of the window. The window must lie inside the
+/// resized image (it is clamped to it).
+///
+/// ```
+/// use clipcid_data::{pil_resize, pil_resize_window, Resample, Window};
+/// let img = image::RgbImage::from_fn(9, 7, |x, y| image::Rgb([(25 * x) as u8, (30 * y) as u8, 9]));
+/// let win = Window { x: 3, y: 2, width: 4, height: 5 };
+/// let part = pil_resize_window(&img, (13, 11), Resample::Bicubic, win);
+/// let full = pil_resize(&img, 13, 11, Resample::Bicubic);
+/// let crop = image::imageops::crop_imm(&full, 3, 2, 4, 5).to_image();
+/// assert_eq!(part, crop);
+/// ```
+pub fn pil_resize_window(
+    img: &RgbImage,
+    (width, height): (u32, u32),
+    filter: Resample,
+    window: Window,
+) -> RgbImage {
+    let win = clamp(window, width, height);
+    let out = resize_window(
+        img.as_raw(),
+        3,
+        img.dimensions(),
+        (width, height),
+        filter,
+        win,
+    );
+    RgbImage::from_raw(win.width as u32, win.height as u32, out)
+        .unwrap_or_else(|| RgbImage::new(win.width as u32, win.height as u32))
 }
 
 /// [`pil_resize`] for an RGBA image, as Pillow does it: colours premultiplied by alpha
 /// (`RGBa`), resized, then divided back (what open_clip's `Resize` does to a transparent PNG
 /// before it drops the alpha channel).
 pub fn pil_resize_rgba(img: &RgbaImage, width: u32, height: u32, filter: Resample) -> RgbaImage {
-    let (w, h) = img.dimensions();
-    if (w, h) == (width, height) {
-        return img.clone();
-    }
-    let out = if filter == Resample::Nearest {
-        resize_raw(img.as_raw(), 4, (w, h), (width, height), filter)
+    let full = Window {
+        x: 0,
+        y: 0,
+        width: width as usize,
+        height: height as usize,
+    };
+    pil_resize_rgba_window(img, (width, height), filter, full)
+}
+
+/// The `window` of [`pil_resize_rgba`]'s output (see [`pil_resize_window`]).
+pub fn pil_resize_rgba_window(
+    img: &RgbaImage,
+    (width, height): (u32, u32),
+    filter: Resample,
+    window: Window,
+) -> RgbaImage {
+    let win = clamp(window, width, height);
+    let dims = img.dimensions();
+    let out = if dims == (width, height) || filter == Resample::Nearest {
+        resize_window(img.as_raw(), 4, dims, (width, height), filter, win)
     } else {
         // Pillow's rgbA2rgba: MULDIV255 with rounding.
         let mut pre = img.as_raw().clone();
@@ -273,7 +325,7 @@ pub fn pil_resize_rgba(img: &RgbaImage, width: u32, height: u32, filter: Resampl
                 *c = (((t >> 8) + t) >> 8) as u8;
             }
         }
-        let mut out = resize_raw(&pre, 4, (w, h), (width, height), filter);
+        let mut out = resize_window(&pre, 4, dims, (width, height), filter, win);
         // Pillow's rgba2rgbA: integer division, clipped.
         for px in out.chunks_exact_mut(4) {
             let a = u32::from(px[3]);
@@ -285,60 +337,99 @@ pub fn pil_resize_rgba(img: &RgbaImage, width: u32, height: u32, filter: Resampl
         }
         out
     };
-    RgbaImage::from_raw(width, height, out).unwrap_or_else(|| RgbaImage::new(width, height))
+    RgbaImage::from_raw(win.width as u32, win.height as u32, out)
+        .unwrap_or_else(|| RgbaImage::new(win.width as u32, win.height as u32))
 }
 
-/// Pillow's resize of interleaved 8-bit pixels with `ch` channels.
-fn resize_raw(
+/// `window` clipped to a `width` x `height` image.
+fn clamp(window: Window, width: u32, height: u32) -> Window {
+    let (width, height) = (width as usize, height as usize);
+    let x = window.x.min(width);
+    let y = window.y.min(height);
+    Window {
+        x,
+        y,
+        width: window.width.min(width - x),
+        height: window.height.min(height - y),
+    }
+}
+
+/// A rectangle of a resized image: its top-left corner and size, in output pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// Left column.
+    pub x: usize,
+    /// Top row.
+    pub y: usize,
+    /// Columns.
+    pub width: usize,
+    /// Rows.
+    pub height: usize,
+}
+
+/// The `window` of Pillow's resize of `src` to `width` x `height`, computed without the rest
+/// of the resized image: each output pixel depends only on its own coefficients and on the
+/// source pixels under them, so the window equals the full resize cropped, bit for bit, while
+/// memory and time scale with the window (a 1 x 1,500,000 PNG is not resized to 224 x
+/// 336,000,000 to keep 224 x 224 of it).
+fn resize_window(
     src: &[u8],
     ch: usize,
     (w, h): (u32, u32),
     (width, height): (u32, u32),
     filter: Resample,
+    win: Window,
 ) -> Vec<u8> {
-    if (w, h) == (width, height) {
-        return src.to_vec();
-    }
-    if width == 0 || height == 0 || w == 0 || h == 0 {
-        return vec![0; width as usize * height as usize * ch];
-    }
-    if filter == Resample::Nearest {
-        return nearest(src, ch, (w, h), (width, height));
-    }
     let (w, h, width, height) = (w as usize, h as usize, width as usize, height as usize);
+    if win.width == 0 || win.height == 0 {
+        return Vec::new();
+    }
+    if w == 0 || h == 0 {
+        return vec![0; win.width * win.height * ch];
+    }
+    if filter == Resample::Nearest && (w, h) != (width, height) {
+        return nearest(src, ch, (w, h), (width, height), win);
+    }
+    let hcoef = (width != w).then(|| coeffs(w, width, filter, win.x, win.width));
+    let vcoef = (height != h).then(|| coeffs(h, height, filter, win.y, win.height));
+    // The source rectangle the window reads (bounds grow monotonically with the index).
+    let span = |c: &Option<Coeffs>, start: usize, len: usize| match c {
+        Some(c) => {
+            let last = c.bounds[c.bounds.len() - 1];
+            (c.bounds[0].0, last.0 + last.1)
+        }
+        None => (start, start + len),
+    };
+    let (cx0, cx1) = span(&hcoef, win.x, win.width);
+    let (cy0, cy1) = span(&vcoef, win.y, win.height);
+    let sub_w = cx1 - cx0;
+    let mut sub = Vec::with_capacity((cy1 - cy0) * sub_w * ch);
+    for row in src.chunks_exact(w * ch).skip(cy0).take(cy1 - cy0) {
+        sub.extend_from_slice(&row[cx0 * ch..cx1 * ch]);
+    }
     // Pillow 13: when the height shrinks by more than twice what the width does, the
     // vertical pass runs first (Pillow 12 and older always start with the horizontal one).
     let (dh, dw) = (h as i64 - height as i64, w as i64 - width as i64);
     let horizontal_first = !(dh > 0 && dh > dw * 2);
+    let horizontal = |img: Vec<u8>| match &hcoef {
+        Some(c) => horizontal_pass(&img, ch, sub_w, c, cx0),
+        None => img,
+    };
+    let vertical = |img: Vec<u8>, row_w: usize| match &vcoef {
+        Some(c) => vertical_pass(&img, ch, row_w, c, cy0),
+        None => img,
+    };
     if horizontal_first {
-        let vert = coeffs(h, height, filter);
-        let (first, tmp) = if width != w {
-            // Only the rows the vertical pass reads.
-            let first = vert.bounds[0].0;
-            let last = vert.bounds[height - 1].0 + vert.bounds[height - 1].1;
-            let rows = &src[first * w * ch..last * w * ch];
-            (first, horizontal_pass(rows, ch, w, width, filter))
-        } else {
-            (0, src.to_vec())
-        };
-        if height != h {
-            vertical_pass(&tmp, ch, width, &vert, first)
-        } else {
-            tmp
-        }
+        vertical(horizontal(sub), win.width)
     } else {
-        let tmp = vertical_pass(src, ch, w, &coeffs(h, height, filter), 0);
-        if width != w {
-            horizontal_pass(&tmp, ch, w, width, filter)
-        } else {
-            tmp
-        }
+        horizontal(vertical(sub, sub_w))
     }
 }
 
-/// Pillow's 8-bit horizontal pass: rows of `w` pixels (`ch` channels) to rows of `width`.
-fn horizontal_pass(src: &[u8], ch: usize, w: usize, width: usize, filter: Resample) -> Vec<u8> {
-    let horiz = coeffs(w, width, filter);
+/// Pillow's 8-bit horizontal pass over rows of `w` pixels (`ch` channels) whose first column
+/// is source column `first_col`, one output column per coefficient row.
+fn horizontal_pass(src: &[u8], ch: usize, w: usize, horiz: &Coeffs, first_col: usize) -> Vec<u8> {
+    let width = horiz.bounds.len();
     let rows = src.len() / (w * ch);
     let mut out = vec![0u8; rows * width * ch];
     for (orow, irow) in out
@@ -347,6 +438,7 @@ fn horizontal_pass(src: &[u8], ch: usize, w: usize, width: usize, filter: Resamp
     {
         for (xx, opx) in orow.chunks_exact_mut(ch).enumerate() {
             let (xmin, xmax) = horiz.bounds[xx];
+            let xmin = xmin - first_col;
             let k = &horiz.weights[xx * horiz.ksize..];
             let mut ss = [1i32 << (PRECISION_BITS - 1); 4];
             for (x, &kx) in k.iter().enumerate().take(xmax) {
@@ -388,25 +480,34 @@ fn vertical_pass(src: &[u8], ch: usize, w: usize, vert: &Coeffs, first_row: usiz
     out
 }
 
-/// Pillow's nearest-neighbour resize (`ImagingScaleAffine`): the source index is the
-/// truncated running sum `scale / 2 + i * scale`, accumulated in `f64` as Pillow does.
-fn nearest(src: &[u8], ch: usize, (w, h): (u32, u32), (width, height): (u32, u32)) -> Vec<u8> {
-    let positions = |n_in: u32, n_out: u32| -> Vec<usize> {
-        let scale = f64::from(n_in) / f64::from(n_out);
+/// Pillow's nearest-neighbour resize (`ImagingScaleAffine`), for `win` of the output: the
+/// source index is the truncated running sum `scale / 2 + i * scale`, accumulated in `f64`
+/// as Pillow does.
+fn nearest(
+    src: &[u8],
+    ch: usize,
+    (w, h): (usize, usize),
+    (width, height): (usize, usize),
+    win: Window,
+) -> Vec<u8> {
+    let positions = |n_in: usize, n_out: usize, start: usize, len: usize| -> Vec<usize> {
+        let scale = n_in as f64 / n_out as f64;
         let mut pos = scale * 0.5;
-        (0..n_out)
-            .map(|_| {
-                let i = (pos as u32).min(n_in - 1) as usize;
-                pos += scale;
-                i
-            })
-            .collect()
+        let mut out = Vec::with_capacity(len);
+        for i in 0..start + len {
+            if i >= start {
+                out.push((pos as usize).min(n_in - 1));
+            }
+            pos += scale;
+        }
+        out
     };
-    let (xs, ys) = (positions(w, width), positions(h, height));
-    let mut out = Vec::with_capacity(width as usize * height as usize * ch);
+    let xs = positions(w, width, win.x, win.width);
+    let ys = positions(h, height, win.y, win.height);
+    let mut out = Vec::with_capacity(win.width * win.height * ch);
     for &y in &ys {
         for &x in &xs {
-            let i = (y * w as usize + x) * ch;
+            let i = (y * w + x) * ch;
             out.extend_from_slice(&src[i..i + ch]);
         }
     }
@@ -427,7 +528,7 @@ mod tests {
             Resample::Hamming,
         ] {
             for (a, b) in [(100, 37), (37, 100), (224, 224), (5, 1)] {
-                let c = coeffs(a, b, filter);
+                let c = coeffs(a, b, filter, 0, b);
                 for (i, &(_, n)) in c.bounds.iter().enumerate() {
                     let s: i64 = c.weights[i * c.ksize..i * c.ksize + n]
                         .iter()

@@ -444,7 +444,10 @@ fn both_readers(ds: &Dataset) -> Result<Vec<Outcome>, String> {
         .map(|i| index.get(i).map(|s| (s.key, s.image.map(|_| ()))))
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
-    assert_eq!(stream, indexed, "the streaming reader and the index disagree");
+    assert_eq!(
+        stream, indexed,
+        "the streaming reader and the index disagree"
+    );
     Ok(stream)
 }
 
@@ -504,7 +507,11 @@ fn repeated_members_and_keys_are_named_skips_not_mixed_samples() {
     let got = both_readers(&Dataset::open(&path).unwrap()).unwrap();
     let keys: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(keys, ["a", "b", "c", "b"]);
-    assert!(got[0].1.as_ref().unwrap_err().contains("`a.png` appears twice"));
+    assert!(got[0]
+        .1
+        .as_ref()
+        .unwrap_err()
+        .contains("`a.png` appears twice"));
     assert!(got[1].1.is_ok() && got[2].1.is_ok());
     assert!(got[3].1.as_ref().unwrap_err().contains("appears again"));
 }
