@@ -63,7 +63,37 @@ pub enum Source {
 pub struct Dataset {
     source: Source,
     classes: Vec<String>,
-    entries: Vec<(String, PathBuf, Option<String>, Option<usize>)>,
+    entries: Vec<FileEntry>,
+}
+
+/// One sample of a folder source.
+#[derive(Debug, Clone)]
+pub(crate) struct FileEntry {
+    pub(crate) key: String,
+    pub(crate) path: PathBuf,
+    pub(crate) caption: Option<String>,
+    pub(crate) label: Option<usize>,
+    /// Why the sample cannot be used (its captions line is not UTF-8, ...): it is yielded
+    /// with this as its image error, to be skipped and counted like an unreadable image.
+    pub(crate) problem: Option<String>,
+}
+
+impl FileEntry {
+    /// The sample, reading its image file.
+    pub(crate) fn sample(&self, index: u64) -> Sample {
+        let image = match &self.problem {
+            Some(p) => Err(p.clone()),
+            None => std::fs::read(&self.path)
+                .map_err(|e| format!("cannot read {}: {e}", self.path.display())),
+        };
+        Sample {
+            index,
+            key: self.key.clone(),
+            image,
+            caption: self.caption.clone(),
+            label: self.label,
+        }
+    }
 }
 
 fn ext_of(path: &Path) -> String {
@@ -126,13 +156,19 @@ impl Dataset {
         }
         let entries = rows
             .into_iter()
-            .map(|(p, c)| {
-                let full = if Path::new(&p).is_absolute() {
-                    PathBuf::from(&p)
+            .map(|row| {
+                let full = if Path::new(&row.path).is_absolute() {
+                    PathBuf::from(&row.path)
                 } else {
-                    base.join(&p)
+                    base.join(&row.path)
                 };
-                (p, full, Some(c), None)
+                FileEntry {
+                    key: row.path,
+                    path: full,
+                    caption: Some(row.caption),
+                    label: None,
+                    problem: row.problem,
+                }
             })
             .collect();
         Ok(Self {
@@ -177,7 +213,13 @@ impl Dataset {
                         .file_name()
                         .map(|n| n.to_string_lossy().into_owned())
                         .unwrap_or_default();
-                    entries.push((format!("{class}/{name}"), file, None, Some(label)));
+                    entries.push(FileEntry {
+                        key: format!("{class}/{name}"),
+                        path: file,
+                        caption: None,
+                        label: Some(label),
+                        problem: None,
+                    });
                 }
             }
             classes.push(class);
@@ -221,8 +263,8 @@ impl Dataset {
         }
     }
 
-    /// Folder sources' samples: (key, image path, caption, label), in order.
-    pub(crate) fn entries(&self) -> &[(String, PathBuf, Option<String>, Option<usize>)] {
+    /// Folder sources' samples, in order.
+    pub(crate) fn entries(&self) -> &[FileEntry] {
         &self.entries
     }
 
@@ -240,7 +282,15 @@ impl Dataset {
     }
 }
 
-fn read_captions(path: &Path) -> Result<Vec<(String, String)>, DataError> {
+/// A row of a captions file.
+struct CaptionRow {
+    path: String,
+    caption: String,
+    /// Set when the row cannot be used as it is (not UTF-8).
+    problem: Option<String>,
+}
+
+fn read_captions(path: &Path) -> Result<Vec<CaptionRow>, DataError> {
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
     let csv = ext_of(path) == "csv";
     let mut rdr = csv::ReaderBuilder::new()
@@ -251,13 +301,15 @@ fn read_captions(path: &Path) -> Result<Vec<(String, String)>, DataError> {
         .from_reader(BufReader::new(file));
     let mut rows = Vec::new();
     let (mut path_col, mut cap_col) = (0usize, 1usize);
-    for (i, rec) in rdr.records().enumerate() {
+    // Byte records: a line that is not UTF-8 spoils only its own sample.
+    for (i, rec) in rdr.byte_records().enumerate() {
         let rec = rec.map_err(|e| DataError::format(path, format!("line {}: {e}", i + 1)))?;
-        if rec.iter().all(|f| f.trim().is_empty()) {
+        if rec.iter().all(|f| f.trim_ascii().is_empty()) {
             continue;
         }
+        let text = |f: &[u8]| String::from_utf8_lossy(f).trim().to_string();
         if i == 0 {
-            let lower: Vec<String> = rec.iter().map(|f| f.trim().to_ascii_lowercase()).collect();
+            let lower: Vec<String> = rec.iter().map(|f| text(f).to_ascii_lowercase()).collect();
             let p = lower.iter().position(|f| {
                 ["path", "filepath", "image", "file", "filename"].contains(&f.as_str())
             });
@@ -279,7 +331,19 @@ fn read_captions(path: &Path) -> Result<Vec<(String, String)>, DataError> {
                 ),
             ));
         };
-        rows.push((p.trim().to_string(), c.trim().to_string()));
+        let problem = match (std::str::from_utf8(p), std::str::from_utf8(c)) {
+            (Ok(_), Ok(_)) => None,
+            (Err(e), _) | (_, Err(e)) => Some(format!(
+                "line {} of {} is not UTF-8 ({e})",
+                i + 1,
+                path.display()
+            )),
+        };
+        rows.push(CaptionRow {
+            path: text(p),
+            caption: text(c),
+            problem,
+        });
     }
     Ok(rows)
 }
@@ -332,17 +396,9 @@ impl Iterator for SampleStream<'_> {
         let index = self.next_index;
         let item = match &mut self.inner {
             Inner::Files { pos } => {
-                let (key, path, caption, label) = self.ds.entries.get(*pos)?.clone();
+                let entry = self.ds.entries.get(*pos)?;
                 *pos += 1;
-                let image = std::fs::read(&path)
-                    .map_err(|e| format!("cannot read {}: {e}", path.display()));
-                Ok(Sample {
-                    index,
-                    key,
-                    image,
-                    caption,
-                    label,
-                })
+                Ok(entry.sample(index))
             }
             Inner::Tar(t) => match t.next_sample() {
                 Ok(Some(mut s)) => {

@@ -161,21 +161,8 @@ impl SampleIndex {
         let i = usize::try_from(index).map_err(|_| out_of_range())?;
         match &self.locations {
             Locations::Files => {
-                let (key, path, caption, label) = self
-                    .dataset
-                    .entries()
-                    .get(i)
-                    .ok_or_else(out_of_range)?
-                    .clone();
-                let image = std::fs::read(&path)
-                    .map_err(|e| format!("cannot read {}: {e}", path.display()));
-                Ok(Sample {
-                    index,
-                    key,
-                    image,
-                    caption,
-                    label,
-                })
+                let entry = self.dataset.entries().get(i).ok_or_else(out_of_range)?;
+                Ok(entry.sample(index))
             }
             Locations::Tar { shards, samples } => {
                 let (key, members) = samples.get(i).ok_or_else(out_of_range)?;

@@ -546,8 +546,12 @@ impl Preprocess {
         out
     }
 
-    /// Decodes encoded image bytes (JPEG, PNG, WebP, BMP, GIF) and preprocesses them.
+    /// Decodes encoded image bytes (JPEG, PNG, WebP, BMP, GIF) and preprocesses them. A
+    /// truncated JPEG (no end-of-image marker after its last scan; the decoder would fill the
+    /// missing rows with grey and report success) is an error, as is anything the decoder
+    /// refuses, including images over its allocation limit (512 MiB decoded).
     pub fn decode(&self, bytes: &[u8]) -> Result<Vec<f32>, String> {
+        check_jpeg_complete(bytes)?;
         let img =
             image::load_from_memory(bytes).map_err(|e| format!("cannot decode image: {e}"))?;
         if img.width() == 0 || img.height() == 0 {
@@ -555,6 +559,26 @@ impl Preprocess {
         }
         Ok(self.apply(&img))
     }
+}
+
+/// A JPEG must end its last scan (`FF DA` marker) with an end-of-image marker (`FF D9`);
+/// inside entropy-coded data an `FF` byte is always followed by `00` or a restart marker, so
+/// neither pair can appear there. Thumbnails in APP segments come before the main scan.
+fn check_jpeg_complete(bytes: &[u8]) -> Result<(), String> {
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return Ok(());
+    }
+    let last_scan = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+    let Some(scan) = last_scan else {
+        return Err("cannot decode image: JPEG has no image data (no start-of-scan marker)".into());
+    };
+    if !bytes[scan..].windows(2).any(|w| w == [0xFF, 0xD9]) {
+        return Err(format!(
+            "cannot decode image: truncated JPEG, no end-of-image marker after the last scan ({} bytes)",
+            bytes.len()
+        ));
+    }
+    Ok(())
 }
 
 /// Three numbers from a JSON array.

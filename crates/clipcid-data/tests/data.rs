@@ -515,3 +515,48 @@ fn repeated_members_and_keys_are_named_skips_not_mixed_samples() {
     assert!(got[1].1.is_ok() && got[2].1.is_ok());
     assert!(got[3].1.as_ref().unwrap_err().contains("appears again"));
 }
+
+#[test]
+fn truncated_images_are_errors_not_grey_rows() {
+    let img = RgbImage::from_fn(64, 48, |x, y| Rgb([(x * 4) as u8, (y * 5) as u8, 90]));
+    let p = Preprocess::clip(32);
+    for fmt in [image::ImageFormat::Jpeg, image::ImageFormat::Png] {
+        let whole = encode(&img, fmt);
+        assert!(p.decode(&whole).is_ok(), "{fmt:?} whole");
+        // Cut at several points past the headers: every cut must be refused.
+        for frac in [0.5, 0.8, 0.95] {
+            let cut = &whole[..(whole.len() as f64 * frac) as usize];
+            let e = p.decode(cut).unwrap_err();
+            assert!(!e.is_empty(), "{fmt:?} cut at {frac}");
+        }
+    }
+    // Bytes after the end-of-image marker (some cameras append data) are fine.
+    let mut trailer = encode(&img, image::ImageFormat::Jpeg);
+    trailer.extend_from_slice(b"trailing bytes");
+    assert!(p.decode(&trailer).is_ok());
+}
+
+#[test]
+fn a_captions_line_that_is_not_utf8_skips_only_its_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    for n in ["a", "b", "c"] {
+        RgbImage::new(8, 8)
+            .save(dir.path().join(format!("{n}.png")))
+            .unwrap();
+    }
+    let tsv = dir.path().join("captions.tsv");
+    let mut bytes = b"a.png\tfirst\nb.png\tbad \xff\xfe caption\n".to_vec();
+    bytes.extend_from_slice(b"c.png\tthird\n");
+    std::fs::write(&tsv, bytes).unwrap();
+    let ds = Dataset::open(&tsv).unwrap();
+    let got = both_readers(&ds).unwrap();
+    assert_eq!(got.len(), 3);
+    assert!(got[0].1.is_ok() && got[2].1.is_ok());
+    let e = got[1].1.as_ref().unwrap_err();
+    assert!(e.contains("line 2") && e.contains("not UTF-8"), "{e}");
+    // Counted by the batcher like any unreadable sample.
+    let mut it = BatchIter::new(ds.samples().unwrap(), Preprocess::clip(8), 8, Device::Cpu);
+    let batch = it.next().unwrap().unwrap();
+    assert_eq!(batch.keys, vec!["a.png", "c.png"]);
+    assert_eq!(it.skipped().len(), 1);
+}
