@@ -265,7 +265,9 @@ pub fn embed_dataset(
             rows.skipped.extend(skipped);
             if let Some(batch) = batch {
                 // Features are normalised in f32 whatever the model computes in.
-                let img = l2_normalize(&model.encode_image(&batch.pixels)?.to_dtype(DType::F32)?)?;
+                let img = model.encode_image(&batch.pixels)?.to_dtype(DType::F32)?;
+                check_finite(&img, "image", &batch.keys[0])?;
+                let img = l2_normalize(&img)?;
                 rows.image.push(
                     img.to_dtype(opts.dtype.dtype())?
                         .to_device(&candle_core::Device::Cpu)?,
@@ -278,7 +280,9 @@ pub fn embed_dataset(
                         .collect();
                     let has: Vec<u8> = batch.captions.iter().map(|c| c.is_some() as u8).collect();
                     let ids = tok.encode_batch(&texts, model.device())?;
-                    let txt = l2_normalize(&model.encode_text(&ids)?.to_dtype(DType::F32)?)?;
+                    let txt = model.encode_text(&ids)?.to_dtype(DType::F32)?;
+                    check_finite(&txt, "text", &batch.keys[0])?;
+                    let txt = l2_normalize(&txt)?;
                     let mask = Tensor::new(
                         has.iter().map(|&h| h as f32).collect::<Vec<_>>(),
                         model.device(),
@@ -310,7 +314,47 @@ pub fn embed_dataset(
     }
     bar.finish_and_clear();
     summary.seconds = start.elapsed().as_secs_f64();
+    if summary.samples_embedded == 0 && summary.shards_resumed == 0 {
+        // Zero rows is never a result: say why (no samples, or every one unreadable).
+        let why = match summary.skipped.first() {
+            Some(s) => format!(
+                "all {} samples were skipped (first: `{}`: {})",
+                summary.skipped.len(),
+                s.key,
+                s.reason
+            ),
+            None => "the dataset has no samples".to_string(),
+        };
+        return Err(EmbedError::Config(format!(
+            "nothing to embed in {}: {why}",
+            match dataset.source() {
+                clipcid_data::Source::Captioned { captions } => captions.display().to_string(),
+                clipcid_data::Source::Labelled { root } => root.display().to_string(),
+                clipcid_data::Source::WebDataset { shards } => shards
+                    .first()
+                    .map(|s| s.display().to_string())
+                    .unwrap_or_default(),
+            }
+        )));
+    }
     Ok(summary)
+}
+
+/// Refuses features with NaN or infinite values (a model that overflows in half precision,
+/// or broken weights), naming the batch's first key.
+fn check_finite(features: &Tensor, what: &str, first_key: &str) -> Result<(), EmbedError> {
+    let s = features
+        .to_dtype(DType::F32)?
+        .affine(0.0, 0.0)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    if s.is_finite() {
+        Ok(())
+    } else {
+        Err(EmbedError::Config(format!(
+            "the teacher's {what} features are NaN or infinite for the batch starting at `{first_key}` (weights, or overflow at this --precision?)"
+        )))
+    }
 }
 
 fn progress_bar(show: bool, len: Option<usize>) -> indicatif::ProgressBar {

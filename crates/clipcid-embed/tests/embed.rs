@@ -219,3 +219,23 @@ fn mismatched_tokenizer_and_malformed_shards_are_clear_errors() {
         "{err}"
     );
 }
+
+#[test]
+fn nothing_embedded_is_an_error_saying_why() {
+    let (model, tok) = setup();
+    let dir = tempfile::tempdir().unwrap();
+    // Every listed image is missing.
+    let tsv = dir.path().join("captions.tsv");
+    std::fs::write(&tsv, "gone-1.png\ta\ngone-2.png\tb\n").unwrap();
+    let ds = Dataset::open(&tsv).unwrap();
+    let out = dir.path().join("emb");
+    let e = embed_dataset(&model, Some(&tok), &ds, &out, &opts(4, 10))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("nothing to embed")
+            && e.contains("all 2 samples were skipped")
+            && e.contains("gone-1.png"),
+        "{e}"
+    );
+}

@@ -408,6 +408,20 @@ impl ClipConfig {
                 format!("{tower}: {heads} attention heads do not divide width {width}"),
             )?;
         }
+        check(v.image_size > 0, "vision: image_size must be > 0".into())?;
+        for (tower, eps) in [("vision", v.layer_norm_eps), ("text", t.layer_norm_eps)] {
+            check(
+                eps.is_finite() && eps > 0.0,
+                format!("{tower}: layer_norm_eps must be a positive number, not {eps}"),
+            )?;
+        }
+        check(
+            self.logit_scale_init_value.is_finite(),
+            format!(
+                "logit_scale_init_value must be finite, not {}",
+                self.logit_scale_init_value
+            ),
+        )?;
         check(
             v.patch_size > 0 && v.image_size.is_multiple_of(v.patch_size),
             format!(

@@ -560,3 +560,51 @@ fn wrong_input_shapes_are_errors_not_panics() {
     let msg = model.encode_text(&bad_ids).unwrap_err().to_string();
     assert!(msg.contains("9999"), "{msg}");
 }
+
+#[test]
+fn non_finite_or_integer_weights_and_zero_sizes_are_refused() {
+    let cfg = ClipConfig::preset("tiny").expect("preset");
+    let model = ClipModel::random(&cfg, 3, &Device::Cpu).expect("model");
+    let dir = tempfile::tempdir().expect("tmp");
+    let name = "vision_model.encoder.layers.0.mlp.fc1.weight";
+    for (what, bad) in [("nan", f32::NAN), ("inf", f32::INFINITY)] {
+        let mut tensors = model.tensors().clone();
+        let t = &tensors[name];
+        let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v[17] = bad;
+        tensors.insert(
+            name.to_string(),
+            Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap(),
+        );
+        let path = dir.path().join(format!("{what}.safetensors"));
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let e = ClipModel::load_with(&path, Some(cfg.clone()), &Device::Cpu, DType::F32)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(name) && e.contains("NaN or infinite"), "{e}");
+    }
+    let mut tensors = model.tensors().clone();
+    let t = &tensors[name];
+    tensors.insert(name.to_string(), t.to_dtype(DType::I64).unwrap());
+    let path = dir.path().join("int.safetensors");
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let e = ClipModel::load_with(&path, Some(cfg.clone()), &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(name) && e.contains("floating point"), "{e}");
+
+    let mut zero = cfg.clone();
+    zero.vision_config.image_size = 0;
+    assert!(zero
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("image_size"));
+    let mut eps = cfg;
+    eps.text_config.layer_norm_eps = f64::NAN;
+    assert!(eps
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("layer_norm_eps"));
+}

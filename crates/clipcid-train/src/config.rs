@@ -294,6 +294,91 @@ impl DistillConfig {
         }
     }
 
+    /// Every number in range: learning rates, AdamW's betas, epsilon and weight decay,
+    /// gradient clipping, loss weights and temperatures, and a step count that fits.
+    fn validate_numbers(&self) -> Result<(), String> {
+        let o = &self.optim;
+        let a = &o.adamw;
+        let in_range = |name: &str, v: f64, ok: bool, want: &str| {
+            if v.is_finite() && ok {
+                Ok(())
+            } else {
+                Err(format!("{name} must be {want}, got {v}"))
+            }
+        };
+        in_range(
+            "optim.min_lr",
+            o.min_lr,
+            o.min_lr >= 0.0 && o.min_lr <= o.lr,
+            "in [0, optim.lr]",
+        )?;
+        in_range(
+            "optim.adamw.beta1",
+            a.beta1,
+            (0.0..1.0).contains(&a.beta1),
+            "in [0, 1)",
+        )?;
+        in_range(
+            "optim.adamw.beta2",
+            a.beta2,
+            (0.0..1.0).contains(&a.beta2),
+            "in [0, 1)",
+        )?;
+        in_range("optim.adamw.eps", a.eps, a.eps > 0.0, "positive")?;
+        in_range(
+            "optim.adamw.weight_decay",
+            a.weight_decay,
+            a.weight_decay >= 0.0,
+            "zero or positive",
+        )?;
+        in_range(
+            "optim.clip_grad_norm",
+            o.clip_grad_norm,
+            o.clip_grad_norm >= 0.0,
+            "zero (off) or positive",
+        )?;
+        let l = &self.loss;
+        for (name, v) in [
+            ("loss.clip.weight", l.clip.weight),
+            ("loss.cluster.weight", l.cluster.weight),
+            ("loss.cluster.kl_weight", l.cluster.kl_weight),
+            ("loss.instance.weight", l.instance.weight),
+            (
+                "loss.instance.image_text_weight",
+                l.instance.image_text_weight,
+            ),
+            (
+                "loss.instance.text_image_weight",
+                l.instance.text_image_weight,
+            ),
+            ("loss.piccollage.kl_weight", l.piccollage.kl_weight),
+            ("loss.piccollage.l1_weight", l.piccollage.l1_weight),
+        ] {
+            in_range(name, v, v >= 0.0, "zero or positive")?;
+        }
+        in_range(
+            "loss.cluster.scale",
+            l.cluster.scale,
+            l.cluster.scale > 0.0,
+            "positive",
+        )?;
+        in_range(
+            "loss.cluster.kl_temperature",
+            l.cluster.kl_temperature,
+            l.cluster.kl_temperature > 0.0,
+            "positive",
+        )?;
+        // The step counter is epochs x steps per epoch: bound epochs so it cannot overflow.
+        const MAX_EPOCHS: usize = 1_000_000;
+        if self.epochs > MAX_EPOCHS {
+            return Err(format!(
+                "epochs = {} is beyond any run (at most {MAX_EPOCHS})",
+                self.epochs
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks values and that every named input exists.
     pub fn validate(&self) -> Result<(), String> {
         let must_exist = |what: &str, p: &Path| {
@@ -330,6 +415,7 @@ impl DistillConfig {
         if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
             return Err(format!("optim.lr must be positive, got {}", self.optim.lr));
         }
+        self.validate_numbers()?;
         let l = &self.loss;
         let teacher_terms =
             self.mode == Mode::Piccollage || l.cluster.enabled || l.instance.enabled;

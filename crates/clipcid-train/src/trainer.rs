@@ -307,7 +307,9 @@ impl Trainer {
 
     /// Steps of the whole run.
     pub fn total_steps(&self) -> u64 {
-        self.steps_per_epoch * self.config.epochs as u64
+        // Saturating: validation bounds epochs, so this never saturates on a valid config.
+        self.steps_per_epoch
+            .saturating_mul(self.config.epochs as u64)
     }
 
     /// Metrics of the steps so far (restored from `metrics.jsonl` on resume).

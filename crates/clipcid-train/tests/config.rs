@@ -109,6 +109,23 @@ fn bad_configs_are_clear_errors() {
         "{DATA}[loss.cluster]\nenabled = false\n[optim]\nlr = -1.0\n"
     ));
     assert!(e.contains("optim.lr"), "{e}");
+    // Numbers out of range, each named.
+    for (body, field) in [
+        ("[optim]\nlr = 0.001\nmin_lr = 0.01\n", "optim.min_lr"),
+        ("[optim.adamw]\nbeta2 = 1.5\n", "optim.adamw.beta2"),
+        ("[optim.adamw]\nbeta1 = -0.1\n", "optim.adamw.beta1"),
+        ("[optim.adamw]\nweight_decay = -0.1\n", "optim.adamw.weight_decay"),
+        ("[optim.adamw]\neps = 0.0\n", "optim.adamw.eps"),
+        ("[loss.clip]\nweight = -1.0\n", "loss.clip.weight"),
+        ("[loss.instance]\nimage_text_weight = -2.0\n", "loss.instance.image_text_weight"),
+    ] {
+        let e = err(format!("{DATA}[loss.cluster]\nenabled = false\n{body}"));
+        assert!(e.contains(field), "{body}: {e}");
+    }
+    let e = err(format!(
+        "epochs = 6148914691236517206\n{DATA}[loss.cluster]\nenabled = false\n"
+    ));
+    assert!(e.contains("epochs") && e.contains("beyond any run"), "{e}");
     let e = DistillConfig::from_file(&d.join("absent.toml"))
         .unwrap_err()
         .to_string();

@@ -252,6 +252,39 @@ impl CheckpointFiles {
     }
 }
 
+/// A weight must be floating point (an integer tensor where a float is expected is a wrong
+/// file, not something to cast) and finite (NaN or infinite weights make every embedding
+/// NaN).
+fn check_values(path: &Path, name: &str, t: &Tensor) -> Result<(), ModelError> {
+    use candle_core::DType;
+    if !matches!(
+        t.dtype(),
+        DType::F32 | DType::F16 | DType::BF16 | DType::F64
+    ) {
+        return Err(ModelError::file(
+            path,
+            format!(
+                "tensor `{name}` holds {:?} values; model weights are floating point",
+                t.dtype()
+            ),
+        ));
+    }
+    // x * 0 is 0 for every finite x and NaN for NaN and infinities; a max would skip NaN.
+    let finite = t
+        .to_dtype(DType::F32)
+        .and_then(|x| x.affine(0.0, 0.0))
+        .and_then(|x| x.sum_all())
+        .and_then(|x| x.to_scalar::<f32>());
+    match finite {
+        Ok(m) if m.is_finite() => Ok(()),
+        Ok(_) => Err(ModelError::file(
+            path,
+            format!("tensor `{name}` holds NaN or infinite values"),
+        )),
+        Err(e) => Err(ModelError::file(path, format!("tensor `{name}`: {e}"))),
+    }
+}
+
 /// The `weight_map` of a sharded checkpoint's `*.index.json`: tensor name to shard file name,
 /// each a plain file name beside the index.
 fn read_index(index: &Path) -> Result<std::collections::BTreeMap<String, String>, ModelError> {
@@ -342,7 +375,7 @@ pub fn check_tensors(
                     found: t.dims().to_vec(),
                 })
             }
-            Some(_) => {}
+            Some(t) => check_values(path, name, t)?,
         }
     }
     let mut extra: Vec<&String> = tensors
