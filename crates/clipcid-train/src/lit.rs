@@ -150,7 +150,8 @@ pub fn build_locked_text_teacher(
     );
     std::fs::write(&toml_path, body).map_err(|e| TrainError::io(&toml_path, "cannot write", e))?;
     let config = DistillConfig::from_file(&toml_path)?;
-    let mut trainer = Trainer::new(config, &run_dir, device)?;
+    // The build folder is the builder's own: an earlier build there is replaced.
+    let mut trainer = Trainer::new_overwriting(config, &run_dir, device)?;
     let run = trainer.run(None, true)?;
     let trained = trainer.model();
     trained.save_pretrained(out_dir, DType::F32)?;

@@ -106,6 +106,28 @@ struct MicroLoss {
 
 const CENTRES: &str = "cluster.centres";
 
+/// The files of a run in `out_dir` (checkpoints, metrics, loss curves, student, and hidden
+/// temporary files a failed write left).
+fn run_files(out_dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = ["checkpoints", "metrics.jsonl", "loss.png", "student"]
+        .iter()
+        .map(|n| out_dir.join(n))
+        .filter(|p| p.exists())
+        .collect();
+    if let Ok(entries) = std::fs::read_dir(out_dir) {
+        found.extend(
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with('.') && n.ends_with(".tmp"))
+                }),
+        );
+    }
+    found
+}
+
 /// Resolves `student.model`: a preset name, or a Hugging Face `config.json` path.
 pub fn student_config(model: &str) -> Result<ClipConfig, TrainError> {
     if let Ok(c) = ClipConfig::preset(model) {
@@ -149,10 +171,50 @@ impl DistillConfig {
 }
 
 impl Trainer {
+    /// [`Trainer::new`] in a folder that may hold an earlier run, which is removed first
+    /// (checkpoints, metrics, loss curves, student, leftover temporary files; nothing else in
+    /// the folder is touched). `clipcid distill --overwrite`.
+    pub fn new_overwriting(
+        config: DistillConfig,
+        out_dir: &Path,
+        device: &Device,
+    ) -> Result<Self, TrainError> {
+        config.validate().map_err(TrainError::Config)?;
+        for p in run_files(out_dir) {
+            let removed = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            removed.map_err(|e| TrainError::io(&p, "cannot remove the earlier run's file", e))?;
+        }
+        Self::new(config, out_dir, device)
+    }
+
     /// Loads the data, builds the student (seeded random, or `student.init`), the loss terms
-    /// and the optimiser. `out_dir` is created; an existing run there is not read (see
-    /// [`Trainer::resume`]).
+    /// and the optimiser. `out_dir` is created. A folder that already holds a run is refused
+    /// (continue it with [`Trainer::resume`], or replace it with
+    /// [`Trainer::new_overwriting`]), so a fresh run never prunes or mixes with another's
+    /// checkpoints.
     pub fn new(config: DistillConfig, out_dir: &Path, device: &Device) -> Result<Self, TrainError> {
+        config.validate().map_err(TrainError::Config)?;
+        if let Some(what) = run_files(out_dir).first() {
+            return Err(TrainError::Config(format!(
+                "{} already holds a run ({}): pass --resume to continue it, or --overwrite to start over (its checkpoints, metrics and student are removed)",
+                out_dir.display(),
+                what.display()
+            )));
+        }
+        Self::build(config, out_dir, device)
+    }
+
+    /// [`Trainer::new`] without the used-folder check ([`Trainer::resume`] builds on a used
+    /// folder, then loads its checkpoint).
+    pub(crate) fn build(
+        config: DistillConfig,
+        out_dir: &Path,
+        device: &Device,
+    ) -> Result<Self, TrainError> {
         config.validate().map_err(TrainError::Config)?;
         let needs = config.needs();
         let set = TrainingSet::load(&config.data, needs)?;
@@ -562,14 +624,6 @@ impl Trainer {
     pub fn run(&mut self, until: Option<u64>, progress: bool) -> Result<RunSummary, TrainError> {
         let end = until.unwrap_or(u64::MAX).min(self.total_steps());
         let bar = progress_bar(progress, self.total_steps(), self.step);
-        if self.step == 0 {
-            // A fresh run in a used folder: the old run's metrics are not this run's.
-            let metrics = self.out_dir.join("metrics.jsonl");
-            if metrics.exists() {
-                std::fs::remove_file(&metrics)
-                    .map_err(|e| TrainError::io(&metrics, "cannot remove the old metrics", e))?;
-            }
-        }
         let started = Instant::now();
         let first = self.step;
         let mut samples = 0usize;

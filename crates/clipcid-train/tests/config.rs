@@ -114,10 +114,16 @@ fn bad_configs_are_clear_errors() {
         ("[optim]\nlr = 0.001\nmin_lr = 0.01\n", "optim.min_lr"),
         ("[optim.adamw]\nbeta2 = 1.5\n", "optim.adamw.beta2"),
         ("[optim.adamw]\nbeta1 = -0.1\n", "optim.adamw.beta1"),
-        ("[optim.adamw]\nweight_decay = -0.1\n", "optim.adamw.weight_decay"),
+        (
+            "[optim.adamw]\nweight_decay = -0.1\n",
+            "optim.adamw.weight_decay",
+        ),
         ("[optim.adamw]\neps = 0.0\n", "optim.adamw.eps"),
         ("[loss.clip]\nweight = -1.0\n", "loss.clip.weight"),
-        ("[loss.instance]\nimage_text_weight = -2.0\n", "loss.instance.image_text_weight"),
+        (
+            "[loss.instance]\nimage_text_weight = -2.0\n",
+            "loss.instance.image_text_weight",
+        ),
     ] {
         let e = err(format!("{DATA}[loss.cluster]\nenabled = false\n{body}"));
         assert!(e.contains(field), "{body}: {e}");

@@ -530,3 +530,39 @@ fn a_clip_only_baseline_needs_no_teacher_and_learns_to_match_captions() {
         "CLIP loss {first:.3} -> {last:.3}"
     );
 }
+
+#[test]
+fn a_fresh_run_into_a_used_folder_is_refused_or_owns_it_with_overwrite() {
+    let fx = fixture(128, 0, 32);
+    // An earlier, longer run: 8 steps, checkpoints at 3, 6 and 8.
+    Trainer::new(fx.config(FULL), &fx.path("run"), &Device::Cpu)
+        .unwrap()
+        .run(None, false)
+        .unwrap();
+    let e = Trainer::new(fx.config(FULL), &fx.path("run"), &Device::Cpu)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("already holds a run") && e.contains("--resume") && e.contains("--overwrite"),
+        "{e}"
+    );
+    // A leftover hidden temporary checkpoint of a failed write counts as part of the run.
+    std::fs::create_dir_all(fx.path("run").join("checkpoints/.step-00000009.tmp")).unwrap();
+    // Overwriting: the new run stops at step 4 (its own checkpoint at 3 and at the stop)
+    // and nothing of the old run is left to prune it away or to be resumed by mistake.
+    let mut t = Trainer::new_overwriting(fx.config(FULL), &fx.path("run"), &Device::Cpu).unwrap();
+    let half = t.run(Some(4), false).unwrap();
+    assert_eq!(half.steps, 4);
+    let mut steps: Vec<String> = std::fs::read_dir(fx.path("run").join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    steps.sort();
+    assert_eq!(steps, ["latest", "step-00000003", "step-00000004"]);
+    assert!(!fx.path("run").join("student").exists());
+    drop(t);
+    let mut resumed = Trainer::resume(fx.config(FULL), &fx.path("run"), &Device::Cpu).unwrap();
+    assert_eq!(resumed.step_count(), 4);
+    assert_eq!(resumed.run(None, false).unwrap().steps, 8);
+}

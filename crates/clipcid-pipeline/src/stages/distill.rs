@@ -17,8 +17,12 @@ pub struct DistillArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Continue from the newest checkpoint in `--out`.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
+    /// Start over in a `--out` that holds an earlier run, removing its checkpoints, metrics
+    /// and student (without it, or `--resume`, a used run folder is refused).
+    #[arg(long)]
+    pub overwrite: bool,
     /// Stop after this many steps in total (checkpointed; continue later with `--resume`).
     #[arg(long)]
     pub max_steps: Option<u64>,
@@ -34,6 +38,7 @@ impl DistillArgs {
             config: config.into(),
             out: out.into(),
             resume: false,
+            overwrite: false,
             max_steps: None,
             quiet: true,
         }
@@ -47,12 +52,15 @@ pub fn open_trainer(args: &DistillArgs, device: &Device) -> Result<Trainer, Pipe
     let config = DistillConfig::from_file(&args.config)?;
     Ok(if args.resume {
         Trainer::resume(config, &args.out, device)?
+    } else if args.overwrite {
+        Trainer::new_overwriting(config, &args.out, device)?
     } else {
         Trainer::new(config, &args.out, device)?
     })
 }
 
-/// Trains a fresh run of `config` in `out` to its last step; returns the run's summary and
+/// Trains a fresh run of `config` in `out` to its last step, replacing a run already there
+/// (the caller owns `out`, as the demo and the examples do); returns the run's summary and
 /// the finished student's Hugging Face folder.
 pub fn train_student(
     config: DistillConfig,
@@ -60,7 +68,7 @@ pub fn train_student(
     progress: bool,
     device: &Device,
 ) -> Result<(RunSummary, PathBuf), PipelineError> {
-    let summary = Trainer::new(config, out, device)?.run(None, progress)?;
+    let summary = Trainer::new_overwriting(config, out, device)?.run(None, progress)?;
     let student = summary.student.clone().ok_or_else(|| {
         PipelineError::Input(format!(
             "{}: the run stopped before its last step",

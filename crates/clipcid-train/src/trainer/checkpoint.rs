@@ -30,7 +30,7 @@ impl Trainer {
         let name = std::fs::read_to_string(&latest)
             .map_err(|e| TrainError::io(&latest, "no checkpoint to resume from", e))?;
         let dir = out_dir.join("checkpoints").join(name.trim());
-        let mut t = Self::new(config, out_dir, device)?;
+        let mut t = Self::build(config, out_dir, device)?;
         t.load_checkpoint(&dir)?;
         Ok(t)
     }
@@ -139,9 +139,26 @@ impl Trainer {
         let dir = root.join(&name);
         let tmp = root.join(format!(".{name}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp)
-            .map_err(|e| TrainError::io(&tmp, "cannot create checkpoint folder", e))?;
-        self.model.save_pretrained(&tmp, DType::F32)?;
+        let written = self.write_checkpoint_files(&tmp);
+        if written.is_err() {
+            // A failed write leaves no hidden half-checkpoint behind.
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        written?;
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&tmp, &dir)
+            .map_err(|e| TrainError::io(&dir, "cannot move the checkpoint into place", e))?;
+        clipcid_store::io::write_atomic(&root.join("latest"), name.as_bytes())?;
+        self.last_checkpoint = Some(dir.clone());
+        self.prune_checkpoints(&root, &dir)?;
+        Ok(dir)
+    }
+
+    /// The files of a checkpoint (weights, optimiser state, sampler position, config) in `tmp`.
+    fn write_checkpoint_files(&self, tmp: &Path) -> Result<(), TrainError> {
+        std::fs::create_dir_all(tmp)
+            .map_err(|e| TrainError::io(tmp, "cannot create checkpoint folder", e))?;
+        self.model.save_pretrained(tmp, DType::F32)?;
         let (mut tensors, steps) = self.optimizer.state();
         if let Some(c) = &self.cluster {
             tensors.push((CENTRES.into(), c.fc.weight().as_tensor().clone()));
@@ -161,13 +178,12 @@ impl Trainer {
         )]
         .into();
         clipcid_store::io::write_safetensors(&tmp.join("trainer.safetensors"), tensors, &meta)?;
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(&tmp, &dir)
-            .map_err(|e| TrainError::io(&dir, "cannot move the checkpoint into place", e))?;
-        clipcid_store::io::write_atomic(&root.join("latest"), name.as_bytes())?;
-        self.last_checkpoint = Some(dir.clone());
-        // Keep the three newest.
-        let mut old: Vec<PathBuf> = std::fs::read_dir(&root)
+        Ok(())
+    }
+
+    /// Keeps the three newest step folders, never `current` (the one just written).
+    fn prune_checkpoints(&self, root: &Path, current: &Path) -> Result<(), TrainError> {
+        let mut old: Vec<PathBuf> = std::fs::read_dir(root)
             .map_err(|e| TrainError::io(&root, "cannot list checkpoints", e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
@@ -179,10 +195,13 @@ impl Trainer {
             .collect();
         old.sort();
         if old.len() > 3 {
-            for p in &old[..old.len() - 3] {
+            for p in old[..old.len() - 3]
+                .iter()
+                .filter(|p| p.as_path() != current)
+            {
                 let _ = std::fs::remove_dir_all(p);
             }
         }
-        Ok(dir)
+        Ok(())
     }
 }
