@@ -184,7 +184,7 @@ impl Trainer {
     /// Keeps the three newest step folders, never `current` (the one just written).
     fn prune_checkpoints(&self, root: &Path, current: &Path) -> Result<(), TrainError> {
         let mut old: Vec<PathBuf> = std::fs::read_dir(root)
-            .map_err(|e| TrainError::io(&root, "cannot list checkpoints", e))?
+            .map_err(|e| TrainError::io(root, "cannot list checkpoints", e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
                 p.is_dir()
