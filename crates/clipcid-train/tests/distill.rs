@@ -540,8 +540,7 @@ fn a_fresh_run_into_a_used_folder_is_refused_or_owns_it_with_overwrite() {
         .run(None, false)
         .unwrap();
     let e = Trainer::new(fx.config(FULL), &fx.path("run"), &Device::Cpu)
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string();
     assert!(
         e.contains("already holds a run") && e.contains("--resume") && e.contains("--overwrite"),
