@@ -211,6 +211,8 @@ pub fn embed_dataset(
             out_dir.display()
         ))
     })?;
+    // One writer per folder: a second run into it is refused, not interleaved.
+    let _lock = clipcid_store::io::lock_output_dir(out_dir)?;
     let start = Instant::now();
     let preprocess = match &opts.preprocess {
         Some(p) if p.image_size != cfg.vision_config.image_size => {
@@ -313,6 +315,24 @@ pub fn embed_dataset(
         }
     }
     bar.finish_and_clear();
+    // Shards past this run's last one are an earlier run's (another --shard-size, a longer
+    // dataset): left in place they would be read as part of this output.
+    let ours: Vec<_> = summary
+        .shards
+        .iter()
+        .filter_map(|p| p.file_name())
+        .collect();
+    for stale in clipcid_store::list_shards(out_dir).unwrap_or_default() {
+        if stale.file_name().is_some_and(|n| !ours.contains(&n)) {
+            log::warn!("{}: removing a shard of an earlier run", stale.display());
+            std::fs::remove_file(&stale).map_err(|e| {
+                EmbedError::Config(format!(
+                    "{}: cannot remove stale shard: {e}",
+                    stale.display()
+                ))
+            })?;
+        }
+    }
     summary.seconds = start.elapsed().as_secs_f64();
     if summary.samples_embedded == 0 && summary.shards_resumed == 0 {
         // Zero rows is never a result: say why (no samples, or every one unreadable).

@@ -160,8 +160,36 @@ fn rerun_resumes_complete_shards_and_redoes_damaged_or_short_ones() {
     let fourth = embed_dataset(&model, Some(&tok), &ds, &out, &f16).unwrap();
     assert_eq!(fourth.shards_resumed, 0);
     assert_eq!(list_shards(&out).unwrap(), fourth.shards);
-    // No temporary files left.
-    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 3);
+    // No temporary files left (the lock file stays, unlocked).
+    let files = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != clipcid_store::io::LOCK_FILE)
+            .count()
+    };
+    assert_eq!(files(&out), 3);
+    // Another --shard-size: the earlier run's extra shard does not linger to be read as ours.
+    let wide = embed_dataset(&model, Some(&tok), &ds, &out, &opts(2, 4)).unwrap();
+    assert_eq!(wide.shards.len(), 2);
+    assert_eq!(list_shards(&out).unwrap(), wide.shards);
+    let layout = clipcid_store::ShardLayout::open(std::slice::from_ref(&out)).unwrap();
+    assert_eq!(layout.total(), 7);
+}
+
+#[test]
+fn a_second_writer_into_the_same_folder_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = shard(dir.path(), 3, None);
+    let (model, tok) = setup();
+    let out = dir.path().join("e");
+    let held = clipcid_store::io::lock_output_dir(&out).unwrap();
+    let e = embed_dataset(&model, Some(&tok), &ds, &out, &opts(2, 3))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("another clipcid run is writing"), "{e}");
+    drop(held);
+    assert!(embed_dataset(&model, Some(&tok), &ds, &out, &opts(2, 3)).is_ok());
 }
 
 #[test]

@@ -189,3 +189,46 @@ pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>, StoreError> 
     candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .map_err(|e| StoreError::file(path, format!("not a valid safetensors file: {e}")))
 }
+
+/// Name of the lock file a writing run holds in its output folder.
+pub const LOCK_FILE: &str = ".clipcid.lock";
+
+/// An exclusive claim on an output folder for one writing run: an OS file lock on
+/// [`LOCK_FILE`] inside it, released when the value is dropped or the process ends (also by
+/// `kill -9`, so a crashed run never leaves the folder locked).
+#[derive(Debug)]
+pub struct OutputLock {
+    _file: std::fs::File,
+}
+
+/// Locks `dir` (created if needed) for this run; a second writer gets an error naming the
+/// folder instead of interleaving its files with the first one's.
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// let lock = clipcid_store::io::lock_output_dir(dir.path()).unwrap();
+/// assert!(clipcid_store::io::lock_output_dir(dir.path()).is_err()); // held
+/// drop(lock);
+/// assert!(clipcid_store::io::lock_output_dir(dir.path()).is_ok());
+/// ```
+pub fn lock_output_dir(dir: &Path) -> Result<OutputLock, StoreError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| StoreError::file(dir, format!("cannot create: {e}")))?;
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::file(&path, format!("cannot open the lock file: {e}")))?;
+    match file.try_lock() {
+        Ok(()) => Ok(OutputLock { _file: file }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::file(
+            dir,
+            "another clipcid run is writing to this folder (it holds .clipcid.lock); wait for it or use another output folder",
+        )),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(StoreError::file(&path, format!("cannot lock: {e}")))
+        }
+    }
+}

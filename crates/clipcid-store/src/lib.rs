@@ -39,5 +39,6 @@ pub use clusters::{
 pub use error::StoreError;
 pub use keep::{write_keep_file, KeepList, KEEP_KIND};
 pub use shard::{
-    expand_shard_inputs, list_shards, shard_path, EmbeddingShard, ShardLayout, SHARD_KIND,
+    expand_shard_inputs, first_duplicate, list_shards, shard_path, EmbeddingShard, ShardLayout,
+    SHARD_KIND,
 };

@@ -133,6 +133,18 @@ impl EmbeddingShard {
                 has_text.len()
             )));
         }
+        if let Some(dup) = first_duplicate(&ids) {
+            return Err(bad(format!(
+                "sample id {dup} appears twice (a shard of two runs mixed?)"
+            )));
+        }
+        if let Some((first, end)) = sample_range(&header.metadata) {
+            if let Some(out) = ids.iter().find(|&&i| i < first as i64 || i >= end as i64) {
+                return Err(bad(format!(
+                    "sample id {out} is outside the shard's range {first}..{end}"
+                )));
+            }
+        }
         Ok(Self {
             path: path.to_path_buf(),
             image,
@@ -193,6 +205,24 @@ impl EmbeddingShard {
     }
 }
 
+/// The first value that occurs more than once, if any.
+///
+/// ```
+/// assert_eq!(clipcid_store::first_duplicate(&[4, 1, 9, 1]), Some(1));
+/// assert_eq!(clipcid_store::first_duplicate(&[4, 1, 9]), None);
+/// ```
+pub fn first_duplicate(ids: &[i64]) -> Option<i64> {
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    sorted.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
+}
+
+/// The input range `first_index..end_index` a shard records in its metadata (embed shards do).
+fn sample_range(metadata: &std::collections::HashMap<String, String>) -> Option<(u64, u64)> {
+    let get = |k: &str| metadata.get(k).and_then(|v| v.parse::<u64>().ok());
+    Some((get("first_index")?, get("end_index")?))
+}
+
 /// The row count of every shard and their common embedding width, read from the headers
 /// only (no tensor data), so a set of shards larger than memory can be planned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,8 +258,12 @@ impl ShardLayout {
         let shards = expand_shard_inputs(inputs)?;
         let mut counts = Vec::with_capacity(shards.len());
         let mut width: Option<(usize, &Path)> = None;
+        let mut ranges: Vec<(u64, u64, &Path)> = vec![];
         for path in &shards {
             let header = crate::io::read_header(path)?;
+            if let Some((a, b)) = sample_range(&header.metadata) {
+                ranges.push((a, b, path));
+            }
             let info = header
                 .tensors
                 .get("image")
@@ -257,6 +291,21 @@ impl ShardLayout {
                 "the embedding shards hold no rows".into(),
             ));
         };
+        // Shards of one run cover disjoint input ranges; overlapping ones are two runs mixed.
+        ranges.sort();
+        if let Some(w) = ranges.windows(2).find(|w| w[1].0 < w[0].1) {
+            return Err(StoreError::file(
+                w[1].2,
+                format!(
+                    "covers samples {}..{}, overlapping {} ({}..{}): shards of two runs (another --shard-size?) are mixed; embed into an empty folder",
+                    w[1].0,
+                    w[1].1,
+                    w[0].2.display(),
+                    w[0].0,
+                    w[0].1
+                ),
+            ));
+        }
         Ok(Self {
             shards,
             counts,

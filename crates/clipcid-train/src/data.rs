@@ -211,6 +211,15 @@ impl TrainingSet {
                     .into(),
             ));
         }
+        let positions: Vec<i64> = set.ids.iter().map(|&p| p as i64).collect();
+        if let Some(dup) = clipcid_store::first_duplicate(&positions) {
+            return Err(file_err(
+                embeddings,
+                format!(
+                    "sample {dup} has rows in two shards (shards of two runs mixed in one folder?); re-embed into an empty folder"
+                ),
+            ));
+        }
         if let Some(t) = set.teacher_text.take() {
             set.teacher_text = Some(unit_rows(t, set.dim));
         }

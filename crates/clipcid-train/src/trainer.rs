@@ -83,6 +83,8 @@ pub struct Trainer {
     order: Option<(u64, Vec<usize>)>,
     last_checkpoint: Option<PathBuf>,
     history: Vec<StepMetrics>,
+    /// The run folder is this trainer's alone while it lives.
+    _lock: clipcid_store::io::OutputLock,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -180,6 +182,8 @@ impl Trainer {
         device: &Device,
     ) -> Result<Self, TrainError> {
         config.validate().map_err(TrainError::Config)?;
+        // Not while another run writes there.
+        let lock = clipcid_store::io::lock_output_dir(out_dir)?;
         for p in run_files(out_dir) {
             let removed = if p.is_dir() {
                 std::fs::remove_dir_all(&p)
@@ -188,6 +192,7 @@ impl Trainer {
             };
             removed.map_err(|e| TrainError::io(&p, "cannot remove the earlier run's file", e))?;
         }
+        drop(lock);
         Self::new(config, out_dir, device)
     }
 
@@ -216,6 +221,7 @@ impl Trainer {
         device: &Device,
     ) -> Result<Self, TrainError> {
         config.validate().map_err(TrainError::Config)?;
+        let lock = clipcid_store::io::lock_output_dir(out_dir)?;
         let needs = config.needs();
         let set = TrainingSet::load(&config.data, needs)?;
         let student_cfg = student_config(&config.student.model)?;
@@ -336,6 +342,7 @@ impl Trainer {
             order: None,
             last_checkpoint: None,
             history: vec![],
+            _lock: lock,
         })
     }
 }

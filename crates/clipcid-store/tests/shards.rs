@@ -1,0 +1,64 @@
+#![allow(clippy::unwrap_used)] // test setup
+//! Embedding shards of two runs mixed in one folder, or with repeated sample ids, are errors
+//! naming the files, never silently merged rows.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use clipcid_store::{io::write_safetensors, shard_path, EmbeddingShard, ShardLayout};
+
+/// A shard over samples `first..end` holding rows for `ids`.
+fn shard(dir: &Path, index: usize, first: u64, end: u64, ids: &[i64]) {
+    let n = ids.len();
+    let image = Tensor::ones((n, 4), DType::F32, &Device::Cpu).unwrap();
+    let ids_t = Tensor::new(ids, &Device::Cpu).unwrap();
+    let keys: Vec<String> = ids.iter().map(|i| format!("k{i}")).collect();
+    let meta: HashMap<String, String> = [
+        ("first_index".to_string(), first.to_string()),
+        ("end_index".to_string(), end.to_string()),
+        ("keys".to_string(), serde_json::to_string(&keys).unwrap()),
+    ]
+    .into();
+    write_safetensors(
+        &shard_path(dir, index),
+        [("image".to_string(), image), ("ids".to_string(), ids_t)],
+        &meta,
+    )
+    .unwrap();
+}
+
+#[test]
+fn overlapping_shards_of_two_runs_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // A run with --shard-size 4 (0..4, 4..8) and a later one with 3 that left 0..3, 3..6.
+    shard(dir.path(), 0, 0, 3, &[0, 1, 2]);
+    shard(dir.path(), 1, 3, 6, &[3, 4, 5]);
+    shard(dir.path(), 2, 4, 8, &[4, 5, 6, 7]);
+    let e = ShardLayout::open(&[dir.path().to_path_buf()])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("overlapping") && e.contains("two runs"), "{e}");
+}
+
+#[test]
+fn repeated_or_out_of_range_ids_in_a_shard_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    shard(dir.path(), 0, 0, 4, &[0, 1, 1, 3]);
+    let e = EmbeddingShard::read(&shard_path(dir.path(), 0))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sample id 1 appears twice"), "{e}");
+    shard(dir.path(), 0, 0, 4, &[0, 1, 9]);
+    let e = EmbeddingShard::read(&shard_path(dir.path(), 0))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("outside the shard's range 0..4"), "{e}");
+    shard(dir.path(), 0, 0, 4, &[0, 1, 3]);
+    assert_eq!(
+        EmbeddingShard::read(&shard_path(dir.path(), 0))
+            .unwrap()
+            .len(),
+        3
+    );
+}
