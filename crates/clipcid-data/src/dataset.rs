@@ -263,6 +263,40 @@ impl Dataset {
         }
     }
 
+    /// SHA-256 (hex) identifying the data: a captions file's bytes; a labelled folder's
+    /// sample keys and image file sizes; WebDataset shard names and sizes (their bytes are
+    /// not read: shards are large). Recorded in outputs so that a resume can tell whether
+    /// the same data made them.
+    pub fn fingerprint(&self) -> Result<String, DataError> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        let size = |p: &Path| -> Result<u64, DataError> {
+            Ok(std::fs::metadata(p).map_err(|e| DataError::io(p, e))?.len())
+        };
+        match &self.source {
+            Source::Captioned { captions } => {
+                h.update(b"captioned");
+                h.update(std::fs::read(captions).map_err(|e| DataError::io(captions, e))?);
+            }
+            Source::Labelled { .. } => {
+                h.update(b"labelled");
+                for e in &self.entries {
+                    h.update(e.key.as_bytes());
+                    h.update(size(&e.path).unwrap_or(u64::MAX).to_le_bytes());
+                }
+            }
+            Source::WebDataset { shards } => {
+                h.update(b"webdataset");
+                for s in shards {
+                    let name = s.file_name().map(|n| n.to_string_lossy().into_owned());
+                    h.update(name.unwrap_or_default().as_bytes());
+                    h.update(size(s)?.to_le_bytes());
+                }
+            }
+        }
+        Ok(format!("{:x}", h.finalize()))
+    }
+
     /// Folder sources' samples, in order.
     pub(crate) fn entries(&self) -> &[FileEntry] {
         &self.entries

@@ -133,6 +133,10 @@ pub struct EmbedOptions {
     /// the checkpoint family's own ([`Preprocess::for_model`]) for a teacher loaded from
     /// `transformers` or open_clip files.
     pub preprocess: Option<Preprocess>,
+    /// Replace shards another run (another teacher, dataset, tokenizer, preprocessing,
+    /// `--dtype` or `--shard-size`) left in the output folder. Without it such a folder is
+    /// refused, naming what differs.
+    pub overwrite: bool,
 }
 
 impl Default for EmbedOptions {
@@ -144,6 +148,7 @@ impl Default for EmbedOptions {
             progress: false,
             teacher_name: String::new(),
             preprocess: None,
+            overwrite: false,
         }
     }
 }
@@ -224,11 +229,45 @@ pub fn embed_dataset(
         Some(p) => p.clone(),
         None => Preprocess::clip(cfg.vision_config.image_size),
     };
+    let provenance = resume::Provenance {
+        teacher: model.fingerprint()?,
+        data: dataset.fingerprint()?,
+        tokenizer: tokenizer.map(|t| t.fingerprint()).transpose()?,
+        preprocess: format!("{preprocess:?}"),
+        dtype: opts.dtype.name().to_string(),
+        shard_size: opts.shard_size as u64,
+    };
+    // Shards of another run in the folder: refused (naming what differs) or, with
+    // `overwrite`, removed before this run writes anything.
+    for old in clipcid_store::list_shards(out_dir).unwrap_or_default() {
+        let differs = match resume::recorded(&old) {
+            None => continue, // unreadable: redone (or removed as stale) by this run
+            Some(Some(p)) => p.differences(&provenance),
+            Some(None) => vec!["producer (no provenance recorded)"],
+        };
+        if differs.is_empty() {
+            continue;
+        }
+        if opts.overwrite {
+            std::fs::remove_file(&old).map_err(|e| {
+                EmbedError::Config(format!("{}: cannot remove: {e}", old.display()))
+            })?;
+        } else {
+            return Err(EmbedError::Shard {
+                path: old,
+                msg: format!(
+                    "written by another run (different {}); embed into another folder, or pass --overwrite to replace it",
+                    differs.join(", ")
+                ),
+            });
+        }
+    }
     let expect = resume::Expect {
         dim: cfg.projection_dim,
         dtype: opts.dtype,
         with_text: tokenizer.is_some(),
         shard_size: opts.shard_size as u64,
+        provenance,
     };
     let bar = progress_bar(opts.progress, dataset.len_hint());
     let mut summary = EmbedSummary::default();
@@ -442,6 +481,10 @@ impl ShardRows {
             ("dim", expect.dim.to_string()),
             ("normalized", "true".to_string()),
             ("teacher", teacher.to_string()),
+            (
+                "provenance",
+                serde_json::to_string(&expect.provenance).unwrap_or_default(),
+            ),
             ("keys", json_list(&self.keys)),
             ("skipped", json_list(&skipped)),
         ]

@@ -10,6 +10,63 @@ pub(crate) struct Expect {
     pub dtype: crate::EmbedDtype,
     pub with_text: bool,
     pub shard_size: u64,
+    pub provenance: Provenance,
+}
+
+/// What produced a run's shards, recorded in each (metadata `provenance`, JSON) and
+/// compared on every re-run into the same folder.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Provenance {
+    /// SHA-256 of the teacher's config and weights.
+    pub teacher: String,
+    /// SHA-256 identifying the dataset (`Dataset::fingerprint`).
+    pub data: String,
+    /// SHA-256 of the tokenizer, when captions are embedded.
+    pub tokenizer: Option<String>,
+    /// Image preprocessing, as `Debug` text.
+    pub preprocess: String,
+    /// Storage precision.
+    pub dtype: String,
+    /// Input samples per shard.
+    pub shard_size: u64,
+}
+
+impl Provenance {
+    /// The fields that differ from `other`, named for a message.
+    pub(crate) fn differences(&self, other: &Self) -> Vec<&'static str> {
+        let mut d = vec![];
+        if self.teacher != other.teacher {
+            d.push("teacher");
+        }
+        if self.data != other.data {
+            d.push("dataset");
+        }
+        if self.tokenizer != other.tokenizer {
+            d.push("tokenizer");
+        }
+        if self.preprocess != other.preprocess {
+            d.push("preprocessing");
+        }
+        if self.dtype != other.dtype {
+            d.push("--dtype");
+        }
+        if self.shard_size != other.shard_size {
+            d.push("--shard-size");
+        }
+        d
+    }
+}
+
+/// The provenance recorded in a shard file: `Some(None)` when its header reads but records
+/// none (another producer, or an older clipcid), `None` when the header cannot be read (a
+/// damaged or partial file, which the run redoes like any incomplete shard).
+pub(crate) fn recorded(path: &Path) -> Option<Option<Provenance>> {
+    let h = clipcid_store::io::read_header(path).ok()?;
+    Some(
+        h.metadata
+            .get("provenance")
+            .and_then(|p| serde_json::from_str(p).ok()),
+    )
 }
 
 /// True when `path` holds a complete, full shard of this run's kind starting at `first`: the
@@ -24,6 +81,13 @@ pub(crate) fn is_complete(path: &Path, first: u64, expect: &Expect) -> bool {
         let meta = |k: &str| h.metadata.get(k).cloned().unwrap_or_default();
         if meta("clipcid.kind") != SHARD_KIND {
             return Err("not an embedding shard".into());
+        }
+        if serde_json::from_str::<Provenance>(&meta("provenance"))
+            .ok()
+            .as_ref()
+            != Some(&expect.provenance)
+        {
+            return Err("written by another run".into());
         }
         if meta("first_index") != first.to_string()
             || meta("end_index") != (first + expect.shard_size).to_string()

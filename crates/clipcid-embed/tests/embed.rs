@@ -152,11 +152,33 @@ fn rerun_resumes_complete_shards_and_redoes_damaged_or_short_ones() {
     for (p, b) in third.shards.iter().zip(&bytes) {
         assert_eq!(&std::fs::read(p).unwrap(), b, "{}", p.display());
     }
-    // A run with different options does not trust the old shards.
-    let f16 = EmbedOptions {
+    // A run with different options does not trust the old shards: it refuses the folder,
+    // naming what differs, unless told to replace them.
+    let mut f16 = EmbedOptions {
         dtype: EmbedDtype::F16,
         ..opts(2, 3)
     };
+    let e = embed_dataset(&model, Some(&tok), &ds, &out, &f16)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("written by another run (different --dtype)") && e.contains("--overwrite"),
+        "{e}"
+    );
+    // Another teacher, another dataset: named too.
+    let other = ClipModel::random(model.config(), 99, &Device::Cpu).unwrap();
+    let e = embed_dataset(&other, Some(&tok), &ds, &out, &opts(2, 3))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("different teacher"), "{e}");
+    let other_dir = dir.path().join("other-data");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let ds2 = shard(&other_dir, 6, None);
+    let e = embed_dataset(&model, Some(&tok), &ds2, &out, &opts(2, 3))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("different dataset"), "{e}");
+    f16.overwrite = true;
     let fourth = embed_dataset(&model, Some(&tok), &ds, &out, &f16).unwrap();
     assert_eq!(fourth.shards_resumed, 0);
     assert_eq!(list_shards(&out).unwrap(), fourth.shards);
@@ -170,7 +192,11 @@ fn rerun_resumes_complete_shards_and_redoes_damaged_or_short_ones() {
     };
     assert_eq!(files(&out), 3);
     // Another --shard-size: the earlier run's extra shard does not linger to be read as ours.
-    let wide = embed_dataset(&model, Some(&tok), &ds, &out, &opts(2, 4)).unwrap();
+    let wide = EmbedOptions {
+        overwrite: true,
+        ..opts(2, 4)
+    };
+    let wide = embed_dataset(&model, Some(&tok), &ds, &out, &wide).unwrap();
     assert_eq!(wide.shards.len(), 2);
     assert_eq!(list_shards(&out).unwrap(), wide.shards);
     let layout = clipcid_store::ShardLayout::open(std::slice::from_ref(&out)).unwrap();

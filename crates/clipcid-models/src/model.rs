@@ -506,6 +506,39 @@ impl ClipModel {
         Ok(io::write_safetensors(path, tensors, &meta)?)
     }
 
+    /// SHA-256 (hex) of the model: its config and every tensor's values (as f32, in name
+    /// order). Recorded in the outputs a model produces so that a resume can tell whether the
+    /// same model made them.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), clipcid_models::ModelError> {
+    /// use clipcid_models::{ClipConfig, ClipModel};
+    /// let cfg = ClipConfig::preset("tiny")?;
+    /// let dev = candle_core::Device::Cpu;
+    /// let a = ClipModel::random(&cfg, 0, &dev)?.fingerprint()?;
+    /// assert_eq!(a, ClipModel::random(&cfg, 0, &dev)?.fingerprint()?);
+    /// assert_ne!(a, ClipModel::random(&cfg, 1, &dev)?.fingerprint()?);
+    /// # Ok(()) }
+    /// ```
+    pub fn fingerprint(&self) -> Result<String, ModelError> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(self.config.to_hf_json().to_string().as_bytes());
+        let mut names: Vec<&String> = self.params.keys().collect();
+        names.sort();
+        for name in names {
+            let values: Vec<f32> = self.params[name]
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1()?;
+            h.update(name.as_bytes());
+            for v in values {
+                h.update(v.to_le_bytes());
+            }
+        }
+        Ok(format!("{:x}", h.finalize()))
+    }
+
     /// Writes open_clip's files into `dir`: `open_clip_model.safetensors` (open_clip's tensor
     /// names, `dtype`) and `open_clip_config.json` (`model_cfg` from
     /// [`ClipConfig::to_open_clip_json`], and `preprocess_cfg` when given), which

@@ -372,6 +372,20 @@ impl ClipTokenizer {
         Ok(clipcid_store::io::write_atomic(path, &bytes)?)
     }
 
+    /// SHA-256 (hex) of the tokenizer (its `tokenizer.json` and context length), recorded in
+    /// outputs so that a resume can tell whether the same tokenizer made them.
+    pub fn fingerprint(&self) -> Result<String, ModelError> {
+        use sha2::{Digest, Sha256};
+        let json = self
+            .inner
+            .to_string(false)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let mut h = Sha256::new();
+        h.update(json.as_bytes());
+        h.update(self.context_length.to_le_bytes());
+        Ok(format!("{:x}", h.finalize()))
+    }
+
     /// Vocabulary size including the special tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -258,6 +258,8 @@ pub fn run(opts: &DemoOptions, device: &Device, say: &mut dyn FnMut(&str)) -> Re
         shard_size: 4096,
         progress: true,
         teacher_name: teacher.description.clone(),
+        // The demo owns its output folder: another teacher's shards there are replaced.
+        overwrite: true,
         ..EmbedOptions::default()
     };
     let s = embed_dataset(

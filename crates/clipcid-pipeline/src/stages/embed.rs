@@ -46,6 +46,10 @@ pub struct EmbedArgs {
     /// (`tests/reference.rs`): see docs/guide.md.
     #[arg(long, default_value = "f32")]
     pub precision: Precision,
+    /// Replace shards another run (another teacher, dataset, tokenizer, preprocessing,
+    /// --dtype or --shard-size) left in `--out`; without it such a folder is refused.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -69,6 +73,7 @@ impl EmbedArgs {
             shard_size: 10_000,
             dtype: EmbedDtype::F32,
             precision: Precision::F32,
+            overwrite: false,
             quiet: true,
         }
     }
@@ -125,6 +130,7 @@ pub fn embed(args: &EmbedArgs, device: &Device) -> Result<EmbedSummary, Pipeline
         progress: !args.quiet,
         teacher_name: args.teacher.display().to_string(),
         preprocess: Some(loaded.preprocess),
+        overwrite: args.overwrite,
     };
     Ok(embed_dataset(
         &teacher,
