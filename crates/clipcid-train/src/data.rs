@@ -39,6 +39,8 @@ pub struct TrainingSet {
     labels: Option<Vec<u32>>,
     centroids: Option<(Vec<f32>, usize)>,
     teacher: String,
+    /// The embedding shards' recorded provenance (JSON), when they carry one.
+    provenance: Option<String>,
     dropped_without_caption: usize,
 }
 
@@ -120,6 +122,7 @@ impl TrainingSet {
             labels: clusters.as_ref().map(|_| Vec::new()),
             centroids: None,
             teacher: String::new(),
+            provenance: None,
             dropped_without_caption: 0,
         };
         for path in &shards {
@@ -127,11 +130,9 @@ impl TrainingSet {
             let d = shard.dim();
             if set.dim == 0 {
                 set.dim = d;
-                set.teacher = clipcid_store::io::read_header(path)?
-                    .metadata
-                    .get("teacher")
-                    .cloned()
-                    .unwrap_or_default();
+                let meta = clipcid_store::io::read_header(path)?.metadata;
+                set.teacher = meta.get("teacher").cloned().unwrap_or_default();
+                set.provenance = meta.get("provenance").cloned();
             } else if d != set.dim {
                 return Err(file_err(
                     path,
@@ -270,6 +271,7 @@ impl TrainingSet {
             labels: None,
             centroids: None,
             teacher: String::new(),
+            provenance: None,
             dropped_without_caption: dropped,
         })
     }
@@ -292,6 +294,12 @@ impl TrainingSet {
     /// The teacher's name as the embedding shards record it.
     pub fn teacher(&self) -> &str {
         &self.teacher
+    }
+
+    /// What produced the teacher embeddings, as their shards record it (JSON: teacher and
+    /// dataset SHA-256, tokenizer, preprocessing, ...), when they do.
+    pub fn provenance(&self) -> Option<&str> {
+        self.provenance.as_deref()
     }
 
     /// Rows left out because their sample had no caption.

@@ -142,7 +142,13 @@ fn fixture(n: usize, held: usize, k: usize) -> Fixture {
             Tensor::from_vec((0..n as i64).collect::<Vec<_>>(), n, &cpu).unwrap(),
         ),
     ];
-    let meta = HashMap::from([("teacher".to_string(), "random projection".to_string())]);
+    let meta = HashMap::from([
+        ("teacher".to_string(), "random projection".to_string()),
+        (
+            "provenance".to_string(),
+            r#"{"teacher": "t1", "data": "d1"}"#.to_string(),
+        ),
+    ]);
     clipcid_store::io::write_safetensors(
         &clipcid_store::shard_path(&d.join("emb"), 0),
         tensors,
@@ -564,4 +570,27 @@ fn a_fresh_run_into_a_used_folder_is_refused_or_owns_it_with_overwrite() {
     let mut resumed = Trainer::resume(fx.config(FULL), &fx.path("run"), &Device::Cpu).unwrap();
     assert_eq!(resumed.step_count(), 4);
     assert_eq!(resumed.run(None, false).unwrap().steps, 8);
+}
+
+#[test]
+fn resuming_on_another_teachers_embeddings_is_refused() {
+    let fx = fixture(128, 0, 32);
+    let mut first = Trainer::new(fx.config(FULL), &fx.path("run"), &Device::Cpu).unwrap();
+    first.run(Some(4), false).unwrap();
+    drop(first);
+    // The same rows, now recorded as another teacher's embeddings.
+    let shard = clipcid_store::shard_path(&fx.path("emb"), 0);
+    let tensors = clipcid_store::io::load_tensors(&shard).unwrap();
+    let meta = HashMap::from([(
+        "provenance".to_string(),
+        r#"{"teacher": "t2", "data": "d1"}"#.to_string(),
+    )]);
+    clipcid_store::io::write_safetensors(&shard, tensors, &meta).unwrap();
+    let e = Trainer::resume(fx.config(FULL), &fx.path("run"), &Device::Cpu)
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        e.contains("other teacher embeddings") && e.contains("different teacher"),
+        "{e}"
+    );
 }

@@ -14,6 +14,9 @@ struct TrainerState {
     step: u64,
     partial_fc_rng: Option<String>,
     config: String,
+    /// Provenance of the teacher embeddings the run trains on (absent in older checkpoints).
+    #[serde(default)]
+    embeddings: Option<String>,
 }
 
 impl Trainer {
@@ -48,6 +51,32 @@ impl Trainer {
                     file.display()
                 ))
             })?;
+        if let (Some(then), Some(now)) = (&state.embeddings, self.set.provenance()) {
+            let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap_or_default();
+            let (then, now) = (parse(then), parse(now));
+            if then != now {
+                let fields: Vec<String> = now
+                    .as_object()
+                    .map(|o| {
+                        o.keys()
+                            .filter(|k| then.get(k.as_str()) != now.get(k.as_str()))
+                            .cloned()
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                return Err(TrainError::Config(format!(
+                    "{}: the checkpoint was trained on other teacher embeddings than `{}` holds now (different {}); resuming would mix two teachers",
+                    dir.display(),
+                    self.config
+                        .data
+                        .embeddings
+                        .as_deref()
+                        .unwrap_or(Path::new(""))
+                        .display(),
+                    fields.join(", ")
+                )));
+            }
+        }
         let saved: DistillConfig = toml::from_str(&state.config)
             .map_err(|e| TrainError::Input(format!("{}: bad saved config: {e}", file.display())))?;
         for (what, a, b) in [
@@ -171,6 +200,7 @@ impl Trainer {
                 .map(|c| c.fc.rng_position().to_string()),
             config: toml::to_string(&self.config)
                 .map_err(|e| TrainError::Config(format!("cannot serialise the config: {e}")))?,
+            embeddings: self.set.provenance().map(str::to_string),
         };
         let meta: HashMap<String, String> = [(
             "state".to_string(),
