@@ -165,9 +165,7 @@ impl Preprocess {
     /// (no rescale to [0, 1], a crop of another size) is an error naming the field.
     pub fn from_hf_preprocessor_config(path: &Path, image_size: usize) -> Result<Self, DataError> {
         let bad = |msg: String| DataError::format(path, msg);
-        let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let v = read_json(path)?;
         let flag = |k: &str| v.get(k).and_then(|x| x.as_bool()).unwrap_or(true);
         let mut p = Self::transformers(image_size);
         if let Some(code) = v.get("resample").filter(|x| !x.is_null()) {
@@ -251,9 +249,7 @@ impl Preprocess {
     /// [`Preprocess::open_clip`].
     pub fn from_open_clip_config(path: &Path, image_size: usize) -> Result<Self, DataError> {
         let bad = |msg: String| DataError::format(path, msg);
-        let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let v = read_json(path)?;
         let cfg = if v.get("model_cfg").is_some() {
             v.get("preprocess_cfg")
                 .cloned()
@@ -559,6 +555,12 @@ impl Preprocess {
         }
         Ok(self.apply(&img))
     }
+}
+
+/// A JSON file, errors naming it.
+fn read_json(path: &Path) -> Result<serde_json::Value, DataError> {
+    let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| DataError::format(path, format!("not JSON: {e}")))
 }
 
 /// A JPEG must end its last scan (`FF DA` marker) with an end-of-image marker (`FF D9`);

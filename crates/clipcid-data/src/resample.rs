@@ -250,13 +250,7 @@ fn clip8(v: i32) -> u8 {
 /// assert_eq!(red, [22, 100, 178]);
 /// ```
 pub fn pil_resize(img: &RgbImage, width: u32, height: u32, filter: Resample) -> RgbImage {
-    let full = Window {
-        x: 0,
-        y: 0,
-        width: width as usize,
-        height: height as usize,
-    };
-    pil_resize_window(img, (width, height), filter, full)
+    pil_resize_window(img, (width, height), filter, Window::full(width, height))
 }
 
 /// The `window` of [`pil_resize`]'s output, computed without the rest: bit for bit the full
@@ -295,13 +289,7 @@ pub fn pil_resize_window(
 /// (`RGBa`), resized, then divided back (what open_clip's `Resize` does to a transparent PNG
 /// before it drops the alpha channel).
 pub fn pil_resize_rgba(img: &RgbaImage, width: u32, height: u32, filter: Resample) -> RgbaImage {
-    let full = Window {
-        x: 0,
-        y: 0,
-        width: width as usize,
-        height: height as usize,
-    };
-    pil_resize_rgba_window(img, (width, height), filter, full)
+    pil_resize_rgba_window(img, (width, height), filter, Window::full(width, height))
 }
 
 /// The `window` of [`pil_resize_rgba`]'s output (see [`pil_resize_window`]).
@@ -365,6 +353,18 @@ pub struct Window {
     pub width: usize,
     /// Rows.
     pub height: usize,
+}
+
+impl Window {
+    /// The whole of a `width` x `height` image.
+    fn full(width: u32, height: u32) -> Self {
+        Self {
+            x: 0,
+            y: 0,
+            width: width as usize,
+            height: height as usize,
+        }
+    }
 }
 
 /// The `window` of Pillow's resize of `src` to `width` x `height`, computed without the rest

@@ -402,12 +402,7 @@ pub fn embed_dataset(
 /// Refuses features with NaN or infinite values (a model that overflows in half precision,
 /// or broken weights), naming the batch's first key.
 fn check_finite(features: &Tensor, what: &str, first_key: &str) -> Result<(), EmbedError> {
-    let s = features
-        .to_dtype(DType::F32)?
-        .affine(0.0, 0.0)?
-        .sum_all()?
-        .to_scalar::<f32>()?;
-    if s.is_finite() {
+    if clipcid_models::nn::all_finite(features)? {
         Ok(())
     } else {
         Err(EmbedError::Config(format!(

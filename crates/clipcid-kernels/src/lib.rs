@@ -73,3 +73,23 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
         .max_all()?
         .to_scalar::<f32>()
 }
+
+/// Whether every value of `t` is finite (no NaN, no infinity), in one pass: `x * 0` is 0
+/// for every finite `x` and NaN otherwise, so the sum is 0 exactly when all are finite (a
+/// max would skip NaN).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let ok = Tensor::new(&[1f32, -2.0, 3e38], &Device::Cpu)?;
+/// let nan = Tensor::new(&[1f32, f32::NAN], &Device::Cpu)?;
+/// assert!(clipcid_kernels::all_finite(&ok)? && !clipcid_kernels::all_finite(&nan)?);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn all_finite(t: &Tensor) -> Result<bool> {
+    let s = t
+        .to_dtype(DType::F32)?
+        .affine(0.0, 0.0)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    Ok(s.is_finite())
+}

@@ -41,7 +41,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-pub use clipcid_kernels::max_abs_diff;
+pub use clipcid_kernels::{all_finite, max_abs_diff};
 
 /// `x * sigmoid(1.702 x)`, OpenAI CLIP's activation; differentiable, and a fused kernel with a
 /// hand-written backward pass for f32 CPU tensors that track gradients.

@@ -283,26 +283,22 @@ impl ClipTokenizer {
         std::fs::create_dir_all(dir)
             .map_err(|e| ModelError::file(dir, format!("cannot create folder: {e}")))?;
         self.save(&dir.join("tokenizer.json"))?;
-        let (special, config) = if self.clean {
+        let (special, class) = if self.clean {
             let special = json!({
                 "bos_token": START_OF_TEXT, "eos_token": END_OF_TEXT,
                 "unk_token": END_OF_TEXT, "pad_token": END_OF_TEXT,
             });
-            let mut config = special.clone();
-            config["tokenizer_class"] = json!("CLIPTokenizer");
-            config["do_lower_case"] = json!(true);
-            (special, config)
+            (special, "CLIPTokenizer")
         } else {
             let special = json!({
                 "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
                 "unk_token": "[UNK]", "mask_token": "[MASK]",
             });
-            let mut config = special.clone();
-            config["tokenizer_class"] = json!("BertTokenizer");
-            config["do_lower_case"] = json!(true);
-            (special, config)
+            (special, "BertTokenizer")
         };
-        let mut config = config;
+        let mut config = special.clone();
+        config["tokenizer_class"] = json!(class);
+        config["do_lower_case"] = json!(true);
         config["model_max_length"] = json!(self.context_length);
         for (name, value) in [
             ("tokenizer_config.json", config),

@@ -108,6 +108,15 @@ struct MicroLoss {
 
 const CENTRES: &str = "cluster.centres";
 
+/// Validates `config` and locks `out_dir` (created if needed) for one writing run.
+pub(crate) fn claim(
+    config: &DistillConfig,
+    out_dir: &Path,
+) -> Result<clipcid_store::io::OutputLock, TrainError> {
+    config.validate().map_err(TrainError::Config)?;
+    Ok(clipcid_store::io::lock_output_dir(out_dir)?)
+}
+
 /// The files of a run in `out_dir` (checkpoints, metrics, loss curves, student, and hidden
 /// temporary files a failed write left).
 fn run_files(out_dir: &Path) -> Vec<PathBuf> {
@@ -181,9 +190,8 @@ impl Trainer {
         out_dir: &Path,
         device: &Device,
     ) -> Result<Self, TrainError> {
-        config.validate().map_err(TrainError::Config)?;
-        // Not while another run writes there.
-        let lock = clipcid_store::io::lock_output_dir(out_dir)?;
+        // Validated before anything is removed; locked so no other run is writing there.
+        let lock = claim(&config, out_dir)?;
         for p in run_files(out_dir) {
             let removed = if p.is_dir() {
                 std::fs::remove_dir_all(&p)
@@ -192,8 +200,7 @@ impl Trainer {
             };
             removed.map_err(|e| TrainError::io(&p, "cannot remove the earlier run's file", e))?;
         }
-        drop(lock);
-        Self::new(config, out_dir, device)
+        Self::build(config, out_dir, device, lock)
     }
 
     /// Loads the data, builds the student (seeded random, or `student.init`), the loss terms
@@ -202,7 +209,7 @@ impl Trainer {
     /// [`Trainer::new_overwriting`]), so a fresh run never prunes or mixes with another's
     /// checkpoints.
     pub fn new(config: DistillConfig, out_dir: &Path, device: &Device) -> Result<Self, TrainError> {
-        config.validate().map_err(TrainError::Config)?;
+        let lock = claim(&config, out_dir)?;
         if let Some(what) = run_files(out_dir).first() {
             return Err(TrainError::Config(format!(
                 "{} already holds a run ({}): pass --resume to continue it, or --overwrite to start over (its checkpoints, metrics and student are removed)",
@@ -210,18 +217,18 @@ impl Trainer {
                 what.display()
             )));
         }
-        Self::build(config, out_dir, device)
+        Self::build(config, out_dir, device, lock)
     }
 
-    /// [`Trainer::new`] without the used-folder check ([`Trainer::resume`] builds on a used
-    /// folder, then loads its checkpoint).
+    /// The trainer for a validated `config` in `out_dir`, whose lock the caller holds (see
+    /// [`claim`]); the folder's contents are the caller's business ([`Trainer::resume`]
+    /// builds on a used folder, then loads its checkpoint).
     pub(crate) fn build(
         config: DistillConfig,
         out_dir: &Path,
         device: &Device,
+        lock: clipcid_store::io::OutputLock,
     ) -> Result<Self, TrainError> {
-        config.validate().map_err(TrainError::Config)?;
-        let lock = clipcid_store::io::lock_output_dir(out_dir)?;
         let needs = config.needs();
         let set = TrainingSet::load(&config.data, needs)?;
         let student_cfg = student_config(&config.student.model)?;

@@ -269,15 +269,9 @@ fn check_values(path: &Path, name: &str, t: &Tensor) -> Result<(), ModelError> {
             ),
         ));
     }
-    // x * 0 is 0 for every finite x and NaN for NaN and infinities; a max would skip NaN.
-    let finite = t
-        .to_dtype(DType::F32)
-        .and_then(|x| x.affine(0.0, 0.0))
-        .and_then(|x| x.sum_all())
-        .and_then(|x| x.to_scalar::<f32>());
-    match finite {
-        Ok(m) if m.is_finite() => Ok(()),
-        Ok(_) => Err(ModelError::file(
+    match clipcid_kernels::all_finite(t) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(ModelError::file(
             path,
             format!("tensor `{name}` holds NaN or infinite values"),
         )),

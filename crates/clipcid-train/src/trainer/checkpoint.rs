@@ -29,11 +29,12 @@ impl Trainer {
         out_dir: &Path,
         device: &Device,
     ) -> Result<Self, TrainError> {
+        let lock = super::claim(&config, out_dir)?;
         let latest = out_dir.join("checkpoints").join("latest");
         let name = std::fs::read_to_string(&latest)
             .map_err(|e| TrainError::io(&latest, "no checkpoint to resume from", e))?;
         let dir = out_dir.join("checkpoints").join(name.trim());
-        let mut t = Self::build(config, out_dir, device)?;
+        let mut t = Self::build(config, out_dir, device, lock)?;
         t.load_checkpoint(&dir)?;
         Ok(t)
     }
