@@ -22,13 +22,20 @@ pub struct ShardRows {
 impl ShardRows {
     /// Lists the shards (folders of `embeddings-*.safetensors`, or single files), checks that
     /// every `image` tensor has the same width ([`ShardLayout`]), and that the keep list, if
-    /// any, covers exactly their rows.
+    /// any, was made from these embeddings (same recorded provenance,
+    /// [`clipcid_store::check_same_embeddings`]) and covers exactly their rows.
     pub fn open(inputs: &[PathBuf], keep_path: Option<&Path>) -> Result<Self, ClusterError> {
         let layout = ShardLayout::open(inputs)?;
         let total = layout.total();
         let keep = match keep_path {
             Some(path) => {
                 let list = KeepList::read(path)?;
+                clipcid_store::check_same_embeddings(
+                    path,
+                    "keep file",
+                    list.embeddings.as_deref(),
+                    layout.provenance.as_deref(),
+                )?;
                 if list.keep.len() != total {
                     return Err(ClusterError::Config(format!(
                         "{}: keep list covers {} rows but the shards hold {total} (was it made from other embeddings?)",
@@ -212,5 +219,6 @@ pub fn cluster_shards(
         ids,
         sizes,
         summary,
+        embeddings: rows.layout.provenance.clone(),
     })
 }

@@ -352,6 +352,7 @@ fn streaming_over_shards_equals_in_memory_and_round_trips() {
             sizes: SizeSummary::of(&sizes),
             ..Default::default()
         },
+        embeddings: Some(r#"{"teacher":"ab"}"#.to_string()),
     };
     let out = dir.path().join("clusters.safetensors");
     write_clusters(&out, &file).unwrap();
@@ -421,4 +422,46 @@ fn size_summary_counts_empty_clusters() {
         (s.k, s.n, s.empty, s.min, s.median, s.max),
         (5, 16, 2, 0, 2, 9)
     );
+}
+
+#[test]
+fn a_keep_file_of_other_embeddings_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = r#"{"teacher":"aa","data":"dd"}"#;
+    let b = r#"{"teacher":"bb","data":"dd"}"#;
+    let image = Tensor::ones((3, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let shard = clipcid_store::shard_path(dir.path(), 0);
+    let meta = HashMap::from([("provenance".to_string(), a.to_string())]);
+    clipcid_store::io::write_safetensors(&shard, [("image".to_string(), image)], &meta).unwrap();
+    let keep = dir.path().join("keep.safetensors");
+    let write = |provenance: Option<&str>| {
+        let flags = [true, false, true];
+        clipcid_store::write_keep_file(
+            &keep,
+            &flags,
+            &[0, 0, 1],
+            &[0, 2],
+            &[0, 1, 2],
+            &"",
+            provenance,
+        )
+        .unwrap();
+    };
+    let open = || ShardRows::open(&[dir.path().to_path_buf()], Some(&keep));
+    // Same ids, same row count: only the recorded provenance tells them apart.
+    write(Some(b));
+    let e = open().unwrap_err().to_string();
+    assert!(
+        e.contains("keep.safetensors") && e.contains("different teacher"),
+        "{e}"
+    );
+    write(Some(a));
+    assert_eq!(open().unwrap().kept(), 2);
+    // A keep file that records none (another tool's) is checked by ids only.
+    write(None);
+    assert_eq!(open().unwrap().kept(), 2);
+    // The cluster file carries the shards' provenance on.
+    let kmeans = clipcid_cluster::KMeans::new(1).seed(1);
+    let file = clipcid_cluster::cluster_shards(&kmeans, &open().unwrap(), false).unwrap();
+    assert_eq!(file.embeddings.as_deref(), Some(a));
 }

@@ -17,6 +17,8 @@ pub struct Embeddings {
     pub ids: Vec<i64>,
     /// Shards read, in order.
     pub shards: Vec<PathBuf>,
+    /// What produced the shards, as they record it ([`ShardLayout::provenance`]).
+    pub provenance: Option<String>,
 }
 
 /// Reads the `image` tensors of embedding shards (a folder of `embeddings-*.safetensors`,
@@ -43,19 +45,27 @@ pub fn load_embeddings(inputs: &[PathBuf], device: &Device) -> Result<Embeddings
         image,
         ids,
         shards: layout.shards,
+        provenance: layout.provenance,
     })
 }
 
 /// Writes the balance result as a keep file ([`clipcid_store::write_keep_file`], atomically):
 /// `keep` u8 `[n]`, `set_id` u32 `[n]`, `representatives` u32 `[sets]`, `ids` i64 `[n]`;
-/// metadata `summary` (JSON), also written beside it as `<name>.json`.
-pub fn write_keep_file(path: &Path, result: &BalanceResult, ids: &[i64]) -> Result<(), DedupError> {
+/// metadata `summary` (JSON, also written beside it as `<name>.json`) and the provenance of
+/// `embeddings` (the rows `result` balanced), so that later stages refuse the keep file with
+/// other embeddings.
+pub fn write_keep_file(
+    path: &Path,
+    result: &BalanceResult,
+    embeddings: &Embeddings,
+) -> Result<(), DedupError> {
     Ok(clipcid_store::write_keep_file(
         path,
         &result.keep,
         &result.set_id,
         &result.representatives,
-        ids,
+        &embeddings.ids,
         &result.summary,
+        embeddings.provenance.as_deref(),
     )?)
 }

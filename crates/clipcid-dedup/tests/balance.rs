@@ -288,7 +288,7 @@ fn bad_inputs_are_clear_errors() {
     let r = balance(&e.image, &BalanceOptions::default()).unwrap();
     assert_eq!(r.summary.kept, 1, "three identical rows are one set");
     let out = dir.path().join("keep.safetensors");
-    write_keep_file(&out, &r, &e.ids).unwrap();
+    write_keep_file(&out, &r, &e).unwrap();
     let back = clipcid_store::io::load_tensors(&out).unwrap();
     assert_eq!(back["keep"].to_vec1::<u8>().unwrap(), vec![1, 0, 0]);
     assert!(out.with_extension("json").is_file());

@@ -7,6 +7,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
 
+/// Most positions a tower may have (image patches + 1, or text context).
+const MAX_POSITIONS: usize = 1 << 16;
+/// Most parameters a config may ask for (about 20 billion).
+const MAX_PARAMETERS: u128 = 20_000_000_000;
+
 /// Non-linearity inside the transformer MLP blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum Activation {
@@ -371,7 +376,48 @@ impl ClipConfig {
         }
     }
 
-    /// Checks that the shapes are consistent (heads divide widths, patches tile the image...).
+    /// Parameters the config asks for, from its shapes (attention, MLP, embeddings and
+    /// projections; norms and biases left out), saturating rather than overflowing.
+    fn approx_parameters(&self) -> u128 {
+        let v = &self.vision_config;
+        let t = &self.text_config;
+        let u = |x: usize| x as u128;
+        let blocks = |w: usize, mlp: usize, layers: usize| {
+            u(layers).saturating_mul(
+                u(w).saturating_mul(u(w))
+                    .saturating_mul(4)
+                    .saturating_add(u(w).saturating_mul(u(mlp)).saturating_mul(2)),
+            )
+        };
+        let grid = u(v.image_size / v.patch_size.max(1));
+        let patch = u(v.num_channels)
+            .saturating_mul(u(v.patch_size).saturating_mul(u(v.patch_size)))
+            .saturating_mul(u(v.hidden_size));
+        let vision_pos = grid
+            .saturating_mul(grid)
+            .saturating_add(1)
+            .saturating_mul(u(v.hidden_size));
+        let text_emb = u(t.vocab_size)
+            .saturating_add(u(t.max_position_embeddings))
+            .saturating_mul(u(t.hidden_size));
+        let proj = u(self.projection_dim)
+            .saturating_mul(u(v.hidden_size).saturating_add(u(t.hidden_size)));
+        [
+            blocks(v.hidden_size, v.intermediate_size, v.num_hidden_layers),
+            blocks(t.hidden_size, t.intermediate_size, t.num_hidden_layers),
+            patch,
+            vision_pos,
+            text_emb,
+            proj,
+        ]
+        .into_iter()
+        .fold(0u128, u128::saturating_add)
+    }
+
+    /// Checks that the shapes are consistent (heads divide widths, patches tile the image...)
+    /// and within bounds: at most 65,536 positions per tower and about 20 billion
+    /// parameters (bigG/14 has 2.5 billion), so a hostile config is an error before any
+    /// tensor is allocated.
     pub fn validate(&self) -> Result<(), ModelError> {
         let v = &self.vision_config;
         let t = &self.text_config;
@@ -436,6 +482,24 @@ impl ClipConfig {
         check(
             t.vocab_size > 0 && t.max_position_embeddings > 0,
             "text: vocab_size and max_position_embeddings must be > 0".into(),
+        )?;
+        // Bounds that keep a hostile config from asking for more memory than any CLIP uses
+        // (ViT-L/14-336 has 577 positions, bigG/14 2.5B parameters) before a tensor exists.
+        let grid = (v.image_size / v.patch_size) as u128;
+        let positions = grid * grid + 1;
+        check(
+            positions <= MAX_POSITIONS as u128 && t.max_position_embeddings <= MAX_POSITIONS,
+            format!(
+                "vision: {positions} positions (image {} / patch {}) or text: {} positions is beyond the {MAX_POSITIONS} clipcid supports",
+                v.image_size, v.patch_size, t.max_position_embeddings
+            ),
+        )?;
+        let params = self.approx_parameters();
+        check(
+            params <= MAX_PARAMETERS,
+            format!(
+                "about {params} parameters is beyond the {MAX_PARAMETERS} clipcid supports (a hostile or mistyped config?)"
+            ),
         )?;
         if t.kind == TextTowerKind::Bert {
             check(

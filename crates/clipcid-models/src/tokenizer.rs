@@ -75,7 +75,14 @@ fn bytes_to_unicode() -> Vec<(u8, char)> {
 impl ClipTokenizer {
     /// Loads a Hugging Face `tokenizer.json` (e.g. from `openai/clip-vit-base-patch32`).
     pub fn from_file(path: &Path, context_length: usize) -> Result<Self, ModelError> {
-        let inner = tokenizers::Tokenizer::from_file(path)
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ModelError::file(path, format!("cannot read: {e}")))?;
+        // Checked as JSON first: tokenizers 0.22 panics ("Helper") instead of returning an
+        // error when the text is not valid JSON inside its `decoder` entry.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text)
+            .map_err(|e| ModelError::file(path, format!("not a tokenizer.json: {e}")))?;
+        let inner: tokenizers::Tokenizer = text
+            .parse()
             .map_err(|e| ModelError::file(path, format!("not a tokenizer.json: {e}")))?;
         Self::from_tokenizer(inner, context_length).map_err(|e| ModelError::file(path, e))
     }

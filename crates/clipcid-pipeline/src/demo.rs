@@ -283,7 +283,7 @@ pub fn run(opts: &DemoOptions, device: &Device, say: &mut dyn FnMut(&str)) -> Re
             ..Default::default()
         },
     )?;
-    clipcid_dedup::write_keep_file(&keep, &bal, &emb_all.ids)?;
+    clipcid_dedup::write_keep_file(&keep, &bal, &emb_all)?;
 
     let clusters = out.join("clusters.safetensors");
     // faiss wants at least 39 training points per centroid.

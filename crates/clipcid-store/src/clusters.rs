@@ -119,6 +119,9 @@ pub struct ClusterFile {
     pub sizes: Vec<u32>,
     /// Options, size statistics and timings.
     pub summary: ClusterSummary,
+    /// Provenance of the embeddings clustered, as their shards record it (absent when they
+    /// record none); see [`check_same_embeddings`](crate::check_same_embeddings).
+    pub embeddings: Option<String>,
 }
 
 impl ClusterFile {
@@ -133,8 +136,8 @@ impl ClusterFile {
 }
 
 /// Writes a cluster file atomically: `centroids` f32 `[K, D]`, `labels` u32 `[n]`, `ids` i64
-/// `[n]`, `sizes` u32 `[K]`; metadata `summary` (JSON), also written beside it as
-/// `<name>.json`.
+/// `[n]`, `sizes` u32 `[K]`; metadata `summary` (JSON, also written beside it as
+/// `<name>.json`) and `embeddings` (the provenance of the embeddings clustered), when known.
 pub fn write_clusters(path: &Path, file: &ClusterFile) -> Result<(), StoreError> {
     let cpu = Device::Cpu;
     if file.labels.len() != file.ids.len() || file.sizes.len() != file.k {
@@ -163,7 +166,13 @@ pub fn write_clusters(path: &Path, file: &ClusterFile) -> Result<(), StoreError>
             Tensor::from_vec(file.sizes.clone(), file.k, &cpu)?,
         ),
     ];
-    crate::io::write_with_summary(path, tensors, CLUSTERS_KIND, &file.summary)?;
+    crate::io::write_with_summary(
+        path,
+        tensors,
+        CLUSTERS_KIND,
+        &file.summary,
+        file.embeddings.as_deref(),
+    )?;
     Ok(())
 }
 
@@ -228,5 +237,6 @@ pub fn read_clusters(path: &Path) -> Result<ClusterFile, StoreError> {
         ids,
         sizes,
         summary,
+        embeddings: header.metadata.get(crate::EMBEDDINGS_META).cloned(),
     })
 }

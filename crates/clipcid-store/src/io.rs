@@ -34,21 +34,27 @@ pub fn write_safetensors(
 }
 
 /// Writes a stage's output file the way every clipcid stage does: the tensors, with
-/// metadata `clipcid.kind = kind` and `summary` (`summary` as pretty JSON), atomically; and
-/// the same JSON beside it as `<name>.json`.
+/// metadata `clipcid.kind = kind`, `summary` (`summary` as pretty JSON) and, when given,
+/// the provenance of the embeddings the file was made from (key
+/// [`EMBEDDINGS_META`](crate::EMBEDDINGS_META)), atomically; and the same summary JSON
+/// beside it as `<name>.json`.
 pub fn write_with_summary(
     path: &Path,
     tensors: impl IntoIterator<Item = (String, Tensor)>,
     kind: &str,
     summary: &impl serde::Serialize,
+    embeddings: Option<&str>,
 ) -> Result<(), StoreError> {
     let summary =
         serde_json::to_string_pretty(summary).map_err(|e| StoreError::Invalid(e.to_string()))?;
-    let meta: HashMap<String, String> = [
+    let mut meta: HashMap<String, String> = [
         ("clipcid.kind".to_string(), kind.to_string()),
         ("summary".to_string(), summary.clone()),
     ]
     .into();
+    if let Some(e) = embeddings {
+        meta.insert(crate::EMBEDDINGS_META.to_string(), e.to_string());
+    }
     write_safetensors(path, tensors, &meta)?;
     write_atomic(&path.with_extension("json"), summary.as_bytes())
 }
@@ -137,7 +143,8 @@ pub struct Header {
 }
 
 /// Reads only the header of a safetensors file and checks that the file is complete (its
-/// length covers every tensor's byte range).
+/// length covers every tensor's byte range) and that each tensor's shape and dtype fill
+/// exactly its byte range, so a shape read here never promises more than the file holds.
 pub fn read_header(path: &Path) -> Result<Header, StoreError> {
     let bad = |msg: String| StoreError::file(path, msg);
     let mut f = std::fs::File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
@@ -168,11 +175,12 @@ pub fn read_header(path: &Path) -> Result<Header, StoreError> {
         } else {
             let info: TensorInfo = serde_json::from_value(v)
                 .map_err(|e| bad(format!("corrupt entry for `{name}`: {e}")))?;
+            check_entry(&name, &info).map_err(bad)?;
             data_end = data_end.max(info.data_offsets[1]);
             header.tensors.insert(name, info);
         }
     }
-    if 8 + n + data_end as u64 != file_len {
+    if (data_end as u64).checked_add(8 + n) != Some(file_len) {
         return Err(bad(format!(
             "truncated or padded file: header promises {} data bytes, file holds {}",
             data_end,
@@ -180,6 +188,37 @@ pub fn read_header(path: &Path) -> Result<Header, StoreError> {
         )));
     }
     Ok(header)
+}
+
+/// Bytes per element of a safetensors dtype name; `None` for a name safetensors does not
+/// define.
+fn dtype_size(dtype: &str) -> Option<usize> {
+    Some(match dtype {
+        "F64" | "I64" | "U64" => 8,
+        "F32" | "I32" | "U32" => 4,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" => 1,
+        _ => return None,
+    })
+}
+
+/// A header entry is usable only if its shape, at its dtype's size, fills exactly its byte
+/// range: the shape is what readers allocate from, so it must be bounded by the data.
+fn check_entry(name: &str, info: &TensorInfo) -> Result<(), String> {
+    let size = dtype_size(&info.dtype)
+        .ok_or_else(|| format!("`{name}` has unknown dtype `{}`", info.dtype))?;
+    let [start, end] = info.data_offsets;
+    let bytes = info
+        .shape
+        .iter()
+        .try_fold(size, |acc, &d| acc.checked_mul(d));
+    if start > end || bytes != Some(end - start) {
+        return Err(format!(
+            "`{name}`: shape {:?} of {} does not fill its data range {start}..{end}",
+            info.shape, info.dtype
+        ));
+    }
+    Ok(())
 }
 
 /// Loads every tensor of a safetensors file onto the CPU, with the file named in any error.

@@ -18,6 +18,9 @@ pub struct KeepList {
     pub keep: Vec<bool>,
     /// Per balanced row: dataset id.
     pub ids: Vec<i64>,
+    /// Provenance of the embeddings the list was made from, as their shards record it
+    /// (absent when they record none); see [`check_same_embeddings`](crate::check_same_embeddings).
+    pub embeddings: Option<String>,
 }
 
 impl KeepList {
@@ -25,6 +28,9 @@ impl KeepList {
     /// mismatched lengths are errors naming the file.
     pub fn read(path: &Path) -> Result<Self, StoreError> {
         let bad = |msg: &str| StoreError::file(path, msg);
+        let embeddings = crate::io::read_header(path)?
+            .metadata
+            .remove(crate::EMBEDDINGS_META);
         let mut t = crate::io::load_tensors(path)?;
         let keep = t
             .remove("keep")
@@ -46,7 +52,11 @@ impl KeepList {
                 format!("{} keep flags but {} ids", keep.len(), ids.len()),
             ));
         }
-        Ok(Self { keep, ids })
+        Ok(Self {
+            keep,
+            ids,
+            embeddings,
+        })
     }
 
     /// Number of kept rows.
@@ -66,7 +76,8 @@ impl KeepList {
 
 /// Writes a keep file atomically: `keep` u8 `[n]`, `set_id` u32 `[n]` (each row's duplicate
 /// set), `representatives` u32 `[sets]` (the row each set keeps), `ids` i64 `[n]`; metadata
-/// `clipcid.kind = balance` and `summary` (JSON), also written beside it as `<name>.json`.
+/// `clipcid.kind = balance`, `summary` (JSON, also written beside it as `<name>.json`) and
+/// `embeddings`, the provenance of the embeddings balanced, when they record one.
 ///
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -75,9 +86,11 @@ impl KeepList {
 /// let path = dir.path().join("keep.safetensors");
 /// // Rows 0 and 1 are duplicates (set 0, represented by row 1); row 2 stands alone.
 /// let keep = [false, true, true];
-/// write_keep_file(&path, &keep, &[0, 0, 1], &[1, 2], &[10, 11, 12], &"summary")?;
+/// let provenance = Some(r#"{"teacher":"ab12"}"#);
+/// write_keep_file(&path, &keep, &[0, 0, 1], &[1, 2], &[10, 11, 12], &"summary", provenance)?;
 /// let list = KeepList::read(&path)?;
 /// assert_eq!(list.kept_ids().collect::<Vec<_>>(), vec![11, 12]);
+/// assert_eq!(list.embeddings.as_deref(), provenance);
 /// # Ok(()) }
 /// ```
 pub fn write_keep_file(
@@ -87,6 +100,7 @@ pub fn write_keep_file(
     representatives: &[u32],
     ids: &[i64],
     summary: &impl serde::Serialize,
+    embeddings: Option<&str>,
 ) -> Result<(), StoreError> {
     let cpu = Device::Cpu;
     let n = keep.len();
@@ -110,5 +124,5 @@ pub fn write_keep_file(
         ),
         ("ids".to_string(), Tensor::from_slice(ids, n, &cpu)?),
     ];
-    crate::io::write_with_summary(path, tensors, KEEP_KIND, summary)
+    crate::io::write_with_summary(path, tensors, KEEP_KIND, summary, embeddings)
 }

@@ -7,6 +7,8 @@
 //!   (`image` `[n, D]`, optional `text` `[n, D]`, `ids`, keys in the metadata).
 //! - [`KeepList`] and [`write_keep_file`]: the keep file of `clipcid balance`.
 //! - [`ClusterFile`]: the centroids and pseudo-labels of `clipcid cluster`.
+//! - [`check_same_embeddings`]: keep and cluster files record the provenance of the
+//!   embeddings they were made from, and are refused with other embeddings.
 //!
 //! Every error is a [`StoreError`] naming the file and what is wrong with it.
 //!
@@ -31,6 +33,7 @@ pub mod clusters;
 mod error;
 pub mod io;
 mod keep;
+mod provenance;
 mod shard;
 
 pub use clusters::{
@@ -38,6 +41,7 @@ pub use clusters::{
 };
 pub use error::StoreError;
 pub use keep::{write_keep_file, KeepList, KEEP_KIND};
+pub use provenance::{check_same_embeddings, differing_fields, EMBEDDINGS_META};
 pub use shard::{
     expand_shard_inputs, first_duplicate, list_shards, shard_path, EmbeddingShard, ShardLayout,
     SHARD_KIND,

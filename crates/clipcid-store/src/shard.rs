@@ -233,12 +233,17 @@ pub struct ShardLayout {
     pub counts: Vec<usize>,
     /// Embedding width shared by every non-empty shard.
     pub dim: usize,
+    /// The provenance every shard records (metadata `provenance`, written by `clipcid
+    /// embed`), or `None` when they record none.
+    pub provenance: Option<String>,
 }
 
 impl ShardLayout {
     /// Expands `inputs` ([`expand_shard_inputs`]) and reads each shard's header: every shard
     /// needs an `image` `[n, D]` tensor, and every non-empty shard the same `D`. A shard of
-    /// another width, a missing `image` tensor, or no row at all is an error naming the file.
+    /// another width, a missing `image` tensor, or no row at all is an error naming the file;
+    /// so are shards of two runs mixed: overlapping recorded sample ranges, or another
+    /// recorded provenance than the first shard's.
     ///
     /// ```
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -259,8 +264,27 @@ impl ShardLayout {
         let mut counts = Vec::with_capacity(shards.len());
         let mut width: Option<(usize, &Path)> = None;
         let mut ranges: Vec<(u64, u64, &Path)> = vec![];
+        let mut provenance: Option<(Option<String>, &Path)> = None;
         for path in &shards {
-            let header = crate::io::read_header(path)?;
+            let mut header = crate::io::read_header(path)?;
+            let recorded = header.metadata.remove("provenance");
+            match &provenance {
+                None => provenance = Some((recorded, path)),
+                Some((first, first_path)) if *first != recorded => {
+                    let fields = match (first, &recorded) {
+                        (Some(a), Some(b)) => crate::differing_fields(a, b).join(", "),
+                        _ => "provenance recorded in one only".to_string(),
+                    };
+                    return Err(StoreError::file(
+                        path,
+                        format!(
+                            "written by another embedding run than {} (different {fields}): shards of two runs are mixed; embed into an empty folder",
+                            first_path.display()
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
             if let Some((a, b)) = sample_range(&header.metadata) {
                 ranges.push((a, b, path));
             }
@@ -307,6 +331,7 @@ impl ShardLayout {
             ));
         }
         Ok(Self {
+            provenance: provenance.and_then(|(p, _)| p),
             shards,
             counts,
             dim,

@@ -10,6 +10,11 @@ use clipcid_store::{io::write_safetensors, shard_path, EmbeddingShard, ShardLayo
 
 /// A shard over samples `first..end` holding rows for `ids`.
 fn shard(dir: &Path, index: usize, first: u64, end: u64, ids: &[i64]) {
+    shard_of(dir, index, first, end, ids, None)
+}
+
+/// [`shard`], recording `provenance` when given.
+fn shard_of(dir: &Path, index: usize, first: u64, end: u64, ids: &[i64], provenance: Option<&str>) {
     let n = ids.len();
     let image = Tensor::ones((n, 4), DType::F32, &Device::Cpu).unwrap();
     let ids_t = Tensor::new(ids, &Device::Cpu).unwrap();
@@ -20,6 +25,10 @@ fn shard(dir: &Path, index: usize, first: u64, end: u64, ids: &[i64]) {
         ("keys".to_string(), serde_json::to_string(&keys).unwrap()),
     ]
     .into();
+    let mut meta = meta;
+    if let Some(p) = provenance {
+        meta.insert("provenance".to_string(), p.to_string());
+    }
     write_safetensors(
         &shard_path(dir, index),
         [("image".to_string(), image), ("ids".to_string(), ids_t)],
@@ -61,4 +70,29 @@ fn repeated_or_out_of_range_ids_in_a_shard_are_refused() {
             .len(),
         3
     );
+}
+
+#[test]
+fn shards_recording_two_provenances_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = r#"{"teacher":"aa","data":"dd"}"#;
+    let b = r#"{"teacher":"bb","data":"dd"}"#;
+    shard_of(dir.path(), 0, 0, 2, &[0, 1], Some(a));
+    shard_of(dir.path(), 1, 2, 4, &[2, 3], Some(a));
+    let layout = ShardLayout::open(&[dir.path().to_path_buf()]).unwrap();
+    assert_eq!(layout.provenance.as_deref(), Some(a));
+    // A third shard from another teacher's run, and one recording nothing.
+    shard_of(dir.path(), 2, 4, 6, &[4, 5], Some(b));
+    let e = ShardLayout::open(&[dir.path().to_path_buf()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("embeddings-00002") && e.contains("different teacher"),
+        "{e}"
+    );
+    shard_of(dir.path(), 2, 4, 6, &[4, 5], None);
+    let e = ShardLayout::open(&[dir.path().to_path_buf()])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("another embedding run"), "{e}");
 }

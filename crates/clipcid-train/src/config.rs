@@ -295,7 +295,8 @@ impl DistillConfig {
     }
 
     /// Every number in range: learning rates, AdamW's betas, epsilon and weight decay,
-    /// gradient clipping, loss weights and temperatures, and a step count that fits.
+    /// gradient clipping, loss weights, temperatures and margins, PicCollage's temperature
+    /// schedule (positive, rising epochs), and a step count that fits.
     fn validate_numbers(&self) -> Result<(), String> {
         let o = &self.optim;
         let a = &o.adamw;
@@ -368,6 +369,41 @@ impl DistillConfig {
             l.cluster.kl_temperature > 0.0,
             "positive",
         )?;
+        match l.cluster.margin {
+            Margin::None => {}
+            Margin::ArcFace(m) => in_range(
+                "loss.cluster.margin (arcface)",
+                m,
+                (0.0..std::f64::consts::PI).contains(&m),
+                "an angle in [0, pi)",
+            )?,
+            Margin::CosFace(m) => in_range(
+                "loss.cluster.margin (cosface)",
+                m,
+                (0.0..=2.0).contains(&m),
+                "in [0, 2]",
+            )?,
+        }
+        let steps = &l.piccollage.schedule.steps;
+        if steps.is_empty() {
+            return Err(
+                "loss.piccollage.schedule.steps needs at least one [epoch, temperature]".into(),
+            );
+        }
+        for (i, &(epoch, t)) in steps.iter().enumerate() {
+            in_range(
+                "a loss.piccollage.schedule temperature",
+                t,
+                t > 0.0,
+                "positive",
+            )?;
+            if i > 0 && epoch <= steps[i - 1].0 {
+                return Err(format!(
+                    "loss.piccollage.schedule.steps must have rising epochs, but epoch {epoch} follows {}",
+                    steps[i - 1].0
+                ));
+            }
+        }
         // The step counter is epochs x steps per epoch: bound epochs so it cannot overflow.
         const MAX_EPOCHS: usize = 1_000_000;
         if self.epochs > MAX_EPOCHS {

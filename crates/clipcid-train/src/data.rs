@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use clipcid_data::{decode_batch, Dataset, Preprocess, SampleIndex, Skipped};
 use clipcid_models::ClipTokenizer;
-use clipcid_store::{list_shards, EmbeddingShard};
+use clipcid_store::{check_same_embeddings, ShardLayout};
 
 use crate::{DataConfig, TrainError};
 
@@ -88,8 +88,8 @@ impl TrainingSet {
             ));
         }
         let index = dataset.index()?;
-        let keep: Option<HashSet<i64>> = match &data.keep {
-            Some(p) => Some(clipcid_store::KeepList::read(p)?.kept_ids().collect()),
+        let keep = match &data.keep {
+            Some(p) => Some((p, clipcid_store::KeepList::read(p)?)),
             None => None,
         };
         let clusters = match (&data.clusters, needs.clusters) {
@@ -112,7 +112,16 @@ impl TrainingSet {
         let Some(embeddings) = &data.embeddings else {
             return Self::captions_only(index, needs);
         };
-        let shards = list_shards(embeddings)?;
+        // Headers only: the shards' common width and provenance, two runs mixed refused.
+        let layout = ShardLayout::open(std::slice::from_ref(embeddings))?;
+        let provenance = layout.provenance.as_deref();
+        if let Some((p, list)) = &keep {
+            check_same_embeddings(p, "keep file", list.embeddings.as_deref(), provenance)?;
+        }
+        if let Some((p, c)) = &clusters {
+            check_same_embeddings(p, "cluster file", c.embeddings.as_deref(), provenance)?;
+        }
+        let keep: Option<HashSet<i64>> = keep.map(|(_, list)| list.kept_ids().collect());
         let mut set = Self {
             index,
             ids: vec![],
@@ -121,24 +130,20 @@ impl TrainingSet {
             teacher_text: needs.teacher_text.then(Vec::new),
             labels: clusters.as_ref().map(|_| Vec::new()),
             centroids: None,
-            teacher: String::new(),
-            provenance: None,
+            teacher: clipcid_store::io::read_header(&layout.shards[0])?
+                .metadata
+                .remove("teacher")
+                .unwrap_or_default(),
+            provenance: layout.provenance.clone(),
             dropped_without_caption: 0,
         };
-        for path in &shards {
-            let shard = EmbeddingShard::read(path)?;
-            let d = shard.dim();
-            if set.dim == 0 {
-                set.dim = d;
-                let meta = clipcid_store::io::read_header(path)?.metadata;
-                set.teacher = meta.get("teacher").cloned().unwrap_or_default();
-                set.provenance = meta.get("provenance").cloned();
-            } else if d != set.dim {
-                return Err(file_err(
-                    path,
-                    format!("embeddings are {d} wide but earlier shards are {}", set.dim),
-                ));
+        set.dim = layout.dim;
+        for (i, path) in layout.shards.iter().enumerate() {
+            if layout.counts[i] == 0 {
+                continue;
             }
+            let shard = layout.read(i)?;
+            let d = shard.dim();
             if needs.teacher_text && shard.text.is_none() {
                 return Err(file_err(
                     path,

@@ -139,7 +139,8 @@ fn run_files(out_dir: &Path) -> Vec<PathBuf> {
     found
 }
 
-/// Resolves `student.model`: a preset name, or a Hugging Face `config.json` path.
+/// Resolves `student.model`: a preset name, or a config file (Hugging Face `config.json` or
+/// open_clip's; [`ClipConfig::from_json_file`]), checked, errors naming the file.
 pub fn student_config(model: &str) -> Result<ClipConfig, TrainError> {
     if let Ok(c) = ClipConfig::preset(model) {
         return Ok(c);
@@ -151,13 +152,7 @@ pub fn student_config(model: &str) -> Result<ClipConfig, TrainError> {
             clipcid_models::PRESETS.join(", ")
         )));
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| TrainError::Config(format!("{}: cannot read: {e}", path.display())))?;
-    let cfg: ClipConfig = serde_json::from_str(&text).map_err(|e| {
-        TrainError::Config(format!("{}: not a CLIP config.json: {e}", path.display()))
-    })?;
-    cfg.validate()?;
-    Ok(cfg)
+    Ok(ClipConfig::from_json_file(path)?)
 }
 
 impl DistillConfig {

@@ -572,13 +572,8 @@ fn a_fresh_run_into_a_used_folder_is_refused_or_owns_it_with_overwrite() {
     assert_eq!(resumed.run(None, false).unwrap().steps, 8);
 }
 
-#[test]
-fn resuming_on_another_teachers_embeddings_is_refused() {
-    let fx = fixture(128, 0, 32);
-    let mut first = Trainer::new(fx.config(FULL), &fx.path("run"), &Device::Cpu).unwrap();
-    first.run(Some(4), false).unwrap();
-    drop(first);
-    // The same rows, now recorded as another teacher's embeddings.
+/// Rewrites the fixture's shard with the same rows, recorded as another teacher's.
+fn record_as_another_teachers(fx: &Fixture) {
     let shard = clipcid_store::shard_path(&fx.path("emb"), 0);
     let tensors = clipcid_store::io::load_tensors(&shard).unwrap();
     let meta = HashMap::from([(
@@ -586,11 +581,62 @@ fn resuming_on_another_teachers_embeddings_is_refused() {
         r#"{"teacher": "t2", "data": "d1"}"#.to_string(),
     )]);
     clipcid_store::io::write_safetensors(&shard, tensors, &meta).unwrap();
+}
+
+#[test]
+fn resuming_on_another_teachers_embeddings_is_refused() {
+    let fx = fixture(128, 0, 32);
+    let mut first = Trainer::new(fx.config(FULL), &fx.path("run"), &Device::Cpu).unwrap();
+    first.run(Some(4), false).unwrap();
+    drop(first);
+    // The same rows, now recorded as another teacher's embeddings.
+    record_as_another_teachers(&fx);
     let e = Trainer::resume(fx.config(FULL), &fx.path("run"), &Device::Cpu)
         .expect_err("refused")
         .to_string();
     assert!(
         e.contains("other teacher embeddings") && e.contains("different teacher"),
+        "{e}"
+    );
+}
+
+#[test]
+fn keep_and_cluster_files_of_another_teachers_embeddings_are_refused() {
+    let fx = fixture(64, 0, 8);
+    let shard = clipcid_store::shard_path(&fx.path("emb"), 0);
+    let keep = fx.path("keep.safetensors");
+    let all = vec![true; 64];
+    let ids: Vec<i64> = (0..64).collect();
+    let sets: Vec<u32> = (0..64).collect();
+    let provenance = clipcid_store::io::read_header(&shard).unwrap().metadata["provenance"].clone();
+    clipcid_store::write_keep_file(&keep, &all, &sets, &sets, &ids, &"", Some(&provenance))
+        .unwrap();
+    let with_keep = |fx: &Fixture| {
+        let mut c = fx.config(FULL);
+        c.data.keep = Some(keep.clone());
+        c
+    };
+    // Made from these embeddings: accepted.
+    Trainer::new(with_keep(&fx), &fx.path("run-a"), &Device::Cpu).unwrap();
+
+    // The same rows re-recorded as another teacher's: the cluster file (made from the first
+    // teacher's) and then the keep file are refused, naming the file and what differs.
+    record_as_another_teachers(&fx);
+    let e = Trainer::new(fx.config(FULL), &fx.path("run-b"), &Device::Cpu)
+        .expect_err("cluster file refused")
+        .to_string();
+    assert!(
+        e.contains("clusters.safetensors") && e.contains("different teacher"),
+        "{e}"
+    );
+    let mut no_clusters = with_keep(&fx);
+    no_clusters.data.clusters = None;
+    no_clusters.loss.cluster.enabled = false;
+    let e = Trainer::new(no_clusters, &fx.path("run-c"), &Device::Cpu)
+        .expect_err("keep file refused")
+        .to_string();
+    assert!(
+        e.contains("keep.safetensors") && e.contains("different teacher"),
         "{e}"
     );
 }

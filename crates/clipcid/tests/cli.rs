@@ -4,17 +4,11 @@
 use std::path::Path;
 use std::process::Command;
 
+mod common;
+
 fn clipcid(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_clipcid"))
-        .args(args)
-        .output()
-        .expect("run clipcid");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let (ok, text, _) = common::run_clipcid(None, args);
+    (ok, text)
 }
 
 fn s(p: &Path) -> &str {

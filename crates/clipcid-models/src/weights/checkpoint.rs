@@ -99,7 +99,9 @@ impl Checkpoint {
             }
             config_source.push_str(&format!(", activation {act:?} given"));
         }
-        config.validate()?;
+        config
+            .validate()
+            .map_err(|e| ModelError::file(&file, format!("{e} (config: {config_source})")))?;
         check_tensors(&file, &config, &tensors)?;
         Ok(Self {
             path: file,

@@ -70,7 +70,7 @@ pub fn balance(args: &BalanceArgs, device: &Device) -> Result<BalanceOutcome, Pi
         progress: !args.quiet,
     };
     let result = clipcid_dedup::balance(&emb.image, &opts)?;
-    clipcid_dedup::write_keep_file(&args.out, &result, &emb.ids)?;
+    clipcid_dedup::write_keep_file(&args.out, &result, &emb)?;
     Ok(BalanceOutcome {
         result,
         shards: emb.shards.len(),

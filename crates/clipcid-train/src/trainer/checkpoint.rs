@@ -53,18 +53,8 @@ impl Trainer {
                 ))
             })?;
         if let (Some(then), Some(now)) = (&state.embeddings, self.set.provenance()) {
-            let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap_or_default();
-            let (then, now) = (parse(then), parse(now));
-            if then != now {
-                let fields: Vec<String> = now
-                    .as_object()
-                    .map(|o| {
-                        o.keys()
-                            .filter(|k| then.get(k.as_str()) != now.get(k.as_str()))
-                            .cloned()
-                            .collect()
-                    })
-                    .unwrap_or_default();
+            let fields = clipcid_store::differing_fields(then, now);
+            if !fields.is_empty() {
                 return Err(TrainError::Config(format!(
                     "{}: the checkpoint was trained on other teacher embeddings than `{}` holds now (different {}); resuming would mix two teachers",
                     dir.display(),
