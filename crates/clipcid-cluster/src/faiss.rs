@@ -177,7 +177,7 @@ impl KMeans {
     }
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(feature = "faiss-gpu")]
 fn gpu_train(
     clustering: &mut Clustering,
     x: &[f32],
@@ -196,7 +196,7 @@ fn gpu_train(
     Ok(())
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(feature = "faiss-gpu"))]
 fn gpu_train(
     _clustering: &mut Clustering,
     _x: &[f32],
@@ -205,7 +205,7 @@ fn gpu_train(
     device: i32,
 ) -> Result<(), ClusterError> {
     Err(ClusterError::Config(format!(
-        "k-means on GPU {device} needs clipcid built with the `cuda` feature"
+        "k-means on GPU {device} needs clipcid built with the `faiss-gpu` feature"
     )))
 }
 
@@ -313,6 +313,61 @@ impl Centroids {
     /// The nearest centroid of every row of `x` (`[n, d]` row-major).
     pub fn assign(&self, x: &[f32]) -> Result<Vec<u32>, ClusterError> {
         self.assigner()?.assign(x)
+    }
+
+    /// The centroids on a candle `device` (a GPU), for [`DeviceAssigner::assign`]: the same
+    /// nearest centroid as [`Centroids::assigner`] (inner product when spherical, L2
+    /// otherwise), by matrix products where the run's tensors are, without faiss's GPU build.
+    ///
+    /// ```
+    /// use candle_core::Device;
+    /// use clipcid_cluster::Centroids;
+    /// let c = Centroids::from_vec(vec![1.0, 0.0, 0.0, 1.0], 2, 2, true)?;
+    /// let on = c.device_assigner(&Device::Cpu)?;
+    /// assert_eq!(on.assign(&[0.9, 0.1, 0.2, 0.8])?, c.assign(&[0.9, 0.1, 0.2, 0.8])?);
+    /// # Ok::<(), clipcid_cluster::ClusterError>(())
+    /// ```
+    pub fn device_assigner(&self, device: &Device) -> Result<DeviceAssigner, ClusterError> {
+        let centroids = Tensor::from_slice(&self.data, (self.k, self.d), device)?;
+        // argmin |x - c|^2 = argmax (x.c - |c|^2 / 2); spherical k-means ranks by x.c alone.
+        let half_sq_norms = if self.spherical {
+            None
+        } else {
+            Some((centroids.sqr()?.sum(1)? * 0.5)?.unsqueeze(0)?)
+        };
+        Ok(DeviceAssigner {
+            centroids_t: centroids.t()?.contiguous()?,
+            half_sq_norms,
+            d: self.d,
+        })
+    }
+}
+
+/// Nearest-centroid assignment by matrix products on a candle device; see
+/// [`Centroids::device_assigner`].
+#[derive(Debug)]
+pub struct DeviceAssigner {
+    centroids_t: Tensor,
+    half_sq_norms: Option<Tensor>,
+    d: usize,
+}
+
+impl DeviceAssigner {
+    /// Nearest centroid of each row of `x` (`[n, d]` row-major), in blocks of 65,536 rows.
+    pub fn assign(&self, x: &[f32]) -> Result<Vec<u32>, ClusterError> {
+        rows_of(x, self.d)?;
+        check_finite(x, self.d, "data to assign")?;
+        let device = self.centroids_t.device();
+        let mut labels = Vec::with_capacity(x.len() / self.d);
+        for chunk in x.chunks(65_536 * self.d) {
+            let rows = Tensor::from_slice(chunk, (chunk.len() / self.d, self.d), device)?;
+            let mut score = rows.matmul(&self.centroids_t)?;
+            if let Some(h) = &self.half_sq_norms {
+                score = score.broadcast_sub(h)?;
+            }
+            labels.extend(score.argmax(1)?.to_vec1::<u32>()?);
+        }
+        Ok(labels)
     }
 }
 

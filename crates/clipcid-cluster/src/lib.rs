@@ -36,7 +36,7 @@ mod stats;
 pub use clipcid_store::clusters::{
     read_clusters, write_clusters, ClusterFile, ClusterSummary, KMeansInit, SizeSummary,
 };
-pub use faiss::{Assigner, Centroids, KMeansResult};
+pub use faiss::{Assigner, Centroids, DeviceAssigner, KMeansResult};
 pub use params::KMeans;
 pub use plot::plot_size_histogram;
 pub use shards::{assign_shards, cluster_shards, train_from_shards, ShardRows};

@@ -81,7 +81,7 @@ impl KMeans {
         self
     }
 
-    /// Train on this CUDA device with faiss's GPU flat index (needs the `cuda` feature).
+    /// Train on this CUDA device with faiss's GPU flat index (needs the `faiss-gpu` feature).
     pub fn gpu(mut self, device: Option<i32>) -> Self {
         self.gpu = device;
         self

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::Device;
 use clipcid_store::{KeepList, ShardLayout};
 
 use crate::{Centroids, ClusterError, ClusterFile, ClusterSummary, KMeans};
@@ -17,6 +18,10 @@ pub struct ShardRows {
     pub keep: Option<KeepList>,
     /// Where the keep list came from.
     pub keep_path: Option<PathBuf>,
+    /// Where [`assign_shards`] labels the rows: the CPU (faiss) by default, or a GPU
+    /// ([`Centroids::device_assigner`](crate::Centroids::device_assigner)); see
+    /// [`ShardRows::on_device`].
+    pub device: Device,
 }
 
 impl ShardRows {
@@ -51,7 +56,14 @@ impl ShardRows {
             layout,
             keep,
             keep_path: keep_path.map(Path::to_path_buf),
+            device: Device::Cpu,
         })
+    }
+
+    /// Assign rows on `device` (a run's `cuda:N`), by matrix products there.
+    pub fn on_device(mut self, device: &Device) -> Self {
+        self.device = device.clone();
+        self
     }
 
     /// Rows in all shards.
@@ -161,11 +173,23 @@ pub fn assign_shards(
             rows.dim()
         )));
     }
-    let mut assigner = centroids.assigner()?;
+    // faiss on the CPU; a candle matrix product on any other device.
+    enum Where {
+        Faiss(crate::Assigner),
+        Device(crate::DeviceAssigner),
+    }
+    let mut assigner = if rows.device.is_cpu() {
+        Where::Faiss(centroids.assigner()?)
+    } else {
+        Where::Device(centroids.device_assigner(&rows.device)?)
+    };
     let mut labels = Vec::with_capacity(rows.kept());
     let mut all_ids = Vec::with_capacity(rows.kept());
     rows.for_each_shard(|_, _, ids, values| {
-        labels.extend(assigner.assign(values)?);
+        labels.extend(match &mut assigner {
+            Where::Faiss(a) => a.assign(values)?,
+            Where::Device(a) => a.assign(values)?,
+        });
         all_ids.extend_from_slice(ids);
         on_shard(all_ids.len());
         Ok(())

@@ -214,10 +214,10 @@ fn bad_inputs_are_clear_errors() {
     let c = KMeans::new(2).train(&x, 4).unwrap();
     let e = msg(c.assign(&x[..10]).map(|_| ()));
     assert!(e.contains("width 4"), "{e}");
-    #[cfg(not(feature = "cuda"))]
+    #[cfg(not(feature = "faiss-gpu"))]
     {
         let e = msg(KMeans::new(2).gpu(Some(0)).fit_slice(&x, 4).map(|_| ()));
-        assert!(e.contains("cuda"), "{e}");
+        assert!(e.contains("faiss-gpu"), "{e}");
     }
 }
 
@@ -464,4 +464,21 @@ fn a_keep_file_of_other_embeddings_is_refused() {
     let kmeans = clipcid_cluster::KMeans::new(1).seed(1);
     let file = clipcid_cluster::cluster_shards(&kmeans, &open().unwrap(), false).unwrap();
     assert_eq!(file.embeddings.as_deref(), Some(a));
+}
+
+#[test]
+fn assignment_on_a_candle_device_equals_faiss() {
+    // The path `clipcid --device cuda:N cluster` takes, run here on the CPU device.
+    let d = 24;
+    let (x, _) = planted(8, 60, d, 0.5, 3);
+    for spherical in [true, false] {
+        let c = KMeans::new(8)
+            .seed(2)
+            .spherical(spherical)
+            .train(&x, d)
+            .unwrap();
+        let faiss = c.assign(&x).unwrap();
+        let on_device = c.device_assigner(&Device::Cpu).unwrap().assign(&x).unwrap();
+        assert_eq!(on_device, faiss, "spherical {spherical}");
+    }
 }

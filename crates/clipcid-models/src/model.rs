@@ -435,6 +435,35 @@ impl ClipModel {
         Ok((Self::build(config, params)?, varmap))
     }
 
+    /// The same model computing in `dtype`: its tensors are casts of this model's, so in a
+    /// training step the gradients of a loss on the copy's outputs flow back to this model's
+    /// (f32 master) weights. Mixed-precision training builds one per step.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), clipcid_models::ModelError> {
+    /// use candle_core::{DType, Device, Tensor};
+    /// use clipcid_models::{ClipConfig, ClipModel};
+    /// let cfg = ClipConfig::preset("tiny")?;
+    /// let (model, varmap) = ClipModel::trainable(&cfg, 0, &Device::Cpu)?;
+    /// let half = model.cast(DType::BF16)?;
+    /// let px = Tensor::zeros((1, 3, 32, 32), DType::F32, &Device::Cpu)?;
+    /// let loss = half.encode_image(&px)?.to_dtype(DType::F32)?.sqr()?.sum_all()?;
+    /// let grads = loss.backward()?;
+    /// // The f32 weights get f32 gradients through the casts.
+    /// let vars = varmap.all_vars();
+    /// let with_grad: Vec<_> = vars.iter().filter_map(|v| grads.get(v.as_tensor())).collect();
+    /// assert!(!with_grad.is_empty() && with_grad.iter().all(|g| g.dtype() == DType::F32));
+    /// # Ok(()) }
+    /// ```
+    pub fn cast(&self, dtype: DType) -> Result<Self, ModelError> {
+        let params = self
+            .params
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), t.to_dtype(dtype)?)))
+            .collect::<Result<Params, candle_core::Error>>()?;
+        Self::build(&self.config, params)
+    }
+
     /// The model's shape.
     pub fn config(&self) -> &ClipConfig {
         &self.config
@@ -465,8 +494,13 @@ impl ClipModel {
         self.logit_scale.device()
     }
 
-    /// Image features `[B, projection_dim]`, not normalised.
+    /// Image features `[B, projection_dim]`, not normalised, in the model's dtype. Pixels of
+    /// another float dtype are cast to the model's first (f32 pixels into a bf16 model).
     pub fn encode_image(&self, pixels: &Tensor) -> Result<Tensor, ModelError> {
+        let dtype = self.logit_scale.dtype();
+        if pixels.dtype() != dtype {
+            return Ok(self.vision.forward(&pixels.to_dtype(dtype)?)?);
+        }
         Ok(self.vision.forward(pixels)?)
     }
 

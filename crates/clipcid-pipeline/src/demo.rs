@@ -84,6 +84,7 @@ fn load_teacher(dir: &Path, fallback_tokenizer: &Path, device: &Device) -> Resul
         &crate::ModelOptions::default(),
         (!beside).then_some(fallback_tokenizer),
         device,
+        candle_core::DType::F32,
     )
 }
 
@@ -173,12 +174,13 @@ fn student_config(teacher: &ClipConfig, tokenizer: &ClipTokenizer) -> Result<Cli
 }
 
 /// The demo's k-means: `K` clusters, 20 iterations, seed 0, placed like every other stage's
-/// ([`kmeans_for`]: on the run's GPU for a `cuda:N` device).
+/// ([`kmeans_for`]: on the run's GPU for a `cuda:N` device with the `faiss-gpu` feature).
 ///
 /// ```
 /// use candle_core::DeviceLocation;
 /// let kmeans = clipcid_pipeline::demo::demo_kmeans(10, DeviceLocation::Cuda { gpu_id: 0 });
-/// assert_eq!((kmeans.get_iterations(), kmeans.get_gpu()), (20, Some(0)));
+/// let gpu = cfg!(feature = "faiss-gpu").then_some(0);
+/// assert_eq!((kmeans.get_iterations(), kmeans.get_gpu()), (20, gpu));
 /// ```
 pub fn demo_kmeans(k: usize, location: DeviceLocation) -> clipcid_cluster::KMeans {
     kmeans_for(k, location).iterations(20).seed(0)
@@ -298,8 +300,9 @@ pub fn run(opts: &DemoOptions, device: &Device, say: &mut dyn FnMut(&str)) -> Re
         &emb,
         None,
         &out.join("clusters-unbalanced.safetensors"),
+        device,
     )?;
-    let after = crate::cluster_to_file(&kmeans, &emb, Some(&keep), &clusters)?;
+    let after = crate::cluster_to_file(&kmeans, &emb, Some(&keep), &clusters, device)?;
     let report = out.join("report");
     std::fs::create_dir_all(&report).map_err(|e| PipelineError::io(&report, "create", e))?;
     clipcid_cluster::plot_size_histogram(

@@ -34,20 +34,25 @@ pub fn parse_device(s: &str) -> Result<Device, PipelineError> {
     })
 }
 
-/// The GPU faiss should train k-means on for a run on `location`: the same CUDA ordinal as
-/// the run's tensors, or `None` (the CPU). Every stage that builds a [`clipcid_cluster::KMeans`]
-/// goes through [`crate::kmeans_for`], which calls this, so the demo and `clipcid cluster`
-/// cannot disagree about where k-means runs.
+/// The GPU faiss should train k-means on for a run on `location`: with the `faiss-gpu`
+/// feature, the same CUDA ordinal as the run's tensors; otherwise `None` (faiss on the CPU:
+/// k-means trains on a sample, so a CUDA run without faiss's GPU build still clusters).
+/// Every stage that builds a [`clipcid_cluster::KMeans`] goes through [`crate::kmeans_for`],
+/// which calls this, so the demo and `clipcid cluster` cannot disagree about where k-means
+/// runs.
 ///
 /// ```
 /// use candle_core::DeviceLocation;
 /// use clipcid_pipeline::faiss_gpu;
 /// assert_eq!(faiss_gpu(DeviceLocation::Cpu), None);
-/// assert_eq!(faiss_gpu(DeviceLocation::Cuda { gpu_id: 1 }), Some(1));
+/// let on_gpu = faiss_gpu(DeviceLocation::Cuda { gpu_id: 1 });
+/// assert_eq!(on_gpu, cfg!(feature = "faiss-gpu").then_some(1));
 /// ```
 pub fn faiss_gpu(location: DeviceLocation) -> Option<i32> {
     match location {
-        DeviceLocation::Cuda { gpu_id } => i32::try_from(gpu_id).ok(),
+        DeviceLocation::Cuda { gpu_id } if cfg!(feature = "faiss-gpu") => {
+            i32::try_from(gpu_id).ok()
+        }
         _ => None,
     }
 }

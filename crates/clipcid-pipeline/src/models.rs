@@ -108,16 +108,18 @@ pub fn resolve_model_path(spec: &Path) -> Result<PathBuf, PipelineError> {
     Ok(clipcid_models::resolve_model(s)?)
 }
 
-/// Loads a model (f32) read with `opts` and its tokenizer (`tokenizer`, else the one beside
-/// the model), named `name` in reports.
+/// Loads a model read with `opts`, computing in `dtype` (features are normalised and
+/// compared in f32 whatever it is), and its tokenizer (`tokenizer`, else the one beside the
+/// model), named `name` in reports.
 pub fn load_eval_model(
     name: &str,
     path: &Path,
     opts: &ModelOptions,
     tokenizer: Option<&Path>,
     device: &Device,
+    dtype: DType,
 ) -> Result<EvalModel, PipelineError> {
-    let loaded = load_model(path, opts, device, DType::F32)?;
+    let loaded = load_model(path, opts, device, dtype)?;
     let path = &loaded.path;
     let Some(tok_path) = tokenizer
         .map(Path::to_path_buf)

@@ -174,6 +174,23 @@ pub struct OptimConfig {
     pub clip_grad_norm: f64,
     /// Micro-batches per optimiser step.
     pub accumulate: usize,
+    /// Compute precision of the student's forward and backward passes. `bf16` is open_clip's
+    /// `amp_bf16`: the weights, AdamW's moments and the losses stay f32 (master weights);
+    /// each step runs the towers on bf16 casts of the weights, and the gradients flow back
+    /// through the casts to the f32 weights. (f16 would need loss scaling; bf16 has f32's
+    /// exponent range and does not.)
+    pub precision: TrainPrecision,
+}
+
+/// Compute precision of a training step ([`OptimConfig::precision`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainPrecision {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// Towers in bfloat16, weights, optimiser state and losses in f32.
+    Bf16,
 }
 
 impl Default for OptimConfig {
@@ -185,6 +202,7 @@ impl Default for OptimConfig {
             adamw: AdamWConfig::default(),
             clip_grad_norm: 1.0,
             accumulate: 1,
+            precision: TrainPrecision::F32,
         }
     }
 }

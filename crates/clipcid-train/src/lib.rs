@@ -37,7 +37,7 @@ mod trainer;
 
 pub use config::{
     ClusterTermConfig, DataConfig, DistillConfig, InstanceTermConfig, LossConfig, Mode,
-    OptimConfig, StudentConfig, TermConfig,
+    OptimConfig, StudentConfig, TermConfig, TrainPrecision,
 };
 pub use data::{Needs, TrainBatch, TrainingSet};
 pub use lit::{build_locked_text_teacher, LockedTextOptions, LockedTextTeacher};

@@ -15,7 +15,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::data::{Needs, TrainBatch, TrainingSet};
-use crate::{clip_grad_norm, AdamW, DistillConfig, Mode, TrainError, WarmupCosine};
+use crate::{clip_grad_norm, AdamW, DistillConfig, Mode, TrainError, TrainPrecision, WarmupCosine};
 
 mod checkpoint;
 mod metrics;
@@ -448,7 +448,14 @@ impl Trainer {
 
     /// The weighted loss of one micro-batch and its unweighted terms.
     fn micro_loss(&mut self, b: &TrainBatch, epoch: u64) -> Result<MicroLoss, TrainError> {
-        let image = self.model.encode_image(&b.pixels)?;
+        // Mixed precision: the towers run on bf16 casts of the f32 weights; the embeddings
+        // come back to f32 for the losses.
+        let cast = match self.config.optim.precision {
+            TrainPrecision::F32 => None,
+            TrainPrecision::Bf16 => Some(self.model.cast(DType::BF16)?),
+        };
+        let model = cast.as_ref().unwrap_or(&self.model);
+        let image = model.encode_image(&b.pixels)?.to_dtype(DType::F32)?;
         let mut terms: Vec<(String, Tensor)> = vec![];
         let mut weighted: Vec<Tensor> = vec![];
         match self.config.mode {
@@ -465,7 +472,7 @@ impl Trainer {
                 let cfg = self.config.loss.clone();
                 let text = match &b.tokens {
                     Some(t) if self.config.student.freeze_text => Some(self.frozen_text(t)?),
-                    Some(t) => Some(self.model.encode_text(t)?),
+                    Some(t) => Some(model.encode_text(t)?.to_dtype(DType::F32)?),
                     None => None,
                 };
                 let scale = self.model.logit_scale().clone();

@@ -640,3 +640,60 @@ fn keep_and_cluster_files_of_another_teachers_embeddings_are_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn bf16_training_keeps_f32_master_weights_and_follows_the_f32_run() {
+    // Eight epochs of 4 steps, both precisions from the same seed. In bf16 the towers run on
+    // bf16 casts; the weights (and what is saved) stay f32, the run learns, and its weights
+    // move the way the f32 run's do: their distance is well under the f32 run's movement.
+    let fx = fixture(128, 32, 0);
+    let body = PICCOLLAGE
+        .replace("epochs = 25", "epochs = 8")
+        .replace("warmup_steps = 20", "warmup_steps = 2");
+    let run = |precision: &str, dir: &str| {
+        let body = body.replace(
+            "[optim]\n",
+            &format!("[optim]\nprecision = \"{precision}\"\n"),
+        );
+        let mut t = Trainer::new(fx.config(&body), &fx.path(dir), &Device::Cpu).unwrap();
+        let (init, before) = (weights(t.model()), fx.held_out_cosine(t.model()));
+        t.run(None, false).unwrap();
+        (
+            init,
+            before,
+            fx.held_out_cosine(t.model()),
+            weights(t.model()),
+            t,
+        )
+    };
+    let (init, before, f32_after, f32_w, _) = run("f32", "f32");
+    let (_, _, bf16_after, bf16_w, t) = run("bf16", "bf16");
+    assert_eq!(
+        t.config().optim.precision,
+        clipcid_train::TrainPrecision::Bf16
+    );
+    assert!(t
+        .model()
+        .tensors()
+        .values()
+        .all(|w| w.dtype() == candle_core::DType::F32));
+    let dist = |a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]| {
+        a.iter()
+            .zip(b)
+            .flat_map(|((_, x), (_, y))| x.iter().zip(y).map(|(p, q)| (p - q) * (p - q)))
+            .sum::<f32>()
+            .sqrt()
+    };
+    let (moved, apart) = (dist(&init, &f32_w), dist(&f32_w, &bf16_w));
+    eprintln!(
+        "held-out cosine {before:.3} -> f32 {f32_after:.3}, bf16 {bf16_after:.3}; f32 weights moved {moved:.3}, bf16 ends {apart:.3} from them"
+    );
+    assert!(
+        apart < 0.25 * moved,
+        "bf16 run is {apart} from the f32 run, which moved {moved}"
+    );
+    assert!(
+        bf16_after - before > 0.8 * (f32_after - before) && f32_after > before + 0.1,
+        "bf16 learns less: {before} -> {bf16_after} (f32: {f32_after})"
+    );
+}

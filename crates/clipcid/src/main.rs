@@ -65,6 +65,15 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Check that `--device` computes what the CPU does: a tiny CLIP's f32 and bf16
+    /// embeddings, the losses, near-duplicate removal and one training step, compared with
+    /// their limits (exit status 1 when one is exceeded).
+    SelfCheck {
+        /// Also measure throughput on `--device` (ViT-B/32 bf16 images/s, a student training
+        /// step, balance tiles): batch 256 and 1M rows, or a seconds-long smoke size on a CPU.
+        #[arg(long)]
+        bench: bool,
+    },
     /// Write a CLIP `tokenizer.json`, from OpenAI's BPE vocabulary or byte-level (no merges).
     Tokenizer {
         /// `bpe_simple_vocab_16e6.txt.gz`; without it, the 514-token byte-level tokenizer.
@@ -189,6 +198,30 @@ fn run(cli: Cli) -> Result<()> {
                 "wrote {} ({preset}, seed {seed}, random weights)",
                 out.display()
             );
+        }
+        Command::SelfCheck { bench } => {
+            let rows = clipcid_pipeline::device_parity(&candle_core::Device::Cpu, &device)?;
+            print!(
+                "{}",
+                clipcid_pipeline::parity_table(&candle_core::Device::Cpu, &device, &rows)
+            );
+            if bench {
+                let sizes = if device.is_cpu() {
+                    clipcid_pipeline::BenchSizes::SMOKE
+                } else {
+                    clipcid_pipeline::BenchSizes::FULL
+                };
+                println!(
+                    "\n| workload ({:?}) | value | unit |\n|---|---|---|",
+                    device.location()
+                );
+                for r in clipcid_pipeline::throughput(&device, sizes)? {
+                    println!("| {} | {:.1} | {} |", r.workload, r.value, r.unit);
+                }
+            }
+            if let Some(bad) = rows.iter().find(|r| !r.pass) {
+                anyhow::bail!("{} is {:e}, beyond {}", bad.check, bad.value, bad.limit);
+            }
         }
         Command::Tokenizer { bpe_vocab, out } => {
             let tok = clipcid_pipeline::write_tokenizer(bpe_vocab.as_deref(), &out)?;

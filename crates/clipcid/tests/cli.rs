@@ -486,6 +486,33 @@ fn eval_textness_and_export_from_the_command_line() {
     }
     // Class names come from the folder names, `_` as a space, in sorted order.
     assert_eq!(results["class_names"][0], "deep blue");
+    // In bf16 (features compared in f32) recalls move by at most one of the 6 captions: this
+    // random student's near-ties may flip; the bf16 features themselves are checked to
+    // cosine >= 0.999 by the device parity tests.
+    let report16 = d.join("report-bf16");
+    let (ok, text) = clipcid(&[
+        "eval",
+        "--model",
+        s(&d.join("student.safetensors")),
+        "--retrieval",
+        s(&captioned),
+        "--precision",
+        "bf16",
+        "--out",
+        s(&report16),
+    ]);
+    assert!(ok && text.contains("## Retrieval"), "{text}");
+    let r16: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report16.join("results.json")).unwrap()).unwrap();
+    for dir in ["image_to_text", "text_to_image"] {
+        for k in 0..3 {
+            let (a, b) = (
+                r16["retrieval"][0][dir][k].as_f64().unwrap(),
+                results["retrieval"][1][dir][k].as_f64().unwrap(),
+            );
+            assert!((a - b).abs() <= 1.0 / 6.0 + 1e-9, "{dir}[{k}]: {a} vs {b}");
+        }
+    }
     let (ok, text) = clipcid(&["eval", "--model", s(&d.join("student.safetensors"))]);
     assert!(!ok && text.contains("nothing to evaluate"), "{text}");
     let (ok, text) = clipcid(&[

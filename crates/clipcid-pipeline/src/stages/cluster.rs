@@ -71,15 +71,16 @@ impl ClusterArgs {
 }
 
 /// `K` clusters trained where the run's tensors live: faiss on the same GPU for a `cuda:N`
-/// device, on the CPU otherwise. The one place the pipeline builds a [`KMeans`], so every
-/// stage (the `cluster` command, the demo) places k-means the same way.
+/// device when built with `faiss-gpu` ([`crate::faiss_gpu`]), on the CPU otherwise. The one
+/// place the pipeline builds a [`KMeans`], so every stage (the `cluster` command, the demo)
+/// places k-means the same way.
 ///
 /// ```
 /// use candle_core::{Device, DeviceLocation};
 /// let kmeans = clipcid_pipeline::kmeans_for(8, Device::Cpu.location());
 /// assert_eq!((kmeans.k(), kmeans.get_gpu()), (8, None));
 /// let on_gpu = clipcid_pipeline::kmeans_for(8, DeviceLocation::Cuda { gpu_id: 2 });
-/// assert_eq!(on_gpu.get_gpu(), Some(2));
+/// assert_eq!(on_gpu.get_gpu(), cfg!(feature = "faiss-gpu").then_some(2));
 /// ```
 pub fn kmeans_for(k: usize, location: DeviceLocation) -> KMeans {
     KMeans::new(k)
@@ -108,7 +109,7 @@ pub fn cluster(args: &ClusterArgs, device: &Device) -> Result<ClusterOutcome, Pi
         .max_points_per_centroid(args.max_points_per_centroid)
         .init(args.init)
         .spherical(!args.l2);
-    let rows = ShardRows::open(&args.embeddings, args.keep.as_deref())?;
+    let rows = ShardRows::open(&args.embeddings, args.keep.as_deref())?.on_device(device);
     let file = clipcid_cluster::cluster_shards(&kmeans, &rows, !args.quiet)?;
     clipcid_cluster::write_clusters(&args.out, &file)?;
     let other = match &args.compare {
@@ -137,15 +138,16 @@ pub fn cluster(args: &ClusterArgs, device: &Device) -> Result<ClusterOutcome, Pi
     })
 }
 
-/// Clusters the kept rows of `embeddings` (all rows without `keep`) with `kmeans` and writes
-/// the cluster file `out`; returns what it wrote.
+/// Clusters the kept rows of `embeddings` (all rows without `keep`) with `kmeans`, assigning
+/// them on `device`, and writes the cluster file `out`; returns what it wrote.
 pub fn cluster_to_file(
     kmeans: &KMeans,
     embeddings: &Path,
     keep: Option<&Path>,
     out: &Path,
+    device: &Device,
 ) -> Result<ClusterFile, PipelineError> {
-    let rows = ShardRows::open(&[embeddings.to_path_buf()], keep)?;
+    let rows = ShardRows::open(&[embeddings.to_path_buf()], keep)?.on_device(device);
     let file = clipcid_cluster::cluster_shards(kmeans, &rows, false)?;
     clipcid_cluster::write_clusters(out, &file)?;
     Ok(file)

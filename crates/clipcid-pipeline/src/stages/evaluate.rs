@@ -63,6 +63,10 @@ pub struct EvalArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
+    /// Compute precision of every model: `f32`, `f16` or `bf16` (open_clip's `amp_bf16`);
+    /// features are normalised and compared in f32.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: crate::Precision,
 }
 
 impl EvalArgs {
@@ -85,6 +89,7 @@ impl EvalArgs {
             query_images: None,
             out: out.into(),
             batch_size: 64,
+            precision: crate::Precision::F32,
         }
     }
 }
@@ -99,12 +104,20 @@ pub fn eval(args: &EvalArgs, device: &Device) -> Result<String, PipelineError> {
         &ModelOptions::default(),
         tok,
         device,
+        args.precision.dtype(),
     )?];
     if let Some(t) = &args.teacher {
         let teacher_tok = args.teacher_tokenizer.as_deref();
         models.insert(
             0,
-            load_eval_model("teacher", t, &ModelOptions::default(), teacher_tok, device)?,
+            load_eval_model(
+                "teacher",
+                t,
+                &ModelOptions::default(),
+                teacher_tok,
+                device,
+                args.precision.dtype(),
+            )?,
         );
     }
     for spec in &args.compare {
@@ -117,6 +130,7 @@ pub fn eval(args: &EvalArgs, device: &Device) -> Result<String, PipelineError> {
             &ModelOptions::default(),
             tok,
             device,
+            args.precision.dtype(),
         )?);
     }
     let zero_shot = match &args.zero_shot {
@@ -216,6 +230,9 @@ pub struct TextnessArgs {
     /// Output folder: textness.safetensors, grid-N.png, report.md.
     #[arg(long, default_value = "textness")]
     pub out: PathBuf,
+    /// Compute precision: `f32`, `f16` or `bf16`; the probe runs in f32.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: crate::Precision,
 }
 
 /// Probes the textness direction of the model and writes `textness.safetensors`, one grid
@@ -227,6 +244,7 @@ pub fn textness(args: &TextnessArgs, device: &Device) -> Result<TextnessReport, 
         &args.load,
         args.tokenizer.as_deref(),
         device,
+        args.precision.dtype(),
     )?;
     let renderer = match &args.font {
         Some(f) => TextRenderer::from_file(f)?,

@@ -1,0 +1,149 @@
+//! Throughput of the three workloads the GPU check compares with PyTorch: the ViT-B/32 image
+//! tower, a student training step, and the near-duplicate distance tiles. Measured here,
+//! never asserted: `clipcid self-check --bench` prints them, `scripts/gpu-check.sh` puts
+//! them beside PyTorch's on the same GPU.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use clipcid_loss::ClipLoss;
+use clipcid_models::weights::init_tensors;
+use clipcid_models::{ClipConfig, ClipModel};
+
+use crate::PipelineError;
+
+/// Sizes of one benchmark run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BenchSizes {
+    /// Images per batch (image tower and training step).
+    pub batch: usize,
+    /// Rows balanced (the tiles cover all pairs).
+    pub dedup_rows: usize,
+    /// Timed repetitions after one warm-up.
+    pub repeats: usize,
+}
+
+impl BenchSizes {
+    /// The GPU check's sizes: batch 256, 1M rows.
+    pub const FULL: Self = Self {
+        batch: 256,
+        dedup_rows: 1_000_000,
+        repeats: 10,
+    };
+    /// A smoke run on a CPU (candle's CPU bf16 is slow): batch 1, 1,000 rows, once.
+    pub const SMOKE: Self = Self {
+        batch: 1,
+        dedup_rows: 1_000,
+        repeats: 1,
+    };
+}
+
+/// One measured workload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchRow {
+    /// What ran.
+    pub workload: String,
+    /// Items per second (images, samples), or seconds for the dedup row.
+    pub value: f64,
+    /// Unit of `value`.
+    pub unit: &'static str,
+}
+
+fn sync(device: &Device) -> Result<(), PipelineError> {
+    Ok(device.synchronize()?)
+}
+
+/// Median seconds of `repeats` timed calls of `f` after one warm-up.
+fn time(
+    device: &Device,
+    repeats: usize,
+    mut f: impl FnMut() -> Result<(), PipelineError>,
+) -> Result<f64, PipelineError> {
+    f()?;
+    sync(device)?;
+    let mut t = Vec::with_capacity(repeats);
+    for _ in 0..repeats.max(1) {
+        let start = Instant::now();
+        f()?;
+        sync(device)?;
+        t.push(start.elapsed().as_secs_f64());
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+/// Measures, on `device` with seeded random weights and inputs: the ViT-B/32 image tower in
+/// bf16 (images/s), one training step of the CLIP loss for the PicCollage-size student
+/// (width 384, 6 layers; AdamW in f32; samples/s), and near-duplicate removal with f16 tiles
+/// over `dedup_rows` rows of width 512 (seconds).
+///
+/// ```no_run
+/// // A GPU run of the check's sizes (the tests run `BenchSizes::SMOKE` on the CPU).
+/// let gpu = candle_core::Device::new_cuda(0)?;
+/// for row in clipcid_pipeline::throughput(&gpu, clipcid_pipeline::BenchSizes::FULL)? {
+///     println!("{}: {:.1} {}", row.workload, row.value, row.unit);
+/// }
+/// # Ok::<(), clipcid_pipeline::PipelineError>(())
+/// ```
+pub fn throughput(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, PipelineError> {
+    let b = sizes.batch;
+    let mut rows = vec![];
+
+    let b32 = ClipConfig::preset("vit-b-32")?;
+    let tower = ClipModel::from_tensors(&b32, init_tensors(&b32, 0)?, device, DType::BF16)?;
+    let s = b32.vision_config.image_size;
+    let px = Tensor::randn(0f32, 1.0, (b, 3, s, s), device)?.to_dtype(DType::BF16)?;
+    let secs = time(device, sizes.repeats, || {
+        tower.encode_image(&px)?;
+        Ok(())
+    })?;
+    drop(tower);
+    rows.push(BenchRow {
+        workload: format!("ViT-B/32 image tower, bf16, batch {b}"),
+        value: b as f64 / secs,
+        unit: "images/s",
+    });
+
+    let cfg = ClipConfig::preset("piccollage-s12")?;
+    let (student, varmap) = ClipModel::trainable_from(&cfg, init_tensors(&cfg, 0)?, device)?;
+    let mut opt =
+        clipcid_train::AdamW::new(crate::parity::named_vars(&varmap)?, Default::default())?;
+    let px = Tensor::randn(0f32, 1.0, (b, 3, s, s), device)?;
+    let ctx = cfg.text_config.max_position_embeddings;
+    let vocab = cfg.text_config.vocab_size as u32;
+    let ids: Vec<u32> = (0..(b * ctx) as u32).map(|i| (i * 7919) % vocab).collect();
+    let tok = Tensor::from_vec(ids, (b, ctx), device)?;
+    let secs = time(device, sizes.repeats, || {
+        let loss = ClipLoss::new().forward(
+            &student.encode_image(&px)?,
+            &student.encode_text(&tok)?,
+            student.logit_scale(),
+        )?;
+        opt.step(&loss.backward()?, 1e-4)?;
+        Ok(())
+    })?;
+    rows.push(BenchRow {
+        workload: format!("student (w384 L6) CLIP train step, f32, batch {b}"),
+        value: b as f64 / secs,
+        unit: "samples/s",
+    });
+
+    let x = Tensor::randn(0f32, 1.0, (sizes.dedup_rows, 512), device)?;
+    let opts = clipcid_dedup::BalanceOptions {
+        f16: !device.is_cpu(),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    clipcid_dedup::balance(&x, &opts)?;
+    sync(device)?;
+    rows.push(BenchRow {
+        workload: format!(
+            "balance, {} x 512, {} tiles",
+            sizes.dedup_rows,
+            if opts.f16 { "f16" } else { "f32" }
+        ),
+        value: start.elapsed().as_secs_f64(),
+        unit: "s",
+    });
+    Ok(rows)
+}

@@ -1,0 +1,34 @@
+//! The device parity checks on every device this machine has ([`available_devices`]): on a
+//! CPU-only machine they assert determinism and bf16 closeness on the CPU; with a `cuda`
+//! build and a GPU, CPU-vs-CUDA parity (f32 embeddings <= 1e-4, bf16 cosine >= 0.999, losses
+//! <= 1e-4, identical near-duplicate sets, one training step's weights <= 1e-4).
+
+use candle_core::Device;
+use clipcid_pipeline::{available_devices, device_parity, parity_table};
+
+#[test]
+fn every_available_device_computes_what_the_cpu_does() {
+    let devices = available_devices();
+    if devices.len() == 1 {
+        eprintln!("no CUDA device in this build or on this machine: checking the CPU only");
+    }
+    for device in &devices {
+        let rows = device_parity(&Device::Cpu, device).expect("parity checks run");
+        println!("{}", parity_table(&Device::Cpu, device, &rows));
+        assert_eq!(rows.len(), 7);
+        assert!(rows.iter().all(|r| r.pass), "{rows:?}");
+    }
+}
+
+/// The GPU check's benchmark runs (at smoke size on the CPU); its figures are printed, not
+/// asserted.
+#[test]
+fn the_benchmark_runs_at_smoke_size() {
+    let rows = clipcid_pipeline::throughput(&Device::Cpu, clipcid_pipeline::BenchSizes::SMOKE)
+        .expect("benchmark runs");
+    assert_eq!(rows.len(), 3);
+    for r in &rows {
+        assert!(r.value.is_finite() && r.value > 0.0, "{r:?}");
+        println!("{}: {:.2} {}", r.workload, r.value, r.unit);
+    }
+}

@@ -1,0 +1,145 @@
+"""PyTorch side of scripts/gpu-check.sh: the same three workloads as `clipcid self-check
+--bench`, on the same GPU, and one table with clipcid's figures beside them.
+
+Usage: python3 scripts/gpu-check.py --clipcid BENCH.md [--device cuda] [--batch 256]
+       [--rows 1000000] [--reps 10]
+
+Workloads (random init, no download; median of --reps after warm-up):
+  vit    : transformers CLIPVisionModelWithProjection, ViT-B/32 shape, bf16, eval,
+           inference_mode; images/s.
+  train  : transformers CLIPModel with the student's shape (vision width 384, 6 layers,
+           12 heads, patch 32; ViT-B/32 text tower), CLIP loss, AdamW; one step per batch, in
+           f32 and under torch.autocast(bfloat16) (open_clip's amp_bf16); samples/s.
+  dedup  : 1M x 512 unit rows, f16 4096 x 4096 tiles over the upper triangle, pairs with
+           distance < 0.07 counted (torch's blockwise-matmul dedup); seconds.
+--clipcid reads the rows clipcid printed (| workload | value | unit |, in that order).
+"""
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig,
+                          CLIPVisionModelWithProjection)
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device, reps, warmup=2):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def vision_b32():
+    return CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                            num_attention_heads=12, image_size=224, patch_size=32,
+                            projection_dim=512, hidden_act="quick_gelu")
+
+
+def bench_vit(device, batch, reps):
+    model = CLIPVisionModelWithProjection(vision_b32()).to(device, torch.bfloat16).eval()
+    x = torch.randn(batch, 3, 224, 224, device=device, dtype=torch.bfloat16)
+
+    @torch.inference_mode()
+    def step():
+        model(pixel_values=x)
+
+    return batch / median_time(step, device, reps)
+
+
+def bench_train(device, batch, reps, amp):
+    vision = CLIPVisionConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                              num_attention_heads=12, image_size=224, patch_size=32,
+                              hidden_act="quick_gelu")
+    text = CLIPTextConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                          num_attention_heads=8, max_position_embeddings=77,
+                          hidden_act="quick_gelu")
+    cfg = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                     projection_dim=512)
+    model = CLIPModel(cfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    ids = (torch.arange(batch * 77, device=device) * 7919 % 49408).reshape(batch, 77)
+
+    def step():
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
+                            enabled=amp):
+            loss = model(input_ids=ids, pixel_values=x, return_loss=True).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return batch / median_time(step, device, reps)
+
+
+def bench_dedup(device, rows, block=4096, thr=0.07):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(rows, 512, generator=g), dim=1)
+    x = x.to(device, torch.float16 if device.startswith("cuda") else torch.float32)
+    cut = 1 - thr * thr / 2
+    sync(device)
+    t0 = time.perf_counter()
+    pairs = 0
+    for i in range(0, rows, block):
+        for j in range(i, rows, block):
+            s = x[i:i + block] @ x[j:j + block].T
+            if i == j:
+                s = torch.triu(s, diagonal=1)
+            pairs += int((s > cut).sum())
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def read_clipcid(path):
+    values = []
+    with open(path) as f:
+        for line in f:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 3 and cells[2] in ("images/s", "samples/s", "s"):
+                values.append(float(cells[1]))
+    if len(values) != 3:
+        raise SystemExit(f"{path}: expected clipcid's 3 benchmark rows, found {len(values)}")
+    return values
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clipcid", required=True)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--reps", type=int, default=10)
+    a = ap.parse_args()
+    ours = read_clipcid(a.clipcid)
+    torch.manual_seed(0)
+    vit = bench_vit(a.device, a.batch, a.reps)
+    train_f32 = bench_train(a.device, a.batch, a.reps, amp=False)
+    train_amp = bench_train(a.device, a.batch, a.reps, amp=True)
+    dedup = bench_dedup(a.device, a.rows)
+    name = torch.cuda.get_device_name() if a.device.startswith("cuda") else "CPU"
+    print(f"\nGPU check on {name}, torch {torch.__version__}; ratio = clipcid / PyTorch "
+          "(throughput) or PyTorch / clipcid (seconds): above 1 means clipcid is faster\n")
+    print("| workload | clipcid | PyTorch | ratio |\n|---|---|---|---|")
+    print(f"| ViT-B/32 image tower, bf16, batch {a.batch} (images/s) | {ours[0]:.1f} | "
+          f"{vit:.1f} | {ours[0] / vit:.2f} |")
+    print(f"| student w384 L6 train step, batch {a.batch} (samples/s; clipcid f32 vs torch f32) "
+          f"| {ours[1]:.1f} | {train_f32:.1f} | {ours[1] / train_f32:.2f} |")
+    print(f"| same, vs torch AMP bf16 | {ours[1]:.1f} | {train_amp:.1f} | "
+          f"{ours[1] / train_amp:.2f} |")
+    print(f"| balance tiles, {a.rows} x 512 (s; torch: blockwise matmul pair count) | "
+          f"{ours[2]:.2f} | {dedup:.2f} | {dedup / ours[2]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The one-call GPU check: clipcid's CPU-vs-CUDA parity checks, then the same three workloads
+# in clipcid and in PyTorch on the same GPU, printed as one table (see scripts/gpu-check.py).
+#
+# Two halves, because the GPU machine has no Rust toolchain and reaches no registry:
+#   scripts/gpu-check.sh --pack   here: builds `clipcid` with `--features cuda` (release),
+#                                 strips it and packs it with the shared libraries it needs
+#                                 that a bare machine may lack (OpenBLAS, LAPACK, gfortran)
+#                                 into gpu-check/pack.tar.xz (under 64 MiB, to carry);
+#   scripts/gpu-check.sh          there: unpacks, points LD_LIBRARY_PATH at the CUDA
+#                                 libraries of the Python environment's nvidia-* wheels, runs
+#                                 `clipcid --device cuda:0 self-check --bench` and then
+#                                 gpu-check.py, and prints the tables. At most ~8 minutes.
+# Through the device tool: run(command="scripts/gpu-check.sh", carry=["gpu-check"]).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+out="$root/gpu-check"
+
+if [ "${1:-}" = "--pack" ]; then
+  "$root/scripts/setup-cuda.sh" >/dev/null
+  # shellcheck source=/dev/null
+  source "$root/.cuda/13.0/env.sh"
+  target="${CARGO_TARGET_DIR:-$root/target}"
+  (cd "$root" && cargo build --release -p clipcid --features cuda)
+  rm -rf "$out" && mkdir -p "$out/stage/lib"
+  cp "$target/release/clipcid" "$out/stage/clipcid"
+  strip "$out/stage/clipcid"
+  # Libraries outside glibc and CUDA (those come with the GPU machine's driver and wheels).
+  ldd "$out/stage/clipcid" | awk '/=> \// { print $3 }' \
+    | grep -vE '/(libc|libm|libdl|libpthread|librt|libstdc\+\+|libgcc_s|ld-linux[^/]*|libcuda|libcublas[A-Za-z]*|libcurand|libnvrtc|libcudart)\.so' \
+    | while read -r lib; do cp -L "$lib" "$out/stage/lib/"; done
+  tar -C "$out/stage" -cJf "$out/pack.tar.xz" .
+  rm -rf "$out/stage"
+  ls -l "$out/pack.tar.xz"
+  exit 0
+fi
+
+if [ ! -f "$out/pack.tar.xz" ]; then
+  echo "no $out/pack.tar.xz: run scripts/gpu-check.sh --pack first, and carry gpu-check/" >&2
+  exit 1
+fi
+work="$(mktemp -d)"
+tar -C "$work" -xJf "$out/pack.tar.xz"
+python="${PYTHON:-python3}"
+cuda_libs="$("$python" - <<'EOF'
+import glob, os
+try:
+    import nvidia
+    dirs = sorted({os.path.dirname(p) for base in nvidia.__path__
+                   for p in glob.glob(os.path.join(base, "**", "lib*.so*"), recursive=True)})
+    print(":".join(dirs))
+except ImportError:
+    print("")
+EOF
+)"
+# Only for clipcid: PyTorch below keeps its own library path.
+clipcid_libs="$work/lib${cuda_libs:+:$cuda_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+
+echo "## clipcid self-check (parity with the CPU) and throughput"
+status=0
+LD_LIBRARY_PATH="$clipcid_libs" "$work/clipcid" --device cuda:0 self-check --bench \
+  | tee "$work/bench.md" || status=$?
+
+echo
+echo "## clipcid vs PyTorch, same GPU, same run"
+"$python" "$root/scripts/gpu-check.py" --clipcid "$work/bench.md" || status=$?
+rm -rf "$work"
+exit "$status"
