@@ -112,6 +112,12 @@ fn reference_representative(rows: &[Vec<f32>], members: &[usize]) -> usize {
 
 #[test]
 fn partition_and_representatives_equal_brute_force() {
+    for device in clipcid_kernels::available_devices() {
+        partition_equals_brute_force_on(&device);
+    }
+}
+
+fn partition_equals_brute_force_on(device: &Device) {
     for (n, thr, block) in [
         (50, 0.1, 7),
         (333, 0.1, 64),
@@ -126,12 +132,13 @@ fn partition_and_representatives_equal_brute_force() {
             block_size: block,
             ..Default::default()
         };
-        let r = balance(&tensor(&rows), &opts).unwrap();
+        let r = balance(&tensor(&rows).to_device(device).unwrap(), &opts).unwrap();
         let want = brute_force_labels(&rows, thr);
         assert_eq!(
             smallest_member_labels(&r.set_id),
             want,
-            "n={n} thr={thr} block={block}"
+            "n={n} thr={thr} block={block} on {:?}",
+            device.location()
         );
         let mut groups: HashMap<usize, Vec<usize>> = HashMap::new();
         for (i, l) in want.iter().enumerate() {

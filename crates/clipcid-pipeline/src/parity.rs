@@ -1,7 +1,7 @@
 //! Device parity: the same small computations run on a reference device (the CPU) and on
 //! another, compared with the limits a user can rely on. `clipcid self-check` prints it, the
 //! GPU check (`scripts/gpu-check.sh`) runs it on the device machine, and the tests run it
-//! for every device of [`available_devices`].
+//! for every device of [`available_devices`](crate::available_devices).
 
 use candle_core::{DType, Device, Tensor, Var};
 use clipcid_kernels::{l2_normalize, max_abs_diff};
@@ -23,24 +23,6 @@ pub struct ParityRow {
     pub limit: &'static str,
     /// Whether `value` is within the bound.
     pub pass: bool,
-}
-
-/// The devices this build can compute on here: the CPU, then `cuda:0` when clipcid was built
-/// with the `cuda` feature and a GPU opens. Tests loop over it so that each property is
-/// asserted on every device a machine has.
-///
-/// ```
-/// let devices = clipcid_pipeline::available_devices();
-/// assert!(devices[0].is_cpu());
-/// ```
-pub fn available_devices() -> Vec<Device> {
-    let mut devices = vec![Device::Cpu];
-    if cfg!(feature = "cuda") {
-        if let Ok(d) = Device::new_cuda(0) {
-            devices.push(d);
-        }
-    }
-    devices
 }
 
 /// Seeded uniform values in `[-1, 1)` as a tensor of `shape` on `device`.
