@@ -74,7 +74,8 @@ fn time(
 
 /// Measures, on `device` with seeded random weights and inputs: the ViT-B/32 image tower in
 /// bf16 (images/s), one training step of the CLIP loss for the PicCollage-size student
-/// (width 384, 6 layers; AdamW in f32; samples/s), and near-duplicate removal with f16 tiles
+/// (width 384, 6 layers; AdamW in f32; samples/s) in f32 and in bf16 with f32 master
+/// weights, and near-duplicate removal with f16 tiles
 /// over `dedup_rows` rows of width 512 (seconds).
 ///
 /// ```no_run
@@ -113,20 +114,33 @@ pub fn throughput(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
     let vocab = cfg.text_config.vocab_size as u32;
     let ids: Vec<u32> = (0..(b * ctx) as u32).map(|i| (i * 7919) % vocab).collect();
     let tok = Tensor::from_vec(ids, (b, ctx), device)?;
-    let secs = time(device, sizes.repeats, || {
-        let loss = ClipLoss::new().forward(
-            &student.encode_image(&px)?,
-            &student.encode_text(&tok)?,
-            student.logit_scale(),
-        )?;
-        opt.step(&loss.backward()?, 1e-4)?;
-        Ok(())
-    })?;
-    rows.push(BenchRow {
-        workload: format!("student (w384 L6) CLIP train step, f32, batch {b}"),
-        value: b as f64 / secs,
-        unit: "samples/s",
-    });
+    // f32, then bf16 as the trainer's `precision = "bf16"` runs it: towers on bf16 casts of
+    // the f32 weights, the loss in f32, AdamW on the f32 weights.
+    for bf16 in [false, true] {
+        let secs = time(device, sizes.repeats, || {
+            let cast = if bf16 {
+                Some(student.cast(DType::BF16)?)
+            } else {
+                None
+            };
+            let m = cast.as_ref().unwrap_or(&student);
+            let loss = ClipLoss::new().forward(
+                &m.encode_image(&px)?.to_dtype(DType::F32)?,
+                &m.encode_text(&tok)?.to_dtype(DType::F32)?,
+                student.logit_scale(),
+            )?;
+            opt.step(&loss.backward()?, 1e-4)?;
+            Ok(())
+        })?;
+        rows.push(BenchRow {
+            workload: format!(
+                "student (w384 L6) CLIP train step, {}, batch {b}",
+                if bf16 { "bf16 (f32 master)" } else { "f32" }
+            ),
+            value: b as f64 / secs,
+            unit: "samples/s",
+        });
+    }
 
     let x = Tensor::randn(0f32, 1.0, (sizes.dedup_rows, 512), device)?;
     let opts = clipcid_dedup::BalanceOptions {

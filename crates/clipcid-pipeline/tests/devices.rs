@@ -26,7 +26,7 @@ fn every_available_device_computes_what_the_cpu_does() {
 fn the_benchmark_runs_at_smoke_size() {
     let rows = clipcid_pipeline::throughput(&Device::Cpu, clipcid_pipeline::BenchSizes::SMOKE)
         .expect("benchmark runs");
-    assert_eq!(rows.len(), 3);
+    assert_eq!(rows.len(), 4);
     for r in &rows {
         assert!(r.value.is_finite() && r.value > 0.0, "{r:?}");
         println!("{}: {:.2} {}", r.workload, r.value, r.unit);

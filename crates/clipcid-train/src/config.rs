@@ -177,9 +177,12 @@ pub struct OptimConfig {
     /// Compute precision of the student's forward and backward passes. `bf16` is open_clip's
     /// `amp_bf16`: the weights, AdamW's moments and the losses stay f32 (master weights);
     /// each step runs the towers on bf16 casts of the weights, and the gradients flow back
-    /// through the casts to the f32 weights. (f16 would need loss scaling; bf16 has f32's
-    /// exponent range and does not.)
+    /// through the casts to the f32 weights (bf16 has f32's exponent range and needs no loss
+    /// scaling). `f16` is the same with f16 casts and dynamic loss
+    /// scaling ([`LossScale`](crate::LossScale), set in `loss_scale`).
     pub precision: TrainPrecision,
+    /// Dynamic loss scaling of f16 runs (ignored otherwise); PyTorch GradScaler's defaults.
+    pub loss_scale: crate::LossScaleConfig,
 }
 
 /// Compute precision of a training step ([`OptimConfig::precision`]).
@@ -191,6 +194,9 @@ pub enum TrainPrecision {
     F32,
     /// Towers in bfloat16, weights, optimiser state and losses in f32.
     Bf16,
+    /// Towers in float16 with dynamic loss scaling; weights, optimiser state and losses in
+    /// f32. Steps whose scaled gradients overflow are skipped.
+    F16,
 }
 
 impl Default for OptimConfig {
@@ -203,6 +209,7 @@ impl Default for OptimConfig {
             clip_grad_norm: 1.0,
             accumulate: 1,
             precision: TrainPrecision::F32,
+            loss_scale: crate::LossScaleConfig::default(),
         }
     }
 }
@@ -356,6 +363,23 @@ impl DistillConfig {
             o.clip_grad_norm >= 0.0,
             "zero (off) or positive",
         )?;
+        let ls = &o.loss_scale;
+        in_range("optim.loss_scale.init", ls.init, ls.init > 0.0, "positive")?;
+        in_range(
+            "optim.loss_scale.growth_factor",
+            ls.growth_factor,
+            ls.growth_factor >= 1.0,
+            "at least 1",
+        )?;
+        in_range(
+            "optim.loss_scale.backoff_factor",
+            ls.backoff_factor,
+            ls.backoff_factor > 0.0 && ls.backoff_factor < 1.0,
+            "in (0, 1)",
+        )?;
+        if ls.growth_interval == 0 {
+            return Err("optim.loss_scale.growth_interval must be at least 1".into());
+        }
         let l = &self.loss;
         for (name, v) in [
             ("loss.clip.weight", l.clip.weight),

@@ -1,4 +1,4 @@
-//! AdamW, the learning-rate schedule and gradient clipping.
+//! AdamW, the learning-rate schedule, gradient clipping and f16 loss scaling.
 
 use std::collections::HashMap;
 
@@ -265,4 +265,95 @@ pub fn clip_grad_norm(
         }
     }
     Ok(norm)
+}
+
+/// Dynamic loss scaling for f16 training, with the defaults and update rule of PyTorch's
+/// `torch.amp.GradScaler`. Set in `[optim.loss_scale]`; used only when
+/// [`OptimConfig::precision`](crate::OptimConfig::precision) is `f16`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossScaleConfig {
+    /// Scale of the first step (2^16).
+    pub init: f64,
+    /// Multiplies the scale after `growth_interval` steps in a row with finite gradients (2).
+    pub growth_factor: f64,
+    /// Multiplies the scale after a step whose gradients overflowed (0.5).
+    pub backoff_factor: f64,
+    /// Finite steps in a row before the scale grows (2000).
+    pub growth_interval: u64,
+}
+
+impl Default for LossScaleConfig {
+    fn default() -> Self {
+        Self {
+            init: 65536.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2000,
+        }
+    }
+}
+
+/// The loss scale of an f16 run: the loss is multiplied by [`LossScale::scale`] before the
+/// backward pass so that small gradients survive f16's narrow range, and the gradients are
+/// divided by it before clipping and the optimiser. A step whose gradients are not finite
+/// (they overflowed f16) is skipped (no weight or moment changes) and the scale backs off;
+/// after `growth_interval` finite steps in a row it grows. This is `GradScaler.update`.
+///
+/// ```
+/// use clipcid_train::{LossScale, LossScaleConfig};
+/// let mut s = LossScale::new(LossScaleConfig { growth_interval: 2, ..Default::default() });
+/// assert_eq!(s.scale(), 65536.0);
+/// s.update(false); // overflow: skip the step, halve
+/// assert_eq!(s.scale(), 32768.0);
+/// s.update(true);
+/// s.update(true); // two finite steps in a row: double
+/// assert_eq!(s.scale(), 65536.0);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossScale {
+    config: LossScaleConfig,
+    scale: f64,
+    good_steps: u64,
+}
+
+impl LossScale {
+    /// Starts at `config.init`.
+    pub fn new(config: LossScaleConfig) -> Self {
+        Self {
+            config,
+            scale: config.init,
+            good_steps: 0,
+        }
+    }
+
+    /// The current scale.
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    /// Finite steps in a row since the last change of scale.
+    pub fn good_steps(&self) -> u64 {
+        self.good_steps
+    }
+
+    /// Restores a saved scale and streak (from a checkpoint).
+    pub fn restore(&mut self, scale: f64, good_steps: u64) {
+        self.scale = scale;
+        self.good_steps = good_steps;
+    }
+
+    /// After a step: `finite` says whether its unscaled gradients were all finite.
+    pub fn update(&mut self, finite: bool) {
+        if finite {
+            self.good_steps += 1;
+            if self.good_steps >= self.config.growth_interval {
+                self.scale *= self.config.growth_factor;
+                self.good_steps = 0;
+            }
+        } else {
+            self.scale *= self.config.backoff_factor;
+            self.good_steps = 0;
+        }
+    }
 }

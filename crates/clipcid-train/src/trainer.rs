@@ -15,7 +15,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::data::{Needs, TrainBatch, TrainingSet};
-use crate::{clip_grad_norm, AdamW, DistillConfig, Mode, TrainError, TrainPrecision, WarmupCosine};
+use crate::{
+    clip_grad_norm, AdamW, DistillConfig, LossScale, Mode, TrainError, TrainPrecision, WarmupCosine,
+};
 
 mod checkpoint;
 mod metrics;
@@ -78,6 +80,8 @@ pub struct Trainer {
     frozen_text: HashMap<Vec<u32>, Vec<f32>>,
     preprocess: Preprocess,
     schedule: WarmupCosine,
+    /// Dynamic loss scale of an f16 run (`None` otherwise).
+    loss_scale: Option<LossScale>,
     steps_per_epoch: u64,
     step: u64,
     order: Option<(u64, Vec<usize>)>,
@@ -326,6 +330,8 @@ impl Trainer {
         };
         std::fs::create_dir_all(out_dir)
             .map_err(|e| TrainError::io(out_dir, "cannot create the run folder", e))?;
+        let loss_scale = (config.optim.precision == TrainPrecision::F16)
+            .then(|| LossScale::new(config.optim.loss_scale));
         Ok(Self {
             preprocess: Preprocess::clip(student_cfg.vision_config.image_size),
             config,
@@ -339,6 +345,7 @@ impl Trainer {
             tokenizer,
             frozen_text: HashMap::new(),
             schedule,
+            loss_scale,
             steps_per_epoch,
             step: 0,
             order: None,
@@ -448,11 +455,12 @@ impl Trainer {
 
     /// The weighted loss of one micro-batch and its unweighted terms.
     fn micro_loss(&mut self, b: &TrainBatch, epoch: u64) -> Result<MicroLoss, TrainError> {
-        // Mixed precision: the towers run on bf16 casts of the f32 weights; the embeddings
-        // come back to f32 for the losses.
+        // Mixed precision: the towers run on bf16 or f16 casts of the f32 weights; the
+        // embeddings come back to f32 for the losses.
         let cast = match self.config.optim.precision {
             TrainPrecision::F32 => None,
             TrainPrecision::Bf16 => Some(self.model.cast(DType::BF16)?),
+            TrainPrecision::F16 => Some(self.model.cast(DType::F16)?),
         };
         let model = cast.as_ref().unwrap_or(&self.model);
         let image = model.encode_image(&b.pixels)?.to_dtype(DType::F32)?;
@@ -534,7 +542,9 @@ impl Trainer {
     /// One optimiser step: `accumulate` micro-batches (gradients summed, each loss divided
     /// by `accumulate`; contrastive negatives come from within each micro-batch), gradient
     /// clipping, AdamW at the scheduled learning rate. A non-finite loss term or gradient
-    /// norm stops with [`TrainError::NonFinite`] before any weight changes.
+    /// norm stops with [`TrainError::NonFinite`] before any weight changes; in an f16 run
+    /// a non-finite gradient is an f16 overflow instead: the step is skipped (its batch is
+    /// consumed, no weight changes, [`StepMetrics::skipped`]) and the loss scale backs off.
     pub fn step(&mut self) -> Result<StepMetrics, TrainError> {
         let start = Instant::now();
         if self.step >= self.total_steps() {
@@ -586,7 +596,8 @@ impl Trainer {
                 let c = c.to_dtype(DType::F64)?.to_scalar::<f64>()? / accum as f64;
                 cos_sum = Some(cos_sum.unwrap_or(0.0) + c);
             }
-            let g = (total / accum as f64)?.backward()?;
+            let factor = self.loss_scale.map_or(1.0, |s| s.scale()) / accum as f64;
+            let g = (total * factor)?.backward()?;
             grads = Some(match grads {
                 None => g,
                 Some(mut acc) => {
@@ -606,17 +617,50 @@ impl Trainer {
         let mut grads = grads.ok_or_else(|| TrainError::Config("no micro-batch".into()))?;
         let vars: Vec<Var> = self.optimizer.params().map(|(_, v)| v.clone()).collect();
         let refs: Vec<&Var> = vars.iter().collect();
+        let loss_scale = self.loss_scale.map(|s| s.scale());
+        if let Some(scale) = loss_scale {
+            // Unscale before clipping, as GradScaler.unscale_ does.
+            for v in &refs {
+                if let Some(g) = grads.get(v) {
+                    let unscaled = (g * (1.0 / scale))?;
+                    grads.insert(v, unscaled);
+                }
+            }
+        }
         let max = if self.config.optim.clip_grad_norm > 0.0 {
             self.config.optim.clip_grad_norm
         } else {
             f64::INFINITY
         };
         let grad_norm = clip_grad_norm(&mut grads, &refs, max)?;
-        if !grad_norm.is_finite() {
-            return Err(self.nonfinite(format!("gradient norm is {grad_norm}")));
-        }
         let lr = self.schedule.lr(self.step);
-        self.optimizer.step(&grads, lr)?;
+        let skipped = match self.loss_scale.as_mut() {
+            None if !grad_norm.is_finite() => {
+                return Err(self.nonfinite(format!("gradient norm is {grad_norm}")));
+            }
+            None => false,
+            Some(s) => {
+                s.update(grad_norm.is_finite());
+                // Below f16's smallest subnormal no scale can bring the gradients back.
+                let scale = s.scale();
+                if scale < 2f64.powi(-24) {
+                    return Err(self.nonfinite(format!(
+                        "gradient norm is {grad_norm} at every loss scale down to {scale}"
+                    )));
+                }
+                !grad_norm.is_finite()
+            }
+        };
+        if skipped {
+            log::warn!(
+                "step {}: f16 gradients overflowed at loss scale {}; step skipped, scale now {}",
+                self.step + 1,
+                loss_scale.unwrap_or(1.0),
+                self.loss_scale.map_or(1.0, |s| s.scale())
+            );
+        } else {
+            self.optimizer.step(&grads, lr)?;
+        }
         self.step += 1;
         let m = StepMetrics {
             step: self.step,
@@ -628,6 +672,8 @@ impl Trainer {
             grad_norm,
             samples,
             seconds: start.elapsed().as_secs_f64(),
+            loss_scale,
+            skipped,
         };
         append_metrics(&self.out_dir.join("metrics.jsonl"), &m)?;
         self.history.push(m.clone());

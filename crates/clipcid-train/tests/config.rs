@@ -119,6 +119,19 @@ fn bad_configs_are_clear_errors() {
             "optim.adamw.weight_decay",
         ),
         ("[optim.adamw]\neps = 0.0\n", "optim.adamw.eps"),
+        ("[optim.loss_scale]\ninit = 0.0\n", "optim.loss_scale.init"),
+        (
+            "[optim.loss_scale]\nbackoff_factor = 1.0\n",
+            "optim.loss_scale.backoff_factor",
+        ),
+        (
+            "[optim.loss_scale]\ngrowth_factor = 0.5\n",
+            "optim.loss_scale.growth_factor",
+        ),
+        (
+            "[optim.loss_scale]\ngrowth_interval = 0\n",
+            "optim.loss_scale.growth_interval",
+        ),
         ("[loss.clip]\nweight = -1.0\n", "loss.clip.weight"),
         (
             "[loss.instance]\nimage_text_weight = -2.0\n",

@@ -356,25 +356,49 @@ accumulate = 2
 
 #[test]
 fn resume_at_half_way_gives_bit_identical_weights() {
+    // On every device this build has: a run stopped at half way and resumed ends with the
+    // same weights, optimiser state and metrics as a straight run; and one step on a device
+    // gives the CPU's weights within 1e-4.
     // 32 clusters at sample rate 0.5: 16 centres a step, so negatives are drawn at random.
     let fx = fixture(128, 0, 32);
+    let mut first_step_on_cpu = None;
+    for (i, device) in clipcid_kernels::available_devices().iter().enumerate() {
+        let (a, b) = (format!("a{i}"), format!("b{i}"));
+        let mut one = Trainer::new(fx.config(FULL), &fx.path(&format!("one{i}")), device).unwrap();
+        one.step().unwrap();
+        let one = weights(one.model());
+        let cpu = first_step_on_cpu.get_or_insert_with(|| one.clone());
+        let worst = cpu
+            .iter()
+            .zip(&one)
+            .flat_map(|((_, x), (_, y))| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= 1e-4,
+            "{device:?}: one step is {worst} from the CPU's"
+        );
+        resume_on(&fx, device, &a, &b);
+    }
+}
+
+fn resume_on(fx: &Fixture, device: &Device, a: &str, b: &str) {
     // 128 rows / (16 x 2) = 4 steps per epoch, 8 in all; resume at 4 crosses no epoch edge
     // and lands between checkpoints (every 3 steps), so the stop's own checkpoint is used.
-    let mut straight = Trainer::new(fx.config(FULL), &fx.path("a"), &Device::Cpu).unwrap();
+    let mut straight = Trainer::new(fx.config(FULL), &fx.path(a), device).unwrap();
     assert_eq!(straight.total_steps(), 8);
-    let a = straight.run(None, false).unwrap();
+    let ra = straight.run(None, false).unwrap();
 
-    let mut first = Trainer::new(fx.config(FULL), &fx.path("b"), &Device::Cpu).unwrap();
+    let mut first = Trainer::new(fx.config(FULL), &fx.path(b), device).unwrap();
     let half = first.run(Some(4), false).unwrap();
     assert_eq!((half.steps, half.student.as_ref()), (4, None));
     drop(first);
-    let mut resumed = Trainer::resume(fx.config(FULL), &fx.path("b"), &Device::Cpu).unwrap();
+    let mut resumed = Trainer::resume(fx.config(FULL), &fx.path(b), device).unwrap();
     assert_eq!(resumed.step_count(), 4);
-    let b = resumed.run(None, false).unwrap();
-    assert_eq!((a.steps, b.steps, b.steps_this_run), (8, 8, 4));
+    let rb = resumed.run(None, false).unwrap();
+    assert_eq!((ra.steps, rb.steps, rb.steps_this_run), (8, 8, 4));
     assert!(
         weights(straight.model()) == weights(resumed.model()),
-        "weights differ after resume"
+        "{device:?}: weights differ after resume"
     );
     let centres = |dir: &str| {
         let t = clipcid_store::io::load_tensors(
@@ -392,12 +416,12 @@ fn resume_at_half_way_gives_bit_identical_weights() {
             .collect::<std::collections::BTreeMap<_, _>>()
     };
     assert!(
-        centres("a") == centres("b"),
-        "optimizer state or cluster centres differ"
+        centres(a) == centres(b),
+        "{device:?}: optimizer state or cluster centres differ"
     );
     let (ma, mb) = (
-        clipcid_train::read_metrics(&fx.path("a/metrics.jsonl")).unwrap(),
-        clipcid_train::read_metrics(&fx.path("b/metrics.jsonl")).unwrap(),
+        clipcid_train::read_metrics(&fx.path(a).join("metrics.jsonl")).unwrap(),
+        clipcid_train::read_metrics(&fx.path(b).join("metrics.jsonl")).unwrap(),
     );
     let losses = |m: &[clipcid_train::StepMetrics]| {
         m.iter()
@@ -406,9 +430,9 @@ fn resume_at_half_way_gives_bit_identical_weights() {
     };
     assert_eq!(losses(&ma), losses(&mb));
     // Only the three newest checkpoints are kept; `latest` names the final one.
-    let latest = std::fs::read_to_string(fx.path("b/checkpoints/latest")).unwrap();
+    let latest = std::fs::read_to_string(fx.path(b).join("checkpoints/latest")).unwrap();
     assert_eq!(latest, "step-00000008");
-    let mut kept: Vec<_> = std::fs::read_dir(fx.path("a/checkpoints"))
+    let mut kept: Vec<_> = std::fs::read_dir(fx.path(a).join("checkpoints"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .filter(|n| n.starts_with("step-"))
@@ -642,10 +666,11 @@ fn keep_and_cluster_files_of_another_teachers_embeddings_are_refused() {
 }
 
 #[test]
-fn bf16_training_keeps_f32_master_weights_and_follows_the_f32_run() {
-    // Eight epochs of 4 steps, both precisions from the same seed. In bf16 the towers run on
-    // bf16 casts; the weights (and what is saved) stay f32, the run learns, and its weights
-    // move the way the f32 run's do: their distance is well under the f32 run's movement.
+fn bf16_and_f16_training_keep_f32_master_weights_and_follow_the_f32_run() {
+    // Eight epochs of 4 steps, each precision from the same seed. In bf16 and f16 the
+    // towers run on casts; the weights (and what is saved) stay f32, the run learns, and its
+    // weights move the way the f32 run's do: their distance is well under the f32 run's
+    // movement. f16 runs with PyTorch GradScaler's default loss scaling.
     let fx = fixture(128, 32, 0);
     let body = PICCOLLAGE
         .replace("epochs = 25", "epochs = 8")
@@ -667,16 +692,6 @@ fn bf16_training_keeps_f32_master_weights_and_follows_the_f32_run() {
         )
     };
     let (init, before, f32_after, f32_w, _) = run("f32", "f32");
-    let (_, _, bf16_after, bf16_w, t) = run("bf16", "bf16");
-    assert_eq!(
-        t.config().optim.precision,
-        clipcid_train::TrainPrecision::Bf16
-    );
-    assert!(t
-        .model()
-        .tensors()
-        .values()
-        .all(|w| w.dtype() == candle_core::DType::F32));
     let dist = |a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]| {
         a.iter()
             .zip(b)
@@ -684,16 +699,114 @@ fn bf16_training_keeps_f32_master_weights_and_follows_the_f32_run() {
             .sum::<f32>()
             .sqrt()
     };
-    let (moved, apart) = (dist(&init, &f32_w), dist(&f32_w, &bf16_w));
+    let moved = dist(&init, &f32_w);
+    for (name, precision) in [
+        ("bf16", clipcid_train::TrainPrecision::Bf16),
+        ("f16", clipcid_train::TrainPrecision::F16),
+    ] {
+        let (_, _, after, w, t) = run(name, name);
+        assert_eq!(t.config().optim.precision, precision);
+        assert!(t
+            .model()
+            .tensors()
+            .values()
+            .all(|w| w.dtype() == candle_core::DType::F32));
+        let apart = dist(&f32_w, &w);
+        let skipped = t.history().iter().filter(|m| m.skipped).count();
+        eprintln!(
+            "held-out cosine {before:.3} -> f32 {f32_after:.3}, {name} {after:.3}; f32 weights moved {moved:.3}, {name} ends {apart:.3} from them ({skipped} steps skipped)"
+        );
+        assert!(
+            apart < 0.25 * moved,
+            "{name} run is {apart} from the f32 run, which moved {moved}"
+        );
+        assert!(
+            after - before > 0.8 * (f32_after - before) && f32_after > before + 0.1,
+            "{name} learns less: {before} -> {after} (f32: {f32_after})"
+        );
+        let scales = t.history().iter().map(|m| m.loss_scale).collect::<Vec<_>>();
+        match precision {
+            clipcid_train::TrainPrecision::F16 => assert!(scales.iter().all(Option::is_some)),
+            _ => assert!(scales.iter().all(Option::is_none) && skipped == 0),
+        }
+    }
+}
+
+#[test]
+fn f16_loss_scale_backs_off_on_overflow_skips_those_steps_and_survives_resume() {
+    // A loss scale of 2^24 overflows f16 in the backward pass: those steps must leave the
+    // weights and AdamW untouched and halve the scale, until the gradients fit; with
+    // growth_interval 3 the scale then doubles after three finite steps in a row
+    // (GradScaler's rule). A run resumed half way continues with the saved scale and streak.
+    let fx = fixture(128, 0, 0);
+    let body = PICCOLLAGE
+        .replace("epochs = 25", "epochs = 6")
+        .replace("warmup_steps = 20", "warmup_steps = 2")
+        .replace(
+            "[optim]\n",
+            "[optim]\nprecision = \"f16\"\nloss_scale = { init = 16777216.0, growth_interval = 3 }\n",
+        );
+    let mut t = Trainer::new(fx.config(&body), &fx.path("a"), &Device::Cpu).unwrap();
+    let init = weights(t.model());
+    let mut history = vec![];
+    while t.step_count() < t.total_steps() {
+        let before = weights(t.model());
+        let m = t.step().unwrap();
+        if m.skipped {
+            assert!(
+                weights(t.model()) == before,
+                "a skipped step changed weights"
+            );
+        }
+        history.push(m);
+    }
+    let skipped: Vec<u64> = history
+        .iter()
+        .filter(|m| m.skipped)
+        .map(|m| m.step)
+        .collect();
     eprintln!(
-        "held-out cosine {before:.3} -> f32 {f32_after:.3}, bf16 {bf16_after:.3}; f32 weights moved {moved:.3}, bf16 ends {apart:.3} from them"
+        "skipped steps {skipped:?} of {}; scales {:?}",
+        history.len(),
+        history
+            .iter()
+            .map(|m| m.loss_scale.unwrap_or(0.0))
+            .collect::<Vec<_>>()
     );
     assert!(
-        apart < 0.25 * moved,
-        "bf16 run is {apart} from the f32 run, which moved {moved}"
+        !skipped.is_empty() && skipped[0] == 1,
+        "a 2^24 scale must overflow f16 at once: skipped {skipped:?}"
     );
-    assert!(
-        bf16_after - before > 0.8 * (f32_after - before) && f32_after > before + 0.1,
-        "bf16 learns less: {before} -> {bf16_after} (f32: {f32_after})"
-    );
+    assert!(weights(t.model()) != init, "the run never stepped");
+    assert!(history.iter().any(|m| !m.skipped));
+    let mut streak = 0;
+    for w in history.windows(2) {
+        let (now, next) = (w[0].loss_scale.unwrap(), w[1].loss_scale.unwrap());
+        let want = if w[0].skipped {
+            streak = 0;
+            now * 0.5
+        } else {
+            streak += 1;
+            if streak == 3 {
+                streak = 0;
+                now * 2.0
+            } else {
+                now
+            }
+        };
+        assert_eq!(next, want, "scale after step {}", w[0].step);
+    }
+    // Resume half way: the same scales, skips and weights as the straight run.
+    let mut first = Trainer::new(fx.config(&body), &fx.path("b"), &Device::Cpu).unwrap();
+    first.run(Some(t.total_steps() / 2), false).unwrap();
+    drop(first);
+    let mut resumed = Trainer::resume(fx.config(&body), &fx.path("b"), &Device::Cpu).unwrap();
+    resumed.run(None, false).unwrap();
+    let trace = |h: &[clipcid_train::StepMetrics]| {
+        h.iter()
+            .map(|m| (m.step, m.loss_scale, m.skipped, m.loss))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(trace(resumed.history()), trace(&history));
+    assert!(weights(resumed.model()) == weights(t.model()));
 }

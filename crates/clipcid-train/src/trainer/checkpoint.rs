@@ -17,6 +17,12 @@ struct TrainerState {
     /// Provenance of the teacher embeddings the run trains on (absent in older checkpoints).
     #[serde(default)]
     embeddings: Option<String>,
+    /// AdamW's own step count when it differs from `step` (f16 runs skip overflowed steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    optimizer_steps: Option<u64>,
+    /// An f16 run's loss scale and its streak of finite steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    loss_scale: Option<(f64, u64)>,
 }
 
 impl Trainer {
@@ -134,7 +140,11 @@ impl Trainer {
             }
             w.set(&src.to_device(&self.device)?.to_dtype(w.dtype())?)?;
         }
-        self.optimizer.load_state(&tensors, state.step)?;
+        self.optimizer
+            .load_state(&tensors, state.optimizer_steps.unwrap_or(state.step))?;
+        if let (Some(s), Some((scale, good))) = (self.loss_scale.as_mut(), state.loss_scale) {
+            s.restore(scale, good);
+        }
         if let (Some(c), Some(pos)) = (self.cluster.as_mut(), state.partial_fc_rng.as_deref()) {
             let pos: u128 = pos.parse().map_err(|_| {
                 TrainError::Input(format!("{}: bad sampler position", file.display()))
@@ -184,7 +194,9 @@ impl Trainer {
             tensors.push((CENTRES.into(), c.fc.weight().as_tensor().clone()));
         }
         let state = TrainerState {
-            step: steps,
+            step: self.step,
+            optimizer_steps: (steps != self.step).then_some(steps),
+            loss_scale: self.loss_scale.map(|s| (s.scale(), s.good_steps())),
             partial_fc_rng: self
                 .cluster
                 .as_ref()

@@ -24,12 +24,49 @@ pub struct StepMetrics {
     /// Mean cosine similarity of student and teacher image embeddings in the batch (when
     /// the run has teacher embeddings of the student's width).
     pub teacher_cosine: Option<f64>,
-    /// Global gradient norm before clipping.
+    /// Global gradient norm before clipping (`inf` or `NaN` on an f16 step that overflowed,
+    /// written to JSON as the string `"inf"` / `"NaN"`).
+    #[serde(with = "float_or_name")]
     pub grad_norm: f64,
     /// Samples in the step (after dropping unreadable images).
     pub samples: usize,
     /// Wall time of the step.
     pub seconds: f64,
+    /// The loss scale the step's backward pass used (f16 runs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    /// The step's gradients overflowed f16 and the optimiser did not step (f16 runs only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
+}
+
+/// JSON has no infinities: finite numbers as numbers, the rest as `"inf"`, `"-inf"`, `"NaN"`.
+mod float_or_name {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() {
+            s.serialize_f64(*v)
+        } else {
+            s.serialize_str(&v.to_string())
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Number(f64),
+        Name(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        match Either::deserialize(d)? {
+            Either::Number(v) => Ok(v),
+            Either::Name(n) => n
+                .parse()
+                .map_err(|_| serde::de::Error::custom(format!("`{n}` is not a number"))),
+        }
+    }
 }
 
 pub(super) fn append_metrics(path: &Path, m: &StepMetrics) -> Result<(), TrainError> {
