@@ -439,39 +439,42 @@ fn random_models_are_deterministic_under_a_seed() {
 
 #[test]
 fn trainable_model_matches_frozen_model_and_every_parameter_gets_a_gradient() {
+    // On every device this build has; on a GPU also against the CPU's logits.
     let cfg = tiny();
-    let dev = Device::Cpu;
-    let frozen = ClipModel::random(&cfg, 9, &dev).unwrap();
-    let (train, varmap) = ClipModel::trainable(&cfg, 9, &dev).unwrap();
-    let (img, txt) = (pixels(2, 3), ids(&cfg));
-    // Fused inference kernels vs differentiable primitive ops: same numbers.
-    let d = max_abs_diff(
-        &frozen.logits(&img, &txt).unwrap(),
-        &train.logits(&img, &txt).unwrap(),
-    );
-    assert!(d < 1e-4, "fused vs differentiable path differ by {d}");
-    let loss = train
-        .logits(&img, &txt)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .mean_all()
-        .unwrap();
-    let grads = loss.backward().unwrap();
-    let vars = varmap.data().lock().unwrap();
-    assert_eq!(vars.len(), frozen.tensors().len());
-    for (name, var) in vars.iter() {
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
-        let norm = g
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(norm.is_finite(), "{name}");
+    let mut cpu_logits: Option<Tensor> = None;
+    for dev in clipcid_kernels::available_devices() {
+        let frozen = ClipModel::random(&cfg, 9, &dev).unwrap();
+        let (train, varmap) = ClipModel::trainable(&cfg, 9, &dev).unwrap();
+        let img = pixels(2, 3).to_device(&dev).unwrap();
+        let txt = ids(&cfg).to_device(&dev).unwrap();
+        // Fused inference kernels vs differentiable primitive ops: same numbers.
+        let logits = train.logits(&img, &txt).unwrap();
+        let d = max_abs_diff(&frozen.logits(&img, &txt).unwrap(), &logits);
+        assert!(
+            d < 1e-4,
+            "{dev:?}: fused vs differentiable path differ by {d}"
+        );
+        let on_cpu = logits.to_device(&Device::Cpu).unwrap();
+        let reference = cpu_logits.get_or_insert_with(|| on_cpu.clone());
+        let d = max_abs_diff(reference, &on_cpu);
+        assert!(d < 1e-4, "{dev:?}: logits differ from the CPU's by {d}");
+        let loss = logits.sqr().unwrap().mean_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let vars = varmap.data().lock().unwrap();
+        assert_eq!(vars.len(), frozen.tensors().len());
+        for (name, var) in vars.iter() {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{dev:?}: no gradient for {name}"));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm.is_finite(), "{dev:?}: {name}");
+        }
     }
 }
 
