@@ -40,6 +40,12 @@ pub enum Source {
         /// Shards, read in this order.
         shards: Vec<PathBuf>,
     },
+    /// img2dataset's `files` output format: `root/NNNNN/KEY.jpg` with the caption in
+    /// `KEY.txt` beside it (and `KEY.json`, ignored).
+    Files {
+        /// The root folder.
+        root: PathBuf,
+    },
     /// `root/class_name/*.png`: class indices follow the sorted class folder names.
     Labelled {
         /// The root folder.
@@ -102,6 +108,29 @@ fn ext_of(path: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// The `.tar` files directly in `dir`, sorted by name.
+pub(crate) fn tars_in(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+    Ok(sorted_dir(dir)?
+        .into_iter()
+        .filter(|p| p.is_file() && ext_of(p) == "tar")
+        .collect())
+}
+
+/// Whether `root` looks like img2dataset's `files` output: some sub-folder holds an image
+/// with a `.txt` of the same stem beside it (class folders of a labelled set do not).
+fn is_img2dataset_files(root: &Path) -> Result<bool, DataError> {
+    for dir in sorted_dir(root)?.into_iter().filter(|p| p.is_dir()) {
+        for file in sorted_dir(&dir)? {
+            if IMAGE_EXTENSIONS.contains(&ext_of(&file).as_str())
+                && file.with_extension("txt").is_file()
+            {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
 fn sorted_dir(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| DataError::io(dir, e))?
@@ -114,9 +143,20 @@ fn sorted_dir(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
 impl Dataset {
     /// Opens a dataset, recognising its kind: a `.tsv`/`.csv` file is a captions file; a
     /// `.tar` file, or a folder of `.tar` files, is WebDataset; a folder holding a
-    /// `captions.tsv`/`captions.csv` is a captioned folder; any other folder of class
-    /// sub-folders is a labelled folder.
+    /// `captions.tsv`/`captions.csv` is a captioned folder; a folder of sub-folders whose
+    /// images have `.txt` captions beside them is img2dataset's `files` output; any other
+    /// folder of class sub-folders is a labelled folder. A path that does not exist but is
+    /// a pattern (`shards/{00000..00099}.tar`, `shards/*.tar`, `a.tar::b.tar`) opens the
+    /// shards it names ([`Dataset::open_sources`]).
     pub fn open(path: &Path) -> Result<Self, DataError> {
+        if !path.exists() && path.to_str().is_some_and(crate::spec::is_pattern) {
+            return Self::open_sources(&[path]);
+        }
+        Self::open_path(path)
+    }
+
+    /// [`Dataset::open`] of one existing path, no patterns.
+    pub(crate) fn open_path(path: &Path) -> Result<Self, DataError> {
         if path.is_file() {
             return match ext_of(path).as_str() {
                 "tsv" | "csv" | "txt" => Self::captioned(path),
@@ -135,16 +175,69 @@ impl Dataset {
                 return Self::captioned(&path.join(name));
             }
         }
-        let entries = sorted_dir(path)?;
-        let tars: Vec<PathBuf> = entries
-            .iter()
-            .filter(|p| p.is_file() && ext_of(p) == "tar")
-            .cloned()
-            .collect();
+        let tars = tars_in(path)?;
         if !tars.is_empty() {
             return Self::webdataset(tars);
         }
+        if is_img2dataset_files(path)? {
+            return Self::files(path);
+        }
         Self::labelled(path)
+    }
+
+    /// img2dataset's `files` output (see [`Source::Files`]): `root/00000/000000001.jpg` with
+    /// its caption in `000000001.txt` beside it. Captions are read here; an image without a
+    /// `.txt` gets no caption.
+    pub fn files(root: &Path) -> Result<Self, DataError> {
+        let mut entries = Vec::new();
+        for dir in sorted_dir(root)?.into_iter().filter(|p| p.is_dir()) {
+            let folder = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            for file in sorted_dir(&dir)? {
+                if !(file.is_file() && IMAGE_EXTENSIONS.contains(&ext_of(&file).as_str())) {
+                    continue;
+                }
+                let name = file
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let txt = file.with_extension("txt");
+                let (caption, problem) = match std::fs::read(&txt) {
+                    Ok(bytes) => match String::from_utf8(bytes) {
+                        Ok(t) => (Some(t.trim().to_string()), None),
+                        Err(e) => (
+                            None,
+                            Some(format!(
+                                "{} is not UTF-8 ({})",
+                                txt.display(),
+                                e.utf8_error()
+                            )),
+                        ),
+                    },
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, None),
+                    Err(e) => return Err(DataError::io(&txt, e)),
+                };
+                entries.push(FileEntry {
+                    key: format!("{folder}/{name}"),
+                    path: file,
+                    caption,
+                    label: None,
+                    problem,
+                });
+            }
+        }
+        if entries.is_empty() {
+            return Err(DataError::format(root, "no images found"));
+        }
+        Ok(Self {
+            source: Source::Files {
+                root: root.to_path_buf(),
+            },
+            classes: vec![],
+            entries,
+        })
     }
 
     /// A captions file source (see [`Source::Captioned`]).
@@ -283,6 +376,15 @@ impl Dataset {
                 for e in &self.entries {
                     h.update(e.key.as_bytes());
                     h.update(size(&e.path).unwrap_or(u64::MAX).to_le_bytes());
+                }
+            }
+            Source::Files { .. } => {
+                h.update(b"files");
+                for e in &self.entries {
+                    h.update(e.key.as_bytes());
+                    h.update(size(&e.path).unwrap_or(u64::MAX).to_le_bytes());
+                    h.update(e.caption.as_deref().unwrap_or("\u{0}").as_bytes());
+                    h.update([0]);
                 }
             }
             Source::WebDataset { shards } => {

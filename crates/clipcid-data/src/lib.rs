@@ -32,6 +32,7 @@ mod error;
 mod index;
 mod preprocess;
 mod resample;
+mod spec;
 
 pub use batch::{decode_batch, Batch, BatchIter, Skipped};
 pub use dataset::{Dataset, Sample, SampleStream, Source, IMAGE_EXTENSIONS};
@@ -43,3 +44,4 @@ pub use preprocess::{
 pub use resample::{
     pil_resize, pil_resize_rgba, pil_resize_rgba_window, pil_resize_window, Resample, Window,
 };
+pub use spec::{expand_sources, is_pattern, MAX_EXPANSION, SOURCE_SEPARATOR};

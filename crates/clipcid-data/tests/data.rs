@@ -560,3 +560,133 @@ fn a_captions_line_that_is_not_utf8_skips_only_its_sample() {
     assert_eq!(batch.keys, vec!["a.png", "c.png"]);
     assert_eq!(it.skipped().len(), 1);
 }
+
+/// `n` samples `s{first..}` with captions in tar `path`.
+fn caption_tar(path: &Path, first: usize, n: usize) {
+    let mut b = tar::Builder::new(std::fs::File::create(path).unwrap());
+    for i in first..first + n {
+        add(
+            &mut b,
+            &format!("s{i:03}.png"),
+            &encode(&pattern(4, 4), image::ImageFormat::Png),
+        );
+        add(
+            &mut b,
+            &format!("s{i:03}.txt"),
+            format!("caption {i}").as_bytes(),
+        );
+    }
+    b.finish().unwrap();
+}
+
+fn keys(ds: &Dataset) -> Vec<String> {
+    ds.samples().unwrap().map(|s| s.unwrap().key).collect()
+}
+
+#[test]
+fn shard_lists_open_as_webdataset_and_open_clip_users_write_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("a")).unwrap();
+    std::fs::create_dir(d.join("b")).unwrap();
+    for k in 0..3 {
+        caption_tar(&d.join(format!("a/{k:05}.tar")), k * 2, 2);
+    }
+    caption_tar(&d.join("b/extra.tar"), 100, 1);
+    let all_a = ["s000", "s001", "s002", "s003", "s004", "s005"];
+    let p = |s: &str| format!("{}/{s}", d.display());
+    // Braces with zero padding, globs, `::`, a folder, repeated arguments: the same order.
+    for spec in [
+        vec![p("a/{00000..00002}.tar")],
+        vec![p("a/*.tar")],
+        vec![p("a/0000[0-2].tar")],
+        vec![p("a/{00000,00001}.tar::") + &p("a/00002.tar")],
+        vec![p("a/00000.tar"), p("a/0000{1..2}.tar")],
+        vec![p("a")],
+    ] {
+        let ds = Dataset::open_sources(&spec).unwrap();
+        assert_eq!(keys(&ds), all_a, "{spec:?}");
+        assert!(ds.has_captions());
+    }
+    // Dataset::open takes a pattern too (what the TOML config's `dataset` goes through).
+    let ds = Dataset::open(Path::new(&(p("a/*.tar::") + &p("b")))).unwrap();
+    assert_eq!(keys(&ds).len(), 7);
+    assert_eq!(keys(&ds)[6], "s100");
+    // Errors name the pattern and the problem.
+    for (spec, says) in [
+        (vec![p("a/{00000..00003}.tar")], "tar shard not found"),
+        (vec![p("c/*.tar")], "matches no file"),
+        (vec![p("a/{00000..00002.tar")], "brace pattern"),
+        (vec![p("a/{0..99999999999}.tar")], "at most"),
+        (vec![p("a/00000.tar::")], "empty source"),
+        (
+            vec![p("a/00000.tar"), p("captions.tsv")],
+            "tar shard not found",
+        ),
+    ] {
+        let e = Dataset::open_sources(&spec).unwrap_err().to_string();
+        assert!(e.contains(says), "{spec:?}: {e}");
+    }
+    std::fs::write(d.join("captions.tsv"), "x.png\tx\n").unwrap();
+    let e = Dataset::open_sources(&[p("a/00000.tar"), p("captions.tsv")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("captions.tsv") && e.contains("only WebDataset"),
+        "{e}"
+    );
+}
+
+#[test]
+fn img2dataset_files_output_keeps_its_captions() {
+    // img2dataset --output_format files: 00000/000000001.jpg + .txt + .json, stats at the root.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for (folder, stems) in [
+        ("00000", ["000000000", "000000001"]),
+        ("00001", ["000010000", "000010001"]),
+    ] {
+        std::fs::create_dir(root.join(folder)).unwrap();
+        for stem in stems {
+            let base = root.join(folder).join(stem);
+            std::fs::write(
+                base.with_extension("jpg"),
+                encode(&pattern(8, 8), image::ImageFormat::Jpeg),
+            )
+            .unwrap();
+            std::fs::write(base.with_extension("json"), "{}").unwrap();
+            if stem != "000010001" {
+                std::fs::write(base.with_extension("txt"), format!("a photo {stem}\n")).unwrap();
+            }
+        }
+        std::fs::write(root.join(format!("{folder}_stats.json")), "{}").unwrap();
+    }
+    let ds = Dataset::open(root).unwrap();
+    assert!(matches!(ds.source(), clipcid_data::Source::Files { .. }));
+    assert!(ds.has_captions() && ds.classes().is_empty());
+    let samples: Vec<_> = ds.samples().unwrap().map(|s| s.unwrap()).collect();
+    let got: Vec<_> = samples
+        .iter()
+        .map(|s| (s.key.as_str(), s.caption.as_deref(), s.label))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("00000/000000000.jpg", Some("a photo 000000000"), None),
+            ("00000/000000001.jpg", Some("a photo 000000001"), None),
+            ("00001/000010000.jpg", Some("a photo 000010000"), None),
+            ("00001/000010001.jpg", None, None),
+        ]
+    );
+    assert!(samples.iter().all(|s| s.image.is_ok()));
+    // A class folder layout without captions stays labelled.
+    let lab = tempfile::tempdir().unwrap();
+    std::fs::create_dir(lab.path().join("cat")).unwrap();
+    std::fs::write(
+        lab.path().join("cat/1.png"),
+        encode(&pattern(4, 4), image::ImageFormat::Png),
+    )
+    .unwrap();
+    let ds = Dataset::open(lab.path()).unwrap();
+    assert_eq!(ds.classes(), ["cat"]);
+}

@@ -48,7 +48,7 @@ use clipcid_data::{decode_batch, DataError, Dataset, Preprocess, Sample, Skipped
 use clipcid_models::{l2_normalize, ClipModel, ClipTokenizer, ModelError};
 
 pub use clipcid_store::{
-    expand_shard_inputs, list_shards, shard_path, EmbeddingShard, ShardLayout, StoreError,
+    expand_shard_inputs, list_shards, shard_path, EmbeddingShard, Part, ShardLayout, StoreError,
     SHARD_KIND,
 };
 
@@ -137,6 +137,11 @@ pub struct EmbedOptions {
     /// `--dtype` or `--shard-size`) left in the output folder. Without it such a folder is
     /// refused, naming what differs.
     pub overwrite: bool,
+    /// This process's share when the run is split over independent processes: output
+    /// shard `j` (input samples `j * shard_size ..`) is embedded by part `j % N`, the
+    /// others' samples are skipped undecoded. The N parts write into one folder (or N
+    /// folders read together) exactly the shards one process writes, byte for byte.
+    pub part: Part,
 }
 
 impl Default for EmbedOptions {
@@ -149,6 +154,7 @@ impl Default for EmbedOptions {
             teacher_name: String::new(),
             preprocess: None,
             overwrite: false,
+            part: Part::WHOLE,
         }
     }
 }
@@ -216,8 +222,17 @@ pub fn embed_dataset(
             out_dir.display()
         ))
     })?;
-    // One writer per folder: a second run into it is refused, not interleaved.
-    let _lock = clipcid_store::io::lock_output_dir(out_dir)?;
+    // One writer per folder (per part of a split run): a second run into it is refused,
+    // not interleaved.
+    let part = opts.part;
+    let _lock = if part.is_whole() {
+        clipcid_store::io::lock_output_dir(out_dir)?
+    } else {
+        let name = format!(".clipcid-part-{}-of-{}.lock", part.index(), part.count());
+        clipcid_store::io::lock_output_dir_named(out_dir, &name)?
+    };
+    // Only this part's shards are this run's to check, keep or remove.
+    let owned = |p: &Path| clipcid_store::shard_index(p).is_none_or(|j| part.owns(j as u64));
     let start = Instant::now();
     let preprocess = match &opts.preprocess {
         Some(p) if p.image_size != cfg.vision_config.image_size => {
@@ -240,6 +255,9 @@ pub fn embed_dataset(
     // Shards of another run in the folder: refused (naming what differs) or, with
     // `overwrite`, removed before this run writes anything.
     for old in clipcid_store::list_shards(out_dir).unwrap_or_default() {
+        if !owned(&old) {
+            continue;
+        }
         let differs = match resume::recorded(&old) {
             None => continue, // unreadable: redone (or removed as stale) by this run
             Some(Some(p)) => p.differences(&provenance),
@@ -272,11 +290,24 @@ pub fn embed_dataset(
     let bar = progress_bar(opts.progress, dataset.len_hint());
     let mut summary = EmbedSummary::default();
     let mut stream = dataset.samples()?;
+    // Samples in the dataset, counted as the stream passes them.
+    let mut seen = 0u64;
     for shard_idx in 0.. {
         let path = shard_path(out_dir, shard_idx);
         let first = shard_idx as u64 * opts.shard_size as u64;
+        if !part.owns(shard_idx as u64) {
+            // Another part's samples: read past, not decoded.
+            let n = stream.skip_samples(opts.shard_size as u64)?;
+            seen += n;
+            bar.inc(n);
+            if n < opts.shard_size as u64 {
+                break;
+            }
+            continue;
+        }
         if resume::is_complete(&path, first, &expect) {
             let n = stream.skip_samples(opts.shard_size as u64)?;
+            seen += n;
             if n == opts.shard_size as u64 {
                 bar.inc(n);
                 summary.shards.push(path);
@@ -342,6 +373,7 @@ pub fn embed_dataset(
             }
             bar.inc(n_raw);
         }
+        seen += read;
         if read == 0 {
             break;
         }
@@ -362,18 +394,29 @@ pub fn embed_dataset(
         .filter_map(|p| p.file_name())
         .collect();
     for stale in clipcid_store::list_shards(out_dir).unwrap_or_default() {
+        // Another part's shard inside the data's range is that part's; past the range it is
+        // stale whoever wrote it.
+        let end = seen.div_ceil(opts.shard_size as u64);
+        let beyond = clipcid_store::shard_index(&stale).is_some_and(|j| j as u64 >= end);
+        if !owned(&stale) && !beyond {
+            continue;
+        }
         if stale.file_name().is_some_and(|n| !ours.contains(&n)) {
             log::warn!("{}: removing a shard of an earlier run", stale.display());
-            std::fs::remove_file(&stale).map_err(|e| {
-                EmbedError::Config(format!(
-                    "{}: cannot remove stale shard: {e}",
-                    stale.display()
-                ))
-            })?;
+            match std::fs::remove_file(&stale) {
+                // Another part of a split run removed it first.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                r => r.map_err(|e| {
+                    EmbedError::Config(format!(
+                        "{}: cannot remove stale shard: {e}",
+                        stale.display()
+                    ))
+                })?,
+            }
         }
     }
     summary.seconds = start.elapsed().as_secs_f64();
-    if summary.samples_embedded == 0 && summary.shards_resumed == 0 {
+    if summary.samples_embedded == 0 && summary.shards_resumed == 0 && part.is_whole() {
         // Zero rows is never a result: say why (no samples, or every one unreadable).
         let why = match summary.skipped.first() {
             Some(s) => format!(
@@ -388,7 +431,9 @@ pub fn embed_dataset(
             "nothing to embed in {}: {why}",
             match dataset.source() {
                 clipcid_data::Source::Captioned { captions } => captions.display().to_string(),
-                clipcid_data::Source::Labelled { root } => root.display().to_string(),
+                clipcid_data::Source::Labelled { root } | clipcid_data::Source::Files { root } => {
+                    root.display().to_string()
+                }
                 clipcid_data::Source::WebDataset { shards } => shards
                     .first()
                     .map(|s| s.display().to_string())

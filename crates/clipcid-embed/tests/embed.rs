@@ -293,3 +293,149 @@ fn nothing_embedded_is_an_error_saying_why() {
         "{e}"
     );
 }
+
+/// `counts[k]` samples in tar `k` (`data-0000k.tar`), keys running on across tars.
+fn tars(dir: &Path, counts: &[usize], corrupt: Option<usize>) {
+    let mut i = 0;
+    for (k, &n) in counts.iter().enumerate() {
+        let path = dir.join(format!("data-{k:05}.tar"));
+        let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
+        for _ in 0..n {
+            let mut bytes = jpeg(i);
+            if corrupt == Some(i) {
+                bytes.truncate(bytes.len() / 3);
+            }
+            add(&mut b, &format!("s{i:04}.jpg"), &bytes);
+            add(
+                &mut b,
+                &format!("s{i:04}.txt"),
+                format!("picture {i}").as_bytes(),
+            );
+            i += 1;
+        }
+        b.finish().unwrap();
+    }
+}
+
+/// Image rows by id over every shard of `dir`.
+fn rows_by_id(dir: &Path) -> std::collections::BTreeMap<i64, Vec<f32>> {
+    let mut out = std::collections::BTreeMap::new();
+    for p in list_shards(dir).unwrap() {
+        let s = EmbeddingShard::read(&p).unwrap();
+        let rows = s.image.to_vec2::<f32>().unwrap();
+        for (id, row) in s.ids.iter().zip(rows) {
+            assert!(out.insert(*id, row).is_none(), "id {id} twice");
+        }
+    }
+    out
+}
+
+#[test]
+fn three_parts_write_exactly_the_one_process_shards() {
+    // 23 samples in three tars named by a brace pattern, one of them corrupt; shards of 4
+    // samples (6 shards, the last short). Parts 0..3 run at once into one folder, each with
+    // its own lock; the folder then holds the one-process folder's files byte for byte.
+    let (model, tok) = setup();
+    let dir = tempfile::tempdir().unwrap();
+    tars(dir.path(), &[8, 7, 8], Some(9));
+    let pattern = format!("{}/data-{{00000..00002}}.tar", dir.path().display());
+    let dataset = Dataset::open(Path::new(&pattern)).unwrap();
+    let one = dir.path().join("one");
+    let whole = embed_dataset(&model, Some(&tok), &dataset, &one, &opts(3, 4)).unwrap();
+    assert_eq!((whole.shards.len(), whole.samples_embedded), (6, 22));
+    let split = dir.path().join("split");
+    let summaries: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|i| {
+                let (model, tok, dataset, split) = (&model, &tok, &dataset, &split);
+                s.spawn(move || {
+                    let o = EmbedOptions {
+                        part: clipcid_embed::Part::new(i, 3).unwrap(),
+                        ..opts(3, 4)
+                    };
+                    embed_dataset(model, Some(tok), dataset, split, &o).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // Round-robin: part i has shards i and i + 3.
+    for (i, s) in summaries.iter().enumerate() {
+        let idx: Vec<_> = s
+            .shards
+            .iter()
+            .map(|p| clipcid_store::shard_index(p).unwrap())
+            .collect();
+        assert_eq!(idx, [i, i + 3]);
+    }
+    assert_eq!(
+        summaries.iter().map(|s| s.samples_embedded).sum::<usize>(),
+        22
+    );
+    let files = |d: &Path| {
+        list_shards(d)
+            .unwrap()
+            .into_iter()
+            .map(|p| {
+                (
+                    p.file_name().unwrap().to_owned(),
+                    std::fs::read(&p).unwrap(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        files(&one) == files(&split),
+        "the parts' shards differ from one process's"
+    );
+    let (a, b) = (rows_by_id(&one), rows_by_id(&split));
+    assert_eq!(a.len(), 22);
+    assert!(a == b, "embeddings by id differ");
+    // A part run again resumes its own shards and leaves the others' alone.
+    let o = EmbedOptions {
+        part: clipcid_embed::Part::new(1, 3).unwrap(),
+        ..opts(3, 4)
+    };
+    let again = embed_dataset(&model, Some(&tok), &dataset, &split, &o).unwrap();
+    assert_eq!((again.shards_resumed, again.samples_embedded), (2, 0));
+    assert!(files(&one) == files(&split));
+}
+
+#[test]
+fn parts_come_from_the_launchers_environment() {
+    use clipcid_embed::Part;
+    let env = |pairs: &'static [(&'static str, &'static str)]| {
+        move |k: &str| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    };
+    assert_eq!(Part::from_vars(env(&[])).unwrap(), None);
+    assert_eq!(
+        Part::from_vars(env(&[("RANK", "2"), ("WORLD_SIZE", "4")])).unwrap(),
+        Some(Part::new(2, 4).unwrap())
+    );
+    // A Slurm array --array=1-8 has ids 1..8 and count 8.
+    assert_eq!(
+        Part::from_vars(env(&[
+            ("SLURM_ARRAY_TASK_ID", "3"),
+            ("SLURM_ARRAY_TASK_COUNT", "8"),
+            ("SLURM_ARRAY_TASK_MIN", "1"),
+        ]))
+        .unwrap(),
+        Some(Part::new(2, 8).unwrap())
+    );
+    for (bad, says) in [
+        (&[("RANK", "1")][..], "WORLD_SIZE"),
+        (&[("RANK", "4"), ("WORLD_SIZE", "4")][..], "below the count"),
+        (&[("RANK", "x"), ("WORLD_SIZE", "4")][..], "RANK=`x`"),
+    ] {
+        let e = Part::from_vars(env(bad)).unwrap_err().to_string();
+        assert!(e.contains(says), "{bad:?}: {e}");
+    }
+    for bad in ["3", "1/0", "a/b", "2/2"] {
+        assert!(bad.parse::<Part>().is_err(), "{bad}");
+    }
+}

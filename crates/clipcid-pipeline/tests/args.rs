@@ -21,6 +21,24 @@ fn parse<A: clap::Args>(argv: &[&str]) -> A {
 fn constructors_match_the_command_line_defaults() {
     let embed: EmbedArgs = parse(&["--teacher", "t", "--data", "d", "--out", "o", "--quiet"]);
     assert_eq!(embed, EmbedArgs::new("t", "d", "o"));
+    // --data repeats; --part is I/N.
+    let split: EmbedArgs = parse(&[
+        "--teacher",
+        "t",
+        "--data",
+        "a/{0..9}.tar",
+        "--data",
+        "b.tar",
+        "--out",
+        "o",
+        "--part",
+        "1/3",
+    ]);
+    assert_eq!(
+        split.data,
+        ["a/{0..9}.tar", "b.tar"].map(std::path::PathBuf::from)
+    );
+    assert_eq!(split.part, Some(clipcid_embed::Part::new(1, 3).unwrap()));
     let balance: BalanceArgs = parse(&["--embeddings", "e", "--out", "k", "--quiet"]);
     assert_eq!(balance, BalanceArgs::new("e", "k"));
     let cluster: ClusterArgs = parse(&["--embeddings", "e", "--k", "9", "--out", "c", "--quiet"]);

@@ -140,6 +140,8 @@ pub struct Header {
     pub tensors: BTreeMap<String, TensorInfo>,
     /// The `__metadata__` string map.
     pub metadata: HashMap<String, String>,
+    /// Byte offset in the file where the data section (offset 0 of `data_offsets`) starts.
+    pub data_start: u64,
 }
 
 /// Reads only the header of a safetensors file and checks that the file is complete (its
@@ -166,7 +168,10 @@ pub fn read_header(path: &Path) -> Result<Header, StoreError> {
         .map_err(|e| bad(format!("cannot read header: {e}")))?;
     let raw: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&buf)
         .map_err(|e| bad(format!("corrupt safetensors header: {e}")))?;
-    let mut header = Header::default();
+    let mut header = Header {
+        data_start: 8 + n,
+        ..Header::default()
+    };
     let mut data_end = 0usize;
     for (name, v) in raw {
         if name == "__metadata__" {
@@ -251,9 +256,16 @@ pub struct OutputLock {
 /// assert!(clipcid_store::io::lock_output_dir(dir.path()).is_ok());
 /// ```
 pub fn lock_output_dir(dir: &Path) -> Result<OutputLock, StoreError> {
+    lock_output_dir_named(dir, LOCK_FILE)
+}
+
+/// [`lock_output_dir`] with another lock file name, for processes that share a folder but
+/// each write only their own files (`.clipcid-part-1-of-4.lock` for one part of a run split
+/// with `--part`).
+pub fn lock_output_dir_named(dir: &Path, lock_file: &str) -> Result<OutputLock, StoreError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| StoreError::file(dir, format!("cannot create: {e}")))?;
-    let path = dir.join(LOCK_FILE);
+    let path = dir.join(lock_file);
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -264,7 +276,7 @@ pub fn lock_output_dir(dir: &Path) -> Result<OutputLock, StoreError> {
         Ok(()) => Ok(OutputLock { _file: file }),
         Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::file(
             dir,
-            "another clipcid run is writing to this folder (it holds .clipcid.lock); wait for it or use another output folder",
+            format!("another clipcid run is writing to this folder (it holds {lock_file}); wait for it or use another output folder"),
         )),
         Err(std::fs::TryLockError::Error(e)) => {
             Err(StoreError::file(&path, format!("cannot lock: {e}")))

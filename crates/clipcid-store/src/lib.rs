@@ -7,6 +7,9 @@
 //!   (`image` `[n, D]`, optional `text` `[n, D]`, `ids`, keys in the metadata).
 //! - [`KeepList`] and [`write_keep_file`]: the keep file of `clipcid balance`.
 //! - [`ClusterFile`]: the centroids and pseudo-labels of `clipcid cluster`.
+//! - [`RowReader`]: rows of the shards by position, read on demand (positioned reads).
+//! - [`Part`]: one process's share of a stage run by many (`--part I/N`, torchrun's or a
+//!   Slurm array's environment).
 //! - [`check_same_embeddings`]: keep and cluster files record the provenance of the
 //!   embeddings they were made from, and are refused with other embeddings.
 //!
@@ -33,7 +36,9 @@ pub mod clusters;
 mod error;
 pub mod io;
 mod keep;
+mod part;
 mod provenance;
+mod rows;
 mod shard;
 
 pub use clusters::{
@@ -41,8 +46,10 @@ pub use clusters::{
 };
 pub use error::StoreError;
 pub use keep::{write_keep_file, KeepList, KEEP_KIND};
+pub use part::Part;
 pub use provenance::{check_same_embeddings, differing_fields, EMBEDDINGS_META};
+pub use rows::{unit_rows, RowReader};
 pub use shard::{
-    expand_shard_inputs, first_duplicate, list_shards, shard_path, EmbeddingShard, ShardLayout,
-    SHARD_KIND,
+    expand_shard_inputs, first_duplicate, list_shards, shard_index, shard_path, EmbeddingShard,
+    ShardLayout, SHARD_KIND,
 };

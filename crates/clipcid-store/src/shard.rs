@@ -14,6 +14,23 @@ pub fn shard_path(dir: &Path, index: usize) -> PathBuf {
     dir.join(format!("embeddings-{index:05}.safetensors"))
 }
 
+/// The index [`shard_path`] gave `path` (`embeddings-00042.safetensors` is 42), or `None`
+/// for another name.
+///
+/// ```
+/// use std::path::Path;
+/// assert_eq!(clipcid_store::shard_index(Path::new("out/embeddings-00042.safetensors")), Some(42));
+/// assert_eq!(clipcid_store::shard_index(Path::new("out/keep.safetensors")), None);
+/// ```
+pub fn shard_index(path: &Path) -> Option<usize> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix("embeddings-")?
+        .strip_suffix(".safetensors")?
+        .parse()
+        .ok()
+}
+
 /// Expands command-line inputs into shard files: a folder becomes its
 /// `embeddings-*.safetensors` in order, a file stays itself. No input at all is an error.
 pub fn expand_shard_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, StoreError> {
@@ -177,24 +194,18 @@ impl EmbeddingShard {
     pub fn unit_image_rows(&self, select: impl Fn(usize) -> bool) -> Result<Vec<f32>, StoreError> {
         let d = self.dim();
         let values: Vec<f32> = self.image.flatten_all()?.to_vec1()?;
-        let mut out = Vec::with_capacity(values.len());
-        for (r, row) in values.chunks_exact(d.max(1)).enumerate() {
-            if !select(r) {
-                continue;
-            }
-            if let Some(bad) = row.iter().find(|v| !v.is_finite()) {
-                return Err(StoreError::File {
-                    path: self.path.clone(),
-                    msg: format!(
-                        "non-finite value {bad} in row {r} (sample `{}`)",
-                        self.keys[r]
-                    ),
-                });
-            }
-            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-            out.extend(row.iter().map(|v| v / norm));
+        let selected: Vec<usize> = (0..self.len()).filter(|&r| select(r)).collect();
+        let mut rows = Vec::with_capacity(selected.len() * d);
+        for &r in &selected {
+            rows.extend_from_slice(&values[r * d..(r + 1) * d]);
         }
-        Ok(out)
+        crate::unit_rows(&rows, d, |k, bad| StoreError::File {
+            path: self.path.clone(),
+            msg: format!(
+                "non-finite value {bad} in row {} (sample `{}`)",
+                selected[k], self.keys[selected[k]]
+            ),
+        })
     }
 
     /// Moves the embeddings to `device`.

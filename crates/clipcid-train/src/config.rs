@@ -22,7 +22,9 @@ pub enum Mode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// Dataset the teacher embedded (captions file, tar shards, or labelled folder).
+    /// Dataset the teacher embedded (captions file, tar shards, or labelled folder), as
+    /// `clipcid embed --data` takes it: also a pattern such as `shards/{00000..00099}.tar`,
+    /// `shards/*.tar` or several sources joined by `::` (each relative to the config file).
     pub dataset: PathBuf,
     /// Folder of teacher embedding shards from `clipcid embed`. Needed by every term that
     /// compares with the teacher (cluster, instance, PicCollage); a CLIP-only run (the
@@ -298,7 +300,21 @@ impl DistillConfig {
                 *p = base.join(&*p);
             }
         };
-        fix(&mut self.data.dataset);
+        // Each `::`-joined source of a dataset pattern is relative on its own.
+        match self.data.dataset.to_str() {
+            Some(text) if text.contains(clipcid_data::SOURCE_SEPARATOR) => {
+                let parts: Vec<String> = text
+                    .split(clipcid_data::SOURCE_SEPARATOR)
+                    .map(|part| {
+                        let mut p = PathBuf::from(part);
+                        fix(&mut p);
+                        p.display().to_string()
+                    })
+                    .collect();
+                self.data.dataset = PathBuf::from(parts.join(clipcid_data::SOURCE_SEPARATOR));
+            }
+            _ => fix(&mut self.data.dataset),
+        }
         // `student.model` is a preset name or a config.json path relative to this file.
         if clipcid_models::ClipConfig::preset(&self.student.model).is_err()
             && Path::new(&self.student.model).is_relative()
@@ -466,7 +482,15 @@ impl DistillConfig {
                 Err(format!("{what} `{}` does not exist", p.display()))
             }
         };
-        must_exist("data.dataset", &self.data.dataset)?;
+        // A pattern (`shards/{00000..00099}.tar`, globs, `::`) is checked when it is opened.
+        if !self
+            .data
+            .dataset
+            .to_str()
+            .is_some_and(clipcid_data::is_pattern)
+        {
+            must_exist("data.dataset", &self.data.dataset)?;
+        }
         for (what, p) in [
             ("data.embeddings", &self.data.embeddings),
             ("data.keep", &self.data.keep),

@@ -19,9 +19,12 @@ pub struct EmbedArgs {
     /// How the teacher is read: `--config`, `--activation`, `--preprocess`.
     #[command(flatten)]
     pub model: ModelOptions,
-    /// Dataset: captions `.tsv`/`.csv`, a `.tar` shard, a folder of shards, or a labelled folder.
-    #[arg(long)]
-    pub data: PathBuf,
+    /// Dataset: captions `.tsv`/`.csv`, a `.tar` shard, a folder of shards, img2dataset's
+    /// `files` folder, or a labelled folder. Shard lists as WebDataset users write them:
+    /// braces (`shards/{00000..41455}.tar`), globs (`'shards/*.tar'`), sources joined by `::`,
+    /// or `--data` repeated; several sources must all be tar shards.
+    #[arg(long, required = true)]
+    pub data: Vec<PathBuf>,
     /// Output folder for `embeddings-NNNNN.safetensors`.
     #[arg(long)]
     pub out: PathBuf,
@@ -50,6 +53,12 @@ pub struct EmbedArgs {
     /// --dtype or --shard-size) left in `--out`; without it such a folder is refused.
     #[arg(long)]
     pub overwrite: bool,
+    /// This process's share of a run split over N independent processes (`I/N`, I from 0):
+    /// output shard j is embedded by part j mod N. Without it, torchrun's `RANK` and
+    /// `WORLD_SIZE` or a Slurm array's `SLURM_ARRAY_TASK_ID`/`_COUNT` give the part, else the
+    /// process does it all. The parts' shards together are byte for byte one process's.
+    #[arg(long)]
+    pub part: Option<clipcid_embed::Part>,
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -65,7 +74,7 @@ impl EmbedArgs {
         Self {
             teacher: teacher.into(),
             model: ModelOptions::default(),
-            data: data.into(),
+            data: vec![data.into()],
             out: out.into(),
             tokenizer: None,
             images_only: false,
@@ -74,6 +83,7 @@ impl EmbedArgs {
             dtype: EmbedDtype::F32,
             precision: Precision::F32,
             overwrite: false,
+            part: None,
             quiet: true,
         }
     }
@@ -106,7 +116,7 @@ impl Precision {
 pub fn embed(args: &EmbedArgs, device: &Device) -> Result<EmbedSummary, PipelineError> {
     let loaded = load_model(&args.teacher, &args.model, device, args.precision.dtype())?;
     let (teacher_path, teacher) = (loaded.path, loaded.model);
-    let dataset = Dataset::open(&args.data)?;
+    let dataset = Dataset::open_sources(&args.data)?;
     let ctx = teacher.config().text_config.default_context_length();
     let tokenizer = if args.images_only || !dataset.has_captions() {
         None
@@ -118,7 +128,11 @@ pub fn embed(args: &EmbedArgs, device: &Device) -> Result<EmbedSummary, Pipeline
         let Some(path) = path else {
             input_error!(
                 "{} has captions but no tokenizer was given: pass --tokenizer tokenizer.json (or open_clip's bpe_simple_vocab_16e6.txt.gz), or --images-only",
-                args.data.display()
+                args.data
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
             );
         };
         Some(ClipTokenizer::load(&path, ctx)?)
@@ -131,6 +145,7 @@ pub fn embed(args: &EmbedArgs, device: &Device) -> Result<EmbedSummary, Pipeline
         teacher_name: args.teacher.display().to_string(),
         preprocess: Some(loaded.preprocess),
         overwrite: args.overwrite,
+        part: part_of(args.part)?,
     };
     Ok(embed_dataset(
         &teacher,
@@ -139,4 +154,21 @@ pub fn embed(args: &EmbedArgs, device: &Device) -> Result<EmbedSummary, Pipeline
         &args.out,
         &opts,
     )?)
+}
+
+/// The part `--part` names, else the launcher's environment ([`clipcid_embed::Part::from_env`]),
+/// else the whole job; a part from the environment is logged.
+pub(crate) fn part_of(
+    arg: Option<clipcid_embed::Part>,
+) -> Result<clipcid_embed::Part, PipelineError> {
+    if let Some(p) = arg {
+        return Ok(p);
+    }
+    let from_env = clipcid_embed::Part::from_env()?;
+    if let Some(p) = from_env {
+        log::info!(
+            "part {p} from the launcher's environment (RANK/WORLD_SIZE or SLURM_ARRAY_TASK_*)"
+        );
+    }
+    Ok(from_env.unwrap_or_default())
 }
