@@ -28,22 +28,8 @@ fn jpeg(i: usize) -> Vec<u8> {
 
 /// `n` samples in one shard; sample `corrupt` has a truncated JPEG.
 fn shard(dir: &Path, n: usize, corrupt: Option<usize>) -> Dataset {
-    let path = dir.join("data-00000.tar");
-    let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
-    for i in 0..n {
-        let mut bytes = jpeg(i);
-        if corrupt == Some(i) {
-            bytes.truncate(bytes.len() / 3);
-        }
-        add(&mut b, &format!("s{i:04}.jpg"), &bytes);
-        add(
-            &mut b,
-            &format!("s{i:04}.txt"),
-            format!("picture number {i}").as_bytes(),
-        );
-    }
-    b.finish().unwrap();
-    Dataset::open(&path).unwrap()
+    tars(dir, &[n], corrupt);
+    Dataset::open(&dir.join("data-00000.tar")).unwrap()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -294,7 +280,8 @@ fn nothing_embedded_is_an_error_saying_why() {
     );
 }
 
-/// `counts[k]` samples in tar `k` (`data-0000k.tar`), keys running on across tars.
+/// `counts[k]` samples in tar `k` (`data-0000k.tar`), keys running on across tars; sample
+/// `corrupt` has a truncated JPEG.
 fn tars(dir: &Path, counts: &[usize], corrupt: Option<usize>) {
     let mut i = 0;
     for (k, &n) in counts.iter().enumerate() {
