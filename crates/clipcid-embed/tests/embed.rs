@@ -296,7 +296,7 @@ fn tars(dir: &Path, counts: &[usize], corrupt: Option<usize>) {
             add(
                 &mut b,
                 &format!("s{i:04}.txt"),
-                format!("picture {i}").as_bytes(),
+                format!("picture number {i}").as_bytes(),
             );
             i += 1;
         }
