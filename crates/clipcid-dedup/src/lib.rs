@@ -5,7 +5,9 @@
 //! device without ever forming the `N x N` matrix; pairs are merged with union-find; each set
 //! keeps the member nearest its centroid (ties: lowest id) and drops the rest. One pass, no
 //! iterations. A threshold sweep reports the removed fraction for several thresholds from the
-//! same pass.
+//! same pass. Split over N processes, each part searches its share of the tiles
+//! ([`near_pairs_of_part`]) into a pair file, and [`merge_pair_files`] gives the same keep
+//! list as one process.
 //!
 //! ```
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -22,6 +24,7 @@
 
 mod io;
 mod pairs;
+mod split;
 mod union_find;
 
 use std::time::Instant;
@@ -32,6 +35,10 @@ use serde::{Deserialize, Serialize};
 
 pub use io::{load_embeddings, write_keep_file, Embeddings, KeepList};
 pub use pairs::{near_pairs, NearPairs};
+pub use split::{
+    merge_pair_files, near_pairs_of_part, part_row_blocks, read_pair_file, write_pair_file,
+    PairFile, PAIRS_KIND,
+};
 pub use union_find::UnionFind;
 
 /// Errors of the balance stage.
@@ -158,7 +165,23 @@ pub fn balance(x: &Tensor, opts: &BalanceOptions) -> Result<BalanceResult, Dedup
     let pairs = near_pairs(&x, search, opts.block_size, opts.f16, || bar.inc(1))?;
     bar.finish_and_clear();
     let seconds_distance = t0.elapsed().as_secs_f64();
+    let gather = |idx: &[u32]| -> Result<Vec<f32>, DedupError> {
+        Ok(x.index_select(&Tensor::new(idx, x.device())?, 0)?
+            .flatten_all()?
+            .to_vec1()?)
+    };
+    finish(n, &pairs, gather, opts, seconds_distance)
+}
 
+/// Union-find over the pairs under `opts.threshold`, the sweep, and each set's
+/// representative from the rows `gather(positions)` returns (unit rows, row-major).
+pub(crate) fn finish(
+    n: usize,
+    pairs: &NearPairs,
+    gather: impl Fn(&[u32]) -> Result<Vec<f32>, DedupError>,
+    opts: &BalanceOptions,
+    seconds_distance: f64,
+) -> Result<BalanceResult, DedupError> {
     let t1 = Instant::now();
     let t2 = opts.threshold * opts.threshold;
     let mut uf = UnionFind::new(n);
@@ -168,12 +191,12 @@ pub fn balance(x: &Tensor, opts: &BalanceOptions) -> Result<BalanceResult, Dedup
         }
     }
     let labels = uf.canonical_labels();
-    let sweep = sweep_rows(n, &pairs, &opts.sweep);
+    let sweep = sweep_rows(n, pairs, &opts.sweep);
     let seconds_union_find = t1.elapsed().as_secs_f64();
 
     let t2_start = Instant::now();
     let (set_id, members) = dense_sets(&labels);
-    let representatives = representatives(&x, &members, 1 << 16)?;
+    let representatives = representatives(gather, &members, 1 << 16)?;
     let mut keep = vec![false; n];
     for &r in &representatives {
         keep[r as usize] = true;
@@ -231,14 +254,14 @@ fn normalized(x: &Tensor) -> Result<Tensor, candle_core::Error> {
     }
 }
 
-/// The representative of every set. Rows of multi-member sets are gathered from `x` a chunk
-/// of sets (about `chunk_rows` rows) at a time, so no host copy of the whole matrix is made.
+/// The representative of every set. Rows of multi-member sets are gathered (`gather`) a
+/// chunk of sets (about `chunk_rows` rows) at a time, so no host copy of the whole matrix is
+/// made.
 fn representatives(
-    x: &Tensor,
+    gather: impl Fn(&[u32]) -> Result<Vec<f32>, DedupError>,
     members: &[Vec<u32>],
     chunk_rows: usize,
-) -> Result<Vec<u32>, candle_core::Error> {
-    let d = x.dim(1)?;
+) -> Result<Vec<u32>, DedupError> {
     let mut reps: Vec<u32> = members.iter().map(|m| m[0]).collect();
     let multi: Vec<usize> = (0..members.len())
         .filter(|&s| members[s].len() > 1)
@@ -257,10 +280,8 @@ fn representatives(
             .iter()
             .flat_map(|&s| members[s].iter().copied())
             .collect();
-        let host: Vec<f32> = x
-            .index_select(&Tensor::new(idx, x.device())?, 0)?
-            .flatten_all()?
-            .to_vec1()?;
+        let host: Vec<f32> = gather(&idx)?;
+        let d = host.len() / idx.len().max(1);
         let mut offsets = Vec::with_capacity(sets.len());
         let mut off = 0;
         for &s in sets {
@@ -352,10 +373,15 @@ mod tests {
             vec![4, 6],
             vec![8, 10],
         ];
-        let whole = representatives(&x, &members, usize::MAX).unwrap();
+        let gather = |idx: &[u32]| -> Result<Vec<f32>, DedupError> {
+            Ok(x.index_select(&Tensor::new(idx, x.device())?, 0)?
+                .flatten_all()?
+                .to_vec1()?)
+        };
+        let whole = representatives(gather, &members, usize::MAX).unwrap();
         for chunk in [1, 2, 3, 5] {
             assert_eq!(
-                representatives(&x, &members, chunk).unwrap(),
+                representatives(gather, &members, chunk).unwrap(),
                 whole,
                 "chunk {chunk}"
             );

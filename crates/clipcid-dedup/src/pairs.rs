@@ -53,7 +53,8 @@ pub fn near_pairs(
     let t2 = threshold * threshold;
     let mut out = NearPairs::default();
     let mut emit = |i0: usize, j0: usize, bi: usize, bj: usize, s: &[f32]| {
-        let rows = scan_tile(s, i0, j0, bi, bj, &norms, t2);
+        let (na, nb) = (&norms[i0..i0 + bi], &norms[j0..j0 + bj]);
+        let rows = scan_tile(s, i0, j0, na, nb, t2);
         for (i, j, d2) in rows.into_iter().flatten() {
             out.i.push(i);
             out.j.push(j);
@@ -69,19 +70,10 @@ pub fn near_pairs(
         with_host_slice(&x, |xs| {
             let mut buf = vec![0f32; block.min(n) * block.min(n)];
             for_each_tile(n, block, |i0, j0, bi, bj| {
-                let a = ArrayView2::from_shape((bi, d), &xs[i0 * d..(i0 + bi) * d]);
-                let b = ArrayView2::from_shape((bj, d), &xs[j0 * d..(j0 + bj) * d]);
-                let c = ArrayViewMut2::from_shape((bi, bj), &mut buf[..bi * bj]);
-                match (a, b, c) {
-                    (Ok(a), Ok(b), Ok(mut c)) => {
-                        general_mat_mul(1.0, &a, &b.t(), 0.0, &mut c);
-                        emit(i0, j0, bi, bj, &buf[..bi * bj]);
-                        Ok(())
-                    }
-                    _ => Err(DedupError::Config(
-                        "tile shape does not match the input".into(),
-                    )),
-                }
+                let (a, b) = (&xs[i0 * d..(i0 + bi) * d], &xs[j0 * d..(j0 + bj) * d]);
+                cpu_tile(a, b, d, &mut buf)?;
+                emit(i0, j0, bi, bj, &buf[..bi * bj]);
+                Ok::<(), DedupError>(())
             })
         })??;
     } else {
@@ -96,6 +88,25 @@ pub fn near_pairs(
         })?;
     }
     Ok(out)
+}
+
+/// The dot products of the rows of `a` (`[bi, d]`) with those of `b` (`[bj, d]`) into
+/// `buf[..bi * bj]`, row-major, by OpenBLAS `sgemm`: the one CPU tile product, so that a
+/// split run ([`crate::near_pairs_of_part`]) computes bit for bit what one process does.
+pub(crate) fn cpu_tile(a: &[f32], b: &[f32], d: usize, buf: &mut [f32]) -> Result<(), DedupError> {
+    let (bi, bj) = (a.len() / d.max(1), b.len() / d.max(1));
+    let a = ArrayView2::from_shape((bi, d), a);
+    let b = ArrayView2::from_shape((bj, d), b);
+    let c = ArrayViewMut2::from_shape((bi, bj), &mut buf[..bi * bj]);
+    match (a, b, c) {
+        (Ok(a), Ok(b), Ok(mut c)) => {
+            general_mat_mul(1.0, &a, &b.t(), 0.0, &mut c);
+            Ok(())
+        }
+        _ => Err(DedupError::Config(
+            "tile shape does not match the input".into(),
+        )),
+    }
 }
 
 /// Squared L2 norm of every row of a `[n, D]` f32 tensor, a chunk of rows at a time: the
@@ -125,18 +136,18 @@ fn for_each_tile<E>(
     Ok(())
 }
 
-/// Pairs under `t2` in one tile of dot products `s` (`bi x bj`, row-major), rows in parallel.
+/// Pairs under `t2` in one tile of dot products `s` (`bi x bj`, row-major, `bi = na.len()`,
+/// `bj = nb.len()`: the squared norms of the tile's rows and columns), rows in parallel.
 /// On a diagonal tile only `c > r` is scanned, so each pair appears once.
-fn scan_tile(
+pub(crate) fn scan_tile(
     s: &[f32],
     i0: usize,
     j0: usize,
-    bi: usize,
-    bj: usize,
-    norms: &[f32],
+    na: &[f32],
+    nb: &[f32],
     t2: f32,
 ) -> Vec<Vec<(u32, u32, f32)>> {
-    let (na, nb) = (&norms[i0..i0 + bi], &norms[j0..j0 + bj]);
+    let (bi, bj) = (na.len(), nb.len());
     let diagonal = i0 == j0;
     (0..bi)
         .into_par_iter()
@@ -158,7 +169,10 @@ fn scan_tile(
 /// Runs `f` on the f32 values of a contiguous tensor: in place for CPU tensors (the tile is
 /// 64 MB at block 4096, and copying it out costs as much as scanning it), through a host copy
 /// for other devices.
-fn with_host_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+pub(crate) fn with_host_slice<R>(
+    t: &Tensor,
+    f: impl FnOnce(&[f32]) -> R,
+) -> candle_core::Result<R> {
     {
         let (storage, layout) = t.storage_and_layout();
         if let candle_core::Storage::Cpu(cpu) = &*storage {

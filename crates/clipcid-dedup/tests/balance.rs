@@ -394,3 +394,116 @@ fn f16_tiles_and_unnormalised_input_give_the_same_partition() {
         "rows are normalised before comparing"
     );
 }
+
+#[test]
+fn three_parts_and_a_merge_give_the_one_process_keep_list_exactly() {
+    // 700 planted rows in shards of 97 (f16 and f32 alternating, unnormalised), tiles of 64:
+    // 11 row blocks dealt to 3 parts. The pairs the parts find are the one process's pairs,
+    // bit for bit, and the merge gives its keep list, sets and representatives.
+    use clipcid_dedup::{
+        merge_pair_files, near_pairs_of_part, read_pair_file, write_pair_file, PairFile,
+    };
+    use clipcid_store::{Part, RowReader, ShardLayout};
+    let rows = planted(700, 24, 0.05, 11);
+    let dir = tempfile::tempdir().unwrap();
+    let emb = dir.path().join("emb");
+    std::fs::create_dir(&emb).unwrap();
+    for (k, chunk) in rows.chunks(97).enumerate() {
+        let scaled: Vec<Vec<f32>> = chunk
+            .iter()
+            .map(|r| r.iter().map(|v| v * (1.0 + k as f32)).collect())
+            .collect();
+        let mut image = tensor(&scaled);
+        if k % 2 == 1 {
+            image = image.to_dtype(candle_core::DType::F16).unwrap();
+        }
+        let ids = Tensor::from_vec(
+            (0..chunk.len() as i64)
+                .map(|i| 1000 + k as i64 * 97 + i)
+                .collect::<Vec<_>>(),
+            chunk.len(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        clipcid_store::io::write_safetensors(
+            &clipcid_store::shard_path(&emb, k),
+            [("image".to_string(), image), ("ids".to_string(), ids)],
+            &HashMap::new(),
+        )
+        .unwrap();
+    }
+    let opts = BalanceOptions {
+        threshold: 0.07,
+        block_size: 64,
+        sweep: vec![0.05],
+        ..Default::default()
+    };
+    let whole = load_embeddings(std::slice::from_ref(&emb), &Device::Cpu).unwrap();
+    let one = balance(&whole.image, &opts).unwrap();
+    assert!(one.summary.removed > 100, "{:?}", one.summary);
+    let reader = RowReader::open(ShardLayout::open(std::slice::from_ref(&emb)).unwrap()).unwrap();
+    let all = clipcid_dedup::near_pairs(&whole.image, 0.07, 64, false, || {}).unwrap();
+    let mut files = vec![];
+    let mut found = vec![];
+    for i in 0..3 {
+        let part = Part::new(i, 3).unwrap();
+        let pairs =
+            near_pairs_of_part(&reader, part, 0.07, 64, false, &Device::Cpu, || {}).unwrap();
+        found.extend((0..pairs.len()).map(|k| (pairs.i[k], pairs.j[k], pairs.dist2[k].to_bits())));
+        let path = dir.path().join(format!("pairs-{i}.safetensors"));
+        let file = PairFile {
+            pairs,
+            rows: reader.len(),
+            threshold: 0.07,
+            block_size: 64,
+            f16: false,
+            part,
+            embeddings: None,
+        };
+        write_pair_file(&path, &file).unwrap();
+        let back = read_pair_file(&path).unwrap();
+        assert_eq!(back, file);
+        files.push((path, back));
+    }
+    let mut expected: Vec<_> = (0..all.len())
+        .map(|k| (all.i[k], all.j[k], all.dist2[k].to_bits()))
+        .collect();
+    expected.sort();
+    found.sort();
+    assert_eq!(
+        found, expected,
+        "the parts' pairs differ from one process's"
+    );
+    // Files in any order.
+    files.reverse();
+    let merged = merge_pair_files(&reader, &files, &opts).unwrap();
+    assert_eq!(merged.keep, one.keep);
+    assert_eq!(merged.set_id, one.set_id);
+    assert_eq!(merged.representatives, one.representatives);
+    assert_eq!(merged.summary.sweep, one.summary.sweep);
+    assert_eq!(
+        (merged.summary.kept, merged.summary.pairs),
+        (one.summary.kept, one.summary.pairs)
+    );
+    // Missing, repeated or mismatched parts are refused by name.
+    let e = merge_pair_files(&reader, &files[1..], &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("parts 2/3 are missing"), "{e}");
+    let twice = vec![files[0].clone(), files[0].clone(), files[1].clone()];
+    let e = merge_pair_files(&reader, &twice, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("also given as"), "{e}");
+    let higher = BalanceOptions {
+        threshold: 0.1,
+        ..opts.clone()
+    };
+    let e = merge_pair_files(&reader, &files, &higher)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("searched up to 0.07") && e.contains("--threshold 0.1"),
+        "{e}"
+    );
+}

@@ -7,6 +7,8 @@
 //! |---|---|---|---|
 //! | embed | [`EmbedArgs`] | [`embed`] | [`clipcid_embed::EmbedSummary`] |
 //! | balance | [`BalanceArgs`] | [`balance`] | [`BalanceOutcome`] |
+//! | balance pairs (one part of N) | [`BalancePairsArgs`] | [`balance_pairs`] | [`PairsOutcome`] |
+//! | balance merge | [`BalanceMergeArgs`] | [`balance_merge`] | [`BalanceOutcome`] |
 //! | cluster | [`ClusterArgs`] | [`cluster`] | [`ClusterOutcome`] |
 //! | distill | [`DistillArgs`] | [`open_trainer`], then `Trainer::run` | [`clipcid_train::RunSummary`] |
 //! | eval | [`EvalArgs`] | [`eval`] | the report's markdown |
@@ -64,7 +66,10 @@ pub use models::{
     ModelOptions,
 };
 pub use parity::{device_parity, parity_table, ParityRow};
-pub use stages::balance::{balance, BalanceArgs, BalanceOutcome};
+pub use stages::balance::{
+    balance, balance_merge, balance_pairs, BalanceArgs, BalanceMergeArgs, BalanceOutcome,
+    BalancePairsArgs, PairsOutcome,
+};
 pub use stages::cluster::{cluster, cluster_to_file, kmeans_for, ClusterArgs, ClusterOutcome};
 pub use stages::distill::{open_trainer, train_student, write_run_config, DistillArgs};
 pub use stages::embed::{embed, EmbedArgs, Precision};

@@ -30,12 +30,32 @@ struct Cli {
     command: Command,
 }
 
+/// `clipcid balance [ARGS]`, or its split form `clipcid balance pairs|merge`.
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct BalanceCli {
+    #[command(subcommand)]
+    split: Option<BalanceSplit>,
+    #[command(flatten)]
+    args: Option<BalanceArgs>,
+}
+
+#[derive(Subcommand)]
+enum BalanceSplit {
+    /// One part's share of the distance tiles (`--part I/N`, or RANK/WORLD_SIZE) into a pair
+    /// file; memory is the part's rows plus one block, not the whole matrix.
+    Pairs(clipcid_pipeline::BalancePairsArgs),
+    /// Union-find over every part's pair file and the keep file: exactly one process's.
+    Merge(clipcid_pipeline::BalanceMergeArgs),
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Embed a dataset with a teacher CLIP into safetensors shards (resumable).
     Embed(EmbedArgs),
     /// Remove near-duplicate images (image semantic balance): union-find over distance < threshold.
-    Balance(BalanceArgs),
+    /// Split over N processes with `balance pairs --part I/N` then `balance merge`.
+    Balance(BalanceCli),
     /// k-means (faiss) over the kept teacher image embeddings: centroids + pseudo-labels.
     Cluster(ClusterArgs),
     /// Train a student CLIP from a TOML run config (CLIP-CID or PicCollage; resumable).
@@ -149,7 +169,30 @@ fn run(cli: Cli) -> Result<()> {
             let summary = clipcid_pipeline::embed(&args, &device)?;
             print_embed_summary(&summary, &args.out);
         }
-        Command::Balance(args) => print_balance(&clipcid_pipeline::balance(&args, &device)?, &args),
+        Command::Balance(b) => match (b.split, b.args) {
+            (Some(BalanceSplit::Pairs(args)), _) => {
+                let o = clipcid_pipeline::balance_pairs(&args, &device)?;
+                println!(
+                    "part {}: {} of {} row blocks, {} near pairs under {} in {:.2} s ({} rows in memory at once); wrote {}",
+                    o.part,
+                    o.row_blocks.0,
+                    o.row_blocks.1,
+                    o.pairs,
+                    args.threshold,
+                    o.seconds,
+                    o.rows_in_memory,
+                    args.out.display()
+                );
+            }
+            (Some(BalanceSplit::Merge(args)), _) => {
+                let o = clipcid_pipeline::balance_merge(&args)?;
+                print_balance(&o, &args.out);
+            }
+            (None, Some(args)) => {
+                print_balance(&clipcid_pipeline::balance(&args, &device)?, &args.out)
+            }
+            (None, None) => anyhow::bail!("balance needs --embeddings and --out (see --help)"),
+        },
         Command::Cluster(args) => print_cluster(&clipcid_pipeline::cluster(&args, &device)?, &args),
         Command::Distill(args) => distill(&args, &device)?,
         Command::Data(DataCommand::Build { raw, out }) => {
@@ -329,7 +372,7 @@ fn print_cluster(o: &clipcid_pipeline::ClusterOutcome, args: &ClusterArgs) {
     );
 }
 
-fn print_balance(o: &clipcid_pipeline::BalanceOutcome, args: &BalanceArgs) {
+fn print_balance(o: &clipcid_pipeline::BalanceOutcome, out: &Path) {
     let s = &o.result.summary;
     println!(
         "balanced {} images from {} shard(s) at threshold {}: {} sets, kept {}, removed {} ({:.2}%), largest set {}",
@@ -347,7 +390,7 @@ fn print_balance(o: &clipcid_pipeline::BalanceOutcome, args: &BalanceArgs) {
         s.seconds_distance,
         s.seconds_union_find,
         s.seconds_representatives,
-        args.out.display()
+        out.display()
     );
     if !s.sweep.is_empty() {
         println!("| threshold | kept | removed % |");
