@@ -51,5 +51,5 @@ pub use provenance::{check_same_embeddings, differing_fields, EMBEDDINGS_META};
 pub use rows::{unit_rows, RowReader};
 pub use shard::{
     expand_shard_inputs, first_duplicate, list_shards, shard_index, shard_path, EmbeddingShard,
-    ShardLayout, SHARD_KIND,
+    RowIndex, ShardLayout, SHARD_KIND,
 };

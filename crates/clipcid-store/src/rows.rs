@@ -19,7 +19,8 @@ struct ShardRows {
     rows: usize,
 }
 
-/// The `image` rows of a [`ShardLayout`], read by global row position (shard order) with
+/// The `image` (or `text`, [`RowReader::open_tensor`]) rows of a [`ShardLayout`], read by
+/// global row position (shard order) with
 /// positioned reads: `rows(a..b)` reads `(b - a) * D` values from the files, whatever the
 /// size of the shards. Rows come back as [`unit_rows`] makes them (each scaled to unit L2
 /// norm exactly as [`EmbeddingShard::unit_image_rows`](crate::EmbeddingShard::unit_image_rows)
@@ -50,14 +51,29 @@ pub struct RowReader {
 impl RowReader {
     /// Reads each shard's header once to find its `image` rows.
     pub fn open(layout: ShardLayout) -> Result<Self, StoreError> {
+        Self::open_tensor(layout, "image")
+    }
+
+    /// [`RowReader::open`] for another `[n, D]` tensor of the shards (`text`): every shard
+    /// with rows must have it, with the layout's row count and width.
+    pub fn open_tensor(layout: ShardLayout, name: &str) -> Result<Self, StoreError> {
         let mut shards = vec![];
         let mut first = 0;
         for (path, &rows) in layout.shards.iter().zip(&layout.counts) {
             let header = crate::io::read_header(path)?;
             let info = header
                 .tensors
-                .get("image")
-                .ok_or_else(|| StoreError::file(path, "no `image` tensor"))?;
+                .get(name)
+                .ok_or_else(|| StoreError::file(path, format!("no `{name}` tensor")))?;
+            if rows > 0 && info.shape != [rows, layout.dim] {
+                return Err(StoreError::file(
+                    path,
+                    format!(
+                        "`{name}` is {:?} but `image` is [{rows}, {}]",
+                        info.shape, layout.dim
+                    ),
+                ));
+            }
             let dtype = match info.dtype.as_str() {
                 "F32" => DType::F32,
                 "F16" => DType::F16,
@@ -65,7 +81,7 @@ impl RowReader {
                 other => {
                     return Err(StoreError::file(
                         path,
-                        format!("`image` is {other}; embeddings are F32, F16 or BF16"),
+                        format!("`{name}` is {other}; embeddings are F32, F16 or BF16"),
                     ))
                 }
             };
@@ -184,7 +200,7 @@ pub fn unit_rows(
 }
 
 /// Fills `buf` from byte `offset` of `path`.
-fn read_at(path: &Path, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+pub(crate) fn read_at(path: &Path, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
     let file = std::fs::File::open(path)
         .map_err(|e| StoreError::file(path, format!("cannot open: {e}")))?;
     #[cfg(unix)]

@@ -1,5 +1,6 @@
 //! Embedding shard files: naming, listing, header checks and reading.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -117,51 +118,21 @@ impl EmbeddingShard {
             Some(x) => Some(x.to_dtype(DType::F32)?),
             None => None,
         };
-        let has_text = match t.remove("has_text") {
-            Some(x) => x
-                .to_dtype(DType::U8)?
-                .to_vec1::<u8>()?
-                .into_iter()
-                .map(|b| b != 0)
-                .collect(),
-            None => vec![text.is_some(); n],
-        };
-        let ids: Vec<i64> = match t.remove("ids") {
-            Some(x) => x.to_dtype(DType::I64)?.to_vec1()?,
-            None => (0..n as i64).collect(),
-        };
-        let keys: Vec<String> = match header.metadata.get("keys") {
-            Some(k) => {
-                serde_json::from_str(k).map_err(|e| bad(format!("bad `keys` metadata: {e}")))?
-            }
-            None => ids.iter().map(|i| i.to_string()).collect(),
-        };
-        let skipped = match header.metadata.get("skipped") {
-            Some(k) => {
-                serde_json::from_str(k).map_err(|e| bad(format!("bad `skipped` metadata: {e}")))?
-            }
-            None => vec![],
-        };
-        if ids.len() != n || keys.len() != n || has_text.len() != n {
-            return Err(bad(format!(
-                "{n} image rows but {} ids, {} keys, {} has_text flags",
-                ids.len(),
-                keys.len(),
-                has_text.len()
-            )));
-        }
-        if let Some(dup) = first_duplicate(&ids) {
-            return Err(bad(format!(
-                "sample id {dup} appears twice (a shard of two runs mixed?)"
-            )));
-        }
-        if let Some((first, end)) = sample_range(&header.metadata) {
-            if let Some(out) = ids.iter().find(|&&i| i < first as i64 || i >= end as i64) {
-                return Err(bad(format!(
-                    "sample id {out} is outside the shard's range {first}..{end}"
-                )));
-            }
-        }
+        let index = RowIndex::from_parts(
+            path,
+            &header,
+            n,
+            text.is_some(),
+            t.remove("has_text"),
+            t.remove("ids"),
+        )?;
+        let RowIndex {
+            ids,
+            has_text,
+            keys,
+            skipped,
+            ..
+        } = index;
         Ok(Self {
             path: path.to_path_buf(),
             image,
@@ -213,6 +184,183 @@ impl EmbeddingShard {
         self.image = self.image.to_device(device)?;
         self.text = self.text.map(|t| t.to_device(device)).transpose()?;
         Ok(self)
+    }
+}
+
+/// A shard's rows without their embeddings: ids, caption flags and keys, read from the header
+/// and the small `ids` / `has_text` tensors only (positioned reads), with the checks
+/// [`EmbeddingShard::read`] makes. What a stage reads to join rows by id while the
+/// embeddings stay on disk ([`RowReader`](crate::RowReader)).
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use candle_core::{DType, Device, Tensor};
+/// use clipcid_store::{io::write_safetensors, EmbeddingShard, RowIndex};
+/// let dir = tempfile::tempdir()?;
+/// let path = clipcid_store::shard_path(dir.path(), 0);
+/// let tensors = [
+///     ("image".to_string(), Tensor::ones((3, 4), DType::F16, &Device::Cpu)?),
+///     ("ids".to_string(), Tensor::new(&[7i64, 3, 9], &Device::Cpu)?),
+///     ("has_text".to_string(), Tensor::new(&[1u8, 0, 1], &Device::Cpu)?),
+/// ];
+/// write_safetensors(&path, tensors, &Default::default())?;
+/// let (index, whole) = (RowIndex::read(&path)?, EmbeddingShard::read(&path)?);
+/// assert_eq!((index.ids, index.has_text, index.keys), (whole.ids, whole.has_text, whole.keys));
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RowIndex {
+    /// The file.
+    pub path: PathBuf,
+    /// Whether the shard has a `text` tensor.
+    pub has_text_tensor: bool,
+    /// Per row, whether the sample had a caption.
+    pub has_text: Vec<bool>,
+    /// Sample positions in the source dataset.
+    pub ids: Vec<i64>,
+    /// Sample keys.
+    pub keys: Vec<String>,
+    /// Keys of samples dropped as unreadable while this shard was written.
+    pub skipped: Vec<String>,
+}
+
+impl RowIndex {
+    /// Reads the row index of the shard at `path` without reading its embeddings.
+    pub fn read(path: &Path) -> Result<Self, StoreError> {
+        let header = crate::io::read_header(path)?;
+        let info = header
+            .tensors
+            .get("image")
+            .ok_or_else(|| StoreError::file(path, "no `image` tensor"))?;
+        let n = match info.shape[..] {
+            [n, _] => n,
+            _ => {
+                return Err(StoreError::file(
+                    path,
+                    format!("`image` must be [n, D], found {:?}", info.shape),
+                ))
+            }
+        };
+        let small = |name: &str| -> Result<Option<Tensor>, StoreError> {
+            let Some(info) = header.tensors.get(name) else {
+                return Ok(None);
+            };
+            let dtype = match info.dtype.as_str() {
+                "I64" => DType::I64,
+                "U8" | "BOOL" => DType::U8,
+                "U32" => DType::U32,
+                other => {
+                    return Err(StoreError::file(
+                        path,
+                        format!("`{name}` has dtype {other}"),
+                    ))
+                }
+            };
+            let [a, b] = info.data_offsets;
+            let mut bytes = vec![0u8; b - a];
+            crate::rows::read_at(path, header.data_start + a as u64, &mut bytes)?;
+            Ok(Some(Tensor::from_raw_buffer(
+                &bytes,
+                dtype,
+                &info.shape,
+                &candle_core::Device::Cpu,
+            )?))
+        };
+        Self::from_parts(
+            path,
+            &header,
+            n,
+            header.tensors.contains_key("text"),
+            small("has_text")?,
+            small("ids")?,
+        )
+    }
+
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// True when the shard holds no row.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The ids, flags and keys of a shard of `n` rows from its header and small tensors,
+    /// checked: as many of each as rows, no id twice, ids inside the recorded range.
+    fn from_parts(
+        path: &Path,
+        header: &crate::io::Header,
+        n: usize,
+        has_text_tensor: bool,
+        has_text: Option<Tensor>,
+        ids: Option<Tensor>,
+    ) -> Result<Self, StoreError> {
+        let bad = |msg: String| StoreError::File {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let text = has_text_tensor.then_some(());
+        let mut t: HashMap<&str, Tensor> = HashMap::new();
+        if let Some(x) = has_text {
+            t.insert("has_text", x);
+        }
+        if let Some(x) = ids {
+            t.insert("ids", x);
+        }
+        let has_text = match t.remove("has_text") {
+            Some(x) => x
+                .to_dtype(DType::U8)?
+                .to_vec1::<u8>()?
+                .into_iter()
+                .map(|b| b != 0)
+                .collect(),
+            None => vec![text.is_some(); n],
+        };
+        let ids: Vec<i64> = match t.remove("ids") {
+            Some(x) => x.to_dtype(DType::I64)?.to_vec1()?,
+            None => (0..n as i64).collect(),
+        };
+        let keys: Vec<String> = match header.metadata.get("keys") {
+            Some(k) => {
+                serde_json::from_str(k).map_err(|e| bad(format!("bad `keys` metadata: {e}")))?
+            }
+            None => ids.iter().map(|i| i.to_string()).collect(),
+        };
+        let skipped = match header.metadata.get("skipped") {
+            Some(k) => {
+                serde_json::from_str(k).map_err(|e| bad(format!("bad `skipped` metadata: {e}")))?
+            }
+            None => vec![],
+        };
+        if ids.len() != n || keys.len() != n || has_text.len() != n {
+            return Err(bad(format!(
+                "{n} image rows but {} ids, {} keys, {} has_text flags",
+                ids.len(),
+                keys.len(),
+                has_text.len()
+            )));
+        }
+        if let Some(dup) = first_duplicate(&ids) {
+            return Err(bad(format!(
+                "sample id {dup} appears twice (a shard of two runs mixed?)"
+            )));
+        }
+        if let Some((first, end)) = sample_range(&header.metadata) {
+            if let Some(out) = ids.iter().find(|&&i| i < first as i64 || i >= end as i64) {
+                return Err(bad(format!(
+                    "sample id {out} is outside the shard's range {first}..{end}"
+                )));
+            }
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            has_text_tensor,
+            has_text,
+            ids,
+            keys,
+            skipped,
+        })
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use clipcid_data::{decode_batch, Dataset, Preprocess, SampleIndex, Skipped};
 use clipcid_models::ClipTokenizer;
-use clipcid_store::{check_same_embeddings, ShardLayout};
+use clipcid_store::{check_same_embeddings, RowReader, ShardLayout};
 
 use crate::{DataConfig, TrainError};
 
@@ -27,15 +27,20 @@ pub struct Needs {
 /// k-means pseudo-label. Rows are the kept rows of the keep list (all rows without one);
 /// when captions are needed, rows whose sample had no caption are left out.
 ///
-/// Teacher embeddings are held in memory as f32 (`N * D * 4` bytes: 2 GB for 1M rows of
-/// 512); images are read from the dataset per batch through a [`SampleIndex`].
+/// Teacher embeddings are not held in memory: each batch reads its rows from the shards by
+/// positioned reads ([`RowReader`]), so memory per training row is its dataset position,
+/// its shard row and its label (16 bytes), whatever the embedding width; images are read
+/// from the dataset per batch through a [`SampleIndex`]. A non-finite embedding is an
+/// error naming the shard when its batch reads it.
 #[derive(Debug)]
 pub struct TrainingSet {
     index: SampleIndex,
     ids: Vec<u64>,
     dim: usize,
-    teacher_image: Vec<f32>,
-    teacher_text: Option<Vec<f32>>,
+    /// Row of each training row in the shards (global position, shard order).
+    rows: Vec<u32>,
+    teacher_image: Option<RowReader>,
+    teacher_text: Option<RowReader>,
     labels: Option<Vec<u32>>,
     centroids: Option<(Vec<f32>, usize)>,
     teacher: String,
@@ -61,17 +66,6 @@ pub struct TrainBatch {
     pub labels: Vec<u32>,
     /// Samples of the batch whose image could not be read or decoded.
     pub skipped: Vec<Skipped>,
-}
-
-fn unit_rows(values: Vec<f32>, d: usize) -> Vec<f32> {
-    let mut v = values;
-    for row in v.chunks_exact_mut(d.max(1)) {
-        let n = row.iter().map(|x| x * x).sum::<f32>().sqrt();
-        if n > 0.0 {
-            row.iter_mut().for_each(|x| *x /= n);
-        }
-    }
-    v
 }
 
 impl TrainingSet {
@@ -122,12 +116,19 @@ impl TrainingSet {
             check_same_embeddings(p, "cluster file", c.embeddings.as_deref(), provenance)?;
         }
         let keep: Option<HashSet<i64>> = keep.map(|(_, list)| list.kept_ids().collect());
+        if u32::try_from(layout.total()).is_err() {
+            return Err(file_err(
+                embeddings,
+                format!("{} rows: at most 2^32 per run", layout.total()),
+            ));
+        }
         let mut set = Self {
             index,
             ids: vec![],
             dim: 0,
-            teacher_image: vec![],
-            teacher_text: needs.teacher_text.then(Vec::new),
+            rows: vec![],
+            teacher_image: None,
+            teacher_text: None,
             labels: clusters.as_ref().map(|_| Vec::new()),
             centroids: None,
             teacher: clipcid_store::io::read_header(&layout.shards[0])?
@@ -138,28 +139,25 @@ impl TrainingSet {
             dropped_without_caption: 0,
         };
         set.dim = layout.dim;
+        // Shards are read one at a time for their ids and caption flags; the embeddings
+        // themselves are read per batch.
+        let mut first_row = 0usize;
         for (i, path) in layout.shards.iter().enumerate() {
+            let start = first_row;
+            first_row += layout.counts[i];
             if layout.counts[i] == 0 {
                 continue;
             }
-            let shard = layout.read(i)?;
-            let d = shard.dim();
-            if needs.teacher_text && shard.text.is_none() {
+            let shard = clipcid_store::RowIndex::read(path)?;
+            if shard.len() != layout.counts[i] {
+                return Err(file_err(path, "changed while being read".into()));
+            }
+            if needs.teacher_text && !shard.has_text_tensor {
                 return Err(file_err(
                     path,
                     "the instance loss needs teacher text embeddings, but this shard has none (embed with a tokenizer)".into(),
                 ));
             }
-            let select = |r: usize| {
-                keep.as_ref().is_none_or(|k| k.contains(&shard.ids[r]))
-                    && (!needs.captions || shard.has_text[r])
-            };
-            let image = shard.unit_image_rows(select)?;
-            let text: Option<Vec<f32>> = match (&shard.text, needs.teacher_text) {
-                (Some(t), true) => Some(t.flatten_all()?.to_vec1()?),
-                _ => None,
-            };
-            set.teacher_image.extend(image);
             for r in 0..shard.len() {
                 let kept = keep.as_ref().is_none_or(|k| k.contains(&shard.ids[r]));
                 if !kept {
@@ -184,19 +182,8 @@ impl TrainingSet {
                         )
                     })?;
                 set.ids.push(pos);
-                if let (Some(out), Some(t)) = (set.teacher_text.as_mut(), &text) {
-                    let row = &t[r * d..(r + 1) * d];
-                    if let Some(bad) = row.iter().find(|v| !v.is_finite()) {
-                        return Err(file_err(
-                            path,
-                            format!(
-                                "non-finite value {bad} in text row {r} (sample `{}`)",
-                                shard.keys[r]
-                            ),
-                        ));
-                    }
-                    out.extend_from_slice(row);
-                }
+                // Below 2^32: checked against the layout's total above.
+                set.rows.push((start + r) as u32);
                 if let (Some(out), Some(map), Some((cpath, _))) =
                     (set.labels.as_mut(), &label_of, &clusters)
                 {
@@ -226,9 +213,10 @@ impl TrainingSet {
                 ),
             ));
         }
-        if let Some(t) = set.teacher_text.take() {
-            set.teacher_text = Some(unit_rows(t, set.dim));
+        if needs.teacher_text {
+            set.teacher_text = Some(RowReader::open_tensor(layout.clone(), "text")?);
         }
+        set.teacher_image = Some(RowReader::open(layout)?);
         if let Some((cpath, c)) = clusters {
             if c.dim != set.dim {
                 return Err(file_err(
@@ -271,7 +259,8 @@ impl TrainingSet {
             index,
             ids,
             dim: 0,
-            teacher_image: vec![],
+            rows: vec![],
+            teacher_image: None,
             teacher_text: None,
             labels: None,
             centroids: None,
@@ -327,9 +316,18 @@ impl TrainingSet {
         self.labels.as_deref()
     }
 
-    /// Teacher image embeddings, row-major `[len, dim]`, unit rows.
-    pub fn teacher_image(&self) -> &[f32] {
-        &self.teacher_image
+    /// Teacher image embeddings of training rows `rows`, row-major `[rows.len(), dim]`,
+    /// unit rows, read from the shards (empty without embeddings).
+    pub fn teacher_image(&self, rows: &[usize]) -> Result<Vec<f32>, TrainError> {
+        self.read_rows(self.teacher_image.as_ref(), rows)
+    }
+
+    fn read_rows(&self, src: Option<&RowReader>, rows: &[usize]) -> Result<Vec<f32>, TrainError> {
+        let Some(src) = src else {
+            return Ok(vec![]);
+        };
+        let at: Vec<u32> = rows.iter().map(|&r| self.rows[r]).collect();
+        Ok(src.gather(&at)?)
     }
 
     /// The centroids `[K, D]` on `device`.
@@ -340,13 +338,14 @@ impl TrainingSet {
         })
     }
 
-    fn gather(&self, src: &[f32], rows: &[usize], device: &Device) -> Result<Tensor, TrainError> {
-        let d = self.dim;
-        let mut out = Vec::with_capacity(rows.len() * d);
-        for &r in rows {
-            out.extend_from_slice(&src[r * d..(r + 1) * d]);
-        }
-        Ok(Tensor::from_vec(out, (rows.len(), d), device)?)
+    fn gather(
+        &self,
+        src: &RowReader,
+        rows: &[usize],
+        device: &Device,
+    ) -> Result<Tensor, TrainError> {
+        let values = self.read_rows(Some(src), rows)?;
+        Ok(Tensor::from_vec(values, (rows.len(), self.dim), device)?)
     }
 
     /// Reads, decodes (in parallel) and assembles the rows `rows`. Samples whose image is
@@ -389,10 +388,9 @@ impl TrainingSet {
             None => None,
         };
         Ok(TrainBatch {
-            teacher_image: if self.dim == 0 {
-                Tensor::zeros((rows.len(), 0), candle_core::DType::F32, device)?
-            } else {
-                self.gather(&self.teacher_image, &rows, device)?
+            teacher_image: match &self.teacher_image {
+                Some(src) => self.gather(src, &rows, device)?,
+                None => Tensor::zeros((rows.len(), 0), candle_core::DType::F32, device)?,
             },
             teacher_text: match &self.teacher_text {
                 Some(t) => Some(self.gather(t, &rows, device)?),

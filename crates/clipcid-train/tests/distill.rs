@@ -509,7 +509,8 @@ fn inputs_that_do_not_fit_are_clear_errors() {
     // A student preset that does not exist.
     let e = err("mode = \"piccollage\"\n[student]\nmodel = \"vit-z\"\n");
     assert!(e.contains("vit-z") && e.contains("tiny"), "{e}");
-    // A NaN in the teacher embeddings names the shard, row and sample.
+    // A NaN in the teacher embeddings names the shard and row when a batch reads it (the
+    // embeddings are read per batch, not loaded up front).
     let shard = clipcid_store::shard_path(&fx.path("emb"), 0);
     let mut t = clipcid_store::io::load_tensors(&shard).unwrap();
     let mut img: Vec<f32> = t["image"].flatten_all().unwrap().to_vec1().unwrap();
@@ -519,11 +520,18 @@ fn inputs_that_do_not_fit_are_clear_errors() {
         Tensor::from_vec(img, (64, DIM), &Device::Cpu).unwrap(),
     );
     clipcid_store::io::write_safetensors(&shard, t, &HashMap::new()).unwrap();
-    let e = err("mode = \"piccollage\"\n[student]\nmodel = \"tiny\"\n");
+    let mut t = Trainer::new(
+        fx.config("mode = \"piccollage\"\n"),
+        &fx.path("nan"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let e = t.run(None, false).unwrap_err().to_string();
     assert!(
         e.contains("embeddings-") && e.contains("row 5") && e.contains("NaN"),
         "{e}"
     );
+    assert_eq!(t.step_count(), t.history().len() as u64);
     // Resuming where no run was checkpointed.
     let e = Trainer::resume(
         fx.config("mode = \"piccollage\"\n"),
