@@ -248,6 +248,10 @@ pub struct DistillConfig {
     /// Checkpoint every this many optimiser steps (and at the end).
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: u64,
+    /// Micro-batches read and decoded ahead of the step on a worker thread (0: each step
+    /// decodes its own). Changes when decoding happens, never what the batches hold.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
 }
 
 impl Default for DistillConfig {
@@ -262,8 +266,13 @@ impl Default for DistillConfig {
             epochs: default_epochs(),
             seed: 0,
             checkpoint_every: default_checkpoint_every(),
+            prefetch: default_prefetch(),
         }
     }
+}
+
+fn default_prefetch() -> usize {
+    2
 }
 
 fn default_batch() -> usize {

@@ -21,6 +21,7 @@ use crate::{
 
 mod checkpoint;
 mod metrics;
+mod prefetch;
 
 use metrics::{append_metrics, write_metrics};
 pub use metrics::{read_metrics, StepMetrics};
@@ -69,7 +70,9 @@ pub struct Trainer {
     config: DistillConfig,
     out_dir: PathBuf,
     device: Device,
-    set: TrainingSet,
+    set: std::sync::Arc<TrainingSet>,
+    /// Batches being decoded ahead of the step (`prefetch > 0`).
+    prefetch: Option<prefetch::Prefetcher>,
     model: ClipModel,
     varmap: candle_nn::VarMap,
     optimizer: AdamW,
@@ -337,7 +340,8 @@ impl Trainer {
             config,
             out_dir: out_dir.to_path_buf(),
             device: device.clone(),
-            set,
+            set: std::sync::Arc::new(set),
+            prefetch: None,
             model,
             varmap,
             optimizer,
@@ -451,6 +455,56 @@ impl Trainer {
             flat.extend_from_slice(&self.frozen_text[r]);
         }
         Ok(Tensor::from_vec(flat, (rows.len(), dim), &self.device)?)
+    }
+
+    /// The micro-batch `key` (training rows `rows`): from the prefetch queue when it holds
+    /// it next, else assembled here, after which a new queue starts on the rest of the
+    /// epoch's micro-batches.
+    fn next_batch(
+        &mut self,
+        key: prefetch::BatchKey,
+        rows: &[usize],
+    ) -> Result<TrainBatch, TrainError> {
+        if self.config.prefetch == 0 {
+            return self.set.batch(
+                rows,
+                &self.preprocess,
+                self.tokenizer.as_ref(),
+                &self.device,
+            );
+        }
+        if let Some(batch) = self.prefetch.as_mut().and_then(|p| p.take(key)) {
+            return batch;
+        }
+        let batch = self.set.batch(
+            rows,
+            &self.preprocess,
+            self.tokenizer.as_ref(),
+            &self.device,
+        )?;
+        // Plan the epoch's remaining micro-batches after this one.
+        let (bs, accum) = (self.config.batch_size, self.config.optim.accumulate);
+        let epoch_first = (self.step / self.steps_per_epoch) * self.steps_per_epoch;
+        let plan: Vec<(prefetch::BatchKey, Vec<usize>)> = match &self.order {
+            Some((_, order)) => (key.0..epoch_first + self.steps_per_epoch)
+                .flat_map(|step| (0..accum).map(move |m| (step, m)))
+                .filter(|&k| k > key)
+                .map(|(step, m)| {
+                    let first = (((step - epoch_first) as usize) * accum + m) * bs;
+                    ((step, m), order[first..first + bs].to_vec())
+                })
+                .collect(),
+            None => vec![],
+        };
+        self.prefetch = Some(prefetch::Prefetcher::start(
+            self.set.clone(),
+            plan,
+            self.preprocess.clone(),
+            self.tokenizer.clone(),
+            self.device.clone(),
+            self.config.prefetch,
+        ));
+        Ok(batch)
     }
 
     /// The weighted loss of one micro-batch and its unweighted terms.
@@ -568,12 +622,7 @@ impl Trainer {
                 Some((_, o)) => o[first..first + bs].to_vec(),
                 None => vec![],
             };
-            let batch = self.set.batch(
-                &rows,
-                &self.preprocess,
-                self.tokenizer.as_ref(),
-                &self.device,
-            )?;
+            let batch = self.next_batch((self.step, micro), &rows)?;
             for s in &batch.skipped {
                 log::warn!(
                     "step {}: skipped sample `{}`: {}",

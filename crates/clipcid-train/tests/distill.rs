@@ -818,3 +818,25 @@ fn f16_loss_scale_backs_off_on_overflow_skips_those_steps_and_survives_resume() 
     assert_eq!(trace(resumed.history()), trace(&history));
     assert!(weights(resumed.model()) == weights(t.model()));
 }
+
+#[test]
+fn prefetching_changes_when_batches_are_decoded_not_what_they_hold() {
+    // The same run with batches decoded ahead on a worker thread (2 deep, the default) and
+    // decoded inside each step: identical weights and metrics, across an epoch boundary and
+    // a resume half way.
+    let fx = fixture(128, 0, 32);
+    let run = |prefetch: usize, dir: &str| {
+        let body = format!("prefetch = {prefetch}\n{FULL}");
+        let mut first = Trainer::new(fx.config(&body), &fx.path(dir), &Device::Cpu).unwrap();
+        first.run(Some(5), false).unwrap();
+        drop(first);
+        let mut t = Trainer::resume(fx.config(&body), &fx.path(dir), &Device::Cpu).unwrap();
+        t.run(None, false).unwrap();
+        let losses: Vec<_> = t.history().iter().map(|m| (m.step, m.loss)).collect();
+        (weights(t.model()), losses)
+    };
+    let (a, la) = run(0, "inline");
+    let (b, lb) = run(2, "ahead");
+    assert_eq!(la, lb);
+    assert!(a == b, "prefetching changed the weights");
+}
