@@ -282,6 +282,99 @@ fn hostile_inputs_end_in_named_errors_or_named_skips() {
         ],
         Expect::Ok(&[]),
     );
+    // Balance split over processes: a part's pair file, then merges that must not happen.
+    b.case(
+        1,
+        "balance pairs, part 0 of 2",
+        &[
+            "balance",
+            "pairs",
+            "--embeddings",
+            "emb",
+            "--part",
+            "0/2",
+            "--out",
+            "pairs-0.safetensors",
+            "--quiet",
+        ],
+        Expect::Ok(&["part 0/2"]),
+    );
+    b.case(
+        1,
+        "balance merge with a part missing",
+        &[
+            "balance",
+            "merge",
+            "--embeddings",
+            "emb",
+            "--pairs",
+            "pairs-0.safetensors",
+            "--out",
+            "m.safetensors",
+        ],
+        Expect::Error(&["parts 1/2 are missing"]),
+    );
+    b.case(
+        1,
+        "balance merge of pairs from another teacher's embeddings",
+        &[
+            "balance",
+            "merge",
+            "--embeddings",
+            "emb2",
+            "--pairs",
+            "pairs-0.safetensors",
+            "--out",
+            "m.safetensors",
+        ],
+        Expect::Error(&["pairs-0.safetensors", "different teacher"]),
+    );
+    b.case(
+        1,
+        "balance merge given a keep file as a pair file",
+        &[
+            "balance",
+            "merge",
+            "--embeddings",
+            "emb",
+            "--pairs",
+            "keep.safetensors",
+            "--out",
+            "m.safetensors",
+        ],
+        Expect::Error(&["keep.safetensors", "not a pair file"]),
+    );
+    b.case(
+        1,
+        "balance pairs with a part beyond the count",
+        &[
+            "balance",
+            "pairs",
+            "--embeddings",
+            "emb",
+            "--part",
+            "2/2",
+            "--out",
+            "p.safetensors",
+        ],
+        Expect::Error(&["2/2", "below the count"]),
+    );
+    b.case(
+        1,
+        "embed from a glob that matches nothing",
+        &[
+            "embed",
+            "--teacher",
+            "teacher.safetensors",
+            "--data",
+            "nowhere/*.tar",
+            "--out",
+            "e-glob",
+            "--images-only",
+            "--quiet",
+        ],
+        Expect::Error(&["nowhere/*.tar", "matches no file"]),
+    );
     b.case(
         1,
         "cluster --keep with a keep file of another teacher's embeddings",

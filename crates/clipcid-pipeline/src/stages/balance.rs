@@ -161,7 +161,11 @@ pub fn balance_pairs(
         part,
         row_blocks: (mine.len(), tiles),
         pairs: found,
-        rows_in_memory: (mine.len() * block + block).min(reader.len() + block),
+        rows_in_memory: mine
+            .iter()
+            .map(|&b| block.min(reader.len() - b * block))
+            .sum::<usize>()
+            + block.min(reader.len()),
         seconds: start.elapsed().as_secs_f64(),
     })
 }
