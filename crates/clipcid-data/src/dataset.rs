@@ -406,8 +406,45 @@ impl Dataset {
 
     /// The samples in order. Reading is lazy: image bytes are read as the stream advances.
     pub fn samples(&self) -> Result<SampleStream<'_>, DataError> {
+        self.stream(None)
+    }
+
+    /// [`Dataset::samples`] for a process that uses only the samples whose position
+    /// `wanted` accepts (one part of a split run): the others still come in order, with
+    /// their keys and positions, but for tar shards their members' bytes are seeked past,
+    /// never read, and their `image` is an error saying so. Folder sources read a file only
+    /// when its sample is consumed, so they are the same as [`Dataset::samples`].
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("a.tar");
+    /// let mut tar = tar::Builder::new(std::fs::File::create(&path)?);
+    /// for i in 0..4 {
+    ///     let mut h = tar::Header::new_gnu();
+    ///     h.set_size(3);
+    ///     h.set_cksum();
+    ///     tar.append_data(&mut h, format!("k{i}.png"), &b"png"[..])?;
+    /// }
+    /// tar.finish()?;
+    /// let ds = clipcid_data::Dataset::open(&path)?;
+    /// let got: Vec<(u64, String, bool)> = ds
+    ///     .samples_where(|i| i % 2 == 1)?
+    ///     .map(|s| s.map(|s| (s.index, s.key, s.image.is_ok())))
+    ///     .collect::<Result<_, _>>()?;
+    /// assert_eq!(got, [(0, "k0".into(), false), (1, "k1".into(), true), (2, "k2".into(), false), (3, "k3".into(), true)]);
+    /// # Ok(()) }
+    /// ```
+    pub fn samples_where(
+        &self,
+        wanted: impl Fn(u64) -> bool + Send + Sync + 'static,
+    ) -> Result<SampleStream<'_>, DataError> {
+        self.stream(Some(std::sync::Arc::new(wanted)))
+    }
+
+    fn stream(&self, wanted: Option<Wanted>) -> Result<SampleStream<'_>, DataError> {
         let inner = match &self.source {
-            Source::WebDataset { shards } => Inner::Tar(TarSamples::new(shards.clone())),
+            Source::WebDataset { shards } => Inner::Tar(TarSamples::new(shards.clone(), wanted)),
             _ => Inner::Files { pos: 0 },
         };
         Ok(SampleStream {
@@ -561,12 +598,38 @@ struct TarSamples {
 /// (key, lower-case extension after the key's first dot, bytes)
 pub(crate) type TarEntry = (String, String, Vec<u8>);
 
+/// Which sample positions a stream reads ([`Dataset::samples_where`]).
+type Wanted = std::sync::Arc<dyn Fn(u64) -> bool + Send + Sync>;
+
+/// Extension of the synthetic member sent for a member of an unwanted sample: its bytes were
+/// not read.
+const UNREAD: &str = "\u{1}unread";
+
+/// Sample positions as the consumer will count them: a new sample starts wherever the key
+/// changes (across shards too), as [`TarSamples::next_sample`] groups entries.
+#[derive(Default)]
+struct SampleCounter {
+    next: u64,
+    key: Option<String>,
+}
+
+impl SampleCounter {
+    fn position_of(&mut self, key: &str) -> u64 {
+        if self.key.as_deref() != Some(key) {
+            self.key = Some(key.to_string());
+            self.next += 1;
+        }
+        self.next - 1
+    }
+}
+
 impl TarSamples {
-    fn new(shards: Vec<PathBuf>) -> Self {
+    fn new(shards: Vec<PathBuf>, wanted: Option<Wanted>) -> Self {
         let (tx, rx) = std::sync::mpsc::sync_channel(256);
         std::thread::spawn(move || {
+            let mut counter = SampleCounter::default();
             for path in shards {
-                if let Err(e) = read_shard(&path, &tx) {
+                if let Err(e) = read_shard(&path, &tx, wanted.as_ref(), &mut counter) {
                     let _ = tx.send(Err(e));
                     return;
                 }
@@ -612,17 +675,41 @@ impl TarSamples {
     }
 }
 
-/// Sends the file entries of one shard; stops quietly when the receiver is gone.
+/// Sends the file entries of one shard; stops quietly when the receiver is gone. With
+/// `wanted`, members of other samples are sent without their bytes, which are seeked past
+/// (the file is read unbuffered then: a buffered reader would refill its buffer after every
+/// seek).
 fn read_shard(
     path: &Path,
     tx: &std::sync::mpsc::SyncSender<Result<TarEntry, DataError>>,
+    wanted: Option<&Wanted>,
+    counter: &mut SampleCounter,
 ) -> Result<(), DataError> {
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
     let file_len = file.metadata().map_err(|e| DataError::io(path, e))?.len();
-    let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, file));
-    let entries = archive
-        .entries()
-        .map_err(|e| DataError::format(path, format!("not a tar file: {e}")))?;
+    let not_tar = |e: std::io::Error| DataError::format(path, format!("not a tar file: {e}"));
+    match wanted {
+        None => {
+            let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, file));
+            let entries = archive.entries().map_err(not_tar)?;
+            send_entries(path, file_len, entries, tx, None, counter)
+        }
+        Some(w) => {
+            let mut archive = tar::Archive::new(file);
+            let entries = archive.entries_with_seek().map_err(not_tar)?;
+            send_entries(path, file_len, entries, tx, Some(w), counter)
+        }
+    }
+}
+
+fn send_entries<R: Read>(
+    path: &Path,
+    file_len: u64,
+    entries: tar::Entries<'_, R>,
+    tx: &std::sync::mpsc::SyncSender<Result<TarEntry, DataError>>,
+    wanted: Option<&Wanted>,
+    counter: &mut SampleCounter,
+) -> Result<(), DataError> {
     let mut keys = ShardKeys::default();
     for entry in entries {
         let mut entry =
@@ -645,12 +732,29 @@ fn read_shard(
                 return Ok(());
             }
         }
-        let mut bytes = Vec::with_capacity(size);
-        entry
-            .read_to_end(&mut bytes)
-            .map_err(|e| DataError::format(path, format!("corrupt tar shard at `{name}`: {e}")))?;
-        if tx.send(Ok((key, ext, bytes))).is_err() {
+        let position = counter.position_of(&key);
+        let end = entry
+            .raw_file_position()
+            .saturating_add((size as u64).div_ceil(512) * 512);
+        let sent = if wanted.is_some_and(|w| !w(position)) {
+            tx.send(Ok((key, UNREAD.to_string(), vec![])))
+        } else {
+            let mut bytes = Vec::with_capacity(size);
+            entry.read_to_end(&mut bytes).map_err(|e| {
+                DataError::format(path, format!("corrupt tar shard at `{name}`: {e}"))
+            })?;
+            tx.send(Ok((key, ext, bytes)))
+        };
+        if sent.is_err() {
             return Ok(());
+        }
+        // Seeking past the end succeeds where reading fails: a member (or its padding) cut
+        // short ends a seeking stream where the reading one ends, after the member.
+        if wanted.is_some() && end > file_len {
+            return Err(DataError::format(
+                path,
+                format!("corrupt tar shard at `{name}`: unexpected end of file"),
+            ));
         }
     }
     keys.finish(path)
@@ -740,7 +844,9 @@ pub(crate) fn group_to_sample(group: Vec<TarEntry>) -> Sample {
     let mut json_caption = None;
     let mut label = None;
     let exts: BTreeSet<&str> = group.iter().map(|(_, e, _)| e.as_str()).collect();
-    let problem = if exts.contains(REPEATED_KEY) {
+    let problem = if exts.contains(UNREAD) {
+        Some("not read: a sample this process does not use (another part's)".to_string())
+    } else if exts.contains(REPEATED_KEY) {
         Some(format!(
             "key `{key}` appears again after other samples in its shard (keys must be unique, their members consecutive)"
         ))

@@ -138,8 +138,8 @@ pub struct EmbedOptions {
     /// refused, naming what differs.
     pub overwrite: bool,
     /// This process's share when the run is split over independent processes: output
-    /// shard `j` (input samples `j * shard_size ..`) is embedded by part `j % N`, the
-    /// others' samples are skipped undecoded. The N parts write into one folder (or N
+    /// shard `j` (input samples `j * shard_size ..`) is embedded by part `j % N`; the
+    /// others' samples are skipped undecoded, and in tar shards unread (seeked past). The N parts write into one folder (or N
     /// folders read together) exactly the shards one process writes, byte for byte.
     pub part: Part,
 }
@@ -289,7 +289,13 @@ pub fn embed_dataset(
     };
     let bar = progress_bar(opts.progress, dataset.len_hint());
     let mut summary = EmbedSummary::default();
-    let mut stream = dataset.samples()?;
+    let mut stream = if part.is_whole() {
+        dataset.samples()?
+    } else {
+        // Other parts' samples are seeked past in tar shards, not read.
+        let shard_size = opts.shard_size as u64;
+        dataset.samples_where(move |i| part.owns(i / shard_size))?
+    };
     // Samples in the dataset, counted as the stream passes them.
     let mut seen = 0u64;
     for shard_idx in 0.. {

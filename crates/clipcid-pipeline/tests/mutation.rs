@@ -153,6 +153,34 @@ fn read_dataset(path: &Path) {
             }
         }
     }
+    // A part's stream (every other sample wanted) sees the same samples at the same
+    // positions, the wanted ones byte for byte, and ends the same way.
+    let summary = |stream: Result<clipcid_data::SampleStream<'_>, _>, all: bool| {
+        let mut out = vec![];
+        if let Ok(stream) = stream {
+            for s in stream {
+                match s {
+                    Ok(s) => {
+                        let image = (all || s.index % 2 == 0).then(|| s.image.clone());
+                        out.push(Ok((s.index, s.key, image)));
+                    }
+                    Err(e) => {
+                        assert!(e.to_string().contains("shard"), "{e}");
+                        out.push(Err(()));
+                        break;
+                    }
+                }
+            }
+        }
+        out
+    };
+    let mut whole = summary(ds.samples(), true);
+    for s in whole.iter_mut().flatten() {
+        if s.0 % 2 == 1 {
+            s.2 = None;
+        }
+    }
+    assert_eq!(whole, summary(ds.samples_where(|i| i % 2 == 0), false));
     if let Ok(index) = ds.index() {
         for i in 0..index.len() as u64 {
             if let Ok(s) = index.get(i) {
