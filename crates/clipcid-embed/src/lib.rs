@@ -139,8 +139,9 @@ pub struct EmbedOptions {
     pub overwrite: bool,
     /// This process's share when the run is split over independent processes: output
     /// shard `j` (input samples `j * shard_size ..`) is embedded by part `j % N`; the
-    /// others' samples are skipped undecoded, and in tar shards unread (seeked past). The N parts write into one folder (or N
-    /// folders read together) exactly the shards one process writes, byte for byte.
+    /// others' samples are passed over undecoded (in tar shards unread, seeked past). The N
+    /// parts write into one folder (or N folders read together) exactly the shards one
+    /// process writes, byte for byte.
     pub part: Part,
 }
 
@@ -229,7 +230,7 @@ pub fn embed_dataset(
         clipcid_store::io::lock_output_dir(out_dir)?
     } else {
         let name = format!(".clipcid-part-{}-of-{}.lock", part.index(), part.count());
-        clipcid_store::io::lock_output_dir_named(out_dir, &name)?
+        clipcid_store::io::lock_output_dir_part(out_dir, &name)?
     };
     // Only this part's shards are this run's to check, keep or remove.
     let owned = |p: &Path| clipcid_store::shard_index(p).is_none_or(|j| part.owns(j as u64));
@@ -302,7 +303,7 @@ pub fn embed_dataset(
         let path = shard_path(out_dir, shard_idx);
         let first = shard_idx as u64 * opts.shard_size as u64;
         if !part.owns(shard_idx as u64) {
-            // Another part's samples: read past, not decoded.
+            // Another part's samples: passed over, not decoded.
             let n = stream.skip_samples(opts.shard_size as u64)?;
             seen += n;
             bar.inc(n);

@@ -242,7 +242,7 @@ pub const LOCK_FILE: &str = ".clipcid.lock";
 /// `kill -9`, so a crashed run never leaves the folder locked).
 #[derive(Debug)]
 pub struct OutputLock {
-    _file: std::fs::File,
+    _files: Vec<std::fs::File>,
 }
 
 /// Locks `dir` (created if needed) for this run; a second writer gets an error naming the
@@ -256,27 +256,55 @@ pub struct OutputLock {
 /// assert!(clipcid_store::io::lock_output_dir(dir.path()).is_ok());
 /// ```
 pub fn lock_output_dir(dir: &Path) -> Result<OutputLock, StoreError> {
-    lock_output_dir_named(dir, LOCK_FILE)
+    Ok(OutputLock {
+        _files: vec![lock_file(dir, LOCK_FILE, false)?],
+    })
 }
 
-/// [`lock_output_dir`] with another lock file name, for processes that share a folder but
-/// each write only their own files (`.clipcid-part-1-of-4.lock` for one part of a run split
-/// with `--part`).
-pub fn lock_output_dir_named(dir: &Path, lock_file: &str) -> Result<OutputLock, StoreError> {
+/// The lock of one part of a run split over processes that share `dir`, each writing only
+/// its own files: [`LOCK_FILE`] held shared (so parts run together but a whole run into the
+/// folder is refused, and the other way round) and `part_lock` (`.clipcid-part-1-of-4.lock`)
+/// held exclusively (so the same part cannot run twice at once).
+///
+/// ```
+/// use clipcid_store::io::{lock_output_dir, lock_output_dir_part};
+/// let dir = tempfile::tempdir().unwrap();
+/// let a = lock_output_dir_part(dir.path(), ".part-0.lock").unwrap();
+/// let b = lock_output_dir_part(dir.path(), ".part-1.lock").unwrap(); // parts together
+/// assert!(lock_output_dir_part(dir.path(), ".part-1.lock").is_err()); // one part twice
+/// assert!(lock_output_dir(dir.path()).is_err()); // a whole run beside parts
+/// drop((a, b));
+/// assert!(lock_output_dir(dir.path()).is_ok());
+/// ```
+pub fn lock_output_dir_part(dir: &Path, part_lock: &str) -> Result<OutputLock, StoreError> {
+    Ok(OutputLock {
+        _files: vec![
+            lock_file(dir, LOCK_FILE, true)?,
+            lock_file(dir, part_lock, false)?,
+        ],
+    })
+}
+
+fn lock_file(dir: &Path, name: &str, shared: bool) -> Result<std::fs::File, StoreError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| StoreError::file(dir, format!("cannot create: {e}")))?;
-    let path = dir.join(lock_file);
+    let path = dir.join(name);
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&path)
         .map_err(|e| StoreError::file(&path, format!("cannot open the lock file: {e}")))?;
-    match file.try_lock() {
-        Ok(()) => Ok(OutputLock { _file: file }),
+    let locked = if shared {
+        file.try_lock_shared()
+    } else {
+        file.try_lock()
+    };
+    match locked {
+        Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::file(
             dir,
-            format!("another clipcid run is writing to this folder (it holds {lock_file}); wait for it or use another output folder"),
+            format!("another clipcid run is writing to this folder (it holds {name}); wait for it or use another output folder"),
         )),
         Err(std::fs::TryLockError::Error(e)) => {
             Err(StoreError::file(&path, format!("cannot lock: {e}")))
