@@ -116,16 +116,17 @@ pub(crate) fn tars_in(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
         .collect())
 }
 
-/// Whether `root` looks like img2dataset's `files` output: some sub-folder holds an image
-/// with a `.txt` of the same stem beside it (class folders of a labelled set do not).
+/// Whether `root` looks like img2dataset's `files` output: in the first sub-folder that
+/// holds images, some image has a `.txt` of the same stem beside it (class folders of a
+/// labelled set do not). Only that folder is listed, so a large labelled set costs no scan.
 fn is_img2dataset_files(root: &Path) -> Result<bool, DataError> {
     for dir in sorted_dir(root)?.into_iter().filter(|p| p.is_dir()) {
-        for file in sorted_dir(&dir)? {
-            if IMAGE_EXTENSIONS.contains(&ext_of(&file).as_str())
-                && file.with_extension("txt").is_file()
-            {
-                return Ok(true);
-            }
+        let images: Vec<PathBuf> = sorted_dir(&dir)?
+            .into_iter()
+            .filter(|f| IMAGE_EXTENSIONS.contains(&ext_of(f).as_str()))
+            .collect();
+        if !images.is_empty() {
+            return Ok(images.iter().any(|f| f.with_extension("txt").is_file()));
         }
     }
     Ok(false)

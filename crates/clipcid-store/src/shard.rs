@@ -1,6 +1,5 @@
 //! Embedding shard files: naming, listing, header checks and reading.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -300,24 +299,16 @@ impl RowIndex {
             path: path.to_path_buf(),
             msg,
         };
-        let text = has_text_tensor.then_some(());
-        let mut t: HashMap<&str, Tensor> = HashMap::new();
-        if let Some(x) = has_text {
-            t.insert("has_text", x);
-        }
-        if let Some(x) = ids {
-            t.insert("ids", x);
-        }
-        let has_text = match t.remove("has_text") {
+        let has_text = match has_text {
             Some(x) => x
                 .to_dtype(DType::U8)?
                 .to_vec1::<u8>()?
                 .into_iter()
                 .map(|b| b != 0)
                 .collect(),
-            None => vec![text.is_some(); n],
+            None => vec![has_text_tensor; n],
         };
-        let ids: Vec<i64> = match t.remove("ids") {
+        let ids: Vec<i64> = match ids {
             Some(x) => x.to_dtype(DType::I64)?.to_vec1()?,
             None => (0..n as i64).collect(),
         };
