@@ -28,6 +28,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod collective;
 mod config;
 mod data;
 mod lit;
@@ -35,6 +36,9 @@ mod optim;
 mod plot;
 mod trainer;
 
+pub use collective::{
+    all_gather_rows, all_reduce_mean, Collective, InProcessGroup, InProcessRank, SingleProcess,
+};
 pub use config::{
     ClusterTermConfig, DataConfig, DistillConfig, InstanceTermConfig, LossConfig, Mode,
     OptimConfig, StudentConfig, TermConfig, TrainPrecision,

@@ -1,0 +1,93 @@
+//! Data-parallel gradients: N ranks at batch b give the one-process gradient at batch N b.
+#![allow(clippy::unwrap_used)] // test setup: a failed step should panic
+
+use candle_core::{Device, Tensor, Var};
+use clipcid_loss::ClipLoss;
+use clipcid_train::{all_gather_rows, all_reduce_mean, Collective, InProcessGroup, SingleProcess};
+use rand::{Rng, SeedableRng};
+
+const B: usize = 3;
+const D_IN: usize = 6;
+const D: usize = 5;
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+/// The CLIP loss of a two-tower linear model on `rows` of the global inputs, features
+/// gathered over `c`, and the gradients of its three parameters (averaged over the ranks).
+fn gradients(c: &dyn Collective, world: usize) -> Vec<Vec<f32>> {
+    let dev = Device::Cpu;
+    let n = world * B;
+    let (ai, at) = (random(n * D_IN, 1), random(n * D_IN, 2));
+    let wi =
+        Var::from_tensor(&Tensor::from_vec(random(D_IN * D, 3), (D_IN, D), &dev).unwrap()).unwrap();
+    let wt =
+        Var::from_tensor(&Tensor::from_vec(random(D_IN * D, 4), (D_IN, D), &dev).unwrap()).unwrap();
+    let scale = Var::from_tensor(&Tensor::new(&[2.3f32], &dev).unwrap()).unwrap();
+    let rows = |a: &[f32]| {
+        let per = n / c.world_size();
+        let mine = &a[c.rank() * per * D_IN..(c.rank() + 1) * per * D_IN];
+        Tensor::from_slice(mine, (per, D_IN), &dev).unwrap()
+    };
+    let img = rows(&ai).matmul(wi.as_tensor()).unwrap();
+    let txt = rows(&at).matmul(wt.as_tensor()).unwrap();
+    let (img, txt) = (
+        all_gather_rows(c, &img).unwrap(),
+        all_gather_rows(c, &txt).unwrap(),
+    );
+    assert_eq!(img.dims(), &[n, D]);
+    let loss = ClipLoss::new()
+        .forward(&img, &txt, scale.as_tensor())
+        .unwrap();
+    let mut grads = loss.backward().unwrap();
+    all_reduce_mean(c, &mut grads, &[&wi, &wt, &scale]).unwrap();
+    [&wi, &wt, &scale]
+        .iter()
+        .map(|v| {
+            grads
+                .get(v.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn ranks_at_batch_b_get_the_one_process_gradient_at_batch_n_b() {
+    for world in [2usize, 3] {
+        let one = gradients(&SingleProcess, world);
+        let ranks = InProcessGroup::new(world);
+        let all: Vec<Vec<Vec<f32>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = ranks
+                .iter()
+                .map(|r| s.spawn(move || gradients(r, world)))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (r, g) in all.iter().enumerate() {
+            // Every rank holds the same gradient (the all-reduce sums in rank order) ...
+            assert!(g == &all[0], "rank {r} differs from rank 0");
+            // ... and it is the one-process gradient of the global batch, the logit scale's
+            // (a parameter the loss uses directly) included.
+            for (p, (a, b)) in g.iter().zip(&one).enumerate() {
+                let worst = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs() / y.abs().max(1e-3))
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst < 1e-5,
+                    "world {world}, parameter {p}: relative error {worst}"
+                );
+            }
+        }
+        // Without the gradient scaling of the own slice the feature path would be 1/world of
+        // it: the test above would fail, so it checks the rule and not just the plumbing.
+        assert!(one[0].iter().any(|v| v.abs() > 1e-4));
+    }
+}
