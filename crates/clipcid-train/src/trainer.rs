@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
@@ -16,7 +17,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::data::{Needs, TrainBatch, TrainingSet};
 use crate::{
-    clip_grad_norm, AdamW, DistillConfig, LossScale, Mode, TrainError, TrainPrecision, WarmupCosine,
+    all_gather_rows, all_reduce_mean, clip_grad_norm, AdamW, Collective, DistillConfig, LossScale,
+    Mode, SingleProcess, TrainError, TrainPrecision, WarmupCosine,
 };
 
 mod checkpoint;
@@ -70,7 +72,7 @@ pub struct Trainer {
     config: DistillConfig,
     out_dir: PathBuf,
     device: Device,
-    set: std::sync::Arc<TrainingSet>,
+    set: Arc<TrainingSet>,
     /// Batches being decoded ahead of the step (`prefetch > 0`).
     prefetch: Option<prefetch::Prefetcher>,
     model: ClipModel,
@@ -90,8 +92,11 @@ pub struct Trainer {
     order: Option<(u64, Vec<usize>)>,
     last_checkpoint: Option<PathBuf>,
     history: Vec<StepMetrics>,
-    /// The run folder is this trainer's alone while it lives.
-    _lock: clipcid_store::io::OutputLock,
+    /// The ranks training this model together (data parallel); one rank by default.
+    collective: std::sync::Arc<dyn Collective>,
+    /// The run folder is this trainer's alone while it lives (rank 0's; the other ranks of a
+    /// data-parallel run write nothing).
+    _lock: Option<clipcid_store::io::OutputLock>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -202,7 +207,7 @@ impl Trainer {
             };
             removed.map_err(|e| TrainError::io(&p, "cannot remove the earlier run's file", e))?;
         }
-        Self::build(config, out_dir, device, lock)
+        Self::build(config, out_dir, device, Some(lock), Arc::new(SingleProcess))
     }
 
     /// Loads the data, builds the student (seeded random, or `student.init`), the loss terms
@@ -219,7 +224,35 @@ impl Trainer {
                 what.display()
             )));
         }
-        Self::build(config, out_dir, device, lock)
+        Self::build(config, out_dir, device, Some(lock), Arc::new(SingleProcess))
+    }
+
+    /// [`Trainer::new`] for one rank of a data-parallel run: every rank reads the same data
+    /// and config, takes its `batch_size` rows of each global batch (`batch_size x world`
+    /// consecutive rows of the epoch's order, rank `r` the `r`-th slice), gathers the
+    /// features of the whole global batch for the losses ([`all_gather_rows`]) and averages
+    /// the gradients ([`all_reduce_mean`]), so that N ranks at batch `b` train as one process
+    /// at batch `N b`. Rank 0 alone locks and writes the run folder (metrics, checkpoints,
+    /// student); the others write nothing.
+    pub fn new_data_parallel(
+        config: DistillConfig,
+        out_dir: &Path,
+        device: &Device,
+        collective: Arc<dyn Collective>,
+    ) -> Result<Self, TrainError> {
+        if collective.rank() != 0 {
+            config.validate().map_err(TrainError::Config)?;
+            return Self::build(config, out_dir, device, None, collective);
+        }
+        let lock = claim(&config, out_dir)?;
+        if let Some(what) = run_files(out_dir).first() {
+            return Err(TrainError::Config(format!(
+                "{} already holds a run ({}): pass --resume to continue it, or --overwrite to start over",
+                out_dir.display(),
+                what.display()
+            )));
+        }
+        Self::build(config, out_dir, device, Some(lock), collective)
     }
 
     /// The trainer for a validated `config` in `out_dir`, whose lock the caller holds (see
@@ -229,7 +262,8 @@ impl Trainer {
         config: DistillConfig,
         out_dir: &Path,
         device: &Device,
-        lock: clipcid_store::io::OutputLock,
+        lock: Option<clipcid_store::io::OutputLock>,
+        collective: Arc<dyn Collective>,
     ) -> Result<Self, TrainError> {
         let needs = config.needs();
         let set = TrainingSet::load(&config.data, needs)?;
@@ -316,12 +350,14 @@ impl Trainer {
             params.push((CENTRES.into(), c.fc.weight().clone()));
         }
         let optimizer = AdamW::new(params, config.optim.adamw)?;
-        let per_step = (config.batch_size * config.optim.accumulate) as u64;
+        let world = collective.world_size();
+        let per_step = (config.batch_size * config.optim.accumulate * world) as u64;
         let steps_per_epoch = set.len() as u64 / per_step;
         if steps_per_epoch == 0 {
             return Err(TrainError::Config(format!(
-                "{} training rows are fewer than one step's batch_size x optim.accumulate = {per_step}",
-                set.len()
+                "{} training rows are fewer than one step's batch_size x optim.accumulate{} = {per_step}",
+                set.len(),
+                if world > 1 { " x ranks" } else { "" }
             )));
         }
         let total = steps_per_epoch * config.epochs as u64;
@@ -340,7 +376,7 @@ impl Trainer {
             config,
             out_dir: out_dir.to_path_buf(),
             device: device.clone(),
-            set: std::sync::Arc::new(set),
+            set: Arc::new(set),
             prefetch: None,
             model,
             varmap,
@@ -355,6 +391,7 @@ impl Trainer {
             order: None,
             last_checkpoint: None,
             history: vec![],
+            collective,
             _lock: lock,
         })
     }
@@ -457,6 +494,25 @@ impl Trainer {
         Ok(Tensor::from_vec(flat, (rows.len(), dim), &self.device)?)
     }
 
+    /// This rank's training rows of micro-batch `micro` of step `step` (0-based): of the
+    /// `batch_size x world` consecutive rows of the epoch's order that make the global
+    /// micro-batch, the slice of this rank.
+    fn micro_rows(&self, step: u64, micro: usize) -> Vec<usize> {
+        let (bs, accum) = (self.config.batch_size, self.config.optim.accumulate);
+        let (world, rank) = (self.collective.world_size(), self.collective.rank());
+        let in_epoch = (step % self.steps_per_epoch) as usize;
+        let first = ((in_epoch * accum + micro) * world + rank) * bs;
+        match &self.order {
+            Some((_, o)) => o[first..first + bs].to_vec(),
+            None => vec![],
+        }
+    }
+
+    /// Whether this trainer writes the run folder (rank 0).
+    fn is_writer(&self) -> bool {
+        self.collective.rank() == 0
+    }
+
     /// The micro-batch `key` (training rows `rows`): from the prefetch queue when it holds
     /// it next, else assembled here, after which a new queue starts on the rest of the
     /// epoch's micro-batches.
@@ -483,19 +539,14 @@ impl Trainer {
             &self.device,
         )?;
         // Plan the epoch's remaining micro-batches after this one.
-        let (bs, accum) = (self.config.batch_size, self.config.optim.accumulate);
+        let accum = self.config.optim.accumulate;
         let epoch_first = (self.step / self.steps_per_epoch) * self.steps_per_epoch;
-        let plan: Vec<(prefetch::BatchKey, Vec<usize>)> = match &self.order {
-            Some((_, order)) => (key.0..epoch_first + self.steps_per_epoch)
-                .flat_map(|step| (0..accum).map(move |m| (step, m)))
-                .filter(|&k| k > key)
-                .map(|(step, m)| {
-                    let first = (((step - epoch_first) as usize) * accum + m) * bs;
-                    ((step, m), order[first..first + bs].to_vec())
-                })
-                .collect(),
-            None => vec![],
-        };
+        let plan: Vec<(prefetch::BatchKey, Vec<usize>)> = (key.0
+            ..epoch_first + self.steps_per_epoch)
+            .flat_map(|step| (0..accum).map(move |m| (step, m)))
+            .filter(|&k| k > key)
+            .map(|(step, m)| ((step, m), self.micro_rows(step, m)))
+            .collect();
         self.prefetch = Some(prefetch::Prefetcher::start(
             self.set.clone(),
             plan,
@@ -518,23 +569,55 @@ impl Trainer {
         };
         let model = cast.as_ref().unwrap_or(&self.model);
         let image = model.encode_image(&b.pixels)?.to_dtype(DType::F32)?;
+        // Data parallel: the losses see the whole global batch, this rank's rows carrying
+        // the gradient (all_gather_rows); teacher rows and labels are constants.
+        let group = self.collective.clone();
+        let dp = group.world_size() > 1;
+        let gather = |t: &Tensor| -> Result<Tensor, TrainError> {
+            if dp {
+                all_gather_rows(group.as_ref(), t)
+            } else {
+                Ok(t.clone())
+            }
+        };
+        let image = gather(&image)?;
+        let teacher_image = if b.teacher_image.dim(1)? == 0 {
+            Tensor::zeros((image.dim(0)?, 0), DType::F32, image.device())?
+        } else {
+            gather(&b.teacher_image)?
+        };
+        let teacher_text = b.teacher_text.as_ref().map(&gather).transpose()?;
+        let labels: Vec<u32> = if dp {
+            let local: Vec<f32> = b.labels.iter().map(|&l| l as f32).collect();
+            // Labels are below 2^24 (cluster counts are), so f32 carries them exactly.
+            group
+                .all_gather(&local)?
+                .concat()
+                .into_iter()
+                .map(|l| l as u32)
+                .collect()
+        } else {
+            b.labels.clone()
+        };
         let mut terms: Vec<(String, Tensor)> = vec![];
         let mut weighted: Vec<Tensor> = vec![];
         match self.config.mode {
             Mode::Piccollage => {
-                let l = self.config.loss.piccollage.forward(
-                    &image,
-                    &b.teacher_image,
-                    epoch as usize,
-                )?;
+                let l =
+                    self.config
+                        .loss
+                        .piccollage
+                        .forward(&image, &teacher_image, epoch as usize)?;
                 weighted.push(l.clone());
                 terms.push(("piccollage".into(), l));
             }
             Mode::ClipCid => {
                 let cfg = self.config.loss.clone();
                 let text = match &b.tokens {
-                    Some(t) if self.config.student.freeze_text => Some(self.frozen_text(t)?),
-                    Some(t) => Some(model.encode_text(t)?.to_dtype(DType::F32)?),
+                    Some(t) if self.config.student.freeze_text => {
+                        Some(gather(&self.frozen_text(t)?)?)
+                    }
+                    Some(t) => Some(gather(&model.encode_text(t)?.to_dtype(DType::F32)?)?),
                     None => None,
                 };
                 let scale = self.model.logit_scale().clone();
@@ -551,14 +634,14 @@ impl Trainer {
                         .cluster
                         .as_mut()
                         .ok_or_else(|| TrainError::Config("no cluster file".into()))?;
-                    let out = c.forward(&image, &b.teacher_image, &b.labels)?;
+                    let out = c.forward(&image, &teacher_image, &labels)?;
                     weighted.push((&out.loss * cfg.cluster.weight)?);
                     terms.push(("cluster".into(), out.loss));
                     terms.push(("cluster_cls".into(), out.classification));
                     terms.push(("cluster_kl".into(), out.kl));
                 }
                 if cfg.instance.enabled {
-                    let (text, t_text) = match (&text, &b.teacher_text) {
+                    let (text, t_text) = match (&text, &teacher_text) {
                         (Some(a), Some(b)) => (a, b),
                         _ => return Err(TrainError::Config("no teacher text".into())),
                     };
@@ -566,7 +649,7 @@ impl Trainer {
                         image_text_weight: cfg.instance.image_text_weight,
                         text_image_weight: cfg.instance.text_image_weight,
                     }
-                    .forward(&image, text, &b.teacher_image, t_text, &scale)?;
+                    .forward(&image, text, &teacher_image, t_text, &scale)?;
                     weighted.push((&l * cfg.instance.weight)?);
                     terms.push(("instance".into(), l));
                 }
@@ -580,10 +663,10 @@ impl Trainer {
             total = (total + w)?;
         }
         // Cosine between unit student and teacher image rows: the distillation's yardstick.
-        let cos = if image.dim(1)? == b.teacher_image.dim(1)? {
+        let cos = if image.dim(1)? == teacher_image.dim(1)? {
             Some(
                 clipcid_models::l2_normalize(&image.detach())?
-                    .mul(&b.teacher_image)?
+                    .mul(&teacher_image)?
                     .sum(D::Minus1)?
                     .mean_all()?,
             )
@@ -611,17 +694,12 @@ impl Trainer {
         if self.order.as_ref().map(|(e, _)| *e) != Some(epoch) {
             self.order = Some((epoch, self.epoch_order(epoch)));
         }
-        let in_epoch = (self.step % self.steps_per_epoch) as usize;
-        let (bs, accum) = (self.config.batch_size, self.config.optim.accumulate);
+        let accum = self.config.optim.accumulate;
         let mut grads: Option<GradStore> = None;
         let mut sums: std::collections::BTreeMap<String, f64> = Default::default();
         let (mut loss_sum, mut cos_sum, mut samples) = (0f64, None::<f64>, 0usize);
         for micro in 0..accum {
-            let first = (in_epoch * accum + micro) * bs;
-            let rows: Vec<usize> = match &self.order {
-                Some((_, o)) => o[first..first + bs].to_vec(),
-                None => vec![],
-            };
+            let rows = self.micro_rows(self.step, micro);
             let batch = self.next_batch((self.step, micro), &rows)?;
             for s in &batch.skipped {
                 log::warn!(
@@ -666,6 +744,12 @@ impl Trainer {
         let mut grads = grads.ok_or_else(|| TrainError::Config("no micro-batch".into()))?;
         let vars: Vec<Var> = self.optimizer.params().map(|(_, v)| v.clone()).collect();
         let refs: Vec<&Var> = vars.iter().collect();
+        // Data parallel: every rank steps with the mean gradient, so the weights stay equal.
+        all_reduce_mean(self.collective.as_ref(), &mut grads, &refs)?;
+        if self.collective.world_size() > 1 {
+            let all = self.collective.all_gather(&[samples as f32])?;
+            samples = all.concat().iter().map(|&n| n as usize).sum();
+        }
         let loss_scale = self.loss_scale.map(|s| s.scale());
         if let Some(scale) = loss_scale {
             // Unscale before clipping, as GradScaler.unscale_ does.
@@ -724,7 +808,9 @@ impl Trainer {
             loss_scale,
             skipped,
         };
-        append_metrics(&self.out_dir.join("metrics.jsonl"), &m)?;
+        if self.is_writer() {
+            append_metrics(&self.out_dir.join("metrics.jsonl"), &m)?;
+        }
         self.history.push(m.clone());
         Ok(m)
     }
@@ -758,20 +844,25 @@ impl Trainer {
             ));
             last = Some(m);
             let every = self.config.checkpoint_every.max(1);
-            if self.step.is_multiple_of(every) && self.step < self.total_steps() {
+            if self.is_writer() && self.step.is_multiple_of(every) && self.step < self.total_steps()
+            {
                 self.save_checkpoint()?;
                 crate::plot::plot_loss_curves(&self.out_dir.join("loss.png"), &self.history)?;
             }
         }
         bar.finish_and_clear();
         let done = self.step >= self.total_steps();
-        if self.step > first || done {
+        if self.is_writer() && (self.step > first || done) {
             self.save_checkpoint()?;
             if !self.history.is_empty() {
                 crate::plot::plot_loss_curves(&self.out_dir.join("loss.png"), &self.history)?;
             }
         }
-        let student = if done {
+        if self.collective.world_size() > 1 {
+            // Every rank returns once rank 0's checkpoint is written (a resume reads it).
+            self.collective.all_gather(&[])?;
+        }
+        let student = if done && self.is_writer() {
             let dir = self.out_dir.join("student");
             self.model.save_pretrained(&dir, DType::F32)?;
             // What transformers' CLIPProcessor needs beside the weights.

@@ -840,3 +840,77 @@ fn prefetching_changes_when_batches_are_decoded_not_what_they_hold() {
     assert_eq!(la, lb);
     assert!(a == b, "prefetching changed the weights");
 }
+
+#[test]
+fn two_ranks_at_batch_b_train_as_one_process_at_batch_2b() {
+    // CLIP-CID with all three terms (PartialFC sampling 16 of 32 centres, two micro-batches a
+    // step): 2 ranks at batch 8, stopped half way and resumed, against 1 process at batch 16.
+    // The same code path; ranks are threads exchanging through InProcessGroup.
+    let fx = fixture(128, 0, 32);
+    let mut one = Trainer::new(fx.config(FULL), &fx.path("one"), &Device::Cpu).unwrap();
+    one.run(None, false).unwrap();
+    let half = FULL.replace("batch_size = 16", "batch_size = 8");
+    let ranks = clipcid_train::InProcessGroup::new(2);
+    let runs: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .map(|r| {
+                let (fx, half) = (&fx, &half);
+                s.spawn(move || {
+                    let group: std::sync::Arc<dyn clipcid_train::Collective> =
+                        std::sync::Arc::new(r);
+                    let out = fx.path("dp");
+                    let mut t = Trainer::new_data_parallel(
+                        fx.config(half),
+                        &out,
+                        &Device::Cpu,
+                        group.clone(),
+                    )
+                    .unwrap();
+                    assert_eq!(t.total_steps(), 8);
+                    t.run(Some(4), false).unwrap();
+                    drop(t);
+                    let mut t =
+                        Trainer::resume_data_parallel(fx.config(half), &out, &Device::Cpu, group)
+                            .unwrap();
+                    assert_eq!(t.step_count(), 4);
+                    t.run(None, false).unwrap();
+                    (weights(t.model()), t.history().to_vec())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let (w0, h0) = &runs[0];
+    assert!(runs[1].0 == *w0, "the ranks' weights differ");
+    let worst = w0
+        .iter()
+        .zip(weights(one.model()))
+        .flat_map(|((_, a), (_, b))| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .collect::<Vec<_>>()
+        })
+        .fold(0f32, f32::max);
+    eprintln!("2 ranks x 8 vs 1 x 16: largest weight difference {worst}");
+    assert!(worst < 1e-4, "largest weight difference {worst}");
+    let losses = |h: &[clipcid_train::StepMetrics]| {
+        h.iter()
+            .map(|m| (m.step, m.loss, m.samples))
+            .collect::<Vec<_>>()
+    };
+    let (a, b) = (losses(h0), losses(one.history()));
+    assert_eq!(a.len(), b.len());
+    for ((s, la, na), (_, lb, nb)) in a.iter().zip(&b) {
+        assert!(
+            (la - lb).abs() < 1e-4 * lb.abs().max(1.0),
+            "step {s}: loss {la} vs {lb}"
+        );
+        assert_eq!(na, nb, "step {s}: samples");
+    }
+    // Rank 0 alone wrote the run folder: one metrics line per step, the student.
+    let m = clipcid_train::read_metrics(&fx.path("dp/metrics.jsonl")).unwrap();
+    assert_eq!(m.len(), 8);
+    assert!(fx.path("dp/student/model.safetensors").exists());
+}

@@ -49,6 +49,16 @@ impl DistillArgs {
 /// `args.resume` the newest checkpoint there. Run it with
 /// `trainer.run(args.max_steps, !args.quiet)`.
 pub fn open_trainer(args: &DistillArgs, device: &Device) -> Result<Trainer, PipelineError> {
+    // torchrun starting several processes would get that many copies of one run fighting
+    // over the folder: say what exists instead. (A Slurm array of separate runs is fine.)
+    let world = std::env::var("WORLD_SIZE").ok();
+    if let Some(n) = world.as_deref().and_then(|w| w.trim().parse::<u64>().ok()) {
+        if n > 1 {
+            return Err(PipelineError::Input(format!(
+                "distill was started with WORLD_SIZE={n}, but data-parallel training across processes needs the NCCL collective, which is not built yet; run one process (data parallelism across threads is in the library: Trainer::new_data_parallel)"
+            )));
+        }
+    }
     let config = DistillConfig::from_file(&args.config)?;
     Ok(if args.resume {
         Trainer::resume(config, &args.out, device)?

@@ -23,6 +23,9 @@ struct TrainerState {
     /// An f16 run's loss scale and its streak of finite steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     loss_scale: Option<(f64, u64)>,
+    /// Ranks of a data-parallel run (absent: 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    world_size: Option<usize>,
 }
 
 impl Trainer {
@@ -35,12 +38,35 @@ impl Trainer {
         out_dir: &Path,
         device: &Device,
     ) -> Result<Self, TrainError> {
-        let lock = super::claim(&config, out_dir)?;
+        Self::resume_data_parallel(
+            config,
+            out_dir,
+            device,
+            std::sync::Arc::new(crate::SingleProcess),
+        )
+    }
+
+    /// [`Trainer::resume`] for one rank of a data-parallel run
+    /// ([`Trainer::new_data_parallel`]): every rank loads rank 0's newest checkpoint; rank
+    /// 0 alone locks the folder and trims `metrics.jsonl`. The number of ranks must be the
+    /// checkpoint's (it sets the global batch, and so the data order).
+    pub fn resume_data_parallel(
+        config: DistillConfig,
+        out_dir: &Path,
+        device: &Device,
+        collective: std::sync::Arc<dyn crate::Collective>,
+    ) -> Result<Self, TrainError> {
+        let lock = if collective.rank() == 0 {
+            Some(super::claim(&config, out_dir)?)
+        } else {
+            config.validate().map_err(TrainError::Config)?;
+            None
+        };
         let latest = out_dir.join("checkpoints").join("latest");
         let name = std::fs::read_to_string(&latest)
             .map_err(|e| TrainError::io(&latest, "no checkpoint to resume from", e))?;
         let dir = out_dir.join("checkpoints").join(name.trim());
-        let mut t = Self::build(config, out_dir, device, lock)?;
+        let mut t = Self::build(config, out_dir, device, lock, collective)?;
         t.load_checkpoint(&dir)?;
         Ok(t)
     }
@@ -96,6 +122,13 @@ impl Trainer {
                     dir.display()
                 )));
             }
+        }
+        let (then, now) = (state.world_size.unwrap_or(1), self.collective.world_size());
+        if then != now {
+            return Err(TrainError::Config(format!(
+                "{}: the checkpoint was trained by {then} rank(s), this run has {now}; the global batch and data order would change",
+                dir.display()
+            )));
         }
         if saved.mode != self.config.mode {
             return Err(TrainError::Config(format!(
@@ -157,7 +190,9 @@ impl Trainer {
             .into_iter()
             .filter(|m| m.step <= self.step)
             .collect();
-        write_metrics(&self.out_dir.join("metrics.jsonl"), &self.history)?;
+        if self.is_writer() {
+            write_metrics(&self.out_dir.join("metrics.jsonl"), &self.history)?;
+        }
         Ok(())
     }
 
@@ -197,6 +232,7 @@ impl Trainer {
             step: self.step,
             optimizer_steps: (steps != self.step).then_some(steps),
             loss_scale: self.loss_scale.map(|s| (s.scale(), s.good_steps())),
+            world_size: (self.collective.world_size() > 1).then(|| self.collective.world_size()),
             partial_fc_rng: self
                 .cluster
                 .as_ref()
