@@ -216,15 +216,7 @@ impl Trainer {
     /// [`Trainer::new_overwriting`]), so a fresh run never prunes or mixes with another's
     /// checkpoints.
     pub fn new(config: DistillConfig, out_dir: &Path, device: &Device) -> Result<Self, TrainError> {
-        let lock = claim(&config, out_dir)?;
-        if let Some(what) = run_files(out_dir).first() {
-            return Err(TrainError::Config(format!(
-                "{} already holds a run ({}): pass --resume to continue it, or --overwrite to start over (its checkpoints, metrics and student are removed)",
-                out_dir.display(),
-                what.display()
-            )));
-        }
-        Self::build(config, out_dir, device, Some(lock), Arc::new(SingleProcess))
+        Self::new_data_parallel(config, out_dir, device, Arc::new(SingleProcess))
     }
 
     /// [`Trainer::new`] for one rank of a data-parallel run: every rank reads the same data
@@ -247,7 +239,7 @@ impl Trainer {
         let lock = claim(&config, out_dir)?;
         if let Some(what) = run_files(out_dir).first() {
             return Err(TrainError::Config(format!(
-                "{} already holds a run ({}): pass --resume to continue it, or --overwrite to start over",
+                "{} already holds a run ({}): pass --resume to continue it, or --overwrite to start over (its checkpoints, metrics and student are removed)",
                 out_dir.display(),
                 what.display()
             )));
