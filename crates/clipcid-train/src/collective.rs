@@ -1,7 +1,8 @@
 //! What data-parallel training needs from the processes (ranks) that train one model
 //! together: gathering every rank's rows, and summing gradients. [`InProcessGroup`] runs the
-//! ranks as threads of one process (the equality tests); a multi-process implementation
-//! (NCCL across GPUs) plugs in behind the same [`Collective`] trait.
+//! ranks as threads of one process (the equality tests); [`TcpRank`] joins processes as
+//! torchrun starts them (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`) over TCP; NCCL
+//! across GPUs would plug in behind the same [`Collective`] trait.
 //!
 //! The data-parallel rule used with it ([`all_gather_rows`], [`all_reduce_mean`]): every
 //! rank computes the loss of the *global* batch from the gathered features, whose own slice
@@ -125,17 +126,7 @@ impl Collective for InProcessRank {
 
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), TrainError> {
         let all = self.all_gather(data)?;
-        if let Some(bad) = all.iter().find(|v| v.len() != data.len()) {
-            return Err(TrainError::Config(format!(
-                "all-reduce of {} values met a rank with {}",
-                data.len(),
-                bad.len()
-            )));
-        }
-        for (i, d) in data.iter_mut().enumerate() {
-            *d = all.iter().map(|v| v[i]).sum();
-        }
-        Ok(())
+        sum_in_rank_order(&all, data)
     }
 }
 
@@ -187,6 +178,195 @@ pub fn all_reduce_mean(
         values.iter_mut().for_each(|x| *x /= world);
         let mean = Tensor::from_vec(values, t.shape(), t.device())?.to_dtype(t.dtype())?;
         grads.insert(t, mean);
+    }
+    Ok(())
+}
+
+/// One rank of a group of processes that exchange over TCP, launched as torchrun launches
+/// them (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`): rank 0 listens on the master
+/// address and every other rank connects to it (a star; each gather goes through rank 0).
+/// It carries CPU training across processes or machines without a communication library;
+/// GPUs want NCCL behind the same [`Collective`] trait.
+pub struct TcpRank {
+    rank: usize,
+    world: usize,
+    /// Rank 0: the stream of each other rank (index `r - 1`); others: the stream to rank 0.
+    streams: Mutex<Vec<std::net::TcpStream>>,
+}
+
+/// How long a rank waits for the others (connecting, or in a collective call) before it
+/// gives up with an error naming what it waited for.
+pub const TCP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+impl TcpRank {
+    /// Joins the group from torchrun's environment variables; `None` when `WORLD_SIZE` is
+    /// unset or 1.
+    pub fn from_env() -> Result<Option<Self>, TrainError> {
+        let var = |k: &str| std::env::var(k).ok();
+        let num = |k: &str| -> Result<Option<usize>, TrainError> {
+            var(k)
+                .map(|v| {
+                    v.trim().parse::<usize>().map_err(|_| {
+                        TrainError::Config(format!("environment variable {k}=`{v}` is not a count"))
+                    })
+                })
+                .transpose()
+        };
+        let world = num("WORLD_SIZE")?.unwrap_or(1);
+        if world <= 1 {
+            return Ok(None);
+        }
+        let rank = num("RANK")?
+            .ok_or_else(|| TrainError::Config("WORLD_SIZE is set but RANK is not".into()))?;
+        let addr = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
+        let port = num("MASTER_PORT")?.unwrap_or(29500);
+        Self::connect(rank, world, &format!("{addr}:{port}")).map(Some)
+    }
+
+    /// Joins group of `world` ranks as `rank`, rank 0 listening at `master` (`host:port`).
+    pub fn connect(rank: usize, world: usize, master: &str) -> Result<Self, TrainError> {
+        use std::io::{Read, Write};
+        let err = |what: &str, e: std::io::Error| {
+            TrainError::Config(format!("rank {rank} of {world}: {what} {master}: {e}"))
+        };
+        if rank >= world {
+            return Err(TrainError::Config(format!(
+                "RANK {rank} is not below WORLD_SIZE {world}"
+            )));
+        }
+        let mut streams = vec![];
+        if rank == 0 {
+            let listener =
+                std::net::TcpListener::bind(master).map_err(|e| err("cannot listen on", e))?;
+            let mut by_rank: Vec<Option<std::net::TcpStream>> = (1..world).map(|_| None).collect();
+            for _ in 1..world {
+                let (mut s, _) = listener.accept().map_err(|e| err("cannot accept on", e))?;
+                s.set_read_timeout(Some(TCP_TIMEOUT))
+                    .map_err(|e| err("cannot set a timeout on", e))?;
+                let mut r = [0u8; 8];
+                s.read_exact(&mut r)
+                    .map_err(|e| err("no rank from a peer of", e))?;
+                let r = u64::from_le_bytes(r) as usize;
+                match by_rank.get_mut(r.wrapping_sub(1)) {
+                    Some(slot @ None) => *slot = Some(s),
+                    _ => {
+                        return Err(TrainError::Config(format!(
+                            "rank 0 of {world}: a peer of {master} says it is rank {r} (twice, or out of range)"
+                        )))
+                    }
+                }
+            }
+            streams.extend(by_rank.into_iter().flatten());
+        } else {
+            let start = std::time::Instant::now();
+            let mut s = loop {
+                match std::net::TcpStream::connect(master) {
+                    Ok(s) => break s,
+                    Err(e) if start.elapsed() > TCP_TIMEOUT => {
+                        return Err(err("cannot reach rank 0 at", e))
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+                }
+            };
+            s.set_read_timeout(Some(TCP_TIMEOUT))
+                .map_err(|e| err("cannot set a timeout on", e))?;
+            s.write_all(&(rank as u64).to_le_bytes())
+                .map_err(|e| err("cannot send to", e))?;
+            streams.push(s);
+        }
+        Ok(Self {
+            rank,
+            world,
+            streams: Mutex::new(streams),
+        })
+    }
+}
+
+fn send_vec(s: &mut std::net::TcpStream, v: &[f32]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut bytes = Vec::with_capacity(8 + v.len() * 4);
+    bytes.extend_from_slice(&(v.len() as u64).to_le_bytes());
+    for x in v {
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    s.write_all(&bytes)
+}
+
+fn recv_vec(s: &mut std::net::TcpStream) -> std::io::Result<Vec<f32>> {
+    use std::io::Read;
+    let mut n = [0u8; 8];
+    s.read_exact(&mut n)?;
+    let n = usize::try_from(u64::from_le_bytes(n)).unwrap_or(usize::MAX);
+    // A length no honest peer sends (over 16 GB of values) is a broken stream.
+    if n > (1 << 32) {
+        return Err(std::io::Error::other(format!(
+            "a peer announced {n} values"
+        )));
+    }
+    let mut bytes = vec![0u8; n * 4];
+    s.read_exact(&mut bytes)?;
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+impl Collective for TcpRank {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_gather(&self, local: &[f32]) -> Result<Vec<Vec<f32>>, TrainError> {
+        let mut streams = self
+            .streams
+            .lock()
+            .map_err(|_| TrainError::Config("the TCP group's lock is poisoned".into()))?;
+        let lost = |e: std::io::Error| {
+            TrainError::Config(format!(
+                "rank {} of {}: the group broke off (a rank stopped?): {e}",
+                self.rank, self.world
+            ))
+        };
+        if self.rank == 0 {
+            let mut all = vec![local.to_vec()];
+            for s in streams.iter_mut() {
+                all.push(recv_vec(s).map_err(lost)?);
+            }
+            for s in streams.iter_mut() {
+                for v in &all {
+                    send_vec(s, v).map_err(lost)?;
+                }
+            }
+            Ok(all)
+        } else {
+            let s = &mut streams[0];
+            send_vec(s, local).map_err(lost)?;
+            (0..self.world).map(|_| recv_vec(s).map_err(lost)).collect()
+        }
+    }
+
+    fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), TrainError> {
+        let all = self.all_gather(data)?;
+        sum_in_rank_order(&all, data)
+    }
+}
+
+/// `data` = the element-wise sum of `all` (one vector per rank), added in rank order so every
+/// rank gets the same bits.
+fn sum_in_rank_order(all: &[Vec<f32>], data: &mut [f32]) -> Result<(), TrainError> {
+    if let Some(bad) = all.iter().find(|v| v.len() != data.len()) {
+        return Err(TrainError::Config(format!(
+            "all-reduce of {} values met a rank with {}",
+            data.len(),
+            bad.len()
+        )));
+    }
+    for (i, d) in data.iter_mut().enumerate() {
+        *d = all.iter().map(|v| v[i]).sum();
     }
     Ok(())
 }

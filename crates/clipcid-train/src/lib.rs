@@ -38,6 +38,7 @@ mod trainer;
 
 pub use collective::{
     all_gather_rows, all_reduce_mean, Collective, InProcessGroup, InProcessRank, SingleProcess,
+    TcpRank, TCP_TIMEOUT,
 };
 pub use config::{
     ClusterTermConfig, DataConfig, DistillConfig, InstanceTermConfig, LossConfig, Mode,

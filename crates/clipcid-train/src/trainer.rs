@@ -129,6 +129,20 @@ pub(crate) fn claim(
     Ok(clipcid_store::io::lock_output_dir(out_dir)?)
 }
 
+/// [`claim`] on rank 0, which writes the run folder; the other ranks of a data-parallel run
+/// only validate the config (`None`: no lock).
+pub(crate) fn claim_as_rank(
+    config: &DistillConfig,
+    out_dir: &Path,
+    collective: &dyn Collective,
+) -> Result<Option<clipcid_store::io::OutputLock>, TrainError> {
+    if collective.rank() == 0 {
+        return claim(config, out_dir).map(Some);
+    }
+    config.validate().map_err(TrainError::Config)?;
+    Ok(None)
+}
+
 /// The files of a run in `out_dir` (checkpoints, metrics, loss curves, student, and hidden
 /// temporary files a failed write left).
 fn run_files(out_dir: &Path) -> Vec<PathBuf> {
@@ -197,8 +211,20 @@ impl Trainer {
         out_dir: &Path,
         device: &Device,
     ) -> Result<Self, TrainError> {
-        // Validated before anything is removed; locked so no other run is writing there.
-        let lock = claim(&config, out_dir)?;
+        Self::new_overwriting_data_parallel(config, out_dir, device, Arc::new(SingleProcess))
+    }
+
+    /// [`Trainer::new_overwriting`] for one rank of a data-parallel run
+    /// ([`Trainer::new_data_parallel`]): rank 0 removes the earlier run.
+    pub fn new_overwriting_data_parallel(
+        config: DistillConfig,
+        out_dir: &Path,
+        device: &Device,
+        collective: Arc<dyn Collective>,
+    ) -> Result<Self, TrainError> {
+        let Some(lock) = claim_as_rank(&config, out_dir, collective.as_ref())? else {
+            return Self::build(config, out_dir, device, None, collective);
+        };
         for p in run_files(out_dir) {
             let removed = if p.is_dir() {
                 std::fs::remove_dir_all(&p)
@@ -207,7 +233,7 @@ impl Trainer {
             };
             removed.map_err(|e| TrainError::io(&p, "cannot remove the earlier run's file", e))?;
         }
-        Self::build(config, out_dir, device, Some(lock), Arc::new(SingleProcess))
+        Self::build(config, out_dir, device, Some(lock), collective)
     }
 
     /// Loads the data, builds the student (seeded random, or `student.init`), the loss terms
@@ -232,11 +258,9 @@ impl Trainer {
         device: &Device,
         collective: Arc<dyn Collective>,
     ) -> Result<Self, TrainError> {
-        if collective.rank() != 0 {
-            config.validate().map_err(TrainError::Config)?;
+        let Some(lock) = claim_as_rank(&config, out_dir, collective.as_ref())? else {
             return Self::build(config, out_dir, device, None, collective);
-        }
-        let lock = claim(&config, out_dir)?;
+        };
         if let Some(what) = run_files(out_dir).first() {
             return Err(TrainError::Config(format!(
                 "{} already holds a run ({}): pass --resume to continue it, or --overwrite to start over (its checkpoints, metrics and student are removed)",

@@ -91,3 +91,50 @@ fn ranks_at_batch_b_get_the_one_process_gradient_at_batch_n_b() {
         assert!(one[0].iter().any(|v| v.abs() > 1e-4));
     }
 }
+
+#[test]
+fn ranks_over_tcp_get_the_same_gradient_as_threads() {
+    for world in [2usize, 3] {
+        let one = gradients(&SingleProcess, world);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let master = format!("127.0.0.1:{port}");
+        let all: Vec<Vec<Vec<f32>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..world)
+                .map(|r| {
+                    let master = master.clone();
+                    s.spawn(move || {
+                        let rank = clipcid_train::TcpRank::connect(r, world, &master).unwrap();
+                        gradients(&rank, world)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for g in &all {
+            assert!(g == &all[0]);
+            for (a, b) in g.iter().zip(&one) {
+                for (x, y) in a.iter().zip(b) {
+                    assert!((x - y).abs() <= 1e-5 * y.abs().max(1e-3), "{x} vs {y}");
+                }
+            }
+        }
+    }
+    // A rank beyond the group, or a master nobody can bind, is an error naming it.
+    let e = clipcid_train::TcpRank::connect(2, 2, "127.0.0.1:1")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("RANK 2") && e.contains("WORLD_SIZE 2"), "{e}");
+    let e = clipcid_train::TcpRank::connect(0, 2, "256.0.0.1:1")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("rank 0 of 2") && e.contains("256.0.0.1:1"),
+        "{e}"
+    );
+}

@@ -42,6 +42,23 @@ fn tars(dir: &Path) {
     }
 }
 
+/// A folder with the three tars and a random tiny teacher.
+fn setup() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    tars(tmp.path());
+    ok(
+        tmp.path(),
+        &[
+            "init-model",
+            "--preset",
+            "tiny",
+            "--out",
+            "teacher.safetensors",
+        ],
+    );
+    tmp
+}
+
 fn ok(dir: &Path, args: &[&str]) -> String {
     let (success, text, _) = run_clipcid(Some(dir), args);
     assert!(success, "clipcid {args:?} failed:\n{text}");
@@ -66,19 +83,8 @@ fn shard_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn split_embed_and_balance_equal_one_process() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = setup();
     let d = tmp.path();
-    tars(d);
-    ok(
-        d,
-        &[
-            "init-model",
-            "--preset",
-            "tiny",
-            "--out",
-            "teacher.safetensors",
-        ],
-    );
     let embed = |out: &str, extra: &[&str]| {
         let mut args = vec![
             "embed",
@@ -183,4 +189,96 @@ fn split_embed_and_balance_equal_one_process() {
         ],
     );
     assert!(!success && text.contains("1/3, 2/3 are missing"), "{text}");
+}
+
+/// The student's tensors of a finished run.
+fn student(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let mut t: Vec<_> = clipcid_store::io::load_tensors(&dir.join("student/model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    t.sort_by(|a, b| a.0.cmp(&b.0));
+    t
+}
+
+#[test]
+fn distill_by_two_processes_under_torchrun_variables_equals_one_at_twice_the_batch() {
+    let tmp = setup();
+    let d = tmp.path();
+    ok(
+        d,
+        &[
+            "embed",
+            "--teacher",
+            "teacher.safetensors",
+            "--data",
+            "data-{00000..00002}.tar",
+            "--images-only",
+            "--out",
+            "emb",
+            "--quiet",
+        ],
+    );
+    let config = |name: &str, batch: usize| {
+        std::fs::write(
+            d.join(name),
+            format!(
+                "mode = \"piccollage\"\nbatch_size = {batch}\nepochs = 2\nseed = 5\n[student]\nmodel = \"tiny\"\n[optim]\nlr = 1e-3\nwarmup_steps = 1\n[data]\ndataset = \"data-{{00000..00002}}.tar\"\nembeddings = \"emb\"\n"
+            ),
+        )
+        .unwrap();
+    };
+    config("one.toml", 8);
+    config("dp.toml", 4);
+    ok(
+        d,
+        &["distill", "--config", "one.toml", "--out", "one", "--quiet"],
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // Both ranks at once, as torchrun starts them.
+    let children: Vec<_> = (0..2)
+        .map(|r| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_clipcid"))
+                .current_dir(d)
+                .args(["distill", "--config", "dp.toml", "--out", "dp", "--quiet"])
+                .env("RANK", r.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let (a, b) = (student(&d.join("one")), student(&d.join("dp")));
+    assert_eq!(a.len(), b.len());
+    let worst = a
+        .iter()
+        .zip(&b)
+        .flat_map(|((_, x), (_, y))| {
+            x.iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .collect::<Vec<_>>()
+        })
+        .fold(0f32, f32::max);
+    assert!(
+        worst < 1e-4,
+        "2 processes x 4 vs 1 x 8: largest weight difference {worst}"
+    );
 }

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use clipcid_train::{DistillConfig, RunSummary, Trainer};
+use clipcid_train::{Collective, DistillConfig, RunSummary, Trainer};
 
 use crate::PipelineError;
 
@@ -49,23 +49,25 @@ impl DistillArgs {
 /// `args.resume` the newest checkpoint there. Run it with
 /// `trainer.run(args.max_steps, !args.quiet)`.
 pub fn open_trainer(args: &DistillArgs, device: &Device) -> Result<Trainer, PipelineError> {
-    // torchrun starting several processes would get that many copies of one run fighting
-    // over the folder: say what exists instead. (A Slurm array of separate runs is fine.)
-    let world = std::env::var("WORLD_SIZE").ok();
-    if let Some(n) = world.as_deref().and_then(|w| w.trim().parse::<u64>().ok()) {
-        if n > 1 {
-            return Err(PipelineError::Input(format!(
-                "distill was started with WORLD_SIZE={n}, but data-parallel training across processes needs the NCCL collective, which is not built yet; run one process (data parallelism across threads is in the library: Trainer::new_data_parallel)"
-            )));
-        }
-    }
     let config = DistillConfig::from_file(&args.config)?;
+    // Started by torchrun (WORLD_SIZE > 1): one rank of a data-parallel run, joined over TCP.
+    let group: std::sync::Arc<dyn Collective> = match clipcid_train::TcpRank::from_env()? {
+        Some(rank) => {
+            log::info!(
+                "data-parallel rank {} of {}",
+                rank.rank(),
+                rank.world_size()
+            );
+            std::sync::Arc::new(rank)
+        }
+        None => std::sync::Arc::new(clipcid_train::SingleProcess),
+    };
     Ok(if args.resume {
-        Trainer::resume(config, &args.out, device)?
+        Trainer::resume_data_parallel(config, &args.out, device, group)?
     } else if args.overwrite {
-        Trainer::new_overwriting(config, &args.out, device)?
+        Trainer::new_overwriting_data_parallel(config, &args.out, device, group)?
     } else {
-        Trainer::new(config, &args.out, device)?
+        Trainer::new_data_parallel(config, &args.out, device, group)?
     })
 }
 

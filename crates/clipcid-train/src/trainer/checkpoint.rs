@@ -56,12 +56,7 @@ impl Trainer {
         device: &Device,
         collective: std::sync::Arc<dyn crate::Collective>,
     ) -> Result<Self, TrainError> {
-        let lock = if collective.rank() == 0 {
-            Some(super::claim(&config, out_dir)?)
-        } else {
-            config.validate().map_err(TrainError::Config)?;
-            None
-        };
+        let lock = super::claim_as_rank(&config, out_dir, collective.as_ref())?;
         let latest = out_dir.join("checkpoints").join("latest");
         let name = std::fs::read_to_string(&latest)
             .map_err(|e| TrainError::io(&latest, "no checkpoint to resume from", e))?;
