@@ -370,3 +370,143 @@ fn sum_in_rank_order(all: &[Vec<f32>], data: &mut [f32]) -> Result<(), TrainErro
     }
     Ok(())
 }
+
+/// One rank of a group on NCCL (the `nccl` feature, which links NVIDIA's libnccl): the
+/// communication data-parallel training across GPUs wants. The ranks agree on NCCL's unique id
+/// through a bootstrap group of the same ranks (a [`TcpRank`] from torchrun's variables);
+/// gathers and sums then run on the GPU. Values pass through device buffers of the rank's
+/// CUDA device (the trait hands host slices; a device-buffer path for the gradients is the next
+/// step). Not yet run on a GPU: `scripts/gpu-check.sh` is where it will be.
+#[cfg(feature = "nccl")]
+pub struct NcclRank {
+    comm: Mutex<nccl::Comm>,
+    stream: Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+    rank: usize,
+    world: usize,
+}
+
+#[cfg(feature = "nccl")]
+use candle_core::cuda_backend::cudarc::nccl;
+
+// NCCL communicators may be called from any thread as long as calls on one communicator are
+// not concurrent; the Mutex serialises them, and the stream's methods bind its context to the
+// calling thread. cudarc's `Comm` holds a raw pointer and so is neither Send nor Sync itself.
+#[cfg(feature = "nccl")]
+#[allow(unsafe_code)]
+unsafe impl Send for NcclRank {}
+#[cfg(feature = "nccl")]
+#[allow(unsafe_code)]
+unsafe impl Sync for NcclRank {}
+
+#[cfg(feature = "nccl")]
+impl NcclRank {
+    /// Joins the NCCL communicator of `bootstrap`'s ranks on `device` (this rank's GPU).
+    pub fn new(
+        device: &candle_core::Device,
+        bootstrap: &dyn Collective,
+    ) -> Result<Self, TrainError> {
+        let stream = device.as_cuda_device()?.cuda_stream();
+        let (rank, world) = (bootstrap.rank(), bootstrap.world_size());
+        let failed = |e: nccl::result::NcclError| {
+            TrainError::Config(format!("rank {rank} of {world}: NCCL: {e:?}"))
+        };
+        let mine: Vec<f32> = if rank == 0 {
+            nccl::Id::new()
+                .map_err(failed)?
+                .internal()
+                .iter()
+                .map(|&c| c as f32)
+                .collect()
+        } else {
+            vec![]
+        };
+        let all = bootstrap.all_gather(&mine)?;
+        let raw = all
+            .first()
+            .filter(|v| v.len() == 128)
+            .ok_or_else(|| TrainError::Config("rank 0 sent no NCCL id".into()))?;
+        let mut internal = [0 as std::ffi::c_char; 128];
+        for (d, s) in internal.iter_mut().zip(raw) {
+            *d = *s as std::ffi::c_char;
+        }
+        let comm = nccl::Comm::from_rank(stream.clone(), rank, world, nccl::Id::uninit(internal))
+            .map_err(failed)?;
+        Ok(Self {
+            comm: Mutex::new(comm),
+            stream,
+            rank,
+            world,
+        })
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, nccl::Comm>, TrainError> {
+        self.comm
+            .lock()
+            .map_err(|_| TrainError::Config("the NCCL communicator's lock is poisoned".into()))
+    }
+
+    fn cuda(&self, e: impl std::fmt::Debug) -> TrainError {
+        TrainError::Config(format!("rank {} of {}: CUDA: {e:?}", self.rank, self.world))
+    }
+
+    /// Every rank's `v` (all of one length), concatenated in rank order.
+    fn gather_equal(&self, v: &[f32]) -> Result<Vec<f32>, TrainError> {
+        let comm = self.lock()?;
+        let send = self.stream.clone_htod(v).map_err(|e| self.cuda(e))?;
+        let mut recv = self
+            .stream
+            .alloc_zeros::<f32>(v.len() * self.world)
+            .map_err(|e| self.cuda(e))?;
+        comm.all_gather(&send, &mut recv)
+            .map_err(|e| self.cuda(e))?;
+        let out = self.stream.clone_dtoh(&recv).map_err(|e| self.cuda(e))?;
+        self.stream.synchronize().map_err(|e| self.cuda(e))?;
+        Ok(out)
+    }
+}
+
+#[cfg(feature = "nccl")]
+impl Collective for NcclRank {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_gather(&self, local: &[f32]) -> Result<Vec<Vec<f32>>, TrainError> {
+        // NCCL gathers buffers of one size: the lengths first, then the values padded.
+        if local.len() >= 1 << 24 {
+            return Err(TrainError::Config(format!(
+                "a gather of {} values (at most 2^24 per rank)",
+                local.len()
+            )));
+        }
+        let lens: Vec<usize> = self
+            .gather_equal(&[local.len() as f32])?
+            .into_iter()
+            .map(|n| n as usize)
+            .collect();
+        let max = lens.iter().copied().max().unwrap_or(0);
+        let mut padded = local.to_vec();
+        padded.resize(max, 0.0);
+        let all = self.gather_equal(&padded)?;
+        Ok(lens
+            .iter()
+            .enumerate()
+            .map(|(r, &n)| all[r * max..r * max + n].to_vec())
+            .collect())
+    }
+
+    fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), TrainError> {
+        let comm = self.lock()?;
+        let mut buf = self.stream.clone_htod(data).map_err(|e| self.cuda(e))?;
+        comm.all_reduce_in_place(&mut buf, &nccl::ReduceOp::Sum)
+            .map_err(|e| self.cuda(e))?;
+        let out = self.stream.clone_dtoh(&buf).map_err(|e| self.cuda(e))?;
+        self.stream.synchronize().map_err(|e| self.cuda(e))?;
+        data.copy_from_slice(&out);
+        Ok(())
+    }
+}

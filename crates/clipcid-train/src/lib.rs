@@ -36,6 +36,8 @@ mod optim;
 mod plot;
 mod trainer;
 
+#[cfg(feature = "nccl")]
+pub use collective::NcclRank;
 pub use collective::{
     all_gather_rows, all_reduce_mean, Collective, InProcessGroup, InProcessRank, SingleProcess,
     TcpRank, TCP_TIMEOUT,

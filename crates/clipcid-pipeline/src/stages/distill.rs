@@ -50,15 +50,12 @@ impl DistillArgs {
 /// `trainer.run(args.max_steps, !args.quiet)`.
 pub fn open_trainer(args: &DistillArgs, device: &Device) -> Result<Trainer, PipelineError> {
     let config = DistillConfig::from_file(&args.config)?;
-    // Started by torchrun (WORLD_SIZE > 1): one rank of a data-parallel run, joined over TCP.
+    // Started by torchrun (WORLD_SIZE > 1): one rank of a data-parallel run, joined over TCP
+    // (and, in an `nccl` build on GPUs, on NCCL, the TCP group handing out its id).
     let group: std::sync::Arc<dyn Collective> = match clipcid_train::TcpRank::from_env()? {
-        Some(rank) => {
-            log::info!(
-                "data-parallel rank {} of {}",
-                rank.rank(),
-                rank.world_size()
-            );
-            std::sync::Arc::new(rank)
+        Some(tcp) => {
+            log::info!("data-parallel rank {} of {}", tcp.rank(), tcp.world_size());
+            data_parallel_group(tcp, device)?
         }
         None => std::sync::Arc::new(clipcid_train::SingleProcess),
     };
@@ -69,6 +66,22 @@ pub fn open_trainer(args: &DistillArgs, device: &Device) -> Result<Trainer, Pipe
     } else {
         Trainer::new_data_parallel(config, &args.out, device, group)?
     })
+}
+
+/// The collective of a rank that joined over TCP: NCCL on a GPU in an `nccl` build, else the
+/// TCP group itself.
+fn data_parallel_group(
+    tcp: clipcid_train::TcpRank,
+    device: &Device,
+) -> Result<std::sync::Arc<dyn Collective>, PipelineError> {
+    #[cfg(feature = "nccl")]
+    if !device.is_cpu() {
+        return Ok(std::sync::Arc::new(clipcid_train::NcclRank::new(
+            device, &tcp,
+        )?));
+    }
+    let _ = device;
+    Ok(std::sync::Arc::new(tcp))
 }
 
 /// Trains a fresh run of `config` in `out` to its last step, replacing a run already there
