@@ -3,7 +3,7 @@
 # in clipcid and in PyTorch on the same GPU, printed as one table (see scripts/gpu-check.py).
 #
 # Two halves, because the GPU machine has no Rust toolchain and reaches no registry:
-#   scripts/gpu-check.sh --pack   here: builds `clipcid` with `--features cuda` (release),
+#   scripts/gpu-check.sh --pack   here: builds `clipcid` with `--features nccl` (release),
 #                                 strips it and packs it with the shared libraries it needs
 #                                 that a bare machine may lack (OpenBLAS, LAPACK, gfortran)
 #                                 into gpu-check/pack.tar.xz (under 64 MiB, to carry);
@@ -21,13 +21,14 @@ if [ "${1:-}" = "--pack" ]; then
   # shellcheck source=/dev/null
   source "$root/.cuda/13.0/env.sh"
   target="${CARGO_TARGET_DIR:-$root/target}"
-  (cd "$root" && cargo build --release -p clipcid --features cuda)
+  # `nccl` (a superset of `cuda`): self-check then also runs a one-rank NCCL group.
+  (cd "$root" && cargo build --release -p clipcid --features nccl)
   rm -rf "$out" && mkdir -p "$out/stage/lib"
   cp "$target/release/clipcid" "$out/stage/clipcid"
   strip "$out/stage/clipcid"
   # Libraries outside glibc and CUDA (those come with the GPU machine's driver and wheels).
   ldd "$out/stage/clipcid" | awk '/=> \// { print $3 }' \
-    | grep -vE '/(libc|libm|libdl|libpthread|librt|libstdc\+\+|libgcc_s|ld-linux[^/]*|libcuda|libcublas[A-Za-z]*|libcurand|libnvrtc|libcudart)\.so' \
+    | grep -vE '/(libc|libm|libdl|libpthread|librt|libstdc\+\+|libgcc_s|ld-linux[^/]*|libcuda|libcublas[A-Za-z]*|libcurand|libnvrtc|libcudart|libnccl)\.so' \
     | while read -r lib; do cp -L "$lib" "$out/stage/lib/"; done
   tar -C "$out/stage" -cJf "$out/pack.tar.xz" .
   rm -rf "$out/stage"

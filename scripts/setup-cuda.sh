@@ -11,7 +11,7 @@
 #
 # Usage: scripts/setup-cuda.sh [--compiler-only] [DIR]   (default DIR: .cuda/13.0 here)
 # Then:  source DIR/env.sh && cargo build --release --features cuda
-# --compiler-only skips cuBLAS, cuRAND and NVRTC (~570 MB of the ~680 MB download): enough
+# --compiler-only skips cuBLAS, cuRAND, NVRTC and NCCL (~770 MB of the ~880 MB download): enough
 # for `cargo check --features cuda` (CI), which compiles the kernels but links nothing.
 # A second run with everything in place downloads nothing. Needs python3 with pip (installed
 # with apt-get when missing) and gcc.
@@ -36,7 +36,8 @@ wheels=(
   nvidia-cuda-runtime==13.0.96
 )
 if [ "$compiler_only" = 0 ]; then
-  wheels+=(nvidia-cuda-nvrtc==13.0.88 nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35)
+  wheels+=(nvidia-cuda-nvrtc==13.0.88 nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35
+    nvidia-nccl-cu13==2.28.9)
 fi
 stamp="$dir/.installed"
 want="$(printf '%s\n' "${wheels[@]}")"
@@ -75,6 +76,11 @@ else
     rm -rf "${dir:?}/$sub"
     mv "$staging/nvidia/cu13/$sub" "$dir/$sub"
   done
+  # NCCL's wheel keeps its own tree (nvidia/nccl/{include,lib}): merged into the toolkit's.
+  if [ -d "$staging/nvidia/nccl" ]; then
+    cp -a "$staging/nvidia/nccl/include/." "$dir/include/"
+    cp -a "$staging/nvidia/nccl/lib/." "$dir/lib/"
+  fi
   rm -rf "$staging"
   # zip does not keep the executable bit.
   chmod +x "$dir"/bin/* "$dir"/nvvm/bin/*

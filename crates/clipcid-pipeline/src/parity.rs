@@ -212,7 +212,38 @@ pub fn device_parity(reference: &Device, device: &Device) -> Result<Vec<ParityRo
         "<= 1e-4",
         d <= 1e-4,
     ));
+    #[cfg(feature = "nccl")]
+    if !device.is_cpu() {
+        rows.push(nccl_one_rank(device)?);
+    }
     Ok(rows)
+}
+
+/// An NCCL group of one rank on `device`: its all-reduce and gather must hand back what they
+/// were given (the data-parallel path's plumbing, on the GPU; largest difference).
+#[cfg(feature = "nccl")]
+fn nccl_one_rank(device: &Device) -> Result<ParityRow, PipelineError> {
+    use clipcid_train::Collective;
+    let tcp = clipcid_train::TcpRank::connect(0, 1, "127.0.0.1:0")?;
+    let nccl = clipcid_train::NcclRank::new(device, &tcp)?;
+    let values: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5 - 7.0).collect();
+    let mut summed = values.clone();
+    nccl.all_reduce_sum(&mut summed)?;
+    let gathered = nccl.all_gather(&values[..333])?;
+    let mut d = summed
+        .iter()
+        .zip(&values)
+        .map(|(a, b)| (a - b).abs() as f64)
+        .fold(0f64, f64::max);
+    if gathered.len() != 1 || gathered[0] != values[..333] {
+        d = f64::INFINITY;
+    }
+    Ok(row(
+        "NCCL, one rank: all-reduce and gather return their input (max abs diff)",
+        d,
+        "== 0",
+        d == 0.0,
+    ))
 }
 
 /// The rows as a markdown table, with the two devices named.
