@@ -12,6 +12,10 @@ use clipcid_store::{Part, RowReader};
 use crate::pairs::{cpu_tile, row_sq_norms, scan_tile, with_host_slice};
 use crate::{BalanceOptions, BalanceResult, DedupError, NearPairs};
 
+/// A row block a part owns: its index, its unit rows on the host (CPU products) or on the
+/// device (other products), and its rows' squared norms.
+type OwnedBlock = (usize, Vec<f32>, Vec<f32>, Option<Tensor>);
+
 /// `kind` metadata of a pair file.
 pub const PAIRS_KIND: &str = "clipcid-near-pairs";
 
@@ -94,13 +98,20 @@ pub fn near_pairs_of_part(
         let norms = row_sq_norms(&Tensor::from_slice(&values, (len, d), &Device::Cpu)?)?;
         Ok((values, norms))
     };
-    let mine = part_row_blocks(tiles, part);
-    let owned: Vec<(usize, Vec<f32>, Vec<f32>)> = mine
-        .iter()
-        .map(|&b| load(b).map(|(v, nrm)| (b, v, nrm)))
-        .collect::<Result<_, _>>()?;
     let on_cpu = device.is_cpu() && !f16;
     let mm_dtype = if f16 { DType::F16 } else { DType::F32 };
+    // The part's own blocks: host rows for the CPU product, or put on the device once.
+    let owned: Vec<OwnedBlock> = part_row_blocks(tiles, part)
+        .into_iter()
+        .map(|b| {
+            let (rows_b, norms) = load(b)?;
+            if on_cpu {
+                return Ok::<_, DedupError>((b, rows_b, norms, None));
+            }
+            let t = Tensor::from_slice(&rows_b, (span(b).1, d), device)?.to_dtype(mm_dtype)?;
+            Ok((b, vec![], norms, Some(t)))
+        })
+        .collect::<Result<_, _>>()?;
     let mut buf = if on_cpu {
         vec![0f32; block.min(n) * block.min(n)]
     } else {
@@ -108,8 +119,7 @@ pub fn near_pairs_of_part(
     };
     let mut out = NearPairs::default();
     for bj in 0..tiles {
-        let users: Vec<&(usize, Vec<f32>, Vec<f32>)> =
-            owned.iter().filter(|(bi, _, _)| *bi <= bj).collect();
+        let users: Vec<_> = owned.iter().filter(|(bi, ..)| *bi <= bj).collect();
         if users.is_empty() {
             continue;
         }
@@ -120,17 +130,16 @@ pub fn near_pairs_of_part(
         } else {
             Some(Tensor::from_slice(&b_rows, (len_j, d), device)?.to_dtype(mm_dtype)?)
         };
-        for (bi, a_rows, a_norms) in users {
+        for (bi, a_rows, a_norms, a_dev) in users {
             let (i0, len_i) = span(*bi);
-            let found = match &b_dev {
-                None => {
-                    cpu_tile(a_rows, &b_rows, d, &mut buf)?;
-                    scan_tile(&buf[..len_i * len_j], i0, j0, a_norms, &b_norms, t2)
-                }
-                Some(b) => {
-                    let a = Tensor::from_slice(a_rows, (len_i, d), device)?.to_dtype(mm_dtype)?;
+            let found = match (a_dev, &b_dev) {
+                (Some(a), Some(b)) => {
                     let tile = a.matmul(&b.t()?)?.to_dtype(DType::F32)?;
                     with_host_slice(&tile, |s| scan_tile(s, i0, j0, a_norms, &b_norms, t2))?
+                }
+                _ => {
+                    cpu_tile(a_rows, &b_rows, d, &mut buf)?;
+                    scan_tile(&buf[..len_i * len_j], i0, j0, a_norms, &b_norms, t2)
                 }
             };
             for (i, j, d2) in found.into_iter().flatten() {

@@ -395,6 +395,15 @@ fn f16_tiles_and_unnormalised_input_give_the_same_partition() {
     );
 }
 
+/// The pairs as sorted `(i, j, bits of dist2)`: equal only when every distance is equal.
+fn pair_bits(p: &clipcid_dedup::NearPairs) -> Vec<(u32, u32, u32)> {
+    let mut v: Vec<_> = (0..p.len())
+        .map(|k| (p.i[k], p.j[k], p.dist2[k].to_bits()))
+        .collect();
+    v.sort();
+    v
+}
+
 #[test]
 fn three_parts_and_a_merge_give_the_one_process_keep_list_exactly() {
     // 700 planted rows in shards of 97 (f16 and f32 alternating, unnormalised), tiles of 64:
@@ -449,7 +458,7 @@ fn three_parts_and_a_merge_give_the_one_process_keep_list_exactly() {
         let part = Part::new(i, 3).unwrap();
         let pairs =
             near_pairs_of_part(&reader, part, 0.07, 64, false, &Device::Cpu, || {}).unwrap();
-        found.extend((0..pairs.len()).map(|k| (pairs.i[k], pairs.j[k], pairs.dist2[k].to_bits())));
+        found.extend(pair_bits(&pairs));
         let path = dir.path().join(format!("pairs-{i}.safetensors"));
         let file = PairFile {
             pairs,
@@ -465,14 +474,26 @@ fn three_parts_and_a_merge_give_the_one_process_keep_list_exactly() {
         assert_eq!(back, file);
         files.push((path, back));
     }
-    let mut expected: Vec<_> = (0..all.len())
-        .map(|k| (all.i[k], all.j[k], all.dist2[k].to_bits()))
-        .collect();
-    expected.sort();
+    let expected = pair_bits(&all);
     found.sort();
     assert_eq!(
         found, expected,
         "the parts' pairs differ from one process's"
+    );
+    // f16 tiles (the device path of the product, here on the CPU): the parts' pairs are the
+    // one process's f16 pairs.
+    let all16 = clipcid_dedup::near_pairs(&whole.image, 0.07, 64, true, || {}).unwrap();
+    let mut found16 = vec![];
+    for i in 0..2 {
+        let part = Part::new(i, 2).unwrap();
+        let p = near_pairs_of_part(&reader, part, 0.07, 64, true, &Device::Cpu, || {}).unwrap();
+        found16.extend(pair_bits(&p));
+    }
+    found16.sort();
+    assert_eq!(
+        found16,
+        pair_bits(&all16),
+        "f16: the parts' pairs differ from one process's"
     );
     // Files in any order.
     files.reverse();

@@ -190,13 +190,21 @@ pub fn unit_rows(
 ) -> Result<Vec<f32>, StoreError> {
     let mut out = Vec::with_capacity(values.len());
     for (r, row) in values.chunks_exact(d.max(1)).enumerate() {
-        if let Some(v) = row.iter().find(|v| !v.is_finite()) {
-            return Err(bad(r, *v));
-        }
-        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-        out.extend(row.iter().map(|v| v / norm));
+        push_unit_row(row, &mut out).map_err(|v| bad(r, v))?;
     }
     Ok(out)
+}
+
+/// Appends `row` scaled to unit L2 norm to `out` (a zero row stays zero); a non-finite value
+/// is returned as the error. The one normalisation of [`unit_rows`] and
+/// [`EmbeddingShard::unit_image_rows`](crate::EmbeddingShard::unit_image_rows).
+pub(crate) fn push_unit_row(row: &[f32], out: &mut Vec<f32>) -> Result<(), f32> {
+    if let Some(v) = row.iter().find(|v| !v.is_finite()) {
+        return Err(*v);
+    }
+    let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+    out.extend(row.iter().map(|v| v / norm));
+    Ok(())
 }
 
 /// Fills `buf` from byte `offset` of `path`.

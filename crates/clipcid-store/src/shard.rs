@@ -164,18 +164,20 @@ impl EmbeddingShard {
     pub fn unit_image_rows(&self, select: impl Fn(usize) -> bool) -> Result<Vec<f32>, StoreError> {
         let d = self.dim();
         let values: Vec<f32> = self.image.flatten_all()?.to_vec1()?;
-        let selected: Vec<usize> = (0..self.len()).filter(|&r| select(r)).collect();
-        let mut rows = Vec::with_capacity(selected.len() * d);
-        for &r in &selected {
-            rows.extend_from_slice(&values[r * d..(r + 1) * d]);
+        let mut out = Vec::with_capacity(values.len());
+        for (r, row) in values.chunks_exact(d.max(1)).enumerate() {
+            if !select(r) {
+                continue;
+            }
+            crate::rows::push_unit_row(row, &mut out).map_err(|bad| StoreError::File {
+                path: self.path.clone(),
+                msg: format!(
+                    "non-finite value {bad} in row {r} (sample `{}`)",
+                    self.keys[r]
+                ),
+            })?;
         }
-        crate::unit_rows(&rows, d, |k, bad| StoreError::File {
-            path: self.path.clone(),
-            msg: format!(
-                "non-finite value {bad} in row {} (sample `{}`)",
-                selected[k], self.keys[selected[k]]
-            ),
-        })
+        Ok(out)
     }
 
     /// Moves the embeddings to `device`.

@@ -530,21 +530,13 @@ impl Trainer {
     }
 
     /// The micro-batch `key` (training rows `rows`): from the prefetch queue when it holds
-    /// it next, else assembled here, after which a new queue starts on the rest of the
-    /// epoch's micro-batches.
+    /// it next, else assembled here, after which (with `prefetch > 0`) a new queue starts on
+    /// the rest of the epoch's micro-batches.
     fn next_batch(
         &mut self,
         key: prefetch::BatchKey,
         rows: &[usize],
     ) -> Result<TrainBatch, TrainError> {
-        if self.config.prefetch == 0 {
-            return self.set.batch(
-                rows,
-                &self.preprocess,
-                self.tokenizer.as_ref(),
-                &self.device,
-            );
-        }
         if let Some(batch) = self.prefetch.as_mut().and_then(|p| p.take(key)) {
             return batch;
         }
@@ -554,6 +546,9 @@ impl Trainer {
             self.tokenizer.as_ref(),
             &self.device,
         )?;
+        if self.config.prefetch == 0 {
+            return Ok(batch);
+        }
         // Plan the epoch's remaining micro-batches after this one.
         let accum = self.config.optim.accumulate;
         let epoch_first = (self.step / self.steps_per_epoch) * self.steps_per_epoch;

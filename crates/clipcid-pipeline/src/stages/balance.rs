@@ -194,10 +194,11 @@ pub struct BalanceMergeArgs {
 /// file `args.out`: the keep list one `clipcid balance` process writes.
 pub fn balance_merge(args: &BalanceMergeArgs) -> Result<BalanceOutcome, PipelineError> {
     let layout = clipcid_store::ShardLayout::open(&args.embeddings)?;
+    // Ids only: the shards' embeddings are read by the merge itself, a chunk of sets at a time.
     let mut ids = Vec::with_capacity(layout.total());
-    for (i, &count) in layout.counts.iter().enumerate() {
+    for (path, &count) in layout.shards.iter().zip(&layout.counts) {
         if count > 0 {
-            ids.extend(layout.read(i)?.ids);
+            ids.extend(clipcid_store::RowIndex::read(path)?.ids);
         }
     }
     let shards = layout.shards.len();
