@@ -1,6 +1,9 @@
 //! Image-tower forward throughput on CPU: ViT-B/32 teacher and the PicCollage students.
 //!
-//! `cargo bench --bench vit_forward [-- --batch 32 --reps 5 --warmup 1]`
+//! `cargo bench --bench vit_forward [-- --batch 32 --reps 5 --warmup 1 --models teacher,s12]`
+//!
+//! `--models` picks rows by a word of their label (`teacher`, `s12`, `s24`; default all), so a
+//! profiler can record one model alone.
 //!
 //! Random weights (throughput does not depend on their values), f32, batch of random pixels.
 //! Prints a markdown table: median seconds per batch and images/s. Peer for comparison:
@@ -14,6 +17,7 @@ use clipcid_suite::{bench_arg as arg, median};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (batch, reps, warmup) = (arg("--batch", 32), arg("--reps", 5), arg("--warmup", 1));
+    let models: String = arg("--models", "teacher,s12,s24".to_string());
     let device = Device::Cpu;
     println!(
         "candle 0.11 CPU, {} threads, batch {batch}, f32, median of {reps} after {warmup} warm-up",
@@ -27,6 +31,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("student PicCollage (w384 L6 h12)", "piccollage-s12"),
         ("student PicCollage (w384 L6 h24)", "piccollage-s24"),
     ] {
+        if !models
+            .split(',')
+            .any(|m| preset.ends_with(m) || label.contains(m))
+        {
+            continue;
+        }
         let cfg = ClipConfig::preset(preset)?;
         let model = ClipModel::random(&cfg, 0, &device)?;
         let params: usize = model

@@ -66,6 +66,15 @@ impl Drop for OmpThreadsGuard {
     }
 }
 
+/// Runs `f` with the calling thread's BLAS products single-threaded: for kernels that are
+/// already parallel over candle's pool and call many small products (attention's per-head
+/// products), where OpenBLAS would otherwise start an OpenMP team from inside each task for
+/// the products above its own threshold.
+pub(crate) fn on_this_thread<R>(f: impl FnOnce() -> R) -> R {
+    let _single = openblas_uses_openmp().then(OmpThreadsGuard::single);
+    f()
+}
+
 /// `c = a @ b + beta * c` through OpenBLAS `sgemm` (`beta` 0 overwrites `c`, 1 adds to it).
 /// `a`, `b` and `c` must each be row- or column-major with a unit inner stride (what ndarray
 /// hands to cblas).

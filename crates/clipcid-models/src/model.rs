@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::{Arc, PoisonError};
 
 use candle_core::Var;
-use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarMap;
 
 use crate::config::{Activation, ClipConfig, TextConfig, TextTowerKind, VisionConfig};
@@ -14,7 +14,7 @@ use crate::weights::{
     check_tensors, hf_tensor_shapes, init_tensors, Checkpoint, CONFIG_METADATA_KEY,
 };
 use crate::ModelError;
-use clipcid_kernels::l2_normalize;
+use clipcid_kernels::{cpu, l2_normalize};
 use clipcid_store::io;
 
 /// The image tower: patch embedding, class token, pre-norm transformer, projection.
@@ -65,7 +65,12 @@ impl VisionTransformer {
             .permute((0, 2, 4, 1, 3, 5))?
             .reshape((b * g * g, c * p * p))?;
         let kernel = self.patch_embedding.reshape((width, c * p * p))?;
-        patches.matmul(&kernel.t()?)?.reshape((b, g * g, width))
+        let embedded = if cpu::is_cpu_f32(&patches) && cpu::is_cpu_f32(&kernel) {
+            cpu::matmul(&patches, &kernel.t()?)?
+        } else {
+            patches.matmul(&kernel.t()?)?
+        };
+        embedded.reshape((b, g * g, width))
     }
 
     /// Pooled, projected image features `[B, projection_dim]` (not normalised) from
@@ -88,8 +93,7 @@ impl VisionTransformer {
             .broadcast_as((b, 1, width))?;
         let x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.position_embedding)?;
         let x = self.pre_norm.forward(&x)?;
-        let x = self.encoder.forward(&x, None)?;
-        let pooled = self.post_norm.forward(&x.i((.., 0, ..))?)?;
+        let pooled = self.post_norm.forward(&self.encoder.forward_first(&x)?)?;
         self.projection.forward(&pooled)
     }
 }
@@ -139,8 +143,7 @@ impl TextTransformer {
         let (ids, rows) = checked_ids(ids, &self.cfg)?;
         let x = self.token_embedding.forward(&ids)?;
         let x = x.broadcast_add(&self.position_embedding.narrow(0, 0, t)?)?;
-        let mask = causal_mask(t, x.dtype(), x.device())?;
-        let x = self.encoder.forward(&x, Some(&mask))?;
+        let x = self.encoder.forward(&x, true)?;
         let x = self.final_norm.forward(&x)?;
         let pos: Vec<u32> = rows
             .iter()
@@ -296,13 +299,6 @@ fn pool_position(row: &[u32], eos: Option<u32>) -> usize {
         }
         best
     })
-}
-
-fn causal_mask(t: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)
 }
 
 /// A CLIP model: image tower, text tower and the learnable logit scale.

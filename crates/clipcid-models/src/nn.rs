@@ -9,10 +9,10 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, IndexOp, Module, Result, Tensor, D};
 
 use crate::config::Activation;
-use clipcid_kernels::cpu;
+use clipcid_kernels::cpu::{self, Queries};
 
 /// Name -> tensor map a model is built from.
 pub(crate) type Params = HashMap<String, Tensor>;
@@ -81,19 +81,20 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if !needs_grad(&[x, &self.weight, &self.bias]) {
+        if [x, &self.weight, &self.bias]
+            .iter()
+            .all(|t| cpu::is_cpu_f32(t))
+        {
+            return cpu::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
+        }
+        // candle's fused kernel has no backward pass and no f64 form.
+        if !needs_grad(&[x, &self.weight, &self.bias]) && x.dtype() != DType::F64 {
             return candle_nn::ops::layer_norm(
                 &x.contiguous()?,
                 &self.weight,
                 &self.bias,
                 self.eps as f32,
             );
-        }
-        if [x, &self.weight, &self.bias]
-            .iter()
-            .all(|t| cpu::is_cpu_f32(t))
-        {
-            return cpu::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
         }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
@@ -119,6 +120,32 @@ impl Linear {
     /// The `[out, in]` weight.
     pub(crate) fn weight(&self) -> &Tensor {
         &self.weight
+    }
+}
+
+impl Linear {
+    /// `residual + self(x)`: on the CPU in f32 with a bias, one op that adds the residual
+    /// inside the product and passes no gradient (for inference); elsewhere an addition.
+    pub(crate) fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(b)
+                if [x, &self.weight, b, residual]
+                    .iter()
+                    .all(|t| cpu::is_cpu_f32(t))
+                    && !needs_grad(&[x, &self.weight, b, residual]) =>
+            {
+                let (out, k) = self.weight.dims2()?;
+                let rows = x.elem_count() / k.max(1);
+                let y = cpu::linear_residual(
+                    &x.reshape((rows, k))?,
+                    &self.weight,
+                    b,
+                    &residual.reshape((rows, out))?,
+                )?;
+                y.reshape(residual.shape())
+            }
+            _ => residual + self.forward(x)?,
+        }
     }
 }
 
@@ -160,9 +187,49 @@ struct SelfAttention {
     v: Linear,
     out: Linear,
     heads: usize,
+    /// The q, k and v projections as one `[3W, W]` weight and `[3W]` bias, made once for a
+    /// frozen model (a trainable one concatenates its variables in each forward pass, so that
+    /// gradients reach them).
+    fused_qkv: Option<(Tensor, Tensor)>,
 }
 
 impl SelfAttention {
+    fn new(q: Linear, k: Linear, v: Linear, out: Linear, heads: usize) -> Result<Self> {
+        let mut attn = Self {
+            q,
+            k,
+            v,
+            out,
+            heads,
+            fused_qkv: None,
+        };
+        let frozen = [&attn.q, &attn.k, &attn.v]
+            .iter()
+            .all(|l| !l.weight.is_variable() && l.bias.as_ref().is_none_or(|b| !b.is_variable()));
+        if frozen {
+            attn.fused_qkv = attn.concat_qkv()?;
+        }
+        Ok(attn)
+    }
+
+    /// The q, k and v weights and biases concatenated (differentiable), when all three have
+    /// a bias.
+    fn concat_qkv(&self) -> Result<Option<(Tensor, Tensor)>> {
+        let (Some(bq), Some(bk), Some(bv)) = (&self.q.bias, &self.k.bias, &self.v.bias) else {
+            return Ok(None);
+        };
+        let w = Tensor::cat(&[&self.q.weight, &self.k.weight, &self.v.weight], 0)?;
+        Ok(Some((w, Tensor::cat(&[bq, bk, bv], 0)?)))
+    }
+
+    fn qkv(&self) -> Result<Option<(Tensor, Tensor)>> {
+        match &self.fused_qkv {
+            Some(f) => Ok(Some(f.clone())),
+            None => self.concat_qkv(),
+        }
+    }
+
+    /// Primitive-op attention (any device and dtype); `mask` is added to the scores.
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, w) = x.dims3()?;
         let hd = w / self.heads;
@@ -196,8 +263,21 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.ln1.forward(x)?, mask)?)?;
+    /// The block on `x` `[B, T, W]`; with [`Queries::First`] only position 0 goes on past
+    /// attention (keys and values still see every position), giving `[B, W]`.
+    fn forward(&self, x: &Tensor, causal: bool, queries: Queries) -> Result<Tensor> {
+        if let Some(y) = self.forward_fused(x, causal, queries)? {
+            return Ok(y);
+        }
+        let mask = match causal {
+            true => Some(causal_mask(x.dim(1)?, x.dtype(), x.device())?),
+            false => None,
+        };
+        let x = (x + self.attn.forward(&self.ln1.forward(x)?, mask.as_ref())?)?;
+        let x = match queries {
+            Queries::All => x,
+            Queries::First => x.i((.., 0, ..))?,
+        };
         let h = self.fc1.forward(&self.ln2.forward(&x)?)?;
         let h = match self.act {
             Activation::QuickGelu => quick_gelu(&h)?,
@@ -205,6 +285,83 @@ impl EncoderLayer {
         };
         x + self.fc2.forward(&h)?
     }
+
+    /// The block through the fused f32 CPU kernels: one q/k/v product, attention as one op,
+    /// and, when no gradient is needed, the activation in place and the residual additions
+    /// inside the products. `None` where they do not apply (other devices and dtypes, q/k/v
+    /// without biases).
+    fn forward_fused(&self, x: &Tensor, causal: bool, queries: Queries) -> Result<Option<Tensor>> {
+        let linears = [&self.attn.out, &self.fc1, &self.fc2];
+        let on_cpu = cpu::is_cpu_f32(x)
+            && linears.iter().all(|l| {
+                cpu::is_cpu_f32(&l.weight) && l.bias.as_ref().is_some_and(cpu::is_cpu_f32)
+            });
+        if !on_cpu {
+            return Ok(None);
+        }
+        let Some((w_qkv, b_qkv)) = self.attn.qkv()? else {
+            return Ok(None);
+        };
+        if !cpu::is_cpu_f32(&w_qkv) {
+            return Ok(None);
+        }
+        let (b, t, w) = x.dims3()?;
+        // Any tensor that tracks a gradient needs the differentiable path.
+        let mut tracked = vec![x, &w_qkv, &b_qkv];
+        tracked.extend(
+            [&self.ln1, &self.ln2]
+                .iter()
+                .flat_map(|n| [&n.weight, &n.bias]),
+        );
+        tracked.extend(
+            linears
+                .iter()
+                .flat_map(|l| std::iter::once(&l.weight).chain(&l.bias)),
+        );
+        let train = needs_grad(&tracked);
+        let h = self.ln1.forward(x)?.reshape((b * t, w))?;
+        let qkv = cpu::linear(&h, &w_qkv, &b_qkv)?.reshape((b, t, 3 * w))?;
+        let spec = cpu::AttentionSpec {
+            heads: self.attn.heads,
+            causal,
+            queries,
+        };
+        let a = cpu::attention(&qkv, spec)?;
+        let rows = a.elem_count() / w;
+        let (a, x) = match queries {
+            Queries::All => (a.reshape((rows, w))?, x.reshape((rows, w))?),
+            Queries::First => (a, x.i((.., 0, ..))?),
+        };
+        let y = if train {
+            let x = (x + self.attn.out.forward(&a)?)?;
+            let h = self.fc1.forward(&self.ln2.forward(&x)?)?;
+            let h = match self.act {
+                Activation::QuickGelu => cpu::quick_gelu(&h)?,
+                Activation::Gelu => cpu::gelu(&h)?,
+            };
+            (x + self.fc2.forward(&h)?)?
+        } else {
+            let x = self.attn.out.forward_residual(&a, &x)?;
+            let h = self.fc1.forward(&self.ln2.forward(&x)?)?;
+            match self.act {
+                Activation::QuickGelu => cpu::quick_gelu_in_place(&h)?,
+                Activation::Gelu => cpu::gelu_in_place(&h)?,
+            }
+            self.fc2.forward_residual(&h, &x)?
+        };
+        Ok(Some(match queries {
+            Queries::All => y.reshape((b, t, w))?,
+            Queries::First => y,
+        }))
+    }
+}
+
+/// Additive causal mask `[T, T]`: 0 on and below the diagonal, minus infinity above.
+fn causal_mask(t: usize, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)
 }
 
 /// A stack of [`EncoderLayer`]s under `{prefix}.encoder.layers.N`.
@@ -225,15 +382,16 @@ impl Encoder {
         let layers = (0..num_layers)
             .map(|i| {
                 let l = format!("{prefix}.encoder.layers.{i}");
+                let a = format!("{l}.self_attn");
                 Ok(EncoderLayer {
                     ln1: LayerNorm::load(p, &format!("{l}.layer_norm1"), eps)?,
-                    attn: SelfAttention {
-                        q: linear(p, &format!("{l}.self_attn.q_proj"))?,
-                        k: linear(p, &format!("{l}.self_attn.k_proj"))?,
-                        v: linear(p, &format!("{l}.self_attn.v_proj"))?,
-                        out: linear(p, &format!("{l}.self_attn.out_proj"))?,
+                    attn: SelfAttention::new(
+                        linear(p, &format!("{a}.q_proj"))?,
+                        linear(p, &format!("{a}.k_proj"))?,
+                        linear(p, &format!("{a}.v_proj"))?,
+                        linear(p, &format!("{a}.out_proj"))?,
                         heads,
-                    },
+                    )?,
                     ln2: LayerNorm::load(p, &format!("{l}.layer_norm2"), eps)?,
                     fc1: linear(p, &format!("{l}.mlp.fc1"))?,
                     fc2: linear(p, &format!("{l}.mlp.fc2"))?,
@@ -244,12 +402,30 @@ impl Encoder {
         Ok(Self { layers })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// Every position of `x` `[B, T, W]` through every layer (position `i` seeing only
+    /// positions `<= i` when `causal`).
+    pub(crate) fn forward(&self, x: &Tensor, causal: bool) -> Result<Tensor> {
         let mut x = x.clone();
         for layer in &self.layers {
-            x = layer.forward(&x, mask)?;
+            x = layer.forward(&x, causal, Queries::All)?;
         }
         Ok(x)
+    }
+
+    /// Position 0 of the last layer's output, `[B, W]`: what a tower that pools its class
+    /// token reads. The last layer computes its queries, attention output and MLP for that
+    /// position alone (keys and values still cover every position), which gives the same
+    /// result as [`Encoder::forward`] and then taking position 0, with a sixth of a small
+    /// tower's work left out.
+    pub(crate) fn forward_first(&self, x: &Tensor) -> Result<Tensor> {
+        let Some((last, rest)) = self.layers.split_last() else {
+            return x.i((.., 0, ..));
+        };
+        let mut x = x.clone();
+        for layer in rest {
+            x = layer.forward(&x, false, Queries::All)?;
+        }
+        last.forward(&x, false, Queries::First)
     }
 }
 

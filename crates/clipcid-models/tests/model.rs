@@ -454,6 +454,18 @@ fn trainable_model_matches_frozen_model_and_every_parameter_gets_a_gradient() {
             d < 1e-4,
             "{dev:?}: fused vs differentiable path differ by {d}"
         );
+        // ... and the primitive-op path in f64 (what other devices and dtypes run): the fused
+        // attention, activation and residual kernels give the same numbers.
+        let f64_logits = frozen
+            .cast(candle_core::DType::F64)
+            .unwrap()
+            .logits(&img.to_dtype(candle_core::DType::F64).unwrap(), &txt)
+            .unwrap();
+        let d = max_abs_diff(&f64_logits, &logits);
+        assert!(
+            d < 1e-4,
+            "{dev:?}: fused f32 vs primitive f64 differ by {d}"
+        );
         let on_cpu = logits.to_device(&Device::Cpu).unwrap();
         let reference = cpu_logits.get_or_insert_with(|| on_cpu.clone());
         let d = max_abs_diff(reference, &on_cpu);

@@ -1,0 +1,96 @@
+//! Helpers for the kernels' tests: seeded inputs, and the comparison of a fused op with its
+//! primitive-op reference in f64, forward and backward.
+#![allow(clippy::unwrap_used)] // tests: a failed setup step should panic
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+/// A standard-normal f32 tensor from a seed.
+pub(crate) fn randn(shape: &[usize], seed: u64) -> Tensor {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| rand_distr::StandardNormal.sample(&mut rng))
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// [`crate::max_abs_diff`], panicking on error.
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    crate::max_abs_diff(a, b).unwrap()
+}
+
+/// Forward values and the gradients of `sum(f(inputs) * r)` with respect to every input,
+/// for the fused f32 op and the f64 reference; returns the largest difference of each.
+pub(crate) fn compare(
+    inputs: &[Tensor],
+    fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+    reference: impl Fn(&[Tensor]) -> Result<Tensor>,
+) -> (f32, Vec<f32>) {
+    let run = |dtype: DType, f: &dyn Fn(&[Tensor]) -> Result<Tensor>| {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts).unwrap();
+        let r = randn(y.dims(), 99).to_dtype(dtype).unwrap();
+        let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g: Vec<Tensor> = ts.iter().map(|t| grads.get(t).unwrap().clone()).collect();
+        (y, g)
+    };
+    let (y1, g1) = run(DType::F32, &fused);
+    let (y2, g2) = run(DType::F64, &reference);
+    let gd = g1
+        .iter()
+        .zip(&g2)
+        .map(|(a, b)| max_abs_diff(a, b))
+        .collect();
+    (max_abs_diff(&y1, &y2), gd)
+}
+
+/// Checks the autograd gradient of `sum(f(x) * r)` (for a seeded `r`) with respect to `x`
+/// against central differences of step `h` at the elements `at`, to within `tol`.
+pub(crate) fn check_gradient_by_finite_differences(
+    x: &Tensor,
+    f: impl Fn(&Tensor) -> Result<Tensor>,
+    at: &[usize],
+    h: f32,
+    tol: f64,
+) {
+    let var = Var::from_tensor(x).unwrap();
+    let y = f(var.as_tensor()).unwrap();
+    let r = randn(y.dims(), 98);
+    let loss = |x: &Tensor| -> f64 {
+        let y = f(x).unwrap();
+        (y * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
+    };
+    let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g: Vec<f32> = grads
+        .get(var.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    for &i in at {
+        let moved = |delta: f32| {
+            let mut v = xs.clone();
+            v[i] += delta;
+            Tensor::from_vec(v, x.shape(), &Device::Cpu).unwrap()
+        };
+        let fd = (loss(&moved(h)) - loss(&moved(-h))) / (2.0 * h as f64);
+        assert!(
+            (fd - g[i] as f64).abs() < tol,
+            "element {i}: analytic {} vs finite differences {fd}",
+            g[i]
+        );
+    }
+}
