@@ -3,6 +3,11 @@
 
 pub mod toy;
 
+/// The allocator of the `clipcid` binary (see its `main.rs`), so that benchmarks and examples
+/// measure what the command line runs.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 
 /// The project's `shared/` folder (beside the checkout), when present.

@@ -134,6 +134,9 @@ impl Linear {
                     .all(|t| cpu::is_cpu_f32(t))
                     && !needs_grad(&[x, &self.weight, b, residual]) =>
             {
+                if x.rank() == 2 {
+                    return cpu::linear_residual(x, &self.weight, b, residual);
+                }
                 let (out, k) = self.weight.dims2()?;
                 let rows = x.elem_count() / k.max(1);
                 let y = cpu::linear_residual(
@@ -157,18 +160,29 @@ impl Module for Linear {
         if !on_blas {
             return candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(x);
         }
+        // Rows go in as they are: a reshape is an autograd node whose backward pass copies
+        // the gradient, so one is made only for inputs of another rank.
+        if x.rank() == 2 {
+            return self.forward_rows(x);
+        }
         let (out, k) = self.weight.dims2()?;
         let rows = x.elem_count() / k.max(1);
-        let x2 = x.contiguous()?.reshape((rows, k))?;
-        let y = match &self.bias {
-            Some(b) => cpu::linear(&x2, &self.weight, b)?,
-            None => cpu::matmul(&x2, &self.weight.t()?)?,
-        };
+        let y = self.forward_rows(&x.reshape((rows, k))?)?;
         let mut dims = x.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = out;
         }
         y.reshape(dims)
+    }
+}
+
+impl Linear {
+    /// `x W^T + b` for f32 CPU rows `[rows, in]` on BLAS.
+    fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) => cpu::linear(x, &self.weight, b),
+            None => cpu::matmul(&x.contiguous()?, &self.weight.t()?),
+        }
     }
 }
 
@@ -222,11 +236,13 @@ impl SelfAttention {
         Ok(Some((w, Tensor::cat(&[bq, bk, bv], 0)?)))
     }
 
-    fn qkv(&self) -> Result<Option<(Tensor, Tensor)>> {
-        match &self.fused_qkv {
-            Some(f) => Ok(Some(f.clone())),
-            None => self.concat_qkv(),
+    /// The fused q/k/v weight and bias (the layer must have all three biases).
+    fn qkv(&self) -> Result<(Tensor, Tensor)> {
+        if let Some(f) = &self.fused_qkv {
+            return Ok(f.clone());
         }
+        self.concat_qkv()?
+            .ok_or_else(|| candle_core::Error::Msg("q/k/v projections without a bias".into()))
     }
 
     /// Primitive-op attention (any device and dtype); `mask` is added to the scores.
@@ -263,12 +279,9 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    /// The block on `x` `[B, T, W]`; with [`Queries::First`] only position 0 goes on past
-    /// attention (keys and values still see every position), giving `[B, W]`.
+    /// The block on `x` `[B, T, W]` from candle's primitive ops (any device and dtype); with
+    /// [`Queries::First`] only position 0 goes on past attention, giving `[B, W]`.
     fn forward(&self, x: &Tensor, causal: bool, queries: Queries) -> Result<Tensor> {
-        if let Some(y) = self.forward_fused(x, causal, queries)? {
-            return Ok(y);
-        }
         let mask = match causal {
             true => Some(causal_mask(x.dim(1)?, x.dtype(), x.device())?),
             false => None,
@@ -286,73 +299,91 @@ impl EncoderLayer {
         x + self.fc2.forward(&h)?
     }
 
-    /// The block through the fused f32 CPU kernels: one q/k/v product, attention as one op,
-    /// and, when no gradient is needed, the activation in place and the residual additions
-    /// inside the products. `None` where they do not apply (other devices and dtypes, q/k/v
-    /// without biases).
-    fn forward_fused(&self, x: &Tensor, causal: bool, queries: Queries) -> Result<Option<Tensor>> {
-        let linears = [&self.attn.out, &self.fc1, &self.fc2];
-        let on_cpu = cpu::is_cpu_f32(x)
-            && linears.iter().all(|l| {
-                cpu::is_cpu_f32(&l.weight) && l.bias.as_ref().is_some_and(cpu::is_cpu_f32)
-            });
-        if !on_cpu {
-            return Ok(None);
-        }
-        let Some((w_qkv, b_qkv)) = self.attn.qkv()? else {
-            return Ok(None);
-        };
-        if !cpu::is_cpu_f32(&w_qkv) {
-            return Ok(None);
-        }
-        let (b, t, w) = x.dims3()?;
-        // Any tensor that tracks a gradient needs the differentiable path.
-        let mut tracked = vec![x, &w_qkv, &b_qkv];
-        tracked.extend(
-            [&self.ln1, &self.ln2]
-                .iter()
-                .flat_map(|n| [&n.weight, &n.bias]),
-        );
-        tracked.extend(
-            linears
-                .iter()
-                .flat_map(|l| std::iter::once(&l.weight).chain(&l.bias)),
-        );
-        let train = needs_grad(&tracked);
-        let h = self.ln1.forward(x)?.reshape((b * t, w))?;
-        let qkv = cpu::linear(&h, &w_qkv, &b_qkv)?.reshape((b, t, 3 * w))?;
+    /// Every tensor of the block.
+    fn tensors(&self) -> impl Iterator<Item = &Tensor> {
+        let norms = [&self.ln1, &self.ln2]
+            .into_iter()
+            .flat_map(|n| [&n.weight, &n.bias]);
+        let a = &self.attn;
+        let linears = [&a.q, &a.k, &a.v, &a.out, &self.fc1, &self.fc2]
+            .into_iter()
+            .flat_map(|l| std::iter::once(&l.weight).chain(&l.bias));
+        norms.chain(linears)
+    }
+
+    /// Whether [`EncoderLayer::forward_rows`] applies: f32 CPU tensors, and a bias on every
+    /// product (CLIP's layers all have one).
+    fn fusable(&self) -> bool {
+        let a = &self.attn;
+        let biased = [&a.q, &a.k, &a.v, &a.out, &self.fc1, &self.fc2]
+            .iter()
+            .all(|l| l.bias.is_some());
+        biased && self.tensors().all(cpu::is_cpu_f32)
+    }
+
+    /// The block through the fused f32 CPU kernels, on rows `[B * T, W]` (`T` = `positions`):
+    /// one q/k/v product, attention as one op and, when no gradient is needed, the activation
+    /// in place and the residual additions inside the products. Gives `[B * T, W]`, or
+    /// `[B, W]` with [`Queries::First`].
+    fn forward_rows<'a>(
+        &'a self,
+        x: &Tensor,
+        positions: usize,
+        causal: bool,
+        queries: Queries,
+    ) -> Result<Tensor> {
+        let train = needs_grad(&[x]) || self.tensors().any(Tensor::track_op);
         let spec = cpu::AttentionSpec {
+            positions,
             heads: self.attn.heads,
             causal,
             queries,
         };
-        let a = cpu::attention(&qkv, spec)?;
-        let rows = a.elem_count() / w;
-        let (a, x) = match queries {
-            Queries::All => (a.reshape((rows, w))?, x.reshape((rows, w))?),
-            Queries::First => (a, x.i((.., 0, ..))?),
-        };
-        let y = if train {
-            let x = (x + self.attn.out.forward(&a)?)?;
-            let h = self.fc1.forward(&self.ln2.forward(&x)?)?;
-            let h = match self.act {
-                Activation::QuickGelu => cpu::quick_gelu(&h)?,
-                Activation::Gelu => cpu::gelu(&h)?,
+        if train {
+            // The whole block as one autograd node (see `cpu::transformer_block`).
+            let pair = |l: &'a Linear| -> Result<(&'a Tensor, &'a Tensor)> {
+                match &l.bias {
+                    Some(b) => Ok((&l.weight, b)),
+                    None => candle_core::bail!("a block product without a bias"),
+                }
             };
-            (x + self.fc2.forward(&h)?)?
-        } else {
-            let x = self.attn.out.forward_residual(&a, &x)?;
-            let h = self.fc1.forward(&self.ln2.forward(&x)?)?;
-            match self.act {
-                Activation::QuickGelu => cpu::quick_gelu_in_place(&h)?,
-                Activation::Gelu => cpu::gelu_in_place(&h)?,
-            }
-            self.fc2.forward_residual(&h, &x)?
+            let a = &self.attn;
+            let params = cpu::pack_block_params(&cpu::BlockParams {
+                ln1: (&self.ln1.weight, &self.ln1.bias),
+                q: pair(&a.q)?,
+                k: pair(&a.k)?,
+                v: pair(&a.v)?,
+                out: pair(&a.out)?,
+                ln2: (&self.ln2.weight, &self.ln2.bias),
+                fc1: pair(&self.fc1)?,
+                fc2: pair(&self.fc2)?,
+            })?;
+            let spec = cpu::BlockSpec {
+                attention: spec,
+                activation: match self.act {
+                    Activation::QuickGelu => cpu::Activation::QuickGelu,
+                    Activation::Gelu => cpu::Activation::Gelu,
+                },
+                eps: self.ln1.eps as f32,
+            };
+            return cpu::transformer_block(x, &params, spec);
+        }
+        let (w_qkv, b_qkv) = self.attn.qkv()?;
+        let qkv = cpu::linear(&self.ln1.forward(x)?, &w_qkv, &b_qkv)?;
+        let a = cpu::attention(&qkv, spec)?;
+        let x = match queries {
+            Queries::All => x.clone(),
+            Queries::First => x
+                .reshape((x.dim(0)? / positions, positions, x.dim(1)?))?
+                .i((.., 0, ..))?,
         };
-        Ok(Some(match queries {
-            Queries::All => y.reshape((b, t, w))?,
-            Queries::First => y,
-        }))
+        let x = self.attn.out.forward_residual(&a, &x)?;
+        let h = self.fc1.forward(&self.ln2.forward(&x)?)?;
+        match self.act {
+            Activation::QuickGelu => cpu::quick_gelu_in_place(&h)?,
+            Activation::Gelu => cpu::gelu_in_place(&h)?,
+        }
+        self.fc2.forward_residual(&h, &x)
     }
 }
 
@@ -402,10 +433,24 @@ impl Encoder {
         Ok(Self { layers })
     }
 
+    /// Whether every layer runs on the fused f32 CPU kernels for `x`.
+    fn fusable(&self, x: &Tensor) -> bool {
+        cpu::is_cpu_f32(x) && self.layers.iter().all(EncoderLayer::fusable)
+    }
+
     /// Every position of `x` `[B, T, W]` through every layer (position `i` seeing only
     /// positions `<= i` when `causal`).
     pub(crate) fn forward(&self, x: &Tensor, causal: bool) -> Result<Tensor> {
+        let (b, t, w) = x.dims3()?;
         let mut x = x.clone();
+        if self.fusable(&x) {
+            // One reshape to rows and one back, not one pair per product.
+            x = x.reshape((b * t, w))?;
+            for layer in &self.layers {
+                x = layer.forward_rows(&x, t, causal, Queries::All)?;
+            }
+            return x.reshape((b, t, w));
+        }
         for layer in &self.layers {
             x = layer.forward(&x, causal, Queries::All)?;
         }
@@ -418,10 +463,18 @@ impl Encoder {
     /// result as [`Encoder::forward`] and then taking position 0, with a sixth of a small
     /// tower's work left out.
     pub(crate) fn forward_first(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, w) = x.dims3()?;
         let Some((last, rest)) = self.layers.split_last() else {
             return x.i((.., 0, ..));
         };
         let mut x = x.clone();
+        if self.fusable(&x) {
+            x = x.reshape((b * t, w))?;
+            for layer in rest {
+                x = layer.forward_rows(&x, t, false, Queries::All)?;
+            }
+            return last.forward_rows(&x, t, false, Queries::First);
+        }
         for layer in rest {
             x = layer.forward(&x, false, Queries::All)?;
         }

@@ -6,6 +6,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use clipcid_kernels::cpu;
+
 use crate::TrainError;
 
 /// AdamW hyper-parameters. Defaults follow the paper where it says (beta2 0.98) and
@@ -86,8 +88,9 @@ impl AdamW {
             .into_iter()
             .map(|(name, var)| {
                 let decay = Self::decays(&name, var.rank());
+                // Two allocations: the moments are updated in place on the CPU.
                 let m = var.zeros_like()?.to_dtype(DType::F32)?;
-                let v = m.clone();
+                let v = m.zeros_like()?;
                 Ok(Slot {
                     name,
                     var,
@@ -154,6 +157,22 @@ impl AdamW {
                 continue;
             };
             let g = g.to_dtype(DType::F32)?;
+            let p = slot.var.as_tensor();
+            if [p, &g, &slot.m, &slot.v].iter().all(|t| cpu::is_cpu_f32(t))
+                && [p, &slot.m, &slot.v].iter().all(|t| t.is_contiguous())
+            {
+                // One in-place pass per tensor (see `cpu::adamw_update`); same formula.
+                let step = cpu::AdamWStep {
+                    lr,
+                    beta1: c.beta1,
+                    beta2: c.beta2,
+                    eps: c.eps,
+                    weight_decay: if slot.decay { c.weight_decay } else { 0.0 },
+                    step: t,
+                };
+                cpu::adamw_update(p, &g, &slot.m, &slot.v, step)?;
+                continue;
+            }
             slot.m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&slot.m / bias1)? / ((&slot.v / bias2)?.sqrt()? + c.eps)?)?;
@@ -170,14 +189,15 @@ impl AdamW {
     }
 
     /// The optimiser state as named tensors (`adamw.m.<param>`, `adamw.v.<param>`) plus the
-    /// step count, for a checkpoint.
-    pub fn state(&self) -> (Vec<(String, Tensor)>, u64) {
+    /// step count, for a checkpoint. The tensors are copies (the moments are updated in
+    /// place by later steps).
+    pub fn state(&self) -> Result<(Vec<(String, Tensor)>, u64), TrainError> {
         let mut out = Vec::with_capacity(2 * self.slots.len());
         for s in &self.slots {
-            out.push((format!("adamw.m.{}", s.name), s.m.clone()));
-            out.push((format!("adamw.v.{}", s.name), s.v.clone()));
+            out.push((format!("adamw.m.{}", s.name), s.m.copy()?));
+            out.push((format!("adamw.v.{}", s.name), s.v.copy()?));
         }
-        (out, self.step)
+        Ok((out, self.step))
     }
 
     /// Restores what [`AdamW::state`] returned; every moment must be present with the
@@ -200,7 +220,8 @@ impl AdamW {
                         s.var.dims()
                     )));
                 }
-                *slot = t.to_dtype(DType::F32)?.to_device(s.var.device())?;
+                // A copy: the moments are updated in place, and the caller's map keeps its own.
+                *slot = t.to_dtype(DType::F32)?.to_device(s.var.device())?.copy()?;
             }
         }
         self.step = step;

@@ -194,7 +194,7 @@ fn saved_state_continues_bit_identically() {
         for step in 0..8u64 {
             if Some(step) == split {
                 // Save, rebuild everything from the saved tensors, continue.
-                let (state, steps) = opt.state();
+                let (state, steps) = opt.state().unwrap();
                 let saved: HashMap<String, Tensor> = state
                     .into_iter()
                     .map(|(k, t)| (k, t.copy().unwrap()))

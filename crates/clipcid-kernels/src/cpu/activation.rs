@@ -14,23 +14,25 @@ use super::math::{gelu as gelu_fn, gelu_grad, sigmoid, simd, QUICK_GELU_ALPHA};
 use super::{f32_slice, same_size_pair, ELEMENTS_PER_TASK};
 use crate::pool;
 
-/// Which activation an op computes.
-#[derive(Debug, Clone, Copy)]
-enum Kind {
+/// A transformer MLP's activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
     /// `x Φ(x)`, the exact GELU.
     Gelu,
     /// `x sigmoid(1.702 x)`, OpenAI CLIP's approximation.
     QuickGelu,
 }
 
-impl Kind {
+impl Activation {
     /// `out[i] = f(x[i])` over candle's pool, vectorised.
-    fn forward(self, x: &[f32], out: &mut [f32]) {
+    pub(crate) fn forward(self, x: &[f32], out: &mut [f32]) {
         pool::for_each_chunk_mut(out, ELEMENTS_PER_TASK, |span, ys| {
             let xs = &x[span];
             match self {
-                Kind::Gelu => simd(|| ys.iter_mut().zip(xs).for_each(|(o, &v)| *o = gelu_fn(v))),
-                Kind::QuickGelu => simd(|| {
+                Activation::Gelu => {
+                    simd(|| ys.iter_mut().zip(xs).for_each(|(o, &v)| *o = gelu_fn(v)))
+                }
+                Activation::QuickGelu => simd(|| {
                     ys.iter_mut()
                         .zip(xs)
                         .for_each(|(o, &v)| *o = v * sigmoid(QUICK_GELU_ALPHA * v))
@@ -42,8 +44,8 @@ impl Kind {
     /// `x[i] = f(x[i])` over candle's pool, vectorised.
     fn in_place(self, x: &mut [f32]) {
         pool::for_each_chunk_mut(x, ELEMENTS_PER_TASK, |_, xs| match self {
-            Kind::Gelu => simd(|| xs.iter_mut().for_each(|v| *v = gelu_fn(*v))),
-            Kind::QuickGelu => simd(|| {
+            Activation::Gelu => simd(|| xs.iter_mut().for_each(|v| *v = gelu_fn(*v))),
+            Activation::QuickGelu => simd(|| {
                 xs.iter_mut()
                     .for_each(|v| *v *= sigmoid(QUICK_GELU_ALPHA * *v))
             }),
@@ -51,17 +53,17 @@ impl Kind {
     }
 
     /// `dx[i] = g[i] f'(x[i])` over candle's pool, vectorised.
-    fn backward(self, x: &[f32], g: &[f32], dx: &mut [f32]) {
+    pub(crate) fn backward(self, x: &[f32], g: &[f32], dx: &mut [f32]) {
         pool::for_each_chunk_mut(dx, ELEMENTS_PER_TASK, |span, out| {
             let (xs, gs) = (&x[span.clone()], &g[span]);
             match self {
-                Kind::Gelu => simd(|| {
+                Activation::Gelu => simd(|| {
                     for ((o, &v), &gv) in out.iter_mut().zip(xs).zip(gs) {
                         *o = gv * gelu_grad(v);
                     }
                 }),
                 // d/dx x s(ax) = s + a x s (1 - s), with s = sigmoid(a x).
-                Kind::QuickGelu => simd(|| {
+                Activation::QuickGelu => simd(|| {
                     for ((o, &v), &gv) in out.iter_mut().zip(xs).zip(gs) {
                         let s = sigmoid(QUICK_GELU_ALPHA * v);
                         *o = gv * (s + QUICK_GELU_ALPHA * v * s * (1.0 - s));
@@ -73,8 +75,8 @@ impl Kind {
 
     fn name(self) -> &'static str {
         match self {
-            Kind::Gelu => "clipcid-gelu",
-            Kind::QuickGelu => "clipcid-quick-gelu",
+            Activation::Gelu => "clipcid-gelu",
+            Activation::QuickGelu => "clipcid-quick-gelu",
         }
     }
 }
@@ -91,12 +93,13 @@ impl Kind {
 /// # Ok::<(), candle_core::Error>(())
 /// ```
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(ActivationOp(Kind::Gelu))
+    x.contiguous()?.apply_op1(ActivationOp(Activation::Gelu))
 }
 
 /// `x * sigmoid(1.702 x)` (OpenAI CLIP's activation; f32, CPU), differentiable.
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(ActivationOp(Kind::QuickGelu))
+    x.contiguous()?
+        .apply_op1(ActivationOp(Activation::QuickGelu))
 }
 
 /// [`gelu`] written over `x` itself, with no gradient: for inference, on a tensor that
@@ -111,15 +114,15 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
 /// # Ok::<(), candle_core::Error>(())
 /// ```
 pub fn gelu_in_place(x: &Tensor) -> Result<()> {
-    x.inplace_op1(&ActivationInPlace(Kind::Gelu))
+    x.inplace_op1(&ActivationInPlace(Activation::Gelu))
 }
 
 /// [`quick_gelu`] written over `x` itself, with no gradient (see [`gelu_in_place`]).
 pub fn quick_gelu_in_place(x: &Tensor) -> Result<()> {
-    x.inplace_op1(&ActivationInPlace(Kind::QuickGelu))
+    x.inplace_op1(&ActivationInPlace(Activation::QuickGelu))
 }
 
-struct ActivationOp(Kind);
+struct ActivationOp(Activation);
 
 impl CustomOp1 for ActivationOp {
     fn name(&self) -> &'static str {
@@ -142,13 +145,13 @@ impl CustomOp1 for ActivationOp {
 }
 
 /// `dx = g f'(x)` from the activation's input `x` and its output gradient `g`.
-struct ActivationGrad(Kind);
+struct ActivationGrad(Activation);
 
 impl CustomOp2 for ActivationGrad {
     fn name(&self) -> &'static str {
         match self.0 {
-            Kind::Gelu => "clipcid-gelu-grad",
-            Kind::QuickGelu => "clipcid-quick-gelu-grad",
+            Activation::Gelu => "clipcid-gelu-grad",
+            Activation::QuickGelu => "clipcid-quick-gelu-grad",
         }
     }
 
@@ -166,7 +169,7 @@ impl CustomOp2 for ActivationGrad {
     }
 }
 
-struct ActivationInPlace(Kind);
+struct ActivationInPlace(Activation);
 
 impl InplaceOp1 for ActivationInPlace {
     fn name(&self) -> &'static str {

@@ -33,6 +33,9 @@ pub enum Queries {
 /// The shape of an [`attention`] call besides its input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionSpec {
+    /// Positions per sequence: the input's rows are `positions` rows of each batch item in
+    /// turn.
+    pub positions: usize,
     /// Number of heads; the width must divide into them.
     pub heads: usize,
     /// Whether position `i` attends only to positions `<= i` (a text tower's causal mask).
@@ -41,23 +44,28 @@ pub struct AttentionSpec {
     pub queries: Queries,
 }
 
-/// Multi-head self-attention (f32, CPU), differentiable: `qkv` is `[B, T, 3W]`, the q, k and
-/// v projections side by side (head `h` in columns `h*D..(h+1)*D` of each, `D = W / heads`).
-/// Each head computes `softmax(q k^T / sqrt(D)) v` and the heads are merged back to width
-/// `W`, as PyTorch's `nn.MultiheadAttention` and Hugging Face's CLIP attention do.
+/// Multi-head self-attention (f32, CPU), differentiable: `qkv` is `[B * T, 3W]` (`T` =
+/// `spec.positions`), the q, k and v projections side by side (head `h` in columns
+/// `h*D..(h+1)*D` of each, `D = W / heads`). Each head computes `softmax(q k^T / sqrt(D)) v`
+/// and the heads are merged back to width `W`, as PyTorch's `nn.MultiheadAttention` and
+/// Hugging Face's CLIP attention do. The output is `[B * T, W]` (`[B, W]` for
+/// [`Queries::First`]). Rows rather than `[B, T, 3W]` because a reshape is a node of candle's
+/// autograd whose backward pass copies the whole gradient, and a transformer block's
+/// products work on rows anyway.
 ///
 /// ```
 /// # fn main() -> candle_core::Result<()> {
 /// use candle_core::{Device, Tensor};
 /// use clipcid_kernels::cpu::{attention, AttentionSpec, Queries};
 ///
-/// let qkv = Tensor::randn(0f32, 1.0, (2, 5, 3 * 8), &Device::Cpu)?;
-/// let spec = AttentionSpec { heads: 2, causal: true, queries: Queries::All };
+/// // Two sequences of 5 positions, width 8 in 2 heads.
+/// let qkv = Tensor::randn(0f32, 1.0, (2 * 5, 3 * 8), &Device::Cpu)?;
+/// let spec = AttentionSpec { positions: 5, heads: 2, causal: true, queries: Queries::All };
 /// let y = attention(&qkv, spec)?;
-/// assert_eq!(y.dims(), [2, 5, 8]);
+/// assert_eq!(y.dims(), [10, 8]);
 /// // Under the causal mask, position 0 sees only itself: its output is its own value row.
-/// let v0 = qkv.narrow(2, 16, 8)?.narrow(1, 0, 1)?;
-/// assert!(clipcid_kernels::max_abs_diff(&y.narrow(1, 0, 1)?, &v0)? < 1e-6);
+/// let v0 = qkv.narrow(1, 16, 8)?.narrow(0, 5, 1)?;
+/// assert!(clipcid_kernels::max_abs_diff(&y.narrow(0, 5, 1)?, &v0)? < 1e-6);
 /// # Ok(()) }
 /// ```
 pub fn attention(qkv: &Tensor, spec: AttentionSpec) -> Result<Tensor> {
@@ -80,17 +88,18 @@ struct Geometry {
 }
 
 impl Geometry {
-    fn new(spec: AttentionSpec, layout: &Layout, op: &str) -> Result<Self> {
-        let &[batch, t, w3] = layout.dims() else {
-            bail!(
-                "{op}: expected q, k and v as [batch, positions, 3 x width], got shape {:?}",
-                layout.dims()
-            )
+    fn new(spec: AttentionSpec, dims: &[usize], op: &str) -> Result<Self> {
+        let t = spec.positions;
+        let &[rows, w3] = dims else {
+            bail!("{op}: expected q, k and v as [batch x positions, 3 x width], got shape {dims:?}")
         };
         let width = w3 / 3;
-        if t == 0 || width == 0 || w3 % 3 != 0 {
-            bail!("{op}: expected [batch, positions, 3 x width] with positions and width above 0, got {:?}", layout.dims());
+        if t == 0 || width == 0 || w3 % 3 != 0 || rows % t != 0 {
+            bail!(
+                "{op}: expected [batch x {t} positions, 3 x width] with a width above 0, got {dims:?}"
+            );
         }
+        let batch = rows / t;
         if spec.heads == 0 || width % spec.heads != 0 {
             bail!(
                 "{op}: width {width} does not divide into {} heads",
@@ -113,12 +122,33 @@ impl Geometry {
         })
     }
 
+    /// The whole batch's output `[batch * tq, W]` from `qkv` `[batch * T, 3W]`, batch items
+    /// spread over candle's pool.
+    fn forward_all(&self, qkv: &[f32], out: &mut [f32]) -> Result<()> {
+        let (rows_in, rows_out) = (self.t * 3 * self.width, self.tq * self.width);
+        let done = pool::map_chunks_mut(out, rows_out, |span, out| {
+            let b = span.start / rows_out;
+            blas::on_this_thread(|| self.forward(&qkv[b * rows_in..(b + 1) * rows_in], out))
+        });
+        done.into_iter().collect::<Result<Vec<()>>>()?;
+        Ok(())
+    }
+
+    /// The whole batch's q, k and v gradients `[batch * T, 3W]` (zeroed by the caller) from
+    /// `qkv` and the output gradient.
+    fn backward_all(&self, qkv: &[f32], grad: &[f32], dqkv: &mut [f32]) -> Result<()> {
+        let (rows_in, rows_out) = (self.t * 3 * self.width, self.tq * self.width);
+        let done = pool::map_chunks_mut(dqkv, rows_in, |span, dqkv| {
+            let b = span.start / rows_in;
+            let grad = &grad[b * rows_out..(b + 1) * rows_out];
+            blas::on_this_thread(|| self.backward(&qkv[span], grad, dqkv))
+        });
+        done.into_iter().collect::<Result<Vec<()>>>()?;
+        Ok(())
+    }
+
     fn out_shape(&self) -> Shape {
-        if self.tq == self.t {
-            Shape::from((self.batch, self.t, self.width))
-        } else {
-            Shape::from((self.batch, self.width))
-        }
+        Shape::from((self.batch * self.tq, self.width))
     }
 
     /// Scaled scores `q k^T / sqrt(D)` of head `h`, turned into probabilities in place.
@@ -208,6 +238,35 @@ impl Geometry {
     }
 }
 
+/// [`attention`] on slices: `out` `[batch * tq, W]` from `qkv` `[rows, 3W]`.
+pub(crate) fn attention_rows(
+    spec: AttentionSpec,
+    qkv: &[f32],
+    rows: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    let g = Geometry::new(spec, &[rows, qkv.len() / rows.max(1)], "clipcid-attention")?;
+    g.forward_all(qkv, out)
+}
+
+/// [`attention`]'s backward pass on slices: `dqkv` `[rows, 3W]` (overwritten) from `qkv`
+/// and the output gradient `grad`.
+pub(crate) fn attention_grad_rows(
+    spec: AttentionSpec,
+    qkv: &[f32],
+    rows: usize,
+    grad: &[f32],
+    dqkv: &mut [f32],
+) -> Result<()> {
+    let g = Geometry::new(
+        spec,
+        &[rows, qkv.len() / rows.max(1)],
+        "clipcid-attention-grad",
+    )?;
+    dqkv.iter_mut().for_each(|v| *v = 0.0);
+    g.backward_all(qkv, grad, dqkv)
+}
+
 fn shape_error(e: ndarray::ShapeError) -> candle_core::Error {
     candle_core::Error::Msg(format!("clipcid-attention: {e}"))
 }
@@ -243,15 +302,9 @@ impl CustomOp1 for AttentionOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = Geometry::new(self.0, l, self.name())?;
-        let qkv = f32_slice(s, l, self.name())?;
-        let (rows_in, rows_out) = (g.t * 3 * g.width, g.tq * g.width);
-        let mut out = vec![0f32; g.batch * rows_out];
-        let done = pool::map_chunks_mut(&mut out, rows_out, |span, out| {
-            let b = span.start / rows_out;
-            blas::on_this_thread(|| g.forward(&qkv[b * rows_in..(b + 1) * rows_in], out))
-        });
-        done.into_iter().collect::<Result<Vec<()>>>()?;
+        let g = Geometry::new(self.0, l.dims(), self.name())?;
+        let mut out = vec![0f32; g.batch * g.tq * g.width];
+        g.forward_all(f32_slice(s, l, self.name())?, &mut out)?;
         Ok((CpuStorage::F32(out), g.out_shape()))
     }
 
@@ -278,7 +331,7 @@ impl CustomOp2 for AttentionGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geometry::new(self.0, l1, self.name())?;
+        let g = Geometry::new(self.0, l1.dims(), self.name())?;
         let qkv = f32_slice(s1, l1, self.name())?;
         let grad = f32_slice(s2, l2, self.name())?;
         if l2.shape() != &g.out_shape() {
@@ -289,14 +342,8 @@ impl CustomOp2 for AttentionGrad {
                 g.out_shape().dims()
             );
         }
-        let (rows_in, rows_out) = (g.t * 3 * g.width, g.tq * g.width);
         let mut dqkv = vec![0f32; qkv.len()];
-        let done = pool::map_chunks_mut(&mut dqkv, rows_in, |span, dqkv| {
-            let b = span.start / rows_in;
-            let grad = &grad[b * rows_out..(b + 1) * rows_out];
-            blas::on_this_thread(|| g.backward(&qkv[span], grad, dqkv))
-        });
-        done.into_iter().collect::<Result<Vec<()>>>()?;
+        g.backward_all(qkv, grad, &mut dqkv)?;
         Ok((CpuStorage::F32(dqkv), l1.shape().clone()))
     }
 }
@@ -304,49 +351,21 @@ impl CustomOp2 for AttentionGrad {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests: a failed setup step should panic
 mod tests {
-    use candle_core::{DType, IndexOp, D};
+    use candle_core::DType;
 
     use super::*;
-    use crate::cpu::testing::{check_gradient_by_finite_differences, compare, randn};
-
-    /// Attention from candle's primitive ops (head split, batched products, masked softmax,
-    /// merge), run in f64 by the comparisons.
-    fn attention_ref(qkv: &Tensor, spec: AttentionSpec) -> Result<Tensor> {
-        let (b, t, w3) = qkv.dims3()?;
-        let (w, heads) = (w3 / 3, spec.heads);
-        let d = w / heads;
-        let split = |i: usize| -> Result<Tensor> {
-            qkv.narrow(2, i * w, w)?
-                .reshape((b, t, heads, d))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = (split(0)? * (d as f64).powf(-0.5))?;
-        let (k, v) = (split(1)?, split(2)?);
-        let mut s = q.matmul(&k.t()?.contiguous()?)?;
-        if spec.causal {
-            let mask: Vec<f64> = (0..t)
-                .flat_map(|i| (0..t).map(move |j| if j > i { f64::NEG_INFINITY } else { 0.0 }))
-                .collect();
-            let mask = Tensor::from_vec(mask, (t, t), qkv.device())?.to_dtype(s.dtype())?;
-            s = s.broadcast_add(&mask)?;
-        }
-        let e = s.broadcast_sub(&s.max_keepdim(D::Minus1)?)?.exp()?;
-        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-        let y = p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, w))?;
-        match spec.queries {
-            Queries::All => Ok(y),
-            Queries::First => y.i((.., 0, ..))?.contiguous(),
-        }
-    }
+    use crate::cpu::testing::{
+        attention_ref, check_gradient_by_finite_differences, compare, randn,
+    };
 
     #[test]
     fn attention_matches_primitive_ops_forward_and_backward() {
         // Batch 3, 7 positions, width 12 in 3 heads of 4; every mask and query choice.
-        let qkv = (randn(&[3, 7, 36], 40) * 1.5).unwrap();
+        let qkv = (randn(&[3 * 7, 36], 40) * 1.5).unwrap();
         for causal in [false, true] {
             for queries in [Queries::All, Queries::First] {
                 let spec = AttentionSpec {
+                    positions: 7,
                     heads: 3,
                     causal,
                     queries,
@@ -365,13 +384,14 @@ mod tests {
     #[test]
     fn attention_gradient_matches_finite_differences() {
         let spec = AttentionSpec {
+            positions: 5,
             heads: 2,
             causal: true,
             queries: Queries::All,
         };
         // A q, a k and a v element of each batch item, and one at the last position.
         check_gradient_by_finite_differences(
-            &randn(&[2, 5, 24], 41),
+            &randn(&[2 * 5, 24], 41),
             |x| attention(x, spec),
             &[1, 9, 18, 120 + 3, 120 + 13, 239],
             1e-2,
@@ -383,8 +403,9 @@ mod tests {
     fn products_above_blas_thresholds_and_many_batches_match() {
         // Positions and head size large enough for sgemm (not ndarray's small-matrix path)
         // and more batch items than threads.
-        let qkv = randn(&[9, 50, 3 * 64], 43);
+        let qkv = randn(&[9 * 50, 3 * 64], 43);
         let spec = AttentionSpec {
+            positions: 50,
             heads: 2,
             causal: false,
             queries: Queries::All,
@@ -397,21 +418,18 @@ mod tests {
     #[test]
     fn bad_shapes_are_errors() {
         let spec = AttentionSpec {
+            positions: 3,
             heads: 5,
             causal: false,
             queries: Queries::All,
         };
-        let e = attention(&randn(&[2, 3, 24], 1), spec)
+        let e = attention(&randn(&[6, 24], 1), spec)
             .unwrap_err()
             .to_string();
         assert!(e.contains("does not divide into 5 heads"), "{e}");
-        let e = attention(&randn(&[2, 3, 25], 1), spec)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("3 x width"), "{e}");
-        let e = attention(&randn(&[6, 25], 1), spec)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("3 x width"), "{e}");
+        for bad in [&[6, 25][..], &[7, 24], &[2, 3, 24]] {
+            let e = attention(&randn(bad, 1), spec).unwrap_err().to_string();
+            assert!(e.contains("3 x width"), "{bad:?}: {e}");
+        }
     }
 }

@@ -18,16 +18,22 @@
 use crate::pool;
 
 mod activation;
+mod adamw;
 mod attention;
+mod block;
 mod math;
+mod norm;
 #[cfg(test)]
 mod testing;
 
-pub use activation::{gelu, gelu_in_place, quick_gelu, quick_gelu_in_place};
+pub use activation::{gelu, gelu_in_place, quick_gelu, quick_gelu_in_place, Activation};
+pub use adamw::{adamw_update, AdamWStep};
 pub use attention::{attention, AttentionSpec, Queries};
+pub use block::{pack_block_params, transformer_block, BlockParams, BlockSpec};
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
 };
+pub use norm::layer_norm;
 
 /// Rows handed to one task of the thread pool.
 const ROWS_PER_TASK: usize = 32;
@@ -77,16 +83,6 @@ fn row_width(l: &Layout, op: &str) -> Result<usize> {
 /// Softmax over the last dimension (f32, CPU), differentiable.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Softmax)
-}
-
-/// Layer norm over the last dimension with scale and shift (f32, CPU), differentiable in all
-/// three arguments.
-pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(
-        &weight.contiguous()?,
-        &bias.contiguous()?,
-        LayerNorm { eps },
-    )
 }
 
 /// `a @ b` for 2-D f32 CPU tensors through OpenBLAS, differentiable in both arguments. Either
@@ -248,8 +244,7 @@ impl CustomOp3 for LinearOp {
     }
 }
 
-/// `x @ w^T + b`, plus `residual` (`[rows, out]`, contiguous) where given: the bias (and the
-/// residual) are written into the output, then `sgemm` adds the product to it.
+/// `x @ w^T + b`, plus `residual` (`[rows, out]`, contiguous) where given, from storages.
 fn linear_forward(
     op: &str,
     (s1, l1): (&CpuStorage, &Layout),
@@ -261,8 +256,25 @@ fn linear_forward(
         bail!("{op}: an argument is neither row- nor column-major")
     };
     let bias = f32_slice(s3, l3, op)?;
+    let (rows, n) = (x.nrows(), w.nrows());
+    let mut out = vec![0f32; rows * n];
+    linear_rows(op, &x, &w, bias, residual, &mut out)?;
+    Ok((CpuStorage::F32(out), Shape::from((rows, n))))
+}
+
+/// `out = x @ w^T + b` (plus `residual`, `[rows, out]`, where given) for `x` `[rows, in]` and
+/// `w` `[out, in]`: the bias (and the residual) are written into `out`, then `sgemm` adds
+/// the product to it.
+pub(crate) fn linear_rows(
+    op: &str,
+    x: &ndarray::ArrayView2<f32>,
+    w: &ndarray::ArrayView2<f32>,
+    bias: &[f32],
+    residual: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
     let ((rows, k), (n, k2)) = (x.dim(), w.dim());
-    if k != k2 || bias.len() != n {
+    if k != k2 || bias.len() != n || out.len() != rows * n {
         bail!(
             "{op}: input {:?}, weight {:?} and bias of {} do not fit",
             x.dim(),
@@ -270,27 +282,26 @@ fn linear_forward(
             bias.len()
         );
     }
-    let mut out = vec![0f32; rows * n];
     match residual {
         Some(r) if r.len() != out.len() => bail!(
             "{op}: residual of {} values for an output of [{rows}, {n}]",
             r.len()
         ),
-        Some(r) => pool::for_each_chunk_mut(&mut out, n * ROWS_PER_TASK, |span, ys| {
+        Some(r) => pool::for_each_chunk_mut(out, n * ROWS_PER_TASK, |span, ys| {
             for (yr, rr) in ys.chunks_exact_mut(n).zip(r[span].chunks_exact(n)) {
                 for ((o, &rv), &bv) in yr.iter_mut().zip(rr).zip(bias) {
                     *o = rv + bv;
                 }
             }
         }),
-        None => pool::for_each_chunk_mut(&mut out, n * ROWS_PER_TASK, |_, ys| {
+        None => pool::for_each_chunk_mut(out, n * ROWS_PER_TASK, |_, ys| {
             ys.chunks_exact_mut(n).for_each(|r| r.copy_from_slice(bias));
         }),
     }
-    let mut c = ndarray::ArrayViewMut2::from_shape((rows, n), &mut out)
+    let mut c = ndarray::ArrayViewMut2::from_shape((rows, n), out)
         .map_err(|e| candle_core::Error::Msg(format!("{op}: {e}")))?;
-    crate::blas::gemm(&x, &w.t(), 1.0, &mut c);
-    Ok((CpuStorage::F32(out), Shape::from((rows, n))))
+    crate::blas::gemm(x, &w.t(), 1.0, &mut c);
+    Ok(())
 }
 
 /// [`linear_residual`]'s op: [`LinearOp`] with a residual added, and no backward pass.
@@ -381,155 +392,6 @@ impl CustomOp2 for SoftmaxGrad {
             }
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
-    }
-}
-
-/// Mean and reciprocal standard deviation of one row (two passes, as PyTorch does).
-#[inline(always)]
-fn row_stats(xr: &[f32], eps: f32) -> (f32, f32) {
-    let d = xr.len() as f32;
-    let mean = math::sum_by(xr, |v| v) / d;
-    let var = math::sum_by(xr, |v| (v - mean) * (v - mean)) / d;
-    (mean, 1.0 / (var + eps).sqrt())
-}
-
-struct LayerNorm {
-    eps: f32,
-}
-
-impl CustomOp3 for LayerNorm {
-    fn name(&self) -> &'static str {
-        "clipcid-layer-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, self.name())?;
-        let w = f32_slice(s2, l2, self.name())?;
-        let b = f32_slice(s3, l3, self.name())?;
-        let d = row_width(l1, self.name())?;
-        if w.len() != d || b.len() != d {
-            bail!(
-                "{}: scale/shift of {}/{} values for rows of {d}",
-                self.name(),
-                w.len(),
-                b.len()
-            );
-        }
-        let mut y = vec![0f32; x.len()];
-        pool::for_each_chunk_mut(&mut y, d * ROWS_PER_TASK, |span, ys| {
-            math::simd(|| {
-                for (yr, xr) in ys.chunks_exact_mut(d).zip(x[span].chunks_exact(d)) {
-                    let (mean, rstd) = row_stats(xr, self.eps);
-                    for (((o, &xv), &wv), &bv) in yr.iter_mut().zip(xr).zip(w).zip(b) {
-                        *o = (xv - mean) * rstd * wv + bv;
-                    }
-                }
-            })
-        });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = x.dim(candle_core::D::Minus1)?;
-        let rows = x.elem_count() / d;
-        // One pass gives all three gradients, packed as `[rows + 2, d]`: dx, then dw, then db.
-        let packed =
-            x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormGrad { eps: self.eps })?;
-        let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, rows, 1)?.reshape(d)?;
-        let db = packed.narrow(0, rows + 1, 1)?.reshape(d)?;
-        Ok((Some(dx), Some(dw), Some(db)))
-    }
-}
-
-/// Layer-norm gradients from the input `x`, the scale `w` and the output gradient `g`:
-/// with `xh = (x - mean) * rstd` and `gh = g * w`,
-/// `dx = rstd * (gh - mean(gh) - xh * mean(gh * xh))`, `dw = sum_rows(g * xh)`,
-/// `db = sum_rows(g)`.
-struct LayerNormGrad {
-    eps: f32,
-}
-
-impl CustomOp3 for LayerNormGrad {
-    fn name(&self) -> &'static str {
-        "clipcid-layer-norm-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, self.name())?;
-        let w = f32_slice(s2, l2, self.name())?;
-        let g = f32_slice(s3, l3, self.name())?;
-        let d = row_width(l1, self.name())?;
-        if w.len() != d || g.len() != x.len() {
-            bail!("{}: input, scale and gradient sizes disagree", self.name());
-        }
-        let rows = x.len() / d;
-        let mut out = vec![0f32; (rows + 2) * d];
-        let (dx, sums) = out.split_at_mut(rows * d);
-        // Each task returns its partial dw and db; they are added in task order below.
-        let partials: Vec<Vec<f32>> = pool::map_chunks_mut(dx, d * ROWS_PER_TASK, |span, dxs| {
-            let (xs, gs) = (&x[span.clone()], &g[span]);
-            let mut part = vec![0f32; 2 * d];
-            let (mut xh, mut gh) = (vec![0f32; d], vec![0f32; d]);
-            math::simd(|| {
-                let (dw, db) = part.split_at_mut(d);
-                for ((dxr, xr), gr) in dxs
-                    .chunks_exact_mut(d)
-                    .zip(xs.chunks_exact(d))
-                    .zip(gs.chunks_exact(d))
-                {
-                    let (mean, rstd) = row_stats(xr, self.eps);
-                    for (((h, gv), &xv), (&g, &wv)) in xh
-                        .iter_mut()
-                        .zip(gh.iter_mut())
-                        .zip(xr)
-                        .zip(gr.iter().zip(w))
-                    {
-                        *h = (xv - mean) * rstd;
-                        *gv = g * wv;
-                    }
-                    let mean_gh = math::sum_by(&gh, |v| v) / d as f32;
-                    let mean_ghxh = math::dot(&gh, &xh) / d as f32;
-                    for (((dwv, dbv), &g), &h) in dw.iter_mut().zip(db.iter_mut()).zip(gr).zip(&xh)
-                    {
-                        *dwv += g * h;
-                        *dbv += g;
-                    }
-                    for ((o, &gv), &h) in dxr.iter_mut().zip(&gh).zip(&xh) {
-                        *o = rstd * (gv - mean_gh - h * mean_ghxh);
-                    }
-                }
-            });
-            part
-        });
-        for part in &partials {
-            sums.iter_mut().zip(part).for_each(|(s, p)| *s += p);
-        }
-        let shape = Shape::from((rows + 2, d));
-        Ok((CpuStorage::F32(out), shape))
     }
 }
 

@@ -2,7 +2,9 @@
 //! primitive-op reference in f64, forward and backward.
 #![allow(clippy::unwrap_used)] // tests: a failed setup step should panic
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, IndexOp, Result, Tensor, Var, D};
+
+use super::{AttentionSpec, Queries};
 
 /// A standard-normal f32 tensor from a seed.
 pub(crate) fn randn(shape: &[usize], seed: u64) -> Tensor {
@@ -92,5 +94,39 @@ pub(crate) fn check_gradient_by_finite_differences(
             "element {i}: analytic {} vs finite differences {fd}",
             g[i]
         );
+    }
+}
+
+/// Attention from candle's primitive ops (head split, batched products, masked softmax,
+/// merge), run in f64 by the comparisons.
+pub(crate) fn attention_ref(qkv: &Tensor, spec: AttentionSpec) -> Result<Tensor> {
+    let (rows, w3) = qkv.dims2()?;
+    let t = spec.positions;
+    let b = rows / t;
+    let qkv = qkv.reshape((b, t, w3))?;
+    let (w, heads) = (w3 / 3, spec.heads);
+    let d = w / heads;
+    let split = |i: usize| -> Result<Tensor> {
+        qkv.narrow(2, i * w, w)?
+            .reshape((b, t, heads, d))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let q = (split(0)? * (d as f64).powf(-0.5))?;
+    let (k, v) = (split(1)?, split(2)?);
+    let mut s = q.matmul(&k.t()?.contiguous()?)?;
+    if spec.causal {
+        let mask: Vec<f64> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j > i { f64::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), qkv.device())?.to_dtype(s.dtype())?;
+        s = s.broadcast_add(&mask)?;
+    }
+    let e = s.broadcast_sub(&s.max_keepdim(D::Minus1)?)?.exp()?;
+    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+    let y = p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, w))?;
+    match spec.queries {
+        Queries::All => y.reshape((b * t, w)),
+        Queries::First => y.i((.., 0, ..))?.contiguous(),
     }
 }

@@ -219,7 +219,7 @@ impl Trainer {
         std::fs::create_dir_all(tmp)
             .map_err(|e| TrainError::io(tmp, "cannot create checkpoint folder", e))?;
         self.model.save_pretrained(tmp, DType::F32)?;
-        let (mut tensors, steps) = self.optimizer.state();
+        let (mut tensors, steps) = self.optimizer.state()?;
         if let Some(c) = &self.cluster {
             tensors.push((CENTRES.into(), c.fc.weight().as_tensor().clone()));
         }
