@@ -1,8 +1,9 @@
 //! Compute kernels for clipcid, below the models: one home for what runs the arithmetic.
 //!
 //! - [`cpu`]: fused f32 CPU ops with hand-written backward passes, as candle `CustomOp`s
-//!   (layer norm, softmax, QuickGELU, and linear layers through BLAS `sgemm`); each kernel
-//!   reduces in a fixed order, so results do not depend on the thread count.
+//!   (layer norm, softmax, GELU and QuickGELU, linear layers through BLAS `sgemm`, multi-head
+//!   attention, a whole transformer block, AdamW in place); each kernel reduces in a fixed
+//!   order, so results do not depend on the thread count.
 //! - [`blas`]: matrix products on the system BLAS, cut into one single-threaded `sgemm` per
 //!   thread of candle's CPU pool, so a training step uses one set of threads.
 //! - [`l2_normalize`] and [`max_abs_diff`]: small tensor helpers every stage uses.

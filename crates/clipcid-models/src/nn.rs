@@ -2,10 +2,11 @@
 //!
 //! Every block is built from tensors looked up by their Hugging Face name in a map of named
 //! tensors, so the same code serves a frozen teacher loaded from disk and a trainable student
-//! whose tensors are `candle_nn::Var`s. Layer norm and softmax use candle's fused kernels when no
-//! gradient is needed (they have no backward pass). When one is, f32 CPU tensors go through
-//! the fused kernels with hand-written backward passes of `clipcid_kernels::cpu`, and other
-//! devices and dtypes through differentiable primitive ops.
+//! whose tensors are `candle_nn::Var`s. On the CPU in f32 an encoder runs its layers on rows
+//! `[B * T, W]` through `clipcid_kernels::cpu`: for inference one q/k/v product, attention as
+//! one op, the activation in place and the residuals inside the products; for training each
+//! layer as one autograd node (`cpu::transformer_block`). Other devices and dtypes use
+//! candle's primitive ops (its fused layer norm and softmax where no gradient is needed).
 
 use std::collections::HashMap;
 

@@ -14,6 +14,12 @@
 //! OpenBLAS reaches 235, and the products were half of a training step. Large products are
 //! cut into one single-threaded `sgemm` per thread of candle's pool ([`crate::blas`]), and the
 //! kernels here run on that pool too, so a step uses one set of threads.
+//!
+//! Above those: [`attention`] (multi-head self-attention on the fused q/k/v rows, no head
+//! copies), [`transformer_block`] (a whole pre-norm block as one autograd node, for
+//! training), [`linear_residual`] and the in-place activations (for inference), and
+//! [`adamw_update`]. Element-wise maths is vectorised for the CPU at hand (`math`).
+//! docs/benchmarks.md ("CPU speed against ONNX Runtime and PyTorch") measures them.
 
 use crate::pool;
 
