@@ -115,7 +115,7 @@ pub const CIFAR_TEMPLATES: [&str; 18] = [
 /// CLIP's MNIST template.
 pub const MNIST_TEMPLATES: [&str; 1] = ["a photo of the number: \"{}\"."];
 
-/// A list of prompt templates, each with one `{}` for the class name.
+/// A list of prompt templates, each with one `{}` (or `{c}`) for the class name.
 ///
 /// ```
 /// use clipcid_eval::Templates;
@@ -146,17 +146,35 @@ impl Templates {
         Ok(Self(list.iter().map(|s| s.to_string()).collect()))
     }
 
-    /// Templates given in code; each must contain `{}` exactly once.
+    /// Templates given in code; each must hold the class name's place exactly once, as `{}`
+    /// (CLIP's notebooks) or `{c}` (CLIP_benchmark's `zeroshot_classification_templates.txt`),
+    /// not both.
+    ///
+    /// ```
+    /// use clipcid_eval::Templates;
+    /// let t = Templates::new(vec!["a photo of a {c}.".into(), "a {} drawing.".into()]).unwrap();
+    /// assert_eq!(t.prompts("dog"), ["a photo of a dog.", "a dog drawing."]);
+    /// assert!(Templates::new(vec!["{c} and {}".into()]).is_err());
+    /// ```
     pub fn new(list: Vec<String>) -> Result<Self, EvalError> {
         if list.is_empty() {
             return Err(EvalError::Input("no prompt templates".into()));
         }
-        if let Some(bad) = list.iter().find(|t| t.matches("{}").count() != 1) {
+        if let Some(bad) = list.iter().find(|t| Self::placeholder(t).is_none()) {
             return Err(EvalError::Input(format!(
-                "template `{bad}` must contain `{{}}` exactly once"
+                "template `{bad}` must contain the class name's place `{{}}` or `{{c}}` exactly once"
             )));
         }
         Ok(Self(list))
+    }
+
+    /// The placeholder a template uses, when it holds exactly one of them.
+    fn placeholder(t: &str) -> Option<&'static str> {
+        match (t.matches("{}").count(), t.matches("{c}").count()) {
+            (1, 0) => Some("{}"),
+            (0, 1) => Some("{c}"),
+            _ => None,
+        }
     }
 
     /// One template per non-empty line of a text file (lines starting with `#` skipped).
@@ -193,6 +211,9 @@ impl Templates {
 
     /// Every template filled with `class`.
     pub fn prompts(&self, class: &str) -> Vec<String> {
-        self.0.iter().map(|t| t.replacen("{}", class, 1)).collect()
+        self.0
+            .iter()
+            .map(|t| t.replacen(Self::placeholder(t).unwrap_or("{}"), class, 1))
+            .collect()
     }
 }

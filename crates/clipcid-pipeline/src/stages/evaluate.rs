@@ -36,7 +36,8 @@ pub struct EvalArgs {
     /// Labelled folder (`class_name/*.png`) for zero-shot classification.
     #[arg(long)]
     pub zero_shot: Option<PathBuf>,
-    /// Prompt templates: imagenet, cifar, mnist, simple, name, or a file (one per line).
+    /// Prompt templates: imagenet, cifar, mnist, simple, name, or a file (one per line, the
+    /// class name's place written `{}` or `{c}`, as CLIP_benchmark's template files do).
     #[arg(long, default_value = "imagenet")]
     pub templates: String,
     /// Class names in label order, one per line (default: folder names, `_` as spaces).
