@@ -18,6 +18,52 @@ pub fn shared_dir() -> Option<PathBuf> {
     p.is_dir().then_some(p)
 }
 
+/// Writes a zero-shot set in CLIP_benchmark's WebDataset layout (see
+/// `clipcid_data::ClipBenchmarkSet`) under `root`: three classes (`red`, `green`,
+/// `deep blue`) in `classnames.txt`, two `{c}` templates in
+/// `zeroshot_classification_templates.txt`, and a `test` split of two shards with
+/// `per_shard` lossless WebP images each and their `.cls` labels. Returns the image count.
+pub fn write_clip_benchmark_set(
+    root: &std::path::Path,
+    per_shard: usize,
+) -> std::io::Result<usize> {
+    let test = root.join("test");
+    std::fs::create_dir_all(&test)?;
+    std::fs::write(root.join("classnames.txt"), "red\ngreen\ndeep blue\n")?;
+    std::fs::write(
+        root.join("zeroshot_classification_templates.txt"),
+        "a photo of a {c}.\na {c} square.\n",
+    )?;
+    std::fs::write(test.join("nshards.txt"), "2\n")?;
+    let colours = [[200u8, 30, 30], [30, 180, 40], [20, 40, 200]];
+    for shard in 0..2 {
+        let mut tar = tar::Builder::new(std::fs::File::create(test.join(format!("{shard}.tar")))?);
+        for i in 0..per_shard {
+            let n = shard * per_shard + i;
+            let label = n % colours.len();
+            let img = image::RgbImage::from_fn(32, 32, |x, y| {
+                let v = ((x + y) as u8).wrapping_mul(n as u8 + 1) / 8;
+                image::Rgb(colours[label].map(|c| c.saturating_add(v)))
+            });
+            let mut webp = std::io::Cursor::new(Vec::new());
+            img.write_to(&mut webp, image::ImageFormat::WebP)
+                .map_err(std::io::Error::other)?;
+            for (ext, bytes) in [
+                ("webp", webp.into_inner()),
+                ("cls", label.to_string().into_bytes()),
+            ] {
+                let mut header = tar::Header::new_gnu();
+                header.set_size(bytes.len() as u64);
+                header.set_mode(0o644);
+                header.set_cksum();
+                tar.append_data(&mut header, format!("s{n:06}.{ext}"), bytes.as_slice())?;
+            }
+        }
+        tar.finish()?;
+    }
+    Ok(2 * per_shard)
+}
+
 /// Median of a list of timings in seconds (NaN for an empty list).
 pub fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use crate::DataError;
+use crate::{ClipBenchmarkSet, DataError};
 
 /// Image file extensions read from folders and tar shards.
 pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "bmp", "gif"];
@@ -143,7 +143,9 @@ fn sorted_dir(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
 
 impl Dataset {
     /// Opens a dataset, recognising its kind: a `.tsv`/`.csv` file is a captions file; a
-    /// `.tar` file, or a folder of `.tar` files, is WebDataset; a folder holding a
+    /// `.tar` file, or a folder of `.tar` files, is WebDataset; a CLIP_benchmark set (its
+    /// root, or a split folder with `nshards.txt`) is its shards with its class names
+    /// ([`ClipBenchmarkSet`]); a folder holding a
     /// `captions.tsv`/`captions.csv` is a captioned folder; a folder of sub-folders whose
     /// images have `.txt` captions beside them is img2dataset's `files` output; any other
     /// folder of class sub-folders is a labelled folder. A path that does not exist but is
@@ -170,6 +172,9 @@ impl Dataset {
         }
         if !path.is_dir() {
             return Err(DataError::format(path, "no such dataset file or folder"));
+        }
+        if let Some(set) = ClipBenchmarkSet::find(path) {
+            return Self::clip_benchmark(&set);
         }
         for name in ["captions.tsv", "captions.csv"] {
             if path.join(name).is_file() {
@@ -289,6 +294,14 @@ impl Dataset {
             classes: vec![],
             entries: vec![],
         })
+    }
+
+    /// A CLIP_benchmark set's split (see [`ClipBenchmarkSet`]): its shards as WebDataset,
+    /// labelled by their `.cls` members, with the class names of `classnames.txt`.
+    pub fn clip_benchmark(set: &ClipBenchmarkSet) -> Result<Self, DataError> {
+        let mut data = Self::webdataset(set.shards()?)?;
+        data.classes = set.class_names()?.unwrap_or_default();
+        Ok(data)
     }
 
     /// A labelled image folder (see [`Source::Labelled`]).

@@ -27,6 +27,7 @@
 #![deny(missing_docs)]
 
 mod batch;
+mod clip_benchmark;
 mod dataset;
 mod error;
 mod index;
@@ -35,6 +36,7 @@ mod resample;
 mod spec;
 
 pub use batch::{decode_batch, Batch, BatchIter, Skipped};
+pub use clip_benchmark::ClipBenchmarkSet;
 pub use dataset::{Dataset, Sample, SampleStream, Source, IMAGE_EXTENSIONS};
 pub use error::DataError;
 pub use index::SampleIndex;

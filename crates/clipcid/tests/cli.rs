@@ -399,6 +399,60 @@ fn labelled_set(root: &Path, n: u8, offset: u8) {
 }
 
 #[test]
+fn eval_reads_a_clip_benchmark_set_with_its_class_names_and_templates() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ok, out) = clipcid(&[
+        "init-model",
+        "--preset",
+        "tiny",
+        "--out",
+        s(&d.join("student.safetensors")),
+    ]);
+    assert!(ok, "{out}");
+    let (ok, out) = clipcid(&["tokenizer", "--out", s(&d.join("tokenizer.json"))]);
+    assert!(ok, "{out}");
+    let set = d.join("wds_colours");
+    let n = clipcid_suite::write_clip_benchmark_set(&set, 4).unwrap();
+    // The set's root (its `test` split) and the split folder itself, without --templates:
+    // the set's own `{c}` templates and class names are used.
+    for data in [set.clone(), set.join("test")] {
+        let report = d.join("report");
+        let (ok, text) = clipcid(&[
+            "eval",
+            "--model",
+            s(&d.join("student.safetensors")),
+            "--zero-shot",
+            s(&data),
+            "--out",
+            s(&report),
+        ]);
+        assert!(ok, "{text}");
+        let want = format!("{n} images, 3 classes, prompt templates: 2");
+        assert!(text.contains(&want), "missing `{want}` in:\n{text}");
+        let results: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(report.join("results.json")).unwrap()).unwrap();
+        let acc = results["zero_shot"][0]["top1"].as_f64();
+        assert!(acc.is_some_and(|a| (0.0..=1.0).contains(&a)), "{results}");
+    }
+    // A wrong shard count names the file.
+    std::fs::write(set.join("test/nshards.txt"), "three").unwrap();
+    let (ok, text) = clipcid(&[
+        "eval",
+        "--model",
+        s(&d.join("student.safetensors")),
+        "--zero-shot",
+        s(&set),
+        "--out",
+        s(&d.join("report2")),
+    ]);
+    assert!(
+        !ok && text.contains("nshards.txt") && text.contains("`three`"),
+        "{text}"
+    );
+}
+
+#[test]
 fn eval_textness_and_export_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

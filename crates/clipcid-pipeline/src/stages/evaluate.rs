@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use clipcid_data::{BatchIter, Dataset};
+use clipcid_data::{BatchIter, ClipBenchmarkSet, Dataset};
 use clipcid_eval::{
     evaluate, export_fp16, load_images, textness_study, AgreementPlan, EvalPlan, ExportReport,
     ProbeOptions, Templates, TextRenderer, TextnessOptions, TextnessReport, ZeroShotPlan,
@@ -33,12 +33,15 @@ pub struct EvalArgs {
     /// teacher's is MiniLM's WordPiece, not the students' CLIP BPE).
     #[arg(long, requires = "teacher")]
     pub teacher_tokenizer: Option<PathBuf>,
-    /// Labelled folder (`class_name/*.png`) for zero-shot classification.
+    /// Labelled set for zero-shot classification: a folder of class folders
+    /// (`class_name/*.png`), labelled WebDataset shards (`.cls`), or a CLIP_benchmark set
+    /// (its root or a split folder; its `classnames.txt` gives the class names).
     #[arg(long)]
     pub zero_shot: Option<PathBuf>,
-    /// Prompt templates: imagenet, cifar, mnist, simple, name, or a file (one per line, the
-    /// class name's place written `{}` or `{c}`, as CLIP_benchmark's template files do).
-    #[arg(long, default_value = "imagenet")]
+    /// Prompt templates: `auto` (a CLIP_benchmark set's own
+    /// `zeroshot_classification_templates.txt`, else imagenet), imagenet, cifar, mnist,
+    /// simple, name, or a file (one per line, the class name's place written `{}` or `{c}`).
+    #[arg(long, default_value = "auto")]
     pub templates: String,
     /// Class names in label order, one per line (default: folder names, `_` as spaces).
     #[arg(long)]
@@ -81,7 +84,7 @@ impl EvalArgs {
             tokenizer: None,
             teacher_tokenizer: None,
             zero_shot: None,
-            templates: "imagenet".into(),
+            templates: "auto".into(),
             class_names: None,
             probe_train: None,
             probe_test: None,
@@ -137,7 +140,7 @@ pub fn eval(args: &EvalArgs, device: &Device) -> Result<String, PipelineError> {
     let zero_shot = match &args.zero_shot {
         Some(data) => Some(ZeroShotPlan {
             data: data.clone(),
-            templates: Templates::parse(&args.templates)?,
+            templates: zero_shot_templates(&args.templates, data)?,
             class_names: match &args.class_names {
                 Some(p) => Some(read_lines(p)?),
                 None => None,
@@ -184,6 +187,18 @@ pub fn eval(args: &EvalArgs, device: &Device) -> Result<String, PipelineError> {
     }
     let (_, md) = evaluate(&models, &plan, &args.out)?;
     Ok(md)
+}
+
+/// The templates `--templates` names; `auto` is the zero-shot set's own file where it is a
+/// CLIP_benchmark set with one, else CLIP's 80 ImageNet templates.
+fn zero_shot_templates(spec: &str, data: &Path) -> Result<Templates, PipelineError> {
+    if spec != "auto" {
+        return Ok(Templates::parse(spec)?);
+    }
+    match ClipBenchmarkSet::find(data).and_then(|set| set.templates) {
+        Some(file) => Ok(Templates::from_file(&file)?),
+        None => Ok(Templates::named("imagenet")?),
+    }
 }
 
 /// Options of [`textness`] (the `clipcid textness` arguments).
