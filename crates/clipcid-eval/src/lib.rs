@@ -51,7 +51,9 @@ pub use linear_probe::{
 };
 pub use metrics::{average_precision_at_n, top_n, Agreement, Classification, Retrieval};
 pub use plot::{plot_confusion, plot_per_class_recall};
-pub use report::{evaluate, AgreementPlan, EvalModel, EvalPlan, EvalResults, ZeroShotPlan};
+pub use report::{
+    evaluate, AgreementPlan, ClipBenchmarkRecord, EvalModel, EvalPlan, EvalResults, ZeroShotPlan,
+};
 pub use templates::{Templates, CIFAR_TEMPLATES, IMAGENET_TEMPLATES, MNIST_TEMPLATES};
 pub use textness::{
     load_images, plot_textness_grid, textness_study, textness_sweep, ScaleRow, TextRenderer,

@@ -88,6 +88,105 @@ pub struct EvalResults {
     pub agreement: Vec<(String, Agreement, Option<f64>)>,
 }
 
+/// One result in CLIP_benchmark's output shape (`clip_benchmark eval` writes one such JSON
+/// file per dataset, model and task, and its `build_csv` reads a folder of them), so that
+/// clipcid's numbers sit beside its leaderboards. `model` and `pretrained` both hold the
+/// model's name in the report.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ClipBenchmarkRecord {
+    /// The evaluation set's name (its folder or file name; a CLIP_benchmark split folder's
+    /// parent).
+    pub dataset: String,
+    /// The model's name.
+    pub model: String,
+    /// The model's name (CLIP_benchmark's weights tag).
+    pub pretrained: String,
+    /// `zeroshot_classification`, `linear_probe` or `zeroshot_retrieval`.
+    pub task: String,
+    /// `acc1`, `acc5`, `mean_per_class_recall` for classification;
+    /// `image_retrieval_recall@K` and `text_retrieval_recall@K` for retrieval.
+    pub metrics: std::collections::BTreeMap<String, f64>,
+    /// Always `en`.
+    pub language: String,
+}
+
+impl ClipBenchmarkRecord {
+    /// CLIP_benchmark's file name: `{dataset}_{pretrained}_{model}_{language}_{task}.json`,
+    /// with path separators replaced.
+    pub fn file_name(&self) -> String {
+        format!(
+            "{}_{}_{}_{}_{}.json",
+            self.dataset, self.pretrained, self.model, self.language, self.task
+        )
+        .replace(['/', '\\'], "-")
+    }
+}
+
+/// An evaluation set's name for [`ClipBenchmarkRecord`]: its file or folder name, or the set's
+/// name for a CLIP_benchmark split folder (`wds_cifar10/test` is `wds_cifar10`).
+fn dataset_name(path: &Path) -> String {
+    let path = match clipcid_data::ClipBenchmarkSet::find(path) {
+        Some(set) => set
+            .split
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
+        None => path.to_path_buf(),
+    };
+    path.file_stem()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "dataset".into())
+}
+
+impl EvalResults {
+    /// The results as CLIP_benchmark records: zero-shot classification, linear probe and
+    /// retrieval, one per model (agreement has no CLIP_benchmark task).
+    pub fn clip_benchmark_records(&self, plan: &EvalPlan) -> Vec<ClipBenchmarkRecord> {
+        let record = |dataset: &Path, model: &str, task: &str, metrics: Vec<(String, f64)>| {
+            ClipBenchmarkRecord {
+                dataset: dataset_name(dataset),
+                model: model.to_string(),
+                pretrained: model.to_string(),
+                task: task.to_string(),
+                metrics: metrics.into_iter().collect(),
+                language: "en".into(),
+            }
+        };
+        let classification = |c: &Classification| {
+            vec![
+                ("acc1".to_string(), c.top1),
+                ("acc5".to_string(), c.top5),
+                ("mean_per_class_recall".to_string(), c.mean_per_class_recall),
+            ]
+        };
+        let mut out = Vec::new();
+        for (i, name) in self.models.iter().enumerate() {
+            if let (Some(zs), Some(c)) = (&plan.zero_shot, self.zero_shot.get(i)) {
+                out.push(record(
+                    &zs.data,
+                    name,
+                    "zeroshot_classification",
+                    classification(c),
+                ));
+            }
+            if let (Some((_, test, _)), Some((_, c))) =
+                (&plan.linear_probe, self.linear_probe.get(i))
+            {
+                out.push(record(test, name, "linear_probe", classification(c)));
+            }
+            if let (Some(data), Some(r)) = (&plan.retrieval, self.retrieval.get(i)) {
+                let mut metrics = Vec::new();
+                for (j, k) in r.ks.iter().enumerate() {
+                    metrics.push((format!("image_retrieval_recall@{k}"), r.text_to_image[j]));
+                    metrics.push((format!("text_retrieval_recall@{k}"), r.image_to_text[j]));
+                }
+                out.push(record(data, name, "zeroshot_retrieval", metrics));
+            }
+        }
+        out
+    }
+}
+
 fn labelled(enc: &EncodedImages, what: &Path) -> Result<Vec<usize>, EvalError> {
     enc.labels
         .iter()
@@ -137,8 +236,9 @@ fn pct(v: f64) -> String {
     format!("{:.1}%", 100.0 * v)
 }
 
-/// Runs `plan` for every model and writes `out/report.md`, `out/results.json` and the
-/// plots. Returns the results and the markdown.
+/// Runs `plan` for every model and writes `out/report.md`, `out/results.json`, the plots
+/// and one CLIP_benchmark-shaped JSON file per model and task in `out/clip_benchmark/`
+/// ([`ClipBenchmarkRecord`]). Returns the results and the markdown.
 pub fn evaluate(
     models: &[EvalModel],
     plan: &EvalPlan,
@@ -412,6 +512,14 @@ pub fn evaluate(
 
     let json = serde_json::to_vec_pretty(&res).map_err(|e| EvalError::Input(e.to_string()))?;
     clipcid_store::io::write_atomic(&out.join("results.json"), &json)?;
+    let records = out.join("clip_benchmark");
+    std::fs::create_dir_all(&records).map_err(|e| EvalError::file(&records, e))?;
+    for record in res.clip_benchmark_records(plan) {
+        let file = records.join(record.file_name());
+        let json =
+            serde_json::to_vec_pretty(&record).map_err(|e| EvalError::Input(e.to_string()))?;
+        clipcid_store::io::write_atomic(&file, &json)?;
+    }
     clipcid_store::io::write_atomic(&out.join("report.md"), md.as_bytes())?;
     Ok((res, md))
 }

@@ -434,6 +434,16 @@ fn eval_reads_a_clip_benchmark_set_with_its_class_names_and_templates() {
             serde_json::from_slice(&std::fs::read(report.join("results.json")).unwrap()).unwrap();
         let acc = results["zero_shot"][0]["top1"].as_f64();
         assert!(acc.is_some_and(|a| (0.0..=1.0).contains(&a)), "{results}");
+        // The same figure in CLIP_benchmark's shape, named by the set, not its split folder.
+        let record = report
+            .join("clip_benchmark/wds_colours_student_student_en_zeroshot_classification.json");
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+        assert_eq!(record["task"], "zeroshot_classification");
+        assert_eq!(record["metrics"]["acc1"].as_f64(), acc, "{record}");
+        for key in ["acc5", "mean_per_class_recall"] {
+            assert!(record["metrics"][key].is_f64(), "{record}");
+        }
     }
     // A wrong shard count names the file.
     std::fs::write(set.join("test/nshards.txt"), "three").unwrap();
