@@ -54,7 +54,10 @@ pub use plot::{plot_confusion, plot_per_class_recall};
 pub use report::{
     evaluate, AgreementPlan, ClipBenchmarkRecord, EvalModel, EvalPlan, EvalResults, ZeroShotPlan,
 };
-pub use templates::{Templates, CIFAR_TEMPLATES, IMAGENET_TEMPLATES, MNIST_TEMPLATES};
+pub use templates::{
+    clip_benchmark_class_names, clip_benchmark_datasets, Templates, CIFAR_TEMPLATES,
+    IMAGENET_TEMPLATES, MNIST_TEMPLATES,
+};
 pub use textness::{
     load_images, plot_textness_grid, textness_study, textness_sweep, ScaleRow, TextRenderer,
     TextnessDirection, TextnessOptions, TextnessReport, DEFAULT_WORDS,

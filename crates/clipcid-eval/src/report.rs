@@ -187,6 +187,34 @@ impl EvalResults {
     }
 }
 
+/// Every caption of every image, and the image each belongs to: a sample's caption holds one
+/// caption per line (COCO and Flickr30k have five per image; CLIP_benchmark's retrieval
+/// sets and a WebDataset `.txt` member can hold several), blank lines skipped.
+fn captions_per_image(
+    captions: &[Option<String>],
+    keys: &[String],
+    what: &Path,
+) -> Result<(Vec<String>, Vec<usize>), EvalError> {
+    let (mut texts, mut owner) = (Vec::new(), Vec::new());
+    for (row, (caption, key)) in captions.iter().zip(keys).enumerate() {
+        let caption = caption
+            .as_deref()
+            .ok_or_else(|| EvalError::file(what, format!("sample `{key}` has no caption")))?;
+        let before = texts.len();
+        for line in caption.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            texts.push(line.to_string());
+            owner.push(row);
+        }
+        if texts.len() == before {
+            return Err(EvalError::file(
+                what,
+                format!("sample `{key}` has an empty caption"),
+            ));
+        }
+    }
+    Ok((texts, owner))
+}
+
 fn labelled(enc: &EncodedImages, what: &Path) -> Result<Vec<usize>, EvalError> {
     enc.labels
         .iter()
@@ -403,23 +431,13 @@ pub fn evaluate(
 
     if let Some(path) = &plan.retrieval {
         let ks = [1, 5, 10];
-        let mut pairs = 0;
+        let (mut images, mut texts) = (0, 0);
         for (i, m) in models.iter().enumerate() {
             let enc = cache.get(i, path)?;
-            let captions: Vec<String> = enc
-                .captions
-                .iter()
-                .zip(&enc.keys)
-                .map(|(c, k)| {
-                    c.clone().ok_or_else(|| {
-                        EvalError::file(path, format!("sample `{k}` has no caption"))
-                    })
-                })
-                .collect::<Result<_, _>>()?;
+            let (captions, owner) = captions_per_image(&enc.captions, &enc.keys, path)?;
             let text = encode_texts(&m.model, &m.tokenizer, &captions, 256)?;
             let sim = enc.features.similarity(&text)?;
-            pairs = captions.len();
-            let owner: Vec<usize> = (0..pairs).collect();
+            (images, texts) = (enc.keys.len(), captions.len());
             res.retrieval.push(Retrieval::from_similarity(
                 &sim,
                 captions.len(),
@@ -429,9 +447,8 @@ pub fn evaluate(
         }
         let _ = writeln!(
             md,
-            "## Retrieval\n\n{} ({} image-caption pairs)\n\n| model | image->text R@1 | R@5 | R@10 | text->image R@1 | R@5 | R@10 |\n|---|---:|---:|---:|---:|---:|---:|",
+            "## Retrieval\n\n{} ({images} images, {texts} captions)\n\n| model | image->text R@1 | R@5 | R@10 | text->image R@1 | R@5 | R@10 |\n|---|---:|---:|---:|---:|---:|---:|",
             path.display(),
-            pairs
         );
         for (n, r) in names.iter().zip(&res.retrieval) {
             let cells: Vec<String> = r
@@ -522,4 +539,31 @@ pub fn evaluate(
     }
     clipcid_store::io::write_atomic(&out.join("report.md"), md.as_bytes())?;
     Ok((res, md))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a failed setup step should panic
+mod tests {
+    use super::*;
+
+    #[test]
+    fn several_captions_per_image_each_keep_their_image() {
+        let captions = vec![
+            Some("a dog\n\n  a brown dog \n".to_string()),
+            Some("a cat".to_string()),
+        ];
+        let keys = vec!["a".to_string(), "b".to_string()];
+        let (texts, owner) = captions_per_image(&captions, &keys, Path::new("set")).unwrap();
+        assert_eq!(texts, ["a dog", "a brown dog", "a cat"]);
+        assert_eq!(owner, [0, 0, 1]);
+        let empty = vec![Some(" \n".to_string())];
+        let e = captions_per_image(&empty, &keys[..1], Path::new("set"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`a` has an empty caption"), "{e}");
+        let e = captions_per_image(&[None], &keys[..1], Path::new("set"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`a` has no caption"), "{e}");
+    }
 }

@@ -2,9 +2,48 @@
 //! per-dataset lists CLIP used, or one template per line from a file. `{}` marks where the
 //! class name goes.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::EvalError;
+
+/// CLIP_benchmark's English prompt templates per dataset (MIT; see `data/clip_benchmark/`).
+const CLIP_BENCHMARK_TEMPLATES: &str =
+    include_str!("../data/clip_benchmark/en_zeroshot_classification_templates.json");
+/// CLIP_benchmark's English class names for the datasets whose loaders lack good ones.
+const CLIP_BENCHMARK_CLASSNAMES: &str = include_str!("../data/clip_benchmark/en_classnames.json");
+
+/// A `{dataset: [strings]}` table of CLIP_benchmark's.
+fn clip_benchmark_table(json: &str) -> Result<BTreeMap<String, Vec<String>>, EvalError> {
+    serde_json::from_str(json)
+        .map_err(|e| EvalError::Input(format!("CLIP_benchmark's bundled table: {e}")))
+}
+
+/// The datasets CLIP_benchmark has prompt templates for, by its names.
+///
+/// ```
+/// let names = clipcid_eval::clip_benchmark_datasets();
+/// assert!(names.iter().any(|n| n == "imagenet1k") && names.len() >= 30);
+/// ```
+pub fn clip_benchmark_datasets() -> Vec<String> {
+    clip_benchmark_table(CLIP_BENCHMARK_TEMPLATES)
+        .map(|t| t.into_keys().filter(|k| k != "dummy").collect())
+        .unwrap_or_default()
+}
+
+/// CLIP_benchmark's class names for `dataset` in label order (ImageNet-1k's 1,000 cleaned
+/// names as `imagenet1k`, and 16 more sets), or `None` for a dataset it has none for.
+///
+/// ```
+/// let names = clipcid_eval::clip_benchmark_class_names("imagenet1k").unwrap();
+/// assert_eq!((names.len(), names[0].as_str()), (1000, "tench"));
+/// assert!(clipcid_eval::clip_benchmark_class_names("no such set").is_none());
+/// ```
+pub fn clip_benchmark_class_names(dataset: &str) -> Option<Vec<String>> {
+    clip_benchmark_table(CLIP_BENCHMARK_CLASSNAMES)
+        .ok()?
+        .remove(dataset)
+}
 
 /// CLIP's 80 ImageNet prompt templates (the ensemble of CLIP's paper, section 3.1.4).
 pub const IMAGENET_TEMPLATES: [&str; 80] = [
@@ -129,7 +168,16 @@ pub struct Templates(Vec<String>);
 
 impl Templates {
     /// A built-in set: `imagenet` (80), `cifar` (18), `mnist` (1), `simple`
-    /// (`a photo of a {}.`) or `name` (the class name alone).
+    /// (`a photo of a {}.`) or `name` (the class name alone); or the templates
+    /// CLIP_benchmark uses for one of its 33 datasets, by its name (`cifar100`, `food101`,
+    /// `imagenet1k`, ...; see [`clip_benchmark_datasets`]).
+    ///
+    /// ```
+    /// use clipcid_eval::Templates;
+    /// let t = Templates::named("food101").unwrap();
+    /// assert_eq!(t.prompts("pizza")[0], "a photo of pizza, a type of food.");
+    /// assert_eq!(Templates::named("imagenet1k").unwrap().len(), 80);
+    /// ```
     pub fn named(name: &str) -> Result<Self, EvalError> {
         let list: &[&str] = match name {
             "imagenet" => &IMAGENET_TEMPLATES,
@@ -138,9 +186,13 @@ impl Templates {
             "simple" => &["a photo of a {}."],
             "name" => &["{}"],
             other => {
-                return Err(EvalError::Input(format!(
-                "unknown template set `{other}` (imagenet, cifar, mnist, simple, name, or a file)"
-            )))
+                return match clip_benchmark_table(CLIP_BENCHMARK_TEMPLATES)?.remove(other) {
+                    Some(list) => Self::new(list),
+                    None => Err(EvalError::Input(format!(
+                        "unknown template set `{other}` (imagenet, cifar, mnist, simple, name, \
+                         a CLIP_benchmark dataset name such as cifar100, or a file)"
+                    ))),
+                }
             }
         };
         Ok(Self(list.iter().map(|s| s.to_string()).collect()))

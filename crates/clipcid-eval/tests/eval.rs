@@ -363,3 +363,21 @@ fn textness_study_adds_real_text_images_to_probe_and_pool() {
     );
     assert_eq!((r.probe_images, r.pool_images, r.rows.len()), (4, 4, 2));
 }
+
+#[test]
+fn every_bundled_clip_benchmark_template_set_and_class_list_loads() {
+    let names = clipcid_eval::clip_benchmark_datasets();
+    assert!(names.len() >= 30, "{names:?}");
+    for name in &names {
+        let t = clipcid_eval::Templates::named(name)
+            .unwrap_or_else(|e| panic!("templates of {name}: {e}"));
+        for p in t.prompts("zebra") {
+            assert!(p.contains("zebra") && !p.contains("{c}"), "{name}: {p}");
+        }
+    }
+    // CLIP's cleaned ImageNet names: 1,000 labels (two names occur twice, as in CLIP's list).
+    let imagenet = clipcid_eval::clip_benchmark_class_names("imagenet1k").unwrap();
+    let unique: std::collections::BTreeSet<_> = imagenet.iter().collect();
+    assert_eq!((imagenet.len(), unique.len()), (1000, 998));
+    assert_eq!(clipcid_eval::Templates::named("cifar10").unwrap().len(), 18);
+}

@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use clipcid_data::{BatchIter, ClipBenchmarkSet, Dataset};
 use clipcid_eval::{
-    evaluate, export_fp16, load_images, textness_study, AgreementPlan, EvalPlan, ExportReport,
-    ProbeOptions, Templates, TextRenderer, TextnessOptions, TextnessReport, ZeroShotPlan,
+    clip_benchmark_class_names, evaluate, export_fp16, load_images, textness_study, AgreementPlan,
+    EvalPlan, ExportReport, ProbeOptions, Templates, TextRenderer, TextnessOptions, TextnessReport,
+    ZeroShotPlan,
 };
 use clipcid_models::ClipTokenizer;
 
@@ -40,10 +41,13 @@ pub struct EvalArgs {
     pub zero_shot: Option<PathBuf>,
     /// Prompt templates: `auto` (a CLIP_benchmark set's own
     /// `zeroshot_classification_templates.txt`, else imagenet), imagenet, cifar, mnist,
-    /// simple, name, or a file (one per line, the class name's place written `{}` or `{c}`).
+    /// simple, name, a CLIP_benchmark dataset name (`cifar100`, `food101`, `imagenet1k`, ...:
+    /// its templates), or a file (one per line, the class name's place written `{}` or `{c}`).
     #[arg(long, default_value = "auto")]
     pub templates: String,
-    /// Class names in label order, one per line (default: folder names, `_` as spaces).
+    /// Class names in label order: a file (one per line), or a dataset CLIP_benchmark has
+    /// class names for (`imagenet1k`: CLIP's cleaned 1,000 ImageNet names, and 16 more).
+    /// Default: a CLIP_benchmark set's `classnames.txt`, else the folder names (`_` as spaces).
     #[arg(long)]
     pub class_names: Option<PathBuf>,
     /// Labelled training set of the linear probe.
@@ -142,7 +146,17 @@ pub fn eval(args: &EvalArgs, device: &Device) -> Result<String, PipelineError> {
             data: data.clone(),
             templates: zero_shot_templates(&args.templates, data)?,
             class_names: match &args.class_names {
-                Some(p) => Some(read_lines(p)?),
+                Some(p) if p.is_file() => Some(read_lines(p)?),
+                Some(p) => Some(
+                    p.to_str()
+                        .and_then(clip_benchmark_class_names)
+                        .ok_or_else(|| {
+                            PipelineError::Input(format!(
+                                "--class-names {}: no such file, nor a dataset CLIP_benchmark has class names for",
+                                p.display()
+                            ))
+                        })?,
+                ),
                 None => None,
             },
         }),
