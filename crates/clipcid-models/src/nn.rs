@@ -125,6 +125,14 @@ impl Linear {
 }
 
 impl Linear {
+    /// `x W^T + b` for f32 CPU rows `[rows, in]` on BLAS.
+    fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) => cpu::linear(x, &self.weight, b),
+            None => cpu::matmul(&x.contiguous()?, &self.weight.t()?),
+        }
+    }
+
     /// `residual + self(x)`: on the CPU in f32 with a bias, one op that adds the residual
     /// inside the product and passes no gradient (for inference); elsewhere an addition.
     pub(crate) fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
@@ -177,16 +185,6 @@ impl Module for Linear {
     }
 }
 
-impl Linear {
-    /// `x W^T + b` for f32 CPU rows `[rows, in]` on BLAS.
-    fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.bias {
-            Some(b) => cpu::linear(x, &self.weight, b),
-            None => cpu::matmul(&x.contiguous()?, &self.weight.t()?),
-        }
-    }
-}
-
 fn linear(p: &Params, prefix: &str) -> Result<Linear> {
     Ok(Linear {
         weight: get(p, &format!("{prefix}.weight"))?,
@@ -203,8 +201,10 @@ struct SelfAttention {
     out: Linear,
     heads: usize,
     /// The q, k and v projections as one `[3W, W]` weight and `[3W]` bias, made once for a
-    /// frozen model (a trainable one concatenates its variables in each forward pass, so that
-    /// gradients reach them).
+    /// frozen f32 CPU model, the only one that reads it (a trainable one concatenates its
+    /// variables in each forward pass, so that gradients reach them). It holds a copy of the
+    /// q/k/v weights, a quarter of a tower's, where concatenating them for each batch would
+    /// copy as much (85 MB for ViT-B/32's image tower) per batch.
     fused_qkv: Option<(Tensor, Tensor)>,
 }
 
@@ -218,10 +218,12 @@ impl SelfAttention {
             heads,
             fused_qkv: None,
         };
-        let frozen = [&attn.q, &attn.k, &attn.v]
-            .iter()
-            .all(|l| !l.weight.is_variable() && l.bias.as_ref().is_none_or(|b| !b.is_variable()));
-        if frozen {
+        let frozen_cpu_f32 = [&attn.q, &attn.k, &attn.v].iter().all(|l| {
+            std::iter::once(&l.weight)
+                .chain(&l.bias)
+                .all(|t| !t.is_variable() && cpu::is_cpu_f32(t))
+        });
+        if frozen_cpu_f32 {
             attn.fused_qkv = attn.concat_qkv()?;
         }
         Ok(attn)
