@@ -12,8 +12,8 @@
 //! every parameter's in one go on those buffers, with the same kernels as the separate ops
 //! (BLAS products on candle's pool, the attention kernel, the layer-norm and activation
 //! passes). The parameters come in packed into one vector ([`pack_block_params`]), so the
-//! op has two inputs; packing copies the block's weights once per step, a tenth of the
-//! activations' size for CLIP's shapes.
+//! op has two inputs; packing copies the block's weights once per step, far less than the
+//! activation-sized work it saves (a seventh as much for the student at batch 32).
 
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
