@@ -41,6 +41,9 @@ pub enum PipelineError {
     /// Evaluation, textness or export failed.
     #[error(transparent)]
     Eval(#[from] clipcid_eval::EvalError),
+    /// The ONNX export failed.
+    #[error(transparent)]
+    Onnx(#[from] clipcid_onnx::OnnxError),
     /// A loss could not be computed (the device parity check).
     #[error(transparent)]
     Loss(#[from] clipcid_loss::LossError),

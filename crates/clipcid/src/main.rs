@@ -433,6 +433,27 @@ fn print_export(o: &clipcid_pipeline::ExportOutcome, args: &ExportArgs) {
         r.mean_abs_diff,
         r.min_cosine
     );
+    if let Some(onnx) = &o.onnx {
+        let precision = if args.fp16 { "f16" } else { "f32" };
+        println!(
+            "\nONNX (opset {}, {precision}):\n\n| file | MB |\n|---|---:|",
+            clipcid_onnx::OPSET
+        );
+        for saved in std::iter::once(&onnx.image).chain(&onnx.text) {
+            println!(
+                "| {} | {:.1} |",
+                saved.path.display(),
+                mb(saved.total_bytes())
+            );
+        }
+        if let Some(why) = &onnx.text_skipped {
+            println!("text tower not exported: {why}");
+        }
+        println!(
+            "check it in ONNX Runtime: python3 scripts/onnx-check.py {}",
+            args.out.display()
+        );
+    }
 }
 
 fn print_embed_summary(s: &EmbedSummary, out: &Path) {

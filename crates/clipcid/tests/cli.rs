@@ -6,14 +6,7 @@ use std::process::Command;
 
 mod common;
 
-fn clipcid(args: &[&str]) -> (bool, String) {
-    let (ok, text, _) = common::run_clipcid(None, args);
-    (ok, text)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
+use common::{clipcid, s};
 
 #[test]
 fn embed_from_the_command_line_with_resume_and_clear_errors() {

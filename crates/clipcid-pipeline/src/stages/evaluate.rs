@@ -334,6 +334,10 @@ pub struct ExportArgs {
     /// At most this many sample images.
     #[arg(long, default_value_t = 64)]
     pub samples: usize,
+    /// With `--format onnx`: the ONNX graphs in half precision (weights and arithmetic;
+    /// inputs and outputs stay f32), `onnx/*_fp16.onnx`.
+    #[arg(long)]
+    pub fp16: bool,
 }
 
 impl ExportArgs {
@@ -346,6 +350,7 @@ impl ExportArgs {
             sample: None,
             samples: 64,
             format: ExportFormat::Hf,
+            fp16: false,
         }
     }
 }
@@ -357,6 +362,12 @@ pub enum ExportFormat {
     Hf,
     /// The Hugging Face folder plus open_clip's files.
     OpenClip,
+    /// The Hugging Face folder plus each tower as an ONNX graph (opset 17) in `onnx/`, named
+    /// as transformers.js names them (`vision_model.onnx`, `text_model.onnx`; `_fp16` with
+    /// `--fp16`), the preprocessing in each graph's metadata, and `onnx/check.safetensors`:
+    /// sample inputs with clipcid's outputs, to check a runtime against
+    /// (`scripts/onnx-check.py` does it with ONNX Runtime).
+    Onnx,
 }
 
 /// What [`export`] did.
@@ -366,11 +377,19 @@ pub struct ExportOutcome {
     pub report: ExportReport,
     /// The inputs the error was measured on, in words.
     pub measured_on: String,
+    /// The ONNX files, with `--format onnx`.
+    pub onnx: Option<clipcid_onnx::OnnxExport>,
 }
 
 /// Writes the model as FP16 safetensors (Hugging Face layout) with its config and tokenizer
 /// to `args.out`, and measures the FP16 error on sample images (or random pixels).
 pub fn export(args: &ExportArgs, device: &Device) -> Result<ExportOutcome, PipelineError> {
+    if args.fp16 && args.format != ExportFormat::Onnx {
+        input_error!(
+            "--fp16 applies to --format onnx (the safetensors export is always f16); add \
+             --format onnx or drop --fp16"
+        );
+    }
     let loaded = load_model(&args.model, &args.load, device, DType::F32)?;
     let (model_path, model, preprocess) = (loaded.path, loaded.model, loaded.preprocess);
     let size = model.config().vision_config.image_size;
@@ -418,8 +437,103 @@ pub fn export(args: &ExportArgs, device: &Device) -> Result<ExportOutcome, Pipel
             tok.save_bpe_merges(&args.out.join("bpe_simple_vocab_16e6.txt.gz"))?;
         }
     }
+    let onnx = match args.format {
+        ExportFormat::Onnx => Some(export_onnx(
+            &model,
+            &preprocess,
+            tokenizer.as_ref(),
+            &pixels,
+            &args.out.join("onnx"),
+            args.fp16,
+        )?),
+        _ => None,
+    };
     Ok(ExportOutcome {
         report: r,
         measured_on: what,
+        onnx,
     })
+}
+
+/// Captions whose clipcid embeddings go into `onnx/check.safetensors`.
+const CHECK_CAPTIONS: [&str; 4] = [
+    "a photo of a cat",
+    "a diagram with the word STOP",
+    "two dogs playing in the snow",
+    "a red square",
+];
+
+/// Writes both towers as ONNX to `dir` with the preprocessing in their metadata, and
+/// `check.safetensors`: up to four of `pixels` (`pixel_values`) with clipcid's f32
+/// `image_embeds`, and when the model has a tokenizer, [`CHECK_CAPTIONS`] as `input_ids`
+/// (int64) with their `text_embeds`.
+fn export_onnx(
+    model: &clipcid_models::ClipModel,
+    preprocess: &clipcid_data::Preprocess,
+    tokenizer: Option<&ClipTokenizer>,
+    pixels: &Tensor,
+    dir: &Path,
+    fp16: bool,
+) -> Result<clipcid_onnx::OnnxExport, PipelineError> {
+    use clipcid_onnx::{export_towers, OnnxPrecision};
+    let precision = match fp16 {
+        true => OnnxPrecision::F16,
+        false => OnnxPrecision::F32,
+    };
+    let cfg = model.config();
+    let meta: Vec<(String, String)> = [
+        ("image_size", cfg.vision_config.image_size.to_string()),
+        ("image_mean", serde_json::json!(preprocess.mean).to_string()),
+        ("image_std", serde_json::json!(preprocess.std).to_string()),
+        (
+            "preprocessor_config",
+            preprocess.to_hf_preprocessor_config().to_string(),
+        ),
+        (
+            "open_clip_preprocess_cfg",
+            preprocess.to_open_clip_preprocess_cfg().to_string(),
+        ),
+        (
+            "context_length",
+            cfg.text_config.max_position_embeddings.to_string(),
+        ),
+        ("projection_dim", cfg.projection_dim.to_string()),
+        (
+            "embeddings",
+            "projected, not normalised: divide by the L2 norm for cosine similarity".into(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let out = export_towers(model, dir, precision, &meta)?;
+    if let Some(why) = &out.text_skipped {
+        log::warn!("text tower not exported to ONNX: {why}");
+    }
+    let cpu = Device::Cpu;
+    let n = pixels.dim(0)?.min(4);
+    let px = pixels.narrow(0, 0, n)?.to_dtype(DType::F32)?;
+    let mut tensors = vec![
+        ("pixel_values".to_string(), px.to_device(&cpu)?),
+        (
+            "image_embeds".to_string(),
+            model
+                .encode_image(&px)?
+                .to_dtype(DType::F32)?
+                .to_device(&cpu)?,
+        ),
+    ];
+    if let (Some(tok), Some(_)) = (tokenizer, &out.text) {
+        let ids = tok.encode_batch(&CHECK_CAPTIONS, model.device())?;
+        let emb = model.encode_text(&ids)?.to_dtype(DType::F32)?;
+        tensors.push((
+            "input_ids".to_string(),
+            ids.to_dtype(DType::I64)?.to_device(&cpu)?,
+        ));
+        tensors.push(("text_embeds".to_string(), emb.to_device(&cpu)?));
+    }
+    // clipcid's f32 outputs whatever the graphs' precision: the reference both are held to.
+    let path = dir.join("check.safetensors");
+    clipcid_store::io::write_safetensors(&path, tensors, &Default::default())?;
+    Ok(out)
 }

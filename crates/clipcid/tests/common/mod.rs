@@ -1,4 +1,6 @@
 //! Running the `clipcid` binary from the integration tests.
+// Each test file compiles this module on its own and uses part of it.
+#![allow(dead_code)]
 
 use std::path::Path;
 use std::process::Command;
@@ -17,4 +19,15 @@ pub fn run_clipcid(dir: Option<&Path>, args: &[&str]) -> (bool, String, bool) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), text, out.status.code().is_none())
+}
+
+/// Runs `clipcid args` in the test's folder: whether it succeeded, and its output.
+pub fn clipcid(args: &[&str]) -> (bool, String) {
+    let (ok, text, _) = run_clipcid(None, args);
+    (ok, text)
+}
+
+/// A path as the `&str` an argument list takes.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
 }
