@@ -46,8 +46,9 @@ use std::path::Path;
 pub use export::{export_fp16, ExportReport};
 pub use features::{encode_dataset, encode_images, encode_texts, EncodedImages, Features};
 pub use linear_probe::{
-    linear_probe, objective, LabelledFeatures, LogisticRegression, ProbeOptions, ProbeResult,
-    GRADIENT_TOLERANCE,
+    clip_benchmark_sweep, clip_benchmark_weight_decay, linear_probe, objective, AdamWProbe,
+    LabelledFeatures, LogisticRegression, ProbeMethod, ProbeOptions, ProbeResult,
+    CLIP_BENCHMARK_GRID, GRADIENT_TOLERANCE,
 };
 pub use metrics::{average_precision_at_n, top_n, Agreement, Classification, Retrieval};
 pub use plot::{plot_confusion, plot_per_class_recall};

@@ -13,7 +13,7 @@ use argmin::solver::linesearch::MoreThuenteLineSearch;
 use argmin::solver::quasinewton::LBFGS;
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
@@ -213,15 +213,7 @@ impl LogisticRegression {
         max_iterations: u64,
         warm: Option<&LogisticRegression>,
     ) -> Result<Self, EvalError> {
-        if data.is_empty() || classes < 2 {
-            return Err(EvalError::Input(format!(
-                "a linear probe needs rows and at least 2 classes ({} rows, {classes} classes)",
-                data.len()
-            )));
-        }
-        if !(l2.is_finite() && l2 >= 0.0) {
-            return Err(EvalError::Input(format!("L2 strength {l2} is not >= 0")));
-        }
+        check_fit(data, classes, "L2 strength", l2)?;
         let dim = data.dim();
         let init = match warm {
             Some(w) if w.classes == classes && w.dim == dim => w.params.clone(),
@@ -295,6 +287,148 @@ impl LogisticRegression {
     }
 }
 
+/// CLIP_benchmark's linear-probe training (`clip_benchmark/metrics/linear_probe.py`): a
+/// linear layer (PyTorch's default initialisation, seeded) trained with AdamW (betas 0.9 and
+/// 0.999, eps 1e-8, decoupled weight decay on the weight and the bias) on mean cross-entropy,
+/// in shuffled mini-batches, with a cosine learning rate from `lr` to 0 over all steps and no
+/// warm-up. Its defaults are CLIP_benchmark's command-line defaults.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWProbe {
+    /// Peak learning rate (`--fewshot_lr`, 0.1).
+    pub lr: f64,
+    /// Passes over the training rows (`--fewshot_epochs`, 10).
+    pub epochs: usize,
+    /// Rows per step (`--batch_size`, 64).
+    pub batch_size: usize,
+}
+
+impl Default for AdamWProbe {
+    fn default() -> Self {
+        Self {
+            lr: 0.1,
+            epochs: 10,
+            batch_size: 64,
+        }
+    }
+}
+
+/// How [`linear_probe`] fits and what it sweeps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ProbeMethod {
+    /// CLIP's paper (appendix A.3): L-BFGS to the optimum of the L2-regularised objective,
+    /// the L2 strength swept on a log grid refined around the best value.
+    Lbfgs,
+    /// CLIP_benchmark's: AdamW for a fixed number of epochs, the weight decay swept over
+    /// `logspace(-6, 2, 97)` (7 points, then spans 8, 4, 2, 1 around the peak), the final
+    /// model trained on train + validation. Without a validation split (fraction 0) the
+    /// weight decay is 0, as CLIP_benchmark does.
+    ClipBenchmark(AdamWProbe),
+}
+
+impl LogisticRegression {
+    /// Trains by [`AdamWProbe`]'s recipe with decoupled weight decay `weight_decay`, from
+    /// PyTorch's default initialisation drawn with `seed` (which also shuffles the batches);
+    /// the same seed gives the same model.
+    pub fn fit_adamw(
+        data: &LabelledFeatures,
+        classes: usize,
+        weight_decay: f64,
+        recipe: &AdamWProbe,
+        seed: u64,
+    ) -> Result<Self, EvalError> {
+        check_fit(data, classes, "weight decay", weight_decay)?;
+        if !(recipe.lr.is_finite() && recipe.lr > 0.0)
+            || recipe.epochs == 0
+            || recipe.batch_size == 0
+        {
+            return Err(EvalError::Input(format!(
+                "AdamW probe needs lr > 0, epochs > 0 and batch size > 0, not {recipe:?}"
+            )));
+        }
+        let (n, dim) = (data.len(), data.dim());
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        // torch.nn.Linear's initialisation: weight and bias uniform in +-1/sqrt(fan_in).
+        let bound = 1.0 / (dim.max(1) as f64).sqrt();
+        let mut params: Vec<f64> = (0..classes * (dim + 1))
+            .map(|_| rng.random_range(-bound..=bound))
+            .collect();
+        let (beta1, beta2, eps) = (0.9f64, 0.999f64, 1e-8f64);
+        let mut m = vec![0.0; params.len()];
+        let mut v = vec![0.0; params.len()];
+        let steps_per_epoch = n.div_ceil(recipe.batch_size);
+        let total = (recipe.epochs * steps_per_epoch) as f64;
+        let mut order: Vec<usize> = (0..n).collect();
+        let mut step = 0usize;
+        for _ in 0..recipe.epochs {
+            order.shuffle(&mut rng);
+            for batch in order.chunks(recipe.batch_size) {
+                let lr =
+                    0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total).cos()) * recipe.lr;
+                let (loss, grad) = objective(&params, &data.select(batch), classes, 0.0)?;
+                if !loss.is_finite() {
+                    return Err(EvalError::Input(format!(
+                        "the AdamW linear probe diverged (loss {loss}) at step {step}, \
+                         weight decay {weight_decay}"
+                    )));
+                }
+                step += 1;
+                let (bc1, bc2) = (1.0 - beta1.powi(step as i32), 1.0 - beta2.powi(step as i32));
+                for (((p, g), m), v) in params.iter_mut().zip(&grad).zip(&mut m).zip(&mut v) {
+                    *p *= 1.0 - lr * weight_decay;
+                    *m = beta1 * *m + (1.0 - beta1) * g;
+                    *v = beta2 * *v + (1.0 - beta2) * g * g;
+                    *p -= lr / bc1 * *m / (v.sqrt() / bc2.sqrt() + eps);
+                }
+            }
+        }
+        let loss = objective(&params, data, classes, 0.0)?.0;
+        Ok(Self {
+            classes,
+            dim,
+            params,
+            l2: weight_decay,
+            iterations: step as u64,
+            loss,
+        })
+    }
+}
+
+/// Number of weight decays in CLIP_benchmark's grid, `numpy.logspace(-6, 2, 97)`.
+pub const CLIP_BENCHMARK_GRID: usize = 97;
+
+/// Weight decay `i` of CLIP_benchmark's grid: `10^(-6 + 8 i / 96)`.
+pub fn clip_benchmark_weight_decay(i: usize) -> f64 {
+    10f64.powf(-6.0 + 8.0 * i as f64 / (CLIP_BENCHMARK_GRID - 1) as f64)
+}
+
+/// CLIP_benchmark's weight-decay search over grid indices: `accuracy(i)` is asked for
+/// indices 0, 16, ..., 96, then for `[peak - s, peak, peak + s]` (clamped) with s = 8, 4, 2,
+/// 1, in that order, as `find_peak` asks; the first strictly better accuracy wins (the peak
+/// starts at index 0 with accuracy 0). Returns the final peak index.
+pub fn clip_benchmark_sweep<E>(
+    mut accuracy: impl FnMut(usize) -> Result<f64, E>,
+) -> Result<usize, E> {
+    let last = CLIP_BENCHMARK_GRID - 1;
+    let mut find_peak = |idxs: &[usize]| -> Result<usize, E> {
+        let (mut best, mut max_acc) = (0, 0.0);
+        for &i in idxs {
+            let acc = accuracy(i)?;
+            if max_acc < acc {
+                (best, max_acc) = (i, acc);
+            }
+        }
+        Ok(best)
+    };
+    let mut peak = find_peak(&[0, 16, 32, 48, 64, 80, 96])?;
+    let mut span = 8;
+    while span > 0 {
+        let (left, right) = (peak.saturating_sub(span), (peak + span).min(last));
+        peak = find_peak(&[left, peak, right])?;
+        span /= 2;
+    }
+    Ok(peak)
+}
+
 /// Options of [`linear_probe`].
 #[derive(Debug, Clone)]
 pub struct ProbeOptions {
@@ -308,6 +442,8 @@ pub struct ProbeOptions {
     pub log10_range: (f64, f64),
     /// Resolution the sweep refines to, in steps per decade (CLIP: 8).
     pub steps_per_decade: f64,
+    /// How each model is fitted and what the sweep varies.
+    pub method: ProbeMethod,
 }
 
 impl Default for ProbeOptions {
@@ -318,6 +454,7 @@ impl Default for ProbeOptions {
             max_iterations: 1000,
             log10_range: (-6.0, 2.0),
             steps_per_decade: 8.0,
+            method: ProbeMethod::Lbfgs,
         }
     }
 }
@@ -325,9 +462,10 @@ impl Default for ProbeOptions {
 /// A linear-probe result.
 #[derive(Debug, Clone, Serialize)]
 pub struct ProbeResult {
-    /// `(l2, validation accuracy)` of every fit of the sweep, in the order tried.
+    /// `(l2, validation accuracy)` of every fit of the sweep, in the order tried (the weight
+    /// decay in place of the L2 strength for [`ProbeMethod::ClipBenchmark`]).
     pub sweep: Vec<(f64, f64)>,
-    /// The chosen L2 strength.
+    /// The chosen L2 strength (weight decay for [`ProbeMethod::ClipBenchmark`]).
     pub l2: f64,
     /// The final model, refitted on all training rows with `l2`.
     pub model: LogisticRegression,
@@ -335,10 +473,13 @@ pub struct ProbeResult {
     pub test: Classification,
 }
 
-/// CLIP's linear-probe protocol: hold out `validation_fraction` of `train`, sweep the L2
-/// strength over a log grid two decades apart, then repeatedly halve the step around the
-/// best value until `steps_per_decade` is reached (ties go to the stronger L2); refit on all
-/// of `train` with the winner and score `test`.
+/// A linear probe by `opts.method`. [`ProbeMethod::Lbfgs`], CLIP's protocol: hold out
+/// `validation_fraction` of `train`, sweep the L2 strength over a log grid two decades apart,
+/// then repeatedly halve the step around the best value until `steps_per_decade` is reached
+/// (ties go to the stronger L2); refit on all of `train` with the winner and score `test`.
+/// [`ProbeMethod::ClipBenchmark`]: the same held-out split, CLIP_benchmark's weight-decay
+/// search ([`clip_benchmark_sweep`]) with [`LogisticRegression::fit_adamw`], the final model
+/// trained on all of `train`; with `validation_fraction` 0, no search and weight decay 0.
 pub fn linear_probe(
     train: &LabelledFeatures,
     test: &LabelledFeatures,
@@ -357,12 +498,18 @@ pub fn linear_probe(
             "a linear probe needs at least 2 training rows".into(),
         ));
     }
-    let mut idx: Vec<usize> = (0..train.len()).collect();
-    idx.shuffle(&mut ChaCha8Rng::seed_from_u64(opts.seed));
-    let n_val = ((train.len() as f64 * opts.validation_fraction).round() as usize)
-        .clamp(1, train.len() - 1);
-    let (val_idx, fit_idx) = idx.split_at(n_val);
-    let (fit_set, val_set) = (train.select(fit_idx), train.select(val_idx));
+    let f = opts.validation_fraction;
+    let no_validation_ok = matches!(opts.method, ProbeMethod::ClipBenchmark(_)) && f == 0.0;
+    let in_range = f > 0.0 && f < 1.0;
+    if !(in_range || no_validation_ok) {
+        return Err(EvalError::Input(format!(
+            "validation fraction {f} is not in (0, 1) (0 is allowed with CLIP_benchmark's method: no weight-decay search)"
+        )));
+    }
+    if let ProbeMethod::ClipBenchmark(recipe) = opts.method {
+        return clip_benchmark_probe(train, test, classes, opts, &recipe);
+    }
+    let (fit_set, val_set) = validation_split(train, opts);
     let mut sweep: Vec<(f64, f64)> = vec![];
     let mut warm: Option<LogisticRegression> = None;
     let mut try_l2 = |log10: f64, sweep: &mut Vec<(f64, f64)>| -> Result<f64, EvalError> {
@@ -413,4 +560,76 @@ pub fn linear_probe(
         model,
         test: test_scores,
     })
+}
+
+/// [`linear_probe`] by [`ProbeMethod::ClipBenchmark`].
+fn clip_benchmark_probe(
+    train: &LabelledFeatures,
+    test: &LabelledFeatures,
+    classes: usize,
+    opts: &ProbeOptions,
+    recipe: &AdamWProbe,
+) -> Result<ProbeResult, EvalError> {
+    let mut sweep: Vec<(f64, f64)> = vec![];
+    let weight_decay = if opts.validation_fraction == 0.0 {
+        0.0
+    } else {
+        let (fit_set, val_set) = validation_split(train, opts);
+        // Every fit uses the same seed (CLIP_benchmark seeds each training alike), so a
+        // grid point asked for twice gives the same accuracy: each is fitted once.
+        let mut accuracy_at = vec![None; CLIP_BENCHMARK_GRID];
+        let peak = clip_benchmark_sweep(|i| -> Result<f64, EvalError> {
+            if let Some(acc) = accuracy_at[i] {
+                return Ok(acc);
+            }
+            let wd = clip_benchmark_weight_decay(i);
+            let m = LogisticRegression::fit_adamw(&fit_set, classes, wd, recipe, opts.seed)?;
+            let acc = m.accuracy(&val_set);
+            accuracy_at[i] = Some(acc);
+            sweep.push((wd, acc));
+            Ok(acc)
+        })?;
+        clip_benchmark_weight_decay(peak)
+    };
+    let model = LogisticRegression::fit_adamw(train, classes, weight_decay, recipe, opts.seed)?;
+    let test_scores = Classification::from_scores(&model.scores(test), classes, test.labels())?;
+    Ok(ProbeResult {
+        sweep,
+        l2: weight_decay,
+        model,
+        test: test_scores,
+    })
+}
+
+/// The rows fitted on and the rows held out (`opts.validation_fraction` of `train`, at least
+/// one each, drawn with `opts.seed`).
+fn validation_split(
+    train: &LabelledFeatures,
+    opts: &ProbeOptions,
+) -> (LabelledFeatures, LabelledFeatures) {
+    let mut idx: Vec<usize> = (0..train.len()).collect();
+    idx.shuffle(&mut ChaCha8Rng::seed_from_u64(opts.seed));
+    let n_val = ((train.len() as f64 * opts.validation_fraction).round() as usize)
+        .clamp(1, train.len().saturating_sub(1).max(1));
+    let (val_idx, fit_idx) = idx.split_at(n_val);
+    (train.select(fit_idx), train.select(val_idx))
+}
+
+/// A fit needs rows, two classes and a regularisation strength `>= 0` (named `what`).
+fn check_fit(
+    data: &LabelledFeatures,
+    classes: usize,
+    what: &str,
+    strength: f64,
+) -> Result<(), EvalError> {
+    if data.is_empty() || classes < 2 {
+        return Err(EvalError::Input(format!(
+            "a linear probe needs rows and at least 2 classes ({} rows, {classes} classes)",
+            data.len()
+        )));
+    }
+    if !(strength.is_finite() && strength >= 0.0) {
+        return Err(EvalError::Input(format!("{what} {strength} is not >= 0")));
+    }
+    Ok(())
 }

@@ -395,12 +395,39 @@ pub fn evaluate(
             let r = linear_probe(&trf, &tef, k, opts)?;
             res.linear_probe.push((r.l2, r.test));
         }
+        let (how, chosen) = match opts.method {
+            crate::ProbeMethod::Lbfgs => (
+                format!(
+                    "Logistic regression (L-BFGS, CLIP's protocol) on frozen image features of {} ({} classes); L2 strength swept on a {:.0}% validation split",
+                    train.display(),
+                    classes.len(),
+                    100.0 * opts.validation_fraction
+                ),
+                "chosen L2",
+            ),
+            crate::ProbeMethod::ClipBenchmark(r) => (
+                format!(
+                    "Linear layer trained CLIP_benchmark's way (AdamW, lr {}, {} epochs, batch {}, cosine schedule) on frozen image features of {} ({} classes); {}",
+                    r.lr,
+                    r.epochs,
+                    r.batch_size,
+                    train.display(),
+                    classes.len(),
+                    if opts.validation_fraction > 0.0 {
+                        format!(
+                            "weight decay searched over logspace(-6, 2, 97) on a {:.0}% validation split",
+                            100.0 * opts.validation_fraction
+                        )
+                    } else {
+                        "no validation split: weight decay 0".to_string()
+                    }
+                ),
+                "chosen weight decay",
+            ),
+        };
         let _ = writeln!(
             md,
-            "## Linear probe\n\nLogistic regression (L-BFGS) on frozen image features of {} ({} classes); L2 strength swept on a {:.0}% validation split, accuracy on {}.\n\n| model | top-1 | top-5 | mean per-class recall | chosen L2 |\n|---|---:|---:|---:|---:|",
-            train.display(),
-            classes.len(),
-            100.0 * opts.validation_fraction,
+            "## Linear probe\n\n{how}, accuracy on {}.\n\n| model | top-1 | top-5 | mean per-class recall | {chosen} |\n|---|---:|---:|---:|---:|",
             test.display()
         );
         for (n, (l2, c)) in names.iter().zip(&res.linear_probe) {

@@ -2,9 +2,10 @@
 //! Evaluation measures against hand-computed and brute-force references.
 
 use clipcid_eval::{
-    average_precision_at_n, linear_probe, objective, textness_sweep, Agreement, Classification,
-    Features, LabelledFeatures, LogisticRegression, ProbeOptions, Retrieval, TextRenderer,
-    TextnessDirection, ZeroShotClassifier, GRADIENT_TOLERANCE,
+    average_precision_at_n, clip_benchmark_sweep, clip_benchmark_weight_decay, linear_probe,
+    objective, textness_sweep, AdamWProbe, Agreement, Classification, Features, LabelledFeatures,
+    LogisticRegression, ProbeMethod, ProbeOptions, Retrieval, TextRenderer, TextnessDirection,
+    ZeroShotClassifier, GRADIENT_TOLERANCE,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -36,6 +37,22 @@ fn random_means(rng: &mut ChaCha8Rng, classes: usize, dim: usize) -> Vec<Vec<f32
             v.into_iter().map(|a| a / n).collect()
         })
         .collect()
+}
+
+/// Train (30 a class) and test (10 a class) rows of `classes` well-separated clusters, and
+/// the test rows' raw values and labels.
+fn separable_sets(
+    seed: u64,
+    classes: usize,
+    dim: usize,
+) -> (LabelledFeatures, LabelledFeatures, Vec<f32>, Vec<usize>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let means = random_means(&mut rng, classes, dim);
+    let (xtr, ytr) = clusters(&mut rng, &means, 30, 0.08);
+    let (xte, yte) = clusters(&mut rng, &means, 10, 0.08);
+    let train = LabelledFeatures::new(&xtr, dim, &ytr, classes).unwrap();
+    let test = LabelledFeatures::new(&xte, dim, &yte, classes).unwrap();
+    (train, test, xte, yte)
 }
 
 #[test]
@@ -163,13 +180,8 @@ fn logistic_loss_and_gradient_match_references() {
 
 #[test]
 fn linear_probe_on_separable_classes_is_perfect_and_deterministic() {
-    let mut rng = ChaCha8Rng::seed_from_u64(3);
     let (classes, dim) = (5, 24);
-    let means = random_means(&mut rng, classes, dim);
-    let (xtr, ytr) = clusters(&mut rng, &means, 30, 0.08);
-    let (xte, yte) = clusters(&mut rng, &means, 10, 0.08);
-    let train = LabelledFeatures::new(&xtr, dim, &ytr, classes).unwrap();
-    let test = LabelledFeatures::new(&xte, dim, &yte, classes).unwrap();
+    let (train, test, xte, yte) = separable_sets(3, classes, dim);
     let opts = ProbeOptions {
         max_iterations: 300,
         ..ProbeOptions::default()
@@ -186,6 +198,126 @@ fn linear_probe_on_separable_classes_is_perfect_and_deterministic() {
     let e = linear_probe(&train, &narrow, classes, &opts).unwrap_err();
     assert!(e.to_string().contains("24-wide"), "{e}");
     assert!(LabelledFeatures::new(&[f32::NAN, 0.0], 2, &[0], 2).is_err());
+}
+
+#[test]
+fn clip_benchmark_sweep_asks_what_its_find_peak_asks() {
+    // The indices CLIP_benchmark (48de38c, metrics/linear_probe.py) tries, recorded by running
+    // its find_peak loop in Python on the same accuracy curves.
+    // (accuracy curve, the peak, the indices asked for)
+    type Case = (fn(usize) -> f64, usize, &'static [usize]);
+    let cases: [Case; 3] = [
+        (
+            |i| 1.0 - (i as f64 - 37.0).abs() / 100.0,
+            37,
+            &[
+                0, 16, 32, 48, 64, 80, 96, 24, 32, 40, 36, 40, 44, 34, 36, 38, 35, 36, 37,
+            ],
+        ),
+        (
+            |_| 0.5,
+            0,
+            &[
+                0, 16, 32, 48, 64, 80, 96, 0, 0, 8, 0, 0, 4, 0, 0, 2, 0, 0, 1,
+            ],
+        ),
+        (
+            |i| {
+                [0.2, 0.5, 0.5, 0.4, 0.3, 0.1, 0.1][(i / 16).min(6)]
+                    + if i == 29 { 0.01 } else { 0.0 }
+            },
+            16,
+            &[
+                0, 16, 32, 48, 64, 80, 96, 8, 16, 24, 12, 16, 20, 14, 16, 18, 15, 16, 17,
+            ],
+        ),
+    ];
+    for (curve, peak, asked) in cases {
+        let mut seen = vec![];
+        let got = clip_benchmark_sweep(|i| -> Result<f64, ()> {
+            seen.push(i);
+            Ok(curve(i))
+        })
+        .unwrap();
+        assert_eq!((got, seen.as_slice()), (peak, asked));
+    }
+    // numpy.logspace(-6, 2, 97).
+    for (i, want) in [(0, 1e-6), (12, 1e-5), (48, 1e-2), (96, 1e2)] {
+        let wd = clip_benchmark_weight_decay(i);
+        assert!((wd / want - 1.0).abs() < 1e-12, "{i}: {wd}");
+    }
+}
+
+#[test]
+fn adamw_probe_takes_torch_adamw_steps_and_is_seeded() {
+    // One full-batch step from the seeded initialisation: with Adam's bias corrections the
+    // first update is lr * g / (|g| + eps) after the decoupled decay p *= 1 - lr * wd.
+    let x = [0.3f32, -0.2, 0.9, -1.0, 0.5, 0.1];
+    let data = LabelledFeatures::new(&x, 2, &[0, 1, 1], 2).unwrap();
+    let tiny = AdamWProbe {
+        lr: 1e-14,
+        epochs: 1,
+        batch_size: 3,
+    };
+    let p0: Vec<f64> = {
+        let m = LogisticRegression::fit_adamw(&data, 2, 0.0, &tiny, 7).unwrap();
+        m.weights().iter().chain(m.bias()).copied().collect()
+    };
+    let (_, g) = objective(&p0, &data, 2, 0.0).unwrap();
+    let (lr, wd) = (0.05, 0.3);
+    let step = AdamWProbe { lr, ..tiny };
+    let m = LogisticRegression::fit_adamw(&data, 2, wd, &step, 7).unwrap();
+    let p1: Vec<f64> = m.weights().iter().chain(m.bias()).copied().collect();
+    for ((a, p), g) in p1.iter().zip(&p0).zip(&g) {
+        let want = p * (1.0 - lr * wd) - lr * g / (g.abs() + 1e-8);
+        assert!((a - want).abs() < 1e-12, "{a} vs {want}");
+    }
+    assert_eq!(m.iterations, 1);
+    // Same seed, same model; another seed, another initialisation and batch order.
+    let recipe = AdamWProbe {
+        batch_size: 2,
+        ..AdamWProbe::default()
+    };
+    let a = LogisticRegression::fit_adamw(&data, 2, 1e-3, &recipe, 1).unwrap();
+    let b = LogisticRegression::fit_adamw(&data, 2, 1e-3, &recipe, 1).unwrap();
+    let c = LogisticRegression::fit_adamw(&data, 2, 1e-3, &recipe, 2).unwrap();
+    assert_eq!(a.weights(), b.weights());
+    assert_ne!(a.weights(), c.weights());
+    assert_eq!(a.iterations, 10 * 2);
+}
+
+#[test]
+fn clip_benchmark_probe_on_separable_classes_is_perfect_and_deterministic() {
+    let classes = 5;
+    let (train, test, _, _) = separable_sets(4, classes, 24);
+    let opts = ProbeOptions {
+        method: ProbeMethod::ClipBenchmark(AdamWProbe::default()),
+        ..ProbeOptions::default()
+    };
+    let r = linear_probe(&train, &test, classes, &opts).unwrap();
+    assert_eq!(r.test.top1, 1.0, "sweep {:?}", r.sweep);
+    // 7 grid points, then at most two new ones per span (8, 4, 2, 1), each fitted once.
+    assert!(r.sweep.len() >= 7 && r.sweep.len() <= 15, "{:?}", r.sweep);
+    assert!((0..97).any(|i| clip_benchmark_weight_decay(i) == r.l2));
+    let again = linear_probe(&train, &test, classes, &opts).unwrap();
+    assert_eq!(
+        (r.l2, &r.test.predictions),
+        (again.l2, &again.test.predictions)
+    );
+    // Without a validation split: no search, weight decay 0 (CLIP_benchmark's rule).
+    let none = ProbeOptions {
+        validation_fraction: 0.0,
+        ..opts.clone()
+    };
+    let r0 = linear_probe(&train, &test, classes, &none).unwrap();
+    assert!(r0.sweep.is_empty() && r0.l2 == 0.0);
+    // L-BFGS's sweep needs a validation split.
+    let bad = ProbeOptions {
+        validation_fraction: 0.0,
+        ..ProbeOptions::default()
+    };
+    let e = linear_probe(&train, &test, classes, &bad).unwrap_err();
+    assert!(e.to_string().contains("validation fraction 0"), "{e}");
 }
 
 #[test]

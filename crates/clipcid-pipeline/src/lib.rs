@@ -74,7 +74,8 @@ pub use stages::cluster::{cluster, cluster_to_file, kmeans_for, ClusterArgs, Clu
 pub use stages::distill::{open_trainer, train_student, write_run_config, DistillArgs};
 pub use stages::embed::{embed, EmbedArgs, Precision};
 pub use stages::evaluate::{
-    eval, export, textness, EvalArgs, ExportArgs, ExportFormat, ExportOutcome, TextnessArgs,
+    eval, export, textness, EvalArgs, ExportArgs, ExportFormat, ExportOutcome, ProbeMethodArg,
+    TextnessArgs,
 };
 pub use stages::teacher::{init_model, lit_teacher, write_tokenizer, LitArgs};
 pub use student::{half_size_student, write_half_size_student};

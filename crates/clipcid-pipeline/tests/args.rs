@@ -49,4 +49,22 @@ fn constructors_match_the_command_line_defaults() {
     assert_eq!(eval, EvalArgs::new("m", "report"));
     let export: ExportArgs = parse(&["--model", "m", "--out", "x"]);
     assert_eq!(export, ExportArgs::new("m", "x"));
+    assert_eq!(
+        eval.probe_options().method,
+        clipcid_eval::ProbeMethod::Lbfgs
+    );
+    let cb: EvalArgs = parse(&[
+        "--model",
+        "m",
+        "--probe-method",
+        "clip-benchmark",
+        "--probe-validation",
+        "0",
+    ]);
+    let opts = cb.probe_options();
+    assert_eq!(
+        opts.method,
+        clipcid_eval::ProbeMethod::ClipBenchmark(clipcid_eval::AdamWProbe::default())
+    );
+    assert_eq!(opts.validation_fraction, 0.0);
 }

@@ -11,7 +11,7 @@
 //! (contrastive negatives from every rank, parameters used directly by the loss such as the
 //! logit scale counted once), so N ranks at batch `b` train as one process at batch `N b`.
 
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
@@ -51,13 +51,29 @@ impl Collective for SingleProcess {
     }
 }
 
+/// The exchange of an [`InProcessGroup`]: each round every rank puts its values in its slot;
+/// the last to arrive starts the round's reading, and the last reader empties the slots for
+/// the next round.
+#[derive(Default)]
+struct Exchange {
+    slots: Vec<Option<Vec<f32>>>,
+    /// Rounds completed.
+    round: u64,
+    /// Ranks yet to read the completed round's slots.
+    readers_left: usize,
+    /// A rank whose handle was dropped (its thread ended, by an error or a panic).
+    left: Option<usize>,
+}
+
 struct Shared {
-    slots: Mutex<Vec<Vec<f32>>>,
-    barrier: Barrier,
+    exchange: Mutex<Exchange>,
+    changed: Condvar,
 }
 
 /// One rank of an [`InProcessGroup`]: ranks are threads of this process exchanging through
-/// shared memory. For tests of the data-parallel path, where it stands in for NCCL.
+/// shared memory. For tests of the data-parallel path, where it stands in for NCCL. When a
+/// rank's handle is dropped (its thread returned an error or panicked), the ranks waiting for
+/// it get an error naming it instead of waiting for ever.
 pub struct InProcessRank {
     rank: usize,
     world: usize,
@@ -90,8 +106,11 @@ impl InProcessGroup {
     pub fn new(world: usize) -> Vec<InProcessRank> {
         let world = world.max(1);
         let shared = Arc::new(Shared {
-            slots: Mutex::new(vec![vec![]; world]),
-            barrier: Barrier::new(world),
+            exchange: Mutex::new(Exchange {
+                slots: vec![None; world],
+                ..Exchange::default()
+            }),
+            changed: Condvar::new(),
         });
         (0..world)
             .map(|rank| InProcessRank {
@@ -100,6 +119,26 @@ impl InProcessGroup {
                 shared: shared.clone(),
             })
             .collect()
+    }
+}
+
+impl InProcessRank {
+    fn gone(left: usize) -> TrainError {
+        TrainError::Config(format!(
+            "rank {left} of the in-process group ended (an error or a panic on its thread) while the others waited for it"
+        ))
+    }
+}
+
+impl Drop for InProcessRank {
+    fn drop(&mut self) {
+        let mut ex = self
+            .shared
+            .exchange
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        ex.left.get_or_insert(self.rank);
+        self.shared.changed.notify_all();
     }
 }
 
@@ -114,11 +153,36 @@ impl Collective for InProcessRank {
 
     fn all_gather(&self, local: &[f32]) -> Result<Vec<Vec<f32>>, TrainError> {
         let poisoned = || TrainError::Config("a rank of the in-process group panicked".into());
-        self.shared.slots.lock().map_err(|_| poisoned())?[self.rank] = local.to_vec();
-        self.shared.barrier.wait();
-        let all = self.shared.slots.lock().map_err(|_| poisoned())?.clone();
-        // Nobody writes the next round's slot before every rank has read this one.
-        self.shared.barrier.wait();
+        let wait = |ex| self.shared.changed.wait(ex).map_err(|_| poisoned());
+        let mut ex = self.shared.exchange.lock().map_err(|_| poisoned())?;
+        // The previous round must be read by everyone before its slots are reused.
+        while ex.readers_left > 0 {
+            ex = wait(ex)?;
+        }
+        ex.slots[self.rank] = Some(local.to_vec());
+        if ex.slots.iter().all(Option::is_some) {
+            ex.round += 1;
+            ex.readers_left = self.world;
+            self.shared.changed.notify_all();
+        } else {
+            let round = ex.round;
+            while ex.round == round {
+                if let Some(left) = ex.left {
+                    return Err(Self::gone(left));
+                }
+                ex = wait(ex)?;
+            }
+        }
+        let all = ex
+            .slots
+            .iter()
+            .map(|s| s.clone().unwrap_or_default())
+            .collect();
+        ex.readers_left -= 1;
+        if ex.readers_left == 0 {
+            ex.slots.iter_mut().for_each(|s| *s = None);
+            self.shared.changed.notify_all();
+        }
         Ok(all)
     }
 

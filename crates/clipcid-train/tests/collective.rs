@@ -138,3 +138,44 @@ fn ranks_over_tcp_get_the_same_gradient_as_threads() {
         "{e}"
     );
 }
+
+#[test]
+fn a_rank_that_ends_early_is_an_error_for_the_others_not_a_hang() {
+    // Rank 2 takes part in one round, then returns (as on an error) or panics; ranks 0 and 1
+    // go on to a second round and must get an error naming rank 2.
+    for panics in [false, true] {
+        let results: Vec<Result<Vec<f32>, String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = InProcessGroup::new(3)
+                .into_iter()
+                .map(|r| {
+                    s.spawn(move || {
+                        let mut v = vec![1.0f32];
+                        r.all_reduce_sum(&mut v).map_err(|e| e.to_string())?;
+                        if r.rank() == 2 {
+                            assert!(!panics, "rank 2 panics");
+                            return Ok(v);
+                        }
+                        r.all_reduce_sum(&mut v).map_err(|e| e.to_string())?;
+                        Ok(v)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err("panicked".into())))
+                .collect()
+        });
+        assert_eq!(
+            results[2],
+            if panics {
+                Err("panicked".into())
+            } else {
+                Ok(vec![3.0])
+            }
+        );
+        for r in &results[..2] {
+            let e = r.as_ref().unwrap_err();
+            assert!(e.contains("rank 2"), "{e}");
+        }
+    }
+}

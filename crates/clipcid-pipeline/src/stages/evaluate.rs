@@ -56,6 +56,18 @@ pub struct EvalArgs {
     /// Labelled test set of the linear probe.
     #[arg(long, requires = "probe_train")]
     pub probe_test: Option<PathBuf>,
+    /// How the linear probe is fitted: `lbfgs` (CLIP's paper: L-BFGS to the optimum of the
+    /// L2-regularised logistic regression, the L2 strength swept; deterministic, and what
+    /// scikit-learn gives) or `clip-benchmark` (CLIP_benchmark's: AdamW, lr 0.1, 10 epochs,
+    /// batch 64, cosine schedule, the weight decay swept over logspace(-6, 2, 97); for numbers
+    /// beside its leaderboards).
+    #[arg(long, value_enum, default_value = "lbfgs")]
+    pub probe_method: ProbeMethodArg,
+    /// Fraction of --probe-train held out to choose the L2 strength or weight decay (0 with
+    /// `clip-benchmark`: no search, weight decay 0, as CLIP_benchmark without a validation
+    /// split).
+    #[arg(long, default_value_t = 0.2)]
+    pub probe_validation: f64,
     /// Captioned set (one caption per image) for image-text retrieval.
     #[arg(long)]
     pub retrieval: Option<PathBuf>,
@@ -92,6 +104,8 @@ impl EvalArgs {
             class_names: None,
             probe_train: None,
             probe_test: None,
+            probe_method: ProbeMethodArg::Lbfgs,
+            probe_validation: 0.2,
             retrieval: None,
             queries: None,
             query_images: None,
@@ -187,7 +201,7 @@ pub fn eval(args: &EvalArgs, device: &Device) -> Result<String, PipelineError> {
             .probe_train
             .clone()
             .zip(args.probe_test.clone())
-            .map(|(a, b)| (a, b, ProbeOptions::default())),
+            .map(|(a, b)| (a, b, args.probe_options())),
         retrieval: args.retrieval.clone(),
         agreement,
         batch_size: args.batch_size,
@@ -305,6 +319,31 @@ pub fn textness(args: &TextnessArgs, device: &Device) -> Result<TextnessReport, 
         &args.out,
     )?;
     Ok(r)
+}
+
+/// `--probe-method`: how the linear probe is fitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProbeMethodArg {
+    /// L-BFGS with the L2 sweep of CLIP's paper (the default: deterministic, the optimum).
+    Lbfgs,
+    /// CLIP_benchmark's AdamW recipe and weight-decay search.
+    ClipBenchmark,
+}
+
+impl EvalArgs {
+    /// The linear-probe options these arguments ask for.
+    pub fn probe_options(&self) -> ProbeOptions {
+        ProbeOptions {
+            validation_fraction: self.probe_validation,
+            method: match self.probe_method {
+                ProbeMethodArg::Lbfgs => clipcid_eval::ProbeMethod::Lbfgs,
+                ProbeMethodArg::ClipBenchmark => {
+                    clipcid_eval::ProbeMethod::ClipBenchmark(clipcid_eval::AdamWProbe::default())
+                }
+            },
+            ..ProbeOptions::default()
+        }
+    }
 }
 
 /// Options of [`export`] (the `clipcid export` arguments).
