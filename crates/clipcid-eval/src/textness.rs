@@ -298,31 +298,42 @@ pub fn textness_sweep(
         .collect()
 }
 
-/// Draws a grid PNG: one row per scale (its label on the left), the top images of one query
-/// left to right, each `tile` pixels square; a red frame marks text-bearing images.
+/// Draws a grid PNG for one query: a title band with the query (and how to read the grid),
+/// then one row per scale, labelled `scale +1` on the left, with the query's top images left
+/// to right, each `tile` pixels square; a red frame marks text-bearing images.
 pub fn plot_textness_grid(
     path: &Path,
+    query: &str,
     rows: &[(f32, Vec<usize>)],
     images: &[RgbImage],
     has_text: &[bool],
     tile: u32,
 ) -> Result<(), EvalError> {
     let renderer = TextRenderer::dejavu_sans()?;
-    let label_w = tile;
+    let label_w = tile * 3 / 2;
+    let title_h = (tile / 2).max(16);
     let cols = rows.iter().map(|(_, r)| r.len()).max().unwrap_or(0) as u32;
     let mut grid = RgbImage::from_pixel(
         label_w + cols * (tile + 4),
-        rows.len() as u32 * (tile + 4),
+        title_h + rows.len() as u32 * (tile + 4),
         Rgb([255, 255, 255]),
     );
+    renderer.draw(
+        &mut grid,
+        &format!("query: \"{query}\"   (rows: textness scale; red frame: text in the image)"),
+        title_h as f32 * 0.5,
+        4.0,
+        title_h as f32 * 0.2,
+        [0, 0, 0],
+    );
     for (r, (scale, top)) in rows.iter().enumerate() {
-        let y = r as u32 * (tile + 4);
+        let y = title_h + r as u32 * (tile + 4);
         renderer.draw(
             &mut grid,
-            &format!("{scale:+}"),
-            tile as f32 * 0.35,
+            &format!("scale {scale:+}"),
+            tile as f32 * 0.22,
             4.0,
-            y as f32 + tile as f32 * 0.3,
+            y as f32 + tile as f32 * 0.35,
             [0, 0, 0],
         );
         for (c, &i) in top.iter().enumerate() {
@@ -522,7 +533,7 @@ pub fn textness_study(
         let grid: Vec<(f32, Vec<usize>)> =
             rows.iter().map(|r| (r.scale, r.top[qi].clone())).collect();
         let file = format!("grid-{qi}.png");
-        plot_textness_grid(&out.join(&file), &grid, &pool, &has_text, opts.tile)?;
+        plot_textness_grid(&out.join(&file), query, &grid, &pool, &has_text, opts.tile)?;
         md.push_str(&format!(
             "**\"{query}\"** (rows: scale; red frame: text-bearing)\n\n![{query}]({file})\n\n"
         ));

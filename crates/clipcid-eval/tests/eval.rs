@@ -3,9 +3,9 @@
 
 use clipcid_eval::{
     average_precision_at_n, clip_benchmark_sweep, clip_benchmark_weight_decay, linear_probe,
-    objective, textness_sweep, AdamWProbe, Agreement, Classification, Features, LabelledFeatures,
-    LogisticRegression, ProbeMethod, ProbeOptions, Retrieval, TextRenderer, TextnessDirection,
-    ZeroShotClassifier, GRADIENT_TOLERANCE,
+    objective, plot_textness_grid, textness_sweep, AdamWProbe, Agreement, Classification, Features,
+    LabelledFeatures, LogisticRegression, ProbeMethod, ProbeOptions, Retrieval, TextRenderer,
+    TextnessDirection, ZeroShotClassifier, GRADIENT_TOLERANCE,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -451,6 +451,55 @@ fn rendered_text_changes_only_a_bounded_region() {
         e.to_string().contains("Cargo.toml") && e.to_string().contains("font"),
         "{e}"
     );
+}
+
+#[test]
+fn textness_grids_carry_the_query_and_each_rows_scale() {
+    let dir = tempfile::tempdir().unwrap();
+    let images: Vec<image::RgbImage> = (0..4u8)
+        .map(|i| image::RgbImage::from_pixel(20, 20, image::Rgb([200, 40 * i, 90])))
+        .collect();
+    let rows = vec![
+        (-1.0f32, vec![0, 1, 2]),
+        (0.0, vec![1, 2, 3]),
+        (1.0, vec![3, 2, 0]),
+    ];
+    let has_text = [false, true, false, true];
+    let tile = 64;
+    let draw = |name: &str, query: &str| {
+        let path = dir.path().join(name);
+        plot_textness_grid(&path, query, &rows, &images, &has_text, tile).unwrap();
+        image::open(&path).unwrap().to_rgb8()
+    };
+    let a = draw("a.png", "a stop sign");
+    let b = draw("b.png", "a dog in the snow");
+    let title_h = tile / 2;
+    let dark = |img: &image::RgbImage, x0: u32, y0: u32, w: u32, h: u32| {
+        (y0..y0 + h)
+            .flat_map(|y| (x0..x0 + w).map(move |x| (x, y)))
+            .filter(|&(x, y)| img.get_pixel(x, y).0.iter().all(|&c| c < 100))
+            .count()
+    };
+    // The title band holds text, and it is the query's: two queries differ there only.
+    assert!(dark(&a, 0, 0, a.width(), title_h) > 50);
+    let band_differs =
+        (0..title_h).any(|y| (0..a.width()).any(|x| a.get_pixel(x, y) != b.get_pixel(x, y)));
+    let rest_same = (title_h..a.height())
+        .all(|y| (0..a.width()).all(|x| a.get_pixel(x, y) == b.get_pixel(x, y)));
+    assert!(band_differs && rest_same);
+    // Each row's label column holds its scale in text, different for each row.
+    let label_w = tile * 3 / 2;
+    let labels: Vec<Vec<u8>> = (0..3)
+        .map(|r| {
+            let y0 = title_h + r * (tile + 4);
+            assert!(dark(&a, 0, y0, label_w, tile) > 30, "row {r} has no label");
+            (y0..y0 + tile)
+                .flat_map(|y| (0..label_w).map(move |x| (x, y)))
+                .map(|(x, y)| a.get_pixel(x, y).0[0])
+                .collect()
+        })
+        .collect();
+    assert!(labels[0] != labels[1] && labels[1] != labels[2]);
 }
 
 #[test]
