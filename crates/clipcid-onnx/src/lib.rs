@@ -129,12 +129,10 @@ impl OnnxModel {
     }
 
     fn graph(&self) -> &proto::GraphProto {
-        // Both constructors set the graph.
-        static EMPTY: std::sync::OnceLock<proto::GraphProto> = std::sync::OnceLock::new();
         self.proto
             .graph
             .as_ref()
-            .unwrap_or_else(|| EMPTY.get_or_init(Default::default))
+            .expect("both constructors set the graph")
     }
 
     /// The graph's input names.

@@ -24,6 +24,17 @@ fn tensor<'a>(model: &'a ClipModel, name: &str) -> Result<&'a Tensor, OnnxError>
         .ok_or_else(|| OnnxError::Model(format!("the model has no tensor `{name}`")))
 }
 
+/// The model's tensor `name` as an initializer of the same name (transposed when asked, for
+/// `MatMul`'s right operand).
+fn param(
+    g: &mut GraphBuilder,
+    model: &ClipModel,
+    name: &str,
+    transpose: bool,
+) -> Result<String, OnnxError> {
+    g.weight(name, tensor(model, name)?, transpose, None)
+}
+
 /// `LayerNormalization` over the last axis with `{prefix}.weight` and `{prefix}.bias`.
 fn layer_norm(
     g: &mut GraphBuilder,
@@ -34,8 +45,8 @@ fn layer_norm(
 ) -> Result<String, OnnxError> {
     let w = format!("{prefix}.weight");
     let b = format!("{prefix}.bias");
-    let w = g.weight(&w, tensor(model, &w)?, false, None)?;
-    let b = g.weight(&b, tensor(model, &b)?, false, None)?;
+    let w = param(g, model, &w, false)?;
+    let b = param(g, model, &b, false)?;
     Ok(g.op(
         "LayerNormalization",
         &[x, &w, &b],
@@ -176,11 +187,11 @@ pub(crate) fn vision_graph(
     let mut g = GraphBuilder::new(precision);
     let (w, p) = (cfg.hidden_size, cfg.patch_size);
     let x = to_graph_float(&mut g, "pixel_values");
-    let kernel = g.weight(
+    let kernel = param(
+        &mut g,
+        model,
         "vision_model.embeddings.patch_embedding.weight",
-        tensor(model, "vision_model.embeddings.patch_embedding.weight")?,
         false,
-        None,
     )?;
     let x = g.op(
         "Conv",
@@ -209,11 +220,11 @@ pub(crate) fn vision_graph(
     let cls_shape = g.op("Concat", &[&batch, &one_w], vec![("axis", Attr::Int(0))]);
     let cls = g.op("Expand", &[&cls, &cls_shape], vec![]);
     let x = g.op("Concat", &[&cls, &x], vec![("axis", Attr::Int(1))]);
-    let pos = g.weight(
+    let pos = param(
+        &mut g,
+        model,
         "vision_model.embeddings.position_embedding.weight",
-        tensor(model, "vision_model.embeddings.position_embedding.weight")?,
         false,
-        None,
     )?;
     let x = g.op("Add", &[&x, &pos], vec![]);
     let eps = cfg.layer_norm_eps;
@@ -230,12 +241,7 @@ pub(crate) fn vision_graph(
     let zero = g.ints("class_position", &[0], &[]);
     let x = g.op("Gather", &[&x, &zero], vec![("axis", Attr::Int(1))]); // [N, W]
     let x = layer_norm(&mut g, model, &x, "vision_model.post_layernorm", eps)?;
-    let proj = g.weight(
-        "visual_projection.weight",
-        tensor(model, "visual_projection.weight")?,
-        true,
-        None,
-    )?;
+    let proj = param(&mut g, model, "visual_projection.weight", true)?;
     finish(
         g,
         "vision_model",
@@ -305,11 +311,11 @@ pub(crate) fn text_graph(
     }
     let mut g = GraphBuilder::new(precision);
     let (w, ctx) = (cfg.hidden_size, cfg.max_position_embeddings);
-    let table = g.weight(
+    let table = param(
+        &mut g,
+        model,
         "text_model.embeddings.token_embedding.weight",
-        tensor(model, "text_model.embeddings.token_embedding.weight")?,
         false,
-        None,
     )?;
     let x = g.op(
         "Gather",
@@ -322,11 +328,11 @@ pub(crate) fn text_graph(
         &["input_ids"],
         vec![("start", Attr::Int(1)), ("end", Attr::Int(2))],
     );
-    let pos = g.weight(
+    let pos = param(
+        &mut g,
+        model,
         "text_model.embeddings.position_embedding.weight",
-        tensor(model, "text_model.embeddings.position_embedding.weight")?,
         false,
-        None,
     )?;
     let zero1 = g.ints1("zero", &[0]);
     let axis0 = g.ints1("axis0", &[0]);
@@ -401,12 +407,7 @@ pub(crate) fn text_graph(
     let pooled = g.op("MatMul", &[&hot, &x], vec![]);
     let rows = g.ints1("pooled_rows", &[0, w as i64]);
     let pooled = g.op("Reshape", &[&pooled, &rows], vec![]);
-    let proj = g.weight(
-        "text_projection.weight",
-        tensor(model, "text_projection.weight")?,
-        true,
-        None,
-    )?;
+    let proj = param(&mut g, model, "text_projection.weight", true)?;
     finish(
         g,
         "text_model",
