@@ -285,8 +285,22 @@ impl TcpRank {
         Self::connect(rank, world, &format!("{addr}:{port}")).map(Some)
     }
 
-    /// Joins group of `world` ranks as `rank`, rank 0 listening at `master` (`host:port`).
+    /// Joins group of `world` ranks as `rank`, rank 0 listening at `master` (`host:port`),
+    /// waiting at most [`TCP_TIMEOUT`] for the others.
     pub fn connect(rank: usize, world: usize, master: &str) -> Result<Self, TrainError> {
+        Self::connect_within(rank, world, master, TCP_TIMEOUT)
+    }
+
+    /// [`TcpRank::connect`] with another limit on every wait: rank 0 for the other ranks to
+    /// join, the others for rank 0 to listen, and everyone for a peer inside a collective
+    /// call. A rank whose process ends closes its streams, so the others learn it at once
+    /// (an error naming it), not after the limit.
+    pub fn connect_within(
+        rank: usize,
+        world: usize,
+        master: &str,
+        timeout: std::time::Duration,
+    ) -> Result<Self, TrainError> {
         use std::io::{Read, Write};
         let err = |what: &str, e: std::io::Error| {
             TrainError::Config(format!("rank {rank} of {world}: {what} {master}: {e}"))
@@ -301,9 +315,31 @@ impl TcpRank {
             let listener =
                 std::net::TcpListener::bind(master).map_err(|e| err("cannot listen on", e))?;
             let mut by_rank: Vec<Option<std::net::TcpStream>> = (1..world).map(|_| None).collect();
-            for _ in 1..world {
-                let (mut s, _) = listener.accept().map_err(|e| err("cannot accept on", e))?;
-                s.set_read_timeout(Some(TCP_TIMEOUT))
+            // Polled, so that ranks that never come are an error after `timeout`, not a hang.
+            listener
+                .set_nonblocking(true)
+                .map_err(|e| err("cannot poll", e))?;
+            let start = std::time::Instant::now();
+            for joined in 0..world - 1 {
+                let mut s = loop {
+                    match listener.accept() {
+                        Ok((s, _)) => break s,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            if start.elapsed() > timeout {
+                                return Err(TrainError::Config(format!(
+                                    "rank 0 of {world}: {joined} of the {} other ranks reached {master} within {:.1} s",
+                                    world - 1,
+                                    timeout.as_secs_f64()
+                                )));
+                            }
+                            std::thread::sleep(std::time::Duration::from_millis(20));
+                        }
+                        Err(e) => return Err(err("cannot accept on", e)),
+                    }
+                };
+                s.set_nonblocking(false)
+                    .map_err(|e| err("cannot block on", e))?;
+                s.set_read_timeout(Some(timeout))
                     .map_err(|e| err("cannot set a timeout on", e))?;
                 let mut r = [0u8; 8];
                 s.read_exact(&mut r)
@@ -324,13 +360,13 @@ impl TcpRank {
             let mut s = loop {
                 match std::net::TcpStream::connect(master) {
                     Ok(s) => break s,
-                    Err(e) if start.elapsed() > TCP_TIMEOUT => {
+                    Err(e) if start.elapsed() > timeout => {
                         return Err(err("cannot reach rank 0 at", e))
                     }
                     Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
                 }
             };
-            s.set_read_timeout(Some(TCP_TIMEOUT))
+            s.set_read_timeout(Some(timeout))
                 .map_err(|e| err("cannot set a timeout on", e))?;
             s.write_all(&(rank as u64).to_le_bytes())
                 .map_err(|e| err("cannot send to", e))?;
@@ -387,27 +423,39 @@ impl Collective for TcpRank {
             .streams
             .lock()
             .map_err(|_| TrainError::Config("the TCP group's lock is poisoned".into()))?;
-        let lost = |e: std::io::Error| {
-            TrainError::Config(format!(
-                "rank {} of {}: the group broke off (a rank stopped?): {e}",
-                self.rank, self.world
-            ))
+        // Rank 0 knows which peer it lost; the others only that rank 0 went (it ends the
+        // group when any rank does).
+        let lost = |peer: usize| {
+            move |e: std::io::Error| {
+                TrainError::Config(format!(
+                    "rank {} of {}: lost rank {peer}{} ({e})",
+                    self.rank,
+                    self.world,
+                    if peer == 0 {
+                        ", which ends the group when any rank stops"
+                    } else {
+                        " (it stopped?)"
+                    }
+                ))
+            }
         };
         if self.rank == 0 {
             let mut all = vec![local.to_vec()];
-            for s in streams.iter_mut() {
-                all.push(recv_vec(s).map_err(lost)?);
+            for (i, s) in streams.iter_mut().enumerate() {
+                all.push(recv_vec(s).map_err(lost(i + 1))?);
             }
-            for s in streams.iter_mut() {
+            for (i, s) in streams.iter_mut().enumerate() {
                 for v in &all {
-                    send_vec(s, v).map_err(lost)?;
+                    send_vec(s, v).map_err(lost(i + 1))?;
                 }
             }
             Ok(all)
         } else {
             let s = &mut streams[0];
-            send_vec(s, local).map_err(lost)?;
-            (0..self.world).map(|_| recv_vec(s).map_err(lost)).collect()
+            send_vec(s, local).map_err(lost(0))?;
+            (0..self.world)
+                .map(|_| recv_vec(s).map_err(lost(0)))
+                .collect()
         }
     }
 

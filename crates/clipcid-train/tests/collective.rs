@@ -179,3 +179,52 @@ fn a_rank_that_ends_early_is_an_error_for_the_others_not_a_hang() {
         }
     }
 }
+
+#[test]
+fn over_tcp_a_missing_or_departed_rank_is_an_error_naming_it() {
+    let free_port = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+    };
+    // Ranks that never join: rank 0 gives up after the limit instead of waiting in accept.
+    let limit = std::time::Duration::from_millis(300);
+    let e = clipcid_train::TcpRank::connect_within(0, 3, &free_port(), limit)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("0 of the 2 other ranks"), "{e}");
+    // Rank 2 leaves after one round (its streams close): rank 0 names it, rank 1 hears that
+    // rank 0 ended the group, both from the closed streams rather than the (long) limit.
+    let master = free_port();
+    let limit = std::time::Duration::from_secs(120);
+    let results: Vec<Result<(), String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|r| {
+                let master = master.clone();
+                s.spawn(move || {
+                    let rank = clipcid_train::TcpRank::connect_within(r, 3, &master, limit)
+                        .map_err(|e| e.to_string())?;
+                    let mut v = vec![1.0f32];
+                    rank.all_reduce_sum(&mut v).map_err(|e| e.to_string())?;
+                    if r == 2 {
+                        return Ok(());
+                    }
+                    rank.all_reduce_sum(&mut v).map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(results[2], Ok(()));
+    let e0 = results[0].as_ref().unwrap_err();
+    assert!(e0.contains("rank 0 of 3: lost rank 2"), "{e0}");
+    let e1 = results[1].as_ref().unwrap_err();
+    assert!(e1.contains("rank 1 of 3: lost rank 0"), "{e1}");
+    // Closed streams, not the read limit: end of file, never a timeout.
+    for e in [e0, e1] {
+        assert!(
+            !e.contains("temporarily unavailable") && !e.contains("timed out"),
+            "{e}"
+        );
+    }
+}
