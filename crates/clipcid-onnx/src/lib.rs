@@ -196,6 +196,8 @@ impl OnnxModel {
         let dir = path.parent().unwrap_or(Path::new("."));
         let tmp = dir.join(format!(".{name}.tmp"));
         let mut proto = self.proto.clone();
+        // Both files are written to temporary names first and renamed only once both are
+        // whole, the data before the graph that names it; a failure removes what it wrote.
         let mut external_data = None;
         if external {
             let data_name = format!("{name}.data");
@@ -209,15 +211,35 @@ impl OnnxModel {
                     return Err(e);
                 }
             };
-            std::fs::rename(&data_tmp, &data_path).map_err(|e| OnnxError::io(&data_path, e))?;
-            external_data = Some((data_path, bytes));
+            external_data = Some((data_tmp, data_path, bytes));
         }
+        let remove_data_tmp = |d: &Option<(PathBuf, PathBuf, u64)>| {
+            if let Some((t, _, _)) = d {
+                let _ = std::fs::remove_file(t);
+            }
+        };
         let bytes = proto.encode_to_vec();
         if let Err(e) = std::fs::write(&tmp, &bytes) {
             let _ = std::fs::remove_file(&tmp);
+            remove_data_tmp(&external_data);
             return Err(OnnxError::io(&tmp, e));
         }
-        std::fs::rename(&tmp, path).map_err(|e| OnnxError::io(path, e))?;
+        if let Some((data_tmp, data_path, _)) = &external_data {
+            if let Err(e) = std::fs::rename(data_tmp, data_path) {
+                let _ = std::fs::remove_file(&tmp);
+                remove_data_tmp(&external_data);
+                return Err(OnnxError::io(data_path, e));
+            }
+        }
+        if let Err(e) = std::fs::rename(&tmp, path) {
+            let _ = std::fs::remove_file(&tmp);
+            if let Some((_, data_path, _)) = &external_data {
+                // Its graph never arrived: the data file alone is half an export.
+                let _ = std::fs::remove_file(data_path);
+            }
+            return Err(OnnxError::io(path, e));
+        }
+        let external_data = external_data.map(|(_, p, b)| (p, b));
         let (external_data, external_bytes) = match external_data {
             Some((p, b)) => (Some(p), b),
             None => (None, 0),

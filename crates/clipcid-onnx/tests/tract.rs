@@ -184,6 +184,19 @@ fn external_data_gives_the_same_results_as_weights_inside() -> Res {
         .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
         .collect::<std::io::Result<_>>()?;
     assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+    // A graph that cannot land (a folder holds its name) leaves no data file without it.
+    let blocked = dir.path().join("blocked.onnx");
+    std::fs::create_dir(&blocked)?;
+    let err = tower
+        .save_with_external_data(&blocked)
+        .err()
+        .ok_or("saved over a folder")?;
+    assert!(err.to_string().contains("blocked.onnx"), "{err}");
+    let left: Vec<String> = std::fs::read_dir(dir.path())?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .filter(|n: &std::io::Result<String>| !n.as_ref().is_ok_and(|n| names.contains(n)))
+        .collect::<std::io::Result<_>>()?;
+    assert_eq!(left, ["blocked.onnx"]);
     Ok(())
 }
 
