@@ -100,6 +100,7 @@ pub fn run(args: &Args) -> Result<String, Box<dyn Error>> {
             keep: Some("keep.safetensors".into()),
             clusters: Some("clusters.safetensors".into()),
             tokenizer: Some(std::path::absolute(&tokenizer)?),
+            ..DataConfig::default()
         },
         student: StudentConfig {
             model: "student-config.json".into(),

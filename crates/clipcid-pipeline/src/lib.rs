@@ -78,4 +78,6 @@ pub use stages::evaluate::{
     TextnessArgs,
 };
 pub use stages::teacher::{init_model, lit_teacher, write_tokenizer, LitArgs};
-pub use student::{half_size_student, write_half_size_student};
+pub use student::{
+    half_size_student, image_tower_student, write_half_size_student, write_image_tower_student,
+};

@@ -2,8 +2,8 @@
 
 use std::path::Path;
 
-use candle_core::Device;
-use clipcid_models::{ClipConfig, ClipModel, TextTowerKind};
+use candle_core::{DType, Device};
+use clipcid_models::{ClipConfig, ClipModel, TextTowerKind, VisionConfig};
 
 use crate::PipelineError;
 
@@ -66,5 +66,75 @@ pub fn write_half_size_student(teacher: &Path, path: &Path) -> Result<ClipConfig
     let teacher = ClipModel::load(teacher, &Device::Cpu)?;
     let student = half_size_student(teacher.config())?;
     student.save_json(path)?;
+    Ok(student)
+}
+
+/// Whether a Hugging Face CLIP tensor name belongs to the text side (text tower, text
+/// projection) or is the shared logit scale: what PicCollage keeps from the teacher.
+fn is_text_side(name: &str) -> bool {
+    name.starts_with("text_model.") || name.starts_with("text_projection.") || name == "logit_scale"
+}
+
+/// PicCollage's student of `teacher`, ready for `mode = "piccollage"`: a freshly initialised
+/// image tower of shape `vision` (seeded; PicCollage's own is
+/// `half_size_student(teacher.config())?.vision_config`), projecting into the teacher's
+/// embedding width, with the teacher's text tower, text projection and logit scale copied
+/// unchanged. PicCollage trains only the image tower and searches with the teacher's text
+/// embeddings, so the student needs the teacher's text side (and its tokenizer) as it is.
+///
+/// ```
+/// use candle_core::Device;
+/// use clipcid_models::{ClipConfig, ClipModel};
+/// let teacher = ClipModel::random(&ClipConfig::preset("tiny")?, 1, &Device::Cpu)?;
+/// let vision = clipcid_pipeline::half_size_student(teacher.config())?.vision_config;
+/// let student = clipcid_pipeline::image_tower_student(&teacher, &vision, 7)?;
+/// assert_eq!(student.config().vision_config.hidden_size, 16);
+/// let name = "text_projection.weight";
+/// let same = |m: &ClipModel| m.tensors()[name].flatten_all()?.to_vec1::<f32>();
+/// assert_eq!(same(&student)?, same(&teacher)?);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn image_tower_student(
+    teacher: &ClipModel,
+    vision: &VisionConfig,
+    seed: u64,
+) -> Result<ClipModel, PipelineError> {
+    let mut cfg = teacher.config().clone();
+    cfg.vision_config = vision.clone();
+    let mut tensors = clipcid_models::weights::init_tensors(&cfg, seed)?;
+    for (name, t) in teacher.tensors() {
+        if is_text_side(name) {
+            tensors.insert(
+                name.clone(),
+                t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
+            );
+        }
+    }
+    Ok(ClipModel::from_tensors(
+        &cfg,
+        tensors,
+        &Device::Cpu,
+        DType::F32,
+    )?)
+}
+
+/// Loads the teacher, builds its [`image_tower_student`] at half the image tower's width
+/// and depth with `seed`, and writes it to the folder `out` in the Hugging Face layout
+/// (`config.json`, `model.safetensors`, and the teacher's tokenizer as `tokenizer.json`
+/// when one is beside it): what a PicCollage run's `student.model` (`out/config.json`) and `student.init`
+/// (`out/model.safetensors`) name. `clipcid init-model --image-tower-of TEACHER`.
+pub fn write_image_tower_student(
+    teacher: &Path,
+    seed: u64,
+    out: &Path,
+) -> Result<ClipModel, PipelineError> {
+    let model = ClipModel::load(teacher, &Device::Cpu)?;
+    let vision = half_size_student(model.config())?.vision_config;
+    let student = image_tower_student(&model, &vision, seed)?;
+    student.save_pretrained(out, DType::F32)?;
+    if let Some(tok) = clipcid_models::ClipTokenizer::find_beside(teacher) {
+        let context = model.config().text_config.default_context_length();
+        clipcid_models::ClipTokenizer::load(&tok, context)?.save(&out.join("tokenizer.json"))?;
+    }
     Ok(student)
 }

@@ -36,6 +36,15 @@ pub struct DataConfig {
     pub clusters: Option<PathBuf>,
     /// `tokenizer.json` for the captions.
     pub tokenizer: Option<PathBuf>,
+    /// Train on this many of the rows (after the keep list and the caption filter), drawn
+    /// at random with `subset_seed`: a data-limited run. The draw depends on the rows and
+    /// `subset_seed` only, not on `seed`, so runs of several seeds and loss terms share it.
+    /// More than the rows there are is an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<usize>,
+    /// Seed of the `subset` draw.
+    #[serde(default)]
+    pub subset_seed: u64,
 }
 
 /// The student CLIP.
@@ -516,6 +525,9 @@ impl DistillConfig {
                 "student.freeze_text needs student.init: the locked text tower must be pretrained"
                     .into(),
             );
+        }
+        if self.data.subset == Some(0) {
+            return Err("data.subset must be at least 1 row".into());
         }
         if self.student.context_length.is_some_and(|c| c < 2) {
             return Err("student.context_length must be at least 2 (start and end tokens)".into());

@@ -8,6 +8,9 @@ use candle_core::{Device, Tensor};
 use clipcid_data::{decode_batch, Dataset, Preprocess, SampleIndex, Skipped};
 use clipcid_models::ClipTokenizer;
 use clipcid_store::{check_same_embeddings, RowReader, ShardLayout};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 
 use crate::{DataConfig, TrainError};
 
@@ -104,7 +107,9 @@ impl TrainingSet {
         });
 
         let Some(embeddings) = &data.embeddings else {
-            return Self::captions_only(index, needs);
+            let mut set = Self::captions_only(index, needs)?;
+            set.take_subset(data)?;
+            return Ok(set);
         };
         // Headers only: the shards' common width and provenance, two runs mixed refused.
         let layout = ShardLayout::open(std::slice::from_ref(embeddings))?;
@@ -229,7 +234,44 @@ impl TrainingSet {
             }
             set.centroids = Some((c.centroids, c.k));
         }
+        set.take_subset(data)?;
         Ok(set)
+    }
+
+    /// Keeps `data.subset` rows drawn with `data.subset_seed` (in their dataset order), or
+    /// every row without a subset.
+    fn take_subset(&mut self, data: &DataConfig) -> Result<(), TrainError> {
+        let Some(n) = data.subset else {
+            return Ok(());
+        };
+        if n > self.ids.len() {
+            return Err(TrainError::Config(format!(
+                "data.subset asks for {n} rows but `{}` has {} training rows{}",
+                data.dataset.display(),
+                self.ids.len(),
+                if data.keep.is_some() {
+                    " after the keep list"
+                } else {
+                    ""
+                }
+            )));
+        }
+        let mut chosen: Vec<usize> = (0..self.ids.len()).collect();
+        chosen.shuffle(&mut ChaCha8Rng::seed_from_u64(data.subset_seed));
+        chosen.truncate(n);
+        chosen.sort_unstable();
+        fn pick<T: Copy>(v: &mut Vec<T>, chosen: &[usize]) {
+            // A captions-only set has no embedding rows.
+            if !v.is_empty() {
+                *v = chosen.iter().map(|&i| v[i]).collect();
+            }
+        }
+        pick(&mut self.ids, &chosen);
+        pick(&mut self.rows, &chosen);
+        if let Some(labels) = self.labels.as_mut() {
+            pick(labels, &chosen);
+        }
+        Ok(())
     }
 
     /// Every captioned sample, without teacher embeddings (a CLIP-only run).

@@ -876,8 +876,23 @@ impl Trainer {
         let student = if done && self.is_writer() {
             let dir = self.out_dir.join("student");
             self.model.save_pretrained(&dir, DType::F32)?;
-            // What transformers' CLIPProcessor needs beside the weights.
+            // What transformers' CLIPProcessor needs beside the weights. A run that reads no
+            // captions (PicCollage) keeps its init's text tower, so its init's tokenizer.
+            let init_tokenizer = || -> Result<Option<ClipTokenizer>, TrainError> {
+                let found = self
+                    .config
+                    .student
+                    .init
+                    .as_deref()
+                    .and_then(ClipTokenizer::find_beside);
+                let context = self.model.config().text_config.default_context_length();
+                Ok(found
+                    .map(|p| ClipTokenizer::load(&p, context))
+                    .transpose()?)
+            };
             if let Some(tok) = &self.tokenizer {
+                tok.save_pretrained(&dir)?;
+            } else if let Some(tok) = init_tokenizer()? {
                 tok.save_pretrained(&dir)?;
             }
             self.preprocess.save_hf_preprocessor_config(&dir)?;

@@ -37,7 +37,10 @@ fn ablation_configs_switch_the_terms() {
     assert_eq!(full.optim.adamw.beta2, 0.98);
     let pc = parse("piccollage.toml");
     assert_eq!(pc.mode, Mode::Piccollage);
-    assert_eq!(pc.student.model, "../../demo-out/student-config.json");
+    assert_eq!(
+        pc.student.model,
+        "../../demo-out/piccollage-init/seed0/config.json"
+    );
     assert_eq!(
         [
             pc.loss.piccollage.schedule.at(9),

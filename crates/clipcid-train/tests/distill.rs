@@ -914,3 +914,52 @@ fn two_ranks_at_batch_b_train_as_one_process_at_batch_2b() {
     assert_eq!(m.len(), 8);
     assert!(fx.path("dp/student/model.safetensors").exists());
 }
+
+#[test]
+fn a_subset_is_a_seeded_draw_of_whole_rows_shared_by_every_run_seed() {
+    use clipcid_train::{Needs, TrainingSet};
+    let fx = fixture(90, 0, 3);
+    let needs = Needs {
+        captions: true,
+        teacher_text: true,
+        clusters: true,
+    };
+    let full_cfg = fx.config("seed = 1");
+    let full = TrainingSet::load(&full_cfg.data, needs).unwrap();
+    assert_eq!(full.len(), 90);
+    let subset = |n: usize, subset_seed: u64| {
+        let mut data = full_cfg.data.clone();
+        data.subset = Some(n);
+        data.subset_seed = subset_seed;
+        TrainingSet::load(&data, needs)
+    };
+    let a = subset(30, 0).unwrap();
+    assert_eq!(a.len(), 30);
+    assert!(a.ids().windows(2).all(|w| w[0] < w[1]), "dataset order");
+    // Each kept row is a whole row of the full set: its id, teacher embedding and label.
+    let labels = full.labels().unwrap();
+    for (r, id) in a.ids().iter().enumerate() {
+        let f = full.ids().iter().position(|x| x == id).unwrap();
+        assert_eq!(
+            a.teacher_image(&[r]).unwrap(),
+            full.teacher_image(&[f]).unwrap()
+        );
+        assert_eq!(a.labels().unwrap()[r], labels[f]);
+    }
+    // The draw depends on subset_seed, not on the run's seed.
+    let mut other_run = fx.config("seed = 7").data;
+    other_run.subset = Some(30);
+    assert_eq!(TrainingSet::load(&other_run, needs).unwrap().ids(), a.ids());
+    assert_ne!(subset(30, 1).unwrap().ids(), a.ids());
+    assert_eq!(subset(90, 0).unwrap().ids(), full.ids());
+    let err = subset(91, 0).unwrap_err().to_string();
+    assert!(
+        err.contains("91") && err.contains("90 training rows"),
+        "{err}"
+    );
+    // A trainer on the subset takes its steps from the subset.
+    let mut cfg = fx.config("batch_size = 10\nepochs = 2");
+    cfg.data.subset = Some(30);
+    let trainer = Trainer::new(cfg, &fx.path("sub"), &Device::Cpu).unwrap();
+    assert_eq!(trainer.total_steps(), 6);
+}

@@ -73,15 +73,24 @@ enum Command {
     /// Build a teacher when no pretrained CLIP is at hand.
     #[command(subcommand)]
     Teacher(TeacherCommand),
-    /// Write a CLIP checkpoint with seeded random weights (for tests and smoke runs).
+    /// Write a CLIP checkpoint with seeded random weights (for tests and smoke runs), or
+    /// with --image-tower-of, PicCollage's student of a teacher: a random image tower at
+    /// half its width and depth beside the teacher's own text tower.
     InitModel {
         /// Model shape: vit-b-32, vit-b-16, piccollage-s12, piccollage-s24 or tiny.
-        #[arg(long, default_value = "tiny")]
+        #[arg(long, default_value = "tiny", conflicts_with = "image_tower_of")]
         preset: String,
+        /// A teacher (file, folder or Hugging Face id): write its PicCollage student (image
+        /// tower halved and freshly initialised, text tower, text projection and logit scale
+        /// copied) into the folder --out, for a `mode = "piccollage"` run's student.model
+        /// (OUT/config.json) and student.init (OUT/model.safetensors).
+        #[arg(long)]
+        image_tower_of: Option<PathBuf>,
         /// Random seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Output `.safetensors` file (Hugging Face layout, config in the metadata).
+        /// Output `.safetensors` file (Hugging Face layout, config in the metadata); a folder
+        /// with --image-tower-of.
         #[arg(long)]
         out: PathBuf,
     },
@@ -116,12 +125,22 @@ enum Command {
         /// Teacher to use instead of the default order: a file, a folder or a Hugging Face id.
         #[arg(long)]
         teacher: Option<PathBuf>,
-        /// Epochs of the locked-text teacher's image tower, when it is built.
-        #[arg(long, default_value_t = 4)]
+        /// Epochs of the locked-text teacher's image tower over all the training digits,
+        /// when it is built.
+        #[arg(long, default_value_t = DemoOptions::new("", "").teacher_epochs)]
         teacher_epochs: usize,
-        /// Epochs of each student run.
-        #[arg(long, default_value_t = 6)]
+        /// Epochs of each CLIP-CID arm's student (CLIP only, + cluster, + instance).
+        #[arg(long, default_value_t = DemoOptions::new("", "").student_epochs)]
         student_epochs: usize,
+        /// Epochs of the PicCollage arm's student (image tower only: cheaper steps).
+        #[arg(long, default_value_t = DemoOptions::new("", "").piccollage_epochs)]
+        piccollage_epochs: usize,
+        /// Rows of the seeded subset every student learns from (the teacher sees them all).
+        #[arg(long, default_value_t = DemoOptions::new("", "").student_rows)]
+        student_rows: usize,
+        /// Seeds per arm of the ablation.
+        #[arg(long, default_value_t = DemoOptions::new("", "").seeds)]
+        seeds: usize,
     },
 }
 
@@ -244,13 +263,32 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Export(args) => print_export(&clipcid_pipeline::export(&args, &device)?, &args),
-        Command::InitModel { preset, seed, out } => {
-            clipcid_pipeline::init_model(&preset, seed, &out)?;
-            println!(
-                "wrote {} ({preset}, seed {seed}, random weights)",
-                out.display()
-            );
-        }
+        Command::InitModel {
+            preset,
+            image_tower_of,
+            seed,
+            out,
+        } => match image_tower_of {
+            Some(teacher) => {
+                let path = clipcid_pipeline::resolve_model_path(&teacher)?;
+                let student = clipcid_pipeline::write_image_tower_student(&path, seed, &out)?;
+                let v = &student.config().vision_config;
+                println!(
+                    "wrote {} (image tower width {}, depth {}, seed {seed}, random; text tower of {})",
+                    out.display(),
+                    v.hidden_size,
+                    v.num_hidden_layers,
+                    teacher.display()
+                );
+            }
+            None => {
+                clipcid_pipeline::init_model(&preset, seed, &out)?;
+                println!(
+                    "wrote {} ({preset}, seed {seed}, random weights)",
+                    out.display()
+                );
+            }
+        },
         Command::SelfCheck { bench } => {
             let rows = clipcid_pipeline::device_parity(&candle_core::Device::Cpu, &device)?;
             print!(
@@ -285,6 +323,9 @@ fn run(cli: Cli) -> Result<()> {
             teacher,
             teacher_epochs,
             student_epochs,
+            piccollage_epochs,
+            student_rows,
+            seeds,
         } => {
             let opts = DemoOptions {
                 data,
@@ -292,11 +333,18 @@ fn run(cli: Cli) -> Result<()> {
                 teacher,
                 teacher_epochs,
                 student_epochs,
+                piccollage_epochs,
+                student_rows,
+                seeds,
             };
             let r = clipcid_pipeline::demo::run(&opts, &device, &mut |line| println!("{line}"))?;
             println!();
             println!("{}", r.pipeline);
             println!("{}", r.table);
+            for line in &r.ordering {
+                println!("{line}");
+            }
+            println!();
             println!("{}", r.teacher_note);
             println!("Report: {}", r.report.display());
             println!("Total time {:.0} s.", r.seconds);

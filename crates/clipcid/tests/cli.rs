@@ -271,6 +271,12 @@ fn demo_then_distill_with_stop_and_resume_from_the_command_line() {
                 teacher_epochs,
                 "--student-epochs",
                 "1",
+                "--piccollage-epochs",
+                "1",
+                "--student-rows",
+                "64",
+                "--seeds",
+                "1",
             ])
             .output()
             .expect("run clipcid")
@@ -283,10 +289,13 @@ fn demo_then_distill_with_stop_and_resume_from_the_command_line() {
     );
     assert!(run.status.success(), "{text}");
     for want in [
-        "[9/9]",
+        "[8/8]",
         "| teacher (locked-text, not OpenAI CLIP)",
-        "student, distilled",
-        "student, no distillation",
+        "| CLIP loss only (no teacher) |",
+        "| CLIP + cluster + instance (CLIP-CID) |",
+        "| PicCollage: image tower only",
+        "64-row subset, 1 seed |",
+        "zero-shot top-1: CLIP only",
         "not OpenAI CLIP",
     ] {
         assert!(text.contains(want), "missing `{want}` in:\n{text}");
@@ -302,8 +311,10 @@ fn demo_then_distill_with_stop_and_resume_from_the_command_line() {
     }
     for png in [
         "cluster-sizes.png",
-        "loss-distilled.png",
-        "loss-baseline.png",
+        "loss-clip-only.png",
+        "loss-clip-cluster.png",
+        "loss-clip-cid.png",
+        "loss-piccollage.png",
     ] {
         assert!(
             out.join("report").join(png).metadata().unwrap().len() > 1000,
@@ -318,7 +329,7 @@ fn demo_then_distill_with_stop_and_resume_from_the_command_line() {
         String::from_utf8_lossy(&again.stdout)
     );
     // `clipcid distill` on the config the demo wrote: stop after 1 step, then resume.
-    let cfg = out.join("distill.toml");
+    let cfg = out.join("configs/clip-cid-seed0.toml");
     let run = d.join("run");
     let (ok, text) = clipcid(&[
         "distill",
@@ -693,4 +704,76 @@ fn hub_repo_ids_resolve_offline_from_the_cache() {
         !ok && text.contains("HF_HUB_OFFLINE") && text.contains("`someone/other` is not cached"),
         "{text}"
     );
+}
+
+#[test]
+fn init_model_writes_piccollages_student_with_the_teachers_text_tower() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let teacher = d.join("teacher");
+    std::fs::create_dir(&teacher).unwrap();
+    let (ok, text) = clipcid(&[
+        "init-model",
+        "--preset",
+        "tiny",
+        "--seed",
+        "3",
+        "--out",
+        s(&teacher.join("model.safetensors")),
+    ]);
+    assert!(ok, "{text}");
+    let (ok, text) = clipcid(&["tokenizer", "--out", s(&teacher.join("tokenizer.json"))]);
+    assert!(ok, "{text}");
+    let out = d.join("student");
+    let (ok, text) = clipcid(&[
+        "init-model",
+        "--image-tower-of",
+        s(&teacher.join("model.safetensors")),
+        "--seed",
+        "5",
+        "--out",
+        s(&out),
+    ]);
+    assert!(
+        ok && text.contains("image tower width 16, depth 1"),
+        "{text}"
+    );
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let cpu = candle_core::Device::Cpu;
+    let t = clipcid_models::ClipModel::load(&teacher.join("model.safetensors"), &cpu).unwrap();
+    let st = clipcid_models::ClipModel::load(&out, &cpu).unwrap();
+    let values = |m: &clipcid_models::ClipModel, name: &str| {
+        m.tensors()[name]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    // Every text-side tensor is the teacher's; the image tower is new and half as wide.
+    let mut text_side = 0;
+    for name in t.tensors().keys() {
+        if name.starts_with("text_model.") || name.starts_with("text_projection.") {
+            assert_eq!(values(&st, name), values(&t, name), "{name}");
+            text_side += 1;
+        }
+    }
+    assert!(text_side > 10);
+    assert_eq!(values(&st, "logit_scale"), values(&t, "logit_scale"));
+    let (v, tv) = (&st.config().vision_config, &t.config().vision_config);
+    assert_eq!(
+        (v.hidden_size * 2, v.num_hidden_layers * 2),
+        (tv.hidden_size, tv.num_hidden_layers)
+    );
+    assert_eq!(st.config().projection_dim, t.config().projection_dim);
+    // A teacher that is not there is an error naming it.
+    let (ok, text) = clipcid(&[
+        "init-model",
+        "--image-tower-of",
+        s(&d.join("nope.safetensors")),
+        "--out",
+        s(&d.join("x")),
+    ]);
+    assert!(!ok && text.contains("nope.safetensors"), "{text}");
 }
