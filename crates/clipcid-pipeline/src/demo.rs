@@ -10,7 +10,9 @@
 
 mod ablation;
 
-pub use ablation::{ablation_table, ordering, seed_table, Arm, ArmScores, MeanSpread, SeedScores};
+pub use ablation::{
+    ablation_table, ordering, seed_table, Arm, ArmScores, MeanSpread, SeedScores, TeacherRow,
+};
 
 use std::path::{Path, PathBuf};
 
@@ -116,6 +118,8 @@ struct Teacher {
     source: Option<String>,
     /// Whether it is a CLIP trained on image-text pairs by its publisher (not built here).
     pretrained_clip: bool,
+    /// Whether the demo built it on the fetched training data (the locked-text teacher).
+    built_here: bool,
 }
 
 /// The teacher with the tokenizer beside it, else `fallback_tokenizer` (CLIP's).
@@ -155,6 +159,7 @@ fn choose_teacher(
                 dir.parent().unwrap_or(Path::new("."))
             }),
             pretrained_clip: !bert,
+            built_here: false,
             eval,
         });
     }
@@ -169,6 +174,7 @@ fn choose_teacher(
             description: format!("pretrained CLIP from `{SHARED_TEACHER}`"),
             source: read_source(shared),
             pretrained_clip: true,
+            built_here: false,
             eval,
         });
     }
@@ -192,6 +198,7 @@ fn choose_teacher(
         ),
         source: read_source(&dir),
         pretrained_clip: false,
+        built_here: true,
         eval,
     })
 }
@@ -424,15 +431,20 @@ pub fn run(opts: &DemoOptions, device: &Device, say: &mut dyn FnMut(&str)) -> Re
         student_vision: &student_cfg.vision_config,
         teacher: &teacher.eval,
     };
+    // What the teacher learned from, for the tables.
+    let teacher_saw = if teacher.built_here {
+        format!("all {} training rows", bal.summary.n)
+    } else {
+        "its own training data".to_string()
+    };
     say(&format!(
-        "[5/8] ablation: {} arms x {} seed(s); each student (ViT width {}, {} layers) learns from the same {} of the {} kept rows, the teacher saw all {}",
+        "[5/8] ablation: {} arms x {} seed(s); each student (ViT width {}, {} layers) learns from the same {} of the {} kept rows; the teacher from {teacher_saw}",
         Arm::ALL.len(),
         opts.seeds,
         student_cfg.vision_config.hidden_size,
         student_cfg.vision_config.num_hidden_layers,
         opts.student_rows,
         bal.summary.kept,
-        bal.summary.n
     ));
     let configs = out.join("configs");
     std::fs::create_dir_all(&configs).map_err(|e| PipelineError::io(&configs, "create", e))?;
@@ -537,17 +549,22 @@ pub fn run(opts: &DemoOptions, device: &Device, say: &mut dyn FnMut(&str)) -> Re
                 .collect(),
         })
         .collect();
+    let teacher_row = TeacherRow {
+        label: if teacher.pretrained_clip {
+            "pretrained CLIP"
+        } else if teacher.built_here {
+            "locked-text, not OpenAI CLIP"
+        } else {
+            "given, not a pretrained CLIP"
+        }
+        .into(),
+        trained_on: teacher_saw.clone(),
+        parameters: teacher.eval.model.parameter_count(),
+        zero_shot: res.zero_shot[0].top1,
+        linear_probe: res.linear_probe[0].1.top1,
+    };
     let table = ablation_table(
-        (
-            if teacher.pretrained_clip {
-                "pretrained CLIP"
-            } else {
-                "locked-text, not OpenAI CLIP"
-            },
-            teacher.eval.model.parameter_count(),
-            res.zero_shot[0].top1,
-            res.linear_probe[0].1.top1,
-        ),
+        &teacher_row,
         &ablation,
         &format!("{}-row subset", opts.student_rows),
     );
@@ -701,7 +718,7 @@ pub fn run(opts: &DemoOptions, device: &Device, say: &mut dyn FnMut(&str)) -> Re
     let md = format!(
         "# clipcid demo report\n\n{teacher_note}\n\n\
          ## Ablation on {test_n} held-out real digits\n\n\
-         The teacher learned from all {} training rows; every student learned from the same \
+         The teacher learned from {teacher_saw}; every student learned from the same \
          seeded {}-row subset (the data-limited regime, where distillation has something to \
          transfer). Each cell is the mean ± sample standard deviation over {} seed(s).\n\n{table}\n\
          The paper's ordering (CLIP only < + cluster < + instance):\n\n{ordering_md}\n\
@@ -720,7 +737,6 @@ pub fn run(opts: &DemoOptions, device: &Device, say: &mut dyn FnMut(&str)) -> Re
          Re-run a student with the configs beside this folder: `clipcid distill --config {} --out runs/x`.\n\
          Total time {:.0} s ({}).\n\n\
          ## Data: sizes, sources, licences\n\n{}\n{source}",
-        bal.summary.n,
         opts.student_rows,
         opts.seeds,
         seed_table(&ablation),

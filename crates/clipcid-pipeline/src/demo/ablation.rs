@@ -162,22 +162,34 @@ fn cell(m: Option<MeanSpread>, scale: f64, precision: usize, unit: &str) -> Stri
     }
 }
 
-/// The ablation table (markdown): one row per arm, mean ± spread over its seeds, under a
-/// row for the teacher (`teacher`: label, parameters, zero-shot and probe top-1).
-pub fn ablation_table(
-    teacher: (&str, usize, f64, f64),
-    arms: &[ArmScores],
-    subset: &str,
-) -> String {
+/// The teacher's row of the ablation table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TeacherRow {
+    /// What it is (`locked-text, not OpenAI CLIP`, `pretrained CLIP`).
+    pub label: String,
+    /// What it learned from (`all 13442 training rows`, `its publisher's data`).
+    pub trained_on: String,
+    /// Its parameters.
+    pub parameters: usize,
+    /// Zero-shot top-1, in [0, 1].
+    pub zero_shot: f64,
+    /// Linear-probe top-1, in [0, 1].
+    pub linear_probe: f64,
+}
+
+/// The ablation table (markdown): one row per arm, mean ± spread over its seeds (each
+/// trained on `subset`), under a row for the teacher.
+pub fn ablation_table(teacher: &TeacherRow, arms: &[ArmScores], subset: &str) -> String {
     let seeds = arms.first().map_or(0, |a| a.seeds.len());
     let mut t = format!(
         "| model | parameters | trained on | zero-shot top-1 | linear probe top-1 | mAP@10-20 vs teacher | image cosine to teacher | train samples/s |\n\
          |---|---:|---|---:|---:|---:|---:|---:|\n\
-         | teacher ({}) | {} | all training data | {:.1}% | {:.1}% | - | - | - |\n",
-        teacher.0,
-        teacher.1,
-        100.0 * teacher.2,
-        100.0 * teacher.3
+         | teacher ({}) | {} | {} | {:.1}% | {:.1}% | - | - | - |\n",
+        teacher.label,
+        teacher.parameters,
+        teacher.trained_on,
+        100.0 * teacher.zero_shot,
+        100.0 * teacher.linear_probe
     );
     for a in arms {
         t.push_str(&format!(
@@ -376,9 +388,19 @@ mod tests {
     #[test]
     fn the_tables_hold_every_arm_and_every_seed() {
         let arms: Vec<ArmScores> = Arm::ALL.iter().map(|&a| arm(a, &[0.5, 0.7, 0.6])).collect();
-        let t = ablation_table(("locked-text", 99, 0.95, 0.96), &arms, "1000 rows");
+        let teacher = TeacherRow {
+            label: "locked-text".into(),
+            trained_on: "all 500 rows".into(),
+            parameters: 99,
+            zero_shot: 0.95,
+            linear_probe: 0.96,
+        };
+        let t = ablation_table(&teacher, &arms, "1000 rows");
         assert_eq!(t.lines().count(), 2 + 1 + 4, "{t}");
-        assert!(t.contains("| 95.0% | 96.0% |"), "{t}");
+        assert!(
+            t.contains("| teacher (locked-text) | 99 | all 500 rows | 95.0% | 96.0% |"),
+            "{t}"
+        );
         // Mean 60.0, sample std 10.0 (percent).
         assert!(
             t.contains("| 60.0% ± 10.0% | 40.0% ± 10.0% | 0.060 ± 0.010 |"),
