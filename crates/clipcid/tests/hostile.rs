@@ -917,6 +917,47 @@ fn hostile_inputs_end_in_named_errors_or_named_skips() {
         Expect::Error(&["tok-bad.json", "not a tokenizer.json"]),
     );
 
+    // A data-limited run asking for no rows, or for more rows than there are.
+    for (name, subset, want) in [
+        (
+            "data.subset = 0",
+            "subset = 0\n",
+            "data.subset must be at least 1",
+        ),
+        (
+            "data.subset beyond the training rows",
+            "subset = 100000\n",
+            "data.subset asks for 100000 rows",
+        ),
+    ] {
+        b.distill_config("bad.toml", "emb", no_cluster, subset);
+        b.case(
+            4,
+            name,
+            &[
+                "distill", "--config", "bad.toml", "--out", "run-bad", "--quiet",
+            ],
+            Expect::Error(&[want]),
+        );
+    }
+    b.write(
+        "junk-teacher.safetensors",
+        b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":1}",
+    );
+    b.case(
+        4,
+        "PicCollage student of a corrupt teacher",
+        &[
+            "init-model",
+            "--image-tower-of",
+            "junk-teacher.safetensors",
+            "--out",
+            "pc-student",
+        ],
+        Expect::Error(&["junk-teacher.safetensors"]),
+    );
+    assert!(!b.path("pc-student").exists(), "no half-written student");
+
     println!("| class | case | expected | verdict | what clipcid said |\n|---|---|---|---|---|");
     for r in &b.rows {
         println!("{r}");
