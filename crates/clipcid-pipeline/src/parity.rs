@@ -219,7 +219,8 @@ pub fn device_parity(reference: &Device, device: &Device) -> Result<Vec<ParityRo
     Ok(rows)
 }
 
-/// An NCCL group of one rank on `device`: its all-reduce and gather must hand back what they
+/// An NCCL group of one rank on `device`: its all-reduces (of a host slice, and of a CUDA
+/// tensor in its device buffer, the gradients' path) and its gather must hand back what they
 /// were given (the data-parallel path's plumbing, on the GPU; largest difference).
 #[cfg(feature = "nccl")]
 fn nccl_one_rank(device: &Device) -> Result<ParityRow, PipelineError> {
@@ -230,16 +231,25 @@ fn nccl_one_rank(device: &Device) -> Result<ParityRow, PipelineError> {
     let mut summed = values.clone();
     nccl.all_reduce_sum(&mut summed)?;
     let gathered = nccl.all_gather(&values[..333])?;
+    // The gradients' path: a CUDA tensor summed in its device buffer (a view that starts
+    // inside its buffer, so the op's offsets are exercised too).
+    let on_device = candle_core::Tensor::from_slice(&values, (40, 25), device)?;
+    let view = on_device.narrow(0, 10, 20)?;
+    let tensor_sum: Vec<f32> = nccl
+        .all_reduce_sum_tensor(&view)?
+        .flatten_all()?
+        .to_vec1()?;
     let mut d = summed
         .iter()
         .zip(&values)
+        .chain(tensor_sum.iter().zip(&values[250..750]))
         .map(|(a, b)| (a - b).abs() as f64)
         .fold(0f64, f64::max);
-    if gathered.len() != 1 || gathered[0] != values[..333] {
+    if gathered.len() != 1 || gathered[0] != values[..333] || tensor_sum.len() != 500 {
         d = f64::INFINITY;
     }
     Ok(row(
-        "NCCL, one rank: all-reduce and gather return their input (max abs diff)",
+        "NCCL, one rank: all-reduce (host and device buffers) and gather return their input (max abs diff)",
         d,
         "== 0",
         d == 0.0,

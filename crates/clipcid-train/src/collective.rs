@@ -1,8 +1,8 @@
 //! What data-parallel training needs from the processes (ranks) that train one model
 //! together: gathering every rank's rows, and summing gradients. [`InProcessGroup`] runs the
 //! ranks as threads of one process (the equality tests); [`TcpRank`] joins processes as
-//! torchrun starts them (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`) over TCP; NCCL
-//! across GPUs would plug in behind the same [`Collective`] trait.
+//! torchrun starts them (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`) over TCP;
+//! `NcclRank` (the `nccl` feature) joins GPUs on NCCL behind the same [`Collective`] trait.
 //!
 //! The data-parallel rule used with it ([`all_gather_rows`], [`all_reduce_mean`]): every
 //! rank computes the loss of the *global* batch from the gathered features, whose own slice
@@ -14,7 +14,7 @@
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use crate::TrainError;
 
@@ -30,6 +30,23 @@ pub trait Collective: Send + Sync {
     /// Element-wise sum over the ranks, in place; every rank gets the same values (summed in
     /// rank order).
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), TrainError>;
+    /// The element-wise sum over the ranks of `t` (any shape; summed in f32), on `t`'s
+    /// device. By default the values pass through host memory
+    /// ([`Collective::all_reduce_sum`]); a collective of GPUs (`NcclRank`, with the `nccl`
+    /// feature) sums the device buffer itself.
+    fn all_reduce_sum_tensor(&self, t: &Tensor) -> Result<Tensor, TrainError> {
+        all_reduce_sum_via_host(self, t)
+    }
+}
+
+/// [`Collective::all_reduce_sum_tensor`] through host memory.
+fn all_reduce_sum_via_host<C: Collective + ?Sized>(
+    c: &C,
+    t: &Tensor,
+) -> Result<Tensor, TrainError> {
+    let mut values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    c.all_reduce_sum(&mut values)?;
+    Ok(Tensor::from_vec(values, t.shape(), t.device())?)
 }
 
 /// The group of one: gathers and sums are the identity.
@@ -217,29 +234,38 @@ pub fn all_gather_rows(c: &dyn Collective, local: &Tensor) -> Result<Tensor, Tra
 }
 
 /// Replaces each gradient of `vars` by its mean over the ranks (a variable without a
-/// gradient on this rank counts as zeros, so every rank makes the same calls).
+/// gradient on this rank counts as zeros, so every rank makes the same calls). The gradients
+/// travel as one flat buffer on their device, one collective call per step (as a DDP bucket
+/// does), and the sum is divided by the world size element by element.
 pub fn all_reduce_mean(
     c: &dyn Collective,
     grads: &mut GradStore,
     vars: &[&Var],
 ) -> Result<(), TrainError> {
-    if c.world_size() == 1 {
+    if c.world_size() == 1 || vars.is_empty() {
         return Ok(());
     }
-    let world = c.world_size() as f32;
+    let mut flat = Vec::with_capacity(vars.len());
     for v in vars {
         let t = v.as_tensor();
-        let mut values: Vec<f32> = match grads.get(t) {
-            Some(g) => g
-                .to_dtype(candle_core::DType::F32)?
-                .flatten_all()?
-                .to_vec1()?,
-            None => vec![0.0; t.elem_count()],
-        };
-        c.all_reduce_sum(&mut values)?;
-        values.iter_mut().for_each(|x| *x /= world);
-        let mean = Tensor::from_vec(values, t.shape(), t.device())?.to_dtype(t.dtype())?;
-        grads.insert(t, mean);
+        flat.push(match grads.get(t) {
+            Some(g) => g.to_dtype(DType::F32)?.flatten_all()?,
+            None => Tensor::zeros(t.elem_count(), DType::F32, t.device())?,
+        });
+    }
+    let summed = c.all_reduce_sum_tensor(&Tensor::cat(&flat, 0)?)?;
+    let world = Tensor::new(c.world_size() as f32, summed.device())?;
+    let mean = summed.broadcast_div(&world)?;
+    let mut offset = 0;
+    for v in vars {
+        let t = v.as_tensor();
+        let n = t.elem_count();
+        let g = mean
+            .narrow(0, offset, n)?
+            .reshape(t.shape())?
+            .to_dtype(t.dtype())?;
+        grads.insert(t, g);
+        offset += n;
     }
     Ok(())
 }
@@ -484,9 +510,10 @@ fn sum_in_rank_order(all: &[Vec<f32>], data: &mut [f32]) -> Result<(), TrainErro
 /// One rank of a group on NCCL (the `nccl` feature, which links NVIDIA's libnccl): the
 /// communication data-parallel training across GPUs wants. The ranks agree on NCCL's unique id
 /// through a bootstrap group of the same ranks (a [`TcpRank`] from torchrun's variables);
-/// gathers and sums then run on the GPU. Values pass through device buffers of the rank's
-/// CUDA device (the trait hands host slices; a device-buffer path for the gradients is the next
-/// step). Not yet run on a GPU: `scripts/gpu-check.sh` is where it will be.
+/// gathers and sums then run on the GPU. The step's gradients stay on the device: they are
+/// summed as one flat CUDA buffer ([`Collective::all_reduce_sum_tensor`], a candle custom op
+/// around `ncclAllReduce` on the device's stream); the host-slice calls (row gathers) pass
+/// through device buffers. Not yet run on a GPU: `scripts/gpu-check.sh` is where it will be.
 #[cfg(feature = "nccl")]
 pub struct NcclRank {
     comm: Mutex<nccl::Comm>,
@@ -609,6 +636,14 @@ impl Collective for NcclRank {
             .collect())
     }
 
+    fn all_reduce_sum_tensor(&self, t: &Tensor) -> Result<Tensor, TrainError> {
+        if !t.device().is_cuda() {
+            return all_reduce_sum_via_host(self, t);
+        }
+        let t = t.to_dtype(DType::F32)?.contiguous()?;
+        Ok(t.apply_op1_no_bwd(&NcclSum(self))?)
+    }
+
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), TrainError> {
         let comm = self.lock()?;
         let mut buf = self.stream.clone_htod(data).map_err(|e| self.cuda(e))?;
@@ -618,5 +653,51 @@ impl Collective for NcclRank {
         self.stream.synchronize().map_err(|e| self.cuda(e))?;
         data.copy_from_slice(&out);
         Ok(())
+    }
+}
+
+/// `ncclAllReduce` (sum) of a contiguous f32 CUDA tensor into a new buffer, as a candle op so
+/// that the result is a tensor on the same device and stream.
+#[cfg(feature = "nccl")]
+struct NcclSum<'a>(&'a NcclRank);
+
+#[cfg(feature = "nccl")]
+impl candle_core::CustomOp1 for NcclSum<'_> {
+    fn name(&self) -> &'static str {
+        "nccl-all-reduce-sum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("the NCCL sum takes CUDA tensors only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("the NCCL sum takes a contiguous tensor")
+        };
+        let src = storage.as_cuda_slice::<f32>()?.slice(start..end);
+        let mut dst = storage.device.alloc_zeros::<f32>(end - start)?;
+        let comm = self.0.comm.lock().map_err(|_| {
+            candle_core::Error::Msg("the NCCL communicator's lock is poisoned".into())
+        })?;
+        comm.all_reduce(&src, &mut dst, &nccl::ReduceOp::Sum)
+            .map_err(|e| {
+                candle_core::Error::Msg(format!(
+                    "rank {} of {}: NCCL all-reduce: {e:?}",
+                    self.0.rank, self.0.world
+                ))
+            })?;
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(dst, storage.device.clone()),
+            layout.shape().clone(),
+        ))
     }
 }

@@ -228,3 +228,64 @@ fn over_tcp_a_missing_or_departed_rank_is_an_error_naming_it() {
         );
     }
 }
+
+/// A group of one posing as rank 0 of 3 whose peers hold the same values (so a sum is 3x),
+/// counting its collective calls.
+#[derive(Default)]
+struct Tripled {
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl Collective for Tripled {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        3
+    }
+    fn all_gather(&self, local: &[f32]) -> Result<Vec<Vec<f32>>, clipcid_train::TrainError> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(vec![local.to_vec(); 3])
+    }
+    fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), clipcid_train::TrainError> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        data.iter_mut().for_each(|x| *x = *x + *x + *x);
+        Ok(())
+    }
+}
+
+#[test]
+fn gradients_cross_the_ranks_in_one_call_and_each_value_is_divided() {
+    let dev = Device::Cpu;
+    let var = |shape: &[usize], seed| {
+        let n = shape.iter().product();
+        Var::from_tensor(&Tensor::from_vec(random(n, seed), shape, &dev).unwrap()).unwrap()
+    };
+    let (a, b, unused) = (var(&[3, 5], 7), var(&[4], 8), var(&[2, 2], 9));
+    let k = Tensor::from_vec(random(15, 10), (3, 5), &dev).unwrap();
+    let loss = ((a.as_tensor() * &k).unwrap().sum_all().unwrap()
+        + b.as_tensor().sqr().unwrap().sum_all().unwrap())
+    .unwrap();
+    let mut grads = loss.backward().unwrap();
+    let before: Vec<Vec<f32>> = [&a, &b]
+        .iter()
+        .map(|v| {
+            let g = grads.get(v.as_tensor()).unwrap();
+            g.flatten_all().unwrap().to_vec1().unwrap()
+        })
+        .collect();
+    let group = Tripled::default();
+    all_reduce_mean(&group, &mut grads, &[&a, &b, &unused]).unwrap();
+    assert_eq!(group.calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    for (v, was) in [&a, &b].iter().zip(&before) {
+        let g = grads.get(v.as_tensor()).unwrap();
+        assert_eq!(g.dims(), v.as_tensor().dims());
+        let got: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+        let want: Vec<f32> = was.iter().map(|x| (x + x + x) / 3.0).collect();
+        assert_eq!(got, want, "bit for bit: (sum over ranks) / world");
+    }
+    // A variable without a gradient here takes part as zeros.
+    let g = grads.get(unused.as_tensor()).unwrap();
+    assert_eq!(g.dims(), &[2, 2]);
+    assert_eq!(g.flatten_all().unwrap().to_vec1::<f32>().unwrap(), [0.0; 4]);
+}
