@@ -849,7 +849,9 @@ fn two_ranks_at_batch_b_train_as_one_process_at_batch_2b() {
     let fx = fixture(128, 0, 32);
     let mut one = Trainer::new(fx.config(FULL), &fx.path("one"), &Device::Cpu).unwrap();
     one.run(None, false).unwrap();
-    let half = FULL.replace("batch_size = 16", "batch_size = 8");
+    // Written once, before the ranks start: two threads writing and reading one run.toml at
+    // once could read it half written (an empty file, "missing field `data`").
+    let half = fx.config(&FULL.replace("batch_size = 16", "batch_size = 8"));
     let ranks = clipcid_train::InProcessGroup::new(2);
     let runs: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = ranks
@@ -860,18 +862,14 @@ fn two_ranks_at_batch_b_train_as_one_process_at_batch_2b() {
                     let group: std::sync::Arc<dyn clipcid_train::Collective> =
                         std::sync::Arc::new(r);
                     let out = fx.path("dp");
-                    let mut t = Trainer::new_data_parallel(
-                        fx.config(half),
-                        &out,
-                        &Device::Cpu,
-                        group.clone(),
-                    )
-                    .unwrap();
+                    let mut t =
+                        Trainer::new_data_parallel(half.clone(), &out, &Device::Cpu, group.clone())
+                            .unwrap();
                     assert_eq!(t.total_steps(), 8);
                     t.run(Some(4), false).unwrap();
                     drop(t);
                     let mut t =
-                        Trainer::resume_data_parallel(fx.config(half), &out, &Device::Cpu, group)
+                        Trainer::resume_data_parallel(half.clone(), &out, &Device::Cpu, group)
                             .unwrap();
                     assert_eq!(t.step_count(), 4);
                     t.run(None, false).unwrap();
