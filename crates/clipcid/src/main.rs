@@ -113,8 +113,11 @@ enum Command {
         out: PathBuf,
     },
     /// Run the pipeline end to end on the real default data (fetch it first with
-    /// scripts/fetch-data.sh; see the README). Teacher: --teacher, else a pretrained CLIP in
-    /// ../shared/teacher/, else a locked-text teacher built once in DATA/teacher-lit.
+    /// scripts/fetch-data.sh; see the README), ending in the ablation: CLIP only, then with
+    /// the cluster term, then with the instance term too (CLIP-CID), and PicCollage's image
+    /// tower, each over several seeds on one data-limited subset. Teacher: --teacher, else a
+    /// pretrained CLIP in ../shared/teacher/, else a locked-text teacher built once in
+    /// DATA/teacher-lit.
     Demo {
         /// Folder written by scripts/fetch-data.sh.
         #[arg(long, default_value = "data")]
