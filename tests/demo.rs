@@ -124,3 +124,56 @@ fn the_demo_runs_the_ablation_as_a_library_and_reports_every_stage() {
     let patch = "vision_model.embeddings.patch_embedding.weight";
     assert_ne!(flat(&s0, patch), flat(&s1, patch));
 }
+
+#[test]
+fn with_a_clip_teacher_the_piccollage_arm_keeps_its_clip_text_tower() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    clipcid_suite::toy::default_data(&data).unwrap();
+    // A (random) CLIP given with --teacher: a CLIP text tower and its byte-level tokenizer.
+    let teacher_dir = dir.path().join("clip-teacher");
+    let cfg = clipcid_models::ClipConfig::preset("tiny").unwrap();
+    ClipModel::random(&cfg, 11, &Device::Cpu)
+        .unwrap()
+        .save_pretrained(&teacher_dir, candle_core::DType::F32)
+        .unwrap();
+    clipcid_models::ClipTokenizer::byte_level(16)
+        .unwrap()
+        .save(&teacher_dir.join("tokenizer.json"))
+        .unwrap();
+    let opts = DemoOptions {
+        teacher: Some(teacher_dir.clone()),
+        student_epochs: 1,
+        piccollage_epochs: 1,
+        student_rows: 16,
+        seeds: 1,
+        ..DemoOptions::new(&data, dir.path().join("out"))
+    };
+    let report = run(&opts, &Device::Cpu, &mut |_| {}).unwrap();
+    assert!(
+        report.table.contains("| teacher (pretrained CLIP) |"),
+        "{}",
+        report.table
+    );
+    assert!(
+        report.table.contains("| its own training data |"),
+        "{}",
+        report.table
+    );
+    let student = ClipModel::load(
+        &opts.out.join("runs/piccollage-seed0/student"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let teacher = ClipModel::load(&teacher_dir, &Device::Cpu).unwrap();
+    assert_eq!(student.config().text_config, teacher.config().text_config);
+    let name = "text_model.embeddings.token_embedding.weight";
+    let values = |m: &ClipModel| {
+        m.tensors()[name]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    assert_eq!(values(&student), values(&teacher));
+}
