@@ -958,6 +958,24 @@ fn a_subset_is_a_seeded_draw_of_whole_rows_shared_by_every_run_seed() {
     // A trainer on the subset takes its steps from the subset.
     let mut cfg = fx.config("batch_size = 10\nepochs = 2");
     cfg.data.subset = Some(30);
-    let trainer = Trainer::new(cfg, &fx.path("sub"), &Device::Cpu).unwrap();
+    let mut trainer = Trainer::new(cfg.clone(), &fx.path("sub"), &Device::Cpu).unwrap();
     assert_eq!(trainer.total_steps(), 6);
+    trainer.run(Some(2), false).unwrap();
+    drop(trainer);
+    // Resuming on other rows is refused; on the same rows it continues.
+    for (subset, subset_seed) in [(Some(40), 0), (Some(30), 1), (None, 0)] {
+        let mut other = cfg.clone();
+        other.data.subset = subset;
+        other.data.subset_seed = subset_seed;
+        let err = Trainer::resume(other, &fx.path("sub"), &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("data.subset = 30 (subset_seed = 0)") && err.contains("resuming"),
+            "{err}"
+        );
+    }
+    let resumed = Trainer::resume(cfg, &fx.path("sub"), &Device::Cpu).unwrap();
+    assert_eq!(resumed.step_count(), 2);
 }

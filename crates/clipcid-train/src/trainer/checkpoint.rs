@@ -32,7 +32,8 @@ impl Trainer {
     /// [`Trainer::new`], then restores the newest checkpoint in `out_dir` (named by
     /// `checkpoints/latest`): weights, optimiser moments, cluster centres, step and sampler
     /// position. Metrics after that step are dropped from `metrics.jsonl`. A config that
-    /// changes the data order (batch size, accumulation, seed, epochs) is refused.
+    /// changes the data order (batch size, accumulation, seed, epochs) or the rows
+    /// (`data.subset`, `subset_seed`) is refused.
     pub fn resume(
         config: DistillConfig,
         out_dir: &Path,
@@ -117,6 +118,18 @@ impl Trainer {
                     dir.display()
                 )));
             }
+        }
+        // The rows themselves: another subset trains on other data.
+        let rows = |d: &crate::DataConfig| match d.subset {
+            Some(n) => format!("data.subset = {n} (subset_seed = {})", d.subset_seed),
+            None => "every row (no data.subset)".to_string(),
+        };
+        let (then_rows, now_rows) = (rows(&saved.data), rows(&self.config.data));
+        if then_rows != now_rows {
+            return Err(TrainError::Config(format!(
+                "{}: the checkpoint was trained on {then_rows}, this config says {now_rows}; resuming would not continue the same run",
+                dir.display()
+            )));
         }
         let (then, now) = (state.world_size.unwrap_or(1), self.collective.world_size());
         if then != now {
