@@ -239,9 +239,8 @@ impl OnnxModel {
             }
             return Err(OnnxError::io(path, e));
         }
-        let external_data = external_data.map(|(_, p, b)| (p, b));
         let (external_data, external_bytes) = match external_data {
-            Some((p, b)) => (Some(p), b),
+            Some((_, p, b)) => (Some(p), b),
             None => (None, 0),
         };
         Ok(SavedOnnx {

@@ -69,12 +69,6 @@ pub fn write_half_size_student(teacher: &Path, path: &Path) -> Result<ClipConfig
     Ok(student)
 }
 
-/// Whether a Hugging Face CLIP tensor name belongs to the text side (text tower, text
-/// projection) or is the shared logit scale: what PicCollage keeps from the teacher.
-fn is_text_side(name: &str) -> bool {
-    name.starts_with("text_model.") || name.starts_with("text_projection.") || name == "logit_scale"
-}
-
 /// PicCollage's student of `teacher`, ready for `mode = "piccollage"`: a freshly initialised
 /// image tower of shape `vision` (seeded; PicCollage's own is
 /// `half_size_student(teacher.config())?.vision_config`), projecting into the teacher's
@@ -102,8 +96,9 @@ pub fn image_tower_student(
     let mut cfg = teacher.config().clone();
     cfg.vision_config = vision.clone();
     let mut tensors = clipcid_models::weights::init_tensors(&cfg, seed)?;
+    // What PicCollage keeps from the teacher: the text side and the shared logit scale.
     for (name, t) in teacher.tensors() {
-        if is_text_side(name) {
+        if clipcid_models::weights::is_text_tensor(name) || name == "logit_scale" {
             tensors.insert(
                 name.clone(),
                 t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,

@@ -349,8 +349,7 @@ impl Trainer {
                 .map_err(|_| TrainError::Config("parameter map lock poisoned".into()))?;
             data.iter()
                 .filter(|(name, _)| {
-                    let text =
-                        name.starts_with("text_model.") || name.starts_with("text_projection.");
+                    let text = clipcid_models::weights::is_text_tensor(name);
                     match config.mode {
                         Mode::ClipCid => !(config.student.freeze_text && text),
                         Mode::Piccollage => {

@@ -17,6 +17,20 @@ pub enum Layout {
     OpenClip,
 }
 
+/// Whether a Hugging Face CLIP tensor belongs to the text side: the text tower
+/// (`text_model.`, CLIP or BERT) or the text projection. The logit scale is shared by both
+/// towers and is not counted.
+///
+/// ```
+/// use clipcid_models::weights::is_text_tensor;
+/// assert!(is_text_tensor("text_model.embeddings.token_embedding.weight"));
+/// assert!(is_text_tensor("text_projection.weight"));
+/// assert!(!is_text_tensor("visual_projection.weight") && !is_text_tensor("logit_scale"));
+/// ```
+pub fn is_text_tensor(name: &str) -> bool {
+    name.starts_with("text_model.") || name.starts_with("text_projection.")
+}
+
 /// Every tensor of a CLIP model in Hugging Face names, with its shape, in a stable order.
 /// A BERT text tower ([`TextTowerKind::Bert`]) has `transformers`' `BertModel` names under
 /// `text_model.` (without the pooler, which mean pooling does not use).
