@@ -56,7 +56,16 @@ EOF
 )"
 # Only for clipcid: PyTorch below keeps its own library path.
 clipcid_libs="$work/lib${cuda_libs:+:$cuda_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# The driver's libcuda: the loader's cache finds it where PyTorch does; the GPU machine's
+# driver folder is added in case only PyTorch's own start-up knows it.
+for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib; do
+  [ -d "$d" ] && clipcid_libs="$clipcid_libs:$d"
+done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+# Name a shared library nothing provides before the binary fails on it in one opaque line.
+missing="$(LD_LIBRARY_PATH="$clipcid_libs" ldd "$work/clipcid" | awk '/not found/ { print $1 }' \
+  | tr '\n' ' ')"
+[ -z "$missing" ] || echo "clipcid's libraries not found: $missing(LD_LIBRARY_PATH: $clipcid_libs)"
 
 echo "## clipcid self-check (parity with the CPU) and throughput"
 status=0

@@ -10,6 +10,10 @@ use crate::{input_error, PipelineError};
 /// let cpu = clipcid_pipeline::parse_device("cpu")?;
 /// assert!(cpu.is_cpu());
 /// assert!(clipcid_pipeline::parse_device("tpu").is_err());
+/// if !cfg!(feature = "cuda") {
+///     let e = clipcid_pipeline::parse_device("cuda:0").unwrap_err().to_string();
+///     assert!(e.contains("built without `--features cuda`"), "{e}");
+/// }
 /// # Ok::<(), clipcid_pipeline::PipelineError>(())
 /// ```
 pub fn parse_device(s: &str) -> Result<Device, PipelineError> {
@@ -27,9 +31,13 @@ pub fn parse_device(s: &str) -> Result<Device, PipelineError> {
             Err(_) => input_error!("bad CUDA ordinal in `{s}`"),
         }
     };
+    if !cfg!(feature = "cuda") {
+        input_error!("cannot open {s}: this clipcid was built without `--features cuda`");
+    }
     Device::new_cuda(n).map_err(|e| {
         PipelineError::Input(format!(
-            "cannot open {s} (was clipcid built with `--features cuda`?): {e}"
+            "cannot open {s}: {e} (is the GPU visible, and do the driver and the CUDA \
+             libraries on LD_LIBRARY_PATH match CUDA 13.0?)"
         ))
     })
 }

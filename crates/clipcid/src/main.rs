@@ -309,7 +309,10 @@ fn run(cli: Cli) -> Result<()> {
                     device.location()
                 );
                 for r in clipcid_pipeline::throughput(&device, sizes)? {
-                    println!("| {} | {:.1} | {} |", r.workload, r.value, r.unit);
+                    // Seconds keep four decimals: a GPU's balance row may be well under
+                    // a tenth of a second, and gpu-check.py divides by it.
+                    let digits = if r.unit == "s" { 4 } else { 1 };
+                    println!("| {} | {:.*} | {} |", r.workload, digits, r.value, r.unit);
                 }
             }
             if let Some(bad) = rows.iter().find(|r| !r.pass) {
