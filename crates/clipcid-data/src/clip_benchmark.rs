@@ -83,16 +83,7 @@ impl ClipBenchmarkSet {
         let Some(file) = &self.classnames else {
             return Ok(None);
         };
-        let text = std::fs::read_to_string(file).map_err(|e| DataError::io(file, e))?;
-        let names: Vec<String> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(str::to_string)
-            .collect();
-        if names.is_empty() {
-            return Err(DataError::format(file, "no class names"));
-        }
+        let names = crate::read_lines(file)?;
         Ok(Some(names))
     }
 }

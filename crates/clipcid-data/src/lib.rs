@@ -31,6 +31,7 @@ mod clip_benchmark;
 mod dataset;
 mod error;
 mod index;
+mod lines;
 mod preprocess;
 mod resample;
 mod spec;
@@ -40,6 +41,7 @@ pub use clip_benchmark::ClipBenchmarkSet;
 pub use dataset::{Dataset, Sample, SampleStream, Source, IMAGE_EXTENSIONS};
 pub use error::DataError;
 pub use index::SampleIndex;
+pub use lines::read_lines;
 pub use preprocess::{
     AlphaRule, CropRule, Preprocess, PreprocessFamily, Resize, CLIP_MEAN, CLIP_STD,
 };

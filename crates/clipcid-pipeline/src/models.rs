@@ -142,17 +142,7 @@ pub fn load_eval_model(
 }
 
 /// The non-empty, trimmed lines of a text file (queries, class names, words); none at all is
-/// an error naming the file.
+/// an error naming the file. The same reader as [`clipcid_data::read_lines`].
 pub fn read_lines(path: &Path) -> Result<Vec<String>, PipelineError> {
-    let text = std::fs::read_to_string(path).map_err(|e| PipelineError::io(path, "read", e))?;
-    let lines: Vec<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect();
-    if lines.is_empty() {
-        input_error!("{}: no lines", path.display());
-    }
-    Ok(lines)
+    Ok(clipcid_data::read_lines(path)?)
 }

@@ -283,12 +283,18 @@ pub struct TcpRank {
 }
 
 /// How long a rank waits for the others (connecting, or in a collective call) before it
-/// gives up with an error naming what it waited for.
+/// gives up with an error naming what it waited for, unless [`TIMEOUT_VAR`] says otherwise:
+/// 10 minutes, torch.distributed's default for NCCL and torchrun's rendezvous join.
 pub const TCP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The environment variable that overrides [`TCP_TIMEOUT`] for [`TcpRank::from_env`], in
+/// seconds (`CLIPCID_DIST_TIMEOUT=60`): a short limit lets a job whose rank never starts fail
+/// fast; a long one lets rank 0 wait out slow first steps on the others.
+pub const TIMEOUT_VAR: &str = "CLIPCID_DIST_TIMEOUT";
 
 impl TcpRank {
     /// Joins the group from torchrun's environment variables; `None` when `WORLD_SIZE` is
-    /// unset or 1.
+    /// unset or 1. Every wait is limited by [`TIMEOUT_VAR`] when set, else [`TCP_TIMEOUT`].
     pub fn from_env() -> Result<Option<Self>, TrainError> {
         let var = |k: &str| std::env::var(k).ok();
         let num = |k: &str| -> Result<Option<usize>, TrainError> {
@@ -308,7 +314,39 @@ impl TcpRank {
             .ok_or_else(|| TrainError::Config("WORLD_SIZE is set but RANK is not".into()))?;
         let addr = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
         let port = num("MASTER_PORT")?.unwrap_or(29500);
-        Self::connect(rank, world, &format!("{addr}:{port}")).map(Some)
+        let timeout = Self::timeout_of(var(TIMEOUT_VAR).as_deref())?;
+        Self::connect_within(rank, world, &format!("{addr}:{port}"), timeout).map(Some)
+    }
+
+    /// The wait limit that a value of [`TIMEOUT_VAR`] sets: positive seconds, fractions
+    /// allowed; [`TCP_TIMEOUT`] when unset. Anything else is an error naming the variable.
+    ///
+    /// ```
+    /// use clipcid_train::{TcpRank, TCP_TIMEOUT};
+    /// use std::time::Duration;
+    /// assert_eq!(TcpRank::timeout_of(None)?, TCP_TIMEOUT);
+    /// assert_eq!(TcpRank::timeout_of(Some("90"))?, Duration::from_secs(90));
+    /// assert_eq!(TcpRank::timeout_of(Some(" 0.5 "))?, Duration::from_millis(500));
+    /// for bad in ["0", "-3", "ten", "inf", "NaN"] {
+    ///     let e = TcpRank::timeout_of(Some(bad)).unwrap_err().to_string();
+    ///     assert!(e.contains("CLIPCID_DIST_TIMEOUT"), "{e}");
+    /// }
+    /// # Ok::<(), clipcid_train::TrainError>(())
+    /// ```
+    pub fn timeout_of(value: Option<&str>) -> Result<std::time::Duration, TrainError> {
+        let Some(v) = value else {
+            return Ok(TCP_TIMEOUT);
+        };
+        v.trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|s| *s > 0.0)
+            .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok())
+            .ok_or_else(|| {
+                TrainError::Config(format!(
+                    "environment variable {TIMEOUT_VAR}=`{v}` is not a positive number of seconds"
+                ))
+            })
     }
 
     /// Joins group of `world` ranks as `rank`, rank 0 listening at `master` (`host:port`),

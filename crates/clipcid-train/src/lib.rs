@@ -40,7 +40,7 @@ mod trainer;
 pub use collective::NcclRank;
 pub use collective::{
     all_gather_rows, all_reduce_mean, Collective, InProcessGroup, InProcessRank, SingleProcess,
-    TcpRank, TCP_TIMEOUT,
+    TcpRank, TCP_TIMEOUT, TIMEOUT_VAR,
 };
 pub use config::{
     ClusterTermConfig, DataConfig, DistillConfig, InstanceTermConfig, LossConfig, Mode,

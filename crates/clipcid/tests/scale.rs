@@ -281,4 +281,28 @@ fn distill_by_two_processes_under_torchrun_variables_equals_one_at_twice_the_bat
         worst < 1e-4,
         "2 processes x 4 vs 1 x 8: largest weight difference {worst}"
     );
+    // A rank 0 whose peer never starts: CLIPCID_DIST_TIMEOUT ends the wait with an error
+    // naming what is missing, and no run folder is begun.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clipcid"))
+        .current_dir(d)
+        .args(["distill", "--config", "dp.toml", "--out", "lone", "--quiet"])
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("CLIPCID_DIST_TIMEOUT", "0.5")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        text.contains("rank 0 of 2: 0 of the 1 other ranks") && text.contains("within 0.5 s"),
+        "{text}"
+    );
+    assert!(!d.join("lone").exists());
 }
