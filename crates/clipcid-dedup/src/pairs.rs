@@ -82,12 +82,68 @@ pub fn near_pairs(
         for_each_tile(n, block, |i0, j0, bi, bj| {
             let a = xm.narrow(0, i0, bi)?;
             let b = xm.narrow(0, j0, bj)?;
-            let tile = a.matmul(&b.t()?)?.to_dtype(DType::F32)?;
-            with_host_slice(&tile, |s| emit(i0, j0, bi, bj, s))?;
+            let (na, nb) = (&norms[i0..i0 + bi], &norms[j0..j0 + bj]);
+            for (i, j, d2) in scan_device_tile(&a, &b, i0, j0, na, nb, t2)?
+                .into_iter()
+                .flatten()
+            {
+                out.i.push(i);
+                out.j.push(j);
+                out.dist2.push(d2);
+            }
+            on_tile();
             Ok::<_, DedupError>(())
         })?;
     }
     Ok(out)
+}
+
+/// [`scan_tile`] for a tile whose product `a bᵀ` is computed on the device of `a` and `b`
+/// (CUDA, or candle's CPU matmul for f16): the same pairs in the same order, but only the
+/// rows of the tile that hold one cross to the host. The device computes each row's smallest
+/// squared distance (the diagonal tile's lower triangle masked off), and the host scans the
+/// rows under the threshold, plus a slack far above f32 rounding, with `scan_tile`'s own
+/// formula on the copied dot products; so the host decides every pair exactly as `scan_tile`
+/// would. Copying whole tiles instead would move 2 TB for 1M rows: hours of PCIe, where
+/// one minimum per row is 0.5 GB.
+pub(crate) fn scan_device_tile(
+    a: &Tensor,
+    b: &Tensor,
+    i0: usize,
+    j0: usize,
+    na: &[f32],
+    nb: &[f32],
+    t2: f32,
+) -> Result<Vec<Vec<(u32, u32, f32)>>, DedupError> {
+    let dev = a.device();
+    let (bi, bj) = (na.len(), nb.len());
+    let s = a.matmul(&b.t()?)?.to_dtype(DType::F32)?;
+    let col = Tensor::from_slice(na, (bi, 1), dev)?;
+    let row = Tensor::from_slice(nb, (1, bj), dev)?;
+    let mut d2 = col.broadcast_add(&row)?.sub(&s.affine(2.0, 0.0)?)?;
+    if i0 == j0 {
+        // Each pair once (c > r), as `scan_tile`: the diagonal and below out of the minimum.
+        let below = (Tensor::tril2(bi, DType::F32, dev)? * 1e30)?;
+        d2 = (d2 + below)?;
+    }
+    let mins: Vec<f32> = d2.min(1)?.to_vec1()?;
+    let nb_max = nb.iter().copied().fold(0f32, f32::max);
+    let hit_rows: Vec<u32> = mins
+        .iter()
+        .enumerate()
+        .filter(|&(r, &m)| m < t2 + 1e-4 * (1.0 + na[r] + nb_max))
+        .map(|(r, _)| r as u32)
+        .collect();
+    if hit_rows.is_empty() {
+        return Ok(vec![]);
+    }
+    let picked = s.index_select(&Tensor::from_slice(&hit_rows, hit_rows.len(), dev)?, 0)?;
+    let host: Vec<f32> = picked.flatten_all()?.to_vec1()?;
+    Ok(hit_rows
+        .par_iter()
+        .zip(host.par_chunks(bj))
+        .map(|(&r, dots)| scan_row(dots, r as usize, i0, j0, na[r as usize], nb, t2))
+        .collect())
 }
 
 /// The dot products of the rows of `a` (`[bi, d]`) with those of `b` (`[bj, d]`) into
@@ -148,22 +204,33 @@ pub(crate) fn scan_tile(
     t2: f32,
 ) -> Vec<Vec<(u32, u32, f32)>> {
     let (bi, bj) = (na.len(), nb.len());
-    let diagonal = i0 == j0;
     (0..bi)
         .into_par_iter()
-        .map(|r| {
-            let row = &s[r * bj..(r + 1) * bj];
-            let start = if diagonal { r + 1 } else { 0 };
-            let mut hits = Vec::new();
-            for c in start..bj {
-                let d2 = na[r] + nb[c] - 2.0 * row[c];
-                if d2 < t2 {
-                    hits.push(((i0 + r) as u32, (j0 + c) as u32, d2.max(0.0)));
-                }
-            }
-            hits
-        })
+        .map(|r| scan_row(&s[r * bj..(r + 1) * bj], r, i0, j0, na[r], nb, t2))
         .collect()
+}
+
+/// The pairs of row `r` of a tile (its dot products `dots` with the tile's columns, `na_r`
+/// its squared norm): `d^2 = |a|^2 + |b|^2 - 2 a.b` under `t2`, columns `c > r` only on a
+/// diagonal tile. The one formula of every tile scan, so the host and device paths agree.
+fn scan_row(
+    dots: &[f32],
+    r: usize,
+    i0: usize,
+    j0: usize,
+    na_r: f32,
+    nb: &[f32],
+    t2: f32,
+) -> Vec<(u32, u32, f32)> {
+    let start = if i0 == j0 { r + 1 } else { 0 };
+    let mut hits = Vec::new();
+    for c in start..dots.len() {
+        let d2 = na_r + nb[c] - 2.0 * dots[c];
+        if d2 < t2 {
+            hits.push(((i0 + r) as u32, (j0 + c) as u32, d2.max(0.0)));
+        }
+    }
+    hits
 }
 
 /// Runs `f` on the f32 values of a contiguous tensor: in place for CPU tensors (the tile is
@@ -183,4 +250,60 @@ pub(crate) fn with_host_slice<R>(
     }
     let host: Vec<f32> = t.flatten_all()?.to_vec1()?;
     Ok(f(&host))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test data is built here; a failure should panic
+
+    use super::*;
+    use candle_core::Device;
+    use rand::{Rng, SeedableRng};
+
+    /// Rows in groups of four around shared centres, spread so that many pairs fall just
+    /// under and just over the threshold, plus lone rows.
+    fn rows(n: usize, d: usize) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut v = Vec::with_capacity(n * d);
+        let mut centre = vec![0f32; d];
+        for r in 0..n {
+            if r % 4 == 0 {
+                centre = (0..d).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            }
+            let spread = [0.0, 0.01, 0.02, 0.05][r % 4] * rng.random_range(0.5f32..1.5);
+            v.extend(
+                centre
+                    .iter()
+                    .map(|c| c + spread * rng.random_range(-1.0f32..1.0)),
+            );
+        }
+        v
+    }
+
+    #[test]
+    fn device_tile_scan_equals_the_full_host_scan() {
+        let (n, d, block) = (96, 24, 40);
+        let x = Tensor::from_vec(rows(n, d), (n, d), &Device::Cpu).unwrap();
+        let norms = row_sq_norms(&x).unwrap();
+        for t2 in [0.0004f32, 0.003, 0.01, 0.05] {
+            let mut pairs = 0;
+            for_each_tile(n, block, |i0, j0, bi, bj| {
+                let (a, b) = (x.narrow(0, i0, bi)?, x.narrow(0, j0, bj)?);
+                let (na, nb) = (&norms[i0..i0 + bi], &norms[j0..j0 + bj]);
+                let tile = a.matmul(&b.t()?)?;
+                let full = with_host_slice(&tile, |s| scan_tile(s, i0, j0, na, nb, t2))?;
+                let full: Vec<_> = full.into_iter().flatten().collect();
+                let device: Vec<_> = scan_device_tile(&a, &b, i0, j0, na, nb, t2)?
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                assert_eq!(device, full, "tile ({i0}, {j0}), t2 {t2}");
+                pairs += full.len();
+                Ok::<_, DedupError>(())
+            })
+            .unwrap();
+            // The data straddles every threshold: some pairs, not all.
+            assert!(pairs > 0 && pairs < n * (n - 1) / 2, "t2 {t2}");
+        }
+    }
 }

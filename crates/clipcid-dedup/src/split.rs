@@ -9,7 +9,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use clipcid_store::{Part, RowReader};
 
-use crate::pairs::{cpu_tile, row_sq_norms, scan_tile, with_host_slice};
+use crate::pairs::{cpu_tile, row_sq_norms, scan_device_tile, scan_tile};
 use crate::{BalanceOptions, BalanceResult, DedupError, NearPairs};
 
 /// A row block a part owns: its index, its unit rows on the host (CPU products) or on the
@@ -133,10 +133,7 @@ pub fn near_pairs_of_part(
         for (bi, a_rows, a_norms, a_dev) in users {
             let (i0, len_i) = span(*bi);
             let found = match (a_dev, &b_dev) {
-                (Some(a), Some(b)) => {
-                    let tile = a.matmul(&b.t()?)?.to_dtype(DType::F32)?;
-                    with_host_slice(&tile, |s| scan_tile(s, i0, j0, a_norms, &b_norms, t2))?
-                }
+                (Some(a), Some(b)) => scan_device_tile(a, b, i0, j0, a_norms, &b_norms, t2)?,
                 _ => {
                     cpu_tile(a_rows, &b_rows, d, &mut buf)?;
                     scan_tile(&buf[..len_i * len_j], i0, j0, a_norms, &b_norms, t2)
