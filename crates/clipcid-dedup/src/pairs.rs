@@ -18,6 +18,9 @@ pub struct NearPairs {
     pub dist2: Vec<f32>,
 }
 
+/// One pair of a tile scan: rows `i < j` and their squared distance.
+pub(crate) type Pair = (u32, u32, f32);
+
 impl NearPairs {
     /// Number of pairs.
     pub fn len(&self) -> usize {
@@ -114,7 +117,7 @@ pub(crate) fn scan_device_tile(
     na: &[f32],
     nb: &[f32],
     t2: f32,
-) -> Result<Vec<Vec<(u32, u32, f32)>>, DedupError> {
+) -> Result<Vec<Vec<Pair>>, DedupError> {
     let dev = a.device();
     let (bi, bj) = (na.len(), nb.len());
     let s = a.matmul(&b.t()?)?.to_dtype(DType::F32)?;
@@ -202,7 +205,7 @@ pub(crate) fn scan_tile(
     na: &[f32],
     nb: &[f32],
     t2: f32,
-) -> Vec<Vec<(u32, u32, f32)>> {
+) -> Vec<Vec<Pair>> {
     let (bi, bj) = (na.len(), nb.len());
     (0..bi)
         .into_par_iter()
@@ -221,7 +224,7 @@ fn scan_row(
     na_r: f32,
     nb: &[f32],
     t2: f32,
-) -> Vec<(u32, u32, f32)> {
+) -> Vec<Pair> {
     let start = if i0 == j0 { r + 1 } else { 0 };
     let mut hits = Vec::new();
     for c in start..dots.len() {
