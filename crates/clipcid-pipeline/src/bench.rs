@@ -76,7 +76,9 @@ fn time(
 /// bf16 (images/s), one training step of the CLIP loss for the PicCollage-size student
 /// (width 384, 6 layers; AdamW in f32; samples/s) in f32 and in bf16 with f32 master
 /// weights, and near-duplicate removal with f16 tiles
-/// over `dedup_rows` rows of width 512 (seconds).
+/// over `dedup_rows` rows of width 512 (seconds); in that order, then the median
+/// milliseconds of each training step's forward pass with the loss, backward pass and
+/// AdamW update (f32, then bf16).
 ///
 /// ```no_run
 /// // A GPU run of the check's sizes (the tests run `BenchSizes::SMOKE` on the CPU).
@@ -116,30 +118,60 @@ pub fn throughput(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
     let tok = Tensor::from_vec(ids, (b, ctx), device)?;
     // f32, then bf16 as the trainer's `precision = "bf16"` runs it: towers on bf16 casts of
     // the f32 weights, the loss in f32, AdamW on the f32 weights.
+    let mut phase_rows = vec![];
     for bf16 in [false, true] {
-        let secs = time(device, sizes.repeats, || {
+        let forward = || -> Result<Tensor, PipelineError> {
             let cast = if bf16 {
                 Some(student.cast(DType::BF16)?)
             } else {
                 None
             };
             let m = cast.as_ref().unwrap_or(&student);
-            let loss = ClipLoss::new().forward(
+            Ok(ClipLoss::new().forward(
                 &m.encode_image(&px)?.to_dtype(DType::F32)?,
                 &m.encode_text(&tok)?.to_dtype(DType::F32)?,
                 student.logit_scale(),
-            )?;
-            opt.step(&loss.backward()?, 1e-4)?;
+            )?)
+        };
+        let secs = time(device, sizes.repeats, || {
+            opt.step(&forward()?.backward()?, 1e-4)?;
             Ok(())
         })?;
+        let precision = if bf16 { "bf16 (f32 master)" } else { "f32" };
         rows.push(BenchRow {
-            workload: format!(
-                "student (w384 L6) CLIP train step, {}, batch {b}",
-                if bf16 { "bf16 (f32 master)" } else { "f32" }
-            ),
+            workload: format!("student (w384 L6) CLIP train step, {precision}, batch {b}"),
             value: b as f64 / secs,
             unit: "samples/s",
         });
+        // Where a step's time goes (a device sync between phases): the rows that say what
+        // to make faster first. Milliseconds, so gpu-check.py's comparison skips them.
+        let mut phases = [vec![], vec![], vec![]];
+        for _ in 0..sizes.repeats.max(1) {
+            let t0 = Instant::now();
+            let loss = forward()?;
+            sync(device)?;
+            let t1 = Instant::now();
+            let grads = loss.backward()?;
+            sync(device)?;
+            let t2 = Instant::now();
+            opt.step(&grads, 1e-4)?;
+            sync(device)?;
+            let t3 = Instant::now();
+            for (p, (a, z)) in phases.iter_mut().zip([(t0, t1), (t1, t2), (t2, t3)]) {
+                p.push((z - a).as_secs_f64());
+            }
+        }
+        for (name, mut t) in ["forward and loss", "backward", "AdamW update"]
+            .into_iter()
+            .zip(phases)
+        {
+            t.sort_by(f64::total_cmp);
+            phase_rows.push(BenchRow {
+                workload: format!("train step phase, {precision}: {name}"),
+                value: 1e3 * t[t.len() / 2],
+                unit: "ms",
+            });
+        }
     }
 
     let x = Tensor::randn(0f32, 1.0, (sizes.dedup_rows, 512), device)?;
@@ -159,5 +191,6 @@ pub fn throughput(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
         value: start.elapsed().as_secs_f64(),
         unit: "s",
     });
+    rows.extend(phase_rows);
     Ok(rows)
 }

@@ -311,7 +311,11 @@ fn run(cli: Cli) -> Result<()> {
                 for r in clipcid_pipeline::throughput(&device, sizes)? {
                     // Seconds keep four decimals: a GPU's balance row may be well under
                     // a tenth of a second, and gpu-check.py divides by it.
-                    let digits = if r.unit == "s" { 4 } else { 1 };
+                    let digits = match r.unit {
+                        "s" => 4,
+                        "ms" => 2,
+                        _ => 1,
+                    };
                     println!("| {} | {:.*} | {} |", r.workload, digits, r.value, r.unit);
                 }
             }
