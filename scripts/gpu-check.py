@@ -12,7 +12,8 @@ Workloads (random init, no download; median of --reps after warm-up):
            f32 and under torch.autocast(bfloat16) (open_clip's amp_bf16); samples/s.
   dedup  : 1M x 512 unit rows, f16 4096 x 4096 tiles over the upper triangle, pairs with
            distance < 0.07 counted (torch's blockwise-matmul dedup); seconds.
---clipcid reads the rows clipcid printed (| workload | value | unit |, in that order).
+--clipcid reads the rows clipcid printed (| workload | value | unit |, in that order), and
+its train-step phases (unit ms), which get a second table beside PyTorch's.
 """
 import argparse
 import statistics
@@ -72,15 +73,36 @@ def bench_train(device, batch, reps, amp):
     x = torch.randn(batch, 3, 224, 224, device=device)
     ids = (torch.arange(batch * 77, device=device) * 7919 % 49408).reshape(batch, 77)
 
-    def step():
+    def forward():
         with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
                             enabled=amp):
-            loss = model(input_ids=ids, pixel_values=x, return_loss=True).loss
-        loss.backward()
+            return model(input_ids=ids, pixel_values=x, return_loss=True).loss
+
+    def update():
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return batch / median_time(step, device, reps)
+    def step():
+        forward().backward()
+        update()
+
+    per_second = batch / median_time(step, device, reps)
+    # The phases clipcid prints (forward with the loss, backward, AdamW), synced between.
+    phases = [[], [], []]
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        loss = forward()
+        sync(device)
+        t1 = time.perf_counter()
+        loss.backward()
+        sync(device)
+        t2 = time.perf_counter()
+        update()
+        sync(device)
+        t3 = time.perf_counter()
+        for p, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+            p.append(1e3 * dt)
+    return per_second, [statistics.median(p) for p in phases]
 
 
 def bench_dedup(device, rows, block=4096, thr=0.07):
@@ -102,15 +124,18 @@ def bench_dedup(device, rows, block=4096, thr=0.07):
 
 
 def read_clipcid(path):
-    values = []
+    """clipcid's four headline figures, then its six step-phase milliseconds (maybe none)."""
+    values, phases = [], []
     with open(path) as f:
         for line in f:
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             if len(cells) == 3 and cells[2] in ("images/s", "samples/s", "s"):
                 values.append(float(cells[1]))
+            elif len(cells) == 3 and cells[2] == "ms":
+                phases.append(float(cells[1]))
     if len(values) != 4:
         raise SystemExit(f"{path}: expected clipcid's 4 benchmark rows, found {len(values)}")
-    return values
+    return values, phases
 
 
 def main():
@@ -121,14 +146,20 @@ def main():
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--reps", type=int, default=10)
     a = ap.parse_args()
-    ours = read_clipcid(a.clipcid)
+    ours, our_phases = read_clipcid(a.clipcid)
     torch.manual_seed(0)
     # Each workload on its own: one that fails (memory, a missing kernel) leaves the others'
     # rows standing, with the error in its cell.
-    theirs = []
+    theirs, their_phases = [], {}
+
+    def train(amp):
+        per_second, phases = bench_train(a.device, a.batch, a.reps, amp=amp)
+        their_phases[amp] = phases
+        return per_second
+
     for name, fn in [("vit", lambda: bench_vit(a.device, a.batch, a.reps)),
-                     ("train f32", lambda: bench_train(a.device, a.batch, a.reps, amp=False)),
-                     ("train amp", lambda: bench_train(a.device, a.batch, a.reps, amp=True)),
+                     ("train f32", lambda: train(False)),
+                     ("train amp", lambda: train(True)),
                      ("dedup", lambda: bench_dedup(a.device, a.rows))]:
         try:
             theirs.append(fn())
@@ -159,6 +190,16 @@ def main():
             ratio = f"{mine / other:.2f}" if other > 0 else "-"
         other_cell = "failed" if other is None else fmt.format(other)
         print(f"| {label} | {fmt.format(mine)} | {other_cell} | {ratio} |")
+    if len(our_phases) == 6:
+        print("\n| train step phase (median ms, synced) | clipcid | PyTorch | clipcid / PyTorch |"
+              "\n|---|---|---|---|")
+        for k, (precision, amp) in enumerate([("f32", False), ("bf16 / AMP", True)]):
+            for m, phase in enumerate(["forward and loss", "backward", "AdamW update"]):
+                mine = our_phases[3 * k + m]
+                other = their_phases.get(amp, [None] * 3)[m]
+                cell = "failed" if other is None else f"{other:.2f}"
+                ratio = "-" if not other else f"{mine / other:.2f}"
+                print(f"| {precision}: {phase} | {mine:.2f} | {cell} | {ratio} |")
 
 if __name__ == "__main__":
     main()
