@@ -6,11 +6,13 @@
 #   scripts/gpu-check.sh --pack   here: builds `clipcid` with `--features nccl` (release),
 #                                 strips it and packs it with the shared libraries it needs
 #                                 that a bare machine may lack (OpenBLAS, LAPACK, gfortran)
-#                                 into gpu-check/pack.tar.xz (under 64 MiB, to carry);
+#                                 and the device-parametrised test binaries (same features)
+#                                 into gpu-check/pack.tar.xz (at most 60 MiB, to carry);
 #   scripts/gpu-check.sh          there: unpacks, points LD_LIBRARY_PATH at the CUDA
 #                                 libraries of the Python environment's nvidia-* wheels, runs
 #                                 `clipcid --device cuda:0 self-check --bench` and then
-#                                 gpu-check.py, and prints the tables. At most ~8 minutes.
+#                                 gpu-check.py, prints the tables, then runs the packed
+#                                 device-parametrised test binaries. At most ~8 minutes.
 # Through the device tool: run(command="scripts/gpu-check.sh", carry=["gpu-check"]).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -30,9 +32,31 @@ if [ "${1:-}" = "--pack" ]; then
   ldd "$out/stage/clipcid" | awk '/=> \// { print $3 }' \
     | grep -vE '/(libc|libm|libdl|libpthread|librt|libstdc\+\+|libgcc_s|ld-linux[^/]*|libcuda|libcublas[A-Za-z]*|libcurand|libnvrtc|libcudart|libnccl)\.so' \
     | while read -r lib; do cp -L "$lib" "$out/stage/lib/"; done
+  # The device-parametrised tests (models, losses, dedup, trainer, pipeline parity), built
+  # with the same features, so the GPU machine asserts their properties on cuda:0 as well.
+  mkdir -p "$out/stage/tests"
+  (cd "$root" && cargo test --no-run --message-format=json --features clipcid-pipeline/nccl \
+      -p clipcid-dedup -p clipcid-loss -p clipcid-models -p clipcid-pipeline -p clipcid-train) \
+    | python3 -c '
+import json, sys
+want = {"balance", "losses", "model", "devices", "distill"}
+for line in sys.stdin:
+    m = json.loads(line)
+    t = m.get("target", {})
+    if m.get("reason") == "compiler-artifact" and t.get("kind") == ["test"] \
+            and t.get("name") in want and m.get("executable"):
+        print(t["name"], m["executable"])' \
+    | while read -r name exe; do cp "$exe" "$out/stage/tests/$name" && strip "$out/stage/tests/$name"; done
+  # Tests find fixtures under the source root they were built in; the GPU machine links it.
+  echo "$root" > "$out/stage/build-root"
   tar -C "$out/stage" -cJf "$out/pack.tar.xz" .
   rm -rf "$out/stage"
   ls -l "$out/pack.tar.xz"
+  size=$(stat -c %s "$out/pack.tar.xz")
+  if [ "$size" -gt $((60 * 1024 * 1024)) ]; then
+    echo "pack.tar.xz is $size bytes: over the 60 MiB that leaves room to carry it" >&2
+    exit 1
+  fi
   exit 0
 fi
 
@@ -75,5 +99,20 @@ LD_LIBRARY_PATH="$clipcid_libs" "$work/clipcid" --device cuda:0 self-check --ben
 echo
 echo "## clipcid vs PyTorch, same GPU, same run"
 "$python" "$root/scripts/gpu-check.py" --clipcid "$work/bench.md" || status=$?
+
+if [ -d "$work/tests" ]; then
+  echo
+  echo "## device-parametrised tests (each property on the CPU and on cuda:0)"
+  build_root="$(cat "$work/build-root")"
+  if [ ! -e "$build_root" ]; then
+    mkdir -p "$(dirname "$build_root")" && ln -s "$root" "$build_root" || true
+  fi
+  for t in "$work"/tests/*; do
+    echo "### $(basename "$t")"
+    (cd "$root" && CLIPCID_EXPECT_CUDA=1 LD_LIBRARY_PATH="$clipcid_libs" \
+      timeout 120 "$t" --test-threads 4 2>&1 \
+      | grep -E '^test |test result|panicked|error' | tail -n 25) || status=$?
+  done
+fi
 rm -rf "$work"
 exit "$status"

@@ -134,7 +134,8 @@ pub(crate) fn scan_device_tile(
     let hit_rows: Vec<u32> = mins
         .iter()
         .enumerate()
-        .filter(|&(r, &m)| m < t2 + 1e-4 * (1.0 + na[r] + nb_max))
+        // A NaN minimum (however a device's min treats NaN) is scanned too.
+        .filter(|&(r, &m)| m.is_nan() || m < t2 + 1e-4 * (1.0 + na[r] + nb_max))
         .map(|(r, _)| r as u32)
         .collect();
     if hit_rows.is_empty() {
@@ -286,9 +287,18 @@ mod tests {
     #[test]
     fn device_tile_scan_equals_the_full_host_scan() {
         let (n, d, block) = (96, 24, 40);
-        let x = Tensor::from_vec(rows(n, d), (n, d), &Device::Cpu).unwrap();
-        let norms = row_sq_norms(&x).unwrap();
-        for t2 in [0.0004f32, 0.003, 0.01, 0.05] {
+        let clean = rows(n, d);
+        // One NaN row too: its column is NaN in every tile it meets, whatever the device's
+        // minimum then says, the other rows' pairs are still found.
+        let mut poisoned = clean.clone();
+        poisoned[5 * d] = f32::NAN;
+        for (values, t2) in [0.0004f32, 0.003, 0.01, 0.05]
+            .into_iter()
+            .map(|t2| (&clean, t2))
+            .chain([(&poisoned, 0.01)])
+        {
+            let x = Tensor::from_slice(values, (n, d), &Device::Cpu).unwrap();
+            let norms = row_sq_norms(&x).unwrap();
             let mut pairs = 0;
             for_each_tile(n, block, |i0, j0, bi, bj| {
                 let (a, b) = (x.narrow(0, i0, bi)?, x.narrow(0, j0, bj)?);

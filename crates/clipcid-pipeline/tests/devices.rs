@@ -6,6 +6,23 @@
 use candle_core::Device;
 use clipcid_pipeline::{available_devices, device_parity, parity_table};
 
+/// Where a GPU is expected (`CLIPCID_EXPECT_CUDA=1`, as `scripts/gpu-check.sh` sets it), the
+/// device list must hold it: otherwise every device-parametrised test would pass on the CPU
+/// alone and the GPU run would prove nothing.
+#[test]
+fn a_gpu_that_is_expected_is_in_the_device_list() {
+    if std::env::var_os("CLIPCID_EXPECT_CUDA").is_none() {
+        return;
+    }
+    let devices = available_devices();
+    assert!(
+        devices.iter().any(|d| d.is_cuda()),
+        "CLIPCID_EXPECT_CUDA is set but the devices are {:?} (a build without `cuda`, or \
+         cuda:0 did not open)",
+        devices.iter().map(|d| d.location()).collect::<Vec<_>>()
+    );
+}
+
 #[test]
 fn every_available_device_computes_what_the_cpu_does() {
     let devices = available_devices();
