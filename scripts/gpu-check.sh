@@ -64,6 +64,11 @@ if [ ! -f "$out/pack.tar.xz" ]; then
   echo "no $out/pack.tar.xz: run scripts/gpu-check.sh --pack first, and carry gpu-check/" >&2
   exit 1
 fi
+# The device tool returns the last 12,000 characters of output and what is under $OUT: the
+# whole log goes there too.
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+  exec > >(tee "$OUT/gpu-check.log") 2>&1
+fi
 work="$(mktemp -d)"
 tar -C "$work" -xJf "$out/pack.tar.xz"
 python="${PYTHON:-python3}"
@@ -111,7 +116,7 @@ if [ -d "$work/tests" ]; then
     echo "### $(basename "$t")"
     (cd "$root" && CLIPCID_EXPECT_CUDA=1 LD_LIBRARY_PATH="$clipcid_libs" \
       timeout 120 "$t" --test-threads 4 2>&1 \
-      | grep -E '^test |test result|panicked|error' | tail -n 25) || status=$?
+      | grep -E -A1 'test result|FAILED|panicked' | grep -v '^--$' | tail -n 16) || status=$?
   done
 fi
 rm -rf "$work"
