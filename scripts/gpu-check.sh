@@ -47,6 +47,11 @@ for line in sys.stdin:
             and t.get("name") in want and m.get("executable"):
         print(t["name"], m["executable"])' \
     | while read -r name exe; do cp "$exe" "$out/stage/tests/$name" && strip "$out/stage/tests/$name"; done
+  found=$(find "$out/stage/tests" -type f | wc -l)
+  if [ "$found" -ne 5 ]; then
+    echo "expected 5 device-parametrised test binaries, built $found" >&2
+    exit 1
+  fi
   # Tests find fixtures under the source root they were built in; the GPU machine links it.
   echo "$root" > "$out/stage/build-root"
   tar -C "$out/stage" -cJf "$out/pack.tar.xz" .
