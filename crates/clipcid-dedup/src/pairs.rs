@@ -81,12 +81,11 @@ pub fn near_pairs(
         })??;
     } else {
         let mm_dtype = if f16 { DType::F16 } else { DType::F32 };
-        let xm = x.to_dtype(mm_dtype)?;
+        let (left, right) = augmented(&x, &norms, mm_dtype)?;
         for_each_tile(n, block, |i0, j0, bi, bj| {
-            let a = xm.narrow(0, i0, bi)?;
-            let b = xm.narrow(0, j0, bj)?;
-            let (na, nb) = (&norms[i0..i0 + bi], &norms[j0..j0 + bj]);
-            for (i, j, d2) in scan_device_tile(&a, &b, i0, j0, na, nb, t2)?
+            let a = left.narrow(0, i0, bi)?;
+            let b = right.narrow(0, j0, bj)?;
+            for (i, j, d2) in scan_device_tile(&a, &b, i0, j0, &norms[i0..i0 + bi], t2)?
                 .into_iter()
                 .flatten()
             {
@@ -101,52 +100,91 @@ pub fn near_pairs(
     Ok(out)
 }
 
-/// [`scan_tile`] for a tile whose product `a bᵀ` is computed on the device of `a` and `b`
-/// (CUDA, or candle's CPU matmul for f16): the same pairs in the same order, but only the
-/// rows of the tile that hold one cross to the host. The device computes each row's smallest
-/// squared distance (the diagonal tile's lower triangle masked off), and the host scans the
-/// rows under the threshold, plus a slack far above f32 rounding, with `scan_tile`'s own
-/// formula on the copied dot products; so the host decides every pair exactly as `scan_tile`
-/// would. Copying whole tiles instead would move 2 TB for 1M rows: hours of PCIe, where
-/// one minimum per row is 0.5 GB.
+/// The two sides of the device path's tile product, `[n, D']` in `dtype`: `left = [x, 1]` and
+/// `right = [2x, -|x|^2]`, zero-padded to a multiple of 8 columns (tensor-core shapes), so that
+/// one product gives `left_a . right_b = 2 a.b - |b|^2` and `d^2(a, b) = |a|^2 - left_a .
+/// right_b`. Folding `|b|^2` into the product leaves one pass over each tile after the product
+/// (a row maximum) instead of the five that adding the norms and scaling would take.
+pub(crate) fn augmented(
+    x: &Tensor,
+    norms: &[f32],
+    dtype: DType,
+) -> Result<(Tensor, Tensor), DedupError> {
+    let (n, d) = x.dims2()?;
+    let dev = x.device();
+    let x = x.to_dtype(DType::F32)?;
+    let pad = (8 - (d + 1) % 8) % 8;
+    let neg: Vec<f32> = norms.iter().map(|v| -v).collect();
+    let mut left = vec![x.clone(), Tensor::ones((n, 1), DType::F32, dev)?];
+    let mut right = vec![(&x * 2.0)?, Tensor::from_vec(neg, (n, 1), dev)?];
+    if pad > 0 {
+        let zeros = Tensor::zeros((n, pad), DType::F32, dev)?;
+        left.push(zeros.clone());
+        right.push(zeros);
+    }
+    Ok((
+        Tensor::cat(&left, 1)?.to_dtype(dtype)?,
+        Tensor::cat(&right, 1)?.to_dtype(dtype)?,
+    ))
+}
+
+/// The pairs of one tile on the device path: `a` rows of the left side and `b` rows of the
+/// right side of [`augmented`] (on CUDA, or on the CPU for f16), `na` the squared norms of
+/// `a`'s rows. Only the rows of the tile that hold a pair cross to the host: the device takes
+/// each row's largest `2 a.b - |b|^2` (the diagonal tile's lower triangle masked off), the
+/// rows within reach of the threshold (plus a slack far above rounding; a NaN too) are copied,
+/// and the host finds their pairs as `d^2 = |a|^2 - (2 a.b - |b|^2)` from those same values,
+/// so the copied rows decide every pair exactly as a scan of the whole tile would. Copying
+/// whole tiles instead would move 2 TB for 1M rows (hours of PCIe), where one value per row
+/// is 0.5 GB.
 pub(crate) fn scan_device_tile(
     a: &Tensor,
     b: &Tensor,
     i0: usize,
     j0: usize,
     na: &[f32],
-    nb: &[f32],
     t2: f32,
 ) -> Result<Vec<Vec<Pair>>, DedupError> {
     let dev = a.device();
-    let (bi, bj) = (na.len(), nb.len());
-    let s = a.matmul(&b.t()?)?.to_dtype(DType::F32)?;
-    let col = Tensor::from_slice(na, (bi, 1), dev)?;
-    let row = Tensor::from_slice(nb, (1, bj), dev)?;
-    let mut d2 = col.broadcast_add(&row)?.sub(&s.affine(2.0, 0.0)?)?;
+    let bi = na.len();
+    let mut s = a.matmul(&b.t()?)?;
+    let bj = s.dim(1)?;
     if i0 == j0 {
-        // Each pair once (c > r), as `scan_tile`: the diagonal and below out of the minimum.
-        let below = (Tensor::tril2(bi, DType::F32, dev)? * 1e30)?;
-        d2 = (d2 + below)?;
+        // Each pair once (c > r), as `scan_tile`: the diagonal and below out of the maximum.
+        let below = Tensor::tril2(bi, DType::U8, dev)?;
+        let never = Tensor::full(f32::NEG_INFINITY, (bi, bj), dev)?.to_dtype(s.dtype())?;
+        s = below.where_cond(&never, &s)?;
     }
-    let mins: Vec<f32> = d2.min(1)?.to_vec1()?;
-    let nb_max = nb.iter().copied().fold(0f32, f32::max);
-    let hit_rows: Vec<u32> = mins
+    let best: Vec<f32> = s.max(1)?.to_dtype(DType::F32)?.to_vec1()?;
+    let hit_rows: Vec<u32> = best
         .iter()
         .enumerate()
-        // A NaN minimum (however a device's min treats NaN) is scanned too.
-        .filter(|&(r, &m)| m.is_nan() || m < t2 + 1e-4 * (1.0 + na[r] + nb_max))
+        // A NaN maximum (however a device's max treats NaN) is scanned too.
+        .filter(|&(r, &m)| m.is_nan() || m > na[r] - t2 - 1e-4 * (1.0 + na[r].abs()))
         .map(|(r, _)| r as u32)
         .collect();
     if hit_rows.is_empty() {
         return Ok(vec![]);
     }
-    let picked = s.index_select(&Tensor::from_slice(&hit_rows, hit_rows.len(), dev)?, 0)?;
+    let picked = s
+        .index_select(&Tensor::from_slice(&hit_rows, hit_rows.len(), dev)?, 0)?
+        .to_dtype(DType::F32)?;
     let host: Vec<f32> = picked.flatten_all()?.to_vec1()?;
     Ok(hit_rows
         .par_iter()
         .zip(host.par_chunks(bj))
-        .map(|(&r, dots)| scan_row(dots, r as usize, i0, j0, na[r as usize], nb, t2))
+        .map(|(&r, folded)| {
+            let r = r as usize;
+            let start = if i0 == j0 { r + 1 } else { 0 };
+            let mut hits = Vec::new();
+            for (c, &v) in folded.iter().enumerate().skip(start) {
+                let d2 = na[r] - v;
+                if d2 < t2 {
+                    hits.push(((i0 + r) as u32, (j0 + c) as u32, d2.max(0.0)));
+                }
+            }
+            hits
+        })
         .collect())
 }
 
@@ -216,7 +254,7 @@ pub(crate) fn scan_tile(
 
 /// The pairs of row `r` of a tile (its dot products `dots` with the tile's columns, `na_r`
 /// its squared norm): `d^2 = |a|^2 + |b|^2 - 2 a.b` under `t2`, columns `c > r` only on a
-/// diagonal tile. The one formula of every tile scan, so the host and device paths agree.
+/// diagonal tile.
 fn scan_row(
     dots: &[f32],
     r: usize,
@@ -285,11 +323,11 @@ mod tests {
     }
 
     #[test]
-    fn device_tile_scan_equals_the_full_host_scan() {
+    fn device_tile_scan_equals_a_scan_of_the_whole_tile() {
         let (n, d, block) = (96, 24, 40);
         let clean = rows(n, d);
         // One NaN row too: its column is NaN in every tile it meets, whatever the device's
-        // minimum then says, the other rows' pairs are still found.
+        // maximum then says, the other rows' pairs are still found.
         let mut poisoned = clean.clone();
         poisoned[5 * d] = f32::NAN;
         for (values, t2) in [0.0004f32, 0.003, 0.01, 0.05]
@@ -299,24 +337,65 @@ mod tests {
         {
             let x = Tensor::from_slice(values, (n, d), &Device::Cpu).unwrap();
             let norms = row_sq_norms(&x).unwrap();
-            let mut pairs = 0;
+            let (left, right) = augmented(&x, &norms, DType::F32).unwrap();
+            assert_eq!(left.dim(1).unwrap() % 8, 0);
+            let (mut pairs, mut near_edge) = (0, 0);
             for_each_tile(n, block, |i0, j0, bi, bj| {
-                let (a, b) = (x.narrow(0, i0, bi)?, x.narrow(0, j0, bj)?);
-                let (na, nb) = (&norms[i0..i0 + bi], &norms[j0..j0 + bj]);
-                let tile = a.matmul(&b.t()?)?;
-                let full = with_host_slice(&tile, |s| scan_tile(s, i0, j0, na, nb, t2))?;
-                let full: Vec<_> = full.into_iter().flatten().collect();
-                let device: Vec<_> = scan_device_tile(&a, &b, i0, j0, na, nb, t2)?
+                let (a, b) = (left.narrow(0, i0, bi)?, right.narrow(0, j0, bj)?);
+                let na = &norms[i0..i0 + bi];
+                // Every row of the same folded tile scanned on the host.
+                let folded = a.matmul(&b.t()?)?;
+                let whole: Vec<Pair> = with_host_slice(&folded, |s| {
+                    let mut v = vec![];
+                    for r in 0..bi {
+                        let start = if i0 == j0 { r + 1 } else { 0 };
+                        for c in start..bj {
+                            let d2 = na[r] - s[r * bj + c];
+                            if d2 < t2 {
+                                v.push(((i0 + r) as u32, (j0 + c) as u32, d2.max(0.0)));
+                            }
+                        }
+                    }
+                    v
+                })?;
+                let device: Vec<Pair> = scan_device_tile(&a, &b, i0, j0, na, t2)?
                     .into_iter()
                     .flatten()
                     .collect();
-                assert_eq!(device, full, "tile ({i0}, {j0}), t2 {t2}");
-                pairs += full.len();
+                assert_eq!(device, whole, "tile ({i0}, {j0}), t2 {t2}");
+                // The CPU path's formula finds the same pairs, but for distances within
+                // rounding of the threshold.
+                let plain = x.narrow(0, i0, bi)?.matmul(&x.narrow(0, j0, bj)?.t()?)?;
+                let nb = &norms[j0..j0 + bj];
+                let cpu: Vec<Pair> = with_host_slice(&plain, |s| scan_tile(s, i0, j0, na, nb, t2))?
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                let key = |p: &Pair| (p.0, p.1);
+                let edge = |p: &Pair| (p.2 - t2).abs() < 1e-5;
+                let only_device = device
+                    .iter()
+                    .filter(|p| !cpu.iter().any(|q| key(q) == key(p)));
+                let only_cpu = cpu
+                    .iter()
+                    .filter(|p| !device.iter().any(|q| key(q) == key(p)));
+                for p in only_device.chain(only_cpu) {
+                    assert!(
+                        edge(p),
+                        "tile ({i0}, {j0}), t2 {t2}: {p:?} found by one path only"
+                    );
+                    near_edge += 1;
+                }
+                pairs += device.len();
                 Ok::<_, DedupError>(())
             })
             .unwrap();
             // The data straddles every threshold: some pairs, not all.
             assert!(pairs > 0 && pairs < n * (n - 1) / 2, "t2 {t2}");
+            assert!(
+                near_edge <= 2,
+                "t2 {t2}: {near_edge} pairs differ between the paths"
+            );
         }
     }
 }

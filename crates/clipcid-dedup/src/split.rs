@@ -9,7 +9,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use clipcid_store::{Part, RowReader};
 
-use crate::pairs::{cpu_tile, row_sq_norms, scan_device_tile, scan_tile};
+use crate::pairs::{augmented, cpu_tile, row_sq_norms, scan_device_tile, scan_tile};
 use crate::{BalanceOptions, BalanceResult, DedupError, NearPairs};
 
 /// A row block a part owns: its index, its unit rows on the host (CPU products) or on the
@@ -108,8 +108,9 @@ pub fn near_pairs_of_part(
             if on_cpu {
                 return Ok::<_, DedupError>((b, rows_b, norms, None));
             }
-            let t = Tensor::from_slice(&rows_b, (span(b).1, d), device)?.to_dtype(mm_dtype)?;
-            Ok((b, vec![], norms, Some(t)))
+            let t = Tensor::from_slice(&rows_b, (span(b).1, d), device)?;
+            let (left, _) = augmented(&t, &norms, mm_dtype)?;
+            Ok((b, vec![], norms, Some(left)))
         })
         .collect::<Result<_, _>>()?;
     let mut buf = if on_cpu {
@@ -128,12 +129,13 @@ pub fn near_pairs_of_part(
         let b_dev = if on_cpu {
             None
         } else {
-            Some(Tensor::from_slice(&b_rows, (len_j, d), device)?.to_dtype(mm_dtype)?)
+            let t = Tensor::from_slice(&b_rows, (len_j, d), device)?;
+            Some(augmented(&t, &b_norms, mm_dtype)?.1)
         };
         for (bi, a_rows, a_norms, a_dev) in users {
             let (i0, len_i) = span(*bi);
             let found = match (a_dev, &b_dev) {
-                (Some(a), Some(b)) => scan_device_tile(a, b, i0, j0, a_norms, &b_norms, t2)?,
+                (Some(a), Some(b)) => scan_device_tile(a, b, i0, j0, a_norms, t2)?,
                 _ => {
                     cpu_tile(a_rows, &b_rows, d, &mut buf)?;
                     scan_tile(&buf[..len_i * len_j], i0, j0, a_norms, &b_norms, t2)
