@@ -36,10 +36,11 @@ impl NearPairs {
 /// All pairs of rows of `x` (`[n, D]`, any device) closer than `threshold`, computed one
 /// `block x block` tile at a time over the upper triangle: `d^2 = |a|^2 + |b|^2 - 2 a.b`
 /// with one matmul per tile, so memory is `O(block^2)` whatever `n`. On CPU the f32 tile
-/// product is OpenBLAS `sgemm`; otherwise it is candle's matmul (cuBLAS on CUDA). With
-/// `f16`, the tile matmul runs in half precision through candle (meant for GPUs; on CPU it
-/// works but is slower); norms and the comparison stay f32.
-/// `on_tile` is called after each tile (for progress).
+/// product is OpenBLAS `sgemm`; otherwise it is candle's matmul (cuBLAS on CUDA) of the
+/// folded rows `[a, 1]` and `[2b, -|b|^2]`, whose one pass per tile keeps the host copy to the
+/// rows that hold a pair. With `f16`, that product runs in half precision through candle
+/// (meant for GPUs; on CPU it works but is slower), rounding distances by about 1e-3; `|a|^2`
+/// and the comparison stay f32. `on_tile` is called after each tile (for progress).
 pub fn near_pairs(
     x: &Tensor,
     threshold: f32,
