@@ -62,7 +62,8 @@ pub struct BalanceOptions {
     pub threshold: f32,
     /// Rows per tile of the distance computation; memory is `O(block^2)`.
     pub block_size: usize,
-    /// Tile matmuls in f16 (for GPUs).
+    /// Tile matmuls in f16 (for GPUs): they choose the rows that may hold a pair, and
+    /// those rows' pairs are decided in f32.
     pub f16: bool,
     /// Extra thresholds to report the removed fraction for, from the same pass.
     pub sweep: Vec<f32>,

@@ -39,8 +39,9 @@ impl NearPairs {
 /// product is OpenBLAS `sgemm`; otherwise it is candle's matmul (cuBLAS on CUDA) of the
 /// folded rows `[a, 1]` and `[2b, -|b|^2]`, whose one pass per tile keeps the host copy to the
 /// rows that hold a pair. With `f16`, that product runs in half precision through candle
-/// (meant for GPUs; on CPU it works but is slower), rounding distances by about 1e-3; `|a|^2`
-/// and the comparison stay f32. `on_tile` is called after each tile (for progress).
+/// (meant for GPUs; on CPU it works but is slower) and only chooses the rows: their pairs are
+/// decided from the same rows' product in f32, so f16 finds the f32 pairs up to rounding at
+/// the threshold. `on_tile` is called after each tile (for progress).
 pub fn near_pairs(
     x: &Tensor,
     threshold: f32,
@@ -81,11 +82,10 @@ pub fn near_pairs(
             })
         })??;
     } else {
-        let mm_dtype = if f16 { DType::F16 } else { DType::F32 };
-        let (left, right) = augmented(&x, &norms, mm_dtype)?;
+        let (left, right) = folded(&x, &norms, f16)?;
         for_each_tile(n, block, |i0, j0, bi, bj| {
-            let a = left.narrow(0, i0, bi)?;
-            let b = right.narrow(0, j0, bj)?;
+            let a = left.rows(i0, bi)?;
+            let b = right.rows(j0, bj)?;
             for (i, j, d2) in scan_device_tile(&a, &b, i0, j0, &norms[i0..i0 + bi], t2)?
                 .into_iter()
                 .flatten()
@@ -101,16 +101,39 @@ pub fn near_pairs(
     Ok(out)
 }
 
-/// The two sides of the device path's tile product, `[n, D']` in `dtype`: `left = [x, 1]` and
-/// `right = [2x, -|x|^2]`, zero-padded to a multiple of 8 columns (tensor-core shapes), so that
-/// one product gives `left_a . right_b = 2 a.b - |b|^2` and `d^2(a, b) = |a|^2 - left_a .
+/// One side of the device path's folded tile product (see [`folded`]): its f32 rows, and
+/// their f16 copy when the tiles run in f16.
+pub(crate) struct Folded {
+    exact: Tensor,
+    half: Option<Tensor>,
+}
+
+impl Folded {
+    /// Rows `start..start + len`.
+    pub(crate) fn rows(&self, start: usize, len: usize) -> candle_core::Result<Self> {
+        Ok(Self {
+            exact: self.exact.narrow(0, start, len)?,
+            half: self
+                .half
+                .as_ref()
+                .map(|h| h.narrow(0, start, len))
+                .transpose()?,
+        })
+    }
+
+    /// What the tile product runs on: the f16 copy if any.
+    fn fast(&self) -> &Tensor {
+        self.half.as_ref().unwrap_or(&self.exact)
+    }
+}
+
+/// The two sides of the device path's tile product, `[n, D']` on `x`'s device: `left = [x, 1]`
+/// and `right = [2x, -|x|^2]`, zero-padded to a multiple of 8 columns (tensor-core shapes), so
+/// that one product gives `left_a . right_b = 2 a.b - |b|^2` and `d^2(a, b) = |a|^2 - left_a .
 /// right_b`. Folding `|b|^2` into the product leaves one pass over each tile after the product
-/// (a row maximum) instead of the five that adding the norms and scaling would take.
-pub(crate) fn augmented(
-    x: &Tensor,
-    norms: &[f32],
-    dtype: DType,
-) -> Result<(Tensor, Tensor), DedupError> {
+/// (a row maximum) instead of the five that adding the norms and scaling would take. With
+/// `f16`, each side also keeps an f16 copy for the tiles.
+pub(crate) fn folded(x: &Tensor, norms: &[f32], f16: bool) -> Result<(Folded, Folded), DedupError> {
     let (n, d) = x.dims2()?;
     let dev = x.device();
     let x = x.to_dtype(DType::F32)?;
@@ -123,32 +146,38 @@ pub(crate) fn augmented(
         left.push(zeros.clone());
         right.push(zeros);
     }
-    Ok((
-        Tensor::cat(&left, 1)?.to_dtype(dtype)?,
-        Tensor::cat(&right, 1)?.to_dtype(dtype)?,
-    ))
+    let side = |parts: &[Tensor]| -> Result<Folded, DedupError> {
+        let exact = Tensor::cat(parts, 1)?;
+        let half = if f16 {
+            Some(exact.to_dtype(DType::F16)?)
+        } else {
+            None
+        };
+        Ok(Folded { exact, half })
+    };
+    Ok((side(&left)?, side(&right)?))
 }
 
 /// The pairs of one tile on the device path: `a` rows of the left side and `b` rows of the
-/// right side of [`augmented`] (on CUDA, or on the CPU for f16), `na` the squared norms of
-/// `a`'s rows. Only the rows of the tile that hold a pair cross to the host: the device takes
-/// each row's largest `2 a.b - |b|^2` (the diagonal tile's lower triangle masked off), the
-/// rows within reach of the threshold (plus a slack far above rounding; a NaN too) are copied,
-/// and the host finds their pairs as `d^2 = |a|^2 - (2 a.b - |b|^2)` from those same values,
-/// so the copied rows decide every pair exactly as a scan of the whole tile would. Copying
-/// whole tiles instead would move 2 TB for 1M rows (hours of PCIe), where one value per row
-/// is 0.5 GB.
+/// right side of [`folded`] (on CUDA, or on the CPU for f16), `na` the squared norms of `a`'s
+/// rows. Only the rows of the tile that hold a pair cross to the host: the device takes each
+/// row's largest `2 a.b - |b|^2` (the diagonal tile's lower triangle masked off), and the rows
+/// within reach of the threshold (plus a slack above rounding: about 1e-4 in f32, 4e-3 for
+/// f16 tiles; a NaN too) are kept. Their values come back in f32 (for f16 tiles, those rows'
+/// product again in f32, so f16 only chooses the rows and every pair is decided in f32), and
+/// the host finds their pairs as `d^2 = |a|^2 - (2 a.b - |b|^2)`. Copying whole tiles instead
+/// would move 2 TB for 1M rows (hours of PCIe), where one value per row is 0.5 GB.
 pub(crate) fn scan_device_tile(
-    a: &Tensor,
-    b: &Tensor,
+    a: &Folded,
+    b: &Folded,
     i0: usize,
     j0: usize,
     na: &[f32],
     t2: f32,
 ) -> Result<Vec<Vec<Pair>>, DedupError> {
-    let dev = a.device();
+    let dev = a.exact.device();
     let bi = na.len();
-    let mut s = a.matmul(&b.t()?)?;
+    let mut s = a.fast().matmul(&b.fast().t()?)?;
     let bj = s.dim(1)?;
     if i0 == j0 {
         // Each pair once (c > r), as `scan_tile`: the diagonal and below out of the maximum.
@@ -157,28 +186,32 @@ pub(crate) fn scan_device_tile(
         s = below.where_cond(&never, &s)?;
     }
     let best: Vec<f32> = s.max(1)?.to_dtype(DType::F32)?.to_vec1()?;
+    let slack = if a.half.is_some() { 4e-3 } else { 1e-4 };
     let hit_rows: Vec<u32> = best
         .iter()
         .enumerate()
         // A NaN maximum (however a device's max treats NaN) is scanned too.
-        .filter(|&(r, &m)| m.is_nan() || m > na[r] - t2 - 1e-4 * (1.0 + na[r].abs()))
+        .filter(|&(r, &m)| m.is_nan() || m > na[r] - t2 - slack * (1.0 + na[r].abs()))
         .map(|(r, _)| r as u32)
         .collect();
     if hit_rows.is_empty() {
         return Ok(vec![]);
     }
-    let picked = s
-        .index_select(&Tensor::from_slice(&hit_rows, hit_rows.len(), dev)?, 0)?
-        .to_dtype(DType::F32)?;
+    let ids = Tensor::from_slice(&hit_rows, hit_rows.len(), dev)?;
+    let picked = if a.half.is_some() {
+        a.exact.index_select(&ids, 0)?.matmul(&b.exact.t()?)?
+    } else {
+        s.index_select(&ids, 0)?
+    };
     let host: Vec<f32> = picked.flatten_all()?.to_vec1()?;
     Ok(hit_rows
         .par_iter()
         .zip(host.par_chunks(bj))
-        .map(|(&r, folded)| {
+        .map(|(&r, values)| {
             let r = r as usize;
             let start = if i0 == j0 { r + 1 } else { 0 };
             let mut hits = Vec::new();
-            for (c, &v) in folded.iter().enumerate().skip(start) {
+            for (c, &v) in values.iter().enumerate().skip(start) {
                 let d2 = na[r] - v;
                 if d2 < t2 {
                     hits.push(((i0 + r) as u32, (j0 + c) as u32, d2.max(0.0)));
@@ -338,15 +371,16 @@ mod tests {
         {
             let x = Tensor::from_slice(values, (n, d), &Device::Cpu).unwrap();
             let norms = row_sq_norms(&x).unwrap();
-            let (left, right) = augmented(&x, &norms, DType::F32).unwrap();
-            assert_eq!(left.dim(1).unwrap() % 8, 0);
+            let (left, right) = folded(&x, &norms, false).unwrap();
+            let (left16, right16) = folded(&x, &norms, true).unwrap();
+            assert_eq!(left.exact.dim(1).unwrap() % 8, 0);
             let (mut pairs, mut near_edge) = (0, 0);
             for_each_tile(n, block, |i0, j0, bi, bj| {
-                let (a, b) = (left.narrow(0, i0, bi)?, right.narrow(0, j0, bj)?);
+                let (a, b) = (left.rows(i0, bi)?, right.rows(j0, bj)?);
                 let na = &norms[i0..i0 + bi];
                 // Every row of the same folded tile scanned on the host.
-                let folded = a.matmul(&b.t()?)?;
-                let whole: Vec<Pair> = with_host_slice(&folded, |s| {
+                let product = a.exact.matmul(&b.exact.t()?)?;
+                let whole: Vec<Pair> = with_host_slice(&product, |s| {
                     let mut v = vec![];
                     for r in 0..bi {
                         let start = if i0 == j0 { r + 1 } else { 0 };
@@ -372,20 +406,29 @@ mod tests {
                     .into_iter()
                     .flatten()
                     .collect();
+                // f16 tiles choose the rows, f32 decides: the f32 path's pairs, but for
+                // distances within rounding of the threshold.
+                let (a16, b16) = (left16.rows(i0, bi)?, right16.rows(j0, bj)?);
+                let half: Vec<Pair> = scan_device_tile(&a16, &b16, i0, j0, na, t2)?
+                    .into_iter()
+                    .flatten()
+                    .collect();
                 let key = |p: &Pair| (p.0, p.1);
                 let edge = |p: &Pair| (p.2 - t2).abs() < 1e-5;
-                let only_device = device
-                    .iter()
-                    .filter(|p| !cpu.iter().any(|q| key(q) == key(p)));
-                let only_cpu = cpu
-                    .iter()
-                    .filter(|p| !device.iter().any(|q| key(q) == key(p)));
-                for p in only_device.chain(only_cpu) {
-                    assert!(
-                        edge(p),
-                        "tile ({i0}, {j0}), t2 {t2}: {p:?} found by one path only"
-                    );
-                    near_edge += 1;
+                for other in [&cpu, &half] {
+                    let only_device = device
+                        .iter()
+                        .filter(|p| !other.iter().any(|q| key(q) == key(p)));
+                    let only_other = other
+                        .iter()
+                        .filter(|p| !device.iter().any(|q| key(q) == key(p)));
+                    for p in only_device.chain(only_other) {
+                        assert!(
+                            edge(p),
+                            "tile ({i0}, {j0}), t2 {t2}: {p:?} found by one only"
+                        );
+                        near_edge += 1;
+                    }
                 }
                 pairs += device.len();
                 Ok::<_, DedupError>(())

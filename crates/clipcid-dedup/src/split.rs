@@ -9,12 +9,12 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use clipcid_store::{Part, RowReader};
 
-use crate::pairs::{augmented, cpu_tile, row_sq_norms, scan_device_tile, scan_tile};
+use crate::pairs::{cpu_tile, folded, row_sq_norms, scan_device_tile, scan_tile, Folded};
 use crate::{BalanceOptions, BalanceResult, DedupError, NearPairs};
 
 /// A row block a part owns: its index, its unit rows on the host (CPU products) or on the
 /// device (other products), and its rows' squared norms.
-type OwnedBlock = (usize, Vec<f32>, Vec<f32>, Option<Tensor>);
+type OwnedBlock = (usize, Vec<f32>, Vec<f32>, Option<Folded>);
 
 /// `kind` metadata of a pair file.
 pub const PAIRS_KIND: &str = "clipcid-near-pairs";
@@ -99,7 +99,6 @@ pub fn near_pairs_of_part(
         Ok((values, norms))
     };
     let on_cpu = device.is_cpu() && !f16;
-    let mm_dtype = if f16 { DType::F16 } else { DType::F32 };
     // The part's own blocks: host rows for the CPU product, or put on the device once.
     let owned: Vec<OwnedBlock> = part_row_blocks(tiles, part)
         .into_iter()
@@ -109,7 +108,7 @@ pub fn near_pairs_of_part(
                 return Ok::<_, DedupError>((b, rows_b, norms, None));
             }
             let t = Tensor::from_slice(&rows_b, (span(b).1, d), device)?;
-            let (left, _) = augmented(&t, &norms, mm_dtype)?;
+            let (left, _) = folded(&t, &norms, f16)?;
             Ok((b, vec![], norms, Some(left)))
         })
         .collect::<Result<_, _>>()?;
@@ -130,7 +129,7 @@ pub fn near_pairs_of_part(
             None
         } else {
             let t = Tensor::from_slice(&b_rows, (len_j, d), device)?;
-            Some(augmented(&t, &b_norms, mm_dtype)?.1)
+            Some(folded(&t, &b_norms, f16)?.1)
         };
         for (bi, a_rows, a_norms, a_dev) in users {
             let (i0, len_i) = span(*bi);
