@@ -13,7 +13,8 @@
 #                                 `clipcid --device cuda:0 self-check --bench` and then
 #                                 gpu-check.py, prints the tables, then runs the packed
 #                                 device-parametrised test binaries. At most ~8 minutes.
-# Through the device tool: run(command="scripts/gpu-check.sh", carry=["gpu-check"]).
+# Through the device tool: run(command="scripts/gpu-check.sh", carry=["gpu-check"]);
+# `scripts/gpu-check.sh --quick` skips PyTorch and all but the kernel and parity tests.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="$root/gpu-check"
@@ -32,14 +33,15 @@ if [ "${1:-}" = "--pack" ]; then
   ldd "$out/stage/clipcid" | awk '/=> \// { print $3 }' \
     | grep -vE '/(libc|libm|libdl|libpthread|librt|libstdc\+\+|libgcc_s|ld-linux[^/]*|libcuda|libcublas[A-Za-z]*|libcurand|libnvrtc|libcudart|libnccl)\.so' \
     | while read -r lib; do cp -L "$lib" "$out/stage/lib/"; done
-  # The device-parametrised tests (models, losses, dedup, trainer, pipeline parity), built
+  # The device-parametrised tests (kernels, models, losses, dedup, trainer, pipeline parity), built
   # with the same features, so the GPU machine asserts their properties on cuda:0 as well.
   mkdir -p "$out/stage/tests"
   (cd "$root" && cargo test --no-run --message-format=json --features clipcid-pipeline/nccl \
-      -p clipcid-dedup -p clipcid-loss -p clipcid-models -p clipcid-pipeline -p clipcid-train) \
+      -p clipcid-dedup -p clipcid-kernels -p clipcid-loss -p clipcid-models -p clipcid-pipeline \
+      -p clipcid-train) \
     | python3 -c '
 import json, sys
-want = {"balance", "losses", "model", "devices", "distill"}
+want = {"balance", "fused_ops", "losses", "model", "devices", "distill"}
 for line in sys.stdin:
     m = json.loads(line)
     t = m.get("target", {})
@@ -48,8 +50,8 @@ for line in sys.stdin:
         print(t["name"], m["executable"])' \
     | while read -r name exe; do cp "$exe" "$out/stage/tests/$name" && strip "$out/stage/tests/$name"; done
   found=$(find "$out/stage/tests" -type f | wc -l)
-  if [ "$found" -ne 5 ]; then
-    echo "expected 5 device-parametrised test binaries, built $found" >&2
+  if [ "$found" -ne 6 ]; then
+    echo "expected 6 device-parametrised test binaries, built $found" >&2
     exit 1
   fi
   # Tests find fixtures under the source root they were built in; the GPU machine links it.
@@ -106,9 +108,15 @@ status=0
 LD_LIBRARY_PATH="$clipcid_libs" "$work/clipcid" --device cuda:0 self-check --bench \
   | tee "$work/bench.md" || status=$?
 
-echo
-echo "## clipcid vs PyTorch, same GPU, same run"
-"$python" "$root/scripts/gpu-check.py" --clipcid "$work/bench.md" || status=$?
+# `--quick`: clipcid's own tables and the kernel and parity tests only (about a minute),
+# for a second look after a change; the full check compares with PyTorch and runs all tests.
+quick=0
+[ "${1:-}" = "--quick" ] && quick=1
+if [ "$quick" = 0 ]; then
+  echo
+  echo "## clipcid vs PyTorch, same GPU, same run"
+  "$python" "$root/scripts/gpu-check.py" --clipcid "$work/bench.md" || status=$?
+fi
 
 if [ -d "$work/tests" ]; then
   echo
@@ -117,10 +125,14 @@ if [ -d "$work/tests" ]; then
   if [ ! -e "$build_root" ]; then
     mkdir -p "$(dirname "$build_root")" && ln -s "$root" "$build_root" || true
   fi
-  for t in "$work"/tests/*; do
-    echo "### $(basename "$t")"
+  # The newest kernels first; each binary at most 90 s, so all six fit the call's budget.
+  names="fused_ops devices model losses balance distill"
+  [ "$quick" = 1 ] && names="fused_ops devices"
+  for name in $names; do
+    t="$work/tests/$name"
+    echo "### $name"
     (cd "$root" && CLIPCID_EXPECT_CUDA=1 LD_LIBRARY_PATH="$clipcid_libs" \
-      timeout 120 "$t" --test-threads 4 2>&1 \
+      timeout 90 "$t" --test-threads 4 2>&1 \
       | grep -E -A1 'test result|FAILED|panicked' | grep -v '^--$' | tail -n 16) || status=$?
   done
 fi

@@ -7,13 +7,18 @@
 //! - [`blas`]: matrix products on the system BLAS, cut into one single-threaded `sgemm` per
 //!   thread of candle's CPU pool, so a training step uses one set of threads.
 //! - [`l2_normalize`] and [`max_abs_diff`]: small tensor helpers every stage uses.
+//! - `cuda` (the `cuda` feature): CUDA kernels compiled at run time with NVRTC where
+//!   candle's primitive ops are slow on a GPU (layer norm and softmax with backward passes, a
+//!   linear layer's bias and activation, head split, patch matrix, AdamW in place), and
+//!   [`open_cuda`], which opens a GPU with its memory pool set to keep freed memory.
 //! - [`available_devices`]: the CPU and, in a `cuda` build with a GPU, `cuda:0` (what the
 //!   device-parametrised tests loop over).
 //!
 //! The BLAS backend is chosen by feature: `openblas` (default) links the system OpenBLAS
 //! (Debian `libopenblas-dev`); the build script is the one place that links it, for every
-//! crate above. CUDA kernels, when written, go beside each CPU kernel (a `cuda` module
-//! behind the `cuda` feature); until then other devices use candle's primitive ops.
+//! crate above. CUDA kernels go in the `cuda` module behind the `cuda` feature, reached through
+//! the same `CustomOp` as the CPU kernel; where none is written, other devices use candle's
+//! primitive ops.
 //!
 //! ```
 //! # fn main() -> candle_core::Result<()> {
@@ -38,9 +43,49 @@ compile_error!("clipcid-kernels needs a BLAS backend: enable the `openblas` feat
 
 pub mod blas;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod pool;
 
 use candle_core::{DType, Result, Tensor, D};
+
+/// Whether clipcid's CUDA kernels take these tensors (then [`cpu::layer_norm`] and
+/// [`cpu::softmax_last_dim`] run on the GPU with their backward passes, and the models use
+/// the `cuda` module's ops): a `cuda` build, the kernels switched on (`cuda::enabled`),
+/// every tensor on a GPU and of one dtype, f32 or bf16.
+/// Always false without the `cuda` feature.
+///
+/// ```
+/// let x = candle_core::Tensor::zeros(3, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+/// assert!(!clipcid_kernels::gpu_kernels_take(&[&x]));
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn gpu_kernels_take(ts: &[&Tensor]) -> bool {
+    #[cfg(feature = "cuda")]
+    return cuda::takes(ts);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = ts;
+        false
+    }
+}
+
+/// Opens GPU `ordinal` as candle does (`Device::new_cuda`), then makes its memory pool keep
+/// freed memory for reuse (`cuda::keep_freed_memory`; a `cuda` build). Every place clipcid
+/// opens a GPU goes through here. Without the `cuda` feature, candle's error for a build
+/// without CUDA.
+///
+/// ```
+/// if !cfg!(feature = "cuda") {
+///     assert!(clipcid_kernels::open_cuda(0).is_err());
+/// }
+/// ```
+pub fn open_cuda(ordinal: usize) -> Result<candle_core::Device> {
+    let device = candle_core::Device::new_cuda(ordinal)?;
+    #[cfg(feature = "cuda")]
+    cuda::keep_freed_memory(&device)?;
+    Ok(device)
+}
 
 /// The devices this build can compute on here: the CPU, then `cuda:0` when built with the
 /// `cuda` feature and a GPU opens. Tests loop over it so that each property is asserted on
@@ -53,7 +98,7 @@ use candle_core::{DType, Result, Tensor, D};
 pub fn available_devices() -> Vec<candle_core::Device> {
     let mut devices = vec![candle_core::Device::Cpu];
     if cfg!(feature = "cuda") {
-        if let Ok(d) = candle_core::Device::new_cuda(0) {
+        if let Ok(d) = open_cuda(0) {
             devices.push(d);
         }
     }

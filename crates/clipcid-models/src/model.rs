@@ -60,10 +60,7 @@ impl VisionTransformer {
         let (b, c, s, _) = x.dims4()?;
         let (p, width) = (self.cfg.patch_size, self.cfg.hidden_size);
         let g = s / p;
-        let patches = x
-            .reshape((b, c, g, p, g, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .reshape((b * g * g, c * p * p))?;
+        let patches = patch_matrix(x, p)?;
         let kernel = self.patch_embedding.reshape((width, c * p * p))?;
         let embedded = if cpu::is_cpu_f32(&patches) && cpu::is_cpu_f32(&kernel) {
             cpu::matmul(&patches, &kernel.t()?)?
@@ -91,11 +88,39 @@ impl VisionTransformer {
             .class_embedding
             .reshape((1, 1, width))?
             .broadcast_as((b, 1, width))?;
-        let x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.position_embedding)?;
+        let x = Tensor::cat(&[&cls, &x], 1)?;
+        let x = add_positions(&x, &self.position_embedding)?;
         let x = self.pre_norm.forward(&x)?;
         let pooled = self.post_norm.forward(&self.encoder.forward_first(&x)?)?;
         self.projection.forward(&pooled)
     }
+}
+
+/// The patch matrix `[B * g * g, C * p * p]` of images `[B, C, S, S]` (`g = S / p`): on a GPU
+/// one copy kernel (`clipcid_kernels::cuda::patchify`), elsewhere a six-dimensional permute.
+fn patch_matrix(x: &Tensor, p: usize) -> candle_core::Result<Tensor> {
+    let (b, c, s, _) = x.dims4()?;
+    #[cfg(feature = "cuda")]
+    if clipcid_kernels::gpu_kernels_take(&[x]) && p > 0 && s % p == 0 {
+        return clipcid_kernels::cuda::patchify(x, p);
+    }
+    let g = s / p;
+    x.reshape((b, c, g, p, g, p))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .reshape((b * g * g, c * p * p))
+}
+
+/// `x + positions` for `x` `[B, T, W]` and positions `[T, W]`: on a GPU one bias kernel over
+/// rows of `T * W` (`clipcid_kernels::cuda::bias_add`), elsewhere a broadcast add.
+fn add_positions(x: &Tensor, positions: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if clipcid_kernels::gpu_kernels_take(&[x, positions]) {
+        let (b, t, w) = x.dims3()?;
+        let flat = positions.contiguous()?.reshape(t * w)?;
+        let y = clipcid_kernels::cuda::bias_add(&x.reshape((b, t * w))?, &flat)?;
+        return y.reshape((b, t, w));
+    }
+    x.broadcast_add(positions)
 }
 
 /// The text tower: token + position embeddings, causal transformer, pooled at the end token.
@@ -142,7 +167,7 @@ impl TextTransformer {
         let (b, t) = ids.dims2()?;
         let (ids, rows) = checked_ids(ids, &self.cfg)?;
         let x = self.token_embedding.forward(&ids)?;
-        let x = x.broadcast_add(&self.position_embedding.narrow(0, 0, t)?)?;
+        let x = add_positions(&x, &self.position_embedding.narrow(0, 0, t)?)?;
         let x = self.encoder.forward(&x, true)?;
         let x = self.final_norm.forward(&x)?;
         let pos: Vec<u32> = rows

@@ -5,8 +5,11 @@
 //! whose tensors are `candle_nn::Var`s. On the CPU in f32 an encoder runs its layers on rows
 //! `[B * T, W]` through `clipcid_kernels::cpu`: for inference one q/k/v product, attention as
 //! one op, the activation in place and the residuals inside the products; for training each
-//! layer as one autograd node (`cpu::transformer_block`). Other devices and dtypes use
-//! candle's primitive ops (its fused layer norm and softmax where no gradient is needed).
+//! layer as one autograd node (`cpu::transformer_block`). On a GPU in f32 or bf16, clipcid's
+//! CUDA kernels (`clipcid_kernels::cuda`) take the linear layers' bias (with QuickGELU after
+//! `fc1`), attention's head split and merge, and, when training, layer norm and softmax with
+//! their backward passes (inference uses candle's fused forward kernels for those two); the
+//! products and everything else, and other dtypes, run on candle's ops.
 
 use std::collections::HashMap;
 
@@ -31,7 +34,7 @@ fn needs_grad(ts: &[&Tensor]) -> bool {
 /// Softmax over the last dimension, differentiable when its input tracks gradients.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if needs_grad(&[x]) {
-        if cpu::is_cpu_f32(x) {
+        if cpu::is_cpu_f32(x) || clipcid_kernels::gpu_kernels_take(&[x]) {
             return cpu::softmax_last_dim(x);
         }
         let max = x.max_keepdim(D::Minus1)?;
@@ -82,10 +85,11 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if [x, &self.weight, &self.bias]
-            .iter()
-            .all(|t| cpu::is_cpu_f32(t))
+        let params = [x, &self.weight, &self.bias];
+        if params.iter().all(|t| cpu::is_cpu_f32(t))
+            || (needs_grad(&params) && clipcid_kernels::gpu_kernels_take(&params))
         {
+            // The fused op with its backward pass (CPU; or CUDA kernels when training).
             return cpu::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
         }
         // candle's fused kernel has no backward pass and no f64 form.
@@ -125,6 +129,25 @@ impl Linear {
 }
 
 impl Linear {
+    /// The bias, where clipcid's CUDA kernels take this layer on `x` (a GPU, f32 or bf16):
+    /// then the product runs on candle and the bias (and activation) in one kernel, where
+    /// candle's broadcast add was most of a ViT tower's time on an H200.
+    #[cfg(feature = "cuda")]
+    fn gpu_bias(&self, x: &Tensor) -> Option<&Tensor> {
+        let b = self.bias.as_ref()?;
+        clipcid_kernels::gpu_kernels_take(&[x, &self.weight, b]).then_some(b)
+    }
+
+    /// `quick_gelu(x W^T + b)`; on a GPU the bias and activation in one kernel.
+    pub(crate) fn forward_quick_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(b) = self.gpu_bias(x) {
+            let y = candle_nn::Linear::new(self.weight.clone(), None).forward(x)?;
+            return clipcid_kernels::cuda::bias_quick_gelu(&y, b);
+        }
+        quick_gelu(&self.forward(x)?)
+    }
+
     /// `x W^T + b` for f32 CPU rows `[rows, in]` on BLAS.
     fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
         match &self.bias {
@@ -167,6 +190,11 @@ impl Module for Linear {
             && cpu::is_cpu_f32(&self.weight)
             && self.bias.as_ref().is_none_or(cpu::is_cpu_f32);
         if !on_blas {
+            #[cfg(feature = "cuda")]
+            if let Some(b) = self.gpu_bias(x) {
+                let y = candle_nn::Linear::new(self.weight.clone(), None).forward(x)?;
+                return clipcid_kernels::cuda::bias_add(&y, b);
+            }
             return candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(x);
         }
         // Rows go in as they are: a reshape is an autograd node whose backward pass copies
@@ -253,9 +281,12 @@ impl SelfAttention {
         let (b, t, w) = x.dims3()?;
         let hd = w / self.heads;
         let split = |y: Tensor| -> Result<Tensor> {
-            y.reshape((b, t, self.heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()
+            let y = y.reshape((b, t, self.heads, hd))?;
+            #[cfg(feature = "cuda")]
+            if clipcid_kernels::gpu_kernels_take(&[&y]) {
+                return clipcid_kernels::cuda::swap_middle_dims(&y);
+            }
+            y.transpose(1, 2)?.contiguous()
         };
         let q = split((self.q.forward(x)? * (hd as f64).powf(-0.5))?)?;
         let k = split(self.k.forward(x)?)?;
@@ -265,7 +296,13 @@ impl SelfAttention {
             att = att.broadcast_add(m)?;
         }
         let att = softmax_last_dim(&att)?;
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, w))?;
+        let y = att.matmul(&v)?;
+        #[cfg(feature = "cuda")]
+        if clipcid_kernels::gpu_kernels_take(&[&y]) {
+            let y = clipcid_kernels::cuda::swap_middle_dims(&y)?.reshape((b, t, w))?;
+            return self.out.forward(&y);
+        }
+        let y = y.transpose(1, 2)?.reshape((b, t, w))?;
         self.out.forward(&y)
     }
 }
@@ -294,10 +331,10 @@ impl EncoderLayer {
             Queries::All => x,
             Queries::First => x.i((.., 0, ..))?,
         };
-        let h = self.fc1.forward(&self.ln2.forward(&x)?)?;
+        let h = self.ln2.forward(&x)?;
         let h = match self.act {
-            Activation::QuickGelu => quick_gelu(&h)?,
-            Activation::Gelu => h.gelu_erf()?,
+            Activation::QuickGelu => self.fc1.forward_quick_gelu(&h)?,
+            Activation::Gelu => self.fc1.forward(&h)?.gelu_erf()?,
         };
         x + self.fc2.forward(&h)?
     }

@@ -49,6 +49,19 @@ pub struct BenchRow {
     pub unit: &'static str,
 }
 
+/// Whether this build can switch clipcid's CUDA kernels off on `device` (a GPU, `cuda`).
+fn gpu_kernels_switchable(device: &Device) -> bool {
+    cfg!(feature = "cuda") && device.is_cuda()
+}
+
+/// Switches clipcid's CUDA kernels on or off (no-op without the `cuda` feature).
+fn set_gpu_kernels(on: bool) {
+    #[cfg(feature = "cuda")]
+    clipcid_kernels::cuda::set_enabled(on);
+    #[cfg(not(feature = "cuda"))]
+    let _ = on;
+}
+
 fn sync(device: &Device) -> Result<(), PipelineError> {
     Ok(device.synchronize()?)
 }
@@ -78,7 +91,9 @@ fn time(
 /// weights, and near-duplicate removal with f16 tiles
 /// over `dedup_rows` rows of width 512 (seconds); in that order, then the median
 /// milliseconds of each training step's forward pass with the loss, backward pass and
-/// AdamW update (f32, then bf16).
+/// AdamW update (f32, then bf16). On a GPU in a `cuda` build, last, the training rows again
+/// with clipcid's CUDA kernels switched off (units `samples/s (candle ops)`, `ms (candle
+/// ops)`).
 ///
 /// ```no_run
 /// // A GPU run of the check's sizes (the tests run `BenchSizes::SMOKE` on the CPU).
@@ -117,62 +132,101 @@ pub fn throughput(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
     let ids: Vec<u32> = (0..(b * ctx) as u32).map(|i| (i * 7919) % vocab).collect();
     let tok = Tensor::from_vec(ids, (b, ctx), device)?;
     // f32, then bf16 as the trainer's `precision = "bf16"` runs it: towers on bf16 casts of
-    // the f32 weights, the loss in f32, AdamW on the f32 weights.
+    // the f32 weights, the loss in f32, AdamW on the f32 weights. On a GPU both again with
+    // clipcid's CUDA kernels switched off (candle's primitive ops only): what they are worth.
     let mut phase_rows = vec![];
-    for bf16 in [false, true] {
-        let forward = || -> Result<Tensor, PipelineError> {
-            let cast = if bf16 {
-                Some(student.cast(DType::BF16)?)
-            } else {
-                None
-            };
-            let m = cast.as_ref().unwrap_or(&student);
-            Ok(ClipLoss::new().forward(
-                &m.encode_image(&px)?.to_dtype(DType::F32)?,
-                &m.encode_text(&tok)?.to_dtype(DType::F32)?,
-                student.logit_scale(),
-            )?)
-        };
-        let secs = time(device, sizes.repeats, || {
-            opt.step(&forward()?.backward()?, 1e-4)?;
-            Ok(())
-        })?;
-        let precision = if bf16 { "bf16 (f32 master)" } else { "f32" };
-        rows.push(BenchRow {
-            workload: format!("student (w384 L6) CLIP train step, {precision}, batch {b}"),
-            value: b as f64 / secs,
-            unit: "samples/s",
-        });
-        // Where a step's time goes (a device sync between phases): the rows that say what
-        // to make faster first. Milliseconds, so gpu-check.py's comparison skips them.
-        let mut phases = [vec![], vec![], vec![]];
-        for _ in 0..sizes.repeats.max(1) {
-            let t0 = Instant::now();
-            let loss = forward()?;
-            sync(device)?;
-            let t1 = Instant::now();
-            let grads = loss.backward()?;
-            sync(device)?;
-            let t2 = Instant::now();
-            opt.step(&grads, 1e-4)?;
-            sync(device)?;
-            let t3 = Instant::now();
-            for (p, (a, z)) in phases.iter_mut().zip([(t0, t1), (t1, t2), (t2, t3)]) {
-                p.push((z - a).as_secs_f64());
-            }
-        }
-        for (name, mut t) in ["forward and loss", "backward", "AdamW update"]
-            .into_iter()
-            .zip(phases)
-        {
-            t.sort_by(f64::total_cmp);
-            phase_rows.push(BenchRow {
-                workload: format!("train step phase, {precision}: {name}"),
-                value: 1e3 * t[t.len() / 2],
-                unit: "ms",
-            });
+    let mut candle_rows = vec![];
+    let kernel_settings: &[bool] = if gpu_kernels_switchable(device) {
+        &[true, false]
+    } else {
+        &[true]
+    };
+    // Kernels back on however the loop ends (an error included).
+    struct KernelsBackOn;
+    impl Drop for KernelsBackOn {
+        fn drop(&mut self) {
+            set_gpu_kernels(true);
         }
     }
+    let _back_on = KernelsBackOn;
+    for &kernels in kernel_settings {
+        set_gpu_kernels(kernels);
+        for bf16 in [false, true] {
+            let forward = || -> Result<Tensor, PipelineError> {
+                let cast = if bf16 {
+                    Some(student.cast(DType::BF16)?)
+                } else {
+                    None
+                };
+                let m = cast.as_ref().unwrap_or(&student);
+                Ok(ClipLoss::new().forward(
+                    &m.encode_image(&px)?.to_dtype(DType::F32)?,
+                    &m.encode_text(&tok)?.to_dtype(DType::F32)?,
+                    student.logit_scale(),
+                )?)
+            };
+            let secs = time(device, sizes.repeats, || {
+                opt.step(&forward()?.backward()?, 1e-4)?;
+                Ok(())
+            })?;
+            let precision = if bf16 { "bf16 (f32 master)" } else { "f32" };
+            // The headline rows are the default (kernels on); the comparison rows carry
+            // their own units, so gpu-check.py's parser passes over them.
+            let (suffix, per_second, ms) = if kernels {
+                ("", "samples/s", "ms")
+            } else {
+                (
+                    ", candle ops only",
+                    "samples/s (candle ops)",
+                    "ms (candle ops)",
+                )
+            };
+            let out = if kernels { &mut rows } else { &mut candle_rows };
+            out.push(BenchRow {
+                workload: format!(
+                    "student (w384 L6) CLIP train step, {precision}, batch {b}{suffix}"
+                ),
+                value: b as f64 / secs,
+                unit: per_second,
+            });
+            // Where a step's time goes (a device sync between phases): the rows that say
+            // what to make faster first. Milliseconds, so gpu-check.py's comparison skips
+            // them.
+            let mut phases = [vec![], vec![], vec![]];
+            for _ in 0..sizes.repeats.max(1) {
+                let t0 = Instant::now();
+                let loss = forward()?;
+                sync(device)?;
+                let t1 = Instant::now();
+                let grads = loss.backward()?;
+                sync(device)?;
+                let t2 = Instant::now();
+                opt.step(&grads, 1e-4)?;
+                sync(device)?;
+                let t3 = Instant::now();
+                for (p, (a, z)) in phases.iter_mut().zip([(t0, t1), (t1, t2), (t2, t3)]) {
+                    p.push((z - a).as_secs_f64());
+                }
+            }
+            let out = if kernels {
+                &mut phase_rows
+            } else {
+                &mut candle_rows
+            };
+            for (name, mut t) in ["forward and loss", "backward", "AdamW update"]
+                .into_iter()
+                .zip(phases)
+            {
+                t.sort_by(f64::total_cmp);
+                out.push(BenchRow {
+                    workload: format!("train step phase, {precision}{suffix}: {name}"),
+                    value: 1e3 * t[t.len() / 2],
+                    unit: ms,
+                });
+            }
+        }
+    }
+    drop(_back_on);
 
     let x = Tensor::randn(0f32, 1.0, (sizes.dedup_rows, 512), device)?;
     let opts = clipcid_dedup::BalanceOptions {
@@ -192,5 +246,128 @@ pub fn throughput(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
         unit: "s",
     });
     rows.extend(phase_rows);
+    rows.extend(candle_rows);
     Ok(rows)
+}
+
+/// Where the image tower's time goes: each op of a ViT-B/32 encoder layer alone, at the
+/// tower's shapes for `sizes.batch` images (50 tokens, width 768, 12 heads) in bf16, as the
+/// median milliseconds of `sizes.repeats` synced runs; then the host's cost of one tiny op
+/// (microseconds, from 1,000 additions of two one-element tensors and one sync), which bounds
+/// how fast a sequence of small ops can go whatever the GPU. Twelve layers of the op rows
+/// against the tower's own time say whether the tower is bound by its kernels or by the host.
+///
+/// ```
+/// let rows = clipcid_pipeline::op_profile(
+///     &candle_core::Device::Cpu,
+///     clipcid_pipeline::BenchSizes::SMOKE,
+/// )?;
+/// assert!(rows.iter().all(|r| r.value.is_finite() && r.value >= 0.0));
+/// # Ok::<(), clipcid_pipeline::PipelineError>(())
+/// ```
+pub fn op_profile(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, PipelineError> {
+    let (b, t, w, heads) = (sizes.batch, 50usize, 768usize, 12usize);
+    let rows = b * t;
+    let dt = DType::BF16;
+    let r = |shape: &[usize]| -> Result<Tensor, PipelineError> {
+        Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dt)?)
+    };
+    let x = r(&[b, t, w])?;
+    let x2 = x.reshape((rows, w))?;
+    let wqkv = r(&[3 * w, w])?;
+    let w1 = r(&[4 * w, w])?;
+    let b1 = r(&[4 * w])?;
+    let h = r(&[rows, 4 * w])?;
+    let gain = r(&[w])?;
+    let shift = r(&[w])?;
+    let q = r(&[b, heads, t, w / heads])?;
+    let scores = r(&[b, heads, t, t])?;
+    let fc1 = candle_nn::Linear::new(w1.clone(), Some(b1.clone()));
+    let mut out = vec![];
+    let mut op = |name: &str, f: &mut dyn FnMut() -> Result<Tensor, PipelineError>| {
+        let secs = time(device, sizes.repeats, || {
+            f()?;
+            Ok(())
+        })?;
+        out.push(BenchRow {
+            workload: format!("op, bf16, batch {b}: {name}"),
+            value: 1e3 * secs,
+            unit: "ms (op)",
+        });
+        Ok::<(), PipelineError>(())
+    };
+    use candle_core::Module;
+    op(
+        "matmul [B*50, 768] x [768, 2304] (q/k/v sized)",
+        &mut || Ok(x2.matmul(&wqkv.t()?)?),
+    )?;
+    op(
+        "matmul [B*50, 768] x [768, 3072] (fc1, no bias)",
+        &mut || Ok(x2.matmul(&w1.t()?)?),
+    )?;
+    op(
+        "candle_nn::Linear fc1 on [B, 50, 768] (matmul + bias)",
+        &mut || Ok(fc1.forward(&x)?),
+    )?;
+    op("bias add [B*50, 3072] (broadcast_add)", &mut || {
+        Ok(h.broadcast_add(&b1)?)
+    })?;
+    op("quick_gelu [B*50, 3072]", &mut || {
+        Ok(clipcid_models::nn::quick_gelu(&h)?)
+    })?;
+    op("residual add [B, 50, 768]", &mut || Ok((&x + &x)?))?;
+    op("layer norm [B*50, 768] (candle fused)", &mut || {
+        Ok(candle_nn::ops::layer_norm(&x2, &gain, &shift, 1e-5)?)
+    })?;
+    op(
+        "head split [B, 50, 12, 64] -> [B, 12, 50, 64] copy",
+        &mut || {
+            Ok(x.reshape((b, t, heads, w / heads))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        },
+    )?;
+    op("scores q k^T [B, 12, 50, 64]", &mut || {
+        Ok(q.matmul(&q.t()?)?)
+    })?;
+    op("softmax [B, 12, 50, 50] (candle fused)", &mut || {
+        Ok(candle_nn::ops::softmax_last_dim(&scores)?)
+    })?;
+    op("scores x v [B, 12, 50, 50] x [B, 12, 50, 64]", &mut || {
+        Ok(scores.matmul(&q)?)
+    })?;
+    // The whole tower at a quarter and at twice the batch: throughput that grows with the
+    // batch means a smaller batch leaves the GPU waiting for the host.
+    let b32 = ClipConfig::preset("vit-b-32")?;
+    let tower = ClipModel::from_tensors(&b32, init_tensors(&b32, 0)?, device, DType::BF16)?;
+    for batch in [(b / 4).max(1), 2 * b] {
+        let s = b32.vision_config.image_size;
+        let px = Tensor::randn(0f32, 1.0, (batch, 3, s, s), device)?.to_dtype(DType::BF16)?;
+        let secs = time(device, sizes.repeats, || {
+            tower.encode_image(&px)?;
+            Ok(())
+        })?;
+        out.push(BenchRow {
+            workload: format!("ViT-B/32 image tower, bf16, batch {batch}"),
+            value: batch as f64 / secs,
+            unit: "images/s (batch sweep)",
+        });
+    }
+    drop(tower);
+    // The host's side of one op: many tiny ones, one sync.
+    let one = Tensor::ones(1, DType::F32, device)?;
+    let n = 1000;
+    let secs = time(device, sizes.repeats, || {
+        let mut acc = one.clone();
+        for _ in 0..n {
+            acc = (&acc + &one)?;
+        }
+        Ok(())
+    })?;
+    out.push(BenchRow {
+        workload: "host cost of one tiny op (1,000 dependent additions, one sync)".into(),
+        value: 1e6 * secs / n as f64,
+        unit: "us per op",
+    });
+    Ok(out)
 }

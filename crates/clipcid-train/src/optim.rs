@@ -10,6 +10,14 @@ use clipcid_kernels::cpu;
 
 use crate::TrainError;
 
+/// Whether clipcid's CUDA kernels are switched on (`clipcid_kernels::cuda::enabled`).
+fn gpu_kernels_on() -> bool {
+    #[cfg(feature = "cuda")]
+    return clipcid_kernels::cuda::enabled();
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
 /// AdamW hyper-parameters. Defaults follow the paper where it says (beta2 0.98) and
 /// open_clip otherwise (beta1 0.9, eps 1e-6, weight decay 0.2).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -61,6 +69,8 @@ pub struct AdamW {
     slots: Vec<Slot>,
     config: AdamWConfig,
     step: u64,
+    /// On a GPU: whether the in-place kernels loaded (checked at the first step).
+    gpu_in_place: Option<bool>,
 }
 
 impl std::fmt::Debug for AdamW {
@@ -88,7 +98,7 @@ impl AdamW {
             .into_iter()
             .map(|(name, var)| {
                 let decay = Self::decays(&name, var.rank());
-                // Two allocations: the moments are updated in place on the CPU.
+                // Two allocations: the moments are updated in place (CPU and CUDA).
                 let m = var.zeros_like()?.to_dtype(DType::F32)?;
                 let v = m.zeros_like()?;
                 Ok(Slot {
@@ -104,6 +114,7 @@ impl AdamW {
             slots,
             config,
             step: 0,
+            gpu_in_place: None,
         })
     }
 
@@ -152,16 +163,22 @@ impl AdamW {
         let t = self.step as i32;
         let bias1 = 1.0 - c.beta1.powi(t);
         let bias2 = 1.0 - c.beta2.powi(t);
+        let gpu_in_place = self.gpu_in_place();
         for slot in &mut self.slots {
             let Some(g) = grads.get(&slot.var) else {
                 continue;
             };
             let g = g.to_dtype(DType::F32)?;
             let p = slot.var.as_tensor();
-            if [p, &g, &slot.m, &slot.v].iter().all(|t| cpu::is_cpu_f32(t))
+            let device = p.device();
+            if [p, &g, &slot.m, &slot.v]
+                .iter()
+                .all(|t| cpu::adamw_runs_in_place(t) && t.device().same_device(device))
                 && [p, &slot.m, &slot.v].iter().all(|t| t.is_contiguous())
+                && (device.is_cpu() || (gpu_in_place && gpu_kernels_on()))
             {
-                // One in-place pass per tensor (see `cpu::adamw_update`); same formula.
+                // One in-place pass per tensor (see `cpu::adamw_update`; three kernels on a
+                // GPU instead of about sixteen tensor ops); same formula.
                 let step = cpu::AdamWStep {
                     lr,
                     beta1: c.beta1,
@@ -186,6 +203,33 @@ impl AdamW {
             slot.var.set(&p.to_dtype(slot.var.dtype())?)?;
         }
         Ok(())
+    }
+
+    /// Whether the parameters' GPU takes the in-place update: its kernels are compiled
+    /// (NVRTC) and loaded at the first step; if that fails, a warning says why and the steps
+    /// use tensor ops (same formula, more kernel launches).
+    fn gpu_in_place(&mut self) -> bool {
+        if let Some(ok) = self.gpu_in_place {
+            return ok;
+        }
+        let Some(device) = self.slots.first().map(|s| s.var.device().clone()) else {
+            return false;
+        };
+        if device.is_cpu() {
+            return false;
+        }
+        #[cfg(feature = "cuda")]
+        let ok = match clipcid_kernels::cuda::load(&device) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("clipcid's CUDA kernels did not load ({e}); AdamW uses tensor ops");
+                false
+            }
+        };
+        #[cfg(not(feature = "cuda"))]
+        let ok = false;
+        self.gpu_in_place = Some(ok);
+        ok
     }
 
     /// The optimiser state as named tensors (`adamw.m.<param>`, `adamw.v.<param>`) plus the

@@ -308,12 +308,15 @@ fn run(cli: Cli) -> Result<()> {
                     "\n| workload ({:?}) | value | unit |\n|---|---|---|",
                     device.location()
                 );
-                for r in clipcid_pipeline::throughput(&device, sizes)? {
+                let measured = clipcid_pipeline::throughput(&device, sizes)?;
+                let profile = clipcid_pipeline::op_profile(&device, sizes)?;
+                for r in measured.iter().chain(&profile) {
                     // Seconds keep four decimals: a GPU's balance row may be well under
                     // a tenth of a second, and gpu-check.py divides by it.
                     let digits = match r.unit {
                         "s" => 4,
-                        "ms" => 2,
+                        "ms (op)" => 3,
+                        u if u.starts_with("ms") => 2,
                         _ => 1,
                     };
                     println!("| {} | {:.*} | {} |", r.workload, digits, r.value, r.unit);

@@ -4,7 +4,8 @@
 //! twelve ops per parameter tensor, each allocating and writing a full-size result, and
 //! candle runs its scalar ops (`affine`, `sqrt`, `sqr`) on one thread: 5% of a training step,
 //! with the pool's other thread idle. Here the two moments and the parameter are updated in
-//! place, each in one pass over candle's pool.
+//! place, each in one pass over candle's pool. On CUDA the same three passes are kernels
+//! (see `clipcid_kernels::cuda`).
 
 use candle_core::{bail, CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 
@@ -28,8 +29,9 @@ pub struct AdamWStep {
     pub step: i32,
 }
 
-/// Updates `param` and its moments `m` and `v` in place from `grad` (f32 CPU tensors of one
-/// shape, `param`, `m` and `v` contiguous):
+/// Updates `param` and its moments `m` and `v` in place from `grad` (f32 tensors of one
+/// shape on the CPU, or on a GPU in a `cuda` build; `param`, `m` and `v` contiguous; see
+/// [`adamw_runs_in_place`]):
 /// `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g^2`,
 /// `param = param (1 - lr wd) - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)`.
 ///
@@ -71,6 +73,20 @@ pub fn adamw_update(
         },
     )?;
     param.inplace_op3(m, v, &Apply(step))
+}
+
+/// Whether [`adamw_update`] takes `t`'s device and dtype: f32 on the CPU, and on CUDA in a
+/// `cuda` build (other tensors take `clipcid_train::AdamW`'s tensor-op formula).
+///
+/// ```
+/// let p = candle_core::Tensor::zeros(3, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+/// assert!(clipcid_kernels::cpu::adamw_runs_in_place(&p));
+/// assert!(!clipcid_kernels::cpu::adamw_runs_in_place(&p.to_dtype(candle_core::DType::BF16)?));
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn adamw_runs_in_place(t: &Tensor) -> bool {
+    t.dtype() == candle_core::DType::F32
+        && (t.device().is_cpu() || (cfg!(feature = "cuda") && t.device().is_cuda()))
 }
 
 fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a mut [f32]> {
@@ -128,6 +144,17 @@ impl InplaceOp2 for Moment {
         });
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        crate::cuda::adamw_moment(s1, l1, s2, l2, self.decay, self.square)
+    }
 }
 
 /// The parameter update from the updated moments.
@@ -169,44 +196,41 @@ impl InplaceOp3 for Apply {
         });
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let s = self.0;
+        let scalars = crate::cuda::ApplyScalars {
+            keep: (1.0 - s.lr * s.weight_decay) as f32,
+            lr: s.lr as f32,
+            inv_bias1: (1.0 / (1.0 - s.beta1.powi(s.step))) as f32,
+            inv_bias2: (1.0 / (1.0 - s.beta2.powi(s.step))) as f32,
+            eps: s.eps as f32,
+        };
+        crate::cuda::adamw_apply(s1, l1, s2, l2, s3, l3, &scalars)
+    }
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests: a failed setup step should panic
 mod tests {
-    use super::super::testing::{max_abs_diff, randn};
+    use super::super::testing::randn;
     use super::*;
 
-    /// Three steps against the tensor-op formula (what `clipcid_train::AdamW` runs elsewhere).
+    /// A gradient of another size is an error naming both sizes (the formula itself is
+    /// checked on every device in `tests/fused_ops.rs`).
     #[test]
-    fn in_place_update_matches_the_tensor_formula() {
+    fn a_gradient_of_another_size_is_an_error() {
         let p = randn(&[7, 1000], 1);
         let (m, v) = (p.zeros_like().unwrap(), p.zeros_like().unwrap());
-        let (mut pr, mut mr, mut vr) = (p.copy().unwrap(), m.copy().unwrap(), v.copy().unwrap());
-        for t in 1..=3 {
-            let g = randn(&[7, 1000], 10 + t as u64);
-            let s = AdamWStep {
-                lr: 1e-2,
-                beta1: 0.9,
-                beta2: 0.98,
-                eps: 1e-6,
-                weight_decay: 0.1,
-                step: t,
-            };
-            adamw_update(&p, &g, &m, &v, s).unwrap();
-            mr = ((&mr * s.beta1).unwrap() + (&g * (1.0 - s.beta1)).unwrap()).unwrap();
-            vr =
-                ((&vr * s.beta2).unwrap() + (g.sqr().unwrap() * (1.0 - s.beta2)).unwrap()).unwrap();
-            let b1 = 1.0 - s.beta1.powi(t);
-            let b2 = 1.0 - s.beta2.powi(t);
-            let upd = ((&mr / b1).unwrap()
-                / ((&vr / b2).unwrap().sqrt().unwrap() + s.eps).unwrap())
-            .unwrap();
-            pr = ((&pr * (1.0 - s.lr * s.weight_decay)).unwrap() - (upd * s.lr).unwrap()).unwrap();
-        }
-        assert!(max_abs_diff(&m, &mr) < 1e-6);
-        assert!(max_abs_diff(&v, &vr) < 1e-6);
-        assert!(max_abs_diff(&p, &pr) < 1e-6);
         let e = adamw_update(
             &p,
             &randn(&[3], 1),

@@ -33,7 +33,7 @@ mod norm;
 mod testing;
 
 pub use activation::{gelu, gelu_in_place, quick_gelu, quick_gelu_in_place, Activation};
-pub use adamw::{adamw_update, AdamWStep};
+pub use adamw::{adamw_runs_in_place, adamw_update, AdamWStep};
 pub use attention::{attention, AttentionSpec, Queries};
 pub use block::{pack_block_params, transformer_block, BlockParams, BlockSpec};
 use candle_core::{
@@ -86,7 +86,8 @@ fn row_width(l: &Layout, op: &str) -> Result<usize> {
     }
 }
 
-/// Softmax over the last dimension (f32, CPU), differentiable.
+/// Softmax over the last dimension (f32 on the CPU; f32 or bf16 on a GPU in a `cuda` build,
+/// see `clipcid_kernels::cuda`), differentiable.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Softmax)
 }
@@ -359,6 +360,15 @@ impl CustomOp1 for Softmax {
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::softmax_fwd(s, l)
+    }
+
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(
             res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)?,
@@ -398,6 +408,17 @@ impl CustomOp2 for SoftmaxGrad {
             }
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::softmax_bwd((s1, l1), (s2, l2))
     }
 }
 

@@ -5,8 +5,8 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use super::{f32_slice, math, row_width, ROWS_PER_TASK};
 use crate::pool;
 
-/// Layer norm over the last dimension with scale and shift (f32, CPU), differentiable in all
-/// three arguments.
+/// Layer norm over the last dimension with scale and shift (f32 on the CPU; f32 or bf16 on a
+/// GPU in a `cuda` build, see `clipcid_kernels::cuda`), differentiable in all three arguments.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
     x.contiguous()?.apply_op3(
         &weight.contiguous()?,
@@ -57,6 +57,19 @@ impl CustomOp3 for LayerNorm {
         let mut y = vec![0f32; x.len()];
         layer_norm_rows(x, w, b, self.eps, &mut y);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::layer_norm_fwd((s1, l1), (s2, l2), (s3, l3), self.eps)
     }
 
     fn bwd(
@@ -111,6 +124,19 @@ impl CustomOp3 for LayerNormGrad {
         layer_norm_grad_rows(x, w, g, self.eps, dx, sums);
         let shape = Shape::from((rows + 2, d));
         Ok((CpuStorage::F32(out), shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::layer_norm_bwd((s1, l1), (s2, l2), (s3, l3), self.eps)
     }
 }
 

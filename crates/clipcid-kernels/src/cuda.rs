@@ -1,0 +1,1430 @@
+//! CUDA kernels (the `cuda` feature), compiled from the CUDA C source below with NVRTC the
+//! first time a process needs them, so the build needs no `nvcc` of its own beyond candle's.
+//! They are reached through the same candle `CustomOp`s as the CPU kernels (the op's
+//! `cuda_fwd`), in f32 and bf16 (arithmetic in f32), where candle's primitive ops would cost
+//! a kernel launch and a full-size temporary each:
+//!
+//! - AdamW's update in place ([`cpu::adamw_update`](crate::cpu::adamw_update)): three
+//!   launches per parameter tensor instead of about sixteen tensor ops (f32).
+//! - Layer norm with its backward pass ([`cpu::layer_norm`](crate::cpu::layer_norm)): one
+//!   launch forward, three backward (rows, column partial sums, their fixed-order total),
+//!   where candle has a fused forward only and training took about ten ops forward and
+//!   twenty backward.
+//! - Softmax over the last dimension with its backward pass
+//!   ([`cpu::softmax_last_dim`](crate::cpu::softmax_last_dim)): one warp per row.
+//! - Attention's head split and merge ([`swap_middle_dims`]) and a ViT's patch matrix
+//!   ([`patchify`]): copies with 32-bit indices.
+//! - A linear layer's bias, alone ([`bias_add`]) or with CLIP's activation
+//!   ([`bias_quick_gelu`]), with backward passes: candle's broadcast add computes each
+//!   element's index with 64-bit divisions, and took 0.8 ms on `[12800, 3072]` bf16 on an
+//!   H200 (the memory-bound time is 0.04 ms), which made it the largest part of the ViT-B/32
+//!   tower's time.
+//!
+//! [`enabled`] says whether they are used: `CLIPCID_CUDA_KERNELS=0` in the environment (or
+//! [`set_enabled`]) falls back to candle's primitive ops, to measure one against the other.
+//!
+//! ```no_run
+//! # fn main() -> candle_core::Result<()> {
+//! // On a machine with a GPU: compile and load the kernels once, up front, to report a
+//! // missing NVRTC library before a training run starts.
+//! let gpu = candle_core::Device::new_cuda(0)?;
+//! clipcid_kernels::cuda::load(&gpu)?;
+//! # Ok(()) }
+//! ```
+
+// Launching a kernel is `unsafe` in cudarc (it cannot check the arguments against the
+// kernel's parameters); each launch below says why its arguments match.
+#![allow(unsafe_code)]
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::cudarc::nvrtc::compile_ptx;
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result,
+    Shape, Tensor,
+};
+use half::bf16;
+
+/// The module name under which the kernels are loaded on each device.
+const MODULE: &str = "clipcid_kernels";
+
+/// Threads per block of the row kernels (layer norm): a multiple of the warp size.
+const ROW_THREADS: u32 = 128;
+/// Rows per block of the column partial sums (layer norm's scale and shift gradients).
+const COLUMN_CHUNK: usize = 64;
+
+/// The kernels. `bf16` values travel as their 16 bits (`unsigned short`) and are widened to
+/// f32 on load and rounded to nearest-even on store, so NVRTC needs no CUDA headers.
+const SOURCE: &str = r#"
+typedef unsigned short bf16_t;
+__device__ __forceinline__ float ld(float v) { return v; }
+__device__ __forceinline__ float ld(bf16_t v) { return __uint_as_float(((unsigned int)v) << 16); }
+__device__ __forceinline__ void st(float *p, float v) { *p = v; }
+__device__ __forceinline__ void st(bf16_t *p, float v) {
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { *p = (bf16_t)((u >> 16) | 0x40u); return; }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    *p = (bf16_t)(u >> 16);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+/* The block's total, the same in every thread, added in a fixed order. */
+__device__ float block_sum(float v, float *sh) {
+    v = warp_sum(v);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    float t = 0.0f;
+    for (int i = 0; i < warps; ++i) t += sh[i];
+    return t;
+}
+
+extern "C" __global__ void clipcid_adamw_moment(float *acc, const float *g, const unsigned int n,
+                                                const float decay, const float rest,
+                                                const int square) {
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += blockDim.x * gridDim.x) {
+        const float x = g[i];
+        acc[i] = square ? decay * acc[i] + rest * x * x : decay * acc[i] + rest * x;
+    }
+}
+
+extern "C" __global__ void clipcid_adamw_apply(float *p, const float *m, const float *v,
+                                               const unsigned int n, const float keep,
+                                               const float lr, const float inv_bias1,
+                                               const float inv_bias2, const float eps) {
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += blockDim.x * gridDim.x) {
+        const float update = (m[i] * inv_bias1) / (sqrtf(v[i] * inv_bias2) + eps);
+        p[i] = p[i] * keep - lr * update;
+    }
+}
+
+/* One block per row: mean, then variance about it (two passes, as PyTorch). */
+template <typename T>
+__device__ void row_stats(const T *xr, const unsigned int d, const float eps, float *sh,
+                          float *mean, float *rstd) {
+    float s = 0.0f;
+    for (unsigned int i = threadIdx.x; i < d; i += blockDim.x) s += ld(xr[i]);
+    const float m = block_sum(s, sh) / (float)d;
+    float q = 0.0f;
+    for (unsigned int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float c = ld(xr[i]) - m;
+        q += c * c;
+    }
+    *mean = m;
+    *rstd = 1.0f / sqrtf(block_sum(q, sh) / (float)d + eps);
+}
+
+template <typename T>
+__device__ void ln_fwd(const T *x, const T *w, const T *b, T *y, const unsigned int d,
+                       const float eps) {
+    __shared__ float sh[32];
+    const size_t off = (size_t)blockIdx.x * d;
+    float mean, rstd;
+    row_stats(x + off, d, eps, sh, &mean, &rstd);
+    for (unsigned int i = threadIdx.x; i < d; i += blockDim.x)
+        st(&y[off + i], (ld(x[off + i]) - mean) * rstd * ld(w[i]) + ld(b[i]));
+}
+
+/* dx = rstd (gh - mean(gh) - xh mean(gh xh)), gh = g w, xh = (x - mean) rstd; each row's
+   mean and rstd kept for the column sums. */
+template <typename T>
+__device__ void ln_bwd_rows(const T *x, const T *w, const T *g, T *dx, float *stats,
+                            const unsigned int d, const float eps) {
+    __shared__ float sh[32];
+    const size_t off = (size_t)blockIdx.x * d;
+    float mean, rstd;
+    row_stats(x + off, d, eps, sh, &mean, &rstd);
+    float a = 0.0f, c = 0.0f;
+    for (unsigned int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float gh = ld(g[off + i]) * ld(w[i]);
+        a += gh;
+        c += gh * ((ld(x[off + i]) - mean) * rstd);
+    }
+    const float mean_gh = block_sum(a, sh) / (float)d;
+    const float mean_ghxh = block_sum(c, sh) / (float)d;
+    for (unsigned int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float gh = ld(g[off + i]) * ld(w[i]);
+        const float xh = (ld(x[off + i]) - mean) * rstd;
+        st(&dx[off + i], rstd * (gh - mean_gh - xh * mean_ghxh));
+    }
+    if (threadIdx.x == 0) {
+        stats[2 * blockIdx.x] = mean;
+        stats[2 * blockIdx.x + 1] = rstd;
+    }
+}
+
+/* Block (32, 8) over 32 columns and a chunk of rows: the chunk's sum of g xh (dw) and of g
+   (db) per column, into partial[chunk][0..d] and partial[chunk][d..2d]. */
+template <typename T>
+__device__ void ln_bwd_columns(const T *x, const T *g, const float *stats, float *partial,
+                               const unsigned int rows, const unsigned int d,
+                               const unsigned int chunk) {
+    __shared__ float sw[8][33];
+    __shared__ float sb[8][33];
+    const unsigned int col = blockIdx.x * 32 + threadIdx.x;
+    const unsigned int r0 = blockIdx.y * chunk;
+    const unsigned int r1 = (r0 + chunk < rows) ? r0 + chunk : rows;
+    float dw = 0.0f, db = 0.0f;
+    if (col < d) {
+        for (unsigned int r = r0 + threadIdx.y; r < r1; r += blockDim.y) {
+            const float gv = ld(g[(size_t)r * d + col]);
+            dw += gv * ((ld(x[(size_t)r * d + col]) - stats[2 * r]) * stats[2 * r + 1]);
+            db += gv;
+        }
+    }
+    sw[threadIdx.y][threadIdx.x] = dw;
+    sb[threadIdx.y][threadIdx.x] = db;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < d) {
+        float a = 0.0f, b = 0.0f;
+        for (unsigned int k = 0; k < blockDim.y; ++k) {
+            a += sw[k][threadIdx.x];
+            b += sb[k][threadIdx.x];
+        }
+        partial[(size_t)blockIdx.y * 2 * d + col] = a;
+        partial[(size_t)blockIdx.y * 2 * d + d + col] = b;
+    }
+}
+
+/* The chunks' partial sums added in chunk order: out[j] for j < n2 (dw then db). */
+template <typename T>
+__device__ void ln_bwd_total(const float *partial, T *out, const unsigned int chunks,
+                             const unsigned int n2) {
+    const unsigned int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= n2) return;
+    float s = 0.0f;
+    for (unsigned int k = 0; k < chunks; ++k) s += partial[(size_t)k * n2 + j];
+    st(&out[j], s);
+}
+
+/* One warp per row (blockDim.x / 32 rows per block). */
+template <typename T>
+__device__ void softmax_fwd(const T *x, T *y, const unsigned int rows, const unsigned int n) {
+    const unsigned int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const unsigned int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const size_t off = (size_t)row * n;
+    float m = -__int_as_float(0x7f800000);
+    for (unsigned int i = lane; i < n; i += 32) m = fmaxf(m, ld(x[off + i]));
+    m = warp_max(m);
+    float s = 0.0f;
+    for (unsigned int i = lane; i < n; i += 32) s += expf(ld(x[off + i]) - m);
+    s = warp_sum(s);
+    for (unsigned int i = lane; i < n; i += 32) st(&y[off + i], expf(ld(x[off + i]) - m) / s);
+}
+
+/* dx = y (g - sum(g y)) per row. */
+template <typename T>
+__device__ void softmax_bwd(const T *y, const T *g, T *dx, const unsigned int rows,
+                            const unsigned int n) {
+    const unsigned int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const unsigned int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const size_t off = (size_t)row * n;
+    float s = 0.0f;
+    for (unsigned int i = lane; i < n; i += 32) s += ld(g[off + i]) * ld(y[off + i]);
+    s = warp_sum(s);
+    for (unsigned int i = lane; i < n; i += 32)
+        st(&dx[off + i], ld(y[off + i]) * (ld(g[off + i]) - s));
+}
+
+/* y = x + b[column] over a contiguous [rows, n] x. */
+template <typename T>
+__device__ void bias_add(const T *x, const T *b, T *y, const unsigned int total,
+                         const unsigned int n) {
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += blockDim.x * gridDim.x)
+        st(&y[i], ld(x[i]) + ld(b[i % n]));
+}
+
+/* y = h sigmoid(1.702 h), h = x + b[column]. */
+template <typename T>
+__device__ void bias_quick_gelu(const T *x, const T *b, T *y, const unsigned int total,
+                                const unsigned int n) {
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += blockDim.x * gridDim.x) {
+        const float h = ld(x[i]) + ld(b[i % n]);
+        st(&y[i], h / (1.0f + expf(-1.702f * h)));
+    }
+}
+
+/* dh = g (s + 1.702 h s (1 - s)), s = sigmoid(1.702 h), h = x + b[column]. */
+template <typename T>
+__device__ void bias_quick_gelu_bwd(const T *x, const T *b, const T *g, T *dh,
+                                    const unsigned int total, const unsigned int n) {
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += blockDim.x * gridDim.x) {
+        const float h = ld(x[i]) + ld(b[i % n]);
+        const float s = 1.0f / (1.0f + expf(-1.702f * h));
+        st(&dh[i], ld(g[i]) * (s + 1.702f * h * s * (1.0f - s)));
+    }
+}
+
+/* Block (32, 8) over 32 columns and a chunk of rows of a contiguous [rows, n] g: the chunk's
+   column sums into partial[chunk][0..n]. */
+template <typename T>
+__device__ void column_partial(const T *g, float *partial, const unsigned int rows,
+                               const unsigned int n, const unsigned int chunk) {
+    __shared__ float sh[8][33];
+    const unsigned int col = blockIdx.x * 32 + threadIdx.x;
+    const unsigned int r0 = blockIdx.y * chunk;
+    const unsigned int r1 = (r0 + chunk < rows) ? r0 + chunk : rows;
+    float acc = 0.0f;
+    if (col < n)
+        for (unsigned int r = r0 + threadIdx.y; r < r1; r += blockDim.y)
+            acc += ld(g[(size_t)r * n + col]);
+    sh[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < n) {
+        float a = 0.0f;
+        for (unsigned int k = 0; k < blockDim.y; ++k) a += sh[k][threadIdx.x];
+        partial[(size_t)blockIdx.y * n + col] = a;
+    }
+}
+
+/* y[a][c][b][d] = x[a][b][c][d], x of dims (n0, n1, n2, n3): attention's head split
+   [B, T, H, D] -> [B, H, T, D] and its inverse, with 32-bit index arithmetic. */
+template <typename T>
+__device__ void swap_middle(const T *x, T *y, const unsigned int n0, const unsigned int n1,
+                            const unsigned int n2, const unsigned int n3) {
+    const unsigned int total = n0 * n1 * n2 * n3;
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += blockDim.x * gridDim.x) {
+        const unsigned int d = i % n3;
+        unsigned int r = i / n3;
+        const unsigned int b = r % n1;
+        r /= n1;
+        const unsigned int c = r % n2;
+        const unsigned int a = r / n2;
+        y[i] = x[((a * n1 + b) * n2 + c) * n3 + d];
+    }
+}
+
+/* The patch matrix of [B, C, S, S] images, patch p, g = S / p: patches[(b g + gy) g + gx]
+   [(c p + py) p + px] = image[b][c][gy p + py][gx p + px]; with scatter, the image from the
+   patch matrix (the inverse permutation). */
+template <typename T>
+__device__ void patchify(const T *src, T *dst, const unsigned int B, const unsigned int C,
+                         const unsigned int S, const unsigned int p, const int scatter) {
+    const unsigned int g = S / p, cpp = C * p * p, total = B * C * S * S;
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += blockDim.x * gridDim.x) {
+        const unsigned int col = i % cpp, row = i / cpp;
+        const unsigned int px = col % p, py = (col / p) % p, c = col / (p * p);
+        const unsigned int gx = row % g, gy = (row / g) % g, b = row / (g * g);
+        const unsigned int j = ((b * C + c) * S + gy * p + py) * S + gx * p + px;
+        if (scatter) dst[j] = src[i]; else dst[i] = src[j];
+    }
+}
+
+#define CLIPCID_TYPED(T, S)                                                                     \
+extern "C" __global__ void clipcid_ln_fwd_##S(const T *x, const T *w, const T *b, T *y,        \
+                                              const unsigned int d, const float eps) {          \
+    ln_fwd(x, w, b, y, d, eps);                                                                 \
+}                                                                                               \
+extern "C" __global__ void clipcid_ln_bwd_rows_##S(const T *x, const T *w, const T *g, T *dx,  \
+                                                   float *stats, const unsigned int d,          \
+                                                   const float eps) {                           \
+    ln_bwd_rows(x, w, g, dx, stats, d, eps);                                                    \
+}                                                                                               \
+extern "C" __global__ void clipcid_ln_bwd_columns_##S(const T *x, const T *g,                  \
+                                                      const float *stats, float *partial,       \
+                                                      const unsigned int rows,                  \
+                                                      const unsigned int d,                     \
+                                                      const unsigned int chunk) {               \
+    ln_bwd_columns(x, g, stats, partial, rows, d, chunk);                                       \
+}                                                                                               \
+extern "C" __global__ void clipcid_ln_bwd_total_##S(const float *partial, T *out,              \
+                                                    const unsigned int chunks,                  \
+                                                    const unsigned int n2) {                    \
+    ln_bwd_total(partial, out, chunks, n2);                                                     \
+}                                                                                               \
+extern "C" __global__ void clipcid_softmax_fwd_##S(const T *x, T *y, const unsigned int rows,  \
+                                                   const unsigned int n) {                      \
+    softmax_fwd(x, y, rows, n);                                                                 \
+}                                                                                               \
+extern "C" __global__ void clipcid_softmax_bwd_##S(const T *y, const T *g, T *dx,              \
+                                                   const unsigned int rows,                     \
+                                                   const unsigned int n) {                      \
+    softmax_bwd(y, g, dx, rows, n);                                                             \
+}                                                                                               \
+extern "C" __global__ void clipcid_bias_add_##S(const T *x, const T *b, T *y,                  \
+                                                const unsigned int total,                       \
+                                                const unsigned int n) {                         \
+    bias_add(x, b, y, total, n);                                                                \
+}                                                                                               \
+extern "C" __global__ void clipcid_bias_quick_gelu_##S(const T *x, const T *b, T *y,           \
+                                                       const unsigned int total,                \
+                                                       const unsigned int n) {                  \
+    bias_quick_gelu(x, b, y, total, n);                                                         \
+}                                                                                               \
+extern "C" __global__ void clipcid_bias_quick_gelu_bwd_##S(const T *x, const T *b, const T *g, \
+                                                           T *dh, const unsigned int total,     \
+                                                           const unsigned int n) {              \
+    bias_quick_gelu_bwd(x, b, g, dh, total, n);                                                 \
+}                                                                                               \
+extern "C" __global__ void clipcid_column_partial_##S(const T *g, float *partial,              \
+                                                      const unsigned int rows,                  \
+                                                      const unsigned int n,                     \
+                                                      const unsigned int chunk) {               \
+    column_partial(g, partial, rows, n, chunk);                                                 \
+}                                                                                               \
+extern "C" __global__ void clipcid_swap_middle_##S(const T *x, T *y, const unsigned int n0,    \
+                                                   const unsigned int n1,                       \
+                                                   const unsigned int n2,                       \
+                                                   const unsigned int n3) {                     \
+    swap_middle(x, y, n0, n1, n2, n3);                                                          \
+}                                                                                               \
+extern "C" __global__ void clipcid_patchify_##S(const T *src, T *dst, const unsigned int b,    \
+                                                const unsigned int c, const unsigned int s,     \
+                                                const unsigned int p, const int scatter) {      \
+    patchify(src, dst, b, c, s, p, scatter);                                                    \
+}
+
+CLIPCID_TYPED(float, f32)
+CLIPCID_TYPED(bf16_t, bf16)
+"#;
+
+/// Every kernel [`SOURCE`] defines (what [`load`] loads).
+const KERNELS: [&str; 26] = [
+    "clipcid_adamw_moment",
+    "clipcid_adamw_apply",
+    "clipcid_ln_fwd_f32",
+    "clipcid_ln_bwd_rows_f32",
+    "clipcid_ln_bwd_columns_f32",
+    "clipcid_ln_bwd_total_f32",
+    "clipcid_softmax_fwd_f32",
+    "clipcid_softmax_bwd_f32",
+    "clipcid_ln_fwd_bf16",
+    "clipcid_ln_bwd_rows_bf16",
+    "clipcid_ln_bwd_columns_bf16",
+    "clipcid_ln_bwd_total_bf16",
+    "clipcid_softmax_fwd_bf16",
+    "clipcid_softmax_bwd_bf16",
+    "clipcid_bias_add_f32",
+    "clipcid_bias_quick_gelu_f32",
+    "clipcid_bias_quick_gelu_bwd_f32",
+    "clipcid_column_partial_f32",
+    "clipcid_bias_add_bf16",
+    "clipcid_bias_quick_gelu_bf16",
+    "clipcid_bias_quick_gelu_bwd_bf16",
+    "clipcid_column_partial_bf16",
+    "clipcid_swap_middle_f32",
+    "clipcid_swap_middle_bf16",
+    "clipcid_patchify_f32",
+    "clipcid_patchify_bf16",
+];
+
+/// The PTX of [`SOURCE`], compiled once per process (or the compiler's message).
+fn ptx() -> Result<&'static str> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    match PTX.get_or_init(|| {
+        compile_ptx(SOURCE)
+            .map(|p| p.to_src())
+            .map_err(|e| e.to_string())
+    }) {
+        Ok(ptx) => Ok(ptx),
+        Err(e) => bail!("compiling clipcid's CUDA kernels with NVRTC: {e}"),
+    }
+}
+
+/// 0: not read yet, 1: on, 2: off.
+static ENABLED: AtomicU8 = AtomicU8::new(0);
+
+/// Whether clipcid's CUDA kernels are used: yes unless `CLIPCID_CUDA_KERNELS=0` was in the
+/// environment when first asked, or [`set_enabled`] said otherwise.
+///
+/// ```
+/// clipcid_kernels::cuda::set_enabled(false);
+/// assert!(!clipcid_kernels::cuda::enabled());
+/// clipcid_kernels::cuda::set_enabled(true);
+/// assert!(clipcid_kernels::cuda::enabled());
+/// ```
+pub fn enabled() -> bool {
+    match ENABLED.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = std::env::var("CLIPCID_CUDA_KERNELS").map_or(true, |v| v.trim() != "0");
+            ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Turns clipcid's CUDA kernels on or off for this process (off: candle's primitive ops).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Whether the layer-norm and softmax kernels take these tensors: kernels enabled, all on a
+/// GPU, all of one dtype, f32 or bf16.
+pub fn takes(ts: &[&Tensor]) -> bool {
+    enabled()
+        && ts.iter().all(|t| {
+            t.device().is_cuda()
+                && t.dtype() == ts[0].dtype()
+                && matches!(t.dtype(), DType::F32 | DType::BF16)
+        })
+}
+
+/// Makes the GPU's stream-ordered memory pool keep what is freed (up to all of the GPU's
+/// memory) instead of handing it back to the driver at every synchronisation, as PyTorch's
+/// caching allocator does. candle allocates each op's output with `cuMemAllocAsync` from the
+/// device's default pool, whose release threshold is 0 unless set: every sync (a training
+/// step's loss read, a timing) returned the whole working set, and the next pass mapped it
+/// again. A no-op on the CPU; [`crate::open_cuda`] calls it for each GPU it opens.
+pub fn keep_freed_memory(device: &Device) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let Device::Cuda(dev) = device else {
+        return Ok(());
+    };
+    let cu_device = dev.cuda_stream().context().cu_device();
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: `pool` is a valid place for the handle; `cu_device` is an opened device.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, cu_device) }
+        .result()
+        .w()?;
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: the release threshold is a `cuuint64_t` attribute, read through the pointer
+    // during the call; `pool` is the handle the driver returned above.
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+    }
+    .result()
+    .w()?;
+    Ok(())
+}
+
+/// Compiles (once per process) and loads the kernels on `device`; an error names what
+/// failed (typically NVRTC's library missing from the library path). A no-op on the CPU.
+pub fn load(device: &Device) -> Result<()> {
+    if let Device::Cuda(dev) = device {
+        for f in KERNELS {
+            dev.get_or_load_custom_func(f, MODULE, ptx()?)?;
+        }
+    }
+    Ok(())
+}
+
+/// A tensor's contiguous element range in its storage: `(start, end)`.
+type Span = (usize, usize);
+
+/// The contiguous element range of `l`, at most `u32::MAX` elements (what the kernels index).
+fn span(l: &Layout, op: &str) -> Result<Span> {
+    match l.contiguous_offsets() {
+        Some((start, end)) if end - start <= u32::MAX as usize => Ok((start, end)),
+        Some((start, end)) => bail!(
+            "{op}: {} elements is more than one launch takes",
+            end - start
+        ),
+        None => bail!("{op}: expected a contiguous tensor"),
+    }
+}
+
+/// `acc = decay acc + (1 - decay) g` (or `g^2` when `square`), in place, f32.
+pub(crate) fn adamw_moment(
+    acc: &mut CudaStorage,
+    la: &Layout,
+    g: &CudaStorage,
+    lg: &Layout,
+    decay: f64,
+    square: bool,
+) -> Result<()> {
+    const OP: &str = "clipcid-adamw-moment";
+    let (a0, a1) = span(la, OP)?;
+    let (g0, g1) = span(lg, OP)?;
+    if a1 - a0 != g1 - g0 {
+        bail!(
+            "{OP}: moment of {} values for a gradient of {}",
+            a1 - a0,
+            g1 - g0
+        );
+    }
+    let func = acc
+        .device
+        .get_or_load_custom_func("clipcid_adamw_moment", MODULE, ptx()?)?;
+    let n = (a1 - a0) as u32;
+    let (decay_f, rest, square) = (decay as f32, (1.0 - decay) as f32, square as i32);
+    let g = g.as_cuda_slice::<f32>()?.slice(g0..g1);
+    let mut acc = acc.as_cuda_slice_mut::<f32>()?.slice_mut(a0..a1);
+    let mut b = func.builder();
+    b.arg(&mut acc);
+    b.arg(&g);
+    b.arg(&n);
+    b.arg(&decay_f);
+    b.arg(&rest);
+    b.arg(&square);
+    // SAFETY: the kernel reads `n` elements of `g` and reads and writes `n` of `acc`, both
+    // views of exactly `n` elements; the scalars match the kernel's parameter types.
+    unsafe { b.launch(LaunchConfig::for_num_elems(n)) }.w()?;
+    Ok(())
+}
+
+/// The scalars of one parameter update (see [`adamw_apply`]).
+pub(crate) struct ApplyScalars {
+    pub keep: f32,
+    pub lr: f32,
+    pub inv_bias1: f32,
+    pub inv_bias2: f32,
+    pub eps: f32,
+}
+
+/// `p = p keep - lr (m inv_bias1) / (sqrt(v inv_bias2) + eps)`, in place, f32.
+pub(crate) fn adamw_apply(
+    p: &mut CudaStorage,
+    lp: &Layout,
+    m: &CudaStorage,
+    lm: &Layout,
+    v: &CudaStorage,
+    lv: &Layout,
+    s: &ApplyScalars,
+) -> Result<()> {
+    const OP: &str = "clipcid-adamw-apply";
+    let (p0, p1) = span(lp, OP)?;
+    let (m0, m1) = span(lm, OP)?;
+    let (v0, v1) = span(lv, OP)?;
+    if p1 - p0 != m1 - m0 || p1 - p0 != v1 - v0 {
+        bail!("{OP}: parameter and moments differ in size");
+    }
+    let func = p
+        .device
+        .get_or_load_custom_func("clipcid_adamw_apply", MODULE, ptx()?)?;
+    let n = (p1 - p0) as u32;
+    let m = m.as_cuda_slice::<f32>()?.slice(m0..m1);
+    let v = v.as_cuda_slice::<f32>()?.slice(v0..v1);
+    let mut p = p.as_cuda_slice_mut::<f32>()?.slice_mut(p0..p1);
+    let mut b = func.builder();
+    b.arg(&mut p);
+    b.arg(&m);
+    b.arg(&v);
+    b.arg(&n);
+    b.arg(&s.keep);
+    b.arg(&s.lr);
+    b.arg(&s.inv_bias1);
+    b.arg(&s.inv_bias2);
+    b.arg(&s.eps);
+    // SAFETY: `p`, `m` and `v` are views of exactly `n` elements; the scalars match the
+    // kernel's parameter types.
+    unsafe { b.launch(LaunchConfig::for_num_elems(n)) }.w()?;
+    Ok(())
+}
+
+/// The kernel-name suffix of a dtype the row kernels take.
+fn suffix(dtype: DType, op: &str) -> Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        d => bail!("{op}: no CUDA kernel for {d:?} (f32 and bf16 only)"),
+    }
+}
+
+/// Rows and row width of a contiguous tensor of at least one dimension.
+fn rows_of(l: &Layout, op: &str) -> Result<(usize, usize)> {
+    let (s, e) = span(l, op)?;
+    match l.dims().last() {
+        Some(&d) if d > 0 => Ok(((e - s) / d, d)),
+        _ => bail!("{op}: expected a tensor with a non-empty last dimension"),
+    }
+}
+
+/// Layer norm's forward pass over the last dimension (`x`, then the scale `w` and shift `b`
+/// of the row width), f32 or bf16.
+pub(crate) fn layer_norm_fwd(
+    (x, lx): (&CudaStorage, &Layout),
+    (w, lw): (&CudaStorage, &Layout),
+    (b, lb): (&CudaStorage, &Layout),
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "clipcid-layer-norm";
+    let (rows, d) = rows_of(lx, OP)?;
+    let (sw, sb) = (span(lw, OP)?, span(lb, OP)?);
+    if sw.1 - sw.0 != d || sb.1 - sb.0 != d {
+        bail!(
+            "{OP}: scale/shift of {}/{} values for rows of {d}",
+            sw.1 - sw.0,
+            sb.1 - sb.0
+        );
+    }
+    let out = match x.dtype() {
+        DType::F32 => ln_fwd_typed::<f32>((x, lx), (w, sw), (b, sb), rows, d, eps)?,
+        DType::BF16 => ln_fwd_typed::<bf16>((x, lx), (w, sw), (b, sb), rows, d, eps)?,
+        t => bail!("{OP}: no CUDA kernel for {t:?} (f32 and bf16 only)"),
+    };
+    Ok((out, lx.shape().clone()))
+}
+
+fn ln_fwd_typed<T: CudaDType + DeviceRepr>(
+    (x, lx): (&CudaStorage, &Layout),
+    (w, sw): (&CudaStorage, (usize, usize)),
+    (b, sb): (&CudaStorage, (usize, usize)),
+    rows: usize,
+    d: usize,
+    eps: f32,
+) -> Result<CudaStorage> {
+    const OP: &str = "clipcid-layer-norm";
+    let dev = x.device.clone();
+    let func = dev.get_or_load_custom_func(
+        &format!("clipcid_ln_fwd_{}", suffix(x.dtype(), OP)?),
+        MODULE,
+        ptx()?,
+    )?;
+    let (x0, x1) = span(lx, OP)?;
+    let xs = x.as_cuda_slice::<T>()?.slice(x0..x1);
+    let ws = w.as_cuda_slice::<T>()?.slice(sw.0..sw.1);
+    let bs = b.as_cuda_slice::<T>()?.slice(sb.0..sb.1);
+    // SAFETY: every element is written by the kernel below before it is read.
+    let mut y: CudaSlice<T> = unsafe { dev.alloc::<T>(rows * d)? };
+    let (d32, cfg) = (d as u32, row_config(rows)?);
+    let mut a = func.builder();
+    a.arg(&xs);
+    a.arg(&ws);
+    a.arg(&bs);
+    a.arg(&mut y);
+    a.arg(&d32);
+    a.arg(&eps);
+    // SAFETY: one block per row of `d` elements of `x` and `y` (`rows * d` each), `w` and
+    // `b` of `d`; the types match the kernel's for this dtype.
+    unsafe { a.launch(cfg) }.w()?;
+    Ok(T::wrap_cuda_slice(y, dev))
+}
+
+/// One block of [`ROW_THREADS`] per row.
+fn row_config(rows: usize) -> Result<LaunchConfig> {
+    if rows == 0 || rows > i32::MAX as usize {
+        bail!("clipcid CUDA kernels: {rows} rows is not a grid size");
+    }
+    Ok(LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// Layer norm's gradients from the input `x`, the scale `w` and the output gradient `g`,
+/// packed as `[rows + 2, d]` (dx, then dw, then db) in `x`'s dtype, as the CPU op packs them.
+pub(crate) fn layer_norm_bwd(
+    (x, lx): (&CudaStorage, &Layout),
+    (w, lw): (&CudaStorage, &Layout),
+    (g, lg): (&CudaStorage, &Layout),
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "clipcid-layer-norm-grad";
+    let (rows, d) = rows_of(lx, OP)?;
+    let (sw, sg) = (span(lw, OP)?, span(lg, OP)?);
+    if sw.1 - sw.0 != d || sg.1 - sg.0 != rows * d {
+        bail!("{OP}: input, scale and gradient sizes disagree");
+    }
+    let out = match x.dtype() {
+        DType::F32 => ln_bwd_typed::<f32>((x, lx), (w, sw), (g, sg), rows, d, eps)?,
+        DType::BF16 => ln_bwd_typed::<bf16>((x, lx), (w, sw), (g, sg), rows, d, eps)?,
+        t => bail!("{OP}: no CUDA kernel for {t:?} (f32 and bf16 only)"),
+    };
+    Ok((out, Shape::from((rows + 2, d))))
+}
+
+fn ln_bwd_typed<T: CudaDType + DeviceRepr>(
+    (x, lx): (&CudaStorage, &Layout),
+    (w, sw): (&CudaStorage, (usize, usize)),
+    (g, sg): (&CudaStorage, (usize, usize)),
+    rows: usize,
+    d: usize,
+    eps: f32,
+) -> Result<CudaStorage> {
+    const OP: &str = "clipcid-layer-norm-grad";
+    let dev = x.device.clone();
+    let s = suffix(x.dtype(), OP)?;
+    let (x0, x1) = span(lx, OP)?;
+    let xs = x.as_cuda_slice::<T>()?.slice(x0..x1);
+    let ws = w.as_cuda_slice::<T>()?.slice(sw.0..sw.1);
+    let gs = g.as_cuda_slice::<T>()?.slice(sg.0..sg.1);
+    // SAFETY: the row kernel writes every dx element and every row's two statistics, the
+    // column kernel every partial sum, the total kernel the last `2 d` outputs.
+    let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>((rows + 2) * d)? };
+    let mut stats: CudaSlice<f32> = unsafe { dev.alloc::<f32>(2 * rows)? };
+    let chunks = rows.div_ceil(COLUMN_CHUNK);
+    let mut partial: CudaSlice<f32> = unsafe { dev.alloc::<f32>(chunks * 2 * d)? };
+    let (d32, rows32, chunk32, chunks32, n2) = (
+        d as u32,
+        rows as u32,
+        COLUMN_CHUNK as u32,
+        chunks as u32,
+        (2 * d) as u32,
+    );
+    {
+        let func =
+            dev.get_or_load_custom_func(&format!("clipcid_ln_bwd_rows_{s}"), MODULE, ptx()?)?;
+        let mut dx = out.slice_mut(0..rows * d);
+        let mut a = func.builder();
+        a.arg(&xs);
+        a.arg(&ws);
+        a.arg(&gs);
+        a.arg(&mut dx);
+        a.arg(&mut stats);
+        a.arg(&d32);
+        a.arg(&eps);
+        // SAFETY: one block per row; `x`, `g` and `dx` hold `rows * d`, `w` `d`, `stats`
+        // `2 rows` floats.
+        unsafe { a.launch(row_config(rows)?) }.w()?;
+    }
+    {
+        let func =
+            dev.get_or_load_custom_func(&format!("clipcid_ln_bwd_columns_{s}"), MODULE, ptx()?)?;
+        let mut a = func.builder();
+        a.arg(&xs);
+        a.arg(&gs);
+        a.arg(&stats);
+        a.arg(&mut partial);
+        a.arg(&rows32);
+        a.arg(&d32);
+        a.arg(&chunk32);
+        let cfg = LaunchConfig {
+            grid_dim: (d.div_ceil(32) as u32, chunks32, 1),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: blocks cover `d` columns by `chunks` chunks of `COLUMN_CHUNK` rows, the
+        // kernel bounds both; `partial` holds `chunks * 2 d` floats.
+        unsafe { a.launch(cfg) }.w()?;
+    }
+    {
+        let func =
+            dev.get_or_load_custom_func(&format!("clipcid_ln_bwd_total_{s}"), MODULE, ptx()?)?;
+        let mut sums = out.slice_mut(rows * d..(rows + 2) * d);
+        let mut a = func.builder();
+        a.arg(&partial);
+        a.arg(&mut sums);
+        a.arg(&chunks32);
+        a.arg(&n2);
+        // SAFETY: `2 d` threads (bounded in the kernel) each sum `chunks` partials into one
+        // of the `2 d` outputs.
+        unsafe { a.launch(LaunchConfig::for_num_elems(n2)) }.w()?;
+    }
+    Ok(T::wrap_cuda_slice(out, dev))
+}
+
+/// Rows per block of the softmax kernels (one warp each).
+const SOFTMAX_ROWS_PER_BLOCK: usize = 4;
+
+fn softmax_config(rows: usize) -> Result<LaunchConfig> {
+    let blocks = rows.div_ceil(SOFTMAX_ROWS_PER_BLOCK);
+    if blocks == 0 || blocks > i32::MAX as usize {
+        bail!("clipcid CUDA kernels: {rows} rows is not a grid size");
+    }
+    Ok(LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (32 * SOFTMAX_ROWS_PER_BLOCK as u32, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// Softmax over the last dimension, f32 or bf16.
+pub(crate) fn softmax_fwd(x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "clipcid-softmax";
+    let out = match x.dtype() {
+        DType::F32 => softmax_fwd_typed::<f32>(x, lx)?,
+        DType::BF16 => softmax_fwd_typed::<bf16>(x, lx)?,
+        t => bail!("{OP}: no CUDA kernel for {t:?} (f32 and bf16 only)"),
+    };
+    Ok((out, lx.shape().clone()))
+}
+
+fn softmax_fwd_typed<T: CudaDType + DeviceRepr>(
+    x: &CudaStorage,
+    lx: &Layout,
+) -> Result<CudaStorage> {
+    const OP: &str = "clipcid-softmax";
+    let (rows, n) = rows_of(lx, OP)?;
+    let dev = x.device.clone();
+    let func = dev.get_or_load_custom_func(
+        &format!("clipcid_softmax_fwd_{}", suffix(x.dtype(), OP)?),
+        MODULE,
+        ptx()?,
+    )?;
+    let (x0, x1) = span(lx, OP)?;
+    let xs = x.as_cuda_slice::<T>()?.slice(x0..x1);
+    // SAFETY: every element is written by the kernel below.
+    let mut y: CudaSlice<T> = unsafe { dev.alloc::<T>(rows * n)? };
+    let (rows32, n32) = (rows as u32, n as u32);
+    let mut a = func.builder();
+    a.arg(&xs);
+    a.arg(&mut y);
+    a.arg(&rows32);
+    a.arg(&n32);
+    // SAFETY: one warp per row of `n` elements (rows bounded in the kernel); `x` and `y`
+    // hold `rows * n`.
+    unsafe { a.launch(softmax_config(rows)?) }.w()?;
+    Ok(T::wrap_cuda_slice(y, dev))
+}
+
+/// Softmax's input gradient from its output `y` and the output gradient `g`.
+pub(crate) fn softmax_bwd(
+    (y, ly): (&CudaStorage, &Layout),
+    (g, lg): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "clipcid-softmax-grad";
+    let (rows, n) = rows_of(ly, OP)?;
+    let (g0, g1) = span(lg, OP)?;
+    if g1 - g0 != rows * n || g.dtype() != y.dtype() {
+        bail!("{OP}: value and gradient sizes or dtypes differ");
+    }
+    let out = match y.dtype() {
+        DType::F32 => softmax_bwd_typed::<f32>((y, ly), (g, (g0, g1)), rows, n)?,
+        DType::BF16 => softmax_bwd_typed::<bf16>((y, ly), (g, (g0, g1)), rows, n)?,
+        t => bail!("{OP}: no CUDA kernel for {t:?} (f32 and bf16 only)"),
+    };
+    Ok((out, ly.shape().clone()))
+}
+
+fn softmax_bwd_typed<T: CudaDType + DeviceRepr>(
+    (y, ly): (&CudaStorage, &Layout),
+    (g, sg): (&CudaStorage, (usize, usize)),
+    rows: usize,
+    n: usize,
+) -> Result<CudaStorage> {
+    const OP: &str = "clipcid-softmax-grad";
+    let dev = y.device.clone();
+    let func = dev.get_or_load_custom_func(
+        &format!("clipcid_softmax_bwd_{}", suffix(y.dtype(), OP)?),
+        MODULE,
+        ptx()?,
+    )?;
+    let (y0, y1) = span(ly, OP)?;
+    let ys = y.as_cuda_slice::<T>()?.slice(y0..y1);
+    let gs = g.as_cuda_slice::<T>()?.slice(sg.0..sg.1);
+    // SAFETY: every element is written by the kernel below.
+    let mut dx: CudaSlice<T> = unsafe { dev.alloc::<T>(rows * n)? };
+    let (rows32, n32) = (rows as u32, n as u32);
+    let mut a = func.builder();
+    a.arg(&ys);
+    a.arg(&gs);
+    a.arg(&mut dx);
+    a.arg(&rows32);
+    a.arg(&n32);
+    // SAFETY: one warp per row of `n` elements (rows bounded in the kernel); `y`, `g` and
+    // `dx` hold `rows * n`.
+    unsafe { a.launch(softmax_config(rows)?) }.w()?;
+    Ok(T::wrap_cuda_slice(dx, dev))
+}
+
+/// Launches one of the row-broadcast elementwise kernels: `inputs` (of `T`, in the kernel's
+/// parameter order), then a new output of `total` values, `total` and the row width `n`.
+fn elementwise<T: CudaDType + DeviceRepr>(
+    kernel: &str,
+    op: &str,
+    inputs: &[(&CudaStorage, (usize, usize))],
+    total: usize,
+    n: usize,
+) -> Result<CudaStorage> {
+    let first = inputs[0].0;
+    let dev = first.device.clone();
+    let name = format!("{kernel}_{}", suffix(first.dtype(), op)?);
+    let func = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
+    let views = inputs
+        .iter()
+        .map(|(s, (a, b))| Ok(s.as_cuda_slice::<T>()?.slice(*a..*b)))
+        .collect::<Result<Vec<CudaView<'_, T>>>>()?;
+    // SAFETY: every one of the `total` elements is written by the kernel below.
+    let mut y: CudaSlice<T> = unsafe { dev.alloc::<T>(total)? };
+    let (total32, n32) = (total as u32, n as u32);
+    let mut a = func.builder();
+    for v in &views {
+        a.arg(v);
+    }
+    a.arg(&mut y);
+    a.arg(&total32);
+    a.arg(&n32);
+    // SAFETY: the callers pass the full-size inputs with `total` elements and the broadcast
+    // vector with `n` (the kernel indexes it modulo `n`), in the kernel's order and type.
+    unsafe { a.launch(LaunchConfig::for_num_elems(total32)) }.w()?;
+    Ok(T::wrap_cuda_slice(y, dev))
+}
+
+/// Checks a `[.., n]` input and its `[n]` vector; returns their spans, `total` and `n`.
+fn with_vector(
+    (x, lx): (&CudaStorage, &Layout),
+    (b, lb): (&CudaStorage, &Layout),
+    op: &str,
+) -> Result<(Span, Span, usize, usize)> {
+    let (rows, n) = rows_of(lx, op)?;
+    let (sx, sb) = (span(lx, op)?, span(lb, op)?);
+    if sb.1 - sb.0 != n {
+        bail!("{op}: a vector of {} values for rows of {n}", sb.1 - sb.0);
+    }
+    if x.dtype() != b.dtype() {
+        bail!(
+            "{op}: input {:?} and vector {:?} differ in dtype",
+            x.dtype(),
+            b.dtype()
+        );
+    }
+    Ok((sx, sb, rows * n, n))
+}
+
+fn cpu_unsupported<R>(op: &str) -> Result<R> {
+    bail!("{op}: a CUDA kernel (on the CPU, `clipcid_kernels::cpu` has the fused ops)")
+}
+
+/// `x + b` with `b` broadcast over the rows of `x` (its last dimension), f32 or bf16 CUDA
+/// tensors, differentiable in both: candle's broadcast add indexes each element with 64-bit
+/// divisions (20x the memory-bound time at ViT-B/32's shapes on an H200), and its bias
+/// gradient is a strided reduction; here one pass forward, and the bias gradient as column
+/// sums in a fixed order.
+///
+/// ```no_run
+/// # fn main() -> candle_core::Result<()> {
+/// use candle_core::{DType, Device, Tensor};
+/// let gpu = Device::new_cuda(0)?;
+/// let x = Tensor::zeros((4, 3), DType::F32, &gpu)?;
+/// let b = Tensor::new(&[1f32, 2.0, 3.0], &gpu)?;
+/// let y = clipcid_kernels::cuda::bias_add(&x, &b)?;
+/// assert_eq!(y.to_vec2::<f32>()?[3], [1.0, 2.0, 3.0]);
+/// # Ok(()) }
+/// ```
+pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&b.contiguous()?, BiasThen { quick_gelu: false })
+}
+
+/// `quick_gelu(x + b)` (`h sigmoid(1.702 h)`) with `b` broadcast over the rows of `x`, f32 or
+/// bf16 CUDA tensors, differentiable in both: a linear layer's bias and CLIP's activation in
+/// one pass instead of four.
+///
+/// ```no_run
+/// # fn main() -> candle_core::Result<()> {
+/// use candle_core::{DType, Device, Tensor};
+/// let gpu = Device::new_cuda(0)?;
+/// let x = Tensor::zeros((2, 3), DType::F32, &gpu)?;
+/// let b = Tensor::new(&[0f32, 1.0, -1.0], &gpu)?;
+/// let y = clipcid_kernels::cuda::bias_quick_gelu(&x, &b)?.to_vec2::<f32>()?;
+/// assert!((y[0][1] - 1.0 / (1.0 + (-1.702f32).exp())).abs() < 1e-6);
+/// # Ok(()) }
+/// ```
+pub fn bias_quick_gelu(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&b.contiguous()?, BiasThen { quick_gelu: true })
+}
+
+/// `[n0, n1, n2, n3]` -> `[n0, n2, n1, n3]` (attention's head split `[B, T, H, D]` ->
+/// `[B, H, T, D]`, and back), f32 or bf16 CUDA tensors, differentiable: one copy with 32-bit
+/// index arithmetic where candle's `transpose(1, 2).contiguous()` is a strided copy that
+/// divides 64-bit indices (0.12 ms for ViT-B/32's `[256, 50, 12, 64]` on an H200).
+///
+/// ```no_run
+/// # fn main() -> candle_core::Result<()> {
+/// use candle_core::{Device, Tensor};
+/// let gpu = Device::new_cuda(0)?;
+/// let x = Tensor::arange(0f32, 24.0, &gpu)?.reshape((1, 2, 3, 4))?;
+/// let y = clipcid_kernels::cuda::swap_middle_dims(&x)?;
+/// let want = x.transpose(1, 2)?.contiguous()?;
+/// assert_eq!(y.to_vec3::<f32>()?, want.to_vec3::<f32>()?);
+/// # Ok(()) }
+/// ```
+pub fn swap_middle_dims(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(SwapMiddle)
+}
+
+struct SwapMiddle;
+
+impl CustomOp1 for SwapMiddle {
+    fn name(&self) -> &'static str {
+        "clipcid-swap-middle-dims"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported(self.name())
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
+        let &[n0, n1, n2, n3] = lx.dims() else {
+            bail!(
+                "{}: expected 4 dimensions, got {:?}",
+                self.name(),
+                lx.dims()
+            );
+        };
+        let sx = span(lx, self.name())?;
+        let out = match x.dtype() {
+            DType::F32 => swap_middle_typed::<f32>(x, sx, [n0, n1, n2, n3], self.name())?,
+            DType::BF16 => swap_middle_typed::<bf16>(x, sx, [n0, n1, n2, n3], self.name())?,
+            t => bail!(
+                "{}: no CUDA kernel for {t:?} (f32 and bf16 only)",
+                self.name()
+            ),
+        };
+        Ok((out, Shape::from((n0, n2, n1, n3))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&SwapMiddle)?))
+    }
+}
+
+fn swap_middle_typed<T: CudaDType + DeviceRepr>(
+    x: &CudaStorage,
+    sx: (usize, usize),
+    dims: [usize; 4],
+    op: &str,
+) -> Result<CudaStorage> {
+    let dev = x.device.clone();
+    let name = format!("clipcid_swap_middle_{}", suffix(x.dtype(), op)?);
+    let func = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
+    let total = sx.1 - sx.0;
+    let xs = x.as_cuda_slice::<T>()?.slice(sx.0..sx.1);
+    // SAFETY: the kernel writes each of the `total` outputs once.
+    let mut y: CudaSlice<T> = unsafe { dev.alloc::<T>(total)? };
+    let [n0, n1, n2, n3] = dims.map(|d| d as u32);
+    let mut a = func.builder();
+    a.arg(&xs);
+    a.arg(&mut y);
+    a.arg(&n0);
+    a.arg(&n1);
+    a.arg(&n2);
+    a.arg(&n3);
+    // SAFETY: `x` and `y` hold `n0 n1 n2 n3 = total` values (at most `u32::MAX`, checked by
+    // `span`), the kernel's bound.
+    unsafe { a.launch(LaunchConfig::for_num_elems(total as u32)) }.w()?;
+    Ok(T::wrap_cuda_slice(y, dev))
+}
+
+/// The patch matrix `[B * g * g, C * p * p]` of images `[B, C, S, S]` cut into `p x p`
+/// patches (`g = S / p`, row-major over the grid; each row channel-major, as a convolution
+/// kernel `[W, C, p, p]` flattens), f32 or bf16 CUDA tensors, differentiable: what a ViT's
+/// stride-`p` patch convolution multiplies, in one copy where candle's six-dimensional
+/// permute is a strided copy with 64-bit index divisions.
+///
+/// ```no_run
+/// # fn main() -> candle_core::Result<()> {
+/// use candle_core::{Device, Tensor};
+/// let gpu = Device::new_cuda(0)?;
+/// let x = Tensor::arange(0f32, 32.0, &gpu)?.reshape((1, 2, 4, 4))?;
+/// let patches = clipcid_kernels::cuda::patchify(&x, 2)?;
+/// let want = x.reshape((1, 2, 2, 2, 2, 2))?.permute((0, 2, 4, 1, 3, 5))?.reshape((4, 8))?;
+/// assert_eq!(patches.to_vec2::<f32>()?, want.to_vec2::<f32>()?);
+/// # Ok(()) }
+/// ```
+pub fn patchify(x: &Tensor, patch: usize) -> Result<Tensor> {
+    let (b, c, s, s2) = x.dims4()?;
+    if s != s2 || patch == 0 || s % patch != 0 {
+        bail!("patchify: images [{b}, {c}, {s}, {s2}] do not cut into {patch}x{patch} patches");
+    }
+    x.contiguous()?.apply_op1(Patchify {
+        dims: [b, c, s],
+        patch,
+        scatter: false,
+    })
+}
+
+/// [`patchify`] (`scatter: false`, from images) or its inverse (`scatter: true`, from the
+/// patch matrix); each is the other's backward pass.
+struct Patchify {
+    /// Images, channels, side.
+    dims: [usize; 3],
+    patch: usize,
+    scatter: bool,
+}
+
+impl CustomOp1 for Patchify {
+    fn name(&self) -> &'static str {
+        "clipcid-patchify"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported(self.name())
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
+        let [b, c, s] = self.dims;
+        let p = self.patch;
+        let sx = span(lx, self.name())?;
+        if sx.1 - sx.0 != b * c * s * s {
+            bail!(
+                "{}: {} values for images [{b}, {c}, {s}, {s}]",
+                self.name(),
+                sx.1 - sx.0
+            );
+        }
+        let out = match x.dtype() {
+            DType::F32 => patchify_typed::<f32>(x, sx, self)?,
+            DType::BF16 => patchify_typed::<bf16>(x, sx, self)?,
+            t => bail!(
+                "{}: no CUDA kernel for {t:?} (f32 and bf16 only)",
+                self.name()
+            ),
+        };
+        let g = s / p;
+        let shape = if self.scatter {
+            Shape::from((b, c, s, s))
+        } else {
+            Shape::from((b * g * g, c * p * p))
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let inverse = Patchify {
+            dims: self.dims,
+            patch: self.patch,
+            scatter: !self.scatter,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&inverse)?))
+    }
+}
+
+fn patchify_typed<T: CudaDType + DeviceRepr>(
+    x: &CudaStorage,
+    sx: (usize, usize),
+    op: &Patchify,
+) -> Result<CudaStorage> {
+    let dev = x.device.clone();
+    let name = format!("clipcid_patchify_{}", suffix(x.dtype(), op.name())?);
+    let func = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
+    let total = sx.1 - sx.0;
+    let xs = x.as_cuda_slice::<T>()?.slice(sx.0..sx.1);
+    // SAFETY: the kernel writes each of the `total` outputs once (a permutation).
+    let mut y: CudaSlice<T> = unsafe { dev.alloc::<T>(total)? };
+    let [b, c, s] = op.dims.map(|d| d as u32);
+    let (p, scatter) = (op.patch as u32, i32::from(op.scatter));
+    let mut a = func.builder();
+    a.arg(&xs);
+    a.arg(&mut y);
+    a.arg(&b);
+    a.arg(&c);
+    a.arg(&s);
+    a.arg(&p);
+    a.arg(&scatter);
+    // SAFETY: source and destination hold `b c s s = total` values (at most `u32::MAX`,
+    // checked by `span`) and `p` divides `s` (checked by `patchify`).
+    unsafe { a.launch(LaunchConfig::for_num_elems(total as u32)) }.w()?;
+    Ok(T::wrap_cuda_slice(y, dev))
+}
+
+/// `x + b` (row-broadcast `b`), then QuickGELU when `quick_gelu`: [`bias_add`] and
+/// [`bias_quick_gelu`].
+struct BiasThen {
+    quick_gelu: bool,
+}
+
+impl BiasThen {
+    fn kernel(&self) -> &'static str {
+        if self.quick_gelu {
+            "clipcid_bias_quick_gelu"
+        } else {
+            "clipcid_bias_add"
+        }
+    }
+}
+
+impl CustomOp2 for BiasThen {
+    fn name(&self) -> &'static str {
+        if self.quick_gelu {
+            "clipcid-bias-quick-gelu"
+        } else {
+            "clipcid-bias-add"
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (sx, sb, total, n) = with_vector((x, lx), (b, lb), self.name())?;
+        let args = [(x, sx), (b, sb)];
+        let (k, op) = (self.kernel(), self.name());
+        let out = match x.dtype() {
+            DType::F32 => elementwise::<f32>(k, op, &args, total, n)?,
+            _ => elementwise::<bf16>(k, op, &args, total, n)?,
+        };
+        Ok((out, lx.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // The pre-activation's gradient is the input's; the bias's is its column sums.
+        let dh = if self.quick_gelu {
+            x.apply_op3_no_bwd(b, &grad.contiguous()?, &BiasQuickGeluGrad)?
+        } else {
+            grad.contiguous()?
+        };
+        let db = dh.apply_op1_no_bwd(&ColumnSum)?;
+        Ok((Some(dh), Some(db)))
+    }
+}
+
+/// The gradient of [`bias_quick_gelu`]'s pre-activation from `x`, `b` and the output gradient.
+struct BiasQuickGeluGrad;
+
+impl CustomOp3 for BiasQuickGeluGrad {
+    fn name(&self) -> &'static str {
+        "clipcid-bias-quick-gelu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+        g: &CudaStorage,
+        lg: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (sx, sb, total, n) = with_vector((x, lx), (b, lb), self.name())?;
+        let sg = span(lg, self.name())?;
+        if sg.1 - sg.0 != total || g.dtype() != x.dtype() {
+            bail!(
+                "{}: gradient size or dtype differs from the input's",
+                self.name()
+            );
+        }
+        let args = [(x, sx), (b, sb), (g, sg)];
+        let k = "clipcid_bias_quick_gelu_bwd";
+        let out = match x.dtype() {
+            DType::F32 => elementwise::<f32>(k, self.name(), &args, total, n)?,
+            _ => elementwise::<bf16>(k, self.name(), &args, total, n)?,
+        };
+        Ok((out, lx.shape().clone()))
+    }
+}
+
+/// Sums over the rows of a contiguous `[.., n]` tensor: `[n]`, in the input's dtype, added
+/// in a fixed order (chunks of rows, then the chunks in order).
+struct ColumnSum;
+
+impl CustomOp1 for ColumnSum {
+    fn name(&self) -> &'static str {
+        "clipcid-column-sum"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported(self.name())
+    }
+
+    fn cuda_fwd(&self, g: &CudaStorage, lg: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (rows, n) = rows_of(lg, self.name())?;
+        let sg = span(lg, self.name())?;
+        let out = match g.dtype() {
+            DType::F32 => column_sum_typed::<f32>(g, sg, rows, n, self.name())?,
+            DType::BF16 => column_sum_typed::<bf16>(g, sg, rows, n, self.name())?,
+            t => bail!(
+                "{}: no CUDA kernel for {t:?} (f32 and bf16 only)",
+                self.name()
+            ),
+        };
+        Ok((out, Shape::from(n)))
+    }
+}
+
+fn column_sum_typed<T: CudaDType + DeviceRepr>(
+    g: &CudaStorage,
+    sg: (usize, usize),
+    rows: usize,
+    n: usize,
+    op: &str,
+) -> Result<CudaStorage> {
+    let dev = g.device.clone();
+    let s = suffix(g.dtype(), op)?;
+    let gs = g.as_cuda_slice::<T>()?.slice(sg.0..sg.1);
+    let chunks = rows.div_ceil(COLUMN_CHUNK);
+    // SAFETY: the partial kernel writes all `chunks * n` partial sums, the total kernel all
+    // `n` outputs.
+    let mut partial: CudaSlice<f32> = unsafe { dev.alloc::<f32>(chunks * n)? };
+    let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(n)? };
+    let (rows32, n32, chunk32, chunks32) =
+        (rows as u32, n as u32, COLUMN_CHUNK as u32, chunks as u32);
+    {
+        let func =
+            dev.get_or_load_custom_func(&format!("clipcid_column_partial_{s}"), MODULE, ptx()?)?;
+        let mut a = func.builder();
+        a.arg(&gs);
+        a.arg(&mut partial);
+        a.arg(&rows32);
+        a.arg(&n32);
+        a.arg(&chunk32);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(32) as u32, chunks32, 1),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: blocks cover `n` columns by `chunks` chunks of rows, bounded in the
+        // kernel; `g` holds `rows * n` values and `partial` `chunks * n` floats.
+        unsafe { a.launch(cfg) }.w()?;
+    }
+    {
+        let func =
+            dev.get_or_load_custom_func(&format!("clipcid_ln_bwd_total_{s}"), MODULE, ptx()?)?;
+        let mut a = func.builder();
+        a.arg(&partial);
+        a.arg(&mut out);
+        a.arg(&chunks32);
+        a.arg(&n32);
+        // SAFETY: `n` threads (bounded in the kernel) each add `chunks` partials into one of
+        // the `n` outputs.
+        unsafe { a.launch(LaunchConfig::for_num_elems(n32)) }.w()?;
+    }
+    Ok(T::wrap_cuda_slice(out, dev))
+}
+
+#[cfg(test)]
+mod tests {
+    /// NVRTC needs no GPU: the source compiles wherever the `cuda` build's libraries are.
+    #[test]
+    fn kernel_source_compiles_with_nvrtc() {
+        let ptx = super::ptx().unwrap_or_else(|e| panic!("{e}"));
+        for f in super::KERNELS {
+            assert!(
+                ptx.contains(&format!(".entry {f}(")),
+                "{f} missing from the PTX"
+            );
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! The fused ops against candle's primitive-op formulas on every available device (the CPU;
+//! a GPU in a `cuda` build, in f32 and bf16): layer norm and softmax with the gradients of
+//! all their inputs, and AdamW's in-place step. On the CPU these are the CPU kernels; on a
+//! GPU clipcid's CUDA kernels (`clipcid_kernels::cuda`).
+#![allow(clippy::unwrap_used)] // tests: a failed setup step should panic
+
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use clipcid_kernels::{available_devices, cpu};
+use rand::SeedableRng;
+use rand_distr::Distribution;
+
+/// Seeded standard-normal f32 values on `dev`.
+fn randn(shape: &[usize], seed: u64, dev: &Device) -> Tensor {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| rand_distr::StandardNormal.sample(&mut rng))
+        .collect();
+    Tensor::from_vec(v, shape, dev).unwrap()
+}
+
+/// Largest `|a - b|` relative to the largest `|b|` (at least 1), compared on the CPU in f32.
+fn relative_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let b = b
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    clipcid_kernels::max_abs_diff(&a, &b).unwrap() / scale.max(1.0)
+}
+
+/// The dtypes each device's kernels take.
+fn dtypes(dev: &Device) -> Vec<DType> {
+    if dev.is_cuda() {
+        vec![DType::F32, DType::BF16]
+    } else {
+        vec![DType::F32]
+    }
+}
+
+/// f32 results agree to rounding; bf16 ones to bf16's 8 bits of mantissa.
+fn tolerance(dtype: DType) -> f32 {
+    if dtype == DType::F32 {
+        1e-5
+    } else {
+        1e-2
+    }
+}
+
+/// Layer norm written with candle's primitive ops, in f32.
+fn layer_norm_formula(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    xc.broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(w)?
+        .broadcast_add(b)
+}
+
+/// Runs `f` on Vars made from `inputs` (cast to `dtype`) and returns its output and the
+/// gradients of `sum(f(inputs) * r)` with respect to each input, all in f32.
+fn value_and_grads(
+    inputs: &[Tensor],
+    r: &Tensor,
+    dtype: DType,
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+) -> (Tensor, Vec<Tensor>) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&ts).unwrap();
+    let loss = (y.to_dtype(DType::F32).unwrap() * r)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let gs = vars
+        .iter()
+        .map(|v| {
+            grads
+                .get(v.as_tensor())
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        })
+        .collect();
+    (y.to_dtype(DType::F32).unwrap(), gs)
+}
+
+/// 300 rows (not a multiple of the CUDA column kernel's 64-row chunks) of width 200 (not a
+/// multiple of a warp or a block).
+#[test]
+fn layer_norm_and_its_gradients_match_the_formula_on_every_device() {
+    for dev in available_devices() {
+        for dtype in dtypes(&dev) {
+            let x = randn(&[3, 100, 200], 1, &dev).affine(3.0, 0.5).unwrap();
+            let w = (randn(&[200], 2, &dev) + 1.0).unwrap();
+            let b = randn(&[200], 3, &dev);
+            let r = randn(&[3, 100, 200], 4, &dev);
+            let inputs = [x, w, b];
+            let (y, g) = value_and_grads(&inputs, &r, dtype, |t| {
+                cpu::layer_norm(&t[0], &t[1], &t[2], 1e-5)
+            });
+            // The reference: the same bf16-rounded inputs, all arithmetic in f32.
+            let rounded: Vec<Tensor> = inputs
+                .iter()
+                .map(|t| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap())
+                .collect();
+            let (y_ref, g_ref) = value_and_grads(&rounded, &r, DType::F32, |t| {
+                layer_norm_formula(&t[0], &t[1], &t[2], 1e-5)
+            });
+            let tol = tolerance(dtype);
+            let d = relative_diff(&y, &y_ref);
+            assert!(d <= tol, "{dev:?} {dtype:?}: output differs by {d}");
+            for (name, (a, b)) in ["x", "scale", "shift"].iter().zip(g.iter().zip(&g_ref)) {
+                let d = relative_diff(a, b);
+                assert!(
+                    d <= tol,
+                    "{dev:?} {dtype:?}: gradient of {name} differs by {d}"
+                );
+            }
+        }
+    }
+}
+
+/// Rows of 77 (the text tower's attention) and of 50 (the image tower's), with a causal
+/// mask's -inf entries in the first.
+#[test]
+fn softmax_and_its_gradient_match_the_formula_on_every_device() {
+    for dev in available_devices() {
+        for dtype in dtypes(&dev) {
+            for n in [77usize, 50] {
+                let mut x = (randn(&[2, 8, n, n], 5, &dev) * 4.0).unwrap();
+                if n == 77 {
+                    let mask: Vec<f32> = (0..n * n)
+                        .map(|k| {
+                            if k % n > k / n {
+                                f32::NEG_INFINITY
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect();
+                    let mask = Tensor::from_vec(mask, (n, n), &dev).unwrap();
+                    x = x.broadcast_add(&mask).unwrap();
+                }
+                let r = randn(&[2, 8, n, n], 6, &dev);
+                let (y, g) =
+                    value_and_grads(&[x.clone()], &r, dtype, |t| cpu::softmax_last_dim(&t[0]));
+                let rounded = x.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+                let (y_ref, g_ref) = value_and_grads(&[rounded], &r, DType::F32, |t| {
+                    let max = t[0].max_keepdim(D::Minus1)?;
+                    let e = t[0].broadcast_sub(&max)?.exp()?;
+                    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+                });
+                let tol = tolerance(dtype);
+                let d = relative_diff(&y, &y_ref);
+                assert!(d <= tol, "{dev:?} {dtype:?} n={n}: output differs by {d}");
+                let d = relative_diff(&g[0], &g_ref[0]);
+                assert!(d <= tol, "{dev:?} {dtype:?} n={n}: gradient differs by {d}");
+            }
+        }
+    }
+}
+
+/// Three in-place steps against the tensor-op formula (f32, with weight decay).
+#[test]
+fn adamw_in_place_matches_the_formula_on_every_device() {
+    for dev in available_devices() {
+        let p = randn(&[7, 1000], 1, &dev);
+        assert!(cpu::adamw_runs_in_place(&p), "{dev:?}");
+        let (m, v) = (p.zeros_like().unwrap(), p.zeros_like().unwrap());
+        let (mut pr, mut mr, mut vr) = (p.copy().unwrap(), m.copy().unwrap(), v.copy().unwrap());
+        for t in 1..=3 {
+            let g = randn(&[7, 1000], 10 + t as u64, &dev);
+            let s = cpu::AdamWStep {
+                lr: 1e-2,
+                beta1: 0.9,
+                beta2: 0.98,
+                eps: 1e-6,
+                weight_decay: 0.1,
+                step: t,
+            };
+            cpu::adamw_update(&p, &g, &m, &v, s).unwrap();
+            mr = ((&mr * s.beta1).unwrap() + (&g * (1.0 - s.beta1)).unwrap()).unwrap();
+            vr =
+                ((&vr * s.beta2).unwrap() + (g.sqr().unwrap() * (1.0 - s.beta2)).unwrap()).unwrap();
+            let b1 = 1.0 - s.beta1.powi(t);
+            let b2 = 1.0 - s.beta2.powi(t);
+            let upd = ((&mr / b1).unwrap()
+                / ((&vr / b2).unwrap().sqrt().unwrap() + s.eps).unwrap())
+            .unwrap();
+            pr = ((&pr * (1.0 - s.lr * s.weight_decay)).unwrap() - (upd * s.lr).unwrap()).unwrap();
+        }
+        for (name, a, b) in [("m", &m, &mr), ("v", &v, &vr), ("param", &p, &pr)] {
+            let d = relative_diff(a, b);
+            assert!(d <= 1e-6, "{dev:?}: {name} differs by {d}");
+        }
+    }
+}
+
+/// The bias kernels (CUDA only) against candle's broadcast formula, values and gradients of
+/// both inputs, over rows that are not a multiple of the column-sum chunk and a width that
+/// is not a multiple of a warp.
+#[cfg(feature = "cuda")]
+#[test]
+fn bias_kernels_and_their_gradients_match_the_formula_on_every_gpu() {
+    use clipcid_kernels::cuda::{bias_add, bias_quick_gelu};
+    let gpus: Vec<Device> = available_devices()
+        .into_iter()
+        .filter(|d| d.is_cuda())
+        .collect();
+    if gpus.is_empty() {
+        eprintln!("no GPU here: the bias kernels are checked where one is");
+    }
+    for dev in gpus {
+        for dtype in dtypes(&dev) {
+            let x = randn(&[3, 100, 200], 7, &dev).affine(2.0, 0.0).unwrap();
+            let b = randn(&[200], 8, &dev);
+            let r = randn(&[3, 100, 200], 9, &dev);
+            let rounded: Vec<Tensor> = [&x, &b]
+                .iter()
+                .map(|t| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap())
+                .collect();
+            type Op = fn(&Tensor, &Tensor) -> Result<Tensor>;
+            let cases: [(&str, Op, Op); 2] = [
+                ("bias_add", bias_add, |x, b| x.broadcast_add(b)),
+                ("bias_quick_gelu", bias_quick_gelu, |x, b| {
+                    let h = x.broadcast_add(b)?;
+                    let s = ((h.affine(-1.702, 0.0)?.exp()? + 1.0)?).recip()?;
+                    h * s
+                }),
+            ];
+            for (name, fused, formula) in cases {
+                let (y, g) =
+                    value_and_grads(&[x.clone(), b.clone()], &r, dtype, |t| fused(&t[0], &t[1]));
+                let (y_ref, g_ref) =
+                    value_and_grads(&rounded, &r, DType::F32, |t| formula(&t[0], &t[1]));
+                let tol = tolerance(dtype);
+                let d = relative_diff(&y, &y_ref);
+                assert!(d <= tol, "{name} {dtype:?}: output differs by {d}");
+                for (input, (a, e)) in ["x", "b"].iter().zip(g.iter().zip(&g_ref)) {
+                    let d = relative_diff(a, e);
+                    assert!(
+                        d <= tol,
+                        "{name} {dtype:?}: gradient of {input} differs by {d}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The head split (CUDA only) is exactly candle's `transpose(1, 2)` copy, and so is its
+/// gradient, for odd sizes in f32 and bf16.
+#[cfg(feature = "cuda")]
+#[test]
+fn head_split_is_a_transpose_with_its_gradient_on_every_gpu() {
+    for dev in available_devices().into_iter().filter(|d| d.is_cuda()) {
+        for dtype in dtypes(&dev) {
+            let x = randn(&[3, 7, 5, 11], 10, &dev);
+            let r = randn(&[3, 5, 7, 11], 11, &dev);
+            let (y, g) = value_and_grads(std::slice::from_ref(&x), &r, dtype, |t| {
+                clipcid_kernels::cuda::swap_middle_dims(&t[0])
+            });
+            let (y_ref, g_ref) =
+                value_and_grads(&[x], &r, dtype, |t| t[0].transpose(1, 2)?.contiguous());
+            assert_eq!(y.dims(), [3, 5, 7, 11]);
+            assert_eq!(relative_diff(&y, &y_ref), 0.0, "{dtype:?}");
+            assert_eq!(relative_diff(&g[0], &g_ref[0]), 0.0, "{dtype:?}");
+        }
+    }
+}
+
+/// The patch matrix (CUDA only) is exactly the six-dimensional permute it replaces, and so
+/// is its gradient, in f32 and bf16.
+#[cfg(feature = "cuda")]
+#[test]
+fn patch_matrix_is_the_permute_with_its_gradient_on_every_gpu() {
+    for dev in available_devices().into_iter().filter(|d| d.is_cuda()) {
+        for dtype in dtypes(&dev) {
+            let (b, c, s, p) = (2, 3, 12, 4);
+            let g = s / p;
+            let x = randn(&[b, c, s, s], 12, &dev);
+            let r = randn(&[b * g * g, c * p * p], 13, &dev);
+            let (y, grad) = value_and_grads(std::slice::from_ref(&x), &r, dtype, |t| {
+                clipcid_kernels::cuda::patchify(&t[0], p)
+            });
+            let (y_ref, grad_ref) = value_and_grads(&[x], &r, dtype, |t| {
+                t[0].reshape((b, c, g, p, g, p))?
+                    .permute((0, 2, 4, 1, 3, 5))?
+                    .reshape((b * g * g, c * p * p))
+            });
+            assert_eq!(relative_diff(&y, &y_ref), 0.0, "{dtype:?}");
+            assert_eq!(relative_diff(&grad[0], &grad_ref[0]), 0.0, "{dtype:?}");
+        }
+        let odd = randn(&[1, 3, 10, 10], 14, &dev);
+        assert!(clipcid_kernels::cuda::patchify(&odd, 4).is_err());
+    }
+}
