@@ -473,8 +473,9 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }
 
-/// Whether the layer-norm and softmax kernels take these tensors: kernels enabled, all on a
-/// GPU, all of one dtype, f32 or bf16.
+/// Whether the kernels of this module take these tensors (what
+/// [`crate::gpu_kernels_take`] asks in a `cuda` build): kernels enabled, all on a GPU, all
+/// of one dtype, f32 or bf16.
 pub fn takes(ts: &[&Tensor]) -> bool {
     enabled()
         && ts.iter().all(|t| {
