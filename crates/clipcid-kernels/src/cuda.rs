@@ -51,6 +51,8 @@ use candle_core::{
 };
 use half::bf16;
 
+use crate::cpu::ApplyScalars;
+
 /// The module name under which the kernels are loaded on each device.
 const MODULE: &str = "clipcid_kernels";
 
@@ -582,15 +584,6 @@ pub(crate) fn adamw_moment(
     Ok(())
 }
 
-/// The scalars of one parameter update (see [`adamw_apply`]).
-pub(crate) struct ApplyScalars {
-    pub keep: f32,
-    pub lr: f32,
-    pub inv_bias1: f32,
-    pub inv_bias2: f32,
-    pub eps: f32,
-}
-
 /// `p = p keep - lr (m inv_bias1) / (sqrt(v inv_bias2) + eps)`, in place, f32.
 pub(crate) fn adamw_apply(
     p: &mut CudaStorage,
@@ -631,6 +624,18 @@ pub(crate) fn adamw_apply(
     Ok(())
 }
 
+/// `$f::<T>(args)` with `T` the Rust type of `$dtype` (f32 or bf16); for any other dtype an
+/// error naming the op `$op`.
+macro_rules! by_dtype {
+    ($dtype:expr, $op:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::BF16 => $f::<bf16>($($arg),*),
+            t => bail!("{}: no CUDA kernel for {t:?} (f32 and bf16 only)", $op),
+        }
+    };
+}
+
 /// The kernel-name suffix of a dtype the row kernels take.
 fn suffix(dtype: DType, op: &str) -> Result<&'static str> {
     match dtype {
@@ -667,11 +672,11 @@ pub(crate) fn layer_norm_fwd(
             sb.1 - sb.0
         );
     }
-    let out = match x.dtype() {
-        DType::F32 => ln_fwd_typed::<f32>((x, lx), (w, sw), (b, sb), rows, d, eps)?,
-        DType::BF16 => ln_fwd_typed::<bf16>((x, lx), (w, sw), (b, sb), rows, d, eps)?,
-        t => bail!("{OP}: no CUDA kernel for {t:?} (f32 and bf16 only)"),
-    };
+    let out = by_dtype!(
+        x.dtype(),
+        OP,
+        ln_fwd_typed((x, lx), (w, sw), (b, sb), rows, d, eps)
+    )?;
     Ok((out, lx.shape().clone()))
 }
 
@@ -736,11 +741,11 @@ pub(crate) fn layer_norm_bwd(
     if sw.1 - sw.0 != d || sg.1 - sg.0 != rows * d {
         bail!("{OP}: input, scale and gradient sizes disagree");
     }
-    let out = match x.dtype() {
-        DType::F32 => ln_bwd_typed::<f32>((x, lx), (w, sw), (g, sg), rows, d, eps)?,
-        DType::BF16 => ln_bwd_typed::<bf16>((x, lx), (w, sw), (g, sg), rows, d, eps)?,
-        t => bail!("{OP}: no CUDA kernel for {t:?} (f32 and bf16 only)"),
-    };
+    let out = by_dtype!(
+        x.dtype(),
+        OP,
+        ln_bwd_typed((x, lx), (w, sw), (g, sg), rows, d, eps)
+    )?;
     Ok((out, Shape::from((rows + 2, d))))
 }
 
@@ -842,11 +847,7 @@ fn softmax_config(rows: usize) -> Result<LaunchConfig> {
 /// Softmax over the last dimension, f32 or bf16.
 pub(crate) fn softmax_fwd(x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
     const OP: &str = "clipcid-softmax";
-    let out = match x.dtype() {
-        DType::F32 => softmax_fwd_typed::<f32>(x, lx)?,
-        DType::BF16 => softmax_fwd_typed::<bf16>(x, lx)?,
-        t => bail!("{OP}: no CUDA kernel for {t:?} (f32 and bf16 only)"),
-    };
+    let out = by_dtype!(x.dtype(), OP, softmax_fwd_typed(x, lx))?;
     Ok((out, lx.shape().clone()))
 }
 
@@ -889,11 +890,11 @@ pub(crate) fn softmax_bwd(
     if g1 - g0 != rows * n || g.dtype() != y.dtype() {
         bail!("{OP}: value and gradient sizes or dtypes differ");
     }
-    let out = match y.dtype() {
-        DType::F32 => softmax_bwd_typed::<f32>((y, ly), (g, (g0, g1)), rows, n)?,
-        DType::BF16 => softmax_bwd_typed::<bf16>((y, ly), (g, (g0, g1)), rows, n)?,
-        t => bail!("{OP}: no CUDA kernel for {t:?} (f32 and bf16 only)"),
-    };
+    let out = by_dtype!(
+        y.dtype(),
+        OP,
+        softmax_bwd_typed((y, ly), (g, (g0, g1)), rows, n)
+    )?;
     Ok((out, ly.shape().clone()))
 }
 
@@ -1065,14 +1066,11 @@ impl CustomOp1 for SwapMiddle {
             );
         };
         let sx = span(lx, self.name())?;
-        let out = match x.dtype() {
-            DType::F32 => swap_middle_typed::<f32>(x, sx, [n0, n1, n2, n3], self.name())?,
-            DType::BF16 => swap_middle_typed::<bf16>(x, sx, [n0, n1, n2, n3], self.name())?,
-            t => bail!(
-                "{}: no CUDA kernel for {t:?} (f32 and bf16 only)",
-                self.name()
-            ),
-        };
+        let out = by_dtype!(
+            x.dtype(),
+            self.name(),
+            swap_middle_typed(x, sx, [n0, n1, n2, n3], self.name())
+        )?;
         Ok((out, Shape::from((n0, n2, n1, n3))))
     }
 
@@ -1165,14 +1163,7 @@ impl CustomOp1 for Patchify {
                 sx.1 - sx.0
             );
         }
-        let out = match x.dtype() {
-            DType::F32 => patchify_typed::<f32>(x, sx, self)?,
-            DType::BF16 => patchify_typed::<bf16>(x, sx, self)?,
-            t => bail!(
-                "{}: no CUDA kernel for {t:?} (f32 and bf16 only)",
-                self.name()
-            ),
-        };
+        let out = by_dtype!(x.dtype(), self.name(), patchify_typed(x, sx, self))?;
         let g = s / p;
         let shape = if self.scatter {
             Shape::from((b, c, s, s))
@@ -1265,10 +1256,7 @@ impl CustomOp2 for BiasThen {
         let (sx, sb, total, n) = with_vector((x, lx), (b, lb), self.name())?;
         let args = [(x, sx), (b, sb)];
         let (k, op) = (self.kernel(), self.name());
-        let out = match x.dtype() {
-            DType::F32 => elementwise::<f32>(k, op, &args, total, n)?,
-            _ => elementwise::<bf16>(k, op, &args, total, n)?,
-        };
+        let out = by_dtype!(x.dtype(), self.name(), elementwise(k, op, &args, total, n))?;
         Ok((out, lx.shape().clone()))
     }
 
@@ -1329,10 +1317,11 @@ impl CustomOp3 for BiasQuickGeluGrad {
         }
         let args = [(x, sx), (b, sb), (g, sg)];
         let k = "clipcid_bias_quick_gelu_bwd";
-        let out = match x.dtype() {
-            DType::F32 => elementwise::<f32>(k, self.name(), &args, total, n)?,
-            _ => elementwise::<bf16>(k, self.name(), &args, total, n)?,
-        };
+        let out = by_dtype!(
+            x.dtype(),
+            self.name(),
+            elementwise(k, self.name(), &args, total, n)
+        )?;
         Ok((out, lx.shape().clone()))
     }
 }
@@ -1353,14 +1342,11 @@ impl CustomOp1 for ColumnSum {
     fn cuda_fwd(&self, g: &CudaStorage, lg: &Layout) -> Result<(CudaStorage, Shape)> {
         let (rows, n) = rows_of(lg, self.name())?;
         let sg = span(lg, self.name())?;
-        let out = match g.dtype() {
-            DType::F32 => column_sum_typed::<f32>(g, sg, rows, n, self.name())?,
-            DType::BF16 => column_sum_typed::<bf16>(g, sg, rows, n, self.name())?,
-            t => bail!(
-                "{}: no CUDA kernel for {t:?} (f32 and bf16 only)",
-                self.name()
-            ),
-        };
+        let out = by_dtype!(
+            g.dtype(),
+            self.name(),
+            column_sum_typed(g, sg, rows, n, self.name())
+        )?;
         Ok((out, Shape::from(n)))
     }
 }

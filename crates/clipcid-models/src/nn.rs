@@ -138,12 +138,17 @@ impl Linear {
         clipcid_kernels::gpu_kernels_take(&[x, &self.weight, b]).then_some(b)
     }
 
+    /// `x W^T` alone, on candle (the GPU path adds the bias in a kernel of its own).
+    #[cfg(feature = "cuda")]
+    fn product(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::Linear::new(self.weight.clone(), None).forward(x)
+    }
+
     /// `quick_gelu(x W^T + b)`; on a GPU the bias and activation in one kernel.
     pub(crate) fn forward_quick_gelu(&self, x: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Some(b) = self.gpu_bias(x) {
-            let y = candle_nn::Linear::new(self.weight.clone(), None).forward(x)?;
-            return clipcid_kernels::cuda::bias_quick_gelu(&y, b);
+            return clipcid_kernels::cuda::bias_quick_gelu(&self.product(x)?, b);
         }
         quick_gelu(&self.forward(x)?)
     }
@@ -192,8 +197,7 @@ impl Module for Linear {
         if !on_blas {
             #[cfg(feature = "cuda")]
             if let Some(b) = self.gpu_bias(x) {
-                let y = candle_nn::Linear::new(self.weight.clone(), None).forward(x)?;
-                return clipcid_kernels::cuda::bias_add(&y, b);
+                return clipcid_kernels::cuda::bias_add(&self.product(x)?, b);
             }
             return candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(x);
         }

@@ -85,6 +85,30 @@ fn time(
     Ok(t[t.len() / 2])
 }
 
+/// The ViT-B/32 preset with seeded random weights in bf16 on `device`.
+fn vit_b32_bf16(device: &Device) -> Result<(ClipConfig, ClipModel), PipelineError> {
+    let cfg = ClipConfig::preset("vit-b-32")?;
+    let model = ClipModel::from_tensors(&cfg, init_tensors(&cfg, 0)?, device, DType::BF16)?;
+    Ok((cfg, model))
+}
+
+/// The image tower's median throughput on `batch` random bf16 images.
+fn images_per_second(
+    model: &ClipModel,
+    cfg: &ClipConfig,
+    batch: usize,
+    device: &Device,
+    repeats: usize,
+) -> Result<f64, PipelineError> {
+    let s = cfg.vision_config.image_size;
+    let px = Tensor::randn(0f32, 1.0, (batch, 3, s, s), device)?.to_dtype(DType::BF16)?;
+    let secs = time(device, repeats, || {
+        model.encode_image(&px)?;
+        Ok(())
+    })?;
+    Ok(batch as f64 / secs)
+}
+
 /// Measures, on `device` with seeded random weights and inputs: the ViT-B/32 image tower in
 /// bf16 (images/s), one training step of the CLIP loss for the PicCollage-size student
 /// (width 384, 6 layers; AdamW in f32; samples/s) in f32 and in bf16 with f32 master
@@ -107,20 +131,14 @@ pub fn throughput(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
     let b = sizes.batch;
     let mut rows = vec![];
 
-    let b32 = ClipConfig::preset("vit-b-32")?;
-    let tower = ClipModel::from_tensors(&b32, init_tensors(&b32, 0)?, device, DType::BF16)?;
-    let s = b32.vision_config.image_size;
-    let px = Tensor::randn(0f32, 1.0, (b, 3, s, s), device)?.to_dtype(DType::BF16)?;
-    let secs = time(device, sizes.repeats, || {
-        tower.encode_image(&px)?;
-        Ok(())
-    })?;
-    drop(tower);
+    let (b32, tower) = vit_b32_bf16(device)?;
     rows.push(BenchRow {
         workload: format!("ViT-B/32 image tower, bf16, batch {b}"),
-        value: b as f64 / secs,
+        value: images_per_second(&tower, &b32, b, device, sizes.repeats)?,
         unit: "images/s",
     });
+    drop(tower);
+    let s = b32.vision_config.image_size;
 
     let cfg = ClipConfig::preset("piccollage-s12")?;
     let (student, varmap) = ClipModel::trainable_from(&cfg, init_tensors(&cfg, 0)?, device)?;
@@ -338,18 +356,11 @@ pub fn op_profile(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
     })?;
     // The whole tower at a quarter and at twice the batch: throughput that grows with the
     // batch means a smaller batch leaves the GPU waiting for the host.
-    let b32 = ClipConfig::preset("vit-b-32")?;
-    let tower = ClipModel::from_tensors(&b32, init_tensors(&b32, 0)?, device, DType::BF16)?;
+    let (b32, tower) = vit_b32_bf16(device)?;
     for batch in [(b / 4).max(1), 2 * b] {
-        let s = b32.vision_config.image_size;
-        let px = Tensor::randn(0f32, 1.0, (batch, 3, s, s), device)?.to_dtype(DType::BF16)?;
-        let secs = time(device, sizes.repeats, || {
-            tower.encode_image(&px)?;
-            Ok(())
-        })?;
         out.push(BenchRow {
             workload: format!("ViT-B/32 image tower, bf16, batch {batch}"),
-            value: batch as f64 / secs,
+            value: images_per_second(&tower, &b32, batch, device, sizes.repeats)?,
             unit: "images/s (batch sweep)",
         });
     }

@@ -157,6 +157,30 @@ impl InplaceOp2 for Moment {
     }
 }
 
+/// The f32 scalars of one parameter update, the same on every device:
+/// `p = p keep - lr (m inv_bias1) / (sqrt(v inv_bias2) + eps)`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ApplyScalars {
+    pub keep: f32,
+    pub lr: f32,
+    pub inv_bias1: f32,
+    pub inv_bias2: f32,
+    pub eps: f32,
+}
+
+impl AdamWStep {
+    /// This step's [`ApplyScalars`] (decay factor and bias corrections in f64, then f32).
+    fn scalars(&self) -> ApplyScalars {
+        ApplyScalars {
+            keep: (1.0 - self.lr * self.weight_decay) as f32,
+            lr: self.lr as f32,
+            inv_bias1: (1.0 / (1.0 - self.beta1.powi(self.step))) as f32,
+            inv_bias2: (1.0 / (1.0 - self.beta2.powi(self.step))) as f32,
+            eps: self.eps as f32,
+        }
+    }
+}
+
 /// The parameter update from the updated moments.
 struct Apply(AdamWStep);
 
@@ -180,11 +204,13 @@ impl InplaceOp3 for Apply {
         if p.len() != m.len() || p.len() != v.len() {
             bail!("{}: parameter and moments differ in size", self.name());
         }
-        let s = self.0;
-        let keep = (1.0 - s.lr * s.weight_decay) as f32;
-        let inv_bias1 = (1.0 / (1.0 - s.beta1.powi(s.step))) as f32;
-        let inv_bias2 = (1.0 / (1.0 - s.beta2.powi(s.step))) as f32;
-        let (lr, eps) = (s.lr as f32, s.eps as f32);
+        let ApplyScalars {
+            keep,
+            lr,
+            inv_bias1,
+            inv_bias2,
+            eps,
+        } = self.0.scalars();
         pool::for_each_chunk_mut(p, ELEMENTS_PER_TASK, |span, p| {
             let (m, v) = (&m[span.clone()], &v[span]);
             math::simd(|| {
@@ -207,15 +233,7 @@ impl InplaceOp3 for Apply {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<()> {
-        let s = self.0;
-        let scalars = crate::cuda::ApplyScalars {
-            keep: (1.0 - s.lr * s.weight_decay) as f32,
-            lr: s.lr as f32,
-            inv_bias1: (1.0 / (1.0 - s.beta1.powi(s.step))) as f32,
-            inv_bias2: (1.0 / (1.0 - s.beta2.powi(s.step))) as f32,
-            eps: s.eps as f32,
-        };
-        crate::cuda::adamw_apply(s1, l1, s2, l2, s3, l3, &scalars)
+        crate::cuda::adamw_apply(s1, l1, s2, l2, s3, l3, &self.0.scalars())
     }
 }
 

@@ -33,6 +33,8 @@ mod norm;
 mod testing;
 
 pub use activation::{gelu, gelu_in_place, quick_gelu, quick_gelu_in_place, Activation};
+#[cfg(feature = "cuda")]
+pub(crate) use adamw::ApplyScalars;
 pub use adamw::{adamw_runs_in_place, adamw_update, AdamWStep};
 pub use attention::{attention, AttentionSpec, Queries};
 pub use block::{pack_block_params, transformer_block, BlockParams, BlockSpec};
