@@ -14,7 +14,7 @@
 #                                 gpu-check.py, prints the tables, then runs the packed
 #                                 device-parametrised test binaries. At most ~8 minutes.
 # Through the device tool: run(command="scripts/gpu-check.sh", carry=["gpu-check"]);
-# `scripts/gpu-check.sh --quick` skips PyTorch and all but the kernel and parity tests.
+# `scripts/gpu-check.sh --quick` skips PyTorch and all but the kernel, parity and model tests.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="$root/gpu-check"
@@ -127,7 +127,7 @@ if [ -d "$work/tests" ]; then
   fi
   # The newest kernels first; each binary at most 90 s, so all six fit the call's budget.
   names="fused_ops devices model losses balance distill"
-  [ "$quick" = 1 ] && names="fused_ops devices"
+  [ "$quick" = 1 ] && names="fused_ops devices model"
   for name in $names; do
     t="$work/tests/$name"
     echo "### $name"

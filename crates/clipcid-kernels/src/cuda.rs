@@ -7,18 +7,25 @@
 //! - AdamW's update in place ([`cpu::adamw_update`](crate::cpu::adamw_update)): three
 //!   launches per parameter tensor instead of about sixteen tensor ops (f32).
 //! - Layer norm with its backward pass ([`cpu::layer_norm`](crate::cpu::layer_norm)): one
-//!   launch forward, three backward (rows, column partial sums, their fixed-order total),
+//!   launch forward (a warp per row of up to 1024, read once), three backward (rows, column partial sums, their fixed-order total),
 //!   where candle has a fused forward only and training took about ten ops forward and
 //!   twenty backward.
 //! - Softmax over the last dimension with its backward pass
 //!   ([`cpu::softmax_last_dim`](crate::cpu::softmax_last_dim)): one warp per row.
 //! - Attention's head split and merge ([`swap_middle_dims`]) and a ViT's patch matrix
 //!   ([`patchify`]): copies with 32-bit indices.
-//! - A linear layer's bias, alone ([`bias_add`]) or with CLIP's activation
-//!   ([`bias_quick_gelu`]), with backward passes: candle's broadcast add computes each
-//!   element's index with 64-bit divisions, and took 0.8 ms on `[12800, 3072]` bf16 on an
-//!   H200 (the memory-bound time is 0.04 ms), which made it the largest part of the ViT-B/32
-//!   tower's time.
+//! - Multi-head self-attention on the fused q/k/v rows
+//!   ([`cpu::attention`](crate::cpu::attention), sizes that [`attention_fits`]), forward and
+//!   backward: one block per batch item and head keeps the head's keys and values in shared
+//!   memory, each warp computes four query rows' scores, softmax and weighted sum at once
+//!   without writing the `[B, H, T, T]` scores anywhere, and the backward pass (two launches, queries
+//!   then keys) recomputes the probabilities, as FlashAttention does. It replaces a layer's
+//!   three head splits, two batched products, softmax and merge, and their gradients.
+//! - A linear layer's bias, alone ([`bias_add`]), with CLIP's activation
+//!   ([`bias_quick_gelu`]) or with a residual ([`bias_residual_add`]), with backward passes:
+//!   candle's broadcast add computes each element's index with 64-bit divisions, and took
+//!   0.8 ms on `[12800, 3072]` bf16 on an H200 (the memory-bound time is 0.04 ms), which made
+//!   it the largest part of the ViT-B/32 tower's time.
 //!
 //! [`enabled`] says whether they are used: `CLIPCID_CUDA_KERNELS=0` in the environment (or
 //! [`set_enabled`]) falls back to candle's primitive ops, to measure one against the other.
@@ -41,7 +48,7 @@ use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::compile_ptx;
 use candle_core::cuda_backend::{CudaDType, WrapErr};
@@ -141,6 +148,38 @@ __device__ void ln_fwd(const T *x, const T *w, const T *b, T *y, const unsigned 
     row_stats(x + off, d, eps, sh, &mean, &rstd);
     for (unsigned int i = threadIdx.x; i < d; i += blockDim.x)
         st(&y[off + i], (ld(x[off + i]) - mean) * rstd * ld(w[i]) + ld(b[i]));
+}
+
+/* One warp per row of at most 1024 (blockDim.x / 32 rows per block): the row stays in
+   registers, read once, where the block-per-row form reads it three times. */
+template <typename T>
+__device__ void ln_fwd_warp(const T *x, const T *w, const T *b, T *y, const unsigned int rows,
+                            const unsigned int d, const float eps) {
+    const unsigned int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const unsigned int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const size_t off = (size_t)row * d;
+    float v[32];
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 32; ++k) {
+        const unsigned int i = lane + 32 * k;
+        v[k] = i < d ? ld(x[off + i]) : 0.0f;
+        s += v[k];
+    }
+    const float mean = warp_sum(s) / (float)d;
+    float q = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 32; ++k) {
+        const float c = lane + 32 * k < d ? v[k] - mean : 0.0f;
+        q += c * c;
+    }
+    const float rstd = 1.0f / sqrtf(warp_sum(q) / (float)d + eps);
+#pragma unroll
+    for (int k = 0; k < 32; ++k) {
+        const unsigned int i = lane + 32 * k;
+        if (i < d) st(&y[off + i], (v[k] - mean) * rstd * ld(w[i]) + ld(b[i]));
+    }
 }
 
 /* dx = rstd (gh - mean(gh) - xh mean(gh xh)), gh = g w, xh = (x - mean) rstd; each row's
@@ -255,6 +294,15 @@ __device__ void bias_add(const T *x, const T *b, T *y, const unsigned int total,
         st(&y[i], ld(x[i]) + ld(b[i % n]));
 }
 
+/* y = x + b[column] + r: a linear layer's bias and the residual added in one pass. */
+template <typename T>
+__device__ void bias_residual(const T *x, const T *b, const T *r, T *y, const unsigned int total,
+                              const unsigned int n) {
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += blockDim.x * gridDim.x)
+        st(&y[i], ld(x[i]) + ld(b[i % n]) + ld(r[i]));
+}
+
 /* y = h sigmoid(1.702 h), h = x + b[column]. */
 template <typename T>
 __device__ void bias_quick_gelu(const T *x, const T *b, T *y, const unsigned int total,
@@ -335,10 +383,290 @@ __device__ void patchify(const T *src, T *dst, const unsigned int B, const unsig
     }
 }
 
+/* Multi-head self-attention on packed q/k/v rows: qkv [B * t, 3W], head h in columns
+   h*D..(h+1)*D of each third (W = H D). One block per (batch item, head) holds the head's
+   rows in shared memory as f32, each row padded to D + 1 floats so that lane j reading row
+   j's column d hits bank (j + d) % 32. Each warp takes 4 query (or key) rows at once, their
+   values side by side in float4s, so that each value a lane loads from a row in shared
+   memory feeds 4 products (one load per product was what bounded a first version). The
+   first `tq` positions are the queries; `causal`: position i sees positions <= i. Rows past
+   the end are zeros in the tile and are never written. */
+extern __shared__ float4 attn_sh[];
+
+/* rows x D values from src (rows row_stride apart) into dst [rows][D + 1], times mul. Eight
+   loads in flight per thread before their stores: one at a time, each waited for its global
+   load's latency. */
+template <typename T>
+__device__ void attn_load(const T *src, const unsigned int row_stride, const unsigned int rows,
+                          const unsigned int D, float *dst, const float mul) {
+    const unsigned int n = rows * D;
+    for (unsigned int i0 = threadIdx.x; i0 < n; i0 += 8 * blockDim.x) {
+        float v[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const unsigned int i = i0 + k * blockDim.x, r = i / D;
+            v[k] = i < n ? ld(src[(size_t)r * row_stride + (i - r * D)]) : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const unsigned int i = i0 + k * blockDim.x, r = i / D;
+            if (i < n) dst[r * (D + 1) + (i - r * D)] = mul * v[k];
+        }
+    }
+}
+
+/* Rows r0..r0+3 (those below `rows`) of a matrix whose rows lie `stride` apart, columns
+   d = lane, lane + 32, ... < D, into tile[d] (times mul), zeros past `rows`. */
+template <typename T>
+__device__ void attn_tile(const T *src, const size_t stride, const unsigned int r0,
+                          const unsigned int rows, const unsigned int D, float4 *tile,
+                          const float mul) {
+    for (unsigned int d = threadIdx.x & 31; d < D; d += 32) {
+        float v[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+            v[r] = r0 + r < rows ? mul * ld(src[(size_t)(r0 + r) * stride + d]) : 0.0f;
+        tile[d] = make_float4(v[0], v[1], v[2], v[3]);
+    }
+}
+
+__device__ __forceinline__ void fma4(float a[4], const float4 w, const float x) {
+    a[0] += w.x * x;
+    a[1] += w.y * x;
+    a[2] += w.z * x;
+    a[3] += w.w * x;
+}
+
+/* a[r] = sum_d tile[d].r row[d]. */
+__device__ __forceinline__ void attn_dot4(float a[4], const float4 *tile, const float *row,
+                                          const unsigned int D) {
+    a[0] = a[1] = a[2] = a[3] = 0.0f;
+#pragma unroll 4
+    for (unsigned int d = 0; d < D; ++d) fma4(a, tile[d], row[d]);
+}
+
+/* a[r] = sum_{j0 <= j < n} w[j].r m[j][d], rows of m `stride` apart. */
+__device__ __forceinline__ void attn_column4(float a[4], const float4 *w, const float *m,
+                                             const unsigned int stride, const unsigned int d,
+                                             const unsigned int j0, const unsigned int n) {
+    a[0] = a[1] = a[2] = a[3] = 0.0f;
+#pragma unroll 4
+    for (unsigned int j = j0; j < n; ++j) fma4(a, w[j], m[j * stride + d]);
+}
+
+__device__ __forceinline__ float4 f4(const float a[4]) { return make_float4(a[0], a[1], a[2], a[3]); }
+__device__ __forceinline__ void un4(const float4 v, float a[4]) {
+    a[0] = v.x;
+    a[1] = v.y;
+    a[2] = v.z;
+    a[3] = v.w;
+}
+
+/* Scores of the warp's query rows i0..i0+3 against keys j = lane, lane + 32, ... < n into
+   pt[j] (masked ones -inf), then exp(s - max) in place; m and z get each row's max and sum. */
+__device__ __forceinline__ void attn_softmax4(const float4 *qt, const float *ks, float4 *pt,
+                                              const unsigned int P, const unsigned int D,
+                                              const unsigned int n, const unsigned int i0,
+                                              const int causal, float m[4], float z[4]) {
+    const unsigned int lane = threadIdx.x & 31;
+    const float inf = __int_as_float(0x7f800000);
+    m[0] = m[1] = m[2] = m[3] = -inf;
+    for (unsigned int j = lane; j < n; j += 32) {
+        float s[4];
+        attn_dot4(s, qt, ks + j * P, D);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            if (causal && j > i0 + r) s[r] = -inf;
+            m[r] = fmaxf(m[r], s[r]);
+        }
+        pt[j] = f4(s);
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        m[r] = warp_max(m[r]);
+        z[r] = 0.0f;
+    }
+    for (unsigned int j = lane; j < n; j += 32) {
+        float s[4];
+        un4(pt[j], s);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            s[r] = expf(s[r] - m[r]);
+            z[r] += s[r];
+        }
+        pt[j] = f4(s);
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) z[r] = warp_sum(z[r]);
+}
+
+/* out [B * tq, W]: softmax(scale q k^T) v per head. Shared: per warp q [D] and p [t]
+   (float4 each), then K and V [t][D + 1]. */
+template <typename T>
+__device__ void attention_fwd(const T *qkv, T *out, const unsigned int t, const unsigned int tq,
+                              const unsigned int H, const unsigned int D, const int causal,
+                              const float scale) {
+    const unsigned int b = blockIdx.x, h = blockIdx.y, W = H * D, P = D + 1;
+    const unsigned int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float4 *qt = attn_sh + warp * (D + t), *pt = qt + D;
+    float *ks = (float *)(attn_sh + warps * (D + t)), *vs = ks + t * P;
+    const T *base = qkv + (size_t)b * t * 3 * W;
+    attn_load(base + W + h * D, 3 * W, t, D, ks, 1.0f);
+    attn_load(base + 2 * W + h * D, 3 * W, t, D, vs, 1.0f);
+    __syncthreads();
+    for (unsigned int i0 = 4 * warp; i0 < tq; i0 += 4 * warps) {
+        attn_tile(base + h * D, 3 * W, i0, tq, D, qt, scale);
+        __syncwarp();
+        const unsigned int n = causal ? min(i0 + 4, tq) : t;
+        float m[4], z[4];
+        attn_softmax4(qt, ks, pt, P, D, n, i0, causal, m, z);
+        __syncwarp();
+        for (unsigned int d = lane; d < D; d += 32) {
+            float a[4];
+            attn_column4(a, pt, vs, P, d, 0, n);
+#pragma unroll
+            for (int r = 0; r < 4; ++r)
+                if (i0 + r < tq) st(&out[((size_t)b * tq + i0 + r) * W + h * D + d], a[r] / z[r]);
+        }
+        __syncwarp();
+    }
+}
+
+/* Backward, first half: dq (the head's columns of dqkv's first third) for each query row,
+   and the row's log-sum-exp and sum_j p dp into stats[((b H + h) tq + i) 2 + 0/1] for the
+   second half. Shared: per warp q [D], dO [D], p [t], dp then ds [t] (float4 each), then
+   K and V [t][D + 1]. */
+template <typename T>
+__device__ void attention_dq(const T *qkv, const T *g, T *dqkv, float *stats,
+                             const unsigned int t, const unsigned int tq, const unsigned int H,
+                             const unsigned int D, const int causal, const float scale) {
+    const unsigned int b = blockIdx.x, h = blockIdx.y, W = H * D, P = D + 1;
+    const unsigned int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float4 *qt = attn_sh + warp * (2 * D + 2 * t), *gt = qt + D, *pt = gt + D, *st4 = pt + t;
+    float *ks = (float *)(attn_sh + warps * (2 * D + 2 * t)), *vs = ks + t * P;
+    const T *base = qkv + (size_t)b * t * 3 * W;
+    attn_load(base + W + h * D, 3 * W, t, D, ks, 1.0f);
+    attn_load(base + 2 * W + h * D, 3 * W, t, D, vs, 1.0f);
+    __syncthreads();
+    for (unsigned int i0 = 4 * warp; i0 < tq; i0 += 4 * warps) {
+        attn_tile(base + h * D, 3 * W, i0, tq, D, qt, scale);
+        attn_tile(g + (size_t)b * tq * W + h * D, W, i0, tq, D, gt, 1.0f);
+        __syncwarp();
+        const unsigned int n = causal ? min(i0 + 4, tq) : t;
+        float m[4], z[4], dsum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        attn_softmax4(qt, ks, pt, P, D, n, i0, causal, m, z);
+        for (unsigned int j = lane; j < n; j += 32) {
+            float p[4], dp[4];
+            un4(pt[j], p);
+            attn_dot4(dp, gt, vs + j * P, D);
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                p[r] /= z[r];
+                dsum[r] += p[r] * dp[r];
+            }
+            pt[j] = f4(p);
+            st4[j] = f4(dp);
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) dsum[r] = warp_sum(dsum[r]);
+        for (unsigned int j = lane; j < n; j += 32) {
+            float p[4], ds[4];
+            un4(pt[j], p);
+            un4(st4[j], ds);
+#pragma unroll
+            for (int r = 0; r < 4; ++r) ds[r] = p[r] * (ds[r] - dsum[r]);
+            st4[j] = f4(ds);
+        }
+        __syncwarp();
+        for (unsigned int d = lane; d < D; d += 32) {
+            float a[4];
+            attn_column4(a, st4, ks, P, d, 0, n);
+#pragma unroll
+            for (int r = 0; r < 4; ++r)
+                if (i0 + r < tq) st(&dqkv[((size_t)b * t + i0 + r) * 3 * W + h * D + d], scale * a[r]);
+        }
+        if (lane < 4 && i0 + lane < tq) {
+            float *sr = stats + (((size_t)b * H + h) * tq + i0 + lane) * 2;
+            /* lane r writes row r's pair (m, z and dsum are the same in every lane) */
+            float mr = m[0], zr = z[0], dr = dsum[0];
+            if (lane == 1) { mr = m[1]; zr = z[1]; dr = dsum[1]; }
+            if (lane == 2) { mr = m[2]; zr = z[2]; dr = dsum[2]; }
+            if (lane == 3) { mr = m[3]; zr = z[3]; dr = dsum[3]; }
+            sr[0] = mr + logf(zr);
+            sr[1] = dr;
+        }
+        __syncwarp();
+    }
+}
+
+/* Backward, second half: dk and dv for each key row j from the query rows that see it.
+   Shared: per warp k [D], v [D], p [tq], ds [tq] (float4 each), then scale q and dO
+   [tq][D + 1], log-sum-exp and sum p dp [tq] each. */
+template <typename T>
+__device__ void attention_dkv(const T *qkv, const T *g, T *dqkv, const float *stats,
+                              const unsigned int t, const unsigned int tq, const unsigned int H,
+                              const unsigned int D, const int causal, const float scale) {
+    const unsigned int b = blockIdx.x, h = blockIdx.y, W = H * D, P = D + 1;
+    const unsigned int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float4 *kt = attn_sh + warp * (2 * D + 2 * tq), *vt = kt + D, *pt = vt + D, *st4 = pt + tq;
+    float *qs = (float *)(attn_sh + warps * (2 * D + 2 * tq)), *gs = qs + tq * P;
+    float *lse = gs + tq * P, *dsum = lse + tq;
+    const T *base = qkv + (size_t)b * t * 3 * W;
+    attn_load(base + h * D, 3 * W, tq, D, qs, scale);
+    attn_load(g + (size_t)b * tq * W + h * D, W, tq, D, gs, 1.0f);
+    const float *sr = stats + ((size_t)b * H + h) * tq * 2;
+    for (unsigned int i = threadIdx.x; i < tq; i += blockDim.x) {
+        lse[i] = sr[2 * i];
+        dsum[i] = sr[2 * i + 1];
+    }
+    __syncthreads();
+    for (unsigned int j0 = 4 * warp; j0 < t; j0 += 4 * warps) {
+        attn_tile(base + W + h * D, 3 * W, j0, t, D, kt, 1.0f);
+        attn_tile(base + 2 * W + h * D, 3 * W, j0, t, D, vt, 1.0f);
+        __syncwarp();
+        const unsigned int i1 = causal ? j0 : 0;
+        for (unsigned int i = i1 + lane; i < tq; i += 32) {
+            float s[4] = {0.0f, 0.0f, 0.0f, 0.0f}, dp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            const float *qr = qs + i * P, *gr = gs + i * P;
+#pragma unroll 4
+            for (unsigned int d = 0; d < D; ++d) {
+                fma4(s, kt[d], qr[d]);
+                fma4(dp, vt[d], gr[d]);
+            }
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                s[r] = (causal && i < j0 + r) ? 0.0f : expf(s[r] - lse[i]);
+                dp[r] = s[r] * (dp[r] - dsum[i]);
+            }
+            pt[i] = f4(s);
+            st4[i] = f4(dp);
+        }
+        __syncwarp();
+        for (unsigned int d = lane; d < D; d += 32) {
+            float dk[4], dv[4];
+            attn_column4(dk, st4, qs, P, d, i1, tq);
+            attn_column4(dv, pt, gs, P, d, i1, tq);
+#pragma unroll
+            for (int r = 0; r < 4; ++r)
+                if (j0 + r < t) {
+                    T *row = dqkv + ((size_t)b * t + j0 + r) * 3 * W + W + h * D;
+                    st(&row[d], dk[r]);
+                    st(&row[W + d], dv[r]);
+                }
+        }
+        __syncwarp();
+    }
+}
+
 #define CLIPCID_TYPED(T, S)                                                                     \
 extern "C" __global__ void clipcid_ln_fwd_##S(const T *x, const T *w, const T *b, T *y,        \
                                               const unsigned int d, const float eps) {          \
     ln_fwd(x, w, b, y, d, eps);                                                                 \
+}                                                                                               \
+extern "C" __global__ void clipcid_ln_fwd_warp_##S(const T *x, const T *w, const T *b, T *y,   \
+                                                   const unsigned int rows,                     \
+                                                   const unsigned int d, const float eps) {     \
+    ln_fwd_warp(x, w, b, y, rows, d, eps);                                                      \
 }                                                                                               \
 extern "C" __global__ void clipcid_ln_bwd_rows_##S(const T *x, const T *w, const T *g, T *dx,  \
                                                    float *stats, const unsigned int d,          \
@@ -371,6 +699,11 @@ extern "C" __global__ void clipcid_bias_add_##S(const T *x, const T *b, T *y,   
                                                 const unsigned int n) {                         \
     bias_add(x, b, y, total, n);                                                                \
 }                                                                                               \
+extern "C" __global__ void clipcid_bias_residual_##S(const T *x, const T *b, const T *r, T *y, \
+                                                     const unsigned int total,                  \
+                                                     const unsigned int n) {                    \
+    bias_residual(x, b, r, y, total, n);                                                        \
+}                                                                                               \
 extern "C" __global__ void clipcid_bias_quick_gelu_##S(const T *x, const T *b, T *y,           \
                                                        const unsigned int total,                \
                                                        const unsigned int n) {                  \
@@ -397,6 +730,30 @@ extern "C" __global__ void clipcid_patchify_##S(const T *src, T *dst, const unsi
                                                 const unsigned int c, const unsigned int s,     \
                                                 const unsigned int p, const int scatter) {      \
     patchify(src, dst, b, c, s, p, scatter);                                                    \
+}                                                                                               \
+extern "C" __global__ void clipcid_attention_fwd_##S(const T *qkv, T *out,                    \
+                                                     const unsigned int t,                      \
+                                                     const unsigned int tq,                     \
+                                                     const unsigned int h,                      \
+                                                     const unsigned int d, const int causal,    \
+                                                     const float scale) {                       \
+    attention_fwd(qkv, out, t, tq, h, d, causal, scale);                                        \
+}                                                                                               \
+extern "C" __global__ void clipcid_attention_dq_##S(const T *qkv, const T *g, T *dqkv,        \
+                                                    float *stats, const unsigned int t,         \
+                                                    const unsigned int tq,                      \
+                                                    const unsigned int h,                       \
+                                                    const unsigned int d, const int causal,     \
+                                                    const float scale) {                        \
+    attention_dq(qkv, g, dqkv, stats, t, tq, h, d, causal, scale);                              \
+}                                                                                               \
+extern "C" __global__ void clipcid_attention_dkv_##S(const T *qkv, const T *g, T *dqkv,       \
+                                                     const float *stats, const unsigned int t,  \
+                                                     const unsigned int tq,                     \
+                                                     const unsigned int h,                      \
+                                                     const unsigned int d, const int causal,    \
+                                                     const float scale) {                       \
+    attention_dkv(qkv, g, dqkv, stats, t, tq, h, d, causal, scale);                             \
 }
 
 CLIPCID_TYPED(float, f32)
@@ -404,7 +761,7 @@ CLIPCID_TYPED(bf16_t, bf16)
 "#;
 
 /// Every kernel [`SOURCE`] defines (what [`load`] loads).
-const KERNELS: [&str; 26] = [
+const KERNELS: [&str; 36] = [
     "clipcid_adamw_moment",
     "clipcid_adamw_apply",
     "clipcid_ln_fwd_f32",
@@ -431,6 +788,16 @@ const KERNELS: [&str; 26] = [
     "clipcid_swap_middle_bf16",
     "clipcid_patchify_f32",
     "clipcid_patchify_bf16",
+    "clipcid_ln_fwd_warp_f32",
+    "clipcid_ln_fwd_warp_bf16",
+    "clipcid_bias_residual_f32",
+    "clipcid_bias_residual_bf16",
+    "clipcid_attention_fwd_f32",
+    "clipcid_attention_dq_f32",
+    "clipcid_attention_dkv_f32",
+    "clipcid_attention_fwd_bf16",
+    "clipcid_attention_dq_bf16",
+    "clipcid_attention_dkv_bf16",
 ];
 
 /// The PTX of [`SOURCE`], compiled once per process (or the compiler's message).
@@ -690,8 +1057,14 @@ fn ln_fwd_typed<T: CudaDType + DeviceRepr>(
 ) -> Result<CudaStorage> {
     const OP: &str = "clipcid-layer-norm";
     let dev = x.device.clone();
+    // Rows of up to 1024 fit one warp's registers (32 values a lane).
+    let per_warp = d <= 1024;
     let func = dev.get_or_load_custom_func(
-        &format!("clipcid_ln_fwd_{}", suffix(x.dtype(), OP)?),
+        &format!(
+            "clipcid_ln_fwd_{}{}",
+            if per_warp { "warp_" } else { "" },
+            suffix(x.dtype(), OP)?
+        ),
         MODULE,
         ptx()?,
     )?;
@@ -701,16 +1074,25 @@ fn ln_fwd_typed<T: CudaDType + DeviceRepr>(
     let bs = b.as_cuda_slice::<T>()?.slice(sb.0..sb.1);
     // SAFETY: every element is written by the kernel below before it is read.
     let mut y: CudaSlice<T> = unsafe { dev.alloc::<T>(rows * d)? };
-    let (d32, cfg) = (d as u32, row_config(rows)?);
+    let (d32, rows32) = (d as u32, rows as u32);
     let mut a = func.builder();
     a.arg(&xs);
     a.arg(&ws);
     a.arg(&bs);
     a.arg(&mut y);
+    if per_warp {
+        a.arg(&rows32);
+    }
     a.arg(&d32);
     a.arg(&eps);
-    // SAFETY: one block per row of `d` elements of `x` and `y` (`rows * d` each), `w` and
-    // `b` of `d`; the types match the kernel's for this dtype.
+    let cfg = if per_warp {
+        softmax_config(rows)?
+    } else {
+        row_config(rows)?
+    };
+    // SAFETY: one warp (rows bounded in the kernel, `d` <= 1024) or one block per row of
+    // `d` elements of `x` and `y` (`rows * d` each), `w` and `b` of `d`; the arguments match
+    // the chosen kernel's for this dtype.
     unsafe { a.launch(cfg) }.w()?;
     Ok(T::wrap_cuda_slice(y, dev))
 }
@@ -983,6 +1365,31 @@ fn with_vector(
     Ok((sx, sb, rows * n, n))
 }
 
+/// `kernel` over a `[.., n]` input `x`, its `[n]` vector `b` and a third input `g` of `x`'s
+/// shape and dtype (a residual, an output gradient): `[.., n]`.
+fn vector_and_full(
+    kernel: &str,
+    op: &str,
+    (x, lx): (&CudaStorage, &Layout),
+    (b, lb): (&CudaStorage, &Layout),
+    (g, lg): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    let (sx, sb, total, n) = with_vector((x, lx), (b, lb), op)?;
+    let sg = span(lg, op)?;
+    if lg.shape() != lx.shape() || g.dtype() != x.dtype() {
+        bail!(
+            "{op}: {:?} {:?} beside an input {:?} {:?}",
+            lg.dims(),
+            g.dtype(),
+            lx.dims(),
+            x.dtype()
+        );
+    }
+    let args = [(x, sx), (b, sb), (g, sg)];
+    let out = by_dtype!(x.dtype(), op, elementwise(kernel, op, &args, total, n))?;
+    Ok((out, lx.shape().clone()))
+}
+
 fn cpu_unsupported<R>(op: &str) -> Result<R> {
     bail!("{op}: a CUDA kernel (on the CPU, `clipcid_kernels::cpu` has the fused ops)")
 }
@@ -1025,6 +1432,25 @@ pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
 pub fn bias_quick_gelu(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     x.contiguous()?
         .apply_op2(&b.contiguous()?, BiasThen { quick_gelu: true })
+}
+
+/// `x + b + r` with `b` broadcast over the rows of `x` and `r` of `x`'s shape, f32 or bf16
+/// CUDA tensors, differentiable in all three: a linear layer's bias and a transformer block's
+/// residual in one pass instead of two.
+///
+/// ```no_run
+/// # fn main() -> candle_core::Result<()> {
+/// use candle_core::{DType, Device, Tensor};
+/// let gpu = Device::new_cuda(0)?;
+/// let x = Tensor::ones((2, 3), DType::F32, &gpu)?;
+/// let b = Tensor::new(&[1f32, 2.0, 3.0], &gpu)?;
+/// let y = clipcid_kernels::cuda::bias_residual_add(&x, &b, &x)?;
+/// assert_eq!(y.to_vec2::<f32>()?[1], [3.0, 4.0, 5.0]);
+/// # Ok(()) }
+/// ```
+pub fn bias_residual_add(x: &Tensor, b: &Tensor, r: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&b.contiguous()?, &r.contiguous()?, BiasResidual)
 }
 
 /// `[n0, n1, n2, n3]` -> `[n0, n2, n1, n3]` (attention's head split `[B, T, H, D]` ->
@@ -1278,6 +1704,58 @@ impl CustomOp2 for BiasThen {
     }
 }
 
+/// [`bias_residual_add`]'s op.
+struct BiasResidual;
+
+impl CustomOp3 for BiasResidual {
+    fn name(&self) -> &'static str {
+        "clipcid-bias-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+        r: &CudaStorage,
+        lr: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        vector_and_full(
+            "clipcid_bias_residual",
+            self.name(),
+            (x, lx),
+            (b, lb),
+            (r, lr),
+        )
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _b: &Tensor,
+        _r: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let db = g.apply_op1_no_bwd(&ColumnSum)?;
+        Ok((Some(g.clone()), Some(db), Some(g)))
+    }
+}
+
 /// The gradient of [`bias_quick_gelu`]'s pre-activation from `x`, `b` and the output gradient.
 struct BiasQuickGeluGrad;
 
@@ -1307,22 +1785,8 @@ impl CustomOp3 for BiasQuickGeluGrad {
         g: &CudaStorage,
         lg: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let (sx, sb, total, n) = with_vector((x, lx), (b, lb), self.name())?;
-        let sg = span(lg, self.name())?;
-        if sg.1 - sg.0 != total || g.dtype() != x.dtype() {
-            bail!(
-                "{}: gradient size or dtype differs from the input's",
-                self.name()
-            );
-        }
-        let args = [(x, sx), (b, sb), (g, sg)];
         let k = "clipcid_bias_quick_gelu_bwd";
-        let out = by_dtype!(
-            x.dtype(),
-            self.name(),
-            elementwise(k, self.name(), &args, total, n)
-        )?;
-        Ok((out, lx.shape().clone()))
+        vector_and_full(k, self.name(), (x, lx), (b, lb), (g, lg))
     }
 }
 
@@ -1399,6 +1863,280 @@ fn column_sum_typed<T: CudaDType + DeviceRepr>(
         unsafe { a.launch(LaunchConfig::for_num_elems(n32)) }.w()?;
     }
     Ok(T::wrap_cuda_slice(out, dev))
+}
+
+/// Warps per block of the attention kernels (each takes four query or key rows at a time).
+const ATTENTION_WARPS: usize = 8;
+
+/// Shared memory a block may use without opting in (the kernels opt in above it).
+const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
+
+/// Sizes of one attention call (see [`cpu::attention`](crate::cpu::attention)): `batch`
+/// items of `t` positions whose first `tq` are queries, `heads` heads of `head_dim`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AttentionDims {
+    pub(crate) batch: usize,
+    pub(crate) t: usize,
+    pub(crate) tq: usize,
+    pub(crate) heads: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) causal: bool,
+    pub(crate) scale: f32,
+}
+
+impl AttentionDims {
+    /// Shared memory bytes of the forward, dq and dk/dv kernels (the layouts the kernels'
+    /// comments give: padded `[rows][D + 1]` f32 blocks, then each warp's rows).
+    fn shared_bytes(&self) -> [usize; 3] {
+        let (t, tq, d, w) = (self.t, self.tq, self.head_dim, ATTENTION_WARPS);
+        let p = d + 1;
+        // Each warp's tiles are float4s (16 bytes), the shared rows f32.
+        [
+            16 * w * (d + t) + 4 * 2 * t * p,
+            16 * w * (2 * d + 2 * t) + 4 * 2 * t * p,
+            16 * w * (2 * d + 2 * tq) + 4 * (2 * tq * p + 2 * tq),
+        ]
+    }
+
+    fn config(&self, shared: usize) -> Result<LaunchConfig> {
+        if self.batch == 0 || self.batch > i32::MAX as usize || self.heads > 65535 {
+            bail!(
+                "clipcid-attention: {} batch items of {} heads is not a grid size",
+                self.batch,
+                self.heads
+            );
+        }
+        Ok(LaunchConfig {
+            grid_dim: (self.batch as u32, self.heads as u32, 1),
+            block_dim: (32 * ATTENTION_WARPS as u32, 1, 1),
+            shared_mem_bytes: shared as u32,
+        })
+    }
+}
+
+/// The most shared memory one block may use on `dev` once a kernel opts in, in bytes.
+fn max_shared_bytes(dev: &candle_core::CudaDevice) -> Result<usize> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    let bytes = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .w()?;
+    Ok(bytes.max(0) as usize)
+}
+
+/// Whether [`cpu::attention`](crate::cpu::attention) runs on clipcid's CUDA kernels on
+/// `device` for sequences of `positions` and heads of `head_dim`: the kernels keep one head's
+/// keys and values (or queries and output gradients) in a block's shared memory as f32, which
+/// bounds `positions x head_dim` (an H200's 227 KiB take 278 positions of 64, so ViT-L/14's
+/// 257 at 224 pixels; ViT-B/32's 50 and a text tower's 77 need under 80 KiB).
+/// `clipcid_models` asks this before choosing its fused attention path; elsewhere it keeps
+/// candle's primitive ops.
+///
+/// ```
+/// use candle_core::Device;
+/// // On the CPU the question is moot: the CPU kernel takes every size.
+/// assert!(!clipcid_kernels::cuda::attention_fits(&Device::Cpu, 50, 64));
+/// ```
+pub fn attention_fits(device: &Device, positions: usize, head_dim: usize) -> bool {
+    let Device::Cuda(dev) = device else {
+        return false;
+    };
+    let dims = AttentionDims {
+        batch: 1,
+        t: positions,
+        tq: positions,
+        heads: 1,
+        head_dim,
+        causal: false,
+        scale: 1.0,
+    };
+    let need = dims.shared_bytes().into_iter().max().unwrap_or(0);
+    enabled() && positions > 0 && head_dim > 0 && max_shared_bytes(dev).is_ok_and(|m| need <= m)
+}
+
+/// The attention kernel `clipcid_attention_{name}_{dtype}` on `dev`, allowed `shared` bytes
+/// of dynamic shared memory.
+fn attention_func(
+    dev: &candle_core::CudaDevice,
+    name: &str,
+    dtype: DType,
+    shared: usize,
+    g: &AttentionDims,
+) -> Result<CudaFunction> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+    const OP: &str = "clipcid-attention";
+    let func = dev.get_or_load_custom_func(
+        &format!("clipcid_attention_{name}_{}", suffix(dtype, OP)?),
+        MODULE,
+        ptx()?,
+    )?;
+    if shared > DEFAULT_SHARED_BYTES {
+        let max = max_shared_bytes(dev)?;
+        if shared > max {
+            bail!(
+                "{OP}: {} positions in heads of {} need {shared} bytes of shared memory, more \
+                 than this GPU's {max} (see clipcid_kernels::cuda::attention_fits)",
+                g.t,
+                g.head_dim
+            );
+        }
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            shared as i32,
+        )
+        .w()?;
+    }
+    Ok(func.into_cuda_function())
+}
+
+/// Checks that `l` is `g`'s contiguous `[batch * t, 3W]` input and returns its span.
+fn qkv_span(l: &Layout, g: &AttentionDims, op: &str) -> Result<Span> {
+    let (q0, q1) = span(l, op)?;
+    let want = g.batch * g.t * 3 * g.heads * g.head_dim;
+    if q1 - q0 != want {
+        bail!(
+            "{op}: q/k/v of {} values where the shapes make {want}",
+            q1 - q0
+        );
+    }
+    Ok((q0, q1))
+}
+
+/// Multi-head self-attention's output `[batch * tq, W]` from packed q/k/v rows (the CUDA
+/// form of [`cpu::attention`](crate::cpu::attention)).
+pub(crate) fn attention_fwd(
+    qkv: &CudaStorage,
+    l: &Layout,
+    g: AttentionDims,
+) -> Result<CudaStorage> {
+    by_dtype!(
+        qkv.dtype(),
+        "clipcid-attention",
+        attention_fwd_typed(qkv, l, &g)
+    )
+}
+
+fn attention_fwd_typed<T: CudaDType + DeviceRepr>(
+    qkv: &CudaStorage,
+    l: &Layout,
+    g: &AttentionDims,
+) -> Result<CudaStorage> {
+    const OP: &str = "clipcid-attention";
+    let dev = qkv.device.clone();
+    let (q0, q1) = qkv_span(l, g, OP)?;
+    let shared = g.shared_bytes()[0];
+    let cfg = g.config(shared)?;
+    let func = attention_func(&dev, "fwd", qkv.dtype(), shared, g)?;
+    let xs = qkv.as_cuda_slice::<T>()?.slice(q0..q1);
+    let w = g.heads * g.head_dim;
+    let stream = dev.cuda_stream();
+    // SAFETY: the kernel writes every output row (each batch item's `tq` rows, each head's
+    // columns).
+    let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(g.batch * g.tq * w)? };
+    let dims = [g.t, g.tq, g.heads, g.head_dim].map(|v| v as u32);
+    let causal = g.causal as i32;
+    let mut a = stream.launch_builder(&func);
+    a.arg(&xs);
+    a.arg(&mut out);
+    for v in &dims {
+        a.arg(v);
+    }
+    a.arg(&causal);
+    a.arg(&g.scale);
+    // SAFETY: one block per (batch item, head) reads that item's `t` rows of `3W` from `qkv`
+    // (checked to hold `batch t 3W`) and writes its `tq` rows of the head's `D` columns of
+    // `out` (`batch tq W`); the shared memory is the size the kernel lays out for these
+    // dims, opted in above 48 KiB.
+    unsafe { a.launch(cfg) }.w()?;
+    Ok(T::wrap_cuda_slice(out, dev))
+}
+
+/// Attention's q/k/v gradient `[batch * t, 3W]` from its input and the output gradient
+/// `[batch * tq, W]` (rows of q past `tq` are 0).
+pub(crate) fn attention_bwd(
+    (qkv, lq): (&CudaStorage, &Layout),
+    (grad, lg): (&CudaStorage, &Layout),
+    g: AttentionDims,
+) -> Result<CudaStorage> {
+    if qkv.dtype() != grad.dtype() {
+        bail!("clipcid-attention-grad: q/k/v and gradient dtypes differ");
+    }
+    by_dtype!(
+        qkv.dtype(),
+        "clipcid-attention-grad",
+        attention_bwd_typed((qkv, lq), (grad, lg), &g)
+    )
+}
+
+fn attention_bwd_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
+    (qkv, lq): (&CudaStorage, &Layout),
+    (grad, lg): (&CudaStorage, &Layout),
+    g: &AttentionDims,
+) -> Result<CudaStorage> {
+    const OP: &str = "clipcid-attention-grad";
+    let dev = qkv.device.clone();
+    let (q0, q1) = qkv_span(lq, g, OP)?;
+    let (g0, g1) = span(lg, OP)?;
+    let w = g.heads * g.head_dim;
+    if g1 - g0 != g.batch * g.tq * w {
+        bail!(
+            "{OP}: output gradient of {} values for an output of {}",
+            g1 - g0,
+            g.batch * g.tq * w
+        );
+    }
+    let [_, shared_dq, shared_dkv] = g.shared_bytes();
+    let (cfg_dq, cfg_dkv) = (g.config(shared_dq)?, g.config(shared_dkv)?);
+    let func_dq = attention_func(&dev, "dq", qkv.dtype(), shared_dq, g)?;
+    let func_dkv = attention_func(&dev, "dkv", qkv.dtype(), shared_dkv, g)?;
+    let xs = qkv.as_cuda_slice::<T>()?.slice(q0..q1);
+    let gs = grad.as_cuda_slice::<T>()?.slice(g0..g1);
+    // Zeroed where some query rows (past `tq`) have no gradient and no kernel writes them.
+    let mut dqkv: CudaSlice<T> = if g.tq == g.t {
+        // SAFETY: with every position a query, the two kernels write every element.
+        unsafe { dev.alloc::<T>(q1 - q0)? }
+    } else {
+        dev.alloc_zeros::<T>(q1 - q0)?
+    };
+    // SAFETY: the dq kernel writes both statistics of every (batch item, head, query row)
+    // before the dk/dv kernel, later on the same stream, reads them.
+    let mut stats: CudaSlice<f32> = unsafe { dev.alloc::<f32>(g.batch * g.heads * g.tq * 2)? };
+    let dims = [g.t, g.tq, g.heads, g.head_dim].map(|v| v as u32);
+    let causal = g.causal as i32;
+    let stream = dev.cuda_stream();
+    {
+        let mut a = stream.launch_builder(&func_dq);
+        a.arg(&xs);
+        a.arg(&gs);
+        a.arg(&mut dqkv);
+        a.arg(&mut stats);
+        for v in &dims {
+            a.arg(v);
+        }
+        a.arg(&causal);
+        a.arg(&g.scale);
+        // SAFETY: one block per (batch item, head): reads its `t` rows of `qkv` and `tq` rows
+        // of `grad` (sizes checked above), writes the head's q columns of its `tq` rows of
+        // `dqkv` and its `2 tq` statistics; shared memory as laid out for these dims.
+        unsafe { a.launch(cfg_dq) }.w()?;
+    }
+    {
+        let mut a = stream.launch_builder(&func_dkv);
+        a.arg(&xs);
+        a.arg(&gs);
+        a.arg(&mut dqkv);
+        a.arg(&stats);
+        for v in &dims {
+            a.arg(v);
+        }
+        a.arg(&causal);
+        a.arg(&g.scale);
+        // SAFETY: as above; writes the head's k and v columns of the item's `t` rows of
+        // `dqkv` (disjoint from the q columns the first kernel wrote).
+        unsafe { a.launch(cfg_dkv) }.w()?;
+    }
+    Ok(T::wrap_cuda_slice(dqkv, dev))
 }
 
 #[cfg(test)]

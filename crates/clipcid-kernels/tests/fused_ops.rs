@@ -1,7 +1,8 @@
 //! The fused ops against candle's primitive-op formulas on every available device (the CPU;
 //! a GPU in a `cuda` build, in f32 and bf16): layer norm and softmax with the gradients of
-//! all their inputs, and AdamW's in-place step. On the CPU these are the CPU kernels; on a
-//! GPU clipcid's CUDA kernels (`clipcid_kernels::cuda`).
+//! all their inputs, multi-head attention with its q/k/v gradient, and AdamW's in-place
+//! step. On the CPU these are the CPU kernels; on a GPU clipcid's CUDA kernels
+//! (`clipcid_kernels::cuda`).
 #![allow(clippy::unwrap_used)] // tests: a failed setup step should panic
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
@@ -102,15 +103,16 @@ fn value_and_grads(
 }
 
 /// 300 rows (not a multiple of the CUDA column kernel's 64-row chunks) of width 200 (not a
-/// multiple of a warp or a block).
+/// multiple of a warp or a block; the CUDA forward's warp-per-row form) and 1100 (its
+/// block-per-row form).
 #[test]
 fn layer_norm_and_its_gradients_match_the_formula_on_every_device() {
     for dev in available_devices() {
-        for dtype in dtypes(&dev) {
-            let x = randn(&[3, 100, 200], 1, &dev).affine(3.0, 0.5).unwrap();
-            let w = (randn(&[200], 2, &dev) + 1.0).unwrap();
-            let b = randn(&[200], 3, &dev);
-            let r = randn(&[3, 100, 200], 4, &dev);
+        for (dtype, width) in dtypes(&dev).into_iter().flat_map(|t| [(t, 200), (t, 1100)]) {
+            let x = randn(&[3, 100, width], 1, &dev).affine(3.0, 0.5).unwrap();
+            let w = (randn(&[width], 2, &dev) + 1.0).unwrap();
+            let b = randn(&[width], 3, &dev);
+            let r = randn(&[3, 100, width], 4, &dev);
             let inputs = [x, w, b];
             let (y, g) = value_and_grads(&inputs, &r, dtype, |t| {
                 cpu::layer_norm(&t[0], &t[1], &t[2], 1e-5)
@@ -265,6 +267,40 @@ fn bias_kernels_and_their_gradients_match_the_formula_on_every_gpu() {
     }
 }
 
+/// The bias-and-residual kernel (CUDA only) against `x + b + r`, values and the gradients of
+/// all three inputs.
+#[cfg(feature = "cuda")]
+#[test]
+fn bias_residual_and_its_gradients_match_the_formula_on_every_gpu() {
+    for dev in available_devices().into_iter().filter(|d| d.is_cuda()) {
+        for dtype in dtypes(&dev) {
+            let inputs = [
+                randn(&[300, 200], 15, &dev),
+                randn(&[200], 16, &dev),
+                randn(&[300, 200], 17, &dev),
+            ];
+            let r = randn(&[300, 200], 18, &dev);
+            let (y, g) = value_and_grads(&inputs, &r, dtype, |t| {
+                clipcid_kernels::cuda::bias_residual_add(&t[0], &t[1], &t[2])
+            });
+            let rounded: Vec<Tensor> = inputs
+                .iter()
+                .map(|t| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap())
+                .collect();
+            let (y_ref, g_ref) = value_and_grads(&rounded, &r, DType::F32, |t| {
+                t[0].broadcast_add(&t[1])? + &t[2]
+            });
+            let tol = tolerance(dtype);
+            let d = relative_diff(&y, &y_ref);
+            assert!(d <= tol, "{dtype:?}: output differs by {d}");
+            for (input, (a, e)) in ["x", "b", "r"].iter().zip(g.iter().zip(&g_ref)) {
+                let d = relative_diff(a, e);
+                assert!(d <= tol, "{dtype:?}: gradient of {input} differs by {d}");
+            }
+        }
+    }
+}
+
 /// The head split (CUDA only) is exactly candle's `transpose(1, 2)` copy, and so is its
 /// gradient, for odd sizes in f32 and bf16.
 #[cfg(feature = "cuda")]
@@ -310,5 +346,96 @@ fn patch_matrix_is_the_permute_with_its_gradient_on_every_gpu() {
         }
         let odd = randn(&[1, 3, 10, 10], 14, &dev);
         assert!(clipcid_kernels::cuda::patchify(&odd, 4).is_err());
+    }
+}
+
+/// Multi-head attention written with candle's primitive ops, in f32: q/k/v rows `[B * t, 3W]`
+/// to `[B * tq, W]` (`tq` = 1 for the class-token query alone).
+fn attention_formula(qkv: &Tensor, spec: cpu::AttentionSpec) -> Result<Tensor> {
+    let (rows, w3) = qkv.dims2()?;
+    let (t, h) = (spec.positions, spec.heads);
+    let (b, w) = (rows / t, w3 / 3);
+    let d = w / h;
+    let x = qkv.reshape((b, t, 3, h, d))?;
+    let part = |k: usize| x.narrow(2, k, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous();
+    let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+    let mut s = (q.matmul(&k.t()?.contiguous()?)? * (d as f64).powf(-0.5))?;
+    if spec.causal {
+        let mask: Vec<f32> = (0..t * t)
+            .map(|i| {
+                if i % t > i / t {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        s = s.broadcast_add(&Tensor::from_vec(mask, (t, t), qkv.device())?)?;
+    }
+    let e = s.broadcast_sub(&s.max_keepdim(D::Minus1)?)?.exp()?;
+    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+    let y = p.matmul(&v)?;
+    let (y, tq) = match spec.queries {
+        cpu::Queries::All => (y, t),
+        cpu::Queries::First => (y.narrow(2, 0, 1)?, 1),
+    };
+    y.transpose(1, 2)?.contiguous()?.reshape((b * tq, w))
+}
+
+/// Attention and its q/k/v gradient against the formula: the image tower's 50 positions, the
+/// text tower's 77 under the causal mask, the class-token query alone, a head size that is
+/// no multiple of a warp, and (on a GPU) 200 positions, whose rows need more than the 48 KiB
+/// of shared memory a kernel gets without opting in.
+#[test]
+fn attention_and_its_gradient_match_the_formula_on_every_device() {
+    use cpu::Queries::{All, First};
+    // (batch, positions, heads, head size, causal, queries)
+    let cases = [
+        (2, 50, 3, 64, false, All),
+        (2, 50, 3, 64, false, First),
+        (3, 77, 2, 64, true, All),
+        (5, 7, 3, 20, true, First),
+        (2, 9, 2, 36, true, All),
+        (2, 200, 1, 64, false, All),
+    ];
+    for dev in available_devices() {
+        for dtype in dtypes(&dev) {
+            for (seed, &(b, t, h, d, causal, queries)) in cases.iter().enumerate() {
+                let spec = cpu::AttentionSpec {
+                    positions: t,
+                    heads: h,
+                    causal,
+                    queries,
+                };
+                #[cfg(feature = "cuda")]
+                if dev.is_cuda() {
+                    assert!(
+                        clipcid_kernels::cuda::attention_fits(&dev, t, d),
+                        "{spec:?}"
+                    );
+                }
+                let qkv = (randn(&[b * t, 3 * h * d], 20 + seed as u64, &dev) * 1.5).unwrap();
+                let tq = if queries == All { t } else { 1 };
+                let r = randn(&[b * tq, h * d], 40 + seed as u64, &dev);
+                let (y, g) = value_and_grads(std::slice::from_ref(&qkv), &r, dtype, |x| {
+                    cpu::attention(&x[0], spec)
+                });
+                let rounded = qkv.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+                let (y_ref, g_ref) = value_and_grads(&[rounded], &r, DType::F32, |x| {
+                    attention_formula(&x[0], spec)
+                });
+                let tol = tolerance(dtype);
+                let e = relative_diff(&y, &y_ref);
+                assert!(
+                    e <= tol,
+                    "{dev:?} {dtype:?} {spec:?}: output differs by {e}"
+                );
+                let e = relative_diff(&g[0], &g_ref[0]);
+                assert!(
+                    e <= tol,
+                    "{dev:?} {dtype:?} {spec:?}: gradient differs by {e}"
+                );
+            }
+        }
     }
 }

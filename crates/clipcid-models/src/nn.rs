@@ -5,11 +5,12 @@
 //! whose tensors are `candle_nn::Var`s. On the CPU in f32 an encoder runs its layers on rows
 //! `[B * T, W]` through `clipcid_kernels::cpu`: for inference one q/k/v product, attention as
 //! one op, the activation in place and the residuals inside the products; for training each
-//! layer as one autograd node (`cpu::transformer_block`). On a GPU in f32 or bf16, clipcid's
-//! CUDA kernels (`clipcid_kernels::cuda`) take the linear layers' bias (with QuickGELU after
-//! `fc1`), attention's head split and merge, and, when training, layer norm and softmax with
-//! their backward passes (inference uses candle's fused forward kernels for those two); the
-//! products and everything else, and other dtypes, run on candle's ops.
+//! layer as one autograd node (`cpu::transformer_block`). On a GPU in f32 or bf16 an encoder
+//! also runs on rows, with one q/k/v product and attention as one op with its own backward
+//! pass (clipcid's CUDA kernels, `clipcid_kernels::cuda`, where a head's rows fit a block's
+//! shared memory); those kernels also take the linear layers' bias (with QuickGELU after
+//! `fc1`) and layer norm with its backward pass. The products, and other dtypes and devices,
+//! run on candle's ops.
 
 use std::collections::HashMap;
 
@@ -86,10 +87,9 @@ impl LayerNorm {
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let params = [x, &self.weight, &self.bias];
-        if params.iter().all(|t| cpu::is_cpu_f32(t))
-            || (needs_grad(&params) && clipcid_kernels::gpu_kernels_take(&params))
-        {
-            // The fused op with its backward pass (CPU; or CUDA kernels when training).
+        if params.iter().all(|t| cpu::is_cpu_f32(t)) || clipcid_kernels::gpu_kernels_take(&params) {
+            // The fused op with its backward pass (CPU, or clipcid's CUDA kernels, whose
+            // forward reads each row once).
             return cpu::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
         }
         // candle's fused kernel has no backward pass and no f64 form.
@@ -162,8 +162,15 @@ impl Linear {
     }
 
     /// `residual + self(x)`: on the CPU in f32 with a bias, one op that adds the residual
-    /// inside the product and passes no gradient (for inference); elsewhere an addition.
+    /// inside the product and passes no gradient (for inference); on a GPU the bias and the
+    /// residual in one differentiable kernel after the product; elsewhere an addition.
     pub(crate) fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(b) = self.gpu_bias(x) {
+            if clipcid_kernels::gpu_kernels_take(&[x, residual]) {
+                return clipcid_kernels::cuda::bias_residual_add(&self.product(x)?, b, residual);
+            }
+        }
         match &self.bias {
             Some(b)
                 if [x, &self.weight, b, residual]
@@ -233,10 +240,10 @@ struct SelfAttention {
     out: Linear,
     heads: usize,
     /// The q, k and v projections as one `[3W, W]` weight and `[3W]` bias, made once for a
-    /// frozen f32 CPU model, the only one that reads it (a trainable one concatenates its
-    /// variables in each forward pass, so that gradients reach them). It holds a copy of the
-    /// q/k/v weights, a quarter of a tower's, where concatenating them for each batch would
-    /// copy as much (85 MB for ViT-B/32's image tower) per batch.
+    /// frozen f32 CPU model or a frozen GPU model, the ones that read it (a trainable one
+    /// concatenates its variables in each forward pass, so that gradients reach them). It
+    /// holds a copy of the q/k/v weights, a quarter of a tower's, where concatenating them for
+    /// each batch would copy as much (85 MB for ViT-B/32's image tower in f32) per batch.
     fused_qkv: Option<(Tensor, Tensor)>,
 }
 
@@ -250,12 +257,14 @@ impl SelfAttention {
             heads,
             fused_qkv: None,
         };
-        let frozen_cpu_f32 = [&attn.q, &attn.k, &attn.v].iter().all(|l| {
-            std::iter::once(&l.weight)
-                .chain(&l.bias)
-                .all(|t| !t.is_variable() && cpu::is_cpu_f32(t))
-        });
-        if frozen_cpu_f32 {
+        let frozen = |on: fn(&Tensor) -> bool| {
+            [&attn.q, &attn.k, &attn.v].iter().all(|l| {
+                std::iter::once(&l.weight)
+                    .chain(&l.bias)
+                    .all(|t| !t.is_variable() && on(t))
+            })
+        };
+        if frozen(cpu::is_cpu_f32) || frozen(|t| t.device().is_cuda()) {
             attn.fused_qkv = attn.concat_qkv()?;
         }
         Ok(attn)
@@ -376,6 +385,10 @@ impl EncoderLayer {
         causal: bool,
         queries: Queries,
     ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if !cpu::is_cpu_f32(x) {
+            return self.forward_rows_gpu(x, positions, causal, queries);
+        }
         let train = needs_grad(&[x]) || self.tensors().any(Tensor::track_op);
         let spec = cpu::AttentionSpec {
             positions,
@@ -431,6 +444,67 @@ impl EncoderLayer {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl EncoderLayer {
+    /// Whether [`EncoderLayer::forward_rows_gpu`] takes `x` `[B, T, W]`: clipcid's CUDA
+    /// kernels take it (a GPU, f32 or bf16), q, k and v have biases (CLIP's all do) and a
+    /// head's `T` rows fit the attention kernels' shared memory.
+    fn gpu_fusable(&self, x: &Tensor) -> bool {
+        let a = &self.attn;
+        let Ok((_, t, w)) = x.dims3() else {
+            return false;
+        };
+        let biased = [&a.q, &a.k, &a.v].iter().all(|l| l.bias.is_some());
+        biased
+            && a.heads > 0
+            && w % a.heads == 0
+            && clipcid_kernels::gpu_kernels_take(&[x])
+            && clipcid_kernels::cuda::attention_fits(x.device(), t, w / a.heads)
+    }
+
+    /// The block on a GPU, on rows `[B * T, W]` (`T` = `positions`): one q/k/v product and
+    /// attention as one op (`cpu::attention`'s CUDA kernels, with their own backward pass),
+    /// where candle's ops took three products, a scaling, three head splits, two batched
+    /// products, a mask, a softmax and a merge, each an autograd node with a materialised
+    /// gradient, and `[B, H, T, T]` scores in memory. Gives `[B * T, W]`, or `[B, W]` with
+    /// [`Queries::First`].
+    fn forward_rows_gpu(
+        &self,
+        x: &Tensor,
+        positions: usize,
+        causal: bool,
+        queries: Queries,
+    ) -> Result<Tensor> {
+        let a = &self.attn;
+        let (w_qkv, b_qkv) = a.qkv()?;
+        let qkv = Linear {
+            weight: w_qkv,
+            bias: Some(b_qkv),
+        }
+        .forward(&self.ln1.forward(x)?)?;
+        let spec = cpu::AttentionSpec {
+            positions,
+            heads: a.heads,
+            causal,
+            queries,
+        };
+        let attended = cpu::attention(&qkv, spec)?;
+        let x = match queries {
+            Queries::All => x.clone(),
+            Queries::First => x
+                .reshape((x.dim(0)? / positions, positions, x.dim(1)?))?
+                .i((.., 0, ..))?,
+        };
+        let x = a.out.forward_residual(&attended, &x)?;
+        let h = self.ln2.forward(&x)?;
+        let h = match self.act {
+            Activation::QuickGelu => self.fc1.forward_quick_gelu(&h)?,
+            Activation::Gelu => self.fc1.forward(&h)?.gelu_erf()?,
+        };
+        self.fc2.forward_residual(&h, &x)
+    }
+}
+
 /// Additive causal mask `[T, T]`: 0 on and below the diagonal, minus infinity above.
 fn causal_mask(t: usize, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..t)
@@ -477,9 +551,17 @@ impl Encoder {
         Ok(Self { layers })
     }
 
-    /// Whether every layer runs on the fused f32 CPU kernels for `x`.
+    /// Whether every layer runs on rows through fused kernels for `x` `[B, T, W]`: the f32 CPU
+    /// kernels, or (in a `cuda` build) clipcid's CUDA kernels.
     fn fusable(&self, x: &Tensor) -> bool {
-        cpu::is_cpu_f32(x) && self.layers.iter().all(EncoderLayer::fusable)
+        if cpu::is_cpu_f32(x) {
+            return self.layers.iter().all(EncoderLayer::fusable);
+        }
+        #[cfg(feature = "cuda")]
+        if self.layers.iter().all(|l| l.gpu_fusable(x)) {
+            return true;
+        }
+        false
     }
 
     /// Every position of `x` `[B, T, W]` through every layer (position `i` seeing only

@@ -354,6 +354,32 @@ pub fn op_profile(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
     op("scores x v [B, 12, 50, 50] x [B, 12, 50, 64]", &mut || {
         Ok(scores.matmul(&q)?)
     })?;
+    // clipcid's own kernels at the same shapes, where they take bf16 on this device.
+    if clipcid_kernels::gpu_kernels_take(&[&x]) {
+        let qkv = r(&[rows, 3 * w])?;
+        let spec = clipcid_kernels::cpu::AttentionSpec {
+            positions: t,
+            heads,
+            causal: false,
+            queries: clipcid_kernels::cpu::Queries::All,
+        };
+        op(
+            "clipcid attention [B*50, 3*768] -> [B*50, 768], 12 heads (one op)",
+            &mut || Ok(clipcid_kernels::cpu::attention(&qkv, spec)?),
+        )?;
+        let var = candle_core::Var::from_tensor(&qkv)?;
+        op(
+            "clipcid attention forward and backward (sum as the loss)",
+            &mut || {
+                let y = clipcid_kernels::cpu::attention(var.as_tensor(), spec)?;
+                let grads = y.sum_all()?.backward()?;
+                Ok(grads.get(var.as_tensor()).cloned().unwrap_or(y))
+            },
+        )?;
+        op("clipcid layer norm [B*50, 768]", &mut || {
+            Ok(clipcid_kernels::cpu::layer_norm(&x2, &gain, &shift, 1e-5)?)
+        })?;
+    }
     // The whole tower at a quarter and at twice the batch: throughput that grows with the
     // batch means a smaller batch leaves the GPU waiting for the host.
     let (b32, tower) = vit_b32_bf16(device)?;

@@ -11,7 +11,9 @@
 //! Batch items are spread over candle's CPU pool, each task running its small products on its
 //! own thread (what ONNX Runtime's CPU attention does with MLAS). The backward pass
 //! recomputes the probabilities from q and k (cheap next to storing `[B, H, T, T]`) and
-//! writes the q, k and v gradients into one `[B, T, 3W]` tensor, again without copies.
+//! writes the q, k and v gradients into one `[B, T, 3W]` tensor, again without copies. On a
+//! GPU (a `cuda` build) the same op runs clipcid's CUDA kernels, laid out the same way
+//! (`clipcid_kernels::cuda`).
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use ndarray::{linalg::general_mat_mul, ArrayView2, ArrayViewMut2, ShapeBuilder};
@@ -44,11 +46,12 @@ pub struct AttentionSpec {
     pub queries: Queries,
 }
 
-/// Multi-head self-attention (f32, CPU), differentiable: `qkv` is `[B * T, 3W]` (`T` =
-/// `spec.positions`), the q, k and v projections side by side (head `h` in columns
-/// `h*D..(h+1)*D` of each, `D = W / heads`). Each head computes `softmax(q k^T / sqrt(D)) v`
-/// and the heads are merged back to width `W`, as PyTorch's `nn.MultiheadAttention` and
-/// Hugging Face's CLIP attention do. The output is `[B * T, W]` (`[B, W]` for
+/// Multi-head self-attention (f32 on the CPU; f32 or bf16 on a GPU in a `cuda` build, where
+/// `clipcid_kernels::cuda::attention_fits` says which sizes the CUDA kernels take),
+/// differentiable: `qkv` is `[B * T, 3W]` (`T` = `spec.positions`), the q, k and v
+/// projections side by side (head `h` in columns `h*D..(h+1)*D` of each, `D = W / heads`).
+/// Each head computes `softmax(q k^T / sqrt(D)) v` and the heads are merged back to width
+/// `W`, as PyTorch's `nn.MultiheadAttention` and Hugging Face's CLIP attention do. The output is `[B * T, W]` (`[B, W]` for
 /// [`Queries::First`]). Rows rather than `[B, T, 3W]` because a reshape is a node of candle's
 /// autograd whose backward pass copies the whole gradient, and a transformer block's
 /// products work on rows anyway.
@@ -147,8 +150,34 @@ impl Geometry {
         Ok(())
     }
 
+    /// The sizes the CUDA kernels take.
+    #[cfg(feature = "cuda")]
+    fn cuda_dims(&self) -> crate::cuda::AttentionDims {
+        crate::cuda::AttentionDims {
+            batch: self.batch,
+            t: self.t,
+            tq: self.tq,
+            heads: self.heads,
+            head_dim: self.head_dim,
+            causal: self.causal,
+            scale: self.scale,
+        }
+    }
+
     fn out_shape(&self) -> Shape {
         Shape::from((self.batch * self.tq, self.width))
+    }
+
+    /// An error unless `grad` has the output's shape.
+    fn check_gradient(&self, grad: &Layout, op: &str) -> Result<()> {
+        if grad.shape() != &self.out_shape() {
+            bail!(
+                "{op}: gradient of shape {:?} for an output of shape {:?}",
+                grad.dims(),
+                self.out_shape().dims()
+            );
+        }
+        Ok(())
     }
 
     /// Scaled scores `q k^T / sqrt(D)` of head `h`, turned into probabilities in place.
@@ -308,6 +337,19 @@ impl CustomOp1 for AttentionOp {
         Ok((CpuStorage::F32(out), g.out_shape()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = Geometry::new(self.0, l.dims(), self.name())?;
+        Ok((
+            crate::cuda::attention_fwd(s, l, g.cuda_dims())?,
+            g.out_shape(),
+        ))
+    }
+
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(arg.apply_op2_no_bwd(
             &grad.contiguous()?,
@@ -334,17 +376,24 @@ impl CustomOp2 for AttentionGrad {
         let g = Geometry::new(self.0, l1.dims(), self.name())?;
         let qkv = f32_slice(s1, l1, self.name())?;
         let grad = f32_slice(s2, l2, self.name())?;
-        if l2.shape() != &g.out_shape() {
-            bail!(
-                "{}: gradient of shape {:?} for an output of shape {:?}",
-                self.name(),
-                l2.dims(),
-                g.out_shape().dims()
-            );
-        }
+        g.check_gradient(l2, self.name())?;
         let mut dqkv = vec![0f32; qkv.len()];
         g.backward_all(qkv, grad, &mut dqkv)?;
         Ok((CpuStorage::F32(dqkv), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = Geometry::new(self.0, l1.dims(), self.name())?;
+        g.check_gradient(l2, self.name())?;
+        let dqkv = crate::cuda::attention_bwd((s1, l1), (s2, l2), g.cuda_dims())?;
+        Ok((dqkv, l1.shape().clone()))
     }
 }
 
