@@ -1865,8 +1865,37 @@ fn column_sum_typed<T: CudaDType + DeviceRepr>(
     Ok(T::wrap_cuda_slice(out, dev))
 }
 
-/// Warps per block of the attention kernels (each takes four query or key rows at a time).
+/// Warps per block of the attention kernels (each takes four query or key rows at a time)
+/// unless [`set_attention_warps`] says otherwise.
 const ATTENTION_WARPS: usize = 8;
+
+/// The warps per block the attention kernels launch with (0: [`ATTENTION_WARPS`]).
+static ATTENTION_WARPS_SET: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Sets the warps per block of the attention kernels (1 to 32; each warp takes four query or
+/// key rows at a time, and its rows' tiles take shared memory beside the block's keys and
+/// values, so more warps share those rows' loads but fit fewer blocks on a multiprocessor).
+/// A tuning knob for `clipcid self-check --bench`'s profile, which measures several; 0
+/// restores the default (8), values above 32 are taken as 32.
+///
+/// ```
+/// use clipcid_kernels::cuda::{attention_warps, set_attention_warps};
+/// set_attention_warps(4);
+/// assert_eq!(attention_warps(), 4);
+/// set_attention_warps(0);
+/// assert_eq!(attention_warps(), 8);
+/// ```
+pub fn set_attention_warps(warps: usize) {
+    ATTENTION_WARPS_SET.store(warps.min(32), Ordering::Relaxed);
+}
+
+/// The warps per block the attention kernels launch with (see [`set_attention_warps`]).
+pub fn attention_warps() -> usize {
+    match ATTENTION_WARPS_SET.load(Ordering::Relaxed) {
+        0 => ATTENTION_WARPS,
+        w => w,
+    }
+}
 
 /// Shared memory a block may use without opting in (the kernels opt in above it).
 const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
@@ -1882,13 +1911,15 @@ pub(crate) struct AttentionDims {
     pub(crate) head_dim: usize,
     pub(crate) causal: bool,
     pub(crate) scale: f32,
+    /// Warps per block ([`attention_warps`] when made).
+    pub(crate) warps: usize,
 }
 
 impl AttentionDims {
     /// Shared memory bytes of the forward, dq and dk/dv kernels (the layouts the kernels'
     /// comments give: padded `[rows][D + 1]` f32 blocks, then each warp's rows).
     fn shared_bytes(&self) -> [usize; 3] {
-        let (t, tq, d, w) = (self.t, self.tq, self.head_dim, ATTENTION_WARPS);
+        let (t, tq, d, w) = (self.t, self.tq, self.head_dim, self.warps);
         let p = d + 1;
         // Each warp's tiles are float4s (16 bytes), the shared rows f32.
         [
@@ -1908,7 +1939,7 @@ impl AttentionDims {
         }
         Ok(LaunchConfig {
             grid_dim: (self.batch as u32, self.heads as u32, 1),
-            block_dim: (32 * ATTENTION_WARPS as u32, 1, 1),
+            block_dim: (32 * self.warps as u32, 1, 1),
             shared_mem_bytes: shared as u32,
         })
     }
@@ -1950,6 +1981,7 @@ pub fn attention_fits(device: &Device, positions: usize, head_dim: usize) -> boo
         head_dim,
         causal: false,
         scale: 1.0,
+        warps: attention_warps(),
     };
     let need = dims.shared_bytes().into_iter().max().unwrap_or(0);
     enabled() && positions > 0 && head_dim > 0 && max_shared_bytes(dev).is_ok_and(|m| need <= m)

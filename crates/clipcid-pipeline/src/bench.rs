@@ -62,6 +62,14 @@ fn set_gpu_kernels(on: bool) {
     let _ = on;
 }
 
+/// The attention kernels' warps per block (0: their default); a no-op without `cuda`.
+fn set_attention_warps(warps: usize) {
+    #[cfg(feature = "cuda")]
+    clipcid_kernels::cuda::set_attention_warps(warps);
+    #[cfg(not(feature = "cuda"))]
+    let _ = warps;
+}
+
 fn sync(device: &Device) -> Result<(), PipelineError> {
     Ok(device.synchronize()?)
 }
@@ -379,6 +387,78 @@ pub fn op_profile(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
         op("clipcid layer norm [B*50, 768]", &mut || {
             Ok(clipcid_kernels::cpu::layer_norm(&x2, &gain, &shift, 1e-5)?)
         })?;
+        // The student's training step (docs/guide.md, "CUDA kernels"): attention forward and
+        // backward at its two towers' shapes, for several warps per block.
+        let student_shapes = [
+            (
+                "image tower (50 positions, 12 heads of 32)",
+                50,
+                12,
+                32,
+                false,
+            ),
+            (
+                "text tower (77 positions, causal, 8 heads of 64)",
+                77,
+                8,
+                64,
+                true,
+            ),
+        ];
+        for warps in [4, 8, 16] {
+            set_attention_warps(warps);
+            for &(name, t, heads, d, causal) in &student_shapes {
+                let qkv = candle_core::Var::from_tensor(&r(&[b * t, 3 * heads * d])?)?;
+                let spec = clipcid_kernels::cpu::AttentionSpec {
+                    positions: t,
+                    heads,
+                    causal,
+                    queries: clipcid_kernels::cpu::Queries::All,
+                };
+                op(
+                    &format!("clipcid attention, student {name}, {warps} warps: forward"),
+                    &mut || Ok(clipcid_kernels::cpu::attention(qkv.as_tensor(), spec)?),
+                )?;
+                op(
+                    &format!(
+                        "clipcid attention, student {name}, {warps} warps: forward and backward"
+                    ),
+                    &mut || {
+                        let y = clipcid_kernels::cpu::attention(qkv.as_tensor(), spec)?;
+                        let grads = y.sum_all()?.backward()?;
+                        Ok(grads.get(qkv.as_tensor()).cloned().unwrap_or(y))
+                    },
+                )?;
+            }
+        }
+        set_attention_warps(0);
+        // Each tower of the bf16 student step alone, forward and backward (sum as the loss).
+        let cfg = ClipConfig::preset("piccollage-s12")?;
+        let (student, _varmap) = ClipModel::trainable_from(&cfg, init_tensors(&cfg, 0)?, device)?;
+        let s = cfg.vision_config.image_size;
+        let px = Tensor::randn(0f32, 1.0, (b, 3, s, s), device)?;
+        let ctx = cfg.text_config.max_position_embeddings;
+        let vocab = cfg.text_config.vocab_size as u32;
+        let ids: Vec<u32> = (0..(b * ctx) as u32).map(|i| (i * 7919) % vocab).collect();
+        let tok = Tensor::from_vec(ids, (b, ctx), device)?;
+        op(
+            "student image tower (w384 L6), bf16 casts: forward and backward",
+            &mut || {
+                let m = student.cast(DType::BF16)?;
+                let y = m.encode_image(&px)?.to_dtype(DType::F32)?;
+                y.sum_all()?.backward()?;
+                Ok(y)
+            },
+        )?;
+        op(
+            "student text tower (w512 L12, 77 tokens), bf16 casts: forward and backward",
+            &mut || {
+                let m = student.cast(DType::BF16)?;
+                let y = m.encode_text(&tok)?.to_dtype(DType::F32)?;
+                y.sum_all()?.backward()?;
+                Ok(y)
+            },
+        )?;
     }
     // The whole tower at a quarter and at twice the batch: throughput that grows with the
     // batch means a smaller batch leaves the GPU waiting for the host.

@@ -161,6 +161,7 @@ impl Geometry {
             head_dim: self.head_dim,
             causal: self.causal,
             scale: self.scale,
+            warps: crate::cuda::attention_warps(),
         }
     }
 
