@@ -100,6 +100,21 @@ fn vit_b32_bf16(device: &Device) -> Result<(ClipConfig, ClipModel), PipelineErro
     Ok((cfg, model))
 }
 
+/// A training batch for `cfg`'s student: `b` random f32 images and `b` full-length rows of
+/// token ids spread over the vocabulary.
+fn student_batch(
+    cfg: &ClipConfig,
+    b: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor), PipelineError> {
+    let s = cfg.vision_config.image_size;
+    let px = Tensor::randn(0f32, 1.0, (b, 3, s, s), device)?;
+    let ctx = cfg.text_config.max_position_embeddings;
+    let vocab = cfg.text_config.vocab_size as u32;
+    let ids: Vec<u32> = (0..(b * ctx) as u32).map(|i| (i * 7919) % vocab).collect();
+    Ok((px, Tensor::from_vec(ids, (b, ctx), device)?))
+}
+
 /// The image tower's median throughput on `batch` random bf16 images.
 fn images_per_second(
     model: &ClipModel,
@@ -146,17 +161,12 @@ pub fn throughput(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
         unit: "images/s",
     });
     drop(tower);
-    let s = b32.vision_config.image_size;
 
     let cfg = ClipConfig::preset("piccollage-s12")?;
     let (student, varmap) = ClipModel::trainable_from(&cfg, init_tensors(&cfg, 0)?, device)?;
     let mut opt =
         clipcid_train::AdamW::new(crate::parity::named_vars(&varmap)?, Default::default())?;
-    let px = Tensor::randn(0f32, 1.0, (b, 3, s, s), device)?;
-    let ctx = cfg.text_config.max_position_embeddings;
-    let vocab = cfg.text_config.vocab_size as u32;
-    let ids: Vec<u32> = (0..(b * ctx) as u32).map(|i| (i * 7919) % vocab).collect();
-    let tok = Tensor::from_vec(ids, (b, ctx), device)?;
+    let (px, tok) = student_batch(&cfg, b, device)?;
     // f32, then bf16 as the trainer's `precision = "bf16"` runs it: towers on bf16 casts of
     // the f32 weights, the loss in f32, AdamW on the f32 weights. On a GPU both again with
     // clipcid's CUDA kernels switched off (candle's primitive ops only): what they are worth.
@@ -435,30 +445,25 @@ pub fn op_profile(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
         // Each tower of the bf16 student step alone, forward and backward (sum as the loss).
         let cfg = ClipConfig::preset("piccollage-s12")?;
         let (student, _varmap) = ClipModel::trainable_from(&cfg, init_tensors(&cfg, 0)?, device)?;
-        let s = cfg.vision_config.image_size;
-        let px = Tensor::randn(0f32, 1.0, (b, 3, s, s), device)?;
-        let ctx = cfg.text_config.max_position_embeddings;
-        let vocab = cfg.text_config.vocab_size as u32;
-        let ids: Vec<u32> = (0..(b * ctx) as u32).map(|i| (i * 7919) % vocab).collect();
-        let tok = Tensor::from_vec(ids, (b, ctx), device)?;
-        op(
-            "student image tower (w384 L6), bf16 casts: forward and backward",
-            &mut || {
-                let m = student.cast(DType::BF16)?;
-                let y = m.encode_image(&px)?.to_dtype(DType::F32)?;
-                y.sum_all()?.backward()?;
-                Ok(y)
-            },
-        )?;
-        op(
-            "student text tower (w512 L12, 77 tokens), bf16 casts: forward and backward",
-            &mut || {
-                let m = student.cast(DType::BF16)?;
-                let y = m.encode_text(&tok)?.to_dtype(DType::F32)?;
-                y.sum_all()?.backward()?;
-                Ok(y)
-            },
-        )?;
+        let (px, tok) = student_batch(&cfg, b, device)?;
+        for (tower, image) in [
+            ("image tower (w384 L6)", true),
+            ("text tower (w512 L12, 77 tokens)", false),
+        ] {
+            op(
+                &format!("student {tower}, bf16 casts: forward and backward"),
+                &mut || {
+                    let m = student.cast(DType::BF16)?;
+                    let y = match image {
+                        true => m.encode_image(&px)?,
+                        false => m.encode_text(&tok)?,
+                    };
+                    let y = y.to_dtype(DType::F32)?;
+                    y.sum_all()?.backward()?;
+                    Ok(y)
+                },
+            )?;
+        }
     }
     // The whole tower at a quarter and at twice the batch: throughput that grows with the
     // batch means a smaller batch leaves the GPU waiting for the host.
