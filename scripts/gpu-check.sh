@@ -108,7 +108,7 @@ status=0
 LD_LIBRARY_PATH="$clipcid_libs" "$work/clipcid" --device cuda:0 self-check --bench \
   | tee "$work/bench.md" || status=$?
 
-# `--quick`: clipcid's own tables and the kernel and parity tests only (about a minute),
+# `--quick`: clipcid's own tables and the kernel, parity and model tests only (about a minute),
 # for a second look after a change; the full check compares with PyTorch and runs all tests.
 quick=0
 [ "${1:-}" = "--quick" ] && quick=1

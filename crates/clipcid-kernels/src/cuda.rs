@@ -7,9 +7,9 @@
 //! - AdamW's update in place ([`cpu::adamw_update`](crate::cpu::adamw_update)): three
 //!   launches per parameter tensor instead of about sixteen tensor ops (f32).
 //! - Layer norm with its backward pass ([`cpu::layer_norm`](crate::cpu::layer_norm)): one
-//!   launch forward (a warp per row of up to 1024, read once), three backward (rows, column partial sums, their fixed-order total),
-//!   where candle has a fused forward only and training took about ten ops forward and
-//!   twenty backward.
+//!   launch forward (a warp per row of up to 1024, read once), three backward (rows, column
+//!   partial sums, their fixed-order total), where candle has a fused forward only and
+//!   training took about ten ops forward and twenty backward.
 //! - Softmax over the last dimension with its backward pass
 //!   ([`cpu::softmax_last_dim`](crate::cpu::softmax_last_dim)): one warp per row.
 //! - Attention's head split and merge ([`swap_middle_dims`]) and a ViT's patch matrix
@@ -18,9 +18,10 @@
 //!   ([`cpu::attention`](crate::cpu::attention), sizes that [`attention_fits`]), forward and
 //!   backward: one block per batch item and head keeps the head's keys and values in shared
 //!   memory, each warp computes four query rows' scores, softmax and weighted sum at once
-//!   without writing the `[B, H, T, T]` scores anywhere, and the backward pass (two launches, queries
-//!   then keys) recomputes the probabilities, as FlashAttention does. It replaces a layer's
-//!   three head splits, two batched products, softmax and merge, and their gradients.
+//!   without writing the `[B, H, T, T]` scores anywhere, and the backward pass (two
+//!   launches, queries then keys) recomputes the probabilities, as FlashAttention does. It
+//!   replaces a layer's three head splits, two batched products, softmax and merge, and their
+//!   gradients.
 //! - A linear layer's bias, alone ([`bias_add`]), with CLIP's activation
 //!   ([`bias_quick_gelu`]) or with a residual ([`bias_residual_add`]), with backward passes:
 //!   candle's broadcast add computes each element's index with 64-bit divisions, and took
@@ -454,7 +455,9 @@ __device__ __forceinline__ void attn_column4(float a[4], const float4 *w, const 
     for (unsigned int j = j0; j < n; ++j) fma4(a, w[j], m[j * stride + d]);
 }
 
-__device__ __forceinline__ float4 f4(const float a[4]) { return make_float4(a[0], a[1], a[2], a[3]); }
+__device__ __forceinline__ float4 f4(const float a[4]) {
+    return make_float4(a[0], a[1], a[2], a[3]);
+}
 __device__ __forceinline__ void un4(const float4 v, float a[4]) {
     a[0] = v.x;
     a[1] = v.y;
@@ -583,7 +586,8 @@ __device__ void attention_dq(const T *qkv, const T *g, T *dqkv, float *stats,
             attn_column4(a, st4, ks, P, d, 0, n);
 #pragma unroll
             for (int r = 0; r < 4; ++r)
-                if (i0 + r < tq) st(&dqkv[((size_t)b * t + i0 + r) * 3 * W + h * D + d], scale * a[r]);
+                if (i0 + r < tq)
+                    st(&dqkv[((size_t)b * t + i0 + r) * 3 * W + h * D + d], scale * a[r]);
         }
         if (lane < 4 && i0 + lane < tq) {
             float *sr = stats + (((size_t)b * H + h) * tq + i0 + lane) * 2;

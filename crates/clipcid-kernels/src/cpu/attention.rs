@@ -51,10 +51,10 @@ pub struct AttentionSpec {
 /// differentiable: `qkv` is `[B * T, 3W]` (`T` = `spec.positions`), the q, k and v
 /// projections side by side (head `h` in columns `h*D..(h+1)*D` of each, `D = W / heads`).
 /// Each head computes `softmax(q k^T / sqrt(D)) v` and the heads are merged back to width
-/// `W`, as PyTorch's `nn.MultiheadAttention` and Hugging Face's CLIP attention do. The output is `[B * T, W]` (`[B, W]` for
-/// [`Queries::First`]). Rows rather than `[B, T, 3W]` because a reshape is a node of candle's
-/// autograd whose backward pass copies the whole gradient, and a transformer block's
-/// products work on rows anyway.
+/// `W`, as PyTorch's `nn.MultiheadAttention` and Hugging Face's CLIP attention do. The
+/// output is `[B * T, W]` (`[B, W]` for [`Queries::First`]). Rows rather than `[B, T, 3W]`
+/// because a reshape is a node of candle's autograd whose backward pass copies the whole
+/// gradient, and a transformer block's products work on rows anyway.
 ///
 /// ```
 /// # fn main() -> candle_core::Result<()> {
