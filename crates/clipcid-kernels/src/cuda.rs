@@ -1090,7 +1090,7 @@ fn ln_fwd_typed<T: CudaDType + DeviceRepr>(
     a.arg(&d32);
     a.arg(&eps);
     let cfg = if per_warp {
-        softmax_config(rows)?
+        warp_rows_config(rows)?
     } else {
         row_config(rows)?
     };
@@ -1215,17 +1215,18 @@ fn ln_bwd_typed<T: CudaDType + DeviceRepr>(
     Ok(T::wrap_cuda_slice(out, dev))
 }
 
-/// Rows per block of the softmax kernels (one warp each).
-const SOFTMAX_ROWS_PER_BLOCK: usize = 4;
+/// Rows per block of the kernels that take a warp per row (softmax, the layer-norm forward).
+const WARP_ROWS_PER_BLOCK: usize = 4;
 
-fn softmax_config(rows: usize) -> Result<LaunchConfig> {
-    let blocks = rows.div_ceil(SOFTMAX_ROWS_PER_BLOCK);
+/// A warp per row, [`WARP_ROWS_PER_BLOCK`] rows per block.
+fn warp_rows_config(rows: usize) -> Result<LaunchConfig> {
+    let blocks = rows.div_ceil(WARP_ROWS_PER_BLOCK);
     if blocks == 0 || blocks > i32::MAX as usize {
         bail!("clipcid CUDA kernels: {rows} rows is not a grid size");
     }
     Ok(LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
-        block_dim: (32 * SOFTMAX_ROWS_PER_BLOCK as u32, 1, 1),
+        block_dim: (32 * WARP_ROWS_PER_BLOCK as u32, 1, 1),
         shared_mem_bytes: 0,
     })
 }
@@ -1261,7 +1262,7 @@ fn softmax_fwd_typed<T: CudaDType + DeviceRepr>(
     a.arg(&n32);
     // SAFETY: one warp per row of `n` elements (rows bounded in the kernel); `x` and `y`
     // hold `rows * n`.
-    unsafe { a.launch(softmax_config(rows)?) }.w()?;
+    unsafe { a.launch(warp_rows_config(rows)?) }.w()?;
     Ok(T::wrap_cuda_slice(y, dev))
 }
 
@@ -1311,7 +1312,7 @@ fn softmax_bwd_typed<T: CudaDType + DeviceRepr>(
     a.arg(&n32);
     // SAFETY: one warp per row of `n` elements (rows bounded in the kernel); `y`, `g` and
     // `dx` hold `rows * n`.
-    unsafe { a.launch(softmax_config(rows)?) }.w()?;
+    unsafe { a.launch(warp_rows_config(rows)?) }.w()?;
     Ok(T::wrap_cuda_slice(dx, dev))
 }
 
@@ -1367,31 +1368,6 @@ fn with_vector(
         );
     }
     Ok((sx, sb, rows * n, n))
-}
-
-/// `kernel` over a `[.., n]` input `x`, its `[n]` vector `b` and a third input `g` of `x`'s
-/// shape and dtype (a residual, an output gradient): `[.., n]`.
-fn vector_and_full(
-    kernel: &str,
-    op: &str,
-    (x, lx): (&CudaStorage, &Layout),
-    (b, lb): (&CudaStorage, &Layout),
-    (g, lg): (&CudaStorage, &Layout),
-) -> Result<(CudaStorage, Shape)> {
-    let (sx, sb, total, n) = with_vector((x, lx), (b, lb), op)?;
-    let sg = span(lg, op)?;
-    if lg.shape() != lx.shape() || g.dtype() != x.dtype() {
-        bail!(
-            "{op}: {:?} {:?} beside an input {:?} {:?}",
-            lg.dims(),
-            g.dtype(),
-            lx.dims(),
-            x.dtype()
-        );
-    }
-    let args = [(x, sx), (b, sb), (g, sg)];
-    let out = by_dtype!(x.dtype(), op, elementwise(kernel, op, &args, total, n))?;
-    Ok((out, lx.shape().clone()))
 }
 
 fn cpu_unsupported<R>(op: &str) -> Result<R> {
@@ -1454,7 +1430,7 @@ pub fn bias_quick_gelu(x: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// ```
 pub fn bias_residual_add(x: &Tensor, b: &Tensor, r: &Tensor) -> Result<Tensor> {
     x.contiguous()?
-        .apply_op3(&b.contiguous()?, &r.contiguous()?, BiasResidual)
+        .apply_op3(&b.contiguous()?, &r.contiguous()?, BiasAndFull::Residual)
 }
 
 /// `[n0, n1, n2, n3]` -> `[n0, n2, n1, n3]` (attention's head split `[B, T, H, D]` ->
@@ -1699,7 +1675,7 @@ impl CustomOp2 for BiasThen {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // The pre-activation's gradient is the input's; the bias's is its column sums.
         let dh = if self.quick_gelu {
-            x.apply_op3_no_bwd(b, &grad.contiguous()?, &BiasQuickGeluGrad)?
+            x.apply_op3_no_bwd(b, &grad.contiguous()?, &BiasAndFull::QuickGeluGrad)?
         } else {
             grad.contiguous()?
         };
@@ -1708,64 +1684,30 @@ impl CustomOp2 for BiasThen {
     }
 }
 
-/// [`bias_residual_add`]'s op.
-struct BiasResidual;
+/// The ops on an input `[.., n]`, its `[n]` bias and a third input of the input's shape.
+#[derive(Debug, Clone, Copy)]
+enum BiasAndFull {
+    /// `x + b + r` ([`bias_residual_add`]).
+    Residual,
+    /// [`bias_quick_gelu`]'s pre-activation gradient from `x`, `b` and the output gradient.
+    QuickGeluGrad,
+}
 
-impl CustomOp3 for BiasResidual {
-    fn name(&self) -> &'static str {
-        "clipcid-bias-residual"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        lx: &Layout,
-        b: &CudaStorage,
-        lb: &Layout,
-        r: &CudaStorage,
-        lr: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        vector_and_full(
-            "clipcid_bias_residual",
-            self.name(),
-            (x, lx),
-            (b, lb),
-            (r, lr),
-        )
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _b: &Tensor,
-        _r: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = grad.contiguous()?;
-        let db = g.apply_op1_no_bwd(&ColumnSum)?;
-        Ok((Some(g.clone()), Some(db), Some(g)))
+impl BiasAndFull {
+    fn kernel(self) -> &'static str {
+        match self {
+            Self::Residual => "clipcid_bias_residual",
+            Self::QuickGeluGrad => "clipcid_bias_quick_gelu_bwd",
+        }
     }
 }
 
-/// The gradient of [`bias_quick_gelu`]'s pre-activation from `x`, `b` and the output gradient.
-struct BiasQuickGeluGrad;
-
-impl CustomOp3 for BiasQuickGeluGrad {
+impl CustomOp3 for BiasAndFull {
     fn name(&self) -> &'static str {
-        "clipcid-bias-quick-gelu-grad"
+        match self {
+            Self::Residual => "clipcid-bias-residual",
+            Self::QuickGeluGrad => "clipcid-bias-quick-gelu-grad",
+        }
     }
 
     fn cpu_fwd(
@@ -1789,8 +1731,44 @@ impl CustomOp3 for BiasQuickGeluGrad {
         g: &CudaStorage,
         lg: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let k = "clipcid_bias_quick_gelu_bwd";
-        vector_and_full(k, self.name(), (x, lx), (b, lb), (g, lg))
+        let op = self.name();
+        let (sx, sb, total, n) = with_vector((x, lx), (b, lb), op)?;
+        let sg = span(lg, op)?;
+        if lg.shape() != lx.shape() || g.dtype() != x.dtype() {
+            bail!(
+                "{op}: {:?} {:?} beside an input {:?} {:?}",
+                lg.dims(),
+                g.dtype(),
+                lx.dims(),
+                x.dtype()
+            );
+        }
+        let args = [(x, sx), (b, sb), (g, sg)];
+        let k = self.kernel();
+        let out = by_dtype!(x.dtype(), op, elementwise(k, op, &args, total, n))?;
+        Ok((out, lx.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _b: &Tensor,
+        _r: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        match self {
+            // The input's and the residual's gradient is the output's; the bias's is its
+            // column sums.
+            Self::Residual => {
+                let g = grad.contiguous()?;
+                let db = g.apply_op1_no_bwd(&ColumnSum)?;
+                Ok((Some(g.clone()), Some(db), Some(g)))
+            }
+            Self::QuickGeluGrad => {
+                Err(candle_core::Error::BackwardNotSupported { op: self.name() })
+            }
+        }
     }
 }
 
@@ -2141,8 +2119,10 @@ fn attention_bwd_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     let dims = [g.t, g.tq, g.heads, g.head_dim].map(|v| v as u32);
     let causal = g.causal as i32;
     let stream = dev.cuda_stream();
-    {
-        let mut a = stream.launch_builder(&func_dq);
+    // Both kernels take the same arguments: the first writes the statistics, the second
+    // reads them.
+    for (func, cfg) in [(&func_dq, cfg_dq), (&func_dkv, cfg_dkv)] {
+        let mut a = stream.launch_builder(func);
         a.arg(&xs);
         a.arg(&gs);
         a.arg(&mut dqkv);
@@ -2152,25 +2132,13 @@ fn attention_bwd_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
         }
         a.arg(&causal);
         a.arg(&g.scale);
-        // SAFETY: one block per (batch item, head): reads its `t` rows of `qkv` and `tq` rows
-        // of `grad` (sizes checked above), writes the head's q columns of its `tq` rows of
-        // `dqkv` and its `2 tq` statistics; shared memory as laid out for these dims.
-        unsafe { a.launch(cfg_dq) }.w()?;
-    }
-    {
-        let mut a = stream.launch_builder(&func_dkv);
-        a.arg(&xs);
-        a.arg(&gs);
-        a.arg(&mut dqkv);
-        a.arg(&stats);
-        for v in &dims {
-            a.arg(v);
-        }
-        a.arg(&causal);
-        a.arg(&g.scale);
-        // SAFETY: as above; writes the head's k and v columns of the item's `t` rows of
-        // `dqkv` (disjoint from the q columns the first kernel wrote).
-        unsafe { a.launch(cfg_dkv) }.w()?;
+        // SAFETY: one block per (batch item, head) reads its `t` rows of `qkv` and `tq` rows
+        // of `grad` (sizes checked above). The dq kernel writes the head's q columns of the
+        // item's `tq` rows of `dqkv` and its `2 tq` statistics; the dk/dv kernel, later on
+        // the same stream, reads those statistics and writes the head's k and v columns of
+        // the item's `t` rows (disjoint from the q columns). Shared memory is as the kernels
+        // lay it out for these dims.
+        unsafe { a.launch(cfg) }.w()?;
     }
     Ok(T::wrap_cuda_slice(dqkv, dev))
 }

@@ -344,12 +344,18 @@ impl EncoderLayer {
             Queries::All => x,
             Queries::First => x.i((.., 0, ..))?,
         };
-        let h = self.ln2.forward(&x)?;
-        let h = match self.act {
-            Activation::QuickGelu => self.fc1.forward_quick_gelu(&h)?,
-            Activation::Gelu => self.fc1.forward(&h)?.gelu_erf()?,
-        };
+        let h = self.mlp_hidden(&x)?;
         x + self.fc2.forward(&h)?
+    }
+
+    /// The MLP's hidden activations for `x`: `act(fc1(ln2(x)))`, on a GPU the bias and
+    /// QuickGELU in one kernel.
+    fn mlp_hidden(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.ln2.forward(x)?;
+        match self.act {
+            Activation::QuickGelu => self.fc1.forward_quick_gelu(&h),
+            Activation::Gelu => self.fc1.forward(&h)?.gelu_erf(),
+        }
     }
 
     /// Every tensor of the block.
@@ -428,13 +434,10 @@ impl EncoderLayer {
         let (w_qkv, b_qkv) = self.attn.qkv()?;
         let qkv = cpu::linear(&self.ln1.forward(x)?, &w_qkv, &b_qkv)?;
         let a = cpu::attention(&qkv, spec)?;
-        let x = match queries {
-            Queries::All => x.clone(),
-            Queries::First => x
-                .reshape((x.dim(0)? / positions, positions, x.dim(1)?))?
-                .i((.., 0, ..))?,
-        };
-        let x = self.attn.out.forward_residual(&a, &x)?;
+        let x = self
+            .attn
+            .out
+            .forward_residual(&a, &query_rows(x, positions, queries)?)?;
         let h = self.fc1.forward(&self.ln2.forward(&x)?)?;
         match self.act {
             Activation::QuickGelu => cpu::quick_gelu_in_place(&h)?,
@@ -489,19 +492,21 @@ impl EncoderLayer {
             queries,
         };
         let attended = cpu::attention(&qkv, spec)?;
-        let x = match queries {
-            Queries::All => x.clone(),
-            Queries::First => x
-                .reshape((x.dim(0)? / positions, positions, x.dim(1)?))?
-                .i((.., 0, ..))?,
-        };
-        let x = a.out.forward_residual(&attended, &x)?;
-        let h = self.ln2.forward(&x)?;
-        let h = match self.act {
-            Activation::QuickGelu => self.fc1.forward_quick_gelu(&h)?,
-            Activation::Gelu => self.fc1.forward(&h)?.gelu_erf()?,
-        };
-        self.fc2.forward_residual(&h, &x)
+        let x = a
+            .out
+            .forward_residual(&attended, &query_rows(x, positions, queries)?)?;
+        self.fc2.forward_residual(&self.mlp_hidden(&x)?, &x)
+    }
+}
+
+/// The rows of `x` `[B * T, W]` (`T` = `positions`) that go on past attention: all of them,
+/// or with [`Queries::First`] each batch item's position 0, `[B, W]`.
+fn query_rows(x: &Tensor, positions: usize, queries: Queries) -> Result<Tensor> {
+    match queries {
+        Queries::All => Ok(x.clone()),
+        Queries::First => x
+            .reshape((x.dim(0)? / positions, positions, x.dim(1)?))?
+            .i((.., 0, ..)),
     }
 }
 

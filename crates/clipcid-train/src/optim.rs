@@ -10,14 +10,6 @@ use clipcid_kernels::cpu;
 
 use crate::TrainError;
 
-/// Whether clipcid's CUDA kernels are switched on (`clipcid_kernels::cuda::enabled`).
-fn gpu_kernels_on() -> bool {
-    #[cfg(feature = "cuda")]
-    return clipcid_kernels::cuda::enabled();
-    #[cfg(not(feature = "cuda"))]
-    false
-}
-
 /// AdamW hyper-parameters. Defaults follow the paper where it says (beta2 0.98) and
 /// open_clip otherwise (beta1 0.9, eps 1e-6, weight decay 0.2).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -175,7 +167,7 @@ impl AdamW {
                 .iter()
                 .all(|t| cpu::adamw_runs_in_place(t) && t.device().same_device(device))
                 && [p, &slot.m, &slot.v].iter().all(|t| t.is_contiguous())
-                && (device.is_cpu() || (gpu_in_place && gpu_kernels_on()))
+                && (device.is_cpu() || (gpu_in_place && clipcid_kernels::gpu_kernels_take(&[p])))
             {
                 // One in-place pass per tensor (see `cpu::adamw_update`; three kernels on a
                 // GPU instead of about sixteen tensor ops); same formula.
