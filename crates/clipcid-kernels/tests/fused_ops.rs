@@ -385,7 +385,9 @@ fn attention_formula(qkv: &Tensor, spec: cpu::AttentionSpec) -> Result<Tensor> {
 /// Attention and its q/k/v gradient against the formula: the image tower's 50 positions, the
 /// text tower's 77 under the causal mask, the class-token query alone, a head size that is
 /// no multiple of a warp, and (on a GPU) 200 positions, whose rows need more than the 48 KiB
-/// of shared memory a kernel gets without opting in.
+/// of shared memory a kernel gets without opting in. On a GPU bf16 runs twice: on the
+/// tensor-core kernels (heads of 32 and 64, up to 80 positions, tile edges at 16, 64 and 80)
+/// and on the f32-arithmetic ones.
 #[test]
 fn attention_and_its_gradient_match_the_formula_on_every_device() {
     use cpu::Queries::{All, First};
@@ -397,45 +399,63 @@ fn attention_and_its_gradient_match_the_formula_on_every_device() {
         (5, 7, 3, 20, true, First),
         (2, 9, 2, 36, true, All),
         (2, 200, 1, 64, false, All),
+        (2, 50, 4, 32, false, All),
+        (3, 33, 2, 32, true, First),
+        (2, 64, 2, 64, true, All),
+        (2, 80, 2, 32, false, All),
+        (4, 16, 2, 64, true, All),
     ];
+    let mut runs: Vec<(Device, DType, bool)> = Vec::new();
     for dev in available_devices() {
         for dtype in dtypes(&dev) {
-            for (seed, &(b, t, h, d, causal, queries)) in cases.iter().enumerate() {
-                let spec = cpu::AttentionSpec {
-                    positions: t,
-                    heads: h,
-                    causal,
-                    queries,
-                };
-                #[cfg(feature = "cuda")]
-                if dev.is_cuda() {
-                    assert!(
-                        clipcid_kernels::cuda::attention_fits(&dev, t, d),
-                        "{spec:?}"
-                    );
-                }
-                let qkv = (randn(&[b * t, 3 * h * d], 20 + seed as u64, &dev) * 1.5).unwrap();
-                let tq = if queries == All { t } else { 1 };
-                let r = randn(&[b * tq, h * d], 40 + seed as u64, &dev);
-                let (y, g) = value_and_grads(std::slice::from_ref(&qkv), &r, dtype, |x| {
-                    cpu::attention(&x[0], spec)
-                });
-                let rounded = qkv.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
-                let (y_ref, g_ref) = value_and_grads(&[rounded], &r, DType::F32, |x| {
-                    attention_formula(&x[0], spec)
-                });
-                let tol = tolerance(dtype);
-                let e = relative_diff(&y, &y_ref);
-                assert!(
-                    e <= tol,
-                    "{dev:?} {dtype:?} {spec:?}: output differs by {e}"
-                );
-                let e = relative_diff(&g[0], &g_ref[0]);
-                assert!(
-                    e <= tol,
-                    "{dev:?} {dtype:?} {spec:?}: gradient differs by {e}"
-                );
+            runs.push((dev.clone(), dtype, true));
+            if dtype == DType::BF16 {
+                runs.push((dev.clone(), dtype, false));
             }
         }
     }
+    for (dev, dtype, tensor_cores) in runs {
+        #[cfg(feature = "cuda")]
+        clipcid_kernels::cuda::set_attention_tensor_cores(tensor_cores);
+        for (seed, &(b, t, h, d, causal, queries)) in cases.iter().enumerate() {
+            let spec = cpu::AttentionSpec {
+                positions: t,
+                heads: h,
+                causal,
+                queries,
+            };
+            #[cfg(feature = "cuda")]
+            if dev.is_cuda() {
+                assert!(
+                    clipcid_kernels::cuda::attention_fits(&dev, t, d),
+                    "{spec:?}"
+                );
+            }
+            let qkv = (randn(&[b * t, 3 * h * d], 20 + seed as u64, &dev) * 1.5).unwrap();
+            let tq = if queries == All { t } else { 1 };
+            let r = randn(&[b * tq, h * d], 40 + seed as u64, &dev);
+            let (y, g) = value_and_grads(std::slice::from_ref(&qkv), &r, dtype, |x| {
+                cpu::attention(&x[0], spec)
+            });
+            let rounded = qkv.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+            let (y_ref, g_ref) = value_and_grads(&[rounded], &r, DType::F32, |x| {
+                attention_formula(&x[0], spec)
+            });
+            let tol = tolerance(dtype);
+            let e = relative_diff(&y, &y_ref);
+            assert!(
+                e <= tol,
+                "{dev:?} {dtype:?} {spec:?} (tensor cores {tensor_cores}): output differs \
+                 by {e}"
+            );
+            let e = relative_diff(&g[0], &g_ref[0]);
+            assert!(
+                e <= tol,
+                "{dev:?} {dtype:?} {spec:?} (tensor cores {tensor_cores}): gradient \
+                 differs by {e}"
+            );
+        }
+    }
+    #[cfg(feature = "cuda")]
+    clipcid_kernels::cuda::set_attention_tensor_cores(true);
 }

@@ -62,12 +62,12 @@ fn set_gpu_kernels(on: bool) {
     let _ = on;
 }
 
-/// The attention kernels' warps per block (0: their default); a no-op without `cuda`.
-fn set_attention_warps(warps: usize) {
+/// Whether bf16 attention may take the tensor-core kernels; a no-op without `cuda`.
+fn set_attention_tensor_cores(on: bool) {
     #[cfg(feature = "cuda")]
-    clipcid_kernels::cuda::set_attention_warps(warps);
+    clipcid_kernels::cuda::set_attention_tensor_cores(on);
     #[cfg(not(feature = "cuda"))]
-    let _ = warps;
+    let _ = on;
 }
 
 fn sync(device: &Device) -> Result<(), PipelineError> {
@@ -398,7 +398,8 @@ pub fn op_profile(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
             Ok(clipcid_kernels::cpu::layer_norm(&x2, &gain, &shift, 1e-5)?)
         })?;
         // The student's training step (docs/guide.md, "CUDA kernels"): attention forward and
-        // backward at its two towers' shapes, for several warps per block.
+        // backward at its two towers' shapes, on the f32-arithmetic kernels and on tensor
+        // cores.
         let student_shapes = [
             (
                 "image tower (50 positions, 12 heads of 32)",
@@ -415,8 +416,8 @@ pub fn op_profile(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
                 true,
             ),
         ];
-        for warps in [4, 8, 16] {
-            set_attention_warps(warps);
+        for (kernels, tensor_cores) in [("f32 kernels", false), ("tensor cores", true)] {
+            set_attention_tensor_cores(tensor_cores);
             for &(name, t, heads, d, causal) in &student_shapes {
                 let qkv = candle_core::Var::from_tensor(&r(&[b * t, 3 * heads * d])?)?;
                 let spec = clipcid_kernels::cpu::AttentionSpec {
@@ -426,13 +427,23 @@ pub fn op_profile(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
                     queries: clipcid_kernels::cpu::Queries::All,
                 };
                 op(
-                    &format!("clipcid attention, student {name}, {warps} warps: forward"),
+                    &format!("clipcid attention, student {name}, {kernels}: forward"),
                     &mut || Ok(clipcid_kernels::cpu::attention(qkv.as_tensor(), spec)?),
                 )?;
+                let y = clipcid_kernels::cpu::attention(qkv.as_tensor(), spec)?;
+                let grad = r(y.dims())?;
                 op(
-                    &format!(
-                        "clipcid attention, student {name}, {warps} warps: forward and backward"
-                    ),
+                    &format!("clipcid attention, student {name}, {kernels}: backward alone"),
+                    &mut || {
+                        Ok(clipcid_kernels::cpu::attention_backward(
+                            qkv.as_tensor(),
+                            &grad,
+                            spec,
+                        )?)
+                    },
+                )?;
+                op(
+                    &format!("clipcid attention, student {name}, {kernels}: forward and backward"),
                     &mut || {
                         let y = clipcid_kernels::cpu::attention(qkv.as_tensor(), spec)?;
                         let grads = y.sum_all()?.backward()?;
@@ -441,15 +452,31 @@ pub fn op_profile(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
                 )?;
             }
         }
-        set_attention_warps(0);
-        // Each tower of the bf16 student step alone, forward and backward (sum as the loss).
+        set_attention_tensor_cores(true);
+        // Each tower of the bf16 student step alone, forward and backward (sum as the loss),
+        // and forward alone; and the cast of the f32 master weights that each step begins
+        // with.
         let cfg = ClipConfig::preset("piccollage-s12")?;
         let (student, _varmap) = ClipModel::trainable_from(&cfg, init_tensors(&cfg, 0)?, device)?;
         let (px, tok) = student_batch(&cfg, b, device)?;
+        op("student (w384 L6) weights, f32 to bf16 cast", &mut || {
+            let m = student.cast(DType::BF16)?;
+            Ok(m.logit_scale().clone())
+        })?;
         for (tower, image) in [
             ("image tower (w384 L6)", true),
             ("text tower (w512 L12, 77 tokens)", false),
         ] {
+            op(
+                &format!("student {tower}, bf16 casts: forward"),
+                &mut || {
+                    let m = student.cast(DType::BF16)?;
+                    match image {
+                        true => Ok(m.encode_image(&px)?),
+                        false => Ok(m.encode_text(&tok)?),
+                    }
+                },
+            )?;
             op(
                 &format!("student {tower}, bf16 casts: forward and backward"),
                 &mut || {

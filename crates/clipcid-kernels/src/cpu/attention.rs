@@ -75,6 +75,32 @@ pub fn attention(qkv: &Tensor, spec: AttentionSpec) -> Result<Tensor> {
     qkv.contiguous()?.apply_op1(AttentionOp(spec))
 }
 
+/// [`attention`]'s backward pass alone, outside candle's autograd: the gradient of `qkv`
+/// (`[B * T, 3W]`, zeros in the q columns of rows that are no query) given the output
+/// gradient `grad` (`[B * T, W]`, or `[B, W]` for [`Queries::First`]). It is what
+/// `attention`'s node runs when `backward` reaches it; on its own it serves a hand-written
+/// backward pass and timing the kernels without autograd's bookkeeping around them.
+///
+/// ```
+/// # fn main() -> candle_core::Result<()> {
+/// use candle_core::{Device, Tensor, Var};
+/// use clipcid_kernels::cpu::{attention, attention_backward, AttentionSpec, Queries};
+///
+/// let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2 * 5, 3 * 8), &Device::Cpu)?)?;
+/// let spec = AttentionSpec { positions: 5, heads: 2, causal: false, queries: Queries::All };
+/// let r = Tensor::randn(0f32, 1.0, (10, 8), &Device::Cpu)?;
+/// // The loss sum(attention(qkv) * r) has output gradient r.
+/// let grads = (attention(qkv.as_tensor(), spec)? * &r)?.sum_all()?.backward()?;
+/// let by_autograd = grads.get(qkv.as_tensor()).expect("qkv takes part in the loss");
+/// let alone = attention_backward(qkv.as_tensor(), &r, spec)?;
+/// assert!(clipcid_kernels::max_abs_diff(&alone, by_autograd)? < 1e-6);
+/// # Ok(()) }
+/// ```
+pub fn attention_backward(qkv: &Tensor, grad: &Tensor, spec: AttentionSpec) -> Result<Tensor> {
+    qkv.contiguous()?
+        .apply_op2_no_bwd(&grad.contiguous()?, &AttentionGrad(spec))
+}
+
 /// Sizes of one call, checked once.
 #[derive(Debug, Clone, Copy)]
 struct Geometry {

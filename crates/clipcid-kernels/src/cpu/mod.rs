@@ -36,7 +36,7 @@ pub use activation::{gelu, gelu_in_place, quick_gelu, quick_gelu_in_place, Activ
 #[cfg(feature = "cuda")]
 pub(crate) use adamw::ApplyScalars;
 pub use adamw::{adamw_runs_in_place, adamw_update, AdamWStep};
-pub use attention::{attention, AttentionSpec, Queries};
+pub use attention::{attention, attention_backward, AttentionSpec, Queries};
 pub use block::{pack_block_params, transformer_block, BlockParams, BlockSpec};
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,

@@ -69,19 +69,35 @@ const ROW_THREADS: u32 = 128;
 /// Rows per block of the column partial sums (layer norm's scale and shift gradients).
 const COLUMN_CHUNK: usize = 64;
 
-/// The kernels. `bf16` values travel as their 16 bits (`unsigned short`) and are widened to
-/// f32 on load and rounded to nearest-even on store, so NVRTC needs no CUDA headers.
-const SOURCE: &str = r#"
+/// What both kernel sources ([`SOURCE`] and the tensor-core one) begin with: `bf16` values
+/// travel as their 16 bits (`unsigned short`), widened to f32 on load and rounded to
+/// nearest-even on store, so NVRTC needs no CUDA headers.
+macro_rules! kernel_prelude {
+    () => {
+        r#"
 typedef unsigned short bf16_t;
 __device__ __forceinline__ float ld(float v) { return v; }
 __device__ __forceinline__ float ld(bf16_t v) { return __uint_as_float(((unsigned int)v) << 16); }
-__device__ __forceinline__ void st(float *p, float v) { *p = v; }
-__device__ __forceinline__ void st(bf16_t *p, float v) {
+/* v's bf16 bits, rounded to nearest-even (NaN stays NaN). */
+__device__ __forceinline__ unsigned int bf16_bits(float v) {
     unsigned int u = __float_as_uint(v);
-    if ((u & 0x7fffffffu) > 0x7f800000u) { *p = (bf16_t)((u >> 16) | 0x40u); return; }
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
     u += 0x7fffu + ((u >> 16) & 1u);
-    *p = (bf16_t)(u >> 16);
+    return u >> 16;
 }
+__device__ __forceinline__ void st(float *p, float v) { *p = v; }
+__device__ __forceinline__ void st(bf16_t *p, float v) { *p = (bf16_t)bf16_bits(v); }
+"#
+    };
+}
+
+mod tensor_core;
+pub use tensor_core::{attention_tensor_cores, set_attention_tensor_cores};
+
+/// The kernels (f32 and bf16, arithmetic in f32), for any GPU candle runs on.
+const SOURCE: &str = concat!(
+    kernel_prelude!(),
+    r#"
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -762,7 +778,8 @@ extern "C" __global__ void clipcid_attention_dkv_##S(const T *qkv, const T *g, T
 
 CLIPCID_TYPED(float, f32)
 CLIPCID_TYPED(bf16_t, bf16)
-"#;
+"#
+);
 
 /// Every kernel [`SOURCE`] defines (what [`load`] loads).
 const KERNELS: [&str; 36] = [
@@ -896,6 +913,11 @@ pub fn load(device: &Device) -> Result<()> {
     if let Device::Cuda(dev) = device {
         for f in KERNELS {
             dev.get_or_load_custom_func(f, MODULE, ptx()?)?;
+        }
+        if device_limits(dev)?.compute_major >= 8 {
+            for f in tensor_core::KERNELS {
+                dev.get_or_load_custom_func(f, tensor_core::MODULE, tensor_core::ptx()?)?;
+            }
         }
     }
     Ok(())
@@ -1857,8 +1879,9 @@ static ATTENTION_WARPS_SET: std::sync::atomic::AtomicUsize = std::sync::atomic::
 /// Sets the warps per block of the attention kernels (1 to 32; each warp takes four query or
 /// key rows at a time, and its rows' tiles take shared memory beside the block's keys and
 /// values, so more warps share those rows' loads but fit fewer blocks on a multiprocessor).
-/// A tuning knob for `clipcid self-check --bench`'s profile, which measures several; 0
-/// restores the default (8), values above 32 are taken as 32.
+/// A tuning knob (4, 8 and 16 measured alike on an H200, 8 a little ahead: docs/guide.md);
+/// 0 restores the default (8), values above 32 are taken as 32. The tensor-core kernels
+/// (bf16, see [`set_attention_tensor_cores`]) launch a warp per 16 positions instead.
 ///
 /// ```
 /// use clipcid_kernels::cuda::{attention_warps, set_attention_warps};
@@ -1927,15 +1950,40 @@ impl AttentionDims {
     }
 }
 
-/// The most shared memory one block may use on `dev` once a kernel opts in, in bytes.
-fn max_shared_bytes(dev: &candle_core::CudaDevice) -> Result<usize> {
-    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-    let bytes = dev
-        .cuda_stream()
-        .context()
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-        .w()?;
-    Ok(bytes.max(0) as usize)
+/// What the attention kernels ask of a GPU, read from the driver once per device.
+#[derive(Debug, Clone, Copy)]
+struct DeviceLimits {
+    /// The most shared memory one block may use once a kernel opts in, in bytes.
+    max_shared: usize,
+    /// The compute capability's major version (8 and up have bf16 tensor-core `mma`).
+    compute_major: i32,
+}
+
+/// `dev`'s [`DeviceLimits`], cached per device ordinal (each layer's attention asks).
+fn device_limits(dev: &candle_core::CudaDevice) -> Result<DeviceLimits> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static LIMITS: OnceLock<Mutex<HashMap<usize, DeviceLimits>>> = OnceLock::new();
+    let context = dev.cuda_stream().context().clone();
+    let ordinal = context.ordinal();
+    let cache = LIMITS.get_or_init(Default::default);
+    if let Some(l) = cache.lock().ok().and_then(|c| c.get(&ordinal).copied()) {
+        return Ok(l);
+    }
+    let limits = DeviceLimits {
+        max_shared: context
+            .attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .w()?
+            .max(0) as usize,
+        compute_major: context
+            .attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+            .w()?,
+    };
+    if let Ok(mut c) = cache.lock() {
+        c.insert(ordinal, limits);
+    }
+    Ok(limits)
 }
 
 /// Whether [`cpu::attention`](crate::cpu::attention) runs on clipcid's CUDA kernels on
@@ -1966,31 +2014,38 @@ pub fn attention_fits(device: &Device, positions: usize, head_dim: usize) -> boo
         warps: attention_warps(),
     };
     let need = dims.shared_bytes().into_iter().max().unwrap_or(0);
-    enabled() && positions > 0 && head_dim > 0 && max_shared_bytes(dev).is_ok_and(|m| need <= m)
+    enabled()
+        && positions > 0
+        && head_dim > 0
+        && device_limits(dev).is_ok_and(|l| need <= l.max_shared)
 }
 
-/// The attention kernel `clipcid_attention_{name}_{dtype}` on `dev`, allowed `shared` bytes
-/// of dynamic shared memory.
+/// The attention kernel `name` of the NVRTC module `module` (compiled to `ptx`) on `dev`,
+/// allowed `shared` bytes of dynamic shared memory.
 fn attention_func(
     dev: &candle_core::CudaDevice,
     name: &str,
-    dtype: DType,
+    module: &str,
+    ptx: &str,
     shared: usize,
     g: &AttentionDims,
 ) -> Result<CudaFunction> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
-    const OP: &str = "clipcid-attention";
-    let func = dev.get_or_load_custom_func(
-        &format!("clipcid_attention_{name}_{}", suffix(dtype, OP)?),
-        MODULE,
-        ptx()?,
-    )?;
+    let func = dev.get_or_load_custom_func(name, module, ptx)?;
+    // Shared memory is what bounds how many of these blocks a multiprocessor runs at once:
+    // ask for the largest shared-memory carveout (a hint; the driver may otherwise keep more
+    // of the unified L1 as cache and fit fewer blocks).
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+        100,
+    )
+    .w()?;
     if shared > DEFAULT_SHARED_BYTES {
-        let max = max_shared_bytes(dev)?;
+        let max = device_limits(dev)?.max_shared;
         if shared > max {
             bail!(
-                "{OP}: {} positions in heads of {} need {shared} bytes of shared memory, more \
-                 than this GPU's {max} (see clipcid_kernels::cuda::attention_fits)",
+                "clipcid-attention: {} positions in heads of {} need {shared} bytes of shared \
+                 memory, more than this GPU's {max} (see clipcid_kernels::cuda::attention_fits)",
                 g.t,
                 g.head_dim
             );
@@ -2002,6 +2057,21 @@ fn attention_func(
         .w()?;
     }
     Ok(func.into_cuda_function())
+}
+
+/// [`attention_func`] for the f32-arithmetic kernel `clipcid_attention_{pass}_{dtype}`.
+fn attention_func_f32(
+    dev: &candle_core::CudaDevice,
+    pass: &str,
+    dtype: DType,
+    shared: usize,
+    g: &AttentionDims,
+) -> Result<CudaFunction> {
+    let name = format!(
+        "clipcid_attention_{pass}_{}",
+        suffix(dtype, "clipcid-attention")?
+    );
+    attention_func(dev, &name, MODULE, ptx()?, shared, g)
 }
 
 /// Checks that `l` is `g`'s contiguous `[batch * t, 3W]` input and returns its span.
@@ -2017,6 +2087,19 @@ fn qkv_span(l: &Layout, g: &AttentionDims, op: &str) -> Result<Span> {
     Ok((q0, q1))
 }
 
+/// Checks that `l` is `g`'s contiguous `[batch * tq, W]` output gradient and returns its span.
+fn grad_span(l: &Layout, g: &AttentionDims, op: &str) -> Result<Span> {
+    let (g0, g1) = span(l, op)?;
+    let want = g.batch * g.tq * g.heads * g.head_dim;
+    if g1 - g0 != want {
+        bail!(
+            "{op}: output gradient of {} values for an output of {want}",
+            g1 - g0
+        );
+    }
+    Ok((g0, g1))
+}
+
 /// Multi-head self-attention's output `[batch * tq, W]` from packed q/k/v rows (the CUDA
 /// form of [`cpu::attention`](crate::cpu::attention)).
 pub(crate) fn attention_fwd(
@@ -2024,6 +2107,10 @@ pub(crate) fn attention_fwd(
     l: &Layout,
     g: AttentionDims,
 ) -> Result<CudaStorage> {
+    let q = qkv_span(l, &g, "clipcid-attention")?;
+    if let Some(kt) = tensor_core::tiles(&qkv.device, qkv.dtype(), &g, &[q.0])? {
+        return tensor_core::attention_fwd(qkv, q, &g, kt);
+    }
     by_dtype!(
         qkv.dtype(),
         "clipcid-attention",
@@ -2041,7 +2128,7 @@ fn attention_fwd_typed<T: CudaDType + DeviceRepr>(
     let (q0, q1) = qkv_span(l, g, OP)?;
     let shared = g.shared_bytes()[0];
     let cfg = g.config(shared)?;
-    let func = attention_func(&dev, "fwd", qkv.dtype(), shared, g)?;
+    let func = attention_func_f32(&dev, "fwd", qkv.dtype(), shared, g)?;
     let xs = qkv.as_cuda_slice::<T>()?.slice(q0..q1);
     let w = g.heads * g.head_dim;
     let stream = dev.cuda_stream();
@@ -2073,8 +2160,14 @@ pub(crate) fn attention_bwd(
     (grad, lg): (&CudaStorage, &Layout),
     g: AttentionDims,
 ) -> Result<CudaStorage> {
+    const OP: &str = "clipcid-attention-grad";
     if qkv.dtype() != grad.dtype() {
-        bail!("clipcid-attention-grad: q/k/v and gradient dtypes differ");
+        bail!("{OP}: q/k/v and gradient dtypes differ");
+    }
+    let q = qkv_span(lq, &g, OP)?;
+    let o = grad_span(lg, &g, OP)?;
+    if let Some(kt) = tensor_core::tiles(&qkv.device, qkv.dtype(), &g, &[q.0, o.0])? {
+        return tensor_core::attention_bwd((qkv, q), (grad, o), &g, kt);
     }
     by_dtype!(
         qkv.dtype(),
@@ -2091,19 +2184,11 @@ fn attention_bwd_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     const OP: &str = "clipcid-attention-grad";
     let dev = qkv.device.clone();
     let (q0, q1) = qkv_span(lq, g, OP)?;
-    let (g0, g1) = span(lg, OP)?;
-    let w = g.heads * g.head_dim;
-    if g1 - g0 != g.batch * g.tq * w {
-        bail!(
-            "{OP}: output gradient of {} values for an output of {}",
-            g1 - g0,
-            g.batch * g.tq * w
-        );
-    }
+    let (g0, g1) = grad_span(lg, g, OP)?;
     let [_, shared_dq, shared_dkv] = g.shared_bytes();
     let (cfg_dq, cfg_dkv) = (g.config(shared_dq)?, g.config(shared_dkv)?);
-    let func_dq = attention_func(&dev, "dq", qkv.dtype(), shared_dq, g)?;
-    let func_dkv = attention_func(&dev, "dkv", qkv.dtype(), shared_dkv, g)?;
+    let func_dq = attention_func_f32(&dev, "dq", qkv.dtype(), shared_dq, g)?;
+    let func_dkv = attention_func_f32(&dev, "dkv", qkv.dtype(), shared_dkv, g)?;
     let xs = qkv.as_cuda_slice::<T>()?.slice(q0..q1);
     let gs = grad.as_cuda_slice::<T>()?.slice(g0..g1);
     // Zeroed where some query rows (past `tq`) have no gradient and no kernel writes them.
@@ -2149,11 +2234,18 @@ mod tests {
     #[test]
     fn kernel_source_compiles_with_nvrtc() {
         let ptx = super::ptx().unwrap_or_else(|e| panic!("{e}"));
-        for f in super::KERNELS {
-            assert!(
-                ptx.contains(&format!(".entry {f}(")),
-                "{f} missing from the PTX"
-            );
+        let tc = super::tensor_core::ptx().unwrap_or_else(|e| panic!("{e}"));
+        let all = [
+            (ptx, &super::KERNELS[..]),
+            (tc, &super::tensor_core::KERNELS[..]),
+        ];
+        for (ptx, kernels) in all {
+            for f in kernels {
+                assert!(
+                    ptx.contains(&format!(".entry {f}(")),
+                    "{f} missing from the PTX"
+                );
+            }
         }
     }
 }
