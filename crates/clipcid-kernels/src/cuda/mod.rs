@@ -21,7 +21,9 @@
 //!   without writing the `[B, H, T, T]` scores anywhere, and the backward pass (two
 //!   launches, queries then keys) recomputes the probabilities, as FlashAttention does. It
 //!   replaces a layer's three head splits, two batched products, softmax and merge, and their
-//!   gradients.
+//!   gradients. In bf16 on compute capability 8.0 and up, heads of 32 or 64 and up to 80
+//!   positions run on tensor cores instead ([`set_attention_tensor_cores`]): `mma.sync`
+//!   products, one launch each way.
 //! - A linear layer's bias, alone ([`bias_add`]), with CLIP's activation
 //!   ([`bias_quick_gelu`]) or with a residual ([`bias_residual_add`]), with backward passes:
 //!   candle's broadcast add computes each element's index with 64-bit divisions, and took
@@ -49,7 +51,8 @@ use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaFunction, CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::compile_ptx;
 use candle_core::cuda_backend::{CudaDType, WrapErr};
@@ -1178,13 +1181,7 @@ fn ln_bwd_typed<T: CudaDType + DeviceRepr>(
     let mut stats: CudaSlice<f32> = unsafe { dev.alloc::<f32>(2 * rows)? };
     let chunks = rows.div_ceil(COLUMN_CHUNK);
     let mut partial: CudaSlice<f32> = unsafe { dev.alloc::<f32>(chunks * 2 * d)? };
-    let (d32, rows32, chunk32, chunks32, n2) = (
-        d as u32,
-        rows as u32,
-        COLUMN_CHUNK as u32,
-        chunks as u32,
-        (2 * d) as u32,
-    );
+    let (d32, rows32, chunk32) = (d as u32, rows as u32, COLUMN_CHUNK as u32);
     {
         let func =
             dev.get_or_load_custom_func(&format!("clipcid_ln_bwd_rows_{s}"), MODULE, ptx()?)?;
@@ -1212,29 +1209,49 @@ fn ln_bwd_typed<T: CudaDType + DeviceRepr>(
         a.arg(&rows32);
         a.arg(&d32);
         a.arg(&chunk32);
-        let cfg = LaunchConfig {
-            grid_dim: (d.div_ceil(32) as u32, chunks32, 1),
-            block_dim: (32, 8, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: blocks cover `d` columns by `chunks` chunks of `COLUMN_CHUNK` rows, the
         // kernel bounds both; `partial` holds `chunks * 2 d` floats.
-        unsafe { a.launch(cfg) }.w()?;
+        unsafe { a.launch(column_config(d, chunks)) }.w()?;
     }
-    {
-        let func =
-            dev.get_or_load_custom_func(&format!("clipcid_ln_bwd_total_{s}"), MODULE, ptx()?)?;
-        let mut sums = out.slice_mut(rows * d..(rows + 2) * d);
-        let mut a = func.builder();
-        a.arg(&partial);
-        a.arg(&mut sums);
-        a.arg(&chunks32);
-        a.arg(&n2);
-        // SAFETY: `2 d` threads (bounded in the kernel) each sum `chunks` partials into one
-        // of the `2 d` outputs.
-        unsafe { a.launch(LaunchConfig::for_num_elems(n2)) }.w()?;
-    }
+    let mut sums = out.slice_mut(rows * d..(rows + 2) * d);
+    column_total(&dev, s, &partial, &mut sums, chunks, 2 * d)?;
     Ok(T::wrap_cuda_slice(out, dev))
+}
+
+/// The launch of a column-partial kernel over `columns` columns in `chunks` chunks of
+/// [`COLUMN_CHUNK`] rows: a block per 32 columns per chunk, 8 warps down its rows.
+fn column_config(columns: usize, chunks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (columns.div_ceil(32) as u32, chunks as u32, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// `out[c]` = the sum over `k < chunks` of `partial[k n + c]`, in that fixed order, for the
+/// `n` columns of a column-partial kernel's output (kernel `clipcid_ln_bwd_total_{s}`).
+fn column_total<T: DeviceRepr>(
+    dev: &candle_core::CudaDevice,
+    s: &str,
+    partial: &CudaSlice<f32>,
+    out: &mut CudaViewMut<'_, T>,
+    chunks: usize,
+    n: usize,
+) -> Result<()> {
+    if partial.len() < chunks * n || out.len() < n {
+        bail!("clipcid column sums: buffers smaller than {chunks} chunks of {n} columns");
+    }
+    let func = dev.get_or_load_custom_func(&format!("clipcid_ln_bwd_total_{s}"), MODULE, ptx()?)?;
+    let (chunks32, n32) = (chunks as u32, n as u32);
+    let mut a = func.builder();
+    a.arg(partial);
+    a.arg(out);
+    a.arg(&chunks32);
+    a.arg(&n32);
+    // SAFETY: `n` threads (bounded in the kernel) each add `chunks` partials (`partial`
+    // holds `chunks n`, checked above) into one of `out`'s first `n` elements.
+    unsafe { a.launch(LaunchConfig::for_num_elems(n32)) }.w()?;
+    Ok(())
 }
 
 /// Rows per block of the kernels that take a warp per row (softmax, the layer-norm forward).
@@ -1834,8 +1851,7 @@ fn column_sum_typed<T: CudaDType + DeviceRepr>(
     // `n` outputs.
     let mut partial: CudaSlice<f32> = unsafe { dev.alloc::<f32>(chunks * n)? };
     let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(n)? };
-    let (rows32, n32, chunk32, chunks32) =
-        (rows as u32, n as u32, COLUMN_CHUNK as u32, chunks as u32);
+    let (rows32, n32, chunk32) = (rows as u32, n as u32, COLUMN_CHUNK as u32);
     {
         let func =
             dev.get_or_load_custom_func(&format!("clipcid_column_partial_{s}"), MODULE, ptx()?)?;
@@ -1845,27 +1861,11 @@ fn column_sum_typed<T: CudaDType + DeviceRepr>(
         a.arg(&rows32);
         a.arg(&n32);
         a.arg(&chunk32);
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(32) as u32, chunks32, 1),
-            block_dim: (32, 8, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: blocks cover `n` columns by `chunks` chunks of rows, bounded in the
         // kernel; `g` holds `rows * n` values and `partial` `chunks * n` floats.
-        unsafe { a.launch(cfg) }.w()?;
+        unsafe { a.launch(column_config(n, chunks)) }.w()?;
     }
-    {
-        let func =
-            dev.get_or_load_custom_func(&format!("clipcid_ln_bwd_total_{s}"), MODULE, ptx()?)?;
-        let mut a = func.builder();
-        a.arg(&partial);
-        a.arg(&mut out);
-        a.arg(&chunks32);
-        a.arg(&n32);
-        // SAFETY: `n` threads (bounded in the kernel) each add `chunks` partials into one of
-        // the `n` outputs.
-        unsafe { a.launch(LaunchConfig::for_num_elems(n32)) }.w()?;
-    }
+    column_total(&dev, s, &partial, &mut out.slice_mut(0..n), chunks, n)?;
     Ok(T::wrap_cuda_slice(out, dev))
 }
 
@@ -1879,9 +1879,9 @@ static ATTENTION_WARPS_SET: std::sync::atomic::AtomicUsize = std::sync::atomic::
 /// Sets the warps per block of the attention kernels (1 to 32; each warp takes four query or
 /// key rows at a time, and its rows' tiles take shared memory beside the block's keys and
 /// values, so more warps share those rows' loads but fit fewer blocks on a multiprocessor).
-/// A tuning knob (4, 8 and 16 measured alike on an H200, 8 a little ahead: docs/guide.md);
-/// 0 restores the default (8), values above 32 are taken as 32. The tensor-core kernels
-/// (bf16, see [`set_attention_tensor_cores`]) launch a warp per 16 positions instead.
+/// A tuning knob (on an H200 at the student's shapes, 4, 8 and 16 measured alike, 8 a little
+/// ahead); 0 restores the default (8), values above 32 are taken as 32. The tensor-core
+/// kernels (bf16, see [`set_attention_tensor_cores`]) launch a warp per 16 positions instead.
 ///
 /// ```
 /// use clipcid_kernels::cuda::{attention_warps, set_attention_warps};
