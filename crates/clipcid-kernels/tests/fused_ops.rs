@@ -459,3 +459,96 @@ fn attention_and_its_gradient_match_the_formula_on_every_device() {
     #[cfg(feature = "cuda")]
     clipcid_kernels::cuda::set_attention_tensor_cores(true);
 }
+
+/// A transformer block as one autograd node built from tensor ops
+/// (`cpu::transformer_block_by_ops`, a trainable GPU layer's path under
+/// `cuda::set_block_node`) against the CPU block op on slices: the output and the gradients of
+/// the input and of the packed parameters, for the text tower's causal 77 positions in heads
+/// of 64 (tensor-core attention in bf16 on a GPU) and the class-token query alone over 50, on
+/// every device and dtype.
+#[test]
+fn block_by_ops_matches_the_cpu_block_op_on_every_device() {
+    use cpu::Queries::{All, First};
+    let (w, m, heads) = (128, 256, 2);
+    let cpu_dev = Device::Cpu;
+    // (batch, positions, causal, queries)
+    for (seed, &(b, t, causal, queries)) in [(2, 77, true, All), (3, 50, false, First)]
+        .iter()
+        .enumerate()
+    {
+        let seed = 100 * (seed as u64 + 1);
+        let n = |shape: &[usize], k: u64, scale: f64| randn(shape, seed + k, &cpu_dev) * scale;
+        let ln = |k: u64| (n(&[w], k, 0.1).unwrap() + 1.0).unwrap();
+        let small = |shape: &[usize], k: u64| n(shape, k, 0.05).unwrap();
+        let tensors = [
+            ln(1),
+            small(&[w], 2),
+            small(&[w, w], 3),
+            small(&[w], 4),
+            small(&[w, w], 5),
+            small(&[w], 6),
+            small(&[w, w], 7),
+            small(&[w], 8),
+            small(&[w, w], 9),
+            small(&[w], 10),
+            ln(11),
+            small(&[w], 12),
+            small(&[m, w], 13),
+            small(&[m], 14),
+            small(&[w, m], 15),
+            small(&[w], 16),
+        ];
+        let p = &tensors;
+        let params = cpu::pack_block_params(&cpu::BlockParams {
+            ln1: (&p[0], &p[1]),
+            q: (&p[2], &p[3]),
+            k: (&p[4], &p[5]),
+            v: (&p[6], &p[7]),
+            out: (&p[8], &p[9]),
+            ln2: (&p[10], &p[11]),
+            fc1: (&p[12], &p[13]),
+            fc2: (&p[14], &p[15]),
+        })
+        .unwrap();
+        let spec = cpu::BlockSpec {
+            attention: cpu::AttentionSpec {
+                positions: t,
+                heads,
+                causal,
+                queries,
+            },
+            activation: cpu::Activation::QuickGelu,
+            eps: 1e-5,
+        };
+        let x = randn(&[b * t, w], seed, &cpu_dev);
+        let rows = if queries == All { b * t } else { b };
+        let r = randn(&[rows, w], seed + 50, &cpu_dev);
+        for dev in available_devices() {
+            for dtype in dtypes(&dev) {
+                let round = |v: &Tensor| v.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+                let (y_ref, g_ref) =
+                    value_and_grads(&[round(&x), round(&params)], &r, DType::F32, |v| {
+                        cpu::transformer_block(&v[0], &v[1], spec)
+                    });
+                let on = |v: &Tensor| v.to_device(&dev).unwrap();
+                let (y, g) = value_and_grads(&[on(&x), on(&params)], &on(&r), dtype, |v| {
+                    cpu::transformer_block_by_ops(&v[0], &v[1], spec)
+                });
+                // bf16 rounds every activation and product input along the block's dozen steps.
+                let tol = if dtype == DType::F32 { 1e-4 } else { 5e-2 };
+                let e = relative_diff(&y, &y_ref);
+                assert!(
+                    e <= tol,
+                    "{dev:?} {dtype:?} {spec:?}: output differs by {e}"
+                );
+                for (name, a, b) in [("input", &g[0], &g_ref[0]), ("parameter", &g[1], &g_ref[1])] {
+                    let e = relative_diff(a, b);
+                    assert!(
+                        e <= tol,
+                        "{dev:?} {dtype:?} {spec:?}: {name} gradient differs by {e}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -9,8 +9,9 @@
 //! also runs on rows, with one q/k/v product and attention as one op with its own backward
 //! pass (clipcid's CUDA kernels, `clipcid_kernels::cuda`, where a head's rows fit a block's
 //! shared memory); those kernels also take the linear layers' bias (with QuickGELU after
-//! `fc1`) and layer norm with its backward pass. The products, and other dtypes and devices,
-//! run on candle's ops.
+//! `fc1`) and layer norm with its backward pass; with `clipcid_kernels::cuda::set_block_node`
+//! a trainable layer runs as one autograd node there too (`cpu::transformer_block`, built from
+//! those kernels). The products, and other dtypes and devices, run on candle's ops.
 
 use std::collections::HashMap;
 
@@ -380,12 +381,43 @@ impl EncoderLayer {
         biased && self.tensors().all(cpu::is_cpu_f32)
     }
 
+    /// The block as one autograd node (`cpu::transformer_block`) on rows `x`, its tensors
+    /// packed into one vector.
+    fn as_one_node<'b>(&'b self, x: &Tensor, attention: cpu::AttentionSpec) -> Result<Tensor> {
+        let pair = |l: &'b Linear| -> Result<(&'b Tensor, &'b Tensor)> {
+            match &l.bias {
+                Some(b) => Ok((&l.weight, b)),
+                None => candle_core::bail!("a block product without a bias"),
+            }
+        };
+        let a = &self.attn;
+        let params = cpu::pack_block_params(&cpu::BlockParams {
+            ln1: (&self.ln1.weight, &self.ln1.bias),
+            q: pair(&a.q)?,
+            k: pair(&a.k)?,
+            v: pair(&a.v)?,
+            out: pair(&a.out)?,
+            ln2: (&self.ln2.weight, &self.ln2.bias),
+            fc1: pair(&self.fc1)?,
+            fc2: pair(&self.fc2)?,
+        })?;
+        let spec = cpu::BlockSpec {
+            attention,
+            activation: match self.act {
+                Activation::QuickGelu => cpu::Activation::QuickGelu,
+                Activation::Gelu => cpu::Activation::Gelu,
+            },
+            eps: self.ln1.eps as f32,
+        };
+        cpu::transformer_block(x, &params, spec)
+    }
+
     /// The block through the fused f32 CPU kernels, on rows `[B * T, W]` (`T` = `positions`):
     /// one q/k/v product, attention as one op and, when no gradient is needed, the activation
     /// in place and the residual additions inside the products. Gives `[B * T, W]`, or
     /// `[B, W]` with [`Queries::First`].
-    fn forward_rows<'a>(
-        &'a self,
+    fn forward_rows(
+        &self,
         x: &Tensor,
         positions: usize,
         causal: bool,
@@ -404,32 +436,7 @@ impl EncoderLayer {
         };
         if train {
             // The whole block as one autograd node (see `cpu::transformer_block`).
-            let pair = |l: &'a Linear| -> Result<(&'a Tensor, &'a Tensor)> {
-                match &l.bias {
-                    Some(b) => Ok((&l.weight, b)),
-                    None => candle_core::bail!("a block product without a bias"),
-                }
-            };
-            let a = &self.attn;
-            let params = cpu::pack_block_params(&cpu::BlockParams {
-                ln1: (&self.ln1.weight, &self.ln1.bias),
-                q: pair(&a.q)?,
-                k: pair(&a.k)?,
-                v: pair(&a.v)?,
-                out: pair(&a.out)?,
-                ln2: (&self.ln2.weight, &self.ln2.bias),
-                fc1: pair(&self.fc1)?,
-                fc2: pair(&self.fc2)?,
-            })?;
-            let spec = cpu::BlockSpec {
-                attention: spec,
-                activation: match self.act {
-                    Activation::QuickGelu => cpu::Activation::QuickGelu,
-                    Activation::Gelu => cpu::Activation::Gelu,
-                },
-                eps: self.ln1.eps as f32,
-            };
-            return cpu::transformer_block(x, &params, spec);
+            return self.as_one_node(x, spec);
         }
         let (w_qkv, b_qkv) = self.attn.qkv()?;
         let qkv = cpu::linear(&self.ln1.forward(x)?, &w_qkv, &b_qkv)?;
@@ -479,18 +486,30 @@ impl EncoderLayer {
         queries: Queries,
     ) -> Result<Tensor> {
         let a = &self.attn;
-        let (w_qkv, b_qkv) = a.qkv()?;
-        let qkv = Linear {
-            weight: w_qkv,
-            bias: Some(b_qkv),
-        }
-        .forward(&self.ln1.forward(x)?)?;
         let spec = cpu::AttentionSpec {
             positions,
             heads: a.heads,
             causal,
             queries,
         };
+        let train = needs_grad(&[x]) || self.tensors().any(Tensor::track_op);
+        let biased = [&a.out, &self.fc1, &self.fc2]
+            .iter()
+            .all(|l| l.bias.is_some());
+        if train
+            && biased
+            && self.act == Activation::QuickGelu
+            && clipcid_kernels::cuda::block_node()
+        {
+            // One autograd node for the block (`cuda::set_block_node`).
+            return self.as_one_node(x, spec);
+        }
+        let (w_qkv, b_qkv) = a.qkv()?;
+        let qkv = Linear {
+            weight: w_qkv,
+            bias: Some(b_qkv),
+        }
+        .forward(&self.ln1.forward(x)?)?;
         let attended = cpu::attention(&qkv, spec)?;
         let x = a
             .out

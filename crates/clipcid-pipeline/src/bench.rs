@@ -70,6 +70,14 @@ fn set_attention_tensor_cores(on: bool) {
     let _ = on;
 }
 
+/// Whether trainable GPU encoder layers run as one autograd node; a no-op without `cuda`.
+fn set_block_node(on: bool) {
+    #[cfg(feature = "cuda")]
+    clipcid_kernels::cuda::set_block_node(on);
+    #[cfg(not(feature = "cuda"))]
+    let _ = on;
+}
+
 fn sync(device: &Device) -> Result<(), PipelineError> {
     Ok(device.synchronize()?)
 }
@@ -498,6 +506,16 @@ pub fn op_profile(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
                 &mut || tower_pass(image, &px, &tok, true),
             )?;
         }
+        // Each encoder layer as one autograd node with a hand-written backward pass
+        // (`cuda::set_block_node`, off by default until these rows say it pays).
+        set_block_node(true);
+        for (tower, image) in towers {
+            op(
+                &format!("student {tower}, bf16 casts, one node per layer: forward and backward"),
+                &mut || tower_pass(image, &px, &tok, true),
+            )?;
+        }
+        set_block_node(false);
         // The same at a quarter of the batch: a time that shrinks less than the batch means
         // the GPU waits on the host (launches, autograd's bookkeeping).
         let quarter = (b / 4).max(1);

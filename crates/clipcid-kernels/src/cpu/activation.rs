@@ -137,11 +137,15 @@ impl CustomOp1 for ActivationOp {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(arg.apply_op2_no_bwd(
-            &grad.contiguous()?,
-            &ActivationGrad(self.0),
-        )?))
+        Ok(Some(activation_backward(self.0, arg, grad)?))
     }
+}
+
+/// The gradient of `act` at `x` times the output gradient `grad` (f32, CPU), outside candle's
+/// autograd.
+pub(crate) fn activation_backward(act: Activation, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2_no_bwd(&grad.contiguous()?, &ActivationGrad(act))
 }
 
 /// `dx = g f'(x)` from the activation's input `x` and its output gradient `g`.

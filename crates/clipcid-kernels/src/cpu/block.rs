@@ -76,8 +76,9 @@ pub fn pack_block_params(p: &BlockParams) -> Result<Tensor> {
     Tensor::cat(&flat, 0)
 }
 
-/// One pre-norm transformer block on rows `x` `[B * T, W]` (f32, CPU), differentiable in `x`
-/// and in the packed parameters ([`pack_block_params`]):
+/// One pre-norm transformer block on rows `x` `[B * T, W]`, differentiable in `x` and in the
+/// packed parameters ([`pack_block_params`]), as one autograd node (f32 on the CPU: kernels on
+/// slices; elsewhere, a GPU's f32 or bf16: [`transformer_block_by_ops`](super::transformer_block_by_ops)):
 /// `x1 = x + out(attention(qkv(ln1(x))))`, then `y = x1 + fc2(act(fc1(ln2(x1))))`, as Hugging
 /// Face's `CLIPEncoderLayer` and open_clip's `ResidualAttentionBlock` compute it. Gives
 /// `[B * T, W]`, or `[B, W]` when the attention computes [`Queries::First`] (the residual
@@ -108,6 +109,9 @@ pub fn pack_block_params(p: &BlockParams) -> Result<Tensor> {
 /// # Ok(()) }
 /// ```
 pub fn transformer_block(x: &Tensor, params: &Tensor, spec: BlockSpec) -> Result<Tensor> {
+    if !(super::is_cpu_f32(x) && super::is_cpu_f32(params)) {
+        return super::transformer_block_by_ops(x, params, spec);
+    }
     let op = BlockOp {
         spec,
         saved: Arc::new(Mutex::new(None)),
@@ -119,22 +123,22 @@ pub fn transformer_block(x: &Tensor, params: &Tensor, spec: BlockSpec) -> Result
 /// and MLP width `m` (each product's bias follows its weight, a layer norm's shift its
 /// scale).
 #[derive(Debug, Clone, Copy)]
-struct Packing {
-    rows: usize,
+pub(super) struct Packing {
+    pub(super) rows: usize,
     /// Rows after attention (`rows`, or the batch size for [`Queries::First`]).
-    rows_q: usize,
-    w: usize,
-    m: usize,
-    ln1: usize,
-    w_qkv: usize,
-    w_out: usize,
-    ln2: usize,
-    w_fc1: usize,
-    w_fc2: usize,
+    pub(super) rows_q: usize,
+    pub(super) w: usize,
+    pub(super) m: usize,
+    pub(super) ln1: usize,
+    pub(super) w_qkv: usize,
+    pub(super) w_out: usize,
+    pub(super) ln2: usize,
+    pub(super) w_fc1: usize,
+    pub(super) w_fc2: usize,
 }
 
 impl Packing {
-    fn new(spec: &BlockSpec, x: &Layout, params: usize, op: &str) -> Result<Self> {
+    pub(super) fn new(spec: &BlockSpec, x: &Layout, params: usize, op: &str) -> Result<Self> {
         let &[rows, w] = x.dims() else {
             bail!(
                 "{op}: expected rows [batch x positions, width], got shape {:?}",
@@ -490,7 +494,7 @@ mod tests {
         x1 + linear_ref(&g, &t[15], &t[16])?
     }
 
-    fn block(t: &[Tensor], spec: BlockSpec) -> Result<Tensor> {
+    fn block(t: &[Tensor], spec: BlockSpec, by_ops: bool) -> Result<Tensor> {
         let p = pack_block_params(&BlockParams {
             ln1: (&t[1], &t[2]),
             q: (&t[3], &t[4]),
@@ -501,7 +505,10 @@ mod tests {
             fc1: (&t[13], &t[14]),
             fc2: (&t[15], &t[16]),
         })?;
-        transformer_block(&t[0], &p, spec)
+        match by_ops {
+            false => transformer_block(&t[0], &p, spec),
+            true => super::super::transformer_block_by_ops(&t[0], &p, spec),
+        }
     }
 
     #[test]
@@ -557,10 +564,16 @@ mod tests {
                 activation,
                 eps: 1e-5,
             };
-            let (dy, dg) = compare(&inputs, |x| block(x, spec), |x| block_ref(x, spec));
-            assert!(dy < 1e-4, "{spec:?}: forward differs by {dy}");
-            for (i, d) in dg.iter().enumerate() {
-                assert!(*d < 1e-4, "{spec:?}: gradient of input {i} differs by {d}");
+            // The CPU op on slices, and the same block from tensor ops (the GPU's path).
+            for (name, by_ops) in [("op", false), ("by ops", true)] {
+                let (dy, dg) = compare(&inputs, |x| block(x, spec, by_ops), |x| block_ref(x, spec));
+                assert!(dy < 1e-4, "{name} {spec:?}: forward differs by {dy}");
+                for (i, d) in dg.iter().enumerate() {
+                    assert!(
+                        *d < 1e-4,
+                        "{name} {spec:?}: gradient of input {i} differs by {d}"
+                    );
+                }
             }
         }
     }

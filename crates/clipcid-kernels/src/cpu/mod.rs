@@ -27,6 +27,7 @@ mod activation;
 mod adamw;
 mod attention;
 mod block;
+mod block_node;
 mod math;
 mod norm;
 #[cfg(test)]
@@ -38,6 +39,7 @@ pub(crate) use adamw::ApplyScalars;
 pub use adamw::{adamw_runs_in_place, adamw_update, AdamWStep};
 pub use attention::{attention, attention_backward, AttentionSpec, Queries};
 pub use block::{pack_block_params, transformer_block, BlockParams, BlockSpec};
+pub use block_node::transformer_block_by_ops;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
 };

@@ -80,16 +80,32 @@ impl CustomOp3 for LayerNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = x.dim(candle_core::D::Minus1)?;
-        let rows = x.elem_count() / d;
-        // One pass gives all three gradients, packed as `[rows + 2, d]`: dx, then dw, then db.
-        let packed =
-            x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormGrad { eps: self.eps })?;
-        let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, rows, 1)?.reshape(d)?;
-        let db = packed.narrow(0, rows + 1, 1)?.reshape(d)?;
+        let (dx, dw, db) = layer_norm_backward(x, w, grad, self.eps)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
+}
+
+/// [`layer_norm`]'s gradients of its input, scale and shift from the input `x`, the scale `w`
+/// and the output gradient, outside candle's autograd (what its node runs, and what a
+/// hand-written backward pass calls).
+pub(crate) fn layer_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    let rows = x.elem_count() / d;
+    // One pass gives all three gradients, packed as `[rows + 2, d]`: dx, then dw, then db.
+    let packed = x.contiguous()?.apply_op3_no_bwd(
+        &w.contiguous()?,
+        &grad.contiguous()?,
+        &LayerNormGrad { eps },
+    )?;
+    let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
+    let dw = packed.narrow(0, rows, 1)?.reshape(d)?;
+    let db = packed.narrow(0, rows + 1, 1)?.reshape(d)?;
+    Ok((dx, dw, db))
 }
 
 /// [`LayerNorm`]'s gradients, packed as `[rows + 2, d]`: see [`layer_norm_grad_rows`].

@@ -1714,11 +1714,11 @@ impl CustomOp2 for BiasThen {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // The pre-activation's gradient is the input's; the bias's is its column sums.
         let dh = if self.quick_gelu {
-            x.apply_op3_no_bwd(b, &grad.contiguous()?, &BiasAndFull::QuickGeluGrad)?
+            bias_quick_gelu_backward(x, b, grad)?
         } else {
             grad.contiguous()?
         };
-        let db = dh.apply_op1_no_bwd(&ColumnSum)?;
+        let db = column_sum(&dh)?;
         Ok((Some(dh), Some(db)))
     }
 }
@@ -1801,7 +1801,7 @@ impl CustomOp3 for BiasAndFull {
             // column sums.
             Self::Residual => {
                 let g = grad.contiguous()?;
-                let db = g.apply_op1_no_bwd(&ColumnSum)?;
+                let db = column_sum(&g)?;
                 Ok((Some(g.clone()), Some(db), Some(g)))
             }
             Self::QuickGeluGrad => {
@@ -1809,6 +1809,22 @@ impl CustomOp3 for BiasAndFull {
             }
         }
     }
+}
+
+/// The sums over the rows of `g` `[.., n]` (a bias's gradient): `[n]` in `g`'s dtype, added in
+/// a fixed order; not differentiable.
+pub(crate) fn column_sum(g: &Tensor) -> Result<Tensor> {
+    g.contiguous()?.apply_op1_no_bwd(&ColumnSum)
+}
+
+/// [`bias_quick_gelu`]'s pre-activation gradient from its input `x`, bias `b` and output
+/// gradient `grad`; not differentiable.
+pub(crate) fn bias_quick_gelu_backward(x: &Tensor, b: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(
+        &b.contiguous()?,
+        &grad.contiguous()?,
+        &BiasAndFull::QuickGeluGrad,
+    )
 }
 
 /// Sums over the rows of a contiguous `[.., n]` tensor: `[n]`, in the input's dtype, added
@@ -1867,6 +1883,33 @@ fn column_sum_typed<T: CudaDType + DeviceRepr>(
     }
     column_total(&dev, s, &partial, &mut out.slice_mut(0..n), chunks, n)?;
     Ok(T::wrap_cuda_slice(out, dev))
+}
+
+/// 0: off (the default), 1: on.
+static BLOCK_NODE: AtomicU8 = AtomicU8::new(0);
+
+/// Whether a trainable encoder layer on a GPU runs as one autograd node
+/// ([`cpu::transformer_block`](crate::cpu::transformer_block), built from these kernels with
+/// a hand-written backward pass) instead of a dozen: candle's backward pass starts every
+/// node's input gradient as zeros and adds into it, about 0.16 ms for one q/k/v-sized
+/// activation of the student's text tower on an H200, which one node per layer avoids.
+/// Off by default until a GPU run has measured it (`clipcid self-check --bench` has rows for
+/// both); the layer must use QuickGELU (CLIP's).
+///
+/// ```
+/// use clipcid_kernels::cuda::{block_node, set_block_node};
+/// assert!(!block_node());
+/// set_block_node(true);
+/// assert!(block_node());
+/// set_block_node(false);
+/// ```
+pub fn set_block_node(on: bool) {
+    BLOCK_NODE.store(on as u8, Ordering::Relaxed);
+}
+
+/// Whether trainable GPU encoder layers run as one autograd node (see [`set_block_node`]).
+pub fn block_node() -> bool {
+    BLOCK_NODE.load(Ordering::Relaxed) == 1
 }
 
 /// Warps per block of the attention kernels (each takes four query or key rows at a time)
