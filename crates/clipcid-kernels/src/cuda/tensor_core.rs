@@ -115,7 +115,8 @@ __device__ __forceinline__ void tc_load(const bf16_t *const src[M], const unsign
 #pragma unroll
             for (int m = 0; m < M; ++m) {
                 v[m][k] = make_uint4(0u, 0u, 0u, 0u);
-                if (i < total && r < rows[m]) v[m][k] = *(const uint4 *)(src[m] + r * stride[m] + c);
+                if (i < total && r < rows[m])
+                    v[m][k] = *(const uint4 *)(src[m] + r * stride[m] + c);
             }
         }
 #pragma unroll
