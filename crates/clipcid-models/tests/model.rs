@@ -623,3 +623,51 @@ fn non_finite_or_integer_weights_and_zero_sizes_are_refused() {
         .to_string()
         .contains("layer_norm_eps"));
 }
+
+/// On each GPU: a trainable model whose encoder layers run as one autograd node each
+/// (`clipcid_kernels::cuda::set_block_node`) gives the logits and every parameter's gradient
+/// of the layer-by-op path. (Other tests of this binary may run meanwhile with the switch
+/// on; they see the same numbers.)
+#[cfg(feature = "cuda")]
+#[test]
+fn one_node_per_layer_matches_the_layer_by_op_path_on_each_gpu() {
+    let cfg = tiny();
+    let gpus: Vec<Device> = clipcid_kernels::available_devices()
+        .into_iter()
+        .filter(Device::is_cuda)
+        .collect();
+    if gpus.is_empty() {
+        println!("no GPU: the one-node path is the CPU's own and is tested in clipcid-kernels");
+    }
+    for dev in gpus {
+        let (train, varmap) = ClipModel::trainable(&cfg, 11, &dev).unwrap();
+        let img = pixels(2, 5).to_device(&dev).unwrap();
+        let txt = ids(&cfg).to_device(&dev).unwrap();
+        let run = |one_node: bool| {
+            clipcid_kernels::cuda::set_block_node(one_node);
+            let logits = train.logits(&img, &txt).unwrap();
+            let grads = logits
+                .sqr()
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            clipcid_kernels::cuda::set_block_node(false);
+            let vars = varmap.data().lock().unwrap();
+            let g: Vec<(String, Tensor)> = vars
+                .iter()
+                .map(|(name, v)| (name.clone(), grads.get(v.as_tensor()).unwrap().clone()))
+                .collect();
+            (logits, g)
+        };
+        let (logits, grads) = run(false);
+        let (logits_node, grads_node) = run(true);
+        let d = max_abs_diff(&logits, &logits_node);
+        assert!(d < 1e-4, "{dev:?}: logits differ by {d}");
+        for ((name, a), (_, b)) in grads.iter().zip(&grads_node) {
+            let d = max_abs_diff(a, b);
+            assert!(d < 1e-4, "{dev:?}: gradient of {name} differs by {d}");
+        }
+    }
+}
