@@ -381,6 +381,11 @@ impl EncoderLayer {
         biased && self.tensors().all(cpu::is_cpu_f32)
     }
 
+    /// Whether a gradient flows through the block: its input or one of its tensors tracks one.
+    fn trains(&self, x: &Tensor) -> bool {
+        needs_grad(&[x]) || self.tensors().any(Tensor::track_op)
+    }
+
     /// The block as one autograd node (`cpu::transformer_block`) on rows `x`, its tensors
     /// packed into one vector.
     fn as_one_node<'b>(&'b self, x: &Tensor, attention: cpu::AttentionSpec) -> Result<Tensor> {
@@ -427,7 +432,7 @@ impl EncoderLayer {
         if !cpu::is_cpu_f32(x) {
             return self.forward_rows_gpu(x, positions, causal, queries);
         }
-        let train = needs_grad(&[x]) || self.tensors().any(Tensor::track_op);
+        let train = self.trains(x);
         let spec = cpu::AttentionSpec {
             positions,
             heads: self.attn.heads,
@@ -492,14 +497,13 @@ impl EncoderLayer {
             causal,
             queries,
         };
-        let train = needs_grad(&[x]) || self.tensors().any(Tensor::track_op);
         let biased = [&a.out, &self.fc1, &self.fc2]
             .iter()
             .all(|l| l.bias.is_some());
-        if train
+        if clipcid_kernels::cuda::block_node()
             && biased
             && self.act == Activation::QuickGelu
-            && clipcid_kernels::cuda::block_node()
+            && self.trains(x)
         {
             // One autograd node for the block (`cuda::set_block_node`).
             return self.as_one_node(x, spec);

@@ -2157,18 +2157,17 @@ pub(crate) fn attention_fwd(
     by_dtype!(
         qkv.dtype(),
         "clipcid-attention",
-        attention_fwd_typed(qkv, l, &g)
+        attention_fwd_typed(qkv, q, &g)
     )
 }
 
+/// The f32-arithmetic forward kernel on `qkv[q0..q1]` (the span [`qkv_span`] checked).
 fn attention_fwd_typed<T: CudaDType + DeviceRepr>(
     qkv: &CudaStorage,
-    l: &Layout,
+    (q0, q1): Span,
     g: &AttentionDims,
 ) -> Result<CudaStorage> {
-    const OP: &str = "clipcid-attention";
     let dev = qkv.device.clone();
-    let (q0, q1) = qkv_span(l, g, OP)?;
     let shared = g.shared_bytes()[0];
     let cfg = g.config(shared)?;
     let func = attention_func_f32(&dev, "fwd", qkv.dtype(), shared, g)?;
@@ -2215,19 +2214,18 @@ pub(crate) fn attention_bwd(
     by_dtype!(
         qkv.dtype(),
         "clipcid-attention-grad",
-        attention_bwd_typed((qkv, lq), (grad, lg), &g)
+        attention_bwd_typed((qkv, q), (grad, o), &g)
     )
 }
 
+/// The f32-arithmetic backward kernels on `qkv[q0..q1]` and `grad[g0..g1]` (the spans
+/// [`qkv_span`] and [`grad_span`] checked).
 fn attention_bwd_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
-    (qkv, lq): (&CudaStorage, &Layout),
-    (grad, lg): (&CudaStorage, &Layout),
+    (qkv, (q0, q1)): (&CudaStorage, Span),
+    (grad, (g0, g1)): (&CudaStorage, Span),
     g: &AttentionDims,
 ) -> Result<CudaStorage> {
-    const OP: &str = "clipcid-attention-grad";
     let dev = qkv.device.clone();
-    let (q0, q1) = qkv_span(lq, g, OP)?;
-    let (g0, g1) = grad_span(lg, g, OP)?;
     let [_, shared_dq, shared_dkv] = g.shared_bytes();
     let (cfg_dq, cfg_dkv) = (g.config(shared_dq)?, g.config(shared_dkv)?);
     let func_dq = attention_func_f32(&dev, "dq", qkv.dtype(), shared_dq, g)?;

@@ -129,6 +129,29 @@ __device__ __forceinline__ void tc_load(const bf16_t *const src[M], const unsign
     }
 }
 
+/* acc[n] = rows i0..i0 + 15 of a times rows 8 n..8 n + 7 of b, transposed (a and b
+   [..][S] in shared memory, D columns each), for the first n8 tiles of 8; the rest zeros:
+   the scores q k^T, or dO v^T. */
+template <int KT, int D>
+__device__ __forceinline__ void tc_rows_by_rows(const bf16_t *a_m, const bf16_t *b_m,
+                                                const unsigned int S, const unsigned int i0,
+                                                const unsigned int n8, float acc[2 * KT][4]) {
+#pragma unroll
+    for (int n = 0; n < 2 * KT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+#pragma unroll
+    for (int k = 0; k < D / 16; ++k) {
+        unsigned int a[4];
+        frag_a(a, a_m, S, i0, 16 * k);
+#pragma unroll
+        for (int n = 0; n < 2 * KT; ++n)
+            if (n < n8) {
+                unsigned int b[2];
+                frag_bt(b, b_m, S, 8 * n, 16 * k);
+                mma16816(acc[n], a, b[0], b[1]);
+            }
+    }
+}
+
 /* The probabilities of query rows i0 + g and i0 + g + 8 (this lane's) against every key,
    p[n][c] for key 8 n + 2q + (c & 1), rows c < 2 and c >= 2: scale q k^T, masked (key past
    t, or past the row under `causal`), exp(s - max) over the row, divided by its sum. Key
@@ -139,20 +162,7 @@ __device__ __forceinline__ void tc_probs(const bf16_t *sq, const bf16_t *sk, con
                                          const unsigned int n8, const int causal,
                                          const float scale, float p[2 * KT][4]) {
     const unsigned int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-#pragma unroll
-    for (int n = 0; n < 2 * KT; ++n) p[n][0] = p[n][1] = p[n][2] = p[n][3] = 0.0f;
-#pragma unroll
-    for (int k = 0; k < D / 16; ++k) {
-        unsigned int a[4];
-        frag_a(a, sq, S, i0, 16 * k);
-#pragma unroll
-        for (int n = 0; n < 2 * KT; ++n)
-            if (n < n8) {
-                unsigned int b[2];
-                frag_bt(b, sk, S, 8 * n, 16 * k);
-                mma16816(p[n], a, b[0], b[1]);
-            }
-    }
+    tc_rows_by_rows<KT, D>(sq, sk, S, i0, n8, p);
     const float inf = __int_as_float(0x7f800000);
     float m[2] = {-inf, -inf}, z[2] = {0.0f, 0.0f};
 #pragma unroll
@@ -294,20 +304,7 @@ __device__ void tc_bwd(const bf16_t *qkv, const bf16_t *go, bf16_t *dqkv, const 
         const unsigned int i0 = 16 * warp, n8 = tc_seen_tiles(kts, causal, i0);
         float p[2 * KT][4], ds[2 * KT][4];
         tc_probs<KT, D>(sq, sk, S, i0, t, n8, causal, scale, p);
-#pragma unroll
-        for (int n = 0; n < 2 * KT; ++n) ds[n][0] = ds[n][1] = ds[n][2] = ds[n][3] = 0.0f;
-#pragma unroll
-        for (int k = 0; k < D / 16; ++k) {
-            unsigned int a[4];
-            frag_a(a, sg, S, i0, 16 * k);
-#pragma unroll
-            for (int n = 0; n < 2 * KT; ++n)
-                if (n < n8) {
-                    unsigned int b[2];
-                    frag_bt(b, sv, S, 8 * n, 16 * k);
-                    mma16816(ds[n], a, b[0], b[1]);
-                }
-        }
+        tc_rows_by_rows<KT, D>(sg, sv, S, i0, n8, ds); /* dp = dO v^T, made ds below */
         float dsum[2] = {0.0f, 0.0f};
 #pragma unroll
         for (int n = 0; n < 2 * KT; ++n)
