@@ -6,6 +6,8 @@
 //!   order, so results do not depend on the thread count.
 //! - [`blas`]: matrix products on the system BLAS, cut into one single-threaded `sgemm` per
 //!   thread of candle's CPU pool, so a training step uses one set of threads.
+//! - [`gather_rows`]: rows of a table by index (an embedding lookup) whose backward pass on a
+//!   GPU ([`gather_rows_backward`]) sums each row's gradients in parallel, in a fixed order.
 //! - [`l2_normalize`] and [`max_abs_diff`]: small tensor helpers every stage uses.
 //! - `cuda` (the `cuda` feature): CUDA kernels compiled at run time with NVRTC where
 //!   candle's primitive ops are slow on a GPU (layer norm and softmax with backward passes, a
@@ -45,7 +47,11 @@ pub mod blas;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod node;
 mod pool;
+mod rows;
+
+pub use rows::{gather_rows, gather_rows_backward};
 
 use candle_core::{DType, Result, Tensor, D};
 

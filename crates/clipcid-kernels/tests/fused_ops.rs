@@ -552,3 +552,83 @@ fn block_by_ops_matches_the_cpu_block_op_on_every_device() {
         }
     }
 }
+
+/// `gather_rows` and `gather_rows_backward` on every device, in f32 and bf16: the rows are
+/// `index_select`'s; the backward pass gives the same bits on every device, and agrees with
+/// f32 `index_add` (the same bits where no row is read more than 64 times, which it adds in
+/// the same order; to rounding where one row is read 300 times, in pieces of 64; in bf16, to
+/// one rounding of the f32 sums of the same bf16 output gradient, where bf16 `index_add`
+/// rounds after every addition); the table's gradient through autograd is
+/// `gather_rows_backward`'s where clipcid's GPU kernels take the table, `index_select`'s
+/// elsewhere; an id outside the table is an error naming it.
+#[test]
+fn gathered_rows_and_their_gradient_match_index_select_on_every_device() {
+    let (n, w) = (50, 70);
+    let cpu_dev = Device::Cpu;
+    let table = randn(&[n, w], 7, &cpu_dev);
+    // Rows below 43 read up to five times each (43..50 never), then row 5 300 more times.
+    let spread: Vec<u32> = (0..200u32).map(|i| (i * 37 + 11) % 43).collect();
+    let heavy: Vec<u32> = spread.iter().copied().chain([5; 300]).collect();
+    let bits = |a: &Tensor, b: &Tensor| {
+        let a = a.to_device(&cpu_dev).unwrap().to_dtype(DType::F32).unwrap();
+        clipcid_kernels::max_abs_diff(&a, &b.to_dtype(DType::F32).unwrap()).unwrap() == 0.0
+    };
+    for (ids, past_a_piece) in [(&spread, false), (&heavy, true)] {
+        let r = randn(&[ids.len(), w], 9, &cpu_dev);
+        for dtype in [DType::F32, DType::BF16] {
+            let round = |v: &Tensor| v.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+            // f32 `index_add` of the output gradient the bf16 graph sees.
+            let idx = Tensor::new(ids.as_slice(), &cpu_dev).unwrap();
+            let reference = Tensor::zeros((n, w), DType::F32, &cpu_dev)
+                .unwrap()
+                .index_add(&idx, &round(&r), 0)
+                .unwrap();
+            let on_cpu =
+                clipcid_kernels::gather_rows_backward(&r.to_dtype(dtype).unwrap(), ids, n).unwrap();
+            for dev in available_devices() {
+                let what = format!("{dev:?} {dtype:?} {} ids", ids.len());
+                let on = |t: &Tensor| t.to_device(&dev).unwrap();
+                let g = on(&r).to_dtype(dtype).unwrap();
+                let backward = clipcid_kernels::gather_rows_backward(&g, ids, n).unwrap();
+                assert!(bits(&backward, &on_cpu), "{what}: differs from the CPU's");
+                let again = clipcid_kernels::gather_rows_backward(&g, ids, n).unwrap();
+                assert!(
+                    bits(&again, &on_cpu),
+                    "{what}: differs from one run to the next"
+                );
+                let e = relative_diff(&backward, &reference);
+                let tol = match (dtype, past_a_piece) {
+                    (DType::F32, false) => 0.0,
+                    (DType::F32, true) => 1e-6,
+                    // One bf16 rounding (2^-9 relative) of sums up to the largest.
+                    _ => 4e-3,
+                };
+                assert!(e <= tol, "{what}: differs from index_add by {e}");
+                // Through autograd, against `index_select` on the same device.
+                let idx = Tensor::new(ids.as_slice(), &dev).unwrap();
+                let (y_ref, g_ref) = value_and_grads(&[on(&table)], &on(&r), dtype, |v| {
+                    v[0].index_select(&idx, 0)
+                });
+                let (y, g) = value_and_grads(&[on(&table)], &on(&r), dtype, |v| {
+                    clipcid_kernels::gather_rows(&v[0], ids)
+                });
+                assert!(bits(&y, &y_ref), "{what}: rows differ");
+                let t = on(&table).to_dtype(dtype).unwrap();
+                let expected = match clipcid_kernels::gpu_kernels_take(&[&t]) {
+                    true => backward.to_dtype(DType::F32).unwrap(),
+                    false => g_ref[0].clone(),
+                };
+                assert!(
+                    bits(&g[0], &expected),
+                    "{what}: autograd's gradient differs"
+                );
+            }
+        }
+    }
+    for dev in available_devices() {
+        let err = clipcid_kernels::gather_rows(&table.to_device(&dev).unwrap(), &[3, 50])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("row 50 of a table of 50 rows"), "{err}");
+    }
+}

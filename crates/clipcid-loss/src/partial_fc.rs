@@ -206,8 +206,12 @@ impl PartialFc {
         if index.len() == self.num_classes() {
             return Ok(self.weight.as_tensor().clone());
         }
-        let idx = Tensor::from_vec(index.to_vec(), index.len(), self.weight.device())?;
-        Ok(self.weight.as_tensor().index_select(&idx, 0)?)
+        // Sampled centres' gradients in parallel on a GPU, where `index_select`'s backward
+        // pass walks every sampled index in one block.
+        Ok(clipcid_kernels::gather_rows(
+            self.weight.as_tensor(),
+            index,
+        )?)
     }
 }
 

@@ -128,7 +128,8 @@ fn add_positions(x: &Tensor, positions: &Tensor) -> candle_core::Result<Tensor> 
 pub struct TextTransformer {
     cfg: TextConfig,
     eos_token_id: Option<u32>,
-    token_embedding: candle_nn::Embedding,
+    /// `[vocab, W]`, read by [`clipcid_kernels::gather_rows`].
+    token_embedding: Tensor,
     position_embedding: Tensor,
     encoder: Encoder,
     final_norm: LayerNorm,
@@ -141,10 +142,7 @@ impl TextTransformer {
         Ok(Self {
             cfg: cfg.clone(),
             eos_token_id,
-            token_embedding: candle_nn::Embedding::new(
-                get(p, "text_model.embeddings.token_embedding.weight")?,
-                cfg.hidden_size,
-            ),
+            token_embedding: get(p, "text_model.embeddings.token_embedding.weight")?,
             position_embedding: get(p, "text_model.embeddings.position_embedding.weight")?,
             encoder: Encoder::load(
                 p,
@@ -165,8 +163,14 @@ impl TextTransformer {
     /// after it never change the result.
     pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let (ids, rows) = checked_ids(ids, &self.cfg)?;
-        let x = self.token_embedding.forward(&ids)?;
+        let (_, rows) = checked_ids(ids, &self.cfg)?;
+        // The host has the ids: `gather_rows` groups them for the backward pass, where
+        // candle's `index_add` walks all B * T of them in one GPU block.
+        let x = clipcid_kernels::gather_rows(&self.token_embedding, &rows.concat())?.reshape((
+            b,
+            t,
+            self.cfg.hidden_size,
+        ))?;
         let x = add_positions(&x, &self.position_embedding.narrow(0, 0, t)?)?;
         let x = self.encoder.forward(&x, true)?;
         let pos: Vec<u32> = rows
@@ -174,10 +178,8 @@ impl TextTransformer {
             .enumerate()
             .map(|(i, row)| (i * t + pool_position(row, self.eos_token_id)) as u32)
             .collect();
-        let pos = Tensor::new(pos, x.device())?;
-        let pooled = x
-            .reshape((b * t, self.cfg.hidden_size))?
-            .index_select(&pos, 0)?;
+        let pooled =
+            clipcid_kernels::gather_rows(&x.reshape((b * t, self.cfg.hidden_size))?, &pos)?;
         // The final layer norm works row by row: on the pooled rows alone it gives the same
         // features for a 77th of the work (and of the backward pass's).
         self.projection.forward(&self.final_norm.forward(&pooled)?)

@@ -147,8 +147,9 @@ fn images_per_second(
 /// over `dedup_rows` rows of width 512 (seconds); in that order, then the median
 /// milliseconds of each training step's forward pass with the loss, backward pass and
 /// AdamW update (f32, then bf16). On a GPU in a `cuda` build, last, the training rows again
-/// with clipcid's CUDA kernels switched off (units `samples/s (candle ops)`, `ms (candle
-/// ops)`).
+/// with each trainable encoder layer as one autograd node (units `samples/s (one node per
+/// layer)`, `ms (one node per layer)`), then with clipcid's CUDA kernels switched off (units
+/// `samples/s (candle ops)`, `ms (candle ops)`).
 ///
 /// ```no_run
 /// // A GPU run of the check's sizes (the tests run `BenchSizes::SMOKE` on the CPU).
@@ -177,24 +178,30 @@ pub fn throughput(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
     let (px, tok) = student_batch(&cfg, b, device)?;
     // f32, then bf16 as the trainer's `precision = "bf16"` runs it: towers on bf16 casts of
     // the f32 weights, the loss in f32, AdamW on the f32 weights. On a GPU both again with
-    // clipcid's CUDA kernels switched off (candle's primitive ops only): what they are worth.
+    // each trainable encoder layer as one autograd node (`cuda::set_block_node`, off by
+    // default until these rows say it pays), and with clipcid's CUDA kernels switched off
+    // (candle's primitive ops only): what they are worth.
     let mut phase_rows = vec![];
-    let mut candle_rows = vec![];
-    let kernel_settings: &[bool] = if gpu_kernels_switchable(device) {
-        &[true, false]
+    let mut other_rows = vec![];
+    // (clipcid's CUDA kernels, one node per layer)
+    let settings: &[(bool, bool)] = if gpu_kernels_switchable(device) {
+        &[(true, false), (true, true), (false, false)]
     } else {
-        &[true]
+        &[(true, false)]
     };
-    // Kernels back on however the loop ends (an error included).
-    struct KernelsBackOn;
-    impl Drop for KernelsBackOn {
+    // The defaults back however the loop ends (an error included).
+    struct DefaultsBack;
+    impl Drop for DefaultsBack {
         fn drop(&mut self) {
             set_gpu_kernels(true);
+            set_block_node(false);
         }
     }
-    let _back_on = KernelsBackOn;
-    for &kernels in kernel_settings {
+    let _defaults_back = DefaultsBack;
+    for &(kernels, one_node) in settings {
         set_gpu_kernels(kernels);
+        set_block_node(one_node);
+        let headline = kernels && !one_node;
         for bf16 in [false, true] {
             let forward = || -> Result<Tensor, PipelineError> {
                 let cast = if bf16 {
@@ -214,18 +221,22 @@ pub fn throughput(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
                 Ok(())
             })?;
             let precision = if bf16 { "bf16 (f32 master)" } else { "f32" };
-            // The headline rows are the default (kernels on); the comparison rows carry
-            // their own units, so gpu-check.py's parser passes over them.
-            let (suffix, per_second, ms) = if kernels {
-                ("", "samples/s", "ms")
-            } else {
-                (
+            // The headline rows are the defaults; the comparison rows carry their own units,
+            // so gpu-check.py's parser passes over them.
+            let (suffix, per_second, ms) = match (kernels, one_node) {
+                (true, false) => ("", "samples/s", "ms"),
+                (true, true) => (
+                    ", one node per layer",
+                    "samples/s (one node per layer)",
+                    "ms (one node per layer)",
+                ),
+                (false, _) => (
                     ", candle ops only",
                     "samples/s (candle ops)",
                     "ms (candle ops)",
-                )
+                ),
             };
-            let out = if kernels { &mut rows } else { &mut candle_rows };
+            let out = if headline { &mut rows } else { &mut other_rows };
             out.push(BenchRow {
                 workload: format!(
                     "student (w384 L6) CLIP train step, {precision}, batch {b}{suffix}"
@@ -252,10 +263,10 @@ pub fn throughput(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
                     p.push((z - a).as_secs_f64());
                 }
             }
-            let out = if kernels {
+            let out = if headline {
                 &mut phase_rows
             } else {
-                &mut candle_rows
+                &mut other_rows
             };
             for (name, mut t) in ["forward and loss", "backward", "AdamW update"]
                 .into_iter()
@@ -270,7 +281,7 @@ pub fn throughput(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
             }
         }
     }
-    drop(_back_on);
+    drop(_defaults_back);
 
     let x = Tensor::randn(0f32, 1.0, (sizes.dedup_rows, 512), device)?;
     let opts = clipcid_dedup::BalanceOptions {
@@ -290,7 +301,7 @@ pub fn throughput(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
         unit: "s",
     });
     rows.extend(phase_rows);
-    rows.extend(candle_rows);
+    rows.extend(other_rows);
     Ok(rows)
 }
 
@@ -475,6 +486,44 @@ pub fn op_profile(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
             "zeros_like + add on [B*77, 1536] (autograd's gradient start)",
             &mut || Ok(dqkv.zeros_like()?.add(&dqkv)?),
         )?;
+        // The text tower's token embedding, forward and backward (its gradient weighted by a
+        // random output gradient): candle's `index_select`, whose backward `index_add` walks
+        // all B * 77 ids in one block, against `gather_rows`; for ids spread over the
+        // vocabulary (the training step's) and for captions of 16 tokens padded with one id.
+        let vocab = cfg.text_config.vocab_size;
+        let table = candle_core::Var::from_tensor(&r(&[vocab, 512])?)?;
+        let gy = r(&[b * 77, 512])?;
+        let spread: Vec<u32> = (0..(b * 77) as u32)
+            .map(|i| (i * 7919) % vocab as u32)
+            .collect();
+        let padded: Vec<u32> = (0..(b * 77) as u32)
+            .map(|i| match i % 77 {
+                p @ 0..16 => (i / 77 * 16 + p) * 31 % vocab as u32,
+                _ => 0,
+            })
+            .collect();
+        for (name, ids) in [("spread ids", &spread), ("padded captions", &padded)] {
+            let idx = Tensor::new(ids.as_slice(), device)?;
+            let lookups: [(&str, &dyn Fn() -> candle_core::Result<Tensor>); 2] = [
+                ("index_select", &|| table.as_tensor().index_select(&idx, 0)),
+                ("gather_rows", &|| {
+                    clipcid_kernels::gather_rows(table.as_tensor(), ids)
+                }),
+            ];
+            for (how, lookup) in lookups {
+                op(
+                    &format!(
+                        "token embedding [B*77] of [{vocab}, 512], {name}, {how}: forward and \
+                         backward"
+                    ),
+                    &mut || {
+                        let y = lookup()?;
+                        let grads = (&y * &gy)?.sum_all()?.backward()?;
+                        Ok(grads.get(table.as_tensor()).cloned().unwrap_or(y))
+                    },
+                )?;
+            }
+        }
         op("student (w384 L6) weights, f32 to bf16 cast", &mut || {
             let m = student.cast(DType::BF16)?;
             Ok(m.logit_scale().clone())

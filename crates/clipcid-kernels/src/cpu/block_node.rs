@@ -11,15 +11,15 @@
 //! the biases) and gives the input's gradient and the packed parameters' in one go, as the
 //! CPU block op ([`super::transformer_block`] on f32 CPU tensors) does on slices.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::activation::activation_backward;
 use super::block::Packing;
 use super::norm::layer_norm_backward;
 use super::{attention, attention_backward, layer_norm, Activation, BlockSpec, Queries};
+use crate::node::PrecomputedOutput;
 
 const OP: &str = "clipcid-transformer-block";
 
@@ -204,15 +204,11 @@ pub fn transformer_block_by_ops(x: &Tensor, params: &Tensor, spec: BlockSpec) ->
     let h2 = layer_norm(&x1, &p.ln2.0, &p.ln2.1, spec.eps)?;
     let pre = h2.matmul(&p.fc1.0.t()?)?;
     let act = activate(spec.activation, &pre, &p.fc1.1)?;
-    let mut y = affine(&act, &p.fc2, Some(&x1))?;
-    // The node hands on a copy of `y`'s storage: make sure it holds `y` alone.
-    if y.layout().start_offset() != 0 || !y.is_contiguous() {
-        y = y.copy()?;
-    }
+    let y = affine(&act, &p.fc2, Some(&x1))?;
     let node = BlockNode {
         spec,
         packing: l,
-        out: Mutex::new(Some(y)),
+        out: PrecomputedOutput::new(y)?,
         saved: Arc::new(Saved {
             x: xd,
             h1,
@@ -233,29 +229,11 @@ struct BlockNode {
     spec: BlockSpec,
     packing: Packing,
     /// The output, taken by the forward pass.
-    out: Mutex<Option<Tensor>>,
+    out: PrecomputedOutput,
     saved: Arc<Saved>,
 }
 
 impl BlockNode {
-    /// The output's storage, once.
-    fn take_output<S>(&self, pick: impl Fn(&Storage) -> Option<&S>) -> Result<(S, Shape)>
-    where
-        S: BackendStorage,
-    {
-        let y = self
-            .out
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg(format!("{OP}: the node ran twice")))?;
-        let (storage, layout) = y.storage_and_layout();
-        match pick(&storage) {
-            Some(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
-            None => bail!("{OP}: the output is on another device than the node"),
-        }
-    }
-
     /// The gradients of the input and of the packed parameters from the output's `gy`.
     fn backward(&self, params: &Tensor, gy: &Tensor) -> Result<(Tensor, Tensor)> {
         let (s, spec, l) = (&self.saved, &self.spec, &self.packing);
@@ -327,10 +305,7 @@ impl CustomOp2 for BlockNode {
         _s2: &CpuStorage,
         _l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.take_output(|s| match s {
-            Storage::Cpu(c) => Some(c),
-            _ => None,
-        })
+        self.out.take_cpu(OP)
     }
 
     #[cfg(feature = "cuda")]
@@ -341,10 +316,7 @@ impl CustomOp2 for BlockNode {
         _s2: &candle_core::CudaStorage,
         _l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.take_output(|s| match s {
-            Storage::Cuda(c) => Some(c),
-            _ => None,
-        })
+        self.out.take_cuda(OP)
     }
 
     fn bwd(

@@ -46,7 +46,7 @@ use candle_core::{
 pub use norm::layer_norm;
 
 /// Rows handed to one task of the thread pool.
-const ROWS_PER_TASK: usize = 32;
+pub(crate) const ROWS_PER_TASK: usize = 32;
 
 /// Elements handed to one task of an element-wise kernel.
 const ELEMENTS_PER_TASK: usize = 4096;
@@ -56,7 +56,7 @@ pub fn is_cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         bail!("{op}: expected an f32 tensor")
     };

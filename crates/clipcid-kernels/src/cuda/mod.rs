@@ -29,6 +29,10 @@
 //!   candle's broadcast add computes each element's index with 64-bit divisions, and took
 //!   0.8 ms on `[12800, 3072]` bf16 on an H200 (the memory-bound time is 0.04 ms), which made
 //!   it the largest part of the ViT-B/32 tower's time.
+//! - The gradient of a gathered table ([`gather_rows`](crate::gather_rows), a text tower's
+//!   token embedding): a block per piece of at most 64 positions of one row, then a block per
+//!   row adding its pieces in order, where candle's `index_add` gives the whole table one
+//!   block that walks every id in turn.
 //!
 //! [`enabled`] says whether they are used: `CLIPCID_CUDA_KERNELS=0` in the environment (or
 //! [`set_enabled`]) falls back to candle's primitive ops, to measure one against the other.
@@ -63,6 +67,7 @@ use candle_core::{
 use half::bf16;
 
 use crate::cpu::ApplyScalars;
+use crate::rows::RowIndex;
 
 /// The module name under which the kernels are loaded on each device.
 const MODULE: &str = "clipcid_kernels";
@@ -365,6 +370,34 @@ __device__ void column_partial(const T *g, float *partial, const unsigned int ro
         float a = 0.0f;
         for (unsigned int k = 0; k < blockDim.y; ++k) a += sh[k][threadIdx.x];
         partial[(size_t)blockIdx.y * n + col] = a;
+    }
+}
+
+/* A gathered table's gradient (`gather_rows`), first half: partial[p][c] = the sum of
+   g[order[i]][c] over i in [piece[p], piece[p + 1]) (at most 64 positions of one row), in i
+   order; a block per piece, its threads across the row of w. */
+template <typename T>
+__device__ void row_sum_pieces(const T *g, const unsigned int *order, const unsigned int *piece,
+                               float *partial, const unsigned int w) {
+    const unsigned int p = blockIdx.x, a = piece[p], b = piece[p + 1];
+    for (unsigned int c = threadIdx.x; c < w; c += blockDim.x) {
+        float s = 0.0f;
+        for (unsigned int i = a; i < b; ++i) s += ld(g[(size_t)order[i] * w + c]);
+        partial[(size_t)p * w + c] = s;
+    }
+}
+
+/* Second half: out[rows[k]][c] = the sum of partial[p][c] over p in [first[k], first[k + 1]),
+   in p order; a block per row read (the other rows of out stay as they are: zero). */
+template <typename T>
+__device__ void row_sum_rows(const float *partial, const unsigned int *first,
+                             const unsigned int *rows, T *out, const unsigned int w) {
+    const unsigned int k = blockIdx.x, a = first[k], b = first[k + 1];
+    T *o = out + (size_t)rows[k] * w;
+    for (unsigned int c = threadIdx.x; c < w; c += blockDim.x) {
+        float s = 0.0f;
+        for (unsigned int p = a; p < b; ++p) s += partial[(size_t)p * w + c];
+        st(&o[c], s);
     }
 }
 
@@ -743,6 +776,18 @@ extern "C" __global__ void clipcid_column_partial_##S(const T *g, float *partial
                                                       const unsigned int chunk) {               \
     column_partial(g, partial, rows, n, chunk);                                                 \
 }                                                                                               \
+extern "C" __global__ void clipcid_row_sum_pieces_##S(const T *g, const unsigned int *order,  \
+                                                      const unsigned int *piece,                \
+                                                      float *partial,                           \
+                                                      const unsigned int w) {                   \
+    row_sum_pieces(g, order, piece, partial, w);                                                \
+}                                                                                               \
+extern "C" __global__ void clipcid_row_sum_rows_##S(const float *partial,                      \
+                                                    const unsigned int *first,                  \
+                                                    const unsigned int *rows, T *out,           \
+                                                    const unsigned int w) {                     \
+    row_sum_rows(partial, first, rows, out, w);                                                 \
+}                                                                                               \
 extern "C" __global__ void clipcid_swap_middle_##S(const T *x, T *y, const unsigned int n0,    \
                                                    const unsigned int n1,                       \
                                                    const unsigned int n2,                       \
@@ -785,7 +830,7 @@ CLIPCID_TYPED(bf16_t, bf16)
 );
 
 /// Every kernel [`SOURCE`] defines (what [`load`] loads).
-const KERNELS: [&str; 36] = [
+const KERNELS: [&str; 40] = [
     "clipcid_adamw_moment",
     "clipcid_adamw_apply",
     "clipcid_ln_fwd_f32",
@@ -822,6 +867,10 @@ const KERNELS: [&str; 36] = [
     "clipcid_attention_fwd_bf16",
     "clipcid_attention_dq_bf16",
     "clipcid_attention_dkv_bf16",
+    "clipcid_row_sum_pieces_f32",
+    "clipcid_row_sum_rows_f32",
+    "clipcid_row_sum_pieces_bf16",
+    "clipcid_row_sum_rows_bf16",
 ];
 
 /// The PTX of [`SOURCE`], compiled once per process (or the compiler's message).
@@ -1882,6 +1931,105 @@ fn column_sum_typed<T: CudaDType + DeviceRepr>(
         unsafe { a.launch(column_config(n, chunks)) }.w()?;
     }
     column_total(&dev, s, &partial, &mut out.slice_mut(0..n), chunks, n)?;
+    Ok(T::wrap_cuda_slice(out, dev))
+}
+
+/// The gradient of a gathered table (`gather_rows`): `[table_rows, W]` in `g`'s dtype, row
+/// `r` the sum of the rows of `g` `[positions, W]` that read `r`, grouped as `index` (packed
+/// in `packed`, u32) says, the other rows zero. Two launches: a block per piece of at most
+/// [`GRADIENT_PIECE`](crate::rows::GRADIENT_PIECE) positions, then a block per row read
+/// adding its pieces in order.
+pub(crate) fn row_sums(
+    (g, lg): (&CudaStorage, &Layout),
+    (packed, lp): (&CudaStorage, &Layout),
+    index: &RowIndex,
+    table_rows: usize,
+) -> Result<CudaStorage> {
+    const OP: &str = "clipcid-row-sums";
+    let (sg, sp) = (span(lg, OP)?, span(lp, OP)?);
+    let w = index.width();
+    if sg.1 - sg.0 != index.positions() * w || index.pieces() == 0 {
+        bail!(
+            "{OP}: a gradient of {} values for {} rows of {w}",
+            sg.1 - sg.0,
+            index.positions()
+        );
+    }
+    let fits = |n: Option<usize>| matches!(n, Some(n) if n <= i32::MAX as usize);
+    if !fits(table_rows.checked_mul(w)) || !fits(Some(index.pieces())) {
+        bail!(
+            "{OP}: a table of {table_rows} rows of {w} from {} pieces is more than a launch \
+             takes",
+            index.pieces()
+        );
+    }
+    let packed = packed.as_cuda_slice::<u32>()?.slice(sp.0..sp.1);
+    by_dtype!(
+        g.dtype(),
+        OP,
+        row_sums_typed((g, sg), &packed, index, table_rows)
+    )
+}
+
+fn row_sums_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
+    (g, sg): (&CudaStorage, Span),
+    packed: &CudaView<'_, u32>,
+    index: &RowIndex,
+    table_rows: usize,
+) -> Result<CudaStorage> {
+    const OP: &str = "clipcid-row-sums";
+    let dev = g.device.clone();
+    let s = suffix(g.dtype(), OP)?;
+    let (n, pieces, used, w) = (
+        index.positions(),
+        index.pieces(),
+        index.used(),
+        index.width(),
+    );
+    if packed.len() != index.packed_len() {
+        bail!("{OP}: a packed row index of {} values", packed.len());
+    }
+    // The parts of `RowIndex::packed`: order, piece, first, rows.
+    let order = packed.slice(0..n);
+    let piece = packed.slice(n..n + pieces + 1);
+    let first = packed.slice(n + pieces + 1..n + pieces + used + 2);
+    let rows = packed.slice(n + pieces + used + 2..n + pieces + 2 * used + 2);
+    let gs = g.as_cuda_slice::<T>()?.slice(sg.0..sg.1);
+    // SAFETY: the piece kernel writes all `pieces * w` partial sums.
+    let mut partial: CudaSlice<f32> = unsafe { dev.alloc::<f32>(pieces * w)? };
+    let mut out: CudaSlice<T> = dev.alloc_zeros::<T>(table_rows * w)?;
+    let w32 = w as u32;
+    let blocks = |n: usize| LaunchConfig {
+        grid_dim: (n as u32, 1, 1),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    {
+        let func =
+            dev.get_or_load_custom_func(&format!("clipcid_row_sum_pieces_{s}"), MODULE, ptx()?)?;
+        let mut a = func.builder();
+        a.arg(&gs);
+        a.arg(&order);
+        a.arg(&piece);
+        a.arg(&mut partial);
+        a.arg(&w32);
+        // SAFETY: a block per piece (`piece` holds `pieces + 1` offsets into `order`, whose
+        // `n` entries are rows of `g`, `n * w` values); `partial` holds `pieces * w` floats.
+        unsafe { a.launch(blocks(pieces)) }.w()?;
+    }
+    {
+        let func =
+            dev.get_or_load_custom_func(&format!("clipcid_row_sum_rows_{s}"), MODULE, ptx()?)?;
+        let mut a = func.builder();
+        a.arg(&partial);
+        a.arg(&first);
+        a.arg(&rows);
+        a.arg(&mut out);
+        a.arg(&w32);
+        // SAFETY: a block per row read (`first` holds `used + 1` offsets into the pieces,
+        // `rows` `used` row numbers below `table_rows`); `out` holds `table_rows * w`.
+        unsafe { a.launch(blocks(used)) }.w()?;
+    }
     Ok(T::wrap_cuda_slice(out, dev))
 }
 
