@@ -51,10 +51,11 @@ const TABLE_ROWS_PER_TASK: usize = 256;
 /// let d = grads.get(table.as_tensor()).expect("the table has a gradient");
 /// assert_eq!(d.to_vec2::<f32>()?, [[1.0, 1.0], [0.0, 0.0], [2.0, 2.0]]);
 /// assert!(clipcid_kernels::gather_rows(table.as_tensor(), &[3]).is_err());
+/// assert!(clipcid_kernels::gather_rows(&table.as_tensor().flatten_all()?, &[0]).is_err());
 /// # Ok(()) }
 /// ```
 pub fn gather_rows(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
-    let (n, w) = table.dims2()?;
+    let (n, w) = rows_and_width(table, "table")?;
     if let Some(bad) = ids.iter().find(|&&id| id as usize >= n) {
         bail!("{OP}: row {bad} of a table of {n} rows");
     }
@@ -78,6 +79,14 @@ pub fn gather_rows(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
         index: Arc::new(RowIndex::new(ids, w)),
         table_rows: n,
     })
+}
+
+/// The dimensions of `t` `[rows, W]`, or an error naming it (`what`) and its shape.
+fn rows_and_width(t: &Tensor, what: &str) -> Result<(usize, usize)> {
+    match t.dims() {
+        &[rows, w] => Ok((rows, w)),
+        dims => bail!("{OP}: expected a {what} of rows [N, W], got shape {dims:?}"),
+    }
 }
 
 /// Where each table row's gradient comes from: the positions of `ids` grouped by row (rows
@@ -195,7 +204,7 @@ impl RowIndex {
 /// # Ok(()) }
 /// ```
 pub fn gather_rows_backward(grad: &Tensor, ids: &[u32], table_rows: usize) -> Result<Tensor> {
-    let (positions, w) = grad.dims2()?;
+    let (positions, w) = rows_and_width(grad, "gradient")?;
     if positions != ids.len() {
         bail!("{OP}: a gradient of {positions} rows for {} ids", ids.len());
     }
