@@ -58,7 +58,7 @@ use candle_core::{DType, Result, Tensor, D};
 /// Whether clipcid's CUDA kernels take these tensors (then [`cpu::layer_norm`] and
 /// [`cpu::softmax_last_dim`] run on the GPU with their backward passes, and the models use
 /// the `cuda` module's ops): a `cuda` build, the kernels switched on (`cuda::enabled`),
-/// every tensor on a GPU and of one dtype, f32 or bf16.
+/// every tensor on a GPU and of one dtype, f32, bf16 or f16.
 /// Always false without the `cuda` feature.
 ///
 /// ```

@@ -30,10 +30,10 @@ const OP: &str = "clipcid-gather-rows";
 const TABLE_ROWS_PER_TASK: usize = 256;
 
 /// The rows `ids` of `table` `[N, W]`, as `[ids.len(), W]`, differentiable in `table`
-/// (`index_select` on dimension 0). Where clipcid's CUDA kernels take the table (a GPU, f32
-/// or bf16) and it tracks a gradient, the backward pass sums each row's gradients in f32 in
-/// a fixed order (positions of one row ascending, in pieces of 64 whose sums are added in
-/// order), in two launches however many ids repeat. Elsewhere (the CPU, f16) candle's
+/// (`index_select` on dimension 0). Where clipcid's CUDA kernels take the table (a GPU, f32,
+/// bf16 or f16) and it tracks a gradient, the backward pass sums each row's gradients in f32
+/// in a fixed order (positions of one row ascending, in pieces of 64 whose sums are added in
+/// order), in two launches however many ids repeat. Elsewhere (the CPU) candle's
 /// `index_select`, whose gradient is the same sums in f32 where no row repeats more than
 /// 64 times.
 ///
@@ -189,9 +189,9 @@ impl RowIndex {
 /// [`gather_rows`]'s backward pass alone: the gradient of a table of `table_rows` rows,
 /// `[table_rows, W]` in `grad`'s dtype, from the gradient `grad` `[ids.len(), W]` of the rows
 /// `ids` read. Row `r` is the sum of the rows of `grad` at the positions where `ids` holds `r`
-/// (zero where it holds none), added in f32 in [`gather_rows`]'s fixed order: on a GPU (f32
-/// or bf16) its CUDA kernels, on the CPU (any dtype) the same sums in the same order, so the
-/// two give the same bits.
+/// (zero where it holds none), added in f32 in [`gather_rows`]'s fixed order: on a GPU (f32,
+/// bf16 or f16) its CUDA kernels, on the CPU (any dtype) the same sums in the same order, so
+/// the two give the same bits.
 ///
 /// ```
 /// # fn main() -> candle_core::Result<()> {
@@ -223,7 +223,7 @@ pub fn gather_rows_backward(grad: &Tensor, ids: &[u32], table_rows: usize) -> Re
 /// [`gather_rows_backward`] with the ids grouped already.
 fn row_sums(grad: &Tensor, index: &Arc<RowIndex>, table_rows: usize) -> Result<Tensor> {
     let dtype = grad.dtype();
-    // The CPU kernel reads f32 (the GPU's read f32 and bf16 and add in f32 as well).
+    // The CPU kernel reads f32 (the GPU's read each dtype they take and add in f32 as well).
     let g = match grad.device().is_cpu() {
         true => grad.to_dtype(DType::F32)?,
         false => grad.clone(),

@@ -1,5 +1,5 @@
 //! The fused ops against candle's primitive-op formulas on every available device (the CPU;
-//! a GPU in a `cuda` build, in f32 and bf16): layer norm and softmax with the gradients of
+//! a GPU in a `cuda` build, in f32, bf16 and f16): layer norm and softmax with the gradients of
 //! all their inputs, multi-head attention with its q/k/v gradient, and AdamW's in-place
 //! step. On the CPU these are the CPU kernels; on a GPU clipcid's CUDA kernels
 //! (`clipcid_kernels::cuda`).
@@ -45,13 +45,13 @@ fn relative_diff(a: &Tensor, b: &Tensor) -> f32 {
 /// The dtypes each device's kernels take.
 fn dtypes(dev: &Device) -> Vec<DType> {
     if dev.is_cuda() {
-        vec![DType::F32, DType::BF16]
+        vec![DType::F32, DType::BF16, DType::F16]
     } else {
         vec![DType::F32]
     }
 }
 
-/// f32 results agree to rounding; bf16 ones to bf16's 8 bits of mantissa.
+/// f32 results agree to rounding; bf16 ones to bf16's 8 bits of mantissa (f16 has 11).
 fn tolerance(dtype: DType) -> f32 {
     if dtype == DType::F32 {
         1e-5
@@ -302,7 +302,7 @@ fn bias_residual_and_its_gradients_match_the_formula_on_every_gpu() {
 }
 
 /// The head split (CUDA only) is exactly candle's `transpose(1, 2)` copy, and so is its
-/// gradient, for odd sizes in f32 and bf16.
+/// gradient, for odd sizes in f32, bf16 and f16.
 #[cfg(feature = "cuda")]
 #[test]
 fn head_split_is_a_transpose_with_its_gradient_on_every_gpu() {
@@ -323,7 +323,7 @@ fn head_split_is_a_transpose_with_its_gradient_on_every_gpu() {
 }
 
 /// The patch matrix (CUDA only) is exactly the six-dimensional permute it replaces, and so
-/// is its gradient, in f32 and bf16.
+/// is its gradient, in f32, bf16 and f16.
 #[cfg(feature = "cuda")]
 #[test]
 fn patch_matrix_is_the_permute_with_its_gradient_on_every_gpu() {
@@ -553,12 +553,12 @@ fn block_by_ops_matches_the_cpu_block_op_on_every_device() {
     }
 }
 
-/// `gather_rows` and `gather_rows_backward` on every device, in f32 and bf16: the rows are
-/// `index_select`'s; the backward pass gives the same bits on every device, and agrees with
-/// f32 `index_add` (the same bits where no row is read more than 64 times, which it adds in
-/// the same order; to rounding where one row is read 300 times, in pieces of 64; in bf16, to
-/// one rounding of the f32 sums of the same bf16 output gradient, where bf16 `index_add`
-/// rounds after every addition); the table's gradient through autograd is
+/// `gather_rows` and `gather_rows_backward` on every device, in f32, bf16 and f16: the rows
+/// are `index_select`'s; the backward pass gives the same bits on every device, and agrees
+/// with f32 `index_add` (the same bits where no row is read more than 64 times, which it adds
+/// in the same order; to rounding where one row is read 300 times, in pieces of 64; in bf16
+/// and f16, to one rounding of the f32 sums of the same half-precision output gradient, where
+/// their own `index_add` rounds after every addition); the table's gradient through autograd is
 /// `gather_rows_backward`'s where clipcid's GPU kernels take the table, `index_select`'s
 /// elsewhere; an id outside the table is an error naming it.
 #[test]
@@ -575,9 +575,9 @@ fn gathered_rows_and_their_gradient_match_index_select_on_every_device() {
     };
     for (ids, past_a_piece) in [(&spread, false), (&heavy, true)] {
         let r = randn(&[ids.len(), w], 9, &cpu_dev);
-        for dtype in [DType::F32, DType::BF16] {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
             let round = |v: &Tensor| v.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
-            // f32 `index_add` of the output gradient the bf16 graph sees.
+            // f32 `index_add` of the output gradient the half-precision graph sees.
             let idx = Tensor::new(ids.as_slice(), &cpu_dev).unwrap();
             let reference = Tensor::zeros((n, w), DType::F32, &cpu_dev)
                 .unwrap()
@@ -600,7 +600,8 @@ fn gathered_rows_and_their_gradient_match_index_select_on_every_device() {
                 let tol = match (dtype, past_a_piece) {
                     (DType::F32, false) => 0.0,
                     (DType::F32, true) => 1e-6,
-                    // One bf16 rounding (2^-9 relative) of sums up to the largest.
+                    // One bf16 rounding (2^-9 relative; f16's is 2^-12) of sums up to the
+                    // largest.
                     _ => 4e-3,
                 };
                 assert!(e <= tol, "{what}: differs from index_add by {e}");

@@ -5,7 +5,7 @@
 //! whose tensors are `candle_nn::Var`s. On the CPU in f32 an encoder runs its layers on rows
 //! `[B * T, W]` through `clipcid_kernels::cpu`: for inference one q/k/v product, attention as
 //! one op, the activation in place and the residuals inside the products; for training each
-//! layer as one autograd node (`cpu::transformer_block`). On a GPU in f32 or bf16 an encoder
+//! layer as one autograd node (`cpu::transformer_block`). On a GPU in f32, bf16 or f16 an encoder
 //! also runs on rows, with one q/k/v product and attention as one op with its own backward
 //! pass (clipcid's CUDA kernels, `clipcid_kernels::cuda`, where a head's rows fit a block's
 //! shared memory); those kernels also take the linear layers' bias (with QuickGELU after
@@ -130,7 +130,7 @@ impl Linear {
 }
 
 impl Linear {
-    /// The bias, where clipcid's CUDA kernels take this layer on `x` (a GPU, f32 or bf16):
+    /// The bias, where clipcid's CUDA kernels take this layer on `x` (a GPU, f32, bf16 or f16):
     /// then the product runs on candle and the bias (and activation) in one kernel, where
     /// candle's broadcast add was most of a ViT tower's time on an H200.
     #[cfg(feature = "cuda")]
@@ -462,7 +462,7 @@ impl EncoderLayer {
 #[cfg(feature = "cuda")]
 impl EncoderLayer {
     /// Whether [`EncoderLayer::forward_rows_gpu`] takes `x` `[B, T, W]`: clipcid's CUDA
-    /// kernels take it (a GPU, f32 or bf16), q, k and v have biases (CLIP's all do) and a
+    /// kernels take it (a GPU, f32, bf16 or f16), q, k and v have biases (CLIP's all do) and a
     /// head's `T` rows fit the attention kernels' shared memory.
     fn gpu_fusable(&self, x: &Tensor) -> bool {
         let a = &self.attn;

@@ -68,9 +68,9 @@ fn row(check: &'static str, value: f64, limit: &'static str, pass: bool) -> Pari
 
 /// Runs the parity checks of `device` against `reference` on a tiny CLIP (the `tiny`
 /// preset, seeded weights and inputs): f32 image and text embeddings (max abs diff <= 1e-4),
-/// bf16 embeddings against the f32 reference (min cosine >= 0.999), the CLIP, instance and
-/// PartialFC losses (<= 1e-4), near-duplicate removal (identical keep flags and sets), and
-/// one AdamW step of the CLIP loss (weights <= 1e-4).
+/// bf16 and f16 embeddings against the f32 reference (min cosine >= 0.999), the CLIP,
+/// instance and PartialFC losses (<= 1e-4), near-duplicate removal (identical keep flags and
+/// sets), and one AdamW step of the CLIP loss (weights <= 1e-4).
 ///
 /// ```
 /// use candle_core::Device;
@@ -90,7 +90,7 @@ pub fn device_parity(reference: &Device, device: &Device) -> Result<Vec<ParityRo
     };
     let mut rows = vec![];
 
-    // Inference in f32 and bf16.
+    // Inference in f32, bf16 and f16.
     let embed = |dev: &Device, dtype: DType| -> Result<(Tensor, Tensor), PipelineError> {
         let model = ClipModel::from_tensors(&cfg, weights.clone(), dev, dtype)?;
         let px = seeded(1, &[b, 3, s, s], dev)?.to_dtype(dtype)?;
@@ -113,21 +113,28 @@ pub fn device_parity(reference: &Device, device: &Device) -> Result<Vec<ParityRo
         "<= 1e-4",
         d <= 1e-4,
     ));
-    let (img16, txt16) = embed(device, DType::BF16)?;
-    let c = min_row_cosine(&ref_img, &img16)?;
-    rows.push(row(
-        "image embeddings, bf16 vs f32 (min cosine)",
-        c,
-        ">= 0.999",
-        c >= 0.999,
-    ));
-    let c = min_row_cosine(&ref_txt, &txt16)?;
-    rows.push(row(
-        "text embeddings, bf16 vs f32 (min cosine)",
-        c,
-        ">= 0.999",
-        c >= 0.999,
-    ));
+    let half = [
+        (
+            DType::BF16,
+            "image embeddings, bf16 vs f32 (min cosine)",
+            "text embeddings, bf16 vs f32 (min cosine)",
+        ),
+        (
+            DType::F16,
+            "image embeddings, f16 vs f32 (min cosine)",
+            "text embeddings, f16 vs f32 (min cosine)",
+        ),
+    ];
+    for (dtype, image_check, text_check) in half {
+        let (img16, txt16) = embed(device, dtype)?;
+        for (check, reference, got) in [
+            (image_check, &ref_img, img16),
+            (text_check, &ref_txt, txt16),
+        ] {
+            let c = min_row_cosine(reference, &got)?;
+            rows.push(row(check, c, ">= 0.999", c >= 0.999));
+        }
+    }
 
     // Losses on seeded embeddings.
     let losses = |dev: &Device| -> Result<Vec<Tensor>, PipelineError> {

@@ -32,9 +32,9 @@ fn every_available_device_computes_what_the_cpu_does() {
     for device in &devices {
         let rows = device_parity(&Device::Cpu, device).expect("parity checks run");
         println!("{}", parity_table(&Device::Cpu, device, &rows));
-        // Seven checks, and on a GPU of an `nccl` build the one-rank NCCL group.
+        // Nine checks, and on a GPU of an `nccl` build the one-rank NCCL group.
         let nccl = cfg!(feature = "nccl") && !device.is_cpu();
-        assert_eq!(rows.len(), 7 + usize::from(nccl), "{rows:?}");
+        assert_eq!(rows.len(), 9 + usize::from(nccl), "{rows:?}");
         assert!(rows.iter().all(|r| r.pass), "{rows:?}");
     }
 }

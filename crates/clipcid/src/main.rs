@@ -94,7 +94,7 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Check that `--device` computes what the CPU does: a tiny CLIP's f32 and bf16
+    /// Check that `--device` computes what the CPU does: a tiny CLIP's f32, bf16 and f16
     /// embeddings, the losses, near-duplicate removal and one training step, compared with
     /// their limits (exit status 1 when one is exceeded).
     SelfCheck {

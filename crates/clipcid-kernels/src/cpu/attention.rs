@@ -46,7 +46,7 @@ pub struct AttentionSpec {
     pub queries: Queries,
 }
 
-/// Multi-head self-attention (f32 on the CPU; f32 or bf16 on a GPU in a `cuda` build, where
+/// Multi-head self-attention (f32 on the CPU; f32, bf16 or f16 on a GPU in a `cuda` build, where
 /// `clipcid_kernels::cuda::attention_fits` says which sizes the CUDA kernels take),
 /// differentiable: `qkv` is `[B * T, 3W]` (`T` = `spec.positions`), the q, k and v
 /// projections side by side (head `h` in columns `h*D..(h+1)*D` of each, `D = W / heads`).

@@ -78,7 +78,7 @@ pub fn pack_block_params(p: &BlockParams) -> Result<Tensor> {
 
 /// One pre-norm transformer block on rows `x` `[B * T, W]`, differentiable in `x` and in the
 /// packed parameters ([`pack_block_params`]), as one autograd node (f32 on the CPU: kernels on
-/// slices; elsewhere, a GPU's f32 or bf16:
+/// slices; elsewhere, a GPU's f32, bf16 or f16:
 /// [`transformer_block_by_ops`](super::transformer_block_by_ops)):
 /// `x1 = x + out(attention(qkv(ln1(x))))`, then `y = x1 + fc2(act(fc1(ln2(x1))))`, as Hugging
 /// Face's `CLIPEncoderLayer` and open_clip's `ResidualAttentionBlock` compute it. Gives

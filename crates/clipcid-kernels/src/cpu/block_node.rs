@@ -146,7 +146,7 @@ struct Saved {
 }
 
 /// One pre-norm transformer block, the same as [`super::transformer_block`], built from
-/// tensor ops on any device and dtype they take (f32 or bf16 on a GPU in a `cuda` build,
+/// tensor ops on any device and dtype they take (f32, bf16 or f16 on a GPU in a `cuda` build,
 /// where the MLP's activation must be QuickGELU; f32 on the CPU), as one autograd node with a
 /// hand-written backward pass. [`super::transformer_block`] takes this path for tensors that
 /// are not f32 on the CPU.

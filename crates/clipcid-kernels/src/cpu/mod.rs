@@ -90,7 +90,7 @@ fn row_width(l: &Layout, op: &str) -> Result<usize> {
     }
 }
 
-/// Softmax over the last dimension (f32 on the CPU; f32 or bf16 on a GPU in a `cuda` build,
+/// Softmax over the last dimension (f32 on the CPU; f32, bf16 or f16 on a GPU in a `cuda` build,
 /// see `clipcid_kernels::cuda`), differentiable.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Softmax)

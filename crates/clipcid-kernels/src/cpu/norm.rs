@@ -5,7 +5,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use super::{f32_slice, math, row_width, ROWS_PER_TASK};
 use crate::pool;
 
-/// Layer norm over the last dimension with scale and shift (f32 on the CPU; f32 or bf16 on a
+/// Layer norm over the last dimension with scale and shift (f32 on the CPU; f32, bf16 or f16 on a
 /// GPU in a `cuda` build, see `clipcid_kernels::cuda`), differentiable in all three arguments.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
     x.contiguous()?.apply_op3(

@@ -1,7 +1,7 @@
 //! CUDA kernels (the `cuda` feature), compiled from the CUDA C source below with NVRTC the
 //! first time a process needs them, so the build needs no `nvcc` of its own beyond candle's.
 //! They are reached through the same candle `CustomOp`s as the CPU kernels (the op's
-//! `cuda_fwd`), in f32 and bf16 (arithmetic in f32), where candle's primitive ops would cost
+//! `cuda_fwd`), in f32, bf16 and f16 (arithmetic in f32), where candle's primitive ops would cost
 //! a kernel launch and a full-size temporary each:
 //!
 //! - AdamW's update in place ([`cpu::adamw_update`](crate::cpu::adamw_update)): three
@@ -64,7 +64,7 @@ use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result,
     Shape, Tensor,
 };
-use half::bf16;
+use half::{bf16, f16};
 
 use crate::cpu::ApplyScalars;
 use crate::rows::RowIndex;
@@ -77,9 +77,9 @@ const ROW_THREADS: u32 = 128;
 /// Rows per block of the column partial sums (layer norm's scale and shift gradients).
 const COLUMN_CHUNK: usize = 64;
 
-/// What both kernel sources ([`SOURCE`] and the tensor-core one) begin with: `bf16` values
-/// travel as their 16 bits (`unsigned short`), widened to f32 on load and rounded to
-/// nearest-even on store, so NVRTC needs no CUDA headers.
+/// What both kernel sources ([`SOURCE`] and the tensor-core one) begin with: `bf16` and `f16`
+/// values travel as their 16 bits (`unsigned short`, and a struct of one for f16), widened to
+/// f32 on load and rounded to nearest-even on store, so NVRTC needs no CUDA headers.
 macro_rules! kernel_prelude {
     () => {
         r#"
@@ -95,6 +95,19 @@ __device__ __forceinline__ unsigned int bf16_bits(float v) {
 }
 __device__ __forceinline__ void st(float *p, float v) { *p = v; }
 __device__ __forceinline__ void st(bf16_t *p, float v) { *p = (bf16_t)bf16_bits(v); }
+/* f16 values as a struct of their 16 bits (a type of its own, told apart from bf16_t by the
+   overloads), converted by PTX's cvt (rounded to nearest-even; out of range: infinity). */
+struct f16_t { unsigned short bits; };
+__device__ __forceinline__ float ld(f16_t v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+    return f;
+}
+__device__ __forceinline__ void st(f16_t *p, float v) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    p->bits = h;
+}
 "#
     };
 }
@@ -102,7 +115,7 @@ __device__ __forceinline__ void st(bf16_t *p, float v) { *p = (bf16_t)bf16_bits(
 mod tensor_core;
 pub use tensor_core::{attention_tensor_cores, set_attention_tensor_cores};
 
-/// The kernels (f32 and bf16, arithmetic in f32), for any GPU candle runs on.
+/// The kernels (f32, bf16 and f16, arithmetic in f32), for any GPU candle runs on.
 const SOURCE: &str = concat!(
     kernel_prelude!(),
     r#"
@@ -826,52 +839,50 @@ extern "C" __global__ void clipcid_attention_dkv_##S(const T *qkv, const T *g, T
 
 CLIPCID_TYPED(float, f32)
 CLIPCID_TYPED(bf16_t, bf16)
+CLIPCID_TYPED(f16_t, f16)
 "#
 );
 
-/// Every kernel [`SOURCE`] defines (what [`load`] loads).
-const KERNELS: [&str; 40] = [
-    "clipcid_adamw_moment",
-    "clipcid_adamw_apply",
-    "clipcid_ln_fwd_f32",
-    "clipcid_ln_bwd_rows_f32",
-    "clipcid_ln_bwd_columns_f32",
-    "clipcid_ln_bwd_total_f32",
-    "clipcid_softmax_fwd_f32",
-    "clipcid_softmax_bwd_f32",
-    "clipcid_ln_fwd_bf16",
-    "clipcid_ln_bwd_rows_bf16",
-    "clipcid_ln_bwd_columns_bf16",
-    "clipcid_ln_bwd_total_bf16",
-    "clipcid_softmax_fwd_bf16",
-    "clipcid_softmax_bwd_bf16",
-    "clipcid_bias_add_f32",
-    "clipcid_bias_quick_gelu_f32",
-    "clipcid_bias_quick_gelu_bwd_f32",
-    "clipcid_column_partial_f32",
-    "clipcid_bias_add_bf16",
-    "clipcid_bias_quick_gelu_bf16",
-    "clipcid_bias_quick_gelu_bwd_bf16",
-    "clipcid_column_partial_bf16",
-    "clipcid_swap_middle_f32",
-    "clipcid_swap_middle_bf16",
-    "clipcid_patchify_f32",
-    "clipcid_patchify_bf16",
-    "clipcid_ln_fwd_warp_f32",
-    "clipcid_ln_fwd_warp_bf16",
-    "clipcid_bias_residual_f32",
-    "clipcid_bias_residual_bf16",
-    "clipcid_attention_fwd_f32",
-    "clipcid_attention_dq_f32",
-    "clipcid_attention_dkv_f32",
-    "clipcid_attention_fwd_bf16",
-    "clipcid_attention_dq_bf16",
-    "clipcid_attention_dkv_bf16",
-    "clipcid_row_sum_pieces_f32",
-    "clipcid_row_sum_rows_f32",
-    "clipcid_row_sum_pieces_bf16",
-    "clipcid_row_sum_rows_bf16",
+/// The kernels [`SOURCE`] defines once.
+const UNTYPED_KERNELS: [&str; 2] = ["clipcid_adamw_moment", "clipcid_adamw_apply"];
+
+/// The kernels [`SOURCE`] defines for each dtype, as `{name}_{suffix}` (see [`suffix`]).
+const TYPED_KERNELS: [&str; 19] = [
+    "clipcid_ln_fwd",
+    "clipcid_ln_fwd_warp",
+    "clipcid_ln_bwd_rows",
+    "clipcid_ln_bwd_columns",
+    "clipcid_ln_bwd_total",
+    "clipcid_softmax_fwd",
+    "clipcid_softmax_bwd",
+    "clipcid_bias_add",
+    "clipcid_bias_residual",
+    "clipcid_bias_quick_gelu",
+    "clipcid_bias_quick_gelu_bwd",
+    "clipcid_column_partial",
+    "clipcid_row_sum_pieces",
+    "clipcid_row_sum_rows",
+    "clipcid_swap_middle",
+    "clipcid_patchify",
+    "clipcid_attention_fwd",
+    "clipcid_attention_dq",
+    "clipcid_attention_dkv",
 ];
+
+/// The dtypes the kernels take, and the suffixes of their kernels' names.
+const DTYPES: [(DType, &str); 3] = [
+    (DType::F32, "f32"),
+    (DType::BF16, "bf16"),
+    (DType::F16, "f16"),
+];
+
+/// Every kernel [`SOURCE`] defines (what [`load`] loads).
+fn kernels() -> impl Iterator<Item = String> {
+    let typed = TYPED_KERNELS
+        .iter()
+        .flat_map(|k| DTYPES.iter().map(move |(_, s)| format!("{k}_{s}")));
+    UNTYPED_KERNELS.iter().map(|k| k.to_string()).chain(typed)
+}
 
 /// The PTX of [`SOURCE`], compiled once per process (or the compiler's message).
 fn ptx() -> Result<&'static str> {
@@ -917,13 +928,13 @@ pub fn set_enabled(on: bool) {
 
 /// Whether the kernels of this module take these tensors (what
 /// [`crate::gpu_kernels_take`] asks in a `cuda` build): kernels enabled, all on a GPU, all
-/// of one dtype, f32 or bf16.
+/// of one dtype, f32, bf16 or f16.
 pub fn takes(ts: &[&Tensor]) -> bool {
     enabled()
         && ts.iter().all(|t| {
             t.device().is_cuda()
                 && t.dtype() == ts[0].dtype()
-                && matches!(t.dtype(), DType::F32 | DType::BF16)
+                && DTYPES.iter().any(|(d, _)| *d == t.dtype())
         })
 }
 
@@ -963,8 +974,8 @@ pub fn keep_freed_memory(device: &Device) -> Result<()> {
 /// failed (typically NVRTC's library missing from the library path). A no-op on the CPU.
 pub fn load(device: &Device) -> Result<()> {
     if let Device::Cuda(dev) = device {
-        for f in KERNELS {
-            dev.get_or_load_custom_func(f, MODULE, ptx()?)?;
+        for f in kernels() {
+            dev.get_or_load_custom_func(&f, MODULE, ptx()?)?;
         }
         if device_limits(dev)?.compute_major >= 8 {
             for f in tensor_core::KERNELS {
@@ -1069,24 +1080,24 @@ pub(crate) fn adamw_apply(
     Ok(())
 }
 
-/// `$f::<T>(args)` with `T` the Rust type of `$dtype` (f32 or bf16); for any other dtype an
-/// error naming the op `$op`.
+/// `$f::<T>(args)` with `T` the Rust type of `$dtype` (f32, bf16 or f16); for any other dtype
+/// an error naming the op `$op`.
 macro_rules! by_dtype {
     ($dtype:expr, $op:expr, $f:ident($($arg:expr),* $(,)?)) => {
         match $dtype {
             DType::F32 => $f::<f32>($($arg),*),
             DType::BF16 => $f::<bf16>($($arg),*),
-            t => bail!("{}: no CUDA kernel for {t:?} (f32 and bf16 only)", $op),
+            DType::F16 => $f::<f16>($($arg),*),
+            t => bail!("{}: no CUDA kernel for {t:?} (f32, bf16 and f16 only)", $op),
         }
     };
 }
 
 /// The kernel-name suffix of a dtype the row kernels take.
 fn suffix(dtype: DType, op: &str) -> Result<&'static str> {
-    match dtype {
-        DType::F32 => Ok("f32"),
-        DType::BF16 => Ok("bf16"),
-        d => bail!("{op}: no CUDA kernel for {d:?} (f32 and bf16 only)"),
+    match DTYPES.iter().find(|(d, _)| *d == dtype) {
+        Some((_, s)) => Ok(s),
+        None => bail!("{op}: no CUDA kernel for {dtype:?} (f32, bf16 and f16 only)"),
     }
 }
 
@@ -1100,7 +1111,7 @@ fn rows_of(l: &Layout, op: &str) -> Result<(usize, usize)> {
 }
 
 /// Layer norm's forward pass over the last dimension (`x`, then the scale `w` and shift `b`
-/// of the row width), f32 or bf16.
+/// of the row width), f32, bf16 or f16.
 pub(crate) fn layer_norm_fwd(
     (x, lx): (&CudaStorage, &Layout),
     (w, lw): (&CudaStorage, &Layout),
@@ -1319,7 +1330,7 @@ fn warp_rows_config(rows: usize) -> Result<LaunchConfig> {
     })
 }
 
-/// Softmax over the last dimension, f32 or bf16.
+/// Softmax over the last dimension, f32, bf16 or f16.
 pub(crate) fn softmax_fwd(x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
     const OP: &str = "clipcid-softmax";
     let out = by_dtype!(x.dtype(), OP, softmax_fwd_typed(x, lx))?;
@@ -1462,7 +1473,7 @@ fn cpu_unsupported<R>(op: &str) -> Result<R> {
     bail!("{op}: a CUDA kernel (on the CPU, `clipcid_kernels::cpu` has the fused ops)")
 }
 
-/// `x + b` with `b` broadcast over the rows of `x` (its last dimension), f32 or bf16 CUDA
+/// `x + b` with `b` broadcast over the rows of `x` (its last dimension), f32, bf16 or f16 CUDA
 /// tensors, differentiable in both: candle's broadcast add indexes each element with 64-bit
 /// divisions (20x the memory-bound time at ViT-B/32's shapes on an H200), and its bias
 /// gradient is a strided reduction; here one pass forward, and the bias gradient as column
@@ -1502,7 +1513,7 @@ pub fn bias_quick_gelu(x: &Tensor, b: &Tensor) -> Result<Tensor> {
         .apply_op2(&b.contiguous()?, BiasThen { quick_gelu: true })
 }
 
-/// `x + b + r` with `b` broadcast over the rows of `x` and `r` of `x`'s shape, f32 or bf16
+/// `x + b + r` with `b` broadcast over the rows of `x` and `r` of `x`'s shape, f32, bf16 or f16
 /// CUDA tensors, differentiable in all three: a linear layer's bias and a transformer block's
 /// residual in one pass instead of two.
 ///
@@ -1522,7 +1533,7 @@ pub fn bias_residual_add(x: &Tensor, b: &Tensor, r: &Tensor) -> Result<Tensor> {
 }
 
 /// `[n0, n1, n2, n3]` -> `[n0, n2, n1, n3]` (attention's head split `[B, T, H, D]` ->
-/// `[B, H, T, D]`, and back), f32 or bf16 CUDA tensors, differentiable: one copy with 32-bit
+/// `[B, H, T, D]`, and back), f32, bf16 or f16 CUDA tensors, differentiable: one copy with 32-bit
 /// index arithmetic where candle's `transpose(1, 2).contiguous()` is a strided copy that
 /// divides 64-bit indices (0.12 ms for ViT-B/32's `[256, 50, 12, 64]` on an H200).
 ///
@@ -1602,7 +1613,7 @@ fn swap_middle_typed<T: CudaDType + DeviceRepr>(
 
 /// The patch matrix `[B * g * g, C * p * p]` of images `[B, C, S, S]` cut into `p x p`
 /// patches (`g = S / p`, row-major over the grid; each row channel-major, as a convolution
-/// kernel `[W, C, p, p]` flattens), f32 or bf16 CUDA tensors, differentiable: what a ViT's
+/// kernel `[W, C, p, p]` flattens), f32, bf16 or f16 CUDA tensors, differentiable: what a ViT's
 /// stride-`p` patch convolution multiplies, in one copy where candle's six-dimensional
 /// permute is a strided copy with 64-bit index divisions.
 ///
@@ -2424,11 +2435,13 @@ mod tests {
     fn kernel_source_compiles_with_nvrtc() {
         let ptx = super::ptx().unwrap_or_else(|e| panic!("{e}"));
         let tc = super::tensor_core::ptx().unwrap_or_else(|e| panic!("{e}"));
-        let all = [
-            (ptx, &super::KERNELS[..]),
-            (tc, &super::tensor_core::KERNELS[..]),
+        let tc_kernels = super::tensor_core::KERNELS.iter().map(|k| k.to_string());
+        let all: [(_, Vec<String>); 2] = [
+            (ptx, super::kernels().collect()),
+            (tc, tc_kernels.collect()),
         ];
         for (ptx, kernels) in all {
+            assert!(!kernels.is_empty());
             for f in kernels {
                 assert!(
                     ptx.contains(&format!(".entry {f}(")),
