@@ -170,8 +170,24 @@ impl RowIndex {
         self.positions() + self.pieces() + 1 + self.used() + 1 + self.used()
     }
 
+    /// Where the four parts lie in [`RowIndex::packed`]: `order`, `piece`, `first`, `rows`.
+    pub(crate) fn parts(&self) -> [std::ops::Range<usize>; 4] {
+        let ends = [
+            self.positions(),
+            self.positions() + self.pieces() + 1,
+            self.positions() + self.pieces() + self.used() + 2,
+            self.packed_len(),
+        ];
+        [
+            0..ends[0],
+            ends[0]..ends[1],
+            ends[1]..ends[2],
+            ends[2]..ends[3],
+        ]
+    }
+
     /// The four parts of a packed index of this shape: `order`, `piece`, `first`, `rows`.
-    pub(crate) fn split<'a, T>(&self, packed: &'a [T]) -> Result<[&'a [T]; 4]> {
+    fn split<'a, T>(&self, packed: &'a [T]) -> Result<[&'a [T]; 4]> {
         if packed.len() != self.packed_len() {
             bail!(
                 "{OP}: a packed row index of {} values, {} expected",
@@ -179,10 +195,7 @@ impl RowIndex {
                 self.packed_len()
             );
         }
-        let (order, rest) = packed.split_at(self.positions());
-        let (piece, rest) = rest.split_at(self.pieces() + 1);
-        let (first, rows) = rest.split_at(self.used() + 1);
-        Ok([order, piece, first, rows])
+        Ok(self.parts().map(|r| &packed[r]))
     }
 }
 

@@ -1991,20 +1991,11 @@ fn row_sums_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     const OP: &str = "clipcid-row-sums";
     let dev = g.device.clone();
     let s = suffix(g.dtype(), OP)?;
-    let (n, pieces, used, w) = (
-        index.positions(),
-        index.pieces(),
-        index.used(),
-        index.width(),
-    );
+    let (pieces, used, w) = (index.pieces(), index.used(), index.width());
     if packed.len() != index.packed_len() {
         bail!("{OP}: a packed row index of {} values", packed.len());
     }
-    // The parts of `RowIndex::packed`: order, piece, first, rows.
-    let order = packed.slice(0..n);
-    let piece = packed.slice(n..n + pieces + 1);
-    let first = packed.slice(n + pieces + 1..n + pieces + used + 2);
-    let rows = packed.slice(n + pieces + used + 2..n + pieces + 2 * used + 2);
+    let [order, piece, first, rows] = index.parts().map(|r| packed.slice(r));
     let gs = g.as_cuda_slice::<T>()?.slice(sg.0..sg.1);
     // SAFETY: the piece kernel writes all `pieces * w` partial sums.
     let mut partial: CudaSlice<f32> = unsafe { dev.alloc::<f32>(pieces * w)? };
