@@ -56,12 +56,7 @@ const TABLE_ROWS_PER_TASK: usize = 256;
 /// ```
 pub fn gather_rows(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
     let (n, w) = rows_and_width(table, "table")?;
-    if let Some(bad) = ids.iter().find(|&&id| id as usize >= n) {
-        bail!("{OP}: row {bad} of a table of {n} rows");
-    }
-    if u32::try_from(ids.len()).is_err() {
-        bail!("{OP}: {} ids is more than one call takes", ids.len());
-    }
+    check_ids(ids, n)?;
     if ids.is_empty() || w == 0 {
         return Tensor::zeros((ids.len(), w), table.dtype(), table.device());
     }
@@ -79,6 +74,18 @@ pub fn gather_rows(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
         index: Arc::new(RowIndex::new(ids, w)),
         table_rows: n,
     })
+}
+
+/// An error naming the first id outside a table of `table_rows` rows, or more ids than the
+/// index's `u32` positions hold.
+fn check_ids(ids: &[u32], table_rows: usize) -> Result<()> {
+    if let Some(bad) = ids.iter().find(|&&id| id as usize >= table_rows) {
+        bail!("{OP}: row {bad} of a table of {table_rows} rows");
+    }
+    if u32::try_from(ids.len()).is_err() {
+        bail!("{OP}: {} ids is more than one call takes", ids.len());
+    }
+    Ok(())
 }
 
 /// The dimensions of `t` `[rows, W]`, or an error naming it (`what`) and its shape.
@@ -221,12 +228,7 @@ pub fn gather_rows_backward(grad: &Tensor, ids: &[u32], table_rows: usize) -> Re
     if positions != ids.len() {
         bail!("{OP}: a gradient of {positions} rows for {} ids", ids.len());
     }
-    if let Some(bad) = ids.iter().find(|&&id| id as usize >= table_rows) {
-        bail!("{OP}: row {bad} of a table of {table_rows} rows");
-    }
-    if u32::try_from(ids.len()).is_err() {
-        bail!("{OP}: {} ids is more than one call takes", ids.len());
-    }
+    check_ids(ids, table_rows)?;
     if ids.is_empty() || w == 0 {
         return Tensor::zeros((table_rows, w), grad.dtype(), grad.device());
     }

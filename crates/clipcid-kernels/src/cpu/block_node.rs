@@ -56,17 +56,11 @@ impl Weights {
     }
 }
 
-/// Whether clipcid's GPU kernels take these tensors.
-#[cfg(feature = "cuda")]
-fn on_gpu(ts: &[&Tensor]) -> bool {
-    crate::gpu_kernels_take(ts)
-}
-
 /// `x w^T + b` (plus `residual`): on a GPU the bias kernels, elsewhere candle's broadcast add.
 fn affine(x: &Tensor, (w, b): &(Tensor, Tensor), residual: Option<&Tensor>) -> Result<Tensor> {
     let xw = x.matmul(&w.t()?)?;
     #[cfg(feature = "cuda")]
-    if on_gpu(&[&xw, b]) {
+    if crate::gpu_kernels_take(&[&xw, b]) {
         return match residual {
             Some(r) => crate::cuda::bias_residual_add(&xw, b, r),
             None => crate::cuda::bias_add(&xw, b),
@@ -82,7 +76,7 @@ fn affine(x: &Tensor, (w, b): &(Tensor, Tensor), residual: Option<&Tensor>) -> R
 /// A bias's gradient: the output gradient's column sums.
 fn column_sum(g: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if on_gpu(&[g]) {
+    if crate::gpu_kernels_take(&[g]) {
         return crate::cuda::column_sum(g);
     }
     g.sum(0)
@@ -91,7 +85,7 @@ fn column_sum(g: &Tensor) -> Result<Tensor> {
 /// The MLP's activation of `pre + b` (`pre` the product before its bias).
 fn activate(act: Activation, pre: &Tensor, b: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if on_gpu(&[pre, b]) && act == Activation::QuickGelu {
+    if crate::gpu_kernels_take(&[pre, b]) && act == Activation::QuickGelu {
         return crate::cuda::bias_quick_gelu(pre, b);
     }
     let u = pre.broadcast_add(b)?;
@@ -104,7 +98,7 @@ fn activate(act: Activation, pre: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// [`activate`]'s gradient with respect to `pre` (and so to the bias), from `grad`.
 fn activate_backward(act: Activation, pre: &Tensor, b: &Tensor, grad: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if on_gpu(&[pre, b, grad]) && act == Activation::QuickGelu {
+    if crate::gpu_kernels_take(&[pre, b, grad]) && act == Activation::QuickGelu {
         return crate::cuda::bias_quick_gelu_backward(pre, b, grad);
     }
     activation_backward(act, &pre.broadcast_add(b)?, grad)

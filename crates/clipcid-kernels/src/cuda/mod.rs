@@ -1966,13 +1966,9 @@ pub(crate) fn row_sums(
             index.positions()
         );
     }
-    let fits = |n: Option<usize>| matches!(n, Some(n) if n <= i32::MAX as usize);
-    if !fits(table_rows.checked_mul(w)) || !fits(Some(index.pieces())) {
-        bail!(
-            "{OP}: a table of {table_rows} rows of {w} from {} pieces is more than a launch \
-             takes",
-            index.pieces()
-        );
+    // The grids' sizes are `row_config`'s to check.
+    if !matches!(table_rows.checked_mul(w), Some(n) if n <= i32::MAX as usize) {
+        bail!("{OP}: a table of {table_rows} rows of {w} is more than a launch takes");
     }
     let packed = packed.as_cuda_slice::<u32>()?.slice(sp.0..sp.1);
     by_dtype!(
@@ -2001,11 +1997,6 @@ fn row_sums_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     let mut partial: CudaSlice<f32> = unsafe { dev.alloc::<f32>(pieces * w)? };
     let mut out: CudaSlice<T> = dev.alloc_zeros::<T>(table_rows * w)?;
     let w32 = w as u32;
-    let blocks = |n: usize| LaunchConfig {
-        grid_dim: (n as u32, 1, 1),
-        block_dim: (ROW_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
     {
         let func =
             dev.get_or_load_custom_func(&format!("clipcid_row_sum_pieces_{s}"), MODULE, ptx()?)?;
@@ -2017,7 +2008,7 @@ fn row_sums_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
         a.arg(&w32);
         // SAFETY: a block per piece (`piece` holds `pieces + 1` offsets into `order`, whose
         // `n` entries are rows of `g`, `n * w` values); `partial` holds `pieces * w` floats.
-        unsafe { a.launch(blocks(pieces)) }.w()?;
+        unsafe { a.launch(row_config(pieces)?) }.w()?;
     }
     {
         let func =
@@ -2030,7 +2021,7 @@ fn row_sums_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
         a.arg(&w32);
         // SAFETY: a block per row read (`first` holds `used + 1` offsets into the pieces,
         // `rows` `used` row numbers below `table_rows`); `out` holds `table_rows * w`.
-        unsafe { a.launch(blocks(used)) }.w()?;
+        unsafe { a.launch(row_config(used)?) }.w()?;
     }
     Ok(T::wrap_cuda_slice(out, dev))
 }
