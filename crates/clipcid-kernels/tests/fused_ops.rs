@@ -179,6 +179,18 @@ fn softmax_and_its_gradient_match_the_formula_on_every_device() {
     }
 }
 
+/// Step `t` of the tests' AdamW (lr 1e-2, betas 0.9 and 0.98, eps 1e-6).
+fn adamw_step(t: i32, weight_decay: f64) -> cpu::AdamWStep {
+    cpu::AdamWStep {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.98,
+        eps: 1e-6,
+        weight_decay,
+        step: t,
+    }
+}
+
 /// Three in-place steps against the tensor-op formula (f32, with weight decay).
 #[test]
 fn adamw_in_place_matches_the_formula_on_every_device() {
@@ -189,14 +201,7 @@ fn adamw_in_place_matches_the_formula_on_every_device() {
         let (mut pr, mut mr, mut vr) = (p.copy().unwrap(), m.copy().unwrap(), v.copy().unwrap());
         for t in 1..=3 {
             let g = randn(&[7, 1000], 10 + t as u64, &dev);
-            let s = cpu::AdamWStep {
-                lr: 1e-2,
-                beta1: 0.9,
-                beta2: 0.98,
-                eps: 1e-6,
-                weight_decay: 0.1,
-                step: t,
-            };
+            let s = adamw_step(t, 0.1);
             cpu::adamw_update(&p, &g, &m, &v, s).unwrap();
             mr = ((&mr * s.beta1).unwrap() + (&g * (1.0 - s.beta1)).unwrap()).unwrap();
             vr =
@@ -211,6 +216,147 @@ fn adamw_in_place_matches_the_formula_on_every_device() {
         for (name, a, b) in [("m", &m, &mr), ("v", &v, &vr), ("param", &p, &pr)] {
             let d = relative_diff(a, b);
             assert!(d <= 1e-6, "{dev:?}: {name} differs by {d}");
+        }
+    }
+}
+
+/// A step over many parameters at once (one launch on a GPU) against one `adamw_update` per
+/// parameter on the CPU with the gradients scaled beforehand: the same bits on every device,
+/// for sizes that cross the GPU kernel's chunks of 65,536 values, with and without weight
+/// decay; and `adamw_update` alone gives the CPU's bits on every device too.
+#[test]
+fn adamw_for_many_parameters_gives_the_cpus_bits_on_every_device() {
+    let sizes: [&[usize]; 4] = [&[300, 257], &[70_000], &[7], &[65_536]];
+    let scale = 0.37;
+    let step = |t| adamw_step(t, 0.1);
+    let bits = |ts: &[Tensor]| -> Vec<Vec<u32>> {
+        ts.iter()
+            .map(|t| {
+                let v = t.to_device(&Device::Cpu).unwrap().flatten_all().unwrap();
+                v.to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            })
+            .collect()
+    };
+    // The reference: one adamw_update per parameter on the CPU.
+    let cpu_dev = Device::Cpu;
+    let start = |dev: &Device| -> Vec<[Tensor; 3]> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let p = randn(s, i as u64, dev);
+                let (m, v) = (p.zeros_like().unwrap(), p.zeros_like().unwrap());
+                [p, m, v]
+            })
+            .collect()
+    };
+    let grads = |t: i32, dev: &Device| -> Vec<Tensor> {
+        (0..sizes.len())
+            .map(|i| randn(sizes[i], 100 * t as u64 + i as u64, dev))
+            .collect()
+    };
+    let reference = start(&cpu_dev);
+    for t in 1..=3 {
+        for (i, ([p, m, v], g)) in reference.iter().zip(grads(t, &cpu_dev)).enumerate() {
+            let s = adamw_step(t, if i % 2 == 0 { 0.1 } else { 0.0 });
+            cpu::adamw_update(p, &(g * scale).unwrap(), m, v, s).unwrap();
+        }
+    }
+    let want = bits(&reference.concat());
+    for dev in available_devices() {
+        let many = start(&dev);
+        let one_by_one = start(&dev);
+        for t in 1..=3 {
+            let g = grads(t, &dev);
+            let params: Vec<cpu::AdamWParam> = many
+                .iter()
+                .zip(&g)
+                .enumerate()
+                .map(|(i, ([p, m, v], g))| cpu::AdamWParam {
+                    param: p,
+                    grad: g,
+                    m,
+                    v,
+                    decays: i % 2 == 0,
+                })
+                .collect();
+            cpu::adamw_update_many(&params, step(t), scale).unwrap();
+            for (i, ([p, m, v], g)) in one_by_one.iter().zip(&g).enumerate() {
+                let s = adamw_step(t, if i % 2 == 0 { 0.1 } else { 0.0 });
+                cpu::adamw_update(p, &(g * scale).unwrap(), m, v, s).unwrap();
+            }
+        }
+        assert!(bits(&many.concat()) == want, "{dev:?}: adamw_update_many");
+        assert!(bits(&one_by_one.concat()) == want, "{dev:?}: adamw_update");
+    }
+}
+
+/// `adamw_update_many` refuses, on every device, tensors of different sizes within one
+/// parameter and tensors it writes that share memory, naming the problem, and changes
+/// nothing.
+#[test]
+fn adamw_for_many_parameters_refuses_mismatched_or_shared_tensors() {
+    let s = adamw_step(1, 0.0);
+    for dev in available_devices() {
+        let p = randn(&[4, 5], 1, &dev);
+        let before = p.copy().unwrap();
+        let (m, v) = (p.zeros_like().unwrap(), p.zeros_like().unwrap());
+        let g = randn(&[4, 5], 2, &dev);
+        let short = randn(&[3], 3, &dev);
+        let one = |grad, m, v| cpu::AdamWParam {
+            param: &p,
+            grad,
+            m,
+            v,
+            decays: false,
+        };
+        let cases = [
+            (one(&short, &m, &v), "its gradient 3"),
+            (one(&g, &m, &m), "share memory"),
+            (one(&m, &m, &v), "shares memory"),
+        ];
+        for (param, want) in cases {
+            let e = cpu::adamw_update_many(&[param], s, 1.0)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{dev:?}: {e}");
+        }
+        // Two parameters that are one tensor.
+        let twice = [one(&g, &m, &v), one(&g, &m, &v)];
+        let e = cpu::adamw_update_many(&twice, s, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("share memory"), "{dev:?}: {e}");
+        assert_eq!(clipcid_kernels::max_abs_diff(&p, &before).unwrap(), 0.0);
+    }
+}
+
+/// Each tensor's sum of squares (one launch on a GPU) against an f64 sum on the CPU, for
+/// sizes that cross the GPU kernel's chunks, a strided view and an empty tensor.
+#[test]
+fn squared_norms_match_an_f64_sum_on_every_device() {
+    for dev in available_devices() {
+        let a = randn(&[70_000], 1, &dev);
+        let b = randn(&[33, 65], 2, &dev);
+        let c = randn(&[0], 3, &dev);
+        let d = randn(&[40, 3], 4, &dev).t().unwrap();
+        let got = cpu::squared_norms(&[&a, &b, &c, &d]).unwrap();
+        for (t, got) in [&a, &b, &c, &d].into_iter().zip(got) {
+            let v = t.to_device(&Device::Cpu).unwrap().flatten_all().unwrap();
+            let want: f64 = v
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|&x| f64::from(x) * f64::from(x))
+                .sum();
+            assert!(
+                (got - want).abs() <= 1e-6 * want.max(1.0),
+                "{dev:?}: {got} vs {want}"
+            );
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use clipcid_loss::ClipLoss;
 use clipcid_models::weights::init_tensors;
 use clipcid_models::{ClipConfig, ClipModel};
@@ -146,7 +146,8 @@ fn images_per_second(
 /// weights, and near-duplicate removal with f16 tiles
 /// over `dedup_rows` rows of width 512 (seconds); in that order, then the median
 /// milliseconds of each training step's forward pass with the loss, backward pass and
-/// AdamW update (f32, then bf16). On a GPU in a `cuda` build, last, the training rows again
+/// AdamW update, and of the trainer's gradient norm (unit `ms (gradient norm)`; f32, then
+/// bf16). On a GPU in a `cuda` build, last, the training rows again
 /// with each trainable encoder layer as one autograd node (units `samples/s (one node per
 /// layer)`, `ms (one node per layer)`), then with clipcid's CUDA kernels switched off (units
 /// `samples/s (candle ops)`, `ms (candle ops)`).
@@ -173,8 +174,9 @@ pub fn throughput(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
 
     let cfg = ClipConfig::preset("piccollage-s12")?;
     let (student, varmap) = ClipModel::trainable_from(&cfg, init_tensors(&cfg, 0)?, device)?;
-    let mut opt =
-        clipcid_train::AdamW::new(crate::parity::named_vars(&varmap)?, Default::default())?;
+    let named = crate::parity::named_vars(&varmap)?;
+    let vars: Vec<&Var> = named.iter().map(|(_, v)| v).collect();
+    let mut opt = clipcid_train::AdamW::new(named.clone(), Default::default())?;
     let (px, tok) = student_batch(&cfg, b, device)?;
     // f32, then bf16 as the trainer's `precision = "bf16"` runs it: towers on bf16 casts of
     // the f32 weights, the loss in f32, AdamW on the f32 weights. On a GPU both again with
@@ -250,6 +252,9 @@ pub fn throughput(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
                 // what to make faster first. Milliseconds, so gpu-check.py's comparison skips
                 // them.
                 let mut phases = [vec![], vec![], vec![]];
+                // The trainer also takes the gradients' global norm each step (for clipping),
+                // which the step above leaves out, as PyTorch's does.
+                let mut norm = vec![];
                 for _ in 0..sizes.repeats.max(1) {
                     let t0 = Instant::now();
                     let loss = forward()?;
@@ -264,6 +269,9 @@ pub fn throughput(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
                     for (p, (a, z)) in phases.iter_mut().zip([(t0, t1), (t1, t2), (t2, t3)]) {
                         p.push((z - a).as_secs_f64());
                     }
+                    let t4 = Instant::now();
+                    clipcid_train::grad_norm(&grads, &vars)?;
+                    norm.push(t4.elapsed().as_secs_f64());
                 }
                 for (name, mut t) in ["forward and loss", "backward", "AdamW update"]
                     .into_iter()
@@ -276,6 +284,14 @@ pub fn throughput(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
                         unit: ms,
                     });
                 }
+                norm.sort_by(f64::total_cmp);
+                setting_phases.push(BenchRow {
+                    workload: format!(
+                        "train step, {precision}{suffix}: the trainer's gradient norm (not in the step)"
+                    ),
+                    value: 1e3 * norm[norm.len() / 2],
+                    unit: "ms (gradient norm)",
+                });
             }
             Ok(())
         })();

@@ -48,7 +48,10 @@ pub use config::{
 };
 pub use data::{Needs, TrainBatch, TrainingSet};
 pub use lit::{build_locked_text_teacher, LockedTextOptions, LockedTextTeacher};
-pub use optim::{clip_grad_norm, AdamW, AdamWConfig, LossScale, LossScaleConfig, WarmupCosine};
+pub use optim::{
+    clip_factor, clip_grad_norm, grad_norm, AdamW, AdamWConfig, LossScale, LossScaleConfig,
+    WarmupCosine,
+};
 pub use plot::plot_loss_curves;
 pub use trainer::{read_metrics, student_config, RunSummary, StepMetrics, Trainer};
 

@@ -145,9 +145,46 @@ impl AdamW {
 
     /// One update with these gradients at learning rate `lr`.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<(), TrainError> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// One update at learning rate `lr` with each gradient multiplied by `grad_scale` first:
+    /// the factor of gradient clipping (see [`grad_norm`]) and of f16 loss scaling (one over
+    /// the loss scale) in one, where scaling each gradient beforehand would be a tensor op
+    /// per parameter. The parameters that take the in-place update (f32 on the CPU, or on a
+    /// GPU whose clipcid kernels loaded) are updated together by
+    /// `clipcid_kernels::cpu::adamw_update_many` (one launch on a GPU); others by tensor ops,
+    /// with the same formula.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), clipcid_train::TrainError> {
+    /// use candle_core::{Device, Var};
+    /// use clipcid_train::{AdamW, AdamWConfig};
+    /// let w = Var::new(&[1f32, -1.0], &Device::Cpu)?;
+    /// let config = AdamWConfig { weight_decay: 0.0, ..Default::default() };
+    /// let mut opt = AdamW::new(vec![("w".into(), w.clone())], config)?;
+    /// let grads = (w.as_tensor() * 3.0)?.sum_all()?.backward()?;
+    /// // Gradients of 3 halved to 1.5: AdamW's first step moves by lr against their sign
+    /// // whatever their size.
+    /// opt.step_scaled(&grads, 0.1, 0.5)?;
+    /// let got = w.as_tensor().to_vec1::<f32>()?;
+    /// assert!((got[0] - 0.9).abs() < 1e-6 && (got[1] + 1.1).abs() < 1e-6);
+    /// # Ok(()) }
+    /// ```
+    pub fn step_scaled(
+        &mut self,
+        grads: &GradStore,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<(), TrainError> {
         if !lr.is_finite() || lr < 0.0 {
             return Err(TrainError::Config(format!(
                 "learning rate {lr} is not usable"
+            )));
+        }
+        if !grad_scale.is_finite() || grad_scale < 0.0 {
+            return Err(TrainError::Config(format!(
+                "gradient scale {grad_scale} is not usable"
             )));
         }
         self.step += 1;
@@ -156,7 +193,9 @@ impl AdamW {
         let bias1 = 1.0 - c.beta1.powi(t);
         let bias2 = 1.0 - c.beta2.powi(t);
         let gpu_in_place = self.gpu_in_place();
-        for slot in &mut self.slots {
+        // (slot, its f32 gradient): the in-place ones go to the kernels together.
+        let mut in_place: Vec<(usize, Tensor)> = vec![];
+        for (i, slot) in self.slots.iter_mut().enumerate() {
             let Some(g) = grads.get(&slot.var) else {
                 continue;
             };
@@ -169,19 +208,14 @@ impl AdamW {
                 && [p, &slot.m, &slot.v].iter().all(|t| t.is_contiguous())
                 && (device.is_cpu() || (gpu_in_place && clipcid_kernels::gpu_kernels_take(&[p])))
             {
-                // One in-place pass per tensor (see `cpu::adamw_update`; three kernels on a
-                // GPU instead of about sixteen tensor ops); same formula.
-                let step = cpu::AdamWStep {
-                    lr,
-                    beta1: c.beta1,
-                    beta2: c.beta2,
-                    eps: c.eps,
-                    weight_decay: if slot.decay { c.weight_decay } else { 0.0 },
-                    step: t,
-                };
-                cpu::adamw_update(p, &g, &slot.m, &slot.v, step)?;
+                in_place.push((i, g));
                 continue;
             }
+            let g = if grad_scale == 1.0 {
+                g
+            } else {
+                (g * grad_scale)?
+            };
             slot.m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&slot.m / bias1)? / ((&slot.v / bias2)?.sqrt()? + c.eps)?)?;
@@ -193,6 +227,37 @@ impl AdamW {
             };
             let p = (p - (update * lr)?)?;
             slot.var.set(&p.to_dtype(slot.var.dtype())?)?;
+        }
+        // In place: the same formula in one pass per tensor (`cpu::adamw_update`), and on a
+        // GPU in one launch for every parameter of a device (about 900 launches before).
+        let step = cpu::AdamWStep {
+            lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: c.weight_decay,
+            step: t,
+        };
+        let mut by_device: Vec<Vec<cpu::AdamWParam>> = vec![];
+        for (i, g) in &in_place {
+            let s = &self.slots[*i];
+            let param = cpu::AdamWParam {
+                param: s.var.as_tensor(),
+                grad: g,
+                m: &s.m,
+                v: &s.v,
+                decays: s.decay,
+            };
+            match by_device
+                .iter_mut()
+                .find(|d| d[0].param.device().same_device(param.param.device()))
+            {
+                Some(d) => d.push(param),
+                None => by_device.push(vec![param]),
+            }
+        }
+        for params in by_device {
+            cpu::adamw_update_many(&params, step, grad_scale)?;
         }
         Ok(())
     }
@@ -292,29 +357,43 @@ impl WarmupCosine {
     }
 }
 
-/// Scales the gradients of `vars` so their global L2 norm is at most `max_norm` (as
-/// `torch.nn.utils.clip_grad_norm_`), and returns the norm before clipping. A non-finite
-/// norm is returned as is and nothing is scaled, so the caller can stop the run.
+/// The global L2 norm of the gradients of `vars` (those that have one), as
+/// `torch.nn.utils.clip_grad_norm_` computes it: the square root of the sum of every value's
+/// square. On a GPU it waits for the device once for all the gradients
+/// (`clipcid_kernels::cpu::squared_norms`), not once per gradient.
+///
+/// ```
+/// # fn main() -> Result<(), clipcid_train::TrainError> {
+/// use candle_core::{Device, Var};
+/// let (a, b) = (Var::new(&[1f32, 2.0], &Device::Cpu)?, Var::new(&[5f32], &Device::Cpu)?);
+/// // d/da of 3 sum(a) + 4 b is 3 for each of a's two values, and 4 for b.
+/// let loss = ((a.as_tensor() * 3.0)?.sum_all()? + (b.as_tensor() * 4.0)?.sum_all()?)?;
+/// let grads = loss.backward()?;
+/// let norm = clipcid_train::grad_norm(&grads, &[&a, &b])?;
+/// assert!((norm - 34f64.sqrt()).abs() < 1e-9);
+/// # Ok(()) }
+/// ```
+pub fn grad_norm(grads: &GradStore, vars: &[&Var]) -> Result<f64, TrainError> {
+    let present: Vec<&Tensor> = vars.iter().filter_map(|v| grads.get(v)).collect();
+    let sums = cpu::squared_norms(&present)?;
+    Ok(sums.iter().sum::<f64>().sqrt())
+}
+
+/// Scales the gradients of `vars` so their global L2 norm ([`grad_norm`]) is at most
+/// `max_norm` (as `torch.nn.utils.clip_grad_norm_`), and returns the norm before clipping. A
+/// non-finite norm is returned as is and nothing is scaled, so the caller can stop the run.
+/// (The trainer passes the clipping factor to [`AdamW::step_scaled`] instead of scaling each
+/// gradient.)
 pub fn clip_grad_norm(
     grads: &mut GradStore,
     vars: &[&Var],
     max_norm: f64,
 ) -> Result<f64, TrainError> {
-    let mut total = 0f64;
-    for v in vars {
-        if let Some(g) = grads.get(v) {
-            total += g
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
-        }
-    }
-    let norm = total.sqrt();
+    let norm = grad_norm(grads, vars)?;
     if !norm.is_finite() || norm <= max_norm {
         return Ok(norm);
     }
-    let scale = max_norm / (norm + 1e-6);
+    let scale = clip_factor(norm, max_norm);
     for v in vars {
         if let Some(g) = grads.get(v) {
             let scaled = (g * scale)?;
@@ -322,6 +401,16 @@ pub fn clip_grad_norm(
         }
     }
     Ok(norm)
+}
+
+/// What gradients of global norm `norm` are multiplied by so that theirs is at most
+/// `max_norm`: `max_norm / (norm + 1e-6)` above it (PyTorch's epsilon), 1 otherwise.
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
+    if norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
 }
 
 /// Dynamic loss scaling for f16 training, with the defaults and update rule of PyTorch's

@@ -17,8 +17,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::data::{Needs, TrainBatch, TrainingSet};
 use crate::{
-    all_gather_rows, all_reduce_mean, clip_grad_norm, AdamW, Collective, DistillConfig, LossScale,
-    Mode, SingleProcess, TrainError, TrainPrecision, WarmupCosine,
+    all_gather_rows, all_reduce_mean, clip_factor, grad_norm, AdamW, Collective, DistillConfig,
+    LossScale, Mode, SingleProcess, TrainError, TrainPrecision, WarmupCosine,
 };
 
 mod checkpoint;
@@ -761,21 +761,16 @@ impl Trainer {
             samples = all.concat().iter().map(|&n| n as usize).sum();
         }
         let loss_scale = self.loss_scale.map(|s| s.scale());
-        if let Some(scale) = loss_scale {
-            // Unscale before clipping, as GradScaler.unscale_ does.
-            for v in &refs {
-                if let Some(g) = grads.get(v) {
-                    let unscaled = (g * (1.0 / scale))?;
-                    grads.insert(v, unscaled);
-                }
-            }
-        }
         let max = if self.config.optim.clip_grad_norm > 0.0 {
             self.config.optim.clip_grad_norm
         } else {
             f64::INFINITY
         };
-        let grad_norm = clip_grad_norm(&mut grads, &refs, max)?;
+        // The norm of the unscaled gradients (GradScaler.unscale_ before clipping; with the
+        // default scales, powers of two, dividing the norm is exact). Unscaling and clipping
+        // reach the gradients as one factor inside AdamW's update, not as a tensor op each.
+        let grad_norm = grad_norm(&grads, &refs)? / loss_scale.unwrap_or(1.0);
+        let grad_scale = clip_factor(grad_norm, max) / loss_scale.unwrap_or(1.0);
         let lr = self.schedule.lr(self.step);
         let skipped = match self.loss_scale.as_mut() {
             None if !grad_norm.is_finite() => {
@@ -802,7 +797,7 @@ impl Trainer {
                 self.loss_scale.map_or(1.0, |s| s.scale())
             );
         } else {
-            self.optimizer.step(&grads, lr)?;
+            self.optimizer.step_scaled(&grads, lr, grad_scale)?;
         }
         self.step += 1;
         let m = StepMetrics {

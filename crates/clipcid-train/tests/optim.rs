@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
-use clipcid_train::{clip_grad_norm, AdamW, AdamWConfig, WarmupCosine};
+use clipcid_train::{clip_factor, clip_grad_norm, grad_norm, AdamW, AdamWConfig, WarmupCosine};
 
 /// PyTorch's AdamW on one scalar.
 struct RefAdamW {
@@ -175,6 +175,84 @@ fn clipping_scales_to_the_global_norm() {
     let mut gz = z.as_tensor().sum_all().unwrap().backward().unwrap();
     gz.insert(&z, Tensor::new(&[f64::NAN], &Device::Cpu).unwrap());
     assert!(clip_grad_norm(&mut gz, &[&z], 1.0).unwrap().is_nan());
+}
+
+/// A step with a gradient factor (how the trainer clips and unscales) gives the same bits
+/// as a plain step on gradients multiplied beforehand, on every device, for parameters
+/// updated in place (f32, several at once) and by tensor ops (f64); and [`grad_norm`] is the
+/// norm of all the gradients together.
+#[test]
+fn a_scaled_step_is_a_step_on_scaled_gradients_on_every_device() {
+    for dev in clipcid_kernels::available_devices() {
+        let make = || {
+            let w = Var::new(&[[0.5f32, -0.3, 2.0], [0.1, 0.0, -1.5]], &dev).unwrap();
+            let b = Var::new(&[0.2f32, 0.7], &dev).unwrap();
+            let s = Var::new(&[0.25f64], &dev).unwrap();
+            let named = vec![
+                ("layer.weight".to_string(), w.clone()),
+                ("layer.bias".to_string(), b.clone()),
+                ("scale".to_string(), s.clone()),
+            ];
+            (
+                AdamW::new(named, AdamWConfig::default()).unwrap(),
+                [w, b, s],
+            )
+        };
+        let (mut scaled, vs) = make();
+        let (mut plain, vp) = make();
+        let factor = 0.3;
+        let grads_of = |v: &[Var; 3]| {
+            let cube = |x: &Var| {
+                let t = x.as_tensor().to_dtype(DType::F64).unwrap();
+                (t.sqr().unwrap() * &t).unwrap().sum_all().unwrap()
+            };
+            ((cube(&v[0]) + cube(&v[1])).unwrap() + cube(&v[2]))
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        for step in 0..3 {
+            let lr = 0.01 * (step + 1) as f64;
+            let g = grads_of(&vs);
+            let refs: Vec<&Var> = vs.iter().collect();
+            let want: f64 = vs
+                .iter()
+                .map(|v| {
+                    let g = g.get(v).unwrap().to_dtype(DType::F64).unwrap();
+                    let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                    g.iter().map(|x| x * x).sum::<f64>()
+                })
+                .sum::<f64>()
+                .sqrt();
+            let norm = grad_norm(&g, &refs).unwrap();
+            assert!(
+                (norm - want).abs() <= 1e-6 * want,
+                "{dev:?}: {norm} vs {want}"
+            );
+            scaled.step_scaled(&g, lr, factor).unwrap();
+            let mut g = grads_of(&vp);
+            for v in &vp {
+                let times = (g.get(v).unwrap() * factor).unwrap();
+                g.insert(v, times);
+            }
+            plain.step(&g, lr).unwrap();
+        }
+        for (a, b) in vs.iter().zip(&vp) {
+            let bits = |v: &Var| {
+                let t = v.as_tensor().to_dtype(DType::F64).unwrap();
+                let t = t.to_device(&Device::Cpu).unwrap().flatten_all().unwrap();
+                t.to_vec1::<f64>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(a), bits(b), "{dev:?}");
+        }
+        assert!(scaled.step_scaled(&grads_of(&vs), 0.1, f64::NAN).is_err());
+    }
+    assert_eq!(clip_factor(5.0, 10.0), 1.0);
+    assert!((clip_factor(5.0, 1.0) - 1.0 / (5.0 + 1e-6)).abs() < 1e-15);
 }
 
 #[test]

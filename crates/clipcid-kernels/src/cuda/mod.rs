@@ -5,7 +5,12 @@
 //! a kernel launch and a full-size temporary each:
 //!
 //! - AdamW's update in place ([`cpu::adamw_update`](crate::cpu::adamw_update)): three
-//!   launches per parameter tensor instead of about sixteen tensor ops (f32).
+//!   launches per parameter tensor instead of about sixteen tensor ops (f32); and for a
+//!   whole optimizer step ([`cpu::adamw_update_many`](crate::cpu::adamw_update_many)) one
+//!   launch for every parameter, which reads their addresses from a table in device memory.
+//!   Its arithmetic is rounded op by op, so it gives the CPU kernel's bits.
+//! - A gradient norm's sums of squares ([`cpu::squared_norms`](crate::cpu::squared_norms)):
+//!   one launch and one copy to the host for all the gradients.
 //! - Layer norm with its backward pass ([`cpu::layer_norm`](crate::cpu::layer_norm)): one
 //!   launch forward (a warp per row of up to 1024, read once), three backward (rows, column
 //!   partial sums, their fixed-order total), where candle has a fused forward only and
@@ -140,13 +145,30 @@ __device__ float block_sum(float v, float *sh) {
     return t;
 }
 
+/* AdamW for one element, shared by the per-tensor kernels and the many-tensor one. Rounded
+   products and sums (no contraction into fused multiply-adds), and IEEE division and square
+   root: the same bits as the CPU kernel's, whatever the compiler chooses. */
+__device__ __forceinline__ float adamw_moment_of(const float acc, const float x,
+                                                 const float decay, const float rest,
+                                                 const int square) {
+    const float y = square ? __fmul_rn(__fmul_rn(rest, x), x) : __fmul_rn(rest, x);
+    return __fadd_rn(__fmul_rn(decay, acc), y);
+}
+__device__ __forceinline__ float adamw_param_of(const float p, const float m, const float v,
+                                                const float keep, const float lr,
+                                                const float inv_bias1, const float inv_bias2,
+                                                const float eps) {
+    const float update = __fdiv_rn(__fmul_rn(m, inv_bias1),
+                                   __fadd_rn(__fsqrt_rn(__fmul_rn(v, inv_bias2)), eps));
+    return __fsub_rn(__fmul_rn(p, keep), __fmul_rn(lr, update));
+}
+
 extern "C" __global__ void clipcid_adamw_moment(float *acc, const float *g, const unsigned int n,
                                                 const float decay, const float rest,
-                                                const int square) {
+                                                const int square, const float scale) {
     for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += blockDim.x * gridDim.x) {
-        const float x = g[i];
-        acc[i] = square ? decay * acc[i] + rest * x * x : decay * acc[i] + rest * x;
+        acc[i] = adamw_moment_of(acc[i], __fmul_rn(g[i], scale), decay, rest, square);
     }
 }
 
@@ -156,9 +178,48 @@ extern "C" __global__ void clipcid_adamw_apply(float *p, const float *m, const f
                                                const float inv_bias2, const float eps) {
     for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += blockDim.x * gridDim.x) {
-        const float update = (m[i] * inv_bias1) / (sqrtf(v[i] * inv_bias2) + eps);
-        p[i] = p[i] * keep - lr * update;
+        p[i] = adamw_param_of(p[i], m[i], v[i], keep, lr, inv_bias1, inv_bias2, eps);
     }
+}
+
+/* AdamW over many f32 parameters in one launch (an optimizer step; see adamw_many). Block b
+   takes chunk b of the table, five words: the device addresses of the chunk's parameter
+   values, first moments, second moments and gradient, then the chunk's length (low 32 bits)
+   and its parameter's decay factor `keep` (high 32 bits, the f32's bits). */
+extern "C" __global__ void clipcid_adamw_many(const unsigned long long *table, const float decay1,
+                                              const float rest1, const float decay2,
+                                              const float rest2, const float scale,
+                                              const float lr, const float inv_bias1,
+                                              const float inv_bias2, const float eps) {
+    const unsigned long long *e = table + 5ull * blockIdx.x;
+    float *p = (float *)e[0];
+    float *m = (float *)e[1];
+    float *v = (float *)e[2];
+    const float *g = (const float *)e[3];
+    const unsigned int n = (unsigned int)(e[4] & 0xffffffffull);
+    const float keep = __uint_as_float((unsigned int)(e[4] >> 32));
+    for (unsigned int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float x = __fmul_rn(g[i], scale);
+        const float mi = adamw_moment_of(m[i], x, decay1, rest1, 0);
+        const float vi = adamw_moment_of(v[i], x, decay2, rest2, 1);
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = adamw_param_of(p[i], mi, vi, keep, lr, inv_bias1, inv_bias2, eps);
+    }
+}
+
+/* The sum of squares of each chunk of many f32 tensors in one launch (a gradient norm; see
+   squares_many): block b reads the address table[2 b] and the count table[2 b + 1], and
+   writes its total, added in a fixed order, to partials[b]. */
+extern "C" __global__ void clipcid_squares_many(const unsigned long long *table,
+                                                float *partials) {
+    __shared__ float sh[32];
+    const float *x = (const float *)table[2ull * blockIdx.x];
+    const unsigned int n = (unsigned int)table[2ull * blockIdx.x + 1];
+    float s = 0.0f;
+    for (unsigned int i = threadIdx.x; i < n; i += blockDim.x) s += x[i] * x[i];
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) partials[blockIdx.x] = s;
 }
 
 /* One block per row: mean, then variance about it (two passes, as PyTorch). */
@@ -844,7 +905,12 @@ CLIPCID_TYPED(f16_t, f16)
 );
 
 /// The kernels [`SOURCE`] defines once.
-const UNTYPED_KERNELS: [&str; 2] = ["clipcid_adamw_moment", "clipcid_adamw_apply"];
+const UNTYPED_KERNELS: [&str; 4] = [
+    "clipcid_adamw_moment",
+    "clipcid_adamw_apply",
+    "clipcid_adamw_many",
+    "clipcid_squares_many",
+];
 
 /// The kernels [`SOURCE`] defines for each dtype, as `{name}_{suffix}` (see [`suffix`]).
 const TYPED_KERNELS: [&str; 19] = [
@@ -1001,7 +1067,8 @@ fn span(l: &Layout, op: &str) -> Result<Span> {
     }
 }
 
-/// `acc = decay acc + (1 - decay) g` (or `g^2` when `square`), in place, f32.
+/// `acc = decay acc + (1 - decay) x` (or `x^2` when `square`) with `x = g scale`, in place,
+/// f32.
 pub(crate) fn adamw_moment(
     acc: &mut CudaStorage,
     la: &Layout,
@@ -1009,6 +1076,7 @@ pub(crate) fn adamw_moment(
     lg: &Layout,
     decay: f64,
     square: bool,
+    scale: f32,
 ) -> Result<()> {
     const OP: &str = "clipcid-adamw-moment";
     let (a0, a1) = span(la, OP)?;
@@ -1034,6 +1102,7 @@ pub(crate) fn adamw_moment(
     b.arg(&decay_f);
     b.arg(&rest);
     b.arg(&square);
+    b.arg(&scale);
     // SAFETY: the kernel reads `n` elements of `g` and reads and writes `n` of `acc`, both
     // views of exactly `n` elements; the scalars match the kernel's parameter types.
     unsafe { b.launch(LaunchConfig::for_num_elems(n)) }.w()?;
@@ -1078,6 +1147,173 @@ pub(crate) fn adamw_apply(
     // kernel's parameter types.
     unsafe { b.launch(LaunchConfig::for_num_elems(n)) }.w()?;
     Ok(())
+}
+
+/// Elements of one tensor that one block of the many-tensor kernels takes.
+const MANY_CHUNK: usize = 1 << 16;
+/// Threads per block of the many-tensor kernels (a multiple of the warp size).
+const MANY_THREADS: u32 = 256;
+
+/// Runs `launch` with the device address and element count of each tensor's contiguous f32
+/// elements (all on one GPU), the tensors' storages held (read-locked) meanwhile. candle gives
+/// a kernel at most three tensors; the many-tensor kernels take the addresses from a table
+/// in device memory instead, as PyTorch's `multi_tensor_apply` does.
+fn with_f32_addresses<R>(
+    ts: &[&Tensor],
+    op: &str,
+    launch: impl FnOnce(&candle_core::CudaDevice, &[(u64, usize)]) -> Result<R>,
+) -> Result<R> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let Some(first) = ts.first() else {
+        bail!("{op}: no tensors")
+    };
+    let Device::Cuda(dev) = first.device() else {
+        bail!("{op}: expected tensors on a GPU")
+    };
+    let stream = dev.cuda_stream();
+    let held: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut addresses = Vec::with_capacity(ts.len());
+    for (t, (storage, layout)) in ts.iter().zip(&held) {
+        let candle_core::Storage::Cuda(cs) = &**storage else {
+            bail!("{op}: expected tensors on a GPU")
+        };
+        if !t.device().same_device(first.device()) {
+            bail!("{op}: tensors on more than one GPU");
+        }
+        let (start, end) = span(layout, op)?;
+        let (base, _read) = cs.as_cuda_slice::<f32>()?.device_ptr(&stream);
+        addresses.push((base + 4 * start as u64, end - start));
+    }
+    launch(dev, &addresses)
+}
+
+/// The byte range `[start, end)` of each tensor's contiguous f32 values in GPU memory (all on
+/// one GPU).
+pub(crate) fn f32_ranges(ts: &[&Tensor], op: &str) -> Result<Vec<(u64, u64)>> {
+    with_f32_addresses(ts, op, |_, at| {
+        Ok(at.iter().map(|&(a, n)| (a, a + 4 * n as u64)).collect())
+    })
+}
+
+/// Each chunk of at most [`MANY_CHUNK`] elements of each `(address, count)`, in order:
+/// `(tensor, first element, elements)`.
+fn many_chunks(counts: impl IntoIterator<Item = usize>) -> Vec<(usize, usize, usize)> {
+    counts
+        .into_iter()
+        .enumerate()
+        .flat_map(|(t, n)| {
+            (0..n)
+                .step_by(MANY_CHUNK)
+                .map(move |o| (t, o, MANY_CHUNK.min(n - o)))
+        })
+        .collect()
+}
+
+/// [`cpu::adamw_update_many`](crate::cpu::adamw_update_many) in one launch: `params` and
+/// `grads` (contiguous) are f32 on one GPU. No range the kernel writes (a parameter or a
+/// moment) may overlap another range it reads or writes (`check_update_ranges`): each block
+/// then writes its own elements, and what one block writes no other reads.
+pub(crate) fn adamw_many(
+    params: &[crate::cpu::AdamWParam<'_>],
+    grads: &[Tensor],
+    step: &crate::cpu::AdamWStep,
+    scale: f32,
+) -> Result<()> {
+    const OP: &str = "clipcid-adamw-many";
+    let mut ts = Vec::with_capacity(4 * params.len());
+    for (p, g) in params.iter().zip(grads) {
+        ts.extend([p.param, p.m, p.v, g]);
+    }
+    with_f32_addresses(&ts, OP, |dev, at| {
+        let plain = step.scalars_with_decay(0.0);
+        let decayed = step.scalars_with_decay(step.weight_decay);
+        let mut table = vec![];
+        for (t, o, n) in many_chunks(at.chunks(4).map(|four| four[0].1)) {
+            let four = &at[4 * t..4 * t + 4];
+            let keep = if params[t].decays {
+                decayed.keep
+            } else {
+                plain.keep
+            };
+            table.extend(four.iter().map(|&(a, _)| a + 4 * o as u64));
+            table.push(n as u64 | (u64::from(keep.to_bits()) << 32));
+        }
+        let blocks = (table.len() / 5) as u32;
+        if blocks == 0 {
+            return Ok(());
+        }
+        let stream = dev.cuda_stream();
+        let table = stream.clone_htod(&table).w()?;
+        let func = dev.get_or_load_custom_func("clipcid_adamw_many", MODULE, ptx()?)?;
+        let (b1, b2) = (step.beta1 as f32, step.beta2 as f32);
+        let (r1, r2) = ((1.0 - step.beta1) as f32, (1.0 - step.beta2) as f32);
+        let mut b = func.builder();
+        b.arg(&table);
+        for x in [
+            &b1,
+            &r1,
+            &b2,
+            &r2,
+            &scale,
+            &plain.lr,
+            &plain.inv_bias1,
+            &plain.inv_bias2,
+            &plain.eps,
+        ] {
+            b.arg(x);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (MANY_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: each of the `blocks` table entries holds four addresses of at least its
+        // count of f32 elements (chunks of tensors whose storages `with_f32_addresses` holds
+        // through the launch, which is stream-ordered before any later use or free), the
+        // ranges written overlap nothing else the kernel touches (the caller checked), and
+        // the scalars match the kernel's parameter types.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    })
+}
+
+/// [`cpu::squared_norms`](crate::cpu::squared_norms) in one launch and one copy to the host:
+/// `ts` are contiguous f32 tensors on one GPU; each chunk's f32 total, then each tensor's
+/// chunks added in f64 in order.
+pub(crate) fn squares_many(ts: &[&Tensor]) -> Result<Vec<f64>> {
+    const OP: &str = "clipcid-squares-many";
+    with_f32_addresses(ts, OP, |dev, at| {
+        let chunks = many_chunks(at.iter().map(|&(_, n)| n));
+        let mut sums = vec![0f64; ts.len()];
+        if chunks.is_empty() {
+            return Ok(sums);
+        }
+        let table: Vec<u64> = chunks
+            .iter()
+            .flat_map(|&(t, o, n)| [at[t].0 + 4 * o as u64, n as u64])
+            .collect();
+        let stream = dev.cuda_stream();
+        let table = stream.clone_htod(&table).w()?;
+        let mut partials = stream.alloc_zeros::<f32>(chunks.len()).w()?;
+        let func = dev.get_or_load_custom_func("clipcid_squares_many", MODULE, ptx()?)?;
+        let mut b = func.builder();
+        b.arg(&table);
+        b.arg(&mut partials);
+        let cfg = LaunchConfig {
+            grid_dim: (chunks.len() as u32, 1, 1),
+            block_dim: (MANY_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: each of the `chunks.len()` table entries is an address of at least its
+        // count of f32 elements (held by `with_f32_addresses` through the launch) and
+        // `partials` has a value per entry.
+        unsafe { b.launch(cfg) }.w()?;
+        let partials = stream.clone_dtoh(&partials).w()?;
+        for (&(t, _, _), p) in chunks.iter().zip(partials) {
+            sums[t] += f64::from(p);
+        }
+        Ok(sums)
+    })
 }
 
 /// `$f::<T>(args)` with `T` the Rust type of `$dtype` (f32, bf16 or f16); for any other dtype
