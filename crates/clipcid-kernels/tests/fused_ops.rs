@@ -221,83 +221,132 @@ fn adamw_in_place_matches_the_formula_on_every_device() {
 }
 
 /// A step over many parameters at once (one launch on a GPU) against one `adamw_update` per
-/// parameter on the CPU with the gradients scaled beforehand: the same bits on every device,
-/// for sizes that cross the GPU kernel's chunks of 65,536 values, with and without weight
-/// decay; and `adamw_update` alone gives the CPU's bits on every device too.
+/// parameter on the CPU with the gradients widened to f32 and scaled beforehand and the
+/// working copies cast afterwards: the same bits on every device, parameters and copies, for
+/// sizes that cross the GPU kernel's chunks of 65,536 values, with and without weight decay,
+/// f32, bf16 and f16 gradients, and bf16 and f16 copies; and `adamw_update` alone gives the
+/// CPU's bits on every device too.
 #[test]
 fn adamw_for_many_parameters_gives_the_cpus_bits_on_every_device() {
-    let sizes: [&[usize]; 4] = [&[300, 257], &[70_000], &[7], &[65_536]];
+    use DType::{BF16, F16, F32};
+    // (shape, gradient dtype, working copy's dtype)
+    let params: [(&[usize], DType, Option<DType>); 4] = [
+        (&[300, 257], F32, None),
+        (&[70_000], BF16, Some(BF16)),
+        (&[7], F16, Some(F16)),
+        (&[65_536], F32, Some(BF16)),
+    ];
     let scale = 0.37;
-    let step = |t| adamw_step(t, 0.1);
+    let decay = |i: usize| if i.is_multiple_of(2) { 0.1 } else { 0.0 };
     let bits = |ts: &[Tensor]| -> Vec<Vec<u32>> {
         ts.iter()
             .map(|t| {
                 let v = t.to_device(&Device::Cpu).unwrap().flatten_all().unwrap();
-                v.to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.to_bits())
-                    .collect()
+                let v = v.to_dtype(F32).unwrap().to_vec1::<f32>().unwrap();
+                v.iter().map(|x| x.to_bits()).collect()
             })
             .collect()
     };
-    // The reference: one adamw_update per parameter on the CPU.
-    let cpu_dev = Device::Cpu;
-    let start = |dev: &Device| -> Vec<[Tensor; 3]> {
-        sizes
+    // Per parameter: the parameter, its moments and its copy (the parameter itself if none).
+    let start = |dev: &Device| -> Vec<[Tensor; 4]> {
+        params
             .iter()
             .enumerate()
-            .map(|(i, s)| {
-                let p = randn(s, i as u64, dev);
+            .map(|(i, (shape, _, copy))| {
+                let p = randn(shape, i as u64, dev);
                 let (m, v) = (p.zeros_like().unwrap(), p.zeros_like().unwrap());
-                [p, m, v]
+                let c = match copy {
+                    Some(d) => Var::from_tensor(&p.to_dtype(*d).unwrap()).unwrap(),
+                    None => Var::from_tensor(&p).unwrap(),
+                };
+                [p, m, v, c.as_tensor().clone()]
             })
             .collect()
     };
     let grads = |t: i32, dev: &Device| -> Vec<Tensor> {
-        (0..sizes.len())
-            .map(|i| randn(sizes[i], 100 * t as u64 + i as u64, dev))
+        params
+            .iter()
+            .enumerate()
+            .map(|(i, (shape, dtype, _))| {
+                let g = randn(shape, 100 * t as u64 + i as u64, dev);
+                g.to_dtype(*dtype).unwrap()
+            })
             .collect()
     };
-    let reference = start(&cpu_dev);
-    for t in 1..=3 {
-        for (i, ([p, m, v], g)) in reference.iter().zip(grads(t, &cpu_dev)).enumerate() {
-            let s = adamw_step(t, if i % 2 == 0 { 0.1 } else { 0.0 });
-            cpu::adamw_update(p, &(g * scale).unwrap(), m, v, s).unwrap();
+    // One adamw_update per parameter, then the copy's cast.
+    let one_by_one = |state: &[[Tensor; 4]], g: &[Tensor], t: i32| {
+        for (i, ([p, m, v, _], g)) in state.iter().zip(g).enumerate() {
+            let g = (g.to_dtype(F32).unwrap() * scale).unwrap();
+            cpu::adamw_update(p, &g, m, v, adamw_step(t, decay(i))).unwrap();
         }
+    };
+    let copies = |state: &[[Tensor; 4]]| -> Vec<Tensor> {
+        state
+            .iter()
+            .zip(&params)
+            .map(|([p, ..], (_, _, copy))| p.to_dtype(copy.unwrap_or(F32)).unwrap())
+            .collect()
+    };
+    let reference = start(&Device::Cpu);
+    for t in 1..=3 {
+        one_by_one(&reference, &grads(t, &Device::Cpu), t);
     }
-    let want = bits(&reference.concat());
+    let want_params = bits(
+        &reference
+            .iter()
+            .flat_map(|s| s[..3].to_vec())
+            .collect::<Vec<_>>(),
+    );
+    let want_copies = bits(&copies(&reference));
     for dev in available_devices() {
         let many = start(&dev);
-        let one_by_one = start(&dev);
+        let separate = start(&dev);
         for t in 1..=3 {
             let g = grads(t, &dev);
-            let params: Vec<cpu::AdamWParam> = many
+            let copy_vars: Vec<Option<Var>> = many
+                .iter()
+                .zip(&params)
+                .map(|(s, (_, _, copy))| copy.map(|_| Var::from_tensor(&s[3]).unwrap()))
+                .collect();
+            let update: Vec<cpu::AdamWParam> = many
                 .iter()
                 .zip(&g)
+                .zip(&copy_vars)
                 .enumerate()
-                .map(|(i, ([p, m, v], g))| cpu::AdamWParam {
+                .map(|(i, (([p, m, v, _], g), c))| cpu::AdamWParam {
                     param: p,
                     grad: g,
                     m,
                     v,
-                    decays: i % 2 == 0,
+                    decays: i.is_multiple_of(2),
+                    copy: c.as_ref(),
                 })
                 .collect();
-            cpu::adamw_update_many(&params, step(t), scale).unwrap();
-            for (i, ([p, m, v], g)) in one_by_one.iter().zip(&g).enumerate() {
-                let s = adamw_step(t, if i % 2 == 0 { 0.1 } else { 0.0 });
-                cpu::adamw_update(p, &(g * scale).unwrap(), m, v, s).unwrap();
-            }
+            cpu::adamw_update_many(&update, adamw_step(t, 0.1), scale).unwrap();
+            one_by_one(&separate, &g, t);
         }
-        assert!(bits(&many.concat()) == want, "{dev:?}: adamw_update_many");
-        assert!(bits(&one_by_one.concat()) == want, "{dev:?}: adamw_update");
+        let got: Vec<Tensor> = many.iter().flat_map(|s| s[..3].to_vec()).collect();
+        assert!(bits(&got) == want_params, "{dev:?}: adamw_update_many");
+        let got_copies: Vec<Tensor> = many
+            .iter()
+            .zip(&params)
+            .map(|(s, (_, _, copy))| {
+                if copy.is_some() {
+                    s[3].clone()
+                } else {
+                    s[0].clone()
+                }
+            })
+            .collect();
+        assert!(bits(&got_copies) == want_copies, "{dev:?}: working copies");
+        let got: Vec<Tensor> = separate.iter().flat_map(|s| s[..3].to_vec()).collect();
+        assert!(bits(&got) == want_params, "{dev:?}: adamw_update");
     }
 }
 
 /// `adamw_update_many` refuses, on every device, tensors of different sizes within one
-/// parameter and tensors it writes that share memory, naming the problem, and changes
-/// nothing.
+/// parameter (a working copy's included) and tensors it writes that share memory, naming the
+/// problem, and changes nothing.
 #[test]
 fn adamw_for_many_parameters_refuses_mismatched_or_shared_tensors() {
     let s = adamw_step(1, 0.0);
@@ -313,11 +362,22 @@ fn adamw_for_many_parameters_refuses_mismatched_or_shared_tensors() {
             m,
             v,
             decays: false,
+            copy: None,
+        };
+        // A copy of another size, and a copy that is the parameter's own storage.
+        let small = Var::from_tensor(&short.to_dtype(DType::BF16).unwrap()).unwrap();
+        let same = Var::from_tensor(&p).unwrap();
+        let with_copy = |param, copy| cpu::AdamWParam {
+            param,
+            copy: Some(copy),
+            ..one(&g, &m, &v)
         };
         let cases = [
             (one(&short, &m, &v), "its gradient 3"),
             (one(&g, &m, &m), "share memory"),
             (one(&m, &m, &v), "shares memory"),
+            (with_copy(&p, &small), "its copy 3"),
+            (with_copy(same.as_tensor(), &same), "share memory"),
         ];
         for (param, want) in cases {
             let e = cpu::adamw_update_many(&[param], s, 1.0)
@@ -336,7 +396,7 @@ fn adamw_for_many_parameters_refuses_mismatched_or_shared_tensors() {
 }
 
 /// Each tensor's sum of squares (one launch on a GPU) against an f64 sum on the CPU, for
-/// sizes that cross the GPU kernel's chunks, a strided view and an empty tensor.
+/// sizes that cross the GPU kernel's chunks, a strided view, an empty tensor, bf16 and f16.
 #[test]
 fn squared_norms_match_an_f64_sum_on_every_device() {
     for dev in available_devices() {
@@ -344,10 +404,15 @@ fn squared_norms_match_an_f64_sum_on_every_device() {
         let b = randn(&[33, 65], 2, &dev);
         let c = randn(&[0], 3, &dev);
         let d = randn(&[40, 3], 4, &dev).t().unwrap();
-        let got = cpu::squared_norms(&[&a, &b, &c, &d]).unwrap();
-        for (t, got) in [&a, &b, &c, &d].into_iter().zip(got) {
+        let e = randn(&[1000], 5, &dev).to_dtype(DType::BF16).unwrap();
+        let f = randn(&[999], 6, &dev).to_dtype(DType::F16).unwrap();
+        let all = [&a, &b, &c, &d, &e, &f];
+        let got = cpu::squared_norms(&all).unwrap();
+        for (t, got) in all.into_iter().zip(got) {
             let v = t.to_device(&Device::Cpu).unwrap().flatten_all().unwrap();
             let want: f64 = v
+                .to_dtype(DType::F32)
+                .unwrap()
                 .to_vec1::<f32>()
                 .unwrap()
                 .iter()

@@ -488,6 +488,58 @@ impl ClipModel {
         Self::build(&self.config, params)
     }
 
+    /// The same model computing in `dtype` on working copies: each tensor named in `copies`
+    /// is taken from there (a `dtype` [`Var`] that an optimizer refreshes from the f32 master
+    /// weight, as `clipcid_train::AdamW::working_copies` makes), the others are cast once and
+    /// detached (frozen weights). Gradients of a loss on its outputs then go to the copies,
+    /// where [`ClipModel::cast`]'s go through a cast of every weight, made each step.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), clipcid_models::ModelError> {
+    /// use std::collections::HashMap;
+    /// use candle_core::{DType, Device, Tensor, Var};
+    /// use clipcid_models::{ClipConfig, ClipModel};
+    /// let cfg = ClipConfig::preset("tiny")?;
+    /// let (model, varmap) = ClipModel::trainable(&cfg, 0, &Device::Cpu)?;
+    /// let name = "visual_projection.weight";
+    /// let master = varmap.data().lock().unwrap()[name].clone();
+    /// let copy = Var::from_tensor(&master.as_tensor().to_dtype(DType::BF16)?)?;
+    /// let half = model.cast_using(DType::BF16, &HashMap::from([(name.to_string(), copy.clone())]))?;
+    /// let px = Tensor::zeros((1, 3, 32, 32), DType::F32, &Device::Cpu)?;
+    /// let loss = half.encode_image(&px)?.to_dtype(DType::F32)?.sqr()?.sum_all()?;
+    /// let grads = loss.backward()?;
+    /// // The copy gets a bf16 gradient; the master weight and the frozen casts get none.
+    /// assert_eq!(grads.get(copy.as_tensor()).map(|g| g.dtype()), Some(DType::BF16));
+    /// assert!(grads.get(master.as_tensor()).is_none());
+    /// # Ok(()) }
+    /// ```
+    pub fn cast_using(
+        &self,
+        dtype: DType,
+        copies: &HashMap<String, Var>,
+    ) -> Result<Self, ModelError> {
+        let params = self
+            .params
+            .iter()
+            .map(|(n, t)| {
+                let t = match copies.get(n) {
+                    Some(c) if c.dims() != t.dims() || c.dtype() != dtype => {
+                        return Err(ModelError::Config(format!(
+                            "working copy `{n}` is {:?} {:?}, the model needs {:?} {dtype:?}",
+                            c.dims(),
+                            c.dtype(),
+                            t.dims()
+                        )))
+                    }
+                    Some(c) => c.as_tensor().clone(),
+                    None => t.to_dtype(dtype)?.detach(),
+                };
+                Ok((n.clone(), t))
+            })
+            .collect::<Result<Params, ModelError>>()?;
+        Self::build(&self.config, params)
+    }
+
     /// The model's shape.
     pub fn config(&self) -> &ClipConfig {
         &self.config

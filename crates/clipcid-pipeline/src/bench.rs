@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use clipcid_loss::ClipLoss;
 use clipcid_models::weights::init_tensors;
 use clipcid_models::{ClipConfig, ClipModel};
@@ -174,12 +174,11 @@ pub fn throughput(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
 
     let cfg = ClipConfig::preset("piccollage-s12")?;
     let (student, varmap) = ClipModel::trainable_from(&cfg, init_tensors(&cfg, 0)?, device)?;
-    let named = crate::parity::named_vars(&varmap)?;
-    let vars: Vec<&Var> = named.iter().map(|(_, v)| v).collect();
-    let mut opt = clipcid_train::AdamW::new(named.clone(), Default::default())?;
+    let mut opt =
+        clipcid_train::AdamW::new(crate::parity::named_vars(&varmap)?, Default::default())?;
     let (px, tok) = student_batch(&cfg, b, device)?;
-    // f32, then bf16 as the trainer's `precision = "bf16"` runs it: towers on bf16 casts of
-    // the f32 weights, the loss in f32, AdamW on the f32 weights. On a GPU both again with
+    // f32, then bf16 as the trainer's `precision = "bf16"` runs it: towers on bf16 working
+    // copies of the f32 weights, the loss in f32, AdamW on the f32 weights and the copies. On a GPU both again with
     // each trainable encoder layer as one autograd node (`cuda::set_block_node`, off by
     // default until these rows say it pays), and with clipcid's CUDA kernels switched off
     // (candle's primitive ops only): what they are worth.
@@ -223,13 +222,17 @@ pub fn throughput(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
         let mut setting_phases = vec![];
         let measured = (|| -> Result<(), PipelineError> {
             for bf16 in [false, true] {
+                // bf16 as the trainer runs it: the towers on AdamW's bf16 working copies,
+                // which each update refreshes.
+                let half = if bf16 {
+                    let copies = opt.working_copies(DType::BF16, |n| n != "logit_scale")?;
+                    Some(student.cast_using(DType::BF16, &copies.into_iter().collect())?)
+                } else {
+                    opt.clear_working_copies();
+                    None
+                };
                 let forward = || -> Result<Tensor, PipelineError> {
-                    let cast = if bf16 {
-                        Some(student.cast(DType::BF16)?)
-                    } else {
-                        None
-                    };
-                    let m = cast.as_ref().unwrap_or(&student);
+                    let m = half.as_ref().unwrap_or(&student);
                     Ok(ClipLoss::new().forward(
                         &m.encode_image(&px)?.to_dtype(DType::F32)?,
                         &m.encode_text(&tok)?.to_dtype(DType::F32)?,
@@ -270,7 +273,7 @@ pub fn throughput(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
                         p.push((z - a).as_secs_f64());
                     }
                     let t4 = Instant::now();
-                    clipcid_train::grad_norm(&grads, &vars)?;
+                    opt.grad_norm(&grads)?;
                     norm.push(t4.elapsed().as_secs_f64());
                 }
                 for (name, mut t) in ["forward and loss", "backward", "AdamW update"]

@@ -260,10 +260,8 @@ pub fn all_reduce_mean(
     for v in vars {
         let t = v.as_tensor();
         let n = t.elem_count();
-        let g = mean
-            .narrow(0, offset, n)?
-            .reshape(t.shape())?
-            .to_dtype(t.dtype())?;
+        // In f32 whatever the variable's dtype (a bf16 working copy's gradient too).
+        let g = mean.narrow(0, offset, n)?.reshape(t.shape())?;
         grads.insert(t, g);
         offset += n;
     }

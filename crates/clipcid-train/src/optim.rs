@@ -43,6 +43,21 @@ struct Slot {
     decay: bool,
     m: Tensor,
     v: Tensor,
+    /// The working copy a mixed-precision model computes with ([`AdamW::working_copies`]).
+    copy: Option<Var>,
+}
+
+impl Slot {
+    /// This parameter's gradient in `grads`: its own, its working copy's, or (both present)
+    /// their sum in f32.
+    fn gradient(&self, grads: &GradStore) -> Result<Option<Tensor>, TrainError> {
+        let copy = self.copy.as_ref().and_then(|c| grads.get(c));
+        Ok(match (grads.get(&self.var), copy) {
+            (None, None) => None,
+            (Some(g), None) | (None, Some(g)) => Some(g.clone()),
+            (Some(a), Some(b)) => Some((a.to_dtype(DType::F32)? + b.to_dtype(DType::F32)?)?),
+        })
+    }
 }
 
 /// AdamW (Loshchilov & Hutter) as PyTorch's `torch.optim.AdamW` computes it, per parameter
@@ -99,6 +114,7 @@ impl AdamW {
                     decay,
                     m,
                     v,
+                    copy: None,
                 })
             })
             .collect::<Result<Vec<_>, TrainError>>()?;
@@ -148,13 +164,100 @@ impl AdamW {
         self.step_scaled(grads, lr, 1.0)
     }
 
+    /// Working copies in `dtype` (bf16 or f16) of the parameters whose names `select` picks:
+    /// new [`Var`]s holding each parameter rounded to `dtype`, for a model that computes in
+    /// `dtype` (`ClipModel::cast_using`). Each step then takes a parameter's gradient from its
+    /// copy (summed in f32 with the parameter's own where both have one), updates the f32
+    /// parameter, and writes it, rounded, into the copy: on a GPU in the update's own launch.
+    /// This is PyTorch AMP's mixed precision (f32 master weights and optimizer state,
+    /// low-precision working weights) without casting every weight each step, and every
+    /// gradient back to f32, as a model cast each step ([`ClipModel::cast`]) does. Calling it
+    /// again makes fresh copies (after the parameters were set from outside, as a resumed
+    /// checkpoint does); the previous ones are no longer updated.
+    ///
+    /// [`ClipModel::cast`]: clipcid_models::ClipModel::cast
+    ///
+    /// ```
+    /// # fn main() -> Result<(), clipcid_train::TrainError> {
+    /// use candle_core::{DType, Device, Var};
+    /// use clipcid_train::{AdamW, AdamWConfig};
+    /// let w = Var::new(&[1f32, -1.0], &Device::Cpu)?;
+    /// let config = AdamWConfig { weight_decay: 0.0, ..Default::default() };
+    /// let mut opt = AdamW::new(vec![("w".into(), w.clone())], config)?;
+    /// let copies = opt.working_copies(DType::BF16, |_| true)?;
+    /// let w16 = &copies[0].1;
+    /// // The loss computes with the bf16 copy; its gradient updates the f32 weight.
+    /// let grads = (w16.as_tensor() * 3.0)?.sum_all()?.backward()?;
+    /// opt.step(&grads, 0.1)?;
+    /// // Both gradients are 3: the first step moves each weight by lr against that sign.
+    /// let got = w.as_tensor().to_vec1::<f32>()?;
+    /// assert!((got[0] - 0.9).abs() < 1e-6 && (got[1] + 1.1).abs() < 1e-6);
+    /// // The copy holds them rounded to bf16.
+    /// let copy = w16.as_tensor().to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    /// assert_eq!(copy, [0.8984375, -1.1015625]);
+    /// # Ok(()) }
+    /// ```
+    pub fn working_copies(
+        &mut self,
+        dtype: DType,
+        select: impl Fn(&str) -> bool,
+    ) -> Result<Vec<(String, Var)>, TrainError> {
+        if !matches!(dtype, DType::BF16 | DType::F16) {
+            return Err(TrainError::Config(format!(
+                "working copies are bf16 or f16, not {dtype:?}"
+            )));
+        }
+        self.clear_working_copies();
+        let mut out = vec![];
+        for slot in &mut self.slots {
+            if select(&slot.name) {
+                let copy = Var::from_tensor(&slot.var.as_tensor().to_dtype(dtype)?)?;
+                out.push((slot.name.clone(), copy.clone()));
+                slot.copy = Some(copy);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops the working copies ([`AdamW::working_copies`]): later steps update the f32
+    /// parameters alone.
+    pub fn clear_working_copies(&mut self) {
+        for slot in &mut self.slots {
+            slot.copy = None;
+        }
+    }
+
+    /// The variable whose gradient each parameter's update reads: its working copy where it
+    /// has one, the parameter itself otherwise (what gradient accumulation and a
+    /// data-parallel all-reduce go over). A step also adds the parameter's own gradient to
+    /// its copy's where both have one, but a parameter with a copy should take its
+    /// gradient through the copy alone, so that these variables carry them all.
+    pub fn gradient_vars(&self) -> Vec<Var> {
+        self.slots
+            .iter()
+            .map(|s| s.copy.clone().unwrap_or_else(|| s.var.clone()))
+            .collect()
+    }
+
+    /// The global L2 norm of the gradients a step would read (each parameter's, its working
+    /// copy's and their sum where both have one), as [`grad_norm`] takes it.
+    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64, TrainError> {
+        let gs = self
+            .slots
+            .iter()
+            .filter_map(|s| s.gradient(grads).transpose())
+            .collect::<Result<Vec<_>, _>>()?;
+        let sums = cpu::squared_norms(&gs.iter().collect::<Vec<_>>())?;
+        Ok(sums.iter().sum::<f64>().sqrt())
+    }
+
     /// One update at learning rate `lr` with each gradient multiplied by `grad_scale` first:
     /// the factor of gradient clipping (see [`grad_norm`]) and of f16 loss scaling (one over
     /// the loss scale) in one, where scaling each gradient beforehand would be a tensor op
     /// per parameter. The parameters that take the in-place update (f32 on the CPU, or on a
     /// GPU whose clipcid kernels loaded) are updated together by
-    /// `clipcid_kernels::cpu::adamw_update_many` (one launch on a GPU); others by tensor ops,
-    /// with the same formula.
+    /// `clipcid_kernels::cpu::adamw_update_many` (one launch on a GPU, working copies
+    /// included); others by tensor ops, with the same formula.
     ///
     /// ```
     /// # fn main() -> Result<(), clipcid_train::TrainError> {
@@ -193,24 +296,26 @@ impl AdamW {
         let bias1 = 1.0 - c.beta1.powi(t);
         let bias2 = 1.0 - c.beta2.powi(t);
         let gpu_in_place = self.gpu_in_place();
-        // (slot, its f32 gradient): the in-place ones go to the kernels together.
+        // (slot, its gradient): the in-place ones go to the kernels together.
         let mut in_place: Vec<(usize, Tensor)> = vec![];
         for (i, slot) in self.slots.iter_mut().enumerate() {
-            let Some(g) = grads.get(&slot.var) else {
+            let Some(g) = slot.gradient(grads)? else {
                 continue;
             };
-            let g = g.to_dtype(DType::F32)?;
             let p = slot.var.as_tensor();
             let device = p.device();
-            if [p, &g, &slot.m, &slot.v]
+            if [p, &slot.m, &slot.v]
                 .iter()
                 .all(|t| cpu::adamw_runs_in_place(t) && t.device().same_device(device))
                 && [p, &slot.m, &slot.v].iter().all(|t| t.is_contiguous())
+                && matches!(g.dtype(), DType::F32 | DType::BF16 | DType::F16)
+                && g.device().same_device(device)
                 && (device.is_cpu() || (gpu_in_place && clipcid_kernels::gpu_kernels_take(&[p])))
             {
                 in_place.push((i, g));
                 continue;
             }
+            let g = g.to_dtype(DType::F32)?;
             let g = if grad_scale == 1.0 {
                 g
             } else {
@@ -227,9 +332,13 @@ impl AdamW {
             };
             let p = (p - (update * lr)?)?;
             slot.var.set(&p.to_dtype(slot.var.dtype())?)?;
+            if let Some(copy) = &slot.copy {
+                copy.set(&p.to_dtype(copy.dtype())?)?;
+            }
         }
         // In place: the same formula in one pass per tensor (`cpu::adamw_update`), and on a
-        // GPU in one launch for every parameter of a device (about 900 launches before).
+        // GPU in one launch for every parameter of a device, copies included (about 900
+        // launches before, and a cast per copy).
         let step = cpu::AdamWStep {
             lr,
             beta1: c.beta1,
@@ -247,6 +356,7 @@ impl AdamW {
                 m: &s.m,
                 v: &s.v,
                 decays: s.decay,
+                copy: s.copy.as_ref(),
             };
             match by_device
                 .iter_mut()

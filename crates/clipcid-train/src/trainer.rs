@@ -17,8 +17,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::data::{Needs, TrainBatch, TrainingSet};
 use crate::{
-    all_gather_rows, all_reduce_mean, clip_factor, grad_norm, AdamW, Collective, DistillConfig,
-    LossScale, Mode, SingleProcess, TrainError, TrainPrecision, WarmupCosine,
+    all_gather_rows, all_reduce_mean, clip_factor, AdamW, Collective, DistillConfig, LossScale,
+    Mode, SingleProcess, TrainError, TrainPrecision, WarmupCosine,
 };
 
 mod checkpoint;
@@ -76,6 +76,8 @@ pub struct Trainer {
     /// Batches being decoded ahead of the step (`prefetch > 0`).
     prefetch: Option<prefetch::Prefetcher>,
     model: ClipModel,
+    /// The model of a bf16 or f16 run: working copies of the weights (see `half_model`).
+    half: Option<ClipModel>,
     varmap: candle_nn::VarMap,
     optimizer: AdamW,
     cluster: Option<ClusterDistillLoss>,
@@ -394,6 +396,7 @@ impl Trainer {
             set: Arc::new(set),
             prefetch: None,
             model,
+            half: None,
             varmap,
             optimizer,
             cluster,
@@ -568,16 +571,34 @@ impl Trainer {
         Ok(batch)
     }
 
+    /// The model a bf16 or f16 run computes with (`None` in f32): the optimizer's working
+    /// copies of the trained weights (`AdamW::working_copies`, refreshed by each update) and
+    /// casts of the frozen ones, made at the first step and again after the weights are set
+    /// from a checkpoint.
+    fn half_model(&mut self) -> Result<Option<ClipModel>, TrainError> {
+        let dtype = match self.config.optim.precision {
+            TrainPrecision::F32 => return Ok(None),
+            TrainPrecision::Bf16 => DType::BF16,
+            TrainPrecision::F16 => DType::F16,
+        };
+        if self.half.is_none() {
+            // The losses read the logit scale from the f32 weights: it takes its gradient
+            // there, not through a copy.
+            let copies = self
+                .optimizer
+                .working_copies(dtype, |n| n != CENTRES && n != "logit_scale")?;
+            let copies: HashMap<String, Var> = copies.into_iter().collect();
+            self.half = Some(self.model.cast_using(dtype, &copies)?);
+        }
+        Ok(self.half.clone())
+    }
+
     /// The weighted loss of one micro-batch and its unweighted terms.
     fn micro_loss(&mut self, b: &TrainBatch, epoch: u64) -> Result<MicroLoss, TrainError> {
-        // Mixed precision: the towers run on bf16 or f16 casts of the f32 weights; the
-        // embeddings come back to f32 for the losses.
-        let cast = match self.config.optim.precision {
-            TrainPrecision::F32 => None,
-            TrainPrecision::Bf16 => Some(self.model.cast(DType::BF16)?),
-            TrainPrecision::F16 => Some(self.model.cast(DType::F16)?),
-        };
-        let model = cast.as_ref().unwrap_or(&self.model);
+        // Mixed precision: the towers run on bf16 or f16 working copies of the f32 weights;
+        // the embeddings come back to f32 for the losses.
+        let half = self.half_model()?;
+        let model = half.as_ref().unwrap_or(&self.model);
         let image = model.encode_image(&b.pixels)?.to_dtype(DType::F32)?;
         // Data parallel: the losses see the whole global batch, this rank's rows carrying
         // the gradient (all_gather_rows); teacher rows and labels are constants.
@@ -738,13 +759,17 @@ impl Trainer {
             grads = Some(match grads {
                 None => g,
                 Some(mut acc) => {
-                    for (_, var) in self.optimizer.params() {
-                        if let Some(new) = g.get(var) {
-                            let sum = match acc.get(var) {
-                                Some(old) => (old + new)?,
+                    // Summed in f32: a working copy's bf16 or f16 gradients too, as a master
+                    // weight's f32 ones were.
+                    for var in self.optimizer.gradient_vars() {
+                        if let Some(new) = g.get(&var) {
+                            let sum = match acc.get(&var) {
+                                Some(old) => {
+                                    (old.to_dtype(DType::F32)? + new.to_dtype(DType::F32)?)?
+                                }
                                 None => new.clone(),
                             };
-                            acc.insert(var, sum);
+                            acc.insert(&var, sum);
                         }
                     }
                     acc
@@ -752,7 +777,7 @@ impl Trainer {
             });
         }
         let mut grads = grads.ok_or_else(|| TrainError::Config("no micro-batch".into()))?;
-        let vars: Vec<Var> = self.optimizer.params().map(|(_, v)| v.clone()).collect();
+        let vars = self.optimizer.gradient_vars();
         let refs: Vec<&Var> = vars.iter().collect();
         // Data parallel: every rank steps with the mean gradient, so the weights stay equal.
         all_reduce_mean(self.collective.as_ref(), &mut grads, &refs)?;
@@ -769,7 +794,7 @@ impl Trainer {
         // The norm of the unscaled gradients (GradScaler.unscale_ before clipping; with the
         // default scales, powers of two, dividing the norm is exact). Unscaling and clipping
         // reach the gradients as one factor inside AdamW's update, not as a tensor op each.
-        let grad_norm = grad_norm(&grads, &refs)? / loss_scale.unwrap_or(1.0);
+        let grad_norm = self.optimizer.grad_norm(&grads)? / loss_scale.unwrap_or(1.0);
         let grad_scale = clip_factor(grad_norm, max) / loss_scale.unwrap_or(1.0);
         let lr = self.schedule.lr(self.step);
         let skipped = match self.loss_scale.as_mut() {

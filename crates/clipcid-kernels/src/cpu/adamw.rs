@@ -7,7 +7,7 @@
 //! place, each in one pass over candle's pool. On CUDA the same three passes are kernels
 //! (see `clipcid_kernels::cuda`).
 
-use candle_core::{bail, CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
+use candle_core::{bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
 
 use super::{f32_slice, math, ELEMENTS_PER_TASK};
 use crate::pool;
@@ -89,47 +89,57 @@ fn update_scaled(
     param.inplace_op3(m, v, &Apply(step))
 }
 
-/// One parameter of [`adamw_update_many`]: the tensors [`adamw_update`] takes, and whether
-/// the step's weight decay applies to it.
+/// One parameter of [`adamw_update_many`]: the tensors [`adamw_update`] takes, whether the
+/// step's weight decay applies to it, and its working copy if it has one.
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWParam<'a> {
-    /// The parameter, updated in place.
+    /// The parameter (f32), updated in place.
     pub param: &'a Tensor,
-    /// Its gradient.
+    /// Its gradient: f32, or bf16 / f16 (the gradient of a mixed-precision working copy).
     pub grad: &'a Tensor,
-    /// Its first moment, updated in place.
+    /// Its first moment (f32), updated in place.
     pub m: &'a Tensor,
-    /// Its second moment, updated in place.
+    /// Its second moment (f32), updated in place.
     pub v: &'a Tensor,
     /// Whether `weight_decay` applies (open_clip decays matrices only).
     pub decays: bool,
+    /// A working copy (bf16 or f16, the parameter's size) that receives the updated
+    /// parameter rounded to its dtype: the weights that a mixed-precision model computes
+    /// with, refreshed in the update's own pass instead of cast anew each step.
+    pub copy: Option<&'a Var>,
 }
 
 /// [`adamw_update`] for many parameters at once, each gradient multiplied by `grad_scale`
-/// first (the factor of gradient clipping and of f16 loss scaling; 1 for neither), and the
-/// step's `weight_decay` applied only where [`AdamWParam::decays`]. Same tensors and formula
-/// as [`adamw_update`], same bits on every device.
+/// first (the factor of gradient clipping and of f16 loss scaling; 1 for neither), the step's
+/// `weight_decay` applied only where [`AdamWParam::decays`], and each working copy
+/// ([`AdamWParam::copy`]) set to its updated parameter, rounded. Same formula as
+/// [`adamw_update`], same bits on every device.
 ///
-/// On a GPU where clipcid's kernels take the tensors (a `cuda` build, kernels on, all f32
-/// on one GPU), one kernel launch updates every parameter, reading their addresses from a
-/// table: a CLIP student's step is about 300 parameter tensors, and three launches each were
-/// 3.5 ms on an H200, for about 0.3 ms of memory traffic. Elsewhere, one [`adamw_update`]
-/// each.
+/// On a GPU where clipcid's kernels take the tensors (a `cuda` build, kernels on, all on one
+/// GPU), one kernel launch updates every parameter and its copy, reading their addresses from
+/// a table: a CLIP student's step is about 300 parameter tensors, and three launches each were
+/// 3.5 ms on an H200, for about 0.3 ms of memory traffic; the bf16 copies cost a cast per
+/// tensor each step besides. Elsewhere, one [`adamw_update`] each, then the copy's cast.
+/// Tensors it writes (parameters, moments, copies) must not share memory with any other of
+/// its tensors: an error says so, before anything changes.
 ///
 /// ```
 /// # fn main() -> candle_core::Result<()> {
-/// use candle_core::{Device, Tensor};
+/// use candle_core::{DType, Device, Tensor, Var};
 /// use clipcid_kernels::cpu::{adamw_update_many, AdamWParam, AdamWStep};
 /// let dev = &Device::Cpu;
 /// let (w, b) = (Tensor::new(&[[1f32, -1.0]], dev)?, Tensor::new(&[2f32], dev)?);
-/// let (gw, gb) = (Tensor::new(&[[0.5f32, -2.0]], dev)?, Tensor::new(&[4f32], dev)?);
+/// // The matrix computes in bf16 from a working copy, whose gradient is bf16 too.
+/// let w16 = Var::from_tensor(&w.to_dtype(DType::BF16)?)?;
+/// let gw = Tensor::new(&[[0.5f32, -2.0]], dev)?.to_dtype(DType::BF16)?;
+/// let gb = Tensor::new(&[4f32], dev)?;
 /// let moments = |t: &Tensor| Ok::<_, candle_core::Error>((t.zeros_like()?, t.zeros_like()?));
 /// let ((mw, vw), (mb, vb)) = (moments(&w)?, moments(&b)?);
 /// let step = AdamWStep { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.5, step: 1 };
 /// adamw_update_many(
 ///     &[
-///         AdamWParam { param: &w, grad: &gw, m: &mw, v: &vw, decays: true },
-///         AdamWParam { param: &b, grad: &gb, m: &mb, v: &vb, decays: false },
+///         AdamWParam { param: &w, grad: &gw, m: &mw, v: &vw, decays: true, copy: Some(&w16) },
+///         AdamWParam { param: &b, grad: &gb, m: &mb, v: &vb, decays: false, copy: None },
 ///     ],
 ///     step,
 ///     0.5,
@@ -139,6 +149,8 @@ pub struct AdamWParam<'a> {
 /// let (w, b) = (w.to_vec2::<f32>()?, b.to_vec1::<f32>()?);
 /// assert!((w[0][0] - 0.85).abs() < 1e-6 && (w[0][1] + 0.85).abs() < 1e-6);
 /// assert!((b[0] - 1.9).abs() < 1e-6);
+/// // The copy holds the new matrix in bf16.
+/// assert_eq!(w16.to_dtype(DType::F32)?.to_vec2::<f32>()?, [[0.8515625, -0.8515625]]);
 /// # Ok(()) }
 /// ```
 pub fn adamw_update_many(
@@ -146,16 +158,23 @@ pub fn adamw_update_many(
     step: AdamWStep,
     grad_scale: f64,
 ) -> Result<()> {
+    const OP: &str = "adamw_update_many";
     let grads = params
         .iter()
         .map(|p| p.grad.contiguous())
         .collect::<Result<Vec<_>>>()?;
-    const OP: &str = "adamw_update_many";
-    let mut ts = Vec::with_capacity(4 * params.len());
+    // Each parameter's tensors: parameter, moments, gradient, then its copy if any.
+    let mut ts = Vec::with_capacity(5 * params.len());
+    let mut groups = Vec::with_capacity(params.len());
     for (p, g) in params.iter().zip(&grads) {
+        let k = ts.len();
         ts.extend([p.param, p.m, p.v, g]);
+        ts.extend(p.copy.map(|c| c.as_tensor()));
+        groups.push(k..ts.len());
     }
-    check_update_ranges(&f32_ranges(&ts, OP)?, OP)?;
+    let extents = extents(&ts, OP)?;
+    let groups: Vec<&[Extent]> = groups.into_iter().map(|r| &extents[r]).collect();
+    check_update_ranges(&groups, OP)?;
     let scale = grad_scale as f32;
     #[cfg(feature = "cuda")]
     if ts
@@ -169,59 +188,96 @@ pub fn adamw_update_many(
             weight_decay: if p.decays { step.weight_decay } else { 0.0 },
             ..step
         };
-        update_scaled(p.param, g, p.m, p.v, step, scale)?;
+        // Widening a bf16 or f16 gradient to f32 is exact.
+        update_scaled(p.param, &g.to_dtype(DType::F32)?, p.m, p.v, step, scale)?;
+        if let Some(c) = p.copy {
+            c.set(&p.param.to_dtype(c.dtype())?)?;
+        }
     }
     Ok(())
 }
 
-/// The byte range `[start, end)` of each tensor's contiguous f32 values, in host memory (all
-/// on the CPU) or in one GPU's (a `cuda` build); otherwise an error.
-fn f32_ranges(ts: &[&Tensor], op: &str) -> Result<Vec<(u64, u64)>> {
+/// Where a tensor's contiguous values lie (host or GPU memory) and how many there are.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Extent {
+    /// The first value's address.
+    pub start: u64,
+    /// One past the last value's last byte.
+    pub end: u64,
+    /// How many values.
+    pub count: usize,
+}
+
+/// Each tensor's [`Extent`] (all on the CPU, or all on one GPU in a `cuda` build; f32, bf16
+/// or f16, contiguous); otherwise an error.
+fn extents(ts: &[&Tensor], op: &str) -> Result<Vec<Extent>> {
     #[cfg(feature = "cuda")]
     if ts.first().is_some_and(|t| t.device().is_cuda()) {
-        return crate::cuda::f32_ranges(ts, op);
+        return crate::cuda::extents(ts, op);
     }
-    ts.iter().map(|t| cpu_f32_range(t, op)).collect()
+    ts.iter()
+        .map(|t| {
+            let (storage, layout) = t.storage_and_layout();
+            let candle_core::Storage::Cpu(s) = &*storage else {
+                bail!("{op}: tensors on more than one device")
+            };
+            let Some((a, b)) = layout.contiguous_offsets() else {
+                bail!("{op}: expected a contiguous tensor")
+            };
+            let (base, size) = match s {
+                CpuStorage::F32(v) => (v.as_ptr() as u64, 4),
+                CpuStorage::BF16(v) => (v.as_ptr() as u64, 2),
+                CpuStorage::F16(v) => (v.as_ptr() as u64, 2),
+                _ => bail!(
+                    "{op}: expected f32, bf16 or f16 tensors, not {:?}",
+                    t.dtype()
+                ),
+            };
+            Ok(Extent {
+                start: base + size * a as u64,
+                end: base + size * b as u64,
+                count: b - a,
+            })
+        })
+        .collect()
 }
 
-/// The byte range `[start, end)` of a contiguous f32 CPU tensor's values in host memory.
-fn cpu_f32_range(t: &Tensor, op: &str) -> Result<(u64, u64)> {
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(s) = &*storage else {
-        bail!("{op}: tensors on more than one device")
-    };
-    let v = f32_slice(s, layout, op)?;
-    let start = v.as_ptr() as u64;
-    Ok((start, start + 4 * v.len() as u64))
-}
-
-/// Checks [`adamw_update_many`]'s tensors given as byte ranges, four per parameter
-/// (parameter, first moment, second moment, gradient): each four of one size, and no range
-/// that the update writes (a parameter or a moment) overlapping any other range; otherwise
-/// the update would read values another part of it has already changed.
-pub(crate) fn check_update_ranges(ranges: &[(u64, u64)], op: &str) -> Result<()> {
-    let mut written = Vec::with_capacity(ranges.len());
-    for (i, four) in ranges.chunks(4).enumerate() {
-        let n: Vec<u64> = four.iter().map(|(a, b)| (b - a) / 4).collect();
-        if n.iter().any(|&k| k != n[0]) {
+/// Checks [`adamw_update_many`]'s tensors, given per parameter as the extents of the
+/// parameter, its two moments, its gradient and its copy if any: all of one size, and no
+/// tensor that the update writes (all but the gradient) overlapping any other; otherwise the
+/// update would read values another part of it has already changed.
+pub(crate) fn check_update_ranges(params: &[&[Extent]], op: &str) -> Result<()> {
+    let mut written = Vec::with_capacity(5 * params.len());
+    for (i, ts) in params.iter().enumerate() {
+        if ts.iter().any(|t| t.count != ts[0].count) {
+            let counts: Vec<usize> = ts.iter().map(|t| t.count).collect();
             bail!(
-                "{op}: parameter {i} has {} values, its moments {} and {}, its gradient {}",
-                n[0],
-                n[1],
-                n[2],
-                n[3]
+                "{op}: parameter {i} has {} values, its moments {} and {}, its gradient {}{}",
+                counts[0],
+                counts[1],
+                counts[2],
+                counts[3],
+                counts
+                    .get(4)
+                    .map(|c| format!(", its copy {c}"))
+                    .unwrap_or_default()
             );
         }
-        written.extend(four[..3].iter().copied().filter(|(a, b)| a < b));
+        written.extend(
+            ts.iter()
+                .enumerate()
+                .filter(|&(k, t)| k != 3 && t.start < t.end)
+                .map(|(_, t)| (t.start, t.end)),
+        );
     }
     written.sort_unstable();
     if written.windows(2).any(|w| w[0].1 > w[1].0) {
-        bail!("{op}: two parameters or moments share memory");
+        bail!("{op}: two parameters, moments or copies share memory");
     }
-    for &(a, end) in ranges.chunks(4).map(|four| &four[3]) {
-        let before = written.partition_point(|w| w.0 < end);
-        if a < end && before > 0 && written[before - 1].1 > a {
-            bail!("{op}: a gradient shares memory with a parameter or a moment");
+    for g in params.iter().map(|ts| ts[3]) {
+        let before = written.partition_point(|w| w.0 < g.end);
+        if g.start < g.end && before > 0 && written[before - 1].1 > g.start {
+            bail!("{op}: a gradient shares memory with a parameter, a moment or a copy");
         }
     }
     Ok(())
@@ -229,7 +285,8 @@ pub(crate) fn check_update_ranges(ranges: &[(u64, u64)], op: &str) -> Result<()>
 
 /// The sum of the squares of each tensor's values, in f64: the square root of their total is
 /// the global gradient norm of `torch.nn.utils.clip_grad_norm_`. On a GPU where clipcid's
-/// kernels take the tensors (a `cuda` build, kernels on, all f32 on one GPU), one launch and
+/// kernels take the tensors (a `cuda` build, kernels on, all on one GPU in f32, bf16 or
+/// f16), one launch and
 /// one copy to the host for all of them (f32 totals of chunks of 65,536 values, added in
 /// f64 in order), where a sum per tensor waited for the GPU once per tensor; elsewhere per
 /// tensor in f64.
@@ -247,7 +304,8 @@ pub fn squared_norms(ts: &[&Tensor]) -> Result<Vec<f64>> {
     if let Some(first) = ts.first() {
         if crate::gpu_kernels_take(&[first])
             && ts.iter().all(|t| {
-                t.dtype() == candle_core::DType::F32 && t.device().same_device(first.device())
+                matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
+                    && t.device().same_device(first.device())
             })
         {
             let c = ts

@@ -182,42 +182,68 @@ extern "C" __global__ void clipcid_adamw_apply(float *p, const float *m, const f
     }
 }
 
-/* AdamW over many f32 parameters in one launch (an optimizer step; see adamw_many). Block b
-   takes chunk b of the table, five words: the device addresses of the chunk's parameter
-   values, first moments, second moments and gradient, then the chunk's length (low 32 bits)
-   and its parameter's decay factor `keep` (high 32 bits, the f32's bits). */
+/* A value of dtype code `c` (0: f32, 1: bf16, 2: f16) at element i of x, widened to f32; and
+   the store of v there, rounded to nearest-even (the many-tensor kernels, whose tensors'
+   dtypes come in their table). */
+__device__ __forceinline__ float ld_code(const void *x, const unsigned int i, const int c) {
+    if (c == 1) return ld(((const bf16_t *)x)[i]);
+    if (c == 2) return ld(((const f16_t *)x)[i]);
+    return ((const float *)x)[i];
+}
+__device__ __forceinline__ void st_code(void *x, const unsigned int i, const int c,
+                                        const float v) {
+    if (c == 1) st((bf16_t *)x + i, v);
+    else if (c == 2) st((f16_t *)x + i, v);
+    else ((float *)x)[i] = v;
+}
+
+/* AdamW over many parameters in one launch (an optimizer step; see adamw_many). Block b
+   takes chunk b of the table, seven words: the device addresses of the chunk's parameter
+   values, first moments and second moments (f32), its gradient, and its working copy (0 for
+   none); then the chunk's length (low 32 bits) with its parameter's decay factor `keep`
+   (high 32 bits, the f32's bits); then the dtype codes of the gradient (bits 0-7) and of the
+   copy (bits 8-15). The copy receives the updated parameter rounded to its dtype. */
 extern "C" __global__ void clipcid_adamw_many(const unsigned long long *table, const float decay1,
                                               const float rest1, const float decay2,
                                               const float rest2, const float scale,
                                               const float lr, const float inv_bias1,
                                               const float inv_bias2, const float eps) {
-    const unsigned long long *e = table + 5ull * blockIdx.x;
+    const unsigned long long *e = table + 7ull * blockIdx.x;
     float *p = (float *)e[0];
     float *m = (float *)e[1];
     float *v = (float *)e[2];
-    const float *g = (const float *)e[3];
-    const unsigned int n = (unsigned int)(e[4] & 0xffffffffull);
-    const float keep = __uint_as_float((unsigned int)(e[4] >> 32));
+    const void *g = (const void *)e[3];
+    void *copy = (void *)e[4];
+    const unsigned int n = (unsigned int)(e[5] & 0xffffffffull);
+    const float keep = __uint_as_float((unsigned int)(e[5] >> 32));
+    const int gc = (int)(e[6] & 0xffull), cc = (int)((e[6] >> 8) & 0xffull);
     for (unsigned int i = threadIdx.x; i < n; i += blockDim.x) {
-        const float x = __fmul_rn(g[i], scale);
+        const float x = __fmul_rn(ld_code(g, i, gc), scale);
         const float mi = adamw_moment_of(m[i], x, decay1, rest1, 0);
         const float vi = adamw_moment_of(v[i], x, decay2, rest2, 1);
+        const float pi = adamw_param_of(p[i], mi, vi, keep, lr, inv_bias1, inv_bias2, eps);
         m[i] = mi;
         v[i] = vi;
-        p[i] = adamw_param_of(p[i], mi, vi, keep, lr, inv_bias1, inv_bias2, eps);
+        p[i] = pi;
+        if (copy) st_code(copy, i, cc, pi);
     }
 }
 
-/* The sum of squares of each chunk of many f32 tensors in one launch (a gradient norm; see
-   squares_many): block b reads the address table[2 b] and the count table[2 b + 1], and
-   writes its total, added in a fixed order, to partials[b]. */
+/* The sum of squares of each chunk of many tensors in one launch (a gradient norm; see
+   squares_many): block b reads the address table[2 b] and, in table[2 b + 1], the count
+   (low 32 bits) and the dtype code (high 32), and writes its f32 total, added in a fixed
+   order, to partials[b]. */
 extern "C" __global__ void clipcid_squares_many(const unsigned long long *table,
                                                 float *partials) {
     __shared__ float sh[32];
-    const float *x = (const float *)table[2ull * blockIdx.x];
-    const unsigned int n = (unsigned int)table[2ull * blockIdx.x + 1];
+    const void *x = (const void *)table[2ull * blockIdx.x];
+    const unsigned int n = (unsigned int)(table[2ull * blockIdx.x + 1] & 0xffffffffull);
+    const int c = (int)(table[2ull * blockIdx.x + 1] >> 32);
     float s = 0.0f;
-    for (unsigned int i = threadIdx.x; i < n; i += blockDim.x) s += x[i] * x[i];
+    for (unsigned int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float y = ld_code(x, i, c);
+        s += y * y;
+    }
     s = block_sum(s, sh);
     if (threadIdx.x == 0) partials[blockIdx.x] = s;
 }
@@ -1154,14 +1180,34 @@ const MANY_CHUNK: usize = 1 << 16;
 /// Threads per block of the many-tensor kernels (a multiple of the warp size).
 const MANY_THREADS: u32 = 256;
 
-/// Runs `launch` with the device address and element count of each tensor's contiguous f32
-/// elements (all on one GPU), the tensors' storages held (read-locked) meanwhile. candle gives
-/// a kernel at most three tensors; the many-tensor kernels take the addresses from a table
-/// in device memory instead, as PyTorch's `multi_tensor_apply` does.
-fn with_f32_addresses<R>(
+/// A tensor's contiguous values in GPU memory, as the many-tensor kernels' tables give them.
+#[derive(Debug, Clone, Copy)]
+struct DeviceValues {
+    /// The first value's device address.
+    address: u64,
+    /// How many values.
+    count: usize,
+    /// The kernels' dtype code: 0 f32, 1 bf16, 2 f16.
+    code: u64,
+    /// Bytes per value.
+    size: u64,
+}
+
+impl DeviceValues {
+    /// The address of value `i`.
+    fn at(&self, i: usize) -> u64 {
+        self.address + self.size * i as u64
+    }
+}
+
+/// Runs `launch` with where each tensor's contiguous values lie (all on one GPU; f32, bf16
+/// or f16), the tensors' storages held (read-locked) meanwhile. candle gives a kernel at most
+/// three tensors; the many-tensor kernels take the addresses from a table in device memory
+/// instead, as PyTorch's `multi_tensor_apply` does.
+fn with_addresses<R>(
     ts: &[&Tensor],
     op: &str,
-    launch: impl FnOnce(&candle_core::CudaDevice, &[(u64, usize)]) -> Result<R>,
+    launch: impl FnOnce(&candle_core::CudaDevice, &[DeviceValues]) -> Result<R>,
 ) -> Result<R> {
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     let Some(first) = ts.first() else {
@@ -1172,7 +1218,7 @@ fn with_f32_addresses<R>(
     };
     let stream = dev.cuda_stream();
     let held: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
-    let mut addresses = Vec::with_capacity(ts.len());
+    let mut values = Vec::with_capacity(ts.len());
     for (t, (storage, layout)) in ts.iter().zip(&held) {
         let candle_core::Storage::Cuda(cs) = &**storage else {
             bail!("{op}: expected tensors on a GPU")
@@ -1181,38 +1227,49 @@ fn with_f32_addresses<R>(
             bail!("{op}: tensors on more than one GPU");
         }
         let (start, end) = span(layout, op)?;
-        let (base, _read) = cs.as_cuda_slice::<f32>()?.device_ptr(&stream);
-        addresses.push((base + 4 * start as u64, end - start));
+        let (base, code, size) = match t.dtype() {
+            DType::F32 => (cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0, 0, 4),
+            DType::BF16 => (cs.as_cuda_slice::<bf16>()?.device_ptr(&stream).0, 1, 2),
+            DType::F16 => (cs.as_cuda_slice::<f16>()?.device_ptr(&stream).0, 2, 2),
+            d => bail!("{op}: no CUDA kernel for {d:?} (f32, bf16 and f16 only)"),
+        };
+        values.push(DeviceValues {
+            address: base + size * start as u64,
+            count: end - start,
+            code,
+            size,
+        });
     }
-    launch(dev, &addresses)
+    launch(dev, &values)
 }
 
-/// The byte range `[start, end)` of each tensor's contiguous f32 values in GPU memory (all on
-/// one GPU).
-pub(crate) fn f32_ranges(ts: &[&Tensor], op: &str) -> Result<Vec<(u64, u64)>> {
-    with_f32_addresses(ts, op, |_, at| {
-        Ok(at.iter().map(|&(a, n)| (a, a + 4 * n as u64)).collect())
+/// Where each tensor's contiguous values lie in GPU memory (all on one GPU; f32, bf16 or
+/// f16), for `cpu::check_update_ranges`.
+pub(crate) fn extents(ts: &[&Tensor], op: &str) -> Result<Vec<crate::cpu::Extent>> {
+    with_addresses(ts, op, |_, at| {
+        Ok(at
+            .iter()
+            .map(|v| crate::cpu::Extent {
+                start: v.address,
+                end: v.at(v.count),
+                count: v.count,
+            })
+            .collect())
     })
 }
 
-/// Each chunk of at most [`MANY_CHUNK`] elements of each `(address, count)`, in order:
-/// `(tensor, first element, elements)`.
-fn many_chunks(counts: impl IntoIterator<Item = usize>) -> Vec<(usize, usize, usize)> {
-    counts
-        .into_iter()
-        .enumerate()
-        .flat_map(|(t, n)| {
-            (0..n)
-                .step_by(MANY_CHUNK)
-                .map(move |o| (t, o, MANY_CHUNK.min(n - o)))
-        })
-        .collect()
+/// The chunks of at most [`MANY_CHUNK`] values of a tensor of `n`: `(first, values)`.
+fn chunks_of(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n)
+        .step_by(MANY_CHUNK)
+        .map(move |o| (o, MANY_CHUNK.min(n - o)))
 }
 
-/// [`cpu::adamw_update_many`](crate::cpu::adamw_update_many) in one launch: `params` and
-/// `grads` (contiguous) are f32 on one GPU. No range the kernel writes (a parameter or a
-/// moment) may overlap another range it reads or writes (`check_update_ranges`): each block
-/// then writes its own elements, and what one block writes no other reads.
+/// [`cpu::adamw_update_many`](crate::cpu::adamw_update_many) in one launch: `params` (f32
+/// parameters and moments) and `grads` (contiguous; f32, bf16 or f16) are on one GPU, and
+/// the caller has checked that no range the kernel writes (a parameter, a moment, a working
+/// copy) overlaps another range it reads or writes (`cpu::check_update_ranges`): each block
+/// then writes its own values, and what one block writes no other reads.
 pub(crate) fn adamw_many(
     params: &[crate::cpu::AdamWParam<'_>],
     grads: &[Tensor],
@@ -1220,25 +1277,33 @@ pub(crate) fn adamw_many(
     scale: f32,
 ) -> Result<()> {
     const OP: &str = "clipcid-adamw-many";
-    let mut ts = Vec::with_capacity(4 * params.len());
+    let mut ts = Vec::with_capacity(5 * params.len());
+    let mut first = Vec::with_capacity(params.len());
     for (p, g) in params.iter().zip(grads) {
+        first.push(ts.len());
         ts.extend([p.param, p.m, p.v, g]);
+        ts.extend(p.copy.map(|c| c.as_tensor()));
     }
-    with_f32_addresses(&ts, OP, |dev, at| {
+    with_addresses(&ts, OP, |dev, at| {
         let plain = step.scalars_with_decay(0.0);
         let decayed = step.scalars_with_decay(step.weight_decay);
         let mut table = vec![];
-        for (t, o, n) in many_chunks(at.chunks(4).map(|four| four[0].1)) {
-            let four = &at[4 * t..4 * t + 4];
-            let keep = if params[t].decays {
-                decayed.keep
-            } else {
-                plain.keep
-            };
-            table.extend(four.iter().map(|&(a, _)| a + 4 * o as u64));
-            table.push(n as u64 | (u64::from(keep.to_bits()) << 32));
+        for (p, &k) in params.iter().zip(&first) {
+            let [pv, mv, vv, gv] = [at[k], at[k + 1], at[k + 2], at[k + 3]];
+            if [pv, mv, vv].iter().any(|t| t.code != 0) {
+                bail!("{OP}: parameters and moments must be f32");
+            }
+            let copy = p.copy.map(|_| at[k + 4]);
+            let keep = if p.decays { decayed.keep } else { plain.keep };
+            let codes = gv.code | copy.map_or(0, |c| c.code) << 8;
+            for (o, n) in chunks_of(pv.count) {
+                table.extend([pv.at(o), mv.at(o), vv.at(o), gv.at(o)]);
+                table.push(copy.map_or(0, |c| c.at(o)));
+                table.push(n as u64 | (u64::from(keep.to_bits()) << 32));
+                table.push(codes);
+            }
         }
-        let blocks = (table.len() / 5) as u32;
+        let blocks = (table.len() / 7) as u32;
         if blocks == 0 {
             return Ok(());
         }
@@ -1267,49 +1332,52 @@ pub(crate) fn adamw_many(
             block_dim: (MANY_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: each of the `blocks` table entries holds four addresses of at least its
-        // count of f32 elements (chunks of tensors whose storages `with_f32_addresses` holds
-        // through the launch, which is stream-ordered before any later use or free), the
-        // ranges written overlap nothing else the kernel touches (the caller checked), and
-        // the scalars match the kernel's parameter types.
+        // SAFETY: each of the `blocks` table entries holds the addresses of at least its
+        // count of values of the dtypes its codes name (chunks of tensors whose storages
+        // `with_addresses` holds through the launch, which is stream-ordered before any later
+        // use or free); the ranges written overlap nothing else the kernel touches (the
+        // caller checked); the scalars match the kernel's parameter types.
         unsafe { b.launch(cfg) }.w()?;
         Ok(())
     })
 }
 
 /// [`cpu::squared_norms`](crate::cpu::squared_norms) in one launch and one copy to the host:
-/// `ts` are contiguous f32 tensors on one GPU; each chunk's f32 total, then each tensor's
-/// chunks added in f64 in order.
+/// `ts` are contiguous tensors on one GPU (f32, bf16 or f16); each chunk's f32 total, then
+/// each tensor's chunks added in f64 in order.
 pub(crate) fn squares_many(ts: &[&Tensor]) -> Result<Vec<f64>> {
     const OP: &str = "clipcid-squares-many";
-    with_f32_addresses(ts, OP, |dev, at| {
-        let chunks = many_chunks(at.iter().map(|&(_, n)| n));
+    with_addresses(ts, OP, |dev, at| {
+        let mut owner = vec![];
+        let mut table = vec![];
+        for (t, v) in at.iter().enumerate() {
+            for (o, n) in chunks_of(v.count) {
+                owner.push(t);
+                table.extend([v.at(o), n as u64 | v.code << 32]);
+            }
+        }
         let mut sums = vec![0f64; ts.len()];
-        if chunks.is_empty() {
+        if owner.is_empty() {
             return Ok(sums);
         }
-        let table: Vec<u64> = chunks
-            .iter()
-            .flat_map(|&(t, o, n)| [at[t].0 + 4 * o as u64, n as u64])
-            .collect();
         let stream = dev.cuda_stream();
         let table = stream.clone_htod(&table).w()?;
-        let mut partials = stream.alloc_zeros::<f32>(chunks.len()).w()?;
+        let mut partials = stream.alloc_zeros::<f32>(owner.len()).w()?;
         let func = dev.get_or_load_custom_func("clipcid_squares_many", MODULE, ptx()?)?;
         let mut b = func.builder();
         b.arg(&table);
         b.arg(&mut partials);
         let cfg = LaunchConfig {
-            grid_dim: (chunks.len() as u32, 1, 1),
+            grid_dim: (owner.len() as u32, 1, 1),
             block_dim: (MANY_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: each of the `chunks.len()` table entries is an address of at least its
-        // count of f32 elements (held by `with_f32_addresses` through the launch) and
-        // `partials` has a value per entry.
+        // SAFETY: each of the `owner.len()` table entries is the address of at least its
+        // count of values of the dtype its code names (held by `with_addresses` through the
+        // launch), and `partials` has a value per entry.
         unsafe { b.launch(cfg) }.w()?;
         let partials = stream.clone_dtoh(&partials).w()?;
-        for (&(t, _, _), p) in chunks.iter().zip(partials) {
+        for (&t, p) in owner.iter().zip(partials) {
             sums[t] += f64::from(p);
         }
         Ok(sums)

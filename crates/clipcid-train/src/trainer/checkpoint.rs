@@ -183,6 +183,8 @@ impl Trainer {
         }
         self.optimizer
             .load_state(&tensors, state.optimizer_steps.unwrap_or(state.step))?;
+        // A bf16 or f16 run's working copies are made again from the loaded weights.
+        self.half = None;
         if let (Some(s), Some((scale, good))) = (self.loss_scale.as_mut(), state.loss_scale) {
             s.restore(scale, good);
         }
