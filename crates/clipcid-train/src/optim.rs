@@ -240,7 +240,7 @@ impl AdamW {
     }
 
     /// The global L2 norm of the gradients a step would read (each parameter's, its working
-    /// copy's and their sum where both have one), as [`grad_norm`] takes it.
+    /// copy's and their sum where both have one), as [`grad_norm`](crate::grad_norm) takes it.
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64, TrainError> {
         let gs = self
             .slots
@@ -252,9 +252,9 @@ impl AdamW {
     }
 
     /// One update at learning rate `lr` with each gradient multiplied by `grad_scale` first:
-    /// the factor of gradient clipping (see [`grad_norm`]) and of f16 loss scaling (one over
-    /// the loss scale) in one, where scaling each gradient beforehand would be a tensor op
-    /// per parameter. The parameters that take the in-place update (f32 on the CPU, or on a
+    /// the factor of gradient clipping (see [`AdamW::grad_norm`]) and of f16 loss scaling
+    /// (one over the loss scale) in one, where scaling each gradient beforehand would be a
+    /// tensor op per parameter. The parameters that take the in-place update (f32 on the CPU, or on a
     /// GPU whose clipcid kernels loaded) are updated together by
     /// `clipcid_kernels::cpu::adamw_update_many` (one launch on a GPU, working copies
     /// included); others by tensor ops, with the same formula.

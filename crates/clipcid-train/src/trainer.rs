@@ -742,20 +742,29 @@ impl Trainer {
             }
             samples += batch.rows.len();
             let MicroLoss { total, terms, cos } = self.micro_loss(&batch, epoch)?;
-            for (name, t) in &terms {
-                let v = t.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let factor = self.loss_scale.map_or(1.0, |s| s.scale()) / accum as f64;
+            let g = (&total * factor)?.backward()?;
+            // The loss values, read once the backward pass is queued: one wait for the device
+            // instead of one per value before it. A non-finite term still stops the step
+            // before any weight changes.
+            let values = terms
+                .iter()
+                .map(|(_, t)| t)
+                .chain([&total])
+                .chain(cos.as_ref())
+                .map(|t| t.to_dtype(DType::F64)?.flatten_all())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let values = Tensor::cat(&values, 0)?.to_vec1::<f64>()?;
+            for ((name, _), &v) in terms.iter().zip(&values) {
                 if !v.is_finite() {
                     return Err(self.nonfinite(format!("loss term `{name}` is {v}")));
                 }
                 *sums.entry(name.clone()).or_default() += v / accum as f64;
             }
-            loss_sum += total.to_dtype(DType::F64)?.to_scalar::<f64>()? / accum as f64;
-            if let Some(c) = cos {
-                let c = c.to_dtype(DType::F64)?.to_scalar::<f64>()? / accum as f64;
-                cos_sum = Some(cos_sum.unwrap_or(0.0) + c);
+            loss_sum += values[terms.len()] / accum as f64;
+            if let Some(c) = values.get(terms.len() + 1) {
+                cos_sum = Some(cos_sum.unwrap_or(0.0) + c / accum as f64);
             }
-            let factor = self.loss_scale.map_or(1.0, |s| s.scale()) / accum as f64;
-            let g = (total * factor)?.backward()?;
             grads = Some(match grads {
                 None => g,
                 Some(mut acc) => {

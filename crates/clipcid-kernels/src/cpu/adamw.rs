@@ -5,7 +5,9 @@
 //! candle runs its scalar ops (`affine`, `sqrt`, `sqr`) on one thread: 5% of a training step,
 //! with the pool's other thread idle. Here the two moments and the parameter are updated in
 //! place, each in one pass over candle's pool. On CUDA the same three passes are kernels
-//! (see `clipcid_kernels::cuda`).
+//! (see `clipcid_kernels::cuda`), and a whole optimizer step ([`adamw_update_many`], with
+//! mixed precision's working copies) is one kernel; [`squared_norms`] gives the global
+//! gradient norm that clipping needs.
 
 use candle_core::{bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
 
@@ -285,11 +287,10 @@ pub(crate) fn check_update_ranges(params: &[&[Extent]], op: &str) -> Result<()> 
 
 /// The sum of the squares of each tensor's values, in f64: the square root of their total is
 /// the global gradient norm of `torch.nn.utils.clip_grad_norm_`. On a GPU where clipcid's
-/// kernels take the tensors (a `cuda` build, kernels on, all on one GPU in f32, bf16 or
-/// f16), one launch and
-/// one copy to the host for all of them (f32 totals of chunks of 65,536 values, added in
-/// f64 in order), where a sum per tensor waited for the GPU once per tensor; elsewhere per
-/// tensor in f64.
+/// kernels take the tensors (a `cuda` build, kernels on, all on one GPU in f32, bf16 or f16),
+/// one launch and one copy to the host for all of them (f32 totals of chunks of 65,536
+/// values, added in f64 in order), where a sum per tensor waited for the GPU once per tensor;
+/// elsewhere per tensor in f64.
 ///
 /// ```
 /// # fn main() -> candle_core::Result<()> {
@@ -316,12 +317,7 @@ pub fn squared_norms(ts: &[&Tensor]) -> Result<Vec<f64>> {
         }
     }
     ts.iter()
-        .map(|t| {
-            t.to_dtype(candle_core::DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()
-        })
+        .map(|t| t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>())
         .collect()
 }
 
