@@ -41,7 +41,7 @@ if [ "${1:-}" = "--pack" ]; then
       -p clipcid-train) \
     | python3 -c '
 import json, sys
-want = {"balance", "fused_ops", "losses", "model", "devices", "optim", "distill"}
+want = {"balance", "fused_ops", "losses", "model", "devices", "distill"}
 for line in sys.stdin:
     m = json.loads(line)
     t = m.get("target", {})
@@ -50,8 +50,8 @@ for line in sys.stdin:
         print(t["name"], m["executable"])' \
     | while read -r name exe; do cp "$exe" "$out/stage/tests/$name" && strip "$out/stage/tests/$name"; done
   found=$(find "$out/stage/tests" -type f | wc -l)
-  if [ "$found" -ne 7 ]; then
-    echo "expected 7 device-parametrised test binaries, built $found" >&2
+  if [ "$found" -ne 6 ]; then
+    echo "expected 6 device-parametrised test binaries, built $found" >&2
     exit 1
   fi
   # Tests find fixtures under the source root they were built in; the GPU machine links it.
@@ -125,9 +125,9 @@ if [ -d "$work/tests" ]; then
   if [ ! -e "$build_root" ]; then
     mkdir -p "$(dirname "$build_root")" && ln -s "$root" "$build_root" || true
   fi
-  # The newest kernels first; each binary at most 90 s, so all seven fit the call's budget.
-  names="fused_ops devices model optim losses balance distill"
-  [ "$quick" = 1 ] && names="fused_ops devices model optim"
+  # The newest kernels first; each binary at most 90 s, so all six fit the call's budget.
+  names="fused_ops devices model losses balance distill"
+  [ "$quick" = 1 ] && names="fused_ops devices model"
   for name in $names; do
     t="$work/tests/$name"
     echo "### $name"

@@ -673,6 +673,82 @@ fn keep_and_cluster_files_of_another_teachers_embeddings_are_refused() {
     );
 }
 
+/// bf16 training on working copies (`AdamW::working_copies`, `ClipModel::cast_using`) gives,
+/// on every device, the same bits as casting the f32 weights each step (`ClipModel::cast`):
+/// the gradients are the same bf16 values either way (the cast's backward pass only widens
+/// them), and each copy holds its updated weight rounded to bf16.
+#[test]
+fn working_copies_give_the_bits_of_casting_each_step_on_every_device() {
+    use candle_core::{DType, Var};
+    use clipcid_models::ClipConfig;
+    use clipcid_train::{AdamW, AdamWConfig};
+    let cfg = ClipConfig::preset("tiny").unwrap();
+    for dev in clipcid_kernels::available_devices() {
+        let make = || {
+            let (model, varmap) = ClipModel::trainable(&cfg, 3, &dev).unwrap();
+            let mut named: Vec<(String, Var)> = {
+                let data = varmap.data().lock().unwrap();
+                data.iter().map(|(n, v)| (n.clone(), v.clone())).collect()
+            };
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            let opt = AdamW::new(named.clone(), AdamWConfig::default()).unwrap();
+            (model, named, opt)
+        };
+        let (cast_model, cast_vars, mut cast_opt) = make();
+        let (copy_model, copy_vars, mut copy_opt) = make();
+        let copies = copy_opt
+            .working_copies(DType::BF16, |n| n != "logit_scale")
+            .unwrap();
+        let half = copy_model
+            .cast_using(DType::BF16, &copies.into_iter().collect())
+            .unwrap();
+        let loss = |m: &ClipModel, seed: f64| {
+            let px = Tensor::arange(0f32, 2.0 * 3.0 * 32.0 * 32.0, &dev)
+                .unwrap()
+                .reshape((2, 3, 32, 32))
+                .unwrap();
+            let px = ((px * 1e-3).unwrap().sin().unwrap() * seed).unwrap();
+            let e = m.encode_image(&px).unwrap().to_dtype(DType::F32).unwrap();
+            e.sqr().unwrap().sum_all().unwrap()
+        };
+        for step in 1..=3 {
+            let grads = loss(&cast_model.cast(DType::BF16).unwrap(), step as f64)
+                .backward()
+                .unwrap();
+            cast_opt.step(&grads, 1e-2).unwrap();
+            let grads = loss(&half, step as f64).backward().unwrap();
+            copy_opt.step(&grads, 1e-2).unwrap();
+        }
+        let bits = |t: &Tensor| {
+            let t = t
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_device(&Device::Cpu)
+                .unwrap();
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        };
+        for ((name, a), (_, b)) in cast_vars.iter().zip(&copy_vars) {
+            assert_eq!(bits(a.as_tensor()), bits(b.as_tensor()), "{dev:?}: {name}");
+        }
+        // The steps did move the weights.
+        let (fresh, _) = ClipModel::trainable(&cfg, 3, &dev).unwrap();
+        let name = "visual_projection.weight";
+        assert_ne!(
+            bits(&fresh.tensors()[name]),
+            bits(&copy_model.tensors()[name])
+        );
+        for (name, t) in half.tensors() {
+            let (_, master) = copy_vars.iter().find(|(n, _)| n == name).unwrap();
+            assert_eq!(
+                bits(t),
+                bits(&master.as_tensor().to_dtype(DType::BF16).unwrap()),
+                "{dev:?}: copy of {name}"
+            );
+        }
+    }
+}
+
 #[test]
 fn bf16_and_f16_training_keep_f32_master_weights_and_follow_the_f32_run() {
     // Eight epochs of 4 steps, each precision from the same seed. In bf16 and f16 the
