@@ -513,7 +513,7 @@ pub fn op_profile(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
         // and forward alone; and the cast of the f32 master weights that each step begins
         // with.
         let cfg = ClipConfig::preset("piccollage-s12")?;
-        let (student, _varmap) = ClipModel::trainable_from(&cfg, init_tensors(&cfg, 0)?, device)?;
+        let (student, varmap) = ClipModel::trainable_from(&cfg, init_tensors(&cfg, 0)?, device)?;
         let (px, tok) = student_batch(&cfg, b, device)?;
         // candle's autograd starts each node's input gradient as zeros and adds the first
         // gradient into it (`GradStore::or_insert`): the cost of that for one q/k/v-sized
@@ -565,6 +565,31 @@ pub fn op_profile(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
             let m = student.cast(DType::BF16)?;
             Ok(m.logit_scale().clone())
         })?;
+        // A whole bf16 training step of the CLIP loss both ways: the towers on casts of the
+        // f32 weights made each step (whose backward pass widens every gradient), and on
+        // AdamW's working copies, which its update refreshes (what the trainer runs).
+        let mut opt =
+            clipcid_train::AdamW::new(crate::parity::named_vars(&varmap)?, Default::default())?;
+        let clip_step = |m: &ClipModel, opt: &mut clipcid_train::AdamW| {
+            let loss = ClipLoss::new().forward(
+                &m.encode_image(&px)?.to_dtype(DType::F32)?,
+                &m.encode_text(&tok)?.to_dtype(DType::F32)?,
+                student.logit_scale(),
+            )?;
+            opt.step(&loss.backward()?, 1e-4)?;
+            Ok::<Tensor, PipelineError>(loss)
+        };
+        op(
+            "student (w384 L6) CLIP train step, bf16, casts made each step",
+            &mut || clip_step(&student.cast(DType::BF16)?, &mut opt),
+        )?;
+        let copies = opt.working_copies(DType::BF16, |n| n != "logit_scale")?;
+        let half = student.cast_using(DType::BF16, &copies.into_iter().collect())?;
+        op(
+            "student (w384 L6) CLIP train step, bf16, working copies",
+            &mut || clip_step(&half, &mut opt),
+        )?;
+        drop((opt, half));
         // One tower of the bf16 casts on a batch: forward, and with `backward` the backward
         // pass of the sum of its embeddings.
         let tower_pass = |image: bool, px: &Tensor, tok: &Tensor, backward: bool| {
