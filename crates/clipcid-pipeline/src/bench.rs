@@ -108,6 +108,21 @@ fn vit_b32_bf16(device: &Device) -> Result<(ClipConfig, ClipModel), PipelineErro
     Ok((cfg, model))
 }
 
+/// The CLIP loss of a student batch as the trainer computes it: the towers in `m`'s dtype,
+/// the embeddings back in f32, the logit scale from the f32 weights.
+fn student_clip_loss(
+    m: &ClipModel,
+    px: &Tensor,
+    tok: &Tensor,
+    logit_scale: &Tensor,
+) -> Result<Tensor, PipelineError> {
+    Ok(ClipLoss::new().forward(
+        &m.encode_image(px)?.to_dtype(DType::F32)?,
+        &m.encode_text(tok)?.to_dtype(DType::F32)?,
+        logit_scale,
+    )?)
+}
+
 /// A training batch for `cfg`'s student: `b` random f32 images and `b` full-length rows of
 /// token ids spread over the vocabulary.
 fn student_batch(
@@ -231,13 +246,9 @@ pub fn throughput(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
                     opt.clear_working_copies();
                     None
                 };
-                let forward = || -> Result<Tensor, PipelineError> {
+                let forward = || {
                     let m = half.as_ref().unwrap_or(&student);
-                    Ok(ClipLoss::new().forward(
-                        &m.encode_image(&px)?.to_dtype(DType::F32)?,
-                        &m.encode_text(&tok)?.to_dtype(DType::F32)?,
-                        student.logit_scale(),
-                    )?)
+                    student_clip_loss(m, &px, &tok, student.logit_scale())
                 };
                 let secs = time(device, sizes.repeats, || {
                     opt.step(&forward()?.backward()?, 1e-4)?;
@@ -571,11 +582,7 @@ pub fn op_profile(device: &Device, sizes: BenchSizes) -> Result<Vec<BenchRow>, P
         let mut opt =
             clipcid_train::AdamW::new(crate::parity::named_vars(&varmap)?, Default::default())?;
         let clip_step = |m: &ClipModel, opt: &mut clipcid_train::AdamW| {
-            let loss = ClipLoss::new().forward(
-                &m.encode_image(&px)?.to_dtype(DType::F32)?,
-                &m.encode_text(&tok)?.to_dtype(DType::F32)?,
-                student.logit_scale(),
-            )?;
+            let loss = student_clip_loss(m, &px, &tok, student.logit_scale())?;
             opt.step(&loss.backward()?, 1e-4)?;
             Ok::<Tensor, PipelineError>(loss)
         };

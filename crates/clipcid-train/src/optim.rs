@@ -247,8 +247,7 @@ impl AdamW {
             .iter()
             .filter_map(|s| s.gradient(grads).transpose())
             .collect::<Result<Vec<_>, _>>()?;
-        let sums = cpu::squared_norms(&gs.iter().collect::<Vec<_>>())?;
-        Ok(sums.iter().sum::<f64>().sqrt())
+        global_norm(&gs.iter().collect::<Vec<_>>())
     }
 
     /// One update at learning rate `lr` with each gradient multiplied by `grad_scale` first:
@@ -485,8 +484,12 @@ impl WarmupCosine {
 /// ```
 pub fn grad_norm(grads: &GradStore, vars: &[&Var]) -> Result<f64, TrainError> {
     let present: Vec<&Tensor> = vars.iter().filter_map(|v| grads.get(v)).collect();
-    let sums = cpu::squared_norms(&present)?;
-    Ok(sums.iter().sum::<f64>().sqrt())
+    global_norm(&present)
+}
+
+/// The L2 norm of all these tensors' values together.
+fn global_norm(ts: &[&Tensor]) -> Result<f64, TrainError> {
+    Ok(cpu::squared_norms(ts)?.iter().sum::<f64>().sqrt())
 }
 
 /// Scales the gradients of `vars` so their global L2 norm ([`grad_norm`]) is at most

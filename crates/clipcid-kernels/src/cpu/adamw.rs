@@ -174,17 +174,18 @@ pub fn adamw_update_many(
         ts.extend(p.copy.map(|c| c.as_tensor()));
         groups.push(k..ts.len());
     }
-    let extents = extents(&ts, OP)?;
-    let groups: Vec<&[Extent]> = groups.into_iter().map(|r| &extents[r]).collect();
-    check_update_ranges(&groups, OP)?;
     let scale = grad_scale as f32;
     #[cfg(feature = "cuda")]
     if ts
         .first()
         .is_some_and(|t| t.device().is_cuda() && crate::gpu_kernels_take(&[t]))
     {
-        return crate::cuda::adamw_many(params, &grads, &step, scale);
+        // The kernel's own pass over the addresses runs the checks below.
+        return crate::cuda::adamw_many(params, &ts, &groups, &step, scale);
     }
+    let extents = extents(&ts, OP)?;
+    let groups: Vec<&[Extent]> = groups.into_iter().map(|r| &extents[r]).collect();
+    check_update_ranges(&groups, OP)?;
     for (p, g) in params.iter().zip(&grads) {
         let step = AdamWStep {
             weight_decay: if p.decays { step.weight_decay } else { 0.0 },

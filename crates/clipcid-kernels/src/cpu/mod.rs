@@ -38,7 +38,7 @@ pub use adamw::{
     adamw_runs_in_place, adamw_update, adamw_update_many, squared_norms, AdamWParam, AdamWStep,
 };
 #[cfg(feature = "cuda")]
-pub(crate) use adamw::{ApplyScalars, Extent};
+pub(crate) use adamw::{check_update_ranges, ApplyScalars, Extent};
 pub use attention::{attention, attention_backward, AttentionSpec, Queries};
 pub use block::{pack_block_params, transformer_block, BlockParams, BlockSpec};
 pub use block_node::transformer_block_by_ops;

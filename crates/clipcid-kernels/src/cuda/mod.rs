@@ -1198,6 +1198,15 @@ impl DeviceValues {
     fn at(&self, i: usize) -> u64 {
         self.address + self.size * i as u64
     }
+
+    /// The same values as `cpu::check_update_ranges` takes them.
+    fn extent(&self) -> crate::cpu::Extent {
+        crate::cpu::Extent {
+            start: self.address,
+            end: self.at(self.count),
+            count: self.count,
+        }
+    }
 }
 
 /// Runs `launch` with where each tensor's contiguous values lie (all on one GPU; f32, bf16
@@ -1247,14 +1256,7 @@ fn with_addresses<R>(
 /// f16), for `cpu::check_update_ranges`.
 pub(crate) fn extents(ts: &[&Tensor], op: &str) -> Result<Vec<crate::cpu::Extent>> {
     with_addresses(ts, op, |_, at| {
-        Ok(at
-            .iter()
-            .map(|v| crate::cpu::Extent {
-                start: v.address,
-                end: v.at(v.count),
-                count: v.count,
-            })
-            .collect())
+        Ok(at.iter().map(DeviceValues::extent).collect())
     })
 }
 
@@ -1265,30 +1267,28 @@ fn chunks_of(n: usize) -> impl Iterator<Item = (usize, usize)> {
         .map(move |o| (o, MANY_CHUNK.min(n - o)))
 }
 
-/// [`cpu::adamw_update_many`](crate::cpu::adamw_update_many) in one launch: `params` (f32
-/// parameters and moments) and `grads` (contiguous; f32, bf16 or f16) are on one GPU, and
-/// the caller has checked that no range the kernel writes (a parameter, a moment, a working
-/// copy) overlaps another range it reads or writes (`cpu::check_update_ranges`): each block
-/// then writes its own values, and what one block writes no other reads.
+/// [`cpu::adamw_update_many`](crate::cpu::adamw_update_many) in one launch: `ts` holds each
+/// parameter's tensors at `groups` (f32 parameter and moments, contiguous gradient in f32,
+/// bf16 or f16, then its working copy if any), all on one GPU. First, with the addresses in
+/// hand, `cpu::check_update_ranges`: no range the kernel writes (a parameter, a moment, a
+/// working copy) may overlap another range it reads or writes, so that each block writes its
+/// own values and what one block writes no other reads.
 pub(crate) fn adamw_many(
     params: &[crate::cpu::AdamWParam<'_>],
-    grads: &[Tensor],
+    ts: &[&Tensor],
+    groups: &[std::ops::Range<usize>],
     step: &crate::cpu::AdamWStep,
     scale: f32,
 ) -> Result<()> {
     const OP: &str = "clipcid-adamw-many";
-    let mut ts = Vec::with_capacity(5 * params.len());
-    let mut first = Vec::with_capacity(params.len());
-    for (p, g) in params.iter().zip(grads) {
-        first.push(ts.len());
-        ts.extend([p.param, p.m, p.v, g]);
-        ts.extend(p.copy.map(|c| c.as_tensor()));
-    }
-    with_addresses(&ts, OP, |dev, at| {
+    with_addresses(ts, OP, |dev, at| {
+        let extents: Vec<_> = at.iter().map(DeviceValues::extent).collect();
+        let per_param: Vec<_> = groups.iter().map(|r| &extents[r.clone()]).collect();
+        crate::cpu::check_update_ranges(&per_param, OP)?;
         let plain = step.scalars_with_decay(0.0);
         let decayed = step.scalars_with_decay(step.weight_decay);
         let mut table = vec![];
-        for (p, &k) in params.iter().zip(&first) {
+        for (p, k) in params.iter().zip(groups.iter().map(|r| r.start)) {
             let [pv, mv, vv, gv] = [at[k], at[k + 1], at[k + 2], at[k + 3]];
             if [pv, mv, vv].iter().any(|t| t.code != 0) {
                 bail!("{OP}: parameters and moments must be f32");
