@@ -47,6 +47,12 @@ pub mod blas;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+// The many-tensor kernels' tables: used by the `cuda` module, and by the tests that run those
+// kernels on clipcid-cuda-emulator.
+#[cfg(test)]
+mod cuda_emulated;
+#[cfg(any(feature = "cuda", test))]
+mod many;
 mod node;
 mod pool;
 mod rows;

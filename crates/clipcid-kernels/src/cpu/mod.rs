@@ -34,11 +34,13 @@ mod norm;
 mod testing;
 
 pub use activation::{gelu, gelu_in_place, quick_gelu, quick_gelu_in_place, Activation};
+#[cfg(feature = "cuda")]
+pub(crate) use adamw::ApplyScalars;
 pub use adamw::{
     adamw_runs_in_place, adamw_update, adamw_update_many, squared_norms, AdamWParam, AdamWStep,
 };
-#[cfg(feature = "cuda")]
-pub(crate) use adamw::{check_update_ranges, ApplyScalars, Extent};
+#[cfg(any(feature = "cuda", test))]
+pub(crate) use adamw::{check_update_ranges, Extent};
 pub use attention::{attention, attention_backward, AttentionSpec, Queries};
 pub use block::{pack_block_params, transformer_block, BlockParams, BlockSpec};
 pub use block_node::transformer_block_by_ops;
