@@ -598,16 +598,28 @@ fn row_sum_kernels_sum_each_rows_gradients_in_position_order() -> R<()> {
 }
 
 /// Attention's three kernels (forward, dq, dk/dv), causal or not, every position a query or
-/// the first few: bf16 and f16 are f32 rounded; f32 matches the CPU op and its backward pass.
+/// the first only, heads of 40 (past a warp's 32 lanes), 64 and 32, at the models' lengths
+/// (ViT-B/32's 50 positions, a text tower's 77) and 1 to 32 warps a block (the range of
+/// `set_attention_warps`): bf16 and f16 are f32 rounded; f32 matches the CPU op and its
+/// backward pass.
 #[test]
 fn attention_kernels_match_the_cpu_and_their_f32_variants() -> R<()> {
-    let (b, h, d) = (2usize, 2usize, 40usize);
-    let w = h * d;
-    let scale = 1.0 / (d as f32).sqrt();
-    for (t, tq, causal) in [(9usize, 9usize, false), (9, 9, true), (9, 1, false)] {
+    let (b, h) = (2usize, 2usize);
+    // (positions, queries, causal, head size, warps per block)
+    let cases = [
+        (9usize, 9usize, false, 40usize, 2usize),
+        (9, 9, true, 40, 2),
+        (9, 1, false, 40, 2),
+        (50, 50, false, 64, 8),
+        (50, 1, false, 64, 8),
+        (77, 77, true, 64, 1),
+        (77, 77, true, 32, 32),
+    ];
+    for (t, tq, causal, d, warps) in cases {
+        let w = h * d;
+        let scale = 1.0 / (d as f32).sqrt();
         let qkv: Vec<f32> = normals(b * t * 3 * w, 15).iter().map(|v| 0.5 * v).collect();
         let g = normals(b * tq * w, 16);
-        let warps = 2;
         let dims = [
             A::U32(t as u32),
             A::U32(tq as u32),
@@ -675,7 +687,7 @@ fn attention_kernels_match_the_cpu_and_their_f32_variants() -> R<()> {
                 .fold(0f32, f32::max);
             assert!(
                 worst < 1e-5,
-                "{what} (t {t}, tq {tq}, causal {causal}): {worst:e}"
+                "{what} (t {t}, tq {tq}, causal {causal}, d {d}, warps {warps}): {worst:e}"
             );
         };
         close(&got, &y.flatten_all()?.to_vec1::<f32>()?, "forward");
@@ -698,72 +710,161 @@ fn attention_kernels_match_the_cpu_and_their_f32_variants() -> R<()> {
     Ok(())
 }
 
-/// f32 layer norm and softmax kernels against the CPU ops.
+/// f32 layer norm and softmax kernels against the CPU ops, rows of 1 to 1,024 values (the
+/// warp-per-row layer norm's limit; ViT-B's 768).
 #[test]
 fn layer_norm_and_softmax_kernels_match_the_cpu_ops() -> R<()> {
-    let (rows, d) = (6usize, 40usize);
-    let x = normals(rows * d, 17);
-    let w: Vec<f32> = normals(d, 18).iter().map(|v| 1.0 + 0.2 * v).collect();
-    let b = normals(d, 19);
-    let dev = &Device::Cpu;
-    let xt = Tensor::from_vec(x.clone(), (rows, d), dev)?;
-    let want = cpu::layer_norm(
-        &xt,
-        &Tensor::new(w.as_slice(), dev)?,
-        &Tensor::new(b.as_slice(), dev)?,
-        1e-5,
-    )?
-    .flatten_all()?
-    .to_vec1::<f32>()?;
-    for (kernel, config, extra) in [
-        ("clipcid_ln_fwd", per_row(rows), vec![A::U32(d as u32)]),
-        (
-            "clipcid_ln_fwd_warp",
+    let rows = 6usize;
+    for d in [1usize, 40, 768, 1024] {
+        let x = normals(rows * d, 17);
+        let w: Vec<f32> = normals(d, 18).iter().map(|v| 1.0 + 0.2 * v).collect();
+        let b = normals(d, 19);
+        let dev = &Device::Cpu;
+        let xt = Tensor::from_vec(x.clone(), (rows, d), dev)?;
+        let want = cpu::layer_norm(
+            &xt,
+            &Tensor::new(w.as_slice(), dev)?,
+            &Tensor::new(b.as_slice(), dev)?,
+            1e-5,
+        )?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+        for (kernel, config, extra) in [
+            ("clipcid_ln_fwd", per_row(rows), vec![A::U32(d as u32)]),
+            (
+                "clipcid_ln_fwd_warp",
+                per_warp_row(rows),
+                vec![A::U32(rows as u32), A::U32(d as u32)],
+            ),
+        ] {
+            let args = [
+                vec![
+                    A::In(x.clone()),
+                    A::In(w.clone()),
+                    A::In(b.clone()),
+                    A::Out(rows * d),
+                ],
+                extra,
+                vec![A::F32(1e-5)],
+            ]
+            .concat();
+            let got = run(kernel, Ty::F32, config, &args)?.remove(0).1;
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-5, "{kernel} (d {d}): {worst:e}");
+        }
+        let got = run(
+            "clipcid_softmax_fwd",
+            Ty::F32,
             per_warp_row(rows),
-            vec![A::U32(rows as u32), A::U32(d as u32)],
-        ),
-    ] {
-        let args = [
-            vec![
-                A::In(x.clone()),
-                A::In(w.clone()),
-                A::In(b.clone()),
+            &[
+                A::In(x),
                 A::Out(rows * d),
+                A::U32(rows as u32),
+                A::U32(d as u32),
             ],
-            extra,
-            vec![A::F32(1e-5)],
-        ]
-        .concat();
-        let got = run(kernel, Ty::F32, config, &args)?.remove(0).1;
+        )?
+        .remove(0)
+        .1;
+        let want = candle_nn::ops::softmax_last_dim(&xt)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let worst = got
             .iter()
             .zip(&want)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        assert!(worst < 1e-5, "{kernel}: {worst:e}");
+        assert!(worst < 1e-6, "softmax (d {d}): {worst:e}");
     }
-    let got = run(
-        "clipcid_softmax_fwd",
+    Ok(())
+}
+
+/// Layer norm's backward pass as `cuda::layer_norm_bwd` runs it (rows kernel for dx and each
+/// row's statistics, column partial sums over chunks of 64 rows, then the chunks' total for
+/// dw and db) against the CPU op's gradients, in f32.
+#[test]
+fn layer_norm_backward_kernels_match_the_cpu_gradients() -> R<()> {
+    let (rows, d, eps, chunk) = (150usize, 72usize, 1e-5f32, 64usize);
+    let chunks = rows.div_ceil(chunk);
+    let x = normals(rows * d, 80);
+    let w: Vec<f32> = normals(d, 81).iter().map(|v| 1.0 + 0.2 * v).collect();
+    let b = normals(d, 82);
+    let g = normals(rows * d, 83);
+    let mut out = run(
+        "clipcid_ln_bwd_rows",
         Ty::F32,
-        per_warp_row(rows),
+        per_row(rows),
         &[
-            A::In(x),
+            A::In(x.clone()),
+            A::In(w.clone()),
+            A::In(g.clone()),
             A::Out(rows * d),
+            A::OutF32(2 * rows),
+            A::U32(d as u32),
+            A::F32(eps),
+        ],
+    )?;
+    let (stats, dx) = (out.remove(1).1, out.remove(0).1);
+    let partial = run(
+        "clipcid_ln_bwd_columns",
+        Ty::F32,
+        columns(d, chunks),
+        &[
+            A::In(x.clone()),
+            A::In(g.clone()),
+            A::InF32(stats),
+            A::OutF32(chunks * 2 * d),
             A::U32(rows as u32),
             A::U32(d as u32),
+            A::U32(chunk as u32),
         ],
     )?
     .remove(0)
     .1;
-    let want = candle_nn::ops::softmax_last_dim(&xt)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let worst = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(worst < 1e-6, "softmax: {worst:e}");
+    let dwb = run(
+        "clipcid_ln_bwd_total",
+        Ty::F32,
+        LaunchConfig::linear((2 * d).div_ceil(128) as u32, 128),
+        &[
+            A::InF32(partial),
+            A::Out(2 * d),
+            A::U32(chunks as u32),
+            A::U32(2 * d as u32),
+        ],
+    )?
+    .remove(0)
+    .1;
+    let dev = &Device::Cpu;
+    let xv = Var::from_tensor(&Tensor::from_vec(x, (rows, d), dev)?)?;
+    let wv = Var::from_tensor(&Tensor::new(w.as_slice(), dev)?)?;
+    let bv = Var::from_tensor(&Tensor::new(b.as_slice(), dev)?)?;
+    let y = cpu::layer_norm(xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), eps)?;
+    let grads = (y * Tensor::from_vec(g, (rows, d), dev)?)?
+        .sum_all()?
+        .backward()?;
+    let grad = |v: &Var| -> R<Vec<f32>> {
+        Ok(grads
+            .get(v.as_tensor())
+            .ok_or("no gradient")?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    };
+    for (what, got, want) in [
+        ("dx", &dx[..], grad(&xv)?),
+        ("dw", &dwb[..d], grad(&wv)?),
+        ("db", &dwb[d..], grad(&bv)?),
+    ] {
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let top = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(worst <= 1e-5 * top.max(1.0), "{what}: {worst:e} of {top:e}");
+    }
     Ok(())
 }
 
@@ -936,13 +1037,21 @@ fn squares_for_many_tensors_on_the_gpu_table_match_f64_sums() -> R<()> {
 }
 
 /// The tensor-core attention kernels (bf16 `mma.sync`, emulated from the PTX ISA's fragment
-/// layout) against the CPU's f32 op on the same bf16 inputs: ViT-B/32's 50 positions with
-/// heads of 64, and a text tower's 77 causal positions with heads of 32, forward and backward.
-/// The launch is `tensor_core::launch`'s: a block per (item, head), a warp per 16 positions.
+/// layout) against the CPU's f32 op on the same bf16 inputs, all four instances: ViT-B/32's
+/// 50 positions (every one a query, or the class token only) and a text tower's 77 causal
+/// positions, heads of 32 and 64, forward and backward. The launch is
+/// `tensor_core::launch`'s: a block per (item, head), a warp per 16 positions.
 #[test]
 fn tensor_core_attention_kernels_match_the_cpu_op_to_bf16_precision() -> R<()> {
     let dev = &Device::Cpu;
-    for (t, d, kt, causal) in [(50usize, 64usize, 4usize, false), (77, 32, 5, true)] {
+    // (positions, queries, head size, 16-row tiles, causal)
+    let cases = [
+        (50usize, 50usize, 64usize, 4usize, false),
+        (50, 1, 32, 4, false),
+        (77, 77, 32, 5, true),
+        (77, 77, 64, 5, true),
+    ];
+    for (t, tq, d, kt, causal) in cases {
         let (b, h) = (2usize, 2usize);
         let w = h * d;
         let scale = 1.0 / (d as f32).sqrt();
@@ -950,7 +1059,7 @@ fn tensor_core_attention_kernels_match_the_cpu_op_to_bf16_precision() -> R<()> {
             .iter()
             .map(|&v| Ty::Bf16.round(0.7 * v))
             .collect();
-        let g: Vec<f32> = normals(b * t * w, 60 + t as u64)
+        let g: Vec<f32> = normals(b * tq * w, 60 + t as u64)
             .iter()
             .map(|&v| Ty::Bf16.round(v))
             .collect();
@@ -963,7 +1072,7 @@ fn tensor_core_attention_kernels_match_the_cpu_op_to_bf16_precision() -> R<()> {
         };
         let dims = [
             A::U32(t as u32),
-            A::U32(t as u32),
+            A::U32(tq as u32),
             A::U32(h as u32),
             A::I32(causal as i32),
             A::F32(scale),
@@ -972,7 +1081,7 @@ fn tensor_core_attention_kernels_match_the_cpu_op_to_bf16_precision() -> R<()> {
             &format!("clipcid_attention_tc_fwd_k{kt}_d{d}"),
             Ty::Bf16,
             config(2 * 3 * rows * s),
-            &[vec![A::In(qkv.clone()), A::Out(b * t * w)], dims.to_vec()].concat(),
+            &[vec![A::In(qkv.clone()), A::Out(b * tq * w)], dims.to_vec()].concat(),
         )?
         .remove(0)
         .1;
@@ -992,7 +1101,11 @@ fn tensor_core_attention_kernels_match_the_cpu_op_to_bf16_precision() -> R<()> {
             positions: t,
             heads: h,
             causal,
-            queries: cpu::Queries::All,
+            queries: if tq == 1 {
+                cpu::Queries::First
+            } else {
+                cpu::Queries::All
+            },
         };
         let x = Var::from_tensor(&Tensor::from_vec(qkv, (b * t, 3 * w), dev)?)?;
         let y = cpu::attention(x.as_tensor(), spec)?;
@@ -1018,7 +1131,7 @@ fn tensor_core_attention_kernels_match_the_cpu_op_to_bf16_precision() -> R<()> {
             // to about 0.4% each.
             assert!(
                 worst <= 0.02 * top,
-                "{what} (t {t}, d {d}): {worst:e} of {top:e}"
+                "{what} (t {t}, tq {tq}, d {d}): {worst:e} of {top:e}"
             );
         }
     }
