@@ -58,6 +58,8 @@ std::vector<MmaFragments> mma_slots;
 unsigned char *stacks = nullptr;
 std::string failure;
 void (*running_kernel)(void **) = nullptr;
+/* Run blocks, and a block's threads, last first (see clipcid_emu_launch). */
+bool reversed = false;
 void **running_args = nullptr;
 
 void fail(const std::string &what) {
@@ -136,8 +138,8 @@ bool run_block() {
     unsigned int finished = 0;
     while (finished < threads) {
         bool progressed = false;
-        for (unsigned int t = 0; t < threads; ++t) {
-            Fiber &f = fibers[t];
+        for (unsigned int k = 0; k < threads; ++k) {
+            Fiber &f = fibers[reversed ? threads - 1 - k : k];
             if (!runnable(f)) continue;
             f.waiting_on = nullptr;
             current = &f;
@@ -280,11 +282,15 @@ int refuse(char *message, std::size_t len, const std::string &why) {
 } // namespace
 
 /* Runs kernel `name` over grid x block with `shared_bytes` of dynamic shared memory, its
-   arguments as cudaLaunchKernel takes them (args[i] points at parameter i's value). 0 when
-   it ran to the end; otherwise 1 and why in `message`. */
+   arguments as cudaLaunchKernel takes them (args[i] points at parameter i's value). With
+   `reverse`, the last block runs first and within a block the last thread is resumed first
+   at each turn: a kernel whose threads or blocks race (read what another writes with no
+   barrier between) gives other results in the other order. 0 when it ran to the end;
+   otherwise 1 and why in `message`. */
 extern "C" int clipcid_emu_launch(const char *name, const unsigned int grid[3],
                                   const unsigned int block[3], std::size_t shared_bytes,
-                                  void **args, char *message, std::size_t message_len) {
+                                  int reverse, void **args, char *message,
+                                  std::size_t message_len) {
     using namespace clipcid_emu;
     Invoker kernel = clipcid_emu_find_kernels(name);
     if (kernel == nullptr) kernel = clipcid_emu_find_tensor_core(name);
@@ -319,13 +325,16 @@ extern "C" int clipcid_emu_launch(const char *name, const unsigned int grid[3],
     running_kernel = kernel;
     running_args = args;
     failure.clear();
-    for (unsigned int z = 0; z < grid[2]; ++z)
-        for (unsigned int y = 0; y < grid[1]; ++y)
-            for (unsigned int x = 0; x < grid[0]; ++x) {
-                block_idx = uint3{x, y, z};
-                /* Uninitialised shared memory reads as NaN (all bits set), not as zeros. */
-                std::memset(dynamic_shared, 0xff, shared_bytes);
-                if (!run_block()) return refuse(message, message_len, std::string(name) + ": " + failure);
-            }
+    reversed = reverse != 0;
+    const unsigned long long blocks = static_cast<unsigned long long>(grid[0]) * grid[1] * grid[2];
+    for (unsigned long long k = 0; k < blocks; ++k) {
+        const unsigned long long b = reversed ? blocks - 1 - k : k;
+        block_idx = uint3{static_cast<unsigned int>(b % grid[0]),
+                          static_cast<unsigned int>((b / grid[0]) % grid[1]),
+                          static_cast<unsigned int>(b / (static_cast<unsigned long long>(grid[0]) * grid[1]))};
+        /* Uninitialised shared memory reads as NaN (all bits set), not as zeros. */
+        std::memset(dynamic_shared, 0xff, shared_bytes);
+        if (!run_block()) return refuse(message, message_len, std::string(name) + ": " + failure);
+    }
     return 0;
 }

@@ -63,3 +63,13 @@ extern "C" __global__ void emu_selftest_coordinates(unsigned int *out) {
     o[4] = threadIdx.y;
     o[5] = threadIdx.z;
 }
+
+/* out[i] = the value the next thread of the block put in shared memory: with the barrier a
+   function of the launch alone; without it, a race whose result depends on the order the
+   threads run in. */
+extern "C" __global__ void emu_selftest_neighbour(float *out, const int barrier) {
+    __shared__ float sh[1024];
+    sh[threadIdx.x] = (float)(blockIdx.x * 1000 + threadIdx.x);
+    if (barrier) __syncthreads();
+    out[blockIdx.x * blockDim.x + threadIdx.x] = sh[(threadIdx.x + 1) % blockDim.x];
+}

@@ -7,9 +7,12 @@
 //! fibers on the calling thread, switched at `__syncthreads`, `__syncwarp` and warp shuffles;
 //! shared memory, warp shuffles and bf16 `mma.sync` behave as CUDA defines them. It reports
 //! as errors what a GPU would hang on or read as garbage: a deadlock at a barrier, a shuffle
-//! from a lane that has exited, a block over 1,024 threads. Launches are serialised (the
+//! from a lane that has exited, a block over 1,024 threads. [`launch_in_order`] with
+//! [`ThreadOrder::Reverse`] runs blocks and threads last to first: a kernel that reads another
+//! thread's value with no barrier between gives other results than in the usual order. Launches are serialised (the
 //! emulated kernels' shared memory is static). It measures nothing about speed, and it cannot
-//! show races that only a GPU's real interleaving exposes.
+//! show races that only a GPU's finer interleaving exposes (threads here switch only at
+//! barriers and shuffles).
 //!
 //! Arithmetic is IEEE single precision rounded op by op, as the kernels' `__f*_rn`
 //! intrinsics ask; `expf` and friends are the host's (within a few ulps of CUDA's).
@@ -155,13 +158,28 @@ extern "C" {
         grid: *const c_uint,
         block: *const c_uint,
         shared_bytes: usize,
+        reverse: c_int,
         args: *mut *mut c_void,
         message: *mut c_char,
         message_len: usize,
     ) -> c_int;
 }
 
-/// Runs kernel `name` of clipcid's CUDA sources on the CPU over `config`'s grid.
+/// The order in which a launch runs blocks, and resumes a block's threads at each turn
+/// (threads switch only at barriers and shuffles).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ThreadOrder {
+    /// First block first, thread 0 first (x fastest, then y, then z).
+    #[default]
+    Forward,
+    /// Last block first, last thread first. A kernel whose threads or blocks race (one reads
+    /// what another writes with no barrier between) computes something else in this order
+    /// than in [`Forward`](Self::Forward): running both and comparing is a race check.
+    Reverse,
+}
+
+/// Runs kernel `name` of clipcid's CUDA sources on the CPU over `config`'s grid, blocks and
+/// threads in [`ThreadOrder::Forward`].
 ///
 /// # Safety
 /// `args` must match the kernel's parameters in number and types (each slot is read as
@@ -172,6 +190,33 @@ pub unsafe fn launch(
     name: &str,
     config: LaunchConfig,
     args: &Args<'_>,
+) -> Result<(), EmulatorError> {
+    // SAFETY: the caller's promise is `launch_in_order`'s.
+    unsafe { launch_in_order(name, config, args, ThreadOrder::Forward) }
+}
+
+/// [`launch`] with blocks and threads run in `order`.
+///
+/// ```
+/// use clipcid_cuda_emulator::{launch_in_order, Args, GuardedBuffer, LaunchConfig, ThreadOrder};
+/// let x = GuardedBuffer::new(&[1f32, 2., 3.]);
+/// let b = GuardedBuffer::new(&[0.5f32]);
+/// let y = GuardedBuffer::new(&[0f32; 3]);
+/// let args = Args::new().ptr(x.as_ptr()).ptr(b.as_ptr()).ptr(y.as_ptr()).u32(3).u32(1);
+/// let config = LaunchConfig::linear(2, 32);
+/// // SAFETY: clipcid_bias_add_f32(x, b, y, total 3, n 1) over buffers of those sizes.
+/// unsafe { launch_in_order("clipcid_bias_add_f32", config, &args, ThreadOrder::Reverse) }?;
+/// assert_eq!(y.values(), vec![1.5, 2.5, 3.5]);
+/// # Ok::<(), clipcid_cuda_emulator::EmulatorError>(())
+/// ```
+///
+/// # Safety
+/// As for [`launch`].
+pub unsafe fn launch_in_order(
+    name: &str,
+    config: LaunchConfig,
+    args: &Args<'_>,
+    order: ThreadOrder,
 ) -> Result<(), EmulatorError> {
     let c_name = CString::new(name).map_err(|_| EmulatorError::Name(name.to_string()))?;
     let mut pointers: Vec<*mut c_void> = args
@@ -190,6 +235,7 @@ pub unsafe fn launch(
             config.grid.as_ptr(),
             config.block.as_ptr(),
             config.shared_bytes,
+            c_int::from(order == ThreadOrder::Reverse),
             pointers.as_mut_ptr(),
             message.as_mut_ptr().cast::<c_char>(),
             message.len(),

@@ -3,7 +3,9 @@
 //! `csrc/selftest.cu`).
 #![allow(unsafe_code)] // launches of the self-test kernels, each with its arguments checked.
 
-use clipcid_cuda_emulator::{launch, Args, EmulatorError, GuardedBuffer, LaunchConfig};
+use clipcid_cuda_emulator::{
+    launch, launch_in_order, Args, EmulatorError, GuardedBuffer, LaunchConfig, ThreadOrder,
+};
 use half::f16;
 use rand::{Rng, SeedableRng};
 
@@ -210,4 +212,33 @@ fn f16_conversions_match_the_half_crate_bit_for_bit() {
             x[i]
         );
     }
+}
+
+/// A read of another thread's shared value with no barrier between gives other results when
+/// threads run last first (the race check the kernels' tests run); with the barrier, both
+/// orders give the same, expected, values.
+#[test]
+fn running_threads_in_reverse_order_exposes_a_missing_barrier() {
+    let run = |barrier: i32, order: ThreadOrder| {
+        let out = GuardedBuffer::new(&[0f32; 128]);
+        let args = Args::new().ptr(out.as_ptr()).i32(barrier);
+        // SAFETY: emu_selftest_neighbour(float *out, int barrier), 2 blocks of 64 threads
+        // writing out[0..128].
+        unsafe {
+            launch_in_order(
+                "emu_selftest_neighbour",
+                LaunchConfig::linear(2, 64),
+                &args,
+                order,
+            )
+        }
+        .expect("launch");
+        out.values()
+    };
+    let want: Vec<f32> = (0..128u32)
+        .map(|i| ((i / 64) * 1000 + (i % 64 + 1) % 64) as f32)
+        .collect();
+    assert_eq!(run(1, ThreadOrder::Forward), want);
+    assert_eq!(run(1, ThreadOrder::Reverse), want);
+    assert_ne!(run(0, ThreadOrder::Forward), run(0, ThreadOrder::Reverse));
 }

@@ -12,7 +12,9 @@
 #![allow(unsafe_code)] // emulated launches; each states the kernel's arguments and sizes.
 
 use candle_core::{DType, Device, Tensor, Var};
-use clipcid_cuda_emulator::{launch, Args, GuardedBuffer, LaunchConfig};
+use clipcid_cuda_emulator::{
+    launch, launch_in_order, Args, GuardedBuffer, LaunchConfig, ThreadOrder,
+};
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -170,8 +172,30 @@ fn run(kernel: &str, ty: Ty, config: LaunchConfig, args: &[A]) -> R<Vec<(bool, V
     run_as(&format!("{kernel}_{}", ty.suffix()), ty, config, args)
 }
 
-/// [`run`] for a kernel of one dtype, by its whole name.
+/// [`run`] for a kernel of one dtype, by its whole name. The kernel runs twice, blocks and
+/// threads first to last and then last to first, on fresh buffers: a kernel whose threads
+/// race (read another's shared or global values with no barrier between) tends to give
+/// other results in the other order, which is an error here.
 fn run_as(name: &str, ty: Ty, config: LaunchConfig, args: &[A]) -> R<Vec<(bool, Vec<f32>)>> {
+    let forward = run_in_order(name, ty, config, args, ThreadOrder::Forward)?;
+    let reverse = run_in_order(name, ty, config, args, ThreadOrder::Reverse)?;
+    for (k, ((_, a), (_, b))) in forward.iter().zip(&reverse).enumerate() {
+        let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        if !same {
+            return Err(format!("{name}: output {k} depends on the order threads run in").into());
+        }
+    }
+    Ok(forward)
+}
+
+/// One run of [`run_as`], in `order`.
+fn run_in_order(
+    name: &str,
+    ty: Ty,
+    config: LaunchConfig,
+    args: &[A],
+    order: ThreadOrder,
+) -> R<Vec<(bool, Vec<f32>)>> {
     let bufs: Vec<Option<Buf>> = args
         .iter()
         .map(|a| match a {
@@ -195,7 +219,7 @@ fn run_as(name: &str, ty: Ty, config: LaunchConfig, args: &[A]) -> R<Vec<(bool, 
     }
     // SAFETY: each case below gives the kernel's parameters in order (pointers as 64-bit
     // addresses of buffers sized for the launch), as the host code in cuda/mod.rs does.
-    unsafe { launch(name, config, &list) }.map_err(|e| format!("{name}: {e}"))?;
+    unsafe { launch_in_order(name, config, &list, order) }.map_err(|e| format!("{name}: {e}"))?;
     let mut outs = vec![];
     for (a, b) in args.iter().zip(&bufs) {
         if let Some(b) = b {
