@@ -9,10 +9,10 @@
 //! as errors what a GPU would hang on or read as garbage: a deadlock at a barrier, a shuffle
 //! from a lane that has exited, a block over 1,024 threads. [`launch_in_order`] with
 //! [`ThreadOrder::Reverse`] runs blocks and threads last to first: a kernel that reads another
-//! thread's value with no barrier between gives other results than in the usual order. Launches are serialised (the
-//! emulated kernels' shared memory is static). It measures nothing about speed, and it cannot
-//! show races that only a GPU's finer interleaving exposes (threads here switch only at
-//! barriers and shuffles).
+//! thread's value with no barrier between gives other results than in the usual order.
+//! Launches are serialised (the emulated kernels' shared memory is static). It measures
+//! nothing about speed, and it cannot show races that only a GPU's finer interleaving exposes
+//! (threads here switch only at barriers and shuffles).
 //!
 //! Arithmetic is IEEE single precision rounded op by op, as the kernels' `__f*_rn`
 //! intrinsics ask; `expf` and friends are the host's (within a few ulps of CUDA's).

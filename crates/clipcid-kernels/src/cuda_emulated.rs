@@ -6,9 +6,13 @@
 //! - every typed kernel in bf16 and f16 against its own f32 variant: a kernel widens its
 //!   inputs to f32 exactly and computes in f32, so the bf16 or f16 variant's output must be
 //!   the f32 variant's output rounded, bit for bit, whatever the kernel computes;
-//! - the f32 kernels against the CPU ops they stand in for (layer norm, softmax, attention).
+//! - the f32 kernels against the CPU ops they stand in for (layer norm and its backward
+//!   chain, softmax, attention and its backward pass, the head split and patch matrix, the
+//!   gathered rows' gradient), and the tensor-core attention to bf16 precision.
 //!
-//! The launch shapes mirror the host code in `cuda/mod.rs` (named at each).
+//! Launches through [`run`] go twice, threads and blocks in both orders, and must agree bit
+//! for bit (a race check). The launch shapes mirror the host code in `cuda/mod.rs` (named at
+//! each).
 #![allow(unsafe_code)] // emulated launches; each states the kernel's arguments and sizes.
 
 use candle_core::{DType, Device, Tensor, Var};

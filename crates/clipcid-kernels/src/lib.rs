@@ -47,10 +47,11 @@ pub mod blas;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
-// The many-tensor kernels' tables: used by the `cuda` module, and by the tests that run those
-// kernels on clipcid-cuda-emulator.
+// The CUDA kernel sources run on the CPU (clipcid-cuda-emulator), GPU or not.
 #[cfg(test)]
 mod cuda_emulated;
+// The many-tensor kernels' tables: used by the `cuda` module, and by the tests that run those
+// kernels on clipcid-cuda-emulator.
 #[cfg(any(feature = "cuda", test))]
 mod many;
 mod node;
