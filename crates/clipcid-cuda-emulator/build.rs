@@ -25,15 +25,11 @@ fn main() {
     for f in ["cuda_emulator.h", "invoke.h", "emulator.cpp", "selftest.cu"] {
         println!("cargo:rerun-if-changed={}", csrc.join(f).display());
     }
-    println!(
-        "cargo:rerun-if-changed={}",
-        kernels.join("prelude.cuh").display()
-    );
-
-    let mut units = vec![csrc.join("emulator.cpp")];
-    for f in ["kernels.cu", "tensor_core.cu"] {
+    for f in ["prelude.cuh", "kernels.cu", "tensor_core.cu"] {
         println!("cargo:rerun-if-changed={}", kernels.join(f).display());
     }
+
+    let mut units = vec![csrc.join("emulator.cpp")];
     for (unit, files) in UNITS {
         let mut body = "#include \"cuda_emulator.h\"\n".to_string();
         for f in files {

@@ -86,15 +86,13 @@ void release_if_complete(Barrier &b, unsigned int live) {
     }
 }
 
+/* The running thread arrives at `b`: the last of `live` threads to arrive releases the
+   others; every other waits until then. */
 void arrive(Barrier &b, const unsigned int &live) {
     const unsigned long long generation = b.generation;
     ++b.arrived;
-    if (b.arrived >= live) {
-        b.arrived = 0;
-        ++b.generation;
-        return;
-    }
-    wait_for(b, generation);
+    release_if_complete(b, live);
+    if (b.generation == generation) wait_for(b, generation);
 }
 
 void fiber_main() {

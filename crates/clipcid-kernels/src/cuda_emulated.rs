@@ -36,6 +36,20 @@ fn normals(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// The largest absolute difference between two outputs of one length.
+fn worst_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "outputs of different lengths");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+/// The largest magnitude among `v`.
+fn largest(v: &[f32]) -> f32 {
+    v.iter().fold(0f32, |m, x| m.max(x.abs()))
+}
+
 /// The kernels' storage dtypes, with their dtype codes and 16-bit roundings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Ty {
@@ -273,6 +287,22 @@ fn check_typed(kernel: &str, config: LaunchConfig, args: &[A]) -> R<()> {
     Ok(())
 }
 
+/// `clipcid_swap_middle`'s arguments: x of dims `dims` into an output of x's size.
+fn swap_middle_args(x: &[f32], dims: [u32; 4]) -> Vec<A> {
+    let mut args = vec![A::In(x.to_vec()), A::Out(x.len())];
+    args.extend(dims.map(A::U32));
+    args
+}
+
+/// `clipcid_patchify`'s arguments: `b` images of `c` channels, `s` x `s`, in patches of `p`
+/// (with `scatter`, the inverse permutation).
+fn patchify_args(img: &[f32], [b, c, s, p]: [u32; 4], scatter: bool) -> Vec<A> {
+    let mut args = vec![A::In(img.to_vec()), A::Out(img.len())];
+    args.extend([b, c, s, p].map(A::U32));
+    args.push(A::I32(i32::from(scatter)));
+    args
+}
+
 /// Row kernels: a block of 128 threads per row (`row_config`); a warp per row, four rows per
 /// block (`warp_rows_config`).
 fn per_row(rows: usize) -> LaunchConfig {
@@ -457,30 +487,15 @@ fn elementwise_and_layout_kernels_in_bf16_and_f16_are_their_f32_kernels_rounded(
     check_typed(
         "clipcid_swap_middle",
         grid,
-        &[
-            A::In(x.clone()),
-            A::Out(total),
-            A::U32(2),
-            A::U32(3),
-            A::U32(5),
-            A::U32(4),
-        ],
+        &swap_middle_args(&x, [2, 3, 5, 4]),
     )?;
     // Two 3-channel 4x4 images in 2x2 patches, and back.
     let img = normals(2 * 3 * 16, 10);
-    for scatter in [0, 1] {
+    for scatter in [false, true] {
         check_typed(
             "clipcid_patchify",
             grid,
-            &[
-                A::In(img.clone()),
-                A::Out(img.len()),
-                A::U32(2),
-                A::U32(3),
-                A::U32(4),
-                A::U32(2),
-                A::I32(scatter),
-            ],
+            &patchify_args(&img, [2, 3, 4, 2], scatter),
         )?;
     }
     Ok(())
@@ -495,14 +510,7 @@ fn layout_kernels_move_every_value_where_the_cpu_reshape_puts_it() -> R<()> {
         "clipcid_swap_middle",
         Ty::F32,
         LaunchConfig::linear(2, 64),
-        &[
-            A::In(x.clone()),
-            A::Out(x.len()),
-            A::U32(2),
-            A::U32(3),
-            A::U32(5),
-            A::U32(4),
-        ],
+        &swap_middle_args(&x, [2, 3, 5, 4]),
     )?;
     let want = Tensor::from_vec(x, (2, 3, 5, 4), &Device::Cpu)?
         .transpose(1, 2)?
@@ -515,15 +523,7 @@ fn layout_kernels_move_every_value_where_the_cpu_reshape_puts_it() -> R<()> {
         "clipcid_patchify",
         Ty::F32,
         LaunchConfig::linear(2, 64),
-        &[
-            A::In(img.clone()),
-            A::Out(img.len()),
-            A::U32(2),
-            A::U32(3),
-            A::U32(4),
-            A::U32(2),
-            A::I32(0),
-        ],
+        &patchify_args(&img, [2, 3, 4, 2], false),
     )?;
     // [B, C, g, p, g, p] -> [B, g, g, C, p, p]
     let want = Tensor::from_vec(img, (2, 3, 2, 2, 2, 2), &Device::Cpu)?
@@ -708,11 +708,7 @@ fn attention_kernels_match_the_cpu_and_their_f32_variants() -> R<()> {
             .remove(0)
             .1;
         let close = |a: &[f32], b: &[f32], what: &str| {
-            let worst = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
+            let worst = worst_diff(a, b);
             assert!(
                 worst < 1e-5,
                 "{what} (t {t}, tq {tq}, causal {causal}, d {d}, warps {warps}): {worst:e}"
@@ -777,11 +773,7 @@ fn layer_norm_and_softmax_kernels_match_the_cpu_ops() -> R<()> {
             ]
             .concat();
             let got = run(kernel, Ty::F32, config, &args)?.remove(0).1;
-            let worst = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let worst = worst_diff(&got, &want);
             assert!(worst < 1e-5, "{kernel} (d {d}): {worst:e}");
         }
         let got = run(
@@ -800,11 +792,7 @@ fn layer_norm_and_softmax_kernels_match_the_cpu_ops() -> R<()> {
         let want = candle_nn::ops::softmax_last_dim(&xt)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let worst = worst_diff(&got, &want);
         assert!(worst < 1e-6, "softmax (d {d}): {worst:e}");
     }
     Ok(())
@@ -885,12 +873,8 @@ fn layer_norm_backward_kernels_match_the_cpu_gradients() -> R<()> {
         ("dw", &dwb[..d], grad(&wv)?),
         ("db", &dwb[d..], grad(&bv)?),
     ] {
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        let top = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = worst_diff(got, &want);
+        let top = largest(&want);
         assert!(worst <= 1e-5 * top.max(1.0), "{what}: {worst:e} of {top:e}");
     }
     Ok(())
@@ -1149,12 +1133,8 @@ fn tensor_core_attention_kernels_match_the_cpu_op_to_bf16_precision() -> R<()> {
             ("forward", fwd, y.flatten_all()?.to_vec1::<f32>()?),
             ("backward", bwd, dx),
         ] {
-            let top = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let worst = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let top = largest(&want);
+            let worst = worst_diff(&got, &want);
             // bf16 keeps 8 bits: outputs and the probabilities between the products round
             // to about 0.4% each.
             assert!(
