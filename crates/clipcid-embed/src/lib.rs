@@ -312,21 +312,31 @@ pub fn embed_dataset(
             }
             continue;
         }
-        if resume::is_complete(&path, first, &expect) {
+        if let Some(covered) = resume::is_complete(&path, first, &expect) {
             let n = stream.skip_samples(opts.shard_size as u64)?;
             seen += n;
-            if n == opts.shard_size as u64 {
+            if n == covered {
                 bar.inc(n);
                 summary.shards.push(path);
                 summary.shards_resumed += 1;
+                if covered < opts.shard_size as u64 {
+                    // The dataset's last, short shard: the data still ends where it did.
+                    break;
+                }
                 continue;
             }
-            // A complete shard over fewer samples than it claims: the dataset changed.
+            // The samples are read past by now, so the shard cannot be redone in this pass;
+            // with the dataset's fingerprint unchanged this means the data moved underneath.
+            let now = if n < covered {
+                format!("ends at {}", first + n)
+            } else {
+                "goes on past it".to_string()
+            };
             return Err(EmbedError::Shard {
                 path,
                 msg: format!(
-                    "shard covers samples {first}.. but the dataset now ends at {}",
-                    first + n
+                    "shard covers samples {first}..{} but the dataset now {now}; remove the shard and run again",
+                    first + covered
                 ),
             });
         }

@@ -69,14 +69,16 @@ pub(crate) fn recorded(path: &Path) -> Option<Option<Provenance>> {
     )
 }
 
-/// True when `path` holds a complete, full shard of this run's kind starting at `first`: the
-/// header parses, the file is as long as the header says, the range, width, precision and
-/// tensors match.
-pub(crate) fn is_complete(path: &Path, first: u64, expect: &Expect) -> bool {
+/// The input samples that the shard at `path` covers, when it is a complete shard of this run's
+/// kind starting at `first`: the header parses, the file is as long as the header says, the
+/// width, precision and tensors match, and its range is `first..first + n` with `n` at most
+/// the shard size. A shorter range is the dataset's last shard: the caller keeps it only when
+/// the data still ends there.
+pub(crate) fn is_complete(path: &Path, first: u64, expect: &Expect) -> Option<u64> {
     if !path.exists() {
-        return false;
+        return None;
     }
-    let check = || -> Result<(), String> {
+    let check = || -> Result<u64, String> {
         let h = clipcid_store::io::read_header(path).map_err(|e| e.to_string())?;
         let meta = |k: &str| h.metadata.get(k).cloned().unwrap_or_default();
         if meta("clipcid.kind") != SHARD_KIND {
@@ -89,16 +91,22 @@ pub(crate) fn is_complete(path: &Path, first: u64, expect: &Expect) -> bool {
         {
             return Err("written by another run".into());
         }
-        if meta("first_index") != first.to_string()
-            || meta("end_index") != (first + expect.shard_size).to_string()
-        {
-            return Err(format!(
-                "covers samples {}..{}, this run wants {first}..{}",
+        let end = meta("end_index").parse::<u64>().ok();
+        let covered = match end {
+            Some(end) if meta("first_index") == first.to_string() => end.checked_sub(first),
+            _ => None,
+        };
+        let covered = match covered {
+            Some(n) if n > 0 && n <= expect.shard_size => n,
+            _ => {
+                return Err(format!(
+                "covers samples {}..{}, this run's shard starts at {first} and holds at most {}",
                 meta("first_index"),
                 meta("end_index"),
-                first + expect.shard_size
-            ));
-        }
+                expect.shard_size
+            ))
+            }
+        };
         let img = h.tensors.get("image").ok_or("no `image` tensor")?;
         if img.shape.len() != 2 || img.shape[1] != expect.dim || img.dtype != expect.dtype.name() {
             return Err(format!(
@@ -117,13 +125,13 @@ pub(crate) fn is_complete(path: &Path, first: u64, expect: &Expect) -> bool {
         if keys.len() != img.shape[0] {
             return Err("key count differs from row count".into());
         }
-        Ok(())
+        Ok(covered)
     };
     match check() {
-        Ok(()) => true,
+        Ok(covered) => Some(covered),
         Err(why) => {
             log::warn!("{}: recomputing shard ({why})", path.display());
-            false
+            None
         }
     }
 }

@@ -109,7 +109,7 @@ fn stored_embeddings_equal_direct_model_outputs_and_are_normalised() {
 }
 
 #[test]
-fn rerun_resumes_complete_shards_and_redoes_damaged_or_short_ones() {
+fn rerun_resumes_complete_shards_and_redoes_damaged_ones() {
     let dir = tempfile::tempdir().unwrap();
     let ds = shard(dir.path(), 7, None);
     let (model, tok) = setup();
@@ -125,16 +125,47 @@ fn rerun_resumes_complete_shards_and_redoes_damaged_or_short_ones() {
 
     let again = embed_dataset(&model, Some(&tok), &ds, &out, &opts(2, 3)).unwrap();
     assert_eq!(
-        again.shards_resumed, 2,
-        "the two full shards are kept, the short last one redone"
+        again.shards_resumed, 3,
+        "the two full shards and the short last one (the data still ends there) are kept"
     );
-    assert_eq!(again.samples_embedded, 1);
+    assert_eq!(again.samples_embedded, 0);
+    assert_eq!(again.shards, first.shards);
+    // A shard claiming another range than the data has (its fingerprint unchanged): an error
+    // naming the shard, never rows kept or dropped unseen.
+    let claim = |i: usize, end: u64| {
+        let p = &first.shards[i];
+        let mut meta = clipcid_store::io::read_header(p).unwrap().metadata;
+        meta.insert("end_index".to_string(), end.to_string());
+        let tensors = clipcid_store::io::load_tensors(p).unwrap();
+        clipcid_store::io::write_safetensors(p, tensors, &meta).unwrap();
+    };
+    for (i, end, want) in [
+        (2, 8, "covers samples 6..8 but the dataset now ends at 7"),
+        (
+            1,
+            5,
+            "covers samples 3..5 but the dataset now goes on past it",
+        ),
+    ] {
+        claim(i, end);
+        let e = embed_dataset(&model, Some(&tok), &ds, &out, &opts(2, 3))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(want) && e.contains(&first.shards[i].display().to_string()),
+            "{e}"
+        );
+        std::fs::write(&first.shards[i], &bytes[i]).unwrap();
+    }
 
-    // Damage shard 1: it is recomputed, byte for byte the same as before.
-    let b1 = &bytes[1];
-    std::fs::write(&first.shards[1], &b1[..b1.len() - 7]).unwrap();
+    // Damage shard 1 and the short last one: they are recomputed, byte for byte the same as
+    // before.
+    for i in [1, 2] {
+        let b = &bytes[i];
+        std::fs::write(&first.shards[i], &b[..b.len() - 7]).unwrap();
+    }
     let third = embed_dataset(&model, Some(&tok), &ds, &out, &opts(2, 3)).unwrap();
-    assert_eq!(third.shards_resumed, 1);
+    assert_eq!((third.shards_resumed, third.samples_embedded), (1, 4));
     for (p, b) in third.shards.iter().zip(&bytes) {
         assert_eq!(&std::fs::read(p).unwrap(), b, "{}", p.display());
     }

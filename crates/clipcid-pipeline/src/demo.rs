@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, DeviceLocation};
 use clipcid_data::{BatchIter, Dataset, Preprocess};
-use clipcid_embed::{embed_dataset, EmbedOptions};
+use clipcid_embed::{embed_dataset, EmbedOptions, EmbedSummary};
 use clipcid_eval::{
     evaluate, AgreementPlan, EvalModel, EvalPlan, ProbeOptions, Templates, ZeroShotPlan,
 };
@@ -250,6 +250,28 @@ struct DataLayout {
     text_images: PathBuf,
     clip_tokenizer: PathBuf,
     sources: String,
+}
+
+/// The report's embed row: what this run embedded, and what it kept from an earlier run
+/// into the same folder (same teacher, data and options).
+fn embed_line(s: &EmbedSummary) -> String {
+    let kept = format!(
+        "{} of {} shard(s) kept from an earlier run",
+        s.shards_resumed,
+        s.shards.len()
+    );
+    match (s.samples_embedded, s.shards_resumed) {
+        (0, _) => format!("{kept} (same teacher, data and options): nothing embedded"),
+        (n, 0) => format!(
+            "{n} training images + captions -> {} shard(s), {:.0} images/s",
+            s.shards.len(),
+            s.images_per_second()
+        ),
+        (n, _) => format!(
+            "{n} training images + captions embedded at {:.0} images/s; {kept}",
+            s.images_per_second()
+        ),
+    }
 }
 
 fn data_layout(data: &Path) -> Result<DataLayout> {
@@ -667,7 +689,7 @@ pub fn run(opts: &DemoOptions, device: &Device, say: &mut dyn FnMut(&str)) -> Re
         "| stage | result |\n|---|---|\n\
          | data | real digits from `{}` (sizes, sources and licences below) |\n\
          | teacher | {} |\n\
-         | embed | {} training images + captions -> {} shard(s), {:.0} images/s |\n\
+         | embed | {} |\n\
          | balance | threshold 0.07: kept {} of {}, removed {:.1}% (sweep {}) |\n\
          | cluster | K = {k}: sizes before balance {}, after {} |\n\
          | distill | {} arms x {} seed(s), each on the same seeded {}-row subset of the kept rows, batch {batch}: CLIP-CID arms {} epochs ({} steps), PicCollage {} epochs ({} steps; an image-tower step costs about a third of a two-tower one) |\n\
@@ -676,9 +698,7 @@ pub fn run(opts: &DemoOptions, device: &Device, say: &mut dyn FnMut(&str)) -> Re
          | export | FP16 CLIP-CID student: {:.1} kB -> {:.1} kB of tensors; unit image embeddings vs FP32: max abs diff {:.1e}, min cosine {:.5} |\n",
         opts.data.display(),
         teacher.description,
-        s.samples_embedded,
-        s.shards.len(),
-        s.images_per_second(),
+        embed_line(&s),
         bal.summary.kept,
         bal.summary.n,
         bal.summary.removed_pct,
@@ -832,5 +852,34 @@ impl ArmSetup<'_> {
             };
         }
         Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embed_row_says_what_was_embedded_and_what_was_kept() {
+        let shards = |n: usize| (0..n).map(|i| PathBuf::from(format!("s{i}"))).collect();
+        let summary = |embedded, resumed| EmbedSummary {
+            shards: shards(4),
+            shards_resumed: resumed,
+            samples_embedded: embedded,
+            seconds: 2.0,
+            ..Default::default()
+        };
+        assert_eq!(
+            embed_line(&summary(13442, 0)),
+            "13442 training images + captions -> 4 shard(s), 6721 images/s"
+        );
+        assert_eq!(
+            embed_line(&summary(1154, 3)),
+            "1154 training images + captions embedded at 577 images/s; 3 of 4 shard(s) kept from an earlier run"
+        );
+        assert_eq!(
+            embed_line(&summary(0, 4)),
+            "4 of 4 shard(s) kept from an earlier run (same teacher, data and options): nothing embedded"
+        );
     }
 }

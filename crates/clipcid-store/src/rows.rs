@@ -74,17 +74,7 @@ impl RowReader {
                     ),
                 ));
             }
-            let dtype = match info.dtype.as_str() {
-                "F32" => DType::F32,
-                "F16" => DType::F16,
-                "BF16" => DType::BF16,
-                other => {
-                    return Err(StoreError::file(
-                        path,
-                        format!("`{name}` is {other}; embeddings are F32, F16 or BF16"),
-                    ))
-                }
-            };
+            let dtype = crate::shard::embedding_dtype(path, name, &info.dtype)?;
             shards.push(ShardRows {
                 path: path.clone(),
                 offset: header.data_start + info.data_offsets[0] as u64,

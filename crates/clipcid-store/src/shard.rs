@@ -99,6 +99,11 @@ impl EmbeddingShard {
             msg,
         };
         let header = crate::io::read_header(path)?;
+        for name in ["image", "text"] {
+            if let Some(info) = header.tensors.get(name) {
+                embedding_dtype(path, name, &info.dtype)?;
+            }
+        }
         let mut t = crate::io::load_tensors(path)?;
         let image = t
             .remove("image")
@@ -370,6 +375,20 @@ pub fn first_duplicate(ids: &[i64]) -> Option<i64> {
 }
 
 /// The input range `first_index..end_index` a shard records in its metadata (embed shards do).
+/// The dtype of an embedding tensor `name` stored as safetensors' `dtype`: F32, F16 or BF16,
+/// anything else (integers, F64) an error naming `path`.
+pub(crate) fn embedding_dtype(path: &Path, name: &str, dtype: &str) -> Result<DType, StoreError> {
+    match dtype {
+        "F32" => Ok(DType::F32),
+        "F16" => Ok(DType::F16),
+        "BF16" => Ok(DType::BF16),
+        other => Err(StoreError::file(
+            path,
+            format!("`{name}` is {other}; embeddings are F32, F16 or BF16"),
+        )),
+    }
+}
+
 fn sample_range(metadata: &std::collections::HashMap<String, String>) -> Option<(u64, u64)> {
     let get = |k: &str| metadata.get(k).and_then(|v| v.parse::<u64>().ok());
     Some((get("first_index")?, get("end_index")?))
@@ -450,6 +469,7 @@ impl ShardLayout {
                     format!("`image` must be [n, D], found {:?}", info.shape),
                 ));
             };
+            embedding_dtype(path, "image", &info.dtype)?;
             match width {
                 Some((w, first)) if w != d && n > 0 => {
                     return Err(StoreError::file(

@@ -96,3 +96,42 @@ fn shards_recording_two_provenances_are_refused() {
         .to_string();
     assert!(e.contains("another embedding run"), "{e}");
 }
+
+#[test]
+fn embeddings_stored_as_integers_or_f64_are_refused_by_every_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, dtype) in [
+        ("int.safetensors", DType::I64),
+        ("wide.safetensors", DType::F64),
+    ] {
+        let path = dir.path().join(name);
+        let image = Tensor::ones((2, 4), dtype, &Device::Cpu).unwrap();
+        write_safetensors(&path, [("image".to_string(), image)], &HashMap::new()).unwrap();
+        let want = format!(
+            "{}: `image` is {}",
+            path.display(),
+            dtype.as_str().to_uppercase()
+        );
+        let layout = ShardLayout::open(std::slice::from_ref(&path)).unwrap_err();
+        let read = EmbeddingShard::read(&path).unwrap_err();
+        for e in [layout.to_string(), read.to_string()] {
+            assert!(
+                e.starts_with(&want) && e.ends_with("embeddings are F32, F16 or BF16"),
+                "{e}"
+            );
+        }
+    }
+    // A `text` tensor of another kind beside good image rows: refused too.
+    let path = dir.path().join("text.safetensors");
+    let image = Tensor::ones((2, 4), DType::F16, &Device::Cpu).unwrap();
+    let text = Tensor::ones((2, 4), DType::U8, &Device::Cpu).unwrap();
+    write_safetensors(
+        &path,
+        [("image".to_string(), image), ("text".to_string(), text)],
+        &HashMap::new(),
+    )
+    .unwrap();
+    let e = EmbeddingShard::read(&path).unwrap_err().to_string();
+    assert!(e.contains("`text` is U8"), "{e}");
+    assert!(ShardLayout::open(std::slice::from_ref(&path)).is_ok());
+}
