@@ -31,17 +31,28 @@ impl NearPairs {
     pub fn is_empty(&self) -> bool {
         self.i.is_empty()
     }
+
+    /// Appends pairs in order.
+    pub(crate) fn extend_pairs(&mut self, pairs: impl IntoIterator<Item = Pair>) {
+        for (i, j, d2) in pairs {
+            self.i.push(i);
+            self.j.push(j);
+            self.dist2.push(d2);
+        }
+    }
 }
 
 /// All pairs of rows of `x` (`[n, D]`, any device) closer than `threshold`, computed one
 /// `block x block` tile at a time over the upper triangle: `d^2 = |a|^2 + |b|^2 - 2 a.b`
-/// with one matmul per tile, so memory is `O(block^2)` whatever `n`. On CPU the f32 tile
+/// with one matmul per tile, so memory is `O(block^2)` whatever `n` (on a device, the tiles
+/// of one read-back: at most 1 GiB of f32 products, none for f16 tiles). On CPU the f32 tile
 /// product is OpenBLAS `sgemm`; otherwise it is candle's matmul (cuBLAS on CUDA) of the
 /// folded rows `[a, 1]` and `[2b, -|b|^2]`, whose one pass per tile keeps the host copy to the
 /// rows that hold a pair. With `f16`, that product runs in half precision through candle
 /// (meant for GPUs; on CPU it works but is slower) and only chooses the rows: their pairs are
 /// decided from the same rows' product in f32, so f16 finds the f32 pairs up to rounding at
-/// the threshold. `on_tile` is called after each tile (for progress).
+/// the threshold. `on_tile` is called after each tile (for progress; on the device path as
+/// each group of tiles is read back).
 pub fn near_pairs(
     x: &Tensor,
     threshold: f32,
@@ -59,12 +70,7 @@ pub fn near_pairs(
     let mut out = NearPairs::default();
     let mut emit = |i0: usize, j0: usize, bi: usize, bj: usize, s: &[f32]| {
         let (na, nb) = (&norms[i0..i0 + bi], &norms[j0..j0 + bj]);
-        let rows = scan_tile(s, i0, j0, na, nb, t2);
-        for (i, j, d2) in rows.into_iter().flatten() {
-            out.i.push(i);
-            out.j.push(j);
-            out.dist2.push(d2);
-        }
+        out.extend_pairs(scan_tile(s, i0, j0, na, nb, t2).into_iter().flatten());
         on_tile();
     };
     if x.device().is_cpu() && !f16 {
@@ -83,26 +89,20 @@ pub fn near_pairs(
         })??;
     } else {
         let (left, right) = folded(&x, &norms, f16)?;
+        let mut tiles = DeviceTiles::new(t2, TILES_PER_READ);
         for_each_tile(n, block, |i0, j0, bi, bj| {
-            let a = left.rows(i0, bi)?;
-            let b = right.rows(j0, bj)?;
-            for (i, j, d2) in scan_device_tile(&a, &b, i0, j0, &norms[i0..i0 + bi], t2)?
-                .into_iter()
-                .flatten()
-            {
-                out.i.push(i);
-                out.j.push(j);
-                out.dist2.push(d2);
-            }
-            on_tile();
-            Ok::<_, DedupError>(())
+            let (a, b) = (left.rows(i0, bi)?, right.rows(j0, bj)?);
+            let na = &norms[i0..i0 + bi];
+            tiles.push(a, b, i0, j0, na, &mut out, &mut on_tile)
         })?;
+        tiles.finish(&mut out, &mut on_tile)?;
     }
     Ok(out)
 }
 
 /// One side of the device path's folded tile product (see [`folded`]): its f32 rows, and
 /// their f16 copy when the tiles run in f16.
+#[derive(Clone)]
 pub(crate) struct Folded {
     exact: Tensor,
     half: Option<Tensor>,
@@ -158,68 +158,189 @@ pub(crate) fn folded(x: &Tensor, norms: &[f32], f16: bool) -> Result<(Folded, Fo
     Ok((side(&left)?, side(&right)?))
 }
 
-/// The pairs of one tile on the device path: `a` rows of the left side and `b` rows of the
-/// right side of [`folded`] (on CUDA, or on the CPU for f16), `na` the squared norms of `a`'s
-/// rows. Only the rows of the tile that hold a pair cross to the host: the device takes each
-/// row's largest `2 a.b - |b|^2` (the diagonal tile's lower triangle masked off), and the rows
-/// within reach of the threshold (plus a slack above rounding: about 1e-4 in f32, 4e-3 for
-/// f16 tiles; a NaN too) are kept. Their values come back in f32 (for f16 tiles, those rows'
-/// product again in f32, so f16 only chooses the rows and every pair is decided in f32), and
-/// the host finds their pairs as `d^2 = |a|^2 - (2 a.b - |b|^2)`. Copying whole tiles instead
-/// would move 2 TB for 1M rows (hours of PCIe), where one value per row is 0.5 GB.
-pub(crate) fn scan_device_tile(
-    a: &Folded,
-    b: &Folded,
+/// Tiles read back from the device together (see [`DeviceTiles`]).
+pub(crate) const TILES_PER_READ: usize = 32;
+
+/// f32 tile products kept on the device for their rows' pairs until the read-back, at most
+/// (about 16 tiles of 4096 x 4096): past it the pending tiles are read back early.
+const KEPT_BYTES_PER_READ: usize = 1 << 30;
+
+/// A tile of the device path whose row maxima are on their way (see [`DeviceTiles`]).
+struct PendingTile<'n> {
+    /// The tile's rows of the left side of [`folded`].
+    a: Folded,
+    /// Its columns: rows of the right side.
+    b: Folded,
     i0: usize,
     j0: usize,
-    na: &[f32],
+    /// The squared norms of `a`'s rows.
+    na: &'n [f32],
+    /// Each row's largest `2 a.b - |b|^2` `[bi]`, on the device, not yet read.
+    best: Tensor,
+    /// The f32 product itself (f32 tiles), from which the rows with a pair are picked; f16
+    /// tiles keep nothing and compute those rows again in f32.
+    product: Option<Tensor>,
+}
+
+/// The device path's tile scan. For each tile the device takes each row's largest
+/// `2 a.b - |b|^2` (the diagonal tile's lower triangle masked off), and only the rows within
+/// reach of the threshold (plus a slack above rounding: about 1e-4 in f32, 4e-3 for f16
+/// tiles; a NaN too) cross to the host, in f32: for f16 tiles those rows' product again in
+/// f32, so f16 only chooses the rows and every pair is decided in f32. The host finds their
+/// pairs as `d^2 = |a|^2 - (2 a.b - |b|^2)`. Copying whole tiles instead would move 2 TB for
+/// 1M rows (hours of PCIe), where one value per row is 0.5 GB.
+///
+/// The maxima of [`TILES_PER_READ`] tiles come back in one copy, and the picked rows of
+/// those tiles in one more, so the host waits for the device twice per group of tiles
+/// rather than once or twice per tile (for 1M rows at block 4096, 30,135 tiles): with a copy
+/// per tile, the device had nothing queued while the host waited for one tile's maxima and
+/// then queued the next tile's work. Pairs come out in tile order, as a tile at a time gave
+/// them.
+pub(crate) struct DeviceTiles<'n> {
+    pending: Vec<PendingTile<'n>>,
+    kept_bytes: usize,
     t2: f32,
-) -> Result<Vec<Vec<Pair>>, DedupError> {
-    let dev = a.exact.device();
-    let bi = na.len();
-    let mut s = a.fast().matmul(&b.fast().t()?)?;
-    let bj = s.dim(1)?;
-    if i0 == j0 {
-        // Each pair once (c > r), as `scan_tile`: the diagonal and below out of the maximum.
-        let below = Tensor::tril2(bi, DType::U8, dev)?;
-        let never = Tensor::full(f32::NEG_INFINITY, (bi, bj), dev)?.to_dtype(s.dtype())?;
-        s = below.where_cond(&never, &s)?;
+    tiles_per_read: usize,
+}
+
+impl<'n> DeviceTiles<'n> {
+    /// A scan for pairs with squared distance under `t2`, reading back every
+    /// `tiles_per_read` tiles (at least 1).
+    pub(crate) fn new(t2: f32, tiles_per_read: usize) -> Self {
+        Self {
+            pending: vec![],
+            kept_bytes: 0,
+            t2,
+            tiles_per_read: tiles_per_read.max(1),
+        }
     }
-    let best: Vec<f32> = s.max(1)?.to_dtype(DType::F32)?.to_vec1()?;
-    let slack = if a.half.is_some() { 4e-3 } else { 1e-4 };
-    let hit_rows: Vec<u32> = best
-        .iter()
-        .enumerate()
-        // A NaN maximum (however a device's max treats NaN) is scanned too.
-        .filter(|&(r, &m)| m.is_nan() || m > na[r] - t2 - slack * (1.0 + na[r].abs()))
-        .map(|(r, _)| r as u32)
-        .collect();
-    if hit_rows.is_empty() {
-        return Ok(vec![]);
+
+    /// Queues the tile of `a` (rows of the left side of [`folded`], from row `i0`, squared
+    /// norms `na`) against `b` (rows of the right side, from row `j0`); when the group is
+    /// full, reads it back into `out`, calling `on_tile` once per tile read.
+    #[allow(clippy::too_many_arguments)] // one tile's coordinates and the scan's outputs
+    pub(crate) fn push(
+        &mut self,
+        a: Folded,
+        b: Folded,
+        i0: usize,
+        j0: usize,
+        na: &'n [f32],
+        out: &mut NearPairs,
+        on_tile: &mut dyn FnMut(),
+    ) -> Result<(), DedupError> {
+        let dev = a.exact.device().clone();
+        let bi = na.len();
+        let mut s = a.fast().matmul(&b.fast().t()?)?;
+        let bj = s.dim(1)?;
+        if i0 == j0 {
+            // Each pair once (c > r), as `scan_tile`: the diagonal and below out of the maximum.
+            let below = Tensor::tril2(bi, DType::U8, &dev)?;
+            let never = Tensor::full(f32::NEG_INFINITY, (bi, bj), &dev)?.to_dtype(s.dtype())?;
+            s = below.where_cond(&never, &s)?;
+        }
+        let best = s.max(1)?;
+        let product = if a.half.is_none() {
+            self.kept_bytes += s.elem_count() * s.dtype().size_in_bytes();
+            Some(s)
+        } else {
+            None
+        };
+        self.pending.push(PendingTile {
+            a,
+            b,
+            i0,
+            j0,
+            na,
+            best,
+            product,
+        });
+        if self.pending.len() >= self.tiles_per_read || self.kept_bytes >= KEPT_BYTES_PER_READ {
+            self.read_back(out, on_tile)?;
+        }
+        Ok(())
     }
-    let ids = Tensor::from_slice(&hit_rows, hit_rows.len(), dev)?;
-    let picked = if a.half.is_some() {
-        a.exact.index_select(&ids, 0)?.matmul(&b.exact.t()?)?
-    } else {
-        s.index_select(&ids, 0)?
-    };
-    let host: Vec<f32> = picked.flatten_all()?.to_vec1()?;
-    Ok(hit_rows
-        .par_iter()
-        .zip(host.par_chunks(bj))
-        .map(|(&r, values)| {
-            let r = r as usize;
-            let start = if i0 == j0 { r + 1 } else { 0 };
-            let mut hits = Vec::new();
-            for (c, &v) in values.iter().enumerate().skip(start) {
-                let d2 = na[r] - v;
-                if d2 < t2 {
-                    hits.push(((i0 + r) as u32, (j0 + c) as u32, d2.max(0.0)));
-                }
+
+    /// Reads back the tiles still queued.
+    pub(crate) fn finish(
+        mut self,
+        out: &mut NearPairs,
+        on_tile: &mut dyn FnMut(),
+    ) -> Result<(), DedupError> {
+        self.read_back(out, on_tile)
+    }
+
+    /// The queued tiles' maxima in one copy; the rows within reach picked on the device
+    /// and read in one more copy; their pairs into `out`, tile by tile.
+    fn read_back(
+        &mut self,
+        out: &mut NearPairs,
+        on_tile: &mut dyn FnMut(),
+    ) -> Result<(), DedupError> {
+        let tiles = std::mem::take(&mut self.pending);
+        self.kept_bytes = 0;
+        let Some(first) = tiles.first() else {
+            return Ok(());
+        };
+        let dev = first.a.exact.device().clone();
+        let maxima: Vec<Tensor> = tiles.iter().map(|t| t.best.clone()).collect();
+        let best: Vec<f32> = Tensor::cat(&maxima, 0)?.to_dtype(DType::F32)?.to_vec1()?;
+        // Per tile: the rows within reach, and their f32 values queued on the device.
+        let mut hits: Vec<Vec<u32>> = Vec::with_capacity(tiles.len());
+        let mut picked: Vec<Tensor> = vec![];
+        let mut at = 0;
+        for t in &tiles {
+            let (bi, t2) = (t.na.len(), self.t2);
+            let slack = if t.product.is_none() { 4e-3 } else { 1e-4 };
+            let rows: Vec<u32> = best[at..at + bi]
+                .iter()
+                .enumerate()
+                // A NaN maximum (however a device's max treats NaN) is scanned too.
+                .filter(|&(r, &m)| m.is_nan() || m > t.na[r] - t2 - slack * (1.0 + t.na[r].abs()))
+                .map(|(r, _)| r as u32)
+                .collect();
+            at += bi;
+            if !rows.is_empty() {
+                let ids = Tensor::from_slice(&rows, rows.len(), &dev)?;
+                let values = match &t.product {
+                    Some(s) => s.index_select(&ids, 0)?,
+                    None => t.a.exact.index_select(&ids, 0)?.matmul(&t.b.exact.t()?)?,
+                };
+                picked.push(values.flatten_all()?);
             }
-            hits
-        })
-        .collect())
+            hits.push(rows);
+        }
+        let host: Vec<f32> = match picked.len() {
+            0 => vec![],
+            _ => Tensor::cat(&picked, 0)?.to_vec1()?,
+        };
+        let mut at = 0;
+        for (t, rows) in tiles.iter().zip(&hits) {
+            let bj = t.b.exact.dim(0)?;
+            let values = &host[at..at + rows.len() * bj];
+            at += rows.len() * bj;
+            let (i0, j0, na, t2) = (t.i0, t.j0, t.na, self.t2);
+            let found: Vec<Vec<Pair>> = rows
+                .par_iter()
+                .zip(values.par_chunks(bj.max(1)))
+                .map(|(&r, values)| {
+                    let r = r as usize;
+                    let start = if i0 == j0 { r + 1 } else { 0 };
+                    let mut pairs = Vec::new();
+                    for (c, &v) in values.iter().enumerate().skip(start) {
+                        let d2 = na[r] - v;
+                        if d2 < t2 {
+                            pairs.push(((i0 + r) as u32, (j0 + c) as u32, d2.max(0.0)));
+                        }
+                    }
+                    pairs
+                })
+                .collect();
+            out.extend_pairs(found.into_iter().flatten());
+            on_tile();
+        }
+        Ok(())
+    }
 }
 
 /// The dot products of the rows of `a` (`[bi, d]`) with those of `b` (`[bj, d]`) into
@@ -356,6 +477,77 @@ mod tests {
         v
     }
 
+    /// The pairs of one tile through [`DeviceTiles`], read back on its own.
+    fn scan_device_tile(
+        a: &Folded,
+        b: &Folded,
+        i0: usize,
+        j0: usize,
+        na: &[f32],
+        t2: f32,
+    ) -> Result<Vec<Pair>, DedupError> {
+        let mut out = NearPairs::default();
+        let mut tiles = DeviceTiles::new(t2, 1);
+        tiles.push(a.clone(), b.clone(), i0, j0, na, &mut out, &mut || {})?;
+        tiles.finish(&mut out, &mut || {})?;
+        Ok(pairs_of(&out))
+    }
+
+    fn pairs_of(p: &NearPairs) -> Vec<Pair> {
+        (0..p.len()).map(|k| (p.i[k], p.j[k], p.dist2[k])).collect()
+    }
+
+    /// Tiles read back in groups of any size give the pairs of one tile at a time, in the
+    /// same order, and report every tile once; f32 tiles, f16 tiles, and f32 tiles whose
+    /// kept products pass the byte budget (a read-back before the group is full).
+    #[test]
+    fn grouped_read_back_equals_one_tile_at_a_time() {
+        let (n, d, block, t2) = (130, 24, 32, 0.003f32);
+        let mut values = rows(n, d);
+        values[70 * d + 3] = f32::NAN;
+        let x = Tensor::from_slice(&values, (n, d), &Device::Cpu).unwrap();
+        let norms = row_sq_norms(&x).unwrap();
+        for f16 in [false, true] {
+            let (left, right) = folded(&x, &norms, f16).unwrap();
+            let mut want = vec![];
+            let mut tiles = 0;
+            for_each_tile(n, block, |i0, j0, bi, bj| {
+                let (a, b) = (left.rows(i0, bi)?, right.rows(j0, bj)?);
+                want.extend(scan_device_tile(&a, &b, i0, j0, &norms[i0..i0 + bi], t2)?);
+                tiles += 1;
+                Ok::<_, DedupError>(())
+            })
+            .unwrap();
+            assert_eq!(tiles, 15);
+            assert!(want.len() > 10, "f16 {f16}: {} pairs", want.len());
+            for per_read in [2, 4, 7, 15, 32] {
+                let mut out = NearPairs::default();
+                let mut reported = 0;
+                let mut group = DeviceTiles::new(t2, per_read);
+                for_each_tile(n, block, |i0, j0, bi, bj| {
+                    let (a, b) = (left.rows(i0, bi)?, right.rows(j0, bj)?);
+                    let na = &norms[i0..i0 + bi];
+                    group.push(a, b, i0, j0, na, &mut out, &mut || reported += 1)
+                })
+                .unwrap();
+                assert!(reported <= tiles - tiles % per_read);
+                group.finish(&mut out, &mut || reported += 1).unwrap();
+                assert_eq!(reported, tiles, "f16 {f16}, {per_read} per read");
+                assert_eq!(pairs_of(&out), want, "f16 {f16}, {per_read} per read");
+            }
+        }
+        // A byte budget passed: read back before the group is full (f32 tiles keep products).
+        let (left, right) = folded(&x, &norms, false).unwrap();
+        let mut group = DeviceTiles::new(t2, 32);
+        group.kept_bytes = KEPT_BYTES_PER_READ;
+        let (mut out, mut reported) = (NearPairs::default(), 0);
+        let (a, b) = (left.rows(0, block).unwrap(), right.rows(0, block).unwrap());
+        group
+            .push(a, b, 0, 0, &norms[..block], &mut out, &mut || reported += 1)
+            .unwrap();
+        assert_eq!((reported, group.pending.len(), group.kept_bytes), (1, 0, 0));
+    }
+
     #[test]
     fn device_tile_scan_equals_a_scan_of_the_whole_tile() {
         let (n, d, block) = (96, 24, 40);
@@ -393,10 +585,7 @@ mod tests {
                     }
                     v
                 })?;
-                let device: Vec<Pair> = scan_device_tile(&a, &b, i0, j0, na, t2)?
-                    .into_iter()
-                    .flatten()
-                    .collect();
+                let device = scan_device_tile(&a, &b, i0, j0, na, t2)?;
                 assert_eq!(device, whole, "tile ({i0}, {j0}), t2 {t2}");
                 // The CPU path's formula finds the same pairs, but for distances within
                 // rounding of the threshold.
@@ -409,10 +598,7 @@ mod tests {
                 // f16 tiles choose the rows, f32 decides: the f32 path's pairs, but for
                 // distances within rounding of the threshold.
                 let (a16, b16) = (left16.rows(i0, bi)?, right16.rows(j0, bj)?);
-                let half: Vec<Pair> = scan_device_tile(&a16, &b16, i0, j0, na, t2)?
-                    .into_iter()
-                    .flatten()
-                    .collect();
+                let half = scan_device_tile(&a16, &b16, i0, j0, na, t2)?;
                 let key = |p: &Pair| (p.0, p.1);
                 let edge = |p: &Pair| (p.2 - t2).abs() < 1e-5;
                 for other in [&cpu, &half] {

@@ -9,7 +9,9 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use clipcid_store::{Part, RowReader};
 
-use crate::pairs::{cpu_tile, folded, row_sq_norms, scan_device_tile, scan_tile, Folded};
+use crate::pairs::{
+    cpu_tile, folded, row_sq_norms, scan_tile, DeviceTiles, Folded, TILES_PER_READ,
+};
 use crate::{BalanceOptions, BalanceResult, DedupError, NearPairs};
 
 /// A row block a part owns: its index, its unit rows on the host (CPU products) or on the
@@ -68,8 +70,9 @@ pub fn part_row_blocks(tiles: usize, part: Part) -> Vec<usize> {
 /// ([`part_row_blocks`]) against every block at or right of them: the part's share of the
 /// tiles [`near_pairs`](crate::near_pairs) computes over all rows. The part's own rows stay
 /// in memory and the other blocks are read one at a time from the shards, so memory is
-/// `(rows owned + block) x D x 4` bytes for the rows plus one `block x block` tile; every
-/// part reads the embeddings once. On the CPU with f32 tiles the tile products are the one
+/// `(rows owned + block) x D x 4` bytes for the rows plus one `block x block` tile (on a
+/// device, the tiles of one read-back: up to 32 column blocks, and at most 1 GiB of f32 tile
+/// products); every part reads the embeddings once. On the CPU with f32 tiles the tile products are the one
 /// process's, bit for bit.
 pub fn near_pairs_of_part(
     rows: &RowReader,
@@ -118,6 +121,7 @@ pub fn near_pairs_of_part(
         vec![]
     };
     let mut out = NearPairs::default();
+    let mut device_tiles = DeviceTiles::new(t2, TILES_PER_READ);
     for bj in 0..tiles {
         let users: Vec<_> = owned.iter().filter(|(bi, ..)| *bi <= bj).collect();
         if users.is_empty() {
@@ -133,21 +137,21 @@ pub fn near_pairs_of_part(
         };
         for (bi, a_rows, a_norms, a_dev) in users {
             let (i0, len_i) = span(*bi);
-            let found = match (a_dev, &b_dev) {
-                (Some(a), Some(b)) => scan_device_tile(a, b, i0, j0, a_norms, t2)?,
+            match (a_dev, &b_dev) {
+                (Some(a), Some(b)) => {
+                    let (a, b) = (a.clone(), b.clone());
+                    device_tiles.push(a, b, i0, j0, a_norms, &mut out, &mut on_tile)?;
+                }
                 _ => {
                     cpu_tile(a_rows, &b_rows, d, &mut buf)?;
-                    scan_tile(&buf[..len_i * len_j], i0, j0, a_norms, &b_norms, t2)
+                    let found = scan_tile(&buf[..len_i * len_j], i0, j0, a_norms, &b_norms, t2);
+                    out.extend_pairs(found.into_iter().flatten());
+                    on_tile();
                 }
-            };
-            for (i, j, d2) in found.into_iter().flatten() {
-                out.i.push(i);
-                out.j.push(j);
-                out.dist2.push(d2);
             }
-            on_tile();
         }
     }
+    device_tiles.finish(&mut out, &mut on_tile)?;
     Ok(out)
 }
 
