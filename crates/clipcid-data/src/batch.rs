@@ -41,6 +41,27 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
+
+    /// Each sample's caption, `""` for a sample without one: what a tokenizer takes.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// let batch = clipcid_data::Batch {
+    ///     indices: vec![0, 1],
+    ///     keys: vec!["a".into(), "b".into()],
+    ///     pixels: Tensor::zeros((2, 3, 4, 4), DType::F32, &Device::Cpu)?,
+    ///     captions: vec![Some("a cat".into()), None],
+    ///     labels: vec![None, None],
+    /// };
+    /// assert_eq!(batch.caption_texts(), ["a cat", ""]);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn caption_texts(&self) -> Vec<&str> {
+        self.captions
+            .iter()
+            .map(|c| c.as_deref().unwrap_or(""))
+            .collect()
+    }
 }
 
 /// Decodes and preprocesses a group of samples on rayon's pool. Samples that fail are

@@ -44,7 +44,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
-use clipcid_data::{decode_batch, DataError, Dataset, Preprocess, Sample, Skipped};
+use clipcid_data::{decode_batch, Batch, DataError, Dataset, Preprocess, Sample, Skipped};
 use clipcid_models::{l2_normalize, ClipModel, ClipTokenizer, ModelError};
 
 pub use clipcid_store::{
@@ -341,6 +341,7 @@ pub fn embed_dataset(
             });
         }
         let mut rows = ShardRows::default();
+        let mut in_flight: Option<InFlight> = None;
         let mut read = 0u64;
         while read < opts.shard_size as u64 {
             let want = opts.batch_size.min(opts.shard_size - read as usize);
@@ -352,43 +353,23 @@ pub fn embed_dataset(
             let n_raw = raw.len() as u64;
             let (batch, skipped) = decode_batch(raw, &preprocess, model.device())?;
             rows.skipped.extend(skipped);
+            // The previous batch's features, which the device computed while this batch
+            // was read and decoded.
+            if let Some(done) = in_flight.take() {
+                done.land(&mut rows)?;
+            }
             if let Some(batch) = batch {
-                // Features are normalised in f32 whatever the model computes in.
-                let img = model.encode_image(&batch.pixels)?.to_dtype(DType::F32)?;
-                check_finite(&img, "image", &batch.keys[0])?;
-                let img = l2_normalize(&img)?;
-                rows.image.push(
-                    img.to_dtype(opts.dtype.dtype())?
-                        .to_device(&candle_core::Device::Cpu)?,
-                );
-                if let Some(tok) = tokenizer {
-                    let texts: Vec<&str> = batch
-                        .captions
-                        .iter()
-                        .map(|c| c.as_deref().unwrap_or(""))
-                        .collect();
-                    let has: Vec<u8> = batch.captions.iter().map(|c| c.is_some() as u8).collect();
-                    let ids = tok.encode_batch(&texts, model.device())?;
-                    let txt = model.encode_text(&ids)?.to_dtype(DType::F32)?;
-                    check_finite(&txt, "text", &batch.keys[0])?;
-                    let txt = l2_normalize(&txt)?;
-                    let mask = Tensor::new(
-                        has.iter().map(|&h| h as f32).collect::<Vec<_>>(),
-                        model.device(),
-                    )?
-                    .to_dtype(txt.dtype())?
-                    .unsqueeze(1)?;
-                    let txt = txt.broadcast_mul(&mask)?;
-                    rows.text.push(
-                        txt.to_dtype(opts.dtype.dtype())?
-                            .to_device(&candle_core::Device::Cpu)?,
-                    );
-                    rows.has_text.extend(has);
-                }
-                rows.ids.extend(batch.indices.iter().map(|&i| i as i64));
-                rows.keys.extend(batch.keys);
+                in_flight = Some(InFlight::start(
+                    model,
+                    tokenizer,
+                    batch,
+                    opts.dtype.dtype(),
+                )?);
             }
             bar.inc(n_raw);
+        }
+        if let Some(done) = in_flight.take() {
+            done.land(&mut rows)?;
         }
         seen += read;
         if read == 0 {
@@ -488,6 +469,84 @@ fn progress_bar(show: bool, len: Option<usize>) -> indicatif::ProgressBar {
         bar.set_style(style);
     }
     bar
+}
+
+/// One tower's output for a batch, on the model's device: the raw features (checked for
+/// NaN and infinity when the batch lands) and the rows to store, L2-normalised in f32
+/// whatever the model computes in, then cast to the shard's precision.
+struct Features {
+    raw: Tensor,
+    stored: Tensor,
+}
+
+/// A batch whose embeddings the device may still be computing. On a GPU the towers' work is
+/// queued and returns at once, so the host reads and decodes the next batch meanwhile;
+/// [`InFlight::land`] then copies the rows to the host, waiting for the device only there.
+/// On the CPU the work is done by the time [`InFlight::start`] returns.
+struct InFlight {
+    image: Features,
+    text: Option<Features>,
+    has_text: Vec<u8>,
+    ids: Vec<i64>,
+    keys: Vec<String>,
+}
+
+impl InFlight {
+    /// Queues `batch`'s towers on the model's device.
+    fn start(
+        model: &ClipModel,
+        tokenizer: Option<&ClipTokenizer>,
+        batch: Batch,
+        dtype: DType,
+    ) -> Result<Self, EmbedError> {
+        // The text tower first: it reads the token ids back to the host (each row's pooled
+        // position), a wait for the device that would otherwise come after the image tower
+        // was queued, and hold the host until the device had finished it.
+        let mut has_text = vec![];
+        let text = match tokenizer {
+            Some(tok) => {
+                has_text = batch.captions.iter().map(|c| c.is_some() as u8).collect();
+                let ids = tok.encode_batch(&batch.caption_texts(), model.device())?;
+                let raw = model.encode_text(&ids)?.to_dtype(DType::F32)?;
+                let mask = Tensor::new(
+                    has_text.iter().map(|&h| h as f32).collect::<Vec<_>>(),
+                    model.device(),
+                )?
+                .unsqueeze(1)?;
+                // A sample without a caption gets a zero row.
+                let stored = l2_normalize(&raw)?.broadcast_mul(&mask)?.to_dtype(dtype)?;
+                Some(Features { raw, stored })
+            }
+            None => None,
+        };
+        let raw = model.encode_image(&batch.pixels)?.to_dtype(DType::F32)?;
+        let stored = l2_normalize(&raw)?.to_dtype(dtype)?;
+        Ok(Self {
+            image: Features { raw, stored },
+            text,
+            has_text,
+            ids: batch.indices.iter().map(|&i| i as i64).collect(),
+            keys: batch.keys,
+        })
+    }
+
+    /// Checks the features and appends the batch's rows to `rows`, in order.
+    fn land(self, rows: &mut ShardRows) -> Result<(), EmbedError> {
+        let first_key = self.keys.first().map_or("", String::as_str);
+        let cpu = candle_core::Device::Cpu;
+        check_finite(&self.image.raw, "image", first_key)?;
+        if let Some(text) = &self.text {
+            check_finite(&text.raw, "text", first_key)?;
+        }
+        rows.image.push(self.image.stored.to_device(&cpu)?);
+        if let Some(text) = self.text {
+            rows.text.push(text.stored.to_device(&cpu)?);
+            rows.has_text.extend(self.has_text);
+        }
+        rows.ids.extend(self.ids);
+        rows.keys.extend(self.keys);
+        Ok(())
+    }
 }
 
 #[derive(Default)]

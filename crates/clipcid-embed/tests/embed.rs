@@ -3,7 +3,7 @@ use std::collections::HashMap;
 use std::io::Cursor;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use clipcid_data::{Dataset, Preprocess};
 use clipcid_embed::{embed_dataset, list_shards, EmbedDtype, EmbedOptions, EmbeddingShard};
 use clipcid_models::{l2_normalize, ClipConfig, ClipModel, ClipTokenizer};
@@ -455,5 +455,45 @@ fn parts_come_from_the_launchers_environment() {
     }
     for bad in ["3", "1/0", "a/b", "2/2"] {
         assert!(bad.parse::<Part>().is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn features_that_overflow_are_an_error_naming_the_batch_and_no_shard_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = shard(dir.path(), 5, None);
+    let (model, tok) = setup();
+    // The final layer norm's shift of ones and a projection of 1e38s: finite weights whose
+    // products overflow f32.
+    for (norm, projection, tower) in [
+        (
+            "vision_model.post_layernorm.bias",
+            "visual_projection.weight",
+            "image",
+        ),
+        (
+            "text_model.final_layer_norm.bias",
+            "text_projection.weight",
+            "text",
+        ),
+    ] {
+        let mut tensors = model.tensors().clone();
+        let ones = tensors[norm].ones_like().unwrap();
+        let huge = (tensors[projection].ones_like().unwrap() * 1e38).unwrap();
+        tensors.insert(norm.to_string(), ones);
+        tensors.insert(projection.to_string(), huge);
+        let broken =
+            ClipModel::from_tensors(model.config(), tensors, &Device::Cpu, DType::F32).unwrap();
+        // Batches of two: the first, from `s0000`, is checked when it lands, after the
+        // second was read and decoded; the run stops there, before any shard is written.
+        let out = dir.path().join(format!("e-{tower}"));
+        let e = embed_dataset(&broken, Some(&tok), &ds, &out, &opts(2, 100))
+            .unwrap_err()
+            .to_string();
+        let want = format!(
+            "the teacher's {tower} features are NaN or infinite for the batch starting at `s0000`"
+        );
+        assert!(e.contains(&want), "{e}");
+        assert!(list_shards(&out).unwrap_or_default().is_empty(), "{tower}");
     }
 }

@@ -419,14 +419,7 @@ impl TrainingSet {
             .filter(|&r| !gone.contains(&self.ids[r]))
             .collect();
         let tokens = match tokenizer {
-            Some(tok) => {
-                let texts: Vec<&str> = batch
-                    .captions
-                    .iter()
-                    .map(|c| c.as_deref().unwrap_or(""))
-                    .collect();
-                Some(tok.encode_batch(&texts, device)?)
-            }
+            Some(tok) => Some(tok.encode_batch(&batch.caption_texts(), device)?),
             None => None,
         };
         Ok(TrainBatch {

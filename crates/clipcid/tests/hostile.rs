@@ -722,6 +722,27 @@ fn hostile_inputs_end_in_named_errors_or_named_skips() {
         ],
         Expect::Error(&["int.safetensors", FC1, "floating point"]),
     );
+    // Embeddings stored as integers: no reader takes them as rows.
+    let ints = Tensor::from_vec((0..12i64).collect::<Vec<_>>(), (3, 4), &Device::Cpu).unwrap();
+    clipcid_store::io::write_safetensors(
+        &b.path("int-emb.safetensors"),
+        [("image".to_string(), ints)],
+        &HashMap::new(),
+    )
+    .unwrap();
+    b.case(
+        4,
+        "integer embeddings",
+        &[
+            "balance",
+            "--embeddings",
+            "int-emb.safetensors",
+            "--out",
+            "k-int.safetensors",
+            "--quiet",
+        ],
+        Expect::Error(&["int-emb.safetensors", "`image` is I64", "F32, F16 or BF16"]),
+    );
     edited_teacher(
         &b.path("teacher.safetensors"),
         &b.path("zero.safetensors"),
