@@ -500,8 +500,8 @@ impl InFlight {
         dtype: DType,
     ) -> Result<Self, EmbedError> {
         // The text tower first: it reads the token ids back to the host (each row's pooled
-        // position), a wait for the device that would otherwise come after the image tower
-        // was queued, and hold the host until the device had finished it.
+        // position), which waits for the device; after the image tower was queued, that
+        // wait would last until the image tower was done.
         let mut has_text = vec![];
         let text = match tokenizer {
             Some(tok) => {
