@@ -125,6 +125,8 @@ fn partition_equals_brute_force_on(device: &Device) {
         (700, 0.05, 100),
         (700, 0.2, 1024),
         (512, 0.1, 128),
+        // 300 tiles: on a device, read back in several groups of tiles.
+        (700, 0.1, 30),
     ] {
         let rows = planted(n, 32, 0.04, n as u64);
         let opts = BalanceOptions {
@@ -363,11 +365,12 @@ fn f16_tiles_and_unnormalised_input_give_the_same_partition() {
         },
     )
     .unwrap();
+    // Blocks of 16: 190 tiles, read back in several groups of tiles.
     let half = balance(
         &tensor(&rows),
         &BalanceOptions {
             threshold: 0.2,
-            block_size: 64,
+            block_size: 16,
             f16: true,
             ..Default::default()
         },
@@ -495,6 +498,44 @@ fn three_parts_and_a_merge_give_the_one_process_keep_list_exactly() {
         pair_bits(&all16),
         "f16: the parts' pairs differ from one process's"
     );
+    // On each GPU, both tile precisions: the parts find the one process's pairs there (but
+    // for distances within rounding of the threshold: the products are not promised to be
+    // bit for bit the same off the CPU).
+    let gpus = clipcid_kernels::available_devices()
+        .into_iter()
+        .filter(|d| !d.is_cpu());
+    for device in gpus {
+        let x = whole.image.to_device(&device).unwrap();
+        for f16 in [false, true] {
+            let all = clipcid_dedup::near_pairs(&x, 0.07, 64, f16, || {}).unwrap();
+            let mut parts = vec![];
+            for i in 0..2 {
+                let part = Part::new(i, 2).unwrap();
+                let p = near_pairs_of_part(&reader, part, 0.07, 64, f16, &device, || {}).unwrap();
+                parts.extend(pair_bits(&p));
+            }
+            let keys = |v: &[(u32, u32, u32)]| -> std::collections::BTreeMap<(u32, u32), f32> {
+                v.iter()
+                    .map(|&(i, j, d)| ((i, j), f32::from_bits(d)))
+                    .collect()
+            };
+            let (one, split) = (keys(&pair_bits(&all)), keys(&parts));
+            assert!(one.len() > 100, "{device:?}: {} pairs", one.len());
+            let t2 = 0.07f32 * 0.07;
+            for (k, d) in one.iter().filter(|(k, _)| !split.contains_key(k)) {
+                assert!(
+                    (d - t2).abs() < 1e-5,
+                    "{device:?} f16 {f16}: {k:?} ({d}) one process only"
+                );
+            }
+            for (k, d) in split.iter().filter(|(k, _)| !one.contains_key(k)) {
+                assert!(
+                    (d - t2).abs() < 1e-5,
+                    "{device:?} f16 {f16}: {k:?} ({d}) parts only"
+                );
+            }
+        }
+    }
     // Files in any order.
     files.reverse();
     let merged = merge_pair_files(&reader, &files, &opts).unwrap();
