@@ -96,16 +96,11 @@ pub(crate) fn is_complete(path: &Path, first: u64, expect: &Expect) -> Option<u6
             Some(end) if meta("first_index") == first.to_string() => end.checked_sub(first),
             _ => None,
         };
-        let covered = match covered {
-            Some(n) if n > 0 && n <= expect.shard_size => n,
-            _ => {
-                return Err(format!(
-                "covers samples {}..{}, this run's shard starts at {first} and holds at most {}",
-                meta("first_index"),
-                meta("end_index"),
-                expect.shard_size
-            ))
-            }
+        let Some(covered) = covered.filter(|&n| n > 0 && n <= expect.shard_size) else {
+            let (a, b, most) = (meta("first_index"), meta("end_index"), expect.shard_size);
+            return Err(format!(
+                "covers samples {a}..{b}, this run's shard starts at {first} and holds at most {most}"
+            ));
         };
         let img = h.tensors.get("image").ok_or("no `image` tensor")?;
         if img.shape.len() != 2 || img.shape[1] != expect.dim || img.dtype != expect.dtype.name() {

@@ -374,7 +374,6 @@ pub fn first_duplicate(ids: &[i64]) -> Option<i64> {
     sorted.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
 }
 
-/// The input range `first_index..end_index` a shard records in its metadata (embed shards do).
 /// The dtype of an embedding tensor `name` stored as safetensors' `dtype`: F32, F16 or BF16,
 /// anything else (integers, F64) an error naming `path`.
 pub(crate) fn embedding_dtype(path: &Path, name: &str, dtype: &str) -> Result<DType, StoreError> {
@@ -389,6 +388,7 @@ pub(crate) fn embedding_dtype(path: &Path, name: &str, dtype: &str) -> Result<DT
     }
 }
 
+/// The input range `first_index..end_index` a shard records in its metadata (embed shards do).
 fn sample_range(metadata: &std::collections::HashMap<String, String>) -> Option<(u64, u64)> {
     let get = |k: &str| metadata.get(k).and_then(|v| v.parse::<u64>().ok());
     Some((get("first_index")?, get("end_index")?))
