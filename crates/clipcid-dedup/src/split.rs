@@ -72,8 +72,8 @@ pub fn part_row_blocks(tiles: usize, part: Part) -> Vec<usize> {
 /// in memory and the other blocks are read one at a time from the shards, so memory is
 /// `(rows owned + block) x D x 4` bytes for the rows plus one `block x block` tile (on a
 /// device, the tiles of one read-back: up to 32 column blocks, and at most 1 GiB of f32 tile
-/// products); every part reads the embeddings once. On the CPU with f32 tiles the tile products are the one
-/// process's, bit for bit.
+/// products); every part reads the embeddings once. On the CPU with f32 tiles the tile
+/// products are the one process's, bit for bit.
 pub fn near_pairs_of_part(
     rows: &RowReader,
     part: Part,
