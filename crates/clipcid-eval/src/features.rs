@@ -2,7 +2,7 @@
 //! and the similarity products the evaluations share.
 
 use candle_core::Tensor;
-use clipcid_data::{BatchIter, Dataset, Preprocess, Skipped};
+use clipcid_data::{Batch, BatchIter, Dataset, Preprocess, Skipped};
 use clipcid_models::{l2_normalize, ClipModel, ClipTokenizer};
 use image::{DynamicImage, RgbImage};
 use ndarray::ArrayView2;
@@ -129,17 +129,31 @@ pub fn encode_dataset(
     );
     let (mut rows, mut keys, mut captions, mut labels) = (vec![], vec![], vec![], vec![]);
     let mut dim = model.config().projection_dim;
-    for b in iter.by_ref() {
-        let b = b?;
-        if b.is_empty() {
-            continue;
-        }
-        let f = unit_rows(&model.encode_image(&b.pixels)?)?;
+    // A batch's features are copied back only after the next batch is decoded: on a GPU the
+    // tower's work is queued, so decoding overlaps it. (Copied back after the next batch was
+    // queued, they would wait for that batch too.)
+    let mut queued: Option<(Tensor, Batch)> = None;
+    let mut land = |(features, b): (Tensor, Batch)| -> Result<(), EvalError> {
+        let f = unit_rows(&features)?;
         dim = f.dim;
         rows.extend(f.data);
         keys.extend(b.keys);
         captions.extend(b.captions);
         labels.extend(b.labels);
+        Ok(())
+    };
+    for b in iter.by_ref() {
+        let b = b?;
+        if b.is_empty() {
+            continue;
+        }
+        if let Some(done) = queued.take() {
+            land(done)?;
+        }
+        queued = Some((model.encode_image(&b.pixels)?, b));
+    }
+    if let Some(done) = queued.take() {
+        land(done)?;
     }
     let skipped = iter.skipped().to_vec();
     Ok(EncodedImages {

@@ -562,3 +562,45 @@ fn every_bundled_clip_benchmark_template_set_and_class_list_loads() {
     assert_eq!((imagenet.len(), unique.len()), (1000, 998));
     assert_eq!(clipcid_eval::Templates::named("cifar10").unwrap().len(), 18);
 }
+
+/// A dataset encoded a few images at a time (each batch's features copied back after the
+/// next batch is decoded) gives the rows, keys, labels and skips of one batch.
+#[test]
+fn encoding_a_dataset_in_batches_gives_the_one_batch_rows_in_order() {
+    use candle_core::Device;
+    use clipcid_data::{Dataset, Preprocess};
+    use clipcid_models::{ClipConfig, ClipModel};
+    let dir = tempfile::tempdir().unwrap();
+    for (class, n) in [("cat", 4u8), ("dog", 3)] {
+        std::fs::create_dir_all(dir.path().join(class)).unwrap();
+        for i in 0..n {
+            let img = image::RgbImage::from_fn(40, 36, |x, y| {
+                image::Rgb([i * 40, x as u8 * 5, y as u8 * (3 + n)])
+            });
+            img.save(dir.path().join(class).join(format!("{i}.png")))
+                .unwrap();
+        }
+    }
+    std::fs::write(dir.path().join("dog/broken.png"), b"not a png").unwrap();
+    let data = Dataset::open(dir.path()).unwrap();
+    let cfg = ClipConfig::preset("tiny").unwrap();
+    let model = ClipModel::random(&cfg, 3, &Device::Cpu).unwrap();
+    let pre = Preprocess::clip(cfg.vision_config.image_size);
+    let whole = clipcid_eval::encode_dataset(&model, &pre, &data, 64).unwrap();
+    assert_eq!(whole.keys.len(), 7);
+    assert_eq!(whole.skipped.len(), 1);
+    for batch in [1, 2, 3] {
+        let parts = clipcid_eval::encode_dataset(&model, &pre, &data, batch).unwrap();
+        assert_eq!(parts.keys, whole.keys, "batch {batch}");
+        assert_eq!(parts.labels, whole.labels, "batch {batch}");
+        assert_eq!(parts.skipped, whole.skipped, "batch {batch}");
+        let (a, b) = (&parts.features.data, &whole.features.data);
+        assert_eq!(a.len(), b.len());
+        let worst = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "batch {batch}: rows differ by {worst}");
+    }
+}
