@@ -9,6 +9,10 @@
 #                            first (run path in .cargo/config.toml): it shares faiss's OpenMP
 #                            threads instead of spinning against them;
 #   liblapack-dev          - LAPACK, which faiss links;
+#   nasm                   - the assembler of libjpeg-turbo's SIMD code (the turbojpeg crate
+#                            builds libjpeg-turbo from source with cmake, ~20 s, and links it
+#                            statically: clipcid decodes JPEG as Pillow does); without it the
+#                            build still works and gives the same pixels, only slower;
 #   rustfmt, clippy        - rustup components the test command runs (when rustup manages the
 #                            toolchain).
 # With --fetch, also what scripts/fetch-data.sh downloads with: python3 with pip, and npm
@@ -38,6 +42,7 @@ fi
 need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v g++ >/dev/null 2>&1 || need+=(g++)
+command -v nasm >/dev/null 2>&1 || need+=(nasm)
 for pkg in libopenblas-dev libopenblas0-openmp liblapack-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done

@@ -1,7 +1,8 @@
 //! Image-text data for clipcid: readers for a folder of images with a captions TSV/CSV,
 //! WebDataset tar shards (as img2dataset writes them) and labelled image folders; CLIP
 //! preprocessing as `transformers` or open_clip computes it (Pillow-exact resampling, each
-//! family's crop rule); parallel (rayon) decoding into candle batches. A corrupt or unreadable
+//! family's crop rule), JPEG decoded as Pillow decodes it (libjpeg-turbo, [`decode_image`]);
+//! parallel (rayon) decoding into candle batches. A corrupt or unreadable
 //! sample is skipped, logged with its key and counted, never fatal.
 //!
 //! ```
@@ -29,6 +30,7 @@
 mod batch;
 mod clip_benchmark;
 mod dataset;
+mod decode;
 mod error;
 mod index;
 mod lines;
@@ -39,6 +41,7 @@ mod spec;
 pub use batch::{decode_batch, Batch, BatchIter, Skipped};
 pub use clip_benchmark::ClipBenchmarkSet;
 pub use dataset::{Dataset, Sample, SampleStream, Source, IMAGE_EXTENSIONS};
+pub use decode::{decode_image, MAX_DECODED_BYTES};
 pub use error::DataError;
 pub use index::SampleIndex;
 pub use lines::read_lines;

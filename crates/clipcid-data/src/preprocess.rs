@@ -7,6 +7,7 @@
 //! pixel between the two, and far more at small sizes, so a checkpoint must be preprocessed
 //! by its own family's rule ([`Preprocess::for_model`]).
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use image::{DynamicImage, RgbImage};
@@ -436,10 +437,13 @@ impl Preprocess {
         })
     }
 
-    /// The image as RGB by [`Preprocess::alpha`].
-    fn to_rgb(&self, img: &DynamicImage) -> RgbImage {
+    /// The image as RGB by [`Preprocess::alpha`] (an RGB image as it is, not copied).
+    fn to_rgb<'i>(&self, img: &'i DynamicImage) -> Cow<'i, RgbImage> {
+        if let DynamicImage::ImageRgb8(rgb) = img {
+            return Cow::Borrowed(rgb);
+        }
         if self.alpha == AlphaRule::Drop || !img.color().has_alpha() {
-            return img.to_rgb8();
+            return Cow::Owned(img.to_rgb8());
         }
         // Pillow's ImagingAlphaComposite of the image over opaque white (7 precision bits).
         const BITS: u32 = 7;
@@ -459,7 +463,7 @@ impl Preprocess {
             let mix = |c: u32| (div255(c * coef1 + 255 * coef2 + (0x80 << BITS)) >> BITS) as u8;
             o.0 = [mix(r), mix(g), mix(b)];
         }
-        out
+        Cow::Owned(out)
     }
 
     /// The resized size of a `w` x `h` image.
@@ -542,18 +546,11 @@ impl Preprocess {
         out
     }
 
-    /// Decodes encoded image bytes (JPEG, PNG, WebP, BMP, GIF) and preprocesses them. A
-    /// truncated JPEG (no end-of-image marker after its last scan; the decoder would fill the
-    /// missing rows with grey and report success) is an error, as is anything the decoder
-    /// refuses, including images over its allocation limit (512 MiB decoded).
+    /// Decodes encoded image bytes (JPEG, PNG, WebP, BMP, GIF) with [`crate::decode_image`]
+    /// (JPEG as Pillow decodes it) and preprocesses them. A truncated JPEG, an image over
+    /// the decoder's limit (512 MiB decoded) and anything no decoder accepts are errors.
     pub fn decode(&self, bytes: &[u8]) -> Result<Vec<f32>, String> {
-        check_jpeg_complete(bytes)?;
-        let img =
-            image::load_from_memory(bytes).map_err(|e| format!("cannot decode image: {e}"))?;
-        if img.width() == 0 || img.height() == 0 {
-            return Err("image has no pixels".into());
-        }
-        Ok(self.apply(&img))
+        Ok(self.apply(&crate::decode_image(bytes)?))
     }
 }
 
@@ -561,26 +558,6 @@ impl Preprocess {
 fn read_json(path: &Path) -> Result<serde_json::Value, DataError> {
     let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| DataError::format(path, format!("not JSON: {e}")))
-}
-
-/// A JPEG must end its last scan (`FF DA` marker) with an end-of-image marker (`FF D9`);
-/// inside entropy-coded data an `FF` byte is always followed by `00` or a restart marker, so
-/// neither pair can appear there. Thumbnails in APP segments come before the main scan.
-fn check_jpeg_complete(bytes: &[u8]) -> Result<(), String> {
-    if !bytes.starts_with(&[0xFF, 0xD8]) {
-        return Ok(());
-    }
-    let last_scan = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
-    let Some(scan) = last_scan else {
-        return Err("cannot decode image: JPEG has no image data (no start-of-scan marker)".into());
-    };
-    if !bytes[scan..].windows(2).any(|w| w == [0xFF, 0xD9]) {
-        return Err(format!(
-            "cannot decode image: truncated JPEG, no end-of-image marker after the last scan ({} bytes)",
-            bytes.len()
-        ));
-    }
-    Ok(())
 }
 
 /// Three numbers from a JSON array.

@@ -571,9 +571,10 @@ pub fn load_images(path: &Path) -> Result<Vec<RgbImage>, EvalError> {
             return files
                 .iter()
                 .map(|f| {
-                    image::open(f)
+                    let bytes = std::fs::read(f).map_err(|e| EvalError::file(f, e))?;
+                    clipcid_data::decode_image(&bytes)
                         .map(|i| i.to_rgb8())
-                        .map_err(|e| EvalError::file(f, format!("cannot decode image: {e}")))
+                        .map_err(|e| EvalError::file(f, e))
                 })
                 .collect();
         }
@@ -585,9 +586,8 @@ pub fn load_images(path: &Path) -> Result<Vec<RgbImage>, EvalError> {
         let bytes = s
             .image
             .map_err(|e| EvalError::file(path, format!("sample `{}`: {e}", s.key)))?;
-        let img = image::load_from_memory(&bytes).map_err(|e| {
-            EvalError::file(path, format!("sample `{}`: cannot decode: {e}", s.key))
-        })?;
+        let img = clipcid_data::decode_image(&bytes)
+            .map_err(|e| EvalError::file(path, format!("sample `{}`: {e}", s.key)))?;
         out.push(img.to_rgb8());
     }
     Ok(out)
