@@ -66,30 +66,32 @@ impl Batch {
 
 /// Decodes and preprocesses a group of samples on rayon's pool. Samples that fail are
 /// returned as [`Skipped`] (and logged with their key), the rest form the batch (`None`
-/// when every sample failed).
+/// when every sample failed). Each sample is written in place into the batch's one buffer,
+/// in parallel; a failed sample's slot is closed up afterwards.
 pub fn decode_batch(
     samples: Vec<Sample>,
     preprocess: &Preprocess,
     device: &Device,
 ) -> Result<(Option<Batch>, Vec<Skipped>), DataError> {
-    let decoded: Vec<(Sample, Result<Vec<f32>, String>)> = samples
-        .into_par_iter()
-        .map(|mut s| {
-            let px = match std::mem::replace(&mut s.image, Ok(Vec::new())) {
-                Ok(bytes) => preprocess.decode(&bytes),
-                Err(reason) => Err(reason),
-            };
-            (s, px)
+    let per = preprocess.values_per_image();
+    let mut flat = vec![0f32; samples.len() * per];
+    let outcomes: Vec<Result<(), String>> = flat
+        .par_chunks_mut(per)
+        .zip(samples.par_iter())
+        .map(|(out, sample)| match &sample.image {
+            Ok(bytes) => preprocess.decode_into(bytes, out),
+            Err(reason) => Err(reason.clone()),
         })
         .collect();
-    let s = preprocess.image_size;
     let mut skipped = Vec::new();
     let (mut indices, mut keys, mut captions, mut labels) = (vec![], vec![], vec![], vec![]);
-    let mut flat = Vec::with_capacity(decoded.len() * 3 * s * s);
-    for (sample, px) in decoded {
-        match px {
-            Ok(px) => {
-                flat.extend_from_slice(&px);
+    for (slot, (sample, outcome)) in samples.into_iter().zip(outcomes).enumerate() {
+        match outcome {
+            Ok(()) => {
+                let kept = keys.len();
+                if kept != slot {
+                    flat.copy_within(slot * per..(slot + 1) * per, kept * per);
+                }
                 indices.push(sample.index);
                 keys.push(sample.key);
                 captions.push(sample.caption);
@@ -108,6 +110,8 @@ pub fn decode_batch(
     if keys.is_empty() {
         return Ok((None, skipped));
     }
+    flat.truncate(keys.len() * per);
+    let s = preprocess.image_size;
     let pixels = Tensor::from_vec(flat, (keys.len(), 3, s, s), device)?;
     Ok((
         Some(Batch {

@@ -531,19 +531,60 @@ impl Preprocess {
         out
     }
 
+    /// How many values an image becomes: `3 * image_size * image_size`.
+    pub fn values_per_image(&self) -> usize {
+        3 * self.image_size * self.image_size
+    }
+
     /// Channel-major (`[3, H, W]`) normalised pixels of an image.
     pub fn apply(&self, img: &DynamicImage) -> Vec<f32> {
-        let rgb = self.resize_and_crop(img);
-        let (w, h) = rgb.dimensions();
-        let plane = (w * h) as usize;
-        let mut out = vec![0f32; 3 * plane];
-        for (i, px) in rgb.pixels().enumerate() {
-            for c in 0..3 {
-                // torchvision's ToTensor + Normalize, in f32 and in this order.
-                out[c * plane + i] = (px[c] as f32 / 255.0 - self.mean[c]) / self.std[c];
-            }
-        }
+        let mut out = vec![0f32; self.values_per_image()];
+        self.write_normalized(&self.resize_and_crop(img), &mut out);
         out
+    }
+
+    /// [`Preprocess::apply`] into `out`, which must hold [`Preprocess::values_per_image`]
+    /// values (a batch's slot, so a batch is written in place and in parallel); an error
+    /// otherwise.
+    ///
+    /// ```
+    /// use clipcid_data::Preprocess;
+    /// let p = Preprocess::clip(4);
+    /// let img = image::DynamicImage::ImageRgb8(image::RgbImage::new(8, 6));
+    /// let mut batch = vec![0f32; 2 * p.values_per_image()];
+    /// p.apply_into(&img, &mut batch[p.values_per_image()..])?;
+    /// assert_eq!(&batch[p.values_per_image()..], p.apply(&img).as_slice());
+    /// assert!(p.apply_into(&img, &mut batch).is_err());
+    /// # Ok::<(), String>(())
+    /// ```
+    pub fn apply_into(&self, img: &DynamicImage, out: &mut [f32]) -> Result<(), String> {
+        if out.len() != self.values_per_image() {
+            return Err(format!(
+                "a {0} x {0} image is {1} values, not {2}",
+                self.image_size,
+                self.values_per_image(),
+                out.len()
+            ));
+        }
+        self.write_normalized(&self.resize_and_crop(img), out);
+        Ok(())
+    }
+
+    /// An `image_size`-square RGB image, normalised, into channel-major `out`.
+    fn write_normalized(&self, rgb: &RgbImage, out: &mut [f32]) {
+        // torchvision's ToTensor + Normalize, in f32 and in this order, for each of the 256
+        // values a channel can take: a table lookup gives the same bits as the arithmetic.
+        let table: [[f32; 256]; 3] = std::array::from_fn(|c| {
+            std::array::from_fn(|v| (v as f32 / 255.0 - self.mean[c]) / self.std[c])
+        });
+        let plane = out.len() / 3;
+        let (r, gb) = out.split_at_mut(plane);
+        let (g, b) = gb.split_at_mut(plane);
+        for (((px, r), g), b) in rgb.pixels().zip(r).zip(g).zip(b) {
+            *r = table[0][usize::from(px[0])];
+            *g = table[1][usize::from(px[1])];
+            *b = table[2][usize::from(px[2])];
+        }
     }
 
     /// Decodes encoded image bytes (JPEG, PNG, WebP, BMP, GIF) with [`crate::decode_image`]
@@ -551,6 +592,11 @@ impl Preprocess {
     /// the decoder's limit (512 MiB decoded) and anything no decoder accepts are errors.
     pub fn decode(&self, bytes: &[u8]) -> Result<Vec<f32>, String> {
         Ok(self.apply(&crate::decode_image(bytes)?))
+    }
+
+    /// [`Preprocess::decode`] into `out` (see [`Preprocess::apply_into`]).
+    pub fn decode_into(&self, bytes: &[u8], out: &mut [f32]) -> Result<(), String> {
+        self.apply_into(&crate::decode_image(bytes)?, out)
     }
 }
 

@@ -690,3 +690,64 @@ fn img2dataset_files_output_keeps_its_captions() {
     let ds = Dataset::open(lab.path()).unwrap();
     assert_eq!(ds.classes(), ["cat"]);
 }
+
+#[test]
+fn a_batch_written_in_place_equals_each_sample_decoded_alone_with_failures_closed_up() {
+    let p = Preprocess::open_clip(24);
+    let good = |i: u32| {
+        let img = RgbImage::from_fn(30 + i, 26 + 2 * i, |x, y| {
+            Rgb([(x * 7 + i) as u8, (y * 5) as u8, (x * y + 3 * i) as u8])
+        });
+        encode(&img, image::ImageFormat::Png)
+    };
+    // Failures first, in the middle (two in a row) and last; a missing file too.
+    let images: Vec<Result<Vec<u8>, String>> = vec![
+        Ok(b"not an image".to_vec()),
+        Ok(good(0)),
+        Ok(good(1)),
+        Ok(good(2)[..40].to_vec()),
+        Err("missing file".into()),
+        Ok(good(3)),
+        Ok(vec![0xFF, 0xD8, 0xFF]),
+    ];
+    let samples: Vec<clipcid_data::Sample> = images
+        .iter()
+        .enumerate()
+        .map(|(i, image)| clipcid_data::Sample {
+            index: i as u64,
+            key: format!("k{i}"),
+            image: image.clone(),
+            caption: Some(format!("c{i}")),
+            label: Some(i),
+        })
+        .collect();
+    let (batch, skipped) = clipcid_data::decode_batch(samples, &p, &Device::Cpu).unwrap();
+    let batch = batch.unwrap();
+    assert_eq!(batch.indices, vec![1, 2, 5]);
+    assert_eq!(batch.keys, vec!["k1", "k2", "k5"]);
+    assert_eq!(batch.labels, vec![Some(1), Some(2), Some(5)]);
+    assert_eq!(batch.caption_texts(), vec!["c1", "c2", "c5"]);
+    let skipped: Vec<u64> = skipped.iter().map(|s| s.index).collect();
+    assert_eq!(skipped, vec![0, 3, 4, 6]);
+    assert_eq!(batch.pixels.dims(), &[3, 3, 24, 24]);
+    let rows = batch
+        .pixels
+        .flatten_from(1)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    for (row, i) in rows.iter().zip([1usize, 2, 5]) {
+        let alone = p.decode(images[i].as_ref().unwrap()).unwrap();
+        assert!(*row == alone, "sample {i}");
+    }
+    // Nothing decodes: no batch, every sample named.
+    let bad = vec![clipcid_data::Sample {
+        index: 0,
+        key: "only".into(),
+        image: Ok(b"junk".to_vec()),
+        caption: None,
+        label: None,
+    }];
+    let (batch, skipped) = clipcid_data::decode_batch(bad, &p, &Device::Cpu).unwrap();
+    assert!(batch.is_none() && skipped.len() == 1);
+}

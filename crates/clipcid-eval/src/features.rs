@@ -191,9 +191,11 @@ pub fn encode_images(
     let mut rows = vec![];
     let mut dim = model.config().projection_dim;
     for chunk in images.chunks(batch.max(1)) {
-        let mut px = Vec::with_capacity(chunk.len() * 3 * size * size);
-        for img in chunk {
-            px.extend(pre.apply(&DynamicImage::ImageRgb8(img.clone())));
+        let per = pre.values_per_image();
+        let mut px = vec![0f32; chunk.len() * per];
+        for (img, out) in chunk.iter().zip(px.chunks_exact_mut(per)) {
+            pre.apply_into(&DynamicImage::ImageRgb8(img.clone()), out)
+                .map_err(EvalError::Input)?;
         }
         let t = Tensor::from_vec(px, (chunk.len(), 3, size, size), model.device())?;
         let f = unit_rows(&model.encode_image(&t)?)?;
