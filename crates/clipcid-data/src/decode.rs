@@ -19,6 +19,12 @@ use image::{DynamicImage, GrayImage, RgbImage};
 /// The most bytes a decoded image may take (the `image` crate's default allocation limit).
 pub const MAX_DECODED_BYTES: u64 = 512 << 20;
 
+/// Which decoders make the pixels, for outputs that depend on them to record: `clipcid
+/// embed` keeps it in each shard's provenance, so shards decoded another way (by the `image`
+/// crate's JPEG decoder, before this one) are not resumed into the same run.
+pub const IMAGE_DECODER: &str =
+    "JPEG by libjpeg-turbo, as Pillow decodes it; other formats by the image crate";
+
 /// Decodes an encoded image (JPEG, PNG, WebP, BMP, GIF) into pixels, JPEG exactly as Pillow
 /// decodes it (module doc). A truncated JPEG (no end-of-image marker after its last scan: a
 /// decoder would fill the missing rows with grey and report success), an image of no pixels,

@@ -250,6 +250,7 @@ pub fn embed_dataset(
         data: dataset.fingerprint()?,
         tokenizer: tokenizer.map(|t| t.fingerprint()).transpose()?,
         preprocess: format!("{preprocess:?}"),
+        decoder: Some(clipcid_data::IMAGE_DECODER.to_string()),
         dtype: opts.dtype.name().to_string(),
         shard_size: opts.shard_size as u64,
     };

@@ -25,6 +25,10 @@ pub(crate) struct Provenance {
     pub tokenizer: Option<String>,
     /// Image preprocessing, as `Debug` text.
     pub preprocess: String,
+    /// The image decoders (`clipcid_data::IMAGE_DECODER`); absent in shards written before
+    /// JPEG went through libjpeg-turbo.
+    #[serde(default)]
+    pub decoder: Option<String>,
     /// Storage precision.
     pub dtype: String,
     /// Input samples per shard.
@@ -46,6 +50,9 @@ impl Provenance {
         }
         if self.preprocess != other.preprocess {
             d.push("preprocessing");
+        }
+        if self.decoder != other.decoder {
+            d.push("image decoder");
         }
         if self.dtype != other.dtype {
             d.push("--dtype");

@@ -157,6 +157,27 @@ fn rerun_resumes_complete_shards_and_redoes_damaged_ones() {
         );
         std::fs::write(&first.shards[i], &bytes[i]).unwrap();
     }
+    // A shard from before JPEG went through libjpeg-turbo (no decoder in its provenance):
+    // another run's, named, not resumed into this one.
+    let p = &first.shards[0];
+    let mut meta = clipcid_store::io::read_header(p).unwrap().metadata;
+    let mut provenance: serde_json::Value = serde_json::from_str(&meta["provenance"]).unwrap();
+    assert_eq!(
+        provenance["decoder"].as_str(),
+        Some(clipcid_data::IMAGE_DECODER)
+    );
+    provenance.as_object_mut().unwrap().remove("decoder");
+    meta.insert("provenance".to_string(), provenance.to_string());
+    let tensors = clipcid_store::io::load_tensors(p).unwrap();
+    clipcid_store::io::write_safetensors(p, tensors, &meta).unwrap();
+    let e = embed_dataset(&model, Some(&tok), &ds, &out, &opts(2, 3))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("different image decoder") && e.contains(&p.display().to_string()),
+        "{e}"
+    );
+    std::fs::write(p, &bytes[0]).unwrap();
 
     // Damage shard 1 and the short last one: they are recomputed, byte for byte the same as
     // before.
