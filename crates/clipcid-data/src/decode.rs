@@ -66,8 +66,8 @@ thread_local! {
 }
 
 /// A JPEG through libjpeg-turbo: `Ok(None)` where TurboJPEG cannot give its pixels (its
-/// header reader or decoder refuses the stream, or the colour space is CMYK or YCCK), for the
-/// `image` crate to try; an error for an image too large to decode.
+/// header reader or decoder refuses the stream, or the colour space is YCCK), for the `image`
+/// crate to try; an error for an image too large to decode.
 fn decode_jpeg(bytes: &[u8]) -> Result<Option<DynamicImage>, String> {
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
