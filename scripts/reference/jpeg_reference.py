@@ -1,13 +1,17 @@
 """Pillow's JPEG decoding, as fixtures for `clipcid_data::decode_image`.
 
-    python -m venv ~/jpeg-venv && ~/jpeg-venv/bin/pip install pillow numpy
+    apt-get install libturbojpeg0   # only for the YCCK case: Pillow cannot write YCCK
+    python -m venv ~/jpeg-venv && ~/jpeg-venv/bin/pip install pillow numpy "PyTurboJPEG<2"
     ~/jpeg-venv/bin/python scripts/reference/jpeg_reference.py crates/clipcid-data/tests/fixtures/pillow-jpeg
 
 Writes small JPEGs that Pillow encodes (each chroma subsampling, progressive, restart
-markers, grayscale, CMYK, an EXIF orientation tag, sizes that are not whole MCUs) and, beside
-each, `Image.open(f).convert("RGB")` as a PNG: what every PIL-based pipeline (open_clip's
+markers, grayscale, CMYK, an EXIF orientation tag, sizes that are not whole MCUs), one YCCK
+JPEG (what Photoshop writes for CMYK; Pillow cannot write it, so TurboJPEG's compressor does,
+from CMYK pixels, through PyTurboJPEG 1.x and Debian's libturbojpeg), and three damaged ones
+(two that libjpeg decodes with a warning, one where a fatal error follows a warning) and,
+beside each one Pillow decodes, `Image.open(f).convert("RGB")` as a PNG: what every PIL-based pipeline (open_clip's
 transform, transformers' PIL image processor) starts from. `cases.json` lists them with the
-Pillow and libjpeg-turbo versions. The test `crates/clipcid-data/tests/pillow_jpeg.rs` must
+Pillow and libjpeg-turbo versions, and the ones Pillow refuses with its error. The test `crates/clipcid-data/tests/pillow_jpeg.rs` must
 give the same pixels, bit for bit.
 """
 import json
@@ -33,7 +37,30 @@ CASES = {
     "gray-q90": (29, 19, "L", {"quality": 90}),
     "cmyk-q95": (21, 17, "CMYK", {"quality": 95}),
     "420-exif-rotated": (26, 14, "RGB", {"quality": 95, "subsampling": 2, "exif": "orientation"}),
+    "ycck-420-q95": (23, 19, "CMYK", {"quality": 95, "ycck": True}),
+    # Damage libjpeg decodes through with a warning, which Pillow ignores: its pixels stand.
+    "420-extraneous-bytes": (34, 21, "RGB", {"quality": 95, "subsampling": 2,
+                                             "damage": "extraneous-bytes"}),
+    "420-corrupt-scan": (36, 28, "RGB", {"quality": 90, "subsampling": 2,
+                                         "damage": "corrupt-scan"}),
+    # A warning, then a fatal error: Pillow refuses it (no PNG), though TurboJPEG's error code
+    # says "warning" for the whole call.
+    "progressive-fatal-after-warning": (45, 31, "RGB", {"quality": 85, "subsampling": 2,
+                                                        "progressive": True,
+                                                        "damage": "fatal-after-warning"}),
 }
+
+
+def save_ycck(img, path, quality):
+    """TurboJPEG's compressor turns CMYK pixels into a YCCK JPEG (4:2:0, Adobe transform 2).
+    It stores the values as given, so Pillow's own convention (inverted CMYK) is written."""
+    import turbojpeg
+
+    inverted = 255 - np.asarray(img)
+    data = turbojpeg.TurboJPEG().encode(inverted, quality=quality, pixel_format=turbojpeg.TJPF_CMYK,
+                                        jpeg_subsample=turbojpeg.TJSAMP_420)
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def content(w, h, mode, rng):
@@ -52,11 +79,29 @@ def content(w, h, mode, rng):
     return Image.fromarray(a[..., :3], "RGB")
 
 
+def damage(data, how):
+    """Breaks a JPEG's bytes in one of the ways above."""
+    scans = [i for i in range(len(data) - 1) if data[i:i + 2] == b"\xff\xda"]
+    eoi = data.rindex(b"\xff\xd9")
+    if how == "extraneous-bytes":  # "Corrupt JPEG data: 3 extraneous bytes before marker 0xda",
+        # from the header reader (libjpeg-turbo 3 never reads what precedes the end marker)
+        return data[:scans[0]] + b"\x00\x17\x2a" + data[scans[0]:]
+    if how == "corrupt-scan":  # six entropy-coded bytes overwritten mid-scan: a bad code
+        header = data[scans[-1] + 2] * 256 + data[scans[-1] + 3]
+        mid = (scans[-1] + 2 + header + eoi) // 2
+        return data[:mid] + b"\x55" * 6 + data[mid + 6:]
+    if how == "fatal-after-warning":  # junk before the 2nd scan, a bad component in the 4th
+        broken = bytearray(data)
+        broken[scans[3] + 5] = 0x77  # "Invalid component ID 119 in SOS"
+        return bytes(broken[:scans[1]]) + b"\x00\x17\x2a" + bytes(broken[scans[1]:])
+    raise ValueError(how)
+
+
 def write(out):
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     rng = np.random.default_rng(SEED)
-    cases = []
+    cases, refused = [], []
     for name, (w, h, mode, opts) in CASES.items():
         img = content(w, h, mode, rng)
         opts = dict(opts)
@@ -64,17 +109,33 @@ def write(out):
             exif = Image.Exif()
             exif[0x0112] = 6  # rotate 90 degrees to display; PIL's open does not apply it
             opts["exif"] = exif.tobytes()
-        img.save(os.path.join(out, f"{name}.jpg"), "JPEG", **opts)
-        decoded = Image.open(os.path.join(out, f"{name}.jpg"))
+        path = os.path.join(out, f"{name}.jpg")
+        how = opts.pop("damage", None)
+        if opts.pop("ycck", False):
+            save_ycck(img, path, opts["quality"])
+        else:
+            img.save(path, "JPEG", **opts)
+        if how:
+            with open(path, "rb") as f:
+                data = damage(f.read(), how)
+            with open(path, "wb") as f:
+                f.write(data)
+        decoded = Image.open(path)
+        try:
+            decoded.load()
+        except OSError as e:
+            refused.append({"jpeg": f"{name}.jpg", "pillow_error": str(e)})
+            continue
         decoded.convert("RGB").save(os.path.join(out, f"{name}.png"))
         cases.append({"jpeg": f"{name}.jpg", "rgb": f"{name}.png", "mode": decoded.mode,
                       "width": w, "height": h})
     meta = {"pillow": Image.__version__, "libjpeg_turbo": features.version("libjpeg_turbo"),
-            "cases": cases}
+            "cases": cases, "refused_by_pillow": refused}
     with open(os.path.join(out, "cases.json"), "w") as f:
         json.dump(meta, f, indent=1)
     total = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
-    print(f"wrote {len(cases)} JPEG cases to {out}: {total / 1e3:.0f} kB")
+    print(f"wrote {len(cases)} JPEG cases and {len(refused)} refused by Pillow to {out}: "
+          f"{total / 1e3:.0f} kB")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@
 //! up to 4 levels inside the image and up to 23 on a last row that is not a whole MCU, with a
 //! per-channel bias of 0.1-0.4 levels. So JPEG goes through libjpeg-turbo itself (the
 //! `turbojpeg` crate builds it from source and links it statically), which gives Pillow's
-//! pixels bit for bit and decodes about 1.35x faster; CMYK JPEGs become RGB by Pillow's
-//! arithmetic. What TurboJPEG refuses (YCCK JPEGs, and streams it reports a warning for,
-//! which its API treats as errors) and every other format (PNG, WebP, BMP, GIF) go to the
-//! `image` crate, as before.
+//! pixels bit for bit and decodes about 1.35x faster; CMYK and YCCK JPEGs become RGB by
+//! Pillow's arithmetic. Damage libjpeg decodes through (extraneous bytes before a marker, a
+//! bad Huffman code: its warnings) keeps libjpeg's pixels, as Pillow keeps them. What
+//! libjpeg-turbo cannot decode (12-bit JPEGs, fatal errors) and every other format (PNG,
+//! WebP, BMP, GIF) go to the `image` crate, as before.
 
 use std::cell::RefCell;
 
@@ -21,9 +22,10 @@ pub const MAX_DECODED_BYTES: u64 = 512 << 20;
 
 /// Which decoders make the pixels, for outputs that depend on them to record: `clipcid
 /// embed` keeps it in each shard's provenance, so shards decoded another way (by the `image`
-/// crate's JPEG decoder, before this one) are not resumed into the same run.
+/// crate's JPEG decoder, before this one, or with YCCK JPEGs and JPEGs libjpeg warns about
+/// left to it) are not resumed into the same run.
 pub const IMAGE_DECODER: &str =
-    "JPEG by libjpeg-turbo, as Pillow decodes it; other formats by the image crate";
+    "JPEG (YCCK and warnings included) by libjpeg-turbo, as Pillow decodes it; other formats by the image crate";
 
 /// Decodes an encoded image (JPEG, PNG, WebP, BMP, GIF) into pixels, JPEG exactly as Pillow
 /// decodes it (module doc). A truncated JPEG (no end-of-image marker after its last scan: a
@@ -62,36 +64,29 @@ fn is_jpeg(bytes: &[u8]) -> bool {
 
 thread_local! {
     /// One TurboJPEG handle per thread (decoding runs on rayon's threads), made on first use.
-    static DECOMPRESSOR: RefCell<Option<turbojpeg::Decompressor>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<turbo::Handle>> = const { RefCell::new(None) };
 }
 
-/// A JPEG through libjpeg-turbo: `Ok(None)` where TurboJPEG cannot give its pixels (its
-/// header reader or decoder refuses the stream, or the colour space is YCCK), for the `image`
-/// crate to try; an error for an image too large to decode.
+/// A JPEG through libjpeg-turbo: `Ok(None)` where TurboJPEG cannot give Pillow's pixels (its
+/// header reader or decoder fails on the stream), for the `image` crate to try; an error for
+/// an image too large to decode.
 fn decode_jpeg(bytes: &[u8]) -> Result<Option<DynamicImage>, String> {
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
-            *slot = turbojpeg::Decompressor::new().ok();
+            *slot = turbo::Handle::new();
         }
-        let Some(decompressor) = slot.as_mut() else {
+        let Some(handle) = slot.as_mut() else {
             return Ok(None);
         };
         // A TurboJPEG handle can stay broken after a failure (a bad marker in a header makes
         // every later header read on it fail the same way), so a failed one is dropped and
-        // the thread's next image gets a fresh handle.
-        let Ok(header) = decompressor.read_header(bytes) else {
+        // the thread's next image gets a fresh handle. Warnings are not failures (below).
+        let Some(header) = handle.read_header(bytes) else {
             *slot = None;
             return Ok(None);
         };
-        let (format, channels) = match header.colorspace {
-            turbojpeg::Colorspace::Gray => (turbojpeg::PixelFormat::GRAY, 1),
-            turbojpeg::Colorspace::YCbCr | turbojpeg::Colorspace::RGB => {
-                (turbojpeg::PixelFormat::RGB, 3)
-            }
-            turbojpeg::Colorspace::CMYK => (turbojpeg::PixelFormat::CMYK, 4),
-            _ => return Ok(None),
-        };
+        let channels = header.colorspace.channels();
         let (width, height) = (header.width, header.height);
         if width == 0 || height == 0 {
             return Err("image has no pixels".into());
@@ -105,14 +100,7 @@ fn decode_jpeg(bytes: &[u8]) -> Result<Option<DynamicImage>, String> {
             ));
         }
         let mut pixels = vec![0u8; size as usize];
-        let image = turbojpeg::Image {
-            pixels: pixels.as_mut_slice(),
-            width,
-            pitch: width * channels,
-            height,
-            format,
-        };
-        if decompressor.decompress(bytes, image).is_err() {
+        if !handle.decompress(bytes, &mut pixels, header.colorspace) {
             *slot = None;
             return Ok(None);
         }
@@ -123,6 +111,173 @@ fn decode_jpeg(bytes: &[u8]) -> Result<Option<DynamicImage>, String> {
             _ => RgbImage::from_raw(w, h, pillow_cmyk_to_rgb(&pixels)).map(DynamicImage::ImageRgb8),
         })
     })
+}
+
+/// TurboJPEG's decompressor through its C API, for the one thing the `turbojpeg` crate's
+/// `Decompressor` hides: whether a call that returned -1 failed or only warned. libjpeg
+/// reports damage it can decode through (extraneous bytes before a marker, a bad Huffman
+/// code, an unknown Adobe transform code) as warnings and still writes every row; Pillow
+/// ignores warnings and keeps those pixels, so they are Pillow's pixels here too, where the
+/// crate's `Err` would send the image to another decoder and give other pixels.
+#[allow(unsafe_code)] // FFI to the statically linked libjpeg-turbo; each call's contract below
+mod turbo {
+    use std::ffi::{c_int, CStr};
+
+    use turbojpeg::raw;
+
+    /// A JPEG's colour space, as far as decoding needs it: what it is decoded into.
+    #[derive(Clone, Copy)]
+    pub(super) enum Colorspace {
+        /// One channel.
+        Gray,
+        /// YCbCr or RGB: decoded to RGB.
+        Rgb,
+        /// CMYK, or YCCK (which libjpeg turns into CMYK, as for Pillow).
+        Cmyk,
+    }
+
+    /// What a JPEG's header says.
+    pub(super) struct Header {
+        pub width: usize,
+        pub height: usize,
+        pub colorspace: Colorspace,
+    }
+
+    /// An owned `tjhandle` for decompression (never null), destroyed on drop.
+    pub(super) struct Handle(raw::tjhandle);
+
+    impl Colorspace {
+        /// Bytes a decoded pixel takes.
+        pub fn channels(self) -> usize {
+            match self {
+                Colorspace::Gray => 1,
+                Colorspace::Rgb => 3,
+                Colorspace::Cmyk => 4,
+            }
+        }
+    }
+
+    impl Handle {
+        /// A new decompressor, or `None` where TurboJPEG cannot make one.
+        pub fn new() -> Option<Self> {
+            // SAFETY: tj3Init takes an init type and returns a new handle or null.
+            let ptr = unsafe { raw::tj3Init(raw::TJINIT_TJINIT_DECOMPRESS as c_int) };
+            (!ptr.is_null()).then_some(Self(ptr))
+        }
+
+        /// The header, or `None` where reading it failed (a warning is not a failure).
+        pub fn read_header(&mut self, bytes: &[u8]) -> Option<Header> {
+            let len = bytes.len().try_into().ok()?;
+            // SAFETY: the handle is live; the pointer and length describe `bytes`, which
+            // TurboJPEG only reads during the call.
+            let rc = unsafe { raw::tj3DecompressHeader(self.0, bytes.as_ptr(), len) };
+            if !self.succeeded(rc) {
+                return None;
+            }
+            // SAFETY: the handle is live; tj3Get reads a parameter of the header just read.
+            let get = |param: raw::TJPARAM| unsafe { raw::tj3Get(self.0, param as c_int) };
+            let colorspace = match u32::try_from(get(raw::TJPARAM_TJPARAM_COLORSPACE)).ok()? {
+                raw::TJCS_TJCS_GRAY => Colorspace::Gray,
+                raw::TJCS_TJCS_YCbCr | raw::TJCS_TJCS_RGB => Colorspace::Rgb,
+                raw::TJCS_TJCS_CMYK | raw::TJCS_TJCS_YCCK => Colorspace::Cmyk,
+                _ => return None,
+            };
+            Some(Header {
+                width: usize::try_from(get(raw::TJPARAM_TJPARAM_JPEGWIDTH)).ok()?,
+                height: usize::try_from(get(raw::TJPARAM_TJPARAM_JPEGHEIGHT)).ok()?,
+                colorspace,
+            })
+        }
+
+        /// Decodes the stream whose header was read last into `pixels`, rows of the header's
+        /// width in `colorspace`'s channels, packed; false where decoding failed (a warning
+        /// is not a failure) or `pixels` is not the image's size.
+        pub fn decompress(
+            &mut self,
+            bytes: &[u8],
+            pixels: &mut [u8],
+            colorspace: Colorspace,
+        ) -> bool {
+            // SAFETY: the handle is live; tj3Get reads a parameter of the header read last.
+            let get = |param: raw::TJPARAM| unsafe { raw::tj3Get(self.0, param as c_int) };
+            let (width, height) = (
+                usize::try_from(get(raw::TJPARAM_TJPARAM_JPEGWIDTH)).unwrap_or(0),
+                usize::try_from(get(raw::TJPARAM_TJPARAM_JPEGHEIGHT)).unwrap_or(0),
+            );
+            let pitch = width * colorspace.channels();
+            if pitch == 0 || pixels.len() != pitch * height {
+                return false;
+            }
+            let format = match colorspace {
+                Colorspace::Gray => raw::TJPF_TJPF_GRAY,
+                Colorspace::Rgb => raw::TJPF_TJPF_RGB,
+                Colorspace::Cmyk => raw::TJPF_TJPF_CMYK,
+            };
+            let (Ok(pitch), Ok(len)) = (c_int::try_from(pitch), bytes.len().try_into()) else {
+                return false;
+            };
+            // SAFETY: the handle is live; TurboJPEG writes `height` rows of `pitch` bytes, the
+            // image's size in this pixel format, which `pixels` holds (checked above), and
+            // only reads `bytes`.
+            let rc = unsafe {
+                raw::tj3Decompress8(
+                    self.0,
+                    bytes.as_ptr(),
+                    len,
+                    pixels.as_mut_ptr(),
+                    pitch,
+                    format as c_int,
+                )
+            };
+            self.succeeded(rc)
+        }
+
+        /// Whether a call that returned `rc` gave its full result: it returned 0, or it only
+        /// warned. TurboJPEG's error code says "warning" whenever a warning was raised during
+        /// the call, even where a fatal error came after it (a bad later scan header of a
+        /// progressive JPEG, with rows left unwritten); a fatal error always writes the
+        /// message last (libjpeg prints only the first warning), so the message must also be
+        /// one of libjpeg's warnings (`jerror.h`, `JWRN_*`).
+        fn succeeded(&mut self, rc: c_int) -> bool {
+            if rc == 0 {
+                return true;
+            }
+            // SAFETY: the handle is live; both calls read its error state.
+            let (code, message) = unsafe {
+                (
+                    raw::tj3GetErrorCode(self.0),
+                    CStr::from_ptr(raw::tj3GetErrorStr(self.0)).to_string_lossy(),
+                )
+            };
+            code == raw::TJERR_TJERR_WARNING as c_int && is_libjpeg_warning(&message)
+        }
+    }
+
+    impl Drop for Handle {
+        fn drop(&mut self) {
+            // SAFETY: the handle came from tj3Init and is destroyed once, here.
+            unsafe { raw::tj3Destroy(self.0) }
+        }
+    }
+
+    /// libjpeg-turbo's warning messages (every `JWRN_*` in `jerror.h`), each up to its first
+    /// formatted value; the first covers the six about corrupt data (extraneous bytes before
+    /// a marker, a bad Huffman or arithmetic code, a missing restart marker, a data segment
+    /// ending early, a bad ICC marker). No fatal error's message starts like any of them.
+    const LIBJPEG_WARNINGS: [&str; 7] = [
+        "Corrupt JPEG data: ",
+        "Unknown Adobe color transform code ",
+        "Inconsistent progression sequence for component ",
+        "Warning: unknown JFIF revision number ",
+        "Premature end of JPEG file",
+        "Invalid SOS parameters for sequential JPEG",
+        "Application transferred too many scanlines",
+    ];
+
+    /// Whether `message` is one of libjpeg's warnings.
+    pub(super) fn is_libjpeg_warning(message: &str) -> bool {
+        LIBJPEG_WARNINGS.iter().any(|w| message.starts_with(w))
+    }
 }
 
 /// A CMYK JPEG's stored values as RGB, as Pillow computes them: it reads CMYK JPEG values as

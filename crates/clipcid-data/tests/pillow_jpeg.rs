@@ -1,9 +1,12 @@
 #![allow(clippy::unwrap_used)] // a failed fixture read should panic with its message
 //! `decode_image` against Pillow itself: 11 small JPEGs that Pillow encoded (4:2:0, 4:2:2 and
 //! 4:4:4 chroma, progressive, restart markers, optimised Huffman tables, grayscale, CMYK, an
-//! EXIF orientation tag, sizes that are not whole MCUs, one pixel, one column) and Pillow's
-//! `Image.open(f).convert("RGB")` of each, written by `scripts/reference/jpeg_reference.py`
-//! (Pillow 13, libjpeg-turbo 3.2). The pixels must agree bit for bit.
+//! EXIF orientation tag, sizes that are not whole MCUs, one pixel, one column), one YCCK JPEG
+//! that TurboJPEG encoded (Pillow cannot write YCCK), two damaged ones that libjpeg decodes
+//! with a warning (extraneous bytes before a marker, entropy-coded bytes overwritten), and
+//! Pillow's `Image.open(f).convert("RGB")` of each; and one that Pillow refuses (a fatal error
+//! after a warning). All written by `scripts/reference/jpeg_reference.py` (Pillow 13,
+//! libjpeg-turbo 3.2). The pixels must agree bit for bit.
 
 use std::path::{Path, PathBuf};
 
@@ -19,15 +22,26 @@ struct Case {
 }
 
 #[derive(serde::Deserialize)]
-struct Cases {
-    cases: Vec<Case>,
+struct Refused {
+    jpeg: String,
 }
 
-fn fixtures() -> (PathBuf, Vec<Case>) {
+#[derive(serde::Deserialize)]
+struct Cases {
+    cases: Vec<Case>,
+    refused_by_pillow: Vec<Refused>,
+}
+
+fn read_cases() -> (PathBuf, Cases) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pillow-jpeg");
     let cases: Cases =
         serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
-    assert_eq!(cases.cases.len(), 11);
+    (dir, cases)
+}
+
+fn fixtures() -> (PathBuf, Vec<Case>) {
+    let (dir, cases) = read_cases();
+    assert_eq!(cases.cases.len(), 14);
     (dir, cases.cases)
 }
 
@@ -126,4 +140,37 @@ fn broken_jpegs_are_errors_that_say_why() {
     // The thread's decoder, reused after those failures, still gives Pillow's pixels.
     let again = decode_image(&bytes).unwrap().to_rgb8();
     assert!(again == pillow_rgb(&dir, &cases[0]));
+}
+
+/// libjpeg's warnings are kept apart from its fatal errors. The two damaged fixtures above
+/// decode with a warning (so TurboJPEG's call returns an error, and Pillow's pixels stand);
+/// here, a warning (junk before the second scan of a progressive JPEG) is followed by a fatal
+/// error (an unknown component in the fourth scan's header): TurboJPEG's error code still
+/// says "warning", its rows are half written, and Pillow refuses the file. decode_image must
+/// not return those rows: it leaves the stream to the `image` crate, as for any stream
+/// libjpeg cannot decode.
+#[test]
+fn a_fatal_error_after_a_warning_is_not_taken_as_a_warning() {
+    let (dir, cases) = read_cases();
+    assert_eq!(cases.refused_by_pillow.len(), 1);
+    for warned in ["420-extraneous-bytes.jpg", "420-corrupt-scan.jpg"] {
+        let bytes = std::fs::read(dir.join(warned)).unwrap();
+        assert!(turbojpeg::decompress(&bytes, turbojpeg::PixelFormat::RGB).is_err());
+    }
+    for r in &cases.refused_by_pillow {
+        let bytes = std::fs::read(dir.join(&r.jpeg)).unwrap();
+        assert!(turbojpeg::decompress(&bytes, turbojpeg::PixelFormat::RGB).is_err());
+        let ours = decode_image(&bytes).map(|i| i.to_rgb8());
+        let image_crate = image::load_from_memory(&bytes).map(|i| i.to_rgb8());
+        match (&ours, &image_crate) {
+            (Ok(a), Ok(b)) => assert!(a == b, "{}: pixels other than the image crate's", r.jpeg),
+            (Err(_), Err(_)) => {}
+            _ => panic!(
+                "{}: ours {:?}, image crate's {:?}",
+                r.jpeg,
+                ours.as_ref().map(|_| ()),
+                image_crate.as_ref().map(|_| ())
+            ),
+        }
+    }
 }
