@@ -11,7 +11,10 @@
 //! Pillow's arithmetic. Damage libjpeg decodes through (extraneous bytes before a marker, a
 //! bad Huffman code: its warnings) keeps libjpeg's pixels, as Pillow keeps them. What
 //! libjpeg-turbo cannot decode (12-bit JPEGs, fatal errors) and every other format (PNG,
-//! WebP, BMP, GIF) go to the `image` crate, as before.
+//! WebP, BMP, GIF) go to the `image` crate, whose pixels are Pillow's for 8-bit samples
+//! (lossy WebP included); 16-bit samples become their high byte, as Pillow reads them. Pillow
+//! also resizes the images it opens as palette or bilevel images by nearest neighbour, which
+//! matters to open_clip's transform: [`DecodedImage::indexed`] says which they are.
 
 use std::cell::RefCell;
 
@@ -23,12 +26,15 @@ pub const MAX_DECODED_BYTES: u64 = 512 << 20;
 /// Which decoders make the pixels, for outputs that depend on them to record: `clipcid
 /// embed` keeps it in each shard's provenance, so shards decoded another way (by the `image`
 /// crate's JPEG decoder, before this one, or with YCCK JPEGs and JPEGs libjpeg warns about
-/// left to it) are not resumed into the same run.
+/// left to it, or 16-bit PNGs rounded, or palette images resized as photos) are not resumed
+/// into the same run.
 pub const IMAGE_DECODER: &str =
-    "JPEG (YCCK and warnings included) by libjpeg-turbo, as Pillow decodes it; other formats by the image crate";
+    "JPEG (YCCK and warnings included) by libjpeg-turbo, as Pillow decodes it; \
+     other formats by the image crate, 16-bit samples to their high byte, palette and bilevel \
+     images resized as Pillow resizes them";
 
-/// Decodes an encoded image (JPEG, PNG, WebP, BMP, GIF) into pixels, JPEG exactly as Pillow
-/// decodes it (module doc). A truncated JPEG (no end-of-image marker after its last scan: a
+/// Decodes an encoded image (JPEG, PNG, WebP, BMP, GIF) into the pixels Pillow gives (module
+/// doc; a 16-bit grayscale PNG is the one exception, its high byte where Pillow clips). A truncated JPEG (no end-of-image marker after its last scan: a
 /// decoder would fill the missing rows with grey and report success), an image of no pixels,
 /// one over [`MAX_DECODED_BYTES`] decoded, and anything no decoder accepts are errors saying
 /// so. A grayscale JPEG stays grayscale, as Pillow opens it (mode `L`).
@@ -45,17 +51,165 @@ pub const IMAGE_DECODER: &str =
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage, String> {
+    decode_image_with_mode(bytes).map(|d| d.image)
+}
+
+/// An image as [`decode_image`] gives it, with what else of Pillow's reading of it changes
+/// pixels downstream.
+#[derive(Debug, Clone)]
+pub struct DecodedImage {
+    /// The pixels: a palette expanded to RGB (RGBA where an entry is transparent), 16-bit
+    /// samples to their high byte, as Pillow reads them.
+    pub image: DynamicImage,
+    /// Whether Pillow opens it as a palette (`P`) or bilevel (`1`) image: a palette PNG, a
+    /// 1-bit grayscale PNG, a GIF, a BMP of 8 bits or fewer with a palette that is not gray
+    /// levels in order (or of two entries). `Image.resize` resizes those by nearest neighbour
+    /// whatever filter is asked, and open_clip's transform resizes before it converts to
+    /// RGB ([`crate::Preprocess::resize_and_crop_decoded`]).
+    pub indexed: bool,
+}
+
+/// [`decode_image`], with whether Pillow opens the image as a palette or bilevel image
+/// ([`DecodedImage::indexed`]).
+///
+/// ```
+/// let mut bytes = Vec::new();
+/// image::GrayImage::from_pixel(4, 2, image::Luma([90]))
+///     .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
+/// let decoded = clipcid_data::decode_image_with_mode(&bytes)?;
+/// assert!(!decoded.indexed);
+/// assert_eq!(decoded.image.to_rgb8().get_pixel(3, 1).0, [90, 90, 90]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn decode_image_with_mode(bytes: &[u8]) -> Result<DecodedImage, String> {
     check_jpeg_complete(bytes)?;
     if is_jpeg(bytes) {
-        if let Some(img) = decode_jpeg(bytes)? {
-            return Ok(img);
+        if let Some(image) = decode_jpeg(bytes)? {
+            return Ok(DecodedImage {
+                image,
+                indexed: false,
+            });
         }
     }
     let img = image::load_from_memory(bytes).map_err(|e| format!("cannot decode image: {e}"))?;
     if img.width() == 0 || img.height() == 0 {
         return Err("image has no pixels".into());
     }
-    Ok(img)
+    Ok(DecodedImage {
+        image: high_bytes(img)?,
+        indexed: pillow_indexed(bytes),
+    })
+}
+
+/// 16-bit samples as Pillow reads them: the high byte (its `RGB;16B`, `RGBA;16B` and
+/// `LA;16B` unpackers), where the `image` crate's conversion rounds (`v / 257`) and differs
+/// on about half the values. A 16-bit grayscale PNG takes the high byte too, though Pillow
+/// opens it as `I;16` and its conversion to RGB clips every value over 255 to white (nearly
+/// every such image becomes a white square): the one place clipcid's pixels are not Pillow's.
+fn high_bytes(img: DynamicImage) -> Result<DynamicImage, String> {
+    fn high<P, Q>(
+        img: &image::ImageBuffer<P, Vec<u16>>,
+    ) -> Result<image::ImageBuffer<Q, Vec<u8>>, String>
+    where
+        P: image::Pixel<Subpixel = u16>,
+        Q: image::Pixel<Subpixel = u8>,
+    {
+        let bytes = img.as_raw().iter().map(|&v| (v >> 8) as u8).collect();
+        image::ImageBuffer::from_raw(img.width(), img.height(), bytes)
+            .ok_or_else(|| "cannot decode image: a 16-bit image's samples do not fill it".into())
+    }
+    Ok(match img {
+        DynamicImage::ImageLuma16(i) => DynamicImage::ImageLuma8(high(&i)?),
+        DynamicImage::ImageLumaA16(i) => DynamicImage::ImageLumaA8(high(&i)?),
+        DynamicImage::ImageRgb16(i) => DynamicImage::ImageRgb8(high(&i)?),
+        DynamicImage::ImageRgba16(i) => DynamicImage::ImageRgba8(high(&i)?),
+        other => other,
+    })
+}
+
+/// Whether Pillow opens these bytes (already decoded) in mode `P` or `1`: read from the PNG,
+/// GIF or BMP header by Pillow's own rules (`PngImagePlugin`, `GifImagePlugin`,
+/// `BmpImagePlugin`); no other format has either mode.
+fn pillow_indexed(bytes: &[u8]) -> bool {
+    let u16_le = |at: usize| {
+        bytes
+            .get(at..at + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let u32_le = |at: usize| {
+        bytes
+            .get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        // IHDR comes first: bit depth at 24, colour type at 25. Palette (3) is `P`; 1-bit
+        // grayscale (0) is `1`.
+        return matches!(
+            (bytes.get(24), bytes.get(25)),
+            (_, Some(3)) | (Some(1), Some(0))
+        );
+    }
+    if bytes.starts_with(b"GIF8") {
+        // `P` where the first frame has a colour table, global or its own; `L` otherwise.
+        return gif_first_frame_has_palette(bytes);
+    }
+    if bytes.starts_with(b"BM") {
+        let Some(header) = u32_le(14) else {
+            return false;
+        };
+        let (bits, colors, entry) = if header == 12 {
+            (u16_le(24), None, 3)
+        } else {
+            (u16_le(28), u32_le(46), 4)
+        };
+        let Some(bits) = bits.filter(|&b| b <= 8) else {
+            return false;
+        };
+        let colors = match colors {
+            Some(c) if c > 0 => c as usize,
+            _ => 1 << bits,
+        };
+        // Pillow drops a palette of gray levels in order (0 and 255 for two entries): `1`
+        // for up to two entries, `L` above; any other palette is `P`.
+        let start = 14 + header as usize;
+        let gray = (0..colors).all(|i| {
+            let level = if colors == 2 { [0u8, 255][i] } else { i as u8 };
+            let at = start + i * entry;
+            i < 256 && bytes.get(at..at + 3) == Some(&[level; 3][..])
+        });
+        return !gray || colors <= 2;
+    }
+    false
+}
+
+/// Whether a GIF's first frame has a colour table: the global one (flag in the screen
+/// descriptor), or its own (flag in its image descriptor, after any extension blocks).
+fn gif_first_frame_has_palette(bytes: &[u8]) -> bool {
+    let table = |packed: u8| packed & 0x80 != 0;
+    let Some(&screen) = bytes.get(10) else {
+        return false;
+    };
+    if table(screen) {
+        return true;
+    }
+    // No global table: the blocks start right after the 13-byte header and screen descriptor.
+    let mut at = 13;
+    loop {
+        match bytes.get(at) {
+            Some(0x21) => {
+                // Extension: label, then data sub-blocks up to a zero-length one.
+                at += 2;
+                while let Some(&len) = bytes.get(at) {
+                    at += 1 + len as usize;
+                    if len == 0 {
+                        break;
+                    }
+                }
+            }
+            Some(0x2C) => return bytes.get(at + 9).is_some_and(|&p| table(p)),
+            _ => return false,
+        }
+    }
 }
 
 fn is_jpeg(bytes: &[u8]) -> bool {

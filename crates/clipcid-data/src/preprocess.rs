@@ -488,6 +488,33 @@ impl Preprocess {
     /// ([`crate::pil_resize_window`]: the same pixels as resizing everything, with the time
     /// and memory of the crop).
     pub fn resize_and_crop(&self, img: &DynamicImage) -> RgbImage {
+        self.crop_of(img, false)
+    }
+
+    /// [`Preprocess::resize_and_crop`] of a decoded image, which knows whether Pillow opens it
+    /// as a palette or bilevel image ([`crate::DecodedImage::indexed`]): Pillow resizes
+    /// those by nearest neighbour whatever filter is asked, so where the transform resizes
+    /// before it converts to RGB (open_clip's, [`AlphaRule::Drop`]) a GIF or palette PNG is
+    /// resized by nearest neighbour, and converted (alpha dropped) after. `transformers`
+    /// converts to RGB first, so its preprocessing resizes them with its filter.
+    ///
+    /// ```
+    /// use clipcid_data::{DecodedImage, Preprocess};
+    /// // Two colours in stripes one pixel wide, halved: nearest neighbour keeps one colour.
+    /// let stripes = image::RgbImage::from_fn(8, 8, |x, _| image::Rgb([255 * (x % 2) as u8; 3]));
+    /// let image = image::DynamicImage::ImageRgb8(stripes);
+    /// let palette = DecodedImage { image: image.clone(), indexed: true };
+    /// let open_clip = Preprocess::open_clip(4).resize_and_crop_decoded(&palette);
+    /// assert!(open_clip.pixels().all(|p| p.0 == open_clip.get_pixel(0, 0).0));
+    /// let photo = Preprocess::open_clip(4).resize_and_crop(&image);
+    /// assert!(photo.pixels().all(|p| p.0[0] > 0 && p.0[0] < 255));
+    /// ```
+    pub fn resize_and_crop_decoded(&self, img: &crate::DecodedImage) -> RgbImage {
+        self.crop_of(&img.image, img.indexed)
+    }
+
+    /// The resized, cropped image; `indexed`: Pillow would open it in mode `P` or `1`.
+    fn crop_of(&self, img: &DynamicImage, indexed: bool) -> RgbImage {
         let s = self.image_size as u32;
         let (nw, nh) = self.resized_size(img.width(), img.height());
         let (nw, nh) = (nw.max(1), nh.max(1));
@@ -513,7 +540,11 @@ impl Preprocess {
             width: nw.min(s) as usize,
             height: nh.min(s) as usize,
         };
-        let part = if self.alpha == AlphaRule::Drop && img.color().has_alpha() {
+        let part = if indexed && self.alpha == AlphaRule::Drop {
+            // Pillow's `resize` of a `P` or `1` image is nearest neighbour, and open_clip
+            // converts to RGB (dropping a transparent entry's alpha) only after the crop.
+            pil_resize_window(&img.to_rgb8(), (nw, nh), Resample::Nearest, window)
+        } else if self.alpha == AlphaRule::Drop && img.color().has_alpha() {
             // open_clip resizes the RGBA image (Pillow premultiplies alpha) and drops alpha
             // after the crop.
             let rgba = pil_resize_rgba_window(&img.to_rgba8(), (nw, nh), self.resample, window);
@@ -558,6 +589,13 @@ impl Preprocess {
     /// # Ok::<(), String>(())
     /// ```
     pub fn apply_into(&self, img: &DynamicImage, out: &mut [f32]) -> Result<(), String> {
+        self.check_slot(out)?;
+        self.write_normalized(&self.resize_and_crop(img), out);
+        Ok(())
+    }
+
+    /// An error unless `out` holds one image's values.
+    fn check_slot(&self, out: &[f32]) -> Result<(), String> {
         if out.len() != self.values_per_image() {
             return Err(format!(
                 "a {0} x {0} image is {1} values, not {2}",
@@ -566,7 +604,6 @@ impl Preprocess {
                 out.len()
             ));
         }
-        self.write_normalized(&self.resize_and_crop(img), out);
         Ok(())
     }
 
@@ -587,16 +624,23 @@ impl Preprocess {
         }
     }
 
-    /// Decodes encoded image bytes (JPEG, PNG, WebP, BMP, GIF) with [`crate::decode_image`]
-    /// (JPEG as Pillow decodes it) and preprocesses them. A truncated JPEG, an image over
-    /// the decoder's limit (512 MiB decoded) and anything no decoder accepts are errors.
+    /// Decodes encoded image bytes (JPEG, PNG, WebP, BMP, GIF) with
+    /// [`crate::decode_image_with_mode`] (as Pillow decodes them) and preprocesses them
+    /// ([`Preprocess::resize_and_crop_decoded`]: palette images as Pillow resizes them). A
+    /// truncated JPEG, an image over the decoder's limit (512 MiB decoded) and anything no
+    /// decoder accepts are errors.
     pub fn decode(&self, bytes: &[u8]) -> Result<Vec<f32>, String> {
-        Ok(self.apply(&crate::decode_image(bytes)?))
+        let mut out = vec![0f32; self.values_per_image()];
+        self.decode_into(bytes, &mut out)?;
+        Ok(out)
     }
 
     /// [`Preprocess::decode`] into `out` (see [`Preprocess::apply_into`]).
     pub fn decode_into(&self, bytes: &[u8], out: &mut [f32]) -> Result<(), String> {
-        self.apply_into(&crate::decode_image(bytes)?, out)
+        self.check_slot(out)?;
+        let img = crate::decode_image_with_mode(bytes)?;
+        self.write_normalized(&self.resize_and_crop_decoded(&img), out);
+        Ok(())
     }
 }
 

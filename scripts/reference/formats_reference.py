@@ -1,0 +1,145 @@
+"""Pillow's decoding of the formats other than JPEG, as fixtures for `clipcid_data::decode_image`.
+
+    python -m venv ~/jpeg-venv && ~/jpeg-venv/bin/pip install pillow numpy pypng
+    ~/jpeg-venv/bin/python scripts/reference/formats_reference.py crates/clipcid-data/tests/fixtures/pillow-formats
+
+Writes small images in every other format clipcid reads: PNG (RGB, RGBA, grayscale with
+alpha, a palette with and without a transparent entry, 1-bit; and 16 bits a sample in RGB,
+RGBA, grayscale with alpha and grayscale, which pypng writes since Pillow cannot), WebP
+(lossy, lossy with alpha, lossless), GIF (colour and gray) and BMP (24-bit, palette, gray
+palette, 1-bit); and beside each, `Image.open(f).convert("RGBA")` as an 8-bit PNG: the colour and
+alpha every PIL-based pipeline starts from (its `convert("RGB")` is the same colour with
+alpha dropped); and the 16 x 16 crop that open_clip's and transformers' preprocessing make
+of it, in Pillow alone (open_clip resizes before converting to RGB, and Pillow resizes a
+palette or bilevel image by nearest neighbour). `cases.json` lists them with Pillow's mode
+and the Pillow and libwebp versions. The test `crates/clipcid-data/tests/pillow_formats.rs` must give
+the same pixels, bit for bit.
+
+One case is not Pillow's: a 16-bit grayscale PNG opens as mode `I;16`, and Pillow's
+conversion to RGB clips every value over 255 to white, so nearly every such image becomes a
+white square. clipcid takes the high byte of each sample, as Pillow itself does for 16-bit
+RGB, RGBA and LA PNGs; the reference written for that case is the high byte
+(`"pillow": false` in `cases.json`).
+"""
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import png
+from PIL import Image, features
+
+SEED = 5
+W, H = 37, 23
+
+
+def content(rng):
+    """Smooth gradients, a hard-edged block and noise in four channels, 8 and 16 bits."""
+    y, x = np.mgrid[0:H, 0:W]
+    a = np.stack([np.sin(x / 4.0 + y / 7.0 + c) * 100 + 128 for c in range(4)], axis=-1)
+    a[3:11, 5:17] = rng.integers(0, 256, 4)
+    a += rng.normal(0, 6, a.shape)
+    a = np.clip(a, 0, 255)
+    a8 = a.astype(np.uint8)
+    # 16-bit: each 8-bit value times 257 plus a low byte of noise, so rounding and taking the
+    # high byte differ on about half the values.
+    a16 = np.clip(a * 257 + rng.integers(0, 257, a.shape), 0, 65535).astype(np.uint16)
+    return a8, a16
+
+
+def write_png16(path, a16, mode):
+    """pypng writes 16-bit PNGs in every colour type (Pillow writes 16-bit grayscale only)."""
+    channels = {"L;16": 1, "LA;16": 2, "RGB;16": 3, "RGBA;16": 4}[mode]
+    rows = a16[..., :channels].reshape(H, W * channels)
+    png.from_array(rows, mode).save(path)
+
+
+SIZE = 16  # the preprocessing references' image size
+
+
+def shortest_edge(img):
+    """torchvision's `Resize(int)` and transformers' `shortest_edge` size: int(size * long / short)."""
+    w, h = img.size
+    if w <= h:
+        return SIZE, int(SIZE * h / w)
+    return int(SIZE * w / h), SIZE
+
+
+def open_clip_transform(img):
+    """open_clip's eval transform up to ToTensor: `Resize(SIZE, BICUBIC)` on the PIL image
+    (Pillow resizes a `P` or `1` image by nearest neighbour), torchvision's `CenterCrop`
+    (rounded offsets), then `convert("RGB")`."""
+    img = img.resize(shortest_edge(img), Image.BICUBIC)
+    w, h = img.size
+    left, top = int(round((w - SIZE) / 2.0)), int(round((h - SIZE) / 2.0))
+    return img.crop((left, top, left + SIZE, top + SIZE)).convert("RGB")
+
+
+def transformers_transform(img):
+    """transformers' CLIPImageProcessor (Pillow backend) up to rescaling: `convert_to_rgb`
+    (composited over white unless already RGB), shortest edge bicubic (`reducing_gap=None`),
+    `center_crop` (floored offsets)."""
+    if img.mode != "RGB":
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255)), rgba).convert("RGB")
+    img = img.resize(shortest_edge(img), Image.BICUBIC, reducing_gap=None)
+    w, h = img.size
+    left, top = (w - SIZE) // 2, (h - SIZE) // 2
+    return img.crop((left, top, left + SIZE, top + SIZE))
+
+
+def write(out):
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    rng = np.random.default_rng(SEED)
+    a8, a16 = content(rng)
+    rgb = Image.fromarray(a8[..., :3], "RGB")
+    writers = {
+        "rgb8.png": lambda p: rgb.save(p),
+        "rgba8.png": lambda p: Image.fromarray(a8, "RGBA").save(p),
+        "la8.png": lambda p: Image.fromarray(a8[..., :2], "LA").save(p),
+        "palette.png": lambda p: rgb.quantize(64).save(p),
+        "palette-transparent.png": lambda p: rgb.quantize(64).save(p, transparency=3),
+        "rgb16.png": lambda p: write_png16(p, a16, "RGB;16"),
+        "rgba16.png": lambda p: write_png16(p, a16, "RGBA;16"),
+        "la16.png": lambda p: write_png16(p, a16, "LA;16"),
+        "gray16.png": lambda p: write_png16(p, a16, "L;16"),
+        "lossy.webp": lambda p: rgb.save(p, quality=80),
+        "lossy-alpha.webp": lambda p: Image.fromarray(a8, "RGBA").save(p, quality=80),
+        "lossless.webp": lambda p: rgb.save(p, lossless=True),
+        "bilevel.png": lambda p: Image.fromarray(a8[..., 0] > 128).save(p),
+        "palette.gif": lambda p: rgb.save(p),
+        "gray.gif": lambda p: Image.fromarray(a8[..., 0], "L").save(p),
+        "rgb.bmp": lambda p: rgb.save(p),
+        "palette.bmp": lambda p: rgb.quantize(64).save(p),
+        "gray.bmp": lambda p: Image.fromarray(a8[..., 0], "L").save(p),
+        "bilevel.bmp": lambda p: Image.fromarray(a8[..., 1] > 128).save(p),
+    }
+    cases = []
+    for name, write_one in writers.items():
+        path = os.path.join(out, name)
+        write_one(path)
+        opened = Image.open(path)
+        reference = f"{name}.rgba.png"
+        pillow = opened.mode != "I;16"
+        if not pillow:
+            high = (np.asarray(opened).astype(np.uint16) >> 8).astype(np.uint8)
+            opened = Image.fromarray(high, "L")
+        opened.convert("RGBA").save(os.path.join(out, reference))
+        open_clip_transform(opened).save(os.path.join(out, f"{name}.open_clip{SIZE}.png"))
+        transformers_transform(opened).save(os.path.join(out, f"{name}.transformers{SIZE}.png"))
+        cases.append({"file": name, "rgba": reference, "mode": Image.open(path).mode,
+                      "pillow": pillow, "open_clip": f"{name}.open_clip{SIZE}.png",
+                      "transformers": f"{name}.transformers{SIZE}.png"})
+    meta = {"pillow": Image.__version__, "libwebp": features.version("webp"), "cases": cases}
+    with open(os.path.join(out, "cases.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    total = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    print(f"wrote {len(cases)} cases to {out}: {total / 1e3:.0f} kB")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    write(sys.argv[1])
