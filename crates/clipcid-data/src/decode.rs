@@ -69,6 +69,16 @@ pub struct DecodedImage {
     pub indexed: bool,
 }
 
+impl From<DynamicImage> for DecodedImage {
+    /// An image made in memory (rendered, drawn on): not a palette image.
+    fn from(image: DynamicImage) -> Self {
+        Self {
+            image,
+            indexed: false,
+        }
+    }
+}
+
 /// [`decode_image`], with whether Pillow opens the image as a palette or bilevel image
 /// ([`DecodedImage::indexed`]).
 ///

@@ -437,6 +437,20 @@ impl Preprocess {
         })
     }
 
+    /// The image as RGB by [`Preprocess::alpha`], at its own size: transparency over white
+    /// (transformers) or alpha dropped (open_clip). What a pipeline that converts to RGB
+    /// before anything else (drawing on the image, showing it) works on.
+    ///
+    /// ```
+    /// use clipcid_data::Preprocess;
+    /// let clear = image::DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(2, 2, image::Rgba([0, 0, 0, 0])));
+    /// assert_eq!(Preprocess::transformers(2).convert_to_rgb(&clear).get_pixel(0, 0).0, [255; 3]);
+    /// assert_eq!(Preprocess::open_clip(2).convert_to_rgb(&clear).get_pixel(0, 0).0, [0; 3]);
+    /// ```
+    pub fn convert_to_rgb(&self, img: &DynamicImage) -> RgbImage {
+        self.to_rgb(img).into_owned()
+    }
+
     /// The image as RGB by [`Preprocess::alpha`] (an RGB image as it is, not copied).
     fn to_rgb<'i>(&self, img: &'i DynamicImage) -> Cow<'i, RgbImage> {
         if let DynamicImage::ImageRgb8(rgb) = img {
@@ -637,9 +651,18 @@ impl Preprocess {
 
     /// [`Preprocess::decode`] into `out` (see [`Preprocess::apply_into`]).
     pub fn decode_into(&self, bytes: &[u8], out: &mut [f32]) -> Result<(), String> {
+        self.apply_decoded_into(&crate::decode_image_with_mode(bytes)?, out)
+    }
+
+    /// [`Preprocess::apply_into`] of a decoded image, resized as
+    /// [`Preprocess::resize_and_crop_decoded`] resizes it (palette images as Pillow does).
+    pub fn apply_decoded_into(
+        &self,
+        img: &crate::DecodedImage,
+        out: &mut [f32],
+    ) -> Result<(), String> {
         self.check_slot(out)?;
-        let img = crate::decode_image_with_mode(bytes)?;
-        self.write_normalized(&self.resize_and_crop_decoded(&img), out);
+        self.write_normalized(&self.resize_and_crop_decoded(img), out);
         Ok(())
     }
 }

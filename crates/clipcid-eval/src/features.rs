@@ -2,7 +2,7 @@
 //! and the similarity products the evaluations share.
 
 use candle_core::Tensor;
-use clipcid_data::{Batch, BatchIter, Dataset, Preprocess, Skipped};
+use clipcid_data::{Batch, BatchIter, Dataset, DecodedImage, Preprocess, Skipped};
 use clipcid_models::{l2_normalize, ClipModel, ClipTokenizer};
 use image::{DynamicImage, RgbImage};
 use ndarray::ArrayView2;
@@ -185,6 +185,34 @@ pub fn encode_images(
     images: &[RgbImage],
     batch: usize,
 ) -> Result<Features, EvalError> {
+    encode_with(model, preprocess, images, batch, |img, out| {
+        preprocess.apply_into(&DynamicImage::ImageRgb8(img.clone()), out)
+    })
+}
+
+/// [`encode_images`] of decoded images (as [`crate::load_images`] and
+/// [`clipcid_data::decode_image_with_mode`] give them): transparency becomes RGB by the
+/// preprocessing's rule and palette images are resized as Pillow resizes them, exactly as
+/// for images read from a dataset.
+pub fn encode_decoded_images(
+    model: &ClipModel,
+    preprocess: &Preprocess,
+    images: &[DecodedImage],
+    batch: usize,
+) -> Result<Features, EvalError> {
+    encode_with(model, preprocess, images, batch, |img, out| {
+        preprocess.apply_decoded_into(img, out)
+    })
+}
+
+/// Encodes `images` `batch` at a time, each written into its slot of the batch by `prep`.
+fn encode_with<T>(
+    model: &ClipModel,
+    preprocess: &Preprocess,
+    images: &[T],
+    batch: usize,
+    prep: impl Fn(&T, &mut [f32]) -> Result<(), String>,
+) -> Result<Features, EvalError> {
     check_size(model, preprocess)?;
     let size = preprocess.image_size;
     let pre = preprocess;
@@ -194,8 +222,7 @@ pub fn encode_images(
         let per = pre.values_per_image();
         let mut px = vec![0f32; chunk.len() * per];
         for (img, out) in chunk.iter().zip(px.chunks_exact_mut(per)) {
-            pre.apply_into(&DynamicImage::ImageRgb8(img.clone()), out)
-                .map_err(EvalError::Input)?;
+            prep(img, out).map_err(EvalError::Input)?;
         }
         let t = Tensor::from_vec(px, (chunk.len(), 3, size, size), model.device())?;
         let f = unit_rows(&model.encode_image(&t)?)?;

@@ -44,7 +44,9 @@ mod zero_shot;
 use std::path::Path;
 
 pub use export::{export_fp16, ExportReport};
-pub use features::{encode_dataset, encode_images, encode_texts, EncodedImages, Features};
+pub use features::{
+    encode_dataset, encode_decoded_images, encode_images, encode_texts, EncodedImages, Features,
+};
 pub use linear_probe::{
     clip_benchmark_sweep, clip_benchmark_weight_decay, linear_probe, objective, AdamWProbe,
     LabelledFeatures, LogisticRegression, ProbeMethod, ProbeOptions, ProbeResult,

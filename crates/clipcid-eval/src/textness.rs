@@ -12,7 +12,8 @@ use std::path::Path;
 
 use ab_glyph::{Font, FontArc, PxScale, ScaleFont};
 use candle_core::{Device, Tensor};
-use image::{Rgb, RgbImage};
+use clipcid_data::{DecodedImage, Preprocess};
+use image::{DynamicImage, Rgb, RgbImage};
 use rand::Rng;
 use serde::Serialize;
 
@@ -404,8 +405,9 @@ pub struct TextnessOptions {
     /// Grid tile size in pixels.
     pub tile: u32,
     /// Real images that carry text (signs, pages, plates): every other one joins the probe's
-    /// text side, the rest join the search pool as text-bearing entries.
-    pub real_text_images: Vec<RgbImage>,
+    /// text side, the rest join the search pool as text-bearing entries. Encoded as decoded
+    /// (transparency and palettes as the model's preprocessing takes them).
+    pub real_text_images: Vec<DecodedImage>,
 }
 
 impl Default for TextnessOptions {
@@ -445,13 +447,16 @@ pub struct TextnessReport {
 /// meaning and the scale alone tips it towards or away from text. Writes to `out`:
 /// `textness.safetensors`, `grid-Q.png` per query (one row per scale, top results,
 /// text-bearing ones framed red) and `report.md` with the fraction of text-bearing images
-/// in the top results per scale.
+/// in the top results per scale. Clean images are encoded as decoded; a word is drawn on
+/// the image converted to RGB by the preprocessing's rule ([`Preprocess::convert_to_rgb`]:
+/// transparency over white for transformers, dropped for open_clip), as a Pillow pipeline
+/// converts before it draws.
 #[allow(clippy::too_many_arguments)] // one call site per front end; a struct adds nothing
 pub fn textness_study(
     model: &clipcid_models::ClipModel,
     tokenizer: &clipcid_models::ClipTokenizer,
-    preprocess: &clipcid_data::Preprocess,
-    images: &[RgbImage],
+    preprocess: &Preprocess,
+    images: &[DecodedImage],
     queries: &[String],
     renderer: &TextRenderer,
     opts: &TextnessOptions,
@@ -477,10 +482,12 @@ pub fn textness_study(
     let (probe_idx, pool_idx) = order.split_at(images.len() / 2);
     let with_text = |i: usize, rng: &mut rand_chacha::ChaCha8Rng| {
         let word = &opts.words[rng.random_range(0..opts.words.len())];
-        renderer.render(&images[i], word, rng)
+        let rgb = preprocess.convert_to_rgb(&images[i].image);
+        DecodedImage::from(DynamicImage::ImageRgb8(renderer.render(&rgb, word, rng)))
     };
-    let probe_clean: Vec<RgbImage> = probe_idx.iter().map(|&i| images[i].clone()).collect();
-    let mut probe_text: Vec<RgbImage> = probe_idx.iter().map(|&i| with_text(i, &mut rng)).collect();
+    let probe_clean: Vec<DecodedImage> = probe_idx.iter().map(|&i| images[i].clone()).collect();
+    let mut probe_text: Vec<DecodedImage> =
+        probe_idx.iter().map(|&i| with_text(i, &mut rng)).collect();
     let (mut pool, mut has_text) = (vec![], vec![]);
     for &i in pool_idx {
         pool.push(images[i].clone());
@@ -498,7 +505,9 @@ pub fn textness_study(
     }
     let real = opts.real_text_images.len();
     let batch = 64;
-    let enc = |imgs: &[RgbImage]| crate::features::encode_images(model, preprocess, imgs, batch);
+    let enc = |imgs: &[DecodedImage]| {
+        crate::features::encode_decoded_images(model, preprocess, imgs, batch)
+    };
     let direction = TextnessDirection::fit(&enc(&probe_text)?, &enc(&probe_clean)?, opts.l2)?;
     direction.save(&out.join("textness.safetensors"))?;
     let pool_features = enc(&pool)?;
@@ -529,11 +538,22 @@ pub fn textness_study(
         ));
     }
     md.push('\n');
+    let pool_rgb: Vec<RgbImage> = pool
+        .iter()
+        .map(|d| preprocess.convert_to_rgb(&d.image))
+        .collect();
     for (qi, query) in queries.iter().enumerate() {
         let grid: Vec<(f32, Vec<usize>)> =
             rows.iter().map(|r| (r.scale, r.top[qi].clone())).collect();
         let file = format!("grid-{qi}.png");
-        plot_textness_grid(&out.join(&file), query, &grid, &pool, &has_text, opts.tile)?;
+        plot_textness_grid(
+            &out.join(&file),
+            query,
+            &grid,
+            &pool_rgb,
+            &has_text,
+            opts.tile,
+        )?;
         md.push_str(&format!(
             "**\"{query}\"** (rows: scale; red frame: text-bearing)\n\n![{query}]({file})\n\n"
         ));
@@ -550,8 +570,11 @@ pub fn textness_study(
 }
 
 /// Decodes every image of a plain folder of image files (sorted by name), or of any
-/// dataset [`clipcid_data::Dataset::open`] reads. Undecodable files are errors naming the file.
-pub fn load_images(path: &Path) -> Result<Vec<RgbImage>, EvalError> {
+/// dataset [`clipcid_data::Dataset::open`] reads, as
+/// [`clipcid_data::decode_image_with_mode`] gives them (transparency and palettes kept, for
+/// the preprocessing to take as it takes a dataset's). Undecodable files are errors naming
+/// the file.
+pub fn load_images(path: &Path) -> Result<Vec<DecodedImage>, EvalError> {
     let is_image = |p: &Path| {
         p.extension()
             .map(|e| {
@@ -572,9 +595,7 @@ pub fn load_images(path: &Path) -> Result<Vec<RgbImage>, EvalError> {
                 .iter()
                 .map(|f| {
                     let bytes = std::fs::read(f).map_err(|e| EvalError::file(f, e))?;
-                    clipcid_data::decode_image(&bytes)
-                        .map(|i| i.to_rgb8())
-                        .map_err(|e| EvalError::file(f, e))
+                    clipcid_data::decode_image_with_mode(&bytes).map_err(|e| EvalError::file(f, e))
                 })
                 .collect();
         }
@@ -586,9 +607,9 @@ pub fn load_images(path: &Path) -> Result<Vec<RgbImage>, EvalError> {
         let bytes = s
             .image
             .map_err(|e| EvalError::file(path, format!("sample `{}`: {e}", s.key)))?;
-        let img = clipcid_data::decode_image(&bytes)
+        let img = clipcid_data::decode_image_with_mode(&bytes)
             .map_err(|e| EvalError::file(path, format!("sample `{}`: {e}", s.key)))?;
-        out.push(img.to_rgb8());
+        out.push(img);
     }
     Ok(out)
 }

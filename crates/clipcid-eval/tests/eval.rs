@@ -516,8 +516,10 @@ fn textness_study_adds_real_text_images_to_probe_and_pool() {
         .iter()
         .map(|w| renderer.render(&photos[0], w, &mut rng))
         .collect();
+    let decoded =
+        |i: image::RgbImage| clipcid_data::DecodedImage::from(image::DynamicImage::from(i));
     let opts = clipcid_eval::TextnessOptions {
-        real_text_images: real,
+        real_text_images: real.into_iter().map(decoded).collect(),
         scales: vec![0.0, 1.0],
         top: 4,
         ..clipcid_eval::TextnessOptions::default()
@@ -527,7 +529,7 @@ fn textness_study_adds_real_text_images_to_probe_and_pool() {
         &model,
         &tok,
         &clipcid_data::Preprocess::clip(model.config().vision_config.image_size),
-        &photos,
+        &photos.into_iter().map(decoded).collect::<Vec<_>>(),
         &["a photo".to_string()],
         &renderer,
         &opts,
@@ -543,6 +545,67 @@ fn textness_study_adds_real_text_images_to_probe_and_pool() {
         r.markdown
     );
     assert_eq!((r.probe_images, r.pool_images, r.rows.len()), (4, 4, 2));
+}
+
+/// `load_images` keeps what the preprocessing needs: a transparent text image (black
+/// letters on a clear background whose hidden colour is black too) is encoded as
+/// transformers takes it, over white, and as open_clip takes it, alpha dropped; a palette
+/// GIF is resized by nearest neighbour under open_clip's rule. Converting to RGB at load
+/// (what it did before) gives the open_clip features under both rules.
+#[test]
+fn loaded_images_keep_transparency_and_palettes_for_the_preprocessing() {
+    let cfg = clipcid_models::ClipConfig::preset("tiny").unwrap();
+    let model = clipcid_models::ClipModel::random(&cfg, 1, &candle_core::Device::Cpu).unwrap();
+    let size = model.config().vision_config.image_size;
+    let dir = tempfile::tempdir().unwrap();
+    let renderer = clipcid_eval::TextRenderer::dejavu_sans().unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let letters = renderer.render(
+        &image::RgbImage::from_pixel(64, 48, image::Rgb([255; 3])),
+        "EXIT",
+        &mut rng,
+    );
+    // Alpha: opaque where a letter is drawn, clear elsewhere; colour black under both.
+    let sign = image::RgbaImage::from_fn(64, 48, |x, y| {
+        let ink = letters.get_pixel(x, y).0[0] < 128;
+        image::Rgba([0, 0, 0, if ink { 255 } else { 0 }])
+    });
+    sign.save(dir.path().join("a-sign.png")).unwrap();
+    // Stripes one pixel wide in two colours, as a GIF (palette): nearest neighbour keeps
+    // whole stripes, bicubic blurs them.
+    let stripes = image::RgbImage::from_fn(64, 48, |x, _| {
+        if x % 2 == 0 {
+            image::Rgb([250, 20, 20])
+        } else {
+            image::Rgb([20, 20, 250])
+        }
+    });
+    stripes.save(dir.path().join("b-stripes.gif")).unwrap();
+    let loaded = clipcid_eval::load_images(dir.path()).unwrap();
+    assert_eq!(loaded.len(), 2);
+    assert!(loaded[0].image.color().has_alpha() && !loaded[0].indexed);
+    assert!(loaded[1].indexed);
+    for (p, rgb_sign) in [
+        (clipcid_data::Preprocess::transformers(size), [255u8; 3]),
+        (clipcid_data::Preprocess::open_clip(size), [0u8; 3]),
+    ] {
+        let got = clipcid_eval::encode_decoded_images(&model, &p, &loaded, 1).unwrap();
+        // The sign as the preprocessing sees it: letters on white or on black. One image a
+        // batch, so batches of other sizes cannot change the last bits.
+        let seen = image::RgbImage::from_fn(64, 48, |x, y| {
+            if sign.get_pixel(x, y).0[3] == 255 {
+                image::Rgb([0; 3])
+            } else {
+                image::Rgb(rgb_sign)
+            }
+        });
+        let want = clipcid_eval::encode_images(&model, &p, &[seen], 1).unwrap();
+        assert_eq!(got.row(0), want.row(0), "{:?}", p.alpha);
+        let as_rgb: Vec<image::RgbImage> = loaded.iter().map(|d| d.image.to_rgb8()).collect();
+        let photo = clipcid_eval::encode_images(&model, &p, &as_rgb, 1).unwrap();
+        let nearest = p.alpha == clipcid_data::AlphaRule::Drop;
+        assert_eq!(got.row(1) != photo.row(1), nearest, "{:?}", p.alpha);
+    }
 }
 
 #[test]
