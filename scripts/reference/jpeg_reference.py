@@ -8,11 +8,12 @@ Writes small JPEGs that Pillow encodes (each chroma subsampling, progressive, re
 markers, grayscale, CMYK, an EXIF orientation tag, sizes that are not whole MCUs), one YCCK
 JPEG (what Photoshop writes for CMYK; Pillow cannot write it, so TurboJPEG's compressor does,
 from CMYK pixels, through PyTurboJPEG 1.x and Debian's libturbojpeg), and three damaged ones
-(two that libjpeg decodes with a warning, one where a fatal error follows a warning) and,
-beside each one Pillow decodes, `Image.open(f).convert("RGB")` as a PNG: what every PIL-based pipeline (open_clip's
-transform, transformers' PIL image processor) starts from. `cases.json` lists them with the
-Pillow and libjpeg-turbo versions, and the ones Pillow refuses with its error. The test `crates/clipcid-data/tests/pillow_jpeg.rs` must
-give the same pixels, bit for bit.
+(two that libjpeg decodes with a warning, one where a fatal error follows a warning); and,
+beside each one Pillow decodes, `Image.open(f).convert("RGB")` as a PNG: what every PIL-based
+pipeline (open_clip's transform, transformers' PIL image processor) starts from.
+`cases.json` lists them with the Pillow and libjpeg-turbo versions, and the ones Pillow
+refuses with its error. The test `crates/clipcid-data/tests/pillow_jpeg.rs` must give the
+same pixels, bit for bit.
 """
 import json
 import os
@@ -86,7 +87,7 @@ def damage(data, how):
     if how == "extraneous-bytes":  # "Corrupt JPEG data: 3 extraneous bytes before marker 0xda",
         # from the header reader (libjpeg-turbo 3 never reads what precedes the end marker)
         return data[:scans[0]] + b"\x00\x17\x2a" + data[scans[0]:]
-    if how == "corrupt-scan":  # six entropy-coded bytes overwritten mid-scan: a bad code
+    if how == "corrupt-scan":  # six entropy-coded bytes overwritten mid-scan (libjpeg warns)
         header = data[scans[-1] + 2] * 256 + data[scans[-1] + 3]
         mid = (scans[-1] + 2 + header + eoi) // 2
         return data[:mid] + b"\x55" * 6 + data[mid + 6:]

@@ -34,10 +34,11 @@ pub const IMAGE_DECODER: &str =
      images resized as Pillow resizes them";
 
 /// Decodes an encoded image (JPEG, PNG, WebP, BMP, GIF) into the pixels Pillow gives (module
-/// doc; a 16-bit grayscale PNG is the one exception, its high byte where Pillow clips). A truncated JPEG (no end-of-image marker after its last scan: a
-/// decoder would fill the missing rows with grey and report success), an image of no pixels,
-/// one over [`MAX_DECODED_BYTES`] decoded, and anything no decoder accepts are errors saying
-/// so. A grayscale JPEG stays grayscale, as Pillow opens it (mode `L`).
+/// doc; a 16-bit grayscale PNG is the one exception, its high byte where Pillow clips). A
+/// truncated JPEG (no end-of-image marker after its last scan: a decoder would fill the
+/// missing rows with grey and report success), an image of no pixels, one over
+/// [`MAX_DECODED_BYTES`] decoded, and anything no decoder accepts are errors saying so. A
+/// grayscale JPEG stays grayscale, as Pillow opens it (mode `L`).
 ///
 /// ```
 /// let mut bytes = Vec::new();

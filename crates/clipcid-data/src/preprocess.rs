@@ -443,9 +443,12 @@ impl Preprocess {
     ///
     /// ```
     /// use clipcid_data::Preprocess;
-    /// let clear = image::DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(2, 2, image::Rgba([0, 0, 0, 0])));
-    /// assert_eq!(Preprocess::transformers(2).convert_to_rgb(&clear).get_pixel(0, 0).0, [255; 3]);
-    /// assert_eq!(Preprocess::open_clip(2).convert_to_rgb(&clear).get_pixel(0, 0).0, [0; 3]);
+    /// let clear = image::RgbaImage::from_pixel(2, 2, image::Rgba([0, 0, 0, 0]));
+    /// let clear = image::DynamicImage::ImageRgba8(clear);
+    /// let over_white = Preprocess::transformers(2).convert_to_rgb(&clear);
+    /// assert_eq!(over_white.get_pixel(0, 0).0, [255; 3]);
+    /// let dropped = Preprocess::open_clip(2).convert_to_rgb(&clear);
+    /// assert_eq!(dropped.get_pixel(0, 0).0, [0; 3]);
     /// ```
     pub fn convert_to_rgb(&self, img: &DynamicImage) -> RgbImage {
         self.to_rgb(img).into_owned()
@@ -515,7 +518,9 @@ impl Preprocess {
     /// ```
     /// use clipcid_data::{DecodedImage, Preprocess};
     /// // Two colours in stripes one pixel wide, halved: nearest neighbour keeps one colour.
-    /// let stripes = image::RgbImage::from_fn(8, 8, |x, _| image::Rgb([255 * (x % 2) as u8; 3]));
+    /// let stripes = image::RgbImage::from_fn(8, 8, |x, _| {
+    ///     image::Rgb([255 * (x % 2) as u8; 3])
+    /// });
     /// let image = image::DynamicImage::ImageRgb8(stripes);
     /// let palette = DecodedImage { image: image.clone(), indexed: true };
     /// let open_clip = Preprocess::open_clip(4).resize_and_crop_decoded(&palette);

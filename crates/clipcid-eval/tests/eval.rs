@@ -570,6 +570,7 @@ fn loaded_images_keep_transparency_and_palettes_for_the_preprocessing() {
         let ink = letters.get_pixel(x, y).0[0] < 128;
         image::Rgba([0, 0, 0, if ink { 255 } else { 0 }])
     });
+    assert!(sign.pixels().any(|p| p.0[3] == 255) && sign.pixels().any(|p| p.0[3] == 0));
     sign.save(dir.path().join("a-sign.png")).unwrap();
     // Stripes one pixel wide in two colours, as a GIF (palette): nearest neighbour keeps
     // whole stripes, bicubic blurs them.
