@@ -1,4 +1,5 @@
-"""Pillow's decoding of the formats other than JPEG, as fixtures for `clipcid_data::decode_image`.
+"""Pillow's decoding of the formats other than JPEG (and of a CMYK JPEG's preprocessing), as
+fixtures for `clipcid_data::decode_image` and `Preprocess`.
 
     python -m venv ~/jpeg-venv && ~/jpeg-venv/bin/pip install pillow numpy pypng
     ~/jpeg-venv/bin/python scripts/reference/formats_reference.py crates/clipcid-data/tests/fixtures/pillow-formats
@@ -6,12 +7,17 @@
 Writes small images in every other format clipcid reads: PNG (RGB, RGBA, grayscale with
 alpha, a palette with and without a transparent entry, 1-bit; and 16 bits a sample in RGB,
 RGBA, grayscale with alpha and grayscale, which pypng writes since Pillow cannot), WebP
-(lossy, lossy with alpha, lossless), GIF (colour and gray) and BMP (24-bit, palette, gray
-palette, 1-bit); and beside each, `Image.open(f).convert("RGBA")` as an 8-bit PNG: the colour and
+(lossy, lossy with alpha, lossless), GIF (colour, gray, and gray with every level, whose
+palette is the gray ramp that Pillow opens as `L`), BMP (24-bit, palette, gray palette,
+1-bit), a palette PNG taller than wide, and a CMYK JPEG (Pillow's `convert("RGB")` of CMYK is
+not linear, and open_clip resizes before it converts); and beside each, `Image.open(f).convert("RGBA")` as an 8-bit PNG: the colour and
 alpha every PIL-based pipeline starts from (its `convert("RGB")` is the same colour with
 alpha dropped); and the 16 x 16 crop that open_clip's and transformers' preprocessing make
 of it, in Pillow alone (open_clip resizes before converting to RGB, and Pillow resizes a
-palette or bilevel image by nearest neighbour). `cases.json` lists them with Pillow's mode
+palette or bilevel image by nearest neighbour), and the 19 x 19 image of open_clip's
+`resize_mode: "longest"` with `fill_color` 3 (timm's `ResizeKeepRatio` and open_clip's
+`CenterCropOrPad`, whose torchvision `pad` fills a value of the image's own mode: palette
+index 3, white in a bilevel image, CMYK (3, 3, 3, 3)). `cases.json` lists them with Pillow's mode
 and the Pillow and libwebp versions. The test `crates/clipcid-data/tests/pillow_formats.rs` must give
 the same pixels, bit for bit.
 
@@ -28,7 +34,7 @@ import sys
 
 import numpy as np
 import png
-from PIL import Image, features
+from PIL import Image, ImageOps, features
 
 SEED = 5
 W, H = 37, 23
@@ -56,6 +62,8 @@ def write_png16(path, a16, mode):
 
 
 SIZE = 16  # the preprocessing references' image size
+LONGEST = 19  # "longest" size: 37 x 23 becomes 19 x 12 (11.8 rounded), padded by 3 and 4
+FILL = 3  # its `fill_color`: a palette index with a colour, not white, not black
 
 
 def shortest_edge(img):
@@ -74,6 +82,34 @@ def open_clip_transform(img):
     w, h = img.size
     left, top = int(round((w - SIZE) / 2.0)), int(round((h - SIZE) / 2.0))
     return img.crop((left, top, left + SIZE, top + SIZE)).convert("RGB")
+
+
+def open_clip_longest_transform(img):
+    """open_clip's eval transform with `resize_mode="longest"`, `fill_color=FILL`, up to
+    ToTensor: timm's `ResizeKeepRatio(LONGEST, longest=1)` (each side `round(side / ratio)`,
+    ratio the larger of height and width over LONGEST), `CenterCropOrPad(LONGEST, fill=FILL)`
+    (torchvision's `F.pad` of a PIL image: `ImageOps.expand` with the fill repeated per band,
+    the palette put back on a `P` image; then a rounded crop), then `convert("RGB")`."""
+    w, h = img.size
+    ratio = max(h / LONGEST, w / LONGEST) * 1.0 + min(h / LONGEST, w / LONGEST) * (1.0 - 1.0)
+    nh, nw = [round(x * 1.0 / ratio) for x in (h, w)]
+    img = img.resize((nw, nh), Image.BICUBIC)
+    if LONGEST > nw or LONGEST > nh:
+        ltrb = (
+            (LONGEST - nw) // 2 if LONGEST > nw else 0,
+            (LONGEST - nh) // 2 if LONGEST > nh else 0,
+            (LONGEST - nw + 1) // 2 if LONGEST > nw else 0,
+            (LONGEST - nh + 1) // 2 if LONGEST > nh else 0,
+        )
+        bands = len(img.getbands())
+        fill = FILL if bands == 1 else (FILL,) * bands
+        palette = img.getpalette() if img.mode == "P" else None
+        img = ImageOps.expand(img, border=ltrb, fill=fill)
+        if palette is not None:
+            img.putpalette(palette)
+        nw, nh = img.size
+    left, top = int(round((nw - LONGEST) / 2.0)), int(round((nh - LONGEST) / 2.0))
+    return img.crop((left, top, left + LONGEST, top + LONGEST)).convert("RGB")
 
 
 def transformers_transform(img):
@@ -95,6 +131,8 @@ def write(out):
     rng = np.random.default_rng(SEED)
     a8, a16 = content(rng)
     rgb = Image.fromarray(a8[..., :3], "RGB")
+    # Every gray level, so Pillow's GIF writer keeps its 256-entry gray-ramp palette.
+    every_level = ((np.arange(W * H).reshape(H, W) * 7) % 256).astype(np.uint8)
     writers = {
         "rgb8.png": lambda p: rgb.save(p),
         "rgba8.png": lambda p: Image.fromarray(a8, "RGBA").save(p),
@@ -111,10 +149,13 @@ def write(out):
         "bilevel.png": lambda p: Image.fromarray(a8[..., 0] > 128).save(p),
         "palette.gif": lambda p: rgb.save(p),
         "gray.gif": lambda p: Image.fromarray(a8[..., 0], "L").save(p),
+        "gray-ramp.gif": lambda p: Image.fromarray(every_level, "L").save(p),
         "rgb.bmp": lambda p: rgb.save(p),
         "palette.bmp": lambda p: rgb.quantize(64).save(p),
         "gray.bmp": lambda p: Image.fromarray(a8[..., 0], "L").save(p),
         "bilevel.bmp": lambda p: Image.fromarray(a8[..., 1] > 128).save(p),
+        "tall-palette.png": lambda p: rgb.transpose(Image.Transpose.ROTATE_90).quantize(64).save(p),
+        "cmyk.jpg": lambda p: Image.fromarray(a8, "CMYK").save(p, quality=95),
     }
     cases = []
     for name, write_one in writers.items():
@@ -129,10 +170,14 @@ def write(out):
         opened.convert("RGBA").save(os.path.join(out, reference))
         open_clip_transform(opened).save(os.path.join(out, f"{name}.open_clip{SIZE}.png"))
         transformers_transform(opened).save(os.path.join(out, f"{name}.transformers{SIZE}.png"))
+        longest = f"{name}.open_clip_longest{LONGEST}.png"
+        open_clip_longest_transform(opened).save(os.path.join(out, longest))
         cases.append({"file": name, "rgba": reference, "mode": Image.open(path).mode,
                       "pillow": pillow, "open_clip": f"{name}.open_clip{SIZE}.png",
-                      "transformers": f"{name}.transformers{SIZE}.png"})
-    meta = {"pillow": Image.__version__, "libwebp": features.version("webp"), "cases": cases}
+                      "transformers": f"{name}.transformers{SIZE}.png",
+                      "open_clip_longest": longest})
+    meta = {"pillow": Image.__version__, "libwebp": features.version("webp"),
+            "longest": {"size": LONGEST, "fill_color": FILL}, "cases": cases}
     with open(os.path.join(out, "cases.json"), "w") as f:
         json.dump(meta, f, indent=1)
     total = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))

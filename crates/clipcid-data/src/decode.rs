@@ -14,7 +14,8 @@
 //! WebP, BMP, GIF) go to the `image` crate, whose pixels are Pillow's for 8-bit samples
 //! (lossy WebP included); 16-bit samples become their high byte, as Pillow reads them. Pillow
 //! also resizes the images it opens as palette or bilevel images by nearest neighbour, which
-//! matters to open_clip's transform: [`DecodedImage::indexed`] says which they are.
+//! matters to open_clip's transform, as do a palette's entries and a CMYK JPEG's CMYK values
+//! (open_clip resizes and pads before it converts to RGB): [`DecodedImage::mode`] keeps them.
 
 use std::cell::RefCell;
 
@@ -26,12 +27,12 @@ pub const MAX_DECODED_BYTES: u64 = 512 << 20;
 /// Which decoders make the pixels, for outputs that depend on them to record: `clipcid
 /// embed` keeps it in each shard's provenance, so shards decoded another way (by the `image`
 /// crate's JPEG decoder, before this one, or with YCCK JPEGs and JPEGs libjpeg warns about
-/// left to it, or 16-bit PNGs rounded, or palette images resized as photos) are not resumed
-/// into the same run.
+/// left to it, or 16-bit PNGs rounded, or palette images resized as photos, or CMYK JPEGs
+/// resized as RGB) are not resumed into the same run.
 pub const IMAGE_DECODER: &str =
     "JPEG (YCCK and warnings included) by libjpeg-turbo, as Pillow decodes it; \
-     other formats by the image crate, 16-bit samples to their high byte, palette and bilevel \
-     images resized as Pillow resizes them";
+     other formats by the image crate, 16-bit samples to their high byte; palette and bilevel \
+     images (Pillow's modes, a gray-ramp GIF as L) and CMYK JPEGs resized as Pillow resizes them";
 
 /// Decodes an encoded image (JPEG, PNG, WebP, BMP, GIF) into the pixels Pillow gives (module
 /// doc; a 16-bit grayscale PNG is the one exception, its high byte where Pillow clips). A
@@ -56,50 +57,75 @@ pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage, String> {
 }
 
 /// An image as [`decode_image`] gives it, with what else of Pillow's reading of it changes
-/// pixels downstream.
+/// pixels downstream ([`DecodedImage::mode`]).
 #[derive(Debug, Clone)]
 pub struct DecodedImage {
     /// The pixels: a palette expanded to RGB (RGBA where an entry is transparent), 16-bit
-    /// samples to their high byte, as Pillow reads them.
+    /// samples to their high byte, CMYK converted to RGB, as Pillow's `convert` gives them.
     pub image: DynamicImage,
-    /// Whether Pillow opens it as a palette (`P`) or bilevel (`1`) image: a palette PNG, a
-    /// 1-bit grayscale PNG, a GIF, a BMP of 8 bits or fewer with a palette that is not gray
-    /// levels in order (or of two entries). `Image.resize` resizes those by nearest neighbour
-    /// whatever filter is asked, and open_clip's transform resizes before it converts to
-    /// RGB ([`crate::Preprocess::resize_and_crop_decoded`]).
-    pub indexed: bool,
+    /// How Pillow holds the image before it converts it to RGB, where that is not `image`
+    /// itself: a transform that resizes or pads before it converts (open_clip's) works on
+    /// those values ([`crate::Preprocess::resize_and_crop_decoded`]).
+    pub mode: PillowMode,
+}
+
+/// How Pillow opens an image, as far as it changes pixels that are resized or padded before
+/// the conversion to RGB (open_clip's transform does both before `convert("RGB")`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum PillowMode {
+    /// `RGB`, `RGBA`, `L`, `LA` (16-bit samples read as 8): what [`DecodedImage::image`]
+    /// holds.
+    #[default]
+    Direct,
+    /// `P`, a palette image (a palette PNG, a GIF whose palette is not the gray ramp, a BMP
+    /// of 8 bits or fewer whose palette is not gray levels in order): its palette's RGB
+    /// entries. `Image.resize` resizes it by nearest neighbour whatever filter is asked, and
+    /// padding fills palette indices (an index past the palette is black).
+    Palette(Vec<[u8; 3]>),
+    /// `1`, a bilevel image (a 1-bit grayscale PNG, a BMP with the palette black, white):
+    /// resized by nearest neighbour; padding with any value but 0 is white.
+    Bilevel,
+    /// `CMYK` (a CMYK or YCCK JPEG): its C, M, Y, K values as Pillow holds them, four a
+    /// pixel, row by row. Resized in CMYK, the conversion to RGB after it gives other pixels
+    /// than the RGB image resized (up to 14 levels on a 21 x 17 photo at 16 px).
+    Cmyk(Vec<u8>),
+}
+
+impl DecodedImage {
+    /// Whether Pillow opens it as a palette (`P`) or bilevel (`1`) image, which
+    /// `Image.resize` resizes by nearest neighbour whatever filter is asked.
+    pub fn indexed(&self) -> bool {
+        matches!(self.mode, PillowMode::Palette(_) | PillowMode::Bilevel)
+    }
 }
 
 impl From<DynamicImage> for DecodedImage {
-    /// An image made in memory (rendered, drawn on): not a palette image.
+    /// An image made in memory (rendered, drawn on): held as it is ([`PillowMode::Direct`]).
     fn from(image: DynamicImage) -> Self {
         Self {
             image,
-            indexed: false,
+            mode: PillowMode::Direct,
         }
     }
 }
 
-/// [`decode_image`], with whether Pillow opens the image as a palette or bilevel image
-/// ([`DecodedImage::indexed`]).
+/// [`decode_image`], with how Pillow holds the image before converting it to RGB
+/// ([`DecodedImage::mode`]: its palette, bilevel or CMYK values).
 ///
 /// ```
 /// let mut bytes = Vec::new();
 /// image::GrayImage::from_pixel(4, 2, image::Luma([90]))
 ///     .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
 /// let decoded = clipcid_data::decode_image_with_mode(&bytes)?;
-/// assert!(!decoded.indexed);
+/// assert_eq!(decoded.mode, clipcid_data::PillowMode::Direct);
 /// assert_eq!(decoded.image.to_rgb8().get_pixel(3, 1).0, [90, 90, 90]);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn decode_image_with_mode(bytes: &[u8]) -> Result<DecodedImage, String> {
     check_jpeg_complete(bytes)?;
     if is_jpeg(bytes) {
-        if let Some(image) = decode_jpeg(bytes)? {
-            return Ok(DecodedImage {
-                image,
-                indexed: false,
-            });
+        if let Some(decoded) = decode_jpeg(bytes)? {
+            return Ok(decoded);
         }
     }
     let img = image::load_from_memory(bytes).map_err(|e| format!("cannot decode image: {e}"))?;
@@ -108,7 +134,7 @@ pub fn decode_image_with_mode(bytes: &[u8]) -> Result<DecodedImage, String> {
     }
     Ok(DecodedImage {
         image: high_bytes(img)?,
-        indexed: pillow_indexed(bytes),
+        mode: pillow_mode(bytes),
     })
 }
 
@@ -138,10 +164,10 @@ fn high_bytes(img: DynamicImage) -> Result<DynamicImage, String> {
     })
 }
 
-/// Whether Pillow opens these bytes (already decoded) in mode `P` or `1`: read from the PNG,
-/// GIF or BMP header by Pillow's own rules (`PngImagePlugin`, `GifImagePlugin`,
-/// `BmpImagePlugin`); no other format has either mode.
-fn pillow_indexed(bytes: &[u8]) -> bool {
+/// Pillow's mode for these bytes (already decoded) where it is `P` or `1`: read from the
+/// PNG, GIF or BMP header by Pillow's own rules (`PngImagePlugin`, `GifImagePlugin`,
+/// `BmpImagePlugin`), with the palette Pillow keeps; no other format has either mode.
+fn pillow_mode(bytes: &[u8]) -> PillowMode {
     let u16_le = |at: usize| {
         bytes
             .get(at..at + 2)
@@ -153,20 +179,20 @@ fn pillow_indexed(bytes: &[u8]) -> bool {
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     };
     if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
-        // IHDR comes first: bit depth at 24, colour type at 25. Palette (3) is `P`; 1-bit
-        // grayscale (0) is `1`.
-        return matches!(
-            (bytes.get(24), bytes.get(25)),
-            (_, Some(3)) | (Some(1), Some(0))
-        );
+        // IHDR comes first: bit depth at 24, colour type at 25. Palette (3) is `P`, with the
+        // PLTE chunk's entries; 1-bit grayscale (0) is `1`.
+        return match (bytes.get(24), bytes.get(25)) {
+            (_, Some(3)) => PillowMode::Palette(png_palette(bytes)),
+            (Some(1), Some(0)) => PillowMode::Bilevel,
+            _ => PillowMode::Direct,
+        };
     }
     if bytes.starts_with(b"GIF8") {
-        // `P` where the first frame has a colour table, global or its own; `L` otherwise.
-        return gif_first_frame_has_palette(bytes);
+        return gif_first_frame_palette(bytes).map_or(PillowMode::Direct, PillowMode::Palette);
     }
     if bytes.starts_with(b"BM") {
         let Some(header) = u32_le(14) else {
-            return false;
+            return PillowMode::Direct;
         };
         let (bits, colors, entry) = if header == 12 {
             (u16_le(24), None, 3)
@@ -174,37 +200,87 @@ fn pillow_indexed(bytes: &[u8]) -> bool {
             (u16_le(28), u32_le(46), 4)
         };
         let Some(bits) = bits.filter(|&b| b <= 8) else {
-            return false;
+            return PillowMode::Direct;
         };
         let colors = match colors {
             Some(c) if c > 0 => c as usize,
             _ => 1 << bits,
         };
+        // Entries are blue, green, red (and a padding byte in the newer headers).
+        let start = 14 + header as usize;
+        let palette: Vec<[u8; 3]> = (0..colors.min(256))
+            .map_while(|i| {
+                let at = start + i * entry;
+                bytes.get(at..at + 3).map(|e| [e[2], e[1], e[0]])
+            })
+            .collect();
         // Pillow drops a palette of gray levels in order (0 and 255 for two entries): `1`
         // for up to two entries, `L` above; any other palette is `P`.
-        let start = 14 + header as usize;
-        let gray = (0..colors).all(|i| {
-            let level = if colors == 2 { [0u8, 255][i] } else { i as u8 };
-            let at = start + i * entry;
-            i < 256 && bytes.get(at..at + 3) == Some(&[level; 3][..])
-        });
-        return !gray || colors <= 2;
+        let gray = colors <= 256
+            && palette.len() == colors
+            && palette.iter().enumerate().all(|(i, e)| {
+                let level = if colors == 2 { [0u8, 255][i] } else { i as u8 };
+                *e == [level; 3]
+            });
+        return match (gray, colors <= 2) {
+            (true, true) => PillowMode::Bilevel,
+            (true, false) => PillowMode::Direct,
+            (false, _) => PillowMode::Palette(palette),
+        };
     }
-    false
+    PillowMode::Direct
 }
 
-/// Whether a GIF's first frame has a colour table: the global one (flag in the screen
-/// descriptor), or its own (flag in its image descriptor, after any extension blocks).
-fn gif_first_frame_has_palette(bytes: &[u8]) -> bool {
-    let table = |packed: u8| packed & 0x80 != 0;
-    let Some(&screen) = bytes.get(10) else {
-        return false;
-    };
-    if table(screen) {
-        return true;
+/// A PNG's palette: the entries of its PLTE chunk (empty where it has none).
+fn png_palette(bytes: &[u8]) -> Vec<[u8; 3]> {
+    // Chunks after the 8-byte signature: length (big-endian), type, data, CRC.
+    let mut at = 8;
+    while let Some(head) = bytes.get(at..at + 8) {
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let data = at + 8;
+        match &head[4..8] {
+            b"PLTE" => {
+                let end = data.saturating_add(len).min(bytes.len());
+                return palette_entries(bytes.get(data..end).unwrap_or_default());
+            }
+            b"IDAT" | b"IEND" => break,
+            _ => at = data.saturating_add(len).saturating_add(4),
+        }
     }
-    // No global table: the blocks start right after the 13-byte header and screen descriptor.
+    Vec::new()
+}
+
+/// RGB triples (at most 256; a trailing part of one dropped).
+fn palette_entries(table: &[u8]) -> Vec<[u8; 3]> {
+    table
+        .chunks_exact(3)
+        .take(256)
+        .map(|e| [e[0], e[1], e[2]])
+        .collect()
+}
+
+/// The palette Pillow gives a GIF's first frame: its own colour table (flag in its image
+/// descriptor, after any extension blocks) or else the global one (flag in the screen
+/// descriptor). `None` (Pillow's mode `L`) where there is neither, or where that table is the
+/// gray ramp (entry `i` is `(i, i, i)`: Pillow's `_is_palette_needed`).
+fn gif_first_frame_palette(bytes: &[u8]) -> Option<Vec<[u8; 3]>> {
+    // A table's flag and size (3 << (bits + 1) bytes) are in one packed byte.
+    let table_len = |packed: u8| (packed & 0x80 != 0).then(|| 3usize << ((packed & 7) + 1));
+    let needed = |table: &[u8]| -> Option<Vec<[u8; 3]>> {
+        let entries = palette_entries(table);
+        let ramp = entries.iter().enumerate().all(|(i, e)| *e == [i as u8; 3]);
+        (!ramp).then_some(entries)
+    };
+    let screen = *bytes.get(10)?;
     let mut at = 13;
+    let global = match table_len(screen) {
+        Some(len) => {
+            let table = bytes.get(at..(at + len).min(bytes.len()))?;
+            at += len;
+            needed(table)
+        }
+        None => None,
+    };
     loop {
         match bytes.get(at) {
             Some(0x21) => {
@@ -217,8 +293,17 @@ fn gif_first_frame_has_palette(bytes: &[u8]) -> bool {
                     }
                 }
             }
-            Some(0x2C) => return bytes.get(at + 9).is_some_and(|&p| table(p)),
-            _ => return false,
+            Some(0x2C) => {
+                let packed = *bytes.get(at + 9)?;
+                return match table_len(packed) {
+                    Some(len) => {
+                        let start = at + 10;
+                        needed(bytes.get(start..(start + len).min(bytes.len()))?)
+                    }
+                    None => global,
+                };
+            }
+            _ => return global,
         }
     }
 }
@@ -234,8 +319,9 @@ thread_local! {
 
 /// A JPEG through libjpeg-turbo: `Ok(None)` where TurboJPEG cannot give Pillow's pixels (its
 /// header reader or decoder fails on the stream), for the `image` crate to try; an error for
-/// an image too large to decode.
-fn decode_jpeg(bytes: &[u8]) -> Result<Option<DynamicImage>, String> {
+/// an image too large to decode. A CMYK or YCCK JPEG keeps its CMYK values
+/// ([`PillowMode::Cmyk`]).
+fn decode_jpeg(bytes: &[u8]) -> Result<Option<DecodedImage>, String> {
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
@@ -270,10 +356,19 @@ fn decode_jpeg(bytes: &[u8]) -> Result<Option<DynamicImage>, String> {
             return Ok(None);
         }
         let (w, h) = (width as u32, height as u32);
+        let direct = |image: Option<DynamicImage>| image.map(DecodedImage::from);
         Ok(match channels {
-            1 => GrayImage::from_raw(w, h, pixels).map(DynamicImage::ImageLuma8),
-            3 => RgbImage::from_raw(w, h, pixels).map(DynamicImage::ImageRgb8),
-            _ => RgbImage::from_raw(w, h, pillow_cmyk_to_rgb(&pixels)).map(DynamicImage::ImageRgb8),
+            1 => direct(GrayImage::from_raw(w, h, pixels).map(DynamicImage::ImageLuma8)),
+            3 => direct(RgbImage::from_raw(w, h, pixels).map(DynamicImage::ImageRgb8)),
+            _ => {
+                // Pillow reads CMYK JPEG values as inverted ("CMYK;I", Adobe's convention,
+                // which Pillow also writes).
+                let cmyk: Vec<u8> = pixels.iter().map(|&v| 255 - v).collect();
+                RgbImage::from_raw(w, h, pillow_cmyk_to_rgb(&cmyk)).map(|rgb| DecodedImage {
+                    image: DynamicImage::ImageRgb8(rgb),
+                    mode: PillowMode::Cmyk(cmyk),
+                })
+            }
         })
     })
 }
@@ -445,18 +540,16 @@ mod turbo {
     }
 }
 
-/// A CMYK JPEG's stored values as RGB, as Pillow computes them: it reads CMYK JPEG values as
-/// inverted ("CMYK;I", Adobe's convention, which Pillow also writes), and `convert("RGB")`
-/// takes each channel to `(255 - k) - (255 - k) c / 255`, rounded as its `MULDIV255`.
-fn pillow_cmyk_to_rgb(stored: &[u8]) -> Vec<u8> {
+/// CMYK values (as Pillow holds them) as RGB, as Pillow's `convert("RGB")` computes them:
+/// each channel to `(255 - k) - (255 - k) c / 255`, rounded as its `MULDIV255`.
+pub(crate) fn pillow_cmyk_to_rgb(cmyk: &[u8]) -> Vec<u8> {
     let muldiv255 = |a: u32, b: u32| {
         let t = a * b + 128;
         ((t >> 8) + t) >> 8
     };
-    stored
-        .chunks_exact(4)
+    cmyk.chunks_exact(4)
         .flat_map(|px| {
-            let [c, m, y, k] = [px[0], px[1], px[2], px[3]].map(|v| u32::from(255 - v));
+            let [c, m, y, k] = [px[0], px[1], px[2], px[3]].map(u32::from);
             let nk = 255 - k;
             [c, m, y].map(|v| (nk - muldiv255(v, nk)) as u8)
         })

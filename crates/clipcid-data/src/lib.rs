@@ -42,7 +42,8 @@ pub use batch::{decode_batch, Batch, BatchIter, Skipped};
 pub use clip_benchmark::ClipBenchmarkSet;
 pub use dataset::{Dataset, Sample, SampleStream, Source, IMAGE_EXTENSIONS};
 pub use decode::{
-    decode_image, decode_image_with_mode, DecodedImage, IMAGE_DECODER, MAX_DECODED_BYTES,
+    decode_image, decode_image_with_mode, DecodedImage, PillowMode, IMAGE_DECODER,
+    MAX_DECODED_BYTES,
 };
 pub use error::DataError;
 pub use index::SampleIndex;

@@ -12,8 +12,8 @@ use std::path::Path;
 
 use image::{DynamicImage, RgbImage};
 
-use crate::resample::{pil_resize_rgba_window, pil_resize_window, Resample, Window};
-use crate::DataError;
+use crate::resample::{pil_resize_rgba_window, pil_resize_window, resize_window, Resample, Window};
+use crate::{DataError, PillowMode};
 
 /// OpenAI CLIP's per-channel mean (RGB).
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
@@ -39,11 +39,28 @@ pub enum AlphaRule {
     /// bit for bit).
     OverWhite,
     /// open_clip's `_convert_to_rgb` (`image.convert("RGB")`): the alpha channel dropped, the
-    /// colour under transparent pixels kept.
+    /// colour under transparent pixels kept. open_clip converts after the resize and the
+    /// crop, so under this rule what is resized and padded is the image as Pillow holds it
+    /// ([`Preprocess::resize_and_crop_decoded`]: RGBA premultiplied, palettes by nearest
+    /// neighbour, CMYK values).
     Drop,
 }
 
 /// How the image is resized before the crop.
+///
+/// ```
+/// use clipcid_data::{Preprocess, Resize};
+/// // open_clip's `resize_mode: "longest"`: an 8 x 4 white image becomes 4 x 2, letterboxed
+/// // in rows of `fill_color`.
+/// let cfg = serde_json::json!({"resize_mode": "longest", "fill_color": 128});
+/// let p = Preprocess::from_open_clip_preprocess_cfg(&cfg, 4)?;
+/// assert_eq!(p.resize, Resize::LongestEdge(4));
+/// let white = image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(8, 4, image::Rgb([255; 3])));
+/// let rgb = p.resize_and_crop(&white);
+/// let column: Vec<u8> = (0..4).map(|y| rgb.get_pixel(0, y).0[0]).collect();
+/// assert_eq!(column, [128, 255, 255, 128]);
+/// # Ok::<(), String>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resize {
     /// Shorter side to this length, the longer one to `int(len * long / short)`, as
@@ -57,6 +74,11 @@ pub enum Resize {
         /// Output width.
         width: usize,
     },
+    /// Longer side to this length, the shorter one to `round(len * short / long)` (ties to
+    /// even, at least 1), then centred in padding of [`Preprocess::pad_fill`]: open_clip's
+    /// `resize_mode: "longest"` (timm's `ResizeKeepRatio(longest=1)`, then
+    /// `CenterCropOrPad`). The whole image is kept, letterboxed.
+    LongestEdge(usize),
 }
 
 /// Which family's preprocessing a model gets ([`Preprocess::for_model`]).
@@ -119,6 +141,14 @@ pub struct Preprocess {
     pub crop: CropRule,
     /// What happens to transparency.
     pub alpha: AlphaRule,
+    /// The value padding takes where the resized image is smaller than the crop (open_clip's
+    /// `fill_color`; 0 unless a config sets it). Under [`AlphaRule::Drop`] (open_clip's
+    /// transform, which pads before it converts to RGB) it is a value of the image's own
+    /// mode ([`crate::PillowMode`]): gray level `pad_fill` for RGB and gray images, palette
+    /// entry `pad_fill` of a palette image (black past the palette's end), white for a
+    /// bilevel image unless 0, CMYK `(pad_fill; 4)` for a CMYK JPEG (white for 0).
+    /// Otherwise it is the gray `(pad_fill, pad_fill, pad_fill)`.
+    pub pad_fill: u8,
     /// Per-channel mean subtracted after scaling to [0, 1].
     pub mean: [f32; 3],
     /// Per-channel standard deviation divided by.
@@ -143,6 +173,7 @@ impl Preprocess {
             resample: Resample::Bicubic,
             crop: CropRule::Floor,
             alpha: AlphaRule::OverWhite,
+            pad_fill: 0,
             mean: CLIP_MEAN,
             std: CLIP_STD,
         }
@@ -213,7 +244,24 @@ impl Preprocess {
                 ))),
             }
         };
-        if flag("do_resize") {
+        // `{"longest_edge": n}`: what clipcid writes for open_clip's `resize_mode:
+        // "longest"` (transformers' CLIPImageProcessor refuses it rather than resizing
+        // another way), with its `fill_color`.
+        let longest = v
+            .get("size")
+            .and_then(|s| s.get("longest_edge"))
+            .filter(|_| v["size"].get("shortest_edge").is_none());
+        if let Some(n) = longest {
+            let n = n.as_u64().filter(|&n| n > 0).ok_or_else(|| {
+                bad(format!(
+                    "`size.longest_edge` must be a positive number, not {n}"
+                ))
+            })?;
+            p.resize = Resize::LongestEdge(n as usize);
+            if let Some(f) = v.get("fill_color").filter(|x| !x.is_null()) {
+                p.pad_fill = fill_color(f).map_err(|e| bad(format!("`fill_color`: {e}")))?;
+            }
+        } else if flag("do_resize") {
             p.resize = match size("size")? {
                 Some((Some(n), _, _)) => Resize::ShortestEdge(n),
                 Some((None, height, width)) => Resize::Exact { height, width },
@@ -229,6 +277,7 @@ impl Preprocess {
         } else {
             match p.resize {
                 Resize::Exact { height, width } => (height, width),
+                Resize::LongestEdge(n) => (n, n),
                 Resize::ShortestEdge(_) => {
                     return Err(bad("`do_center_crop: false` with a `shortest_edge` size gives non-square inputs; not supported".into()))
                 }
@@ -245,8 +294,9 @@ impl Preprocess {
 
     /// Reads open_clip's preprocessing from an `open_clip_config.json` (its
     /// `preprocess_cfg`) or from a bare `preprocess_cfg` object: `size`, `mean`, `std`,
-    /// `interpolation` (`bicubic`, `bilinear`), `resize_mode` (`shortest`, `squash`); omitted
-    /// fields take open_clip's defaults. A config without `preprocess_cfg` gives
+    /// `interpolation` (`bicubic`, `bilinear`, `nearest`, `lanczos`), `resize_mode`
+    /// (`shortest`, `squash`, `longest`), `fill_color` (0-255); omitted fields take
+    /// open_clip's defaults. A config without `preprocess_cfg` gives
     /// [`Preprocess::open_clip`].
     pub fn from_open_clip_config(path: &Path, image_size: usize) -> Result<Self, DataError> {
         let bad = |msg: String| DataError::format(path, msg);
@@ -315,11 +365,15 @@ impl Preprocess {
                     width: image_size,
                 }
             }
+            Some("longest") => p.resize = Resize::LongestEdge(image_size),
             Some(other) => {
                 return Err(format!(
-                    "preprocess_cfg resize_mode `{other}` is not supported (shortest, squash)"
-                ))
+                "preprocess_cfg resize_mode `{other}` is not supported (shortest, squash, longest)"
+            ))
             }
+        }
+        if let Some(f) = field("fill_color") {
+            p.pad_fill = fill_color(f).map_err(|e| format!("preprocess_cfg fill_color: {e}"))?;
         }
         if let Some(mode) = field("mode").and_then(|m| m.as_str()) {
             if mode != "RGB" {
@@ -384,15 +438,19 @@ impl Preprocess {
     /// This preprocessing as a `transformers` `preprocessor_config.json` (a
     /// `CLIPImageProcessor`), for model folders clipcid writes. Only the floor crop rule can
     /// be expressed there; a [`CropRule::Round`] preprocessing is written with the floor rule
-    /// and differs by at most a one-pixel shift on odd margins.
+    /// and differs by at most a one-pixel shift on odd margins. [`Resize::LongestEdge`] is
+    /// written as `{"longest_edge": n}` with its `fill_color`: clipcid reads it back, and
+    /// `transformers`' `CLIPImageProcessor` refuses it (it has no such resize) rather than
+    /// preprocessing another way.
     pub fn to_hf_preprocessor_config(&self) -> serde_json::Value {
         let size = match self.resize {
             Resize::ShortestEdge(n) => serde_json::json!({"shortest_edge": n}),
             Resize::Exact { height, width } => {
                 serde_json::json!({"height": height, "width": width})
             }
+            Resize::LongestEdge(n) => serde_json::json!({"longest_edge": n}),
         };
-        serde_json::json!({
+        let mut cfg = serde_json::json!({
             "image_processor_type": "CLIPImageProcessor",
             "processor_class": "CLIPProcessor",
             "do_resize": true,
@@ -406,7 +464,11 @@ impl Preprocess {
             "image_mean": self.mean,
             "image_std": self.std,
             "do_convert_rgb": true,
-        })
+        });
+        if let Resize::LongestEdge(_) = self.resize {
+            cfg["fill_color"] = self.pad_fill.into();
+        }
+        cfg
     }
 
     /// Writes [`Preprocess::to_hf_preprocessor_config`] to `dir/preprocessor_config.json`
@@ -425,6 +487,7 @@ impl Preprocess {
         let resize_mode = match self.resize {
             Resize::ShortestEdge(_) => "shortest",
             Resize::Exact { .. } => "squash",
+            Resize::LongestEdge(_) => "longest",
         };
         serde_json::json!({
             "size": self.image_size,
@@ -433,7 +496,7 @@ impl Preprocess {
             "std": self.std,
             "interpolation": self.resample.name(),
             "resize_mode": resize_mode,
-            "fill_color": 0,
+            "fill_color": self.pad_fill,
         })
     }
 
@@ -497,6 +560,15 @@ impl Preprocess {
                     (new_long, s as u32)
                 }
             }
+            Resize::LongestEdge(s) => {
+                // timm's ResizeKeepRatio (longest=1): ratio = max(h / s, w / s), each side
+                // round(side / ratio) in Python's float arithmetic (ties to even). A side of 0
+                // (an image over `s` times longer than wide), which Pillow refuses, is 1.
+                let s = s as f64;
+                let ratio = (f64::from(h) / s).max(f64::from(w) / s);
+                let side = |x: u32| ((f64::from(x) / ratio).round_ties_even() as u32).max(1);
+                (side(w), side(h))
+            }
         }
     }
 
@@ -505,35 +577,37 @@ impl Preprocess {
     /// ([`crate::pil_resize_window`]: the same pixels as resizing everything, with the time
     /// and memory of the crop).
     pub fn resize_and_crop(&self, img: &DynamicImage) -> RgbImage {
-        self.crop_of(img, false)
+        self.crop_of(img, &PillowMode::Direct)
     }
 
-    /// [`Preprocess::resize_and_crop`] of a decoded image, which knows whether Pillow opens it
-    /// as a palette or bilevel image ([`crate::DecodedImage::indexed`]): Pillow resizes
-    /// those by nearest neighbour whatever filter is asked, so where the transform resizes
-    /// before it converts to RGB (open_clip's, [`AlphaRule::Drop`]) a GIF or palette PNG is
-    /// resized by nearest neighbour, and converted (alpha dropped) after. `transformers`
-    /// converts to RGB first, so its preprocessing resizes them with its filter.
+    /// [`Preprocess::resize_and_crop`] of a decoded image, which knows how Pillow holds it
+    /// ([`crate::DecodedImage::mode`]). Where the transform resizes and pads before it
+    /// converts to RGB (open_clip's, [`AlphaRule::Drop`]), that is what it resizes: Pillow
+    /// resizes palette and bilevel images by nearest neighbour whatever filter is asked (a
+    /// GIF or palette PNG is resized by nearest neighbour, and converted, alpha dropped,
+    /// after), resizes a CMYK JPEG's CMYK values (converted after), and pads with a value of
+    /// that mode ([`Preprocess::pad_fill`]). `transformers` converts to RGB first, so its
+    /// preprocessing resizes them all as RGB with its filter.
     ///
     /// ```
-    /// use clipcid_data::{DecodedImage, Preprocess};
+    /// use clipcid_data::{DecodedImage, PillowMode, Preprocess};
     /// // Two colours in stripes one pixel wide, halved: nearest neighbour keeps one colour.
     /// let stripes = image::RgbImage::from_fn(8, 8, |x, _| {
     ///     image::Rgb([255 * (x % 2) as u8; 3])
     /// });
     /// let image = image::DynamicImage::ImageRgb8(stripes);
-    /// let palette = DecodedImage { image: image.clone(), indexed: true };
+    /// let palette = DecodedImage { image: image.clone(), mode: PillowMode::Bilevel };
     /// let open_clip = Preprocess::open_clip(4).resize_and_crop_decoded(&palette);
     /// assert!(open_clip.pixels().all(|p| p.0 == open_clip.get_pixel(0, 0).0));
     /// let photo = Preprocess::open_clip(4).resize_and_crop(&image);
     /// assert!(photo.pixels().all(|p| p.0[0] > 0 && p.0[0] < 255));
     /// ```
     pub fn resize_and_crop_decoded(&self, img: &crate::DecodedImage) -> RgbImage {
-        self.crop_of(&img.image, img.indexed)
+        self.crop_of(&img.image, &img.mode)
     }
 
-    /// The resized, cropped image; `indexed`: Pillow would open it in mode `P` or `1`.
-    fn crop_of(&self, img: &DynamicImage, indexed: bool) -> RgbImage {
+    /// The resized, cropped image; `mode`: how Pillow holds it before converting to RGB.
+    fn crop_of(&self, img: &DynamicImage, mode: &PillowMode) -> RgbImage {
         let s = self.image_size as u32;
         let (nw, nh) = self.resized_size(img.width(), img.height());
         let (nw, nh) = (nw.max(1), nh.max(1));
@@ -559,11 +633,25 @@ impl Preprocess {
             width: nw.min(s) as usize,
             height: nh.min(s) as usize,
         };
-        let part = if indexed && self.alpha == AlphaRule::Drop {
+        let (w, h) = (img.width(), img.height());
+        let before_rgb = self.alpha == AlphaRule::Drop;
+        let cmyk = match mode {
+            // A CMYK buffer that is not this image's (made by hand) is not used.
+            PillowMode::Cmyk(c) if before_rgb && c.len() == w as usize * h as usize * 4 => Some(c),
+            _ => None,
+        };
+        let part = if let Some(cmyk) = cmyk {
+            // open_clip resizes Pillow's CMYK image (four channels, nothing premultiplied)
+            // and converts to RGB only after the crop; the conversion is not linear.
+            let window = crate::resample::clamp(window, nw, nh);
+            let part = resize_window(cmyk, 4, (w, h), (nw, nh), self.resample, window);
+            let rgb = crate::decode::pillow_cmyk_to_rgb(&part);
+            RgbImage::from_raw(window.width as u32, window.height as u32, rgb).unwrap_or_default()
+        } else if before_rgb && matches!(mode, PillowMode::Palette(_) | PillowMode::Bilevel) {
             // Pillow's `resize` of a `P` or `1` image is nearest neighbour, and open_clip
             // converts to RGB (dropping a transparent entry's alpha) only after the crop.
             pil_resize_window(&img.to_rgb8(), (nw, nh), Resample::Nearest, window)
-        } else if self.alpha == AlphaRule::Drop && img.color().has_alpha() {
+        } else if before_rgb && img.color().has_alpha() {
             // open_clip resizes the RGBA image (Pillow premultiplies alpha) and drops alpha
             // after the crop.
             let rgba = pil_resize_rgba_window(&img.to_rgba8(), (nw, nh), self.resample, window);
@@ -574,11 +662,29 @@ impl Preprocess {
         if left >= 0 && top >= 0 {
             return part;
         }
-        // Paste the (smaller) resized image into black padding.
+        // Paste the (smaller) resized image into the padding.
         let (px, py) = ((-left).max(0) as u32, (-top).max(0) as u32);
-        let mut out = RgbImage::new(s, s);
+        let mut out = RgbImage::from_pixel(s, s, image::Rgb(self.pad_colour(mode)));
         image::imageops::replace(&mut out, &part, i64::from(px), i64::from(py));
         out
+    }
+
+    /// The padding's colour in RGB: [`Preprocess::pad_fill`] in the image's mode where the
+    /// transform pads before it converts (open_clip's), else a gray.
+    fn pad_colour(&self, mode: &PillowMode) -> [u8; 3] {
+        let f = self.pad_fill;
+        if self.alpha != AlphaRule::Drop {
+            return [f; 3];
+        }
+        match mode {
+            PillowMode::Direct => [f; 3],
+            PillowMode::Palette(entries) => entries.get(usize::from(f)).copied().unwrap_or([0; 3]),
+            PillowMode::Bilevel => [if f == 0 { 0 } else { 255 }; 3],
+            PillowMode::Cmyk(_) => {
+                let rgb = crate::decode::pillow_cmyk_to_rgb(&[f; 4]);
+                [rgb[0], rgb[1], rgb[2]]
+            }
+        }
     }
 
     /// How many values an image becomes: `3 * image_size * image_size`.
@@ -695,6 +801,13 @@ fn three(v: &serde_json::Value) -> Result<[f32; 3], String> {
         return Err(format!("expected finite numbers, not {v}"));
     }
     Ok(a)
+}
+
+/// open_clip's `fill_color`: an integer 0-255 (a gray level, or a palette index).
+fn fill_color(v: &serde_json::Value) -> Result<u8, String> {
+    v.as_u64()
+        .and_then(|f| u8::try_from(f).ok())
+        .ok_or_else(|| format!("expected an integer from 0 to 255, not {v}"))
 }
 
 /// Three positive numbers (a standard deviation) from a JSON array.

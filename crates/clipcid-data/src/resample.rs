@@ -330,7 +330,7 @@ pub fn pil_resize_rgba_window(
 }
 
 /// `window` clipped to a `width` x `height` image.
-fn clamp(window: Window, width: u32, height: u32) -> Window {
+pub(crate) fn clamp(window: Window, width: u32, height: u32) -> Window {
     let (width, height) = (width as usize, height as usize);
     let x = window.x.min(width);
     let y = window.y.min(height);
@@ -372,7 +372,7 @@ impl Window {
 /// source pixels under them, so the window equals the full resize cropped, bit for bit, while
 /// memory and time scale with the window (a 1 x 1,500,000 PNG is not resized to 224 x
 /// 336,000,000 to keep 224 x 224 of it).
-fn resize_window(
+pub(crate) fn resize_window(
     src: &[u8],
     ch: usize,
     (w, h): (u32, u32),

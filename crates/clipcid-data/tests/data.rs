@@ -149,12 +149,43 @@ fn preprocessing_configs_of_both_families_are_read() {
         Preprocess::from_open_clip_preprocess_cfg(&cfg, 32).unwrap(),
         squash
     );
-    let e = Preprocess::from_open_clip_preprocess_cfg(
-        &serde_json::json!({"resize_mode": "longest"}),
+    // `resize_mode: "longest"` with its `fill_color` reads back from both files clipcid
+    // writes (transformers has no such resize: `{"longest_edge": n}`, which it refuses).
+    let longest = Preprocess::from_open_clip_preprocess_cfg(
+        &serde_json::json!({"resize_mode": "longest", "fill_color": 128}),
         32,
     )
-    .unwrap_err();
-    assert!(e.contains("longest"), "{e}");
+    .unwrap();
+    assert_eq!(
+        (longest.resize, longest.pad_fill),
+        (clipcid_data::Resize::LongestEdge(32), 128)
+    );
+    let cfg = longest.to_open_clip_preprocess_cfg();
+    assert_eq!(
+        Preprocess::from_open_clip_preprocess_cfg(&cfg, 32).unwrap(),
+        longest
+    );
+    let as_hf = Preprocess {
+        resize: longest.resize,
+        pad_fill: longest.pad_fill,
+        ..Preprocess::transformers(32)
+    };
+    let hf_cfg = as_hf.to_hf_preprocessor_config();
+    assert_eq!(hf_cfg["size"], serde_json::json!({"longest_edge": 32}));
+    std::fs::write(&hf, hf_cfg.to_string()).unwrap();
+    assert_eq!(
+        Preprocess::from_hf_preprocessor_config(&hf, 32).unwrap(),
+        as_hf
+    );
+    std::fs::write(&hf, "{}").unwrap();
+    for (cfg, field) in [
+        (serde_json::json!({"resize_mode": "crop"}), "resize_mode"),
+        (serde_json::json!({"fill_color": 256}), "fill_color"),
+        (serde_json::json!({"fill_color": [0, 0, 0]}), "fill_color"),
+    ] {
+        let e = Preprocess::from_open_clip_preprocess_cfg(&cfg, 32).unwrap_err();
+        assert!(e.contains(field), "{e}");
+    }
 
     // for_model: the folder's files decide; a forced family reads its own file.
     use clipcid_data::{CropRule, PreprocessFamily};

@@ -2,16 +2,17 @@
 //! `decode_image` against Pillow on every format other than JPEG (`pillow_jpeg.rs` has
 //! those): PNG in 8 and 16 bits a sample (RGB, RGBA, grayscale with alpha, palettes with and
 //! without a transparent entry, 1-bit, 16-bit grayscale), WebP (lossy, lossy with alpha,
-//! lossless), GIF and BMP (with and without palettes), with Pillow's
-//! `Image.open(f).convert("RGBA")` of each and the 16 x 16 crops open_clip's and
-//! transformers' preprocessing make of it in Pillow, written by
+//! lossless), GIF and BMP (with and without palettes), and one CMYK JPEG for its
+//! preprocessing; with Pillow's `Image.open(f).convert("RGBA")` of each, the 16 x 16 crops
+//! open_clip's and transformers' preprocessing make of it in Pillow, and the 19 x 19 image of
+//! open_clip's `resize_mode: "longest"` with `fill_color` 3, written by
 //! `scripts/reference/formats_reference.py` (Pillow 13, libwebp 1.6). Pixels must agree bit
 //! for bit; the 16-bit grayscale case's reference is the high byte of each sample, not
 //! Pillow's (which clips every value over 255 to white).
 
 use std::path::Path;
 
-use clipcid_data::{decode_image, decode_image_with_mode, Preprocess};
+use clipcid_data::{decode_image, decode_image_with_mode, PillowMode, Preprocess, Resize};
 
 #[derive(serde::Deserialize)]
 struct Case {
@@ -21,19 +22,32 @@ struct Case {
     pillow: bool,
     open_clip: String,
     transformers: String,
+    open_clip_longest: String,
+}
+
+#[derive(serde::Deserialize)]
+struct Longest {
+    size: usize,
+    fill_color: u8,
 }
 
 #[derive(serde::Deserialize)]
 struct Cases {
+    longest: Longest,
     cases: Vec<Case>,
 }
 
 fn fixtures() -> (std::path::PathBuf, Vec<Case>) {
+    let (dir, cases) = fixture_set();
+    (dir, cases.cases)
+}
+
+fn fixture_set() -> (std::path::PathBuf, Cases) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pillow-formats");
     let cases: Cases =
         serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
-    assert_eq!(cases.cases.len(), 19);
-    (dir, cases.cases)
+    assert_eq!(cases.cases.len(), 22);
+    (dir, cases)
 }
 
 fn reference(dir: &Path, c: &Case) -> image::RgbaImage {
@@ -84,47 +98,65 @@ fn sixteen_bit_samples_become_their_high_byte_not_the_rounded_value() {
     assert!(img.pixels().any(|p| p.0[0] < 200), "a white reference");
 }
 
-/// Pillow opens palette PNGs, GIFs, 1-bit PNGs and BMPs with a colour palette in mode `P` or
-/// `1`, and a BMP with a palette of gray levels in `L`: `indexed` says which.
+/// Pillow opens palette PNGs, GIFs (unless their palette is the gray ramp), 1-bit PNGs and
+/// BMPs with a colour palette in mode `P` or `1`, a BMP with a palette of gray levels and a
+/// GIF with the gray ramp in `L`, a CMYK JPEG in `CMYK`: `mode` says which, with the CMYK
+/// values whose conversion is the decoded image.
 #[test]
-fn indexed_is_pillows_p_and_1_modes() {
+fn mode_is_pillows() {
     let (dir, cases) = fixtures();
     for c in &cases {
         let got = decode_image_with_mode(&std::fs::read(dir.join(&c.file)).unwrap()).unwrap();
-        assert_eq!(
-            got.indexed,
-            c.mode == "P" || c.mode == "1",
-            "{} ({})",
-            c.file,
-            c.mode
-        );
+        let what = format!("{} ({})", c.file, c.mode);
+        match (c.mode.as_str(), &got.mode) {
+            ("P", PillowMode::Palette(entries)) => assert!(!entries.is_empty(), "{what}"),
+            ("1", PillowMode::Bilevel) => {}
+            ("CMYK", PillowMode::Cmyk(values)) => {
+                let (w, h) = (got.image.width() as usize, got.image.height() as usize);
+                assert_eq!(values.len(), w * h * 4, "{what}");
+            }
+            ("RGB" | "RGBA" | "L" | "LA" | "I;16", PillowMode::Direct) => {}
+            (_, other) => panic!("{what}: {other:?}"),
+        }
+        assert_eq!(got.indexed(), c.mode == "P" || c.mode == "1", "{what}");
     }
+    let count = |m: &str| cases.iter().filter(|c| c.mode == m).count();
     assert_eq!(
-        cases
-            .iter()
-            .filter(|c| c.mode == "P" || c.mode == "1")
-            .count(),
-        7
+        (count("P"), count("1"), count("CMYK"), count("L")),
+        (6, 2, 1, 2)
     );
+    assert!(cases
+        .iter()
+        .any(|c| c.file == "gray-ramp.gif" && c.mode == "L"));
 }
 
 /// open_clip's and transformers' preprocessing of each file, decoded and cropped, equals the
-/// crop their transforms make in Pillow. open_clip resizes before converting to RGB, so a
-/// palette or bilevel image is resized by nearest neighbour (Pillow's `resize` of mode `P`
-/// and `1`); transformers converts first.
+/// crop their transforms make in Pillow. open_clip resizes (and pads) before converting to
+/// RGB, so a palette or bilevel image is resized by nearest neighbour (Pillow's `resize` of
+/// mode `P` and `1`), a CMYK JPEG is resized in CMYK, and `resize_mode: "longest"` pads
+/// with `fill_color` in the image's own mode; transformers converts first.
 #[test]
 fn preprocessing_each_format_equals_pillows_transforms() {
-    let (dir, cases) = fixtures();
+    let (dir, set) = fixture_set();
+    let cases = set.cases;
+    let longest = Preprocess::from_open_clip_preprocess_cfg(
+        &serde_json::json!({"resize_mode": "longest", "fill_color": set.longest.fill_color}),
+        set.longest.size,
+    )
+    .unwrap();
+    assert_eq!(longest.resize, Resize::LongestEdge(set.longest.size));
+    assert_eq!(longest.pad_fill, set.longest.fill_color);
     let mut wrong = vec![];
     for (p, name) in [
         (Preprocess::open_clip(16), "open_clip"),
         (Preprocess::transformers(16), "transformers"),
+        (longest, "open_clip longest"),
     ] {
         for c in &cases {
-            let want_file = if name == "open_clip" {
-                &c.open_clip
-            } else {
-                &c.transformers
+            let want_file = match name {
+                "open_clip" => &c.open_clip,
+                "transformers" => &c.transformers,
+                _ => &c.open_clip_longest,
             };
             let want = image::open(dir.join(want_file)).unwrap().to_rgb8();
             let bytes = std::fs::read(dir.join(&c.file)).unwrap();

@@ -584,8 +584,8 @@ fn loaded_images_keep_transparency_and_palettes_for_the_preprocessing() {
     stripes.save(dir.path().join("b-stripes.gif")).unwrap();
     let loaded = clipcid_eval::load_images(dir.path()).unwrap();
     assert_eq!(loaded.len(), 2);
-    assert!(loaded[0].image.color().has_alpha() && !loaded[0].indexed);
-    assert!(loaded[1].indexed);
+    assert!(loaded[0].image.color().has_alpha() && !loaded[0].indexed());
+    assert!(loaded[1].indexed());
     for (p, rgb_sign) in [
         (clipcid_data::Preprocess::transformers(size), [255u8; 3]),
         (clipcid_data::Preprocess::open_clip(size), [0u8; 3]),
