@@ -235,7 +235,7 @@ fn pillow_mode(bytes: &[u8]) -> PillowMode {
 fn png_palette(bytes: &[u8]) -> Vec<[u8; 3]> {
     // Chunks after the 8-byte signature: length (big-endian), type, data, CRC.
     let mut at = 8;
-    while let Some(head) = bytes.get(at..at + 8) {
+    while let Some(head) = bytes.get(at..).and_then(|rest| rest.get(..8)) {
         let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
         let data = at + 8;
         match &head[4..8] {
