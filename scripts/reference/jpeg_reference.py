@@ -10,7 +10,9 @@ JPEG (what Photoshop writes for CMYK; Pillow cannot write it, so TurboJPEG's com
 from CMYK pixels, through PyTurboJPEG 1.x and Debian's libturbojpeg), and three damaged ones
 (two that libjpeg decodes with a warning, one where a fatal error follows a warning); and,
 beside each one Pillow decodes, `Image.open(f).convert("RGB")` as a PNG: what every PIL-based
-pipeline (open_clip's transform, transformers' PIL image processor) starts from.
+pipeline (open_clip's transform, transformers' PIL image processor) starts from; and the 16 x
+16 crop open_clip's transform makes of the opened image (`formats_reference.py`'s
+`open_clip_transform`), which resizes a CMYK or YCCK JPEG in CMYK before converting it.
 `cases.json` lists them with the Pillow and libjpeg-turbo versions, and the ones Pillow
 refuses with its error. The test `crates/clipcid-data/tests/pillow_jpeg.rs` must give the
 same pixels, bit for bit.
@@ -22,6 +24,8 @@ import sys
 
 import numpy as np
 from PIL import Image, features
+
+from formats_reference import SIZE, open_clip_transform
 
 SEED = 11
 
@@ -128,8 +132,10 @@ def write(out):
             refused.append({"jpeg": f"{name}.jpg", "pillow_error": str(e)})
             continue
         decoded.convert("RGB").save(os.path.join(out, f"{name}.png"))
+        crop = f"{name}.open_clip{SIZE}.png"
+        open_clip_transform(decoded).save(os.path.join(out, crop))
         cases.append({"jpeg": f"{name}.jpg", "rgb": f"{name}.png", "mode": decoded.mode,
-                      "width": w, "height": h})
+                      "width": w, "height": h, "open_clip": crop})
     meta = {"pillow": Image.__version__, "libjpeg_turbo": features.version("libjpeg_turbo"),
             "cases": cases, "refused_by_pillow": refused}
     with open(os.path.join(out, "cases.json"), "w") as f:

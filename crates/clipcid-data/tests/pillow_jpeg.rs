@@ -4,7 +4,8 @@
 //! EXIF orientation tag, sizes that are not whole MCUs, one pixel, one column), one YCCK JPEG
 //! that TurboJPEG encoded (Pillow cannot write YCCK), two damaged ones that libjpeg decodes
 //! with a warning (extraneous bytes before a marker, entropy-coded bytes overwritten), and
-//! Pillow's `Image.open(f).convert("RGB")` of each; and one that Pillow refuses (a fatal error
+//! Pillow's `Image.open(f).convert("RGB")` of each, with the 16 x 16 crop open_clip's
+//! transform makes of it (CMYK resized before the conversion); and one that Pillow refuses (a fatal error
 //! after a warning). All written by `scripts/reference/jpeg_reference.py` (Pillow 13,
 //! libjpeg-turbo 3.2). The pixels must agree bit for bit.
 
@@ -19,6 +20,7 @@ struct Case {
     mode: String,
     width: u32,
     height: u32,
+    open_clip: String,
 }
 
 #[derive(serde::Deserialize)]
@@ -101,26 +103,30 @@ fn the_image_crates_decoder_misses_pillows_pixels_on_these_fixtures() {
     assert!(missed.len() >= 4, "only {missed:?}");
 }
 
-/// Both families' preprocessing of a JPEG equals their preprocessing of Pillow's RGB pixels,
-/// except open_clip's of a CMYK or YCCK JPEG: open_clip resizes Pillow's CMYK image before it
-/// converts to RGB, and the conversion is not linear, so those differ
-/// (`pillow_formats.rs` checks that crop against Pillow's).
+/// transformers' preprocessing of a JPEG equals its preprocessing of Pillow's RGB pixels, and
+/// open_clip's equals the crop its transform makes in Pillow, bit for bit. For a CMYK or YCCK
+/// JPEG the two differ: open_clip resizes Pillow's CMYK image before it converts to RGB, and
+/// the conversion is not linear.
 #[test]
-fn preprocessing_a_jpeg_equals_preprocessing_pillows_pixels() {
+fn preprocessing_a_jpeg_equals_pillows() {
     let (dir, cases) = fixtures();
+    let (open_clip, transformers) = (Preprocess::open_clip(16), Preprocess::transformers(16));
     let mut cmyk = 0;
-    for p in [Preprocess::open_clip(16), Preprocess::transformers(16)] {
-        for c in &cases {
-            let bytes = std::fs::read(dir.join(&c.jpeg)).unwrap();
-            let want = p.apply(&image::DynamicImage::ImageRgb8(pillow_rgb(&dir, c)));
-            let got = p.decode(&bytes).unwrap();
-            let resized_in_cmyk = c.jpeg.starts_with("cmyk") || c.jpeg.starts_with("ycck");
-            if resized_in_cmyk && p.alpha == clipcid_data::AlphaRule::Drop {
-                assert_ne!(got, want, "{}", c.jpeg);
-                cmyk += 1;
-            } else {
-                assert_eq!(got, want, "{}", c.jpeg);
-            }
+    for c in &cases {
+        let bytes = std::fs::read(dir.join(&c.jpeg)).unwrap();
+        let rgb = image::DynamicImage::ImageRgb8(pillow_rgb(&dir, c));
+        assert_eq!(
+            transformers.decode(&bytes).unwrap(),
+            transformers.apply(&rgb),
+            "{}",
+            c.jpeg
+        );
+        let crop = image::open(dir.join(&c.open_clip)).unwrap().to_rgb8();
+        let got = open_clip.decode(&bytes).unwrap();
+        assert_eq!(got, open_clip.apply(&crop.into()), "{}", c.jpeg);
+        if c.mode == "CMYK" {
+            assert_ne!(got, open_clip.apply(&rgb), "{}", c.jpeg);
+            cmyk += 1;
         }
     }
     assert_eq!(cmyk, 2);
