@@ -266,7 +266,9 @@ fn palette_entries(table: &[u8]) -> Vec<[u8; 3]> {
 fn gif_first_frame_palette(bytes: &[u8]) -> Option<Vec<[u8; 3]>> {
     // A table's flag and size (3 << (bits + 1) bytes) are in one packed byte.
     let table_len = |packed: u8| (packed & 0x80 != 0).then(|| 3usize << ((packed & 7) + 1));
-    let needed = |table: &[u8]| -> Option<Vec<[u8; 3]>> {
+    // A table of `len` bytes at `start` (what of it the file holds), kept where needed.
+    let needed = |start: usize, len: usize| -> Option<Vec<[u8; 3]>> {
+        let table = bytes.get(start..(start + len).min(bytes.len()))?;
         let entries = palette_entries(table);
         let ramp = entries.iter().enumerate().all(|(i, e)| *e == [i as u8; 3]);
         (!ramp).then_some(entries)
@@ -275,9 +277,8 @@ fn gif_first_frame_palette(bytes: &[u8]) -> Option<Vec<[u8; 3]>> {
     let mut at = 13;
     let global = match table_len(screen) {
         Some(len) => {
-            let table = bytes.get(at..(at + len).min(bytes.len()))?;
             at += len;
-            needed(table)
+            needed(13, len)
         }
         None => None,
     };
@@ -296,10 +297,7 @@ fn gif_first_frame_palette(bytes: &[u8]) -> Option<Vec<[u8; 3]>> {
             Some(0x2C) => {
                 let packed = *bytes.get(at + 9)?;
                 return match table_len(packed) {
-                    Some(len) => {
-                        let start = at + 10;
-                        needed(bytes.get(start..(start + len).min(bytes.len()))?)
-                    }
+                    Some(len) => needed(at + 10, len),
                     None => global,
                 };
             }
@@ -363,7 +361,8 @@ fn decode_jpeg(bytes: &[u8]) -> Result<Option<DecodedImage>, String> {
             _ => {
                 // Pillow reads CMYK JPEG values as inverted ("CMYK;I", Adobe's convention,
                 // which Pillow also writes).
-                let cmyk: Vec<u8> = pixels.iter().map(|&v| 255 - v).collect();
+                let mut cmyk = pixels;
+                cmyk.iter_mut().for_each(|v| *v = 255 - *v);
                 RgbImage::from_raw(w, h, pillow_cmyk_to_rgb(&cmyk)).map(|rgb| DecodedImage {
                     image: DynamicImage::ImageRgb8(rgb),
                     mode: PillowMode::Cmyk(cmyk),

@@ -249,8 +249,8 @@ impl Preprocess {
         // another way), with its `fill_color`.
         let longest = v
             .get("size")
-            .and_then(|s| s.get("longest_edge"))
-            .filter(|_| v["size"].get("shortest_edge").is_none());
+            .filter(|s| s.get("shortest_edge").is_none())
+            .and_then(|s| s.get("longest_edge"));
         if let Some(n) = longest {
             let n = n.as_u64().filter(|&n| n > 0).ok_or_else(|| {
                 bad(format!(
