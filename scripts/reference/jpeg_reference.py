@@ -1,29 +1,34 @@
 """Pillow's JPEG decoding, as fixtures for `clipcid_data::decode_image`.
 
-    apt-get install libturbojpeg0   # only for the YCCK case: Pillow cannot write YCCK
-    python -m venv ~/jpeg-venv && ~/jpeg-venv/bin/pip install pillow numpy "PyTurboJPEG<2"
+    apt-get install libturbojpeg0 libjpeg-turbo-progs  # YCCK, arithmetic: Pillow writes neither
+    python -m venv ~/jpeg-venv && ~/jpeg-venv/bin/pip install pillow numpy "PyTurboJPEG<2" imagecodecs
     ~/jpeg-venv/bin/python scripts/reference/jpeg_reference.py crates/clipcid-data/tests/fixtures/pillow-jpeg
 
 Writes small JPEGs that Pillow encodes (each chroma subsampling, progressive, restart
 markers, grayscale, CMYK, an EXIF orientation tag, sizes that are not whole MCUs), one YCCK
 JPEG (what Photoshop writes for CMYK; Pillow cannot write it, so TurboJPEG's compressor does,
 from CMYK pixels, through PyTurboJPEG 1.x and Debian's libturbojpeg), and three damaged ones
-(two that libjpeg decodes with a warning, one where a fatal error follows a warning); and,
-beside each one Pillow decodes, `Image.open(f).convert("RGB")` as a PNG: what every PIL-based
+(two that libjpeg decodes with a warning, one where a fatal error follows a warning); two
+arithmetic-coded JPEGs (sequential and progressive; Debian's `cjpeg -arithmetic` writes them)
+and an 8-bit lossless one (SOF3, imagecodecs' libjpeg-turbo 3), which Pillow decodes, and a
+12-bit and a 16-bit lossless JPEG (imagecodecs), which Pillow refuses: it opens only 8-bit
+JPEGs ("cannot handle 12-bit layers"); and, beside each one Pillow decodes, `Image.open(f).convert("RGB")` as a PNG: what every PIL-based
 pipeline (open_clip's transform, transformers' PIL image processor) starts from; and the 16 x
 16 crop open_clip's transform makes of the opened image (`formats_reference.py`'s
 `open_clip_transform`), which resizes a CMYK or YCCK JPEG in CMYK before converting it.
-`cases.json` lists them with the Pillow and libjpeg-turbo versions, and the ones Pillow
-refuses with its error. The test `crates/clipcid-data/tests/pillow_jpeg.rs` must give the
+`cases.json` lists them with the Pillow, libjpeg-turbo, imagecodecs and cjpeg versions, and the
+ones Pillow refuses with its error (and, for the other precisions, the sample precision and
+the reason Pillow's JPEG reader gives). The test `crates/clipcid-data/tests/pillow_jpeg.rs` must give the
 same pixels, bit for bit.
 """
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
-from PIL import Image, features
+from PIL import Image, JpegImagePlugin, features
 
 from formats_reference import SIZE, open_clip_transform
 
@@ -53,6 +58,15 @@ CASES = {
     "progressive-fatal-after-warning": (45, 31, "RGB", {"quality": 85, "subsampling": 2,
                                                         "progressive": True,
                                                         "damage": "fatal-after-warning"}),
+    # Entropy coding and a process Pillow cannot write but decodes (libjpeg-turbo 3).
+    "arithmetic-420": (23, 19, "RGB", {"cjpeg": ["-arithmetic", "-quality", "90",
+                                                 "-sample", "2x2"]}),
+    "arithmetic-progressive": (30, 21, "RGB", {"cjpeg": ["-arithmetic", "-progressive",
+                                                         "-quality", "85"]}),
+    "lossless-8bit": (21, 17, "RGB", {"imagecodecs": {"lossless": True}}),
+    # Sample precisions Pillow refuses ("cannot handle 12-bit layers").
+    "12bit-q90": (25, 18, "RGB", {"imagecodecs": {"level": 90, "bitspersample": 12}}),
+    "lossless-16bit": (19, 13, "L", {"imagecodecs": {"lossless": True, "bitspersample": 16}}),
 }
 
 
@@ -66,6 +80,39 @@ def save_ycck(img, path, quality):
                                         jpeg_subsample=turbojpeg.TJSAMP_420)
     with open(path, "wb") as f:
         f.write(data)
+
+
+def save_cjpeg(img, path, args):
+    """Debian's cjpeg (libjpeg-turbo-progs) encodes a PPM of the image with `args`."""
+    ppm = path + ".ppm"
+    img.save(ppm)
+    try:
+        subprocess.run(["cjpeg", *args, "-outfile", path, ppm], check=True)
+    finally:
+        os.remove(ppm)
+
+
+def save_imagecodecs(img, path, opts):
+    """imagecodecs' libjpeg-turbo 3 encodes the image with `opts`: 8-bit values scaled to the
+    sample precision (x 16 for 12 bits, x 257 for 16) where it is not 8."""
+    import imagecodecs
+
+    a = np.asarray(img)
+    bits = opts.get("bitspersample", 8)
+    if bits != 8:
+        a = a.astype(np.uint16) * {12: 16, 16: 257}[bits]
+    with open(path, "wb") as f:
+        f.write(imagecodecs.jpeg8_encode(a, **opts))
+
+
+def tool_versions():
+    """imagecodecs' and cjpeg's versions, for cases.json."""
+    import imagecodecs
+
+    cjpeg = subprocess.run(["cjpeg", "-version"], capture_output=True, text=True)
+    return {"imagecodecs": imagecodecs.__version__,
+            "imagecodecs_libjpeg_turbo": imagecodecs.jpeg8_version(),
+            "cjpeg": (cjpeg.stderr or cjpeg.stdout).strip()}
 
 
 def content(w, h, mode, rng):
@@ -118,6 +165,10 @@ def write(out):
         how = opts.pop("damage", None)
         if opts.pop("ycck", False):
             save_ycck(img, path, opts["quality"])
+        elif "cjpeg" in opts:
+            save_cjpeg(img, path, opts["cjpeg"])
+        elif "imagecodecs" in opts:
+            save_imagecodecs(img, path, opts["imagecodecs"])
         else:
             img.save(path, "JPEG", **opts)
         if how:
@@ -125,11 +176,19 @@ def write(out):
                 data = damage(f.read(), how)
             with open(path, "wb") as f:
                 f.write(data)
-        decoded = Image.open(path)
         try:
+            decoded = Image.open(path)
             decoded.load()
-        except OSError as e:
-            refused.append({"jpeg": f"{name}.jpg", "pillow_error": str(e)})
+        except OSError as e:  # UnidentifiedImageError included
+            why = {"jpeg": f"{name}.jpg", "pillow_error": str(e).replace(path, f"{name}.jpg")}
+            bits = opts.get("imagecodecs", {}).get("bitspersample", 8)
+            if bits != 8:
+                # Image.open swallows the JPEG reader's own reason; ask the reader.
+                try:
+                    JpegImagePlugin.JpegImageFile(path)
+                except SyntaxError as reason:
+                    why.update(precision=bits, pillow_reason=str(reason))
+            refused.append(why)
             continue
         decoded.convert("RGB").save(os.path.join(out, f"{name}.png"))
         crop = f"{name}.open_clip{SIZE}.png"
@@ -137,7 +196,7 @@ def write(out):
         cases.append({"jpeg": f"{name}.jpg", "rgb": f"{name}.png", "mode": decoded.mode,
                       "width": w, "height": h, "open_clip": crop})
     meta = {"pillow": Image.__version__, "libjpeg_turbo": features.version("libjpeg_turbo"),
-            "cases": cases, "refused_by_pillow": refused}
+            **tool_versions(), "cases": cases, "refused_by_pillow": refused}
     with open(os.path.join(out, "cases.json"), "w") as f:
         json.dump(meta, f, indent=1)
     total = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))

@@ -8,10 +8,13 @@
 //! per-channel bias of 0.1-0.4 levels. So JPEG goes through libjpeg-turbo itself (the
 //! `turbojpeg` crate builds it from source and links it statically), which gives Pillow's
 //! pixels bit for bit and decodes about 1.35x faster; CMYK and YCCK JPEGs become RGB by
-//! Pillow's arithmetic. Damage libjpeg decodes through (extraneous bytes before a marker, a
-//! bad Huffman code: its warnings) keeps libjpeg's pixels, as Pillow keeps them. What
-//! libjpeg-turbo cannot decode (12-bit JPEGs, fatal errors) and every other format (PNG,
-//! WebP, BMP, GIF) go to the `image` crate, whose pixels are Pillow's for 8-bit samples
+//! Pillow's arithmetic, and arithmetic-coded and 8-bit lossless JPEGs (which the `image`
+//! crate cannot read) decode as Pillow decodes them. Damage libjpeg decodes through
+//! (extraneous bytes before a marker, a bad Huffman code: its warnings) keeps libjpeg's
+//! pixels, as Pillow keeps them. A JPEG of other than 8-bit samples (12-bit, 16-bit lossless)
+//! is an error saying so: Pillow refuses them ("cannot handle 12-bit layers"). What
+//! libjpeg-turbo cannot decode (fatal errors) and every other format (PNG, WebP, BMP, GIF)
+//! go to the `image` crate, whose pixels are Pillow's for 8-bit samples
 //! (lossy WebP included); 16-bit samples become their high byte, as Pillow reads them. Pillow
 //! also resizes the images it opens as palette or bilevel images by nearest neighbour, which
 //! matters to open_clip's transform, as do a palette's entries and a CMYK JPEG's CMYK values
@@ -37,8 +40,9 @@ pub const IMAGE_DECODER: &str =
 /// Decodes an encoded image (JPEG, PNG, WebP, BMP, GIF) into the pixels Pillow gives (module
 /// doc; a 16-bit grayscale PNG is the one exception, its high byte where Pillow clips). A
 /// truncated JPEG (no end-of-image marker after its last scan: a decoder would fill the
-/// missing rows with grey and report success), an image of no pixels, one over
-/// [`MAX_DECODED_BYTES`] decoded, and anything no decoder accepts are errors saying so. A
+/// missing rows with grey and report success), a JPEG of other than 8-bit samples (which
+/// Pillow refuses), an image of no pixels, one over [`MAX_DECODED_BYTES`] decoded, and
+/// anything no decoder accepts are errors saying so. A
 /// grayscale JPEG stays grayscale, as Pillow opens it (mode `L`).
 ///
 /// ```
@@ -317,8 +321,8 @@ thread_local! {
 
 /// A JPEG through libjpeg-turbo: `Ok(None)` where TurboJPEG cannot give Pillow's pixels (its
 /// header reader or decoder fails on the stream), for the `image` crate to try; an error for
-/// an image too large to decode. A CMYK or YCCK JPEG keeps its CMYK values
-/// ([`PillowMode::Cmyk`]).
+/// an image too large to decode or of other than 8-bit samples. A CMYK or YCCK JPEG keeps its
+/// CMYK values ([`PillowMode::Cmyk`]).
 fn decode_jpeg(bytes: &[u8]) -> Result<Option<DecodedImage>, String> {
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
@@ -335,6 +339,20 @@ fn decode_jpeg(bytes: &[u8]) -> Result<Option<DecodedImage>, String> {
             *slot = None;
             return Ok(None);
         };
+        if header.precision != 8 {
+            // Pillow's JPEG reader raises "cannot handle 12-bit layers" for any precision but
+            // 8 (so `Image.open` says "cannot identify image file"): no PIL-based pipeline has
+            // pixels for such a file to match, and the `image` crate's decoder, the fallback,
+            // refuses them too, with messages that do not say why (a 16-bit lossless JPEG is
+            // "Bad Huffman Table").
+            let process = if header.lossless { "lossless " } else { "" };
+            return Err(format!(
+                "cannot decode image: a {}-bit {process}JPEG; Pillow opens only 8-bit JPEGs \
+                 (\"cannot handle {}-bit layers\"), so no Pillow-based pipeline has its pixels: \
+                 re-encode it with 8-bit samples",
+                header.precision, header.precision
+            ));
+        }
         let channels = header.colorspace.channels();
         let (width, height) = (header.width, header.height);
         if width == 0 || height == 0 {
@@ -400,6 +418,11 @@ mod turbo {
         pub width: usize,
         pub height: usize,
         pub colorspace: Colorspace,
+        /// Bits a sample (8 for nearly every JPEG; 12 in some medical and camera files; 2 to
+        /// 16 in lossless ones).
+        pub precision: c_int,
+        /// Whether the frame is lossless (SOF3), not DCT-based.
+        pub lossless: bool,
     }
 
     /// An owned `tjhandle` for decompression (never null), destroyed on drop.
@@ -445,6 +468,8 @@ mod turbo {
                 width: usize::try_from(get(raw::TJPARAM_TJPARAM_JPEGWIDTH)).ok()?,
                 height: usize::try_from(get(raw::TJPARAM_TJPARAM_JPEGHEIGHT)).ok()?,
                 colorspace,
+                precision: get(raw::TJPARAM_TJPARAM_PRECISION),
+                lossless: get(raw::TJPARAM_TJPARAM_LOSSLESS) == 1,
             })
         }
 

@@ -10,6 +10,8 @@
 //! for bit; the 16-bit grayscale case's reference is the high byte of each sample, not
 //! Pillow's (which clips every value over 255 to white).
 
+mod common;
+
 use std::path::Path;
 
 use clipcid_data::{decode_image, decode_image_with_mode, PillowMode, Preprocess, Resize};
@@ -190,18 +192,7 @@ fn truncated_and_corrupted_headers_are_errors_or_images_never_panics() {
     let mut decoded = 0;
     for c in &cases {
         let bytes = std::fs::read(dir.join(&c.file)).unwrap();
-        let mut variants: Vec<Vec<u8>> = (0..bytes.len())
-            .step_by(5)
-            .map(|n| bytes[..n].to_vec())
-            .collect();
-        for at in 0..bytes.len().min(80) {
-            for v in [0x00, 0xFF] {
-                let mut b = bytes.clone();
-                b[at] = v;
-                variants.push(b);
-            }
-        }
-        for b in &variants {
+        for b in &common::truncated_and_overwritten(&bytes, 5, 80) {
             if let Ok(img) = decode_image_with_mode(b) {
                 decoded += 1;
                 for p in [&p, &longest] {

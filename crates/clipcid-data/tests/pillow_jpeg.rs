@@ -3,11 +3,15 @@
 //! 4:4:4 chroma, progressive, restart markers, optimised Huffman tables, grayscale, CMYK, an
 //! EXIF orientation tag, sizes that are not whole MCUs, one pixel, one column), one YCCK JPEG
 //! that TurboJPEG encoded (Pillow cannot write YCCK), two damaged ones that libjpeg decodes
-//! with a warning (extraneous bytes before a marker, entropy-coded bytes overwritten), and
-//! Pillow's `Image.open(f).convert("RGB")` of each, with the 16 x 16 crop open_clip's
-//! transform makes of it (CMYK resized before the conversion); and one that Pillow refuses (a fatal error
-//! after a warning). All written by `scripts/reference/jpeg_reference.py` (Pillow 13,
-//! libjpeg-turbo 3.2). The pixels must agree bit for bit.
+//! with a warning (extraneous bytes before a marker, entropy-coded bytes overwritten), two
+//! arithmetic-coded JPEGs (sequential, progressive) and an 8-bit lossless one, and Pillow's
+//! `Image.open(f).convert("RGB")` of each, with the 16 x 16 crop open_clip's transform makes
+//! of it (CMYK resized before the conversion); and three that Pillow refuses (a fatal error
+//! after a warning, a 12-bit JPEG, a 16-bit lossless one). All written by
+//! `scripts/reference/jpeg_reference.py` (Pillow 13, libjpeg-turbo 3.2). The pixels must
+//! agree bit for bit.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 
@@ -26,6 +30,10 @@ struct Case {
 #[derive(serde::Deserialize)]
 struct Refused {
     jpeg: String,
+    /// Bits a sample, for the files refused for their precision.
+    precision: Option<u32>,
+    /// The reason Pillow's JPEG reader gives (its `Image.open` only says "cannot identify").
+    pillow_reason: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -43,7 +51,7 @@ fn read_cases() -> (PathBuf, Cases) {
 
 fn fixtures() -> (PathBuf, Vec<Case>) {
     let (dir, cases) = read_cases();
-    assert_eq!(cases.cases.len(), 14);
+    assert_eq!(cases.cases.len(), 17);
     (dir, cases.cases)
 }
 
@@ -172,12 +180,17 @@ fn broken_jpegs_are_errors_that_say_why() {
 #[test]
 fn a_fatal_error_after_a_warning_is_not_taken_as_a_warning() {
     let (dir, cases) = read_cases();
-    assert_eq!(cases.refused_by_pillow.len(), 1);
+    let broken: Vec<_> = cases
+        .refused_by_pillow
+        .iter()
+        .filter(|r| r.precision.is_none())
+        .collect();
+    assert_eq!(broken.len(), 1);
     for warned in ["420-extraneous-bytes.jpg", "420-corrupt-scan.jpg"] {
         let bytes = std::fs::read(dir.join(warned)).unwrap();
         assert!(turbojpeg::decompress(&bytes, turbojpeg::PixelFormat::RGB).is_err());
     }
-    for r in &cases.refused_by_pillow {
+    for r in broken {
         let bytes = std::fs::read(dir.join(&r.jpeg)).unwrap();
         assert!(turbojpeg::decompress(&bytes, turbojpeg::PixelFormat::RGB).is_err());
         let ours = decode_image(&bytes).map(|i| i.to_rgb8());
@@ -193,4 +206,95 @@ fn a_fatal_error_after_a_warning_is_not_taken_as_a_warning() {
             ),
         }
     }
+}
+
+/// Pillow opens only 8-bit JPEGs: a 12-bit one and a 16-bit lossless one are refused
+/// ("cannot handle 12-bit layers"), so no PIL-based pipeline has pixels for them. decode_image
+/// refuses them with an error naming the precision (the `image` crate's decoder, the fallback,
+/// refuses them too, one of them as "Bad Huffman Table"), never with pixels.
+#[test]
+fn jpegs_of_other_than_8_bit_samples_are_refused_as_pillow_refuses_them() {
+    let (dir, cases) = read_cases();
+    let mut precisions = vec![];
+    for r in cases
+        .refused_by_pillow
+        .iter()
+        .filter(|r| r.precision.is_some())
+    {
+        let bits = r.precision.unwrap();
+        let reason = r.pillow_reason.as_deref().unwrap();
+        assert_eq!(
+            reason,
+            format!("cannot handle {bits}-bit layers"),
+            "{}",
+            r.jpeg
+        );
+        let bytes = std::fs::read(dir.join(&r.jpeg)).unwrap();
+        let e = decode_image(&bytes).unwrap_err();
+        assert!(
+            e.contains(&format!("a {bits}-bit "))
+                && e.contains("Pillow opens only 8-bit JPEGs")
+                && e.contains(reason),
+            "{}: {e}",
+            r.jpeg
+        );
+        assert_eq!(e.contains("lossless"), r.jpeg.contains("lossless"), "{e}");
+        assert!(image::load_from_memory(&bytes).is_err(), "{}", r.jpeg);
+        precisions.push(bits);
+    }
+    assert_eq!(precisions, [12, 16]);
+}
+
+/// Arithmetic coding and the lossless process, which Pillow decodes (the test above checks
+/// the pixels), are out of the `image` crate's reach: libjpeg-turbo is the only decoder here
+/// that reads them.
+#[test]
+fn arithmetic_and_lossless_jpegs_need_libjpeg_turbo() {
+    let (dir, cases) = fixtures();
+    let names: Vec<_> = cases
+        .iter()
+        .filter(|c| c.jpeg.starts_with("arithmetic") || c.jpeg.starts_with("lossless"))
+        .map(|c| c.jpeg.as_str())
+        .collect();
+    assert_eq!(names.len(), 3);
+    for name in names {
+        let bytes = std::fs::read(dir.join(name)).unwrap();
+        assert!(image::load_from_memory(&bytes).is_err(), "{name}");
+        assert!(decode_image(&bytes).is_ok(), "{name}");
+    }
+}
+
+/// Hostile input through libjpeg-turbo's every decoder here (Huffman, progressive, arithmetic,
+/// lossless, CMYK, YCCK, 12- and 16-bit headers): every 7th truncation of each fixture and
+/// each of its first 160 bytes (its markers and tables) overwritten with 0x00 and 0xFF decode
+/// to an image or an error, never a panic; and what decodes preprocesses to 8 x 8.
+#[test]
+fn truncated_and_corrupted_jpegs_are_errors_or_images_never_panics() {
+    let (dir, cases) = read_cases();
+    let files = cases
+        .cases
+        .iter()
+        .map(|c| &c.jpeg)
+        .chain(cases.refused_by_pillow.iter().map(|r| &r.jpeg));
+    let p = Preprocess::open_clip(8);
+    let (mut decoded, mut refused) = (0, 0);
+    for file in files {
+        let bytes = std::fs::read(dir.join(file)).unwrap();
+        for b in &common::truncated_and_overwritten(&bytes, 7, 160) {
+            match clipcid_data::decode_image_with_mode(b) {
+                Ok(img) => {
+                    decoded += 1;
+                    assert_eq!(p.resize_and_crop_decoded(&img).dimensions(), (8, 8));
+                }
+                Err(e) => {
+                    assert!(!e.is_empty());
+                    refused += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        decoded > 500 && refused > 500,
+        "{decoded} decoded, {refused} refused"
+    );
 }
