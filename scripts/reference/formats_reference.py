@@ -17,7 +17,9 @@ of it, in Pillow alone (open_clip resizes before converting to RGB, and Pillow r
 palette or bilevel image by nearest neighbour), and the 19 x 19 image of open_clip's
 `resize_mode: "longest"` with `fill_color` 3 (timm's `ResizeKeepRatio` and open_clip's
 `CenterCropOrPad`, whose torchvision `pad` fills a value of the image's own mode: palette
-index 3, white in a bilevel image, CMYK (3, 3, 3, 3)). `cases.json` lists them with Pillow's mode
+index 3, white in a bilevel image, CMYK (3, 3, 3, 3)); and the same three of
+`Image.open(f).convert("RGB")`, what a loader that converts to RGB first (torchvision's
+`ImageFolder`, webdataset's "pilrgb") hands either transform. `cases.json` lists them with Pillow's mode
 and the Pillow and libwebp versions. The test `crates/clipcid-data/tests/pillow_formats.rs` must give
 the same pixels, bit for bit.
 
@@ -172,10 +174,22 @@ def write(out):
         transformers_transform(opened).save(os.path.join(out, f"{name}.transformers{SIZE}.png"))
         longest = f"{name}.open_clip_longest{LONGEST}.png"
         open_clip_longest_transform(opened).save(os.path.join(out, longest))
+        # A loader that converts to RGB before the transform (torchvision's ImageFolder
+        # `pil_loader`, webdataset's "pilrgb"): alpha dropped, palettes and CMYK resized as RGB.
+        rgb_first = opened.convert("RGB")
+        rgb_first_refs = {
+            "open_clip": (open_clip_transform, f"{name}.rgb_first.open_clip{SIZE}.png"),
+            "transformers": (transformers_transform, f"{name}.rgb_first.transformers{SIZE}.png"),
+            "open_clip_longest": (open_clip_longest_transform,
+                                  f"{name}.rgb_first.open_clip_longest{LONGEST}.png"),
+        }
+        for transform, file in rgb_first_refs.values():
+            transform(rgb_first).save(os.path.join(out, file))
         cases.append({"file": name, "rgba": reference, "mode": Image.open(path).mode,
                       "pillow": pillow, "open_clip": f"{name}.open_clip{SIZE}.png",
                       "transformers": f"{name}.transformers{SIZE}.png",
-                      "open_clip_longest": longest})
+                      "open_clip_longest": longest,
+                      "rgb_first": {k: file for k, (_, file) in rgb_first_refs.items()}})
     meta = {"pillow": Image.__version__, "libwebp": features.version("webp"),
             "longest": {"size": LONGEST, "fill_color": FILL}, "cases": cases}
     with open(os.path.join(out, "cases.json"), "w") as f:

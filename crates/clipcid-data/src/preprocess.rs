@@ -32,7 +32,7 @@ pub enum CropRule {
     Round,
 }
 
-/// How an image with transparency becomes RGB.
+/// How an image with transparency becomes RGB, and whether that happens before the resize.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AlphaRule {
     /// `transformers`' `convert_to_rgb`: composited over white (Pillow's `alpha_composite`,
@@ -44,6 +44,13 @@ pub enum AlphaRule {
     /// ([`Preprocess::resize_and_crop_decoded`]: RGBA premultiplied, palettes by nearest
     /// neighbour, CMYK values).
     Drop,
+    /// A loader's `image.convert("RGB")` before the transform (torchvision's `ImageFolder`
+    /// `pil_loader`, which CLIP_benchmark's ImageNet and other folder datasets use;
+    /// webdataset's `"pilrgb"`, as open_clip's WebDataset loader decodes): the alpha channel dropped, palettes expanded, CMYK converted,
+    /// and then everything resized and padded as RGB, whichever transform follows (for both
+    /// open_clip's and `transformers`' the conversion is then a no-op).
+    /// [`Preprocess::with_rgb_first_loader`] sets it.
+    DropFirst,
 }
 
 /// How the image is resized before the crop.
@@ -187,6 +194,33 @@ impl Preprocess {
             crop: CropRule::Round,
             alpha: AlphaRule::Drop,
             ..Self::transformers(image_size)
+        }
+    }
+
+    /// This preprocessing behind a loader that converts every image to RGB before it
+    /// ([`AlphaRule::DropFirst`]): torchvision's `ImageFolder` and webdataset's `"pilrgb"`
+    /// hand the transform RGB, so transparency is dropped (not composited over white) and
+    /// palette, bilevel and CMYK images are resized as RGB. Only those images change; an RGB
+    /// or gray photo gives the same pixels. The loader is not the model's: model folders do
+    /// not record it.
+    ///
+    /// ```
+    /// use clipcid_data::{AlphaRule, DecodedImage, PillowMode, Preprocess};
+    /// // Stripes one pixel wide, halved: nearest neighbour (a palette image, as opened) keeps
+    /// // one colour; resized as RGB they blend.
+    /// let stripes = image::RgbImage::from_fn(8, 8, |x, _| image::Rgb([255 * (x % 2) as u8; 3]));
+    /// let palette = DecodedImage { image: stripes.into(), mode: PillowMode::Bilevel };
+    /// let as_opened = Preprocess::open_clip(4).resize_and_crop_decoded(&palette);
+    /// let rgb_first = Preprocess::open_clip(4).with_rgb_first_loader();
+    /// assert_eq!(rgb_first.alpha, AlphaRule::DropFirst);
+    /// let blended = rgb_first.resize_and_crop_decoded(&palette);
+    /// assert!(as_opened.pixels().all(|p| p.0 == [0; 3] || p.0 == [255; 3]));
+    /// assert!(blended.pixels().all(|p| p.0[0] > 0 && p.0[0] < 255));
+    /// ```
+    pub fn with_rgb_first_loader(self) -> Self {
+        Self {
+            alpha: AlphaRule::DropFirst,
+            ..self
         }
     }
 
@@ -501,7 +535,7 @@ impl Preprocess {
     }
 
     /// The image as RGB by [`Preprocess::alpha`], at its own size: transparency over white
-    /// (transformers) or alpha dropped (open_clip). What a pipeline that converts to RGB
+    /// (transformers) or alpha dropped (open_clip, or a loader converting first). What a pipeline that converts to RGB
     /// before anything else (drawing on the image, showing it) works on.
     ///
     /// ```
@@ -522,7 +556,7 @@ impl Preprocess {
         if let DynamicImage::ImageRgb8(rgb) = img {
             return Cow::Borrowed(rgb);
         }
-        if self.alpha == AlphaRule::Drop || !img.color().has_alpha() {
+        if self.alpha != AlphaRule::OverWhite || !img.color().has_alpha() {
             return Cow::Owned(img.to_rgb8());
         }
         // Pillow's ImagingAlphaComposite of the image over opaque white (7 precision bits).

@@ -5,7 +5,8 @@
 //! lossless), GIF and BMP (with and without palettes), and one CMYK JPEG for its
 //! preprocessing; with Pillow's `Image.open(f).convert("RGBA")` of each, the 16 x 16 crops
 //! open_clip's and transformers' preprocessing make of it in Pillow, and the 19 x 19 image of
-//! open_clip's `resize_mode: "longest"` with `fill_color` 3, written by
+//! open_clip's `resize_mode: "longest"` with `fill_color` 3, and the same three of Pillow's
+//! `convert("RGB")` (a loader that converts first), written by
 //! `scripts/reference/formats_reference.py` (Pillow 13, libwebp 1.6). Pixels must agree bit
 //! for bit; the 16-bit grayscale case's reference is the high byte of each sample, not
 //! Pillow's (which clips every value over 255 to white).
@@ -22,6 +23,15 @@ struct Case {
     rgba: String,
     mode: String,
     pillow: bool,
+    open_clip: String,
+    transformers: String,
+    open_clip_longest: String,
+    /// The same three of `Image.open(f).convert("RGB")`: behind a loader that converts first.
+    rgb_first: RgbFirst,
+}
+
+#[derive(serde::Deserialize)]
+struct RgbFirst {
     open_clip: String,
     transformers: String,
     open_clip_longest: String,
@@ -136,7 +146,9 @@ fn mode_is_pillows() {
 /// crop their transforms make in Pillow. open_clip resizes (and pads) before converting to
 /// RGB, so a palette or bilevel image is resized by nearest neighbour (Pillow's `resize` of
 /// mode `P` and `1`), a CMYK JPEG is resized in CMYK, and `resize_mode: "longest"` pads
-/// with `fill_color` in the image's own mode; transformers converts first.
+/// with `fill_color` in the image's own mode; transformers converts first. Behind a loader
+/// that converts to RGB first (`with_rgb_first_loader`), each equals the transform of
+/// Pillow's `convert("RGB")`.
 #[test]
 fn preprocessing_each_format_equals_pillows_transforms() {
     let (dir, set) = fixture_set();
@@ -149,17 +161,34 @@ fn preprocessing_each_format_equals_pillows_transforms() {
     assert_eq!(longest.resize, Resize::LongestEdge(set.longest.size));
     assert_eq!(longest.pad_fill, set.longest.fill_color);
     let mut wrong = vec![];
-    for (p, name) in [
-        (Preprocess::open_clip(16), "open_clip"),
-        (Preprocess::transformers(16), "transformers"),
-        (longest, "open_clip longest"),
-    ] {
+    type Reference = fn(&Case) -> &String;
+    let transforms: [(Preprocess, &str, Reference); 6] = [
+        (Preprocess::open_clip(16), "open_clip", |c| &c.open_clip),
+        (Preprocess::transformers(16), "transformers", |c| {
+            &c.transformers
+        }),
+        (longest.clone(), "open_clip longest", |c| {
+            &c.open_clip_longest
+        }),
+        (
+            Preprocess::open_clip(16).with_rgb_first_loader(),
+            "RGB first, open_clip",
+            |c| &c.rgb_first.open_clip,
+        ),
+        (
+            Preprocess::transformers(16).with_rgb_first_loader(),
+            "RGB first, transformers",
+            |c| &c.rgb_first.transformers,
+        ),
+        (
+            longest.with_rgb_first_loader(),
+            "RGB first, open_clip longest",
+            |c| &c.rgb_first.open_clip_longest,
+        ),
+    ];
+    for (p, name, reference) in transforms {
         for c in &cases {
-            let want_file = match name {
-                "open_clip" => &c.open_clip,
-                "transformers" => &c.transformers,
-                _ => &c.open_clip_longest,
-            };
+            let want_file = reference(c);
             let want = image::open(dir.join(want_file)).unwrap().to_rgb8();
             let bytes = std::fs::read(dir.join(&c.file)).unwrap();
             let got = p.resize_and_crop_decoded(&decode_image_with_mode(&bytes).unwrap());
@@ -202,4 +231,54 @@ fn truncated_and_corrupted_headers_are_errors_or_images_never_panics() {
         }
     }
     assert!(decoded > 100, "{decoded}");
+}
+
+/// The loader's order matters for the images Pillow does not open as RGB or gray: behind a
+/// loader that converts first, open_clip's crop of a palette, bilevel, transparent or CMYK
+/// image differs from its crop of the image as opened (so the test above tells the two
+/// apart), and for transformers only transparency differs (dropped, not over white).
+#[test]
+fn converting_to_rgb_first_changes_exactly_the_images_not_opened_as_rgb_or_gray() {
+    let (dir, cases) = fixtures();
+    let crop = |file: &String| image::open(dir.join(file)).unwrap().to_rgb8();
+    let mut open_clip_changed = vec![];
+    let mut transformers_changed = vec![];
+    for c in &cases {
+        if crop(&c.open_clip) != crop(&c.rgb_first.open_clip) {
+            open_clip_changed.push(c.file.as_str());
+        }
+        if crop(&c.transformers) != crop(&c.rgb_first.transformers) {
+            transformers_changed.push(c.file.as_str());
+        }
+        let as_rgb_or_gray = ["RGB", "L"].contains(&c.mode.as_str()) || !c.pillow;
+        if as_rgb_or_gray {
+            assert!(
+                crop(&c.open_clip) == crop(&c.rgb_first.open_clip),
+                "{}",
+                c.file
+            );
+        }
+    }
+    let with_alpha = |f: &&str| {
+        ["rgba", "la", "alpha", "transparent"]
+            .iter()
+            .any(|a| f.contains(a))
+    };
+    assert!(
+        transformers_changed.iter().all(with_alpha),
+        "{transformers_changed:?}"
+    );
+    assert!(transformers_changed.len() >= 4, "{transformers_changed:?}");
+    for expected in [
+        "palette.png",
+        "palette.gif",
+        "bilevel.png",
+        "rgba8.png",
+        "cmyk.jpg",
+    ] {
+        assert!(
+            open_clip_changed.contains(&expected),
+            "{expected}: {open_clip_changed:?}"
+        );
+    }
 }

@@ -114,7 +114,7 @@ fn the_image_crates_decoder_misses_pillows_pixels_on_these_fixtures() {
 /// transformers' preprocessing of a JPEG equals its preprocessing of Pillow's RGB pixels, and
 /// open_clip's equals the crop its transform makes in Pillow, bit for bit. For a CMYK or YCCK
 /// JPEG the two differ: open_clip resizes Pillow's CMYK image before it converts to RGB, and
-/// the conversion is not linear.
+/// the conversion is not linear (a loader that converts to RGB first makes them equal again).
 #[test]
 fn preprocessing_a_jpeg_equals_pillows() {
     let (dir, cases) = fixtures();
@@ -132,6 +132,9 @@ fn preprocessing_a_jpeg_equals_pillows() {
         let crop = image::open(dir.join(&c.open_clip)).unwrap().to_rgb8();
         let got = open_clip.decode(&bytes).unwrap();
         assert_eq!(got, open_clip.apply(&crop.into()), "{}", c.jpeg);
+        // Behind a loader that converts to RGB first, open_clip's transform gets Pillow's RGB.
+        let rgb_first = open_clip.clone().with_rgb_first_loader().decode(&bytes);
+        assert_eq!(rgb_first.unwrap(), open_clip.apply(&rgb), "{}", c.jpeg);
         if c.mode == "CMYK" {
             assert_ne!(got, open_clip.apply(&rgb), "{}", c.jpeg);
             cmyk += 1;

@@ -12,7 +12,7 @@ use clipcid_models::{
 
 use crate::{input_error, PipelineError};
 
-/// How a model argument is read (`--config`, `--activation`, `--preprocess`).
+/// How a model argument is read (`--config`, `--activation`, `--preprocess`, `--rgb-first`).
 ///
 /// ```
 /// let opts = clipcid_pipeline::ModelOptions::default();
@@ -34,6 +34,15 @@ pub struct ModelOptions {
     /// crop) or `open-clip` (torchvision's round crop).
     #[arg(long, default_value = "auto")]
     pub preprocess: PreprocessFamily,
+    /// Preprocess each image as a loader that converts it to RGB first hands it over
+    /// (torchvision's `ImageFolder`, which CLIP_benchmark's ImageNet and folder datasets and
+    /// open_clip's `--imagenet-val` use; webdataset's `"pilrgb"`, as in open_clip's
+    /// WebDataset training loader): transparency dropped, palette, 1-bit and CMYK images
+    /// resized as RGB. Without it, images are preprocessed as `Image.open` gives them
+    /// (open_clip's examples and CSV loader, CLIP_benchmark's WebDataset sets). RGB and gray
+    /// photos are the same either way. Not recorded in the model files written.
+    #[arg(long)]
+    pub rgb_first: bool,
 }
 
 /// A model read from a model argument, with the preprocessing its family uses.
@@ -72,7 +81,12 @@ pub fn load_model(
     let config_source = ckpt.config_source.clone();
     let model = ClipModel::from_checkpoint(ckpt, device, dtype)?;
     let size = model.config().vision_config.image_size;
-    let (preprocess, from) = Preprocess::for_model(&path, size, opts.preprocess, open_clip)?;
+    let (mut preprocess, mut from) =
+        Preprocess::for_model(&path, size, opts.preprocess, open_clip)?;
+    if opts.rgb_first {
+        preprocess = preprocess.with_rgb_first_loader();
+        from.push_str(", images converted to RGB first");
+    }
     Ok(LoadedModel {
         path,
         model,

@@ -67,4 +67,11 @@ fn constructors_match_the_command_line_defaults() {
         clipcid_eval::ProbeMethod::ClipBenchmark(clipcid_eval::AdamWProbe::default())
     );
     assert_eq!(opts.validation_fraction, 0.0);
+    // A loader that converts to RGB first: off unless asked, on embed's model options and
+    // on eval's run.
+    assert!(!embed.model.rgb_first && !eval.rgb_first);
+    let embed: EmbedArgs = parse(&["--teacher", "t", "--data", "d", "--out", "o", "--rgb-first"]);
+    assert!(embed.model.rgb_first);
+    let eval: EvalArgs = parse(&["--model", "m", "--rgb-first"]);
+    assert!(eval.rgb_first);
 }

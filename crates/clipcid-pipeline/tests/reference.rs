@@ -161,6 +161,29 @@ fn the_wrong_crop_rule_or_activation_breaks_the_match() {
     assert!(compare(&txt, &r.open_clip.text).0 > 1e-3);
 }
 
+/// `--rgb-first` (a loader that converts to RGB before the transform, as torchvision's
+/// `ImageFolder`): the RGB and gray images embed exactly as before, and only the transparent
+/// one (6.png, RGBA: alpha dropped before the resize instead of after, or instead of
+/// composited over white) moves, in both families.
+#[test]
+fn converting_to_rgb_first_moves_only_the_transparent_image() {
+    let r = reference();
+    for (model, captions, theirs) in [
+        ("open_clip", "captions-open_clip.tsv", &r.open_clip.image),
+        ("hf", "captions.tsv", &r.hf.image),
+    ] {
+        let (img, _) = clipcid_rows(model, captions, None, |a| a.model.rgb_first = true);
+        for (i, name) in r.images.iter().enumerate() {
+            let (max, _) = compare(&img[i..=i], &theirs[i..=i]);
+            if name == "6.png" {
+                assert!(max > 1e-3, "{model} {name}: {max}");
+            } else {
+                assert!(max <= 1e-4, "{model} {name}: {max}");
+            }
+        }
+    }
+}
+
 #[test]
 fn tokenizer_ids_equal_open_clips() {
     let r = reference().tokenizer;

@@ -87,6 +87,14 @@ pub struct EvalArgs {
     /// features are normalised and compared in f32.
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: crate::Precision,
+    /// Preprocess every model's images as a loader that converts them to RGB first hands
+    /// them over: torchvision's `ImageFolder`, which CLIP_benchmark (for ImageNet and its
+    /// other folder datasets) and open_clip's `--imagenet-val` read class folders with
+    /// (transparency dropped, palette, 1-bit and CMYK images resized as RGB). Without it,
+    /// images are preprocessed as `Image.open` gives them, as for CLIP_benchmark's WebDataset
+    /// sets (`"pil"`). RGB and gray photos are the same either way.
+    #[arg(long)]
+    pub rgb_first: bool,
 }
 
 impl EvalArgs {
@@ -112,6 +120,7 @@ impl EvalArgs {
             out: out.into(),
             batch_size: 64,
             precision: crate::Precision::F32,
+            rgb_first: false,
         }
     }
 }
@@ -120,10 +129,15 @@ impl EvalArgs {
 /// writes `report.md`, `results.json` and plots to `args.out`; returns the report's markdown.
 pub fn eval(args: &EvalArgs, device: &Device) -> Result<String, PipelineError> {
     let tok = args.tokenizer.as_deref();
+    // Each model with its own files; the loader's order is the run's, the same for all.
+    let load = ModelOptions {
+        rgb_first: args.rgb_first,
+        ..ModelOptions::default()
+    };
     let mut models = vec![load_eval_model(
         "student",
         &args.model,
-        &ModelOptions::default(),
+        &load,
         tok,
         device,
         args.precision.dtype(),
@@ -135,7 +149,7 @@ pub fn eval(args: &EvalArgs, device: &Device) -> Result<String, PipelineError> {
             load_eval_model(
                 "teacher",
                 t,
-                &ModelOptions::default(),
+                &load,
                 teacher_tok,
                 device,
                 args.precision.dtype(),
@@ -149,7 +163,7 @@ pub fn eval(args: &EvalArgs, device: &Device) -> Result<String, PipelineError> {
         models.push(load_eval_model(
             name,
             Path::new(path),
-            &ModelOptions::default(),
+            &load,
             tok,
             device,
             args.precision.dtype(),
