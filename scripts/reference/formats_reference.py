@@ -4,24 +4,24 @@ fixtures for `clipcid_data::decode_image` and `Preprocess`.
     python -m venv ~/jpeg-venv && ~/jpeg-venv/bin/pip install pillow numpy pypng
     ~/jpeg-venv/bin/python scripts/reference/formats_reference.py crates/clipcid-data/tests/fixtures/pillow-formats
 
-Writes small images in every other format clipcid reads: PNG (RGB, RGBA, grayscale with
-alpha, a palette with and without a transparent entry, 1-bit; and 16 bits a sample in RGB,
-RGBA, grayscale with alpha and grayscale, which pypng writes since Pillow cannot), WebP
-(lossy, lossy with alpha, lossless), GIF (colour, gray, and gray with every level, whose
-palette is the gray ramp that Pillow opens as `L`), BMP (24-bit, palette, gray palette,
-1-bit), a palette PNG taller than wide, and a CMYK JPEG (Pillow's `convert("RGB")` of CMYK is
-not linear, and open_clip resizes before it converts); and beside each, `Image.open(f).convert("RGBA")` as an 8-bit PNG: the colour and
-alpha every PIL-based pipeline starts from (its `convert("RGB")` is the same colour with
-alpha dropped); and the 16 x 16 crop that open_clip's and transformers' preprocessing make
-of it, in Pillow alone (open_clip resizes before converting to RGB, and Pillow resizes a
-palette or bilevel image by nearest neighbour), and the 19 x 19 image of open_clip's
-`resize_mode: "longest"` with `fill_color` 3 (timm's `ResizeKeepRatio` and open_clip's
-`CenterCropOrPad`, whose torchvision `pad` fills a value of the image's own mode: palette
-index 3, white in a bilevel image, CMYK (3, 3, 3, 3)); and the same three of
+Writes small images in every other format clipcid reads: PNG (RGB, RGBA, grayscale with alpha,
+a palette with and without a transparent entry, 1-bit; and 16 bits a sample in RGB, RGBA,
+grayscale with alpha and grayscale, which pypng writes since Pillow cannot), WebP (lossy, lossy
+with alpha, lossless), GIF (colour, gray, and gray with every level, whose palette is the gray
+ramp that Pillow opens as `L`), BMP (24-bit, palette, gray palette, 1-bit), a palette PNG
+taller than wide, and a CMYK JPEG (Pillow's `convert("RGB")` of CMYK is not linear, and
+open_clip resizes before it converts); and beside each, `Image.open(f).convert("RGBA")` as an
+8-bit PNG: the colour and alpha every PIL-based pipeline starts from (its `convert("RGB")` is
+the same colour with alpha dropped); and the 16 x 16 crop that open_clip's and transformers'
+preprocessing make of it, in Pillow alone (open_clip resizes before converting to RGB, and
+Pillow resizes a palette or bilevel image by nearest neighbour), and the 19 x 19 image of
+open_clip's `resize_mode: "longest"` with `fill_color` 3 (timm's `ResizeKeepRatio` and
+open_clip's `CenterCropOrPad`, whose torchvision `pad` fills a value of the image's own mode:
+palette index 3, white in a bilevel image, CMYK (3, 3, 3, 3)); and the same three of
 `Image.open(f).convert("RGB")`, what a loader that converts to RGB first (torchvision's
-`ImageFolder`, webdataset's "pilrgb") hands either transform. `cases.json` lists them with Pillow's mode
-and the Pillow and libwebp versions. The test `crates/clipcid-data/tests/pillow_formats.rs` must give
-the same pixels, bit for bit.
+`ImageFolder`, webdataset's "pilrgb") hands either transform. `cases.json` lists them with
+Pillow's mode and the Pillow and libwebp versions. The test
+`crates/clipcid-data/tests/pillow_formats.rs` must give the same pixels, bit for bit.
 
 One case is not Pillow's: a 16-bit grayscale PNG opens as mode `I;16`, and Pillow's
 conversion to RGB clips every value over 255 to white, so nearly every such image becomes a

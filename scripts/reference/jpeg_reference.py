@@ -4,22 +4,22 @@
     python -m venv ~/jpeg-venv && ~/jpeg-venv/bin/pip install pillow numpy "PyTurboJPEG<2" imagecodecs
     ~/jpeg-venv/bin/python scripts/reference/jpeg_reference.py crates/clipcid-data/tests/fixtures/pillow-jpeg
 
-Writes small JPEGs that Pillow encodes (each chroma subsampling, progressive, restart
-markers, grayscale, CMYK, an EXIF orientation tag, sizes that are not whole MCUs), one YCCK
-JPEG (what Photoshop writes for CMYK; Pillow cannot write it, so TurboJPEG's compressor does,
-from CMYK pixels, through PyTurboJPEG 1.x and Debian's libturbojpeg), and three damaged ones
-(two that libjpeg decodes with a warning, one where a fatal error follows a warning); two
+Writes small JPEGs that Pillow encodes (each chroma subsampling, progressive, restart markers,
+grayscale, CMYK, an EXIF orientation tag, sizes that are not whole MCUs), one YCCK JPEG (what
+Photoshop writes for CMYK; Pillow cannot write it, so TurboJPEG's compressor does, from CMYK
+pixels, through PyTurboJPEG 1.x and Debian's libturbojpeg), and three damaged ones (two that
+libjpeg decodes with a warning, one where a fatal error follows a warning); two
 arithmetic-coded JPEGs (sequential and progressive; Debian's `cjpeg -arithmetic` writes them)
 and an 8-bit lossless one (SOF3, imagecodecs' libjpeg-turbo 3), which Pillow decodes, and a
 12-bit and a 16-bit lossless JPEG (imagecodecs), which Pillow refuses: it opens only 8-bit
-JPEGs ("cannot handle 12-bit layers"); and, beside each one Pillow decodes, `Image.open(f).convert("RGB")` as a PNG: what every PIL-based
-pipeline (open_clip's transform, transformers' PIL image processor) starts from; and the 16 x
-16 crop open_clip's transform makes of the opened image (`formats_reference.py`'s
-`open_clip_transform`), which resizes a CMYK or YCCK JPEG in CMYK before converting it.
-`cases.json` lists them with the Pillow, libjpeg-turbo, imagecodecs and cjpeg versions, and the
-ones Pillow refuses with its error (and, for the other precisions, the sample precision and
-the reason Pillow's JPEG reader gives). The test `crates/clipcid-data/tests/pillow_jpeg.rs` must give the
-same pixels, bit for bit.
+JPEGs ("cannot handle 12-bit layers"); and, beside each one Pillow decodes,
+`Image.open(f).convert("RGB")` as a PNG: what every PIL-based pipeline (open_clip's transform,
+transformers' PIL image processor) starts from; and the 16 x 16 crop open_clip's transform
+makes of the opened image (`formats_reference.py`'s `open_clip_transform`), which resizes a
+CMYK or YCCK JPEG in CMYK before converting it. `cases.json` lists them with the Pillow,
+libjpeg-turbo, imagecodecs and cjpeg versions, and the ones Pillow refuses with its error (and,
+for the other precisions, the sample precision and the reason Pillow's JPEG reader gives). The
+test `crates/clipcid-data/tests/pillow_jpeg.rs` must give the same pixels, bit for bit.
 """
 import json
 import os

@@ -46,10 +46,10 @@ pub enum AlphaRule {
     Drop,
     /// A loader's `image.convert("RGB")` before the transform (torchvision's `ImageFolder`
     /// `pil_loader`, which CLIP_benchmark's ImageNet and other folder datasets use;
-    /// webdataset's `"pilrgb"`, as open_clip's WebDataset loader decodes): the alpha channel dropped, palettes expanded, CMYK converted,
-    /// and then everything resized and padded as RGB, whichever transform follows (for both
-    /// open_clip's and `transformers`' the conversion is then a no-op).
-    /// [`Preprocess::with_rgb_first_loader`] sets it.
+    /// webdataset's `"pilrgb"`, as open_clip's WebDataset loader decodes): the alpha channel
+    /// dropped, palettes expanded, CMYK converted, and then everything resized and padded as
+    /// RGB, whichever transform follows (for both open_clip's and `transformers`' the
+    /// conversion is then a no-op). [`Preprocess::with_rgb_first_loader`] sets it.
     DropFirst,
 }
 
@@ -535,8 +535,9 @@ impl Preprocess {
     }
 
     /// The image as RGB by [`Preprocess::alpha`], at its own size: transparency over white
-    /// (transformers) or alpha dropped (open_clip, or a loader converting first). What a pipeline that converts to RGB
-    /// before anything else (drawing on the image, showing it) works on.
+    /// (transformers) or alpha dropped (open_clip, or a loader converting first). What a
+    /// pipeline that converts to RGB before anything else (drawing on the image, showing it)
+    /// works on.
     ///
     /// ```
     /// use clipcid_data::Preprocess;
