@@ -126,6 +126,46 @@ impl std::fmt::Display for PreprocessFamily {
     }
 }
 
+/// A one-line description for reports: the resize, the crop, and when and how the image
+/// becomes RGB.
+///
+/// ```
+/// use clipcid_data::Preprocess;
+/// assert_eq!(
+///     Preprocess::open_clip(224).to_string(),
+///     "shortest edge to 224 (bicubic), round centre crop to 224, resized as opened and \
+///      converted to RGB after (alpha dropped)"
+/// );
+/// let rgb_first = Preprocess::open_clip(224).with_rgb_first_loader().to_string();
+/// assert!(rgb_first.ends_with("converted to RGB first by the loader (alpha dropped)"));
+/// ```
+impl std::fmt::Display for Preprocess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.resize {
+            Resize::ShortestEdge(n) => write!(f, "shortest edge to {n}")?,
+            Resize::Exact { height, width } => write!(f, "squashed to {width} x {height}")?,
+            Resize::LongestEdge(n) => {
+                write!(f, "longest edge to {n}, padded with {}", self.pad_fill)?
+            }
+        }
+        let crop = match self.crop {
+            CropRule::Floor => "floor",
+            CropRule::Round => "round",
+        };
+        let rgb = match self.alpha {
+            AlphaRule::OverWhite => "converted to RGB first (transparency over white)",
+            AlphaRule::Drop => "resized as opened and converted to RGB after (alpha dropped)",
+            AlphaRule::DropFirst => "converted to RGB first by the loader (alpha dropped)",
+        };
+        write!(
+            f,
+            " ({}), {crop} centre crop to {}, {rgb}",
+            self.resample.name(),
+            self.image_size
+        )
+    }
+}
+
 /// Image -> normalised `[3, size, size]` pixels.
 ///
 /// ```

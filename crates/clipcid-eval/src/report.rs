@@ -75,6 +75,9 @@ pub struct AgreementPlan {
 pub struct EvalResults {
     /// Model names.
     pub models: Vec<String>,
+    /// Each model's image preprocessing, described (`Preprocess`'s `Display`: resize, crop,
+    /// and when the image becomes RGB, e.g. behind a loader that converts first).
+    pub preprocessing: Vec<String>,
     /// Zero-shot scores per model.
     pub zero_shot: Vec<Classification>,
     /// Class names of the classification sets.
@@ -284,6 +287,7 @@ pub fn evaluate(
     let names: Vec<String> = models.iter().map(|m| m.name.clone()).collect();
     let mut res = EvalResults {
         models: names.clone(),
+        preprocessing: models.iter().map(|m| m.preprocess.to_string()).collect(),
         ..Default::default()
     };
     let mut md = String::from("# Evaluation report\n\n");
@@ -291,11 +295,12 @@ pub fn evaluate(
         let params = m.model.parameter_count();
         let _ = writeln!(
             md,
-            "- **{}**: {:.2} M parameters, image {}px, embedding width {}",
+            "- **{}**: {:.2} M parameters, image {}px, embedding width {}; images: {}",
             m.name,
             params as f64 / 1e6,
             m.model.config().vision_config.image_size,
-            m.model.config().projection_dim
+            m.model.config().projection_dim,
+            m.preprocess
         );
     }
     md.push('\n');

@@ -554,9 +554,18 @@ fn eval_textness_and_export_from_the_command_line() {
     }
     // Class names come from the folder names, `_` as a space, in sorted order.
     assert_eq!(results["class_names"][0], "deep blue");
+    // Each model's preprocessing is recorded (clipcid's own files: transformers').
+    let transformers = "shortest edge to 32 (bicubic), floor centre crop to 32, \
+                        converted to RGB first (transparency over white)";
+    assert_eq!(
+        results["preprocessing"],
+        serde_json::json!([transformers, transformers, transformers])
+    );
+    assert!(text.contains(&format!("images: {transformers}")), "{text}");
     // In bf16 (features compared in f32) recalls move by at most one of the 6 captions: this
     // random student's near-ties may flip; the bf16 features themselves are checked to
-    // cosine >= 0.999 by the device parity tests.
+    // cosine >= 0.999 by the device parity tests. With --rgb-first, which leaves these RGB
+    // images' pixels as they are and is recorded in the results.
     let report16 = d.join("report-bf16");
     let (ok, text) = clipcid(&[
         "eval",
@@ -566,12 +575,18 @@ fn eval_textness_and_export_from_the_command_line() {
         s(&captioned),
         "--precision",
         "bf16",
+        "--rgb-first",
         "--out",
         s(&report16),
     ]);
     assert!(ok && text.contains("## Retrieval"), "{text}");
     let r16: serde_json::Value =
         serde_json::from_slice(&std::fs::read(report16.join("results.json")).unwrap()).unwrap();
+    let rgb_first = r16["preprocessing"][0].as_str().unwrap();
+    assert!(
+        rgb_first.ends_with("converted to RGB first by the loader (alpha dropped)"),
+        "{rgb_first}"
+    );
     for dir in ["image_to_text", "text_to_image"] {
         for k in 0..3 {
             let (a, b) = (
