@@ -248,9 +248,9 @@ fn jpegs_of_other_than_8_bit_samples_are_refused_as_pillow_refuses_them() {
     assert_eq!(precisions, [12, 16]);
 }
 
-/// Arithmetic coding and the lossless process, which Pillow decodes (the test above checks
-/// the pixels), are out of the `image` crate's reach: libjpeg-turbo is the only decoder here
-/// that reads them.
+/// Arithmetic coding and the lossless process, which Pillow decodes
+/// (`every_jpeg_decodes_to_pillows_pixels_bit_for_bit` checks the pixels), are out of the
+/// `image` crate's reach: libjpeg-turbo is the only decoder here that reads them.
 #[test]
 fn arithmetic_and_lossless_jpegs_need_libjpeg_turbo() {
     let (dir, cases) = fixtures();

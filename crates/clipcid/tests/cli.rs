@@ -564,8 +564,8 @@ fn eval_textness_and_export_from_the_command_line() {
     assert!(text.contains(&format!("images: {transformers}")), "{text}");
     // In bf16 (features compared in f32) recalls move by at most one of the 6 captions: this
     // random student's near-ties may flip; the bf16 features themselves are checked to
-    // cosine >= 0.999 by the device parity tests. With --rgb-first, which leaves these RGB
-    // images' pixels as they are and is recorded in the results.
+    // cosine >= 0.999 by the device parity tests. This run passes --rgb-first, which leaves
+    // these RGB images' pixels as they are; the results record it.
     let report16 = d.join("report-bf16");
     let (ok, text) = clipcid(&[
         "eval",
