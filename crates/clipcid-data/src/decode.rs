@@ -281,8 +281,9 @@ fn gif_first_frame_palette(bytes: &[u8]) -> Option<Vec<[u8; 3]>> {
     let mut at = 13;
     let global = match table_len(screen) {
         Some(len) => {
+            let table = needed(at, len);
             at += len;
-            needed(13, len)
+            table
         }
         None => None,
     };

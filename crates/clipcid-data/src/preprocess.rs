@@ -709,7 +709,7 @@ impl Preprocess {
             height: nh.min(s) as usize,
         };
         let (w, h) = (img.width(), img.height());
-        let before_rgb = self.alpha == AlphaRule::Drop;
+        let before_rgb = self.resizes_as_opened();
         let cmyk = match mode {
             // A CMYK buffer that is not this image's (made by hand) is not used.
             PillowMode::Cmyk(c) if before_rgb && c.len() == w as usize * h as usize * 4 => Some(c),
@@ -744,11 +744,17 @@ impl Preprocess {
         out
     }
 
+    /// Whether the image is resized and padded as Pillow holds it, converted to RGB after
+    /// (open_clip's transform on the opened image, [`AlphaRule::Drop`]), not as RGB.
+    fn resizes_as_opened(&self) -> bool {
+        self.alpha == AlphaRule::Drop
+    }
+
     /// The padding's colour in RGB: [`Preprocess::pad_fill`] in the image's mode where the
     /// transform pads before it converts (open_clip's), else a gray.
     fn pad_colour(&self, mode: &PillowMode) -> [u8; 3] {
         let f = self.pad_fill;
-        if self.alpha != AlphaRule::Drop {
+        if !self.resizes_as_opened() {
             return [f; 3];
         }
         match mode {

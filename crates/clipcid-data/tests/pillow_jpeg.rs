@@ -219,12 +219,11 @@ fn a_fatal_error_after_a_warning_is_not_taken_as_a_warning() {
 fn jpegs_of_other_than_8_bit_samples_are_refused_as_pillow_refuses_them() {
     let (dir, cases) = read_cases();
     let mut precisions = vec![];
-    for r in cases
+    for (r, bits) in cases
         .refused_by_pillow
         .iter()
-        .filter(|r| r.precision.is_some())
+        .filter_map(|r| Some((r, r.precision?)))
     {
-        let bits = r.precision.unwrap();
         let reason = r.pillow_reason.as_deref().unwrap();
         assert_eq!(
             reason,
