@@ -7,7 +7,8 @@
 #                                 strips it and packs it with the shared libraries it needs
 #                                 that a bare machine may lack (OpenBLAS, LAPACK, gfortran)
 #                                 and the device-parametrised test binaries (same features)
-#                                 into gpu-check/pack.tar.xz (at most 60 MiB, to carry);
+#                                 into gpu-check/pack.tar.xz (with the working tree at
+#                                 most 63 MiB, to carry);
 #   scripts/gpu-check.sh          there: unpacks, points LD_LIBRARY_PATH at the CUDA
 #                                 libraries of the Python environment's nvidia-* wheels, runs
 #                                 `clipcid --device cuda:0 self-check --bench` and then
@@ -59,11 +60,16 @@ for line in sys.stdin:
   tar -C "$out/stage" -cJf "$out/pack.tar.xz" .
   rm -rf "$out/stage"
   ls -l "$out/pack.tar.xz"
+  # The device tool carries the working tree and this pack, 64 MiB in all; keep 1 MiB spare.
   size=$(stat -c %s "$out/pack.tar.xz")
-  if [ "$size" -gt $((60 * 1024 * 1024)) ]; then
-    echo "pack.tar.xz is $size bytes: over the 60 MiB that leaves room to carry it" >&2
+  tree=$(cd "$root" && { git ls-files -z --cached --others --exclude-standard \
+    | xargs -0 stat -c %s 2>/dev/null || true; } | awk '{ s += $1 } END { print s + 0 }')
+  if [ $((size + tree)) -gt $((63 * 1024 * 1024)) ]; then
+    echo "pack.tar.xz is $size bytes and the working tree $tree: over the 63 MiB that" \
+      "leaves room to carry both (64 MiB in all)" >&2
     exit 1
   fi
+  echo "pack.tar.xz $size bytes + working tree $tree bytes, of 64 MiB carried"
   exit 0
 fi
 
