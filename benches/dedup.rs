@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use clipcid_dedup::{balance, BalanceOptions};
-use clipcid_suite::{bench_arg as arg, loaded_blas, peak_rss_mb};
+use clipcid_suite::{bench_arg as arg, blas_line, peak_rss_mb};
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 
@@ -85,10 +85,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|n| n.get())
             .unwrap_or(1)
     );
-    println!(
-        "BLAS: {}",
-        loaded_blas().unwrap_or_else(|| "none mapped".into())
-    );
+    println!("{}", blas_line());
     println!();
     println!("| stage | seconds |");
     println!("|---|---:|");

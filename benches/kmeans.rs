@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use clipcid_cluster::KMeans;
-use clipcid_suite::{bench_arg as arg, faiss_has_avx2_kernel, loaded_blas, median};
+use clipcid_suite::{bench_arg as arg, blas_line, faiss_has_avx2_kernel, median};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
@@ -42,10 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|n| n.get())
             .unwrap_or(1)
     );
-    println!(
-        "BLAS: {}",
-        loaded_blas().unwrap_or_else(|| "none mapped".into())
-    );
+    println!("{}", blas_line());
     println!(
         "faiss L2 top-1 kernel: {}",
         match faiss_has_avx2_kernel() {

@@ -42,6 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "clipcid-eval L-BFGS (argmin, m = 10), f64 via OpenBLAS; n={n} d={d} classes={k} sigma={sigma} C={c} (l2 = {l2:.3e}), median of {reps} after 1 warm-up"
     );
+    println!("{}", clipcid_suite::blas_line());
     LogisticRegression::fit(&data, k, l2, 1000, None)?;
     let mut times = vec![];
     let mut last = None;

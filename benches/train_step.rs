@@ -38,6 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|n| n.get())
         .unwrap_or(1);
     println!("candle 0.11 CPU, {threads} threads, batch {batch}, f32, median of {reps} after {warmup} warm-up");
+    println!("{}", clipcid_suite::blas_line());
     println!();
     println!("| student | loss | forward+loss s | backward s | AdamW s | step s | samples/s |");
     println!("|---|---|---:|---:|---:|---:|---:|");

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use clipcid_models::{ClipConfig, ClipModel};
-use clipcid_suite::{bench_arg as arg, median};
+use clipcid_suite::{bench_arg as arg, blas_line, median};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (batch, reps, warmup) = (arg("--batch", 32), arg("--reps", 5), arg("--warmup", 1));
@@ -23,6 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "candle 0.11 CPU, {} threads, batch {batch}, f32, median of {reps} after {warmup} warm-up",
         rayon_threads()
     );
+    println!("{}", blas_line());
     println!();
     println!("| model | vision params (M) | median s/batch | min s | images/s |");
     println!("|---|---:|---:|---:|---:|");

@@ -122,6 +122,22 @@ pub fn loaded_blas() -> Option<String> {
         .map(str::to_string)
 }
 
+/// One header line for a benchmark: the BLAS library this process loaded ([`loaded_blas`]) and
+/// the OpenBLAS kernel set that runs its products (`clipcid_kernels::blas::openblas_core`);
+/// both change the speed, and the kernel set the last bits of the results.
+pub fn blas_line() -> String {
+    let core = clipcid_kernels::blas::openblas_core();
+    let replaced = core
+        .replaced
+        .map(|old| format!(" (OpenBLAS had picked {old}, without AVX, for this CPU)"))
+        .unwrap_or_default();
+    format!(
+        "BLAS: {}, kernels {}{replaced}",
+        loaded_blas().unwrap_or_else(|| "none mapped".into()),
+        core.name
+    )
+}
+
 /// Name of faiss's fused AVX2 kernel for L2 nearest-centroid search (distances plus arg-min
 /// in one pass over each distance block). faiss compiles it only when `__AVX2__` is defined,
 /// which `.cargo/config.toml` arranges on x86-64 CPUs that have AVX2 (`-march=native`).

@@ -108,6 +108,12 @@ impl KMeans {
         unit_rows: Option<f64>,
     ) -> Result<Centroids, ClusterError> {
         let runs = if init.is_some() { 1 } else { self.redo };
+        // faiss's products run on OpenBLAS; naming its kernels here also links
+        // clipcid-kernels' start-up check of them (`clipcid_kernels::blas::core_type`).
+        log::debug!(
+            "k-means on OpenBLAS's {} kernels",
+            clipcid_kernels::blas::openblas_core().name
+        );
         let params = self.params(seed, runs)?;
         let mut clustering = Clustering::new_with_params(d as u32, self.k as u32, &params)?;
         if let Some(init) = init {

@@ -16,11 +16,19 @@
 //! With any other BLAS build (pthreads OpenBLAS, when the OpenMP one is not installed) and
 //! for small products, a product goes to BLAS whole and BLAS threads it itself.
 //!
+//! [`openblas_core`] says which of OpenBLAS's kernel sets runs the products; where OpenBLAS
+//! files a new CPU under a set without AVX, clipcid has it choose again when the process
+//! starts (see [`core_type`]).
+//!
 //! Unsafe code: three C functions, `openblas_get_parallel` (OpenBLAS: which threading the
 //! build uses), `omp_get_max_threads` and `omp_set_num_threads` (libgomp: the calling
 //! thread's team size). None takes a pointer, none can fail, and all may be called from any
-//! thread at any time; this is the workspace's only unsafe code.
+//! thread at any time. [`core_type`] says what its own unsafe code does.
 #![allow(unsafe_code)]
+
+pub mod core_type;
+
+pub use core_type::{openblas_core, OpenBlasCore};
 
 use std::ffi::c_int;
 use std::sync::OnceLock;

@@ -5,7 +5,9 @@
 //!   attention, a whole transformer block, AdamW in place); each kernel reduces in a fixed
 //!   order, so results do not depend on the thread count.
 //! - [`blas`]: matrix products on the system BLAS, cut into one single-threaded `sgemm` per
-//!   thread of candle's CPU pool, so a training step uses one set of threads.
+//!   thread of candle's CPU pool, so a training step uses one set of threads; and OpenBLAS's
+//!   kernel set, chosen again at start-up where OpenBLAS files a new CPU under one without
+//!   AVX ([`blas::openblas_core`]).
 //! - [`gather_rows`]: rows of a table by index (an embedding lookup) whose backward pass on a
 //!   GPU ([`gather_rows_backward`]) sums each row's gradients in parallel, in a fixed order.
 //! - [`l2_normalize`] and [`max_abs_diff`]: small tensor helpers every stage uses.

@@ -236,6 +236,23 @@ pub fn demo_kmeans(k: usize, location: DeviceLocation) -> clipcid_cluster::KMean
     kmeans_for(k, location).iterations(20).seed(0)
 }
 
+/// Which OpenBLAS kernels ran the CPU's matrix products: scores differ in their last digits
+/// between kernel sets, so a report says which one it came from.
+fn blas_line() -> String {
+    let core = clipcid_kernels::blas::openblas_core();
+    let replaced = core.replaced.map_or(String::new(), |old| {
+        format!(
+            " (OpenBLAS had filed this CPU under `{old}`, a set without AVX, and clipcid had it \
+             choose again: docs/guide.md, \"OpenBLAS's kernels\")"
+        )
+    });
+    format!(
+        "CPU matrix products ran on OpenBLAS's `{}` kernels{replaced}; another kernel set \
+         (another CPU) rounds differently, so scores can differ in their last digits.",
+        core.name
+    )
+}
+
 fn train(config: DistillConfig, out: &Path, device: &Device) -> Result<(RunSummary, ClipModel)> {
     let (summary, student) = crate::train_student(config, out, true, device)?;
     Ok((summary, ClipModel::load(&student, device)?))
@@ -756,6 +773,7 @@ pub fn run(opts: &DemoOptions, device: &Device, say: &mut dyn FnMut(&str)) -> Re
          - Loss curves (seed 0): {}\n\n\
          Re-run a student with the configs beside this folder: `clipcid distill --config {} --out runs/x`.\n\
          Total time {:.0} s ({}).\n\n\
+         {}\n\n\
          ## Data: sizes, sources, licences\n\n{}\n{source}",
         opts.student_rows,
         opts.seeds,
@@ -764,6 +782,7 @@ pub fn run(opts: &DemoOptions, device: &Device, say: &mut dyn FnMut(&str)) -> Re
         out.join("configs/clip-cid-seed0.toml").display(),
         started.elapsed().as_secs_f64(),
         clock.summary(),
+        blas_line(),
         data.sources.trim_start_matches(|c| c != '\n').trim(),
     );
     clipcid_store::io::write_atomic(&report.join("README.md"), md.as_bytes())?;

@@ -187,6 +187,22 @@ fn main() {
         _ => "debug",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    let blas = clipcid_kernels::blas::openblas_core();
+    if let Some(old) = &blas.replaced {
+        log::info!(
+            "OpenBLAS filed this CPU under its {old} kernels (no AVX); running its {} kernels \
+             instead (OPENBLAS_CORETYPE chooses a set)",
+            blas.name
+        );
+    }
+    if let Some(set) = clipcid_kernels::blas::core_type::suggested_core_type() {
+        log::warn!(
+            "OpenBLAS runs its {} kernels, without AVX, on a CPU with AVX, so CPU products run \
+             several times slower: set OPENBLAS_CORETYPE={set} (docs/guide.md, \"OpenBLAS's \
+             kernels\")",
+            blas.name
+        );
+    }
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
