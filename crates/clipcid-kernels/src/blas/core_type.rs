@@ -8,12 +8,12 @@
 //! under `Prescott`, a Pentium 4 of 2004 (SSE3, no AVX), because its model switch has no case
 //! for the model and falls through to the Pentium 4's. Every `sgemm` of training, near-pair
 //! tiles, the linear probe and faiss's k-means then runs SSE3 kernels: a 1-epoch locked-text
-//! teacher took 41.5 s there instead of 13.3 s with the AVX-512 kernels (docs/benchmarks.md,
+//! teacher took about 36 s there instead of 11 s with the AVX-512 kernels (docs/benchmarks.md,
 //! "OpenBLAS's kernels"). The results also differ from an AVX machine's in the last bits, so
 //! numbers recorded on one machine did not reproduce on the other.
 //!
-//! When the process starts (an ELF initialiser, before `main` and before any thread, so no
-//! product can be running), clipcid checks OpenBLAS's choice: where it is a set without AVX on
+//! When the process starts (an ELF initialiser, after the shared libraries' and before `main`,
+//! so no product can be running), clipcid checks OpenBLAS's choice: where it is a set without AVX on
 //! a CPU that has AVX, it makes OpenBLAS choose again, through its own documented override
 //! (`OPENBLAS_CORETYPE`, set for the call and removed after) and its own initialiser, with the
 //! set OpenBLAS itself falls back to for a CPU it does not know: `Cooperlake` with AVX-512
@@ -27,7 +27,8 @@
 //!
 //! Unsafe code: reading OpenBLAS's core name (a static string), looking up and calling
 //! OpenBLAS's exported `gotoblas_dynamic_quit`/`gotoblas_dynamic_init` (no arguments), and
-//! setting an environment variable, all before `main`, when the process has one thread.
+//! setting an environment variable, all before `main`, when only OpenBLAS's own threads (in
+//! its pthreads build, which is therefore left alone) can exist.
 
 use std::ffi::{c_char, CStr};
 use std::sync::OnceLock;
@@ -77,7 +78,8 @@ const OPENBLAS_PTHREADS: std::ffi::c_int = 1;
 
 /// The `OPENBLAS_CORETYPE` that would give this process kernels for its CPU, where OpenBLAS
 /// still runs a set without AVX on a CPU with AVX: with OpenBLAS's pthreads build, whose
-/// choice clipcid leaves alone (see the [module docs](self)). `None` where the kernels fit.
+/// choice clipcid leaves alone (see the [module docs](self)), or where `OPENBLAS_CORETYPE`
+/// asked for such a set. `None` where the kernels fit the CPU.
 ///
 /// ```
 /// if let Some(set) = clipcid_kernels::blas::core_type::suggested_core_type() {
@@ -94,12 +96,9 @@ pub fn suggested_core_type() -> Option<&'static str> {
 /// What the initialiser replaced (set once, before `main`).
 static REPLACED: OnceLock<Option<String>> = OnceLock::new();
 
-// The correction runs on Linux on x86-64 only; elsewhere what follows serves the tests.
+// x86 only: on other architectures what follows serves the tests.
 /// OpenBLAS's x86 kernel sets that use no AVX (names as `openblas_get_corename` gives them).
-#[cfg_attr(
-    not(all(target_os = "linux", target_arch = "x86_64")),
-    allow(dead_code)
-)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const WITHOUT_AVX: &[&str] = &[
     "Katmai",
     "Coppermine",
@@ -121,10 +120,7 @@ const WITHOUT_AVX: &[&str] = &[
 
 /// The widest x86 vector instructions this CPU and its OS support, as OpenBLAS ranks them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-#[cfg_attr(
-    not(all(target_os = "linux", target_arch = "x86_64")),
-    allow(dead_code)
-)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) enum VectorLevel {
     /// No AVX (or the OS does not save its registers).
     None,
@@ -142,7 +138,6 @@ impl VectorLevel {
     /// This CPU's level (`is_x86_feature_detected!` also checks that the OS saves the
     /// registers, as OpenBLAS's own checks do).
     #[cfg(target_arch = "x86_64")]
-    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     fn of_this_cpu() -> Self {
         use std::arch::is_x86_feature_detected as has;
         let avx512 = has!("avx512f")
@@ -167,10 +162,7 @@ impl VectorLevel {
 /// The kernel set to replace OpenBLAS's `picked` with on a CPU of `level`: the set OpenBLAS
 /// itself falls back to for an unknown CPU of that level (its `gotoblas_dynamic_init`), where
 /// `picked` has no AVX and the CPU has it; otherwise `None` (OpenBLAS's choice stands).
-#[cfg_attr(
-    not(all(target_os = "linux", target_arch = "x86_64")),
-    allow(dead_code)
-)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) fn replacement(picked: &str, level: VectorLevel) -> Option<&'static str> {
     if !WITHOUT_AVX.iter().any(|c| c.eq_ignore_ascii_case(picked)) {
         return None;
@@ -201,7 +193,7 @@ fn corename() -> String {
 
 /// Runs before `main` in every executable that links this module (the loader calls the
 /// functions listed in `.init_array` after the shared libraries', so OpenBLAS is loaded and
-/// initialised, and before `main`, so the process has one thread). Written out rather than
+/// initialised, and before `main`, so no product has run). Written out rather than
 /// through the `ctor` crate: one ELF section entry, on the one platform (Linux on x86-64)
 /// where the misfiling happens, is less than that crate's proc-macro build.
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
