@@ -126,15 +126,10 @@ pub fn loaded_blas() -> Option<String> {
 /// the OpenBLAS kernel set that runs its products (`clipcid_kernels::blas::openblas_core`);
 /// both change the speed, and the kernel set the last bits of the results.
 pub fn blas_line() -> String {
-    let core = clipcid_kernels::blas::openblas_core();
-    let replaced = core
-        .replaced
-        .map(|old| format!(" (OpenBLAS had picked {old}, without AVX, for this CPU)"))
-        .unwrap_or_default();
     format!(
-        "BLAS: {}, kernels {}{replaced}",
+        "BLAS: {}, kernels {}",
         loaded_blas().unwrap_or_else(|| "none mapped".into()),
-        core.name
+        clipcid_kernels::blas::openblas_core()
     )
 }
 

@@ -42,17 +42,33 @@ extern "C" {
 }
 
 /// `openblas_get_parallel()`: 0 single-threaded build, 1 pthreads, 2 OpenMP.
+const OPENBLAS_PTHREADS: c_int = 1;
 const OPENBLAS_OPENMP: c_int = 2;
 
 /// Products with fewer multiply-adds than this go to BLAS whole: OpenBLAS runs them on one
 /// thread anyway (its own threshold is 4 x 65,536), and splitting would only add hand-offs.
 const SPLIT_MIN_MACS: usize = 1 << 20;
 
+/// How the loaded OpenBLAS build threads (`openblas_get_parallel()`).
+fn openblas_threading() -> c_int {
+    // SAFETY: a getter without arguments; OpenBLAS initialises itself when loaded.
+    unsafe { openblas_get_parallel() }
+}
+
 /// Whether the loaded OpenBLAS threads with OpenMP (checked once per process).
 pub fn openblas_uses_openmp() -> bool {
     static OPENMP: OnceLock<bool> = OnceLock::new();
-    // SAFETY: a getter without arguments; OpenBLAS initialises itself when loaded.
-    *OPENMP.get_or_init(|| unsafe { openblas_get_parallel() } == OPENBLAS_OPENMP)
+    *OPENMP.get_or_init(|| openblas_threading() == OPENBLAS_OPENMP)
+}
+
+/// Whether the loaded OpenBLAS is its pthreads build, whose worker threads start when it is
+/// loaded (see [`core_type`]).
+#[cfg_attr(
+    not(all(target_os = "linux", target_arch = "x86_64")),
+    allow(dead_code)
+)]
+fn openblas_uses_pthreads() -> bool {
+    openblas_threading() == OPENBLAS_PTHREADS
 }
 
 /// Restores the calling thread's OpenMP team size when dropped (also on unwinding).

@@ -239,17 +239,11 @@ pub fn demo_kmeans(k: usize, location: DeviceLocation) -> clipcid_cluster::KMean
 /// Which OpenBLAS kernels ran the CPU's matrix products: scores differ in their last digits
 /// between kernel sets, so a report says which one it came from.
 fn blas_line() -> String {
-    let core = clipcid_kernels::blas::openblas_core();
-    let replaced = core.replaced.map_or(String::new(), |old| {
-        format!(
-            " (OpenBLAS had filed this CPU under `{old}`, a set without AVX, and clipcid had it \
-             choose again: docs/guide.md, \"OpenBLAS's kernels\")"
-        )
-    });
     format!(
-        "CPU matrix products ran on OpenBLAS's `{}` kernels{replaced}; another kernel set \
-         (another CPU) rounds differently, so scores can differ in their last digits.",
-        core.name
+        "CPU matrix products ran on OpenBLAS's kernel set {}; another kernel set (another CPU) \
+         rounds differently, so scores can differ in their last digits (docs/guide.md, \
+         \"OpenBLAS's kernels\").",
+        clipcid_kernels::blas::openblas_core()
     )
 }
 

@@ -188,12 +188,8 @@ fn main() {
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
     let blas = clipcid_kernels::blas::openblas_core();
-    if let Some(old) = &blas.replaced {
-        log::info!(
-            "OpenBLAS filed this CPU under its {old} kernels (no AVX); running its {} kernels \
-             instead (OPENBLAS_CORETYPE chooses a set)",
-            blas.name
-        );
+    if blas.replaced.is_some() {
+        log::info!("OpenBLAS's kernels: {blas}; OPENBLAS_CORETYPE chooses a set");
     }
     if let Some(set) = clipcid_kernels::blas::core_type::suggested_core_type() {
         log::warn!(

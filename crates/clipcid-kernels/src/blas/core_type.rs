@@ -49,6 +49,19 @@ pub struct OpenBlasCore {
     pub replaced: Option<String>,
 }
 
+/// `Cooperlake`, or `Cooperlake (OpenBLAS had picked Prescott, without AVX, for this CPU)`
+/// where clipcid replaced OpenBLAS's choice: the wording of the log, the demo's report and
+/// the benchmarks' headers.
+impl std::fmt::Display for OpenBlasCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)?;
+        if let Some(old) = &self.replaced {
+            write!(f, " (OpenBLAS had picked {old}, without AVX, for this CPU)")?;
+        }
+        Ok(())
+    }
+}
+
 /// The kernel set OpenBLAS runs in this process, and the one it replaced, if any.
 ///
 /// ```
@@ -58,6 +71,8 @@ pub struct OpenBlasCore {
 /// if let Some(old) = &core.replaced {
 ///     assert_ne!(old, &core.name);
 /// }
+/// // Displayed as the set, and the one it replaced where there is one.
+/// assert!(core.to_string().starts_with(&core.name));
 /// ```
 pub fn openblas_core() -> OpenBlasCore {
     // The linker keeps an object file of this crate only where something in it is used, and
@@ -71,10 +86,6 @@ pub fn openblas_core() -> OpenBlasCore {
         replaced: REPLACED.get().cloned().flatten(),
     }
 }
-
-/// `openblas_get_parallel()` of OpenBLAS's pthreads build.
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-const OPENBLAS_PTHREADS: std::ffi::c_int = 1;
 
 /// The `OPENBLAS_CORETYPE` that would give this process kernels for its CPU, where OpenBLAS
 /// still runs a set without AVX on a CPU with AVX: with OpenBLAS's pthreads build, whose
@@ -223,8 +234,7 @@ fn replace_misfiled_core() -> Option<String> {
     // of 30 starts. That build keeps its choice ([`suggested_core_type`] says what to set);
     // the OpenMP build (which the workspace's run path loads) and the single-threaded one
     // have no threads before `main`.
-    // SAFETY: a getter without arguments, as in the parent module.
-    if unsafe { super::openblas_get_parallel() } == OPENBLAS_PTHREADS {
+    if super::openblas_uses_pthreads() {
         return None;
     }
     let picked = corename();
@@ -294,8 +304,7 @@ mod tests {
         let core = openblas_core();
         let level = VectorLevel::of_this_cpu();
         let user_choice = std::env::var_os("OPENBLAS_CORETYPE").is_some();
-        // SAFETY: a getter without arguments.
-        if unsafe { super::super::openblas_get_parallel() } == OPENBLAS_PTHREADS {
+        if super::super::openblas_uses_pthreads() {
             println!("skipped: OpenBLAS's pthreads build keeps its choice");
             assert_eq!(core.replaced, None);
             return;
