@@ -1,6 +1,7 @@
 //! Helpers shared by the workspace-level integration tests, benchmarks and examples.
 #![deny(missing_docs)]
 
+pub mod torch_zip;
 pub mod toy;
 
 /// The allocator of the `clipcid` binary (see its `main.rs`), so that benchmarks and examples

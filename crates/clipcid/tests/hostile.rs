@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use clipcid_suite::torch_zip;
 
 mod common;
 
@@ -618,6 +619,39 @@ fn hostile_inputs_end_in_named_errors_or_named_skips() {
         ],
         Expect::Error(&["embeddings-00000", "does not fill its data range"]),
     );
+    // Crafted PyTorch checkpoints: candle's pickle reader (patched, vendor/README.md).
+    let pickles = [
+        (
+            "bomb",
+            "PyTorch checkpoint whose pickle doubles an object 40 times",
+            torch_zip::memo_doubling(40),
+            "512 MiB of objects",
+        ),
+        (
+            "deep",
+            "PyTorch checkpoint nesting 200,000 tuples",
+            torch_zip::nested_tuples(200_000),
+            "deeper than 64 levels",
+        ),
+    ];
+    for (dir, name, pickle, said) in pickles {
+        let file = format!("{dir}/pytorch_model.bin");
+        b.write(&file, torch_zip::torch_save_zip(&pickle, &[]).unwrap());
+        let out = format!("e-{dir}");
+        let args = [
+            "embed",
+            "--teacher",
+            &file,
+            "--data",
+            "data",
+            "--out",
+            &out,
+            "--tokenizer",
+            "tok.json",
+            "--quiet",
+        ];
+        b.case(3, name, &args, Expect::Error(&["pytorch_model.bin", said]));
+    }
     let mut cfg: serde_json::Value = serde_json::from_str(
         &clipcid_store::io::read_header(&b.path("teacher.safetensors"))
             .unwrap()

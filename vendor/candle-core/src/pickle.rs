@@ -4,9 +4,49 @@
 use crate::{Context, DType, Error as E, Layout, Result, Tensor};
 use byteorder::{LittleEndian, ReadBytesExt};
 use std::collections::HashMap;
-use std::io::BufRead;
+use std::io::{BufRead, Read};
 
 const VERBOSE: bool = false;
+
+/// The most bytes of objects one pickle may build, counting every object it creates and every
+/// copy the memo hands out (a crafted file's memo can double a value with each `BINGET`; a
+/// state dict, even of a multi-billion-parameter model, builds a few megabytes).
+const MAX_WORKING_SET: u64 = 512 << 20;
+
+/// The deepest an object may nest (a state dict nests about eight levels). Cloning, comparing
+/// and dropping an object recurse once per level, so an unbounded chain of `TUPLE1` would
+/// overflow the thread's stack, which aborts the process.
+const MAX_DEPTH: u32 = 64;
+
+/// How deep an object nests and how many bytes it holds, itself and everything inside it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Extent {
+    depth: u32,
+    bytes: u64,
+}
+
+impl Extent {
+    /// The extent of two objects side by side (the children of one container).
+    fn beside(self, other: Extent) -> Extent {
+        Extent {
+            depth: self.depth.max(other.depth),
+            bytes: self.bytes.saturating_add(other.bytes),
+        }
+    }
+}
+
+/// The bytes an object holds itself: its own node and its strings, not its children.
+fn own_bytes(obj: &Object) -> u64 {
+    let heap = match obj {
+        Object::Class {
+            module_name,
+            class_name,
+        } => module_name.len() + class_name.len(),
+        Object::Unicode(s) => s.len(),
+        _ => 0,
+    };
+    (std::mem::size_of::<Object>() + heap) as u64
+}
 
 // https://docs.juliahub.com/Pickle/LAUNc/0.1.0/opcode/
 #[repr(u8)]
@@ -224,6 +264,13 @@ impl Object {
                 class_name,
             } if module_name == "torch._tensor" && class_name == "_rebuild_from_type_v2" => {
                 let mut args = args.tuple()?;
+                // (func, type, args, state)
+                if args.len() < 3 {
+                    crate::bail!(
+                        "_rebuild_from_type_v2 takes 4 arguments, got {}",
+                        args.len()
+                    )
+                }
                 let callable = args.remove(0);
                 let args = args.remove(1);
                 (callable, args)
@@ -233,6 +280,9 @@ impl Object {
                 class_name,
             } if module_name == "torch._utils" && class_name == "_rebuild_parameter" => {
                 let mut args = args.tuple()?;
+                if args.is_empty() {
+                    crate::bail!("_rebuild_parameter without arguments")
+                }
                 args.remove(0).reduce()?
             }
             _ => (callable, args),
@@ -270,6 +320,9 @@ impl TryFrom<Object> for usize {
     fn try_from(value: Object) -> std::result::Result<Self, Self::Error> {
         match value {
             Object::Int(s) if s >= 0 => Ok(s as usize),
+            // Python pickles an integer past 2^31 - 1 (a dimension or stride that large) as
+            // LONG1.
+            Object::Long(s) if s >= 0 && usize::try_from(s).is_ok() => Ok(s as usize),
             other => Err(other),
         }
     }
@@ -295,14 +348,24 @@ impl<T: TryFrom<Object, Error = Object>> TryFrom<Object> for Vec<T> {
 #[derive(Debug)]
 pub struct Stack {
     stack: Vec<Object>,
-    memo: HashMap<u32, Object>,
+    /// The extent of each object of `stack`, in step with it.
+    extents: Vec<Extent>,
+    memo: HashMap<u32, (Object, Extent)>,
+    /// What the objects popped since the last push or absorb hold together: the children of
+    /// the container the current opcode builds.
+    popped: Extent,
+    /// Bytes built or copied so far, against `MAX_WORKING_SET`.
+    built: u64,
 }
 
 impl Stack {
     pub fn empty() -> Self {
         Self {
             stack: Vec::with_capacity(512),
+            extents: Vec::with_capacity(512),
             memo: HashMap::new(),
+            popped: Extent::default(),
+            built: 0,
         }
     }
 
@@ -323,15 +386,64 @@ impl Stack {
         self.pop()
     }
 
-    fn push(&mut self, obj: Object) {
-        self.stack.push(obj)
+    /// Counts `bytes` more built or copied, failing past `MAX_WORKING_SET`.
+    fn charge(&mut self, bytes: u64) -> Result<()> {
+        self.built = self.built.saturating_add(bytes);
+        if self.built > MAX_WORKING_SET {
+            crate::bail!(
+                "pickle builds more than {} MiB of objects (a state dict builds a few): refusing it",
+                MAX_WORKING_SET >> 20
+            )
+        }
+        Ok(())
+    }
+
+    fn check_depth(depth: u32) -> Result<()> {
+        if depth > MAX_DEPTH {
+            crate::bail!("pickle nests objects deeper than {MAX_DEPTH} levels: refusing it")
+        }
+        Ok(())
+    }
+
+    /// Pushes a new object whose children are the objects popped since the last push.
+    fn push(&mut self, obj: Object) -> Result<()> {
+        let own = own_bytes(&obj);
+        self.charge(own)?;
+        let children = std::mem::take(&mut self.popped);
+        let extent = Extent {
+            depth: children.depth + 1,
+            bytes: children.bytes.saturating_add(own),
+        };
+        Self::check_depth(extent.depth)?;
+        self.push_with(obj, extent);
+        Ok(())
+    }
+
+    fn push_with(&mut self, obj: Object, extent: Extent) {
+        self.stack.push(obj);
+        self.extents.push(extent)
     }
 
     fn pop(&mut self) -> Result<Object> {
-        match self.stack.pop() {
-            None => crate::bail!("unexpected empty stack"),
-            Some(obj) => Ok(obj),
+        match (self.stack.pop(), self.extents.pop()) {
+            (Some(obj), Some(extent)) => {
+                self.popped = self.popped.beside(extent);
+                Ok(obj)
+            }
+            _ => crate::bail!("unexpected empty stack"),
         }
+    }
+
+    /// The objects popped since the last push were added to the top object (a list's
+    /// `APPEND`, a dict's `SETITEM`): its extent grows by theirs.
+    fn absorb(&mut self) -> Result<()> {
+        let children = std::mem::take(&mut self.popped);
+        let Some(extent) = self.extents.last_mut() else {
+            crate::bail!("unexpected empty stack")
+        };
+        extent.depth = extent.depth.max(children.depth + 1);
+        extent.bytes = extent.bytes.saturating_add(children.bytes);
+        Self::check_depth(extent.depth)
     }
 
     // https://docs.juliahub.com/Pickle/LAUNc/0.1.0/opcode/#Pickle.OpCodes.BUILD
@@ -348,8 +460,7 @@ impl Stack {
                 args: Box::new(args),
             },
         };
-        self.push(obj);
-        Ok(())
+        self.push(obj)
     }
 
     fn reduce(&mut self) -> Result<()> {
@@ -376,8 +487,7 @@ impl Stack {
             callable: Box::new(callable),
             args: Box::new(args),
         });
-        self.push(reduced);
-        Ok(())
+        self.push(reduced)
     }
 
     fn last(&mut self) -> Result<&mut Object> {
@@ -387,19 +497,27 @@ impl Stack {
         }
     }
 
-    fn memo_get(&self, id: u32) -> Result<Object> {
-        match self.memo.get(&id) {
+    /// Pushes a copy of memo entry `id`, charged before it is made.
+    fn push_memo(&mut self, id: u32) -> Result<()> {
+        let extent = match self.memo.get(&id) {
             None => crate::bail!("missing object in memo {id}"),
-            Some(obj) => {
-                // Maybe we should use refcounting rather than doing potential large clones here.
-                Ok(obj.clone())
-            }
-        }
+            Some((_, extent)) => *extent,
+        };
+        self.charge(extent.bytes)?;
+        // Maybe we should use refcounting rather than doing potential large clones here.
+        let obj = self.memo[&id].0.clone();
+        self.push_with(obj, extent);
+        Ok(())
     }
 
+    /// Stores a copy of the top object as memo entry `id`, charged before it is made.
     fn memo_put(&mut self, id: u32) -> Result<()> {
+        let Some(&extent) = self.extents.last() else {
+            crate::bail!("unexpected empty stack")
+        };
+        self.charge(extent.bytes)?;
         let obj = self.last()?.clone();
-        self.memo.insert(id, obj);
+        self.memo.insert(id, (obj, extent));
         Ok(())
     }
 
@@ -425,7 +543,11 @@ impl Stack {
         match mark_idx {
             Some(mark_idx) => {
                 let objs = self.stack.split_off(mark_idx + 1);
+                for extent in self.extents.split_off(mark_idx + 1) {
+                    self.popped = self.popped.beside(extent);
+                }
                 self.stack.pop();
+                self.extents.pop();
                 Ok(objs)
             }
             None => {
@@ -435,6 +557,7 @@ impl Stack {
     }
 
     pub fn read<R: BufRead>(&mut self, r: &mut R) -> Result<bool> {
+        self.popped = Extent::default();
         let op_code = match OpCode::try_from(r.read_u8()?) {
             Ok(op_code) => op_code,
             Err(op_code) => {
@@ -458,68 +581,73 @@ impl Stack {
                 self.push(Object::Class {
                     module_name,
                     class_name,
-                })
+                })?
             }
             OpCode::BinInt1 => {
                 let arg = r.read_u8()?;
-                self.push(Object::Int(arg as i32))
+                self.push(Object::Int(arg as i32))?
             }
             OpCode::BinInt2 => {
                 let arg = r.read_u16::<LittleEndian>()?;
-                self.push(Object::Int(arg as i32))
+                self.push(Object::Int(arg as i32))?
             }
             OpCode::BinInt => {
                 let arg = r.read_i32::<LittleEndian>()?;
-                self.push(Object::Int(arg))
+                self.push(Object::Int(arg))?
             }
             OpCode::BinFloat => {
                 // Somehow floats are encoded using BigEndian whereas int types use LittleEndian.
                 // https://github.com/python/cpython/blob/0c80da4c14d904a367968955544dd6ae58c8101c/Lib/pickletools.py#L855
                 // https://github.com/pytorch/pytorch/blob/372d078f361e726bb4ac0884ac334b04c58179ef/torch/_weights_only_unpickler.py#L243
                 let arg = r.read_f64::<byteorder::BigEndian>()?;
-                self.push(Object::Float(arg))
+                self.push(Object::Float(arg))?
             }
             OpCode::BinUnicode => {
                 let len = r.read_u32::<LittleEndian>()?;
-                let mut data = vec![0u8; len as usize];
-                r.read_exact(&mut data)?;
+                // Read what is there rather than allocate what the length claims (up to 4 GiB).
+                let mut data = Vec::new();
+                r.by_ref().take(len as u64).read_to_end(&mut data)?;
+                if data.len() != len as usize {
+                    crate::bail!("pickle ends inside a {len}-byte string")
+                }
                 let data = String::from_utf8(data).map_err(E::wrap)?;
-                self.push(Object::Unicode(data))
+                self.push(Object::Unicode(data))?
             }
             OpCode::BinPersId => {
                 let id = self.pop()?;
                 let obj = self.persistent_load(id)?;
-                self.push(obj)
+                self.push(obj)?
             }
             OpCode::Tuple => {
                 let objs = self.pop_to_marker()?;
-                self.push(Object::Tuple(objs))
+                self.push(Object::Tuple(objs))?
             }
             OpCode::Tuple1 => {
                 let obj = self.pop()?;
-                self.push(Object::Tuple(vec![obj]))
+                self.push(Object::Tuple(vec![obj]))?
             }
             OpCode::Tuple2 => {
                 let obj2 = self.pop()?;
                 let obj1 = self.pop()?;
-                self.push(Object::Tuple(vec![obj1, obj2]))
+                self.push(Object::Tuple(vec![obj1, obj2]))?
             }
             OpCode::Tuple3 => {
                 let obj3 = self.pop()?;
                 let obj2 = self.pop()?;
                 let obj1 = self.pop()?;
-                self.push(Object::Tuple(vec![obj1, obj2, obj3]))
+                self.push(Object::Tuple(vec![obj1, obj2, obj3]))?
             }
-            OpCode::NewTrue => self.push(Object::Bool(true)),
-            OpCode::NewFalse => self.push(Object::Bool(false)),
+            OpCode::NewTrue => self.push(Object::Bool(true))?,
+            OpCode::NewFalse => self.push(Object::Bool(false))?,
             OpCode::Append => {
                 let value = self.pop()?;
                 let pylist = self.last()?;
                 if let Object::List(d) = pylist {
                     d.push(value)
                 } else {
-                    crate::bail!("expected a list, got {pylist:?}")
+                    crate::bail!("expected a list, got {}", preview(pylist))
                 }
+                self.absorb()?
             }
             OpCode::Appends => {
                 let objs = self.pop_to_marker()?;
@@ -527,8 +655,9 @@ impl Stack {
                 if let Object::List(d) = pylist {
                     d.extend(objs)
                 } else {
-                    crate::bail!("expected a list, got {pylist:?}")
+                    crate::bail!("expected a list, got {}", preview(pylist))
                 }
+                self.absorb()?
             }
             OpCode::SetItem => {
                 let value = self.pop()?;
@@ -537,8 +666,9 @@ impl Stack {
                 if let Object::Dict(d) = pydict {
                     d.push((key, value))
                 } else {
-                    crate::bail!("expected a dict, got {pydict:?}")
+                    crate::bail!("expected a dict, got {}", preview(pydict))
                 }
+                self.absorb()?
             }
             OpCode::SetItems => {
                 let mut objs = self.pop_to_marker()?;
@@ -552,15 +682,16 @@ impl Stack {
                         d.push((key, value))
                     }
                 } else {
-                    crate::bail!("expected a dict, got {pydict:?}")
+                    crate::bail!("expected a dict, got {}", preview(pydict))
                 }
+                self.absorb()?
             }
-            OpCode::None => self.push(Object::None),
+            OpCode::None => self.push(Object::None)?,
             OpCode::Stop => {
                 return Ok(true);
             }
             OpCode::Build => self.build()?,
-            OpCode::EmptyDict => self.push(Object::Dict(vec![])),
+            OpCode::EmptyDict => self.push(Object::Dict(vec![]))?,
             OpCode::Dict => {
                 let mut objs = self.pop_to_marker()?;
                 let mut pydict = vec![];
@@ -571,21 +702,19 @@ impl Stack {
                     let key = objs.pop().context("empty objs")?;
                     pydict.push((key, value))
                 }
-                self.push(Object::Dict(pydict))
+                self.push(Object::Dict(pydict))?
             }
-            OpCode::Mark => self.push(Object::Mark),
+            OpCode::Mark => self.push(Object::Mark)?,
             OpCode::Reduce => self.reduce()?,
-            OpCode::EmptyTuple => self.push(Object::Tuple(vec![])),
-            OpCode::EmptyList => self.push(Object::List(vec![])),
+            OpCode::EmptyTuple => self.push(Object::Tuple(vec![]))?,
+            OpCode::EmptyList => self.push(Object::List(vec![]))?,
             OpCode::BinGet => {
                 let arg = r.read_u8()?;
-                let obj = self.memo_get(arg as u32)?;
-                self.push(obj)
+                self.push_memo(arg as u32)?
             }
             OpCode::LongBinGet => {
                 let arg = r.read_u32::<LittleEndian>()?;
-                let obj = self.memo_get(arg)?;
-                self.push(obj)
+                self.push_memo(arg)?
             }
             OpCode::BinPut => {
                 let arg = r.read_u8()?;
@@ -599,16 +728,21 @@ impl Stack {
                 let args = self.pop()?;
                 let class = self.pop()?;
                 let obj = self.new_obj(class, args)?;
-                self.push(obj)
+                self.push(obj)?
             }
             OpCode::Long1 => {
                 let n_bytes = r.read_u8()?;
-                let mut v = 0;
-                // Decode the next n bytes in little endian
-                for i in 0..n_bytes {
-                    v |= (r.read_u8()? as i64) << (i * 8);
+                // Python's LONG1: n bytes of two's complement, little endian. An i64 holds 8
+                // (more used to shift past the 64 bits, a panic).
+                if n_bytes > 8 {
+                    crate::bail!("pickle integer of {n_bytes} bytes does not fit 64 bits")
                 }
-                self.push(Object::Long(v))
+                let mut bytes = [0u8; 8];
+                r.read_exact(&mut bytes[..n_bytes as usize])?;
+                if n_bytes > 0 && bytes[n_bytes as usize - 1] & 0x80 != 0 {
+                    bytes[n_bytes as usize..].fill(0xff);
+                }
+                self.push(Object::Long(i64::from_le_bytes(bytes)))?
             }
         }
         Ok(false)
@@ -617,20 +751,79 @@ impl Stack {
 
 impl From<Object> for E {
     fn from(value: Object) -> Self {
-        E::Msg(format!("conversion error on {value:?}"))
+        E::Msg(format!("conversion error on {}", preview(&value)))
     }
+}
+
+/// An object's `Debug` text, cut after a few hundred bytes: an error message names the
+/// object without formatting all of a large one.
+fn preview(obj: &Object) -> String {
+    const LIMIT: usize = 240;
+    struct Cut(String);
+    impl std::fmt::Write for Cut {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            let room = LIMIT.saturating_sub(self.0.len());
+            if s.len() <= room {
+                self.0.push_str(s);
+                return Ok(());
+            }
+            let mut end = room;
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.0.push_str(&s[..end]);
+            // Stops the formatting: nothing more will be written.
+            Err(std::fmt::Error)
+        }
+    }
+    let mut cut = Cut(String::new());
+    if std::fmt::write(&mut cut, format_args!("{obj:?}")).is_err() {
+        cut.0.push_str("...");
+    }
+    cut.0
 }
 
 // https://github.com/pytorch/pytorch/blob/4eac43d046ded0f0a5a5fa8db03eb40f45bf656e/torch/_utils.py#L198
 // Arguments: storage, storage_offset, size, stride, requires_grad, backward_hooks
 fn rebuild_args(args: Object) -> Result<(Layout, DType, String, usize)> {
     let mut args = args.tuple()?;
+    if args.len() < 4 {
+        crate::bail!(
+            "_rebuild_tensor_v2 takes at least 4 arguments, got {}",
+            args.len()
+        )
+    }
     let stride = Vec::<usize>::try_from(args.remove(3))?;
     let size = Vec::<usize>::try_from(args.remove(2))?;
-    let offset = args.remove(1).int_or_long()? as usize;
+    let offset = args.remove(1).int_or_long()?;
     let storage = args.remove(0).persistent_load()?;
     let mut storage = storage.tuple()?;
-    let storage_size = storage.remove(4).int_or_long()? as usize;
+    // ("storage", storage type, key, location, number of elements)
+    if storage.len() < 5 {
+        crate::bail!(
+            "a tensor's storage record has 5 fields, got {}",
+            storage.len()
+        )
+    }
+    let storage_size = storage.remove(4).int_or_long()?;
+    let (Ok(offset), Ok(storage_size)) = (usize::try_from(offset), usize::try_from(storage_size))
+    else {
+        crate::bail!("negative storage offset {offset} or size {storage_size}")
+    };
+    if stride.len() != size.len() {
+        crate::bail!("{} strides for {} dimensions", stride.len(), size.len())
+    }
+    // The elements the view spans must lie in its storage; every product below then fits.
+    let span = size
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d.max(1)))
+        .and_then(|n| n.checked_mul(8));
+    match span {
+        Some(_) if size.iter().product::<usize>() <= storage_size.saturating_sub(offset) => {}
+        _ => crate::bail!(
+            "tensor of shape {size:?} at offset {offset} does not fit its storage of {storage_size} elements"
+        ),
+    }
     let path = storage.remove(2).unicode()?;
     let (_module_name, class_name) = storage.remove(1).class()?;
     let dtype = match class_name.as_str() {
@@ -644,11 +837,10 @@ fn rebuild_args(args: Object) -> Result<(Layout, DType, String, usize)> {
             crate::bail!("unsupported storage type {other}")
         }
     };
-    let layout = Layout::new(
-        crate::Shape::from(size),
-        stride,
-        offset * dtype.size_in_bytes(),
-    );
+    let Some(start) = offset.checked_mul(dtype.size_in_bytes()) else {
+        crate::bail!("storage offset {offset} is past any file")
+    };
+    let layout = Layout::new(crate::Shape::from(size), stride, start);
     Ok((layout, dtype, path, storage_size))
 }
 
@@ -763,7 +955,6 @@ impl PthTensors {
     }
 
     pub fn get(&self, name: &str) -> Result<Option<Tensor>> {
-        use std::io::Read;
         let tensor_info = match self.tensor_infos.get(name) {
             None => return Ok(None),
             Some(tensor_info) => tensor_info,
@@ -790,11 +981,32 @@ impl PthTensors {
                 &mut std::io::sink(),
             )?;
         }
-        let tensor = Tensor::from_reader(
-            tensor_info.layout.shape().clone(),
-            tensor_info.dtype,
-            &mut reader,
-        )?;
+        // The shape comes from the pickle: read the bytes that are there, in memory reserved
+        // without aborting, rather than allocate what the shape claims before reading.
+        // rebuild_args bounded the shape, so these products fit.
+        let shape = tensor_info.layout.shape();
+        let n_bytes = shape.elem_count() * tensor_info.dtype.size_in_bytes();
+        let held = reader.size().saturating_sub(start_offset as u64);
+        if held < n_bytes as u64 {
+            crate::bail!(
+                "{name}: {} holds {held} bytes from offset {start_offset}, shape {shape:?} needs {n_bytes}",
+                tensor_info.path
+            )
+        }
+        let mut data = Vec::new();
+        if data.try_reserve_exact(n_bytes).is_err() {
+            crate::bail!("{name}: cannot allocate {n_bytes} bytes for shape {shape:?}")
+        }
+        reader.take(n_bytes as u64).read_to_end(&mut data)?;
+        if data.len() != n_bytes {
+            crate::bail!(
+                "{name}: {} holds {} bytes from offset {start_offset}, shape {shape:?} needs {n_bytes}",
+                tensor_info.path,
+                data.len()
+            )
+        }
+        let tensor =
+            Tensor::from_raw_buffer(&data, tensor_info.dtype, shape.dims(), &crate::Device::Cpu)?;
 
         if rank > 1 && is_fortran_contiguous {
             // Reverse the shape, e.g. Shape(2, 3, 4) -> Shape(4, 3, 2)

@@ -322,7 +322,7 @@ fn read_pickle(file: &Path) -> Result<HashMap<String, Tensor>, ModelError> {
     let bad = |e: candle_core::Error| {
         ModelError::file(
             file,
-            format!("not a PyTorch state-dict checkpoint (torch.save zip format): {e}"),
+            format!("cannot read it as a PyTorch checkpoint (torch.save zip format): {e}"),
         )
     };
     let pairs = match candle_core::pickle::read_all_with_key(file, Some("state_dict")) {
@@ -332,7 +332,7 @@ fn read_pickle(file: &Path) -> Result<HashMap<String, Tensor>, ModelError> {
     if pairs.is_empty() {
         return Err(ModelError::file(
             file,
-            "holds no tensors under the top level or `state_dict` (a TorchScript archive such as OpenAI's original .pt? load it in open_clip and save its state_dict, or use the Hub's safetensors)",
+            "holds no readable tensors under the top level or `state_dict` (tensor records that cannot be read are printed above as `skipping: ...`; or a TorchScript archive such as OpenAI's original .pt? load it in open_clip and save its state_dict, or use the Hub's safetensors)",
         ));
     }
     Ok(pairs
