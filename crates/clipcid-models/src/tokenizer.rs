@@ -234,17 +234,28 @@ impl ClipTokenizer {
     }
 
     /// Reads OpenAI's `bpe_simple_vocab_16e6.txt.gz` (or the uncompressed text) and builds the
-    /// real CLIP tokenizer: lines 1..=48894 are the merges, as in `simple_tokenizer.py`.
+    /// real CLIP tokenizer: lines 1..=48894 are the merges, as in `simple_tokenizer.py`. A
+    /// gzip that inflates past 64 MiB is refused rather than read into memory.
     pub fn from_bpe_vocab(path: &Path, context_length: usize) -> Result<Self, ModelError> {
         let raw =
             std::fs::read(path).map_err(|e| ModelError::file(path, format!("cannot read: {e}")))?;
         let text = if raw.starts_with(&[0x1f, 0x8b]) {
+            // OpenAI's vocabulary is 3.2 MB of text; a crafted gzip can inflate a thousandfold,
+            // so stop reading past a bound rather than fill memory.
+            const MAX_TEXT: u64 = 64 << 20;
             let mut s = String::new();
-            std::io::Read::read_to_string(
-                &mut flate2::read::GzDecoder::new(raw.as_slice()),
-                &mut s,
-            )
-            .map_err(|e| ModelError::file(path, format!("corrupt gzip: {e}")))?;
+            let gz = flate2::read::GzDecoder::new(raw.as_slice());
+            std::io::Read::read_to_string(&mut std::io::Read::take(gz, MAX_TEXT + 1), &mut s)
+                .map_err(|e| ModelError::file(path, format!("corrupt gzip: {e}")))?;
+            if s.len() as u64 > MAX_TEXT {
+                return Err(ModelError::file(
+                    path,
+                    format!(
+                        "decompresses to more than {} MiB (OpenAI's BPE vocabulary is 3.2 MB)",
+                        MAX_TEXT >> 20
+                    ),
+                ));
+            }
             s
         } else {
             String::from_utf8(raw).map_err(|e| ModelError::file(path, format!("not UTF-8: {e}")))?

@@ -209,6 +209,27 @@ fn real_clip_vocabulary_gives_known_ids() {
     }
 }
 
+#[test]
+fn a_vocabulary_gzip_that_inflates_past_64_mib_is_refused() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bpe_simple_vocab_16e6.txt.gz");
+    // 65 MiB of well-formed merge lines in a gzip of some 200 kB.
+    let block = "a b\n".repeat(1 << 18);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    for _ in 0..65 {
+        gz.write_all(block.as_bytes()).unwrap();
+    }
+    std::fs::write(&path, gz.finish().unwrap()).unwrap();
+    let e = ClipTokenizer::from_bpe_vocab(&path, 77)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("bpe_simple_vocab_16e6.txt.gz") && e.contains("more than 64 MiB"),
+        "{e}"
+    );
+}
+
 fn flate2_lines(path: &Path) -> String {
     use std::io::Read;
     let raw = std::fs::read(path).unwrap();

@@ -92,3 +92,24 @@ fn default_data_builds_fixed_splits_and_is_byte_identical_twice() {
     let e = build_default_data(&raw, &out).unwrap_err().to_string();
     assert!(e.contains("7.json") && e.contains("fetch-data.sh"), "{e}");
 }
+
+#[test]
+fn a_digits_gzip_that_inflates_past_16_mib_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("digits.csv.gz");
+    // 17 MiB of valid rows in a gzip of some 50 kB: read whole, a thousandfold bomb fills memory.
+    let row = format!("{},0\n", vec!["0"; 64].join(","));
+    let block = row.repeat((1 << 20) / row.len() + 1);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    for _ in 0..17 {
+        gz.write_all(block.as_bytes()).unwrap();
+    }
+    std::fs::write(&path, gz.finish().unwrap()).unwrap();
+    let e = clipcid_pipeline::read_sklearn_digits(&path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("digits.csv.gz") && e.contains("more than 16 MiB"),
+        "{e}"
+    );
+}
