@@ -12,8 +12,8 @@ use candle_core::pickle::{Object, Stack, TensorInfo};
 use candle_core::DType;
 use clipcid_models::Checkpoint;
 use clipcid_suite::torch_zip::{
-    encode_long, long1, memo_doubling, nested_tuples, state_dict, torch_save_zip, TensorEntry,
-    MARK, PROTO_2, STOP, TUPLE,
+    encode_long, long1, memo_doubling, nested_tuples, state_dict, torch_save_zip, zip_of_pickles,
+    TensorEntry, MARK, PROTO_2, STOP, TUPLE,
 };
 use proptest::prelude::*;
 
@@ -165,6 +165,25 @@ fn a_memo_that_doubles_a_value_is_refused_within_the_working_set() {
     // x = (); then x = (x, x) from the memo, again and again: 2^k nodes after k rounds
     // (2^40 would be some 60 TB of objects).
     let msg = parse_error(&memo_doubling(40));
+    assert!(msg.contains("more than 512 MiB of objects"), "{msg}");
+}
+
+#[test]
+fn the_working_set_is_one_for_the_whole_file_not_one_per_pickle() {
+    // 19 doublings build and copy about 220 MiB: one pickle fits in 512 MiB, three do not.
+    let dir = tempfile::tempdir().unwrap();
+    let pickle = memo_doubling(19);
+    let path = dir.path().join("pytorch_model.bin");
+    std::fs::write(&path, zip_of_pickles(&[&pickle], &[]).unwrap()).unwrap();
+    assert!(
+        candle_core::pickle::read_pth_tensor_info(&path, false, None)
+            .unwrap()
+            .is_empty()
+    );
+    std::fs::write(&path, zip_of_pickles(&[pickle.as_slice(); 3], &[]).unwrap()).unwrap();
+    let msg = candle_core::pickle::read_pth_tensor_info(&path, false, None)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("more than 512 MiB of objects"), "{msg}");
 }
 

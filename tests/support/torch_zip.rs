@@ -197,11 +197,24 @@ pub fn nested_tuples(levels: usize) -> Vec<u8> {
 /// A `torch.save` zip (members stored, as PyTorch writes them): `archive/data.pkl` and each
 /// storage as `archive/data/<key>`.
 pub fn torch_save_zip(pickle: &[u8], storages: &[(&str, &[u8])]) -> std::io::Result<Vec<u8>> {
+    zip_of_pickles(&[pickle], storages)
+}
+
+/// [`torch_save_zip`] with several pickles: `archive/data.pkl`, then `archive1/data.pkl`, ...
+/// (what a zip of several saved objects would hold).
+pub fn zip_of_pickles(pickles: &[&[u8]], storages: &[(&str, &[u8])]) -> std::io::Result<Vec<u8>> {
     let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     let stored =
         zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    zip.start_file("archive/data.pkl", stored)?;
-    zip.write_all(pickle)?;
+    for (i, pickle) in pickles.iter().enumerate() {
+        let archive = if i == 0 {
+            "archive".to_string()
+        } else {
+            format!("archive{i}")
+        };
+        zip.start_file(format!("{archive}/data.pkl"), stored)?;
+        zip.write_all(pickle)?;
+    }
     for (key, bytes) in storages {
         zip.start_file(format!("archive/data/{key}"), stored)?;
         zip.write_all(bytes)?;

@@ -873,6 +873,7 @@ pub fn read_pth_tensor_info<P: AsRef<std::path::Path>>(
         .collect::<std::result::Result<Vec<String>, _>>()?;
 
     let mut tensor_infos = vec![];
+    let mut built = 0;
     for file_name in zip_file_names.iter() {
         if !file_name.ends_with("data.pkl") {
             continue;
@@ -880,8 +881,12 @@ pub fn read_pth_tensor_info<P: AsRef<std::path::Path>>(
         let dir_name = std::path::PathBuf::from(file_name.strip_suffix(".pkl").context("no .pkl")?);
         let reader = zip.by_name(file_name)?;
         let mut reader = std::io::BufReader::new(reader);
+        // One working set for the whole file: a zip of many `data.pkl` members must not get
+        // a fresh one each.
         let mut stack = Stack::empty();
+        stack.built = built;
         stack.read_loop(&mut reader)?;
+        built = stack.built;
         let obj = stack.finalize()?;
         if VERBOSE || verbose {
             println!("{obj:#?}");
