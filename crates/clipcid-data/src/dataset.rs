@@ -419,6 +419,8 @@ impl Dataset {
     }
 
     /// The samples in order. Reading is lazy: image bytes are read as the stream advances.
+    /// A corrupt or cut-short tar shard is an error naming it, and the stream ends with that
+    /// error (a sample whose members it interrupted is not given out).
     pub fn samples(&self) -> Result<SampleStream<'_>, DataError> {
         self.stream(None)
     }
@@ -607,6 +609,9 @@ impl Iterator for SampleStream<'_> {
 struct TarSamples {
     rx: std::sync::mpsc::Receiver<Result<TarEntry, DataError>>,
     pending: Vec<TarEntry>,
+    /// Set by an error: the stream ends with it (the members received before it may be
+    /// part of a sample the error cut short, so they are not given out).
+    failed: bool,
 }
 
 /// (key, lower-case extension after the key's first dot, bytes)
@@ -652,6 +657,7 @@ impl TarSamples {
         Self {
             rx,
             pending: vec![],
+            failed: false,
         }
     }
 
@@ -664,8 +670,14 @@ impl TarSamples {
     }
 
     fn next_sample(&mut self) -> Result<Option<Sample>, DataError> {
+        if self.failed {
+            return Ok(None);
+        }
         loop {
-            let entry = self.next_entry()?;
+            let entry = self.next_entry().inspect_err(|_| {
+                self.failed = true;
+                self.pending.clear();
+            })?;
             let same_key = match (&entry, self.pending.first()) {
                 (Some((k, _, _)), Some((pk, _, _))) => k == pk,
                 (Some(_), None) => true,
@@ -728,8 +740,15 @@ fn send_entries<R: Read>(
     for entry in entries {
         let mut entry =
             entry.map_err(|e| DataError::format(path, format!("corrupt tar shard: {e}")))?;
+        // Seeking past the end succeeds where reading fails: a member (or its padding) cut
+        // short ends a seeking stream where the reading one ends, after the member. That
+        // holds for the members skipped below too (the reading stream fails skipping them).
+        let cut_short = wanted.and_then(|_| member_cut_short(path, &entry, file_len));
         if !entry.header().entry_type().is_file() {
-            continue;
+            match cut_short {
+                Some(e) => return Err(e),
+                None => continue,
+            }
         }
         let name = entry
             .path()
@@ -737,7 +756,10 @@ fn send_entries<R: Read>(
             .to_string_lossy()
             .into_owned();
         let Some((key, ext)) = member_key(&name) else {
-            continue;
+            match cut_short {
+                Some(e) => return Err(e),
+                None => continue,
+            }
         };
         // The header's size is untrusted: never allocate more than the shard can hold.
         let size = check_member_size(path, &name, entry.size(), file_len)?;
@@ -747,9 +769,6 @@ fn send_entries<R: Read>(
             }
         }
         let position = counter.position_of(&key);
-        let end = entry
-            .raw_file_position()
-            .saturating_add((size as u64).div_ceil(512) * 512);
         let sent = if wanted.is_some_and(|w| !w(position)) {
             tx.send(Ok((key, UNREAD.to_string(), vec![])))
         } else {
@@ -762,16 +781,32 @@ fn send_entries<R: Read>(
         if sent.is_err() {
             return Ok(());
         }
-        // Seeking past the end succeeds where reading fails: a member (or its padding) cut
-        // short ends a seeking stream where the reading one ends, after the member.
-        if wanted.is_some() && end > file_len {
-            return Err(DataError::format(
-                path,
-                format!("corrupt tar shard at `{name}`: unexpected end of file"),
-            ));
+        if let Some(e) = cut_short {
+            return Err(e);
         }
     }
     keys.finish(path)
+}
+
+/// The error for a member whose data or padding runs past the end of its shard (a shard cut
+/// short), which a reader that seeks past members would not otherwise see.
+pub(crate) fn member_cut_short<R: Read>(
+    path: &Path,
+    entry: &tar::Entry<'_, R>,
+    file_len: u64,
+) -> Option<DataError> {
+    let end = entry
+        .raw_file_position()
+        .saturating_add(entry.size().div_ceil(512).saturating_mul(512));
+    (end > file_len).then(|| {
+        DataError::format(
+            path,
+            format!(
+                "corrupt tar shard at `{}`: unexpected end of file",
+                String::from_utf8_lossy(&entry.path_bytes())
+            ),
+        )
+    })
 }
 
 /// A member's claimed size, refused when it exceeds the shard file itself (a corrupt or

@@ -5,7 +5,8 @@ use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::PathBuf;
 
 use crate::dataset::{
-    check_member_size, group_to_sample, member_key, ShardKeys, TarEntry, REPEATED_KEY,
+    check_member_size, group_to_sample, member_cut_short, member_key, ShardKeys, TarEntry,
+    REPEATED_KEY,
 };
 use crate::{DataError, Dataset, Sample, Source};
 
@@ -88,6 +89,10 @@ fn index_shards(shards: &[PathBuf]) -> Result<Vec<(String, Vec<Member>)>, DataEr
         for entry in entries {
             let entry =
                 entry.map_err(|e| DataError::format(path, format!("corrupt tar shard: {e}")))?;
+            // A shard cut short is refused here as the streaming reader refuses it.
+            if let Some(e) = member_cut_short(path, &entry, file_len) {
+                return Err(e);
+            }
             if !entry.header().entry_type().is_file() {
                 continue;
             }

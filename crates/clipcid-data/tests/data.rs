@@ -353,6 +353,50 @@ fn truncated_tar_is_an_error_naming_the_shard() {
 }
 
 #[test]
+fn a_shard_cut_inside_a_skipped_member_fails_every_reader_alike() {
+    // A sample, then a member that is not a sample's (a directory, or a name without a
+    // key), cut inside its data. The reading stream fails skipping it; the stream that seeks
+    // past other parts' members and the index seek past its end instead, and used to end
+    // there as if the shard were whole.
+    for (name, kind) in [
+        ("notes", tar::EntryType::Regular),
+        ("dir/", tar::EntryType::Directory),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cut.tar");
+        let mut b = tar::Builder::new(Vec::new());
+        for (member, size) in [("000.txt", 7usize), (name, 600)] {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(if member == name {
+                kind
+            } else {
+                tar::EntryType::Regular
+            });
+            h.set_size(size as u64);
+            h.set_cksum();
+            b.append_data(&mut h, member, vec![b'x'; size].as_slice())
+                .unwrap();
+        }
+        let bytes = b.into_inner().unwrap();
+        // The second header starts at 1024; cut 100 bytes into its data.
+        std::fs::write(&path, &bytes[..1024 + 512 + 100]).unwrap();
+        let ds = Dataset::open(&path).unwrap();
+        let last = |stream: clipcid_data::SampleStream<'_>| stream.last().expect("an item");
+        for (reader, outcome) in [
+            ("samples", last(ds.samples().unwrap()).map(|_| ())),
+            (
+                "samples_where",
+                last(ds.samples_where(|_| false).unwrap()).map(|_| ()),
+            ),
+            ("index", ds.index().map(|_| ())),
+        ] {
+            let e = outcome.expect_err(&format!("{name}: {reader} read a cut shard"));
+            assert!(e.to_string().contains("cut.tar"), "{name}: {reader}: {e}");
+        }
+    }
+}
+
+#[test]
 fn captions_tsv_and_csv_with_headers_quotes_and_missing_files() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("img")).unwrap();

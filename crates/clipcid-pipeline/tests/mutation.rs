@@ -181,14 +181,26 @@ fn read_dataset(path: &Path) {
         }
     }
     assert_eq!(whole, summary(ds.samples_where(|i| i % 2 == 0), false));
-    if let Ok(index) = ds.index() {
-        for i in 0..index.len() as u64 {
-            if let Ok(s) = index.get(i) {
-                if let Ok(bytes) = &s.image {
-                    let _ = pre.decode(bytes);
+    // The random-access index refuses the data exactly when reading it through ends in an
+    // error, and otherwise holds the stream's samples, in order.
+    let stream_failed = whole.last().is_some_and(|s| s.is_err());
+    match ds.index() {
+        Ok(index) => {
+            assert!(
+                !stream_failed,
+                "the stream failed, the index did not: {whole:?}"
+            );
+            assert_eq!(index.len(), whole.len());
+            for (i, w) in whole.iter().flatten().enumerate() {
+                if let Ok(s) = index.get(i as u64) {
+                    assert_eq!(s.key, w.1);
+                    if let Ok(bytes) = &s.image {
+                        let _ = pre.decode(bytes);
+                    }
                 }
             }
         }
+        Err(e) => assert!(stream_failed, "the index failed, the stream did not: {e}"),
     }
 }
 
