@@ -243,11 +243,11 @@ impl ClipTokenizer {
             // OpenAI's vocabulary is 3.2 MB of text; a crafted gzip can inflate a thousandfold,
             // so stop reading past a bound rather than fill memory.
             const MAX_TEXT: u64 = 64 << 20;
-            let mut s = String::new();
+            let mut text = Vec::new();
             let gz = flate2::read::GzDecoder::new(raw.as_slice());
-            std::io::Read::read_to_string(&mut std::io::Read::take(gz, MAX_TEXT + 1), &mut s)
+            std::io::Read::read_to_end(&mut std::io::Read::take(gz, MAX_TEXT + 1), &mut text)
                 .map_err(|e| ModelError::file(path, format!("corrupt gzip: {e}")))?;
-            if s.len() as u64 > MAX_TEXT {
+            if text.len() as u64 > MAX_TEXT {
                 return Err(ModelError::file(
                     path,
                     format!(
@@ -256,7 +256,8 @@ impl ClipTokenizer {
                     ),
                 ));
             }
-            s
+            String::from_utf8(text)
+                .map_err(|e| ModelError::file(path, format!("not UTF-8 inside the gzip: {e}")))?
         } else {
             String::from_utf8(raw).map_err(|e| ModelError::file(path, format!("not UTF-8: {e}")))?
         };
