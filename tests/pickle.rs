@@ -295,7 +295,7 @@ fn crafted_tensor_records_are_errors_naming_the_file() {
         ),
         (
             // The storage claims 2^40 floats, its zip member holds 4: compared before
-            // anything is allocated (the shape's 1 TiB was allocated first before).
+            // anything is allocated (0.11.1 allocated the shape's 1 TiB first).
             "a storage larger than its data",
             TensorEntry {
                 storage_size: 1 << 40,
