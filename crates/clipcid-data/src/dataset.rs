@@ -744,18 +744,18 @@ fn send_entries<R: Read>(
         // short ends a seeking stream where the reading one ends, after the member. That
         // holds for the members skipped below too (the reading stream fails skipping them).
         let cut_short = wanted.and_then(|_| member_cut_short(path, &entry, file_len));
-        if !entry.header().entry_type().is_file() {
-            match cut_short {
-                Some(e) => return Err(e),
-                None => continue,
-            }
-        }
-        let name = entry
-            .path()
-            .map_err(|e| DataError::format(path, format!("bad entry name: {e}")))?
-            .to_string_lossy()
-            .into_owned();
-        let Some((key, ext)) = member_key(&name) else {
+        // A sample's member: a file named `KEY.EXT`.
+        let member = if entry.header().entry_type().is_file() {
+            let name = entry
+                .path()
+                .map_err(|e| DataError::format(path, format!("bad entry name: {e}")))?
+                .to_string_lossy()
+                .into_owned();
+            member_key(&name).map(|(key, ext)| (name, key, ext))
+        } else {
+            None
+        };
+        let Some((name, key, ext)) = member else {
             match cut_short {
                 Some(e) => return Err(e),
                 None => continue,

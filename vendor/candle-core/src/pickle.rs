@@ -991,12 +991,18 @@ impl PthTensors {
         // rebuild_args bounded the shape, so these products fit.
         let shape = tensor_info.layout.shape();
         let n_bytes = shape.elem_count() * tensor_info.dtype.size_in_bytes();
-        let held = reader.size().saturating_sub(start_offset as u64);
-        if held < n_bytes as u64 {
-            crate::bail!(
+        // The member's stated size before allocating, the bytes read after (a stored
+        // member's stated size can exceed what the file holds).
+        let too_short = |held: u64| {
+            E::Msg(format!(
                 "{name}: {} holds {held} bytes from offset {start_offset}, shape {shape:?} needs {n_bytes}",
                 tensor_info.path
-            )
+            ))
+            .bt()
+        };
+        let held = reader.size().saturating_sub(start_offset as u64);
+        if held < n_bytes as u64 {
+            return Err(too_short(held));
         }
         let mut data = Vec::new();
         if data.try_reserve_exact(n_bytes).is_err() {
@@ -1004,11 +1010,7 @@ impl PthTensors {
         }
         reader.take(n_bytes as u64).read_to_end(&mut data)?;
         if data.len() != n_bytes {
-            crate::bail!(
-                "{name}: {} holds {} bytes from offset {start_offset}, shape {shape:?} needs {n_bytes}",
-                tensor_info.path,
-                data.len()
-            )
+            return Err(too_short(data.len() as u64));
         }
         let tensor =
             Tensor::from_raw_buffer(&data, tensor_info.dtype, shape.dims(), &crate::Device::Cpu)?;
