@@ -83,6 +83,37 @@ impl Default for BalanceOptions {
     }
 }
 
+impl BalanceOptions {
+    /// The threshold and every sweep threshold are positive and finite: a NaN or negative
+    /// threshold would otherwise merge nothing (or, squared, the pairs under its absolute
+    /// value) and give a keep list that looks right.
+    ///
+    /// ```
+    /// use clipcid_dedup::BalanceOptions;
+    /// assert!(BalanceOptions::default().check_thresholds().is_ok());
+    /// let nan = BalanceOptions { threshold: f32::NAN, ..Default::default() };
+    /// assert!(nan.check_thresholds().is_err());
+    /// let below = BalanceOptions { sweep: vec![0.05, -0.1], ..Default::default() };
+    /// assert!(below.check_thresholds().is_err());
+    /// ```
+    pub fn check_thresholds(&self) -> Result<(), DedupError> {
+        std::iter::once(&self.threshold)
+            .chain(&self.sweep)
+            .try_for_each(|&t| check_threshold(t))
+    }
+}
+
+/// One threshold is positive and finite.
+pub(crate) fn check_threshold(t: f32) -> Result<(), DedupError> {
+    if t.is_finite() && t > 0.0 {
+        Ok(())
+    } else {
+        Err(DedupError::Config(format!(
+            "threshold {t} is not a distance: thresholds must be positive and finite"
+        )))
+    }
+}
+
 /// One row of a threshold sweep.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SweepRow {
@@ -142,12 +173,7 @@ pub fn balance(x: &Tensor, opts: &BalanceOptions) -> Result<BalanceResult, Dedup
     if n == 0 {
         return Err(DedupError::Config("no embeddings to balance".into()));
     }
-    let valid = |t: f32| t.is_finite() && t > 0.0;
-    if !valid(opts.threshold) || !opts.sweep.iter().all(|&t| valid(t)) {
-        return Err(DedupError::Config(
-            "thresholds must be positive and finite".into(),
-        ));
-    }
+    opts.check_thresholds()?;
     let x = normalized(&x.to_dtype(DType::F32)?)?;
     let search = opts.sweep.iter().copied().fold(opts.threshold, f32::max);
     let t0 = Instant::now();

@@ -86,11 +86,7 @@ pub fn near_pairs_of_part(
     if block == 0 {
         return Err(DedupError::Config("block size must be at least 1".into()));
     }
-    if !(threshold.is_finite() && threshold > 0.0) {
-        return Err(DedupError::Config(
-            "thresholds must be positive and finite".into(),
-        ));
-    }
+    crate::check_threshold(threshold)?;
     let (n, d) = (rows.len(), rows.dim());
     let tiles = n.div_ceil(block);
     let t2 = threshold * threshold;
@@ -205,7 +201,9 @@ pub fn read_pair_file(path: &Path) -> Result<PairFile, DedupError> {
     };
     let threshold: f32 = meta("threshold")?
         .parse()
-        .map_err(|_| bad("bad `threshold` metadata".into()))?;
+        .ok()
+        .filter(|&t| crate::check_threshold(t).is_ok())
+        .ok_or_else(|| bad("bad `threshold` metadata (not a positive, finite distance)".into()))?;
     let part: Part = meta("part")?.parse().map_err(bad)?;
     let rows = num("rows")?;
     let mut t = clipcid_store::io::load_tensors(path)?;
@@ -260,6 +258,7 @@ pub fn merge_pair_files(
     let Some((first_path, first)) = files.first() else {
         return Err(DedupError::Config("no pair files given".into()));
     };
+    opts.check_thresholds()?;
     let count = first.part.count();
     let mut seen = vec![None::<&Path>; count as usize];
     let needed = opts.sweep.iter().copied().fold(opts.threshold, f32::max);

@@ -568,4 +568,42 @@ fn three_parts_and_a_merge_give_the_one_process_keep_list_exactly() {
         e.contains("searched up to 0.07") && e.contains("--threshold 0.1"),
         "{e}"
     );
+    // A threshold that is not a distance is refused, not read as "merge nothing" (NaN, whose
+    // comparisons all fail) or as its absolute value (a negative one, squared).
+    for (threshold, sweep) in [
+        (f32::NAN, vec![]),
+        (-0.05, vec![]),
+        (0.0, vec![]),
+        (0.05, vec![f32::NEG_INFINITY]),
+        (0.05, vec![0.03, -0.01]),
+    ] {
+        let bad = BalanceOptions {
+            threshold,
+            sweep: sweep.clone(),
+            ..opts.clone()
+        };
+        let e = merge_pair_files(&reader, &files, &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a distance"), "{threshold} {sweep:?}: {e}");
+        assert!(
+            balance(&whole.image, &bad).is_err(),
+            "{threshold} {sweep:?}"
+        );
+    }
+    // So is a pair file that claims such a search (one written by hand: `balance pairs`
+    // refuses the threshold before searching).
+    for threshold in [f32::NAN, f32::INFINITY, -0.07] {
+        let path = dir.path().join("pairs-bad.safetensors");
+        let file = PairFile {
+            threshold,
+            ..files[0].1.clone()
+        };
+        write_pair_file(&path, &file).unwrap();
+        let e = read_pair_file(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("pairs-bad.safetensors") && e.contains("bad `threshold` metadata"),
+            "{threshold}: {e}"
+        );
+    }
 }

@@ -330,6 +330,27 @@ fn hostile_inputs_end_in_named_errors_or_named_skips() {
         ],
         Expect::Error(&["pairs-0.safetensors", "different teacher"]),
     );
+    for (name, threshold) in [
+        ("balance merge at a negative threshold", "--threshold=-0.05"),
+        ("balance merge at a NaN threshold", "--threshold=nan"),
+    ] {
+        b.case(
+            1,
+            name,
+            &[
+                "balance",
+                "merge",
+                "--embeddings",
+                "emb",
+                "--pairs",
+                "pairs-0.safetensors",
+                "--out",
+                "m.safetensors",
+                threshold,
+            ],
+            Expect::Error(&["not a distance"]),
+        );
+    }
     b.case(
         1,
         "balance merge given a keep file as a pair file",
