@@ -254,6 +254,23 @@ pub struct ScaleRow {
     pub text_fraction: f64,
 }
 
+/// The sweep's scales are finite and it shows at least one image per query: a NaN scale
+/// would fail only after the direction is fitted and saved, and a top of 0 would report 0%
+/// text-bearing at every scale.
+fn check_sweep(scales: &[f32], top: usize) -> Result<(), EvalError> {
+    if let Some(s) = scales.iter().find(|s| !s.is_finite()) {
+        return Err(EvalError::Input(format!(
+            "textness scale {s} is not a finite number"
+        )));
+    }
+    if top == 0 {
+        return Err(EvalError::Input(
+            "the textness sweep must show at least 1 image per query (top 0)".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Ranks `images` for each query at each scale and counts text-bearing images in the top
 /// `top` (`has_text[i]` says whether image `i` shows text).
 ///
@@ -273,6 +290,7 @@ pub fn textness_sweep(
     scales: &[f32],
     top: usize,
 ) -> Result<Vec<ScaleRow>, EvalError> {
+    check_sweep(scales, top)?;
     if has_text.len() != images.rows() {
         return Err(EvalError::Input(format!(
             "{} text flags for {} images",
@@ -475,6 +493,7 @@ pub fn textness_study(
             "the textness study needs queries, words and scales".into(),
         ));
     }
+    check_sweep(&opts.scales, opts.top)?;
     std::fs::create_dir_all(out).map_err(|e| EvalError::file(out, e))?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
     let mut order: Vec<usize> = (0..images.len()).collect();

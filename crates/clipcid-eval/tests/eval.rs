@@ -421,6 +421,17 @@ fn textness_fraction_rises_with_the_scale() {
     let f: Vec<f64> = rows.iter().map(|r| r.text_fraction).collect();
     assert!(f.windows(2).all(|w| w[0] <= w[1]), "{f:?}");
     assert!(f[0] < 0.2 && f[4] > 0.8, "{f:?}");
+    // A scale that is not a number, or a top of nothing, is refused (not a 0% row).
+    for (scales, top, says) in [
+        (&[0.0, f32::NAN][..], 10, "scale NaN"),
+        (&[f32::INFINITY][..], 10, "scale inf"),
+        (&scales[..], 0, "top 0"),
+    ] {
+        let e = textness_sweep(&dir, &queries, &pool, &has_text, scales, top)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(says), "{e}");
+    }
     // Round trip through the file.
     let dir_path = tempfile::tempdir().unwrap();
     let p = dir_path.path().join("textness.safetensors");
