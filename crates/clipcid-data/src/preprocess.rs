@@ -306,15 +306,17 @@ impl Preprocess {
             let Some(s) = v.get(key).filter(|x| !x.is_null()) else {
                 return Ok(None);
             };
-            let get = |k: &str| s.get(k).and_then(|x| x.as_u64()).map(|x| x as usize);
-            if let Some(n) = s.as_u64() {
+            // A size of 0 would resize every image to nothing (and crop padding only).
+            let positive = |x: &serde_json::Value| x.as_u64().filter(|&n| n > 0);
+            let get = |k: &str| s.get(k).and_then(positive).map(|x| x as usize);
+            if let Some(n) = positive(s) {
                 return Ok(Some((Some(n as usize), n as usize, n as usize)));
             }
             match (get("shortest_edge"), get("height"), get("width")) {
                 (Some(n), _, _) => Ok(Some((Some(n), n, n))),
                 (None, Some(h), Some(w)) => Ok(Some((None, h, w))),
                 _ => Err(bad(format!(
-                    "`{key}` must be a number, {{\"shortest_edge\": n}} or {{\"height\": h, \"width\": w}}, not {s}"
+                    "`{key}` must be a positive number, {{\"shortest_edge\": n}} or {{\"height\": h, \"width\": w}}, not {s}"
                 ))),
             }
         };
@@ -405,10 +407,11 @@ impl Preprocess {
         }
         let field = |k: &str| cfg.get(k).filter(|x| !x.is_null());
         if let Some(s) = field("size") {
-            let sizes: Vec<u64> = match s {
-                serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64()).collect(),
-                other => other.as_u64().into_iter().collect(),
+            let sizes: Option<Vec<u64>> = match s {
+                serde_json::Value::Array(a) => a.iter().map(|x| x.as_u64()).collect(),
+                other => other.as_u64().map(|x| vec![x]),
             };
+            let sizes = sizes.unwrap_or_default();
             if sizes.is_empty() || sizes.iter().any(|&x| x as usize != image_size) {
                 return Err(format!(
                     "preprocess_cfg size {s} is not the model's image size {image_size}"
@@ -431,7 +434,15 @@ impl Preprocess {
                 _ => return Err(format!("preprocess_cfg interpolation {i} is not supported")),
             };
         }
-        match field("resize_mode").and_then(|m| m.as_str()) {
+        let text = |k: &str| -> Result<Option<&str>, String> {
+            field(k)
+                .map(|m| {
+                    m.as_str()
+                        .ok_or_else(|| format!("preprocess_cfg {k} {m} is not a string"))
+                })
+                .transpose()
+        };
+        match text("resize_mode")? {
             None | Some("shortest") => {}
             Some("squash") => {
                 p.resize = Resize::Exact {
@@ -449,7 +460,7 @@ impl Preprocess {
         if let Some(f) = field("fill_color") {
             p.pad_fill = fill_color(f).map_err(|e| format!("preprocess_cfg fill_color: {e}"))?;
         }
-        if let Some(mode) = field("mode").and_then(|m| m.as_str()) {
+        if let Some(mode) = text("mode")? {
             if mode != "RGB" {
                 return Err(format!(
                     "preprocess_cfg mode `{mode}` is not supported (RGB)"
@@ -865,19 +876,17 @@ fn read_json(path: &Path) -> Result<serde_json::Value, DataError> {
     serde_json::from_str(&text).map_err(|e| DataError::format(path, format!("not JSON: {e}")))
 }
 
-/// Three numbers from a JSON array.
+/// Three numbers from a JSON array of three, or one number for all three channels (as
+/// open_clip and transformers broadcast a scalar mean or std). Anything else in the array
+/// (a string, a null) is an error, not left out.
 fn three(v: &serde_json::Value) -> Result<[f32; 3], String> {
-    let a: Vec<f32> = v
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_f64())
-                .map(|x| x as f32)
-                .collect()
-        })
-        .unwrap_or_default();
-    let a = <[f32; 3]>::try_from(a.as_slice())
-        .map_err(|_| format!("expected three numbers, not {v}"))?;
+    let a: Option<Vec<f32>> = match v {
+        serde_json::Value::Array(a) => a.iter().map(|x| x.as_f64().map(|x| x as f32)).collect(),
+        other => other.as_f64().map(|x| vec![x as f32; 3]),
+    };
+    let a = a
+        .and_then(|a| <[f32; 3]>::try_from(a.as_slice()).ok())
+        .ok_or_else(|| format!("expected three numbers, not {v}"))?;
     if a.iter().any(|x| !x.is_finite()) {
         return Err(format!("expected finite numbers, not {v}"));
     }

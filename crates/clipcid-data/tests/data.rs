@@ -182,10 +182,46 @@ fn preprocessing_configs_of_both_families_are_read() {
         (serde_json::json!({"resize_mode": "crop"}), "resize_mode"),
         (serde_json::json!({"fill_color": 256}), "fill_color"),
         (serde_json::json!({"fill_color": [0, 0, 0]}), "fill_color"),
+        // A value that is not a number is an error, not left out of its list.
+        (serde_json::json!({"mean": [0.5, null, 0.5, 0.5]}), "mean"),
+        (serde_json::json!({"std": [0.5, "0.5", 0.5]}), "std"),
+        (serde_json::json!({"size": [32, "x"]}), "size"),
+        (serde_json::json!({"resize_mode": 2}), "resize_mode"),
+        (serde_json::json!({"mode": 1}), "mode"),
     ] {
         let e = Preprocess::from_open_clip_preprocess_cfg(&cfg, 32).unwrap_err();
         assert!(e.contains(field), "{e}");
     }
+    // One number is every channel's, as open_clip and transformers broadcast it.
+    let scalar = Preprocess::from_open_clip_preprocess_cfg(
+        &serde_json::json!({"mean": 0.5, "std": 0.25}),
+        32,
+    )
+    .unwrap();
+    assert_eq!((scalar.mean, scalar.std), ([0.5; 3], [0.25; 3]));
+    for (json, field) in [
+        (r#"{"image_mean": [0.5, "x", 0.5, 0.5]}"#, "image_mean"),
+        (r#"{"image_std": [0.5, 0.5, 0.5, null]}"#, "image_std"),
+        (r#"{"size": {"shortest_edge": 0}, "crop_size": 32}"#, "size"),
+        (r#"{"size": 0, "crop_size": 32}"#, "size"),
+        (
+            r#"{"size": 32, "crop_size": {"height": 0, "width": 32}}"#,
+            "crop_size",
+        ),
+    ] {
+        std::fs::write(&hf, json).unwrap();
+        let e = Preprocess::from_hf_preprocessor_config(&hf, 32)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("preprocessor_config.json") && e.contains(field),
+            "{json}: {e}"
+        );
+    }
+    std::fs::write(&hf, r#"{"image_mean": 0.5, "size": 32, "crop_size": 32}"#).unwrap();
+    let p = Preprocess::from_hf_preprocessor_config(&hf, 32).unwrap();
+    assert_eq!(p.mean, [0.5; 3]);
+    std::fs::write(&hf, "{}").unwrap();
 
     // for_model: the folder's files decide; a forced family reads its own file.
     use clipcid_data::{CropRule, PreprocessFamily};
