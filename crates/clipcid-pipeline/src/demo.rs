@@ -526,11 +526,10 @@ pub fn run(opts: &DemoOptions, device: &Device, say: &mut dyn FnMut(&str)) -> Re
         .chain(students.iter().map(|s| s.eval.clone()))
         .collect();
     let templates_path = out.join("templates.txt");
-    std::fs::write(
+    clipcid_store::io::write_atomic(
         &templates_path,
-        "# zero-shot prompts for the digit classes (the training captions' templates)\na photo of the digit {}\na handwritten {}\na black and white image of the number {}\n",
-    )
-    .map_err(|e| PipelineError::io(&templates_path, "write", e))?;
+        b"# zero-shot prompts for the digit classes (the training captions' templates)\na photo of the digit {}\na handwritten {}\na black and white image of the number {}\n",
+    )?;
     let plan = EvalPlan {
         zero_shot: Some(ZeroShotPlan {
             data: data.test.clone(),

@@ -148,7 +148,7 @@ pub fn build_locked_text_teacher(
         options.text_tower.display(),
         toml::to_string(&config).map_err(|e| TrainError::Config(e.to_string()))?
     );
-    std::fs::write(&toml_path, body).map_err(|e| TrainError::io(&toml_path, "cannot write", e))?;
+    clipcid_store::io::write_atomic(&toml_path, body.as_bytes())?;
     let config = DistillConfig::from_file(&toml_path)?;
     // The build folder is the builder's own: an earlier build there is replaced.
     let mut trainer = Trainer::new_overwriting(config, &run_dir, device)?;
