@@ -633,6 +633,77 @@ fn resuming_on_another_teachers_embeddings_is_refused() {
 }
 
 #[test]
+fn resuming_from_a_damaged_trainer_state_is_refused_by_name() {
+    // A NaN moment, a negative second moment, NaN cluster centres or a loss scale that is
+    // not positive would resume into NaN weights (or skip every step) a step later; each
+    // is refused before training, naming the file and the tensor.
+    let fx = fixture(128, 0, 32);
+    let mut first = Trainer::new(fx.config(FULL), &fx.path("run"), &Device::Cpu).unwrap();
+    first.run(Some(4), false).unwrap();
+    drop(first);
+    let latest = std::fs::read_to_string(fx.path("run/checkpoints/latest")).unwrap();
+    let file = fx
+        .path("run/checkpoints")
+        .join(latest.trim())
+        .join("trainer.safetensors");
+    let saved = std::fs::read(&file).unwrap();
+    let header = clipcid_store::io::read_header(&file).unwrap();
+    let tensors = clipcid_store::io::load_tensors(&file).unwrap();
+    let v_name = tensors
+        .keys()
+        .find(|k| k.starts_with("adamw.v."))
+        .unwrap()
+        .clone();
+    let m_name = v_name.replace("adamw.v.", "adamw.m.");
+    // The cluster head's centres (the trainer's `cluster.centres`).
+    const CENTRES: &str = "cluster.centres";
+    assert!(tensors.contains_key(CENTRES));
+    let poke = |name: &str, value: f32| {
+        let mut t = tensors.clone();
+        let x = &t[name];
+        let mut v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v[0] = value;
+        let y = candle_core::Tensor::from_vec(v, x.dims(), &Device::Cpu).unwrap();
+        t.insert(name.to_string(), y);
+        t
+    };
+    let state = header.metadata["state"].clone();
+    let scaled = state.replacen('{', r#"{"loss_scale":[-1.0,0],"#, 1);
+    for (tensors, state, says) in [
+        (
+            poke(&m_name, f32::NAN),
+            &state,
+            format!("`{m_name}` holds NaN"),
+        ),
+        (
+            poke(&v_name, -1e-3),
+            &state,
+            format!("`{v_name}` holds a negative"),
+        ),
+        (
+            poke(CENTRES, f32::INFINITY),
+            &state,
+            format!("`{CENTRES}` holds NaN or infinite"),
+        ),
+        (tensors.clone(), &scaled, "loss scale -1".to_string()),
+    ] {
+        let meta = HashMap::from([("state".to_string(), state.clone())]);
+        clipcid_store::io::write_safetensors(&file, tensors, &meta).unwrap();
+        let e = Trainer::resume(fx.config(FULL), &fx.path("run"), &Device::Cpu)
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            e.contains("trainer.safetensors") && e.contains(&says),
+            "{says}: {e}"
+        );
+    }
+    // The file as saved resumes.
+    std::fs::write(&file, saved).unwrap();
+    let resumed = Trainer::resume(fx.config(FULL), &fx.path("run"), &Device::Cpu).unwrap();
+    assert_eq!(resumed.step_count(), 4);
+}
+
+#[test]
 fn keep_and_cluster_files_of_another_teachers_embeddings_are_refused() {
     let fx = fixture(64, 0, 8);
     let shard = clipcid_store::shard_path(&fx.path("emb"), 0);

@@ -151,6 +151,7 @@ impl Trainer {
             Some(self.model.config().clone()),
         )?;
         let tensors = clipcid_store::io::load_tensors(&file)?;
+        check_trainer_state(&file, &tensors, state.loss_scale)?;
         // Every student parameter (frozen ones too: the text tower in PicCollage mode).
         let vars: Vec<(String, Var)> = {
             let data = self
@@ -182,7 +183,8 @@ impl Trainer {
             w.set(&src.to_device(&self.device)?.to_dtype(w.dtype())?)?;
         }
         self.optimizer
-            .load_state(&tensors, state.optimizer_steps.unwrap_or(state.step))?;
+            .load_state(&tensors, state.optimizer_steps.unwrap_or(state.step))
+            .map_err(|e| TrainError::Input(format!("{}: {e}", file.display())))?;
         // A bf16 or f16 run's working copies are made again from the loaded weights.
         self.half = None;
         if let (Some(s), Some((scale, good))) = (self.loss_scale.as_mut(), state.loss_scale) {
@@ -283,4 +285,51 @@ impl Trainer {
         }
         Ok(())
     }
+}
+
+/// The optimiser state and cluster centres of `trainer.safetensors` are finite floating-point
+/// values, AdamW's second moments are not negative (their square root divides each update),
+/// and an f16 run's saved loss scale is a positive finite number: a damaged or hand-edited
+/// checkpoint would otherwise resume into NaN weights a step later (or, with an infinite
+/// scale, skip every step as an overflow) without naming the file.
+fn check_trainer_state(
+    file: &Path,
+    tensors: &HashMap<String, candle_core::Tensor>,
+    loss_scale: Option<(f64, u64)>,
+) -> Result<(), TrainError> {
+    let bad = |msg: String| TrainError::Input(format!("{}: {msg}", file.display()));
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let t = &tensors[name];
+        if !t.dtype().is_float() {
+            return Err(bad(format!(
+                "`{name}` holds {:?} values, not floating point",
+                t.dtype()
+            )));
+        }
+        if !clipcid_kernels::all_finite(t)? {
+            return Err(bad(format!("`{name}` holds NaN or infinite values")));
+        }
+        if name.starts_with("adamw.v.") && t.elem_count() > 0 {
+            let min = t
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .min(0)?
+                .to_scalar::<f32>()?;
+            if min < 0.0 {
+                return Err(bad(format!(
+                    "`{name}` holds a negative second moment ({min})"
+                )));
+            }
+        }
+    }
+    if let Some((scale, _)) = loss_scale {
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(bad(format!(
+                "the saved loss scale {scale} is not a positive finite number"
+            )));
+        }
+    }
+    Ok(())
 }
