@@ -413,6 +413,35 @@ fn streaming_over_shards_equals_in_memory_and_round_trips() {
         e.contains("keep.safetensors") && e.contains("`centroids`"),
         "{e}"
     );
+    // A cluster file whose labels are floats (cast, 3.7 read as 3) or whose sizes are not
+    // its labels' counts is refused by name.
+    let tensors = clipcid_store::io::load_tensors(&out).unwrap();
+    let meta = clipcid_store::io::read_header(&out).unwrap().metadata;
+    let rewrite = |name: &str, t: candle_core::Tensor| {
+        let mut all = tensors.clone();
+        all.insert(name.to_string(), t);
+        let path = dir.path().join("edited.safetensors");
+        clipcid_store::io::write_safetensors(&path, all, &meta).unwrap();
+        read_clusters(&path).unwrap_err().to_string()
+    };
+    let n = labels.len();
+    let mut float_labels: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
+    float_labels[0] += 0.7;
+    let e = rewrite(
+        "labels",
+        candle_core::Tensor::from_vec(float_labels, n, &candle_core::Device::Cpu).unwrap(),
+    );
+    assert!(
+        e.contains("edited.safetensors") && e.contains("`labels` holds F32"),
+        "{e}"
+    );
+    let mut off = sizes.clone();
+    off[2] += 1;
+    let e = rewrite(
+        "sizes",
+        candle_core::Tensor::from_vec(off, 6, &candle_core::Device::Cpu).unwrap(),
+    );
+    assert!(e.contains("`sizes` says cluster 2 holds"), "{e}");
 }
 
 #[test]

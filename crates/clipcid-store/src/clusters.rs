@@ -197,18 +197,12 @@ pub fn read_clusters(path: &Path) -> Result<ClusterFile, StoreError> {
         .to_dtype(candle_core::DType::F32)?
         .flatten_all()?
         .to_vec1()?;
-    let labels: Vec<u32> = take("labels")?
-        .flatten_all()?
-        .to_dtype(candle_core::DType::U32)?
-        .to_vec1()?;
-    let ids: Vec<i64> = take("ids")?
-        .flatten_all()?
-        .to_dtype(candle_core::DType::I64)?
-        .to_vec1()?;
-    let sizes: Vec<u32> = take("sizes")?
-        .flatten_all()?
-        .to_dtype(candle_core::DType::U32)?
-        .to_vec1()?;
+    let mut integers = |name: &str, dtype: candle_core::DType| {
+        crate::io::integer_vector(path, name, take(name)?, dtype)
+    };
+    let labels: Vec<u32> = integers("labels", candle_core::DType::U32)?.to_vec1()?;
+    let ids: Vec<i64> = integers("ids", candle_core::DType::I64)?.to_vec1()?;
+    let sizes: Vec<u32> = integers("sizes", candle_core::DType::U32)?.to_vec1()?;
     if labels.len() != ids.len() || sizes.len() != k {
         return Err(bad(format!(
             "{} labels, {} ids and {} sizes for {k} clusters",
@@ -219,6 +213,16 @@ pub fn read_clusters(path: &Path) -> Result<ClusterFile, StoreError> {
     }
     if let Some(l) = labels.iter().find(|&&l| l as usize >= k) {
         return Err(bad(format!("label {l} is not below K = {k}")));
+    }
+    let mut counted = vec![0u32; k];
+    for &l in &labels {
+        counted[l as usize] = counted[l as usize].saturating_add(1);
+    }
+    if let Some(c) = (0..k).find(|&c| counted[c] != sizes[c]) {
+        return Err(bad(format!(
+            "`sizes` says cluster {c} holds {} rows, but {} labels name it",
+            sizes[c], counted[c]
+        )));
     }
     if centroids.iter().any(|v| !v.is_finite()) {
         return Err(bad("non-finite value in `centroids`".into()));

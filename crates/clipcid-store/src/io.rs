@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::StoreError;
@@ -99,6 +99,27 @@ pub fn serialize(
         out.extend_from_slice(&View::data(t));
     }
     Ok(out)
+}
+
+/// `t` (the tensor `name` of the file `path`) as a flat vector of `dtype`, refusing float
+/// values: ids, labels, counts and flags are integers, and a cast would read a float tensor
+/// (3.7 as 3, 0.4 as 0) without a word.
+pub(crate) fn integer_vector(
+    path: &Path,
+    name: &str,
+    t: Tensor,
+    dtype: DType,
+) -> Result<Tensor, StoreError> {
+    if t.dtype().is_float() {
+        return Err(StoreError::file(
+            path,
+            format!(
+                "`{name}` holds {:?} values; it must hold integers",
+                t.dtype()
+            ),
+        ));
+    }
+    Ok(t.flatten_all()?.to_dtype(dtype)?)
 }
 
 /// Writes bytes to `path` atomically (temp file in the same folder, then rename).

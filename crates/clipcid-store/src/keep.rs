@@ -35,15 +35,16 @@ impl KeepList {
         let keep = t
             .remove("keep")
             .ok_or_else(|| bad("no `keep` tensor (not a keep file from `clipcid balance`?)"))?;
-        let keep: Vec<bool> = keep
-            .flatten_all()?
-            .to_dtype(DType::U8)?
-            .to_vec1::<u8>()?
-            .into_iter()
-            .map(|b| b != 0)
-            .collect();
+        let flags: Vec<u8> = crate::io::integer_vector(path, "keep", keep, DType::U8)?.to_vec1()?;
+        if let Some(i) = flags.iter().position(|&b| b > 1) {
+            return Err(StoreError::file(
+                path,
+                format!("`keep` flag {i} is {}, not 0 or 1", flags[i]),
+            ));
+        }
+        let keep: Vec<bool> = flags.into_iter().map(|b| b == 1).collect();
         let ids: Vec<i64> = match t.remove("ids") {
-            Some(x) => x.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?,
+            Some(x) => crate::io::integer_vector(path, "ids", x, DType::I64)?.to_vec1()?,
             None => return Err(bad("no `ids` tensor")),
         };
         if ids.len() != keep.len() {

@@ -307,8 +307,7 @@ impl RowIndex {
             msg,
         };
         let has_text = match has_text {
-            Some(x) => x
-                .to_dtype(DType::U8)?
+            Some(x) => crate::io::integer_vector(path, "has_text", x, DType::U8)?
                 .to_vec1::<u8>()?
                 .into_iter()
                 .map(|b| b != 0)
@@ -316,7 +315,7 @@ impl RowIndex {
             None => vec![has_text_tensor; n],
         };
         let ids: Vec<i64> = match ids {
-            Some(x) => x.to_dtype(DType::I64)?.to_vec1()?,
+            Some(x) => crate::io::integer_vector(path, "ids", x, DType::I64)?.to_vec1()?,
             None => (0..n as i64).collect(),
         };
         let keys: Vec<String> = match header.metadata.get("keys") {

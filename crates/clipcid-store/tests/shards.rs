@@ -135,3 +135,49 @@ fn embeddings_stored_as_integers_or_f64_are_refused_by_every_reader() {
     assert!(e.contains("`text` is U8"), "{e}");
     assert!(ShardLayout::open(std::slice::from_ref(&path)).is_ok());
 }
+
+#[test]
+fn ids_labels_and_flags_stored_as_floats_are_refused_not_cast() {
+    // ids 0, 1.5, 2 in f32 were read as 0, 1, 2; keep flags 0.4 and 1 as false and true.
+    let dir = tempfile::tempdir().unwrap();
+    let cpu = Device::Cpu;
+    let path = shard_path(dir.path(), 0);
+    let image = Tensor::ones((3, 4), DType::F32, &cpu).unwrap();
+    let ids = Tensor::new(&[0f32, 1.5, 2.0], &cpu).unwrap();
+    write_safetensors(
+        &path,
+        [("image".to_string(), image), ("ids".to_string(), ids)],
+        &HashMap::new(),
+    )
+    .unwrap();
+    let e = EmbeddingShard::read(&path).unwrap_err().to_string();
+    assert!(
+        e.contains("embeddings-00000") && e.contains("`ids` holds F32"),
+        "{e}"
+    );
+
+    let keep_path = dir.path().join("keep.safetensors");
+    let keep_file = |keep: Tensor| {
+        let ids = Tensor::new(&[10i64, 11, 12], &cpu).unwrap();
+        write_safetensors(
+            &keep_path,
+            [("keep".to_string(), keep), ("ids".to_string(), ids)],
+            &HashMap::new(),
+        )
+        .unwrap();
+        clipcid_store::KeepList::read(&keep_path)
+    };
+    let e = keep_file(Tensor::new(&[0.4f32, 1.0, 1.0], &cpu).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("keep.safetensors") && e.contains("`keep` holds F32"),
+        "{e}"
+    );
+    let e = keep_file(Tensor::new(&[0u8, 1, 7], &cpu).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`keep` flag 2 is 7, not 0 or 1"), "{e}");
+    let list = keep_file(Tensor::new(&[0u8, 1, 1], &cpu).unwrap()).unwrap();
+    assert_eq!(list.kept_ids().collect::<Vec<_>>(), vec![11, 12]);
+}
