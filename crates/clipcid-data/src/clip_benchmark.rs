@@ -22,8 +22,12 @@ use crate::DataError;
 /// std::fs::create_dir(root.path().join("test"))?;
 /// std::fs::write(root.path().join("test/nshards.txt"), "2\n")?;
 /// std::fs::write(root.path().join("classnames.txt"), "cat\ndog\n")?;
+/// std::fs::write(root.path().join("test/0.tar"), b"")?;
 /// let set = ClipBenchmarkSet::find(root.path()).expect("a CLIP_benchmark set");
 /// assert_eq!(set.split, root.path().join("test"));
+/// // `nshards.txt` names two shards: the second must be there too.
+/// assert!(set.shards().unwrap_err().to_string().contains("`1.tar` is not in the folder"));
+/// std::fs::write(root.path().join("test/1.tar"), b"")?;
 /// assert_eq!(set.shards()?, [root.path().join("test/0.tar"), root.path().join("test/1.tar")]);
 /// assert_eq!(set.class_names()?, Some(vec!["cat".to_string(), "dog".to_string()]));
 /// assert!(set.templates.is_none());
@@ -72,9 +76,22 @@ impl ClipBenchmarkSet {
         if n == 0 {
             return Err(DataError::format(&file, "the split has 0 shards"));
         }
-        Ok((0..n)
-            .map(|i| self.split.join(format!("{i}.tar")))
-            .collect())
+        // Each shard is looked for before the next is listed, so a count that is not the
+        // folder's (a damaged file saying 10^15) is an error naming the first missing shard,
+        // not a list of paths that fills memory.
+        (0..n)
+            .map(|i| {
+                let shard = self.split.join(format!("{i}.tar"));
+                if shard.is_file() {
+                    Ok(shard)
+                } else {
+                    Err(DataError::format(
+                        &file,
+                        format!("names {n} shards, but `{i}.tar` is not in the folder"),
+                    ))
+                }
+            })
+            .collect()
     }
 
     /// The class names of `classnames.txt` in label order (blank lines skipped), or `None`
