@@ -449,37 +449,28 @@ fn eval_reads_a_clip_benchmark_set_with_its_class_names_and_templates() {
             assert!(record["metrics"][key].is_f64(), "{record}");
         }
     }
-    // A wrong shard count names the file.
-    std::fs::write(set.join("test/nshards.txt"), "three").unwrap();
-    let (ok, text) = clipcid(&[
-        "eval",
-        "--model",
-        s(&d.join("student.safetensors")),
-        "--zero-shot",
-        s(&set),
-        "--out",
-        s(&d.join("report2")),
-    ]);
-    assert!(
-        !ok && text.contains("nshards.txt") && text.contains("`three`"),
-        "{text}"
-    );
-    // So does a count past the shards there (a damaged count of 10^15 listed that many paths
-    // before opening any, and filled memory).
-    std::fs::write(set.join("test/nshards.txt"), "1000000000000000").unwrap();
-    let (ok, text) = clipcid(&[
-        "eval",
-        "--model",
-        s(&d.join("student.safetensors")),
-        "--zero-shot",
-        s(&set),
-        "--out",
-        s(&d.join("report3")),
-    ]);
-    assert!(
-        !ok && text.contains("nshards.txt") && text.contains("names 1000000000000000 shards"),
-        "{text}"
-    );
+    // A wrong shard count names the file: one that is not a number, and one past the shards
+    // there (a damaged count of 10^15 listed that many paths before opening any, and filled
+    // memory).
+    for (count, says) in [
+        ("three", "`three`"),
+        ("1000000000000000", "names 1000000000000000 shards"),
+    ] {
+        std::fs::write(set.join("test/nshards.txt"), count).unwrap();
+        let (ok, text) = clipcid(&[
+            "eval",
+            "--model",
+            s(&d.join("student.safetensors")),
+            "--zero-shot",
+            s(&set),
+            "--out",
+            s(&d.join("report2")),
+        ]);
+        assert!(
+            !ok && text.contains("nshards.txt") && text.contains(says),
+            "{text}"
+        );
+    }
 }
 
 #[test]
