@@ -38,7 +38,10 @@ pub fn expand_sources(spec: &str) -> Result<Vec<PathBuf>, DataError> {
     if Path::new(spec).exists() || !is_pattern(spec) {
         return Ok(vec![PathBuf::from(spec)]);
     }
-    let mut out = vec![];
+    // Each part parsed, and the paths the brace patterns of all the parts name counted,
+    // before any is expanded.
+    let mut parts = vec![];
+    let mut named: u128 = 0;
     for part in spec.split(SOURCE_SEPARATOR) {
         if part.trim().is_empty() {
             return Err(DataError::format(
@@ -46,16 +49,32 @@ pub fn expand_sources(spec: &str) -> Result<Vec<PathBuf>, DataError> {
                 format!("empty source between `{SOURCE_SEPARATOR}` separators"),
             ));
         }
-        check_range_sizes(part)?;
-        let braced = match bracoxide::explode(part) {
-            _ if !part.contains('{') => vec![part.to_string()],
-            Ok(v) => v,
-            Err(e) => {
-                return Err(DataError::format(
-                    part,
-                    format!("not a brace pattern bash would expand ({e:?})"),
-                ))
+        let tree = if part.contains('{') {
+            let tree = bracoxide::tokenizer::tokenize(part)
+                .map_err(|e| not_brace(part, format!("{e:?}")))
+                .and_then(|tokens| {
+                    bracoxide::parser::parse(&tokens).map_err(|e| not_brace(part, format!("{e:?}")))
+                })?;
+            named = named.saturating_add(paths_named(&tree));
+            Some(tree)
+        } else {
+            None
+        };
+        parts.push((part, tree));
+    }
+    if named > MAX_EXPANSION as u128 {
+        return Err(DataError::format(
+            spec,
+            format!("the brace patterns name {named} paths (at most {MAX_EXPANSION})"),
+        ));
+    }
+    let mut out = vec![];
+    for (part, tree) in parts {
+        let braced = match tree {
+            Some(tree) => {
+                bracoxide::expand(&tree).map_err(|e| not_brace(part, format!("{e:?}")))?
             }
+            None => vec![part.to_string()],
         };
         if braced.is_empty() {
             return Err(DataError::format(
@@ -64,7 +83,7 @@ pub fn expand_sources(spec: &str) -> Result<Vec<PathBuf>, DataError> {
             ));
         }
         for p in braced {
-            if Path::new(&p).exists() || !p.contains(['*', '?', '[']) {
+            if !p.contains(['*', '?', '[']) || Path::new(&p).exists() {
                 out.push(PathBuf::from(p));
                 continue;
             }
@@ -84,32 +103,37 @@ pub fn expand_sources(spec: &str) -> Result<Vec<PathBuf>, DataError> {
     Ok(out)
 }
 
-/// Refuses numeric ranges `{a..b}` whose product of sizes exceeds [`MAX_EXPANSION`] before
-/// anything is expanded.
-fn check_range_sizes(part: &str) -> Result<(), DataError> {
-    let mut total: u64 = 1;
-    let mut rest = part;
-    while let Some(open) = rest.find('{') {
-        let Some(close) = rest[open..].find('}') else {
-            break;
-        };
-        let inner = &rest[open + 1..open + close];
-        if let Some((a, b)) = inner.split_once("..") {
-            let b = b.split("..").next().unwrap_or(b);
-            if let (Ok(a), Ok(b)) = (a.parse::<i128>(), b.parse::<i128>()) {
-                let n = u64::try_from((a - b).unsigned_abs().saturating_add(1)).unwrap_or(u64::MAX);
-                total = total.saturating_mul(n);
-            }
-        }
-        rest = &rest[open + close + 1..];
+fn not_brace(part: &str, e: String) -> DataError {
+    DataError::format(part, format!("not a brace pattern bash would expand ({e})"))
+}
+
+/// How many strings `bracoxide::expand` makes of `node`, without making them: alternatives
+/// add, a prefix, inside and suffix multiply, a range counts its numbers (none when it runs
+/// downwards, as bracoxide expands it). So `{a,b}` forty times over, or `{0..99999999999}`,
+/// is refused before an allocation of 2^40 or 10^11 strings aborts the process.
+fn paths_named(node: &bracoxide::parser::Node) -> u128 {
+    use bracoxide::parser::Node;
+    let part = |n: &Option<Box<Node>>| n.as_deref().map_or(1, paths_named);
+    match node {
+        Node::Text { .. } => 1,
+        Node::BraceExpansion {
+            prefix,
+            inside,
+            postfix,
+            ..
+        } => part(prefix)
+            .saturating_mul(part(inside))
+            .saturating_mul(part(postfix)),
+        Node::Collection { items, .. } => items
+            .iter()
+            .fold(0u128, |sum, item| sum.saturating_add(paths_named(item))),
+        Node::Range { from, to, .. } => match (from.parse::<u128>(), to.parse::<u128>()) {
+            (Ok(a), Ok(b)) if a <= b => (b - a).saturating_add(1),
+            (Ok(_), Ok(_)) => 0,
+            // Not numbers: the expansion itself reports it.
+            _ => 1,
+        },
     }
-    if total > MAX_EXPANSION {
-        return Err(DataError::format(
-            part,
-            format!("the brace pattern names {total} paths (at most {MAX_EXPANSION})"),
-        ));
-    }
-    Ok(())
 }
 
 impl Dataset {

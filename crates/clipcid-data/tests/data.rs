@@ -729,6 +729,16 @@ fn shard_lists_open_as_webdataset_and_open_clip_users_write_them() {
         (vec![p("c/*.tar")], "matches no file"),
         (vec![p("a/{00000..00002.tar")], "brace pattern"),
         (vec![p("a/{0..99999999999}.tar")], "at most"),
+        // Alternatives multiply too: 2^40 paths (expanded, they aborted the process).
+        (
+            vec![p(&format!("a/{}.tar", "{0,1}".repeat(40)))],
+            "name 1099511627776 paths",
+        ),
+        // And the parts of one argument add up.
+        (
+            vec![p("a/{0..5999999}.tar::") + &p("b/{0..5999999}.tar")],
+            "name 12000000 paths",
+        ),
         (vec![p("a/00000.tar::")], "empty source"),
         (
             vec![p("a/00000.tar"), p("captions.tsv")],

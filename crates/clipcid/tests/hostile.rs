@@ -397,6 +397,24 @@ fn hostile_inputs_end_in_named_errors_or_named_skips() {
         ],
         Expect::Error(&["nowhere/*.tar", "matches no file"]),
     );
+    // 2^40 paths from forty `{0,1}`: counted before expanding (expanded, they aborted).
+    let alternatives = format!("nowhere/{}.tar", "{0,1}".repeat(40));
+    b.case(
+        1,
+        "embed from a brace pattern of 2^40 paths",
+        &[
+            "embed",
+            "--teacher",
+            "teacher.safetensors",
+            "--data",
+            &alternatives,
+            "--out",
+            "e-braces",
+            "--images-only",
+            "--quiet",
+        ],
+        Expect::Error(&["name 1099511627776 paths"]),
+    );
     b.case(
         1,
         "cluster --keep with a keep file of another teacher's embeddings",
