@@ -633,6 +633,32 @@ fn resuming_on_another_teachers_embeddings_is_refused() {
 }
 
 #[test]
+fn a_run_stopped_while_appending_its_metrics_still_resumes() {
+    // A last metrics line cut short (the process killed, or the disk full, mid-append) is
+    // left out; a bad line elsewhere is still an error naming the file and line.
+    let fx = fixture(128, 0, 32);
+    let mut first = Trainer::new(fx.config(FULL), &fx.path("run"), &Device::Cpu).unwrap();
+    first.run(Some(4), false).unwrap();
+    let steps = first.history().len();
+    drop(first);
+    let path = fx.path("run/metrics.jsonl");
+    let whole = std::fs::read_to_string(&path).unwrap();
+    let torn = format!("{whole}{{\"step\":5,\"lo");
+    std::fs::write(&path, &torn).unwrap();
+    assert_eq!(clipcid_train::read_metrics(&path).unwrap().len(), steps);
+    let resumed = Trainer::resume(fx.config(FULL), &fx.path("run"), &Device::Cpu).unwrap();
+    assert_eq!(resumed.step_count(), 4);
+    assert_eq!(resumed.history().len(), steps);
+    // The resume rewrote the file without the torn line.
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), whole);
+    drop(resumed);
+    let inside = whole.replacen('\n', "\n{\"step\":1,\"lo\n", 1);
+    std::fs::write(&path, inside).unwrap();
+    let e = clipcid_train::read_metrics(&path).unwrap_err().to_string();
+    assert!(e.contains("metrics.jsonl: line 2"), "{e}");
+}
+
+#[test]
 fn resuming_from_a_damaged_trainer_state_is_refused_by_name() {
     // A NaN moment, a negative second moment, NaN cluster centres or a loss scale that is
     // not positive would resume into NaN weights (or skip every step) a step later; each

@@ -70,31 +70,53 @@ mod float_or_name {
 }
 
 pub(super) fn append_metrics(path: &Path, m: &StepMetrics) -> Result<(), TrainError> {
-    let line = serde_json::to_string(m).map_err(|e| TrainError::Config(e.to_string()))?;
+    let mut line = serde_json::to_string(m).map_err(|e| TrainError::Config(e.to_string()))?;
+    line.push('\n');
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .map_err(|e| TrainError::io(path, "cannot open", e))?;
-    writeln!(f, "{line}").map_err(|e| TrainError::io(path, "cannot write", e))
+    // One write of the whole line, newline included.
+    f.write_all(line.as_bytes())
+        .map_err(|e| TrainError::io(path, "cannot write", e))
 }
 
 /// Reads a `metrics.jsonl` (empty when the file does not exist); a bad line is an error
-/// naming the file and line.
+/// naming the file and line. A last line cut short (no newline, not JSON: the run stopped,
+/// or the disk filled, while appending it) is left out with a warning, so a run that
+/// failed there can still resume: that step came after its newest checkpoint, whose steps
+/// are the only ones a resume keeps.
 pub fn read_metrics(path: &Path) -> Result<Vec<StepMetrics>, TrainError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
         Err(e) => return Err(TrainError::io(path, "cannot read", e)),
     };
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .map_err(|e| TrainError::Input(format!("{}: line {}: {e}", path.display(), i + 1)))
-        })
-        .collect()
+    let last = text.lines().count();
+    let cut = !text.ends_with('\n');
+    let mut rows = Vec::new();
+    for (i, l) in text.lines().enumerate() {
+        if l.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str(l) {
+            Ok(m) => rows.push(m),
+            Err(_) if cut && i + 1 == last => log::warn!(
+                "{}: line {} is cut short (the run stopped while writing it); left out",
+                path.display(),
+                i + 1
+            ),
+            Err(e) => {
+                return Err(TrainError::Input(format!(
+                    "{}: line {}: {e}",
+                    path.display(),
+                    i + 1
+                )))
+            }
+        }
+    }
+    Ok(rows)
 }
 
 pub(super) fn write_metrics(path: &Path, rows: &[StepMetrics]) -> Result<(), TrainError> {
