@@ -278,6 +278,22 @@ pub fn evaluate(
     if models.is_empty() {
         return Err(EvalError::Input("no models to evaluate".into()));
     }
+    // A name heads a table row and names its plots and records: two models of one name
+    // would share (overwrite) them.
+    let mut seen = std::collections::HashSet::new();
+    for m in models {
+        if m.name.trim().is_empty() {
+            return Err(EvalError::Input(
+                "a model to evaluate has an empty name".into(),
+            ));
+        }
+        if !seen.insert(m.name.as_str()) {
+            return Err(EvalError::Input(format!(
+                "two models to evaluate are named `{}`; give each its own name",
+                m.name
+            )));
+        }
+    }
     std::fs::create_dir_all(out).map_err(|e| EvalError::file(out, e))?;
     let mut cache = EncodingCache {
         models,
@@ -358,7 +374,8 @@ pub fn evaluate(
         md.push_str("\n![zero-shot recall per class](zero-shot-per-class.png)\n\n");
         if classes.len() <= 50 {
             for (n, c) in names.iter().zip(&res.zero_shot) {
-                let file = format!("zero-shot-confusion-{n}.png");
+                // Path separators in a name stay out of the file name, as in CLIP_benchmark's.
+                let file = format!("zero-shot-confusion-{n}.png").replace(['/', '\\'], "-");
                 plot_confusion(
                     &out.join(&file),
                     &format!("zero-shot confusion: {n}"),

@@ -569,6 +569,31 @@ fn eval_textness_and_export_from_the_command_line() {
         serde_json::json!([transformers, transformers, transformers])
     );
     assert!(text.contains(&format!("images: {transformers}")), "{text}");
+    // A name holding a path separator names its plot without it; two models of one name
+    // (which would overwrite each other's plots and records) are refused.
+    let named = |compare: &str, out: &str| {
+        clipcid(&[
+            "eval",
+            "--model",
+            s(&d.join("student.safetensors")),
+            "--compare",
+            &format!("{compare}={}", s(&d.join("teacher.safetensors"))),
+            "--zero-shot",
+            s(&d.join("test")),
+            "--out",
+            s(&d.join(out)),
+        ])
+    };
+    let (ok, text) = named("runs/b", "report-slash");
+    assert!(ok, "{text}");
+    assert!(d
+        .join("report-slash/zero-shot-confusion-runs-b.png")
+        .is_file());
+    let (ok, text) = named("student", "report-twice");
+    assert!(
+        !ok && text.contains("two models to evaluate are named `student`"),
+        "{text}"
+    );
     // In bf16 (features compared in f32) recalls move by at most one of the 6 captions: this
     // random student's near-ties may flip; the bf16 features themselves are checked to
     // cosine >= 0.999 by the device parity tests. This run passes --rgb-first, which leaves
