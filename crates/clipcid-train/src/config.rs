@@ -488,6 +488,16 @@ impl DistillConfig {
                 self.epochs
             ));
         }
+        // One step's rows are batch_size x optim.accumulate (x ranks): bound both so the
+        // product cannot overflow (it wrapped to 0 and divided by it).
+        const MAX_BATCH: usize = 1 << 24;
+        const MAX_ACCUMULATE: usize = 1 << 16;
+        if self.batch_size > MAX_BATCH || self.optim.accumulate > MAX_ACCUMULATE {
+            return Err(format!(
+                "batch_size = {} or optim.accumulate = {} is beyond any run (at most {MAX_BATCH} and {MAX_ACCUMULATE})",
+                self.batch_size, self.optim.accumulate
+            ));
+        }
         Ok(())
     }
 

@@ -368,8 +368,12 @@ impl Trainer {
         }
         let optimizer = AdamW::new(params, config.optim.adamw)?;
         let world = collective.world_size();
-        let per_step = (config.batch_size * config.optim.accumulate * world) as u64;
-        let steps_per_epoch = set.len() as u64 / per_step;
+        let per_step = config
+            .batch_size
+            .checked_mul(config.optim.accumulate)
+            .and_then(|n| n.checked_mul(world))
+            .map_or(u64::MAX, |n| n as u64);
+        let steps_per_epoch = set.len() as u64 / per_step.max(1);
         if steps_per_epoch == 0 {
             return Err(TrainError::Config(format!(
                 "{} training rows are fewer than one step's batch_size x optim.accumulate{} = {per_step}",
@@ -377,7 +381,7 @@ impl Trainer {
                 if world > 1 { " x ranks" } else { "" }
             )));
         }
-        let total = steps_per_epoch * config.epochs as u64;
+        let total = steps_per_epoch.saturating_mul(config.epochs as u64);
         let schedule = WarmupCosine {
             peak_lr: config.optim.lr,
             warmup_steps: config.optim.warmup_steps.min(total),

@@ -148,6 +148,22 @@ fn bad_configs_are_clear_errors() {
         "epochs = 6148914691236517206\n{DATA}[loss.cluster]\nenabled = false\n"
     ));
     assert!(e.contains("epochs") && e.contains("beyond any run"), "{e}");
+    // batch_size x optim.accumulate overflowed (to 0, then divided by) in Trainer::new.
+    for top in [
+        "batch_size = 4611686018427387904\n",
+        "[optim]\naccumulate = 4611686018427387904\n",
+    ] {
+        let body = if top.starts_with('[') {
+            format!("{DATA}[loss.cluster]\nenabled = false\n{top}")
+        } else {
+            format!("{top}{DATA}[loss.cluster]\nenabled = false\n")
+        };
+        let e = err(body);
+        assert!(
+            e.contains("batch_size = ") && e.contains("beyond any run"),
+            "{top}: {e}"
+        );
+    }
     let e = DistillConfig::from_file(&d.join("absent.toml"))
         .unwrap_err()
         .to_string();
