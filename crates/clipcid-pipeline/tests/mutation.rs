@@ -621,6 +621,10 @@ proptest! {
         prop_assert!(m.is_finite() && (0.0..std::f64::consts::PI).contains(&m), "{text}");
         prop_assert!(l.piccollage.schedule.steps.iter().all(|&(_, t)| t.is_finite() && t > 0.0), "{text}");
         prop_assert!(c.student.context_length.is_none_or(|n| n >= 2), "{text}");
+        prop_assert!(c.batch_size <= 1 << 24 && o.accumulate <= 1 << 16, "{text}");
+        // And a trainer is built from it, or refuses it, without a panic (batch_size x
+        // accumulate once overflowed there).
+        let _ = clipcid_train::Trainer::new(c, &dir.path().join("run"), &Device::Cpu);
     }
 }
 
