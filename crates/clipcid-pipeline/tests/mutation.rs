@@ -13,7 +13,7 @@
 //! | PyTorch checkpoint (zip + pickle), open_clip folder | `ClipModel::load` |
 //! | tokenizer input (any text) | `ClipTokenizer::encode` with CLIP's cleaning (ftfy, HTML entities) |
 //! | `tokenizer.json` | `ClipTokenizer::from_file` |
-//! | distill TOML config (bytes, and hostile numbers) | `DistillConfig::from_file` |
+//! | distill TOML config (bytes, and hostile numbers) | `DistillConfig::from_file`, then `Trainer::new` for an accepted one |
 //!
 //! CI runs a small budget (32 cases per target). A longer run, the one reported in issue 18:
 //! `PROPTEST_CASES=5000 cargo test --release -p clipcid-pipeline --test mutation`.
