@@ -692,6 +692,21 @@ fn eval_textness_and_export_from_the_command_line() {
         s(&fp16),
     ]);
     assert!(!ok && text.contains("missing.safetensors"), "{text}");
+    // The samples are one batch: a count past it is refused (10^10 random-pixel inputs
+    // asked for 120 TB and aborted).
+    let (ok, text) = clipcid(&[
+        "export",
+        "--model",
+        s(&d.join("student.safetensors")),
+        "--out",
+        s(&fp16),
+        "--samples",
+        "10000000000",
+    ]);
+    assert!(
+        !ok && text.contains("--samples 10000000000 is more than one batch of 1024"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -384,7 +384,7 @@ pub struct ExportArgs {
     /// Images to measure the FP16 error on (any dataset); default: seeded random pixels.
     #[arg(long)]
     pub sample: Option<PathBuf>,
-    /// At most this many sample images.
+    /// At most this many sample images (1 to 1024: they go through the model as one batch).
     #[arg(long, default_value_t = 64)]
     pub samples: usize,
     /// With `--format onnx`: the ONNX graphs in half precision (weights and arithmetic;
@@ -437,6 +437,15 @@ pub struct ExportOutcome {
 /// Writes the model as FP16 safetensors (Hugging Face layout) with its config and tokenizer
 /// to `args.out`, and measures the FP16 error on sample images (or random pixels).
 pub fn export(args: &ExportArgs, device: &Device) -> Result<ExportOutcome, PipelineError> {
+    // The samples are one batch (and, without --sample, one tensor of random pixels): a
+    // count past any batch asked for terabytes before the model was read.
+    const MAX_SAMPLES: usize = 1024;
+    if args.samples > MAX_SAMPLES {
+        input_error!(
+            "--samples {} is more than one batch of {MAX_SAMPLES} images (the FP16 error settles on far fewer)",
+            args.samples
+        );
+    }
     if args.fp16 && args.format != ExportFormat::Onnx {
         input_error!(
             "--fp16 applies to --format onnx (the safetensors export is always f16); add \
