@@ -122,6 +122,42 @@ pub(crate) fn integer_vector(
     Ok(t.flatten_all()?.to_dtype(dtype)?)
 }
 
+/// Refuses to write `out` when it is one of `inputs` (the same file, by any name): the run
+/// would replace a file it reads (`balance --out emb/embeddings-00000.safetensors` wrote a
+/// keep file over a shard). An output that does not exist yet is no input.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let shard = dir.path().join("embeddings-00000.safetensors");
+/// std::fs::write(&shard, b"rows")?;
+/// let inputs = [shard.as_path()];
+/// clipcid_store::io::check_not_an_input(&dir.path().join("keep.safetensors"), inputs)?;
+/// let again = dir.path().join(".").join("embeddings-00000.safetensors");
+/// assert!(clipcid_store::io::check_not_an_input(&again, inputs).is_err());
+/// # Ok(()) }
+/// ```
+pub fn check_not_an_input<'a>(
+    out: &Path,
+    inputs: impl IntoIterator<Item = &'a Path>,
+) -> Result<(), StoreError> {
+    let Ok(target) = std::fs::canonicalize(out) else {
+        return Ok(());
+    };
+    for input in inputs {
+        if std::fs::canonicalize(input).is_ok_and(|i| i == target) {
+            return Err(StoreError::file(
+                out,
+                format!(
+                    "this output is an input of the run (`{}`); writing it would replace what is read: choose another path",
+                    input.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Writes bytes to `path` atomically (temp file in the same folder, then rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let tmp = temp_path(path);

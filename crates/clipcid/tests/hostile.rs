@@ -449,6 +449,51 @@ fn hostile_inputs_end_in_named_errors_or_named_skips() {
         ],
         Expect::Ok(&[]),
     );
+    // Outputs that are inputs of the run: refused before anything is replaced.
+    let shard0 = "emb/embeddings-00000.safetensors";
+    let written_over = [
+        (
+            "balance --out onto one of its shards",
+            vec!["balance", "--embeddings", "emb", "--out", shard0, "--quiet"],
+        ),
+        (
+            "cluster --out onto its --keep file",
+            vec![
+                "cluster",
+                "--embeddings",
+                "emb",
+                "--keep",
+                "keep.safetensors",
+                "--k",
+                "2",
+                "--out",
+                "./keep.safetensors",
+                "--quiet",
+            ],
+        ),
+        (
+            "balance pairs --out onto one of its shards",
+            vec![
+                "balance",
+                "pairs",
+                "--embeddings",
+                "emb",
+                "--part",
+                "0/2",
+                "--out",
+                shard0,
+            ],
+        ),
+        (
+            "export --out into the model's own folder",
+            vec!["export", "--model", "teacher.safetensors", "--out", "."],
+        ),
+    ];
+    for (name, args) in &written_over {
+        b.case(1, name, args, Expect::Error(&["is an input of the run"]));
+    }
+    assert!(clipcid_store::EmbeddingShard::read(&b.path(shard0)).is_ok());
+    assert!(clipcid_store::KeepList::read(&b.path("keep.safetensors")).is_ok());
     // A shard repeating a sample id.
     let shard = clipcid_store::shard_path(&b.path("emb"), 0);
     let mut tensors = clipcid_store::io::load_tensors(&shard).unwrap();

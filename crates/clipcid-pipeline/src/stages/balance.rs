@@ -62,6 +62,7 @@ pub struct BalanceOutcome {
 /// Reads the shards onto `device`, balances them and writes the keep file `args.out`.
 pub fn balance(args: &BalanceArgs, device: &Device) -> Result<BalanceOutcome, PipelineError> {
     let emb = clipcid_dedup::load_embeddings(&args.embeddings, device)?;
+    clipcid_store::io::check_not_an_input(&args.out, emb.shards.iter().map(PathBuf::as_path))?;
     let opts = BalanceOptions {
         threshold: args.threshold,
         block_size: args.block_size,
@@ -131,6 +132,10 @@ pub fn balance_pairs(
     let part = crate::stages::embed::part_of(args.part)?;
     let reader =
         clipcid_store::RowReader::open(clipcid_store::ShardLayout::open(&args.embeddings)?)?;
+    clipcid_store::io::check_not_an_input(
+        &args.out,
+        reader.layout().shards.iter().map(PathBuf::as_path),
+    )?;
     let block = args.block_size.max(1);
     let tiles = reader.len().div_ceil(block);
     let mine = clipcid_dedup::part_row_blocks(tiles, part);
@@ -194,6 +199,14 @@ pub struct BalanceMergeArgs {
 /// file `args.out`: the keep list one `clipcid balance` process writes.
 pub fn balance_merge(args: &BalanceMergeArgs) -> Result<BalanceOutcome, PipelineError> {
     let layout = clipcid_store::ShardLayout::open(&args.embeddings)?;
+    clipcid_store::io::check_not_an_input(
+        &args.out,
+        layout
+            .shards
+            .iter()
+            .chain(&args.pairs)
+            .map(PathBuf::as_path),
+    )?;
     // Ids only: the shards' embeddings are read by the merge itself, a chunk of sets at a time.
     let mut ids = Vec::with_capacity(layout.total());
     for (path, &count) in layout.shards.iter().zip(&layout.counts) {

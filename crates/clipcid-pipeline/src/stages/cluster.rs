@@ -110,6 +110,13 @@ pub fn cluster(args: &ClusterArgs, device: &Device) -> Result<ClusterOutcome, Pi
         .init(args.init)
         .spherical(!args.l2);
     let rows = ShardRows::open(&args.embeddings, args.keep.as_deref())?.on_device(device);
+    let inputs = rows
+        .layout
+        .shards
+        .iter()
+        .chain(&args.keep)
+        .chain(&args.compare);
+    clipcid_store::io::check_not_an_input(&args.out, inputs.map(PathBuf::as_path))?;
     let file = clipcid_cluster::cluster_shards(&kmeans, &rows, !args.quiet)?;
     clipcid_cluster::write_clusters(&args.out, &file)?;
     let other = match &args.compare {
