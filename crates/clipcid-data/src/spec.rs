@@ -9,8 +9,9 @@ use crate::{DataError, Dataset};
 /// Joins several sources in one argument, as open_clip's `--train-data a.tar::b.tar`.
 pub const SOURCE_SEPARATOR: &str = "::";
 
-/// The most paths one brace pattern may name (LAION-400M is 41,456 shards; a typo such as
-/// `{0..99999999999}` must be an error, not an allocation of billions of strings).
+/// The most paths the brace patterns of one dataset argument (all its `::` parts) may name
+/// (LAION-400M is 41,456 shards; a typo such as `{0..99999999999}`, or `{0,1}` forty times
+/// over, must be an error, not an allocation of billions of strings).
 pub const MAX_EXPANSION: u64 = 10_000_000;
 
 /// Whether `s` is a pattern rather than a plain path: it holds `::`, braces or glob
