@@ -113,6 +113,27 @@ pub fn tokenizer_beside(model: &Path) -> PathBuf {
     }
 }
 
+/// Refuses writing model files (`model.safetensors`, `config.json`, the tokenizer) into
+/// `out` when `out` is the folder the model at `model_path` (a folder, or a file in one) is
+/// read from: they would replace the model's own (an export its weights with the f16 copy,
+/// a PicCollage student the teacher it was made from).
+pub(crate) fn check_not_model_folder(out: &Path, model_path: &Path) -> Result<(), PipelineError> {
+    let folder = if model_path.is_dir() {
+        model_path
+    } else {
+        model_path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+    };
+    clipcid_store::io::check_not_an_input(out, [folder]).map_err(|_| {
+        PipelineError::Input(format!(
+            "{}: the model is read from this folder; writing model files into it would replace its own: choose another folder",
+            out.display()
+        ))
+    })
+}
+
 /// A model argument as a local path: itself, or a Hugging Face repository id's cached
 /// snapshot (downloaded unless `HF_HUB_OFFLINE` is set or the `hub` feature is off).
 pub fn resolve_model_path(spec: &Path) -> Result<PathBuf, PipelineError> {

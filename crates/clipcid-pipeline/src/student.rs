@@ -63,6 +63,12 @@ pub fn half_size_student(teacher: &ClipConfig) -> Result<ClipConfig, PipelineErr
 /// Hugging Face `config.json` to `path` (what a run config's `student.model` names); returns
 /// the student config.
 pub fn write_half_size_student(teacher: &Path, path: &Path) -> Result<ClipConfig, PipelineError> {
+    let config = if teacher.is_dir() {
+        teacher.join("config.json")
+    } else {
+        teacher.to_path_buf()
+    };
+    clipcid_store::io::check_not_an_input(path, [teacher, config.as_path()])?;
     let teacher = ClipModel::load(teacher, &Device::Cpu)?;
     let student = half_size_student(teacher.config())?;
     student.save_json(path)?;
@@ -123,6 +129,7 @@ pub fn write_image_tower_student(
     seed: u64,
     out: &Path,
 ) -> Result<ClipModel, PipelineError> {
+    crate::models::check_not_model_folder(out, teacher)?;
     let model = ClipModel::load(teacher, &Device::Cpu)?;
     let vision = half_size_student(model.config())?.vision_config;
     let student = image_tower_student(&model, &vision, seed)?;

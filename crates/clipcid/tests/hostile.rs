@@ -488,12 +488,32 @@ fn hostile_inputs_end_in_named_errors_or_named_skips() {
             "export --out into the model's own folder",
             vec!["export", "--model", "teacher.safetensors", "--out", "."],
         ),
+        (
+            "init-model --image-tower-of into the teacher's own folder",
+            vec![
+                "init-model",
+                "--image-tower-of",
+                "teacher.safetensors",
+                "--out",
+                ".",
+            ],
+        ),
+        (
+            "tokenizer --out onto its --bpe-vocab",
+            vec!["tokenizer", "--bpe-vocab", "tok.json", "--out", "tok.json"],
+        ),
     ];
     for (name, args) in &written_over {
-        b.case(1, name, args, Expect::Error(&["is an input of the run"]));
+        let says = if name.contains("folder") {
+            "the model is read from this folder"
+        } else {
+            "is an input of the run"
+        };
+        b.case(1, name, args, Expect::Error(&[says]));
     }
     assert!(clipcid_store::EmbeddingShard::read(&b.path(shard0)).is_ok());
     assert!(clipcid_store::KeepList::read(&b.path("keep.safetensors")).is_ok());
+    assert!(clipcid_models::ClipModel::load(&b.path("teacher.safetensors"), &Device::Cpu).is_ok());
     // A shard repeating a sample id.
     let shard = clipcid_store::shard_path(&b.path("emb"), 0);
     let mut tensors = clipcid_store::io::load_tensors(&shard).unwrap();

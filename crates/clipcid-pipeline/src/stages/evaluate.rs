@@ -454,15 +454,7 @@ pub fn export(args: &ExportArgs, device: &Device) -> Result<ExportOutcome, Pipel
     }
     let loaded = load_model(&args.model, &args.load, device, DType::F32)?;
     let (model_path, model, preprocess) = (loaded.path, loaded.model, loaded.preprocess);
-    // The export writes model.safetensors, config.json and the tokenizer files into
-    // `args.out`: into the folder the model is read from, it would replace the model's own.
-    let model_dir = if model_path.is_dir() {
-        Some(model_path.as_path())
-    } else {
-        model_path.parent().filter(|p| !p.as_os_str().is_empty())
-    };
-    let model_dir = model_dir.unwrap_or(Path::new("."));
-    clipcid_store::io::check_not_an_input(&args.out, [model_dir])?;
+    crate::models::check_not_model_folder(&args.out, &model_path)?;
     let size = model.config().vision_config.image_size;
     let (pixels, what) = match &args.sample {
         Some(data) => {

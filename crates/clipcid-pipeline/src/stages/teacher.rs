@@ -72,6 +72,7 @@ pub fn write_tokenizer(
     bpe_vocab: Option<&Path>,
     out: &Path,
 ) -> Result<ClipTokenizer, PipelineError> {
+    clipcid_store::io::check_not_an_input(out, bpe_vocab)?;
     let tok = match bpe_vocab {
         Some(p) => ClipTokenizer::from_bpe_vocab(p, 77)?,
         None => ClipTokenizer::byte_level(77)?,
