@@ -260,7 +260,8 @@ pub fn merge_pair_files(
     };
     opts.check_thresholds()?;
     let count = first.part.count();
-    let mut seen = vec![None::<&Path>; count as usize];
+    // The parts given, by index: as many entries as files, whatever count a file claims.
+    let mut seen = std::collections::HashMap::<u64, &Path>::new();
     let needed = opts.sweep.iter().copied().fold(opts.threshold, f32::max);
     for (path, f) in files {
         let err = |msg: String| DedupError::Config(format!("{}: {msg}", path.display()));
@@ -292,21 +293,27 @@ pub fn merge_pair_files(
                 f.threshold
             )));
         }
-        let slot = &mut seen[f.part.index() as usize];
-        if let Some(other) = slot {
+        if let Some(other) = seen.insert(f.part.index(), path) {
             return Err(err(format!(
                 "part {} is also given as {}",
                 f.part,
                 other.display()
             )));
         }
-        *slot = Some(path);
     }
-    let missing: Vec<String> = (0..count)
-        .filter(|&i| seen[i as usize].is_none())
-        .map(|i| format!("{i}/{count}"))
-        .collect();
-    if !missing.is_empty() {
+    // Every index is below the count and none repeats, so `count - seen` parts are missing;
+    // the first few are named (a count of 2^60 once sized a table of every part).
+    let absent = count - seen.len() as u64;
+    if absent > 0 {
+        const NAMED: usize = 8;
+        let mut missing: Vec<String> = (0..count)
+            .filter(|i| !seen.contains_key(i))
+            .take(NAMED)
+            .map(|i| format!("{i}/{count}"))
+            .collect();
+        if absent > NAMED as u64 {
+            missing.push(format!("and {} more", absent - NAMED as u64));
+        }
         return Err(DedupError::Config(format!(
             "pair files of parts {} are missing",
             missing.join(", ")

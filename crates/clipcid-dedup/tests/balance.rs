@@ -552,6 +552,24 @@ fn three_parts_and_a_merge_give_the_one_process_keep_list_exactly() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("parts 2/3 are missing"), "{e}");
+    // A file claiming 2^60 parts names the first few missing and counts the rest (a table
+    // of every part once overflowed its capacity).
+    let huge = Part::new(0, 1 << 60).unwrap();
+    let claimed = vec![(
+        files[0].0.clone(),
+        PairFile {
+            part: huge,
+            ..files[0].1.clone()
+        },
+    )];
+    let e = merge_pair_files(&reader, &claimed, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("parts 1/1152921504606846976, 2/1152921504606846976")
+            && e.contains("and 1152921504606846967 more are missing"),
+        "{e}"
+    );
     let twice = vec![files[0].clone(), files[0].clone(), files[1].clone()];
     let e = merge_pair_files(&reader, &twice, &opts)
         .unwrap_err()
