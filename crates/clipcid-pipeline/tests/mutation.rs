@@ -9,6 +9,7 @@
 //! | captions TSV (+ images) | the same |
 //! | embedding shard (safetensors header and data) | `read_header`, `load_tensors`, `EmbeddingShard`, `ShardLayout`, `load_embeddings`, `KeepList`, `read_clusters` |
 //! | safetensors header with hostile dtypes, shapes and offsets | the same |
+//! | pair file of `balance pairs` (bytes, and hostile part, row count, threshold, block) | `read_pair_file`, then `merge_pair_files` over a shard |
 //! | model folder (`model.safetensors`, `config.json`) | `ClipModel::load`, then a forward pass |
 //! | PyTorch checkpoint (zip + pickle), open_clip folder | `ClipModel::load` |
 //! | tokenizer input (any text) | `ClipTokenizer::encode` with CLIP's cleaning (ftfy, HTML entities) |
@@ -236,6 +237,44 @@ fn read_shard(dir: &Path) {
     }
     names_file(KeepList::read(&path), &path);
     names_file(clipcid_store::read_clusters(&path), &path);
+}
+
+/// A pair file of `clipcid balance pairs` over [`valid_shard`]'s 3 rows: part 0/1, one pair.
+fn valid_pair_file() -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pairs.safetensors");
+    let file = clipcid_dedup::PairFile {
+        pairs: clipcid_dedup::NearPairs {
+            i: vec![0],
+            j: vec![1],
+            dist2: vec![0.001],
+        },
+        rows: 3,
+        threshold: 0.07,
+        block_size: 4096,
+        f16: false,
+        part: clipcid_store::Part::new(0, 1).unwrap(),
+        embeddings: Some(r#"{"teacher":"aa","data":"dd"}"#.to_string()),
+    };
+    clipcid_dedup::write_pair_file(&path, &file).unwrap();
+    std::fs::read(&path).unwrap()
+}
+
+/// Reads a (mutated) pair file and, when it reads, merges it over [`valid_shard`]: an error
+/// naming the file, or a keep list of the shard's 3 rows.
+fn read_pair_file(dir: &Path) {
+    let path = dir.join("pairs.safetensors");
+    let file = match clipcid_dedup::read_pair_file(&path) {
+        Ok(f) => f,
+        Err(e) => return names_file(Err::<(), _>(e), &path),
+    };
+    std::fs::write(shard_path(dir, 0), valid_shard()).unwrap();
+    let layout = ShardLayout::open(&[dir.to_path_buf()]).unwrap();
+    let rows = clipcid_store::RowReader::open(layout).unwrap();
+    let opts = clipcid_dedup::BalanceOptions::default();
+    if let Ok(r) = clipcid_dedup::merge_pair_files(&rows, &[(path, file)], &opts) {
+        assert_eq!(r.keep.len(), 3);
+    }
 }
 
 /// A safetensors file from a header given as JSON text, with `data` bytes after it.
@@ -482,6 +521,50 @@ proptest! {
     }
 
     #[test]
+    fn mutated_pair_files_never_panic(e in edits()) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pairs.safetensors"), mutate(valid_pair_file(), &e)).unwrap();
+        read_pair_file(dir.path());
+    }
+
+    #[test]
+    fn pair_files_with_hostile_metadata_never_panic(
+        index in prop_oneof![Just(0u64), Just(1), any::<u64>()],
+        count in prop_oneof![Just(1u64), Just(2), Just(1 << 60), Just(u64::MAX), any::<u64>()],
+        rows in prop_oneof![Just("3".to_string()), Just("0".into()), any::<u64>().prop_map(|v| v.to_string())],
+        threshold in toml_number(),
+        block in prop_oneof![Just("4096".to_string()), Just("0".into()), any::<u64>().prop_map(|v| v.to_string())],
+    ) {
+        // Well-formed tensors, and metadata as a hand-edited or foreign file may hold it:
+        // a part of any count, any row count, threshold and block size.
+        let dir = tempfile::tempdir().unwrap();
+        let cpu = Device::Cpu;
+        let meta: HashMap<String, String> = [
+            ("kind", clipcid_dedup::PAIRS_KIND.to_string()),
+            ("rows", rows),
+            ("threshold", threshold),
+            ("block_size", block),
+            ("f16", "false".to_string()),
+            ("part", format!("{index}/{count}")),
+            ("embeddings", r#"{"teacher":"aa","data":"dd"}"#.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        io::write_safetensors(
+            &dir.path().join("pairs.safetensors"),
+            [
+                ("i".to_string(), Tensor::new(&[0u32], &cpu).unwrap()),
+                ("j".to_string(), Tensor::new(&[1u32], &cpu).unwrap()),
+                ("dist2".to_string(), Tensor::new(&[0.001f32], &cpu).unwrap()),
+            ],
+            &meta,
+        )
+        .unwrap();
+        read_pair_file(dir.path());
+    }
+
+    #[test]
     fn hostile_safetensors_headers_never_panic((header, data) in hostile_header()) {
         let dir = tempfile::tempdir().unwrap();
         let bytes = safetensors_bytes(&header, &vec![0x3f; data]);
@@ -655,4 +738,16 @@ fn unmutated_inputs_are_read() {
     let path = dir.path().join("run.toml");
     std::fs::write(&path, DISTILL_TOML).unwrap();
     clipcid_train::DistillConfig::from_file(&path).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = dir.path().join("pairs.safetensors");
+    std::fs::write(&pairs, valid_pair_file()).unwrap();
+    let file = clipcid_dedup::read_pair_file(&pairs).unwrap();
+    std::fs::write(shard_path(dir.path(), 0), valid_shard()).unwrap();
+    let rows =
+        clipcid_store::RowReader::open(ShardLayout::open(&[dir.path().to_path_buf()]).unwrap())
+            .unwrap();
+    let opts = clipcid_dedup::BalanceOptions::default();
+    let merged = clipcid_dedup::merge_pair_files(&rows, &[(pairs, file)], &opts).unwrap();
+    assert_eq!(merged.keep.iter().filter(|&&k| k).count(), 2);
 }
