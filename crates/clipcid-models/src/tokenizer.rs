@@ -240,24 +240,8 @@ impl ClipTokenizer {
         let raw =
             std::fs::read(path).map_err(|e| ModelError::file(path, format!("cannot read: {e}")))?;
         let text = if raw.starts_with(&[0x1f, 0x8b]) {
-            // OpenAI's vocabulary is 3.2 MB of text; a crafted gzip can inflate a thousandfold,
-            // so stop reading past a bound rather than fill memory.
-            const MAX_TEXT: u64 = 64 << 20;
-            let mut text = Vec::new();
-            let gz = flate2::read::GzDecoder::new(raw.as_slice());
-            std::io::Read::read_to_end(&mut std::io::Read::take(gz, MAX_TEXT + 1), &mut text)
-                .map_err(|e| ModelError::file(path, format!("corrupt gzip: {e}")))?;
-            if text.len() as u64 > MAX_TEXT {
-                return Err(ModelError::file(
-                    path,
-                    format!(
-                        "decompresses to more than {} MiB (OpenAI's BPE vocabulary is 3.2 MB)",
-                        MAX_TEXT >> 20
-                    ),
-                ));
-            }
-            String::from_utf8(text)
-                .map_err(|e| ModelError::file(path, format!("not UTF-8 inside the gzip: {e}")))?
+            // OpenAI's vocabulary is 3.2 MB of text.
+            clipcid_store::io::gunzip_text(&raw, 64 << 20).map_err(|e| ModelError::file(path, e))?
         } else {
             String::from_utf8(raw).map_err(|e| ModelError::file(path, format!("not UTF-8: {e}")))?
         };

@@ -13,7 +13,6 @@
 //! Every output is a deterministic function of the inputs (PNG encoding, tar headers with
 //! fixed times and modes), so a second run leaves byte-identical files.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use image::GrayImage;
@@ -173,21 +172,8 @@ fn png(img: &GrayImage) -> Result<Vec<u8>, DataError> {
 
 /// scikit-learn's `digits.csv.gz`: 1,797 rows of 64 pixel values (0-16) and the label.
 pub fn read_sklearn_digits(path: &Path) -> Result<Vec<(GrayImage, usize)>, DataError> {
-    // The file is 0.26 MB of text; a crafted gzip can inflate a thousandfold, so stop past a
-    // bound rather than fill memory.
-    const MAX_TEXT: u64 = 16 << 20;
-    let mut bytes = Vec::new();
-    flate2::read::GzDecoder::new(read(path)?.as_slice())
-        .take(MAX_TEXT + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| io(path, format!("not gzip: {e}")))?;
-    if bytes.len() as u64 > MAX_TEXT {
-        return Err(io(
-            path,
-            format!("decompresses to more than {} MiB", MAX_TEXT >> 20),
-        ));
-    }
-    let text = String::from_utf8(bytes).map_err(|e| io(path, format!("not text: {e}")))?;
+    // The file is 0.26 MB of text.
+    let text = clipcid_store::io::gunzip_text(&read(path)?, 16 << 20).map_err(|e| io(path, e))?;
     // A value is a whole number (written `5` or `5.0`): a cast would read `NaN`, `-3` and
     // `2.7` as 0, 0 and 2 without a word.
     let whole = |x: &str| {

@@ -158,6 +158,36 @@ pub fn check_not_an_input<'a>(
     Ok(())
 }
 
+/// The UTF-8 text inside the gzip-compressed `bytes`, inflated to at most `max_bytes` (a
+/// whole number of MiB, as the error says it): a crafted gzip can inflate a thousandfold, so
+/// reading stops past the bound rather than filling memory. The error says what is wrong
+/// (corrupt gzip, too large, not UTF-8), for the caller to name its file.
+///
+/// ```
+/// use std::io::Write;
+/// let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+/// gz.write_all(&vec![b'a'; 3 << 20])?;
+/// let bytes = gz.finish()?;
+/// assert_eq!(clipcid_store::io::gunzip_text(&bytes, 4 << 20).unwrap().len(), 3 << 20);
+/// let e = clipcid_store::io::gunzip_text(&bytes, 2 << 20).unwrap_err();
+/// assert_eq!(e, "decompresses to more than 2 MiB");
+/// assert!(clipcid_store::io::gunzip_text(b"not gzip", 2 << 20).unwrap_err().starts_with("corrupt gzip"));
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn gunzip_text(bytes: &[u8], max_bytes: u64) -> Result<String, String> {
+    let mut text = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .take(max_bytes.saturating_add(1))
+        .read_to_end(&mut text)
+        .map_err(|e| format!("corrupt gzip: {e}"))?;
+    if text.len() as u64 > max_bytes {
+        return Err(format!("decompresses to more than {} MiB", max_bytes >> 20));
+    }
+    // Read as bytes first: a bound falling inside a multi-byte character is "too large",
+    // not "not UTF-8".
+    String::from_utf8(text).map_err(|e| format!("not UTF-8 inside the gzip: {e}"))
+}
+
 /// Writes bytes to `path` atomically (temp file in the same folder, then rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let tmp = temp_path(path);

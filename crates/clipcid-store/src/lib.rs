@@ -2,7 +2,8 @@
 //! that each stage depends on the formats and not on the stage that wrote them.
 //!
 //! - [`io`]: safetensors written atomically (temporary file, then rename) with sorted,
-//!   byte-reproducible headers; header-only reads that check a file is complete.
+//!   byte-reproducible headers; header-only reads that check a file is complete; gzip text
+//!   inflated to a bound.
 //! - [`EmbeddingShard`] and [`ShardLayout`]: the teacher embedding shards of `clipcid embed`
 //!   (`image` `[n, D]`, optional `text` `[n, D]`, `ids`, keys in the metadata).
 //! - [`KeepList`] and [`write_keep_file`]: the keep file of `clipcid balance`.
