@@ -300,72 +300,65 @@ fn hostile_inputs_end_in_named_errors_or_named_skips() {
         ],
         Expect::Ok(&["part 0/2"]),
     );
-    b.case(
-        1,
-        "balance merge with a part missing",
-        &[
-            "balance",
-            "merge",
-            "--embeddings",
-            "emb",
-            "--pairs",
-            "pairs-0.safetensors",
-            "--out",
-            "m.safetensors",
-        ],
-        Expect::Error(&["parts 1/2 are missing"]),
+    // Merges that must not happen: (case, --embeddings, --pairs, more arguments, error).
+    type RefusedMerge = (
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static [&'static str],
+        &'static [&'static str],
     );
-    b.case(
-        1,
-        "balance merge of pairs from another teacher's embeddings",
-        &[
-            "balance",
-            "merge",
-            "--embeddings",
+    let merges: [RefusedMerge; 5] = [
+        (
+            "balance merge with a part missing",
+            "emb",
+            "pairs-0.safetensors",
+            &[],
+            &["parts 1/2 are missing"],
+        ),
+        (
+            "balance merge of pairs from another teacher's embeddings",
             "emb2",
-            "--pairs",
             "pairs-0.safetensors",
-            "--out",
-            "m.safetensors",
-        ],
-        Expect::Error(&["pairs-0.safetensors", "different teacher"]),
-    );
-    for (name, threshold) in [
-        ("balance merge at a negative threshold", "--threshold=-0.05"),
-        ("balance merge at a NaN threshold", "--threshold=nan"),
-    ] {
-        b.case(
-            1,
-            name,
-            &[
-                "balance",
-                "merge",
-                "--embeddings",
-                "emb",
-                "--pairs",
-                "pairs-0.safetensors",
-                "--out",
-                "m.safetensors",
-                threshold,
-            ],
-            Expect::Error(&["not a distance"]),
-        );
-    }
-    b.case(
-        1,
-        "balance merge given a keep file as a pair file",
-        &[
+            &[],
+            &["pairs-0.safetensors", "different teacher"],
+        ),
+        (
+            "balance merge at a negative threshold",
+            "emb",
+            "pairs-0.safetensors",
+            &["--threshold=-0.05"],
+            &["not a distance"],
+        ),
+        (
+            "balance merge at a NaN threshold",
+            "emb",
+            "pairs-0.safetensors",
+            &["--threshold=nan"],
+            &["not a distance"],
+        ),
+        (
+            "balance merge given a keep file as a pair file",
+            "emb",
+            "keep.safetensors",
+            &[],
+            &["keep.safetensors", "not a pair file"],
+        ),
+    ];
+    for (name, embeddings, pairs, more, says) in merges {
+        let mut args = vec![
             "balance",
             "merge",
             "--embeddings",
-            "emb",
+            embeddings,
             "--pairs",
-            "keep.safetensors",
+            pairs,
             "--out",
             "m.safetensors",
-        ],
-        Expect::Error(&["keep.safetensors", "not a pair file"]),
-    );
+        ];
+        args.extend(more);
+        b.case(1, name, &args, Expect::Error(says));
+    }
     b.case(
         1,
         "balance pairs with a part beyond the count",
