@@ -34,13 +34,14 @@ mod shards;
 mod stats;
 
 pub use clipcid_store::clusters::{
-    read_clusters, write_clusters, ClusterFile, ClusterSummary, KMeansInit, SizeSummary,
+    cluster_sizes, read_clusters, write_clusters, ClusterFile, ClusterSummary, KMeansInit,
+    SizeSummary,
 };
 pub use faiss::{Assigner, Centroids, DeviceAssigner, KMeansResult};
 pub use params::KMeans;
 pub use plot::plot_size_histogram;
 pub use shards::{assign_shards, cluster_shards, train_from_shards, ShardRows};
-pub use stats::{adjusted_rand_index, cluster_sizes};
+pub use stats::adjusted_rand_index;
 
 /// Errors of the clustering stage.
 #[derive(Debug, thiserror::Error)]

@@ -1,17 +1,7 @@
-//! Statistics of a clustering: sizes and the agreement of two labelings.
+//! Statistics of a clustering: the agreement of two labelings (sizes are the cluster
+//! file's, `clipcid_store::clusters::cluster_sizes`).
 
 use crate::ClusterError;
-
-/// Points per cluster.
-pub fn cluster_sizes(labels: &[u32], k: usize) -> Vec<u32> {
-    let mut sizes = vec![0u32; k];
-    for &l in labels {
-        if let Some(s) = sizes.get_mut(l as usize) {
-            *s += 1;
-        }
-    }
-    sizes
-}
 
 /// Adjusted Rand index of two labelings of the same points (1 = same partition up to
 /// renaming, about 0 = chance). Hubert and Arabie's formula over the contingency table.

@@ -135,6 +135,22 @@ impl ClusterFile {
     }
 }
 
+/// Points per cluster: how many of `labels` name each of the `k` clusters (labels from `k`
+/// up are not counted). A cluster file's `sizes`.
+///
+/// ```
+/// assert_eq!(clipcid_store::clusters::cluster_sizes(&[2, 0, 2, 5], 3), vec![1, 0, 2]);
+/// ```
+pub fn cluster_sizes(labels: &[u32], k: usize) -> Vec<u32> {
+    let mut sizes = vec![0u32; k];
+    for &l in labels {
+        if let Some(s) = sizes.get_mut(l as usize) {
+            *s = s.saturating_add(1);
+        }
+    }
+    sizes
+}
+
 /// Writes a cluster file atomically: `centroids` f32 `[K, D]`, `labels` u32 `[n]`, `ids` i64
 /// `[n]`, `sizes` u32 `[K]`; metadata `summary` (JSON, also written beside it as
 /// `<name>.json`) and `embeddings` (the provenance of the embeddings clustered), when known.
@@ -214,10 +230,7 @@ pub fn read_clusters(path: &Path) -> Result<ClusterFile, StoreError> {
     if let Some(l) = labels.iter().find(|&&l| l as usize >= k) {
         return Err(bad(format!("label {l} is not below K = {k}")));
     }
-    let mut counted = vec![0u32; k];
-    for &l in &labels {
-        counted[l as usize] = counted[l as usize].saturating_add(1);
-    }
+    let counted = cluster_sizes(&labels, k);
     if let Some(c) = (0..k).find(|&c| counted[c] != sizes[c]) {
         return Err(bad(format!(
             "`sizes` says cluster {c} holds {} rows, but {} labels name it",
