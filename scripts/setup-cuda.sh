@@ -64,7 +64,7 @@ else
   download="$dir/.wheels"
   mkdir -p "$download"
   echo "downloading ${#wheels[@]} CUDA 13.0 wheels into $download"
-  python3 -m pip download --quiet --no-deps --dest "$download" "${wheels[@]}"
+  python3 -m pip download --quiet --no-cache-dir --no-deps --dest "$download" "${wheels[@]}"
   staging="$dir/.staging"
   rm -rf "$staging"
   mkdir -p "$staging"
