@@ -218,12 +218,24 @@ fn captions_per_image(
     Ok((texts, owner))
 }
 
-fn labelled(enc: &EncodedImages, what: &Path) -> Result<Vec<usize>, EvalError> {
+/// The class of every sample of `what`, each checked against the `classes` it has: a missing
+/// or unparsable `.cls` member and a class past the class list are errors naming the sample.
+fn labelled(enc: &EncodedImages, what: &Path, classes: usize) -> Result<Vec<usize>, EvalError> {
     enc.labels
         .iter()
         .zip(&enc.keys)
-        .map(|(l, k)| {
-            l.ok_or_else(|| EvalError::file(what, format!("sample `{k}` has no class label")))
+        .map(|(l, k)| match *l {
+            None => Err(EvalError::file(
+                what,
+                format!(
+                    "sample `{k}` has no class label (its `.cls` member is missing or not a whole number)"
+                ),
+            )),
+            Some(c) if c >= classes => Err(EvalError::file(
+                what,
+                format!("sample `{k}` has class {c}, past the set's {classes} classes"),
+            )),
+            Some(c) => Ok(c),
         })
         .collect()
 }
@@ -339,7 +351,7 @@ pub fn evaluate(
         }
         for (i, m) in models.iter().enumerate() {
             let enc = cache.get(i, &zs.data)?;
-            let truth = labelled(&enc, &zs.data)?;
+            let truth = labelled(&enc, &zs.data, classes.len())?;
             let zsc = ZeroShotClassifier::new(&m.model, &m.tokenizer, &classes, &zs.templates)?;
             res.zero_shot.push(zsc.classify(&enc.features, &truth)?);
         }
@@ -405,13 +417,13 @@ pub fn evaluate(
             let trf = LabelledFeatures::new(
                 &tr.features.data,
                 tr.features.dim,
-                &labelled(&tr, train)?,
+                &labelled(&tr, train, k)?,
                 k,
             )?;
             let tef = LabelledFeatures::new(
                 &te.features.data,
                 te.features.dim,
-                &labelled(&te, test)?,
+                &labelled(&te, test, k)?,
                 k,
             )?;
             let r = linear_probe(&trf, &tef, k, opts)?;

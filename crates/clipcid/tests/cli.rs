@@ -471,6 +471,50 @@ fn eval_reads_a_clip_benchmark_set_with_its_class_names_and_templates() {
             "{text}"
         );
     }
+    // A `.cls` member that is not a class number, and one past the class list, name the
+    // sample (the first read as "no class label" with no word of the member; the second
+    // failed with no sample or file named).
+    std::fs::write(set.join("test/nshards.txt"), "2").unwrap();
+    let shard = set.join("test/1.tar");
+    let original = std::fs::read(&shard).unwrap();
+    for (cls, says) in [
+        ("cat", "has no class label (its `.cls` member"),
+        ("7", "has class 7, past the set's 3 classes"),
+    ] {
+        let mut edited = tar::Builder::new(Vec::new());
+        let mut entries = tar::Archive::new(original.as_slice());
+        for entry in entries.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let name = entry.path().unwrap().to_string_lossy().into_owned();
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut bytes).unwrap();
+            if name == format!("s{n:06}.cls", n = n - 1) {
+                bytes = cls.as_bytes().to_vec();
+            }
+            let mut header = tar::Header::new_gnu();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            edited
+                .append_data(&mut header, &name, bytes.as_slice())
+                .unwrap();
+        }
+        std::fs::write(&shard, edited.into_inner().unwrap()).unwrap();
+        let (ok, text) = clipcid(&[
+            "eval",
+            "--model",
+            s(&d.join("student.safetensors")),
+            "--zero-shot",
+            s(&set),
+            "--out",
+            s(&d.join("report3")),
+        ]);
+        let key = format!("sample `s{:06}`", n - 1);
+        assert!(
+            !ok && text.contains(&key) && text.contains(says) && text.contains("wds_colours"),
+            "{text}"
+        );
+    }
 }
 
 #[test]
