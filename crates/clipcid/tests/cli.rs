@@ -418,19 +418,23 @@ fn eval_reads_a_clip_benchmark_set_with_its_class_names_and_templates() {
     assert!(ok, "{out}");
     let set = d.join("wds_colours");
     let n = clipcid_suite::write_clip_benchmark_set(&set, 4).unwrap();
+    let student = d.join("student.safetensors");
+    let zero_shot = |data: &Path, report: &Path| {
+        clipcid(&[
+            "eval",
+            "--model",
+            s(&student),
+            "--zero-shot",
+            s(data),
+            "--out",
+            s(report),
+        ])
+    };
     // The set's root (its `test` split) and the split folder itself, without --templates:
     // the set's own `{c}` templates and class names are used.
     for data in [set.clone(), set.join("test")] {
         let report = d.join("report");
-        let (ok, text) = clipcid(&[
-            "eval",
-            "--model",
-            s(&d.join("student.safetensors")),
-            "--zero-shot",
-            s(&data),
-            "--out",
-            s(&report),
-        ]);
+        let (ok, text) = zero_shot(&data, &report);
         assert!(ok, "{text}");
         let want = format!("{n} images, 3 classes, prompt templates: 2");
         assert!(text.contains(&want), "missing `{want}` in:\n{text}");
@@ -457,15 +461,7 @@ fn eval_reads_a_clip_benchmark_set_with_its_class_names_and_templates() {
         ("1000000000000000", "names 1000000000000000 shards"),
     ] {
         std::fs::write(set.join("test/nshards.txt"), count).unwrap();
-        let (ok, text) = clipcid(&[
-            "eval",
-            "--model",
-            s(&d.join("student.safetensors")),
-            "--zero-shot",
-            s(&set),
-            "--out",
-            s(&d.join("report2")),
-        ]);
+        let (ok, text) = zero_shot(&set, &d.join("report2"));
         assert!(
             !ok && text.contains("nshards.txt") && text.contains(says),
             "{text}"
@@ -500,15 +496,7 @@ fn eval_reads_a_clip_benchmark_set_with_its_class_names_and_templates() {
                 .unwrap();
         }
         std::fs::write(&shard, edited.into_inner().unwrap()).unwrap();
-        let (ok, text) = clipcid(&[
-            "eval",
-            "--model",
-            s(&d.join("student.safetensors")),
-            "--zero-shot",
-            s(&set),
-            "--out",
-            s(&d.join("report3")),
-        ]);
+        let (ok, text) = zero_shot(&set, &d.join("report3"));
         let key = format!("sample `s{:06}`", n - 1);
         assert!(
             !ok && text.contains(&key) && text.contains(says) && text.contains("wds_colours"),
