@@ -55,8 +55,13 @@ pub fn write_with_summary(
     if let Some(e) = embeddings {
         meta.insert(crate::EMBEDDINGS_META.to_string(), e.to_string());
     }
-    write_safetensors(path, tensors, &meta)?;
-    write_atomic(&path.with_extension("json"), summary.as_bytes())
+    let bytes = serialize(tensors, &meta)?;
+    // Both files or neither: a full disk after the tensors were written left a new
+    // `.safetensors` beside no summary (or an earlier run's).
+    write_atomic_files(&[
+        (&path.with_extension("json"), summary.as_bytes()),
+        (path, &bytes),
+    ])
 }
 
 /// Serialises tensors to safetensors bytes with tensors and metadata in sorted order.
@@ -198,6 +203,192 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         let _ = std::fs::remove_file(&tmp);
     }
     res
+}
+
+/// Writes several files as one unit: each to its temporary name first ([`temp_path`]), and
+/// only once all are whole are they renamed into place, in the order given (put the file
+/// that readers look for last). A failed write removes every temporary file and leaves each
+/// path as it was.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let (a, b) = (dir.path().join("a.json"), dir.path().join("b.txt"));
+/// clipcid_store::io::write_atomic_files(&[(&a, b"{}"), (&b, b"hello")])?;
+/// assert_eq!(std::fs::read(&b)?, b"hello");
+/// # Ok(()) }
+/// ```
+pub fn write_atomic_files(files: &[(&Path, &[u8])]) -> Result<(), StoreError> {
+    let temps: Vec<PathBuf> = files.iter().map(|(p, _)| temp_path(p)).collect();
+    let remove_temps = || {
+        for t in &temps {
+            let _ = std::fs::remove_file(t);
+        }
+    };
+    for ((path, bytes), tmp) in files.iter().zip(&temps) {
+        if let Err(e) = std::fs::write(tmp, bytes) {
+            remove_temps();
+            return Err(StoreError::file(path, format!("cannot write: {e}")));
+        }
+    }
+    for ((path, _), tmp) in files.iter().zip(&temps) {
+        if let Err(e) = std::fs::rename(tmp, path) {
+            remove_temps();
+            return Err(StoreError::file(path, format!("cannot write: {e}")));
+        }
+    }
+    Ok(())
+}
+
+/// Copies `from` to `to` atomically (to [`temp_path`] of `to`, then renamed), so a failed copy
+/// (a full disk) leaves no cut-short file under the final name. Returns the bytes copied.
+pub fn copy_atomic(from: &Path, to: &Path) -> Result<u64, StoreError> {
+    let tmp = temp_path(to);
+    let copied = std::fs::copy(from, &tmp)
+        .map_err(|e| StoreError::file(to, format!("cannot copy {}: {e}", from.display())))
+        .and_then(|n| {
+            std::fs::rename(&tmp, to)
+                .map_err(|e| StoreError::file(to, format!("cannot write: {e}")))?;
+            Ok(n)
+        });
+    if copied.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    copied
+}
+
+/// Name of the hidden folder inside an output folder that [`write_folder`] stages its files
+/// in (with the process id after it).
+pub const STAGING_PREFIX: &str = ".clipcid-staging-";
+
+/// Writes a folder of outputs (a model folder: weights, config, tokenizer, preprocessing) as
+/// one unit. `write` fills a fresh hidden folder inside `dir` (`.clipcid-staging-PID`); only
+/// once it returns `Ok` are the staged files renamed into `dir` (sub-folders merged, files of
+/// the same name replaced, other files of `dir` left alone). When `write` fails (a full disk,
+/// a tensor error) the staging folder is removed and `dir` holds what it held before, never
+/// new weights beside an earlier export's preprocessing; a `dir` this call created is
+/// removed again when it is left empty. The staging folders of processes that have ended
+/// (a killed export) are removed first.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use clipcid_store::{io, StoreError};
+/// let dir = tempfile::tempdir()?;
+/// let out = dir.path().join("model");
+/// io::write_folder(&out, |staging| -> Result<(), StoreError> {
+///     io::write_atomic(&staging.join("config.json"), b"{}")?;
+///     io::write_atomic(&staging.join("model.safetensors"), b"...")
+/// })?;
+/// assert!(out.join("config.json").is_file());
+/// // A failure after some files were written leaves none of them.
+/// let failed = io::write_folder(&dir.path().join("other"), |staging| -> Result<(), StoreError> {
+///     io::write_atomic(&staging.join("config.json"), b"{}")?;
+///     Err(StoreError::Invalid("the disk is full".into()))
+/// });
+/// assert!(failed.is_err() && !dir.path().join("other").exists());
+/// # Ok(()) }
+/// ```
+pub fn write_folder<T, E: From<StoreError>>(
+    dir: &Path,
+    write: impl FnOnce(&Path) -> Result<T, E>,
+) -> Result<T, E> {
+    let created = !dir.exists();
+    std::fs::create_dir_all(dir)
+        .map_err(|e| StoreError::file(dir, format!("cannot create the folder: {e}")))?;
+    remove_stale_staging(dir);
+    let staging = dir.join(format!("{STAGING_PREFIX}{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    let result = std::fs::create_dir(&staging)
+        .map_err(|e| StoreError::file(&staging, format!("cannot create the folder: {e}")).into())
+        .and_then(|()| write(&staging))
+        .and_then(|value| {
+            // Every move is checked before the first is made, so a clash (a folder where a
+            // file goes) leaves `dir` untouched too.
+            check_moves(&staging, dir)?;
+            move_into(&staging, dir)?;
+            Ok(value)
+        });
+    let _ = std::fs::remove_dir_all(&staging);
+    if result.is_err() && created {
+        // Only an empty folder goes: remove_dir refuses one with files.
+        let _ = std::fs::remove_dir(dir);
+    }
+    result
+}
+
+/// Removes the staging folders in `dir` of processes that have ended (a killed export leaves
+/// a model's worth of files there). Where `/proc` cannot say which processes run, none is
+/// removed.
+fn remove_stale_staging(dir: &Path) {
+    let proc = Path::new("/proc/self");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    if !proc.exists() {
+        return;
+    }
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(STAGING_PREFIX))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if !Path::new("/proc").join(pid.to_string()).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+/// The names in the folder `dir`, sorted.
+fn sorted_names(dir: &Path) -> Result<Vec<std::ffi::OsString>, StoreError> {
+    let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(dir)
+        .and_then(|entries| entries.map(|e| e.map(|e| e.file_name())).collect())
+        .map_err(|e| StoreError::file(dir, format!("cannot list: {e}")))?;
+    names.sort();
+    Ok(names)
+}
+
+/// That every file under `from` can be renamed to its place under `to`: no folder stands where
+/// a file goes, and no file where a folder goes.
+fn check_moves(from: &Path, to: &Path) -> Result<(), StoreError> {
+    for name in sorted_names(from)? {
+        let (src, dst) = (from.join(&name), to.join(&name));
+        match (src.is_dir(), dst.is_dir()) {
+            (true, true) => check_moves(&src, &dst)?,
+            (true, false) if dst.exists() => {
+                return Err(StoreError::file(
+                    &dst,
+                    "is a file where a folder is written",
+                ))
+            }
+            (false, true) => {
+                return Err(StoreError::file(
+                    &dst,
+                    "is a folder where a file is written",
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Renames every file under `from` to the same place under `to`, making sub-folders as needed.
+fn move_into(from: &Path, to: &Path) -> Result<(), StoreError> {
+    for name in sorted_names(from)? {
+        let (src, dst) = (from.join(&name), to.join(&name));
+        if src.is_dir() {
+            std::fs::create_dir_all(&dst)
+                .map_err(|e| StoreError::file(&dst, format!("cannot create the folder: {e}")))?;
+            move_into(&src, &dst)?;
+        } else {
+            std::fs::rename(&src, &dst)
+                .map_err(|e| StoreError::file(&dst, format!("cannot move into place: {e}")))?;
+        }
+    }
+    Ok(())
 }
 
 /// The temporary name [`write_safetensors`] and [`write_atomic`] write to before renaming.
