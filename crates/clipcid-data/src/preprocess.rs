@@ -563,8 +563,14 @@ impl Preprocess {
         let text = serde_json::to_string_pretty(&self.to_hf_preprocessor_config())
             .map_err(|e| DataError::format(&path, e))?;
         let tmp = dir.join(".preprocessor_config.json.tmp");
-        std::fs::write(&tmp, text).map_err(|e| DataError::io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| DataError::io(&path, e))
+        let written = std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| DataError::io(&path, e));
+        if written.is_err() {
+            // A failed write (a full disk) leaves no temporary file behind.
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
     }
 
     /// This preprocessing as open_clip's `preprocess_cfg` (for `open_clip_config.json`).

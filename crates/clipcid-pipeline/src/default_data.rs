@@ -159,8 +159,13 @@ fn write(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     }
     let tmp = path.with_extension("tmp-write");
-    std::fs::write(&tmp, bytes).map_err(|e| io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io(path, e))
+    let written = std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| io(path, e));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 fn png(img: &GrayImage) -> Result<Vec<u8>, DataError> {

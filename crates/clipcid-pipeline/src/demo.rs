@@ -661,12 +661,16 @@ pub fn run(opts: &DemoOptions, device: &Device, say: &mut dyn FnMut(&str)) -> Re
             })??
             .pixels
     };
-    let fp16 = clipcid_eval::export_fp16(&distilled, &out.join("student-fp16"), &sample)?;
     // Everything transformers' CLIPModel and CLIPProcessor load (the text context is the
-    // student's, so the processor pads and truncates to what the model takes).
-    student_tok.save_pretrained(&out.join("student-fp16"))?;
-    Preprocess::clip(distilled.config().vision_config.image_size)
-        .save_hf_preprocessor_config(&out.join("student-fp16"))?;
+    // student's, so the processor pads and truncates to what the model takes), moved into
+    // place together.
+    let fp16 = clipcid_store::io::write_folder(&out.join("student-fp16"), |dir| {
+        let fp16 = clipcid_eval::export_fp16(&distilled, dir, &sample)?;
+        student_tok.save_pretrained(dir)?;
+        Preprocess::clip(distilled.config().vision_config.image_size)
+            .save_hf_preprocessor_config(dir)?;
+        Ok::<_, PipelineError>(fp16)
+    })?;
     clock.lap("export");
     let mut loss_pictures = vec![];
     for arm in Arm::ALL {
@@ -675,8 +679,7 @@ pub fn run(opts: &DemoOptions, device: &Device, say: &mut dyn FnMut(&str)) -> Re
             .join(format!("{}-seed0", arm.name()))
             .join("loss.png");
         let name = format!("loss-{}.png", arm.name());
-        std::fs::copy(&from, report.join(&name))
-            .map_err(|e| PipelineError::io(&from, "copy", e))?;
+        clipcid_store::io::copy_atomic(&from, &report.join(&name))?;
         loss_pictures.push(format!("{} ![]({name})", arm.name()));
     }
     let sweep: Vec<String> = bal

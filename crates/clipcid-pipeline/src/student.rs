@@ -133,10 +133,20 @@ pub fn write_image_tower_student(
     let model = ClipModel::load(teacher, &Device::Cpu)?;
     let vision = half_size_student(model.config())?.vision_config;
     let student = image_tower_student(&model, &vision, seed)?;
-    student.save_pretrained(out, DType::F32)?;
-    if let Some(tok) = clipcid_models::ClipTokenizer::find_beside(teacher) {
-        let context = model.config().text_config.default_context_length();
-        clipcid_models::ClipTokenizer::load(&tok, context)?.save(&out.join("tokenizer.json"))?;
-    }
+    let tokenizer = match clipcid_models::ClipTokenizer::find_beside(teacher) {
+        Some(tok) => {
+            let context = model.config().text_config.default_context_length();
+            Some(clipcid_models::ClipTokenizer::load(&tok, context)?)
+        }
+        None => None,
+    };
+    // The weights and the tokenizer are moved into `out` together.
+    clipcid_store::io::write_folder(out, |dir| {
+        student.save_pretrained(dir, DType::F32)?;
+        if let Some(tok) = &tokenizer {
+            tok.save(&dir.join("tokenizer.json"))?;
+        }
+        Ok::<_, PipelineError>(())
+    })?;
     Ok(student)
 }

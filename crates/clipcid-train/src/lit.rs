@@ -157,7 +157,7 @@ pub fn build_locked_text_teacher(
     trained.save_pretrained(out_dir, DType::F32)?;
     let copy = |from: &Path, name: &str| {
         let to = out_dir.join(name);
-        std::fs::copy(from, &to).map_err(|e| TrainError::io(&to, "cannot copy", e))
+        clipcid_store::io::copy_atomic(from, &to)
     };
     copy(&tokenizer, "tokenizer.json")?;
     let readme = options.text_tower.join("README.md");

@@ -907,27 +907,9 @@ impl Trainer {
         }
         let student = if done && self.is_writer() {
             let dir = self.out_dir.join("student");
-            self.model.save_pretrained(&dir, DType::F32)?;
-            // What transformers' CLIPProcessor needs beside the weights. A run that reads no
-            // captions (PicCollage) keeps its init's text tower, so its init's tokenizer.
-            let init_tokenizer = || -> Result<Option<ClipTokenizer>, TrainError> {
-                let found = self
-                    .config
-                    .student
-                    .init
-                    .as_deref()
-                    .and_then(ClipTokenizer::find_beside);
-                let context = self.model.config().text_config.default_context_length();
-                Ok(found
-                    .map(|p| ClipTokenizer::load(&p, context))
-                    .transpose()?)
-            };
-            if let Some(tok) = &self.tokenizer {
-                tok.save_pretrained(&dir)?;
-            } else if let Some(tok) = init_tokenizer()? {
-                tok.save_pretrained(&dir)?;
-            }
-            self.preprocess.save_hf_preprocessor_config(&dir)?;
+            // Staged and moved in together (see `write_folder`): a full disk part way left
+            // the new weights beside no tokenizer, or beside an earlier run's files.
+            clipcid_store::io::write_folder(&dir, |staged| self.write_student(staged))?;
             Some(dir)
         } else {
             None
@@ -940,6 +922,33 @@ impl Trainer {
             checkpoint: self.last_checkpoint.clone(),
             student,
         })
+    }
+
+    /// The final student folder's files in `dir`: weights, tokenizer and preprocessing, what
+    /// transformers' `CLIPModel` and `CLIPProcessor` load.
+    fn write_student(&self, dir: &Path) -> Result<(), TrainError> {
+        self.model.save_pretrained(dir, DType::F32)?;
+        // A run that reads no captions (PicCollage) keeps its init's text tower, so its
+        // init's tokenizer.
+        let init_tokenizer = || -> Result<Option<ClipTokenizer>, TrainError> {
+            let found = self
+                .config
+                .student
+                .init
+                .as_deref()
+                .and_then(ClipTokenizer::find_beside);
+            let context = self.model.config().text_config.default_context_length();
+            Ok(found
+                .map(|p| ClipTokenizer::load(&p, context))
+                .transpose()?)
+        };
+        if let Some(tok) = &self.tokenizer {
+            tok.save_pretrained(dir)?;
+        } else if let Some(tok) = init_tokenizer()? {
+            tok.save_pretrained(dir)?;
+        }
+        self.preprocess.save_hf_preprocessor_config(dir)?;
+        Ok(())
     }
 }
 

@@ -480,37 +480,51 @@ pub fn export(args: &ExportArgs, device: &Device) -> Result<ExportOutcome, Pipel
             )
         }
     };
-    let r = export_fp16(&model, &args.out, &pixels.to_dtype(DType::F32)?)?;
-    preprocess.save_hf_preprocessor_config(&args.out)?;
     let ctx = model.config().text_config.default_context_length();
     let tokenizer = match ClipTokenizer::find_beside(&model_path) {
         Some(p) => Some(ClipTokenizer::load(&p, ctx)?),
         None => None,
     };
-    if let Some(tok) = &tokenizer {
-        tok.save_pretrained(&args.out)?;
-    }
-    if args.format == ExportFormat::OpenClip {
-        model.save_open_clip(
-            &args.out,
-            DType::F16,
-            Some(preprocess.to_open_clip_preprocess_cfg()),
-        )?;
+    // Every file is staged and moved into `--out` together: a failure part way (a full disk)
+    // left new weights beside no preprocessing, or beside an earlier export's.
+    let (r, onnx) = clipcid_store::io::write_folder(&args.out, |dir| {
+        let r = export_fp16(&model, dir, &pixels.to_dtype(DType::F32)?)?;
+        preprocess.save_hf_preprocessor_config(dir)?;
         if let Some(tok) = &tokenizer {
-            tok.save_bpe_merges(&args.out.join("bpe_simple_vocab_16e6.txt.gz"))?;
+            tok.save_pretrained(dir)?;
         }
-    }
-    let onnx = match args.format {
-        ExportFormat::Onnx => Some(export_onnx(
-            &model,
-            &preprocess,
-            tokenizer.as_ref(),
-            &pixels,
-            &args.out.join("onnx"),
-            args.fp16,
-        )?),
-        _ => None,
-    };
+        if args.format == ExportFormat::OpenClip {
+            model.save_open_clip(
+                dir,
+                DType::F16,
+                Some(preprocess.to_open_clip_preprocess_cfg()),
+            )?;
+            if let Some(tok) = &tokenizer {
+                tok.save_bpe_merges(&dir.join("bpe_simple_vocab_16e6.txt.gz"))?;
+            }
+        }
+        let onnx = match args.format {
+            ExportFormat::Onnx => {
+                let mut onnx = export_onnx(
+                    &model,
+                    &preprocess,
+                    tokenizer.as_ref(),
+                    &pixels,
+                    &dir.join("onnx"),
+                    args.fp16,
+                )?;
+                // The paths where the files will be once moved out of the staging folder.
+                let moved = |p: &Path| args.out.join(p.strip_prefix(dir).unwrap_or(p));
+                for saved in std::iter::once(&mut onnx.image).chain(onnx.text.as_mut()) {
+                    saved.path = moved(&saved.path);
+                    saved.external_data = saved.external_data.as_deref().map(moved);
+                }
+                Some(onnx)
+            }
+            _ => None,
+        };
+        Ok::<_, PipelineError>((r, onnx))
+    })?;
     Ok(ExportOutcome {
         report: r,
         measured_on: what,
