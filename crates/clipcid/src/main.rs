@@ -200,9 +200,29 @@ fn main() {
         );
     }
     if let Err(e) = run(cli) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", error_line(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes on one line (`outer: cause: cause`, as anyhow's `{:#}`), leaving
+/// out a cause whose text the line already ends with: an error that prints its source and
+/// also returns it from `source()` (thiserror's `"{path}: {source}"` beside a `source` field,
+/// `"faiss: {0}"` on a `#[from]`) was printed twice, as
+/// `x.json: No space left on device (os error 28): No space left on device (os error 28)`.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.is_empty() && line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -555,6 +575,39 @@ fn print_embed_summary(s: &EmbedSummary, out: &Path) {
             s.skipped.len(),
             keys.join(", "),
             if s.skipped.len() > 10 { ", ..." } else { "" }
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_line;
+
+    #[test]
+    fn an_error_that_prints_its_source_prints_it_once() {
+        // What thiserror derives for `#[error("{path}: {source}")]` with a `source` field.
+        #[derive(Debug)]
+        struct Io(std::io::Error);
+        impl std::fmt::Display for Io {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "x.json: {}", self.0)
+            }
+        }
+        impl std::error::Error for Io {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let line = error_line(&anyhow::Error::new(Io(std::io::Error::from_raw_os_error(
+            28,
+        ))));
+        assert_eq!(line.matches("os error 28").count(), 1, "{line}");
+        assert!(line.starts_with("x.json: "), "{line}");
+        // A context whose cause is not in its text still gets the cause.
+        let e = anyhow::Error::new(std::io::Error::from_raw_os_error(2)).context("cannot open a");
+        assert_eq!(
+            error_line(&e),
+            format!("cannot open a: {}", std::io::Error::from_raw_os_error(2))
         );
     }
 }
