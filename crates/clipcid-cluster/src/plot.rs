@@ -44,7 +44,8 @@ pub fn plot_size_histogram(
         })
         .collect();
     let y_max = counts.iter().flatten().copied().max().unwrap_or(1).max(1);
-    let tmp = clipcid_plot::temp_png_path(path);
+    let draft = clipcid_plot::PngDraft::new(path);
+    let tmp = draft.tmp();
     {
         let root = BitMapBackend::new(&tmp, (900, 540)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
@@ -85,5 +86,5 @@ pub fn plot_size_histogram(
             .map_err(|e| fail(e.to_string()))?;
         root.present().map_err(|e| fail(e.to_string()))?;
     }
-    clipcid_plot::commit_png(&tmp, path).map_err(fail)
+    draft.commit().map_err(fail)
 }

@@ -18,8 +18,8 @@ fn pad_rotated(label: &str) -> String {
     format!("{}{label}", " ".repeat(2 * label.chars().count()))
 }
 
-fn finish(tmp: &Path, path: &Path) -> Result<(), EvalError> {
-    clipcid_plot::commit_png(tmp, path).map_err(|e| EvalError::file(path, e))
+fn finish(draft: clipcid_plot::PngDraft, path: &Path) -> Result<(), EvalError> {
+    draft.commit().map_err(|e| EvalError::file(path, e))
 }
 
 /// Grouped bars: recall of each class (x) for each `(model name, per-class recall)` series.
@@ -41,7 +41,8 @@ pub fn plot_per_class_recall(
     clipcid_plot::register_font().map_err(&fail)?;
     let n = class_names.len();
     let width = (120 + 28 * n * series.len().max(1)).clamp(640, 2400) as u32;
-    let tmp = clipcid_plot::temp_png_path(path);
+    let draft = clipcid_plot::PngDraft::new(path);
+    let tmp = draft.tmp();
     {
         let root = BitMapBackend::new(&tmp, (width, 600)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
@@ -97,7 +98,7 @@ pub fn plot_per_class_recall(
             .map_err(|e| fail(e.to_string()))?;
         root.present().map_err(|e| fail(e.to_string()))?;
     }
-    finish(&tmp, path)
+    finish(draft, path)
 }
 
 /// Heatmap of a confusion matrix (`confusion[truth][predicted]`), each row scaled by its
@@ -115,7 +116,8 @@ pub fn plot_confusion(
     }
     clipcid_plot::register_font().map_err(&fail)?;
     let side = (160 + 18 * n).clamp(480, 1600) as u32;
-    let tmp = clipcid_plot::temp_png_path(path);
+    let draft = clipcid_plot::PngDraft::new(path);
+    let tmp = draft.tmp();
     {
         let root = BitMapBackend::new(&tmp, (side + 40, side)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
@@ -167,5 +169,5 @@ pub fn plot_confusion(
             .map_err(|e| fail(e.to_string()))?;
         root.present().map_err(|e| fail(e.to_string()))?;
     }
-    finish(&tmp, path)
+    finish(draft, path)
 }

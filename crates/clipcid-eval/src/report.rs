@@ -306,7 +306,18 @@ pub fn evaluate(
             )));
         }
     }
-    std::fs::create_dir_all(out).map_err(|e| EvalError::file(out, e))?;
+    // The report, its plots and records are staged and moved into `out` together: a failure
+    // part way (a bad label in the second set, a full disk) left new plots beside an earlier
+    // run's report.
+    clipcid_store::io::write_folder(out, |dir| report_into(models, plan, dir))
+}
+
+/// [`evaluate`] with every file written into `out`.
+fn report_into(
+    models: &[EvalModel],
+    plan: &EvalPlan,
+    out: &Path,
+) -> Result<(EvalResults, String), EvalError> {
     let mut cache = EncodingCache {
         models,
         batch: plan.batch_size.max(1),

@@ -377,10 +377,10 @@ pub fn plot_textness_grid(
             image::imageops::overlay(&mut grid, &thumb, (x + 2) as i64, (y + 2) as i64);
         }
     }
-    let tmp = clipcid_plot::temp_png_path(path);
-    grid.save(&tmp)
+    let draft = clipcid_plot::PngDraft::new(path);
+    grid.save(draft.tmp())
         .map_err(|e| EvalError::file(path, format!("cannot write PNG: {e}")))?;
-    clipcid_plot::commit_png(&tmp, path).map_err(|e| EvalError::file(path, e))
+    draft.commit().map_err(|e| EvalError::file(path, e))
 }
 
 /// Words drawn onto images when none are given: short sign, label and caption texts.
@@ -494,52 +494,53 @@ pub fn textness_study(
         ));
     }
     check_sweep(&opts.scales, opts.top)?;
-    std::fs::create_dir_all(out).map_err(|e| EvalError::file(out, e))?;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
-    let mut order: Vec<usize> = (0..images.len()).collect();
-    order.shuffle(&mut rng);
-    let (probe_idx, pool_idx) = order.split_at(images.len() / 2);
-    let with_text = |i: usize, rng: &mut rand_chacha::ChaCha8Rng| {
-        let word = &opts.words[rng.random_range(0..opts.words.len())];
-        let rgb = preprocess.convert_to_rgb(&images[i].image);
-        DecodedImage::from(DynamicImage::ImageRgb8(renderer.render(&rgb, word, rng)))
-    };
-    let probe_clean: Vec<DecodedImage> = probe_idx.iter().map(|&i| images[i].clone()).collect();
-    let mut probe_text: Vec<DecodedImage> =
-        probe_idx.iter().map(|&i| with_text(i, &mut rng)).collect();
-    let (mut pool, mut has_text) = (vec![], vec![]);
-    for &i in pool_idx {
-        pool.push(images[i].clone());
-        has_text.push(false);
-        pool.push(with_text(i, &mut rng));
-        has_text.push(true);
-    }
-    for (k, img) in opts.real_text_images.iter().enumerate() {
-        if k % 2 == 0 {
-            probe_text.push(img.clone());
-        } else {
-            pool.push(img.clone());
+    // The direction, grids and report are staged and moved into `out` together.
+    clipcid_store::io::write_folder(out, |out| {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
+        let mut order: Vec<usize> = (0..images.len()).collect();
+        order.shuffle(&mut rng);
+        let (probe_idx, pool_idx) = order.split_at(images.len() / 2);
+        let with_text = |i: usize, rng: &mut rand_chacha::ChaCha8Rng| {
+            let word = &opts.words[rng.random_range(0..opts.words.len())];
+            let rgb = preprocess.convert_to_rgb(&images[i].image);
+            DecodedImage::from(DynamicImage::ImageRgb8(renderer.render(&rgb, word, rng)))
+        };
+        let probe_clean: Vec<DecodedImage> = probe_idx.iter().map(|&i| images[i].clone()).collect();
+        let mut probe_text: Vec<DecodedImage> =
+            probe_idx.iter().map(|&i| with_text(i, &mut rng)).collect();
+        let (mut pool, mut has_text) = (vec![], vec![]);
+        for &i in pool_idx {
+            pool.push(images[i].clone());
+            has_text.push(false);
+            pool.push(with_text(i, &mut rng));
             has_text.push(true);
         }
-    }
-    let real = opts.real_text_images.len();
-    let batch = 64;
-    let enc = |imgs: &[DecodedImage]| {
-        crate::features::encode_decoded_images(model, preprocess, imgs, batch)
-    };
-    let direction = TextnessDirection::fit(&enc(&probe_text)?, &enc(&probe_clean)?, opts.l2)?;
-    direction.save(&out.join("textness.safetensors"))?;
-    let pool_features = enc(&pool)?;
-    let q = crate::features::encode_texts(model, tokenizer, queries, 256)?;
-    let rows = textness_sweep(
-        &direction,
-        &q,
-        &pool_features,
-        &has_text,
-        &opts.scales,
-        opts.top,
-    )?;
-    let mut md = format!(
+        for (k, img) in opts.real_text_images.iter().enumerate() {
+            if k % 2 == 0 {
+                probe_text.push(img.clone());
+            } else {
+                pool.push(img.clone());
+                has_text.push(true);
+            }
+        }
+        let real = opts.real_text_images.len();
+        let batch = 64;
+        let enc = |imgs: &[DecodedImage]| {
+            crate::features::encode_decoded_images(model, preprocess, imgs, batch)
+        };
+        let direction = TextnessDirection::fit(&enc(&probe_text)?, &enc(&probe_clean)?, opts.l2)?;
+        direction.save(&out.join("textness.safetensors"))?;
+        let pool_features = enc(&pool)?;
+        let q = crate::features::encode_texts(model, tokenizer, queries, 256)?;
+        let rows = textness_sweep(
+            &direction,
+            &q,
+            &pool_features,
+            &has_text,
+            &opts.scales,
+            opts.top,
+        )?;
+        let mut md = format!(
         "# Textness bias\n\nProbe: {} images, each clean and with a word drawn on it, plus {} real text-bearing images (training accuracy {:.1}%). Search pool: {} other images, each clean and with text, plus {} real text-bearing images ({} entries). `query += scale * textness` (unit direction), renormalised.\n\n| scale | text-bearing in top {} |\n|---:|---:|\n",
         probe_idx.len(),
         real.div_ceil(2),
@@ -549,42 +550,43 @@ pub fn textness_study(
         pool.len(),
         opts.top
     );
-    for r in &rows {
-        md.push_str(&format!(
-            "| {:+} | {:.0}% |\n",
-            r.scale,
-            100.0 * r.text_fraction
-        ));
-    }
-    md.push('\n');
-    let pool_rgb: Vec<RgbImage> = pool
-        .iter()
-        .map(|d| preprocess.convert_to_rgb(&d.image))
-        .collect();
-    for (qi, query) in queries.iter().enumerate() {
-        let grid: Vec<(f32, Vec<usize>)> =
-            rows.iter().map(|r| (r.scale, r.top[qi].clone())).collect();
-        let file = format!("grid-{qi}.png");
-        plot_textness_grid(
-            &out.join(&file),
-            query,
-            &grid,
-            &pool_rgb,
-            &has_text,
-            opts.tile,
-        )?;
-        md.push_str(&format!(
-            "**\"{query}\"** (rows: scale; red frame: text-bearing)\n\n![{query}]({file})\n\n"
-        ));
-    }
-    clipcid_store::io::write_atomic(&out.join("report.md"), md.as_bytes())?;
-    Ok(TextnessReport {
-        direction,
-        probe_images: probe_idx.len(),
-        pool_images: pool_idx.len(),
-        queries: queries.to_vec(),
-        rows,
-        markdown: md,
+        for r in &rows {
+            md.push_str(&format!(
+                "| {:+} | {:.0}% |\n",
+                r.scale,
+                100.0 * r.text_fraction
+            ));
+        }
+        md.push('\n');
+        let pool_rgb: Vec<RgbImage> = pool
+            .iter()
+            .map(|d| preprocess.convert_to_rgb(&d.image))
+            .collect();
+        for (qi, query) in queries.iter().enumerate() {
+            let grid: Vec<(f32, Vec<usize>)> =
+                rows.iter().map(|r| (r.scale, r.top[qi].clone())).collect();
+            let file = format!("grid-{qi}.png");
+            plot_textness_grid(
+                &out.join(&file),
+                query,
+                &grid,
+                &pool_rgb,
+                &has_text,
+                opts.tile,
+            )?;
+            md.push_str(&format!(
+                "**\"{query}\"** (rows: scale; red frame: text-bearing)\n\n![{query}]({file})\n\n"
+            ));
+        }
+        clipcid_store::io::write_atomic(&out.join("report.md"), md.as_bytes())?;
+        Ok(TextnessReport {
+            direction,
+            probe_images: probe_idx.len(),
+            pool_images: pool_idx.len(),
+            queries: queries.to_vec(),
+            rows,
+            markdown: md,
+        })
     })
 }
 

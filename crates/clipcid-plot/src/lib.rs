@@ -8,14 +8,15 @@
 //! let dir = tempfile::tempdir()?;
 //! let path = dir.path().join("empty.png");
 //! clipcid_plot::register_font()?;
-//! let tmp = clipcid_plot::temp_png_path(&path);
+//! let draft = clipcid_plot::PngDraft::new(&path);
+//! let tmp = draft.tmp().to_path_buf();
 //! {
 //!     let root = BitMapBackend::new(&tmp, (64, 32)).into_drawing_area();
 //!     root.fill(&WHITE)?;
 //!     root.draw(&Text::new("ok", (4, 4), ("sans-serif", 14)))?;
 //!     root.present()?;
 //! }
-//! clipcid_plot::commit_png(&tmp, &path)?;
+//! draft.commit()?;
 //! assert!(path.is_file() && !tmp.exists());
 //! # Ok(()) }
 //! ```
@@ -37,17 +38,81 @@ pub fn register_font() -> Result<(), String> {
         .clone()
 }
 
-/// The temporary file a PNG for `path` is drawn into (same folder, hidden name, `.png`
-/// extension so plotters picks the PNG encoder).
-pub fn temp_png_path(path: &Path) -> PathBuf {
-    clipcid_store::io::temp_path(path).with_extension("png")
+/// A picture being drawn for `path`: drawn into a temporary file beside it (hidden name,
+/// `.png` extension so plotters picks the PNG encoder) and renamed into place by
+/// [`PngDraft::commit`]. Dropped without a commit (a drawing error, a full disk while
+/// encoding), it removes the temporary file: no cut-short picture is left behind.
+pub struct PngDraft {
+    tmp: PathBuf,
+    path: PathBuf,
 }
 
-/// Moves a finished picture from `tmp` to `path`; on failure removes `tmp` and says why
-/// (the caller names `path` in its error).
-pub fn commit_png(tmp: &Path, path: &Path) -> Result<(), String> {
-    std::fs::rename(tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(tmp);
-        format!("cannot move the finished picture into place: {e}")
-    })
+impl PngDraft {
+    /// A draft of the picture `path`.
+    pub fn new(path: &Path) -> Self {
+        // `.NAME.tmp-PID.png`: a temporary name by its look, that plotters still encodes as PNG.
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Self {
+            tmp: path.with_file_name(format!(".{stem}.tmp-{}.png", std::process::id())),
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// The temporary file to draw into.
+    pub fn tmp(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Moves the finished picture into place, or says why it could not (the caller names
+    /// the picture's path in its error).
+    pub fn commit(self) -> Result<(), String> {
+        std::fs::rename(&self.tmp, &self.path)
+            .map_err(|e| format!("cannot move the finished picture into place: {e}"))
+        // Drop removes the temporary file when the rename failed, and finds none otherwise.
+    }
+}
+
+impl Drop for PngDraft {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a failed setup step should panic
+mod tests {
+    use super::PngDraft;
+
+    #[test]
+    fn a_draft_dropped_without_a_commit_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("loss.png");
+        let draft = PngDraft::new(&path);
+        let name = draft
+            .tmp()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert!(
+            name.starts_with(".loss.tmp-") && name.ends_with(".png"),
+            "{name}"
+        );
+        // A drawing that failed part way: bytes in the temporary file, no commit.
+        std::fs::write(draft.tmp(), b"half a picture").unwrap();
+        drop(draft);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+
+        let draft = PngDraft::new(&path);
+        std::fs::write(draft.tmp(), b"a picture").unwrap();
+        draft.commit().unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["loss.png"]);
+    }
 }

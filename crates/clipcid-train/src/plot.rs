@@ -49,7 +49,8 @@ pub fn plot_loss_curves(path: &Path, history: &[StepMetrics]) -> Result<(), Trai
     };
     let x_max = history.iter().map(|m| m.step).max().unwrap_or(1).max(1) as f64;
     let x_min = history.iter().map(|m| m.step).min().unwrap_or(0) as f64;
-    let tmp = clipcid_plot::temp_png_path(path);
+    let draft = clipcid_plot::PngDraft::new(path);
+    let tmp = draft.tmp();
     {
         let root = BitMapBackend::new(&tmp, (900, 540)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
@@ -89,5 +90,5 @@ pub fn plot_loss_curves(path: &Path, history: &[StepMetrics]) -> Result<(), Trai
             .map_err(|e| fail(e.to_string()))?;
         root.present().map_err(|e| fail(e.to_string()))?;
     }
-    clipcid_plot::commit_png(&tmp, path).map_err(fail)
+    draft.commit().map_err(fail)
 }

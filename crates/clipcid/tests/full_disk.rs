@@ -1,5 +1,5 @@
-//! A full disk through the `clipcid` command line: every stage writes its outputs on a small
-//! tmpfs, at sizes from a few KiB (nothing fits) up to enough. Each run must either succeed or
+//! A full disk through the `clipcid` command line: every writing stage (embed, balance,
+//! cluster, export, eval, distill) writes its outputs on a small tmpfs, at sizes from a few KiB (nothing fits) up to enough. Each run must either succeed or
 //! fail naming "No space left on device", never panic, leave no temporary file or staging
 //! folder behind, and never leave part of a unit of output: a stage file without its
 //! summary, a model folder with weights but no preprocessing, a checkpoint missing a file. A
@@ -80,7 +80,8 @@ fn leftovers(disk: &Path) -> Vec<String> {
         .into_iter()
         .filter_map(|p| {
             let name = p.file_name()?.to_string_lossy().into_owned();
-            let temporary = name.contains(".tmp") || name.starts_with(".clipcid-staging-");
+            // Every hidden name but the output lock is a temporary file or staging folder.
+            let temporary = name.starts_with('.') && name != ".clipcid.lock";
             temporary.then(|| format!("left behind: {}", p.display()))
         })
         .collect()
@@ -186,6 +187,14 @@ fn a_full_disk_leaves_whole_outputs_or_none_and_resumes() {
         tsv.push_str(&format!("{i}.png\ta picture number {i}\n"));
     }
     std::fs::write(w.join("data/captions.tsv"), tsv).unwrap();
+    for (class, r) in [("red", 200), ("green", 40)] {
+        std::fs::create_dir_all(w.join("classes").join(class)).unwrap();
+        for i in 0..4u8 {
+            png(r + i)
+                .save(w.join(format!("classes/{class}/{i}.png")))
+                .unwrap();
+        }
+    }
     for args in [
         &[
             "init-model",
@@ -257,7 +266,7 @@ fn a_full_disk_leaves_whole_outputs_or_none_and_resumes() {
     ] {
         let failed = sweep(
             stage,
-            &[2, 4, 8, 12, 16, 64],
+            &[2, 4, 8, 12, 16, 24, 64],
             w,
             |d| {
                 let mut a = strings(&[stage, "--embeddings", "emb"]);
@@ -305,6 +314,26 @@ fn a_full_disk_leaves_whole_outputs_or_none_and_resumes() {
             .unwrap(),
         );
     }
+    // An evaluation report: the report, its records and plots together.
+    failures.extend(
+        sweep(
+            "eval",
+            &[4, 16, 32, 44, 64],
+            w,
+            |d| {
+                let mut a = strings(&["eval", "--model", "teacher.safetensors", "--tokenizer"]);
+                a.extend(strings(&["tok.json", "--zero-shot", "classes"]));
+                a.extend(["--out".into(), on(d, "report")]);
+                a
+            },
+            |d| {
+                let files = ["report.md", "results.json", "zero-shot-per-class.png"];
+                all_or_none(&d.join("report"), &files).into_iter().collect()
+            },
+            None,
+        )
+        .unwrap(),
+    );
     // A training run: checkpoints whole, the student folder whole, and --resume completes.
     failures.extend(
         sweep(
