@@ -207,8 +207,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 
 /// Writes several files as one unit: each to its temporary name first ([`temp_path`]), and
 /// only once all are whole are they renamed into place, in the order given (put the file
-/// that readers look for last). A failed write removes every temporary file and leaves each
-/// path as it was.
+/// that readers look for last). A failed write (a full disk) removes every temporary file
+/// and leaves each path as it was; only a rename failing after an earlier one succeeded
+/// (renames take no space) could leave part of the set in place.
 ///
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -257,6 +258,10 @@ pub fn copy_atomic(from: &Path, to: &Path) -> Result<u64, StoreError> {
     copied
 }
 
+/// How long a staging folder of a process that no longer runs here stays untouched before
+/// [`write_folder`] removes it.
+pub const STALE_STAGING: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Name of the hidden folder inside an output folder that [`write_folder`] stages its files
 /// in (with the process id after it).
 pub const STAGING_PREFIX: &str = ".clipcid-staging-";
@@ -268,7 +273,9 @@ pub const STAGING_PREFIX: &str = ".clipcid-staging-";
 /// a tensor error) the staging folder is removed and `dir` holds what it held before, never
 /// new weights beside an earlier export's preprocessing; a `dir` this call created is
 /// removed again when it is left empty. The staging folders of processes that have ended
-/// (a killed export) are removed first.
+/// (a killed export) are removed first: those whose process id runs on no process of this
+/// machine and that nothing has touched for an hour (a folder on a shared disk may be
+/// another machine's).
 ///
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -317,7 +324,8 @@ pub fn write_folder<T, E: From<StoreError>>(
 }
 
 /// Removes the staging folders in `dir` of processes that have ended (a killed export leaves
-/// a model's worth of files there). Where `/proc` cannot say which processes run, none is
+/// a model's worth of files there): no process of this id runs here, and the folder is
+/// untouched for [`STALE_STAGING`]. Where `/proc` cannot say which processes run, none is
 /// removed.
 fn remove_stale_staging(dir: &Path) {
     let proc = Path::new("/proc/self");
@@ -334,7 +342,13 @@ fn remove_stale_staging(dir: &Path) {
             .and_then(|n| n.strip_prefix(STAGING_PREFIX))
             .and_then(|p| p.parse::<u32>().ok());
         if let Some(pid) = pid {
-            if !Path::new("/proc").join(pid.to_string()).exists() {
+            let untouched = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= STALE_STAGING);
+            if untouched && !Path::new("/proc").join(pid.to_string()).exists() {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use clipcid_store::io::{self, STAGING_PREFIX};
+use clipcid_store::io::{self, STAGING_PREFIX, STALE_STAGING};
 use clipcid_store::StoreError;
 
 /// The names in `dir`, sorted (hidden ones included).
@@ -167,7 +167,7 @@ fn a_copy_that_fails_leaves_no_file() {
 }
 
 #[test]
-fn staging_folders_of_ended_processes_are_removed_and_live_ones_kept() {
+fn staging_folders_of_ended_processes_are_removed_and_live_or_recent_ones_kept() {
     if !Path::new("/proc/self").exists() {
         println!("skipped: no /proc to tell which processes run");
         return;
@@ -178,9 +178,15 @@ fn staging_folders_of_ended_processes_are_removed_and_live_ones_kept() {
         dir.path().join(format!("{STAGING_PREFIX}4000000000")),
         dir.path().join(format!("{STAGING_PREFIX}1")),
     );
-    for d in [&ended, &live] {
+    let recent = dir.path().join(format!("{STAGING_PREFIX}4000000001"));
+    for d in [&ended, &live, &recent] {
         std::fs::create_dir(d).unwrap();
         std::fs::write(d.join("model.safetensors"), b"weights").unwrap();
+    }
+    // Untouched for longer than STALE_STAGING; `recent` could be another machine's, at work.
+    let old = std::time::SystemTime::now() - 2 * STALE_STAGING;
+    for d in [&ended, &live] {
+        std::fs::File::open(d).unwrap().set_modified(old).unwrap();
     }
     io::write_folder(dir.path(), |d| -> Result<(), StoreError> {
         io::write_atomic(&d.join("config.json"), b"{}")
@@ -188,4 +194,5 @@ fn staging_folders_of_ended_processes_are_removed_and_live_ones_kept() {
     .unwrap();
     assert!(!ended.exists());
     assert!(live.join("model.safetensors").exists());
+    assert!(recent.join("model.safetensors").exists());
 }
