@@ -338,7 +338,7 @@ fn a_full_disk_leaves_whole_outputs_or_none_and_resumes() {
     failures.extend(
         sweep(
             "distill",
-            &[100, 400, 1024, 2048, 4096],
+            &[100, 400, 1024, 2048, 8192],
             w,
             |d| {
                 strings(&[
