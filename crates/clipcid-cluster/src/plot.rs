@@ -48,21 +48,22 @@ pub fn plot_size_histogram(
     let tmp = draft.tmp();
     {
         let root = BitMapBackend::new(&tmp, (900, 540)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
+        root.fill(&WHITE)
+            .map_err(|e| fail(clipcid_plot::drawing_error(&e)))?;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 22))
             .margin(16)
             .x_label_area_size(44)
             .y_label_area_size(64)
             .build_cartesian_2d(0u32..(BINS + 1) * width, 0u32..y_max + y_max / 10 + 1)
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(clipcid_plot::drawing_error(&e)))?;
         chart
             .configure_mesh()
             .x_desc("points in cluster")
             .y_desc("clusters")
             .label_style(("sans-serif", 14))
             .draw()
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(clipcid_plot::drawing_error(&e)))?;
         let palette = [BLUE, RED, GREEN, MAGENTA];
         for (i, ((label, _), c)) in series.iter().zip(&counts).enumerate() {
             let colour = palette[i % palette.len()];
@@ -71,7 +72,7 @@ pub fn plot_size_histogram(
                     let x0 = b as u32 * width;
                     Rectangle::new([(x0, 0), (x0 + width, v)], colour.mix(0.45).filled())
                 }))
-                .map_err(|e| fail(e.to_string()))?
+                .map_err(|e| fail(clipcid_plot::drawing_error(&e)))?
                 .label(label.to_string())
                 .legend(move |(x, y)| {
                     Rectangle::new([(x, y - 6), (x + 12, y + 6)], colour.mix(0.45).filled())
@@ -83,8 +84,9 @@ pub fn plot_size_histogram(
             .border_style(BLACK)
             .label_font(("sans-serif", 14))
             .draw()
-            .map_err(|e| fail(e.to_string()))?;
-        root.present().map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(clipcid_plot::drawing_error(&e)))?;
+        root.present()
+            .map_err(|e| fail(clipcid_plot::drawing_error(&e)))?;
     }
     draft.commit().map_err(fail)
 }

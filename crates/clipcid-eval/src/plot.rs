@@ -45,14 +45,15 @@ pub fn plot_per_class_recall(
     let tmp = draft.tmp();
     {
         let root = BitMapBackend::new(&tmp, (width, 600)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
+        root.fill(&WHITE)
+            .map_err(|e| fail(clipcid_plot::drawing_error(&e)))?;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 22))
             .margin(16)
             .x_label_area_size(170)
             .y_label_area_size(56)
             .build_cartesian_2d(0f64..n as f64, 0f64..1.05)
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(clipcid_plot::drawing_error(&e)))?;
         let names = class_names.to_vec();
         chart
             .configure_mesh()
@@ -73,7 +74,7 @@ pub fn plot_per_class_recall(
             )
             .y_desc("recall")
             .draw()
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(clipcid_plot::drawing_error(&e)))?;
         let k = series.len() as f64;
         for (s, (name, recall)) in series.iter().enumerate() {
             let colour = Palette99::pick(s).to_rgba();
@@ -84,7 +85,7 @@ pub fn plot_per_class_recall(
                     let r = if r.is_nan() { 0.0 } else { r };
                     Rectangle::new([(x0, 0.0), (x1, r)], colour.filled())
                 }))
-                .map_err(|e| fail(e.to_string()))?
+                .map_err(|e| fail(clipcid_plot::drawing_error(&e)))?
                 .label(*name)
                 .legend(move |(x, y)| {
                     Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled())
@@ -95,8 +96,9 @@ pub fn plot_per_class_recall(
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .draw()
-            .map_err(|e| fail(e.to_string()))?;
-        root.present().map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(clipcid_plot::drawing_error(&e)))?;
+        root.present()
+            .map_err(|e| fail(clipcid_plot::drawing_error(&e)))?;
     }
     finish(draft, path)
 }
@@ -120,14 +122,15 @@ pub fn plot_confusion(
     let tmp = draft.tmp();
     {
         let root = BitMapBackend::new(&tmp, (side + 40, side)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
+        root.fill(&WHITE)
+            .map_err(|e| fail(clipcid_plot::drawing_error(&e)))?;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 20))
             .margin(12)
             .x_label_area_size(170)
             .y_label_area_size(110)
             .build_cartesian_2d(0f64..n as f64, 0f64..n as f64)
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(clipcid_plot::drawing_error(&e)))?;
         // Row 0 (the first true class) at the top: y = n - 1 - truth.
         let label = |v: f64, flip: bool| {
             let i = v.floor();
@@ -153,7 +156,7 @@ pub fn plot_confusion(
             )
             .y_label_style(("sans-serif", 11))
             .draw()
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(clipcid_plot::drawing_error(&e)))?;
         chart
             .draw_series(confusion.iter().enumerate().flat_map(|(t, row)| {
                 let total = row.iter().sum::<u32>().max(1) as f64;
@@ -166,8 +169,9 @@ pub fn plot_confusion(
                     )
                 })
             }))
-            .map_err(|e| fail(e.to_string()))?;
-        root.present().map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(clipcid_plot::drawing_error(&e)))?;
+        root.present()
+            .map_err(|e| fail(clipcid_plot::drawing_error(&e)))?;
     }
     finish(draft, path)
 }

@@ -24,7 +24,10 @@
 
 use std::path::{Path, PathBuf};
 
+use plotters::drawing::DrawingAreaErrorKind;
 use plotters::style::FontStyle;
+use plotters_backend::DrawingErrorKind;
+use plotters_bitmap::BitMapBackendError;
 
 /// Registers the built-in DejaVu Sans as plotters' `sans-serif` (once per process), so
 /// pictures need no system fonts.
@@ -36,6 +39,32 @@ pub fn register_font() -> Result<(), String> {
                 .map_err(|_| "the built-in DejaVu Sans font did not load".to_string())
         })
         .clone()
+}
+
+/// What went wrong in drawing a picture, in words. A failed write (a full disk) reads as the
+/// OS says it, `No space left on device (os error 28)`, where plotters' own message shows its
+/// error's structure: `backend error: Drawing backend error: ImageError(IoError(Custom {
+/// kind: Other, error: "No space left on device (os error 28)" }))`.
+///
+/// ```
+/// use plotters::prelude::*;
+/// let dir = tempfile::tempdir().unwrap();
+/// // A folder that is not there: the picture cannot be written.
+/// let path = dir.path().join("missing/empty.png");
+/// let root = BitMapBackend::new(&path, (8, 8)).into_drawing_area();
+/// let e = root.present().unwrap_err();
+/// let said = clipcid_plot::drawing_error(&e);
+/// assert!(said.contains("No such file or directory") && !said.contains("Custom"), "{said}");
+/// ```
+pub fn drawing_error(e: &DrawingAreaErrorKind<BitMapBackendError>) -> String {
+    match e {
+        DrawingAreaErrorKind::BackendError(DrawingErrorKind::DrawingError(b)) => match b {
+            BitMapBackendError::IOError(io) => io.to_string(),
+            BitMapBackendError::ImageError(image) => image.to_string(),
+            _ => e.to_string(),
+        },
+        _ => e.to_string(),
+    }
 }
 
 /// A picture being drawn for `path`: drawn into a temporary file beside it (hidden name,

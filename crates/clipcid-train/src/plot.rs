@@ -53,21 +53,22 @@ pub fn plot_loss_curves(path: &Path, history: &[StepMetrics]) -> Result<(), Trai
     let tmp = draft.tmp();
     {
         let root = BitMapBackend::new(&tmp, (900, 540)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
+        root.fill(&WHITE)
+            .map_err(|e| fail(clipcid_plot::drawing_error(&e)))?;
         let mut chart = ChartBuilder::on(&root)
             .caption("distillation loss", ("sans-serif", 22))
             .margin(16)
             .x_label_area_size(44)
             .y_label_area_size(64)
             .build_cartesian_2d(x_min..x_max.max(x_min + 1.0), lo..hi)
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(clipcid_plot::drawing_error(&e)))?;
         chart
             .configure_mesh()
             .x_desc("step")
             .y_desc("loss")
             .label_style(("sans-serif", 14))
             .draw()
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(clipcid_plot::drawing_error(&e)))?;
         for (i, (name, points)) in series.iter().enumerate() {
             let colour = Palette99::pick(i).to_rgba();
             chart
@@ -75,7 +76,7 @@ pub fn plot_loss_curves(path: &Path, history: &[StepMetrics]) -> Result<(), Trai
                     points.iter().copied(),
                     colour.stroke_width(2),
                 ))
-                .map_err(|e| fail(e.to_string()))?
+                .map_err(|e| fail(clipcid_plot::drawing_error(&e)))?
                 .label(name.clone())
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2))
@@ -87,8 +88,9 @@ pub fn plot_loss_curves(path: &Path, history: &[StepMetrics]) -> Result<(), Trai
             .border_style(BLACK)
             .label_font(("sans-serif", 14))
             .draw()
-            .map_err(|e| fail(e.to_string()))?;
-        root.present().map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(clipcid_plot::drawing_error(&e)))?;
+        root.present()
+            .map_err(|e| fail(clipcid_plot::drawing_error(&e)))?;
     }
     draft.commit().map_err(fail)
 }

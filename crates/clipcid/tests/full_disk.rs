@@ -132,6 +132,10 @@ fn sweep(
                     "{what}: failed without naming the full disk:\n{text}"
                 ));
             }
+            // In words, not an error's Debug structure (plotters printed `Custom { kind: ..`).
+            if text.contains("Custom {") || text.contains("IoError(") {
+                failures.push(format!("{what}: the error shows its structure:\n{text}"));
+            }
             // The message names the file it could not write, on the small disk.
             if !text.contains(s(disk.path())) {
                 failures.push(format!("{what}: names no file on the disk:\n{text}"));
