@@ -562,15 +562,10 @@ impl Preprocess {
         let path = dir.join("preprocessor_config.json");
         let text = serde_json::to_string_pretty(&self.to_hf_preprocessor_config())
             .map_err(|e| DataError::format(&path, e))?;
-        let tmp = dir.join(".preprocessor_config.json.tmp");
-        let written = std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| DataError::io(&path, e));
-        if written.is_err() {
-            // A failed write (a full disk) leaves no temporary file behind.
-            let _ = std::fs::remove_file(&tmp);
-        }
-        written
+        clipcid_store::io::write_atomic(&path, text.as_bytes()).map_err(|e| match e {
+            clipcid_store::StoreError::File { msg, .. } => DataError::format(&path, msg),
+            other => DataError::format(&path, other),
+        })
     }
 
     /// This preprocessing as open_clip's `preprocess_cfg` (for `open_clip_config.json`).

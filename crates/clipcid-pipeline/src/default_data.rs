@@ -158,14 +158,10 @@ fn write(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     }
-    let tmp = path.with_extension("tmp-write");
-    let written = std::fs::write(&tmp, bytes)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| io(path, e));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
+    clipcid_store::io::write_atomic(path, bytes).map_err(|e| match e {
+        clipcid_store::StoreError::File { msg, .. } => io(path, msg),
+        other => io(path, other),
+    })
 }
 
 fn png(img: &GrayImage) -> Result<Vec<u8>, DataError> {

@@ -195,14 +195,7 @@ pub fn gunzip_text(bytes: &[u8], max_bytes: u64) -> Result<String, String> {
 
 /// Writes bytes to `path` atomically (temp file in the same folder, then rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let tmp = temp_path(path);
-    let res = std::fs::write(&tmp, bytes)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| StoreError::file(path, format!("cannot write: {e}")));
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
+    write_atomic_files(&[(path, bytes)])
 }
 
 /// Writes several files as one unit: each to its temporary name first ([`temp_path`]), and
@@ -328,13 +321,12 @@ pub fn write_folder<T, E: From<StoreError>>(
 /// untouched for [`STALE_STAGING`]. Where `/proc` cannot say which processes run, none is
 /// removed.
 fn remove_stale_staging(dir: &Path) {
-    let proc = Path::new("/proc/self");
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
-    if !proc.exists() {
-        return;
-    }
     for entry in entries.flatten() {
         let name = entry.file_name();
         let pid = name
