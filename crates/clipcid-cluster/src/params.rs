@@ -69,7 +69,8 @@ impl KMeans {
         self
     }
 
-    /// Training uses at most `m * K` points, a seeded sample when there are more.
+    /// Training uses at most `m * K` points, a seeded sample when there are more. `m` must
+    /// be at least 1 ([`KMeans::fit`] refuses 0).
     pub fn max_points_per_centroid(mut self, m: usize) -> Self {
         self.max_points_per_centroid = m;
         self
@@ -143,7 +144,8 @@ impl KMeans {
         rows
     }
 
-    pub(crate) fn check(&self, n: usize, d: usize) -> Result<(), ClusterError> {
+    /// The options alone, before any data is read.
+    pub(crate) fn check_options(&self) -> Result<(), ClusterError> {
         if self.k == 0 {
             return Err(ClusterError::Config("K must be at least 1".into()));
         }
@@ -152,6 +154,18 @@ impl KMeans {
                 "iterations and redo must be at least 1".into(),
             ));
         }
+        if self.max_points_per_centroid == 0 {
+            // It was read as 1: K training points, each its own centroid (objective 0 on
+            // the sample, whatever the data).
+            return Err(ClusterError::Config(
+                "max points per centroid must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn check(&self, n: usize, d: usize) -> Result<(), ClusterError> {
+        self.check_options()?;
         if d == 0 {
             return Err(ClusterError::Config("embedding width is 0".into()));
         }

@@ -137,6 +137,7 @@ impl ShardRows {
 /// ([`KMeans::training_rows`] over the kept rows) into memory, so embeddings larger than
 /// RAM can be clustered.
 pub fn train_from_shards(kmeans: &KMeans, rows: &ShardRows) -> Result<Centroids, ClusterError> {
+    kmeans.check_options()?;
     let kept = rows.kept();
     if kmeans.k() > kept {
         return Err(ClusterError::Config(format!(

@@ -210,6 +210,15 @@ fn bad_inputs_are_clear_errors() {
     assert!(e.contains("non-finite") && e.contains("row 2"), "{e}");
     let e = msg(KMeans::new(0).fit_slice(&x, 4).map(|_| ()));
     assert!(e.contains("at least 1"), "{e}");
+    // 0 was read as 1: K training rows, each its own centroid.
+    let e = msg(KMeans::new(2)
+        .max_points_per_centroid(0)
+        .fit_slice(&x, 4)
+        .map(|_| ()));
+    assert!(
+        e.contains("max points per centroid must be at least 1"),
+        "{e}"
+    );
     // Centroids of another width cannot label these rows.
     let c = KMeans::new(2).train(&x, 4).unwrap();
     let e = msg(c.assign(&x[..10]).map(|_| ()));

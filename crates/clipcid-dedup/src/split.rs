@@ -21,6 +21,9 @@ type OwnedBlock = (usize, Vec<f32>, Vec<f32>, Option<Folded>);
 /// `kind` metadata of a pair file.
 pub const PAIRS_KIND: &str = "clipcid-near-pairs";
 
+/// Metadata key of a pair file's [`PairFile::row_ids`].
+const ROW_IDS_META: &str = "row_ids";
+
 /// One part's near pairs and how they were searched ([`write_pair_file`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PairFile {
@@ -38,6 +41,10 @@ pub struct PairFile {
     pub part: Part,
     /// Provenance of the embeddings searched (metadata `embeddings`).
     pub embeddings: Option<String>,
+    /// The searched rows' dataset ids in order, as [`clipcid_store::row_ids_digest`] gives
+    /// them (metadata `row_ids`); `None` for a file that records none. The pairs name rows
+    /// by position, so the merge must read the same rows in the same order.
+    pub row_ids: Option<String>,
 }
 
 /// The row blocks (of `block` rows) part `part` owns among `tiles` of them. Row block `r`
@@ -152,7 +159,8 @@ pub fn near_pairs_of_part(
 }
 
 /// Writes a pair file atomically: tensors `i`, `j` (u32) and `dist2` (f32); metadata `kind`,
-/// `rows`, `threshold`, `block_size`, `f16`, `part` (`I/N`) and `embeddings` (provenance).
+/// `rows`, `threshold`, `block_size`, `f16`, `part` (`I/N`), `embeddings` (provenance) and
+/// `row_ids` (the rows' ids digest).
 pub fn write_pair_file(path: &Path, file: &PairFile) -> Result<(), DedupError> {
     let cpu = Device::Cpu;
     let p = &file.pairs;
@@ -175,6 +183,9 @@ pub fn write_pair_file(path: &Path, file: &PairFile) -> Result<(), DedupError> {
     .collect();
     if let Some(e) = &file.embeddings {
         meta.insert(clipcid_store::EMBEDDINGS_META.to_string(), e.clone());
+    }
+    if let Some(d) = &file.row_ids {
+        meta.insert(ROW_IDS_META.to_string(), d.clone());
     }
     clipcid_store::io::write_safetensors(path, tensors, &meta)?;
     Ok(())
@@ -241,15 +252,18 @@ pub fn read_pair_file(path: &Path) -> Result<PairFile, DedupError> {
         f16: meta("f16")? == "true",
         part,
         embeddings: header.metadata.get(clipcid_store::EMBEDDINGS_META).cloned(),
+        row_ids: header.metadata.get(ROW_IDS_META).cloned(),
     })
 }
 
 /// Union-find over the pairs of every part and the representatives read from `rows`: the
 /// one-process [`balance`](crate::balance) result. The pair files must be the `N` parts
 /// `0/N .. N-1/N` of one search over these rows (same row count, block size, precision and
-/// recorded embeddings) up to at least `opts.threshold` and every sweep threshold; anything
-/// else is an error naming the file or the missing parts. Memory: the pairs, the `n`
-/// union-find entries, and the rows of one chunk of duplicate sets.
+/// recorded embeddings, and the same rows in the same order where a file records their ids'
+/// digest) up to at least `opts.threshold` and every sweep threshold; anything else is an
+/// error naming the file or the missing parts. Memory: the pairs, the `n` union-find
+/// entries, the rows' ids while their digest is taken, and the rows of one chunk of
+/// duplicate sets.
 pub fn merge_pair_files(
     rows: &RowReader,
     files: &[(PathBuf, PairFile)],
@@ -263,6 +277,8 @@ pub fn merge_pair_files(
     // The parts given, by index: as many entries as files, whatever count a file claims.
     let mut seen = std::collections::HashMap::<u64, &Path>::new();
     let needed = opts.sweep.iter().copied().fold(opts.threshold, f32::max);
+    // Read only when a file records a digest (files written before it was recorded do not).
+    let mut row_ids: Option<String> = None;
     for (path, f) in files {
         let err = |msg: String| DedupError::Config(format!("{}: {msg}", path.display()));
         if f.rows != rows.len() {
@@ -278,6 +294,20 @@ pub fn merge_pair_files(
             f.embeddings.as_deref(),
             rows.layout().provenance.as_deref(),
         )?;
+        if let Some(recorded) = &f.row_ids {
+            let here = match &row_ids {
+                Some(d) => d,
+                None => row_ids.insert(clipcid_store::row_ids_digest(&rows.layout().row_ids()?)),
+            };
+            if recorded != here {
+                return Err(err(
+                    "these pairs were searched over other rows, or over these rows in another \
+                     order (the rows' dataset ids differ); give the merge the --embeddings that \
+                     `balance pairs` searched, in the same order"
+                        .into(),
+                ));
+            }
+        }
         if (f.part.count(), f.block_size, f.f16, f.threshold)
             != (count, first.block_size, first.f16, first.threshold)
         {

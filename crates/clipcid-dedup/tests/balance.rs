@@ -471,6 +471,9 @@ fn three_parts_and_a_merge_give_the_one_process_keep_list_exactly() {
             f16: false,
             part,
             embeddings: None,
+            row_ids: Some(clipcid_store::row_ids_digest(
+                &reader.layout().row_ids().unwrap(),
+            )),
         };
         write_pair_file(&path, &file).unwrap();
         let back = read_pair_file(&path).unwrap();
@@ -547,6 +550,34 @@ fn three_parts_and_a_merge_give_the_one_process_keep_list_exactly() {
         (merged.summary.kept, merged.summary.pairs),
         (one.summary.kept, one.summary.pairs)
     );
+    // The same rows in another order (two shards of 97 rows swapped on the command line)
+    // are refused: the pairs name rows by position, and were merged into other sets.
+    let mut swapped = clipcid_store::list_shards(&emb).unwrap();
+    swapped.swap(0, 1);
+    let other_order = RowReader::open(ShardLayout::open(&swapped).unwrap()).unwrap();
+    assert_eq!(other_order.len(), reader.len());
+    let e = merge_pair_files(&other_order, &files, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("pairs-") && e.contains("in another order"),
+        "{e}"
+    );
+    // A file recording no digest (written before it was recorded) is merged as before.
+    let unrecorded: Vec<_> = files
+        .iter()
+        .map(|(p, f)| {
+            (
+                p.clone(),
+                PairFile {
+                    row_ids: None,
+                    ..f.clone()
+                },
+            )
+        })
+        .collect();
+    let merged = merge_pair_files(&reader, &unrecorded, &opts).unwrap();
+    assert_eq!(merged.keep, one.keep);
     // Missing, repeated or mismatched parts are refused by name.
     let e = merge_pair_files(&reader, &files[1..], &opts)
         .unwrap_err()

@@ -10,8 +10,10 @@ use crate::EvalError;
 pub struct Classification {
     /// Fraction of samples whose top-scoring class is the true one.
     pub top1: f64,
-    /// Fraction of samples whose true class is among the 5 best (among all classes when
-    /// there are fewer than 5).
+    /// Fraction of samples whose true class is among the 5 best; `NaN` when there are
+    /// fewer than 5 classes, as CLIP_benchmark's zero-shot task reports it (every sample
+    /// would count: 100% on 2 classes). Its linear probe tests the largest test label
+    /// (`>= 5`) instead of the class count; `results.json` writes `NaN` as `null`.
     pub top5: f64,
     /// Recall per class averaged over the classes that occur in the truth.
     pub mean_per_class_recall: f64,
@@ -80,7 +82,11 @@ impl Classification {
         let n = truth.len().max(1) as f64;
         Ok(Self {
             top1: hit1 as f64 / n,
-            top5: hit5 as f64 / n,
+            top5: if classes >= 5 {
+                hit5 as f64 / n
+            } else {
+                f64::NAN
+            },
             mean_per_class_recall: present.iter().sum::<f64>() / present.len().max(1) as f64,
             per_class_recall,
             confusion,

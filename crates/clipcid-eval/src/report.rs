@@ -42,7 +42,7 @@ pub struct EvalPlan {
     pub retrieval: Option<PathBuf>,
     /// Teacher agreement: text queries ranked over an image set; needs a teacher model.
     pub agreement: Option<AgreementPlan>,
-    /// Images per forward pass.
+    /// Images per forward pass (at least 1).
     pub batch_size: usize,
 }
 
@@ -275,8 +275,14 @@ fn open(path: &Path) -> Result<Dataset, EvalError> {
     Ok(Dataset::open(path)?)
 }
 
+/// A percentage, or `-` for a figure that does not apply (`NaN`: top-5 of fewer than 5
+/// classes).
 fn pct(v: f64) -> String {
-    format!("{:.1}%", 100.0 * v)
+    if v.is_nan() {
+        "-".into()
+    } else {
+        format!("{:.1}%", 100.0 * v)
+    }
 }
 
 /// Runs `plan` for every model and writes `out/report.md`, `out/results.json`, the plots
@@ -289,6 +295,10 @@ pub fn evaluate(
 ) -> Result<(EvalResults, String), EvalError> {
     if models.is_empty() {
         return Err(EvalError::Input("no models to evaluate".into()));
+    }
+    if plan.batch_size == 0 {
+        // It was read as 1, one image per forward pass; embed refuses 0 too.
+        return Err(EvalError::Input("batch size must be at least 1".into()));
     }
     // A name heads a table row and names its plots and records: two models of one name
     // would share (overwrite) them.
@@ -320,7 +330,7 @@ fn report_into(
 ) -> Result<(EvalResults, String), EvalError> {
     let mut cache = EncodingCache {
         models,
-        batch: plan.batch_size.max(1),
+        batch: plan.batch_size,
         done: HashMap::new(),
     };
     let names: Vec<String> = models.iter().map(|m| m.name.clone()).collect();
@@ -350,6 +360,17 @@ fn report_into(
             .class_names
             .clone()
             .unwrap_or_else(|| class_names_of(&data));
+        if data.classes().len() < 2 {
+            // Every image is "right" among one class: 100% whatever the model (the linear
+            // probe refuses one class too).
+            return Err(EvalError::file(
+                &zs.data,
+                format!(
+                    "zero-shot classification needs at least 2 classes, this set has {}",
+                    data.classes().len()
+                ),
+            ));
+        }
         if classes.len() != data.classes().len() {
             return Err(EvalError::file(
                 &zs.data,

@@ -548,7 +548,8 @@ pub fn textness_study(
         pool_idx.len(),
         real / 2,
         pool.len(),
-        opts.top
+        // A `top` past the pool shows the whole pool; the header said "top 1000" of 64.
+        opts.top.min(pool.len())
     );
         for r in &rows {
             md.push_str(&format!(

@@ -102,7 +102,16 @@ fn classification_metrics_match_a_hand_count() {
     let c = Classification::from_scores(&scores, 3, &[0, 0, 1, 2]).unwrap();
     assert_eq!(c.predictions, vec![0, 1, 2, 2]);
     assert_eq!(c.top1, 0.5);
-    assert_eq!(c.top5, 1.0); // only 3 classes
+    // Only 3 classes: top-5 does not apply (it counted every sample), as in CLIP_benchmark.
+    assert!(c.top5.is_nan());
+    let five: Vec<f32> = [
+        0.9, 0.0, 0.1, 0.0, 0.0, // truth 0 ranks 1st
+        0.1, 0.8, 0.1, 0.0, 0.0, // truth 0 ranks 2nd
+        0.1, 0.2, 0.3, 0.4, 0.9, // truth 0 ranks 5th
+    ]
+    .to_vec();
+    let c5 = Classification::from_scores(&five, 5, &[0, 0, 0]).unwrap();
+    assert_eq!((c5.top1, c5.top5), (1.0 / 3.0, 1.0));
     assert_eq!(c.per_class_recall, vec![0.5, 0.0, 1.0]);
     assert_eq!(c.mean_per_class_recall, 0.5);
     assert_eq!(
@@ -532,7 +541,8 @@ fn textness_study_adds_real_text_images_to_probe_and_pool() {
     let opts = clipcid_eval::TextnessOptions {
         real_text_images: real.into_iter().map(decoded).collect(),
         scales: vec![0.0, 1.0],
-        top: 4,
+        // More than the pool holds: every entry is shown, and the report says how many.
+        top: 20,
         ..clipcid_eval::TextnessOptions::default()
     };
     let dir = tempfile::tempdir().unwrap();
@@ -556,6 +566,12 @@ fn textness_study_adds_real_text_images_to_probe_and_pool() {
         r.markdown
     );
     assert_eq!((r.probe_images, r.pool_images, r.rows.len()), (4, 4, 2));
+    assert!(
+        r.markdown.contains("| text-bearing in top 9 |"),
+        "{}",
+        r.markdown
+    );
+    assert!(r.rows.iter().all(|row| row.top[0].len() == 9));
 }
 
 /// `load_images` keeps what the preprocessing needs: a transparent text image (black

@@ -363,10 +363,20 @@ struct Student {
 pub fn run(opts: &DemoOptions, device: &Device, say: &mut dyn FnMut(&str)) -> Result<DemoReport> {
     let started = std::time::Instant::now();
     let out = &opts.out;
-    let data = data_layout(&opts.data)?;
     if opts.seeds == 0 || opts.student_rows == 0 {
         input_error!("the demo needs at least one seed and one student training row");
     }
+    // Checked here, not when each stage's run config is read: --piccollage-epochs 0 failed
+    // after the teacher, the embedding and two thirds of the ablation had run.
+    if opts.teacher_epochs == 0 || opts.student_epochs == 0 || opts.piccollage_epochs == 0 {
+        input_error!(
+            "--teacher-epochs {}, --student-epochs {}, --piccollage-epochs {}: each must be at least 1",
+            opts.teacher_epochs,
+            opts.student_epochs,
+            opts.piccollage_epochs
+        );
+    }
+    let data = data_layout(&opts.data)?;
     std::fs::create_dir_all(out).map_err(|e| PipelineError::io(out, "create", e))?;
     let mut clock = StageClock::new();
     say("[1/8] choosing the teacher");

@@ -243,6 +243,11 @@ fn read_shard(dir: &Path) {
 fn valid_pair_file() -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pairs.safetensors");
+    std::fs::write(shard_path(dir.path(), 0), valid_shard()).unwrap();
+    let ids = ShardLayout::open(&[dir.path().to_path_buf()])
+        .unwrap()
+        .row_ids()
+        .unwrap();
     let file = clipcid_dedup::PairFile {
         pairs: clipcid_dedup::NearPairs {
             i: vec![0],
@@ -255,6 +260,7 @@ fn valid_pair_file() -> Vec<u8> {
         f16: false,
         part: clipcid_store::Part::new(0, 1).unwrap(),
         embeddings: Some(r#"{"teacher":"aa","data":"dd"}"#.to_string()),
+        row_ids: Some(clipcid_store::row_ids_digest(&ids)),
     };
     clipcid_dedup::write_pair_file(&path, &file).unwrap();
     std::fs::read(&path).unwrap()

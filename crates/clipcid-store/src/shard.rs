@@ -514,6 +514,19 @@ impl ShardLayout {
         self.counts.iter().sum()
     }
 
+    /// The dataset id of every row, in shard order, read from each shard's row index
+    /// ([`RowIndex::read`]; no embedding is read). A shard without an `ids` tensor gives
+    /// its positions `0..n`.
+    pub fn row_ids(&self) -> Result<Vec<i64>, StoreError> {
+        let mut ids = Vec::with_capacity(self.total());
+        for (path, &count) in self.shards.iter().zip(&self.counts) {
+            if count > 0 {
+                ids.extend(RowIndex::read(path)?.ids);
+            }
+        }
+        Ok(ids)
+    }
+
     /// Reads shard `i` and checks that it still has the row count and width its header had
     /// when the layout was opened.
     pub fn read(&self, i: usize) -> Result<EmbeddingShard, StoreError> {
@@ -535,4 +548,24 @@ impl ShardLayout {
         }
         Ok(shard)
     }
+}
+
+/// A digest of rows' dataset ids in order: SHA-256 of the ids as little-endian `i64`, in hex.
+/// Files that refer to rows by position (`balance pairs`'s pair files) record it, so that
+/// rows given in another order, or other rows of the same count, are an error rather than
+/// a silently wrong result.
+///
+/// ```
+/// use clipcid_store::row_ids_digest;
+/// assert_eq!(row_ids_digest(&[1, 2]), row_ids_digest(&[1, 2]));
+/// assert_ne!(row_ids_digest(&[1, 2]), row_ids_digest(&[2, 1]));
+/// assert_eq!(row_ids_digest(&[]).len(), 64);
+/// ```
+pub fn row_ids_digest(ids: &[i64]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for id in ids {
+        h.update(id.to_le_bytes());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -58,6 +58,44 @@ impl LockedTextOptions {
             seed: 0,
         }
     }
+
+    /// Checks the options alone (no file is read): at least one epoch and one image per
+    /// step, a positive finite learning rate, and an image tower whose shape is consistent
+    /// ([`clipcid_models::ClipConfig::validate`]'s rules for the vision side).
+    ///
+    /// ```
+    /// use clipcid_train::LockedTextOptions;
+    /// let mut opts = LockedTextOptions::new("minilm".as_ref(), "shards".as_ref());
+    /// assert!(opts.check().is_ok());
+    /// opts.epochs = 0;
+    /// assert!(opts.check().unwrap_err().to_string().contains("epochs"));
+    /// ```
+    pub fn check(&self) -> Result<(), TrainError> {
+        let bad = |msg: String| Err(TrainError::Config(format!("locked-text teacher: {msg}")));
+        if self.epochs == 0 || self.batch_size == 0 {
+            return bad(format!(
+                "epochs ({}) and batch size ({}) must be at least 1",
+                self.epochs, self.batch_size
+            ));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!(
+                "the learning rate must be positive, got {}",
+                self.lr
+            ));
+        }
+        if self.context_length == 0 {
+            return bad("the context length must be at least 1 token".into());
+        }
+        let shape = clipcid_models::ClipConfig {
+            vision_config: self.vision.clone(),
+            ..clipcid_models::ClipConfig::default()
+        };
+        if let Err(e) = shape.validate() {
+            return bad(format!("image tower: {e}"));
+        }
+        Ok(())
+    }
 }
 
 /// A locked-text teacher folder.
@@ -95,6 +133,7 @@ pub fn build_locked_text_teacher(
     out_dir: &Path,
     device: &Device,
 ) -> Result<LockedTextTeacher, TrainError> {
+    options.check()?;
     let record_path = out_dir.join("teacher.json");
     if out_dir.join("model.safetensors").is_file() && out_dir.join("tokenizer.json").is_file() {
         let same = std::fs::read(&record_path)
@@ -115,6 +154,14 @@ pub fn build_locked_text_teacher(
             "{}: the text tower folder has no tokenizer.json",
             options.text_tower.display()
         )));
+    }
+    // This build replaces whatever the folder held. Its record goes first: a build that
+    // fails part way left the earlier build's record beside this build's weights, and a
+    // later request for the earlier options reused those weights as if they were its own.
+    match std::fs::remove_file(&record_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(TrainError::io(&record_path, "cannot remove", e)),
     }
     let run_dir = out_dir.join("run");
     let init_dir = run_dir.join("init");

@@ -73,6 +73,10 @@ pub struct Trainer {
     out_dir: PathBuf,
     device: Device,
     set: Arc<TrainingSet>,
+    /// Digests of the training rows and their pseudo-labels ([`TrainingSet::ids_digest`],
+    /// [`TrainingSet::labels_digest`]), taken at the first checkpoint save or load (a pass
+    /// over 12 bytes a row).
+    inputs: std::sync::OnceLock<(String, Option<String>)>,
     /// Batches being decoded ahead of the step (`prefetch > 0`).
     prefetch: Option<prefetch::Prefetcher>,
     model: ClipModel,
@@ -398,6 +402,7 @@ impl Trainer {
             out_dir: out_dir.to_path_buf(),
             device: device.clone(),
             set: Arc::new(set),
+            inputs: std::sync::OnceLock::new(),
             prefetch: None,
             model,
             half: None,

@@ -632,6 +632,69 @@ fn resuming_on_another_teachers_embeddings_is_refused() {
     );
 }
 
+/// Inputs rewritten between a stop and its resume (a keep file from another balance
+/// threshold, a cluster file from another k-means) were trained on without a word: the
+/// data order and the labels changed under the run.
+#[test]
+fn resuming_on_other_rows_or_other_pseudo_labels_is_refused() {
+    let fx = fixture(128, 0, 32);
+    let layout = clipcid_store::ShardLayout::open(&[fx.path("emb")]).unwrap();
+    let ids = layout.row_ids().unwrap();
+    let n = ids.len();
+    let keep_path = fx.path("keep.safetensors");
+    // Every row kept, or row 0 a duplicate of row 1.
+    let write_keep = |drop_first: bool| {
+        let keep: Vec<bool> = (0..n).map(|r| !(drop_first && r == 0)).collect();
+        let set_id: Vec<u32> = (0..n as u32)
+            .map(|r| if drop_first { r.saturating_sub(1) } else { r })
+            .collect();
+        let first = u32::from(drop_first);
+        let reps: Vec<u32> = (first..n as u32).collect();
+        clipcid_store::write_keep_file(
+            &keep_path,
+            &keep,
+            &set_id,
+            &reps,
+            &ids,
+            &"summary",
+            layout.provenance.as_deref(),
+        )
+        .unwrap();
+    };
+    let config = || {
+        let mut c = fx.config(FULL);
+        c.data.keep = Some(keep_path.clone());
+        c
+    };
+    write_keep(false);
+    let mut first = Trainer::new(config(), &fx.path("run"), &Device::Cpu).unwrap();
+    first.run(Some(4), false).unwrap();
+    drop(first);
+    let resume = || Trainer::resume(config(), &fx.path("run"), &Device::Cpu);
+    write_keep(true);
+    let e = resume().expect_err("refused").to_string();
+    assert!(
+        e.contains("step-00000004") && e.contains("other rows"),
+        "{e}"
+    );
+    // The same inputs again: resumed.
+    write_keep(false);
+    assert_eq!(resume().unwrap().step_count(), 4);
+    // Another k-means into the same cluster file.
+    let before = clipcid_store::read_clusters(&fx.path("clusters.safetensors")).unwrap();
+    let rows = clipcid_cluster::ShardRows::open(&[fx.path("emb")], None).unwrap();
+    let kmeans = clipcid_cluster::KMeans::new(32).seed(2).iterations(20);
+    let file = clipcid_cluster::cluster_shards(&kmeans, &rows, false).unwrap();
+    clipcid_cluster::write_clusters(&fx.path("clusters.safetensors"), &file).unwrap();
+    let after = clipcid_store::read_clusters(&fx.path("clusters.safetensors")).unwrap();
+    assert_ne!(before.labels, after.labels);
+    let e = resume().expect_err("refused").to_string();
+    assert!(
+        e.contains("other pseudo-labels") && e.contains("clusters.safetensors"),
+        "{e}"
+    );
+}
+
 #[test]
 fn a_run_stopped_while_appending_its_metrics_still_resumes() {
     // A last metrics line cut short (the process killed, or the disk full, mid-append) is

@@ -59,14 +59,21 @@ fn text_tensors(m: &ClipModel) -> Vec<(String, Vec<f32>)> {
     v
 }
 
+/// A BERT text tower and `images` captioned images in `d`, and options for a tiny image
+/// tower trained against them.
+fn tiny_teacher_options(d: &Path, images: usize) -> LockedTextOptions {
+    write_bert(&d.join("bert"));
+    write_images(&d.join("data"), images);
+    let mut opts = LockedTextOptions::new(&d.join("bert"), &d.join("data"));
+    opts.vision = ClipConfig::preset("tiny").unwrap().vision_config;
+    opts
+}
+
 #[test]
 fn locked_text_teacher_trains_only_the_image_tower_and_is_reused() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    write_bert(&d.join("bert"));
-    write_images(&d.join("data"), 64);
-    let mut opts = LockedTextOptions::new(&d.join("bert"), &d.join("data"));
-    opts.vision = ClipConfig::preset("tiny").unwrap().vision_config;
+    let mut opts = tiny_teacher_options(d, 64);
     opts.epochs = 6;
     opts.batch_size = 16;
     opts.lr = 3e-3;
@@ -125,4 +132,52 @@ fn a_text_tower_folder_without_tokenizer_is_a_clear_error() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("no tokenizer.json"), "{err}");
+}
+
+/// A rebuild that fails part way leaves no record: the earlier build's `teacher.json`
+/// stayed beside the failed build's weights, and asking for the earlier options again
+/// "reused" weights trained with other options.
+#[test]
+fn a_failed_rebuild_is_not_reused_as_the_earlier_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut opts = tiny_teacher_options(d, 16);
+    opts.epochs = 1;
+    opts.batch_size = 8;
+    opts.warmup_steps = 1;
+    opts.context_length = 12;
+    let out = d.join("teacher");
+    let first = build_locked_text_teacher(&opts, &out, &Device::Cpu).unwrap();
+    assert!(!first.reused);
+    let weights = std::fs::read(out.join("model.safetensors")).unwrap();
+
+    // Options that cannot be trained are refused before anything is written.
+    let mut bad = opts.clone();
+    bad.batch_size = 0;
+    let e = build_locked_text_teacher(&bad, &out, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("batch size (0)"), "{e}");
+    assert!(out.join("teacher.json").is_file());
+
+    // Another seed, failing after its weights are written (TEACHER.md cannot be replaced:
+    // a folder stands in its place).
+    let mut other = opts.clone();
+    other.seed = 5;
+    std::fs::remove_file(out.join("TEACHER.md")).unwrap();
+    std::fs::create_dir_all(out.join("TEACHER.md/in-the-way")).unwrap();
+    assert!(build_locked_text_teacher(&other, &out, &Device::Cpu).is_err());
+    assert_ne!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        weights
+    );
+    assert!(!out.join("teacher.json").exists());
+    std::fs::remove_dir_all(out.join("TEACHER.md")).unwrap();
+    // The first options are built again, not reused with the other seed's weights.
+    let again = build_locked_text_teacher(&opts, &out, &Device::Cpu).unwrap();
+    assert!(!again.reused);
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        weights
+    );
 }

@@ -255,6 +255,20 @@ fn demo_then_distill_with_stop_and_resume_from_the_command_line() {
     // Without the fetched data: a clear error saying how to get it.
     let (ok, text) = clipcid(&["demo", "--data", s(&data), "--out", s(&out)]);
     assert!(!ok && text.contains("scripts/fetch-data.sh"), "{text}");
+    // An epoch count of 0 is refused before anything runs (--piccollage-epochs 0 failed
+    // after two thirds of the ablation, naming a run config the demo had written).
+    for flag in [
+        "--teacher-epochs",
+        "--student-epochs",
+        "--piccollage-epochs",
+    ] {
+        let (ok, text) = clipcid(&["demo", "--data", s(&data), "--out", s(&out), flag, "0"]);
+        assert!(
+            !ok && text.contains(&format!("{flag} 0")) && text.contains("at least 1"),
+            "{text}"
+        );
+        assert!(!out.exists());
+    }
     clipcid_suite::toy::default_data(&data).unwrap();
     // The whole pipeline at a toy size; no ../shared/teacher beside the temp folder, so the
     // locked-text teacher is built (and reused by a second run).
@@ -449,9 +463,16 @@ fn eval_reads_a_clip_benchmark_set_with_its_class_names_and_templates() {
             serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
         assert_eq!(record["task"], "zeroshot_classification");
         assert_eq!(record["metrics"]["acc1"].as_f64(), acc, "{record}");
-        for key in ["acc5", "mean_per_class_recall"] {
-            assert!(record["metrics"][key].is_f64(), "{record}");
-        }
+        assert!(
+            record["metrics"]["mean_per_class_recall"].is_f64(),
+            "{record}"
+        );
+        // 3 classes: no top-5 (CLIP_benchmark's NaN), written as JSON's null and `-`.
+        assert!(record["metrics"]["acc5"].is_null(), "{record}");
+        assert!(
+            text.contains("| student | ") && text.contains("% | - | "),
+            "{text}"
+        );
     }
     // A wrong shard count names the file: one that is not a number, and one past the shards
     // there (a damaged count of 10^15 listed that many paths before opening any, and filled
@@ -536,6 +557,12 @@ fn eval_textness_and_export_from_the_command_line() {
     }
     std::fs::write(captioned.join("captions.tsv"), tsv).unwrap();
     std::fs::write(d.join("queries.txt"), "red\nsomething blue\n").unwrap();
+    let student = d.join("student.safetensors");
+    let eval_student = |more: &[&str]| {
+        let mut args = vec!["eval", "--model", s(&student)];
+        args.extend(more);
+        clipcid(&args)
+    };
     let report = d.join("report");
     let (ok, text) = clipcid(&[
         "eval",
@@ -660,8 +687,35 @@ fn eval_textness_and_export_from_the_command_line() {
             assert!((a - b).abs() <= 1.0 / 6.0 + 1e-9, "{dir}[{k}]: {a} vs {b}");
         }
     }
-    let (ok, text) = clipcid(&["eval", "--model", s(&d.join("student.safetensors"))]);
+    let (ok, text) = eval_student(&[]);
     assert!(!ok && text.contains("nothing to evaluate"), "{text}");
+    // No images per forward pass is refused (it was read as 1).
+    let (ok, text) = eval_student(&[
+        "--zero-shot",
+        s(&d.join("test")),
+        "--batch-size",
+        "0",
+        "--out",
+        s(&d.join("report-batch0")),
+    ]);
+    assert!(
+        !ok && text.contains("batch size must be at least 1"),
+        "{text}"
+    );
+    assert!(!d.join("report-batch0").exists());
+    // One class: every image is "right" whatever the model.
+    std::fs::create_dir_all(d.join("one-class/red")).unwrap();
+    std::fs::copy(d.join("test/red/0.png"), d.join("one-class/red/0.png")).unwrap();
+    let (ok, text) = eval_student(&[
+        "--zero-shot",
+        s(&d.join("one-class")),
+        "--out",
+        s(&d.join("report-one")),
+    ]);
+    assert!(
+        !ok && text.contains("one-class") && text.contains("at least 2 classes, this set has 1"),
+        "{text}"
+    );
     let (ok, text) = clipcid(&[
         "eval",
         "--model",
@@ -726,19 +780,28 @@ fn eval_textness_and_export_from_the_command_line() {
     assert!(!ok && text.contains("missing.safetensors"), "{text}");
     // The samples are one batch: a count past it is refused (10^10 random-pixel inputs
     // asked for 120 TB and aborted).
-    let (ok, text) = clipcid(&[
-        "export",
-        "--model",
-        s(&d.join("student.safetensors")),
-        "--out",
-        s(&fp16),
-        "--samples",
-        "10000000000",
-    ]);
-    assert!(
-        !ok && text.contains("--samples 10000000000 is more than one batch of 1024"),
-        "{text}"
-    );
+    // ... and so is none (it was read as 1).
+    for (samples, says) in [
+        (
+            "10000000000",
+            "--samples 10000000000 is more than one batch of 1024",
+        ),
+        (
+            "0",
+            "--samples 0: the FP16 error needs at least 1 sample image",
+        ),
+    ] {
+        let (ok, text) = clipcid(&[
+            "export",
+            "--model",
+            s(&d.join("student.safetensors")),
+            "--out",
+            s(&fp16),
+            "--samples",
+            samples,
+        ]);
+        assert!(!ok && text.contains(says), "{text}");
+    }
 }
 
 #[test]

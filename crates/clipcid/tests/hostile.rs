@@ -359,6 +359,38 @@ fn hostile_inputs_end_in_named_errors_or_named_skips() {
         args.extend(more);
         b.case(1, name, &args, Expect::Error(says));
     }
+    // The pairs name rows by position: the same shards in another order (files listed by
+    // hand) were merged into the wrong sets without a word.
+    b.case(
+        1,
+        "balance pairs, the whole search as one part",
+        &[
+            "balance",
+            "pairs",
+            "--embeddings",
+            "emb",
+            "--out",
+            "pairs-all.safetensors",
+            "--quiet",
+        ],
+        Expect::Ok(&["part 0/1"]),
+    );
+    b.case(
+        1,
+        "balance merge over the searched shards in another order",
+        &[
+            "balance",
+            "merge",
+            "--embeddings",
+            "emb/embeddings-00001.safetensors",
+            "emb/embeddings-00000.safetensors",
+            "--pairs",
+            "pairs-all.safetensors",
+            "--out",
+            "m.safetensors",
+        ],
+        Expect::Error(&["pairs-all.safetensors", "in another order"]),
+    );
     b.case(
         1,
         "balance pairs with a part beyond the count",

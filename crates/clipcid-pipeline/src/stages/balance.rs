@@ -136,6 +136,8 @@ pub fn balance_pairs(
         &args.out,
         reader.layout().shards.iter().map(PathBuf::as_path),
     )?;
+    // Read before the search, which can take hours: the merge checks its rows against it.
+    let row_ids = clipcid_store::row_ids_digest(&reader.layout().row_ids()?);
     let block = args.block_size.max(1);
     let tiles = reader.len().div_ceil(block);
     let mine = clipcid_dedup::part_row_blocks(tiles, part);
@@ -160,6 +162,7 @@ pub fn balance_pairs(
         f16: args.f16,
         part,
         embeddings: reader.layout().provenance.clone(),
+        row_ids: Some(row_ids),
     };
     clipcid_dedup::write_pair_file(&args.out, &file)?;
     Ok(PairsOutcome {
@@ -207,13 +210,9 @@ pub fn balance_merge(args: &BalanceMergeArgs) -> Result<BalanceOutcome, Pipeline
             .chain(&args.pairs)
             .map(PathBuf::as_path),
     )?;
-    // Ids only: the shards' embeddings are read by the merge itself, a chunk of sets at a time.
-    let mut ids = Vec::with_capacity(layout.total());
-    for (path, &count) in layout.shards.iter().zip(&layout.counts) {
-        if count > 0 {
-            ids.extend(clipcid_store::RowIndex::read(path)?.ids);
-        }
-    }
+    // Ids only: the shards' embeddings are read by the merge itself, a chunk of sets at a
+    // time. (The merge reads the ids once more for their digest: 8 bytes a row.)
+    let ids = layout.row_ids()?;
     let shards = layout.shards.len();
     let provenance = layout.provenance.clone();
     let reader = clipcid_store::RowReader::open(layout)?;

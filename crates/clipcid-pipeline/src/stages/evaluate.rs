@@ -440,6 +440,10 @@ pub fn export(args: &ExportArgs, device: &Device) -> Result<ExportOutcome, Pipel
     // The samples are one batch (and, without --sample, one tensor of random pixels): a
     // count past any batch asked for terabytes before the model was read.
     const MAX_SAMPLES: usize = 1024;
+    if args.samples == 0 {
+        // It was read as 1; the doc says 1 to 1024.
+        input_error!("--samples 0: the FP16 error needs at least 1 sample image");
+    }
     if args.samples > MAX_SAMPLES {
         input_error!(
             "--samples {} is more than one batch of {MAX_SAMPLES} images (the FP16 error settles on far fewer)",
@@ -462,7 +466,7 @@ pub fn export(args: &ExportArgs, device: &Device) -> Result<ExportOutcome, Pipel
             let mut it = BatchIter::new(
                 ds.samples()?,
                 preprocess.clone(),
-                args.samples.max(1),
+                args.samples,
                 device.clone(),
             );
             let b = it
@@ -472,7 +476,7 @@ pub fn export(args: &ExportArgs, device: &Device) -> Result<ExportOutcome, Pipel
             (b.pixels, format!("{n} images of {}", data.display()))
         }
         None => {
-            let n = args.samples.max(1);
+            let n = args.samples;
             let px = Tensor::randn(0f32, 1.0, (n, 3, size, size), device)?;
             (
                 px,

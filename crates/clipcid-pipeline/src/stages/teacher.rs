@@ -7,7 +7,7 @@ use candle_core::{DType, Device};
 use clipcid_models::{ClipConfig, ClipModel, ClipTokenizer};
 use clipcid_train::{LockedTextOptions, LockedTextTeacher};
 
-use crate::PipelineError;
+use crate::{input_error, PipelineError};
 
 /// Options of [`lit_teacher`] (the `clipcid teacher lit` arguments).
 #[derive(Debug, Clone, PartialEq, clap::Args)]
@@ -44,6 +44,27 @@ pub struct LitArgs {
 /// Builds (or reuses, when `args.out` holds one built with the same options) a locked-text
 /// teacher: the frozen BERT text tower and a ViT trained against it with the CLIP loss.
 pub fn lit_teacher(args: &LitArgs, device: &Device) -> Result<LockedTextTeacher, PipelineError> {
+    // The flags are checked by their names before anything is read or written: a bad one
+    // was reported against the text tower's config.json or against the run TOML this
+    // builder writes, after the folder's earlier run config had been replaced.
+    if args.epochs == 0 || args.batch_size == 0 || args.layers == 0 {
+        input_error!(
+            "--epochs {}, --batch-size {}, --layers {}: each must be at least 1",
+            args.epochs,
+            args.batch_size,
+            args.layers
+        );
+    }
+    if !(args.lr.is_finite() && args.lr > 0.0) {
+        input_error!("--lr {}: the learning rate must be positive", args.lr);
+    }
+    if args.width == 0 || (args.width > 32 && !args.width.is_multiple_of(32)) {
+        input_error!(
+            "--width {}: the image tower has width / 32 attention heads, so its width must be \
+             a multiple of 32 (or from 1 to 32, one head)",
+            args.width
+        );
+    }
     let mut opts = LockedTextOptions::new(&args.text_tower, &args.data);
     opts.epochs = args.epochs;
     opts.batch_size = args.batch_size;

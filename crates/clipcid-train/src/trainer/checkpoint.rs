@@ -26,6 +26,13 @@ struct TrainerState {
     /// Ranks of a data-parallel run (absent: 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     world_size: Option<usize>,
+    /// Digest of the training rows ([`TrainingSet::ids_digest`](crate::TrainingSet::ids_digest));
+    /// absent in older checkpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rows: Option<String>,
+    /// Digest of their pseudo-labels, in a run with a cluster file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    labels: Option<String>,
 }
 
 impl Trainer {
@@ -33,7 +40,8 @@ impl Trainer {
     /// `checkpoints/latest`): weights, optimiser moments, cluster centres, step and sampler
     /// position. Metrics after that step are dropped from `metrics.jsonl`. A config that
     /// changes the data order (batch size, accumulation, seed, epochs) or the rows
-    /// (`data.subset`, `subset_seed`) is refused.
+    /// (`data.subset`, `subset_seed`) is refused, and so are inputs rewritten since the
+    /// checkpoint: other rows (a new keep file) or other pseudo-labels (a new cluster file).
     pub fn resume(
         config: DistillConfig,
         out_dir: &Path,
@@ -130,6 +138,30 @@ impl Trainer {
                 "{}: the checkpoint was trained on {then_rows}, this config says {now_rows}; resuming would not continue the same run",
                 dir.display()
             )));
+        }
+        // The rows and labels themselves: a keep file, dataset or cluster file rewritten
+        // since the checkpoint (another balance threshold, another k-means) trained on
+        // without a word.
+        let (rows_now, labels_now) = self.input_digests();
+        if state.rows.as_ref().is_some_and(|then| then != rows_now) {
+            return Err(TrainError::Config(format!(
+                "{}: the checkpoint was trained on other rows than this config gives now (the keep file, the dataset or its captions changed since); resuming would not continue the same run",
+                dir.display()
+            )));
+        }
+        if let (Some(then), Some(now)) = (&state.labels, labels_now) {
+            if then != now {
+                return Err(TrainError::Config(format!(
+                    "{}: the checkpoint was trained with other pseudo-labels than `{}` gives now (the cluster file was remade since); resuming would not continue the same run",
+                    dir.display(),
+                    self.config
+                        .data
+                        .clusters
+                        .as_deref()
+                        .unwrap_or(Path::new(""))
+                        .display()
+                )));
+            }
         }
         let (then, now) = (state.world_size.unwrap_or(1), self.collective.world_size());
         if then != now {
@@ -231,6 +263,14 @@ impl Trainer {
         Ok(dir)
     }
 
+    /// The digests of the training rows and of their pseudo-labels, taken once.
+    fn input_digests(&self) -> (&str, Option<&str>) {
+        let (rows, labels) = self
+            .inputs
+            .get_or_init(|| (self.set.ids_digest(), self.set.labels_digest()));
+        (rows, labels.as_deref())
+    }
+
     /// The files of a checkpoint (weights, optimiser state, sampler position, config) in `tmp`.
     fn write_checkpoint_files(&self, tmp: &Path) -> Result<(), TrainError> {
         std::fs::create_dir_all(tmp)
@@ -252,6 +292,8 @@ impl Trainer {
             config: toml::to_string(&self.config)
                 .map_err(|e| TrainError::Config(format!("cannot serialise the config: {e}")))?,
             embeddings: self.set.provenance().map(str::to_string),
+            rows: Some(self.input_digests().0.to_string()),
+            labels: self.input_digests().1.map(str::to_string),
         };
         let meta: HashMap<String, String> = [(
             "state".to_string(),
