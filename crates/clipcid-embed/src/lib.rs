@@ -273,10 +273,17 @@ pub fn embed_dataset(
                 EmbedError::Config(format!("{}: cannot remove: {e}", old.display()))
             })?;
         } else {
+            // The teacher's fingerprint is of its weights as loaded: the same checkpoint at
+            // another `--precision` differs too, and "different teacher" alone misled.
+            let hint = if differs.contains(&"teacher") {
+                " (the teacher's weights as loaded: the same checkpoint at another --precision counts as another teacher)"
+            } else {
+                ""
+            };
             return Err(EmbedError::Shard {
                 path: old,
                 msg: format!(
-                    "written by another run (different {}); embed into another folder, or pass --overwrite to replace it",
+                    "written by another run (different {}){hint}; embed into another folder, or pass --overwrite to replace it",
                     differs.join(", ")
                 ),
             });

@@ -209,6 +209,16 @@ fn rerun_resumes_complete_shards_and_redoes_damaged_ones() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("different teacher"), "{e}");
+    // The same teacher in bf16 (`--precision bf16` on a re-run) is another teacher, and the
+    // message says why.
+    let bf16 = model.cast(candle_core::DType::BF16).unwrap();
+    let e = embed_dataset(&bf16, Some(&tok), &ds, &out, &opts(2, 3))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("different teacher") && e.contains("another --precision"),
+        "{e}"
+    );
     let other_dir = dir.path().join("other-data");
     std::fs::create_dir_all(&other_dir).unwrap();
     let ds2 = shard(&other_dir, 6, None);

@@ -10,7 +10,7 @@ use clipcid_data::{Dataset, Preprocess};
 use clipcid_models::{ClipModel, ClipTokenizer};
 use serde::Serialize;
 
-use crate::features::{encode_dataset, encode_texts, EncodedImages};
+use crate::features::{encode_dataset, encode_texts, EncodedImages, Features};
 use crate::{
     linear_probe, plot_confusion, plot_per_class_recall, Agreement, Classification, EvalError,
     LabelledFeatures, ProbeOptions, Retrieval, Templates, ZeroShotClassifier,
@@ -38,7 +38,8 @@ pub struct EvalPlan {
     pub zero_shot: Option<ZeroShotPlan>,
     /// Linear probe: a labelled train set and a labelled test set (same classes).
     pub linear_probe: Option<(PathBuf, PathBuf, ProbeOptions)>,
-    /// Retrieval on a captioned set (one caption per image).
+    /// Retrieval on a captioned set: each image with all its captions (the lines of its
+    /// caption; in a captions file, every line that names it).
     pub retrieval: Option<PathBuf>,
     /// Teacher agreement: text queries ranked over an image set; needs a teacher model.
     pub agreement: Option<AgreementPlan>,
@@ -190,23 +191,41 @@ impl EvalResults {
     }
 }
 
-/// Every caption of every image, and the image each belongs to: a sample's caption holds one
-/// caption per line (COCO and Flickr30k have five per image; CLIP_benchmark's retrieval
-/// sets and a WebDataset `.txt` member can hold several), blank lines skipped.
+/// The captions of a retrieval set: every caption, the image each belongs to, and the sample
+/// row of each image. A sample's caption holds one caption per line (COCO and Flickr30k have
+/// five per image; CLIP_benchmark's retrieval sets and a WebDataset `.txt` member can hold
+/// several), blank lines skipped. With `by_key` (a captions file, whose key is the image's
+/// path), samples of one key are one image with all their captions: such a file lists an
+/// image once per caption, as Flickr30k's and COCO's own caption files do, and each line
+/// was counted as an image of its own, the copies' identical features tying in every
+/// ranking.
 fn captions_per_image(
     captions: &[Option<String>],
     keys: &[String],
+    by_key: bool,
     what: &Path,
-) -> Result<(Vec<String>, Vec<usize>), EvalError> {
-    let (mut texts, mut owner) = (Vec::new(), Vec::new());
+) -> Result<RetrievalCaptions, EvalError> {
+    let (mut texts, mut owner, mut image_rows) = (Vec::new(), Vec::new(), Vec::new());
+    let mut image_of_key: HashMap<&str, usize> = HashMap::new();
     for (row, (caption, key)) in captions.iter().zip(keys).enumerate() {
         let caption = caption
             .as_deref()
             .ok_or_else(|| EvalError::file(what, format!("sample `{key}` has no caption")))?;
+        let new_image = |rows: &mut Vec<usize>| {
+            rows.push(row);
+            rows.len() - 1
+        };
+        let image = if by_key {
+            *image_of_key
+                .entry(key.as_str())
+                .or_insert_with(|| new_image(&mut image_rows))
+        } else {
+            new_image(&mut image_rows)
+        };
         let before = texts.len();
         for line in caption.lines().map(str::trim).filter(|l| !l.is_empty()) {
             texts.push(line.to_string());
-            owner.push(row);
+            owner.push(image);
         }
         if texts.len() == before {
             return Err(EvalError::file(
@@ -215,7 +234,22 @@ fn captions_per_image(
             ));
         }
     }
-    Ok((texts, owner))
+    Ok(RetrievalCaptions {
+        texts,
+        owner,
+        image_rows,
+    })
+}
+
+/// What [`captions_per_image`] found.
+#[derive(Debug)]
+struct RetrievalCaptions {
+    /// Every caption.
+    texts: Vec<String>,
+    /// The image of each caption (an index into `image_rows`).
+    owner: Vec<usize>,
+    /// The sample row of each image.
+    image_rows: Vec<usize>,
 }
 
 /// The class of every sample of `what`, each checked against the `classes` it has: a missing
@@ -525,15 +559,31 @@ fn report_into(
     if let Some(path) = &plan.retrieval {
         let ks = [1, 5, 10];
         let (mut images, mut texts) = (0, 0);
+        let by_key = matches!(open(path)?.source(), clipcid_data::Source::Captioned { .. });
         for (i, m) in models.iter().enumerate() {
             let enc = cache.get(i, path)?;
-            let (captions, owner) = captions_per_image(&enc.captions, &enc.keys, path)?;
+            let RetrievalCaptions {
+                texts: captions,
+                owner,
+                image_rows,
+            } = captions_per_image(&enc.captions, &enc.keys, by_key, path)?;
             let text = encode_texts(&m.model, &m.tokenizer, &captions, 256)?;
-            let sim = enc.features.similarity(&text)?;
-            (images, texts) = (enc.keys.len(), captions.len());
+            let sim = if image_rows.len() == enc.features.rows() {
+                enc.features.similarity(&text)?
+            } else {
+                let dim = enc.features.dim;
+                let data = image_rows
+                    .iter()
+                    .flat_map(|&r| enc.features.row(r).iter().copied())
+                    .collect();
+                Features { data, dim }.similarity(&text)?
+            };
+            (images, texts) = (image_rows.len(), captions.len());
+            // The image count (the caption count here made every set with more captions
+            // than images an error: "a 8 x 8 similarity matrix needs 64 values, got 32").
             res.retrieval.push(Retrieval::from_similarity(
                 &sim,
-                captions.len(),
+                image_rows.len(),
                 &owner,
                 &ks,
             )?);
@@ -644,17 +694,22 @@ mod tests {
         let captions = vec![
             Some("a dog\n\n  a brown dog \n".to_string()),
             Some("a cat".to_string()),
+            Some("a dog asleep".to_string()),
         ];
-        let keys = vec!["a".to_string(), "b".to_string()];
-        let (texts, owner) = captions_per_image(&captions, &keys, Path::new("set")).unwrap();
-        assert_eq!(texts, ["a dog", "a brown dog", "a cat"]);
-        assert_eq!(owner, [0, 0, 1]);
+        let keys = vec!["a".to_string(), "b".to_string(), "a".to_string()];
+        // Samples are images (WebDataset keys are distinct samples)...
+        let r = captions_per_image(&captions, &keys, false, Path::new("set")).unwrap();
+        assert_eq!(r.texts, ["a dog", "a brown dog", "a cat", "a dog asleep"]);
+        assert_eq!((r.owner, r.image_rows), (vec![0, 0, 1, 2], vec![0, 1, 2]));
+        // ... or, in a captions file, one key is one image.
+        let r = captions_per_image(&captions, &keys, true, Path::new("set")).unwrap();
+        assert_eq!((r.owner, r.image_rows), (vec![0, 0, 1, 0], vec![0, 1]));
         let empty = vec![Some(" \n".to_string())];
-        let e = captions_per_image(&empty, &keys[..1], Path::new("set"))
+        let e = captions_per_image(&empty, &keys[..1], false, Path::new("set"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("`a` has an empty caption"), "{e}");
-        let e = captions_per_image(&[None], &keys[..1], Path::new("set"))
+        let e = captions_per_image(&[None], &keys[..1], false, Path::new("set"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("`a` has no caption"), "{e}");

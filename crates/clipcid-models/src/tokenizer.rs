@@ -255,6 +255,15 @@ impl ClipTokenizer {
                     .ok_or_else(|| ModelError::file(path, format!("merge line `{l}` is not `a b`")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if merges.is_empty() {
+            // A one-line file (any text, once gunzipped) gave the byte-level tokenizer, which
+            // no pretrained CLIP's vocabulary matches.
+            return Err(ModelError::file(
+                path,
+                "no merges after the first (version) line: not a CLIP BPE vocabulary such as \
+                 bpe_simple_vocab_16e6.txt.gz",
+            ));
+        }
         Self::from_merges(&merges, context_length).map_err(|e| ModelError::file(path, e))
     }
 

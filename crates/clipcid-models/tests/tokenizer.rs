@@ -230,6 +230,27 @@ fn a_vocabulary_gzip_that_inflates_past_64_mib_is_refused() {
     );
 }
 
+/// A file of one line (a version header, or any text gunzipped) held no merges and gave the
+/// byte-level tokenizer of 514 tokens, silently: no pretrained CLIP's vocabulary.
+#[test]
+fn a_vocabulary_without_merges_is_refused() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vocab.txt.gz");
+    for text in ["garbage", "#version: 0.2\n", ""] {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(text.as_bytes()).unwrap();
+        std::fs::write(&path, gz.finish().unwrap()).unwrap();
+        let e = ClipTokenizer::from_bpe_vocab(&path, 77)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("vocab.txt.gz") && e.contains("no merges"),
+            "{text:?}: {e}"
+        );
+    }
+}
+
 fn flate2_lines(path: &Path) -> String {
     use std::io::Read;
     let raw = std::fs::read(path).unwrap();

@@ -416,20 +416,28 @@ fn labelled_set(root: &Path, n: u8, offset: u8) {
     }
 }
 
-#[test]
-fn eval_reads_a_clip_benchmark_set_with_its_class_names_and_templates() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+/// A random `tiny` model (`student.safetensors`, of `seed`) and the byte-level
+/// `tokenizer.json` in `d`, written by the command line.
+fn tiny_student_and_tokenizer(d: &Path, seed: &str) {
     let (ok, out) = clipcid(&[
         "init-model",
         "--preset",
         "tiny",
+        "--seed",
+        seed,
         "--out",
         s(&d.join("student.safetensors")),
     ]);
     assert!(ok, "{out}");
     let (ok, out) = clipcid(&["tokenizer", "--out", s(&d.join("tokenizer.json"))]);
     assert!(ok, "{out}");
+}
+
+#[test]
+fn eval_reads_a_clip_benchmark_set_with_its_class_names_and_templates() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    tiny_student_and_tokenizer(d, "0");
     let set = d.join("wds_colours");
     let n = clipcid_suite::write_clip_benchmark_set(&set, 4).unwrap();
     let student = d.join("student.safetensors");
@@ -933,4 +941,73 @@ fn init_model_writes_piccollages_student_with_the_teachers_text_tower() {
         s(&d.join("x")),
     ]);
     assert!(!ok && text.contains("nope.safetensors"), "{text}");
+}
+
+/// Retrieval over images with several captions each, in the two ways a set holds them: a
+/// WebDataset sample whose `.txt` has one caption per line, and a captions file that lists
+/// an image once per caption (as Flickr30k's and COCO's files do). Both are 3 images with 6
+/// captions and give the same recalls. The first was an error ("a 6 x 6 similarity matrix
+/// needs 36 values, got 18"), the second counted 6 images, whose copies tied in every
+/// ranking.
+#[test]
+fn retrieval_counts_each_image_once_with_all_its_captions() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    tiny_student_and_tokenizer(d, "4");
+    let captions = |i: usize| {
+        [
+            format!("a square of colour {i}"),
+            format!("tint number {i}"),
+        ]
+    };
+    let png = |i: usize| {
+        let img = image::RgbImage::from_fn(32, 32, |x, y| {
+            image::Rgb([(i * 90) as u8, (x * 8) as u8, (y * 8) as u8])
+        });
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut bytes, image::ImageFormat::Png).unwrap();
+        bytes.into_inner()
+    };
+    let wds = d.join("wds");
+    std::fs::create_dir_all(&wds).unwrap();
+    let mut tar = tar::Builder::new(std::fs::File::create(wds.join("shard-000000.tar")).unwrap());
+    let files = d.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let mut tsv = String::new();
+    for i in 0..3 {
+        let [a, b] = captions(i);
+        for (ext, bytes) in [("png", png(i)), ("txt", format!("{a}\n{b}\n").into_bytes())] {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            tar.append_data(&mut header, format!("s{i:04}.{ext}"), bytes.as_slice())
+                .unwrap();
+        }
+        std::fs::write(files.join(format!("{i}.png")), png(i)).unwrap();
+        tsv.push_str(&format!("{i}.png\t{a}\n{i}.png\t{b}\n"));
+    }
+    tar.finish().unwrap();
+    std::fs::write(files.join("captions.tsv"), tsv).unwrap();
+    let recalls = |set: &Path, report: &str| {
+        let (ok, text) = clipcid(&[
+            "eval",
+            "--model",
+            s(&d.join("student.safetensors")),
+            "--tokenizer",
+            s(&d.join("tokenizer.json")),
+            "--retrieval",
+            s(set),
+            "--out",
+            s(&d.join(report)),
+        ]);
+        assert!(ok && text.contains("(3 images, 6 captions)"), "{text}");
+        let results: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.join(report).join("results.json")).unwrap())
+                .unwrap();
+        results["retrieval"][0].clone()
+    };
+    let from_wds = recalls(&wds, "report-wds");
+    let from_file = recalls(&files.join("captions.tsv"), "report-file");
+    assert_eq!(from_wds, from_file);
 }

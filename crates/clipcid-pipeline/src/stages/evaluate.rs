@@ -68,7 +68,9 @@ pub struct EvalArgs {
     /// split).
     #[arg(long, default_value_t = 0.2)]
     pub probe_validation: f64,
-    /// Captioned set (one caption per image) for image-text retrieval.
+    /// Captioned set for image-text retrieval: one caption per line of a sample's caption
+    /// (a WebDataset `.txt` may hold several), or a captions file that lists an image once
+    /// per caption; each image counts once, with all its captions.
     #[arg(long)]
     pub retrieval: Option<PathBuf>,
     /// Text queries, one per line, for teacher agreement (mAP@10..20); needs --teacher.
