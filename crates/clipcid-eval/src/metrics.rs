@@ -190,9 +190,11 @@ impl Retrieval {
 
 /// Average precision of `ranking`'s first `n` results against the relevant set `relevant`
 /// (PicCollage's teacher-agreement measure with `relevant` = the teacher's top `n`):
-/// `AP@n = (1/n) * sum_{k <= n, ranking[k] relevant} precision@k`. Identical top-`n`
-/// lists give 1, disjoint ones 0; the normaliser is `n` (every relevant item could have
-/// been ranked in the first `n`).
+/// `AP@n = (1/m) * sum_{k <= n, ranking[k] relevant} precision@k` with
+/// `m = min(n, |relevant|)`, the relevant items that fit in the first `n` (the usual
+/// `apk`). Identical top-`n` lists give 1, disjoint ones 0, also when fewer than `n` items
+/// exist: with `m = n`, a search pool of 8 images capped a perfect student at 0.8 at
+/// N = 10 and 0.4 at N = 20.
 ///
 /// ```
 /// use clipcid_eval::average_precision_at_n;
@@ -201,12 +203,17 @@ impl Retrieval {
 /// // Hits at ranks 1 and 3: (1/1 + 2/3) / 3.
 /// let ap = average_precision_at_n(&[1, 9, 2], &[1, 2, 3], 3);
 /// assert!((ap - (1.0 + 2.0 / 3.0) / 3.0).abs() < 1e-12);
+/// // Only 2 items to rank at n = 5: the same 2 in any order are full agreement.
+/// assert_eq!(average_precision_at_n(&[7, 3], &[3, 7], 5), 1.0);
 /// ```
 pub fn average_precision_at_n(ranking: &[usize], relevant: &[usize], n: usize) -> f64 {
     if n == 0 {
         return 0.0;
     }
     let relevant = &relevant[..relevant.len().min(n)];
+    if relevant.is_empty() {
+        return 0.0;
+    }
     let mut hits = 0usize;
     let mut sum = 0.0;
     for (k, item) in ranking.iter().take(n).enumerate() {
@@ -215,7 +222,7 @@ pub fn average_precision_at_n(ranking: &[usize], relevant: &[usize], n: usize) -
             sum += hits as f64 / (k + 1) as f64;
         }
     }
-    sum / n as f64
+    sum / relevant.len() as f64
 }
 
 /// Teacher-student agreement over text queries (PicCollage): for each N, the mean over

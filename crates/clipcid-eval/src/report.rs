@@ -633,11 +633,16 @@ fn report_into(
         let images = encoded[t].features.rows();
         let _ = writeln!(
             md,
-            "## Agreement with the teacher\n\n{} text queries over {} images of {}: mean average precision of each model's top-N against {}'s top-N (PicCollage's measure), and the mean cosine between the two models' embeddings of the same image.\n",
+            "## Agreement with the teacher\n\n{} text queries over {} images of {}: mean average precision of each model's top-N against {}'s top-N (PicCollage's measure), and the mean cosine between the two models' embeddings of the same image.{}\n",
             ag.queries.len(),
             images,
             ag.images.display(),
-            ag.teacher
+            ag.teacher,
+            if ag.ns.iter().any(|&n| n > images) {
+                format!(" An N above the {images} images ranks all of them.")
+            } else {
+                String::new()
+            }
         );
         let header: Vec<String> = ag.ns.iter().map(|n| format!("mAP@{n}")).collect();
         let _ = writeln!(

@@ -377,6 +377,11 @@ fn average_precision_identical_disjoint_and_partial() {
     let neg: Vec<f32> = sim.iter().map(|v| -v).collect();
     let a = Agreement::from_similarity(&sim, &neg, 50, 10..=20).unwrap();
     assert_eq!(a.mean_map, 0.0);
+    // Over 8 images, N = 10..20 ranks the whole pool: a model agrees fully with itself
+    // (it scored 8/N, from 0.8 down to 0.4).
+    let small: Vec<f32> = (0..3 * 8).map(|_| rng.random()).collect();
+    let a = Agreement::from_similarity(&small, &small, 8, 10..=20).unwrap();
+    assert!(a.map_at_n.iter().all(|&(_, m)| m == 1.0), "{a:?}");
 }
 
 #[test]
