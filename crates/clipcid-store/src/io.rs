@@ -511,11 +511,53 @@ fn check_entry(name: &str, info: &TensorInfo) -> Result<(), String> {
 }
 
 /// Loads every tensor of a safetensors file onto the CPU, with the file named in any error.
+/// A `U64` tensor (ids as numpy and other tools write them; candle has no unsigned 64-bit
+/// type, and refused the whole file) is read as `I64`; a value past `i64::MAX` is an error
+/// naming the tensor.
 pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>, StoreError> {
+    use candle_core::safetensors::Load;
     let bytes =
         std::fs::read(path).map_err(|e| StoreError::file(path, format!("cannot read: {e}")))?;
-    candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-        .map_err(|e| StoreError::file(path, format!("not a valid safetensors file: {e}")))
+    let invalid = |e: &dyn std::fmt::Display| {
+        StoreError::file(path, format!("not a valid safetensors file: {e}"))
+    };
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| invalid(&e))?;
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let t = if view.dtype() == safetensors::Dtype::U64 {
+                u64_as_i64(path, &name, view.data(), view.shape())?
+            } else {
+                view.load(&Device::Cpu).map_err(|e| invalid(&e))?
+            };
+            Ok((name, t))
+        })
+        .collect()
+}
+
+/// Little-endian `u64` values (`data`, of `shape`) as an `I64` tensor; a value past
+/// `i64::MAX` is an error naming the tensor `name` of the file `path`.
+pub(crate) fn u64_as_i64(
+    path: &Path,
+    name: &str,
+    data: &[u8],
+    shape: &[usize],
+) -> Result<Tensor, StoreError> {
+    let values = data
+        .chunks_exact(8)
+        .map(|b| {
+            let mut le = [0u8; 8];
+            le.copy_from_slice(b);
+            let v = u64::from_le_bytes(le);
+            i64::try_from(v).map_err(|_| {
+                StoreError::file(
+                    path,
+                    format!("`{name}` holds {v}, past the largest id clipcid keeps (2^63 - 1)"),
+                )
+            })
+        })
+        .collect::<Result<Vec<i64>, _>>()?;
+    Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
 }
 
 /// Name of the lock file a writing run holds in its output folder.

@@ -52,5 +52,5 @@ pub use provenance::{check_same_embeddings, differing_fields, EMBEDDINGS_META};
 pub use rows::{unit_rows, RowReader};
 pub use shard::{
     expand_shard_inputs, first_duplicate, list_shards, row_ids_digest, shard_index, shard_path,
-    EmbeddingShard, RowIndex, ShardLayout, SHARD_KIND,
+    sidecar_ids_path, EmbeddingShard, RowIndex, ShardLayout, SHARD_KIND,
 };

@@ -91,7 +91,9 @@ pub struct EmbeddingShard {
 
 impl EmbeddingShard {
     /// Reads a shard written by `clipcid_embed::embed_dataset`, or any safetensors file with an
-    /// `image` `[n, D]` tensor (then ids are `0..n` and keys their decimal strings).
+    /// `image` `[n, D]` tensor. Its ids are its `ids` tensor (I64, or U64 as other tools
+    /// write it), else the lines of its sidecar ([`sidecar_ids_path`]), else `0..n`; keys
+    /// are the ids' decimal strings unless the metadata lists them.
     /// Mismatched row counts or widths are errors naming the file.
     pub fn read(path: &Path) -> Result<Self, StoreError> {
         let bad = |msg: String| StoreError::File {
@@ -251,6 +253,12 @@ impl RowIndex {
             let Some(info) = header.tensors.get(name) else {
                 return Ok(None);
             };
+            let [a, b] = info.data_offsets;
+            if info.dtype == "U64" {
+                let mut bytes = vec![0u8; b - a];
+                crate::rows::read_at(path, header.data_start + a as u64, &mut bytes)?;
+                return crate::io::u64_as_i64(path, name, &bytes, &info.shape).map(Some);
+            }
             let dtype = match info.dtype.as_str() {
                 "I64" => DType::I64,
                 "U8" | "BOOL" => DType::U8,
@@ -262,7 +270,6 @@ impl RowIndex {
                     ))
                 }
             };
-            let [a, b] = info.data_offsets;
             let mut bytes = vec![0u8; b - a];
             crate::rows::read_at(path, header.data_start + a as u64, &mut bytes)?;
             Ok(Some(Tensor::from_raw_buffer(
@@ -316,7 +323,10 @@ impl RowIndex {
         };
         let ids: Vec<i64> = match ids {
             Some(x) => crate::io::integer_vector(path, "ids", x, DType::I64)?.to_vec1()?,
-            None => (0..n as i64).collect(),
+            None => match sidecar_ids(path, n)? {
+                Some(ids) => ids,
+                None => (0..n as i64).collect(),
+            },
         };
         let keys: Vec<String> = match header.metadata.get("keys") {
             Some(k) => {
@@ -548,6 +558,51 @@ impl ShardLayout {
         }
         Ok(shard)
     }
+}
+
+/// The sidecar ids file of a shard without an `ids` tensor: `embeddings-00000.ids.txt`
+/// beside `embeddings-00000.safetensors`, one whole number per line (blank lines skipped),
+/// as many as the shard has rows. `None` when there is none.
+fn sidecar_ids(shard: &Path, n: usize) -> Result<Option<Vec<i64>>, StoreError> {
+    let path = sidecar_ids_path(shard);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(StoreError::file(&path, format!("cannot read: {e}"))),
+    };
+    let ids = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            l.trim().parse::<i64>().map_err(|_| {
+                StoreError::file(
+                    &path,
+                    format!("line {}: `{}` is not a whole number", i + 1, l.trim()),
+                )
+            })
+        })
+        .collect::<Result<Vec<i64>, _>>()?;
+    if ids.len() != n {
+        return Err(StoreError::file(
+            &path,
+            format!("{} ids for the {n} rows of {}", ids.len(), shard.display()),
+        ));
+    }
+    Ok(Some(ids))
+}
+
+/// The sidecar ids file of a shard that has no `ids` tensor: the shard's name with
+/// `.ids.txt` for `.safetensors`, one whole number per line, as many as the shard's rows
+/// ([`EmbeddingShard::read`] and [`RowIndex::read`] read it).
+///
+/// ```
+/// use std::path::Path;
+/// let p = clipcid_store::sidecar_ids_path(Path::new("emb/embeddings-00003.safetensors"));
+/// assert_eq!(p, Path::new("emb/embeddings-00003.ids.txt"));
+/// ```
+pub fn sidecar_ids_path(shard: &Path) -> PathBuf {
+    shard.with_extension("ids.txt")
 }
 
 /// A digest of rows' dataset ids in order: SHA-256 of the ids as little-endian `i64`, in hex.

@@ -181,3 +181,83 @@ fn ids_labels_and_flags_stored_as_floats_are_refused_not_cast() {
     let list = keep_file(Tensor::new(&[0u8, 1, 1], &cpu).unwrap()).unwrap();
     assert_eq!(list.kept_ids().collect::<Vec<_>>(), vec![11, 12]);
 }
+
+/// A safetensors file of an `image` `[n, 2]` tensor and, when given, `ids` as `U64` (as
+/// numpy and other tools write them), built by hand: candle has no unsigned 64-bit type.
+fn shard_with_u64_ids(path: &Path, n: usize, ids: Option<&[u64]>) {
+    let image: Vec<u8> = (0..n * 2)
+        .flat_map(|i| (1.0f32 + i as f32).to_le_bytes())
+        .collect();
+    let mut header = serde_json::json!({
+        "image": {"dtype": "F32", "shape": [n, 2], "data_offsets": [0, image.len()]},
+    });
+    let mut data = image.clone();
+    if let Some(ids) = ids {
+        let bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
+        header["ids"] = serde_json::json!({
+            "dtype": "U64", "shape": [ids.len()],
+            "data_offsets": [image.len(), image.len() + bytes.len()],
+        });
+        data.extend(bytes);
+    }
+    let mut text = header.to_string();
+    while !text.len().is_multiple_of(8) {
+        text.push(' ');
+    }
+    let mut file = (text.len() as u64).to_le_bytes().to_vec();
+    file.extend(text.as_bytes());
+    file.extend(data);
+    std::fs::write(path, file).unwrap();
+}
+
+/// DESIGN.md's shard format: `ids` "as a u64 tensor or a sidecar text file". A U64 `ids`
+/// tensor failed the whole file ("unsupported safetensor dtype U64"); both are now read, by
+/// the whole-shard reader and the row index alike.
+#[test]
+fn ids_as_a_u64_tensor_or_a_sidecar_text_file_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = shard_path(dir.path(), 0);
+    shard_with_u64_ids(&path, 3, Some(&[7, 9, 1 << 40]));
+    let want = vec![7i64, 9, 1 << 40];
+    assert_eq!(EmbeddingShard::read(&path).unwrap().ids, want);
+    assert_eq!(clipcid_store::RowIndex::read(&path).unwrap().ids, want);
+    let layout = ShardLayout::open(&[dir.path().to_path_buf()]).unwrap();
+    assert_eq!(layout.row_ids().unwrap(), want);
+    // A value no i64 holds is an error naming the file and the tensor.
+    shard_with_u64_ids(&path, 2, Some(&[1, u64::MAX]));
+    for e in [
+        EmbeddingShard::read(&path).unwrap_err().to_string(),
+        clipcid_store::RowIndex::read(&path)
+            .unwrap_err()
+            .to_string(),
+    ] {
+        assert!(
+            e.contains("embeddings-00000") && e.contains("`ids` holds 18446744073709551615"),
+            "{e}"
+        );
+    }
+    // No `ids` tensor: the sidecar gives them; without one they are the positions.
+    shard_with_u64_ids(&path, 3, None);
+    assert_eq!(EmbeddingShard::read(&path).unwrap().ids, vec![0, 1, 2]);
+    let sidecar = clipcid_store::sidecar_ids_path(&path);
+    std::fs::write(&sidecar, "40\n\n41\n 42 \n").unwrap();
+    assert_eq!(EmbeddingShard::read(&path).unwrap().ids, vec![40, 41, 42]);
+    assert_eq!(
+        clipcid_store::RowIndex::read(&path).unwrap().ids,
+        vec![40, 41, 42]
+    );
+    for (text, says) in [
+        ("40\n41\n", "2 ids for the 3 rows"),
+        (
+            "40\nforty-one\n42\n",
+            "line 2: `forty-one` is not a whole number",
+        ),
+    ] {
+        std::fs::write(&sidecar, text).unwrap();
+        let e = EmbeddingShard::read(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("embeddings-00000.ids.txt") && e.contains(says),
+            "{e}"
+        );
+    }
+}
