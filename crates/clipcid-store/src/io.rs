@@ -512,8 +512,8 @@ fn check_entry(name: &str, info: &TensorInfo) -> Result<(), String> {
 
 /// Loads every tensor of a safetensors file onto the CPU, with the file named in any error.
 /// A `U64` tensor (ids as numpy and other tools write them; candle has no unsigned 64-bit
-/// type, and refused the whole file) is read as `I64`; a value past `i64::MAX` is an error
-/// naming the tensor.
+/// type, and refused the whole file) is read as `I64`, a value past `i64::MAX` an error
+/// naming the tensor; a `BOOL` tensor (numpy's bool) is read as `U8`.
 pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>, StoreError> {
     use candle_core::safetensors::Load;
     let bytes =
@@ -525,10 +525,13 @@ pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>, StoreError> 
     st.tensors()
         .into_iter()
         .map(|(name, view)| {
-            let t = if view.dtype() == safetensors::Dtype::U64 {
-                u64_as_i64(path, &name, view.data(), view.shape())?
-            } else {
-                view.load(&Device::Cpu).map_err(|e| invalid(&e))?
+            let t = match view.dtype() {
+                safetensors::Dtype::U64 => u64_as_i64(path, &name, view.data(), view.shape())?,
+                // numpy's bool (a keep mask from Python): one byte, 0 or 1.
+                safetensors::Dtype::BOOL => {
+                    Tensor::from_raw_buffer(view.data(), DType::U8, view.shape(), &Device::Cpu)?
+                }
+                _ => view.load(&Device::Cpu).map_err(|e| invalid(&e))?,
             };
             Ok((name, t))
         })

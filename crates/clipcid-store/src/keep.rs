@@ -25,7 +25,25 @@ pub struct KeepList {
 
 impl KeepList {
     /// Reads `keep` and `ids` from a file written by [`write_keep_file`]; a missing tensor or
-    /// mismatched lengths are errors naming the file.
+    /// mismatched lengths are errors naming the file. `keep` is a U8 (or BOOL) mask of 0/1
+    /// flags, one per id, or (another tool's keep list, as DESIGN.md allows) an index list:
+    /// the row positions of the kept ids in an integer tensor of another type (I64, U32,
+    /// I32, U64), each below the number of ids and none twice.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use candle_core::{Device, Tensor};
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("keep.safetensors");
+    /// let tensors = [
+    ///     ("keep".to_string(), Tensor::new(&[2i64, 0], &Device::Cpu)?), // rows 2 and 0
+    ///     ("ids".to_string(), Tensor::new(&[10i64, 11, 12], &Device::Cpu)?),
+    /// ];
+    /// clipcid_store::io::write_safetensors(&path, tensors, &Default::default())?;
+    /// let list = clipcid_store::KeepList::read(&path)?;
+    /// assert_eq!(list.keep, vec![true, false, true]);
+    /// # Ok(()) }
+    /// ```
     pub fn read(path: &Path) -> Result<Self, StoreError> {
         let bad = |msg: &str| StoreError::file(path, msg);
         let embeddings = crate::io::read_header(path)?
@@ -35,24 +53,54 @@ impl KeepList {
         let keep = t
             .remove("keep")
             .ok_or_else(|| bad("no `keep` tensor (not a keep file from `clipcid balance`?)"))?;
-        let flags: Vec<u8> = crate::io::integer_vector(path, "keep", keep, DType::U8)?.to_vec1()?;
-        if let Some(i) = flags.iter().position(|&b| b > 1) {
-            return Err(StoreError::file(
-                path,
-                format!("`keep` flag {i} is {}, not 0 or 1", flags[i]),
-            ));
-        }
-        let keep: Vec<bool> = flags.into_iter().map(|b| b == 1).collect();
         let ids: Vec<i64> = match t.remove("ids") {
             Some(x) => crate::io::integer_vector(path, "ids", x, DType::I64)?.to_vec1()?,
             None => return Err(bad("no `ids` tensor")),
         };
-        if ids.len() != keep.len() {
-            return Err(StoreError::file(
-                path,
-                format!("{} keep flags but {} ids", keep.len(), ids.len()),
-            ));
-        }
+        let keep = if keep.dtype() == DType::U8 {
+            let flags: Vec<u8> =
+                crate::io::integer_vector(path, "keep", keep, DType::U8)?.to_vec1()?;
+            if let Some(i) = flags.iter().position(|&b| b > 1) {
+                return Err(StoreError::file(
+                    path,
+                    format!("`keep` flag {i} is {}, not 0 or 1", flags[i]),
+                ));
+            }
+            if ids.len() != flags.len() {
+                return Err(StoreError::file(
+                    path,
+                    format!("{} keep flags but {} ids", flags.len(), ids.len()),
+                ));
+            }
+            flags.into_iter().map(|b| b == 1).collect()
+        } else {
+            // An index list: I64 holds every position (U32, I32 and U64 convert exactly).
+            let rows: Vec<i64> =
+                crate::io::integer_vector(path, "keep", keep, DType::I64)?.to_vec1()?;
+            let mut keep = vec![false; ids.len()];
+            for (k, &r) in rows.iter().enumerate() {
+                let slot = usize::try_from(r).ok().and_then(|r| keep.get_mut(r));
+                match slot {
+                    Some(s) if !*s => *s = true,
+                    Some(_) => {
+                        return Err(StoreError::file(
+                            path,
+                            format!("`keep` (an index list) names row {r} twice"),
+                        ))
+                    }
+                    None => {
+                        return Err(StoreError::file(
+                            path,
+                            format!(
+                                "`keep` (an index list) entry {k} is row {r}, outside the {} ids",
+                                ids.len()
+                            ),
+                        ))
+                    }
+                }
+            }
+            keep
+        };
         Ok(Self {
             keep,
             ids,

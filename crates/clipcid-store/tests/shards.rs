@@ -180,27 +180,54 @@ fn ids_labels_and_flags_stored_as_floats_are_refused_not_cast() {
     assert!(e.contains("`keep` flag 2 is 7, not 0 or 1"), "{e}");
     let list = keep_file(Tensor::new(&[0u8, 1, 1], &cpu).unwrap()).unwrap();
     assert_eq!(list.kept_ids().collect::<Vec<_>>(), vec![11, 12]);
+    // DESIGN.md's other form: an index list of kept rows (any integer type but U8), checked.
+    for rows in [
+        Tensor::new(&[2i64, 1], &cpu).unwrap(),
+        Tensor::new(&[1u32, 2], &cpu).unwrap(),
+    ] {
+        let list = keep_file(rows).unwrap();
+        assert_eq!(list.keep, vec![false, true, true]);
+    }
+    for (rows, says) in [
+        (vec![1i64, 1], "names row 1 twice"),
+        (vec![3i64], "entry 0 is row 3, outside the 3 ids"),
+        (vec![-1i64], "entry 0 is row -1"),
+    ] {
+        let e = keep_file(Tensor::new(rows.as_slice(), &cpu).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("keep.safetensors") && e.contains(says), "{e}");
+    }
+    // A numpy bool mask (BOOL, which candle has no type for).
+    let ids: Vec<u8> = [10i64, 11, 12]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    raw_safetensors(
+        &keep_path,
+        &[
+            ("keep", "BOOL", vec![3], vec![1, 0, 1]),
+            ("ids", "I64", vec![3], ids),
+        ],
+    );
+    let list = clipcid_store::KeepList::read(&keep_path).unwrap();
+    assert_eq!(list.kept_ids().collect::<Vec<_>>(), vec![10, 12]);
 }
 
-/// A safetensors file of an `image` `[n, 2]` tensor and, when given, `ids` as `U64` (as
-/// numpy and other tools write them), built by hand: candle has no unsigned 64-bit type.
-fn shard_with_u64_ids(path: &Path, n: usize, ids: Option<&[u64]>) {
-    let image: Vec<u8> = (0..n * 2)
-        .flat_map(|i| (1.0f32 + i as f32).to_le_bytes())
-        .collect();
-    let mut header = serde_json::json!({
-        "image": {"dtype": "F32", "shape": [n, 2], "data_offsets": [0, image.len()]},
-    });
-    let mut data = image.clone();
-    if let Some(ids) = ids {
-        let bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
-        header["ids"] = serde_json::json!({
-            "dtype": "U64", "shape": [ids.len()],
-            "data_offsets": [image.len(), image.len() + bytes.len()],
-        });
-        data.extend(bytes);
+/// A safetensors file of `(name, dtype, shape, bytes)` tensors, built by hand: candle has
+/// no U64 or BOOL type to write them with.
+fn raw_safetensors(path: &Path, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) {
+    let mut header = serde_json::Map::new();
+    let mut data = vec![];
+    for (name, dtype, shape, bytes) in tensors {
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": dtype, "shape": shape,
+                "data_offsets": [data.len(), data.len() + bytes.len()]}),
+        );
+        data.extend_from_slice(bytes);
     }
-    let mut text = header.to_string();
+    let mut text = serde_json::Value::Object(header).to_string();
     while !text.len().is_multiple_of(8) {
         text.push(' ');
     }
@@ -208,6 +235,19 @@ fn shard_with_u64_ids(path: &Path, n: usize, ids: Option<&[u64]>) {
     file.extend(text.as_bytes());
     file.extend(data);
     std::fs::write(path, file).unwrap();
+}
+
+/// An `image` `[n, 2]` shard with, when given, `ids` as `U64` (as numpy writes them).
+fn shard_with_u64_ids(path: &Path, n: usize, ids: Option<&[u64]>) {
+    let image: Vec<u8> = (0..n * 2)
+        .flat_map(|i| (1.0f32 + i as f32).to_le_bytes())
+        .collect();
+    let mut tensors = vec![("image", "F32", vec![n, 2], image)];
+    if let Some(ids) = ids {
+        let bytes = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
+        tensors.push(("ids", "U64", vec![ids.len()], bytes));
+    }
+    raw_safetensors(path, &tensors);
 }
 
 /// DESIGN.md's shard format: `ids` "as a u64 tensor or a sidecar text file". A U64 `ids`
