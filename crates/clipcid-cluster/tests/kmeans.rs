@@ -444,6 +444,31 @@ fn streaming_over_shards_equals_in_memory_and_round_trips() {
         e.contains("edited.safetensors") && e.contains("`labels` holds F32"),
         "{e}"
     );
+    // Labels stored as i64 must fit u32: 2^32 + 1 was read as 1 (a narrowing cast wraps),
+    // -1 as 4294967295.
+    for (wrapped, says) in [(1i64 << 32) + 1, -1].into_iter().zip(["4294967297", "-1"]) {
+        let mut wide: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
+        wide[0] = wrapped;
+        let e = rewrite(
+            "labels",
+            candle_core::Tensor::from_vec(wide, n, &candle_core::Device::Cpu).unwrap(),
+        );
+        assert!(
+            e.contains("edited.safetensors")
+                && e.contains(&format!("`labels` holds {says}, outside 0..=4294967295")),
+            "{e}"
+        );
+    }
+    // In range, i64 labels are read as they are.
+    let wide: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
+    let mut all = tensors.clone();
+    all.insert(
+        "labels".to_string(),
+        candle_core::Tensor::from_vec(wide, n, &candle_core::Device::Cpu).unwrap(),
+    );
+    let path = dir.path().join("i64-labels.safetensors");
+    clipcid_store::io::write_safetensors(&path, all, &meta).unwrap();
+    assert_eq!(read_clusters(&path).unwrap().labels, labels);
     let mut off = sizes.clone();
     off[2] += 1;
     let e = rewrite(

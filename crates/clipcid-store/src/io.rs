@@ -124,7 +124,38 @@ pub(crate) fn integer_vector(
             ),
         ));
     }
-    Ok(t.flatten_all()?.to_dtype(dtype)?)
+    let flat = t.flatten_all()?;
+    // A narrowing cast wraps (an i64 label 2^32 + 1 read as 1): the values must fit.
+    let top: Option<i64> = match dtype {
+        DType::U8 => Some(u8::MAX.into()),
+        DType::U32 => Some(u32::MAX.into()),
+        _ => None,
+    };
+    if let (Some(top), true) = (top, flat.dtype() != dtype && flat.elem_count() > 0) {
+        let (lo, hi) = match flat.dtype() {
+            DType::I64 => (
+                flat.min(0)?.to_scalar::<i64>()?,
+                flat.max(0)?.to_scalar::<i64>()?,
+            ),
+            DType::U32 => (0, flat.max(0)?.to_scalar::<u32>()?.into()),
+            DType::U8 => (0, flat.max(0)?.to_scalar::<u8>()?.into()),
+            _ => {
+                let wide = flat.to_dtype(DType::I64)?;
+                (
+                    wide.min(0)?.to_scalar::<i64>()?,
+                    wide.max(0)?.to_scalar::<i64>()?,
+                )
+            }
+        };
+        if lo < 0 || hi > top {
+            let v = if lo < 0 { lo } else { hi };
+            return Err(StoreError::file(
+                path,
+                format!("`{name}` holds {v}, outside 0..={top} ({dtype:?})"),
+            ));
+        }
+    }
+    Ok(flat.to_dtype(dtype)?)
 }
 
 /// Refuses to write `out` when it is one of `inputs` (the same file, by any name): the run
