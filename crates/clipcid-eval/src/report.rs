@@ -390,28 +390,39 @@ fn report_into(
 
     if let Some(zs) = &plan.zero_shot {
         let data = open(&zs.data)?;
-        let classes = zs
-            .class_names
-            .clone()
-            .unwrap_or_else(|| class_names_of(&data));
-        if data.classes().len() < 2 {
+        // Names from --class-names, else the set's own (class folders, a CLIP_benchmark
+        // set's classnames.txt). A WebDataset's `.cls` labels come without names: they need
+        // --class-names (given them, the count was checked against the set's 0 folders and
+        // refused).
+        let folders = data.classes().len();
+        let classes = match &zs.class_names {
+            Some(names) if folders > 0 && names.len() != folders => {
+                return Err(EvalError::file(
+                    &zs.data,
+                    format!(
+                        "{} class names given for {folders} class folders",
+                        names.len()
+                    ),
+                ));
+            }
+            Some(names) => names.clone(),
+            None if folders == 0 => {
+                return Err(EvalError::file(
+                    &zs.data,
+                    "the set names no classes (its `.cls` labels are numbers): give \
+                     --class-names, a file of one class name per line in label order",
+                ));
+            }
+            None => class_names_of(&data),
+        };
+        if classes.len() < 2 {
             // Every image is "right" among one class: 100% whatever the model (the linear
             // probe refuses one class too).
             return Err(EvalError::file(
                 &zs.data,
                 format!(
                     "zero-shot classification needs at least 2 classes, this set has {}",
-                    data.classes().len()
-                ),
-            ));
-        }
-        if classes.len() != data.classes().len() {
-            return Err(EvalError::file(
-                &zs.data,
-                format!(
-                    "{} class names given for {} class folders",
-                    classes.len(),
-                    data.classes().len()
+                    classes.len()
                 ),
             ));
         }
@@ -475,7 +486,17 @@ fn report_into(
                 format!("its classes differ from those of {}", train.display()),
             ));
         }
-        let classes = class_names_of(&train_data);
+        let mut classes = class_names_of(&train_data);
+        if classes.is_empty() {
+            // A WebDataset's `.cls` labels come without names: the probe needs only their
+            // count, the largest label of either split plus one (it was 0, and every sample
+            // was refused as "past the set's 0 classes").
+            let (tr, te) = (cache.get(0, train)?, cache.get(0, test)?);
+            let top = tr.labels.iter().chain(&te.labels).flatten().max();
+            classes = (0..top.map_or(0, |t| t + 1))
+                .map(|c| c.to_string())
+                .collect();
+        }
         for i in 0..models.len() {
             let tr = cache.get(i, train)?;
             let te = cache.get(i, test)?;

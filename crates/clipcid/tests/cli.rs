@@ -482,6 +482,40 @@ fn eval_reads_a_clip_benchmark_set_with_its_class_names_and_templates() {
             "{text}"
         );
     }
+    // The same shards as a plain WebDataset (no classnames.txt): its `.cls` labels have no
+    // names. Zero-shot asks for --class-names (given them, it was refused: "3 class names
+    // given for 0 class folders"); the linear probe counts the labels (it refused every
+    // sample as "past the set's 0 classes").
+    let plain = d.join("plain");
+    std::fs::create_dir_all(&plain).unwrap();
+    for shard in ["0.tar", "1.tar"] {
+        std::fs::copy(set.join("test").join(shard), plain.join(shard)).unwrap();
+    }
+    let (ok, text) = zero_shot(&plain, &d.join("report-plain"));
+    assert!(
+        !ok && text.contains("plain") && text.contains("--class-names"),
+        "{text}"
+    );
+    std::fs::write(d.join("names.txt"), "red\ngreen\ndeep blue\n").unwrap();
+    let (ok, text) = clipcid(&[
+        "eval",
+        "--model",
+        s(&student),
+        "--zero-shot",
+        s(&plain),
+        "--class-names",
+        s(&d.join("names.txt")),
+        "--probe-train",
+        s(&plain),
+        "--probe-test",
+        s(&plain),
+        "--out",
+        s(&d.join("report-plain")),
+    ]);
+    assert!(
+        ok && text.contains(&format!("{n} images, 3 classes")) && text.contains("(3 classes)"),
+        "{text}"
+    );
     // A wrong shard count names the file: one that is not a number, and one past the shards
     // there (a damaged count of 10^15 listed that many paths before opening any, and filled
     // memory).
