@@ -409,7 +409,8 @@ fn report_into(
             None if folders == 0 => {
                 return Err(EvalError::file(
                     &zs.data,
-                    "the set names no classes (its `.cls` labels are numbers): give \
+                    "the set names no classes (only class folders and a CLIP_benchmark set's \
+                     classnames.txt do; WebDataset `.cls` labels are numbers): give \
                      --class-names, a file of one class name per line in label order",
                 ));
             }
