@@ -422,9 +422,24 @@ pub fn embed_dataset(
         }
     }
     summary.seconds = start.elapsed().as_secs_f64();
-    if summary.samples_embedded == 0 && summary.shards_resumed == 0 && part.is_whole() {
-        // Zero rows is never a result: say why (no samples, or every one unreadable).
-        let why = match summary.skipped.first() {
+    // Zero rows is never a result: say why (no samples, or every one unreadable). Resumed
+    // shards count by their rows: an earlier run that skipped every sample left whole,
+    // empty shards, and its re-run reported "embedded 0 images" as a success.
+    let empty_resumed = |summary: &EmbedSummary| -> Result<Option<Vec<String>>, EmbedError> {
+        let mut skipped = vec![];
+        for path in &summary.shards {
+            let index = clipcid_store::RowIndex::read(path)?;
+            if !index.is_empty() {
+                return Ok(None);
+            }
+            skipped.extend(index.skipped);
+        }
+        Ok(Some(skipped))
+    };
+    let nothing = if summary.samples_embedded > 0 || !part.is_whole() {
+        None
+    } else if summary.shards_resumed == 0 {
+        Some(match summary.skipped.first() {
             Some(s) => format!(
                 "all {} samples were skipped (first: `{}`: {})",
                 summary.skipped.len(),
@@ -432,7 +447,17 @@ pub fn embed_dataset(
                 s.reason
             ),
             None => "the dataset has no samples".to_string(),
-        };
+        })
+    } else {
+        empty_resumed(&summary)?.map(|skipped| match skipped.first() {
+            Some(key) => format!(
+                "all {} samples were skipped when an earlier run wrote these shards (first: `{key}`; its log says why)",
+                skipped.len()
+            ),
+            None => "the dataset has no samples".to_string(),
+        })
+    };
+    if let Some(why) = nothing {
         return Err(EmbedError::Config(format!(
             "nothing to embed in {}: {why}",
             match dataset.source() {

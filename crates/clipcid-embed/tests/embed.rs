@@ -340,6 +340,17 @@ fn nothing_embedded_is_an_error_saying_why() {
             && e.contains("gone-1.png"),
         "{e}"
     );
+    // The run left its (whole, empty) shard; a re-run resumes it and still has nothing (it
+    // reported "embedded 0 images" as a success).
+    let e = embed_dataset(&model, Some(&tok), &ds, &out, &opts(4, 10))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("nothing to embed")
+            && e.contains("all 2 samples were skipped when an earlier run wrote these shards")
+            && e.contains("gone-1.png"),
+        "{e}"
+    );
 }
 
 /// `counts[k]` samples in tar `k` (`data-0000k.tar`), keys running on across tars; sample
