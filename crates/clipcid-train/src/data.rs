@@ -114,6 +114,25 @@ impl TrainingSet {
         // Headers only: the shards' common width and provenance, two runs mixed refused.
         let layout = ShardLayout::open(std::slice::from_ref(embeddings))?;
         let provenance = layout.provenance.as_deref();
+        // The shards' ids are positions in the dataset they were embedded from: the
+        // embeddings of another dataset with as many samples joined row by row, and the
+        // student learned each image from another image's teacher embedding.
+        let recorded_data = provenance
+            .and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok())
+            .and_then(|v| v.get("data").and_then(|d| d.as_str()).map(str::to_string));
+        if let Some(recorded) = recorded_data {
+            if recorded != dataset.fingerprint()? {
+                return Err(file_err(
+                    embeddings,
+                    format!(
+                        "these embeddings were made from another dataset than `{}` (data.dataset): \
+                         its fingerprint differs from the one the shards record; embed this \
+                         dataset, or point data.dataset at the one they were made from",
+                        data.dataset.display()
+                    ),
+                ));
+            }
+        }
         if let Some((p, list)) = &keep {
             check_same_embeddings(p, "keep file", list.embeddings.as_deref(), provenance)?;
         }

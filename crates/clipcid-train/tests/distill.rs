@@ -144,10 +144,7 @@ fn fixture(n: usize, held: usize, k: usize) -> Fixture {
     ];
     let meta = HashMap::from([
         ("teacher".to_string(), "random projection".to_string()),
-        (
-            "provenance".to_string(),
-            r#"{"teacher": "t1", "data": "d1"}"#.to_string(),
-        ),
+        ("provenance".to_string(), provenance(d, "t1")),
     ]);
     clipcid_store::io::write_safetensors(
         &clipcid_store::shard_path(&d.join("emb"), 0),
@@ -604,15 +601,48 @@ fn a_fresh_run_into_a_used_folder_is_refused_or_owns_it_with_overwrite() {
     assert_eq!(resumed.run(None, false).unwrap().steps, 8);
 }
 
+/// The provenance `clipcid embed` records for the fixture's dataset in `d` and `teacher`.
+fn provenance(d: &std::path::Path, teacher: &str) -> String {
+    let data = clipcid_data::Dataset::open(&d.join("data"))
+        .unwrap()
+        .fingerprint()
+        .unwrap();
+    format!(r#"{{"teacher": "{teacher}", "data": "{data}"}}"#)
+}
+
 /// Rewrites the fixture's shard with the same rows, recorded as another teacher's.
 fn record_as_another_teachers(fx: &Fixture) {
     let shard = clipcid_store::shard_path(&fx.path("emb"), 0);
     let tensors = clipcid_store::io::load_tensors(&shard).unwrap();
-    let meta = HashMap::from([(
-        "provenance".to_string(),
-        r#"{"teacher": "t2", "data": "d1"}"#.to_string(),
-    )]);
+    let meta = HashMap::from([("provenance".to_string(), provenance(fx.dir.path(), "t2"))]);
     clipcid_store::io::write_safetensors(&shard, tensors, &meta).unwrap();
+}
+
+/// The shards' ids are positions in the dataset they were embedded from: another dataset
+/// of as many samples joined row by row, each image learning from another's embedding.
+#[test]
+fn embeddings_of_another_dataset_are_refused() {
+    let fx = fixture(128, 0, 32);
+    let other = fx.path("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let tsv = std::fs::read_to_string(fx.path("data/captions.tsv")).unwrap();
+    for line in tsv.lines() {
+        let file = line.split('\t').next().unwrap();
+        std::fs::copy(fx.path("data").join(file), other.join(file)).unwrap();
+    }
+    // The same images under other captions: another dataset, as many samples.
+    std::fs::write(other.join("captions.tsv"), tsv.replace('\t', "\tanother ")).unwrap();
+    let mut config = fx.config(FULL);
+    config.data.dataset = other.clone();
+    let e = Trainer::new(config, &fx.path("run"), &Device::Cpu)
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        e.contains("another dataset") && e.contains("other") && e.contains("emb"),
+        "{e}"
+    );
+    // The dataset they were made from trains.
+    assert!(Trainer::new(fx.config(FULL), &fx.path("run"), &Device::Cpu).is_ok());
 }
 
 #[test]
