@@ -526,7 +526,7 @@ impl ShardLayout {
 
     /// The dataset id of every row, in shard order, read from each shard's row index
     /// ([`RowIndex::read`]; no embedding is read). A shard without an `ids` tensor gives
-    /// its positions `0..n`.
+    /// its sidecar's ids ([`sidecar_ids_path`]), else its positions `0..n`.
     pub fn row_ids(&self) -> Result<Vec<i64>, StoreError> {
         let mut ids = Vec::with_capacity(self.total());
         for (path, &count) in self.shards.iter().zip(&self.counts) {
