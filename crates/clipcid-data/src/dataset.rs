@@ -909,6 +909,20 @@ pub(crate) fn group_to_sample(group: Vec<TarEntry>) -> Sample {
         Some(format!(
             "member `{key}.{twice}` appears twice (which one belongs to the sample is unknown)"
         ))
+    } else if exts.iter().filter(|e| IMAGE_EXTENSIONS.contains(e)).count() > 1 {
+        // `key.jpg` and `key.png`: the first in the archive was taken. Readers disagree on
+        // which is the sample's (open_clip's `jpg;png;...` takes jpg, CLIP_benchmark's
+        // `webp, png, jpg` takes webp), so neither is guessed.
+        let images: Vec<String> = exts
+            .iter()
+            .filter(|e| IMAGE_EXTENSIONS.contains(e))
+            .map(|e| format!("`{key}.{e}`"))
+            .collect();
+        Some(format!(
+            "sample has {} images ({}): which one is the sample's is unknown",
+            images.len(),
+            images.join(", ")
+        ))
     } else {
         None
     };

@@ -613,11 +613,19 @@ fn repeated_members_and_keys_are_named_skips_not_mixed_samples() {
     add(&mut b, "b.txt", b"b");
     add(&mut b, "c.png", &png);
     add(&mut b, "b.txt", b"b again, after another sample");
+    // Two images of one key: the first in the archive was taken, though readers disagree
+    // on which is the sample's (open_clip takes jpg, CLIP_benchmark webp).
+    let jpg = encode(&RgbImage::new(4, 4), image::ImageFormat::Jpeg);
+    add(&mut b, "d.png", &png);
+    add(&mut b, "d.jpg", &jpg);
+    add(&mut b, "d.txt", b"d");
     b.finish().unwrap();
     drop(b);
     let got = both_readers(&Dataset::open(&path).unwrap()).unwrap();
     let keys: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(keys, ["a", "b", "c", "b"]);
+    assert_eq!(keys, ["a", "b", "c", "b", "d"]);
+    let e = got[4].1.as_ref().unwrap_err();
+    assert!(e.contains("sample has 2 images (`d.jpg`, `d.png`)"), "{e}");
     assert!(got[0]
         .1
         .as_ref()
