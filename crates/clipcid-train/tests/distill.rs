@@ -638,7 +638,9 @@ fn embeddings_of_another_dataset_are_refused() {
         .expect_err("refused")
         .to_string();
     assert!(
-        e.contains("another dataset") && e.contains("other") && e.contains("emb"),
+        e.contains("another dataset")
+            && e.contains(&format!("`{}` (data.dataset)", other.display()))
+            && e.contains("emb"),
         "{e}"
     );
     // The dataset they were made from trains.
