@@ -617,10 +617,26 @@ pub fn sidecar_ids_path(shard: &Path) -> PathBuf {
 /// assert_eq!(row_ids_digest(&[]).len(), 64);
 /// ```
 pub fn row_ids_digest(ids: &[i64]) -> String {
+    sha256_hex(ids.iter().map(|id| id.to_le_bytes()))
+}
+
+/// SHA-256 of the concatenated byte chunks (each value's little-endian bytes, say), in hex:
+/// the digests files record of the rows and labels they were made from
+/// ([`row_ids_digest`], a training checkpoint's rows and pseudo-labels).
+///
+/// ```
+/// let labels = [3u32, 1];
+/// let bytes: Vec<u8> = labels.iter().flat_map(|l| l.to_le_bytes()).collect();
+/// assert_eq!(
+///     clipcid_store::sha256_hex(labels.iter().map(|l| l.to_le_bytes())),
+///     clipcid_store::sha256_hex([bytes]),
+/// );
+/// ```
+pub fn sha256_hex<C: AsRef<[u8]>>(chunks: impl IntoIterator<Item = C>) -> String {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
-    for id in ids {
-        h.update(id.to_le_bytes());
+    for c in chunks {
+        h.update(c);
     }
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -371,7 +371,7 @@ impl TrainingSet {
     /// `u64`: which rows the run trains on (after the keep list, captions and `data.subset`).
     /// A checkpoint records it so that a resume over other rows is refused.
     pub fn ids_digest(&self) -> String {
-        sha256_hex(self.ids.iter().map(|i| i.to_le_bytes()))
+        clipcid_store::sha256_hex(self.ids.iter().map(|i| i.to_le_bytes()))
     }
 
     /// SHA-256 (hex) of the rows' pseudo-labels in order, as little-endian `u32`, when a
@@ -379,7 +379,7 @@ impl TrainingSet {
     pub fn labels_digest(&self) -> Option<String> {
         self.labels
             .as_ref()
-            .map(|l| sha256_hex(l.iter().map(|v| v.to_le_bytes())))
+            .map(|l| clipcid_store::sha256_hex(l.iter().map(|v| v.to_le_bytes())))
     }
 
     /// Number of clusters, when a cluster file was read.
@@ -475,14 +475,4 @@ impl TrainingSet {
             skipped,
         })
     }
-}
-
-/// SHA-256 of the concatenated byte chunks, in hex.
-fn sha256_hex<const N: usize>(chunks: impl Iterator<Item = [u8; N]>) -> String {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    for c in chunks {
-        h.update(c);
-    }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
