@@ -262,8 +262,8 @@ pub fn read_pair_file(path: &Path) -> Result<PairFile, DedupError> {
 /// recorded embeddings, and the same rows in the same order where a file records their ids'
 /// digest) up to at least `opts.threshold` and every sweep threshold; anything else is an
 /// error naming the file or the missing parts. Memory: the pairs, the `n` union-find
-/// entries, the rows' ids while their digest is taken, and the rows of one chunk of
-/// duplicate sets.
+/// entries, the rows' ids (kept by `rows`, [`RowReader::row_ids`]), and the rows of one
+/// chunk of duplicate sets.
 pub fn merge_pair_files(
     rows: &RowReader,
     files: &[(PathBuf, PairFile)],
@@ -297,7 +297,7 @@ pub fn merge_pair_files(
         if let Some(recorded) = &f.row_ids {
             let here = match &row_ids {
                 Some(d) => d,
-                None => row_ids.insert(clipcid_store::row_ids_digest(&rows.layout().row_ids()?)),
+                None => row_ids.insert(clipcid_store::row_ids_digest(rows.row_ids()?)),
             };
             if recorded != here {
                 return Err(err(

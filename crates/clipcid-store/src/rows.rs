@@ -46,6 +46,8 @@ struct ShardRows {
 pub struct RowReader {
     layout: ShardLayout,
     shards: Vec<ShardRows>,
+    /// [`RowReader::row_ids`], read on first use.
+    ids: std::sync::OnceLock<Vec<i64>>,
 }
 
 impl RowReader {
@@ -84,12 +86,26 @@ impl RowReader {
             });
             first += rows;
         }
-        Ok(Self { layout, shards })
+        Ok(Self {
+            layout,
+            shards,
+            ids: std::sync::OnceLock::new(),
+        })
     }
 
     /// The shards this reader reads.
     pub fn layout(&self) -> &ShardLayout {
         &self.layout
+    }
+
+    /// The dataset id of every row ([`ShardLayout::row_ids`]), read once and kept: a
+    /// balance merge needs them for its pair files' digest and again for its keep file.
+    pub fn row_ids(&self) -> Result<&[i64], StoreError> {
+        if let Some(ids) = self.ids.get() {
+            return Ok(ids);
+        }
+        let ids = self.layout.row_ids()?;
+        Ok(self.ids.get_or_init(|| ids))
     }
 
     /// Rows in all shards.

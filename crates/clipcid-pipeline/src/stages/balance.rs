@@ -137,7 +137,7 @@ pub fn balance_pairs(
         reader.layout().shards.iter().map(PathBuf::as_path),
     )?;
     // Read before the search, which can take hours: the merge checks its rows against it.
-    let row_ids = clipcid_store::row_ids_digest(&reader.layout().row_ids()?);
+    let row_ids = clipcid_store::row_ids_digest(reader.row_ids()?);
     let block = args.block_size.max(1);
     let tiles = reader.len().div_ceil(block);
     let mine = clipcid_dedup::part_row_blocks(tiles, part);
@@ -210,12 +210,12 @@ pub fn balance_merge(args: &BalanceMergeArgs) -> Result<BalanceOutcome, Pipeline
             .chain(&args.pairs)
             .map(PathBuf::as_path),
     )?;
-    // Ids only: the shards' embeddings are read by the merge itself, a chunk of sets at a
-    // time. (The merge reads the ids once more for their digest: 8 bytes a row.)
-    let ids = layout.row_ids()?;
     let shards = layout.shards.len();
     let provenance = layout.provenance.clone();
     let reader = clipcid_store::RowReader::open(layout)?;
+    // Ids only, read before the merge (the reader keeps them, for the pair files' digest and
+    // the keep file); the shards' embeddings are read by the merge, a chunk of sets at a time.
+    let ids = reader.row_ids()?;
     let files = args
         .pairs
         .iter()
@@ -232,7 +232,7 @@ pub fn balance_merge(args: &BalanceMergeArgs) -> Result<BalanceOutcome, Pipeline
         &result.keep,
         &result.set_id,
         &result.representatives,
-        &ids,
+        ids,
         &result.summary,
         provenance.as_deref(),
     )?;
