@@ -53,9 +53,14 @@ impl Classification {
         let (mut hit1, mut hit5) = (0usize, 0usize);
         let mut predictions = Vec::with_capacity(truth.len());
         for (row, &t) in scores.chunks_exact(classes).zip(truth) {
-            // Rank of the truth: classes scoring strictly higher (ties favour the truth, as
-            // a stable sort by score would not; NaN scores never outrank).
-            let above = row.iter().filter(|&&s| s > row[t]).count();
+            // Rank of the truth: classes scoring higher, and tied ones of a lower index (the
+            // order of `argmax` and `top_n`; NaN scores never outrank). Letting ties favour
+            // the truth gave a collapsed model (all scores equal) 100% top-5.
+            let above = row
+                .iter()
+                .enumerate()
+                .filter(|&(k, &s)| s > row[t] || (s == row[t] && k < t))
+                .count();
             let pred = argmax(row);
             hit1 += usize::from(pred == t);
             hit5 += usize::from(above < 5);
@@ -136,6 +141,10 @@ impl Retrieval {
     /// let r = Retrieval::from_similarity(&sim, 2, &[0, 0, 1], &[1, 2]).unwrap();
     /// assert_eq!(r.image_to_text, vec![0.5, 1.0]); // image 1's best caption is caption 0
     /// assert_eq!(r.text_to_image[0], 2.0 / 3.0); // caption 1 ranks image 1 first
+    /// // Tied scores rank the lower index first (as `top_n`), never every tied answer first:
+    /// // with all scores equal, only the first image's caption and caption 0's image count.
+    /// let r = Retrieval::from_similarity(&[0.5; 9], 3, &[0, 1, 2], &[1]).unwrap();
+    /// assert_eq!((r.image_to_text[0], r.text_to_image[0]), (1.0 / 3.0, 1.0 / 3.0));
     /// ```
     pub fn from_similarity(
         sim: &[f32],
@@ -156,26 +165,32 @@ impl Retrieval {
                 "caption refers to image {i} of {images}"
             )));
         }
-        // Rank (0-based) of the best-ranked right answer for each query.
+        // Rank (0-based) of the best-ranked right answer for each query, in the order of
+        // [`top_n`]: higher score first, a tie to the lower index. Counting only strictly
+        // higher scores put every tied answer first: a collapsed model (every caption's
+        // embedding the same) scored 100% image -> text R@1.
+        let rank = |score: &dyn Fn(usize) -> f32, n: usize, right: usize| {
+            let s = score(right);
+            (0..n)
+                .filter(|&k| {
+                    let t = score(k);
+                    t > s || (t == s && k < right)
+                })
+                .count()
+        };
         let i2t: Vec<usize> = (0..images)
             .map(|i| {
                 let row = &sim[i * texts..(i + 1) * texts];
-                let best = (0..texts)
+                (0..texts)
                     .filter(|&j| text_image[j] == i)
-                    .map(|j| row[j])
-                    .fold(f32::NEG_INFINITY, f32::max);
-                if best == f32::NEG_INFINITY {
-                    usize::MAX // an image without captions is never retrieved
-                } else {
-                    row.iter().filter(|&&s| s > best).count()
-                }
+                    .map(|j| rank(&|k| row[k], texts, j))
+                    .min()
+                    // An image without captions is never retrieved.
+                    .unwrap_or(usize::MAX)
             })
             .collect();
         let t2i: Vec<usize> = (0..texts)
-            .map(|j| {
-                let right = sim[text_image[j] * texts + j];
-                (0..images).filter(|&i| sim[i * texts + j] > right).count()
-            })
+            .map(|j| rank(&|i| sim[i * texts + j], images, text_image[j]))
             .collect();
         let recall = |ranks: &[usize], k: usize| {
             ranks.iter().filter(|&&r| r < k).count() as f64 / ranks.len() as f64

@@ -120,6 +120,11 @@ fn classification_metrics_match_a_hand_count() {
     );
     assert!(Classification::from_scores(&scores, 3, &[0, 0, 1]).is_err());
     assert!(Classification::from_scores(&scores, 3, &[0, 0, 1, 3]).is_err());
+    // A collapsed model (every class scores the same): ties go to the lower class, as for
+    // top-1, so top-5 over 10 classes counts the 5 lowest classes' samples, not every one.
+    let truth: Vec<usize> = (0..10).collect();
+    let flat = Classification::from_scores(&[0.5; 100], 10, &truth).unwrap();
+    assert_eq!((flat.top1, flat.top5), (0.1, 0.5));
 }
 
 /// The objective computed the slow way, in f64 loops.
@@ -333,10 +338,25 @@ fn clip_benchmark_probe_on_separable_classes_is_perfect_and_deterministic() {
 fn retrieval_recall_matches_brute_force() {
     let mut rng = ChaCha8Rng::seed_from_u64(4);
     let (images, texts) = (9, 20);
-    let sim: Vec<f32> = (0..images * texts).map(|_| rng.random()).collect();
     let text_image: Vec<usize> = (0..texts).map(|j| j % images).collect();
     let ks = [1, 3, 5];
-    let r = Retrieval::from_similarity(&sim, images, &text_image, &ks).unwrap();
+    // Distinct scores, then scores of 3 values (ties everywhere: a stable sort ranks a tie
+    // by the lower index, the order the recall must count in), then all scores equal (a
+    // collapsed model, which once scored 100% image -> text R@1).
+    let distinct: Vec<f32> = (0..images * texts).map(|_| rng.random()).collect();
+    let tied: Vec<f32> = (0..images * texts)
+        .map(|_| rng.random_range(0..3u8) as f32)
+        .collect();
+    for sim in [distinct, tied, vec![0.25; images * texts]] {
+        retrieval_against_brute_force(&sim, images, &text_image, &ks);
+    }
+    let sim = vec![0.0; images * texts];
+    assert!(Retrieval::from_similarity(&sim, images, &[0, 99], &ks).is_err());
+}
+
+fn retrieval_against_brute_force(sim: &[f32], images: usize, text_image: &[usize], ks: &[usize]) {
+    let texts = text_image.len();
+    let r = Retrieval::from_similarity(sim, images, text_image, ks).unwrap();
     for (ki, &k) in ks.iter().enumerate() {
         // Brute force by sorting.
         let mut hits = 0;
@@ -354,7 +374,6 @@ fn retrieval_recall_matches_brute_force() {
         }
         assert_eq!(r.text_to_image[ki], hits as f64 / texts as f64);
     }
-    assert!(Retrieval::from_similarity(&sim, images, &[0, 99], &ks).is_err());
 }
 
 #[test]
