@@ -14,6 +14,9 @@ pub enum OnnxError {
     /// A tensor operation failed while reading the model's weights.
     #[error("ONNX export: {0}")]
     Tensor(#[from] candle_core::Error),
+    /// Writing the graph or its external data failed (a full disk, a folder in the way).
+    #[error(transparent)]
+    Write(#[from] clipcid_store::StoreError),
     /// Writing or reading a file failed.
     #[error("{path}: {source}")]
     Io {

@@ -36,7 +36,6 @@ mod graph;
 pub mod proto;
 mod towers;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use clipcid_models::ClipModel;
@@ -193,71 +192,47 @@ impl OnnxModel {
             .file_name()
             .and_then(|n| n.to_str())
             .ok_or_else(|| OnnxError::Model(format!("{}: not a file name", path.display())))?;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let tmp = dir.join(format!(".{name}.tmp"));
         let mut proto = self.proto.clone();
-        // Both files are written to temporary names first and renamed only once both are
-        // whole, the data before the graph that names it; a failure removes what it wrote.
-        let mut external_data = None;
-        if external {
+        let data = external.then(|| {
             let data_name = format!("{name}.data");
-            let data_path = dir.join(&data_name);
-            let data_tmp = dir.join(format!(".{data_name}.tmp"));
-            let written = write_external(&mut proto, &data_name, &data_tmp);
-            let bytes = match written {
-                Ok(b) => b,
-                Err(e) => {
-                    let _ = std::fs::remove_file(&data_tmp);
-                    return Err(e);
-                }
-            };
-            external_data = Some((data_tmp, data_path, bytes));
+            let bytes = move_to_external(&mut proto, &data_name);
+            (path.with_file_name(data_name), bytes)
+        });
+        let graph = proto.encode_to_vec();
+        // One unit, the data before the graph that names it: a failure (a full disk, a folder
+        // where either goes) leaves both paths as they were.
+        let mut files: Vec<(&Path, &[u8])> = vec![];
+        if let Some((data_path, bytes)) = &data {
+            files.push((data_path, bytes));
         }
-        let remove_data_tmp = |d: &Option<(PathBuf, PathBuf, u64)>| {
-            if let Some((t, _, _)) = d {
-                let _ = std::fs::remove_file(t);
-            }
-        };
-        let bytes = proto.encode_to_vec();
-        if let Err(e) = std::fs::write(&tmp, &bytes) {
-            let _ = std::fs::remove_file(&tmp);
-            remove_data_tmp(&external_data);
-            return Err(OnnxError::io(&tmp, e));
-        }
-        if let Some((data_tmp, data_path, _)) = &external_data {
-            if let Err(e) = std::fs::rename(data_tmp, data_path) {
-                let _ = std::fs::remove_file(&tmp);
-                remove_data_tmp(&external_data);
-                return Err(OnnxError::io(data_path, e));
-            }
-        }
-        if let Err(e) = std::fs::rename(&tmp, path) {
-            let _ = std::fs::remove_file(&tmp);
-            if let Some((_, data_path, _)) = &external_data {
-                // Its graph never arrived: the data file alone is half an export.
-                let _ = std::fs::remove_file(data_path);
-            }
-            return Err(OnnxError::io(path, e));
-        }
-        let (external_data, external_bytes) = match external_data {
-            Some((_, p, b)) => (Some(p), b),
+        files.push((path, &graph));
+        clipcid_store::io::write_atomic_files(&files)?;
+        let (external_data, external_bytes) = match data {
+            Some((p, b)) => (Some(p), b.len() as u64),
             None => (None, 0),
         };
         Ok(SavedOnnx {
             path: path.to_path_buf(),
-            bytes: bytes.len() as u64,
+            bytes: graph.len() as u64,
             external_data,
             external_bytes,
         })
     }
 }
 
-/// Moves every initializer of 1 KiB or more into the file `tmp` (to be renamed to
-/// `data_name` beside the graph); returns the bytes written.
-fn write_external(proto: &mut ModelProto, data_name: &str, tmp: &Path) -> Result<u64, OnnxError> {
-    let file = std::fs::File::create(tmp).map_err(|e| OnnxError::io(tmp, e))?;
-    let mut out = std::io::BufWriter::new(file);
-    let mut offset = 0u64;
+/// Moves every initializer of 1 KiB or more out of `proto` into the bytes of an external
+/// data file (to be written as `data_name` beside the graph), and returns those bytes. Each
+/// tensor's bytes move rather than copy, so the peak is the graph's weights once.
+fn move_to_external(proto: &mut ModelProto, data_name: &str) -> Vec<u8> {
+    // Sized once: growing by doubling would hold up to twice the weights while it copies.
+    let capacity: usize = proto
+        .graph
+        .iter()
+        .flat_map(|g| &g.initializer)
+        .filter(|t| t.raw_data.len() >= 1024)
+        .map(|t| t.raw_data.len() + 63)
+        .sum();
+    let mut out = Vec::with_capacity(capacity);
     for t in proto
         .graph
         .iter_mut()
@@ -267,13 +242,10 @@ fn write_external(proto: &mut ModelProto, data_name: &str, tmp: &Path) -> Result
             continue;
         }
         // 64-byte alignment, so a runtime that maps the file can use the tensors in place.
-        let pad = (64 - offset % 64) % 64;
-        out.write_all(&vec![0u8; pad as usize])
-            .map_err(|e| OnnxError::io(tmp, e))?;
-        offset += pad;
-        out.write_all(&t.raw_data)
-            .map_err(|e| OnnxError::io(tmp, e))?;
-        let len = t.raw_data.len() as u64;
+        out.resize(out.len().next_multiple_of(64), 0);
+        let offset = out.len();
+        let raw = std::mem::take(&mut t.raw_data);
+        out.extend_from_slice(&raw);
         let entry = |k: &str, v: String| StringStringEntryProto {
             key: k.into(),
             value: v,
@@ -281,17 +253,11 @@ fn write_external(proto: &mut ModelProto, data_name: &str, tmp: &Path) -> Result
         t.external_data = vec![
             entry("location", data_name.to_string()),
             entry("offset", offset.to_string()),
-            entry("length", len.to_string()),
+            entry("length", raw.len().to_string()),
         ];
         t.data_location = Some(DATA_LOCATION_EXTERNAL);
-        t.raw_data = Vec::new();
-        offset += len;
     }
-    let file = out
-        .into_inner()
-        .map_err(|e| OnnxError::io(tmp, e.into_error()))?;
-    file.sync_all().map_err(|e| OnnxError::io(tmp, e))?;
-    Ok(offset)
+    out
 }
 
 /// A written ONNX file.

@@ -183,8 +183,10 @@ fn external_data_gives_the_same_results_as_weights_inside() -> Res {
     let names: Vec<String> = std::fs::read_dir(dir.path())?
         .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
         .collect::<std::io::Result<_>>()?;
-    assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
-    // A graph that cannot land (a folder holds its name) leaves no data file without it.
+    assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
+    // A graph that cannot land (a folder holds its name) leaves no data file without it,
+    // and no earlier data file is replaced.
+    std::fs::write(dir.path().join("blocked.onnx.data"), b"earlier")?;
     let blocked = dir.path().join("blocked.onnx");
     std::fs::create_dir(&blocked)?;
     let err = tower
@@ -192,11 +194,16 @@ fn external_data_gives_the_same_results_as_weights_inside() -> Res {
         .err()
         .ok_or("saved over a folder")?;
     assert!(err.to_string().contains("blocked.onnx"), "{err}");
-    let left: Vec<String> = std::fs::read_dir(dir.path())?
+    let mut left: Vec<String> = std::fs::read_dir(dir.path())?
         .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
         .filter(|n: &std::io::Result<String>| !n.as_ref().is_ok_and(|n| names.contains(n)))
         .collect::<std::io::Result<_>>()?;
-    assert_eq!(left, ["blocked.onnx"]);
+    left.sort();
+    assert_eq!(left, ["blocked.onnx", "blocked.onnx.data"]);
+    assert_eq!(
+        std::fs::read(dir.path().join("blocked.onnx.data"))?,
+        b"earlier"
+    );
     Ok(())
 }
 

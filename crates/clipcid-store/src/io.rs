@@ -232,8 +232,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 /// Writes several files as one unit: each to its temporary name first ([`temp_path`]), and
 /// only once all are whole are they renamed into place, in the order given (put the file
 /// that readers look for last). A failed write (a full disk) removes every temporary file
-/// and leaves each path as it was; only a rename failing after an earlier one succeeded
-/// (renames take no space) could leave part of the set in place.
+/// and leaves each path as it was, and so does a folder standing where one of the files
+/// goes (checked before anything is written); only a rename failing for another reason
+/// after an earlier one succeeded (renames take no space) could leave part of the set in
+/// place.
 ///
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -244,6 +246,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 /// # Ok(()) }
 /// ```
 pub fn write_atomic_files(files: &[(&Path, &[u8])]) -> Result<(), StoreError> {
+    // A rename onto a folder fails; found after the first rename, it would leave that file
+    // in place without the rest of its set.
+    if let Some((path, _)) = files.iter().find(|(p, _)| p.is_dir()) {
+        return Err(StoreError::file(
+            path,
+            "is a folder where a file is written",
+        ));
+    }
     let temps: Vec<PathBuf> = files.iter().map(|(p, _)| temp_path(p)).collect();
     let remove_temps = || {
         for t in &temps {
@@ -289,6 +299,48 @@ pub const STALE_STAGING: std::time::Duration = std::time::Duration::from_secs(36
 /// Name of the hidden folder inside an output folder that [`write_folder`] stages its files
 /// in (with the process id after it).
 pub const STAGING_PREFIX: &str = ".clipcid-staging-";
+
+/// `text` (an error message) with every staged path of [`write_folder`] written as the path
+/// the file was going to: `out/.clipcid-staging-4242/model.safetensors` becomes
+/// `out/model.safetensors`. A write that fails inside [`write_folder`] names the staged file,
+/// and the staging folder is gone once the call returns, so the message would name a path
+/// that never existed for the user; the command line prints its errors through this.
+///
+/// ```
+/// use clipcid_store::io::without_staging;
+/// assert_eq!(
+///     without_staging("cannot write out/.clipcid-staging-4242/model.safetensors: disk full"),
+///     "cannot write out/model.safetensors: disk full",
+/// );
+/// assert_eq!(without_staging("out/.clipcid-staging-7: cannot create"), "out: cannot create");
+/// // Only a staging folder's name (the prefix, then a process id) is touched.
+/// assert_eq!(without_staging("a/.clipcid-staging-x/b"), "a/.clipcid-staging-x/b");
+/// ```
+pub fn without_staging(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(STAGING_PREFIX) {
+        let after = &rest[at + STAGING_PREFIX.len()..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        let before = &rest[..at];
+        let is_folder = before.ends_with(['/', '\\'])
+            && digits > 0
+            && after[digits..]
+                .chars()
+                .next()
+                .is_none_or(|c| !c.is_alphanumeric() && c != '-' && c != '_');
+        if is_folder {
+            // Drop the separator before the folder's name too: `out/` + `/model` reads `out/model`.
+            out.push_str(&before[..before.len() - 1]);
+            rest = &after[digits..];
+        } else {
+            out.push_str(&rest[..at + STAGING_PREFIX.len()]);
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
 
 /// Writes a folder of outputs (a model folder: weights, config, tokenizer, preprocessing) as
 /// one unit. `write` fills a fresh hidden folder inside `dir` (`.clipcid-staging-PID`); only

@@ -77,6 +77,19 @@ fn atomic_files_are_all_written_or_none() {
 }
 
 #[test]
+fn a_folder_where_the_last_file_goes_leaves_the_first_unwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, graph) = (dir.path().join("m.onnx.data"), dir.path().join("m.onnx"));
+    std::fs::write(&data, b"old data").unwrap();
+    std::fs::create_dir(&graph).unwrap();
+    let e = io::write_atomic_files(&[(&data, b"new data"), (&graph, b"graph")]).unwrap_err();
+    assert!(e.to_string().contains("m.onnx: is a folder"), "{e}");
+    // The rename of the first file never happened: it is still the old one.
+    assert_eq!(std::fs::read(&data).unwrap(), b"old data");
+    assert_eq!(names(dir.path()), ["m.onnx", "m.onnx.data"]);
+}
+
+#[test]
 fn a_folder_write_that_fails_leaves_the_folder_as_it_was() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("model");

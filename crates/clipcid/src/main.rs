@@ -210,6 +210,8 @@ fn main() {
 /// also returns it from `source()` (thiserror's `"{path}: {source}"` beside a `source` field,
 /// `"faiss: {0}"` on a `#[from]`) was printed twice, as
 /// `x.json: No space left on device (os error 28): No space left on device (os error 28)`.
+/// A path inside an output folder's staging folder (gone once the write failed) is written
+/// as the path the file was going to (`clipcid_store::io::without_staging`).
 fn error_line(e: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in e.chain() {
@@ -222,7 +224,7 @@ fn error_line(e: &anyhow::Error) -> String {
         }
         line.push_str(&text);
     }
-    line
+    clipcid_store::io::without_staging(&line)
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -608,6 +610,19 @@ mod tests {
         assert_eq!(
             error_line(&e),
             format!("cannot open a: {}", std::io::Error::from_raw_os_error(2))
+        );
+    }
+
+    #[test]
+    fn an_error_names_the_path_a_staged_file_was_going_to() {
+        let e = anyhow::Error::new(std::io::Error::from_raw_os_error(28))
+            .context("cannot write out/.clipcid-staging-31337/student/model.safetensors");
+        assert_eq!(
+            error_line(&e),
+            format!(
+                "cannot write out/student/model.safetensors: {}",
+                std::io::Error::from_raw_os_error(28)
+            )
         );
     }
 }

@@ -140,6 +140,10 @@ fn sweep(
             if !text.contains(s(disk.path())) {
                 failures.push(format!("{what}: names no file on the disk:\n{text}"));
             }
+            // ... by the name it was going to have: the staging folder is gone by now.
+            if text.contains(clipcid_store::io::STAGING_PREFIX) {
+                failures.push(format!("{what}: names a staged path:\n{text}"));
+            }
         }
         failures.extend(
             leftovers(disk.path())

@@ -246,6 +246,9 @@ impl Trainer {
         let root = self.out_dir.join("checkpoints");
         let name = format!("step-{:08}", self.step);
         let dir = root.join(&name);
+        // Not `io::write_folder`, which merges new files into a folder's old ones: a step's
+        // folder is replaced whole (a checkpoint holds exactly one save's files). The run
+        // folder's lock keeps other processes out, so the hidden name needs no process id.
         let tmp = root.join(format!(".{name}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
         let written = self.write_checkpoint_files(&tmp);
