@@ -618,8 +618,11 @@ impl ClipConfig {
     /// [`ClipConfig`]'s deserialisation) or an open_clip config, wrapped or bare (see
     /// [`ClipConfig::from_open_clip_json`]). Errors name the file.
     pub fn from_json_file(path: &std::path::Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ModelError::file(path, format!("cannot read: {e}")))?;
+        let bytes =
+            std::fs::read(path).map_err(|e| ModelError::file(path, format!("cannot read: {e}")))?;
+        // A checkpoint given where its config belongs: say so, not "invalid UTF-8".
+        let text = String::from_utf8(bytes)
+            .map_err(|_| ModelError::file(path, "not a JSON config (binary, not text)"))?;
         let value: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| ModelError::file(path, format!("not JSON: {e}")))?;
         let open_clip = ["model_cfg", "embed_dim", "vision_cfg", "text_cfg"]
@@ -635,6 +638,68 @@ impl ClipConfig {
             cfg
         };
         Ok(cfg)
+    }
+
+    /// The config of the model at `path`, read without its weights: a config file (as
+    /// [`ClipConfig::from_json_file`]), a model folder (its `config.json`, else its
+    /// `open_clip_config.json`), or a `.safetensors` checkpoint that carries its config in
+    /// its metadata (what [`crate::ClipModel::save`] and `clipcid init-model` write). Errors
+    /// name the file.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use clipcid_models::{ClipConfig, ClipModel};
+    /// let dir = tempfile::tempdir()?;
+    /// let cfg = ClipConfig::preset("tiny")?;
+    /// let model = ClipModel::random(&cfg, 0, &candle_core::Device::Cpu)?;
+    /// model.save(&dir.path().join("m.safetensors"), candle_core::DType::F32)?;
+    /// model.save_pretrained(&dir.path().join("folder"), candle_core::DType::F32)?;
+    /// for p in ["m.safetensors", "folder", "folder/config.json"] {
+    ///     assert_eq!(ClipConfig::from_path(&dir.path().join(p))?, cfg);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn from_path(path: &std::path::Path) -> Result<Self, ModelError> {
+        if path.is_dir() {
+            let file = crate::hub::HUB_CONFIG_FILES
+                .iter()
+                .map(|name| path.join(name))
+                .find(|p| p.is_file())
+                .ok_or_else(|| {
+                    ModelError::file(
+                        path,
+                        "a folder with no config.json or open_clip_config.json",
+                    )
+                })?;
+            return Self::from_json_file(&file);
+        }
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            let header = clipcid_store::io::read_header(path)?;
+            let json = header
+                .metadata
+                .get(crate::weights::CONFIG_METADATA_KEY)
+                .ok_or_else(|| {
+                    ModelError::file(
+                        path,
+                        format!(
+                            "a checkpoint with no `{}` metadata: give its config.json instead",
+                            crate::weights::CONFIG_METADATA_KEY
+                        ),
+                    )
+                })?;
+            let cfg: Self = serde_json::from_str(json).map_err(|e| {
+                ModelError::file(
+                    path,
+                    format!(
+                        "corrupt `{}` metadata: {e}",
+                        crate::weights::CONFIG_METADATA_KEY
+                    ),
+                )
+            })?;
+            cfg.validate().map_err(|e| ModelError::file(path, e))?;
+            return Ok(cfg);
+        }
+        Self::from_json_file(path)
     }
 
     /// A locked-text config: a CLIP image tower of shape `vision` projected into the

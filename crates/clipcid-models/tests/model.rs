@@ -67,6 +67,40 @@ fn save_then_load_gives_identical_outputs() {
 }
 
 #[test]
+fn a_config_path_that_holds_none_is_refused_naming_what_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = ClipModel::random(&tiny(), 0, &Device::Cpu).unwrap();
+    // Weights with no config in their metadata (another tool's checkpoint).
+    let bare = dir.path().join("bare.safetensors");
+    let tensors: Vec<(String, Tensor)> = model
+        .tensors()
+        .iter()
+        .map(|(n, t)| (n.clone(), t.clone()))
+        .collect();
+    io::write_safetensors(&bare, tensors, &HashMap::new()).unwrap();
+    let e = ClipConfig::from_path(&bare).unwrap_err().to_string();
+    assert!(
+        e.contains("bare.safetensors") && e.contains("no `clipcid.config` metadata"),
+        "{e}"
+    );
+    // A checkpoint named as a JSON config: said so, not "invalid UTF-8".
+    let named = dir.path().join("config.json");
+    std::fs::copy(&bare, &named).unwrap();
+    let e = ClipConfig::from_path(&named).unwrap_err().to_string();
+    assert!(e.contains("config.json: not a JSON config (binary"), "{e}");
+    // ... also as the config of its folder.
+    let e = ClipConfig::from_path(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("config.json: not a JSON config"), "{e}");
+    // A folder with neither config file.
+    std::fs::remove_file(&named).unwrap();
+    let e = ClipConfig::from_path(dir.path()).unwrap_err().to_string();
+    assert!(
+        e.contains("a folder with no config.json or open_clip_config.json"),
+        "{e}"
+    );
+}
+
+#[test]
 fn save_pretrained_folder_loads_through_config_json() {
     let cfg = tiny();
     let model = ClipModel::random(&cfg, 3, &Device::Cpu).unwrap();

@@ -130,6 +130,7 @@ fn load_teacher(dir: &Path, fallback_tokenizer: &Path, device: &Device) -> Resul
         dir,
         &crate::ModelOptions::default(),
         (!beside).then_some(fallback_tokenizer),
+        "--tokenizer",
         device,
         candle_core::DType::F32,
     )

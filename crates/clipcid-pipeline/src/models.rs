@@ -145,12 +145,14 @@ pub fn resolve_model_path(spec: &Path) -> Result<PathBuf, PipelineError> {
 
 /// Loads a model read with `opts`, computing in `dtype` (features are normalised and
 /// compared in f32 whatever it is), and its tokenizer (`tokenizer`, else the one beside the
-/// model), named `name` in reports.
+/// model), named `name` in reports. `tokenizer_flag` is the command-line flag that gives
+/// this model's tokenizer, for the error when it has none.
 pub fn load_eval_model(
     name: &str,
     path: &Path,
     opts: &ModelOptions,
     tokenizer: Option<&Path>,
+    tokenizer_flag: &str,
     device: &Device,
     dtype: DType,
 ) -> Result<EvalModel, PipelineError> {
@@ -161,7 +163,7 @@ pub fn load_eval_model(
         .or_else(|| ClipTokenizer::find_beside(path))
     else {
         input_error!(
-            "no tokenizer for {name} ({}): pass --tokenizer tokenizer.json or put one at {}",
+            "no tokenizer for {name} ({}): pass {tokenizer_flag} tokenizer.json or put one at {}",
             path.display(),
             tokenizer_beside(path).display()
         );

@@ -51,8 +51,9 @@ pub struct DataConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StudentConfig {
-    /// A preset name (`vit-b-32`, `piccollage-s12`, `tiny`, ...) or a Hugging Face
-    /// `config.json` path (relative to the config file) for any other size.
+    /// A preset name (`vit-b-32`, `piccollage-s12`, `tiny`, ...) or, for any other size, a
+    /// path (relative to the config file): a Hugging Face or open_clip config file, a model
+    /// folder, or a `.safetensors` checkpoint carrying its config (`clipcid init-model`'s).
     pub model: String,
     /// Start from these weights instead of a seeded random init.
     pub init: Option<PathBuf>,
@@ -333,7 +334,7 @@ impl DistillConfig {
             }
             _ => fix(&mut self.data.dataset),
         }
-        // `student.model` is a preset name or a config.json path relative to this file.
+        // `student.model` is a preset name or a path (config, folder, checkpoint) relative to this file.
         if clipcid_models::ClipConfig::preset(&self.student.model).is_err()
             && Path::new(&self.student.model).is_relative()
         {

@@ -171,20 +171,22 @@ fn run_files(out_dir: &Path) -> Vec<PathBuf> {
     found
 }
 
-/// Resolves `student.model`: a preset name, or a config file (Hugging Face `config.json` or
-/// open_clip's; [`ClipConfig::from_json_file`]), checked, errors naming the file.
+/// Resolves `student.model`: a preset name, or the config of a model path (a Hugging Face
+/// `config.json` or open_clip's, a model folder, or a `.safetensors` file carrying its
+/// config, as `clipcid init-model` writes; [`ClipConfig::from_path`]), checked, errors naming
+/// the file.
 pub fn student_config(model: &str) -> Result<ClipConfig, TrainError> {
     if let Ok(c) = ClipConfig::preset(model) {
         return Ok(c);
     }
     let path = Path::new(model);
-    if !path.is_file() {
+    if !path.exists() {
         return Err(TrainError::Config(format!(
-            "student.model `{model}` is neither a preset ({}) nor a config.json file",
+            "student.model `{model}` is neither a preset ({}) nor a config file, model folder or checkpoint",
             clipcid_models::PRESETS.join(", ")
         )));
     }
-    Ok(ClipConfig::from_json_file(path)?)
+    Ok(ClipConfig::from_path(path)?)
 }
 
 impl DistillConfig {

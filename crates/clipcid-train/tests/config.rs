@@ -179,3 +179,34 @@ fn default_config_in_code_matches_an_empty_toml_file() {
         toml::from_str("[data]\ndataset = \"\"\n").unwrap();
     assert_eq!(from_toml, clipcid_train::DistillConfig::default());
 }
+
+#[test]
+fn student_model_names_a_preset_a_config_a_folder_or_a_checkpoint() {
+    use clipcid_models::{ClipConfig, ClipModel};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ClipConfig::preset("tiny").unwrap();
+    cfg.vision_config.num_hidden_layers = 1;
+    let model = ClipModel::random(&cfg, 0, &candle_core::Device::Cpu).unwrap();
+    // What `clipcid init-model --out student.safetensors` writes: the config in the metadata.
+    let file = dir.path().join("student.safetensors");
+    model.save(&file, candle_core::DType::F32).unwrap();
+    model
+        .save_pretrained(&dir.path().join("folder"), candle_core::DType::F32)
+        .unwrap();
+    for p in [
+        file.clone(),
+        dir.path().join("folder"),
+        dir.path().join("folder/config.json"),
+    ] {
+        let got = clipcid_train::student_config(&p.display().to_string()).unwrap();
+        assert_eq!(got, cfg, "{}", p.display());
+    }
+    assert_eq!(
+        clipcid_train::student_config("tiny").unwrap(),
+        ClipConfig::preset("tiny").unwrap()
+    );
+    let e = clipcid_train::student_config("no-such-preset")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("neither a preset"), "{e}");
+}

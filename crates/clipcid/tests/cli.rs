@@ -695,6 +695,30 @@ fn eval_textness_and_export_from_the_command_line() {
         !ok && text.contains("two models to evaluate are named `student`"),
         "{text}"
     );
+    // A teacher with no tokenizer beside it: the error names the teacher's own flag (it
+    // said `--tokenizer`, which gives the student's).
+    let lone = d.join("lone");
+    std::fs::create_dir_all(&lone).unwrap();
+    std::fs::copy(
+        d.join("teacher.safetensors"),
+        lone.join("teacher.safetensors"),
+    )
+    .unwrap();
+    let (ok, text) = eval_student(&[
+        "--teacher",
+        s(&lone.join("teacher.safetensors")),
+        "--tokenizer",
+        s(&d.join("tokenizer.json")),
+        "--zero-shot",
+        s(&d.join("test")),
+        "--out",
+        s(&d.join("report-lone")),
+    ]);
+    assert!(
+        !ok && text.contains("no tokenizer for teacher")
+            && text.contains("pass --teacher-tokenizer"),
+        "{text}"
+    );
     // In bf16 (features compared in f32) recalls move by at most one of the 6 captions: this
     // random student's near-ties may flip; the bf16 features themselves are checked to
     // cosine >= 0.999 by the device parity tests. This run passes --rgb-first, which leaves

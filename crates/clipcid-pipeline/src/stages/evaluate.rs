@@ -141,6 +141,7 @@ pub fn eval(args: &EvalArgs, device: &Device) -> Result<String, PipelineError> {
         &args.model,
         &load,
         tok,
+        "--tokenizer",
         device,
         args.precision.dtype(),
     )?];
@@ -153,6 +154,7 @@ pub fn eval(args: &EvalArgs, device: &Device) -> Result<String, PipelineError> {
                 t,
                 &load,
                 teacher_tok,
+                "--teacher-tokenizer",
                 device,
                 args.precision.dtype(),
             )?,
@@ -167,6 +169,7 @@ pub fn eval(args: &EvalArgs, device: &Device) -> Result<String, PipelineError> {
             Path::new(path),
             &load,
             tok,
+            "--tokenizer",
             device,
             args.precision.dtype(),
         )?);
@@ -303,6 +306,7 @@ pub fn textness(args: &TextnessArgs, device: &Device) -> Result<TextnessReport, 
         &args.model,
         &args.load,
         args.tokenizer.as_deref(),
+        "--tokenizer",
         device,
         args.precision.dtype(),
     )?;
