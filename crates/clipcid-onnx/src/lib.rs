@@ -222,7 +222,8 @@ impl OnnxModel {
 
 /// Moves every initializer of 1 KiB or more out of `proto` into the bytes of an external
 /// data file (to be written as `data_name` beside the graph), and returns those bytes. Each
-/// tensor's bytes move rather than copy, so the peak is the graph's weights once.
+/// tensor's bytes leave `proto` as they are copied, so `proto` and the data together hold
+/// the weights once.
 fn move_to_external(proto: &mut ModelProto, data_name: &str) -> Vec<u8> {
     // Sized once: growing by doubling would hold up to twice the weights while it copies.
     let capacity: usize = proto
