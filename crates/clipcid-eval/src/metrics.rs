@@ -53,14 +53,10 @@ impl Classification {
         let (mut hit1, mut hit5) = (0usize, 0usize);
         let mut predictions = Vec::with_capacity(truth.len());
         for (row, &t) in scores.chunks_exact(classes).zip(truth) {
-            // Rank of the truth: classes scoring higher, and tied ones of a lower index (the
-            // order of `argmax` and `top_n`; NaN scores never outrank). Letting ties favour
-            // the truth gave a collapsed model (all scores equal) 100% top-5.
-            let above = row
-                .iter()
-                .enumerate()
-                .filter(|&(k, &s)| s > row[t] || (s == row[t] && k < t))
-                .count();
+            // Rank of the truth in the order of `argmax` and `top_n` (a tie to the lower
+            // index). Letting ties favour the truth gave a collapsed model (all scores
+            // equal) 100% top-5.
+            let above = rank_in(row.iter().copied(), t);
             let pred = argmax(row);
             hit1 += usize::from(pred == t);
             hit5 += usize::from(above < 5);
@@ -169,28 +165,26 @@ impl Retrieval {
         // [`top_n`]: higher score first, a tie to the lower index. Counting only strictly
         // higher scores put every tied answer first: a collapsed model (every caption's
         // embedding the same) scored 100% image -> text R@1.
-        let rank = |score: &dyn Fn(usize) -> f32, n: usize, right: usize| {
-            let s = score(right);
-            (0..n)
-                .filter(|&k| {
-                    let t = score(k);
-                    t > s || (t == s && k < right)
-                })
-                .count()
-        };
         let i2t: Vec<usize> = (0..images)
             .map(|i| {
                 let row = &sim[i * texts..(i + 1) * texts];
-                (0..texts)
-                    .filter(|&j| text_image[j] == i)
-                    .map(|j| rank(&|k| row[k], texts, j))
-                    .min()
+                // The best right caption: the highest score, of those the lowest index.
+                let best = (0..texts).filter(|&j| text_image[j] == i).reduce(|b, j| {
+                    if row[j] > row[b] {
+                        j
+                    } else {
+                        b
+                    }
+                });
+                match best {
+                    Some(b) => rank_in(row.iter().copied(), b),
                     // An image without captions is never retrieved.
-                    .unwrap_or(usize::MAX)
+                    None => usize::MAX,
+                }
             })
             .collect();
         let t2i: Vec<usize> = (0..texts)
-            .map(|j| rank(&|i| sim[i * texts + j], images, text_image[j]))
+            .map(|j| rank_in(sim.iter().skip(j).step_by(texts).copied(), text_image[j]))
             .collect();
         let recall = |ranks: &[usize], k: usize| {
             ranks.iter().filter(|&&r| r < k).count() as f64 / ranks.len() as f64
@@ -201,6 +195,20 @@ impl Retrieval {
             text_to_image: ks.iter().map(|&k| recall(&t2i, k)).collect(),
         })
     }
+}
+
+/// The 0-based rank of entry `right` among `scores` in [`top_n`]'s order: the entries
+/// scoring higher, and the tied ones of a lower index (NaN scores never outrank; a NaN
+/// `right` ranks last).
+fn rank_in(scores: impl Iterator<Item = f32> + Clone, right: usize) -> usize {
+    let s = match scores.clone().nth(right) {
+        Some(s) if !s.is_nan() => s,
+        _ => return usize::MAX,
+    };
+    scores
+        .enumerate()
+        .filter(|&(k, t)| t > s || (t == s && k < right))
+        .count()
 }
 
 /// Average precision of `ranking`'s first `n` results against the relevant set `relevant`
