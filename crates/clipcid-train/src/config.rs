@@ -334,7 +334,8 @@ impl DistillConfig {
             }
             _ => fix(&mut self.data.dataset),
         }
-        // `student.model` is a preset name or a path (config, folder, checkpoint) relative to this file.
+        // `student.model` is a preset name or a path (config, folder, checkpoint) relative
+        // to this file.
         if clipcid_models::ClipConfig::preset(&self.student.model).is_err()
             && Path::new(&self.student.model).is_relative()
         {
