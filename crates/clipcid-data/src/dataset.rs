@@ -108,6 +108,27 @@ fn ext_of(path: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// The image files ([`IMAGE_EXTENSIONS`], any case) directly in the folder `dir`, sorted by
+/// name: a plain folder of images, which is no [`Dataset`] (it has neither captions nor
+/// classes) but is what `textness --images` and `export --sample` read.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// for name in ["b.PNG", "a.jpg", "notes.txt"] {
+///     std::fs::write(dir.path().join(name), b"")?;
+/// }
+/// let files = clipcid_data::image_files_in(dir.path())?;
+/// assert_eq!(files, [dir.path().join("a.jpg"), dir.path().join("b.PNG")]);
+/// # Ok(()) }
+/// ```
+pub fn image_files_in(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+    Ok(sorted_dir(dir)?
+        .into_iter()
+        .filter(|p| p.is_file() && IMAGE_EXTENSIONS.contains(&ext_of(p).as_str()))
+        .collect())
+}
+
 /// The `.tar` files directly in `dir`, sorted by name.
 pub(crate) fn tars_in(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     Ok(sorted_dir(dir)?

@@ -40,7 +40,7 @@ mod spec;
 
 pub use batch::{decode_batch, Batch, BatchIter, Skipped};
 pub use clip_benchmark::ClipBenchmarkSet;
-pub use dataset::{Dataset, Sample, SampleStream, Source, IMAGE_EXTENSIONS};
+pub use dataset::{image_files_in, Dataset, Sample, SampleStream, Source, IMAGE_EXTENSIONS};
 pub use decode::{
     decode_image, decode_image_with_mode, DecodedImage, PillowMode, IMAGE_DECODER,
     MAX_DECODED_BYTES,

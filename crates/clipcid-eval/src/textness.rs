@@ -597,22 +597,9 @@ pub fn textness_study(
 /// the preprocessing to take as it takes a dataset's). Undecodable files are errors naming
 /// the file.
 pub fn load_images(path: &Path) -> Result<Vec<DecodedImage>, EvalError> {
-    let is_image = |p: &Path| {
-        p.extension()
-            .map(|e| {
-                clipcid_data::IMAGE_EXTENSIONS
-                    .contains(&e.to_string_lossy().to_ascii_lowercase().as_str())
-            })
-            .unwrap_or(false)
-    };
     if path.is_dir() {
-        let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(path)
-            .map_err(|e| EvalError::file(path, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && is_image(p))
-            .collect();
+        let files = clipcid_data::image_files_in(path)?;
         if !files.is_empty() {
-            files.sort();
             return files
                 .iter()
                 .map(|f| {

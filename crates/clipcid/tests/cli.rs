@@ -821,21 +821,30 @@ fn eval_textness_and_export_from_the_command_line() {
 
     // FP16 export.
     let fp16 = d.join("fp16");
-    let (ok, text) = clipcid(&[
-        "export",
-        "--model",
-        s(&d.join("student.safetensors")),
-        "--out",
-        s(&fp16),
-        "--sample",
-        s(&d.join("test")),
-    ]);
+    let student_file = d.join("student.safetensors");
+    let export_student = |more: &[&str]| {
+        let mut args = vec!["export", "--model", s(&student_file), "--out", s(&fp16)];
+        args.extend(more);
+        clipcid(&args)
+    };
+    let (ok, text) = export_student(&["--sample", s(&d.join("test"))]);
     assert!(ok, "{text}");
     assert!(
         text.contains("9 images of") && text.contains("min cosine"),
         "{text}"
     );
     assert!(fp16.join("model.safetensors").exists() && fp16.join("tokenizer.json").exists());
+    // A plain folder of images (as `textness --images` takes) samples its first files by
+    // name; it was refused as "no images found".
+    let flat = d.join("flat");
+    std::fs::create_dir_all(&flat).unwrap();
+    for i in 0..3u8 {
+        image::RgbImage::from_pixel(40, 30, image::Rgb([i * 80, 20, 200]))
+            .save(flat.join(format!("{i}.png")))
+            .unwrap();
+    }
+    let (ok, text) = export_student(&["--sample", s(&flat), "--samples", "2"]);
+    assert!(ok && text.contains("2 images of"), "{text}");
     let (ok, text) = clipcid(&[
         "export",
         "--model",
@@ -857,15 +866,7 @@ fn eval_textness_and_export_from_the_command_line() {
             "--samples 0: the FP16 error needs at least 1 sample image",
         ),
     ] {
-        let (ok, text) = clipcid(&[
-            "export",
-            "--model",
-            s(&d.join("student.safetensors")),
-            "--out",
-            s(&fp16),
-            "--samples",
-            samples,
-        ]);
+        let (ok, text) = export_student(&["--samples", samples]);
         assert!(!ok && text.contains(says), "{text}");
     }
 }

@@ -387,7 +387,8 @@ pub struct ExportArgs {
     /// repositories.
     #[arg(long, value_enum, default_value = "hf")]
     pub format: ExportFormat,
-    /// Images to measure the FP16 error on (any dataset); default: seeded random pixels.
+    /// Images to measure the FP16 error on (a folder of image files or any dataset);
+    /// default: seeded random pixels.
     #[arg(long)]
     pub sample: Option<PathBuf>,
     /// At most this many sample images (1 to 1024: they go through the model as one batch).
@@ -466,7 +467,29 @@ pub fn export(args: &ExportArgs, device: &Device) -> Result<ExportOutcome, Pipel
     let (model_path, model, preprocess) = (loaded.path, loaded.model, loaded.preprocess);
     crate::models::check_not_model_folder(&args.out, &model_path)?;
     let size = model.config().vision_config.image_size;
+    let folder_images = match &args.sample {
+        Some(data) if data.is_dir() => clipcid_data::image_files_in(data)?,
+        _ => vec![],
+    };
     let (pixels, what) = match &args.sample {
+        // A plain folder of images (no captions, no classes): the first `samples` by name.
+        Some(data) if !folder_images.is_empty() => {
+            let files = &folder_images[..folder_images.len().min(args.samples)];
+            let per = preprocess.values_per_image();
+            let mut values = vec![0f32; files.len() * per];
+            for (file, slot) in files.iter().zip(values.chunks_exact_mut(per)) {
+                let bytes = std::fs::read(file)
+                    .map_err(|e| PipelineError::Input(format!("{}: {e}", file.display())))?;
+                preprocess
+                    .decode_into(&bytes, slot)
+                    .map_err(|e| PipelineError::Input(format!("{}: {e}", file.display())))?;
+            }
+            let n = files.len();
+            (
+                Tensor::from_vec(values, (n, 3, size, size), device)?,
+                format!("{n} images of {}", data.display()),
+            )
+        }
         Some(data) => {
             let ds = Dataset::open(data)?;
             let mut it = BatchIter::new(
