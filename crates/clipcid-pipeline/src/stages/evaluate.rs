@@ -474,21 +474,28 @@ pub fn export(args: &ExportArgs, device: &Device) -> Result<ExportOutcome, Pipel
     let (pixels, what) = match &args.sample {
         // A plain folder of images (no captions, no classes): the first `samples` by name.
         Some(data) if !folder_images.is_empty() => {
-            let files = &folder_images[..folder_images.len().min(args.samples)];
-            let per = preprocess.values_per_image();
-            let mut values = vec![0f32; files.len() * per];
-            for (file, slot) in files.iter().zip(values.chunks_exact_mut(per)) {
-                let bytes = std::fs::read(file)
-                    .map_err(|e| PipelineError::Input(format!("{}: {e}", file.display())))?;
-                preprocess
-                    .decode_into(&bytes, slot)
-                    .map_err(|e| PipelineError::Input(format!("{}: {e}", file.display())))?;
+            let samples = folder_images
+                .iter()
+                .take(args.samples)
+                .enumerate()
+                .map(|(i, file)| clipcid_data::Sample {
+                    index: i as u64,
+                    key: file.display().to_string(),
+                    image: std::fs::read(file).map_err(|e| e.to_string()),
+                    caption: None,
+                    label: None,
+                })
+                .collect();
+            // Decoded in parallel as a dataset's batch is; a file that fails is an error
+            // naming it, not a smaller sample.
+            let (batch, skipped) = clipcid_data::decode_batch(samples, &preprocess, device)?;
+            if let Some(s) = skipped.first() {
+                input_error!("{}: {}", s.key, s.reason);
             }
-            let n = files.len();
-            (
-                Tensor::from_vec(values, (n, 3, size, size), device)?,
-                format!("{n} images of {}", data.display()),
-            )
+            let b = batch
+                .ok_or_else(|| PipelineError::Input(format!("{}: no images", data.display())))?;
+            let n = b.len();
+            (b.pixels, format!("{n} images of {}", data.display()))
         }
         Some(data) => {
             let ds = Dataset::open(data)?;
