@@ -104,6 +104,26 @@ pub fn expand_sources(spec: &str) -> Result<Vec<PathBuf>, DataError> {
     Ok(out)
 }
 
+/// A shard that the arguments reach twice (listed twice, by two spellings, or beside its
+/// folder) is an error naming both: its samples would be read, embedded and trained on twice.
+fn refuse_repeats(shards: &[PathBuf]) -> Result<(), DataError> {
+    let mut seen = std::collections::HashMap::with_capacity(shards.len());
+    for shard in shards {
+        // A path that does not resolve stays as given: opening it names the problem.
+        let resolved = std::fs::canonicalize(shard).unwrap_or_else(|_| shard.clone());
+        if let Some(first) = seen.insert(resolved, shard) {
+            return Err(DataError::format(
+                shard,
+                format!(
+                    "given twice (also as {}): list each shard, or its folder, once",
+                    first.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn not_brace(part: &str, e: String) -> DataError {
     DataError::format(part, format!("not a brace pattern bash would expand ({e})"))
 }
@@ -141,7 +161,8 @@ impl Dataset {
     /// Opens the dataset several arguments name together (repeated `--data`, or one
     /// argument with `::`, braces or globs; see [`expand_sources`]). One path opens as
     /// [`Dataset::open`] does; several must all be WebDataset `.tar` shards or folders of
-    /// them, read in the order given (a folder's shards sorted by name).
+    /// them, read in the order given (a folder's shards sorted by name), each shard once: one
+    /// reached twice is an error naming it.
     ///
     /// ```
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -193,6 +214,7 @@ impl Dataset {
                         return Err(DataError::format(p, "tar shard not found"));
                     }
                 }
+                refuse_repeats(&shards)?;
                 Self::webdataset(shards)
             }
         }

@@ -748,6 +748,10 @@ fn shard_lists_open_as_webdataset_and_open_clip_users_write_them() {
             "name 12000000 paths",
         ),
         (vec![p("a/00000.tar::")], "empty source"),
+        // A shard reached twice, by any spelling, is refused (its samples would count twice).
+        (vec![p("a/00000.tar"), p("a/00000.tar")], "given twice"),
+        (vec![p("a/*.tar::") + &p("a/./00001.tar")], "given twice"),
+        (vec![p("a"), p("a/00002.tar")], "given twice"),
         (
             vec![p("a/00000.tar"), p("captions.tsv")],
             "tar shard not found",

@@ -32,7 +32,24 @@ pub fn shard_index(path: &Path) -> Option<usize> {
 }
 
 /// Expands command-line inputs into shard files: a folder becomes its
-/// `embeddings-*.safetensors` in order, a file stays itself. No input at all is an error.
+/// `embeddings-*.safetensors` in order, a file stays itself. No input at all is an error, and
+/// so is one file reached twice (listed twice, or listed beside its folder): its rows would
+/// count twice, every one a duplicate of itself, and a shard without recorded sample ranges
+/// (one another tool wrote) gives no other sign of it.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use candle_core::{Device, Tensor};
+/// use clipcid_store::{expand_shard_inputs, io::write_safetensors};
+/// let dir = tempfile::tempdir()?;
+/// let file = dir.path().join("plain.safetensors");
+/// let image = Tensor::ones((3, 4), candle_core::DType::F32, &Device::Cpu)?;
+/// write_safetensors(&file, [("image".to_string(), image)], &Default::default())?;
+/// assert_eq!(expand_shard_inputs(&[file.clone()])?, vec![file.clone()]);
+/// let twice = expand_shard_inputs(&[file.clone(), file]).unwrap_err();
+/// assert!(twice.to_string().contains("given twice"), "{twice}");
+/// # Ok(()) }
+/// ```
 pub fn expand_shard_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, StoreError> {
     let mut shards = Vec::new();
     for p in inputs {
@@ -44,6 +61,20 @@ pub fn expand_shard_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, StoreErro
     }
     if shards.is_empty() {
         return Err(StoreError::Invalid("no embedding shards given".into()));
+    }
+    // A path that does not resolve stays as given: reading it names the problem.
+    let mut seen = std::collections::HashMap::with_capacity(shards.len());
+    for shard in &shards {
+        let resolved = std::fs::canonicalize(shard).unwrap_or_else(|_| shard.clone());
+        if let Some(first) = seen.insert(resolved, shard) {
+            return Err(StoreError::file(
+                shard,
+                format!(
+                    "given twice (also as {}): list each shard, or its folder, once",
+                    first.display()
+                ),
+            ));
+        }
     }
     Ok(shards)
 }

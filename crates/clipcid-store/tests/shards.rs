@@ -301,3 +301,28 @@ fn ids_as_a_u64_tensor_or_a_sidecar_text_file_are_read() {
         );
     }
 }
+
+#[test]
+fn a_shard_reached_twice_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    shard(dir.path(), 0, 0, 2, &[0, 1]);
+    shard(dir.path(), 1, 2, 4, &[2, 3]);
+    let folder = dir.path().to_path_buf();
+    let first = shard_path(dir.path(), 0);
+    // A file another tool wrote: no recorded range, so nothing else would notice it twice.
+    let plain = dir.path().join("plain.safetensors");
+    let image = Tensor::ones((3, 4), DType::F32, &Device::Cpu).unwrap();
+    write_safetensors(&plain, [("image".to_string(), image)], &HashMap::new()).unwrap();
+    let dotted = dir.path().join(".").join("plain.safetensors");
+    for inputs in [
+        vec![plain.clone(), plain.clone()],
+        vec![plain.clone(), dotted],
+        vec![folder.clone(), first],
+        vec![folder.clone(), folder.clone()],
+    ] {
+        let e = ShardLayout::open(&inputs).unwrap_err().to_string();
+        assert!(e.contains("given twice (also as"), "{inputs:?}: {e}");
+    }
+    let layout = ShardLayout::open(&[folder, plain]).unwrap();
+    assert_eq!(layout.counts, vec![2, 2, 3]);
+}
