@@ -217,12 +217,7 @@ pub fn embed_dataset(
             )));
         }
     }
-    std::fs::create_dir_all(out_dir).map_err(|e| {
-        EmbedError::Config(format!(
-            "{}: cannot create output folder: {e}",
-            out_dir.display()
-        ))
-    })?;
+    clipcid_store::io::create_output_folder(out_dir)?;
     // One writer per folder (per part of a split run): a second run into it is refused,
     // not interleaved.
     let part = opts.part;

@@ -673,8 +673,7 @@ impl ClipModel {
         preprocess_cfg: Option<serde_json::Value>,
     ) -> Result<(), ModelError> {
         let model_cfg = self.config.to_open_clip_json()?;
-        std::fs::create_dir_all(dir)
-            .map_err(|e| ModelError::file(dir, format!("cannot create folder: {e}")))?;
+        clipcid_store::io::create_output_folder(dir)?;
         let hf: HashMap<String, Tensor> = hf_tensor_shapes(&self.config)
             .keys()
             .map(|n| Ok((n.clone(), get(&self.params, n)?.to_dtype(dtype)?)))
@@ -706,8 +705,7 @@ impl ClipModel {
 
     /// Writes a Hugging Face model folder: `model.safetensors` and `config.json`.
     pub fn save_pretrained(&self, dir: &Path, dtype: DType) -> Result<(), ModelError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| ModelError::file(dir, format!("cannot create folder: {e}")))?;
+        clipcid_store::io::create_output_folder(dir)?;
         self.save(&dir.join("model.safetensors"), dtype)?;
         self.config.save_json(&dir.join("config.json"))
     }

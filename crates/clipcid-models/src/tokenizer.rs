@@ -292,8 +292,7 @@ impl ClipTokenizer {
     /// # Ok(()) }
     /// ```
     pub fn save_pretrained(&self, dir: &Path) -> Result<(), ModelError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| ModelError::file(dir, format!("cannot create folder: {e}")))?;
+        clipcid_store::io::create_output_folder(dir)?;
         self.save(&dir.join("tokenizer.json"))?;
         let (special, class) = if self.clean {
             let special = json!({

@@ -378,7 +378,7 @@ pub fn run(opts: &DemoOptions, device: &Device, say: &mut dyn FnMut(&str)) -> Re
         );
     }
     let data = data_layout(&opts.data)?;
-    std::fs::create_dir_all(out).map_err(|e| PipelineError::io(out, "create", e))?;
+    clipcid_store::io::create_output_folder(out)?;
     let mut clock = StageClock::new();
     say("[1/8] choosing the teacher");
     let teacher = choose_teacher(opts, device, say)?;

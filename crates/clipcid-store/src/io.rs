@@ -342,6 +342,32 @@ pub fn without_staging(text: &str) -> String {
     out
 }
 
+/// Creates the output folder `dir` and its parents where they are missing. A file where the
+/// folder goes (`--out model.safetensors` for a command that writes a folder) is an error
+/// saying so, not the system's bare "File exists".
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use clipcid_store::io::create_output_folder;
+/// let dir = tempfile::tempdir()?;
+/// create_output_folder(&dir.path().join("runs/a"))?;
+/// assert!(dir.path().join("runs/a").is_dir());
+/// std::fs::write(dir.path().join("model.safetensors"), b"")?;
+/// let e = create_output_folder(&dir.path().join("model.safetensors")).unwrap_err();
+/// assert!(e.to_string().contains("is a file where an output folder goes"), "{e}");
+/// # Ok(()) }
+/// ```
+pub fn create_output_folder(dir: &Path) -> Result<(), StoreError> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(StoreError::file(
+            dir,
+            "is a file where an output folder goes: name a folder (a new one, or one of this command's earlier outputs)",
+        ));
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| StoreError::file(dir, format!("cannot create the folder: {e}")))
+}
+
 /// Writes a folder of outputs (a model folder: weights, config, tokenizer, preprocessing) as
 /// one unit. `write` fills a fresh hidden folder inside `dir` (`.clipcid-staging-PID`); only
 /// once it returns `Ok` are the staged files renamed into `dir` (sub-folders merged, files of
@@ -376,8 +402,7 @@ pub fn write_folder<T, E: From<StoreError>>(
     write: impl FnOnce(&Path) -> Result<T, E>,
 ) -> Result<T, E> {
     let created = !dir.exists();
-    std::fs::create_dir_all(dir)
-        .map_err(|e| StoreError::file(dir, format!("cannot create the folder: {e}")))?;
+    create_output_folder(dir)?;
     remove_stale_staging(dir);
     let staging = dir.join(format!("{STAGING_PREFIX}{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
@@ -698,8 +723,7 @@ pub fn lock_output_dir_part(dir: &Path, part_lock: &str) -> Result<OutputLock, S
 }
 
 fn lock_file(dir: &Path, name: &str, shared: bool) -> Result<std::fs::File, StoreError> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| StoreError::file(dir, format!("cannot create: {e}")))?;
+    create_output_folder(dir)?;
     let path = dir.join(name);
     let file = std::fs::OpenOptions::new()
         .create(true)

@@ -394,8 +394,7 @@ impl Trainer {
             total_steps: total,
             min_lr: config.optim.min_lr,
         };
-        std::fs::create_dir_all(out_dir)
-            .map_err(|e| TrainError::io(out_dir, "cannot create the run folder", e))?;
+        clipcid_store::io::create_output_folder(out_dir)?;
         let loss_scale = (config.optim.precision == TrainPrecision::F16)
             .then(|| LossScale::new(config.optim.loss_scale));
         Ok(Self {

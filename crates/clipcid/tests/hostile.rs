@@ -1141,6 +1141,47 @@ fn hostile_inputs_end_in_named_errors_or_named_skips() {
         Expect::Error(&["junk-teacher.safetensors"]),
     );
     assert!(!b.path("pc-student").exists(), "no half-written student");
+    // One shard reached twice (beside its folder): every row would count twice.
+    b.case(
+        4,
+        "an embedding shard given twice",
+        &[
+            "cluster",
+            "--embeddings",
+            "emb",
+            "emb/embeddings-00000.safetensors",
+            "--k",
+            "2",
+            "--out",
+            "twice.safetensors",
+        ],
+        Expect::Error(&["embeddings-00000.safetensors", "given twice"]),
+    );
+    // A file where a command's output folder goes.
+    b.write("a-file", b"");
+    for (name, args) in [
+        (
+            "embed --out names a file",
+            embed("teacher.safetensors", "data", "a-file"),
+        ),
+        (
+            "export --out names a file",
+            vec![
+                "export",
+                "--model",
+                "teacher.safetensors",
+                "--out",
+                "a-file",
+            ],
+        ),
+    ] {
+        b.case(
+            4,
+            name,
+            &args,
+            Expect::Error(&["a-file", "is a file where an output folder goes"]),
+        );
+    }
 
     println!("| class | case | expected | verdict | what clipcid said |\n|---|---|---|---|---|");
     for r in &b.rows {

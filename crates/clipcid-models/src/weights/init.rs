@@ -117,8 +117,7 @@ pub fn write_random_bert(
             cfg.text_config.vocab_size
         )));
     }
-    std::fs::create_dir_all(dir)
-        .map_err(|e| ModelError::file(dir, format!("cannot create folder: {e}")))?;
+    clipcid_store::io::create_output_folder(dir)?;
     io::write_atomic(&dir.join("config.json"), bert_config_json.as_bytes())?;
     let tensors: Vec<(String, Tensor)> = init_tensors(&cfg, seed)?
         .into_iter()
