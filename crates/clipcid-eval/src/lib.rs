@@ -62,8 +62,9 @@ pub use templates::{
     IMAGENET_TEMPLATES, MNIST_TEMPLATES,
 };
 pub use textness::{
-    load_images, plot_textness_grid, textness_study, textness_sweep, ScaleRow, TextRenderer,
-    TextnessDirection, TextnessOptions, TextnessReport, DEFAULT_WORDS,
+    first_shared_picture, load_images, load_named_images, plot_textness_grid, textness_study,
+    textness_sweep, ScaleRow, TextRenderer, TextnessDirection, TextnessOptions, TextnessReport,
+    DEFAULT_WORDS,
 };
 pub use zero_shot::ZeroShotClassifier;
 

@@ -468,7 +468,8 @@ pub struct TextnessReport {
 /// in the top results per scale. Clean images are encoded as decoded; a word is drawn on
 /// the image converted to RGB by the preprocessing's rule ([`Preprocess::convert_to_rgb`]:
 /// transparency over white for transformers, dropped for open_clip), as a Pillow pipeline
-/// converts before it draws.
+/// converts before it draws. A real text image with the pixels of one of `images`
+/// ([`first_shared_picture`]) is an error: it would stand on both sides of the probe.
 #[allow(clippy::too_many_arguments)] // one call site per front end; a struct adds nothing
 pub fn textness_study(
     model: &clipcid_models::ClipModel,
@@ -494,6 +495,11 @@ pub fn textness_study(
         ));
     }
     check_sweep(&opts.scales, opts.top)?;
+    if let Some((i, j)) = first_shared_picture(images, &opts.real_text_images) {
+        return Err(EvalError::Input(format!(
+            "real text image {j} has the pixels of image {i} of the images without text: one picture cannot be both"
+        )));
+    }
     // The direction, grids and report are staged and moved into `out` together.
     clipcid_store::io::write_folder(out, |out| {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
@@ -597,6 +603,15 @@ pub fn textness_study(
 /// the preprocessing to take as it takes a dataset's). Undecodable files are errors naming
 /// the file.
 pub fn load_images(path: &Path) -> Result<Vec<DecodedImage>, EvalError> {
+    Ok(load_named_images(path)?
+        .into_iter()
+        .map(|(_, image)| image)
+        .collect())
+}
+
+/// [`load_images`] with each image's name, for messages: its file's path for a folder of
+/// image files, `DATASET: sample KEY` for a dataset's sample.
+pub fn load_named_images(path: &Path) -> Result<Vec<(String, DecodedImage)>, EvalError> {
     if path.is_dir() {
         let files = clipcid_data::image_files_in(path)?;
         if !files.is_empty() {
@@ -604,7 +619,9 @@ pub fn load_images(path: &Path) -> Result<Vec<DecodedImage>, EvalError> {
                 .iter()
                 .map(|f| {
                     let bytes = std::fs::read(f).map_err(|e| EvalError::file(f, e))?;
-                    clipcid_data::decode_image_with_mode(&bytes).map_err(|e| EvalError::file(f, e))
+                    let image = clipcid_data::decode_image_with_mode(&bytes)
+                        .map_err(|e| EvalError::file(f, e))?;
+                    Ok((f.display().to_string(), image))
                 })
                 .collect();
         }
@@ -618,7 +635,46 @@ pub fn load_images(path: &Path) -> Result<Vec<DecodedImage>, EvalError> {
             .map_err(|e| EvalError::file(path, format!("sample `{}`: {e}", s.key)))?;
         let img = clipcid_data::decode_image_with_mode(&bytes)
             .map_err(|e| EvalError::file(path, format!("sample `{}`: {e}", s.key)))?;
-        out.push(img);
+        out.push((format!("{}: sample `{}`", path.display(), s.key), img));
     }
     Ok(out)
+}
+
+/// The first image of `b` (by position) with the very pixels of an image of `a` (size,
+/// colour type and every sample value), as `(index in a, index in b)`. The textness study
+/// refuses such a pair: one picture cannot be both an image without text and one that
+/// carries text.
+///
+/// ```
+/// use clipcid_data::DecodedImage;
+/// use image::{DynamicImage, RgbImage, Rgb};
+/// let img = |v: u8| DecodedImage::from(DynamicImage::ImageRgb8(RgbImage::from_pixel(3, 2, Rgb([v, 0, 0]))));
+/// let a = [img(1), img(2)];
+/// assert_eq!(clipcid_eval::first_shared_picture(&a, &[img(3), img(2)]), Some((1, 1)));
+/// assert_eq!(clipcid_eval::first_shared_picture(&a, &[img(3)]), None);
+/// ```
+pub fn first_shared_picture(a: &[DecodedImage], b: &[DecodedImage]) -> Option<(usize, usize)> {
+    use std::hash::{Hash, Hasher};
+    let key = |d: &DecodedImage| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (d.image.width(), d.image.height(), d.image.color()).hash(&mut h);
+        d.image.as_bytes().hash(&mut h);
+        h.finish()
+    };
+    let same = |x: &DecodedImage, y: &DecodedImage| {
+        (x.image.width(), x.image.height()) == (y.image.width(), y.image.height())
+            && x.image.color() == y.image.color()
+            && x.image.as_bytes() == y.image.as_bytes()
+    };
+    let mut by_key: std::collections::HashMap<u64, Vec<usize>> = Default::default();
+    for (i, d) in a.iter().enumerate() {
+        by_key.entry(key(d)).or_default().push(i);
+    }
+    b.iter().enumerate().find_map(|(j, d)| {
+        by_key
+            .get(&key(d))?
+            .iter()
+            .find(|&&i| same(&a[i], d))
+            .map(|&i| (i, j))
+    })
 }

@@ -570,17 +570,31 @@ fn textness_study_adds_real_text_images_to_probe_and_pool() {
         ..clipcid_eval::TextnessOptions::default()
     };
     let dir = tempfile::tempdir().unwrap();
-    let r = clipcid_eval::textness_study(
-        &model,
-        &tok,
-        &clipcid_data::Preprocess::clip(model.config().vision_config.image_size),
-        &photos.into_iter().map(decoded).collect::<Vec<_>>(),
-        &["a photo".to_string()],
-        &renderer,
-        &opts,
-        dir.path(),
-    )
-    .unwrap();
+    let photos: Vec<_> = photos.into_iter().map(decoded).collect();
+    let study = |opts: &clipcid_eval::TextnessOptions, out: &std::path::Path| {
+        clipcid_eval::textness_study(
+            &model,
+            &tok,
+            &clipcid_data::Preprocess::clip(model.config().vision_config.image_size),
+            &photos,
+            &["a photo".to_string()],
+            &renderer,
+            opts,
+            out,
+        )
+    };
+    // A photo among the real text images is refused: one picture on both sides of the probe.
+    let mut both = opts.clone();
+    both.real_text_images.push(photos[5].clone());
+    let e = study(&both, &dir.path().join("both"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("real text image 3 has the pixels of image 5"),
+        "{e}"
+    );
+    assert!(!dir.path().join("both").exists());
+    let r = study(&opts, dir.path()).unwrap();
     // 4 probe photos (+ 2 real text images), 4 pool photos x 2 (+ 1 real) = 9 entries.
     assert!(
         r.markdown.contains("plus 2 real text-bearing images")

@@ -818,6 +818,26 @@ fn eval_textness_and_export_from_the_command_line() {
     assert!(text.contains("| -1 |") && text.contains("| +1 |"), "{text}");
     assert!(tx.join("textness.safetensors").exists());
     assert!(tx.join("grid-0.png").metadata().unwrap().len() > 1000);
+    // A file of --images again under --text-images (a copy) is refused, naming both.
+    let signs = d.join("signs");
+    std::fs::create_dir_all(&signs).unwrap();
+    std::fs::copy(photos.join("1.png"), signs.join("copy.png")).unwrap();
+    let (ok, text) = clipcid(&[
+        "textness",
+        "--model",
+        s(&d.join("student.safetensors")),
+        "--images",
+        s(&photos),
+        "--text-images",
+        s(&signs),
+        "--out",
+        s(&d.join("textness-both")),
+    ]);
+    assert!(
+        !ok && text.contains("copy.png: the same picture as")
+            && text.contains("1.png (--images, without text)"),
+        "{text}"
+    );
 
     // FP16 export.
     let fp16 = d.join("fp16");

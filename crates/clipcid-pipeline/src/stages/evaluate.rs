@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use clipcid_data::{BatchIter, ClipBenchmarkSet, Dataset};
 use clipcid_eval::{
-    clip_benchmark_class_names, evaluate, export_fp16, load_images, textness_study, AgreementPlan,
-    EvalPlan, ExportReport, ProbeOptions, Templates, TextRenderer, TextnessOptions, TextnessReport,
-    ZeroShotPlan,
+    clip_benchmark_class_names, evaluate, export_fp16, load_named_images, textness_study,
+    AgreementPlan, EvalPlan, ExportReport, ProbeOptions, Templates, TextRenderer, TextnessOptions,
+    TextnessReport, ZeroShotPlan,
 };
 use clipcid_models::ClipTokenizer;
 
@@ -314,15 +314,24 @@ pub fn textness(args: &TextnessArgs, device: &Device) -> Result<TextnessReport, 
         Some(f) => TextRenderer::from_file(f)?,
         None => TextRenderer::dejavu_sans()?,
     };
-    let images = load_images(&args.images)?;
+    let (image_names, images): (Vec<String>, Vec<_>) =
+        load_named_images(&args.images)?.into_iter().unzip();
+    let (text_names, real_text_images): (Vec<String>, Vec<_>) = match &args.text_images {
+        Some(p) => load_named_images(p)?.into_iter().unzip(),
+        None => (vec![], vec![]),
+    };
+    // The study refuses this too, by position; here the files can be named.
+    if let Some((i, j)) = clipcid_eval::first_shared_picture(&images, &real_text_images) {
+        return Err(PipelineError::Input(format!(
+            "{}: the same picture as {} (--images, without text): an image cannot be both with and without text; keep it in one of --images and --text-images",
+            text_names[j], image_names[i]
+        )));
+    }
     let mut opts = TextnessOptions {
         scales: args.scales.clone(),
         top: args.top,
         seed: args.seed,
-        real_text_images: match &args.text_images {
-            Some(p) => load_images(p)?,
-            None => vec![],
-        },
+        real_text_images,
         ..TextnessOptions::default()
     };
     if let Some(w) = &args.words {
