@@ -1,13 +1,15 @@
 //! The whole CLIP-CID pipeline from library code: teacher embeddings, near-duplicate removal,
 //! k-means pseudo-classes, a half-size student distilled with the CLIP, cluster and instance
-//! losses, and a zero-shot + linear-probe comparison with the teacher.
+//! losses, and a zero-shot + linear-probe comparison with the teacher (the probe fitted on a
+//! labelled training split and scored on the evaluation set).
 //!
 //! ```sh
 //! # Small default run (generated images, a seeded random teacher): about a minute.
 //! cargo run --release --example clip_cid
 //! # Your own data and teacher:
 //! cargo run --release --example clip_cid -- --teacher openai/clip-vit-base-patch32 \
-//!     --data shards/ --eval-data labelled/ --k 1000 --epochs 32 --out runs/clip-cid
+//!     --data shards/ --eval-data labelled/test --probe-train labelled/train --k 1000 \
+//!     --epochs 32 --out runs/clip-cid
 //! ```
 
 use std::error::Error;
@@ -26,9 +28,15 @@ pub struct Args {
     /// Captioned training data (default: 192 generated images with captions).
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Labelled folder (`class/*.png`) for zero-shot and linear probe (default: generated).
+    /// Labelled folder (`class/*.png`): zero-shot's set and the linear probe's test split
+    /// (default: generated).
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
+    /// Labelled folder the linear probe is fitted on, with --eval-data's classes (default:
+    /// generated, other images than the default --eval-data's; with --eval-data given and
+    /// this not, no linear probe).
+    #[arg(long)]
+    pub probe_train: Option<PathBuf>,
     /// Near-duplicate threshold (the paper's 0.07).
     #[arg(long, default_value_t = 0.07)]
     pub threshold: f32,
@@ -65,6 +73,15 @@ pub fn run(args: &Args) -> Result<String, Box<dyn Error>> {
     let eval_data = match &args.eval_data {
         Some(d) => d.clone(),
         None => clipcid_suite::toy::labelled_images(&out.join("eval"), 8, 1000)?,
+    };
+    let probe_train = match (&args.probe_train, &args.eval_data) {
+        (Some(p), _) => Some(p.clone()),
+        (None, None) => Some(clipcid_suite::toy::labelled_images(
+            &out.join("probe-train"),
+            8,
+            2000,
+        )?),
+        (None, Some(_)) => None,
     };
 
     println!("[1/5] embed {} with the teacher", data.display());
@@ -129,9 +146,9 @@ pub fn run(args: &Args) -> Result<String, Box<dyn Error>> {
         tokenizer: Some(tokenizer),
         zero_shot: Some(eval_data.clone()),
         templates: "simple".into(),
-        probe_train: Some(eval_data.clone()),
-        probe_test: Some(eval_data),
-        ..EvalArgs::new(student, out.join("eval"))
+        probe_test: probe_train.as_ref().map(|_| eval_data.clone()),
+        probe_train,
+        ..EvalArgs::new(student, out.join("report"))
     };
     Ok(clipcid_pipeline::eval(&eval, &device)?)
 }

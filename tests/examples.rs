@@ -70,9 +70,15 @@ fn clip_cid_example_runs_the_whole_pipeline() {
         "clusters.safetensors",
         "distill.toml",
         "run/student/model.safetensors",
-        "eval/report.md",
+        "report/report.md",
     ] {
         assert!(dir.path().join(file).is_file(), "{file} missing");
     }
     assert!(md.contains("teacher") && md.contains("student"), "{md}");
+    // The probe is fitted on its own split and scored on the evaluation set.
+    let probe = dir.path().join("probe-train").display().to_string();
+    assert!(
+        md.contains("## Linear probe") && md.contains(&format!("frozen image features of {probe}")),
+        "{md}"
+    );
 }

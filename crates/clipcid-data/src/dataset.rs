@@ -46,7 +46,9 @@ pub enum Source {
         /// The root folder.
         root: PathBuf,
     },
-    /// `root/class_name/*.png`: class indices follow the sorted class folder names.
+    /// `root/class_name/*.png`: class indices follow the sorted class folder names (hidden
+    /// folders left out; a class folder with no image is an error, as in torchvision's
+    /// `ImageFolder`).
     Labelled {
         /// The root folder.
         root: PathBuf,
@@ -141,7 +143,7 @@ pub(crate) fn tars_in(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
 /// holds images, some image has a `.txt` of the same stem beside it (class folders of a
 /// labelled set do not). Only that folder is listed, so a large labelled set costs no scan.
 fn is_img2dataset_files(root: &Path) -> Result<bool, DataError> {
-    for dir in sorted_dir(root)?.into_iter().filter(|p| p.is_dir()) {
+    for dir in sub_folders(root)? {
         let images: Vec<PathBuf> = sorted_dir(&dir)?
             .into_iter()
             .filter(|f| IMAGE_EXTENSIONS.contains(&ext_of(f).as_str()))
@@ -151,6 +153,22 @@ fn is_img2dataset_files(root: &Path) -> Result<bool, DataError> {
         }
     }
     Ok(false)
+}
+
+/// The sub-folders of `root` in name order, hidden ones (a name starting with `.`) left out:
+/// `.ipynb_checkpoints`, `.git`, or a writer's staging folder are never classes or shard
+/// folders (torchvision's `ImageFolder` takes them as classes, and then fails as they hold no
+/// images).
+fn sub_folders(root: &Path) -> Result<Vec<PathBuf>, DataError> {
+    Ok(sorted_dir(root)?
+        .into_iter()
+        .filter(|p| {
+            p.is_dir()
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
+        .collect())
 }
 
 fn sorted_dir(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
@@ -217,7 +235,7 @@ impl Dataset {
     /// `.txt` gets no caption.
     pub fn files(root: &Path) -> Result<Self, DataError> {
         let mut entries = Vec::new();
-        for dir in sorted_dir(root)?.into_iter().filter(|p| p.is_dir()) {
+        for dir in sub_folders(root)? {
             let folder = dir
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -328,8 +346,9 @@ impl Dataset {
     /// A labelled image folder (see [`Source::Labelled`]).
     pub fn labelled(root: &Path) -> Result<Self, DataError> {
         let mut classes = Vec::new();
-        let mut entries = Vec::new();
-        for dir in sorted_dir(root)?.into_iter().filter(|p| p.is_dir()) {
+        let mut entries: Vec<FileEntry> = Vec::new();
+        let mut empty = Vec::new();
+        for dir in sub_folders(root)? {
             let class = dir
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -350,12 +369,27 @@ impl Dataset {
                     });
                 }
             }
+            if entries.last().is_none_or(|e| e.label != Some(label)) {
+                empty.push(class.clone());
+            }
             classes.push(class);
         }
         if entries.is_empty() {
             return Err(DataError::format(
                 root,
                 "no images found: expected class sub-folders of images, .tar shards, or a captions.tsv",
+            ));
+        }
+        if !empty.is_empty() {
+            // As torchvision's ImageFolder: such a folder (another run's output folder inside
+            // the set, a class whose images are missing) would be a class no image has, which
+            // zero-shot still offers as an answer and every label count includes.
+            return Err(DataError::format(
+                root,
+                format!(
+                    "class folders with no image in them: {}; each sub-folder of a labelled set is a class (move other folders out)",
+                    empty.join(", ")
+                ),
             ));
         }
         Ok(Self {

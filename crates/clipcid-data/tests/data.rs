@@ -504,6 +504,27 @@ fn labelled_folder_and_detection_errors() {
     let mut stream = ds.samples().unwrap();
     assert_eq!(stream.skip_samples(2).unwrap(), 2);
     assert_eq!(stream.next().unwrap().unwrap().key, "zebra/1.png");
+    // Hidden folders are no classes, even with images in them (a notebook's checkpoints, a
+    // writer's staging folder); they took label 0 and shifted the rest.
+    for hidden in [".ipynb_checkpoints", ".clipcid-staging-42"] {
+        std::fs::create_dir(dir.path().join(hidden)).unwrap();
+        RgbImage::new(8, 8)
+            .save(dir.path().join(hidden).join("0.png"))
+            .unwrap();
+    }
+    assert_eq!(
+        Dataset::open(dir.path()).unwrap().classes(),
+        &["ant", "zebra"]
+    );
+    // A class folder with no image (a report written into the set) is an error naming it, as
+    // torchvision's ImageFolder's; it was a class no image had, offered to zero-shot.
+    std::fs::create_dir_all(dir.path().join("clip_benchmark")).unwrap();
+    std::fs::write(dir.path().join("clip_benchmark/r.json"), "{}").unwrap();
+    let err = Dataset::open(dir.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("class folders with no image in them: clip_benchmark"),
+        "{err}"
+    );
 }
 
 /// Every field of a sample (index, key, image bytes or error, caption, label).

@@ -36,7 +36,8 @@ pub struct EvalModel {
 pub struct EvalPlan {
     /// Zero-shot classification on a labelled set.
     pub zero_shot: Option<ZeroShotPlan>,
-    /// Linear probe: a labelled train set and a labelled test set (same classes).
+    /// Linear probe: a labelled train set and a labelled test set (same classes; the same
+    /// path for both is an error).
     pub linear_probe: Option<(PathBuf, PathBuf, ProbeOptions)>,
     /// Retrieval on a captioned set: each image with all its captions (the lines of its
     /// caption; in a captions file, every line that names it).
@@ -480,6 +481,17 @@ fn report_into(
     }
 
     if let Some((train, test, opts)) = &plan.linear_probe {
+        let resolved = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        if resolved(train) == resolved(test) {
+            // The probe would be scored on the very images it was fitted on.
+            return Err(EvalError::file(
+                test,
+                format!(
+                    "the linear probe's test set is its training set ({}): give a held-out split",
+                    train.display()
+                ),
+            ));
+        }
         let (train_data, test_data) = (open(train)?, open(test)?);
         if train_data.classes() != test_data.classes() {
             return Err(EvalError::file(

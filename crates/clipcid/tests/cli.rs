@@ -487,9 +487,13 @@ fn eval_reads_a_clip_benchmark_set_with_its_class_names_and_templates() {
     // given for 0 class folders"); the linear probe counts the labels (it refused every
     // sample as "past the set's 0 classes").
     let plain = d.join("plain");
-    std::fs::create_dir_all(&plain).unwrap();
-    for shard in ["0.tar", "1.tar"] {
-        std::fs::copy(set.join("test").join(shard), plain.join(shard)).unwrap();
+    // The probe's test split: the same shards, in a folder of their own.
+    let plain_test = d.join("plain-test");
+    for dir in [&plain, &plain_test] {
+        std::fs::create_dir_all(dir).unwrap();
+        for shard in ["0.tar", "1.tar"] {
+            std::fs::copy(set.join("test").join(shard), dir.join(shard)).unwrap();
+        }
     }
     let (ok, text) = zero_shot(&plain, &d.join("report-plain"));
     assert!(
@@ -508,12 +512,29 @@ fn eval_reads_a_clip_benchmark_set_with_its_class_names_and_templates() {
         "--probe-train",
         s(&plain),
         "--probe-test",
-        s(&plain),
+        s(&plain_test),
         "--out",
         s(&d.join("report-plain")),
     ]);
     assert!(
         ok && text.contains(&format!("{n} images, 3 classes")) && text.contains("(3 classes)"),
+        "{text}"
+    );
+    // One set as both splits (here by another spelling of its path) would score the probe
+    // on the images it was fitted on.
+    let (ok, text) = clipcid(&[
+        "eval",
+        "--model",
+        s(&student),
+        "--probe-train",
+        s(&plain),
+        "--probe-test",
+        &format!("{}/.", s(&plain)),
+        "--out",
+        s(&d.join("report-same")),
+    ]);
+    assert!(
+        !ok && text.contains("the linear probe's test set is its training set"),
         "{text}"
     );
     // A wrong shard count names the file: one that is not a number, and one past the shards
