@@ -108,10 +108,12 @@ pub fn default_data(data: &Path) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
-    for (folder, n) in [("photos", 8), ("text-images", 2)] {
+    // Other pictures in each folder: a photo among the text images is refused.
+    for (folder, n, offset) in [("photos", 8, 3000), ("text-images", 2, 4000)] {
         std::fs::create_dir_all(data.join(folder))?;
         for i in 0..n {
-            image(i % COLOURS.len(), 3000 + i).save(data.join(folder).join(format!("{i}.png")))?;
+            image(i % COLOURS.len(), offset + i)
+                .save(data.join(folder).join(format!("{i}.png")))?;
         }
     }
     std::fs::write(
