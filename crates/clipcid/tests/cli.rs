@@ -859,6 +859,18 @@ fn eval_textness_and_export_from_the_command_line() {
             && text.contains("1.png (--images, without text)"),
         "{text}"
     );
+    // The study's pictures are not written among the images it reads.
+    let (ok, text) = clipcid(&[
+        "textness",
+        "--model",
+        s(&d.join("student.safetensors")),
+        "--images",
+        s(&photos),
+        "--out",
+        s(&photos),
+    ]);
+    assert!(!ok && text.contains("the --images folder"), "{text}");
+    assert!(!photos.join("grid-0.png").exists());
 
     // FP16 export.
     let fp16 = d.join("fp16");

@@ -314,6 +314,21 @@ pub fn textness(args: &TextnessArgs, device: &Device) -> Result<TextnessReport, 
         Some(f) => TextRenderer::from_file(f)?,
         None => TextRenderer::dejavu_sans()?,
     };
+    // The grids are pictures: written among the images, the next run would read them as
+    // images without text.
+    for (flag, input) in [
+        ("--images", Some(&args.images)),
+        ("--text-images", args.text_images.as_ref()),
+    ] {
+        if let Some(input) = input.filter(|p| p.is_dir()) {
+            clipcid_store::io::check_not_an_input(&args.out, [input.as_path()]).map_err(|_| {
+                PipelineError::Input(format!(
+                    "{}: the {flag} folder; the study's pictures written into it would be read as images by the next run: choose another --out",
+                    args.out.display()
+                ))
+            })?;
+        }
+    }
     let (image_names, images): (Vec<String>, Vec<_>) =
         load_named_images(&args.images)?.into_iter().unzip();
     let (text_names, real_text_images): (Vec<String>, Vec<_>) = match &args.text_images {
