@@ -119,12 +119,16 @@ impl ClipBenchmarkRecord {
     /// CLIP_benchmark's file name: `{dataset}_{pretrained}_{model}_{language}_{task}.json`,
     /// with path separators replaced.
     pub fn file_name(&self) -> String {
-        format!(
+        file_safe(&format!(
             "{}_{}_{}_{}_{}.json",
             self.dataset, self.pretrained, self.model, self.language, self.task
-        )
-        .replace(['/', '\\'], "-")
+        ))
     }
+}
+
+/// `name` with path separators replaced by `-`, as CLIP_benchmark names its files.
+fn file_safe(name: &str) -> String {
+    name.replace(['/', '\\'], "-")
 }
 
 /// An evaluation set's name for [`ClipBenchmarkRecord`]: its file or folder name, or the set's
@@ -335,19 +339,24 @@ pub fn evaluate(
         // It was read as 1, one image per forward pass; embed refuses 0 too.
         return Err(EvalError::Input("batch size must be at least 1".into()));
     }
-    // A name heads a table row and names its plots and records: two models of one name
+    // A name heads a table row and names its plots and records: two models of one name, or
+    // of names that differ only in a path separator (which file names replace with `-`),
     // would share (overwrite) them.
-    let mut seen = std::collections::HashSet::new();
+    let mut seen: HashMap<String, &str> = HashMap::new();
     for m in models {
         if m.name.trim().is_empty() {
             return Err(EvalError::Input(
                 "a model to evaluate has an empty name".into(),
             ));
         }
-        if !seen.insert(m.name.as_str()) {
+        if let Some(first) = seen.insert(file_safe(&m.name), &m.name) {
+            let names = if first == m.name {
+                format!("named `{first}`")
+            } else {
+                format!("named `{first}` and `{}`, one file name", m.name)
+            };
             return Err(EvalError::Input(format!(
-                "two models to evaluate are named `{}`; give each its own name",
-                m.name
+                "two models to evaluate are {names}; give each its own name"
             )));
         }
     }
@@ -466,7 +475,7 @@ fn report_into(
         if classes.len() <= 50 {
             for (n, c) in names.iter().zip(&res.zero_shot) {
                 // Path separators in a name stay out of the file name, as in CLIP_benchmark's.
-                let file = format!("zero-shot-confusion-{n}.png").replace(['/', '\\'], "-");
+                let file = file_safe(&format!("zero-shot-confusion-{n}.png"));
                 plot_confusion(
                     &out.join(&file),
                     &format!("zero-shot confusion: {n}"),

@@ -716,6 +716,34 @@ fn eval_textness_and_export_from_the_command_line() {
         !ok && text.contains("two models to evaluate are named `student`"),
         "{text}"
     );
+    // Names that differ only in a path separator share their file names.
+    let (student, test, out) = (
+        d.join("student.safetensors"),
+        d.join("test"),
+        d.join("report-clash"),
+    );
+    let (a, b) = (
+        format!("runs/b={}", s(&d.join("teacher.safetensors"))),
+        format!("runs-b={}", s(&d.join("teacher.safetensors"))),
+    );
+    let args = [
+        "eval",
+        "--model",
+        s(&student),
+        "--zero-shot",
+        s(&test),
+        "--out",
+        s(&out),
+        "--compare",
+        &a,
+        "--compare",
+        &b,
+    ];
+    let (ok, text) = clipcid(&args);
+    assert!(
+        !ok && text.contains("named `runs/b` and `runs-b`, one file name"),
+        "{text}"
+    );
     // A teacher with no tokenizer beside it: the error names the teacher's own flag (it
     // said `--tokenizer`, which gives the student's).
     let lone = d.join("lone");
