@@ -134,6 +134,13 @@ pub fn build_locked_text_teacher(
     device: &Device,
 ) -> Result<LockedTextTeacher, TrainError> {
     options.check()?;
+    // The teacher's model.safetensors and config.json would replace the tower's own.
+    clipcid_store::io::check_not_an_input(out_dir, [options.text_tower.as_path()]).map_err(|_| {
+        TrainError::Config(format!(
+            "{}: the text tower is read from this folder; the teacher written into it would replace the tower's model.safetensors and config.json: choose another folder",
+            out_dir.display()
+        ))
+    })?;
     let record_path = out_dir.join("teacher.json");
     if out_dir.join("model.safetensors").is_file() && out_dir.join("tokenizer.json").is_file() {
         let same = std::fs::read(&record_path)

@@ -134,6 +134,28 @@ fn a_text_tower_folder_without_tokenizer_is_a_clear_error() {
     assert!(err.contains("no tokenizer.json"), "{err}");
 }
 
+/// The text tower's own folder as the output: the teacher's weights replaced the tower's.
+#[test]
+fn the_text_towers_folder_is_refused_as_the_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_bert(&d.join("bert"));
+    write_images(&d.join("data"), 8);
+    let before = std::fs::read(d.join("bert/model.safetensors")).unwrap();
+    let opts = LockedTextOptions::new(&d.join("bert"), &d.join("data"));
+    let err = build_locked_text_teacher(&opts, &d.join("bert/."), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("the text tower is read from this folder"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(d.join("bert/model.safetensors")).unwrap(),
+        before
+    );
+}
+
 /// A rebuild that fails part way leaves no record: the earlier build's `teacher.json`
 /// stayed beside the failed build's weights, and asking for the earlier options again
 /// "reused" weights trained with other options.
