@@ -9,8 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{DistillConfig, RunSummary, TrainError, Trainer};
 
-/// What a locked-text teacher is built from. Saved as `teacher.json` beside the model; a
-/// folder whose record equals the request is reused instead of trained again.
+/// What a locked-text teacher is built from. Saved as `teacher.json` beside the model, with
+/// digests of the dataset ([`clipcid_data::Dataset::fingerprint`]) and of the text tower's
+/// files; a folder whose record equals the request, digests included, is reused instead of
+/// trained again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LockedTextOptions {
     /// The frozen text tower: a BERT folder with `config.json`, `model.safetensors` and
@@ -32,6 +34,39 @@ pub struct LockedTextOptions {
     pub context_length: usize,
     /// Seed of the image tower's init and of the data order.
     pub seed: u64,
+}
+
+/// A build's `teacher.json`: its options and digests of the inputs they name, so that a
+/// build is reused for the same data and text tower, not merely the same paths (a
+/// re-fetched dataset or another tower copied to the same folder reused a stale teacher).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct BuildRecord {
+    #[serde(flatten)]
+    options: LockedTextOptions,
+    /// [`clipcid_data::Dataset::fingerprint`] of `options.dataset`.
+    dataset_fingerprint: String,
+    /// SHA-256 of the text tower's `config.json`, `model.safetensors` and `tokenizer.json`.
+    text_tower_digest: String,
+}
+
+impl BuildRecord {
+    fn of(options: &LockedTextOptions) -> Result<Self, TrainError> {
+        let dataset_fingerprint = clipcid_data::Dataset::open(&options.dataset)?.fingerprint()?;
+        let mut files = vec![];
+        for name in ["config.json", "model.safetensors", "tokenizer.json"] {
+            let path = options.text_tower.join(name);
+            // A missing file is reported by the build itself, naming it.
+            let bytes = std::fs::read(&path).unwrap_or_default();
+            files.push(name.as_bytes().to_vec());
+            files.push((bytes.len() as u64).to_le_bytes().to_vec());
+            files.push(bytes);
+        }
+        Ok(Self {
+            options: options.clone(),
+            dataset_fingerprint,
+            text_tower_digest: clipcid_store::sha256_hex(&files),
+        })
+    }
 }
 
 impl LockedTextOptions {
@@ -104,14 +139,16 @@ pub struct LockedTextTeacher {
     /// The Hugging Face-style model folder: `model.safetensors`, `config.json`,
     /// `tokenizer.json`, `teacher.json`, `TEACHER.md`.
     pub dir: PathBuf,
-    /// Whether an existing folder built from the same options was reused.
+    /// Whether an existing folder built from the same options and inputs was reused.
     pub reused: bool,
     /// The training run's summary (`None` when reused).
     pub run: Option<RunSummary>,
 }
 
 /// Builds a locked-text teacher in `out_dir`, or reuses the one already there when its
-/// `teacher.json` records the same options.
+/// `teacher.json` records the same options, the same dataset fingerprint and the same text
+/// tower files (by SHA-256; a record without them, from before they were recorded, is
+/// rebuilt once).
 ///
 /// The text tower and its identity projection are loaded from `options.text_tower` and stay
 /// frozen ([`crate::StudentConfig::freeze_text`]); the image tower starts from a seeded init
@@ -142,11 +179,12 @@ pub fn build_locked_text_teacher(
         ))
     })?;
     let record_path = out_dir.join("teacher.json");
+    let request = BuildRecord::of(options)?;
     if out_dir.join("model.safetensors").is_file() && out_dir.join("tokenizer.json").is_file() {
         let same = std::fs::read(&record_path)
             .ok()
-            .and_then(|b| serde_json::from_slice::<LockedTextOptions>(&b).ok())
-            .is_some_and(|r| &r == options);
+            .and_then(|b| serde_json::from_slice::<BuildRecord>(&b).ok())
+            .is_some_and(|r| r == request);
         if same {
             return Ok(LockedTextTeacher {
                 dir: out_dir.to_path_buf(),
@@ -240,7 +278,7 @@ pub fn build_locked_text_teacher(
     clipcid_store::io::write_atomic(&out_dir.join("TEACHER.md"), md.as_bytes())?;
     // The record goes last: a folder is reused only when everything above was written.
     let record =
-        serde_json::to_vec_pretty(options).map_err(|e| TrainError::Config(e.to_string()))?;
+        serde_json::to_vec_pretty(&request).map_err(|e| TrainError::Config(e.to_string()))?;
     clipcid_store::io::write_atomic(&record_path, &record)?;
     Ok(LockedTextTeacher {
         dir: out_dir.to_path_buf(),

@@ -118,6 +118,31 @@ fn locked_text_teacher_trains_only_the_image_tower_and_is_reused() {
     // A fresh run in the used folder keeps only its own metrics.
     let metrics = clipcid_train::read_metrics(&out.join("run/metrics.jsonl")).unwrap();
     assert_eq!(metrics.len(), 64 / 16);
+    assert!(
+        build_locked_text_teacher(&opts, &out, &Device::Cpu)
+            .unwrap()
+            .reused
+    );
+    // Same options, same paths, other inputs: built again (they reused the stale teacher).
+    let captions = d.join("data/captions.tsv");
+    let tsv = std::fs::read_to_string(&captions).unwrap();
+    std::fs::write(&captions, tsv.replace("square", "patch")).unwrap();
+    assert!(
+        !build_locked_text_teacher(&opts, &out, &Device::Cpu)
+            .unwrap()
+            .reused
+    );
+    assert!(
+        build_locked_text_teacher(&opts, &out, &Device::Cpu)
+            .unwrap()
+            .reused
+    );
+    clipcid_models::weights::write_random_bert(&d.join("bert"), BERT, &WORDS, 12).unwrap();
+    assert!(
+        !build_locked_text_teacher(&opts, &out, &Device::Cpu)
+            .unwrap()
+            .reused
+    );
 }
 
 #[test]
