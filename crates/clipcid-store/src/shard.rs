@@ -428,6 +428,43 @@ pub(crate) fn embedding_dtype(path: &Path, name: &str, dtype: &str) -> Result<DT
     }
 }
 
+/// A folder of embed shards must hold all of its run's shards from sample 0 on: sorted by
+/// their recorded sample ranges, each starts where the one before ends. A gap is a shard
+/// that is missing (a part of a split `embed --part` run that has not run, or a file lost),
+/// and reading on would leave its samples out without a word. Shards that record no range
+/// (another tool's) are not checked, and neither are files listed one by one (a chosen
+/// subset). Missing shards after the last one present cannot be told from the end of the data.
+fn check_complete(
+    folder: &Path,
+    shards: &[PathBuf],
+    ranges: &[(u64, u64, &Path)],
+) -> Result<(), StoreError> {
+    let mine = |p: &Path| p.parent() == Some(folder);
+    let listed = shards.iter().filter(|p| mine(p)).count();
+    let mut own: Vec<(u64, u64)> = ranges
+        .iter()
+        .filter(|r| mine(r.2))
+        .map(|r| (r.0, r.1))
+        .collect();
+    if own.len() != listed {
+        return Ok(());
+    }
+    own.sort();
+    let mut covered = 0;
+    for (first, end) in own {
+        if first > covered {
+            return Err(StoreError::file(
+                folder,
+                format!(
+                    "no shard covers samples {covered}..{first}: a shard of this embedding run is missing (a part of a split `embed --part` run that has not run or not finished, or a lost file); complete it with the same embed options (the missing part's `--part I/N`, or one process without `--part`, which keeps the shards already there)"
+                ),
+            ));
+        }
+        covered = covered.max(end);
+    }
+    Ok(())
+}
+
 /// The input range `first_index..end_index` a shard records in its metadata (embed shards do).
 fn sample_range(metadata: &std::collections::HashMap<String, String>) -> Option<(u64, u64)> {
     let get = |k: &str| metadata.get(k).and_then(|v| v.parse::<u64>().ok());
@@ -454,7 +491,8 @@ impl ShardLayout {
     /// needs an `image` `[n, D]` tensor, and every non-empty shard the same `D`. A shard of
     /// another width, a missing `image` tensor, or no row at all is an error naming the file;
     /// so are shards of two runs mixed: overlapping recorded sample ranges, or another
-    /// recorded provenance than the first shard's.
+    /// recorded provenance than the first shard's; and a folder whose shards leave a gap in
+    /// their recorded sample ranges (a shard missing: a split run's part not run).
     ///
     /// ```
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -541,6 +579,9 @@ impl ShardLayout {
                     w[0].1
                 ),
             ));
+        }
+        for folder in inputs.iter().filter(|p| p.is_dir()) {
+            check_complete(folder, &shards, &ranges)?;
         }
         Ok(Self {
             provenance: provenance.and_then(|(p, _)| p),

@@ -326,3 +326,32 @@ fn a_shard_reached_twice_is_refused() {
     let layout = ShardLayout::open(&[folder, plain]).unwrap();
     assert_eq!(layout.counts, vec![2, 2, 3]);
 }
+
+#[test]
+fn a_folder_missing_a_shard_of_its_run_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // Shards 0 and 2 of a run split in two parts; part 1 (shard 1) has not run.
+    shard(dir.path(), 0, 0, 4, &[0, 1, 2, 3]);
+    shard(dir.path(), 2, 8, 12, &[8, 9, 10, 11]);
+    let folder = dir.path().to_path_buf();
+    let e = ShardLayout::open(std::slice::from_ref(&folder))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no shard covers samples 4..8") && e.contains("missing"),
+        "{e}"
+    );
+    // Listed one by one, they are a chosen subset.
+    let files = [shard_path(dir.path(), 0), shard_path(dir.path(), 2)];
+    assert_eq!(ShardLayout::open(&files).unwrap().total(), 8);
+    // A run that starts past sample 0 is missing its first shard.
+    std::fs::remove_file(shard_path(dir.path(), 0)).unwrap();
+    let e = ShardLayout::open(std::slice::from_ref(&folder))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no shard covers samples 0..8"), "{e}");
+    // Complete (shard 1 written, one of its samples skipped as unreadable): read.
+    shard(dir.path(), 0, 0, 4, &[0, 1, 2, 3]);
+    shard(dir.path(), 1, 4, 8, &[4, 6, 7]);
+    assert_eq!(ShardLayout::open(&[folder]).unwrap().total(), 11);
+}
