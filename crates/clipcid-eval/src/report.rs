@@ -363,7 +363,7 @@ pub fn evaluate(
     // The report, its plots and records are staged and moved into `out` together: a failure
     // part way (a bad label in the second set, a full disk) left new plots beside an earlier
     // run's report.
-    clipcid_store::io::write_folder(out, |dir| report_into(models, plan, dir))
+    clipcid_store::io::write_folder_replacing(out, "eval", |dir| report_into(models, plan, dir))
 }
 
 /// [`evaluate`] with every file written into `out`.

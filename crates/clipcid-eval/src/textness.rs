@@ -501,7 +501,7 @@ pub fn textness_study(
         )));
     }
     // The direction, grids and report are staged and moved into `out` together.
-    clipcid_store::io::write_folder(out, |out| {
+    clipcid_store::io::write_folder_replacing(out, "textness", |out| {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
         let mut order: Vec<usize> = (0..images.len()).collect();
         order.shuffle(&mut rng);

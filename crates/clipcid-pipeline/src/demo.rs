@@ -675,13 +675,14 @@ pub fn run(opts: &DemoOptions, device: &Device, say: &mut dyn FnMut(&str)) -> Re
     // Everything transformers' CLIPModel and CLIPProcessor load (the text context is the
     // student's, so the processor pads and truncates to what the model takes), moved into
     // place together.
-    let fp16 = clipcid_store::io::write_folder(&out.join("student-fp16"), |dir| {
-        let fp16 = clipcid_eval::export_fp16(&distilled, dir, &sample)?;
-        student_tok.save_pretrained(dir)?;
-        Preprocess::clip(distilled.config().vision_config.image_size)
-            .save_hf_preprocessor_config(dir)?;
-        Ok::<_, PipelineError>(fp16)
-    })?;
+    let fp16 =
+        clipcid_store::io::write_folder_replacing(&out.join("student-fp16"), "export", |dir| {
+            let fp16 = clipcid_eval::export_fp16(&distilled, dir, &sample)?;
+            student_tok.save_pretrained(dir)?;
+            Preprocess::clip(distilled.config().vision_config.image_size)
+                .save_hf_preprocessor_config(dir)?;
+            Ok::<_, PipelineError>(fp16)
+        })?;
     clock.lap("export");
     let mut loss_pictures = vec![];
     for arm in Arm::ALL {

@@ -141,7 +141,7 @@ pub fn write_image_tower_student(
         None => None,
     };
     // The weights and the tokenizer are moved into `out` together.
-    clipcid_store::io::write_folder(out, |dir| {
+    clipcid_store::io::write_folder_replacing(out, "model", |dir| {
         student.save_pretrained(dir, DType::F32)?;
         if let Some(tok) = &tokenizer {
             tok.save(&dir.join("tokenizer.json"))?;

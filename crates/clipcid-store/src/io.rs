@@ -377,7 +377,8 @@ pub fn create_output_folder(dir: &Path) -> Result<(), StoreError> {
 /// removed again when it is left empty. The staging folders of processes that have ended
 /// (a killed export) are removed first: those whose process id runs on no process of this
 /// machine and that nothing has touched for an hour (a folder on a shared disk may be
-/// another machine's).
+/// another machine's). [`write_folder_replacing`] also removes what an earlier write of the
+/// same output left that this one does not write.
 ///
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -456,6 +457,98 @@ fn remove_stale_staging(dir: &Path) {
 }
 
 /// The names in the folder `dir`, sorted.
+/// [`write_folder`] for an output that replaces its own earlier writes (a report, a study,
+/// an export): besides the files this write puts into `dir`, it removes those that the last
+/// write of the same `kind` put there and this one does not (an earlier report's plots and
+/// CLIP_benchmark records of models no longer evaluated, an earlier export's open_clip weights
+/// or tokenizer beside this export's weights), and sub-folders that leaves empty. Files that
+/// no write of this kind made (the user's own, another kind's outputs) stay. What a write put
+/// where is recorded in `dir/.clipcid-KIND-outputs.json`, moved in with the files; only
+/// plain relative paths in it are ever removed.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use clipcid_store::{io, StoreError};
+/// let dir = tempfile::tempdir()?;
+/// let out = dir.path().join("report");
+/// io::write_folder_replacing(&out, "eval", |d| -> Result<(), StoreError> {
+///     io::write_atomic(&d.join("report.md"), b"# a and b")?;
+///     io::write_atomic(&d.join("confusion-b.png"), b"png")
+/// })?;
+/// io::write_folder_replacing(&out, "eval", |d| -> Result<(), StoreError> {
+///     io::write_atomic(&d.join("report.md"), b"# a alone")
+/// })?;
+/// assert!(out.join("report.md").is_file() && !out.join("confusion-b.png").exists());
+/// # Ok(()) }
+/// ```
+pub fn write_folder_replacing<T, E: From<StoreError>>(
+    dir: &Path,
+    kind: &str,
+    write: impl FnOnce(&Path) -> Result<T, E>,
+) -> Result<T, E> {
+    let record = format!(".clipcid-{kind}-outputs.json");
+    let before = read_outputs_record(&dir.join(&record));
+    let mut written: Vec<String> = vec![];
+    let value = write_folder(dir, |staging| -> Result<T, E> {
+        let value = write(staging)?;
+        written = files_under(staging, Path::new(""))?;
+        let json = serde_json::to_vec_pretty(&written)
+            .map_err(|e| StoreError::Invalid(format!("outputs record: {e}")))?;
+        write_atomic(&staging.join(&record), &json)?;
+        Ok(value)
+    })?;
+    for stale in before.iter().filter(|p| !written.contains(p)) {
+        let path = dir.join(stale);
+        if path.is_file() && std::fs::remove_file(&path).is_ok() {
+            // Sub-folders the removal emptied go too (remove_dir refuses a folder with files).
+            let mut parent = path.parent();
+            while let Some(p) = parent.filter(|p| *p != dir && p.starts_with(dir)) {
+                if std::fs::remove_dir(p).is_err() {
+                    break;
+                }
+                parent = p.parent();
+            }
+        }
+    }
+    Ok(value)
+}
+
+/// The relative paths an outputs record lists, only those made of plain names (no root, no
+/// `..`): a damaged or crafted record can name nothing outside its folder. Unreadable: none.
+fn read_outputs_record(path: &Path) -> Vec<String> {
+    let listed: Vec<String> = std::fs::read(path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default();
+    listed
+        .into_iter()
+        .filter(|p| {
+            !p.is_empty()
+                && Path::new(p)
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)))
+        })
+        .collect()
+}
+
+/// Every file under `root.join(rel)`, as `/`-joined paths relative to `root`, sorted.
+fn files_under(root: &Path, rel: &Path) -> Result<Vec<String>, StoreError> {
+    let mut out = vec![];
+    for name in sorted_names(&root.join(rel))? {
+        let rel = rel.join(&name);
+        if root.join(&rel).is_dir() {
+            out.extend(files_under(root, &rel)?);
+        } else {
+            let parts: Vec<String> = rel
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect();
+            out.push(parts.join("/"));
+        }
+    }
+    Ok(out)
+}
+
 fn sorted_names(dir: &Path) -> Result<Vec<std::ffi::OsString>, StoreError> {
     let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(dir)
         .and_then(|entries| entries.map(|e| e.map(|e| e.file_name())).collect())

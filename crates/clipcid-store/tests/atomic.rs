@@ -209,3 +209,51 @@ fn staging_folders_of_ended_processes_are_removed_and_live_or_recent_ones_kept()
     assert!(live.join("model.safetensors").exists());
     assert!(recent.join("model.safetensors").exists());
 }
+
+#[test]
+fn a_replacing_write_removes_its_own_earlier_files_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    let write = |kind: &str, files: &[&str]| {
+        io::write_folder_replacing(&out, kind, |d| -> Result<(), StoreError> {
+            for f in files {
+                let path = d.join(f);
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                io::write_atomic(&path, f.as_bytes())?;
+            }
+            Ok(())
+        })
+        .unwrap()
+    };
+    write(
+        "eval",
+        &[
+            "report.md",
+            "confusion-old.png",
+            "records/old.json",
+            "records/new.json",
+        ],
+    );
+    write("textness", &["grid-0.png"]);
+    std::fs::write(out.join("NOTES.md"), b"the user's").unwrap();
+    // The second eval evaluates `new` alone: `old`'s plot and record go, and so does nothing
+    // else (the user's notes, the textness study's grid).
+    write("eval", &["report.md", "records/new.json"]);
+    let mut all = names(&out);
+    all.retain(|n| !n.starts_with(".clipcid-"));
+    assert_eq!(all, ["NOTES.md", "grid-0.png", "records", "report.md"]);
+    assert_eq!(names(&out.join("records")), ["new.json"]);
+    // A folder the removal empties goes too.
+    write("eval", &["report.md"]);
+    assert!(!out.join("records").exists());
+    // A damaged or crafted record names nothing outside the folder.
+    std::fs::write(dir.path().join("outside.txt"), b"keep").unwrap();
+    std::fs::write(
+        out.join(".clipcid-eval-outputs.json"),
+        br#"["../outside.txt", "/etc/hostname", "NOTES.md/../grid-0.png", "report.md"]"#,
+    )
+    .unwrap();
+    write("eval", &["summary.md"]);
+    assert!(dir.path().join("outside.txt").exists() && out.join("grid-0.png").exists());
+    assert!(!out.join("report.md").exists() && out.join("summary.md").exists());
+}

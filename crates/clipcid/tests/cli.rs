@@ -711,6 +711,34 @@ fn eval_textness_and_export_from_the_command_line() {
     assert!(d
         .join("report-slash/zero-shot-confusion-runs-b.png")
         .is_file());
+    let records = |dir: &str| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d.join(dir).join("clip_benchmark"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(records("report-slash").len(), 2);
+    // The same report folder for the student alone: `runs/b`'s plot and CLIP_benchmark
+    // record are gone (they stayed beside the new report, for tools that read every record).
+    let (ok, text) = clipcid(&[
+        "eval",
+        "--model",
+        s(&d.join("student.safetensors")),
+        "--zero-shot",
+        s(&d.join("test")),
+        "--out",
+        s(&d.join("report-slash")),
+    ]);
+    assert!(ok, "{text}");
+    assert!(!d
+        .join("report-slash/zero-shot-confusion-runs-b.png")
+        .exists());
+    assert_eq!(
+        records("report-slash"),
+        ["test_student_student_en_zeroshot_classification.json"]
+    );
     let (ok, text) = named("student", "report-twice");
     assert!(
         !ok && text.contains("two models to evaluate are named `student`"),
@@ -926,6 +954,16 @@ fn eval_textness_and_export_from_the_command_line() {
     }
     let (ok, text) = export_student(&["--sample", s(&flat), "--samples", "2"]);
     assert!(ok && text.contains("2 images of"), "{text}");
+    // An export replaces the earlier export's files that it does not write: open_clip's
+    // weights stayed beside a later Hugging Face export's (of any model), for open_clip to load.
+    let (ok, text) = export_student(&["--format", "open-clip"]);
+    assert!(ok, "{text}");
+    assert!(fp16.join("open_clip_model.safetensors").is_file());
+    let (ok, text) = export_student(&[]);
+    assert!(ok, "{text}");
+    assert!(!fp16.join("open_clip_model.safetensors").exists());
+    assert!(!fp16.join("open_clip_config.json").exists());
+    assert!(fp16.join("model.safetensors").exists() && fp16.join("tokenizer.json").exists());
     let (ok, text) = clipcid(&[
         "export",
         "--model",

@@ -80,8 +80,10 @@ fn leftovers(disk: &Path) -> Vec<String> {
         .into_iter()
         .filter_map(|p| {
             let name = p.file_name()?.to_string_lossy().into_owned();
-            // Every hidden name but the output lock is a temporary file or staging folder.
-            let temporary = name.starts_with('.') && name != ".clipcid.lock";
+            // Every hidden name but the output lock and the records of what a folder write
+            // put there is a temporary file or staging folder.
+            let record = name.starts_with(".clipcid-") && name.ends_with("-outputs.json");
+            let temporary = name.starts_with('.') && name != ".clipcid.lock" && !record;
             temporary.then(|| format!("left behind: {}", p.display()))
         })
         .collect()
@@ -311,7 +313,8 @@ fn a_full_disk_leaves_whole_outputs_or_none_and_resumes() {
                 },
                 |d| {
                     let x = d.join("x");
-                    let mut bad: Vec<String> = all_or_none(&x, &model_files).into_iter().collect();
+                    let export = [&model_files[..], &[".clipcid-export-outputs.json"]].concat();
+                    let mut bad: Vec<String> = all_or_none(&x, &export).into_iter().collect();
                     if x.join("onnx").exists() && !x.join("model.safetensors").exists() {
                         bad.push("an onnx folder without the model".into());
                     }
@@ -335,7 +338,12 @@ fn a_full_disk_leaves_whole_outputs_or_none_and_resumes() {
                 a
             },
             |d| {
-                let files = ["report.md", "results.json", "zero-shot-per-class.png"];
+                let files = [
+                    "report.md",
+                    "results.json",
+                    "zero-shot-per-class.png",
+                    ".clipcid-eval-outputs.json",
+                ];
                 all_or_none(&d.join("report"), &files).into_iter().collect()
             },
             None,

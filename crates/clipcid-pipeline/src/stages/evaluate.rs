@@ -551,7 +551,7 @@ pub fn export(args: &ExportArgs, device: &Device) -> Result<ExportOutcome, Pipel
     };
     // Every file is staged and moved into `--out` together: a failure part way (a full disk)
     // left new weights beside no preprocessing, or beside an earlier export's.
-    let (r, onnx) = clipcid_store::io::write_folder(&args.out, |dir| {
+    let (r, onnx) = clipcid_store::io::write_folder_replacing(&args.out, "export", |dir| {
         let r = export_fp16(&model, dir, &pixels.to_dtype(DType::F32)?)?;
         preprocess.save_hf_preprocessor_config(dir)?;
         if let Some(tok) = &tokenizer {
