@@ -107,10 +107,25 @@ pub(crate) fn argmax(row: &[f32]) -> usize {
     best
 }
 
-/// Indices of the `n` largest values, best first (ties broken by the lower index).
+/// Indices of the `n` largest values, best first: ties (`-0.0` and `0.0` among them) broken
+/// by the lower index, NaN after every number. The order the recall's rank and [`argmax`]
+/// count in (an f32's total order put a positive NaN above every number: a broken score
+/// came first in a search).
+///
+/// ```
+/// use clipcid_eval::top_n;
+/// assert_eq!(top_n(&[0.5, f32::NAN, 0.9, 0.5], 4), [2, 0, 3, 1]);
+/// assert_eq!(top_n(&[-0.0, 0.0], 2), [0, 1]);
+/// ```
 pub fn top_n(row: &[f32], n: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..row.len()).collect();
-    idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+    idx.sort_by(|&a, &b| {
+        let (x, y) = (row[a], row[b]);
+        x.is_nan()
+            .cmp(&y.is_nan())
+            .then_with(|| y.partial_cmp(&x).unwrap_or(std::cmp::Ordering::Equal))
+            .then(a.cmp(&b))
+    });
     idx.truncate(n);
     idx
 }

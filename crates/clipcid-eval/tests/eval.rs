@@ -3,9 +3,9 @@
 
 use clipcid_eval::{
     average_precision_at_n, clip_benchmark_sweep, clip_benchmark_weight_decay, linear_probe,
-    objective, plot_textness_grid, textness_sweep, AdamWProbe, Agreement, Classification, Features,
-    LabelledFeatures, LogisticRegression, ProbeMethod, ProbeOptions, Retrieval, TextRenderer,
-    TextnessDirection, ZeroShotClassifier, GRADIENT_TOLERANCE,
+    objective, plot_textness_grid, textness_sweep, top_n, AdamWProbe, Agreement, Classification,
+    Features, LabelledFeatures, LogisticRegression, ProbeMethod, ProbeOptions, Retrieval,
+    TextRenderer, TextnessDirection, ZeroShotClassifier, GRADIENT_TOLERANCE,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -352,6 +352,32 @@ fn retrieval_recall_matches_brute_force() {
     }
     let sim = vec![0.0; images * texts];
     assert!(Retrieval::from_similarity(&sim, images, &[0, 99], &ks).is_err());
+}
+
+/// `top_n`'s order is the one recall counts ranks in: for every entry, its position in the
+/// full ordering is the number of entries that beat it (higher, or tied at a lower index);
+/// NaN last, whatever its sign bit, and `-0.0` tied with `0.0`.
+#[test]
+fn top_n_ranks_as_recall_counts() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let values = [0.0f32, -0.0, 1.0, -1.0, f32::NAN, -f32::NAN, 0.5];
+    for _ in 0..200 {
+        let row: Vec<f32> = (0..9)
+            .map(|_| values[rng.random_range(0..values.len())])
+            .collect();
+        let order = top_n(&row, row.len());
+        let numbers = row.iter().filter(|v| !v.is_nan()).count();
+        assert!(
+            order[numbers..].iter().all(|&i| row[i].is_nan()),
+            "{row:?}: {order:?}"
+        );
+        for (pos, &i) in order[..numbers].iter().enumerate() {
+            let beaten_by = (0..row.len())
+                .filter(|&k| row[k] > row[i] || (row[k] == row[i] && k < i))
+                .count();
+            assert_eq!(pos, beaten_by, "{row:?}: {order:?}");
+        }
+    }
 }
 
 fn retrieval_against_brute_force(sim: &[f32], images: usize, text_image: &[usize], ks: &[usize]) {
