@@ -377,8 +377,9 @@ pub fn create_output_folder(dir: &Path) -> Result<(), StoreError> {
 /// removed again when it is left empty. The staging folders of processes that have ended
 /// (a killed export) are removed first: those whose process id runs on no process of this
 /// machine and that nothing has touched for an hour (a folder on a shared disk may be
-/// another machine's). [`write_folder_replacing`] also removes what an earlier write of the
-/// same output left that this one does not write.
+/// another machine's). A second write into `dir` while one is under way (another process,
+/// or another thread) is refused, naming the folder. [`write_folder_replacing`] also removes
+/// what an earlier write of the same output left that this one does not write.
 ///
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -404,6 +405,7 @@ pub fn write_folder<T, E: From<StoreError>>(
 ) -> Result<T, E> {
     let created = !dir.exists();
     create_output_folder(dir)?;
+    let _writing = lock_folder(dir)?;
     remove_stale_staging(dir);
     let staging = dir.join(format!("{STAGING_PREFIX}{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
@@ -457,6 +459,25 @@ fn remove_stale_staging(dir: &Path) {
 }
 
 /// The names in the folder `dir`, sorted.
+/// An exclusive lock on the folder itself (`flock` on its descriptor, so no lock file is left
+/// in a model folder), held while [`write_folder`] writes into it: a second writer into the
+/// same folder (two evaluations started with one `--out`) is refused instead of leaving one
+/// run's report beside the other's plots and records. On a filesystem whose folders cannot
+/// be locked the write goes on unlocked.
+fn lock_folder(dir: &Path) -> Result<Option<std::fs::File>, StoreError> {
+    let Ok(handle) = std::fs::File::open(dir) else {
+        return Ok(None);
+    };
+    match handle.try_lock() {
+        Ok(()) => Ok(Some(handle)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::file(
+            dir,
+            "another clipcid run is writing to this folder; wait for it or use another output folder",
+        )),
+        Err(std::fs::TryLockError::Error(_)) => Ok(None),
+    }
+}
+
 /// [`write_folder`] for an output that replaces its own earlier writes (a report, a study,
 /// an export): besides the files this write puts into `dir`, it removes those that the last
 /// write of the same `kind` put there and this one does not (an earlier report's plots and

@@ -257,3 +257,26 @@ fn a_replacing_write_removes_its_own_earlier_files_only() {
     assert!(dir.path().join("outside.txt").exists() && out.join("grid-0.png").exists());
     assert!(!out.join("report.md").exists() && out.join("summary.md").exists());
 }
+
+#[test]
+fn a_second_writer_into_a_folder_being_written_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    let inner = io::write_folder(&out, |d| -> Result<String, StoreError> {
+        io::write_atomic(&d.join("report.md"), b"first")?;
+        // Another writer while this one is under way: refused, nothing of it lands.
+        let second = io::write_folder(&out, |d| -> Result<(), StoreError> {
+            io::write_atomic(&d.join("plot.png"), b"second")
+        });
+        Ok(second.unwrap_err().to_string())
+    })
+    .unwrap();
+    assert!(
+        inner.contains("another clipcid run is writing to this folder"),
+        "{inner}"
+    );
+    assert_eq!(names(&out), ["report.md"]);
+    // Once the first is done, the folder takes writes again.
+    io::write_folder(&out, |d| io::write_atomic(&d.join("plot.png"), b"later")).unwrap();
+    assert_eq!(names(&out), ["plot.png", "report.md"]);
+}
