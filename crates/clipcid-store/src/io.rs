@@ -458,7 +458,6 @@ fn remove_stale_staging(dir: &Path) {
     }
 }
 
-/// The names in the folder `dir`, sorted.
 /// An exclusive lock on the folder itself (`flock` on its descriptor, so no lock file is left
 /// in a model folder), held while [`write_folder`] writes into it: a second writer into the
 /// same folder (two evaluations started with one `--out`) is refused instead of leaving one
@@ -508,9 +507,10 @@ pub fn write_folder_replacing<T, E: From<StoreError>>(
     write: impl FnOnce(&Path) -> Result<T, E>,
 ) -> Result<T, E> {
     let record = format!(".clipcid-{kind}-outputs.json");
-    let before = read_outputs_record(&dir.join(&record));
-    let mut written: Vec<String> = vec![];
+    let (mut before, mut written) = (vec![], vec![]);
     let value = write_folder(dir, |staging| -> Result<T, E> {
+        // Read under the folder's lock: no other write lands between this and the move.
+        before = read_outputs_record(&dir.join(&record));
         let value = write(staging)?;
         written = files_under(staging, Path::new(""))?;
         let json = serde_json::to_vec_pretty(&written)
@@ -570,6 +570,7 @@ fn files_under(root: &Path, rel: &Path) -> Result<Vec<String>, StoreError> {
     Ok(out)
 }
 
+/// The names in the folder `dir`, sorted.
 fn sorted_names(dir: &Path) -> Result<Vec<std::ffi::OsString>, StoreError> {
     let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(dir)
         .and_then(|entries| entries.map(|e| e.map(|e| e.file_name())).collect())
