@@ -123,7 +123,7 @@ fn locked_text_teacher_trains_only_the_image_tower_and_is_reused() {
             .unwrap()
             .reused
     );
-    // Same options, same paths, other inputs: built again (they reused the stale teacher).
+    // Same options, same paths, other inputs: built again (the stale teacher was reused).
     let captions = d.join("data/captions.tsv");
     let tsv = std::fs::read_to_string(&captions).unwrap();
     std::fs::write(&captions, tsv.replace("square", "patch")).unwrap();
