@@ -108,7 +108,7 @@ pub(crate) fn argmax(row: &[f32]) -> usize {
 }
 
 /// Indices of the `n` largest values, best first: ties (`-0.0` and `0.0` among them) broken
-/// by the lower index, NaN after every number. The order the recall's rank and [`argmax`]
+/// by the lower index, NaN after every number. The order the recall's rank and `argmax`
 /// count in (an f32's total order put a positive NaN above every number: a broken score
 /// came first in a search).
 ///
