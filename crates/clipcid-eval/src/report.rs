@@ -437,6 +437,19 @@ fn report_into(
                 ),
             ));
         }
+        // Two classes of one name get the same prompts, so the later is never predicted (ties
+        // go to the lower index): a mistake in a class-names file, said, not refused, as some
+        // datasets' own lists repeat a name.
+        let mut first_of: HashMap<&str, usize> = HashMap::new();
+        for (c, name) in classes.iter().enumerate() {
+            let first = *first_of.entry(name.as_str()).or_insert(c);
+            if first != c {
+                log::warn!(
+                    "{}: classes {first} and {c} are both named `{name}`: their prompts are the same, so zero-shot never predicts class {c}",
+                    zs.data.display()
+                );
+            }
+        }
         for (i, m) in models.iter().enumerate() {
             let enc = cache.get(i, &zs.data)?;
             let truth = labelled(&enc, &zs.data, classes.len())?;

@@ -537,6 +537,24 @@ fn eval_reads_a_clip_benchmark_set_with_its_class_names_and_templates() {
         !ok && text.contains("the linear probe's test set is its training set"),
         "{text}"
     );
+    // A class name given twice: said, as zero-shot can never predict the later class.
+    std::fs::write(d.join("names-twice.txt"), "red\nred\ndeep blue\n").unwrap();
+    let (ok, text) = clipcid(&[
+        "eval",
+        "--model",
+        s(&student),
+        "--zero-shot",
+        s(&plain),
+        "--class-names",
+        s(&d.join("names-twice.txt")),
+        "--out",
+        s(&d.join("report-twice-named")),
+    ]);
+    assert!(
+        ok && text.contains("classes 0 and 1 are both named `red`")
+            && text.contains("never predicts class 1"),
+        "{text}"
+    );
     // A wrong shard count names the file: one that is not a number, and one past the shards
     // there (a damaged count of 10^15 listed that many paths before opening any, and filled
     // memory).
