@@ -104,26 +104,6 @@ pub fn expand_sources(spec: &str) -> Result<Vec<PathBuf>, DataError> {
     Ok(out)
 }
 
-/// A shard that the arguments reach twice (listed twice, by two spellings, or beside its
-/// folder) is an error naming both: its samples would be read, embedded and trained on twice.
-fn refuse_repeats(shards: &[PathBuf]) -> Result<(), DataError> {
-    let mut seen = std::collections::HashMap::with_capacity(shards.len());
-    for shard in shards {
-        // A path that does not resolve stays as given: opening it names the problem.
-        let resolved = std::fs::canonicalize(shard).unwrap_or_else(|_| shard.clone());
-        if let Some(first) = seen.insert(resolved, shard) {
-            return Err(DataError::format(
-                shard,
-                format!(
-                    "given twice (also as {}): list each shard, or its folder, once",
-                    first.display()
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
 fn not_brace(part: &str, e: String) -> DataError {
     DataError::format(part, format!("not a brace pattern bash would expand ({e})"))
 }
@@ -214,7 +194,11 @@ impl Dataset {
                         return Err(DataError::format(p, "tar shard not found"));
                     }
                 }
-                refuse_repeats(&shards)?;
+                // A shard reached twice (listed twice, by two spellings, or beside its
+                // folder) would have its samples read, embedded and trained on twice.
+                if let Some((again, msg)) = clipcid_store::repeated_shard(&shards) {
+                    return Err(DataError::format(again, msg));
+                }
                 Self::webdataset(shards)
             }
         }

@@ -51,6 +51,6 @@ pub use part::Part;
 pub use provenance::{check_same_embeddings, differing_fields, EMBEDDINGS_META};
 pub use rows::{unit_rows, RowReader};
 pub use shard::{
-    expand_shard_inputs, first_duplicate, list_shards, row_ids_digest, sha256_hex, shard_index,
-    shard_path, sidecar_ids_path, EmbeddingShard, RowIndex, ShardLayout, SHARD_KIND,
+    expand_shard_inputs, first_duplicate, list_shards, repeated_shard, row_ids_digest, sha256_hex,
+    shard_index, shard_path, sidecar_ids_path, EmbeddingShard, RowIndex, ShardLayout, SHARD_KIND,
 };

@@ -62,21 +62,41 @@ pub fn expand_shard_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, StoreErro
     if shards.is_empty() {
         return Err(StoreError::Invalid("no embedding shards given".into()));
     }
-    // A path that does not resolve stays as given: reading it names the problem.
+    if let Some((again, msg)) = repeated_shard(&shards) {
+        return Err(StoreError::file(again, msg));
+    }
+    Ok(shards)
+}
+
+/// The first of `shards` that names the same file as an earlier one, by any spelling (`a/./x`,
+/// a link), with the message saying so: `given twice (also as EARLIER): ...`. A path that does
+/// not resolve is compared as written (reading it names the problem). Every shard list, of
+/// embeddings or of tar shards, refuses such a repeat: its rows would be read twice.
+///
+/// ```
+/// use std::path::PathBuf;
+/// let dir = tempfile::tempdir().unwrap();
+/// let a = dir.path().join("a.tar");
+/// std::fs::write(&a, b"").unwrap();
+/// let again = dir.path().join(".").join("a.tar");
+/// let (path, msg) = clipcid_store::repeated_shard(&[a.clone(), again.clone()]).unwrap();
+/// assert!(path == again && msg.starts_with("given twice"), "{msg}");
+/// assert!(clipcid_store::repeated_shard(&[a]).is_none());
+/// ```
+pub fn repeated_shard(shards: &[PathBuf]) -> Option<(PathBuf, String)> {
     let mut seen = std::collections::HashMap::with_capacity(shards.len());
-    for shard in &shards {
+    shards.iter().find_map(|shard| {
         let resolved = std::fs::canonicalize(shard).unwrap_or_else(|_| shard.clone());
-        if let Some(first) = seen.insert(resolved, shard) {
-            return Err(StoreError::file(
-                shard,
+        seen.insert(resolved, shard).map(|first| {
+            (
+                shard.clone(),
                 format!(
                     "given twice (also as {}): list each shard, or its folder, once",
                     first.display()
                 ),
-            ));
-        }
-    }
-    Ok(shards)
+            )
+        })
+    })
 }
 
 /// The embedding shards in `dir`, in order.
