@@ -82,6 +82,15 @@ pub enum EvalError {
         /// What is wrong with it.
         message: String,
     },
+    /// The textness study's real text image `text_image` has the pixels of image `image` of
+    /// the images without text (positions in the two lists; [`first_shared_picture`]).
+    #[error("real text image {text_image} has the pixels of image {image} of the images without text: one picture cannot be both")]
+    SharedPicture {
+        /// Position among the images without text.
+        image: usize,
+        /// Position among the real text images.
+        text_image: usize,
+    },
     /// A model failed to load or run.
     #[error(transparent)]
     Model(#[from] clipcid_models::ModelError),

@@ -469,7 +469,8 @@ pub struct TextnessReport {
 /// the image converted to RGB by the preprocessing's rule ([`Preprocess::convert_to_rgb`]:
 /// transparency over white for transformers, dropped for open_clip), as a Pillow pipeline
 /// converts before it draws. A real text image with the pixels of one of `images`
-/// ([`first_shared_picture`]) is an error: it would stand on both sides of the probe.
+/// ([`first_shared_picture`]) is an error, [`EvalError::SharedPicture`]: it would stand on
+/// both sides of the probe.
 #[allow(clippy::too_many_arguments)] // one call site per front end; a struct adds nothing
 pub fn textness_study(
     model: &clipcid_models::ClipModel,
@@ -495,10 +496,8 @@ pub fn textness_study(
         ));
     }
     check_sweep(&opts.scales, opts.top)?;
-    if let Some((i, j)) = first_shared_picture(images, &opts.real_text_images) {
-        return Err(EvalError::Input(format!(
-            "real text image {j} has the pixels of image {i} of the images without text: one picture cannot be both"
-        )));
+    if let Some((image, text_image)) = first_shared_picture(images, &opts.real_text_images) {
+        return Err(EvalError::SharedPicture { image, text_image });
     }
     // The direction, grids and report are staged and moved into `out` together.
     clipcid_store::io::write_folder_replacing(out, "textness", |out| {

@@ -6,8 +6,8 @@ use candle_core::{DType, Device, Tensor};
 use clipcid_data::{BatchIter, ClipBenchmarkSet, Dataset};
 use clipcid_eval::{
     clip_benchmark_class_names, evaluate, export_fp16, load_named_images, textness_study,
-    AgreementPlan, EvalPlan, ExportReport, ProbeOptions, Templates, TextRenderer, TextnessOptions,
-    TextnessReport, ZeroShotPlan,
+    AgreementPlan, EvalError, EvalPlan, ExportReport, ProbeOptions, Templates, TextRenderer,
+    TextnessOptions, TextnessReport, ZeroShotPlan,
 };
 use clipcid_models::ClipTokenizer;
 
@@ -335,13 +335,6 @@ pub fn textness(args: &TextnessArgs, device: &Device) -> Result<TextnessReport, 
         Some(p) => load_named_images(p)?.into_iter().unzip(),
         None => (vec![], vec![]),
     };
-    // The study refuses this too, by position; here the files can be named.
-    if let Some((i, j)) = clipcid_eval::first_shared_picture(&images, &real_text_images) {
-        return Err(PipelineError::Input(format!(
-            "{}: the same picture as {} (--images, without text): an image cannot be both with and without text; keep it in one of --images and --text-images",
-            text_names[j], image_names[i]
-        )));
-    }
     let mut opts = TextnessOptions {
         scales: args.scales.clone(),
         top: args.top,
@@ -352,7 +345,7 @@ pub fn textness(args: &TextnessArgs, device: &Device) -> Result<TextnessReport, 
     if let Some(w) = &args.words {
         opts.words = read_lines(w)?;
     }
-    let r = textness_study(
+    textness_study(
         &m.model,
         &m.tokenizer,
         &m.preprocess,
@@ -361,8 +354,15 @@ pub fn textness(args: &TextnessArgs, device: &Device) -> Result<TextnessReport, 
         &renderer,
         &opts,
         &args.out,
-    )?;
-    Ok(r)
+    )
+    .map_err(|e| match e {
+        // The study knows positions; the files have names here.
+        EvalError::SharedPicture { image, text_image } => PipelineError::Input(format!(
+            "{}: the same picture as {} (--images, without text): an image cannot be both with and without text; keep it in one of --images and --text-images",
+            text_names[text_image], image_names[image]
+        )),
+        e => e.into(),
+    })
 }
 
 /// `--probe-method`: how the linear probe is fitted.
