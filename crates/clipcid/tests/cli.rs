@@ -501,10 +501,12 @@ fn eval_reads_a_clip_benchmark_set_with_its_class_names_and_templates() {
         "{text}"
     );
     std::fs::write(d.join("names.txt"), "red\ngreen\ndeep blue\n").unwrap();
-    let (ok, text) = clipcid(&[
-        "eval",
-        "--model",
-        s(&student),
+    let eval_student = |more: &[&str]| {
+        let mut args = vec!["eval", "--model", s(&student)];
+        args.extend(more);
+        clipcid(&args)
+    };
+    let (ok, text) = eval_student(&[
         "--zero-shot",
         s(&plain),
         "--class-names",
@@ -522,10 +524,7 @@ fn eval_reads_a_clip_benchmark_set_with_its_class_names_and_templates() {
     );
     // One set as both splits (here by another spelling of its path) would score the probe
     // on the images it was fitted on.
-    let (ok, text) = clipcid(&[
-        "eval",
-        "--model",
-        s(&student),
+    let (ok, text) = eval_student(&[
         "--probe-train",
         s(&plain),
         "--probe-test",
@@ -539,10 +538,7 @@ fn eval_reads_a_clip_benchmark_set_with_its_class_names_and_templates() {
     );
     // A class name given twice: said, as zero-shot can never predict the later class.
     std::fs::write(d.join("names-twice.txt"), "red\nred\ndeep blue\n").unwrap();
-    let (ok, text) = clipcid(&[
-        "eval",
-        "--model",
-        s(&student),
+    let (ok, text) = eval_student(&[
         "--zero-shot",
         s(&plain),
         "--class-names",
