@@ -675,23 +675,11 @@ impl ClipConfig {
         }
         if path.extension().is_some_and(|e| e == "safetensors") {
             let header = clipcid_store::io::read_header(path)?;
-            let json = header
-                .metadata
-                .get(crate::weights::CONFIG_METADATA_KEY)
-                .ok_or_else(|| {
-                    ModelError::file(
-                        path,
-                        format!(
-                            "a checkpoint with no `{}` metadata: give its config.json instead",
-                            crate::weights::CONFIG_METADATA_KEY
-                        ),
-                    )
-                })?;
-            let cfg: Self = serde_json::from_str(json).map_err(|e| {
+            let cfg = Self::from_checkpoint_metadata(path, &header.metadata)?.ok_or_else(|| {
                 ModelError::file(
                     path,
                     format!(
-                        "corrupt `{}` metadata: {e}",
+                        "a checkpoint with no `{}` metadata: give its config.json instead",
                         crate::weights::CONFIG_METADATA_KEY
                     ),
                 )
@@ -700,6 +688,22 @@ impl ClipConfig {
             return Ok(cfg);
         }
         Self::from_json_file(path)
+    }
+
+    /// The config a checkpoint `file` carries in its `clipcid.config` metadata, `None` when
+    /// it carries none; metadata that is not a config is an error naming the file.
+    pub(crate) fn from_checkpoint_metadata(
+        file: &std::path::Path,
+        metadata: &std::collections::HashMap<String, String>,
+    ) -> Result<Option<Self>, ModelError> {
+        let key = crate::weights::CONFIG_METADATA_KEY;
+        metadata
+            .get(key)
+            .map(|json| {
+                serde_json::from_str(json)
+                    .map_err(|e| ModelError::file(file, format!("corrupt `{key}` metadata: {e}")))
+            })
+            .transpose()
     }
 
     /// A locked-text config: a CLIP image tower of shape `vision` projected into the

@@ -400,13 +400,7 @@ fn find_config(
     layout: Layout,
     activation: Option<Activation>,
 ) -> Result<(ClipConfig, String), ModelError> {
-    if let Some(json) = metadata.get(CONFIG_METADATA_KEY) {
-        let cfg = serde_json::from_str(json).map_err(|e| {
-            ModelError::file(
-                file,
-                format!("corrupt `{CONFIG_METADATA_KEY}` metadata: {e}"),
-            )
-        })?;
+    if let Some(cfg) = ClipConfig::from_checkpoint_metadata(file, metadata)? {
         return Ok((cfg, "checkpoint metadata".into()));
     }
     let dir = file.parent().unwrap_or(Path::new("."));
