@@ -8,7 +8,9 @@
 //! `[n, D]` and `has_text` `[n]` (u8) when captions are embedded, `ids` `[n]` (i64, the
 //! sample's position in the dataset); metadata `keys` (JSON list of sample keys), `skipped`
 //! (JSON list of keys dropped as unreadable), `first_index` / `end_index` (input range),
-//! `dim`, `teacher`.
+//! `dim`, `teacher`, `provenance`, and `end_record`: a finished run (each part of a split one)
+//! writes [`clipcid_store::EMBED_END_RECORD`] with the data's sample count, so a reader can
+//! tell a finished run from a stopped one ([`clipcid_store::EmbedEnd`]).
 //!
 //! ```
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -452,6 +454,15 @@ pub fn embed_dataset(
             None => "the dataset has no samples".to_string(),
         })
     };
+    if nothing.is_none() {
+        // The data's end, for readers to tell a finished run from one stopped or a shard
+        // lost after the last one present. Every part writes the same record.
+        clipcid_store::EmbedEnd {
+            samples: seen,
+            provenance: expect.provenance_json(),
+        }
+        .write(out_dir)?;
+    }
     if let Some(why) = nothing {
         return Err(EmbedError::Config(format!(
             "nothing to embed in {}: {why}",
@@ -625,9 +636,10 @@ impl ShardRows {
             ("dim", expect.dim.to_string()),
             ("normalized", "true".to_string()),
             ("teacher", teacher.to_string()),
+            ("provenance", expect.provenance_json()),
             (
-                "provenance",
-                serde_json::to_string(&expect.provenance).unwrap_or_default(),
+                clipcid_store::EmbedEnd::SHARD_KEY,
+                clipcid_store::EMBED_END_RECORD.to_string(),
             ),
             ("keys", json_list(&self.keys)),
             ("skipped", json_list(&skipped)),

@@ -13,6 +13,13 @@ pub(crate) struct Expect {
     pub provenance: Provenance,
 }
 
+impl Expect {
+    /// The provenance as each shard and the run's end record store it.
+    pub(crate) fn provenance_json(&self) -> String {
+        serde_json::to_string(&self.provenance).unwrap_or_default()
+    }
+}
+
 /// What produced a run's shards, recorded in each (metadata `provenance`, JSON) and
 /// compared on every re-run into the same folder.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -5,7 +5,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use clipcid_data::{Dataset, Preprocess};
-use clipcid_embed::{embed_dataset, list_shards, EmbedDtype, EmbedOptions, EmbeddingShard};
+use clipcid_embed::{
+    embed_dataset, list_shards, EmbedDtype, EmbedOptions, EmbeddingShard, ShardLayout,
+};
 use clipcid_models::{l2_normalize, ClipConfig, ClipModel, ClipTokenizer};
 use image::{Rgb, RgbImage};
 
@@ -230,15 +232,23 @@ fn rerun_resumes_complete_shards_and_redoes_damaged_ones() {
     let fourth = embed_dataset(&model, Some(&tok), &ds, &out, &f16).unwrap();
     assert_eq!(fourth.shards_resumed, 0);
     assert_eq!(list_shards(&out).unwrap(), fourth.shards);
-    // No temporary files left (the lock file stays, unlocked).
-    let files = |dir: &Path| {
-        std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n != clipcid_store::io::LOCK_FILE)
-            .count()
-    };
-    assert_eq!(files(&out), 3);
+    // No temporary files left: the three shards, the run's end record and the lock file
+    // (unlocked).
+    let mut files: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            clipcid_store::EMBED_END_RECORD,
+            clipcid_store::io::LOCK_FILE,
+            "embeddings-00000.safetensors",
+            "embeddings-00001.safetensors",
+            "embeddings-00002.safetensors",
+        ]
+    );
     // Another --shard-size: the earlier run's extra shard does not linger to be read as ours.
     let wide = EmbedOptions {
         overwrite: true,
@@ -459,6 +469,44 @@ fn three_parts_write_exactly_the_one_process_shards() {
     let again = embed_dataset(&model, Some(&tok), &dataset, &split, &o).unwrap();
     assert_eq!((again.shards_resumed, again.samples_embedded), (2, 0));
     assert!(files(&one) == files(&split));
+    // Every part recorded the data's end as the one process did.
+    let end = clipcid_store::EmbedEnd::read(&one).unwrap().unwrap();
+    assert_eq!(end.samples, 23);
+    assert_eq!(clipcid_store::EmbedEnd::read(&split).unwrap(), Some(end));
+}
+
+#[test]
+fn readers_refuse_a_run_whose_last_shard_is_missing_until_it_is_written() {
+    // 23 samples in shards of 12: part 0 of 2 writes shard 0 (0..12), part 1 shard 1
+    // (12..23). With part 1 not run, the folder looks like a whole run of 12 samples to the
+    // ranges alone; part 0's end record says the data holds 23.
+    let (model, tok) = setup();
+    let dir = tempfile::tempdir().unwrap();
+    tars(dir.path(), &[8, 7, 8], Some(9));
+    let pattern = format!("{}/data-{{00000..00002}}.tar", dir.path().display());
+    let dataset = Dataset::open(Path::new(&pattern)).unwrap();
+    let out = dir.path().join("emb");
+    let part = |i| EmbedOptions {
+        part: clipcid_embed::Part::new(i, 2).unwrap(),
+        ..opts(5, 12)
+    };
+    let open = || ShardLayout::open(std::slice::from_ref(&out));
+    embed_dataset(&model, Some(&tok), &dataset, &out, &part(0)).unwrap();
+    let e = open().unwrap_err().to_string();
+    assert!(e.contains("no shard covers samples 12..23"), "{e}");
+    embed_dataset(&model, Some(&tok), &dataset, &out, &part(1)).unwrap();
+    assert_eq!(open().unwrap().total(), 22);
+    // The last shard lost: refused again, and a whole run writes it back.
+    std::fs::remove_file(clipcid_store::shard_path(&out, 1)).unwrap();
+    let e = open().unwrap_err().to_string();
+    assert!(e.contains("no shard covers samples 12..23"), "{e}");
+    let again = embed_dataset(&model, Some(&tok), &dataset, &out, &opts(5, 12)).unwrap();
+    assert_eq!((again.shards_resumed, again.samples_embedded), (1, 11));
+    assert_eq!(open().unwrap().total(), 22);
+    // A run that stopped before its end (here: its record lost) is not read.
+    std::fs::remove_file(out.join(clipcid_store::EMBED_END_RECORD)).unwrap();
+    let e = open().unwrap_err().to_string();
+    assert!(e.contains("has not finished"), "{e}");
 }
 
 #[test]

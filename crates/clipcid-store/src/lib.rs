@@ -52,5 +52,6 @@ pub use provenance::{check_same_embeddings, differing_fields, EMBEDDINGS_META};
 pub use rows::{unit_rows, RowReader};
 pub use shard::{
     expand_shard_inputs, first_duplicate, list_shards, repeated_shard, row_ids_digest, sha256_hex,
-    shard_index, shard_path, sidecar_ids_path, EmbeddingShard, RowIndex, ShardLayout, SHARD_KIND,
+    shard_index, shard_path, sidecar_ids_path, EmbedEnd, EmbeddingShard, RowIndex, ShardLayout,
+    EMBED_END_RECORD, SHARD_KIND,
 };

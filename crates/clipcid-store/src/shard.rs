@@ -448,18 +448,103 @@ pub(crate) fn embedding_dtype(path: &Path, name: &str, dtype: &str) -> Result<DT
     }
 }
 
+/// The file in an embedding folder where `clipcid embed` records, when a run (or each part of
+/// a split run) has passed the end of its data, how many input samples the data holds
+/// ([`EmbedEnd`]).
+pub const EMBED_END_RECORD: &str = ".clipcid-embed-end.json";
+
+/// What a finished embedding run records in its folder's [`EMBED_END_RECORD`]: the input
+/// samples in its data and the provenance its shards record. A shard of such a run carries the
+/// metadata key [`EmbedEnd::SHARD_KEY`], and [`ShardLayout::open`] then holds the folder to the
+/// record: no record, or another run's, is a run not finished, and shards that stop short of
+/// `samples` have lost their tail (a part of a split run not run, a file lost), which their
+/// recorded ranges alone cannot show.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use clipcid_store::EmbedEnd;
+/// let dir = tempfile::tempdir()?;
+/// assert_eq!(EmbedEnd::read(dir.path())?, None);
+/// let end = EmbedEnd { samples: 1000, provenance: r#"{"data":"ab12"}"#.into() };
+/// end.write(dir.path())?;
+/// assert_eq!(EmbedEnd::read(dir.path())?, Some(end));
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EmbedEnd {
+    /// Input samples in the data, skipped ones included (the end of the last shard's range).
+    pub samples: u64,
+    /// The provenance the run's shards record (their `provenance` metadata, verbatim).
+    pub provenance: String,
+}
+
+impl EmbedEnd {
+    /// The metadata key of a shard whose run writes an end record; its value is the record's
+    /// file name.
+    pub const SHARD_KEY: &'static str = "end_record";
+
+    /// Writes the record into `dir` atomically. Parts of a split run each write the same
+    /// record when they end.
+    pub fn write(&self, dir: &Path) -> Result<(), StoreError> {
+        let json = serde_json::to_vec_pretty(self)
+            .map_err(|e| StoreError::Invalid(format!("cannot encode the end record: {e}")))?;
+        crate::io::write_atomic(&dir.join(EMBED_END_RECORD), &json)
+    }
+
+    /// The record in `dir`, `None` when there is none; one that does not parse is an error
+    /// naming it.
+    pub fn read(dir: &Path) -> Result<Option<Self>, StoreError> {
+        let path = dir.join(EMBED_END_RECORD);
+        let bytes = match std::fs::read(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            r => r.map_err(|e| StoreError::file(&path, format!("cannot read: {e}")))?,
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StoreError::file(&path, format!("not an embed end record: {e}")))
+    }
+}
+
 /// A folder of embed shards must hold all of its run's shards from sample 0 on: sorted by
 /// their recorded sample ranges, each starts where the one before ends. A gap is a shard
 /// that is missing (a part of a split `embed --part` run that has not run, or a file lost),
 /// and reading on would leave its samples out without a word. Shards that record no range
 /// (another tool's) are not checked, and neither are files listed one by one (a chosen
-/// subset). Missing shards after the last one present cannot be told from the end of the data.
+/// subset). Where the folder's shards carry [`EmbedEnd::SHARD_KEY`], the run's end record
+/// must be there, be theirs (`provenance`), and its sample count be covered too, which
+/// catches missing shards after the last one present.
 fn check_complete(
     folder: &Path,
     shards: &[PathBuf],
     ranges: &[(u64, u64, &Path)],
+    end_recorded: &[&Path],
+    provenance: Option<&str>,
 ) -> Result<(), StoreError> {
     let mine = |p: &Path| p.parent() == Some(folder);
+    let samples = if end_recorded.iter().any(|p| mine(p)) {
+        let how = "run the same `clipcid embed` again to finish it (every `--part I/N` of a split run; finished shards are kept), or list shard files one by one to read those only";
+        match EmbedEnd::read(folder)? {
+            None => {
+                return Err(StoreError::file(
+                    folder,
+                    format!(
+                        "no {EMBED_END_RECORD}: the embedding run that wrote these shards has not finished (or the folder was copied without that file); {how}"
+                    ),
+                ))
+            }
+            Some(end) if Some(end.provenance.as_str()) != provenance => {
+                return Err(StoreError::file(
+                    folder,
+                    format!(
+                        "{EMBED_END_RECORD} is another embedding run's than these shards': the run that wrote them has not finished; {how}"
+                    ),
+                ))
+            }
+            Some(end) => Some(end.samples),
+        }
+    } else {
+        None
+    };
     let listed = shards.iter().filter(|p| mine(p)).count();
     let mut own: Vec<(u64, u64)> = ranges
         .iter()
@@ -470,19 +555,25 @@ fn check_complete(
         return Ok(());
     }
     own.sort();
+    let missing = |from: u64, to: u64| {
+        StoreError::file(
+            folder,
+            format!(
+                "no shard covers samples {from}..{to}: a shard of this embedding run is missing (a part of a split `embed --part` run that has not run or not finished, or a lost file); complete it with the same embed options (the missing part's `--part I/N`, or one process without `--part`, which keeps the shards already there)"
+            ),
+        )
+    };
     let mut covered = 0;
     for (first, end) in own {
         if first > covered {
-            return Err(StoreError::file(
-                folder,
-                format!(
-                    "no shard covers samples {covered}..{first}: a shard of this embedding run is missing (a part of a split `embed --part` run that has not run or not finished, or a lost file); complete it with the same embed options (the missing part's `--part I/N`, or one process without `--part`, which keeps the shards already there)"
-                ),
-            ));
+            return Err(missing(covered, first));
         }
         covered = covered.max(end);
     }
-    Ok(())
+    match samples {
+        Some(samples) if covered < samples => Err(missing(covered, samples)),
+        _ => Ok(()),
+    }
 }
 
 /// The input range `first_index..end_index` a shard records in its metadata (embed shards do).
@@ -512,7 +603,9 @@ impl ShardLayout {
     /// another width, a missing `image` tensor, or no row at all is an error naming the file;
     /// so are shards of two runs mixed: overlapping recorded sample ranges, or another
     /// recorded provenance than the first shard's; and a folder whose shards leave a gap in
-    /// their recorded sample ranges (a shard missing: a split run's part not run).
+    /// their recorded sample ranges (a shard missing: a split run's part not run), or whose
+    /// run's [`EmbedEnd`] record is missing, another run's, or counts samples past its last
+    /// shard (a run not finished).
     ///
     /// ```
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -533,6 +626,7 @@ impl ShardLayout {
         let mut counts = Vec::with_capacity(shards.len());
         let mut width: Option<(usize, &Path)> = None;
         let mut ranges: Vec<(u64, u64, &Path)> = vec![];
+        let mut end_recorded: Vec<&Path> = vec![];
         let mut provenance: Option<(Option<String>, &Path)> = None;
         for path in &shards {
             let mut header = crate::io::read_header(path)?;
@@ -556,6 +650,9 @@ impl ShardLayout {
             }
             if let Some((a, b)) = sample_range(&header.metadata) {
                 ranges.push((a, b, path));
+            }
+            if header.metadata.contains_key(EmbedEnd::SHARD_KEY) {
+                end_recorded.push(path);
             }
             let info = header
                 .tensors
@@ -600,8 +697,9 @@ impl ShardLayout {
                 ),
             ));
         }
+        let recorded = provenance.as_ref().and_then(|(p, _)| p.as_deref());
         for folder in inputs.iter().filter(|p| p.is_dir()) {
-            check_complete(folder, &shards, &ranges)?;
+            check_complete(folder, &shards, &ranges, &end_recorded, recorded)?;
         }
         Ok(Self {
             provenance: provenance.and_then(|(p, _)| p),

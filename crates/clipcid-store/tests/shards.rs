@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use clipcid_store::{io::write_safetensors, shard_path, EmbeddingShard, ShardLayout};
+use clipcid_store::{
+    io::write_safetensors, shard_path, EmbedEnd, EmbeddingShard, ShardLayout, EMBED_END_RECORD,
+};
 
 /// A shard over samples `first..end` holding rows for `ids`.
 fn shard(dir: &Path, index: usize, first: u64, end: u64, ids: &[i64]) {
@@ -15,6 +17,20 @@ fn shard(dir: &Path, index: usize, first: u64, end: u64, ids: &[i64]) {
 
 /// [`shard`], recording `provenance` when given.
 fn shard_of(dir: &Path, index: usize, first: u64, end: u64, ids: &[i64], provenance: Option<&str>) {
+    shard_with(dir, index, first, end, ids, provenance, false)
+}
+
+/// [`shard_of`], marked as written by a run that records its end ([`EmbedEnd`]) when
+/// `end_recorded`.
+fn shard_with(
+    dir: &Path,
+    index: usize,
+    first: u64,
+    end: u64,
+    ids: &[i64],
+    provenance: Option<&str>,
+    end_recorded: bool,
+) {
     let n = ids.len();
     let image = Tensor::ones((n, 4), DType::F32, &Device::Cpu).unwrap();
     let ids_t = Tensor::new(ids, &Device::Cpu).unwrap();
@@ -28,6 +44,12 @@ fn shard_of(dir: &Path, index: usize, first: u64, end: u64, ids: &[i64], provena
     let mut meta = meta;
     if let Some(p) = provenance {
         meta.insert("provenance".to_string(), p.to_string());
+    }
+    if end_recorded {
+        meta.insert(
+            EmbedEnd::SHARD_KEY.to_string(),
+            EMBED_END_RECORD.to_string(),
+        );
     }
     write_safetensors(
         &shard_path(dir, index),
@@ -354,4 +376,60 @@ fn a_folder_missing_a_shard_of_its_run_is_refused() {
     shard(dir.path(), 0, 0, 4, &[0, 1, 2, 3]);
     shard(dir.path(), 1, 4, 8, &[4, 6, 7]);
     assert_eq!(ShardLayout::open(&[folder]).unwrap().total(), 11);
+}
+
+#[test]
+fn a_folder_whose_run_recorded_more_samples_than_its_shards_cover_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().to_path_buf();
+    let prov = r#"{"data":"run-a"}"#;
+    let end = |samples: u64, provenance: &str| {
+        EmbedEnd {
+            samples,
+            provenance: provenance.into(),
+        }
+        .write(&folder)
+        .unwrap()
+    };
+    let open = || ShardLayout::open(std::slice::from_ref(&folder));
+    // Shards 0 and 1 of a run over 12 samples split in 3 parts: part 2 (shard 2, the last)
+    // has not run, but part 0 ended and recorded the data's 12 samples.
+    shard_with(dir.path(), 0, 0, 4, &[0, 1, 2, 3], Some(prov), true);
+    shard_with(dir.path(), 1, 4, 8, &[4, 5, 6, 7], Some(prov), true);
+    end(12, prov);
+    let e = open().unwrap_err().to_string();
+    assert!(
+        e.contains("no shard covers samples 8..12") && e.contains("missing"),
+        "{e}"
+    );
+    // Listed one by one, they are a chosen subset.
+    let files = [shard_path(dir.path(), 0), shard_path(dir.path(), 1)];
+    assert_eq!(ShardLayout::open(&files).unwrap().total(), 8);
+    // The data ends at 8: complete.
+    end(8, prov);
+    assert_eq!(open().unwrap().total(), 8);
+    // No record: the run has not ended (killed, or still running).
+    std::fs::remove_file(folder.join(EMBED_END_RECORD)).unwrap();
+    let e = open().unwrap_err().to_string();
+    assert!(
+        e.contains(EMBED_END_RECORD) && e.contains("has not finished"),
+        "{e}"
+    );
+    // An earlier run's record beside a new run's shards: the new run has not ended.
+    end(8, r#"{"data":"run-b"}"#);
+    let e = open().unwrap_err().to_string();
+    assert!(e.contains("another embedding run's"), "{e}");
+    // A damaged record is named.
+    std::fs::write(folder.join(EMBED_END_RECORD), b"{\"samples\": ").unwrap();
+    let e = open().unwrap_err().to_string();
+    assert!(
+        e.contains(EMBED_END_RECORD) && e.contains("not an embed end record"),
+        "{e}"
+    );
+    // Shards of a run that records no end (another tool, an older clipcid) are read as
+    // before, record or not.
+    shard_of(dir.path(), 0, 0, 4, &[0, 1, 2, 3], Some(prov));
+    shard_of(dir.path(), 1, 4, 8, &[4, 5, 6, 7], Some(prov));
+    std::fs::remove_file(folder.join(EMBED_END_RECORD)).unwrap();
+    assert_eq!(open().unwrap().total(), 8);
 }

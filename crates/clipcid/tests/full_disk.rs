@@ -80,9 +80,10 @@ fn leftovers(disk: &Path) -> Vec<String> {
         .into_iter()
         .filter_map(|p| {
             let name = p.file_name()?.to_string_lossy().into_owned();
-            // Every hidden name but the output lock and the records of what a folder write
-            // put there is a temporary file or staging folder.
-            let record = name.starts_with(".clipcid-") && name.ends_with("-outputs.json");
+            // Every hidden name but the output lock, the records of what a folder write put
+            // there and an embedding run's end record is a temporary file or staging folder.
+            let record = (name.starts_with(".clipcid-") && name.ends_with("-outputs.json"))
+                || name == clipcid_store::EMBED_END_RECORD;
             let temporary = name.starts_with('.') && name != ".clipcid.lock" && !record;
             temporary.then(|| format!("left behind: {}", p.display()))
         })
@@ -263,7 +264,19 @@ fn a_full_disk_leaves_whole_outputs_or_none_and_resumes() {
                 a.extend(["--quiet".into(), "--out".into(), on(d, "emb")]);
                 a
             },
-            |_| vec![],
+            // The run's end is recorded only once every shard is whole: a folder holding the
+            // record reads complete.
+            |d| {
+                let emb = d.join("emb");
+                match emb.join(clipcid_store::EMBED_END_RECORD).exists() {
+                    true => clipcid_store::ShardLayout::open(&[emb])
+                        .err()
+                        .map(|e| format!("end recorded, but: {e}"))
+                        .into_iter()
+                        .collect(),
+                    false => vec![],
+                }
+            },
             // The same command again picks up the shards already written.
             Some(&|_: &Path| vec![]),
         )
