@@ -25,6 +25,21 @@ if [ "${1:-}" = "--pack" ]; then
   # shellcheck source=/dev/null
   source "$root/.cuda/13.0/env.sh"
   target="${CARGO_TARGET_DIR:-$root/target}"
+  # The pack runs on another machine's CPU. .cargo/config.toml compiles C++ (faiss, and the
+  # tokenizer's and the kernel emulator's) for this one (-march=native); on a GPU host whose
+  # CPU lacks an instruction this one has (AVX-512 FP16 or AMX, say), the binary could stop
+  # with SIGILL. faiss's own AVX2 level runs on any x86-64 host of an H100 or H200, and the
+  # check times no k-means. The environment's value overrides the config's.
+  export CXXFLAGS_x86_64_unknown_linux_gnu="-mavx2 -mfma -mf16c -mpopcnt"
+  # Build scripts that do not watch the variable keep their old objects: rebuild them once
+  # when the flags differ from the last pack's.
+  stamp="$target/.clipcid-pack-cxxflags"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$CXXFLAGS_x86_64_unknown_linux_gnu" ]; then
+    for profile in release dev; do
+      (cd "$root" && cargo clean --profile "$profile" --target-dir "$target" \
+        -p faiss-sys -p esaxx-rs -p clipcid-cuda-emulator)
+    done
+  fi
   # `nccl` (a superset of `cuda`): self-check then also runs a one-rank NCCL group.
   (cd "$root" && cargo build --release -p clipcid --features nccl)
   rm -rf "$out" && mkdir -p "$out/stage/lib"
@@ -50,6 +65,12 @@ for line in sys.stdin:
             and t.get("name") in want and m.get("executable"):
         print(t["name"], m["executable"])' \
     | while read -r name exe; do cp "$exe" "$out/stage/tests/$name" && strip "$out/stage/tests/$name"; done
+  # faiss's build log holds its compile lines: none may be for this CPU alone.
+  if grep -l -- '-march=native' "$target"/{release,debug}/build/faiss-sys-*/output 2>/dev/null; then
+    echo "faiss built with -march=native is still in $target (above): cargo clean -p faiss-sys" >&2
+    exit 1
+  fi
+  echo "$CXXFLAGS_x86_64_unknown_linux_gnu" > "$stamp"
   found=$(find "$out/stage/tests" -type f | wc -l)
   if [ "$found" -ne 6 ]; then
     echo "expected 6 device-parametrised test binaries, built $found" >&2
