@@ -24,19 +24,27 @@ if [ "${1:-}" = "--pack" ]; then
   "$root/scripts/setup-cuda.sh" >/dev/null
   # shellcheck source=/dev/null
   source "$root/.cuda/13.0/env.sh"
-  target="${CARGO_TARGET_DIR:-$root/target}"
+  # A target folder of its own: its C++ flags (below) differ from a plain build's, and
+  # faiss-sys's artifacts would otherwise be shared, and rebuilt for whichever came last.
+  target="${CARGO_TARGET_DIR:-$root/target/gpu-pack}"
+  export CARGO_TARGET_DIR="$target"
   # The pack runs on another machine's CPU. .cargo/config.toml compiles C++ (faiss, and the
   # tokenizer's and the kernel emulator's) for this one (-march=native); on a GPU host whose
   # CPU lacks an instruction this one has (AVX-512 FP16 or AMX, say), the binary could stop
   # with SIGILL. faiss's own AVX2 level runs on any x86-64 host of an H100 or H200, and the
   # check times no k-means. The environment's value overrides the config's.
   export CXXFLAGS_x86_64_unknown_linux_gnu="-mavx2 -mfma -mf16c -mpopcnt"
-  # Build scripts that do not watch the variable keep their old objects: rebuild them once
-  # when the flags differ from the last pack's.
+  # Build scripts that do not watch the variable keep their old objects: rebuild them when
+  # the flags differ from the last pack's, or when faiss's build log (its compile lines) shows
+  # a build for this CPU, as a plain `cargo build` into the same target folder leaves it.
   stamp="$target/.clipcid-pack-cxxflags"
-  if [ "$(cat "$stamp" 2>/dev/null)" != "$CXXFLAGS_x86_64_unknown_linux_gnu" ]; then
+  faiss_native() {
+    grep -l -- '-march=native' "$target"/{release,debug}/build/faiss-sys-*/output 2>/dev/null
+  }
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$CXXFLAGS_x86_64_unknown_linux_gnu" ] \
+      || faiss_native >/dev/null; then
     for profile in release dev; do
-      (cd "$root" && cargo clean --profile "$profile" --target-dir "$target" \
+      (cd "$root" && cargo clean --profile "$profile" \
         -p faiss-sys -p esaxx-rs -p clipcid-cuda-emulator)
     done
   fi
@@ -65,8 +73,7 @@ for line in sys.stdin:
             and t.get("name") in want and m.get("executable"):
         print(t["name"], m["executable"])' \
     | while read -r name exe; do cp "$exe" "$out/stage/tests/$name" && strip "$out/stage/tests/$name"; done
-  # faiss's build log holds its compile lines: none may be for this CPU alone.
-  if grep -l -- '-march=native' "$target"/{release,debug}/build/faiss-sys-*/output 2>/dev/null; then
+  if faiss_native; then
     echo "faiss built with -march=native is still in $target (above): cargo clean -p faiss-sys" >&2
     exit 1
   fi
