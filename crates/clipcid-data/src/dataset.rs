@@ -425,10 +425,23 @@ impl Dataset {
         }
     }
 
-    /// SHA-256 (hex) identifying the data: a captions file's bytes; a labelled folder's
-    /// sample keys and image file sizes; WebDataset shard names and sizes (their bytes are
-    /// not read: shards are large). Recorded in outputs so that a resume can tell whether
-    /// the same data made them.
+    /// SHA-256 (hex) identifying the data: a captions file's bytes and the sizes of the
+    /// images it names; a labelled folder's sample keys and image file sizes; WebDataset
+    /// shard names and sizes (their bytes are not read: shards are large). Recorded in outputs
+    /// so that a resume can tell whether the same data made them, and so that embeddings are
+    /// never joined with images replaced since (a missing image counts as a size of its own).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let dir = tempfile::tempdir()?;
+    /// image::RgbImage::new(8, 8).save(dir.path().join("a.png"))?;
+    /// std::fs::write(dir.path().join("captions.tsv"), "a.png\ta black square\n")?;
+    /// let before = clipcid_data::Dataset::open(dir.path())?.fingerprint()?;
+    /// image::RgbImage::new(16, 16).save(dir.path().join("a.png"))?; // replaced
+    /// let after = clipcid_data::Dataset::open(dir.path())?.fingerprint()?;
+    /// assert_ne!(before, after);
+    /// # Ok(()) }
+    /// ```
     pub fn fingerprint(&self) -> Result<String, DataError> {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
@@ -437,8 +450,11 @@ impl Dataset {
         };
         match &self.source {
             Source::Captioned { captions } => {
-                h.update(b"captioned");
+                h.update(b"captioned with image sizes");
                 h.update(std::fs::read(captions).map_err(|e| DataError::io(captions, e))?);
+                for e in &self.entries {
+                    h.update(size(&e.path).unwrap_or(u64::MAX).to_le_bytes());
+                }
             }
             Source::Labelled { .. } => {
                 h.update(b"labelled");
@@ -466,6 +482,42 @@ impl Dataset {
             }
         }
         Ok(format!("{:x}", h.finalize()))
+    }
+
+    /// The fingerprint a captions file had before [`Dataset::fingerprint`] covered its
+    /// images' sizes (the file's bytes only); `None` for the other sources, whose
+    /// fingerprint has not changed. Outputs that recorded it stay this data's
+    /// ([`Dataset::is_fingerprint`]), without the images' check.
+    pub fn fingerprint_before_image_sizes(&self) -> Result<Option<String>, DataError> {
+        use sha2::{Digest, Sha256};
+        let Source::Captioned { captions } = &self.source else {
+            return Ok(None);
+        };
+        let mut h = Sha256::new();
+        h.update(b"captioned");
+        h.update(std::fs::read(captions).map_err(|e| DataError::io(captions, e))?);
+        Ok(Some(format!("{:x}", h.finalize())))
+    }
+
+    /// Whether `recorded`, a fingerprint an output recorded, is this data's: its
+    /// [`Dataset::fingerprint`], or for a captions file the form from before image sizes
+    /// counted ([`Dataset::fingerprint_before_image_sizes`]).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let dir = tempfile::tempdir()?;
+    /// image::RgbImage::new(8, 8).save(dir.path().join("a.png"))?;
+    /// std::fs::write(dir.path().join("captions.tsv"), "a.png\ta black square\n")?;
+    /// let data = clipcid_data::Dataset::open(dir.path())?;
+    /// assert!(data.is_fingerprint(&data.fingerprint()?)?);
+    /// let old = data.fingerprint_before_image_sizes()?.expect("a captions file");
+    /// assert!(data.is_fingerprint(&old)?);
+    /// assert!(!data.is_fingerprint("0123")?);
+    /// # Ok(()) }
+    /// ```
+    pub fn is_fingerprint(&self, recorded: &str) -> Result<bool, DataError> {
+        Ok(recorded == self.fingerprint()?
+            || self.fingerprint_before_image_sizes()?.as_deref() == Some(recorded))
     }
 
     /// Folder sources' samples, in order.

@@ -242,9 +242,23 @@ pub fn embed_dataset(
         Some(p) => p.clone(),
         None => Preprocess::clip(cfg.vision_config.image_size),
     };
+    // A folder embedded before a captions file's fingerprint covered its images' sizes
+    // records the older form; its runs keep that form, so a re-run resumes its shards (and its
+    // parts agree) instead of refusing them as another dataset's.
+    let data = match dataset.fingerprint_before_image_sizes()? {
+        Some(old)
+            if clipcid_store::list_shards(out_dir)
+                .unwrap_or_default()
+                .iter()
+                .any(|p| matches!(resume::recorded(p), Some(Some(r)) if r.data == old)) =>
+        {
+            old
+        }
+        _ => dataset.fingerprint()?,
+    };
     let provenance = resume::Provenance {
         teacher: model.fingerprint()?,
-        data: dataset.fingerprint()?,
+        data,
         tokenizer: tokenizer.map(|t| t.fingerprint()).transpose()?,
         preprocess: format!("{preprocess:?}"),
         decoder: Some(clipcid_data::IMAGE_DECODER.to_string()),

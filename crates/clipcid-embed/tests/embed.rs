@@ -587,3 +587,55 @@ fn features_that_overflow_are_an_error_naming_the_batch_and_no_shard_is_written(
         assert!(list_shards(&out).unwrap_or_default().is_empty(), "{tower}");
     }
 }
+
+#[test]
+fn a_captions_file_over_replaced_images_is_another_dataset_and_older_folders_resume() {
+    let (model, tok) = setup();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    for i in 0..3u8 {
+        RgbImage::from_pixel(24, 24, Rgb([80 * i, 40, 200]))
+            .save(data.join(format!("{i}.png")))
+            .unwrap();
+    }
+    std::fs::write(data.join("captions.tsv"), "0.png\ta\n1.png\tb\n2.png\tc\n").unwrap();
+    let out = dir.path().join("emb");
+    let dataset = || Dataset::open(&data).unwrap();
+    embed_dataset(&model, Some(&tok), &dataset(), &out, &opts(2, 2)).unwrap();
+    let recorded = |i: usize| {
+        let header = clipcid_store::io::read_header(&clipcid_store::shard_path(&out, i)).unwrap();
+        let p: serde_json::Value = serde_json::from_str(&header.metadata["provenance"]).unwrap();
+        p["data"].as_str().unwrap().to_string()
+    };
+    assert_eq!(recorded(0), dataset().fingerprint().unwrap());
+    // A folder from before the fingerprint covered image sizes (its shard 1 lost): the re-run
+    // keeps that form, resumes shard 0 and writes shard 1 with it.
+    let old = dataset().fingerprint_before_image_sizes().unwrap().unwrap();
+    let shard = clipcid_store::shard_path(&out, 0);
+    let tensors = clipcid_store::io::load_tensors(&shard).unwrap();
+    let mut meta = clipcid_store::io::read_header(&shard).unwrap().metadata;
+    let provenance = meta["provenance"].replace(&recorded(0), &old);
+    meta.insert("provenance".into(), provenance);
+    clipcid_store::io::write_safetensors(&shard, tensors, &meta).unwrap();
+    std::fs::remove_file(clipcid_store::shard_path(&out, 1)).unwrap();
+    let again = embed_dataset(&model, Some(&tok), &dataset(), &out, &opts(2, 2)).unwrap();
+    assert_eq!((again.shards_resumed, again.samples_embedded), (1, 1));
+    assert_eq!((recorded(0), recorded(1)), (old.clone(), old));
+    assert_eq!(
+        ShardLayout::open(std::slice::from_ref(&out))
+            .unwrap()
+            .total(),
+        3
+    );
+    // In a new folder, an image replaced since (another size) is another dataset.
+    let fresh = dir.path().join("emb2");
+    embed_dataset(&model, Some(&tok), &dataset(), &fresh, &opts(2, 2)).unwrap();
+    RgbImage::from_pixel(30, 30, Rgb([1, 2, 3]))
+        .save(data.join("2.png"))
+        .unwrap();
+    let e = embed_dataset(&model, Some(&tok), &dataset(), &fresh, &opts(2, 2))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("different dataset"), "{e}");
+}

@@ -121,13 +121,14 @@ impl TrainingSet {
             .and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok())
             .and_then(|v| v.get("data").and_then(|d| d.as_str()).map(str::to_string));
         if let Some(recorded) = recorded_data {
-            if recorded != dataset.fingerprint()? {
+            if !dataset.is_fingerprint(&recorded)? {
                 return Err(file_err(
                     embeddings,
                     format!(
-                        "these embeddings were made from another dataset than `{}` (data.dataset): \
-                         its fingerprint differs from the one the shards record; embed this \
-                         dataset, or point data.dataset at the one they were made from",
+                        "these embeddings were made from another dataset than `{}` (data.dataset), \
+                         or from its images before some were replaced: its fingerprint differs \
+                         from the one the shards record; embed this dataset, or point \
+                         data.dataset at the one they were made from",
                         data.dataset.display()
                     ),
                 ));

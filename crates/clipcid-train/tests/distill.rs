@@ -647,6 +647,39 @@ fn embeddings_of_another_dataset_are_refused() {
     assert!(Trainer::new(fx.config(FULL), &fx.path("run"), &Device::Cpu).is_ok());
 }
 
+/// A captions file's fingerprint covers the sizes of the images it names: embeddings of images
+/// replaced since are refused. Shards recorded before it did (the file's bytes only) are still
+/// taken as the dataset's.
+#[test]
+fn embeddings_of_images_replaced_since_are_refused() {
+    // No cluster file: it records the shards' provenance, which this test rewrites.
+    let fx = fixture(128, 0, 0);
+    let record = |data: &str| {
+        let shard = clipcid_store::shard_path(&fx.path("emb"), 0);
+        let tensors = clipcid_store::io::load_tensors(&shard).unwrap();
+        let provenance = format!(r#"{{"teacher": "t1", "data": "{data}"}}"#);
+        let meta = HashMap::from([("provenance".to_string(), provenance)]);
+        clipcid_store::io::write_safetensors(&shard, tensors, &meta).unwrap();
+    };
+    let data = clipcid_data::Dataset::open(&fx.path("data")).unwrap();
+    let before = data.fingerprint_before_image_sizes().unwrap().unwrap();
+    record(&before);
+    Trainer::new(fx.config(PICCOLLAGE), &fx.path("run"), &Device::Cpu).unwrap();
+    record(&data.fingerprint().unwrap());
+    Trainer::new(fx.config(PICCOLLAGE), &fx.path("run"), &Device::Cpu).unwrap();
+    // Image 5 rewritten (other pixels, another size) under the same captions file.
+    let other = png(&image(&[0.5; PATTERNS]));
+    assert_ne!(
+        other.len() as u64,
+        std::fs::metadata(fx.path("data/5.png")).unwrap().len()
+    );
+    std::fs::write(fx.path("data/5.png"), other).unwrap();
+    let e = Trainer::new(fx.config(PICCOLLAGE), &fx.path("run"), &Device::Cpu)
+        .expect_err("refused")
+        .to_string();
+    assert!(e.contains("before some were replaced"), "{e}");
+}
+
 #[test]
 fn resuming_on_another_teachers_embeddings_is_refused() {
     let fx = fixture(128, 0, 32);
