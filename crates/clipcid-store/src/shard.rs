@@ -511,8 +511,9 @@ impl EmbedEnd {
 /// and reading on would leave its samples out without a word. Shards that record no range
 /// (another tool's) are not checked, and neither are files listed one by one (a chosen
 /// subset). Where the folder's shards carry [`EmbedEnd::SHARD_KEY`], the run's end record
-/// must be there, be theirs (`provenance`), and its sample count be covered too, which
-/// catches missing shards after the last one present.
+/// must be there and be theirs (`provenance`); where a record of their provenance is there
+/// (with the key or without: shards of an older clipcid resumed by a newer one), its sample
+/// count must be covered too, which catches missing shards after the last one present.
 fn check_complete(
     folder: &Path,
     shards: &[PathBuf],
@@ -521,29 +522,29 @@ fn check_complete(
     provenance: Option<&str>,
 ) -> Result<(), StoreError> {
     let mine = |p: &Path| p.parent() == Some(folder);
-    let samples = if end_recorded.iter().any(|p| mine(p)) {
-        let how = "run the same `clipcid embed` again to finish it (every `--part I/N` of a split run; finished shards are kept), or list shard files one by one to read those only";
-        match EmbedEnd::read(folder)? {
-            None => {
-                return Err(StoreError::file(
-                    folder,
-                    format!(
-                        "no {EMBED_END_RECORD}: the embedding run that wrote these shards has not finished (or the folder was copied without that file); {how}"
-                    ),
-                ))
-            }
-            Some(end) if Some(end.provenance.as_str()) != provenance => {
-                return Err(StoreError::file(
-                    folder,
-                    format!(
-                        "{EMBED_END_RECORD} is another embedding run's than these shards': the run that wrote them has not finished; {how}"
-                    ),
-                ))
-            }
-            Some(end) => Some(end.samples),
+    let expects_record = end_recorded.iter().any(|p| mine(p));
+    let how = "run the same `clipcid embed` again to finish it (every `--part I/N` of a split run; finished shards are kept), or list shard files one by one to read those only";
+    let samples = match EmbedEnd::read(folder)? {
+        None if expects_record => {
+            return Err(StoreError::file(
+                folder,
+                format!(
+                    "no {EMBED_END_RECORD}: the embedding run that wrote these shards has not finished (or the folder was copied without that file); {how}"
+                ),
+            ))
         }
-    } else {
-        None
+        Some(end) if expects_record && Some(end.provenance.as_str()) != provenance => {
+            return Err(StoreError::file(
+                folder,
+                format!(
+                    "{EMBED_END_RECORD} is another embedding run's than these shards': the run that wrote them has not finished; {how}"
+                ),
+            ))
+        }
+        // Shards from before the record existed, resumed by a run that then wrote one: held
+        // to it as well.
+        Some(end) if Some(end.provenance.as_str()) == provenance => Some(end.samples),
+        _ => None,
     };
     let listed = shards.iter().filter(|p| mine(p)).count();
     let mut own: Vec<(u64, u64)> = ranges

@@ -427,9 +427,17 @@ fn a_folder_whose_run_recorded_more_samples_than_its_shards_cover_is_refused() {
         "{e}"
     );
     // Shards of a run that records no end (another tool, an older clipcid) are read as
-    // before, record or not.
+    // before without a record, or beside another run's.
     shard_of(dir.path(), 0, 0, 4, &[0, 1, 2, 3], Some(prov));
     shard_of(dir.path(), 1, 4, 8, &[4, 5, 6, 7], Some(prov));
     std::fs::remove_file(folder.join(EMBED_END_RECORD)).unwrap();
+    assert_eq!(open().unwrap().total(), 8);
+    end(12, r#"{"data":"run-b"}"#);
+    assert_eq!(open().unwrap().total(), 8);
+    // Once a newer clipcid has resumed them and recorded the end, they are held to it.
+    end(12, prov);
+    let e = open().unwrap_err().to_string();
+    assert!(e.contains("no shard covers samples 8..12"), "{e}");
+    end(8, prov);
     assert_eq!(open().unwrap().total(), 8);
 }
