@@ -5,7 +5,8 @@
 //!   byte-reproducible headers; header-only reads that check a file is complete; gzip text
 //!   inflated to a bound.
 //! - [`EmbeddingShard`] and [`ShardLayout`]: the teacher embedding shards of `clipcid embed`
-//!   (`image` `[n, D]`, optional `text` `[n, D]`, `ids`, keys in the metadata).
+//!   (`image` `[n, D]`, optional `text` `[n, D]`, `ids`, keys in the metadata), and
+//!   [`EmbedEnd`], the record a finished run leaves beside them.
 //! - [`KeepList`] and [`write_keep_file`]: the keep file of `clipcid balance`.
 //! - [`ClusterFile`]: the centroids and pseudo-labels of `clipcid cluster`.
 //! - [`RowReader`]: rows of the shards by position, read on demand (positioned reads).
