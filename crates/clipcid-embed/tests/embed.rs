@@ -387,6 +387,13 @@ fn tars(dir: &Path, counts: &[usize], corrupt: Option<usize>) {
     }
 }
 
+/// 23 samples in three tars (8, 7, 8) in `dir`, sample 9 corrupt, opened by a brace pattern.
+fn three_tars(dir: &Path) -> Dataset {
+    tars(dir, &[8, 7, 8], Some(9));
+    let pattern = format!("{}/data-{{00000..00002}}.tar", dir.display());
+    Dataset::open(Path::new(&pattern)).unwrap()
+}
+
 /// Image rows by id over every shard of `dir`.
 fn rows_by_id(dir: &Path) -> std::collections::BTreeMap<i64, Vec<f32>> {
     let mut out = std::collections::BTreeMap::new();
@@ -407,9 +414,7 @@ fn three_parts_write_exactly_the_one_process_shards() {
     // its own lock; the folder then holds the one-process folder's files byte for byte.
     let (model, tok) = setup();
     let dir = tempfile::tempdir().unwrap();
-    tars(dir.path(), &[8, 7, 8], Some(9));
-    let pattern = format!("{}/data-{{00000..00002}}.tar", dir.path().display());
-    let dataset = Dataset::open(Path::new(&pattern)).unwrap();
+    let dataset = three_tars(dir.path());
     let one = dir.path().join("one");
     let whole = embed_dataset(&model, Some(&tok), &dataset, &one, &opts(3, 4)).unwrap();
     assert_eq!((whole.shards.len(), whole.samples_embedded), (6, 22));
@@ -482,9 +487,7 @@ fn readers_refuse_a_run_whose_last_shard_is_missing_until_it_is_written() {
     // ranges alone; part 0's end record says the data holds 23.
     let (model, tok) = setup();
     let dir = tempfile::tempdir().unwrap();
-    tars(dir.path(), &[8, 7, 8], Some(9));
-    let pattern = format!("{}/data-{{00000..00002}}.tar", dir.path().display());
-    let dataset = Dataset::open(Path::new(&pattern)).unwrap();
+    let dataset = three_tars(dir.path());
     let out = dir.path().join("emb");
     let part = |i| EmbedOptions {
         part: clipcid_embed::Part::new(i, 2).unwrap(),

@@ -641,10 +641,7 @@ fn eval_textness_and_export_from_the_command_line() {
         clipcid(&args)
     };
     let report = d.join("report");
-    let (ok, text) = clipcid(&[
-        "eval",
-        "--model",
-        s(&d.join("student.safetensors")),
+    let (ok, text) = eval_student(&[
         "--teacher",
         s(&d.join("teacher.safetensors")),
         "--compare",
@@ -708,10 +705,7 @@ fn eval_textness_and_export_from_the_command_line() {
     // A name holding a path separator names its plot without it; two models of one name
     // (which would overwrite each other's plots and records) are refused.
     let named = |compare: &str, out: &str| {
-        clipcid(&[
-            "eval",
-            "--model",
-            s(&d.join("student.safetensors")),
+        eval_student(&[
             "--compare",
             &format!("{compare}={}", s(&d.join("teacher.safetensors"))),
             "--zero-shot",
@@ -736,10 +730,7 @@ fn eval_textness_and_export_from_the_command_line() {
     assert_eq!(records("report-slash").len(), 2);
     // The same report folder for the student alone: `runs/b`'s plot and CLIP_benchmark
     // record are gone (they stayed beside the new report, for tools that read every record).
-    let (ok, text) = clipcid(&[
-        "eval",
-        "--model",
-        s(&d.join("student.safetensors")),
+    let (ok, text) = eval_student(&[
         "--zero-shot",
         s(&d.join("test")),
         "--out",
@@ -759,19 +750,12 @@ fn eval_textness_and_export_from_the_command_line() {
         "{text}"
     );
     // Names that differ only in a path separator share their file names.
-    let (student, test, out) = (
-        d.join("student.safetensors"),
-        d.join("test"),
-        d.join("report-clash"),
-    );
+    let (test, out) = (d.join("test"), d.join("report-clash"));
     let (a, b) = (
         format!("runs/b={}", s(&d.join("teacher.safetensors"))),
         format!("runs-b={}", s(&d.join("teacher.safetensors"))),
     );
-    let args = [
-        "eval",
-        "--model",
-        s(&student),
+    let (ok, text) = eval_student(&[
         "--zero-shot",
         s(&test),
         "--out",
@@ -780,8 +764,7 @@ fn eval_textness_and_export_from_the_command_line() {
         &a,
         "--compare",
         &b,
-    ];
-    let (ok, text) = clipcid(&args);
+    ]);
     assert!(
         !ok && text.contains("named `runs/b` and `runs-b`, one file name"),
         "{text}"
