@@ -14,7 +14,10 @@
 //!   shortest side, centre crop, normalise), `--batch` images cycling through the set, one
 //!   after another on one thread;
 //! - `decode_batch` (the same work on rayon's pool, into a `[B, 3, S, S]` tensor) on those
-//!   `--batch` images, on every thread.
+//!   `--batch` images, on every thread;
+//! - `clipcid_store::image_digest` (SHA-256 of the encoded bytes, which `decode_batch` takes
+//!   of every image so that `distill` can tell an image replaced since `embed`) on one
+//!   thread, and its time as a share of the one-thread decode.
 //!
 //! Prints a markdown table of images/s and the mean of the output pixels; the peer prints the
 //! same columns for Pillow, and equal means show both compute the same thing (both decode
@@ -59,8 +62,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         photos.display()
     );
     println!();
-    println!("| set | images | mean size | MB | one thread: images/s | {threads} threads, batches of {batch}: images/s | mean pixel |");
-    println!("|---|---:|---|---:|---:|---:|---:|");
+    println!("| set | images | mean size | MB | one thread: images/s | {threads} threads, batches of {batch}: images/s | digest, one thread: images/s | digest / decode | mean pixel |");
+    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
     for (name, short) in SETS {
         let set = write_set(&sources, short, &dir.join(set_folder(short)))?;
         if set.is_empty() {
@@ -86,6 +89,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 })
                 .collect::<Result<Vec<f64>, String>>()?,
         );
+
+        // The digest alone, one thread, the same images.
+        let mut fold = 0u8;
+        let digest = median(
+            (0..reps)
+                .map(|_| {
+                    let t0 = Instant::now();
+                    for bytes in set.iter().cycle().take(batch) {
+                        fold ^= clipcid_store::image_digest(bytes)[0];
+                    }
+                    t0.elapsed().as_secs_f64()
+                })
+                .collect(),
+        );
+        std::hint::black_box(fold);
 
         // Every thread: batches of `batch` samples cycling through the set.
         let samples = |start: usize| -> Vec<Sample> {
@@ -118,10 +136,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .collect::<Result<Vec<f64>, Box<dyn std::error::Error>>>()?,
         );
         println!(
-            "| {name} | {} | {mean_w:.0} x {mean_h:.0} | {mb:.1} | {:.0} | {:.0} | {:.4} |",
+            "| {name} | {} | {mean_w:.0} x {mean_h:.0} | {mb:.1} | {:.0} | {:.0} | {:.0} | {:.1}% | {:.4} |",
             set.len(),
             batch as f64 / one,
             batch as f64 / many,
+            batch as f64 / digest,
+            100.0 * digest / one,
             sum / count as f64
         );
     }

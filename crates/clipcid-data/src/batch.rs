@@ -29,6 +29,9 @@ pub struct Batch {
     pub captions: Vec<Option<String>>,
     /// Labels, where present.
     pub labels: Vec<Option<usize>>,
+    /// Each sample's [`ImageDigest`](clipcid_store::ImageDigest): which encoded bytes the
+    /// pixels were decoded from.
+    pub image_digests: Vec<clipcid_store::ImageDigest>,
 }
 
 impl Batch {
@@ -52,6 +55,7 @@ impl Batch {
     ///     pixels: Tensor::zeros((2, 3, 4, 4), DType::F32, &Device::Cpu)?,
     ///     captions: vec![Some("a cat".into()), None],
     ///     labels: vec![None, None],
+    ///     image_digests: vec![[0; 8], [1; 8]],
     /// };
     /// assert_eq!(batch.caption_texts(), ["a cat", ""]);
     /// # Ok::<(), candle_core::Error>(())
@@ -67,7 +71,8 @@ impl Batch {
 /// Decodes and preprocesses a group of samples on rayon's pool. Samples that fail are
 /// returned as [`Skipped`] (and logged with their key), the rest form the batch (`None`
 /// when every sample failed). Each sample is written in place into the batch's one buffer,
-/// in parallel; a failed sample's slot is closed up afterwards.
+/// in parallel; a failed sample's slot is closed up afterwards. Each kept sample's
+/// [`image_digest`](clipcid_store::image_digest) is taken of the bytes it was decoded from.
 pub fn decode_batch(
     samples: Vec<Sample>,
     preprocess: &Preprocess,
@@ -75,19 +80,23 @@ pub fn decode_batch(
 ) -> Result<(Option<Batch>, Vec<Skipped>), DataError> {
     let per = preprocess.values_per_image();
     let mut flat = vec![0f32; samples.len() * per];
-    let outcomes: Vec<Result<(), String>> = flat
+    let outcomes: Vec<Result<clipcid_store::ImageDigest, String>> = flat
         .par_chunks_mut(per)
         .zip(samples.par_iter())
         .map(|(out, sample)| match &sample.image {
-            Ok(bytes) => preprocess.decode_into(bytes, out),
+            Ok(bytes) => preprocess
+                .decode_into(bytes, out)
+                .map(|()| clipcid_store::image_digest(bytes)),
             Err(reason) => Err(reason.clone()),
         })
         .collect();
     let mut skipped = Vec::new();
     let (mut indices, mut keys, mut captions, mut labels) = (vec![], vec![], vec![], vec![]);
+    let mut image_digests = vec![];
     for (slot, (sample, outcome)) in samples.into_iter().zip(outcomes).enumerate() {
         match outcome {
-            Ok(()) => {
+            Ok(digest) => {
+                image_digests.push(digest);
                 let kept = keys.len();
                 if kept != slot {
                     flat.copy_within(slot * per..(slot + 1) * per, kept * per);
@@ -120,6 +129,7 @@ pub fn decode_batch(
             pixels,
             captions,
             labels,
+            image_digests,
         }),
         skipped,
     ))

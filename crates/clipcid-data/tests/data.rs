@@ -881,6 +881,13 @@ fn a_batch_written_in_place_equals_each_sample_decoded_alone_with_failures_close
     assert_eq!(batch.keys, vec!["k1", "k2", "k5"]);
     assert_eq!(batch.labels, vec![Some(1), Some(2), Some(5)]);
     assert_eq!(batch.caption_texts(), vec!["c1", "c2", "c5"]);
+    // Each kept sample's digest: the first 8 bytes of SHA-256 of its own encoded bytes.
+    let sha = |i: usize| {
+        use sha2::Digest;
+        sha2::Sha256::digest(images[i].as_ref().unwrap())[..8].to_vec()
+    };
+    let digests: Vec<Vec<u8>> = batch.image_digests.iter().map(|d| d.to_vec()).collect();
+    assert_eq!(digests, vec![sha(1), sha(2), sha(5)]);
     let skipped: Vec<u64> = skipped.iter().map(|s| s.index).collect();
     assert_eq!(skipped, vec![0, 3, 4, 6]);
     assert_eq!(batch.pixels.dims(), &[3, 3, 24, 24]);

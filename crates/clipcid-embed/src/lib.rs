@@ -6,7 +6,9 @@
 //!
 //! Shard layout (`embeddings-00000.safetensors`, ...): tensors `image` `[n, D]`, `text`
 //! `[n, D]` and `has_text` `[n]` (u8) when captions are embedded, `ids` `[n]` (i64, the
-//! sample's position in the dataset); metadata `keys` (JSON list of sample keys), `skipped`
+//! sample's position in the dataset), `image_digest` `[n, 8]` (u8: which image bytes each row
+//! was made from, [`clipcid_store::image_digest`]; distillation checks it against the images
+//! it reads); metadata `keys` (JSON list of sample keys), `skipped`
 //! (JSON list of keys dropped as unreadable), `first_index` / `end_index` (input range),
 //! `dim`, `teacher`, `provenance`, and `end_record`: a finished run (each part of a split one)
 //! writes [`clipcid_store::EMBED_END_RECORD`] with the data's sample count, so a reader can
@@ -542,6 +544,7 @@ struct InFlight {
     has_text: Vec<u8>,
     ids: Vec<i64>,
     keys: Vec<String>,
+    image_digests: Vec<clipcid_store::ImageDigest>,
 }
 
 impl InFlight {
@@ -580,6 +583,7 @@ impl InFlight {
             has_text,
             ids: batch.indices.iter().map(|&i| i as i64).collect(),
             keys: batch.keys,
+            image_digests: batch.image_digests,
         })
     }
 
@@ -598,6 +602,7 @@ impl InFlight {
         }
         rows.ids.extend(self.ids);
         rows.keys.extend(self.keys);
+        rows.image_digests.extend(self.image_digests.concat());
         Ok(())
     }
 }
@@ -609,6 +614,8 @@ struct ShardRows {
     has_text: Vec<u8>,
     ids: Vec<i64>,
     keys: Vec<String>,
+    /// [`clipcid_store::IMAGE_DIGEST_BYTES`] per row.
+    image_digests: Vec<u8>,
     skipped: Vec<Skipped>,
 }
 
@@ -634,6 +641,14 @@ impl ShardRows {
         let mut tensors = vec![
             ("image".to_string(), cat(&self.image)?),
             ("ids".to_string(), Tensor::from_vec(self.ids, n, &cpu)?),
+            (
+                clipcid_store::IMAGE_DIGEST_TENSOR.to_string(),
+                Tensor::from_vec(
+                    self.image_digests,
+                    (n, clipcid_store::IMAGE_DIGEST_BYTES),
+                    &cpu,
+                )?,
+            ),
         ];
         if expect.with_text {
             tensors.push(("text".to_string(), cat(&self.text)?));

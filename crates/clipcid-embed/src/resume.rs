@@ -129,6 +129,12 @@ pub(crate) fn is_complete(path: &Path, first: u64, expect: &Expect) -> Option<u6
         if h.tensors.contains_key("text") != expect.with_text {
             return Err("text embeddings present/absent unlike this run".into());
         }
+        // Shards of older runs have no image digests, and are kept.
+        if let Some(d) = h.tensors.get(clipcid_store::IMAGE_DIGEST_TENSOR) {
+            if d.shape != [img.shape[0], clipcid_store::IMAGE_DIGEST_BYTES] || d.dtype != "U8" {
+                return Err(format!("image digests are {:?} {}", d.shape, d.dtype));
+            }
+        }
         let keys: Vec<String> =
             serde_json::from_str(&meta("keys")).map_err(|e| format!("bad keys metadata: {e}"))?;
         if keys.len() != img.shape[0] {

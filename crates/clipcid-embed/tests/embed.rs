@@ -68,6 +68,14 @@ fn corrupt_jpeg_in_a_tar_shard_is_skipped_counted_and_named() {
     assert_eq!(shard.skipped, vec!["s0004"]);
     assert_eq!(shard.ids, vec![0, 1, 2, 3, 5]);
     assert!(!shard.keys.contains(&"s0004".to_string()));
+    // Each row records the digest of the JPEG bytes it was embedded from.
+    let tensors = clipcid_store::io::load_tensors(&s.shards[0]).unwrap();
+    let digests = tensors["image_digest"].to_vec2::<u8>().unwrap();
+    let expected: Vec<Vec<u8>> = [0, 1, 2, 3, 5]
+        .iter()
+        .map(|&i| clipcid_store::image_digest(&jpeg(i)).to_vec())
+        .collect();
+    assert_eq!(digests, expected);
 }
 
 #[test]

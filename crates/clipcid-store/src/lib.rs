@@ -9,7 +9,8 @@
 //!   [`EmbedEnd`], the record a finished run leaves beside them.
 //! - [`KeepList`] and [`write_keep_file`]: the keep file of `clipcid balance`.
 //! - [`ClusterFile`]: the centroids and pseudo-labels of `clipcid cluster`.
-//! - [`RowReader`]: rows of the shards by position, read on demand (positioned reads).
+//! - [`RowReader`]: rows of the shards by position, read on demand (positioned reads), and
+//!   [`ImageDigests`]: the digest of the image bytes each row was embedded from.
 //! - [`Part`]: one process's share of a stage run by many (`--part I/N`, torchrun's or a
 //!   Slurm array's environment).
 //! - [`check_same_embeddings`]: keep and cluster files record the provenance of the
@@ -35,6 +36,7 @@
 #![deny(missing_docs)]
 
 pub mod clusters;
+mod digest;
 mod error;
 pub mod io;
 mod keep;
@@ -45,6 +47,9 @@ mod shard;
 
 pub use clusters::{
     read_clusters, write_clusters, ClusterFile, ClusterSummary, KMeansInit, SizeSummary,
+};
+pub use digest::{
+    image_digest, ImageDigest, ImageDigests, IMAGE_DIGEST_BYTES, IMAGE_DIGEST_TENSOR,
 };
 pub use error::StoreError;
 pub use keep::{write_keep_file, KeepList, KEEP_KIND};

@@ -441,3 +441,54 @@ fn a_folder_whose_run_recorded_more_samples_than_its_shards_cover_is_refused() {
     end(8, prov);
     assert_eq!(open().unwrap().total(), 8);
 }
+
+/// Digests read by position across shards, one of them without digests, equal the rows as
+/// written; a digest tensor of another type or row count is refused naming its shard.
+#[test]
+fn image_digests_are_read_by_position_and_malformed_ones_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |index: usize, n: usize, digests: Option<Tensor>| {
+        let image = Tensor::ones((n, 4), DType::F32, &Device::Cpu).unwrap();
+        let mut tensors = vec![("image".to_string(), image)];
+        if let Some(d) = digests {
+            tensors.push(("image_digest".to_string(), d));
+        }
+        write_safetensors(&shard_path(dir.path(), index), tensors, &HashMap::new()).unwrap();
+    };
+    // Row r of the whole layout (shard order) has digest [r; 8], if its shard has digests.
+    let rows = |range: std::ops::Range<u8>| {
+        let v: Vec<u8> = range.clone().flat_map(|r| [r; 8]).collect();
+        Tensor::from_vec(v, (range.len(), 8), &Device::Cpu).unwrap()
+    };
+    write(0, 3, Some(rows(0..3)));
+    write(1, 2, None);
+    write(2, 4, Some(rows(5..9)));
+    let layout = ShardLayout::open(&[dir.path().to_path_buf()]).unwrap();
+    let digests = clipcid_store::ImageDigests::open(&layout).unwrap();
+    assert!(digests.any());
+    let positions = [8u32, 0, 4, 5, 2, 3, 7, 0];
+    let expected: Vec<Option<[u8; 8]>> = positions
+        .iter()
+        .map(|&p| (!(3..5).contains(&p)).then_some([p as u8; 8]))
+        .collect();
+    assert_eq!(digests.gather(&positions).unwrap(), expected);
+    assert_eq!(
+        digests.shard_of(4).unwrap(),
+        shard_path(dir.path(), 1).as_path()
+    );
+    assert!(digests.gather(&[9]).is_err());
+    // Malformed: f32 digests, or fewer rows than the shard has.
+    for bad in [
+        Tensor::zeros((4, 8), DType::F32, &Device::Cpu).unwrap(),
+        rows(0..3),
+    ] {
+        write(2, 4, Some(bad));
+        let e = clipcid_store::ImageDigests::open(&layout)
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            e.contains("embeddings-00002.safetensors") && e.contains("image_digest"),
+            "{e}"
+        );
+    }
+}

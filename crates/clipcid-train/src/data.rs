@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use clipcid_data::{decode_batch, Dataset, Preprocess, SampleIndex, Skipped};
 use clipcid_models::ClipTokenizer;
-use clipcid_store::{check_same_embeddings, RowReader, ShardLayout};
+use clipcid_store::{check_same_embeddings, ImageDigests, RowReader, ShardLayout};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -34,7 +34,9 @@ pub struct Needs {
 /// positioned reads ([`RowReader`]), so memory per training row is its dataset position,
 /// its shard row and its label (16 bytes), whatever the embedding width; images are read
 /// from the dataset per batch through a [`SampleIndex`]. A non-finite embedding is an
-/// error naming the shard when its batch reads it.
+/// error naming the shard when its batch reads it, and so is an image whose bytes are not
+/// the ones its embedding was made from (the shards' `image_digest`; replaced since
+/// `clipcid embed`, though its size is unchanged and the dataset's fingerprint with it).
 #[derive(Debug)]
 pub struct TrainingSet {
     index: SampleIndex,
@@ -44,6 +46,8 @@ pub struct TrainingSet {
     rows: Vec<u32>,
     teacher_image: Option<RowReader>,
     teacher_text: Option<RowReader>,
+    /// Which image bytes each shard row was embedded from, when the shards record it.
+    image_digests: Option<ImageDigests>,
     labels: Option<Vec<u32>>,
     centroids: Option<(Vec<f32>, usize)>,
     teacher: String,
@@ -154,6 +158,7 @@ impl TrainingSet {
             rows: vec![],
             teacher_image: None,
             teacher_text: None,
+            image_digests: None,
             labels: clusters.as_ref().map(|_| Vec::new()),
             centroids: None,
             teacher: clipcid_store::io::read_header(&layout.shards[0])?
@@ -241,6 +246,8 @@ impl TrainingSet {
         if needs.teacher_text {
             set.teacher_text = Some(RowReader::open_tensor(layout.clone(), "text")?);
         }
+        let digests = ImageDigests::open(&layout)?;
+        set.image_digests = digests.any().then_some(digests);
         set.teacher_image = Some(RowReader::open(layout)?);
         if let Some((cpath, c)) = clusters {
             if c.dim != set.dim {
@@ -324,6 +331,7 @@ impl TrainingSet {
             rows: vec![],
             teacher_image: None,
             teacher_text: None,
+            image_digests: None,
             labels: None,
             centroids: None,
             teacher: String::new(),
@@ -407,6 +415,35 @@ impl TrainingSet {
         Ok(src.gather(&at)?)
     }
 
+    /// Refuses a batch whose image bytes (`decoded`, one digest per row of `rows`) are not
+    /// those the rows' teacher embeddings were made from.
+    fn check_image_digests(
+        &self,
+        rows: &[usize],
+        decoded: &[clipcid_store::ImageDigest],
+        keys: &[String],
+    ) -> Result<(), TrainError> {
+        let Some(digests) = &self.image_digests else {
+            return Ok(());
+        };
+        let at: Vec<u32> = rows.iter().map(|&r| self.rows[r]).collect();
+        let recorded = digests.gather(&at)?;
+        for (k, (recorded, decoded)) in recorded.iter().zip(decoded).enumerate() {
+            if recorded.is_some_and(|r| r != *decoded) {
+                let shard = digests.shard_of(at[k]).unwrap_or(Path::new("?"));
+                return Err(TrainError::Input(format!(
+                    "{}: image `{}` is not the one this shard embedded (its bytes differ from \
+                     the digest recorded there): the image was replaced after `clipcid embed`, \
+                     so its teacher embedding is another image's; embed the dataset again (into \
+                     an empty folder, or remove this shard and re-run the same embed)",
+                    shard.display(),
+                    keys[k]
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The centroids `[K, D]` on `device`.
     pub fn centroids(&self, device: &Device) -> Result<Option<Tensor>, TrainError> {
         Ok(match &self.centroids {
@@ -426,7 +463,9 @@ impl TrainingSet {
     }
 
     /// Reads, decodes (in parallel) and assembles the rows `rows`. Samples whose image is
-    /// unreadable are dropped from the batch and listed in `skipped`.
+    /// unreadable are dropped from the batch and listed in `skipped`. An image whose bytes
+    /// are not those its shard row was embedded from is an error naming the shard and the
+    /// sample.
     pub fn batch(
         &self,
         rows: &[usize],
@@ -453,6 +492,7 @@ impl TrainingSet {
             .copied()
             .filter(|&r| !gone.contains(&self.ids[r]))
             .collect();
+        self.check_image_digests(&rows, &batch.image_digests, &batch.keys)?;
         let tokens = match tokenizer {
             Some(tok) => Some(tok.encode_batch(&batch.caption_texts(), device)?),
             None => None,

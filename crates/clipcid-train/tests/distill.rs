@@ -76,10 +76,28 @@ impl Teacher {
     }
 }
 
+/// The fixture's PNGs are stored without compression, so every image has the same byte
+/// length and one can be replaced by another of the same size.
 fn png(img: &image::RgbImage) -> Vec<u8> {
-    let mut buf = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut buf, image::ImageFormat::Png).unwrap();
-    buf.into_inner()
+    png_with(img, image::codecs::png::CompressionType::Uncompressed)
+}
+
+fn png_with(img: &image::RgbImage, compression: image::codecs::png::CompressionType) -> Vec<u8> {
+    use image::ImageEncoder;
+    let mut buf = vec![];
+    image::codecs::png::PngEncoder::new_with_quality(
+        &mut buf,
+        compression,
+        image::codecs::png::FilterType::NoFilter,
+    )
+    .write_image(
+        img,
+        img.width(),
+        img.height(),
+        image::ExtendedColorType::Rgb8,
+    )
+    .unwrap();
+    buf
 }
 
 /// `n` training images with captions, teacher shards (image + text), a tokenizer, and
@@ -94,6 +112,7 @@ fn fixture(n: usize, held: usize, k: usize) -> Fixture {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let mut tsv = String::new();
     let (mut img_rows, mut txt_rows) = (vec![], vec![]);
+    let mut digests = vec![];
     let mut held_out = vec![];
     for i in 0..n + held {
         let w: Vec<f32> = (0..PATTERNS)
@@ -106,6 +125,7 @@ fn fixture(n: usize, held: usize, k: usize) -> Fixture {
             continue;
         }
         std::fs::write(d.join("data").join(format!("{i}.png")), &bytes).unwrap();
+        digests.extend(clipcid_store::image_digest(&bytes));
         let words: Vec<String> = w
             .iter()
             .enumerate()
@@ -140,6 +160,10 @@ fn fixture(n: usize, held: usize, k: usize) -> Fixture {
         (
             "ids".to_string(),
             Tensor::from_vec((0..n as i64).collect::<Vec<_>>(), n, &cpu).unwrap(),
+        ),
+        (
+            "image_digest".to_string(),
+            Tensor::from_vec(digests, (n, 8), &cpu).unwrap(),
         ),
     ];
     let meta = HashMap::from([
@@ -668,7 +692,10 @@ fn embeddings_of_images_replaced_since_are_refused() {
     record(&data.fingerprint().unwrap());
     Trainer::new(fx.config(PICCOLLAGE), &fx.path("run"), &Device::Cpu).unwrap();
     // Image 5 rewritten (other pixels, another size) under the same captions file.
-    let other = png(&image(&[0.5; PATTERNS]));
+    let other = png_with(
+        &image(&[0.5; PATTERNS]),
+        image::codecs::png::CompressionType::Best,
+    );
     assert_ne!(
         other.len() as u64,
         std::fs::metadata(fx.path("data/5.png")).unwrap().len()
@@ -678,6 +705,50 @@ fn embeddings_of_images_replaced_since_are_refused() {
         .expect_err("refused")
         .to_string();
     assert!(e.contains("before some were replaced"), "{e}");
+}
+
+/// An image replaced by one of the same byte size leaves the dataset's fingerprint as it was;
+/// the digest each shard row records of its image's bytes still tells: the batch that reads
+/// it is refused, naming the sample and the shard. Shards without digests (older runs) train.
+#[test]
+fn an_image_replaced_by_one_of_the_same_size_is_refused_when_read() {
+    let fx = fixture(64, 0, 0);
+    let path = fx.path("data/5.png");
+    let original = std::fs::read(&path).unwrap();
+    let fingerprint = clipcid_data::Dataset::open(&fx.path("data"))
+        .unwrap()
+        .fingerprint()
+        .unwrap();
+    // Another picture of the same byte length (the fixture's PNGs are uncompressed).
+    let replaced = png(&image(&[0.5; PATTERNS]));
+    assert!(replaced.len() == original.len() && replaced != original);
+    std::fs::write(&path, &replaced).unwrap();
+    let same = clipcid_data::Dataset::open(&fx.path("data")).unwrap();
+    assert_eq!(same.fingerprint().unwrap(), fingerprint);
+    let mut config = fx.config(PICCOLLAGE);
+    config.epochs = 1;
+    let train = |config: DistillConfig, run: &str| {
+        Trainer::new(config, &fx.path(run), &Device::Cpu)?.run(None, false)
+    };
+    let e = train(config.clone(), "run")
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        e.contains("image `5.png` is not the one this shard embedded")
+            && e.contains("embeddings-00000.safetensors"),
+        "{e}"
+    );
+    // The original bytes back: the same run trains.
+    std::fs::write(&path, &original).unwrap();
+    assert_eq!(train(config.clone(), "run2").unwrap().steps, 2);
+    // A shard from before digests were recorded: nothing to check against.
+    std::fs::write(&path, &replaced).unwrap();
+    let shard = clipcid_store::shard_path(&fx.path("emb"), 0);
+    let meta = clipcid_store::io::read_header(&shard).unwrap().metadata;
+    let mut tensors = clipcid_store::io::load_tensors(&shard).unwrap();
+    tensors.remove("image_digest").unwrap();
+    clipcid_store::io::write_safetensors(&shard, tensors, &meta).unwrap();
+    assert_eq!(train(config, "run3").unwrap().steps, 2);
 }
 
 #[test]

@@ -623,6 +623,27 @@ fn hostile_inputs_end_in_named_errors_or_named_skips() {
         ],
         Expect::Ok(&[]),
     );
+    // An image replaced since `embed` by another of the same byte size: the dataset's
+    // fingerprint (image sizes) is unchanged, the digests the shard keeps of each image are not.
+    let original = std::fs::read(b.path("data/3.png")).unwrap();
+    let same_size = (0..=255u8)
+        .map(|r| png(r, 40, 30))
+        .find(|p| p.len() == original.len() && *p != original)
+        .unwrap();
+    b.write("data/3.png", &same_size);
+    b.case(
+        1,
+        "distill after an image was replaced by one of the same size",
+        &[
+            "distill", "--config", "run.toml", "--out", "run-r", "--quiet",
+        ],
+        Expect::Error(&[
+            "`3.png`",
+            "embeddings-00000",
+            "replaced after `clipcid embed`",
+        ]),
+    );
+    b.write("data/3.png", &original);
     b.distill_config("run2.toml", "emb2", no_cluster, "");
     b.case(
         1,
