@@ -200,6 +200,29 @@ fn rerun_resumes_complete_shards_and_redoes_damaged_ones() {
     for (p, b) in third.shards.iter().zip(&bytes) {
         assert_eq!(&std::fs::read(p).unwrap(), b, "{}", p.display());
     }
+    // A shard of an older run, without image digests, is kept as it is; one whose digests
+    // are malformed is recomputed, byte for byte.
+    let rewrite = |i: usize, digests: Option<Tensor>| {
+        let p = &first.shards[i];
+        let meta = clipcid_store::io::read_header(p).unwrap().metadata;
+        let mut tensors = clipcid_store::io::load_tensors(p).unwrap();
+        tensors.remove("image_digest").unwrap();
+        if let Some(d) = digests {
+            tensors.insert("image_digest".into(), d);
+        }
+        clipcid_store::io::write_safetensors(p, tensors, &meta).unwrap();
+        std::fs::read(p).unwrap()
+    };
+    let older = rewrite(0, None);
+    rewrite(
+        1,
+        Some(Tensor::zeros((3, 4), DType::U8, &Device::Cpu).unwrap()),
+    );
+    let fifth = embed_dataset(&model, Some(&tok), &ds, &out, &opts(2, 3)).unwrap();
+    assert_eq!((fifth.shards_resumed, fifth.samples_embedded), (2, 3));
+    assert_eq!(std::fs::read(&first.shards[0]).unwrap(), older);
+    assert_eq!(std::fs::read(&first.shards[1]).unwrap(), bytes[1]);
+    std::fs::write(&first.shards[0], &bytes[0]).unwrap();
     // A run with different options does not trust the old shards: it refuses the folder,
     // naming what differs, unless told to replace them.
     let mut f16 = EmbedOptions {

@@ -111,36 +111,48 @@ impl ImageDigests {
 
     /// The shard file that holds row `position`.
     pub fn shard_of(&self, position: u32) -> Option<&std::path::Path> {
-        self.find(position).map(|s| s.path.as_path())
+        self.find(position).map(|i| self.shards[i].path.as_path())
     }
 
-    fn find(&self, position: u32) -> Option<&ShardDigests> {
+    /// Index of the shard that holds row `position`.
+    fn find(&self, position: u32) -> Option<usize> {
         let p = position as usize;
         let at = self.shards.partition_point(|s| s.first + s.rows <= p);
-        self.shards.get(at).filter(|s| s.first <= p)
+        self.shards.get(at).filter(|s| s.first <= p).map(|_| at)
     }
 
     /// The digests of the rows at `positions` (global, any order), `None` for rows of a
-    /// shard without digests. A position past the last row is an error.
+    /// shard without digests. A position past the last row is an error. Each shard the
+    /// positions fall in is opened once per call.
     pub fn gather(&self, positions: &[u32]) -> Result<Vec<Option<ImageDigest>>, StoreError> {
-        positions
-            .iter()
-            .map(|&p| {
-                let s = self.find(p).ok_or_else(|| {
-                    StoreError::Invalid(format!("image digest of row {p} asked of fewer rows"))
-                })?;
-                let Some(offset) = s.offset else {
-                    return Ok(None);
-                };
-                let mut digest = [0u8; IMAGE_DIGEST_BYTES];
-                let row = (p as usize - s.first) as u64;
-                crate::rows::read_at(
-                    &s.path,
-                    offset + row * IMAGE_DIGEST_BYTES as u64,
-                    &mut digest,
-                )?;
-                Ok(Some(digest))
-            })
-            .collect()
+        let mut out = vec![None; positions.len()];
+        let mut order: Vec<usize> = (0..positions.len()).collect();
+        order.sort_by_key(|&k| positions[k]);
+        let mut open: Option<(usize, std::fs::File)> = None;
+        for k in order {
+            let p = positions[k];
+            let i = self.find(p).ok_or_else(|| {
+                StoreError::Invalid(format!("image digest of row {p} asked of fewer rows"))
+            })?;
+            let s = &self.shards[i];
+            let Some(offset) = s.offset else {
+                continue;
+            };
+            let file = match open.take() {
+                Some((j, file)) if j == i => file,
+                _ => crate::rows::open_rows(&s.path)?,
+            };
+            let mut digest = [0u8; IMAGE_DIGEST_BYTES];
+            let row = (p as usize - s.first) as u64;
+            crate::rows::read_file_at(
+                &file,
+                &s.path,
+                offset + row * IMAGE_DIGEST_BYTES as u64,
+                &mut digest,
+            )?;
+            open = Some((i, file));
+            out[k] = Some(digest);
+        }
+        Ok(out)
     }
 }

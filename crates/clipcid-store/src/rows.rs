@@ -125,6 +125,16 @@ impl RowReader {
 
     /// Rows `range` (global positions), unit-normalised, row-major `[range.len(), D]`.
     pub fn rows(&self, range: std::ops::Range<usize>) -> Result<Vec<f32>, StoreError> {
+        self.rows_through(range, &mut None)
+    }
+
+    /// [`RowReader::rows`], reading through `open` (the last shard file opened, by index),
+    /// which it keeps open for the next call.
+    fn rows_through(
+        &self,
+        range: std::ops::Range<usize>,
+        open: &mut Option<(usize, std::fs::File)>,
+    ) -> Result<Vec<f32>, StoreError> {
         if range.end > self.len() || range.start > range.end {
             return Err(StoreError::Invalid(format!(
                 "rows {range:?} asked of {} rows",
@@ -132,22 +142,30 @@ impl RowReader {
             )));
         }
         let mut out = Vec::with_capacity(range.len() * self.dim());
-        for s in &self.shards {
+        for (i, s) in self.shards.iter().enumerate() {
             let (a, b) = (range.start.max(s.first), range.end.min(s.first + s.rows));
             if a < b {
-                out.extend(self.read_run(s, a - s.first, b - a)?);
+                let file = match open.take() {
+                    Some((j, file)) if j == i => file,
+                    _ => open_rows(&s.path)?,
+                };
+                let run = self.read_run(&file, s, a - s.first, b - a);
+                *open = Some((i, file));
+                out.extend(run?);
             }
         }
         Ok(out)
     }
 
     /// The rows at `positions` (any order, repeats allowed), unit-normalised, in that order.
+    /// Each shard the positions fall in is opened once per call.
     pub fn gather(&self, positions: &[u32]) -> Result<Vec<f32>, StoreError> {
         let d = self.dim();
         let mut out = vec![0f32; positions.len() * d];
         // Positions sorted, so each run of consecutive rows is one read.
         let mut order: Vec<usize> = (0..positions.len()).collect();
         order.sort_by_key(|&k| positions[k]);
+        let mut open = None;
         let mut k = 0;
         while k < order.len() {
             let start = positions[order[k]] as usize;
@@ -157,7 +175,7 @@ impl RowReader {
                 end = end.max(positions[order[m]] as usize + 1);
                 m += 1;
             }
-            let run = self.rows(start..end)?;
+            let run = self.rows_through(start..end, &mut open)?;
             for &slot in &order[k..m] {
                 let r = positions[slot] as usize - start;
                 out[slot * d..(slot + 1) * d].copy_from_slice(&run[r * d..(r + 1) * d]);
@@ -167,12 +185,23 @@ impl RowReader {
         Ok(out)
     }
 
-    /// `count` rows from row `start` of shard `s`, unit-normalised.
-    fn read_run(&self, s: &ShardRows, start: usize, count: usize) -> Result<Vec<f32>, StoreError> {
+    /// `count` rows from row `start` of shard `s` (open as `file`), unit-normalised.
+    fn read_run(
+        &self,
+        file: &std::fs::File,
+        s: &ShardRows,
+        start: usize,
+        count: usize,
+    ) -> Result<Vec<f32>, StoreError> {
         let d = self.dim();
         let size = s.dtype.size_in_bytes();
         let mut bytes = vec![0u8; count * d * size];
-        read_at(&s.path, s.offset + (start * d * size) as u64, &mut bytes)?;
+        read_file_at(
+            file,
+            &s.path,
+            s.offset + (start * d * size) as u64,
+            &mut bytes,
+        )?;
         let values: Vec<f32> =
             Tensor::from_raw_buffer(&bytes, s.dtype, &[count * d], &Device::Cpu)?
                 .to_dtype(DType::F32)?
@@ -215,8 +244,21 @@ pub(crate) fn push_unit_row(row: &[f32], out: &mut Vec<f32>) -> Result<(), f32> 
 
 /// Fills `buf` from byte `offset` of `path`.
 pub(crate) fn read_at(path: &Path, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
-    let file = std::fs::File::open(path)
-        .map_err(|e| StoreError::file(path, format!("cannot open: {e}")))?;
+    read_file_at(&open_rows(path)?, path, offset, buf)
+}
+
+/// Opens `path` for [`read_file_at`].
+pub(crate) fn open_rows(path: &Path) -> Result<std::fs::File, StoreError> {
+    std::fs::File::open(path).map_err(|e| StoreError::file(path, format!("cannot open: {e}")))
+}
+
+/// Fills `buf` from byte `offset` of `file`, opened from `path` (named in errors).
+pub(crate) fn read_file_at(
+    file: &std::fs::File,
+    path: &Path,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<(), StoreError> {
     #[cfg(unix)]
     let read = {
         use std::os::unix::fs::FileExt;

@@ -492,3 +492,43 @@ fn image_digests_are_read_by_position_and_malformed_ones_refused() {
         );
     }
 }
+
+/// Rows gathered by position (any order, repeats, runs across shard boundaries, f32 and f16
+/// shards) equal the same rows of the shards read whole.
+#[test]
+fn gathered_rows_equal_the_shards_read_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut whole: Vec<Vec<f32>> = vec![];
+    for (i, (n, dtype)) in [(5usize, DType::F32), (1, DType::F16), (7, DType::F32)]
+        .into_iter()
+        .enumerate()
+    {
+        let values: Vec<f32> = (0..n * 3)
+            .map(|v| ((v * 7 + i * 13) % 11) as f32 - 4.5)
+            .collect();
+        let image = Tensor::from_vec(values, (n, 3), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let path = shard_path(dir.path(), i);
+        write_safetensors(&path, [("image".to_string(), image)], &HashMap::new()).unwrap();
+        let shard = EmbeddingShard::read(&path).unwrap();
+        let rows = shard.unit_image_rows(|_| true).unwrap();
+        whole.extend(rows.chunks(3).map(<[f32]>::to_vec));
+    }
+    let reader =
+        clipcid_store::RowReader::open(ShardLayout::open(&[dir.path().to_path_buf()]).unwrap())
+            .unwrap();
+    let positions = [12u32, 4, 5, 6, 0, 4, 11, 3, 5, 12, 7];
+    let expected: Vec<f32> = positions
+        .iter()
+        .flat_map(|&p| whole[p as usize].clone())
+        .collect();
+    assert_eq!(reader.gather(&positions).unwrap(), expected);
+    assert_eq!(
+        reader.rows(3..8).unwrap(),
+        whole[3..8].concat(),
+        "a range across both boundaries"
+    );
+    assert!(reader.gather(&[13]).is_err());
+}
