@@ -138,10 +138,7 @@ impl ImageDigests {
             let Some(offset) = s.offset else {
                 continue;
             };
-            let file = match open.take() {
-                Some((j, file)) if j == i => file,
-                _ => crate::rows::open_rows(&s.path)?,
-            };
+            let file = crate::rows::take_or_open(&mut open, i, &s.path)?;
             let mut digest = [0u8; IMAGE_DIGEST_BYTES];
             let row = (p as usize - s.first) as u64;
             crate::rows::read_file_at(

@@ -145,10 +145,7 @@ impl RowReader {
         for (i, s) in self.shards.iter().enumerate() {
             let (a, b) = (range.start.max(s.first), range.end.min(s.first + s.rows));
             if a < b {
-                let file = match open.take() {
-                    Some((j, file)) if j == i => file,
-                    _ => open_rows(&s.path)?,
-                };
+                let file = take_or_open(open, i, &s.path)?;
                 let run = self.read_run(&file, s, a - s.first, b - a);
                 *open = Some((i, file));
                 out.extend(run?);
@@ -247,8 +244,21 @@ pub(crate) fn read_at(path: &Path, offset: u64, buf: &mut [u8]) -> Result<(), St
     read_file_at(&open_rows(path)?, path, offset, buf)
 }
 
+/// The file of shard `shard` (at `path`) for [`read_file_at`]: the one `open` holds when it
+/// is that shard's, else opened; the caller puts it back into `open` for the next read.
+pub(crate) fn take_or_open(
+    open: &mut Option<(usize, std::fs::File)>,
+    shard: usize,
+    path: &Path,
+) -> Result<std::fs::File, StoreError> {
+    match open.take() {
+        Some((held, file)) if held == shard => Ok(file),
+        _ => open_rows(path),
+    }
+}
+
 /// Opens `path` for [`read_file_at`].
-pub(crate) fn open_rows(path: &Path) -> Result<std::fs::File, StoreError> {
+fn open_rows(path: &Path) -> Result<std::fs::File, StoreError> {
     std::fs::File::open(path).map_err(|e| StoreError::file(path, format!("cannot open: {e}")))
 }
 
