@@ -34,6 +34,17 @@ fn shard(dir: &Path, n: usize, corrupt: Option<usize>) -> Dataset {
     Dataset::open(&dir.join("data-00000.tar")).unwrap()
 }
 
+/// Rewrites the shard at `path` with `edit` applied to its tensors and metadata.
+fn rewrite_shard(
+    path: &Path,
+    edit: impl FnOnce(&mut HashMap<String, Tensor>, &mut HashMap<String, String>),
+) {
+    let mut tensors = clipcid_store::io::load_tensors(path).unwrap();
+    let mut meta = clipcid_store::io::read_header(path).unwrap().metadata;
+    edit(&mut tensors, &mut meta);
+    clipcid_store::io::write_safetensors(path, tensors, &meta).unwrap();
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     clipcid_models::nn::max_abs_diff(a, b).unwrap()
 }
@@ -143,11 +154,9 @@ fn rerun_resumes_complete_shards_and_redoes_damaged_ones() {
     // A shard claiming another range than the data has (its fingerprint unchanged): an error
     // naming the shard, never rows kept or dropped unseen.
     let claim = |i: usize, end: u64| {
-        let p = &first.shards[i];
-        let mut meta = clipcid_store::io::read_header(p).unwrap().metadata;
-        meta.insert("end_index".to_string(), end.to_string());
-        let tensors = clipcid_store::io::load_tensors(p).unwrap();
-        clipcid_store::io::write_safetensors(p, tensors, &meta).unwrap();
+        rewrite_shard(&first.shards[i], |_, meta| {
+            meta.insert("end_index".to_string(), end.to_string());
+        });
     };
     for (i, end, want) in [
         (2, 8, "covers samples 6..8 but the dataset now ends at 7"),
@@ -170,16 +179,15 @@ fn rerun_resumes_complete_shards_and_redoes_damaged_ones() {
     // A shard from before JPEG went through libjpeg-turbo (no decoder in its provenance):
     // another run's, named, not resumed into this one.
     let p = &first.shards[0];
-    let mut meta = clipcid_store::io::read_header(p).unwrap().metadata;
-    let mut provenance: serde_json::Value = serde_json::from_str(&meta["provenance"]).unwrap();
-    assert_eq!(
-        provenance["decoder"].as_str(),
-        Some(clipcid_data::IMAGE_DECODER)
-    );
-    provenance.as_object_mut().unwrap().remove("decoder");
-    meta.insert("provenance".to_string(), provenance.to_string());
-    let tensors = clipcid_store::io::load_tensors(p).unwrap();
-    clipcid_store::io::write_safetensors(p, tensors, &meta).unwrap();
+    rewrite_shard(p, |_, meta| {
+        let mut provenance: serde_json::Value = serde_json::from_str(&meta["provenance"]).unwrap();
+        assert_eq!(
+            provenance["decoder"].as_str(),
+            Some(clipcid_data::IMAGE_DECODER)
+        );
+        provenance.as_object_mut().unwrap().remove("decoder");
+        meta.insert("provenance".to_string(), provenance.to_string());
+    });
     let e = embed_dataset(&model, Some(&tok), &ds, &out, &opts(2, 3))
         .unwrap_err()
         .to_string();
@@ -203,15 +211,13 @@ fn rerun_resumes_complete_shards_and_redoes_damaged_ones() {
     // A shard of an older run, without image digests, is kept as it is; one whose digests
     // are malformed is recomputed, byte for byte.
     let rewrite = |i: usize, digests: Option<Tensor>| {
-        let p = &first.shards[i];
-        let meta = clipcid_store::io::read_header(p).unwrap().metadata;
-        let mut tensors = clipcid_store::io::load_tensors(p).unwrap();
-        tensors.remove("image_digest").unwrap();
-        if let Some(d) = digests {
-            tensors.insert("image_digest".into(), d);
-        }
-        clipcid_store::io::write_safetensors(p, tensors, &meta).unwrap();
-        std::fs::read(p).unwrap()
+        rewrite_shard(&first.shards[i], |tensors, _| {
+            tensors.remove("image_digest").unwrap();
+            if let Some(d) = digests {
+                tensors.insert("image_digest".into(), d);
+            }
+        });
+        std::fs::read(&first.shards[i]).unwrap()
     };
     let older = rewrite(0, None);
     rewrite(
@@ -646,12 +652,11 @@ fn a_captions_file_over_replaced_images_is_another_dataset_and_older_folders_res
     // A folder from before the fingerprint covered image sizes (its shard 1 lost): the re-run
     // keeps that form, resumes shard 0 and writes shard 1 with it.
     let old = dataset().fingerprint_before_image_sizes().unwrap().unwrap();
-    let shard = clipcid_store::shard_path(&out, 0);
-    let tensors = clipcid_store::io::load_tensors(&shard).unwrap();
-    let mut meta = clipcid_store::io::read_header(&shard).unwrap().metadata;
-    let provenance = meta["provenance"].replace(&recorded(0), &old);
-    meta.insert("provenance".into(), provenance);
-    clipcid_store::io::write_safetensors(&shard, tensors, &meta).unwrap();
+    let new = recorded(0);
+    rewrite_shard(&clipcid_store::shard_path(&out, 0), |_, meta| {
+        let provenance = meta["provenance"].replace(&new, &old);
+        meta.insert("provenance".into(), provenance);
+    });
     std::fs::remove_file(clipcid_store::shard_path(&out, 1)).unwrap();
     let again = embed_dataset(&model, Some(&tok), &dataset(), &out, &opts(2, 2)).unwrap();
     assert_eq!((again.shards_resumed, again.samples_embedded), (1, 1));

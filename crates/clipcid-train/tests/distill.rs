@@ -634,12 +634,23 @@ fn provenance(d: &std::path::Path, teacher: &str) -> String {
     format!(r#"{{"teacher": "{teacher}", "data": "{data}"}}"#)
 }
 
+/// Rewrites the fixture's shard with `edit` applied to its tensors and metadata.
+fn rewrite_shard(
+    fx: &Fixture,
+    edit: impl FnOnce(&mut HashMap<String, Tensor>, &mut HashMap<String, String>),
+) {
+    let shard = clipcid_store::shard_path(&fx.path("emb"), 0);
+    let mut tensors = clipcid_store::io::load_tensors(&shard).unwrap();
+    let mut meta = clipcid_store::io::read_header(&shard).unwrap().metadata;
+    edit(&mut tensors, &mut meta);
+    clipcid_store::io::write_safetensors(&shard, tensors, &meta).unwrap();
+}
+
 /// Rewrites the fixture's shard with the same rows, recorded as another teacher's.
 fn record_as_another_teachers(fx: &Fixture) {
-    let shard = clipcid_store::shard_path(&fx.path("emb"), 0);
-    let tensors = clipcid_store::io::load_tensors(&shard).unwrap();
-    let meta = HashMap::from([("provenance".to_string(), provenance(fx.dir.path(), "t2"))]);
-    clipcid_store::io::write_safetensors(&shard, tensors, &meta).unwrap();
+    rewrite_shard(fx, |_, meta| {
+        *meta = HashMap::from([("provenance".to_string(), provenance(fx.dir.path(), "t2"))]);
+    });
 }
 
 /// The shards' ids are positions in the dataset they were embedded from: another dataset
@@ -679,11 +690,10 @@ fn embeddings_of_images_replaced_since_are_refused() {
     // No cluster file: it records the shards' provenance, which this test rewrites.
     let fx = fixture(128, 0, 0);
     let record = |data: &str| {
-        let shard = clipcid_store::shard_path(&fx.path("emb"), 0);
-        let tensors = clipcid_store::io::load_tensors(&shard).unwrap();
         let provenance = format!(r#"{{"teacher": "t1", "data": "{data}"}}"#);
-        let meta = HashMap::from([("provenance".to_string(), provenance)]);
-        clipcid_store::io::write_safetensors(&shard, tensors, &meta).unwrap();
+        rewrite_shard(&fx, |_, meta| {
+            *meta = HashMap::from([("provenance".to_string(), provenance)]);
+        });
     };
     let data = clipcid_data::Dataset::open(&fx.path("data")).unwrap();
     let before = data.fingerprint_before_image_sizes().unwrap().unwrap();
@@ -743,11 +753,9 @@ fn an_image_replaced_by_one_of_the_same_size_is_refused_when_read() {
     assert_eq!(train(config.clone(), "run2").unwrap().steps, 2);
     // A shard from before digests were recorded: nothing to check against.
     std::fs::write(&path, &replaced).unwrap();
-    let shard = clipcid_store::shard_path(&fx.path("emb"), 0);
-    let meta = clipcid_store::io::read_header(&shard).unwrap().metadata;
-    let mut tensors = clipcid_store::io::load_tensors(&shard).unwrap();
-    tensors.remove("image_digest").unwrap();
-    clipcid_store::io::write_safetensors(&shard, tensors, &meta).unwrap();
+    rewrite_shard(&fx, |tensors, _| {
+        tensors.remove("image_digest").unwrap();
+    });
     assert_eq!(train(config, "run3").unwrap().steps, 2);
 }
 
