@@ -69,18 +69,20 @@ struct ShardDigests {
 #[derive(Debug, Clone)]
 pub struct ImageDigests {
     shards: Vec<ShardDigests>,
+    /// The layout's open shard files, shared with its row readers.
+    files: std::sync::Arc<crate::rows::OpenShards>,
 }
 
 impl ImageDigests {
-    /// Reads each shard's header once to find its digest rows.
+    /// The digest rows of the layout's shards, where the layout found them in the headers.
     pub fn open(layout: &ShardLayout) -> Result<Self, StoreError> {
         let mut shards = vec![];
         let mut first = 0;
-        for (path, &rows) in layout.shards.iter().zip(&layout.counts) {
-            let header = crate::io::read_header(path)?;
-            let offset = match header.tensors.get(IMAGE_DIGEST_TENSOR) {
+        for i in 0..layout.shards.len() {
+            let (path, rows, tensors) = layout.shard(i);
+            let offset = match tensors.get(IMAGE_DIGEST_TENSOR) {
                 None => None,
-                Some(info) => {
+                Some((info, offset)) => {
                     if info.dtype != "U8" || info.shape != [rows, IMAGE_DIGEST_BYTES] {
                         return Err(StoreError::file(
                             path,
@@ -90,18 +92,21 @@ impl ImageDigests {
                             ),
                         ));
                     }
-                    Some(header.data_start + info.data_offsets[0] as u64)
+                    Some(offset)
                 }
             };
             shards.push(ShardDigests {
-                path: path.clone(),
+                path: path.to_path_buf(),
                 offset,
                 first,
                 rows,
             });
             first += rows;
         }
-        Ok(Self { shards })
+        Ok(Self {
+            shards,
+            files: layout.files().clone(),
+        })
     }
 
     /// True when some shard has digests.
@@ -122,13 +127,12 @@ impl ImageDigests {
     }
 
     /// The digests of the rows at `positions` (global, any order), `None` for rows of a
-    /// shard without digests. A position past the last row is an error. Each shard the
-    /// positions fall in is opened once per call.
+    /// shard without digests. A position past the last row is an error. The shard files are
+    /// the layout's ([`ShardLayout::OPEN_FILES`]), shared with its row readers.
     pub fn gather(&self, positions: &[u32]) -> Result<Vec<Option<ImageDigest>>, StoreError> {
         let mut out = vec![None; positions.len()];
         let mut order: Vec<usize> = (0..positions.len()).collect();
         order.sort_by_key(|&k| positions[k]);
-        let mut open: Option<(usize, std::fs::File)> = None;
         for k in order {
             let p = positions[k];
             let i = self.find(p).ok_or_else(|| {
@@ -138,7 +142,7 @@ impl ImageDigests {
             let Some(offset) = s.offset else {
                 continue;
             };
-            let file = crate::rows::take_or_open(&mut open, i, &s.path)?;
+            let file = self.files.get(i, &s.path)?;
             let mut digest = [0u8; IMAGE_DIGEST_BYTES];
             let row = (p as usize - s.first) as u64;
             crate::rows::read_file_at(
@@ -147,7 +151,6 @@ impl ImageDigests {
                 offset + row * IMAGE_DIGEST_BYTES as u64,
                 &mut digest,
             )?;
-            open = Some((i, file));
             out[k] = Some(digest);
         }
         Ok(out)

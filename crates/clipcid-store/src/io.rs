@@ -630,7 +630,7 @@ pub fn temp_path(path: &Path) -> PathBuf {
 }
 
 /// One tensor entry of a safetensors header.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct TensorInfo {
     /// Element type as spelled in the file (`F32`, `F16`, `U64`...).
     pub dtype: String,

@@ -51,20 +51,20 @@ pub struct RowReader {
 }
 
 impl RowReader {
-    /// Reads each shard's header once to find its `image` rows.
+    /// The `image` rows of the layout's shards, where the layout found them in the headers.
     pub fn open(layout: ShardLayout) -> Result<Self, StoreError> {
         Self::open_tensor(layout, "image")
     }
 
     /// [`RowReader::open`] for another `[n, D]` tensor of the shards (`text`): every shard
-    /// with rows must have it, with the layout's row count and width.
+    /// with rows must have it, with the layout's row count and width. The tensors are found
+    /// in the entries the layout read from the headers; no file is opened here.
     pub fn open_tensor(layout: ShardLayout, name: &str) -> Result<Self, StoreError> {
         let mut shards = vec![];
         let mut first = 0;
-        for (path, &rows) in layout.shards.iter().zip(&layout.counts) {
-            let header = crate::io::read_header(path)?;
-            let info = header
-                .tensors
+        for i in 0..layout.shards.len() {
+            let (path, rows, tensors) = layout.shard(i);
+            let (info, offset) = tensors
                 .get(name)
                 .ok_or_else(|| StoreError::file(path, format!("no `{name}` tensor")))?;
             if rows > 0 && info.shape != [rows, layout.dim] {
@@ -78,8 +78,8 @@ impl RowReader {
             }
             let dtype = crate::shard::embedding_dtype(path, name, &info.dtype)?;
             shards.push(ShardRows {
-                path: path.clone(),
-                offset: header.data_start + info.data_offsets[0] as u64,
+                path: path.to_path_buf(),
+                offset,
                 dtype,
                 first,
                 rows,
@@ -125,16 +125,6 @@ impl RowReader {
 
     /// Rows `range` (global positions), unit-normalised, row-major `[range.len(), D]`.
     pub fn rows(&self, range: std::ops::Range<usize>) -> Result<Vec<f32>, StoreError> {
-        self.rows_through(range, &mut None)
-    }
-
-    /// [`RowReader::rows`], reading through `open` (the last shard file opened, by index),
-    /// which it keeps open for the next call.
-    fn rows_through(
-        &self,
-        range: std::ops::Range<usize>,
-        open: &mut Option<(usize, std::fs::File)>,
-    ) -> Result<Vec<f32>, StoreError> {
         if range.end > self.len() || range.start > range.end {
             return Err(StoreError::Invalid(format!(
                 "rows {range:?} asked of {} rows",
@@ -142,27 +132,32 @@ impl RowReader {
             )));
         }
         let mut out = Vec::with_capacity(range.len() * self.dim());
-        for (i, s) in self.shards.iter().enumerate() {
+        // From the shard that holds row `range.start` on (a binary search: a training batch
+        // asks for a few rows at a time of many thousand shards).
+        let from = self
+            .shards
+            .partition_point(|s| s.first + s.rows <= range.start);
+        for (i, s) in self.shards.iter().enumerate().skip(from) {
+            if s.first >= range.end {
+                break;
+            }
             let (a, b) = (range.start.max(s.first), range.end.min(s.first + s.rows));
             if a < b {
-                let file = take_or_open(open, i, &s.path)?;
-                let run = self.read_run(&file, s, a - s.first, b - a);
-                *open = Some((i, file));
-                out.extend(run?);
+                let file = self.layout.files().get(i, &s.path)?;
+                out.extend(self.read_run(&file, s, a - s.first, b - a)?);
             }
         }
         Ok(out)
     }
 
     /// The rows at `positions` (any order, repeats allowed), unit-normalised, in that order.
-    /// Each shard the positions fall in is opened once per call.
+    /// Each run of consecutive rows is one read.
     pub fn gather(&self, positions: &[u32]) -> Result<Vec<f32>, StoreError> {
         let d = self.dim();
         let mut out = vec![0f32; positions.len() * d];
         // Positions sorted, so each run of consecutive rows is one read.
         let mut order: Vec<usize> = (0..positions.len()).collect();
         order.sort_by_key(|&k| positions[k]);
-        let mut open = None;
         let mut k = 0;
         while k < order.len() {
             let start = positions[order[k]] as usize;
@@ -172,7 +167,7 @@ impl RowReader {
                 end = end.max(positions[order[m]] as usize + 1);
                 m += 1;
             }
-            let run = self.rows_through(start..end, &mut open)?;
+            let run = self.rows(start..end)?;
             for &slot in &order[k..m] {
                 let r = positions[slot] as usize - start;
                 out[slot * d..(slot + 1) * d].copy_from_slice(&run[r * d..(r + 1) * d]);
@@ -244,16 +239,88 @@ pub(crate) fn read_at(path: &Path, offset: u64, buf: &mut [u8]) -> Result<(), St
     read_file_at(&open_rows(path)?, path, offset, buf)
 }
 
-/// The file of shard `shard` (at `path`) for [`read_file_at`]: the one `open` holds when it
-/// is that shard's, else opened; the caller puts it back into `open` for the next read.
-pub(crate) fn take_or_open(
-    open: &mut Option<(usize, std::fs::File)>,
-    shard: usize,
-    path: &Path,
-) -> Result<std::fs::File, StoreError> {
-    match open.take() {
-        Some((held, file)) if held == shard => Ok(file),
-        _ => open_rows(path),
+/// The shard files the readers of one [`ShardLayout`] have open, by shard index, at most
+/// [`ShardLayout::OPEN_FILES`]: the least recently read is closed first. Reads are
+/// positioned (`pread`), so one open file serves every thread at once.
+///
+/// A list scanned in full, not a hash map with a linked list: a lookup is at most 256
+/// comparisons of integers, beside a system call per read.
+#[derive(Debug)]
+pub(crate) struct OpenShards {
+    /// Open files, the least recently read first.
+    files: std::sync::Mutex<Vec<(usize, std::sync::Arc<std::fs::File>)>>,
+    capacity: usize,
+}
+
+impl Default for OpenShards {
+    fn default() -> Self {
+        Self::with_capacity(ShardLayout::OPEN_FILES)
+    }
+}
+
+/// A cache: layouts of the same shards are equal whatever files each holds open.
+impl PartialEq for OpenShards {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for OpenShards {}
+
+impl OpenShards {
+    /// Keeps at most `capacity` (at least 1) files open.
+    pub(crate) fn with_capacity(capacity: usize) -> Self {
+        Self {
+            files: Default::default(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// The file of shard `shard` (at `path`): the open one, else opened (closing the least
+    /// recently read one when `capacity` are open). Where the process has run out of file
+    /// handles, every file held here is closed and the open tried once more.
+    pub(crate) fn get(
+        &self,
+        shard: usize,
+        path: &Path,
+    ) -> Result<std::sync::Arc<std::fs::File>, StoreError> {
+        // A panic while the lock was held leaves at worst a file too many or too few here.
+        let lock = || self.files.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let mut files = lock();
+            if let Some(at) = files.iter().position(|(s, _)| *s == shard) {
+                let entry = files.remove(at);
+                let file = entry.1.clone();
+                files.push(entry);
+                return Ok(file);
+            }
+        }
+        // Opened outside the lock: other threads' reads of open files go on meanwhile.
+        let file = match std::fs::File::open(path) {
+            #[cfg(unix)]
+            Err(e) if e.raw_os_error() == Some(libc::EMFILE) => {
+                lock().clear();
+                std::fs::File::open(path)
+            }
+            r => r,
+        }
+        .map_err(|e| StoreError::file(path, format!("cannot open: {e}")))?;
+        let file = std::sync::Arc::new(file);
+        let mut files = lock();
+        // Another thread may have opened it meanwhile: keep one.
+        files.retain(|(s, _)| *s != shard);
+        if files.len() >= self.capacity {
+            files.remove(0);
+        }
+        files.push((shard, file.clone()));
+        Ok(file)
+    }
+
+    /// The shards whose files are open, the least recently read first.
+    #[cfg(test)]
+    fn open_shards(&self) -> Vec<usize> {
+        let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        files.iter().map(|(s, _)| *s).collect()
     }
 }
 
@@ -287,4 +354,50 @@ pub(crate) fn read_file_at(
             format!("cannot read rows at byte {offset}: {e} (did the file change?)"),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads all of `file` from byte 0.
+    fn content(file: &std::fs::File, path: &Path) -> Vec<u8> {
+        let mut buf = vec![0u8; std::fs::metadata(path).unwrap().len() as usize];
+        read_file_at(file, path, 0, &mut buf).unwrap();
+        buf
+    }
+
+    #[test]
+    fn open_shard_files_are_each_shards_own_and_at_most_capacity_stay_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths: Vec<PathBuf> = (0..5)
+            .map(|i| {
+                let p = dir.path().join(format!("{i}.bin"));
+                std::fs::write(&p, format!("shard {i}")).unwrap();
+                p
+            })
+            .collect();
+        let files = OpenShards::with_capacity(3);
+        // Every file handed out is its shard's, whatever was open or closed before.
+        for i in [0, 1, 2, 0, 3, 4, 1, 1, 2, 4] {
+            let file = files.get(i, &paths[i]).unwrap();
+            assert_eq!(content(&file, &paths[i]), format!("shard {i}").into_bytes());
+            assert!(files.open_shards().len() <= 3);
+        }
+        // The least recently read closed first: after 0 1 2 0 3 (1 closed), 4 (2 closed),
+        // 1 (0 closed), 1, 2 (3 closed), 4, the open ones are 1 2 4 in order of use.
+        assert_eq!(files.open_shards(), vec![1, 2, 4]);
+        // An open file is handed out again, not opened again.
+        let a = files.get(4, &paths[4]).unwrap();
+        let b = files.get(4, &paths[4]).unwrap();
+        assert!(std::sync::Arc::ptr_eq(&a, &b));
+        // A file that cannot be opened is an error naming it, and nothing is left open for it.
+        let missing = dir.path().join("missing.bin");
+        let err = files.get(7, &missing).unwrap_err().to_string();
+        assert!(
+            err.contains("missing.bin") && err.contains("cannot open"),
+            "{err}"
+        );
+        assert_eq!(files.open_shards(), vec![1, 2, 4]);
+    }
 }

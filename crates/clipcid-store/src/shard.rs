@@ -585,6 +585,12 @@ fn sample_range(metadata: &std::collections::HashMap<String, String>) -> Option<
 
 /// The row count of every shard and their common embedding width, read from the headers
 /// only (no tensor data), so a set of shards larger than memory can be planned.
+///
+/// The layout also keeps where each shard's tensors lie in its file, so the readers opened
+/// from it ([`RowReader`](crate::RowReader), [`ImageDigests`](crate::ImageDigests)) read no
+/// header again, and the shard files those readers open, shared by all of them (and by the
+/// layout's clones) and kept open between reads, at most
+/// [`ShardLayout::OPEN_FILES`] at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardLayout {
     /// Shards in order.
@@ -596,6 +602,27 @@ pub struct ShardLayout {
     /// The provenance every shard records (metadata `provenance`, written by `clipcid
     /// embed`), or `None` when they record none.
     pub provenance: Option<String>,
+    /// Each shard's tensor entries, as its header had them when the layout was opened.
+    tensors: Vec<ShardTensors>,
+    /// The shard files open for reading rows.
+    files: std::sync::Arc<crate::rows::OpenShards>,
+}
+
+/// Where one shard's tensors lie in its file: its header's entries without the metadata
+/// (the `keys` list is most of a header, and no reader of rows needs it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ShardTensors {
+    /// Byte offset of the data section in the file.
+    data_start: u64,
+    tensors: std::collections::BTreeMap<String, crate::io::TensorInfo>,
+}
+
+impl ShardTensors {
+    /// The entry of tensor `name` and the file offset of its first byte.
+    pub(crate) fn get(&self, name: &str) -> Option<(&crate::io::TensorInfo, u64)> {
+        let info = self.tensors.get(name)?;
+        Some((info, self.data_start + info.data_offsets[0] as u64))
+    }
 }
 
 impl ShardLayout {
@@ -625,6 +652,7 @@ impl ShardLayout {
     pub fn open(inputs: &[PathBuf]) -> Result<Self, StoreError> {
         let shards = expand_shard_inputs(inputs)?;
         let mut counts = Vec::with_capacity(shards.len());
+        let mut tensors = Vec::with_capacity(shards.len());
         let mut width: Option<(usize, &Path)> = None;
         let mut ranges: Vec<(u64, u64, &Path)> = vec![];
         let mut end_recorded: Vec<&Path> = vec![];
@@ -677,6 +705,10 @@ impl ShardLayout {
                 _ => {}
             }
             counts.push(n);
+            tensors.push(ShardTensors {
+                data_start: header.data_start,
+                tensors: header.tensors,
+            });
         }
         let Some((dim, _)) = width else {
             return Err(StoreError::Invalid(
@@ -707,7 +739,28 @@ impl ShardLayout {
             shards,
             counts,
             dim,
+            tensors,
+            files: Default::default(),
         })
+    }
+
+    /// The most shard files the readers of one layout keep open at once (the least recently
+    /// read is closed first). A training batch reads its image digests, image rows and text
+    /// rows in three passes over the same shards, so the second and third pass find the
+    /// files open when the batch touches at most this many shards; with fewer shards than
+    /// this, every file is opened once for a whole run. A quarter of Linux's usual limit of
+    /// 1024 open files; where the process runs out, the layout closes its files and opens
+    /// again.
+    pub const OPEN_FILES: usize = 256;
+
+    /// Shard `i`'s path, row count and tensor entries.
+    pub(crate) fn shard(&self, i: usize) -> (&Path, usize, &ShardTensors) {
+        (&self.shards[i], self.counts[i], &self.tensors[i])
+    }
+
+    /// The shard files open for reading rows, shared by every reader of this layout.
+    pub(crate) fn files(&self) -> &std::sync::Arc<crate::rows::OpenShards> {
+        &self.files
     }
 
     /// Rows in all shards.

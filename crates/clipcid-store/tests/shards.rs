@@ -483,6 +483,8 @@ fn image_digests_are_read_by_position_and_malformed_ones_refused() {
         rows(0..3),
     ] {
         write(2, 4, Some(bad));
+        // The layout holds the headers as they were when it was opened: opened again.
+        let layout = ShardLayout::open(&[dir.path().to_path_buf()]).unwrap();
         let e = clipcid_store::ImageDigests::open(&layout)
             .expect_err("refused")
             .to_string();
