@@ -128,7 +128,7 @@ impl ImageDigests {
 
     /// The digests of the rows at `positions` (global, any order), `None` for rows of a
     /// shard without digests. A position past the last row is an error. The shard files are
-    /// the layout's ([`ShardLayout::OPEN_FILES`]), shared with its row readers.
+    /// the layout's ([`ShardLayout::open_files`]), shared with its row readers.
     pub fn gather(&self, positions: &[u32]) -> Result<Vec<Option<ImageDigest>>, StoreError> {
         let mut out = vec![None; positions.len()];
         let mut order: Vec<usize> = (0..positions.len()).collect();

@@ -55,7 +55,7 @@ pub use error::StoreError;
 pub use keep::{write_keep_file, KeepList, KEEP_KIND};
 pub use part::Part;
 pub use provenance::{check_same_embeddings, differing_fields, EMBEDDINGS_META};
-pub use rows::{unit_rows, RowReader};
+pub use rows::{raise_open_files_limit, unit_rows, RowReader};
 pub use shard::{
     expand_shard_inputs, first_duplicate, list_shards, repeated_shard, row_ids_digest, sha256_hex,
     shard_index, shard_path, sidecar_ids_path, EmbedEnd, EmbeddingShard, RowIndex, ShardLayout,

@@ -240,10 +240,10 @@ pub(crate) fn read_at(path: &Path, offset: u64, buf: &mut [u8]) -> Result<(), St
 }
 
 /// The shard files the readers of one [`ShardLayout`] have open, by shard index, at most
-/// [`ShardLayout::OPEN_FILES`]: the least recently read is closed first. Reads are
+/// [`ShardLayout::open_files`]: the least recently read is closed first. Reads are
 /// positioned (`pread`), so one open file serves every thread at once.
 ///
-/// A list scanned in full, not a hash map with a linked list: a lookup is at most 256
+/// A list scanned in full, not a hash map with a linked list: a lookup is at most 4096
 /// comparisons of integers, beside a system call per read.
 #[derive(Debug)]
 pub(crate) struct OpenShards {
@@ -254,7 +254,59 @@ pub(crate) struct OpenShards {
 
 impl Default for OpenShards {
     fn default() -> Self {
-        Self::with_capacity(ShardLayout::OPEN_FILES)
+        Self::with_capacity(open_files_budget())
+    }
+}
+
+/// How many shard files the readers of one layout keep open: an eighth of this process's
+/// soft limit on open files (`ulimit -n`), between 32 and 4096; 256 where there is no such
+/// limit to read. 128 at Linux's usual 1024; 4096 once [`raise_open_files_limit`] has raised
+/// the limit to 32,768 or more.
+fn open_files_budget() -> usize {
+    #[cfg(unix)]
+    {
+        // `None`: no limit.
+        let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+        (soft.unwrap_or(u64::MAX) / 8).clamp(32, 4096) as usize
+    }
+    #[cfg(not(unix))]
+    {
+        256
+    }
+}
+
+/// Raises this process's soft limit on open files (`ulimit -n`) to its hard limit, at most
+/// 65,536, and returns the soft limit in force afterwards (`None` where there is none: not
+/// Unix). It never lowers the limit, and a refusal leaves it as it was. The `clipcid` binary
+/// calls it at start, as Go's runtime does for every Go program: the soft limit (often 1024)
+/// exists for programs that use `select`, which clipcid does not, and a bigger one lets each
+/// [`ShardLayout`] keep more shard files open ([`ShardLayout::open_files`]).
+///
+/// ```
+/// let before = clipcid_store::raise_open_files_limit();
+/// let after = clipcid_store::raise_open_files_limit();
+/// # #[cfg(unix)]
+/// assert!(after.is_some() && after >= before);
+/// ```
+pub fn raise_open_files_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        use rustix::process::{getrlimit, setrlimit, Resource};
+        let limit = getrlimit(Resource::Nofile);
+        let target = limit.maximum.unwrap_or(u64::MAX).min(65_536);
+        if limit.current.is_some_and(|soft| soft < target) {
+            let raised = rustix::process::Rlimit {
+                current: Some(target),
+                maximum: limit.maximum,
+            };
+            // Refused (a sandbox): the limit stays as it was, and so does every reader.
+            let _ = setrlimit(Resource::Nofile, raised);
+        }
+        Some(getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX))
+    }
+    #[cfg(not(unix))]
+    {
+        None
     }
 }
 
@@ -298,7 +350,7 @@ impl OpenShards {
         // Opened outside the lock: other threads' reads of open files go on meanwhile.
         let file = match std::fs::File::open(path) {
             #[cfg(unix)]
-            Err(e) if e.raw_os_error() == Some(libc::EMFILE) => {
+            Err(e) if rustix::io::Errno::from_io_error(&e) == Some(rustix::io::Errno::MFILE) => {
                 lock().clear();
                 std::fs::File::open(path)
             }
@@ -314,6 +366,11 @@ impl OpenShards {
         }
         files.push((shard, file.clone()));
         Ok(file)
+    }
+
+    /// The most files kept open.
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// The shards whose files are open, the least recently read first.
@@ -399,5 +456,32 @@ mod tests {
             "{err}"
         );
         assert_eq!(files.open_shards(), vec![1, 2, 4]);
+    }
+
+    /// The open-file budget follows the soft limit on open files (an eighth, within 32 and
+    /// 4096), and raising the limit never lowers it. The limit is restored afterwards.
+    #[cfg(unix)]
+    #[test]
+    fn the_open_file_budget_is_an_eighth_of_the_limit_and_raising_never_lowers_it() {
+        use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+        let saved = getrlimit(Resource::Nofile);
+        let set = |soft: u64| {
+            let limit = Rlimit {
+                current: Some(soft),
+                maximum: saved.maximum,
+            };
+            setrlimit(Resource::Nofile, limit).unwrap();
+        };
+        for (soft, budget) in [(200, 32), (1024, 128), (4000, 500)] {
+            set(soft);
+            assert_eq!(open_files_budget(), budget, "soft limit {soft}");
+            assert_eq!(OpenShards::default().capacity(), budget);
+        }
+        set(1024);
+        let raised = raise_open_files_limit().unwrap();
+        let hard = saved.maximum.unwrap_or(u64::MAX);
+        assert_eq!(raised, hard.clamp(1024, 65_536));
+        assert_eq!(raise_open_files_limit(), Some(raised));
+        setrlimit(Resource::Nofile, saved).unwrap();
     }
 }

@@ -589,8 +589,8 @@ fn sample_range(metadata: &std::collections::HashMap<String, String>) -> Option<
 /// The layout also keeps where each shard's tensors lie in its file, so the readers opened
 /// from it ([`RowReader`](crate::RowReader), [`ImageDigests`](crate::ImageDigests)) read no
 /// header again, and the shard files those readers open, shared by all of them (and by the
-/// layout's clones) and kept open between reads, at most
-/// [`ShardLayout::OPEN_FILES`] at once.
+/// layout's clones) and kept open between reads, at most [`ShardLayout::open_files`] at
+/// once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardLayout {
     /// Shards in order.
@@ -744,14 +744,18 @@ impl ShardLayout {
         })
     }
 
-    /// The most shard files the readers of one layout keep open at once (the least recently
-    /// read is closed first). A training batch reads its image digests, image rows and text
-    /// rows in three passes over the same shards, so the second and third pass find the
-    /// files open when the batch touches at most this many shards; with fewer shards than
-    /// this, every file is opened once for a whole run. A quarter of Linux's usual limit of
-    /// 1024 open files; where the process runs out, the layout closes its files and opens
-    /// again.
-    pub const OPEN_FILES: usize = 256;
+    /// The most shard files the readers of this layout keep open at once (the least
+    /// recently read is closed first): an eighth of the process's soft limit on open files
+    /// when the layout was opened, between 32 and 4096 (128 at Linux's usual 1024; the
+    /// `clipcid` binary raises the limit first, [`raise_open_files_limit`](crate::raise_open_files_limit)).
+    /// A training batch reads its image digests, image rows and text rows in three passes
+    /// over the same shards, so the second and third pass find the files open when the batch
+    /// touches at most this many shards; with fewer shards than this, each file is opened
+    /// once for a whole run. Where the process runs out of file handles all the same, the
+    /// layout closes its files and opens again.
+    pub fn open_files(&self) -> usize {
+        self.files.capacity()
+    }
 
     /// Shard `i`'s path, row count and tensor entries.
     pub(crate) fn shard(&self, i: usize) -> (&Path, usize, &ShardTensors) {

@@ -187,6 +187,11 @@ fn main() {
         _ => "debug",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    // The soft limit on open files up to the hard one, so that each set of embedding shards
+    // keeps more of its files open between batches (`ShardLayout::open_files`).
+    if let Some(limit) = clipcid_store::raise_open_files_limit() {
+        log::debug!("open files: at most {limit}");
+    }
     let blas = clipcid_kernels::blas::openblas_core();
     if blas.replaced.is_some() {
         log::info!("OpenBLAS's kernels: {blas}; OPENBLAS_CORETYPE chooses a set");
