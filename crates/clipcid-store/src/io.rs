@@ -655,8 +655,18 @@ pub struct Header {
 /// length covers every tensor's byte range) and that each tensor's shape and dtype fill
 /// exactly its byte range, so a shape read here never promises more than the file holds.
 pub fn read_header(path: &Path) -> Result<Header, StoreError> {
+    read_header_of(&mut open_file(path)?, path)
+}
+
+/// `path` opened for reading, an error naming it where it cannot be.
+pub(crate) fn open_file(path: &Path) -> Result<std::fs::File, StoreError> {
+    std::fs::File::open(path).map_err(|e| StoreError::file(path, format!("cannot open: {e}")))
+}
+
+/// [`read_header`] of `f`, just opened from `path` (named in errors), for a reader that goes
+/// on to read tensors from the same file without opening it again.
+pub(crate) fn read_header_of(f: &mut std::fs::File, path: &Path) -> Result<Header, StoreError> {
     let bad = |msg: String| StoreError::file(path, msg);
-    let mut f = std::fs::File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
     let file_len = f
         .metadata()
         .map_err(|e| bad(format!("cannot stat: {e}")))?

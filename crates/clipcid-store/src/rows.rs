@@ -234,11 +234,6 @@ pub(crate) fn push_unit_row(row: &[f32], out: &mut Vec<f32>) -> Result<(), f32> 
     Ok(())
 }
 
-/// Fills `buf` from byte `offset` of `path`.
-pub(crate) fn read_at(path: &Path, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
-    read_file_at(&open_rows(path)?, path, offset, buf)
-}
-
 /// The shard files the readers of one [`ShardLayout`] have open, by shard index, at most
 /// [`ShardLayout::open_files`]: the least recently read is closed first. Reads are
 /// positioned (`pread`), so one open file serves every thread at once.
@@ -379,11 +374,6 @@ impl OpenShards {
         let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
         files.iter().map(|(s, _)| *s).collect()
     }
-}
-
-/// Opens `path` for [`read_file_at`].
-fn open_rows(path: &Path) -> Result<std::fs::File, StoreError> {
-    std::fs::File::open(path).map_err(|e| StoreError::file(path, format!("cannot open: {e}")))
 }
 
 /// Fills `buf` from byte `offset` of `file`, opened from `path` (named in errors).

@@ -286,7 +286,9 @@ pub struct RowIndex {
 impl RowIndex {
     /// Reads the row index of the shard at `path` without reading its embeddings.
     pub fn read(path: &Path) -> Result<Self, StoreError> {
-        let header = crate::io::read_header(path)?;
+        // One open for the header and the small tensors.
+        let mut file = crate::io::open_file(path)?;
+        let header = crate::io::read_header_of(&mut file, path)?;
         let info = header
             .tensors
             .get("image")
@@ -307,7 +309,7 @@ impl RowIndex {
             let [a, b] = info.data_offsets;
             if info.dtype == "U64" {
                 let mut bytes = vec![0u8; b - a];
-                crate::rows::read_at(path, header.data_start + a as u64, &mut bytes)?;
+                crate::rows::read_file_at(&file, path, header.data_start + a as u64, &mut bytes)?;
                 return crate::io::u64_as_i64(path, name, &bytes, &info.shape).map(Some);
             }
             let dtype = match info.dtype.as_str() {
@@ -322,7 +324,7 @@ impl RowIndex {
                 }
             };
             let mut bytes = vec![0u8; b - a];
-            crate::rows::read_at(path, header.data_start + a as u64, &mut bytes)?;
+            crate::rows::read_file_at(&file, path, header.data_start + a as u64, &mut bytes)?;
             Ok(Some(Tensor::from_raw_buffer(
                 &bytes,
                 dtype,
@@ -602,8 +604,9 @@ pub struct ShardLayout {
     /// The provenance every shard records (metadata `provenance`, written by `clipcid
     /// embed`), or `None` when they record none.
     pub provenance: Option<String>,
-    /// Each shard's tensor entries, as its header had them when the layout was opened.
-    tensors: Vec<ShardTensors>,
+    /// Each shard's tensor entries, as its header had them when the layout was opened;
+    /// shared by the layout's clones (each reader holds one), so a run holds one copy.
+    tensors: std::sync::Arc<[ShardTensors]>,
     /// The shard files open for reading rows.
     files: std::sync::Arc<crate::rows::OpenShards>,
 }
@@ -739,7 +742,7 @@ impl ShardLayout {
             shards,
             counts,
             dim,
-            tensors,
+            tensors: tensors.into(),
             files: Default::default(),
         })
     }
