@@ -79,7 +79,7 @@ impl ImageDigests {
         let mut shards = vec![];
         let mut first = 0;
         for i in 0..layout.shards.len() {
-            let (path, rows, tensors) = layout.shard(i);
+            let (path, rows, tensors) = layout.shard(i)?;
             let offset = match tensors.get(IMAGE_DIGEST_TENSOR) {
                 None => None,
                 Some((info, offset)) => {

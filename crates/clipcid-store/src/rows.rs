@@ -63,7 +63,7 @@ impl RowReader {
         let mut shards = vec![];
         let mut first = 0;
         for i in 0..layout.shards.len() {
-            let (path, rows, tensors) = layout.shard(i);
+            let (path, rows, tensors) = layout.shard(i)?;
             let (info, offset) = tensors
                 .get(name)
                 .ok_or_else(|| StoreError::file(path, format!("no `{name}` tensor")))?;

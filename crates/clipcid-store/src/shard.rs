@@ -615,6 +615,8 @@ pub struct ShardLayout {
 /// (the `keys` list is most of a header, and no reader of rows needs it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ShardTensors {
+    /// The shard file.
+    path: PathBuf,
     /// Byte offset of the data section in the file.
     data_start: u64,
     tensors: std::collections::BTreeMap<String, crate::io::TensorInfo>,
@@ -709,6 +711,7 @@ impl ShardLayout {
             }
             counts.push(n);
             tensors.push(ShardTensors {
+                path: path.clone(),
                 data_start: header.data_start,
                 tensors: header.tensors,
             });
@@ -760,9 +763,19 @@ impl ShardLayout {
         self.files.capacity()
     }
 
-    /// Shard `i`'s path, row count and tensor entries.
-    pub(crate) fn shard(&self, i: usize) -> (&Path, usize, &ShardTensors) {
-        (&self.shards[i], self.counts[i], &self.tensors[i])
+    /// Shard `i`'s path, row count and tensor entries. The shard list is a public field: one
+    /// changed after [`ShardLayout::open`] no longer matches the entries, and is an error.
+    pub(crate) fn shard(&self, i: usize) -> Result<(&Path, usize, &ShardTensors), StoreError> {
+        let same_length =
+            self.shards.len() == self.tensors.len() && self.counts.len() == self.tensors.len();
+        match (self.shards.get(i), self.counts.get(i), self.tensors.get(i)) {
+            (Some(path), Some(&rows), Some(t)) if same_length && t.path == *path => {
+                Ok((path, rows, t))
+            }
+            _ => Err(StoreError::Invalid(format!(
+                "shard {i} of the layout is not the one ShardLayout::open read (its shard list was changed since): open the layout again"
+            ))),
+        }
     }
 
     /// The shard files open for reading rows, shared by every reader of this layout.

@@ -533,4 +533,17 @@ fn gathered_rows_equal_the_shards_read_whole() {
         "a range across both boundaries"
     );
     assert!(reader.gather(&[13]).is_err());
+    // The layout's shard list is public: one reordered or cut after it was opened no longer
+    // matches the tensor entries it read, and the readers refuse it instead of reading one
+    // shard's rows at another's offsets.
+    let opened = ShardLayout::open(&[dir.path().to_path_buf()]).unwrap();
+    let mut swapped = opened.clone();
+    swapped.shards.swap(0, 1);
+    let mut cut = opened.clone();
+    cut.shards.pop();
+    for changed in [swapped, cut] {
+        let e = clipcid_store::RowReader::open(changed.clone()).unwrap_err();
+        assert!(e.to_string().contains("open the layout again"), "{e}");
+        assert!(clipcid_store::ImageDigests::open(&changed).is_err());
+    }
 }
