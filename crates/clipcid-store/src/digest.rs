@@ -38,9 +38,6 @@ struct ShardDigests {
     path: PathBuf,
     /// Byte offset of row 0's digest in the file; `None` when the shard has no digests.
     offset: Option<u64>,
-    /// Global index of the shard's first row.
-    first: usize,
-    rows: usize,
 }
 
 /// The [`IMAGE_DIGEST_TENSOR`] rows of a [`ShardLayout`], read by global row position
@@ -69,15 +66,14 @@ struct ShardDigests {
 #[derive(Debug, Clone)]
 pub struct ImageDigests {
     shards: Vec<ShardDigests>,
-    /// The layout's open shard files, shared with its row readers.
-    files: std::sync::Arc<crate::rows::OpenShards>,
+    /// The shards' rows and open files, shared with the layout's row readers.
+    layout: ShardLayout,
 }
 
 impl ImageDigests {
     /// The digest rows of the layout's shards, where the layout found them in the headers.
     pub fn open(layout: &ShardLayout) -> Result<Self, StoreError> {
         let mut shards = vec![];
-        let mut first = 0;
         for i in 0..layout.shards.len() {
             let (path, rows, tensors) = layout.shard(i)?;
             let offset = match tensors.get(IMAGE_DIGEST_TENSOR) {
@@ -98,14 +94,11 @@ impl ImageDigests {
             shards.push(ShardDigests {
                 path: path.to_path_buf(),
                 offset,
-                first,
-                rows,
             });
-            first += rows;
         }
         Ok(Self {
             shards,
-            files: layout.files().clone(),
+            layout: layout.clone(),
         })
     }
 
@@ -116,14 +109,8 @@ impl ImageDigests {
 
     /// The shard file that holds row `position`.
     pub fn shard_of(&self, position: u32) -> Option<&std::path::Path> {
-        self.find(position).map(|i| self.shards[i].path.as_path())
-    }
-
-    /// Index of the shard that holds row `position`.
-    fn find(&self, position: u32) -> Option<usize> {
-        let p = position as usize;
-        let at = self.shards.partition_point(|s| s.first + s.rows <= p);
-        self.shards.get(at).filter(|s| s.first <= p).map(|_| at)
+        let i = self.layout.shard_holding(position as usize)?;
+        Some(self.shards[i].path.as_path())
     }
 
     /// The digests of the rows at `positions` (global, any order), `None` for rows of a
@@ -135,16 +122,16 @@ impl ImageDigests {
         order.sort_by_key(|&k| positions[k]);
         for k in order {
             let p = positions[k];
-            let i = self.find(p).ok_or_else(|| {
+            let i = self.layout.shard_holding(p as usize).ok_or_else(|| {
                 StoreError::Invalid(format!("image digest of row {p} asked of fewer rows"))
             })?;
             let s = &self.shards[i];
             let Some(offset) = s.offset else {
                 continue;
             };
-            let file = self.files.get(i, &s.path)?;
+            let file = self.layout.files().get(i, &s.path)?;
             let mut digest = [0u8; IMAGE_DIGEST_BYTES];
-            let row = (p as usize - s.first) as u64;
+            let row = (p as usize - self.layout.rows_of(i).start) as u64;
             crate::rows::read_file_at(
                 &file,
                 &s.path,

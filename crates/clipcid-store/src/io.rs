@@ -666,6 +666,19 @@ pub(crate) fn open_file(path: &Path) -> Result<std::fs::File, StoreError> {
 /// [`read_header`] of `f`, just opened from `path` (named in errors), for a reader that goes
 /// on to read tensors from the same file without opening it again.
 pub(crate) fn read_header_of(f: &mut std::fs::File, path: &Path) -> Result<Header, StoreError> {
+    read_header_without(f, path, &[])
+}
+
+/// [`read_header_of`], leaving out the metadata values named in `skip`: they are scanned as
+/// JSON but neither kept nor checked to be strings (their reader,
+/// [`RowIndex::read`](crate::RowIndex::read) for `keys`, reads the whole header and refuses
+/// any other value). An embedding shard's `keys` list is nearly all of its header (0.24 MB
+/// at 10,000 rows), and [`ShardLayout::open`](crate::ShardLayout::open) needs none of it.
+pub(crate) fn read_header_without(
+    f: &mut std::fs::File,
+    path: &Path,
+    skip: &[&str],
+) -> Result<Header, StoreError> {
     let bad = |msg: String| StoreError::file(path, msg);
     let file_len = f
         .metadata()
@@ -683,24 +696,23 @@ pub(crate) fn read_header_of(f: &mut std::fs::File, path: &Path) -> Result<Heade
     let mut buf = vec![0u8; n as usize];
     f.read_exact(&mut buf)
         .map_err(|e| bad(format!("cannot read header: {e}")))?;
-    let raw: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&buf)
-        .map_err(|e| bad(format!("corrupt safetensors header: {e}")))?;
+    let mut json = serde_json::Deserializer::from_slice(&buf);
+    let (entries, metadata) =
+        serde::de::DeserializeSeed::deserialize(HeaderJson { skip }, &mut json)
+            .and_then(|parsed| json.end().map(|()| parsed))
+            .map_err(|e| bad(format!("corrupt safetensors header: {e}")))?;
     let mut header = Header {
         data_start: 8 + n,
+        metadata,
         ..Header::default()
     };
     let mut data_end = 0usize;
-    for (name, v) in raw {
-        if name == "__metadata__" {
-            header.metadata =
-                serde_json::from_value(v).map_err(|e| bad(format!("corrupt metadata: {e}")))?;
-        } else {
-            let info: TensorInfo = serde_json::from_value(v)
-                .map_err(|e| bad(format!("corrupt entry for `{name}`: {e}")))?;
-            check_entry(&name, &info).map_err(bad)?;
-            data_end = data_end.max(info.data_offsets[1]);
-            header.tensors.insert(name, info);
-        }
+    for (name, value) in entries {
+        let info: TensorInfo = serde_json::from_value(value)
+            .map_err(|e| bad(format!("corrupt entry for `{name}`: {e}")))?;
+        check_entry(&name, &info).map_err(bad)?;
+        data_end = data_end.max(info.data_offsets[1]);
+        header.tensors.insert(name, info);
     }
     if (data_end as u64).checked_add(8 + n) != Some(file_len) {
         return Err(bad(format!(
@@ -710,6 +722,83 @@ pub(crate) fn read_header_of(f: &mut std::fs::File, path: &Path) -> Result<Heade
         )));
     }
     Ok(header)
+}
+
+/// A safetensors header's JSON object, read in one pass: each tensor entry as a small
+/// `serde_json::Value` (read into a [`TensorInfo`] after, so an error names the tensor), and
+/// the `__metadata__` string map without the values named in `skip`. A name given twice
+/// keeps its last value, as `serde_json`'s own map does.
+struct HeaderJson<'s> {
+    skip: &'s [&'s str],
+}
+
+/// Tensor entries by name and the kept metadata.
+type HeaderParts = (BTreeMap<String, serde_json::Value>, HashMap<String, String>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for HeaderJson<'_> {
+    type Value = HeaderParts;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for HeaderJson<'_> {
+    type Value = HeaderParts;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object of tensor entries and `__metadata__`")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut entries = BTreeMap::new();
+        let mut metadata = HashMap::new();
+        while let Some(name) = map.next_key::<String>()? {
+            if name == "__metadata__" {
+                metadata = map.next_value_seed(MetadataJson { skip: self.skip })?;
+            } else {
+                entries.insert(name, map.next_value()?);
+            }
+        }
+        Ok((entries, metadata))
+    }
+}
+
+/// The `__metadata__` object: strings, but for those named in `skip`, scanned as any JSON
+/// value and dropped.
+struct MetadataJson<'s> {
+    skip: &'s [&'s str],
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for MetadataJson<'_> {
+    type Value = HashMap<String, String>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for MetadataJson<'_> {
+    type Value = HashMap<String, String>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("`__metadata__` as an object of strings")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = HashMap::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if self.skip.contains(&key.as_str()) {
+                // Scanned, neither unescaped nor copied: half the instructions of reading
+                // an embedding shard's header into a layout (callgrind, 20 shards).
+                map.next_value::<serde::de::IgnoredAny>()?;
+                out.remove(&key);
+            } else {
+                out.insert(key, map.next_value::<String>()?);
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Bytes per element of a safetensors dtype name; `None` for a name safetensors does not
@@ -870,5 +959,111 @@ fn lock_file(dir: &Path, name: &str, shared: bool) -> Result<std::fs::File, Stor
         Err(std::fs::TryLockError::Error(e)) => {
             Err(StoreError::file(&path, format!("cannot lock: {e}")))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file of header `json` (as given) and `data` bytes.
+    fn raw_file(dir: &Path, json: &str, data: &[u8]) -> PathBuf {
+        let path = dir.join("raw.safetensors");
+        let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(json.as_bytes());
+        bytes.extend_from_slice(data);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_header_read_without_named_metadata_is_the_whole_header_less_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shard.safetensors");
+        // Keys with the characters JSON escapes, inside a string that is itself JSON.
+        let keys = serde_json::to_string(&["a\"b", "c\\d", "e\nf", "g/h", "ü"]).unwrap();
+        let metadata: HashMap<String, String> = [
+            ("keys", keys.as_str()),
+            ("skipped", "[\"x\"]"),
+            ("provenance", "{\"teacher\":\"t\"}"),
+            ("first_index", "0"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let image = Tensor::ones((5, 3), DType::F16, &Device::Cpu).unwrap();
+        let ids = Tensor::arange(0i64, 5, &Device::Cpu).unwrap();
+        write_safetensors(
+            &path,
+            [("image".to_string(), image), ("ids".to_string(), ids)],
+            &metadata,
+        )
+        .unwrap();
+
+        let whole = read_header(&path).unwrap();
+        assert_eq!(whole.metadata, metadata, "every value, unescaped");
+        let part = read_header_without(&mut open_file(&path).unwrap(), &path, &["keys", "skipped"])
+            .unwrap();
+        let mut less = metadata.clone();
+        less.remove("keys");
+        less.remove("skipped");
+        assert_eq!(part.metadata, less);
+        assert_eq!(part.tensors, whole.tensors);
+        assert_eq!(part.data_start, whole.data_start);
+        assert_eq!(part.tensors["ids"].shape, vec![5]);
+    }
+
+    #[test]
+    fn malformed_headers_are_refused_whether_or_not_a_value_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = r#""x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}"#;
+        let read = |json: &str, skip: &[&str]| {
+            let path = raw_file(dir.path(), json, &[0; 4]);
+            read_header_without(&mut open_file(&path).unwrap(), &path, skip)
+        };
+        let refused = [
+            // A kept metadata value that is not a string.
+            (
+                format!(r#"{{"__metadata__":{{"other":3}},{entry}}}"#),
+                "corrupt safetensors header",
+            ),
+            // A skipped value that is not JSON at all.
+            (
+                format!(r#"{{"__metadata__":{{"keys":[1,}},{entry}}}"#),
+                "corrupt safetensors header",
+            ),
+            // Something after the object, an entry of the wrong form, not an object.
+            (format!(r#"{{{entry}}} x"#), "corrupt safetensors header"),
+            (
+                r#"{"x":{"dtype":"F32","shape":"1","data_offsets":[0,4]}}"#.to_string(),
+                "corrupt entry for `x`",
+            ),
+            (r#"[1, 2]"#.to_string(), "corrupt safetensors header"),
+        ];
+        for (json, want) in &refused {
+            for skip in [&[][..], &["keys"][..]] {
+                let e = read(json, skip).unwrap_err().to_string();
+                assert!(
+                    e.contains(want) && e.contains("raw.safetensors"),
+                    "{json}: {e}"
+                );
+            }
+        }
+        // A skipped value is scanned as any JSON value: a `keys` that is not a string is
+        // refused by the reader that keeps it (the row index), and dropped by the layout's.
+        for keys in ["3", r#"["a"]"#] {
+            let json = format!(r#"{{"__metadata__":{{"keys":{keys},"p":"q"}},{entry}}}"#);
+            let e = read(&json, &[]).unwrap_err().to_string();
+            assert!(e.contains("corrupt safetensors header"), "{e}");
+            let header = read(&json, &["keys"]).unwrap();
+            assert_eq!(
+                header.metadata,
+                HashMap::from([("p".to_string(), "q".to_string())])
+            );
+        }
+        // Padding with spaces after the object, as safetensors writers align the data, is
+        // part of a well-formed header.
+        let header = read(&format!("{{{entry}}}      "), &["keys"]).unwrap();
+        assert_eq!(header.tensors["x"].shape, vec![1]);
     }
 }

@@ -14,9 +14,6 @@ struct ShardRows {
     /// Byte offset of row 0 in the file.
     offset: u64,
     dtype: DType,
-    /// Global index of the shard's first row.
-    first: usize,
-    rows: usize,
 }
 
 /// The `image` (or `text`, [`RowReader::open_tensor`]) rows of a [`ShardLayout`], read by
@@ -61,7 +58,6 @@ impl RowReader {
     /// in the entries the layout read from the headers; no file is opened here.
     pub fn open_tensor(layout: ShardLayout, name: &str) -> Result<Self, StoreError> {
         let mut shards = vec![];
-        let mut first = 0;
         for i in 0..layout.shards.len() {
             let (path, rows, tensors) = layout.shard(i)?;
             let (info, offset) = tensors
@@ -81,10 +77,7 @@ impl RowReader {
                 path: path.to_path_buf(),
                 offset,
                 dtype,
-                first,
-                rows,
             });
-            first += rows;
         }
         Ok(Self {
             layout,
@@ -110,7 +103,7 @@ impl RowReader {
 
     /// Rows in all shards.
     pub fn len(&self) -> usize {
-        self.layout.total()
+        self.layout.rows_total()
     }
 
     /// True when the shards hold no rows.
@@ -132,19 +125,20 @@ impl RowReader {
             )));
         }
         let mut out = Vec::with_capacity(range.len() * self.dim());
-        // From the shard that holds row `range.start` on (a binary search: a training batch
-        // asks for a few rows at a time of many thousand shards).
+        // From the shard that holds row `range.start` on.
         let from = self
-            .shards
-            .partition_point(|s| s.first + s.rows <= range.start);
+            .layout
+            .shard_holding(range.start)
+            .unwrap_or(self.shards.len());
         for (i, s) in self.shards.iter().enumerate().skip(from) {
-            if s.first >= range.end {
+            let rows = self.layout.rows_of(i);
+            if rows.start >= range.end {
                 break;
             }
-            let (a, b) = (range.start.max(s.first), range.end.min(s.first + s.rows));
+            let (a, b) = (range.start.max(rows.start), range.end.min(rows.end));
             if a < b {
                 let file = self.layout.files().get(i, &s.path)?;
-                out.extend(self.read_run(&file, s, a - s.first, b - a)?);
+                out.extend(self.read_run(&file, s, a - rows.start, b - a)?);
             }
         }
         Ok(out)

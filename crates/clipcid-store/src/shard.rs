@@ -620,6 +620,8 @@ pub(crate) struct ShardTensors {
     /// Byte offset of the data section in the file.
     data_start: u64,
     tensors: std::collections::BTreeMap<String, crate::io::TensorInfo>,
+    /// The shard's rows, as global positions (shard order).
+    rows: std::ops::Range<usize>,
 }
 
 impl ShardTensors {
@@ -662,8 +664,14 @@ impl ShardLayout {
         let mut ranges: Vec<(u64, u64, &Path)> = vec![];
         let mut end_recorded: Vec<&Path> = vec![];
         let mut provenance: Option<(Option<String>, &Path)> = None;
+        let mut first = 0;
         for path in &shards {
-            let mut header = crate::io::read_header(path)?;
+            // The sample keys are nearly all of a header, and the layout needs none of them.
+            let mut header = crate::io::read_header_without(
+                &mut crate::io::open_file(path)?,
+                path,
+                &["keys", "skipped"],
+            )?;
             let recorded = header.metadata.remove("provenance");
             match &provenance {
                 None => provenance = Some((recorded, path)),
@@ -714,7 +722,9 @@ impl ShardLayout {
                 path: path.clone(),
                 data_start: header.data_start,
                 tensors: header.tensors,
+                rows: first..first + n,
             });
+            first += n;
         }
         let Some((dim, _)) = width else {
             return Err(StoreError::Invalid(
@@ -769,13 +779,38 @@ impl ShardLayout {
         let same_length =
             self.shards.len() == self.tensors.len() && self.counts.len() == self.tensors.len();
         match (self.shards.get(i), self.counts.get(i), self.tensors.get(i)) {
-            (Some(path), Some(&rows), Some(t)) if same_length && t.path == *path => {
+            (Some(path), Some(&rows), Some(t))
+                if same_length && t.path == *path && t.rows.len() == rows =>
+            {
                 Ok((path, rows, t))
             }
             _ => Err(StoreError::Invalid(format!(
                 "shard {i} of the layout is not the one ShardLayout::open read (its shard list was changed since): open the layout again"
             ))),
         }
+    }
+
+    /// Shard `i`'s rows as global positions (shard order), as [`ShardLayout::open`] counted
+    /// them; empty past the last shard.
+    pub(crate) fn rows_of(&self, i: usize) -> std::ops::Range<usize> {
+        self.tensors.get(i).map_or(0..0, |t| t.rows.clone())
+    }
+
+    /// Rows in all shards, as [`ShardLayout::open`] counted them: [`ShardLayout::total`]
+    /// without summing the counts again (a reader checks each run of rows it reads).
+    pub(crate) fn rows_total(&self) -> usize {
+        self.tensors.last().map_or(0, |t| t.rows.end)
+    }
+
+    /// Index of the shard that holds global row `row` (shard order), found by binary search
+    /// (a training batch asks for a few rows at a time of many thousand shards); `None` past
+    /// the last row. The one lookup of the row and digest readers.
+    pub(crate) fn shard_holding(&self, row: usize) -> Option<usize> {
+        let at = self.tensors.partition_point(|t| t.rows.end <= row);
+        self.tensors
+            .get(at)
+            .filter(|t| t.rows.start <= row)
+            .map(|_| at)
     }
 
     /// The shard files open for reading rows, shared by every reader of this layout.

@@ -501,10 +501,14 @@ fn image_digests_are_read_by_position_and_malformed_ones_refused() {
 fn gathered_rows_equal_the_shards_read_whole() {
     let dir = tempfile::tempdir().unwrap();
     let mut whole: Vec<Vec<f32>> = vec![];
-    for (i, (n, dtype)) in [(5usize, DType::F32), (1, DType::F16), (7, DType::F32)]
-        .into_iter()
-        .enumerate()
-    {
+    // An empty shard between two others: a row is found past it.
+    let shards = [
+        (5usize, DType::F32),
+        (0, DType::F32),
+        (1, DType::F16),
+        (7, DType::F32),
+    ];
+    for (i, (n, dtype)) in shards.into_iter().enumerate() {
         let values: Vec<f32> = (0..n * 3)
             .map(|v| ((v * 7 + i * 13) % 11) as f32 - 4.5)
             .collect();
@@ -541,7 +545,9 @@ fn gathered_rows_equal_the_shards_read_whole() {
     swapped.shards.swap(0, 1);
     let mut cut = opened.clone();
     cut.shards.pop();
-    for changed in [swapped, cut] {
+    let mut recounted = opened.clone();
+    recounted.counts.swap(0, 2);
+    for changed in [swapped, cut, recounted] {
         let e = clipcid_store::RowReader::open(changed.clone()).unwrap_err();
         assert!(e.to_string().contains("open the layout again"), "{e}");
         assert!(clipcid_store::ImageDigests::open(&changed).is_err());
