@@ -13,8 +13,10 @@
 //!
 //! Then, median of `--reps` (warm page cache, so this is the CPU's share; a cold or network
 //! file system adds the header bytes read, printed per pass):
-//! - each reader distill opens, alone: [`ShardLayout::open`], every shard's [`RowIndex`],
-//!   the `image` and `text` [`RowReader`]s and [`ImageDigests`];
+//! - each reader distill opens, alone: [`ShardLayout::open`], every shard's [`RowIds`] from
+//!   the layout ([`ShardLayout::row_ids_of`]), the `image` and `text` [`RowReader`]s and
+//!   [`ImageDigests`]; and, for comparison, every shard's [`RowIds`] read with its header
+//!   ([`RowIds::read`]) and [`RowIndex`] (the ids with the keys, which distill read before);
 //! - distill's whole start sequence over the store (those five, in its order).
 
 use std::path::{Path, PathBuf};
@@ -22,7 +24,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use clipcid_store::{
-    io::write_safetensors, shard_path, ImageDigests, RowIndex, RowReader, ShardLayout,
+    io::write_safetensors, shard_path, ImageDigests, RowIds, RowIndex, RowReader, ShardLayout,
     IMAGE_DIGEST_BYTES, IMAGE_DIGEST_TENSOR,
 };
 use clipcid_suite::{bench_arg as arg, median};
@@ -65,7 +67,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ShardLayout::open(&files)?;
         Ok(())
     })?;
-    row("`RowIndex::read`, every shard", &|| {
+    row("`ShardLayout::row_ids_of`, every shard", &|| {
+        for i in 0..layout.shards.len() {
+            layout.row_ids_of(i)?;
+        }
+        Ok(())
+    })?;
+    row("`RowIds::read` (with its header), every shard", &|| {
+        for p in &layout.shards {
+            RowIds::read(p)?;
+        }
+        Ok(())
+    })?;
+    row("`RowIndex::read` (with the keys), every shard", &|| {
         for p in &layout.shards {
             RowIndex::read(p)?;
         }
@@ -85,8 +99,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     })?;
     row("distill's start: all five, in its order", &|| {
         let layout = ShardLayout::open(&files)?;
-        for p in &layout.shards {
-            RowIndex::read(p)?;
+        for i in 0..layout.shards.len() {
+            layout.row_ids_of(i)?;
         }
         RowReader::open_tensor(layout.clone(), "text")?;
         ImageDigests::open(&layout)?;

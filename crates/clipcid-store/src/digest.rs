@@ -2,8 +2,9 @@
 //! of every embedded image's encoded bytes beside its embedding, and a stage that reads the
 //! images again (distillation) checks that it reads the same ones.
 
-use std::path::PathBuf;
+use std::sync::Arc;
 
+use crate::shard::ShardIndex;
 use crate::{ShardLayout, StoreError};
 
 /// Bytes kept of each image's digest.
@@ -32,14 +33,6 @@ pub fn image_digest(bytes: &[u8]) -> ImageDigest {
     out
 }
 
-/// One shard's digest rows.
-#[derive(Debug, Clone)]
-struct ShardDigests {
-    path: PathBuf,
-    /// Byte offset of row 0's digest in the file; `None` when the shard has no digests.
-    offset: Option<u64>,
-}
-
 /// The [`IMAGE_DIGEST_TENSOR`] rows of a [`ShardLayout`], read by global row position
 /// (shard order) with positioned reads, as [`RowReader`](crate::RowReader) reads
 /// embeddings: memory does not grow with the shards. A shard without the tensor gives `None`
@@ -65,15 +58,17 @@ struct ShardDigests {
 /// ```
 #[derive(Debug, Clone)]
 pub struct ImageDigests {
-    shards: Vec<ShardDigests>,
-    /// The shards' rows and open files, shared with the layout's row readers.
-    layout: ShardLayout,
+    /// Per shard, the byte offset of its row 0's digest in the file; `None` when the shard
+    /// has no digests.
+    offsets: Vec<Option<u64>>,
+    /// The shards' files and rows, shared with the layout's row readers.
+    index: Arc<ShardIndex>,
 }
 
 impl ImageDigests {
     /// The digest rows of the layout's shards, where the layout found them in the headers.
     pub fn open(layout: &ShardLayout) -> Result<Self, StoreError> {
-        let mut shards = vec![];
+        let mut offsets = vec![];
         for i in 0..layout.shards.len() {
             let (path, rows, tensors) = layout.shard(i)?;
             let offset = match tensors.get(IMAGE_DIGEST_TENSOR) {
@@ -91,26 +86,23 @@ impl ImageDigests {
                     Some(offset)
                 }
             };
-            shards.push(ShardDigests {
-                path: path.to_path_buf(),
-                offset,
-            });
+            offsets.push(offset);
         }
         Ok(Self {
-            shards,
-            layout: layout.clone(),
+            offsets,
+            index: layout.index().clone(),
         })
     }
 
     /// True when some shard has digests.
     pub fn any(&self) -> bool {
-        self.shards.iter().any(|s| s.offset.is_some())
+        self.offsets.iter().any(Option::is_some)
     }
 
     /// The shard file that holds row `position`.
     pub fn shard_of(&self, position: u32) -> Option<&std::path::Path> {
-        let i = self.layout.shard_holding(position as usize)?;
-        Some(self.shards[i].path.as_path())
+        let i = self.index.shard_holding(position as usize)?;
+        Some(self.index.path(i))
     }
 
     /// The digests of the rows at `positions` (global, any order), `None` for rows of a
@@ -122,19 +114,17 @@ impl ImageDigests {
         order.sort_by_key(|&k| positions[k]);
         for k in order {
             let p = positions[k];
-            let i = self.layout.shard_holding(p as usize).ok_or_else(|| {
+            let i = self.index.shard_holding(p as usize).ok_or_else(|| {
                 StoreError::Invalid(format!("image digest of row {p} asked of fewer rows"))
             })?;
-            let s = &self.shards[i];
-            let Some(offset) = s.offset else {
+            let Some(offset) = self.offsets[i] else {
                 continue;
             };
-            let file = self.layout.files().get(i, &s.path)?;
             let mut digest = [0u8; IMAGE_DIGEST_BYTES];
-            let row = (p as usize - self.layout.rows_of(i).start) as u64;
+            let row = (p as usize - self.index.rows_of(i).start) as u64;
             crate::rows::read_file_at(
-                &file,
-                &s.path,
+                &*self.index.file(i)?,
+                self.index.path(i),
                 offset + row * IMAGE_DIGEST_BYTES as u64,
                 &mut digest,
             )?;

@@ -673,7 +673,8 @@ pub(crate) fn read_header_of(f: &mut std::fs::File, path: &Path) -> Result<Heade
 /// JSON but neither kept nor checked to be strings (their reader,
 /// [`RowIndex::read`](crate::RowIndex::read) for `keys`, reads the whole header and refuses
 /// any other value). An embedding shard's `keys` list is nearly all of its header (0.24 MB
-/// at 10,000 rows), and [`ShardLayout::open`](crate::ShardLayout::open) needs none of it.
+/// at 10,000 rows), and neither [`ShardLayout::open`](crate::ShardLayout::open) nor
+/// [`RowIds::read`](crate::RowIds::read) needs any of it.
 pub(crate) fn read_header_without(
     f: &mut std::fs::File,
     path: &Path,

@@ -6,7 +6,8 @@
 //!   inflated to a bound.
 //! - [`EmbeddingShard`] and [`ShardLayout`]: the teacher embedding shards of `clipcid embed`
 //!   (`image` `[n, D]`, optional `text` `[n, D]`, `ids`, keys in the metadata), and
-//!   [`EmbedEnd`], the record a finished run leaves beside them.
+//!   [`EmbedEnd`], the record a finished run leaves beside them; [`RowIds`] and [`RowIndex`]:
+//!   a shard's sample ids and caption flags (and keys) without its embeddings.
 //! - [`KeepList`] and [`write_keep_file`]: the keep file of `clipcid balance`.
 //! - [`ClusterFile`]: the centroids and pseudo-labels of `clipcid cluster`.
 //! - [`RowReader`]: rows of the shards by position, read on demand (positioned reads), and
@@ -58,6 +59,6 @@ pub use provenance::{check_same_embeddings, differing_fields, EMBEDDINGS_META};
 pub use rows::{raise_open_files_limit, unit_rows, RowReader};
 pub use shard::{
     expand_shard_inputs, first_duplicate, list_shards, repeated_shard, row_ids_digest, sha256_hex,
-    shard_index, shard_path, sidecar_ids_path, EmbedEnd, EmbeddingShard, RowIndex, ShardLayout,
-    EMBED_END_RECORD, SHARD_KIND,
+    shard_index, shard_path, sidecar_ids_path, EmbedEnd, EmbeddingShard, RowIds, RowIndex,
+    ShardLayout, EMBED_END_RECORD, SHARD_KIND,
 };

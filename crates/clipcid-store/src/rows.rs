@@ -1,16 +1,16 @@
 //! Reading rows of the `image` tensors of embedding shards on demand, by positioned reads,
 //! so that a stage touches only the rows it needs and never holds the whole matrix.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::{ShardLayout, StoreError};
 
-/// Where one shard's `image` rows lie in its file.
+/// Where one shard's `image` rows lie in its file (the layout's shard index has the
+/// file itself).
 #[derive(Debug, Clone)]
 struct ShardRows {
-    path: PathBuf,
     /// Byte offset of row 0 in the file.
     offset: u64,
     dtype: DType,
@@ -73,11 +73,7 @@ impl RowReader {
                 ));
             }
             let dtype = crate::shard::embedding_dtype(path, name, &info.dtype)?;
-            shards.push(ShardRows {
-                path: path.to_path_buf(),
-                offset,
-                dtype,
-            });
+            shards.push(ShardRows { offset, dtype });
         }
         Ok(Self {
             layout,
@@ -103,7 +99,7 @@ impl RowReader {
 
     /// Rows in all shards.
     pub fn len(&self) -> usize {
-        self.layout.rows_total()
+        self.layout.index().rows_total()
     }
 
     /// True when the shards hold no rows.
@@ -125,20 +121,19 @@ impl RowReader {
             )));
         }
         let mut out = Vec::with_capacity(range.len() * self.dim());
+        let index = self.layout.index();
         // From the shard that holds row `range.start` on.
-        let from = self
-            .layout
+        let from = index
             .shard_holding(range.start)
             .unwrap_or(self.shards.len());
         for (i, s) in self.shards.iter().enumerate().skip(from) {
-            let rows = self.layout.rows_of(i);
+            let rows = index.rows_of(i);
             if rows.start >= range.end {
                 break;
             }
             let (a, b) = (range.start.max(rows.start), range.end.min(rows.end));
             if a < b {
-                let file = self.layout.files().get(i, &s.path)?;
-                out.extend(self.read_run(&file, s, a - rows.start, b - a)?);
+                out.extend(self.read_run(i, s, a - rows.start, b - a)?);
             }
         }
         Ok(out)
@@ -171,10 +166,11 @@ impl RowReader {
         Ok(out)
     }
 
-    /// `count` rows from row `start` of shard `s` (open as `file`), unit-normalised.
+    /// `count` rows from row `start` of shard `i` (whose rows lie as `s` says),
+    /// unit-normalised.
     fn read_run(
         &self,
-        file: &std::fs::File,
+        i: usize,
         s: &ShardRows,
         start: usize,
         count: usize,
@@ -182,9 +178,11 @@ impl RowReader {
         let d = self.dim();
         let size = s.dtype.size_in_bytes();
         let mut bytes = vec![0u8; count * d * size];
+        let index = self.layout.index();
+        let path = index.path(i);
         read_file_at(
-            file,
-            &s.path,
+            &*index.file(i)?,
+            path,
             s.offset + (start * d * size) as u64,
             &mut bytes,
         )?;
@@ -193,10 +191,7 @@ impl RowReader {
                 .to_dtype(DType::F32)?
                 .to_vec1()?;
         unit_rows(&values, d, |r, bad| {
-            StoreError::file(
-                &s.path,
-                format!("non-finite value {bad} in row {}", start + r),
-            )
+            StoreError::file(path, format!("non-finite value {bad} in row {}", start + r))
         })
     }
 }
@@ -400,6 +395,7 @@ pub(crate) fn read_file_at(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     /// Reads all of `file` from byte 0.
     fn content(file: &std::fs::File, path: &Path) -> Vec<u8> {

@@ -175,14 +175,15 @@ impl EmbeddingShard {
             Some(x) => Some(x.to_dtype(DType::F32)?),
             None => None,
         };
-        let index = RowIndex::from_parts(
+        let rows = RowIds::from_parts(
             path,
-            &header,
+            sample_range(&header.metadata),
             n,
             text.is_some(),
             t.remove("has_text"),
             t.remove("ids"),
         )?;
+        let index = RowIndex::with_keys(&header, rows)?;
         let RowIndex {
             ids,
             has_text,
@@ -246,10 +247,179 @@ impl EmbeddingShard {
     }
 }
 
+/// A shard's rows by sample id, without their embeddings or keys: the ids and caption flags,
+/// read from the header and the small `ids` / `has_text` tensors only (positioned reads),
+/// with the checks [`EmbeddingShard::read`] makes of them. The header's `keys` and `skipped`
+/// lists, nearly all of its bytes, are scanned as JSON but neither decoded nor kept. What a
+/// stage reads to join rows by id while the embeddings stay on disk
+/// ([`RowReader`](crate::RowReader)); [`RowIndex`] is the same with the keys.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use candle_core::{DType, Device, Tensor};
+/// use clipcid_store::{io::write_safetensors, EmbeddingShard, RowIds};
+/// let dir = tempfile::tempdir()?;
+/// let path = clipcid_store::shard_path(dir.path(), 0);
+/// let tensors = [
+///     ("image".to_string(), Tensor::ones((3, 4), DType::F16, &Device::Cpu)?),
+///     ("ids".to_string(), Tensor::new(&[7i64, 3, 9], &Device::Cpu)?),
+///     ("has_text".to_string(), Tensor::new(&[1u8, 0, 1], &Device::Cpu)?),
+/// ];
+/// write_safetensors(&path, tensors, &Default::default())?;
+/// let (rows, whole) = (RowIds::read(&path)?, EmbeddingShard::read(&path)?);
+/// assert_eq!((rows.ids, rows.has_text), (whole.ids, whole.has_text));
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowIds {
+    /// The file.
+    pub path: PathBuf,
+    /// Whether the shard has a `text` tensor.
+    pub has_text_tensor: bool,
+    /// Per row, whether the sample had a caption.
+    pub has_text: Vec<bool>,
+    /// Sample positions in the source dataset.
+    pub ids: Vec<i64>,
+}
+
+impl RowIds {
+    /// Reads the ids and caption flags of the shard at `path`, without its embeddings or keys.
+    pub fn read(path: &Path) -> Result<Self, StoreError> {
+        // One open for the header and the small tensors.
+        let mut file = crate::io::open_file(path)?;
+        let header = crate::io::read_header_without(&mut file, path, &["keys", "skipped"])?;
+        let samples = sample_range(&header.metadata);
+        Self::read_at(&file, path, &header.tensors, header.data_start, samples)
+    }
+
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// True when the shard holds no row.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The ids and flags of the shard in `file` (open at `path`) whose header lists
+    /// `tensors`, with the data section from byte `data_start`, and records the input
+    /// range `samples`: the `image` row count from the entries, the small tensors by
+    /// positioned reads.
+    fn read_at(
+        file: &std::fs::File,
+        path: &Path,
+        tensors: &std::collections::BTreeMap<String, crate::io::TensorInfo>,
+        data_start: u64,
+        samples: Option<(u64, u64)>,
+    ) -> Result<Self, StoreError> {
+        let info = tensors
+            .get("image")
+            .ok_or_else(|| StoreError::file(path, "no `image` tensor"))?;
+        let n = match info.shape[..] {
+            [n, _] => n,
+            _ => {
+                return Err(StoreError::file(
+                    path,
+                    format!("`image` must be [n, D], found {:?}", info.shape),
+                ))
+            }
+        };
+        let small = |name: &str| -> Result<Option<Tensor>, StoreError> {
+            let Some(info) = tensors.get(name) else {
+                return Ok(None);
+            };
+            let [a, b] = info.data_offsets;
+            let mut bytes = vec![0u8; b - a];
+            crate::rows::read_file_at(file, path, data_start + a as u64, &mut bytes)?;
+            let dtype = match info.dtype.as_str() {
+                "U64" => return crate::io::u64_as_i64(path, name, &bytes, &info.shape).map(Some),
+                "I64" => DType::I64,
+                "U8" | "BOOL" => DType::U8,
+                "U32" => DType::U32,
+                other => {
+                    return Err(StoreError::file(
+                        path,
+                        format!("`{name}` has dtype {other}"),
+                    ))
+                }
+            };
+            Ok(Some(Tensor::from_raw_buffer(
+                &bytes,
+                dtype,
+                &info.shape,
+                &candle_core::Device::Cpu,
+            )?))
+        };
+        Self::from_parts(
+            path,
+            samples,
+            n,
+            tensors.contains_key("text"),
+            small("has_text")?,
+            small("ids")?,
+        )
+    }
+
+    /// The ids and flags of a shard of `n` rows from its small tensors, checked: as many of
+    /// each as rows, no id twice, ids inside the input range `samples` it records.
+    fn from_parts(
+        path: &Path,
+        samples: Option<(u64, u64)>,
+        n: usize,
+        has_text_tensor: bool,
+        has_text: Option<Tensor>,
+        ids: Option<Tensor>,
+    ) -> Result<Self, StoreError> {
+        let bad = |msg: String| StoreError::file(path, msg);
+        let has_text = match has_text {
+            Some(x) => crate::io::integer_vector(path, "has_text", x, DType::U8)?
+                .to_vec1::<u8>()?
+                .into_iter()
+                .map(|b| b != 0)
+                .collect(),
+            None => vec![has_text_tensor; n],
+        };
+        let ids: Vec<i64> = match ids {
+            Some(x) => crate::io::integer_vector(path, "ids", x, DType::I64)?.to_vec1()?,
+            None => match sidecar_ids(path, n)? {
+                Some(ids) => ids,
+                None => (0..n as i64).collect(),
+            },
+        };
+        if ids.len() != n || has_text.len() != n {
+            return Err(bad(format!(
+                "{n} image rows but {} ids, {} has_text flags",
+                ids.len(),
+                has_text.len()
+            )));
+        }
+        if let Some(dup) = first_duplicate(&ids) {
+            return Err(bad(format!(
+                "sample id {dup} appears twice (a shard of two runs mixed?)"
+            )));
+        }
+        if let Some((first, end)) = samples {
+            if let Some(out) = ids.iter().find(|&&i| i < first as i64 || i >= end as i64) {
+                return Err(bad(format!(
+                    "sample id {out} is outside the shard's range {first}..{end}"
+                )));
+            }
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            has_text_tensor,
+            has_text,
+            ids,
+        })
+    }
+}
+
 /// A shard's rows without their embeddings: ids, caption flags and keys, read from the header
 /// and the small `ids` / `has_text` tensors only (positioned reads), with the checks
-/// [`EmbeddingShard::read`] makes. What a stage reads to join rows by id while the
-/// embeddings stay on disk ([`RowReader`](crate::RowReader)).
+/// [`EmbeddingShard::read`] makes. A stage that joins rows by id needs only
+/// [`RowIds`], which leaves the keys undecoded: about a third of the instructions of this
+/// read at 10,000 rows a shard (`cargo bench --bench shard_open`).
 ///
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -289,57 +459,9 @@ impl RowIndex {
         // One open for the header and the small tensors.
         let mut file = crate::io::open_file(path)?;
         let header = crate::io::read_header_of(&mut file, path)?;
-        let info = header
-            .tensors
-            .get("image")
-            .ok_or_else(|| StoreError::file(path, "no `image` tensor"))?;
-        let n = match info.shape[..] {
-            [n, _] => n,
-            _ => {
-                return Err(StoreError::file(
-                    path,
-                    format!("`image` must be [n, D], found {:?}", info.shape),
-                ))
-            }
-        };
-        let small = |name: &str| -> Result<Option<Tensor>, StoreError> {
-            let Some(info) = header.tensors.get(name) else {
-                return Ok(None);
-            };
-            let [a, b] = info.data_offsets;
-            if info.dtype == "U64" {
-                let mut bytes = vec![0u8; b - a];
-                crate::rows::read_file_at(&file, path, header.data_start + a as u64, &mut bytes)?;
-                return crate::io::u64_as_i64(path, name, &bytes, &info.shape).map(Some);
-            }
-            let dtype = match info.dtype.as_str() {
-                "I64" => DType::I64,
-                "U8" | "BOOL" => DType::U8,
-                "U32" => DType::U32,
-                other => {
-                    return Err(StoreError::file(
-                        path,
-                        format!("`{name}` has dtype {other}"),
-                    ))
-                }
-            };
-            let mut bytes = vec![0u8; b - a];
-            crate::rows::read_file_at(&file, path, header.data_start + a as u64, &mut bytes)?;
-            Ok(Some(Tensor::from_raw_buffer(
-                &bytes,
-                dtype,
-                &info.shape,
-                &candle_core::Device::Cpu,
-            )?))
-        };
-        Self::from_parts(
-            path,
-            &header,
-            n,
-            header.tensors.contains_key("text"),
-            small("has_text")?,
-            small("ids")?,
-        )
+        let samples = sample_range(&header.metadata);
+        let rows = RowIds::read_at(&file, path, &header.tensors, header.data_start, samples)?;
+        Self::with_keys(&header, rows)
     }
 
     /// Number of rows.
@@ -352,40 +474,16 @@ impl RowIndex {
         self.ids.is_empty()
     }
 
-    /// The ids, flags and keys of a shard of `n` rows from its header and small tensors,
-    /// checked: as many of each as rows, no id twice, ids inside the recorded range.
-    fn from_parts(
-        path: &Path,
-        header: &crate::io::Header,
-        n: usize,
-        has_text_tensor: bool,
-        has_text: Option<Tensor>,
-        ids: Option<Tensor>,
-    ) -> Result<Self, StoreError> {
-        let bad = |msg: String| StoreError::File {
-            path: path.to_path_buf(),
-            msg,
-        };
-        let has_text = match has_text {
-            Some(x) => crate::io::integer_vector(path, "has_text", x, DType::U8)?
-                .to_vec1::<u8>()?
-                .into_iter()
-                .map(|b| b != 0)
-                .collect(),
-            None => vec![has_text_tensor; n],
-        };
-        let ids: Vec<i64> = match ids {
-            Some(x) => crate::io::integer_vector(path, "ids", x, DType::I64)?.to_vec1()?,
-            None => match sidecar_ids(path, n)? {
-                Some(ids) => ids,
-                None => (0..n as i64).collect(),
-            },
-        };
+    /// `rows` with the keys and skipped keys its shard's `header` lists (the ids' decimal
+    /// strings when it lists no keys), checked: one key per row.
+    fn with_keys(header: &crate::io::Header, rows: RowIds) -> Result<Self, StoreError> {
+        let path = rows.path.as_path();
+        let bad = |msg: String| StoreError::file(path, msg);
         let keys: Vec<String> = match header.metadata.get("keys") {
             Some(k) => {
                 serde_json::from_str(k).map_err(|e| bad(format!("bad `keys` metadata: {e}")))?
             }
-            None => ids.iter().map(|i| i.to_string()).collect(),
+            None => rows.ids.iter().map(|i| i.to_string()).collect(),
         };
         let skipped = match header.metadata.get("skipped") {
             Some(k) => {
@@ -393,28 +491,21 @@ impl RowIndex {
             }
             None => vec![],
         };
-        if ids.len() != n || keys.len() != n || has_text.len() != n {
+        if keys.len() != rows.len() {
             return Err(bad(format!(
-                "{n} image rows but {} ids, {} keys, {} has_text flags",
-                ids.len(),
-                keys.len(),
-                has_text.len()
+                "{} image rows but {} keys",
+                rows.len(),
+                keys.len()
             )));
         }
-        if let Some(dup) = first_duplicate(&ids) {
-            return Err(bad(format!(
-                "sample id {dup} appears twice (a shard of two runs mixed?)"
-            )));
-        }
-        if let Some((first, end)) = sample_range(&header.metadata) {
-            if let Some(out) = ids.iter().find(|&&i| i < first as i64 || i >= end as i64) {
-                return Err(bad(format!(
-                    "sample id {out} is outside the shard's range {first}..{end}"
-                )));
-            }
-        }
+        let RowIds {
+            path,
+            has_text_tensor,
+            has_text,
+            ids,
+        } = rows;
         Ok(Self {
-            path: path.to_path_buf(),
+            path,
             has_text_tensor,
             has_text,
             ids,
@@ -604,11 +695,19 @@ pub struct ShardLayout {
     /// The provenance every shard records (metadata `provenance`, written by `clipcid
     /// embed`), or `None` when they record none.
     pub provenance: Option<String>,
-    /// Each shard's tensor entries, as its header had them when the layout was opened;
-    /// shared by the layout's clones (each reader holds one), so a run holds one copy.
-    tensors: std::sync::Arc<[ShardTensors]>,
-    /// The shard files open for reading rows.
-    files: std::sync::Arc<crate::rows::OpenShards>,
+    /// Each shard's tensor entries and rows, as the layout found them when it was opened,
+    /// and the shard files open for reading rows: shared by the layout's clones and its
+    /// readers, so a run holds one copy.
+    index: std::sync::Arc<ShardIndex>,
+}
+
+/// What the readers of one [`ShardLayout`] share: where each shard's tensors and rows lie,
+/// and the shard files they have open. A reader keeps this, not the layout's public shard
+/// list, so it reads each row where the layout found it when it was opened.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct ShardIndex {
+    shards: Vec<ShardTensors>,
+    files: crate::rows::OpenShards,
 }
 
 /// Where one shard's tensors lie in its file: its header's entries without the metadata
@@ -622,6 +721,8 @@ pub(crate) struct ShardTensors {
     tensors: std::collections::BTreeMap<String, crate::io::TensorInfo>,
     /// The shard's rows, as global positions (shard order).
     rows: std::ops::Range<usize>,
+    /// The input range `first_index..end_index` its metadata records, if any.
+    samples: Option<(u64, u64)>,
 }
 
 impl ShardTensors {
@@ -629,6 +730,42 @@ impl ShardTensors {
     pub(crate) fn get(&self, name: &str) -> Option<(&crate::io::TensorInfo, u64)> {
         let info = self.tensors.get(name)?;
         Some((info, self.data_start + info.data_offsets[0] as u64))
+    }
+}
+
+impl ShardIndex {
+    /// Shard `i`'s file, as the layout opened it.
+    pub(crate) fn path(&self, i: usize) -> &Path {
+        &self.shards[i].path
+    }
+
+    /// Shard `i`'s rows as global positions (shard order), as [`ShardLayout::open`] counted
+    /// them; empty past the last shard.
+    pub(crate) fn rows_of(&self, i: usize) -> std::ops::Range<usize> {
+        self.shards.get(i).map_or(0..0, |t| t.rows.clone())
+    }
+
+    /// Rows in all shards, as [`ShardLayout::open`] counted them: [`ShardLayout::total`]
+    /// without summing the counts again (a reader checks each run of rows it reads).
+    pub(crate) fn rows_total(&self) -> usize {
+        self.shards.last().map_or(0, |t| t.rows.end)
+    }
+
+    /// Index of the shard that holds global row `row` (shard order), found by binary search
+    /// (a training batch asks for a few rows at a time of many thousand shards); `None` past
+    /// the last row. The one lookup of the row and digest readers.
+    pub(crate) fn shard_holding(&self, row: usize) -> Option<usize> {
+        let at = self.shards.partition_point(|t| t.rows.end <= row);
+        self.shards
+            .get(at)
+            .filter(|t| t.rows.start <= row)
+            .map(|_| at)
+    }
+
+    /// The file of shard `i`, open for positioned reads: shared by every reader of the
+    /// layout, at most [`ShardLayout::open_files`] open at once.
+    pub(crate) fn file(&self, i: usize) -> Result<std::sync::Arc<std::fs::File>, StoreError> {
+        self.files.get(i, self.path(i))
     }
 }
 
@@ -690,7 +827,8 @@ impl ShardLayout {
                 }
                 Some(_) => {}
             }
-            if let Some((a, b)) = sample_range(&header.metadata) {
+            let samples = sample_range(&header.metadata);
+            if let Some((a, b)) = samples {
                 ranges.push((a, b, path));
             }
             if header.metadata.contains_key(EmbedEnd::SHARD_KEY) {
@@ -723,6 +861,7 @@ impl ShardLayout {
                 data_start: header.data_start,
                 tensors: header.tensors,
                 rows: first..first + n,
+                samples,
             });
             first += n;
         }
@@ -755,8 +894,10 @@ impl ShardLayout {
             shards,
             counts,
             dim,
-            tensors: tensors.into(),
-            files: Default::default(),
+            index: std::sync::Arc::new(ShardIndex {
+                shards: tensors,
+                files: Default::default(),
+            }),
         })
     }
 
@@ -770,15 +911,15 @@ impl ShardLayout {
     /// once for a whole run. Where the process runs out of file handles all the same, the
     /// layout closes its files and opens again.
     pub fn open_files(&self) -> usize {
-        self.files.capacity()
+        self.index.files.capacity()
     }
 
     /// Shard `i`'s path, row count and tensor entries. The shard list is a public field: one
     /// changed after [`ShardLayout::open`] no longer matches the entries, and is an error.
     pub(crate) fn shard(&self, i: usize) -> Result<(&Path, usize, &ShardTensors), StoreError> {
-        let same_length =
-            self.shards.len() == self.tensors.len() && self.counts.len() == self.tensors.len();
-        match (self.shards.get(i), self.counts.get(i), self.tensors.get(i)) {
+        let entries = &self.index.shards;
+        let same_length = self.shards.len() == entries.len() && self.counts.len() == entries.len();
+        match (self.shards.get(i), self.counts.get(i), entries.get(i)) {
             (Some(path), Some(&rows), Some(t))
                 if same_length && t.path == *path && t.rows.len() == rows =>
             {
@@ -790,32 +931,11 @@ impl ShardLayout {
         }
     }
 
-    /// Shard `i`'s rows as global positions (shard order), as [`ShardLayout::open`] counted
-    /// them; empty past the last shard.
-    pub(crate) fn rows_of(&self, i: usize) -> std::ops::Range<usize> {
-        self.tensors.get(i).map_or(0..0, |t| t.rows.clone())
-    }
-
-    /// Rows in all shards, as [`ShardLayout::open`] counted them: [`ShardLayout::total`]
-    /// without summing the counts again (a reader checks each run of rows it reads).
-    pub(crate) fn rows_total(&self) -> usize {
-        self.tensors.last().map_or(0, |t| t.rows.end)
-    }
-
-    /// Index of the shard that holds global row `row` (shard order), found by binary search
-    /// (a training batch asks for a few rows at a time of many thousand shards); `None` past
-    /// the last row. The one lookup of the row and digest readers.
-    pub(crate) fn shard_holding(&self, row: usize) -> Option<usize> {
-        let at = self.tensors.partition_point(|t| t.rows.end <= row);
-        self.tensors
-            .get(at)
-            .filter(|t| t.rows.start <= row)
-            .map(|_| at)
-    }
-
-    /// The shard files open for reading rows, shared by every reader of this layout.
-    pub(crate) fn files(&self) -> &std::sync::Arc<crate::rows::OpenShards> {
-        &self.files
+    /// Every shard's entries and rows and the open files, shared with the layout's readers:
+    /// a reader checks the public fields against it once ([`ShardLayout::shard`]) and reads
+    /// through it from then on.
+    pub(crate) fn index(&self) -> &std::sync::Arc<ShardIndex> {
+        &self.index
     }
 
     /// Rows in all shards.
@@ -823,17 +943,43 @@ impl ShardLayout {
         self.counts.iter().sum()
     }
 
-    /// The dataset id of every row, in shard order, read from each shard's row index
-    /// ([`RowIndex::read`]; no embedding is read). A shard without an `ids` tensor gives
-    /// its sidecar's ids ([`sidecar_ids_path`]), else its positions `0..n`.
+    /// The dataset id of every row, in shard order ([`ShardLayout::row_ids_of`] each shard;
+    /// no header, embedding or key is read). A shard without an `ids` tensor gives its
+    /// sidecar's ids ([`sidecar_ids_path`]), else its positions `0..n`.
     pub fn row_ids(&self) -> Result<Vec<i64>, StoreError> {
         let mut ids = Vec::with_capacity(self.total());
-        for (path, &count) in self.shards.iter().zip(&self.counts) {
+        for (i, &count) in self.counts.iter().enumerate() {
             if count > 0 {
-                ids.extend(RowIndex::read(path)?.ids);
+                ids.extend(self.row_ids_of(i)?.ids);
             }
         }
         Ok(ids)
+    }
+
+    /// Shard `i`'s ids and caption flags, as [`RowIds::read`] reads them and with its
+    /// checks, but from the places of the small tensors the layout found in the header
+    /// when it was opened: no header is read again, and the file is the one the layout's
+    /// row readers share.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use candle_core::{DType, Device, Tensor};
+    /// use clipcid_store::{io::write_safetensors, shard_path, RowIds, ShardLayout};
+    /// let dir = tempfile::tempdir()?;
+    /// let tensors = [
+    ///     ("image".to_string(), Tensor::ones((2, 4), DType::F16, &Device::Cpu)?),
+    ///     ("ids".to_string(), Tensor::new(&[5i64, 2], &Device::Cpu)?),
+    /// ];
+    /// write_safetensors(&shard_path(dir.path(), 0), tensors, &Default::default())?;
+    /// let layout = ShardLayout::open(&[dir.path().to_path_buf()])?;
+    /// assert_eq!(layout.row_ids_of(0)?, RowIds::read(&layout.shards[0])?);
+    /// assert_eq!(layout.row_ids_of(0)?.ids, vec![5, 2]);
+    /// # Ok(()) }
+    /// ```
+    pub fn row_ids_of(&self, i: usize) -> Result<RowIds, StoreError> {
+        let (path, _, shard) = self.shard(i)?;
+        let file = self.index.file(i)?;
+        RowIds::read_at(&file, path, &shard.tensors, shard.data_start, shard.samples)
     }
 
     /// Reads shard `i` and checks that it still has the row count and width its header had
@@ -893,7 +1039,7 @@ fn sidecar_ids(shard: &Path, n: usize) -> Result<Option<Vec<i64>>, StoreError> {
 
 /// The sidecar ids file of a shard that has no `ids` tensor: the shard's name with
 /// `.ids.txt` for `.safetensors`, one whole number per line, as many as the shard's rows
-/// ([`EmbeddingShard::read`] and [`RowIndex::read`] read it).
+/// ([`EmbeddingShard::read`], [`RowIds::read`] and [`RowIndex::read`] read it).
 ///
 /// ```
 /// use std::path::Path;

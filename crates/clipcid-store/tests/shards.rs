@@ -7,7 +7,8 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use clipcid_store::{
-    io::write_safetensors, shard_path, EmbedEnd, EmbeddingShard, ShardLayout, EMBED_END_RECORD,
+    io::write_safetensors, shard_path, EmbedEnd, EmbeddingShard, RowIds, RowIndex, ShardLayout,
+    EMBED_END_RECORD,
 };
 
 /// A shard over samples `first..end` holding rows for `ids`.
@@ -72,26 +73,104 @@ fn overlapping_shards_of_two_runs_are_refused() {
     assert!(e.contains("overlapping") && e.contains("two runs"), "{e}");
 }
 
+/// The three readers of a shard's ids: the whole shard, the row index (with keys) and the
+/// ids alone.
+fn ids_read_three_ways(path: &Path) -> [Result<Vec<i64>, String>; 3] {
+    [
+        EmbeddingShard::read(path).map(|s| s.ids),
+        RowIndex::read(path).map(|s| s.ids),
+        RowIds::read(path).map(|s| s.ids),
+    ]
+    .map(|r| r.map_err(|e| e.to_string()))
+}
+
 #[test]
 fn repeated_or_out_of_range_ids_in_a_shard_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    shard(dir.path(), 0, 0, 4, &[0, 1, 1, 3]);
-    let e = EmbeddingShard::read(&shard_path(dir.path(), 0))
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("sample id 1 appears twice"), "{e}");
-    shard(dir.path(), 0, 0, 4, &[0, 1, 9]);
-    let e = EmbeddingShard::read(&shard_path(dir.path(), 0))
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("outside the shard's range 0..4"), "{e}");
+    let path = shard_path(dir.path(), 0);
+    for (ids, says) in [
+        (&[0, 1, 1, 3][..], "sample id 1 appears twice"),
+        (&[0, 1, 9], "outside the shard's range 0..4"),
+    ] {
+        shard(dir.path(), 0, 0, 4, ids);
+        for e in ids_read_three_ways(&path) {
+            let e = e.unwrap_err();
+            assert!(e.contains("embeddings-00000") && e.contains(says), "{e}");
+        }
+    }
     shard(dir.path(), 0, 0, 4, &[0, 1, 3]);
-    assert_eq!(
-        EmbeddingShard::read(&shard_path(dir.path(), 0))
-            .unwrap()
-            .len(),
-        3
-    );
+    for ids in ids_read_three_ways(&path) {
+        assert_eq!(ids.unwrap(), vec![0, 1, 3]);
+    }
+}
+
+/// [`RowIds`] reads what [`RowIndex`] reads less the keys, which it leaves undecoded: keys
+/// that do not fit their rows are refused by the row index and the whole-shard reader, and
+/// do not change the ids [`RowIds`] (and so [`ShardLayout::row_ids`]) reads.
+#[test]
+fn row_ids_are_the_row_index_less_its_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = shard_path(dir.path(), 0);
+    let cpu = Device::Cpu;
+    let write = |keys: Option<&str>| {
+        let tensors = [
+            (
+                "image".to_string(),
+                Tensor::ones((3, 4), DType::F16, &cpu).unwrap(),
+            ),
+            (
+                "text".to_string(),
+                Tensor::ones((3, 4), DType::F16, &cpu).unwrap(),
+            ),
+            ("ids".to_string(), Tensor::new(&[7i64, 3, 9], &cpu).unwrap()),
+            (
+                "has_text".to_string(),
+                Tensor::new(&[1u8, 0, 1], &cpu).unwrap(),
+            ),
+        ];
+        let mut meta = HashMap::from([("skipped".to_string(), r#"["gone.jpg"]"#.to_string())]);
+        if let Some(k) = keys {
+            meta.insert("keys".to_string(), k.to_string());
+        }
+        write_safetensors(&path, tensors, &meta).unwrap();
+    };
+    let want = (vec![7i64, 3, 9], vec![true, false, true]);
+    for keys in [None, Some(r#"["a\"b", "c\\d", "e"]"#)] {
+        write(keys);
+        let (rows, index) = (RowIds::read(&path).unwrap(), RowIndex::read(&path).unwrap());
+        assert_eq!((rows.ids.clone(), rows.has_text.clone()), want);
+        assert_eq!((index.ids, index.has_text), want);
+        assert_eq!(
+            (rows.path, rows.has_text_tensor),
+            (index.path, index.has_text_tensor)
+        );
+        assert!(rows.has_text_tensor);
+        assert_eq!(index.skipped, vec!["gone.jpg".to_string()]);
+        let keys_read = index.keys;
+        match keys {
+            None => assert_eq!(keys_read, ["7", "3", "9"]),
+            Some(_) => assert_eq!(keys_read, ["a\"b", "c\\d", "e"]),
+        }
+    }
+    for (keys, says) in [
+        (r#"["a", "b"]"#, "3 image rows but 2 keys"),
+        (r#"["a", "b", 3]"#, "bad `keys` metadata"),
+        (r#"["a", "b", "c""#, "bad `keys` metadata"),
+    ] {
+        write(Some(keys));
+        for e in [
+            RowIndex::read(&path).unwrap_err().to_string(),
+            EmbeddingShard::read(&path).unwrap_err().to_string(),
+        ] {
+            assert!(
+                e.contains("embeddings-00000") && e.contains(says),
+                "{keys}: {e}"
+            );
+        }
+        assert_eq!(RowIds::read(&path).unwrap().ids, want.0, "{keys}");
+        let layout = ShardLayout::open(&[dir.path().to_path_buf()]).unwrap();
+        assert_eq!(layout.row_ids().unwrap(), want.0, "{keys}");
+    }
 }
 
 #[test]
@@ -282,17 +361,14 @@ fn ids_as_a_u64_tensor_or_a_sidecar_text_file_are_read() {
     shard_with_u64_ids(&path, 3, Some(&[7, 9, 1 << 40]));
     let want = vec![7i64, 9, 1 << 40];
     assert_eq!(EmbeddingShard::read(&path).unwrap().ids, want);
-    assert_eq!(clipcid_store::RowIndex::read(&path).unwrap().ids, want);
+    assert_eq!(RowIndex::read(&path).unwrap().ids, want);
+    assert_eq!(RowIds::read(&path).unwrap().ids, want);
     let layout = ShardLayout::open(&[dir.path().to_path_buf()]).unwrap();
     assert_eq!(layout.row_ids().unwrap(), want);
     // A value no i64 holds is an error naming the file and the tensor.
     shard_with_u64_ids(&path, 2, Some(&[1, u64::MAX]));
-    for e in [
-        EmbeddingShard::read(&path).unwrap_err().to_string(),
-        clipcid_store::RowIndex::read(&path)
-            .unwrap_err()
-            .to_string(),
-    ] {
+    for e in ids_read_three_ways(&path) {
+        let e = e.unwrap_err();
         assert!(
             e.contains("embeddings-00000") && e.contains("`ids` holds 18446744073709551615"),
             "{e}"
@@ -303,11 +379,9 @@ fn ids_as_a_u64_tensor_or_a_sidecar_text_file_are_read() {
     assert_eq!(EmbeddingShard::read(&path).unwrap().ids, vec![0, 1, 2]);
     let sidecar = clipcid_store::sidecar_ids_path(&path);
     std::fs::write(&sidecar, "40\n\n41\n 42 \n").unwrap();
-    assert_eq!(EmbeddingShard::read(&path).unwrap().ids, vec![40, 41, 42]);
-    assert_eq!(
-        clipcid_store::RowIndex::read(&path).unwrap().ids,
-        vec![40, 41, 42]
-    );
+    for ids in ids_read_three_ways(&path) {
+        assert_eq!(ids.unwrap(), vec![40, 41, 42]);
+    }
     for (text, says) in [
         ("40\n41\n", "2 ids for the 3 rows"),
         (
@@ -541,6 +615,14 @@ fn gathered_rows_equal_the_shards_read_whole() {
     // matches the tensor entries it read, and the readers refuse it instead of reading one
     // shard's rows at another's offsets.
     let opened = ShardLayout::open(&[dir.path().to_path_buf()]).unwrap();
+    // The layout's ids of each shard, the empty one included, are the shard's own.
+    for (i, path) in opened.shards.iter().enumerate() {
+        assert_eq!(opened.row_ids_of(i).unwrap(), RowIds::read(path).unwrap());
+    }
+    assert_eq!(
+        opened.row_ids().unwrap(),
+        [0, 1, 2, 3, 4, 0, 0, 1, 2, 3, 4, 5, 6]
+    );
     let mut swapped = opened.clone();
     swapped.shards.swap(0, 1);
     let mut cut = opened.clone();
@@ -551,5 +633,7 @@ fn gathered_rows_equal_the_shards_read_whole() {
         let e = clipcid_store::RowReader::open(changed.clone()).unwrap_err();
         assert!(e.to_string().contains("open the layout again"), "{e}");
         assert!(clipcid_store::ImageDigests::open(&changed).is_err());
+        let e = changed.row_ids_of(0).unwrap_err();
+        assert!(e.to_string().contains("open the layout again"), "{e}");
     }
 }

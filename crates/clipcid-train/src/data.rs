@@ -178,10 +178,9 @@ impl TrainingSet {
             if layout.counts[i] == 0 {
                 continue;
             }
-            let shard = clipcid_store::RowIndex::read(path)?;
-            if shard.len() != layout.counts[i] {
-                return Err(file_err(path, "changed while being read".into()));
-            }
+            // Ids and caption flags only, from where the layout found them: the keys are read
+            // (with the header) only for an error that names one.
+            let shard = layout.row_ids_of(i)?;
             if needs.teacher_text && !shard.has_text_tensor {
                 return Err(file_err(
                     path,
@@ -217,12 +216,14 @@ impl TrainingSet {
                 if let (Some(out), Some(map), Some((cpath, _))) =
                     (set.labels.as_mut(), &label_of, &clusters)
                 {
-                    let label = map.get(&id).ok_or_else(|| {
-                        file_err(
+                    let Some(label) = map.get(&id) else {
+                        let keys = clipcid_store::RowIndex::read(path)?.keys;
+                        let key = keys.get(r).map_or(format!("row {r}"), |k| format!("`{k}`"));
+                        return Err(file_err(
                             cpath,
-                            format!("no pseudo-label for sample {id} (`{}`): the cluster file is from another keep list or embedding run", shard.keys[r]),
-                        )
-                    })?;
+                            format!("no pseudo-label for sample {id} ({key}): the cluster file is from another keep list or embedding run"),
+                        ));
+                    };
                     out.push(*label);
                 }
             }

@@ -977,6 +977,35 @@ fn keep_and_cluster_files_of_another_teachers_embeddings_are_refused() {
     );
 }
 
+/// A training row the cluster file has no pseudo-label for is refused, naming the cluster
+/// file, the sample and its key. Distillation reads the shards' ids without their keys, and
+/// reads the keys again only for this message.
+#[test]
+fn a_row_without_a_pseudo_label_is_refused_naming_its_key() {
+    let fx = fixture(64, 0, 8);
+    rewrite_shard(&fx, |_, meta| {
+        let keys: Vec<String> = (0..64).map(|i| format!("part-0/{i:04}.png")).collect();
+        meta.insert("keys".into(), serde_json::to_string(&keys).unwrap());
+    });
+    // The keys do not change what trains.
+    Trainer::new(fx.config(FULL), &fx.path("run-a"), &Device::Cpu).unwrap();
+    let path = fx.path("clusters.safetensors");
+    let mut file = clipcid_store::read_clusters(&path).unwrap();
+    let at = file.ids.iter().position(|&id| id == 37).unwrap();
+    file.ids.remove(at);
+    let label = file.labels.remove(at);
+    file.sizes[label as usize] -= 1;
+    clipcid_store::write_clusters(&path, &file).unwrap();
+    let e = Trainer::new(fx.config(FULL), &fx.path("run-b"), &Device::Cpu)
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        e.contains("clusters.safetensors")
+            && e.contains("no pseudo-label for sample 37 (`part-0/0037.png`)"),
+        "{e}"
+    );
+}
+
 /// bf16 training on working copies (`AdamW::working_copies`, `ClipModel::cast_using`) gives,
 /// on every device, the same bits as casting the f32 weights each step (`ClipModel::cast`):
 /// the gradients are the same bf16 values either way (the cast's backward pass only widens
