@@ -223,6 +223,29 @@ pub(crate) fn push_unit_row(row: &[f32], out: &mut Vec<f32>) -> Result<(), f32> 
     Ok(())
 }
 
+/// What a file was when a stage read its header: its length and modification time. A shard
+/// file opened later for its rows must still be the same, or the places found in the header
+/// no longer hold what they held (a shard rewritten under a running stage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileStamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl FileStamp {
+    /// The stamp of `file`, open from `path` (named in errors).
+    pub(crate) fn of(file: &std::fs::File, path: &Path) -> Result<Self, StoreError> {
+        let meta = file
+            .metadata()
+            .map_err(|e| StoreError::file(path, format!("cannot stat: {e}")))?;
+        Ok(Self {
+            len: meta.len(),
+            // `None` where the platform keeps no modification time: the length alone.
+            modified: meta.modified().ok(),
+        })
+    }
+}
+
 /// The shard files the readers of one [`ShardLayout`] have open, by shard index, at most
 /// [`ShardLayout::open_files`]: the least recently read is closed first. Reads are
 /// positioned (`pread`), so one open file serves every thread at once.
@@ -314,11 +337,15 @@ impl OpenShards {
 
     /// The file of shard `shard` (at `path`): the open one, else opened (closing the least
     /// recently read one when `capacity` are open). Where the process has run out of file
-    /// handles, every file held here is closed and the open tried once more.
+    /// handles, every file held here is closed and the open tried once more. A file opened
+    /// here whose length or modification time is not `stamp` (what it was when its header was
+    /// read) is an error naming it: it was rewritten since, and the places its header gave
+    /// no longer hold those rows. A file already open stays the one that was read.
     pub(crate) fn get(
         &self,
         shard: usize,
         path: &Path,
+        stamp: FileStamp,
     ) -> Result<std::sync::Arc<std::fs::File>, StoreError> {
         // A panic while the lock was held leaves at worst a file too many or too few here.
         let lock = || self.files.lock().unwrap_or_else(|e| e.into_inner());
@@ -341,6 +368,18 @@ impl OpenShards {
             r => r,
         }
         .map_err(|e| StoreError::file(path, format!("cannot open: {e}")))?;
+        let now = FileStamp::of(&file, path)?;
+        if now != stamp {
+            return Err(StoreError::file(
+                path,
+                format!(
+                    "changed since this stage read its header ({} bytes then, {} now{}): a shard rewritten while a stage reads it (another embed run into the same folder?); run the stage again once the shards are written",
+                    stamp.len,
+                    now.len,
+                    if now.len == stamp.len { ", modified since" } else { "" }
+                ),
+            ));
+        }
         let file = std::sync::Arc::new(file);
         let mut files = lock();
         // Another thread may have opened it meanwhile: keep one.
@@ -414,10 +453,12 @@ mod tests {
                 p
             })
             .collect();
+        let stamp = |p: &Path| FileStamp::of(&std::fs::File::open(p).unwrap(), p).unwrap();
+        let stamps: Vec<FileStamp> = paths.iter().map(|p| stamp(p)).collect();
         let files = OpenShards::with_capacity(3);
         // Every file handed out is its shard's, whatever was open or closed before.
         for i in [0, 1, 2, 0, 3, 4, 1, 1, 2, 4] {
-            let file = files.get(i, &paths[i]).unwrap();
+            let file = files.get(i, &paths[i], stamps[i]).unwrap();
             assert_eq!(content(&file, &paths[i]), format!("shard {i}").into_bytes());
             assert!(files.open_shards().len() <= 3);
         }
@@ -425,16 +466,47 @@ mod tests {
         // 1 (0 closed), 1, 2 (3 closed), 4, the open ones are 1 2 4 in order of use.
         assert_eq!(files.open_shards(), vec![1, 2, 4]);
         // An open file is handed out again, not opened again.
-        let a = files.get(4, &paths[4]).unwrap();
-        let b = files.get(4, &paths[4]).unwrap();
+        let a = files.get(4, &paths[4], stamps[4]).unwrap();
+        let b = files.get(4, &paths[4], stamps[4]).unwrap();
         assert!(std::sync::Arc::ptr_eq(&a, &b));
         // A file that cannot be opened is an error naming it, and nothing is left open for it.
         let missing = dir.path().join("missing.bin");
-        let err = files.get(7, &missing).unwrap_err().to_string();
+        let err = files.get(7, &missing, stamps[0]).unwrap_err().to_string();
         assert!(
             err.contains("missing.bin") && err.contains("cannot open"),
             "{err}"
         );
+        assert_eq!(files.open_shards(), vec![1, 2, 4]);
+        // Files rewritten after their stamps: one still open is served as it was read, one
+        // opened again is refused, whether its length or only its modification time changed.
+        // (Shard 4 replaced as write_safetensors replaces a file: a new file renamed over it.)
+        let replacement = dir.path().join("4.bin.tmp");
+        std::fs::write(&replacement, "shard 4, rewritten").unwrap();
+        std::fs::rename(&replacement, &paths[4]).unwrap();
+        std::fs::write(&paths[0], "shard 0, rewritten").unwrap();
+        std::fs::write(&paths[3], "shard 9").unwrap();
+        let file = std::fs::File::options()
+            .write(true)
+            .open(&paths[3])
+            .unwrap();
+        let later = stamps[3].modified.unwrap() + std::time::Duration::from_secs(1);
+        file.set_modified(later).unwrap();
+        let mut first = [0u8; 7];
+        read_file_at(&a, &paths[4], 0, &mut first).unwrap();
+        assert_eq!(&first, b"shard 4");
+        assert_eq!(a.metadata().unwrap().len(), 7);
+        for (i, says) in [
+            (0, "7 bytes then, 18 now"),
+            (3, "7 bytes then, 7 now, modified since"),
+        ] {
+            let err = files.get(i, &paths[i], stamps[i]).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("{i}.bin"))
+                    && err.contains(says)
+                    && err.contains("changed since"),
+                "{err}"
+            );
+        }
         assert_eq!(files.open_shards(), vec![1, 2, 4]);
     }
 

@@ -723,6 +723,8 @@ pub(crate) struct ShardTensors {
     rows: std::ops::Range<usize>,
     /// The input range `first_index..end_index` its metadata records, if any.
     samples: Option<(u64, u64)>,
+    /// The file as it was when its header was read.
+    stamp: crate::rows::FileStamp,
 }
 
 impl ShardTensors {
@@ -763,9 +765,11 @@ impl ShardIndex {
     }
 
     /// The file of shard `i`, open for positioned reads: shared by every reader of the
-    /// layout, at most [`ShardLayout::open_files`] open at once.
+    /// layout, at most [`ShardLayout::open_files`] open at once. One opened here must still
+    /// be the file whose header the layout read (its length and modification time).
     pub(crate) fn file(&self, i: usize) -> Result<std::sync::Arc<std::fs::File>, StoreError> {
-        self.files.get(i, self.path(i))
+        let shard = &self.shards[i];
+        self.files.get(i, &shard.path, shard.stamp)
     }
 }
 
@@ -803,12 +807,10 @@ impl ShardLayout {
         let mut provenance: Option<(Option<String>, &Path)> = None;
         let mut first = 0;
         for path in &shards {
+            let mut file = crate::io::open_file(path)?;
+            let stamp = crate::rows::FileStamp::of(&file, path)?;
             // The sample keys are nearly all of a header, and the layout needs none of them.
-            let mut header = crate::io::read_header_without(
-                &mut crate::io::open_file(path)?,
-                path,
-                &["keys", "skipped"],
-            )?;
+            let mut header = crate::io::read_header_without(&mut file, path, &["keys", "skipped"])?;
             let recorded = header.metadata.remove("provenance");
             match &provenance {
                 None => provenance = Some((recorded, path)),
@@ -862,6 +864,7 @@ impl ShardLayout {
                 tensors: header.tensors,
                 rows: first..first + n,
                 samples,
+                stamp,
             });
             first += n;
         }

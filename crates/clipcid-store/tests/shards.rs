@@ -569,6 +569,40 @@ fn image_digests_are_read_by_position_and_malformed_ones_refused() {
     }
 }
 
+/// A shard rewritten after the layout read its header (another embed run into the same
+/// folder) is refused by name when a reader first opens it, instead of read at the places the
+/// old header gave; a shard the readers already hold open is read as it was.
+#[test]
+fn a_shard_rewritten_after_the_layout_was_opened_is_refused_when_first_read() {
+    let dir = tempfile::tempdir().unwrap();
+    shard(dir.path(), 0, 0, 4, &[0, 1, 2, 3]);
+    shard(dir.path(), 1, 4, 8, &[4, 5, 6, 7]);
+    let layout = ShardLayout::open(&[dir.path().to_path_buf()]).unwrap();
+    let reader = clipcid_store::RowReader::open(layout.clone()).unwrap();
+    let first = reader.rows(0..4).unwrap();
+    // Both rewritten with a row fewer (a header and data of other lengths).
+    shard(dir.path(), 0, 0, 4, &[0, 1, 2]);
+    shard(dir.path(), 1, 4, 8, &[4, 5, 6]);
+    for e in [
+        layout.row_ids_of(1).unwrap_err(),
+        reader.rows(4..5).unwrap_err(),
+        reader.gather(&[7]).unwrap_err(),
+    ] {
+        let e = e.to_string();
+        assert!(
+            e.contains("embeddings-00001")
+                && e.contains("changed since this stage read its header"),
+            "{e}"
+        );
+    }
+    // Shard 0 was open before it was replaced: its rows and ids are still the ones read.
+    assert_eq!(reader.rows(0..4).unwrap(), first);
+    assert_eq!(layout.row_ids_of(0).unwrap().ids, vec![0, 1, 2, 3]);
+    // A layout opened again reads the shards as they are now.
+    let again = ShardLayout::open(&[dir.path().to_path_buf()]).unwrap();
+    assert_eq!(again.row_ids().unwrap(), vec![0, 1, 2, 4, 5, 6]);
+}
+
 /// Rows gathered by position (any order, repeats, runs across shard boundaries, f32 and f16
 /// shards) equal the same rows of the shards read whole.
 #[test]
