@@ -217,8 +217,11 @@ impl TrainingSet {
                     (set.labels.as_mut(), &label_of, &clusters)
                 {
                     let Some(label) = map.get(&id) else {
-                        let keys = clipcid_store::RowIndex::read(path)?.keys;
-                        let key = keys.get(r).map_or(format!("row {r}"), |k| format!("`{k}`"));
+                        // The key where the shard's keys can be read, else the row.
+                        let key = clipcid_store::RowIndex::read(path)
+                            .ok()
+                            .and_then(|index| index.keys.get(r).map(|k| format!("`{k}`")))
+                            .unwrap_or_else(|| format!("row {r} of {}", path.display()));
                         return Err(file_err(
                             cpath,
                             format!("no pseudo-label for sample {id} ({key}): the cluster file is from another keep list or embedding run"),

@@ -1004,6 +1004,17 @@ fn a_row_without_a_pseudo_label_is_refused_naming_its_key() {
             && e.contains("no pseudo-label for sample 37 (`part-0/0037.png`)"),
         "{e}"
     );
+    // Keys that do not fit the rows (training reads none): the error names the row instead.
+    rewrite_shard(&fx, |_, meta| {
+        meta.insert("keys".into(), r#"["only one"]"#.into());
+    });
+    let e = Trainer::new(fx.config(FULL), &fx.path("run-c"), &Device::Cpu)
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        e.contains("no pseudo-label for sample 37 (row 37 of ") && e.contains("embeddings-00000"),
+        "{e}"
+    );
 }
 
 /// bf16 training on working copies (`AdamW::working_copies`, `ClipModel::cast_using`) gives,
