@@ -683,7 +683,9 @@ fn sample_range(metadata: &std::collections::HashMap<String, String>) -> Option<
 /// from it ([`RowReader`](crate::RowReader), [`ImageDigests`](crate::ImageDigests)) read no
 /// header again, and the shard files those readers open, shared by all of them (and by the
 /// layout's clones) and kept open between reads, at most [`ShardLayout::open_files`] at
-/// once.
+/// once. A shard file those readers open must still have the length and modification time it
+/// had when the layout read its header: one rewritten since is an error naming it, not rows
+/// read at the places its old header gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardLayout {
     /// Shards in order.
