@@ -987,7 +987,7 @@ fn a_row_without_a_pseudo_label_is_refused_naming_its_key() {
         let keys: Vec<String> = (0..64).map(|i| format!("part-0/{i:04}.png")).collect();
         meta.insert("keys".into(), serde_json::to_string(&keys).unwrap());
     });
-    // The keys do not change what trains.
+    // With keys in the shard, the run starts as before.
     Trainer::new(fx.config(FULL), &fx.path("run-a"), &Device::Cpu).unwrap();
     let path = fx.path("clusters.safetensors");
     let mut file = clipcid_store::read_clusters(&path).unwrap();
