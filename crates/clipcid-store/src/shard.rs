@@ -697,6 +697,9 @@ pub struct ShardLayout {
     /// The provenance every shard records (metadata `provenance`, written by `clipcid
     /// embed`), or `None` when they record none.
     pub provenance: Option<String>,
+    /// The teacher's name the first shard records (metadata `teacher`, written by `clipcid
+    /// embed`), or `None` when it records none.
+    pub teacher: Option<String>,
     /// Each shard's tensor entries and rows, as the layout found them when it was opened,
     /// and the shard files open for reading rows: shared by the layout's clones and its
     /// readers, so a run holds one copy.
@@ -807,12 +810,16 @@ impl ShardLayout {
         let mut ranges: Vec<(u64, u64, &Path)> = vec![];
         let mut end_recorded: Vec<&Path> = vec![];
         let mut provenance: Option<(Option<String>, &Path)> = None;
+        let mut teacher = None;
         let mut first = 0;
         for path in &shards {
             let mut file = crate::io::open_file(path)?;
             let stamp = crate::rows::FileStamp::of(&file, path)?;
             // The sample keys are nearly all of a header, and the layout needs none of them.
             let mut header = crate::io::read_header_without(&mut file, path, &["keys", "skipped"])?;
+            if tensors.is_empty() {
+                teacher = header.metadata.remove("teacher");
+            }
             let recorded = header.metadata.remove("provenance");
             match &provenance {
                 None => provenance = Some((recorded, path)),
@@ -896,6 +903,7 @@ impl ShardLayout {
         }
         Ok(Self {
             provenance: provenance.and_then(|(p, _)| p),
+            teacher,
             shards,
             counts,
             dim,

@@ -569,6 +569,27 @@ fn image_digests_are_read_by_position_and_malformed_ones_refused() {
     }
 }
 
+/// The layout keeps the teacher's name its first shard records (distill reports it), read
+/// with the header it reads anyway; `None` where the first shard records none.
+#[test]
+fn the_layout_keeps_the_teacher_name_its_first_shard_records() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, teacher) in [(0, Some("ViT-L-14/laion2b")), (1, None)] {
+        let image = Tensor::ones((2, 4), DType::F32, &Device::Cpu).unwrap();
+        let ids = Tensor::new(&[2 * i as i64, 2 * i as i64 + 1], &Device::Cpu).unwrap();
+        let meta: HashMap<String, String> = teacher
+            .map(|t| ("teacher".to_string(), t.to_string()))
+            .into_iter()
+            .collect();
+        let tensors = [("image".to_string(), image), ("ids".to_string(), ids)];
+        write_safetensors(&shard_path(dir.path(), i), tensors, &meta).unwrap();
+    }
+    let both = ShardLayout::open(&[dir.path().to_path_buf()]).unwrap();
+    assert_eq!(both.teacher.as_deref(), Some("ViT-L-14/laion2b"));
+    let second = ShardLayout::open(&[shard_path(dir.path(), 1)]).unwrap();
+    assert_eq!(second.teacher, None);
+}
+
 /// A shard rewritten after the layout read its header (another embed run into the same
 /// folder) is refused by name when a reader first opens it, instead of read at the places the
 /// old header gave; a shard the readers already hold open is read as it was.

@@ -161,10 +161,7 @@ impl TrainingSet {
             image_digests: None,
             labels: clusters.as_ref().map(|_| Vec::new()),
             centroids: None,
-            teacher: clipcid_store::io::read_header(&layout.shards[0])?
-                .metadata
-                .remove("teacher")
-                .unwrap_or_default(),
+            teacher: layout.teacher.clone().unwrap_or_default(),
             provenance: layout.provenance.clone(),
             dropped_without_caption: 0,
         };
