@@ -812,12 +812,12 @@ impl ShardLayout {
         let mut provenance: Option<(Option<String>, &Path)> = None;
         let mut teacher = None;
         let mut first = 0;
-        for path in &shards {
+        for (i, path) in shards.iter().enumerate() {
             let mut file = crate::io::open_file(path)?;
             let stamp = crate::rows::FileStamp::of(&file, path)?;
             // The sample keys are nearly all of a header, and the layout needs none of them.
             let mut header = crate::io::read_header_without(&mut file, path, &["keys", "skipped"])?;
-            if tensors.is_empty() {
+            if i == 0 {
                 teacher = header.metadata.remove("teacher");
             }
             let recorded = header.metadata.remove("provenance");
