@@ -9,8 +9,10 @@ a palette with and without a transparent entry, 1-bit; and 16 bits a sample in R
 grayscale with alpha and grayscale, which pypng writes since Pillow cannot), WebP (lossy, lossy
 with alpha, lossless), GIF (colour, gray, and gray with every level, whose palette is the gray
 ramp that Pillow opens as `L`), BMP (24-bit, palette, gray palette, 1-bit), a palette PNG
-taller than wide, and a CMYK JPEG (Pillow's `convert("RGB")` of CMYK is not linear, and
-open_clip resizes before it converts); and beside each, `Image.open(f).convert("RGBA")` as an
+taller than wide, a CMYK JPEG (Pillow's `convert("RGB")` of CMYK is not linear, and
+open_clip resizes before it converts), and Netpbm (PPM, PGM and PBM from Pillow's writer; raw
+files with maximum values of 6, 1000 and 65535; plain PPM, PGM and PBM with comments); and
+beside each, `Image.open(f).convert("RGBA")` as an
 8-bit PNG: the colour and alpha every PIL-based pipeline starts from (its `convert("RGB")` is
 the same colour with alpha dropped); and the 16 x 16 crop that open_clip's and transformers'
 preprocessing make of it, in Pillow alone (open_clip resizes before converting to RGB, and
@@ -23,11 +25,11 @@ palette index 3, white in a bilevel image, CMYK (3, 3, 3, 3)); and the same thre
 Pillow's mode and the Pillow and libwebp versions. The test
 `crates/clipcid-data/tests/pillow_formats.rs` must give the same pixels, bit for bit.
 
-One case is not Pillow's: a 16-bit grayscale PNG opens as mode `I;16`, and Pillow's
-conversion to RGB clips every value over 255 to white, so nearly every such image becomes a
-white square. clipcid takes the high byte of each sample, as Pillow itself does for 16-bit
-RGB, RGBA and LA PNGs; the reference written for that case is the high byte
-(`"pillow": false` in `cases.json`).
+Two cases are not Pillow's: a 16-bit grayscale PNG opens as mode `I;16` (a PGM with a
+maximum over 255 as `I`), and Pillow's conversion to RGB clips every value over 255 to white,
+so nearly every such image becomes a white square. clipcid takes the high byte of each
+sample, as Pillow itself does for 16-bit RGB, RGBA and LA PNGs; the reference written for
+those cases is the high byte (`"pillow": false` in `cases.json`).
 """
 import json
 import os
@@ -61,6 +63,30 @@ def write_png16(path, a16, mode):
     channels = {"L;16": 1, "LA;16": 2, "RGB;16": 3, "RGBA;16": 4}[mode]
     rows = a16[..., :channels].reshape(H, W * channels)
     png.from_array(rows, mode).save(path)
+
+
+def write_pnm(path, magic, a, maxval, comment=False):
+    """A Netpbm file of `a`'s samples (H x W, or H x W x 3) under `maxval`: raw (`P4`-`P6`,
+    big-endian 16-bit samples above 255) or plain (`P1`-`P3`, a line of text per row, the
+    bits of `P1` run together). With `comment`, a comment in the header (inside a token's
+    whitespace) and, for plain files, one in the data."""
+    h, w = a.shape[:2]
+    head = f"{magic}\n# written by formats_reference.py\n{w} {h}\n" if comment else f"{magic}\n{w} {h}\n"
+    if magic != "P1":
+        head += f"{maxval}\n"
+    flat = a.reshape(h, -1)
+    if magic in ("P1", "P2", "P3"):
+        sep = "" if magic == "P1" else " "
+        rows = [sep.join(str(int(v)) for v in row) for row in flat]
+        if comment:
+            rows.insert(h // 2, "# a comment among the samples")
+        body = ("\n".join(rows) + "\n").encode()
+    elif maxval > 255:
+        body = flat.astype(">u2").tobytes()
+    else:
+        body = flat.astype(np.uint8).tobytes()
+    with open(path, "wb") as f:
+        f.write(head.encode() + body)
 
 
 SIZE = 16  # the preprocessing references' image size
@@ -158,6 +184,18 @@ def write(out):
         "bilevel.bmp": lambda p: Image.fromarray(a8[..., 1] > 128).save(p),
         "tall-palette.png": lambda p: rgb.transpose(Image.Transpose.ROTATE_90).quantize(64).save(p),
         "cmyk.jpg": lambda p: Image.fromarray(a8, "CMYK").save(p, quality=95),
+        # Netpbm: Pillow's own writer (raw, maximum 255; bilevel raw), then files written
+        # here for what its writer does not make: other maximum values (scaled, halves to
+        # even), 16-bit samples, plain (ASCII) data, comments in the header and the data.
+        "rgb.ppm": lambda p: rgb.save(p),
+        "gray.pgm": lambda p: Image.fromarray(a8[..., 0], "L").save(p),
+        "bilevel.pbm": lambda p: Image.fromarray(a8[..., 2] > 128).save(p),
+        "maxval6.pgm": lambda p: write_pnm(p, "P5", a8[..., 1] % 7, 6, comment=True),
+        "rgb1000.ppm": lambda p: write_pnm(p, "P6", (a16[..., :3].astype(np.int64) * 1000) // 65535, 1000),
+        "gray16.pgm": lambda p: write_pnm(p, "P5", a16[..., 0], 65535),
+        "plain.ppm": lambda p: write_pnm(p, "P3", a8[..., :3] * 100 // 255, 100, comment=True),
+        "plain.pgm": lambda p: write_pnm(p, "P2", a8[..., 3] % 10, 9, comment=True),
+        "plain.pbm": lambda p: write_pnm(p, "P1", (a8[..., 0] > 100).astype(np.uint8), 1, comment=True),
     }
     cases = []
     for name, write_one in writers.items():
@@ -165,9 +203,11 @@ def write(out):
         write_one(path)
         opened = Image.open(path)
         reference = f"{name}.rgba.png"
-        pillow = opened.mode != "I;16"
+        # 16-bit grayscale (PNG's `I;16`, a PGM's `I` above 255, scaled to 16 bits): the
+        # high byte, not Pillow's conversion, which clips it to white.
+        pillow = opened.mode not in ("I;16", "I")
         if not pillow:
-            high = (np.asarray(opened).astype(np.uint16) >> 8).astype(np.uint8)
+            high = (np.asarray(opened).astype(np.uint32) >> 8).astype(np.uint8)
             opened = Image.fromarray(high, "L")
         opened.convert("RGBA").save(os.path.join(out, reference))
         open_clip_transform(opened).save(os.path.join(out, f"{name}.open_clip{SIZE}.png"))

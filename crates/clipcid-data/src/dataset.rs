@@ -7,8 +7,22 @@ use std::path::{Path, PathBuf};
 
 use crate::{ClipBenchmarkSet, DataError};
 
-/// Image file extensions read from folders and tar shards.
-pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "bmp", "gif"];
+/// Image file extensions read from tar shards, captions folders, img2dataset's `files` output
+/// and plain folders of images: every format [`crate::decode_image`] reads, Netpbm's as
+/// `ppm`, `pgm`, `pbm` and `pnm`. TIFF (`tif`, `tiff`) is listed so that such images are
+/// skipped with a warning naming them rather than passed over without a word; no decoder
+/// here reads it.
+pub const IMAGE_EXTENSIONS: &[&str] = &[
+    "jpg", "jpeg", "png", "webp", "bmp", "gif", "ppm", "pgm", "pbm", "pnm", "tif", "tiff",
+];
+
+/// The files a labelled folder ([`Source::Labelled`]) takes: exactly torchvision's
+/// `ImageFolder` (`IMG_EXTENSIONS`), so that a set has the same images in clipcid as in
+/// CLIP_benchmark or a torchvision loader. A `.gif` in a class folder is left out, as there;
+/// a `.tif` is taken, and then skipped with a warning, as no decoder here reads TIFF.
+pub const IMAGE_FOLDER_EXTENSIONS: &[&str] = &[
+    "jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp",
+];
 
 /// One undecoded sample: encoded image bytes (or why they could not be read) plus text/label.
 #[derive(Debug, Clone)]
@@ -46,9 +60,13 @@ pub enum Source {
         /// The root folder.
         root: PathBuf,
     },
-    /// `root/class_name/*.png`: class indices follow the sorted class folder names (hidden
-    /// folders left out; a class folder with no image is an error, as in torchvision's
-    /// `ImageFolder`).
+    /// `root/class_name/**/*.png`, read as torchvision's `ImageFolder` reads it: class
+    /// indices follow the sorted class folder names, and a class takes every file with one of
+    /// [`IMAGE_FOLDER_EXTENSIONS`] (any case) in its folder and the folders below it (links
+    /// followed), folder by folder in the order of their paths as strings, each folder's
+    /// files by name. Hidden folders (a name starting with `.`) are left out at every level,
+    /// where torchvision would take them; a class folder with no image is an error, as
+    /// there.
     Labelled {
         /// The root folder.
         root: PathBuf,
@@ -169,6 +187,58 @@ fn sub_folders(root: &Path) -> Result<Vec<PathBuf>, DataError> {
                     .is_some_and(|n| n.to_string_lossy().starts_with('.'))
         })
         .collect())
+}
+
+/// A class folder's images as torchvision's `ImageFolder` lists them (`make_dataset`:
+/// `sorted(os.walk(class_dir, followlinks=True))`, then each folder's file names sorted): the
+/// folder and every folder below it (hidden ones left out), in the order of their paths as
+/// strings (so `a b/` before `a/x/`: a space sorts before `/`), each one's entries that are
+/// not folders and whose lowercased name ends with `.` and one of
+/// [`IMAGE_FOLDER_EXTENSIONS`], by name. A link back to a folder above it is an error naming
+/// both: `os.walk` would follow it until paths grow too long, taking the same images again
+/// and again.
+fn class_images(class_dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+    let canonical = |dir: &Path| std::fs::canonicalize(dir).map_err(|e| DataError::io(dir, e));
+    let mut folders = Vec::new();
+    // Folders to list, each with the real paths of the folders above it and itself.
+    let mut pending = vec![(class_dir.to_path_buf(), vec![canonical(class_dir)?])];
+    while let Some((dir, above)) = pending.pop() {
+        for sub in sub_folders(&dir)? {
+            let real = canonical(&sub)?;
+            if above.contains(&real) {
+                return Err(DataError::format(
+                    &sub,
+                    format!(
+                        "links back to {} above it: a labelled set's folders must not loop",
+                        real.display()
+                    ),
+                ));
+            }
+            let mut chain = above.clone();
+            chain.push(real);
+            pending.push((sub, chain));
+        }
+        folders.push(dir);
+    }
+    folders.sort_by(|a, b| {
+        a.as_os_str()
+            .as_encoded_bytes()
+            .cmp(b.as_os_str().as_encoded_bytes())
+    });
+    let mut images = Vec::new();
+    for dir in folders {
+        images.extend(sorted_dir(&dir)?.into_iter().filter(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().to_lowercase())
+                .unwrap_or_default();
+            !p.is_dir()
+                && IMAGE_FOLDER_EXTENSIONS
+                    .iter()
+                    .any(|e| name.strip_suffix(e).is_some_and(|s| s.ends_with('.')))
+        }));
+    }
+    Ok(images)
 }
 
 fn sorted_dir(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
@@ -354,20 +424,21 @@ impl Dataset {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let label = classes.len();
-            for file in sorted_dir(&dir)? {
-                if file.is_file() && IMAGE_EXTENSIONS.contains(&ext_of(&file).as_str()) {
-                    let name = file
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default();
-                    entries.push(FileEntry {
-                        key: format!("{class}/{name}"),
-                        path: file,
-                        caption: None,
-                        label: Some(label),
-                        problem: None,
-                    });
-                }
+            for file in class_images(&dir)? {
+                let key = file
+                    .strip_prefix(root)
+                    .unwrap_or(&file)
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join("/");
+                entries.push(FileEntry {
+                    key,
+                    path: file,
+                    caption: None,
+                    label: Some(label),
+                    problem: None,
+                });
             }
             if entries.last().is_none_or(|e| e.label != Some(label)) {
                 empty.push(class.clone());

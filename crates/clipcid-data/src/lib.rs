@@ -1,7 +1,8 @@
 //! Image-text data for clipcid: readers for a folder of images with a captions TSV/CSV,
 //! WebDataset tar shards (as img2dataset writes them) and labelled image folders; CLIP
 //! preprocessing as `transformers` or open_clip computes it (Pillow-exact resampling, each
-//! family's crop rule), JPEG decoded as Pillow decodes it (libjpeg-turbo, [`decode_image`]);
+//! family's crop rule), images decoded as Pillow decodes them ([`decode_image`]: JPEG by
+//! libjpeg-turbo, Netpbm by Pillow's rules);
 //! parallel (rayon) decoding into candle batches. A corrupt or unreadable
 //! sample is skipped, logged with its key and counted, never fatal.
 //!
@@ -34,13 +35,17 @@ mod decode;
 mod error;
 mod index;
 mod lines;
+mod pnm;
 mod preprocess;
 mod resample;
 mod spec;
 
 pub use batch::{decode_batch, Batch, BatchIter, Skipped};
 pub use clip_benchmark::ClipBenchmarkSet;
-pub use dataset::{image_files_in, Dataset, Sample, SampleStream, Source, IMAGE_EXTENSIONS};
+pub use dataset::{
+    image_files_in, Dataset, Sample, SampleStream, Source, IMAGE_EXTENSIONS,
+    IMAGE_FOLDER_EXTENSIONS,
+};
 pub use decode::{
     decode_image, decode_image_with_mode, DecodedImage, PillowMode, IMAGE_DECODER,
     MAX_DECODED_BYTES,

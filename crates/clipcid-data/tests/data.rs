@@ -527,6 +527,75 @@ fn labelled_folder_and_detection_errors() {
     );
 }
 
+/// A labelled folder lists what torchvision's `ImageFolder` lists, in its order: the class
+/// folder and every folder below it (links followed) in the order of their paths as strings,
+/// each folder's files by name, with torchvision's extensions in any case (a `.gif` left out,
+/// a `.TIFF` and a file named just `.jpg` taken). The expected list is what torchvision 0.29's
+/// `make_dataset` gave for this layout, less `cat/.hidden/5.png`: clipcid leaves hidden
+/// folders out at every level. A link back to a folder above is an error naming it.
+#[cfg(unix)]
+#[test]
+fn labelled_folders_are_walked_as_torchvisions_image_folder_walks_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for sub in ["cat/a b", "cat/a/x", "cat/a0", "cat/.hidden", "dog"] {
+        std::fs::create_dir_all(root.join(sub)).unwrap();
+    }
+    let files = [
+        "cat/z.png",
+        "cat/B.PNG",
+        "cat/a b/1.png",
+        "cat/a/2.png",
+        "cat/a/x/3.pgm",
+        "cat/a0/4.png",
+        "cat/.hidden/5.png",
+        "cat/6.gif",
+        "cat/7.TIFF",
+        "cat/.jpg",
+        "cat/notes.txt",
+        "dog/1.ppm",
+    ];
+    for f in files {
+        std::fs::write(root.join(f), f).unwrap();
+    }
+    std::os::unix::fs::symlink("../a0", root.join("cat/a/l")).unwrap();
+    let ds = Dataset::open(root).unwrap();
+    assert_eq!(ds.classes(), &["cat", "dog"]);
+    let samples: Vec<_> = ds.samples().unwrap().collect::<Result<_, _>>().unwrap();
+    let got: Vec<_> = samples
+        .iter()
+        .map(|s| (s.key.as_str(), s.label.unwrap()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("cat/.jpg", 0),
+            ("cat/7.TIFF", 0),
+            ("cat/B.PNG", 0),
+            ("cat/z.png", 0),
+            ("cat/a/2.png", 0),
+            ("cat/a b/1.png", 0),
+            ("cat/a/l/4.png", 0),
+            ("cat/a/x/3.pgm", 0),
+            ("cat/a0/4.png", 0),
+            ("dog/1.ppm", 1),
+        ]
+    );
+    // Each sample's bytes are its own file's.
+    for s in &samples {
+        let want = s.key.replace("cat/a/l/", "cat/a0/");
+        assert_eq!(s.image.as_deref().unwrap(), want.as_bytes(), "{}", s.key);
+    }
+    assert_eq!(ds.len_hint(), Some(10));
+    // A link to a folder above it would be walked without end.
+    std::os::unix::fs::symlink("..", root.join("cat/a/x/up")).unwrap();
+    let err = Dataset::open(root).unwrap_err().to_string();
+    assert!(
+        err.contains("cat/a/x/up") && err.contains("links back to"),
+        "{err}"
+    );
+}
+
 /// Every field of a sample (index, key, image bytes or error, caption, label).
 fn fingerprint(s: &clipcid_data::Sample) -> String {
     format!("{s:?}")
