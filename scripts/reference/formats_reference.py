@@ -11,8 +11,9 @@ with alpha, lossless), GIF (colour, gray, and gray with every level, whose palet
 ramp that Pillow opens as `L`), BMP (24-bit, palette, gray palette, 1-bit), a palette PNG
 taller than wide, a CMYK JPEG (Pillow's `convert("RGB")` of CMYK is not linear, and
 open_clip resizes before it converts), and Netpbm (PPM, PGM and PBM from Pillow's writer; raw
-files with maximum values of 6, 1000 and 65535; plain PPM, PGM and PBM with comments); and
-beside each, `Image.open(f).convert("RGBA")` as an
+files with maximum values of 6, 1000 and 65535; plain PPM, PGM and PBM with comments), and
+TIFF (RGB uncompressed, LZW with the horizontal predictor, Deflate and PackBits; RGBA, LA,
+gray, white-is-zero gray, bilevel, 16-bit gray, CMYK); and beside each, `Image.open(f).convert("RGBA")` as an
 8-bit PNG: the colour and alpha every PIL-based pipeline starts from (its `convert("RGB")` is
 the same colour with alpha dropped); and the 16 x 16 crop that open_clip's and transformers'
 preprocessing make of it, in Pillow alone (open_clip resizes before converting to RGB, and
@@ -25,8 +26,11 @@ palette index 3, white in a bilevel image, CMYK (3, 3, 3, 3)); and the same thre
 Pillow's mode and the Pillow and libwebp versions. The test
 `crates/clipcid-data/tests/pillow_formats.rs` must give the same pixels, bit for bit.
 
-Two cases are not Pillow's: a 16-bit grayscale PNG opens as mode `I;16` (a PGM with a
-maximum over 255 as `I`), and Pillow's conversion to RGB clips every value over 255 to white,
+Five TIFFs that Pillow opens and clipcid refuses (a palette, JPEG and CCITT compression,
+YCbCr, float samples) are listed under `refused` with the error each must give.
+
+Three cases are not Pillow's: a 16-bit grayscale PNG or TIFF opens as mode `I;16` (a PGM with
+a maximum over 255 as `I`), and Pillow's conversion to RGB clips every value over 255 to white,
 so nearly every such image becomes a white square. clipcid takes the high byte of each
 sample, as Pillow itself does for 16-bit RGB, RGBA and LA PNGs; the reference written for
 those cases is the high byte (`"pillow": false` in `cases.json`).
@@ -196,7 +200,35 @@ def write(out):
         "plain.ppm": lambda p: write_pnm(p, "P3", a8[..., :3] * 100 // 255, 100, comment=True),
         "plain.pgm": lambda p: write_pnm(p, "P2", a8[..., 3] % 10, 9, comment=True),
         "plain.pbm": lambda p: write_pnm(p, "P1", (a8[..., 0] > 100).astype(np.uint8), 1, comment=True),
+        # TIFF, through Pillow's writer (libtiff for the compressed ones): every kind clipcid
+        # reads, with each lossless compression and LZW with the horizontal predictor.
+        "rgb.tif": lambda p: rgb.save(p),
+        "rgb-lzw-predictor.tif": lambda p: rgb.save(p, compression="tiff_lzw", tiffinfo={317: 2}),
+        "rgb-deflate.tif": lambda p: rgb.save(p, compression="tiff_adobe_deflate"),
+        "rgb-packbits.tif": lambda p: rgb.save(p, compression="packbits"),
+        "rgba.tif": lambda p: Image.fromarray(a8, "RGBA").save(p, compression="tiff_lzw"),
+        "la.tif": lambda p: Image.fromarray(a8[..., :2], "LA").save(p),
+        "gray.tif": lambda p: Image.fromarray(a8[..., 0], "L").save(p),
+        "white-is-zero.tif": lambda p: Image.fromarray(a8[..., 1], "L").save(p, tiffinfo={262: 0}),
+        "bilevel.tif": lambda p: Image.fromarray(a8[..., 2] > 128).save(p),
+        "gray16.tif": lambda p: Image.fromarray(np.ascontiguousarray(a16[..., 0])).save(p),
+        "cmyk.tif": lambda p: Image.fromarray(a8, "CMYK").save(p, compression="tiff_lzw"),
     }
+    # Files Pillow opens that clipcid refuses, with a part of the error it must give.
+    refused = {
+        "palette.tif": (lambda p: rgb.quantize(16).save(p), "with a palette"),
+        "jpeg.tif": (lambda p: rgb.save(p, compression="jpeg"), "with JPEG compression"),
+        "group4.tif": (lambda p: Image.fromarray(a8[..., 2] > 128).save(p, compression="group4"),
+                       "with CCITT fax compression"),
+        "ycbcr.tif": (lambda p: rgb.convert("YCbCr").save(p), "in YCbCr"),
+        "float.tif": (lambda p: Image.fromarray(a8[..., 0], "L").convert("F").save(p),
+                      "sample format [3]"),
+    }
+    refused_cases = []
+    for name, (write_one, error) in refused.items():
+        write_one(os.path.join(out, name))
+        refused_cases.append({"file": name, "mode": Image.open(os.path.join(out, name)).mode,
+                              "error": error})
     cases = []
     for name, write_one in writers.items():
         path = os.path.join(out, name)
@@ -231,7 +263,8 @@ def write(out):
                       "open_clip_longest": longest,
                       "rgb_first": {k: file for k, (_, file) in rgb_first_refs.items()}})
     meta = {"pillow": Image.__version__, "libwebp": features.version("webp"),
-            "longest": {"size": LONGEST, "fill_color": FILL}, "cases": cases}
+            "longest": {"size": LONGEST, "fill_color": FILL}, "cases": cases,
+            "refused": refused_cases}
     with open(os.path.join(out, "cases.json"), "w") as f:
         json.dump(meta, f, indent=1)
     total = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))

@@ -9,17 +9,15 @@ use crate::{ClipBenchmarkSet, DataError};
 
 /// Image file extensions read from tar shards, captions folders, img2dataset's `files` output
 /// and plain folders of images: every format [`crate::decode_image`] reads, Netpbm's as
-/// `ppm`, `pgm`, `pbm` and `pnm`. TIFF (`tif`, `tiff`) is listed so that such images are
-/// skipped with a warning naming them rather than passed over without a word; no decoder
-/// here reads it.
+/// `ppm`, `pgm`, `pbm` and `pnm`, TIFF's as `tif` and `tiff` (a kind of TIFF it does not
+/// read is skipped with a warning naming the file and what it holds).
 pub const IMAGE_EXTENSIONS: &[&str] = &[
     "jpg", "jpeg", "png", "webp", "bmp", "gif", "ppm", "pgm", "pbm", "pnm", "tif", "tiff",
 ];
 
 /// The files a labelled folder ([`Source::Labelled`]) takes: exactly torchvision's
 /// `ImageFolder` (`IMG_EXTENSIONS`), so that a set has the same images in clipcid as in
-/// CLIP_benchmark or a torchvision loader. A `.gif` in a class folder is left out, as there;
-/// a `.tif` is taken, and then skipped with a warning, as no decoder here reads TIFF.
+/// CLIP_benchmark or a torchvision loader. A `.gif` in a class folder is left out, as there.
 pub const IMAGE_FOLDER_EXTENSIONS: &[&str] = &[
     "jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp",
 ];

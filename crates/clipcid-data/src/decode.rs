@@ -17,7 +17,9 @@
 //! go to the `image` crate, whose pixels are Pillow's for 8-bit samples
 //! (lossy WebP included); 16-bit samples become their high byte, as Pillow reads them. Netpbm
 //! files (PBM, PGM, PPM) are read by clipcid's own reader of Pillow's rules, whose scaling of
-//! samples differs from the `image` crate's (`pnm.rs`). Pillow
+//! samples differs from the `image` crate's (`pnm.rs`); TIFF by the `tiff` crate, the kinds
+//! whose pixels are Pillow's (8-bit gray, gray and alpha, RGB, RGBA, CMYK; 1-bit and 16-bit
+//! gray; lossless compression), the others refused saying what they hold (`tif.rs`). Pillow
 //! also resizes the images it opens as palette or bilevel images by nearest neighbour, which
 //! matters to open_clip's transform, as do a palette's entries and a CMYK JPEG's CMYK values
 //! (open_clip resizes and pads before it converts to RGB): [`DecodedImage::mode`] keeps them.
@@ -33,20 +35,22 @@ pub const MAX_DECODED_BYTES: u64 = 512 << 20;
 /// embed` keeps it in each shard's provenance, so shards decoded another way (by the `image`
 /// crate's JPEG decoder, before this one, or with YCCK JPEGs and JPEGs libjpeg warns about
 /// left to it, or 16-bit PNGs rounded, or palette images resized as photos, or CMYK JPEGs
-/// resized as RGB, or Netpbm files not read at all) are not resumed into the same run.
+/// resized as RGB, or Netpbm and TIFF files not read at all) are not resumed into the same
+/// run.
 pub const IMAGE_DECODER: &str =
     "JPEG (YCCK and warnings included) by libjpeg-turbo, as Pillow decodes it; \
-     Netpbm (PBM, PGM, PPM) by Pillow's rules; \
+     Netpbm (PBM, PGM, PPM) by Pillow's rules; TIFF by the tiff crate, Pillow's modes; \
      other formats by the image crate, 16-bit samples to their high byte; palette and bilevel \
      images (Pillow's modes, a gray-ramp GIF as L) and CMYK JPEGs resized as Pillow resizes them";
 
-/// Decodes an encoded image (JPEG, PNG, WebP, BMP, GIF, and Netpbm's PBM, PGM and PPM) into
-/// the pixels Pillow gives (module doc; 16-bit grayscale PNGs and PGMs are the one exception,
-/// their high byte where Pillow clips). A
+/// Decodes an encoded image (JPEG, PNG, WebP, BMP, GIF, Netpbm's PBM, PGM and PPM, and TIFF)
+/// into the pixels Pillow gives (module doc; 16-bit grayscale PNGs, PGMs and TIFFs are the one
+/// exception, their high byte where Pillow clips). A
 /// truncated JPEG (no end-of-image marker after its last scan: a decoder would fill the
 /// missing rows with grey and report success), a JPEG of other than 8-bit samples (which
 /// Pillow refuses), an image of no pixels, one over [`MAX_DECODED_BYTES`] decoded, and
-/// anything no decoder accepts are errors saying so. A
+/// anything no decoder accepts (a TIFF of a kind not read here: module doc) are errors saying
+/// so. A
 /// grayscale JPEG stays grayscale, as Pillow opens it (mode `L`).
 ///
 /// ```
@@ -138,6 +142,9 @@ pub fn decode_image_with_mode(bytes: &[u8]) -> Result<DecodedImage, String> {
     }
     if crate::pnm::is_pnm(bytes) {
         return crate::pnm::decode_pnm(bytes);
+    }
+    if crate::tif::is_tiff(bytes) {
+        return crate::tif::decode_tiff(bytes);
     }
     let img = image::load_from_memory(bytes).map_err(|e| format!("cannot decode image: {e}"))?;
     if img.width() == 0 || img.height() == 0 {

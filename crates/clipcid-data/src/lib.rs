@@ -2,7 +2,7 @@
 //! WebDataset tar shards (as img2dataset writes them) and labelled image folders; CLIP
 //! preprocessing as `transformers` or open_clip computes it (Pillow-exact resampling, each
 //! family's crop rule), images decoded as Pillow decodes them ([`decode_image`]: JPEG by
-//! libjpeg-turbo, Netpbm by Pillow's rules);
+//! libjpeg-turbo, Netpbm by Pillow's rules, TIFF in Pillow's modes);
 //! parallel (rayon) decoding into candle batches. A corrupt or unreadable
 //! sample is skipped, logged with its key and counted, never fatal.
 //!
@@ -39,6 +39,7 @@ mod pnm;
 mod preprocess;
 mod resample;
 mod spec;
+mod tif;
 
 pub use batch::{decode_batch, Batch, BatchIter, Skipped};
 pub use clip_benchmark::ClipBenchmarkSet;

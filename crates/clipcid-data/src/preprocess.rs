@@ -842,7 +842,7 @@ impl Preprocess {
         }
     }
 
-    /// Decodes encoded image bytes (JPEG, PNG, WebP, BMP, GIF, Netpbm) with
+    /// Decodes encoded image bytes (JPEG, PNG, WebP, BMP, GIF, Netpbm, TIFF) with
     /// [`crate::decode_image_with_mode`] (as Pillow decodes them) and preprocesses them
     /// ([`Preprocess::resize_and_crop_decoded`]: palette images as Pillow resizes them). A
     /// truncated JPEG, an image over the decoder's limit (512 MiB decoded) and anything no

@@ -3,14 +3,18 @@
 //! those): PNG in 8 and 16 bits a sample (RGB, RGBA, grayscale with alpha, palettes with and
 //! without a transparent entry, 1-bit, 16-bit grayscale), WebP (lossy, lossy with alpha,
 //! lossless), GIF and BMP (with and without palettes), one CMYK JPEG for its
-//! preprocessing, and Netpbm (raw and plain PPM, PGM and PBM; maximum values of 6, 9, 100,
-//! 1000 and 65535, where Pillow's scaling rounds halves to even); with Pillow's `Image.open(f).convert("RGBA")` of each, the 16 x 16 crops
+//! preprocessing, Netpbm (raw and plain PPM, PGM and PBM; maximum values of 6, 9, 100,
+//! 1000 and 65535, where Pillow's scaling rounds halves to even), and TIFF (RGB with each
+//! lossless compression and the predictor, RGBA, LA, gray, white-is-zero, bilevel, 16-bit
+//! gray, CMYK); with Pillow's `Image.open(f).convert("RGBA")` of each, the 16 x 16 crops
 //! open_clip's and transformers' preprocessing make of it in Pillow, and the 19 x 19 image of
 //! open_clip's `resize_mode: "longest"` with `fill_color` 3, and the same three of Pillow's
 //! `convert("RGB")` (a loader that converts first), written by
 //! `scripts/reference/formats_reference.py` (Pillow 13, libwebp 1.6). Pixels must agree bit
-//! for bit; the 16-bit grayscale cases' references (PNG, PGM) are the high byte of each
-//! sample, not Pillow's (which clips every value over 255 to white).
+//! for bit; the 16-bit grayscale cases' references (PNG, PGM, TIFF) are the high byte of each
+//! sample, not Pillow's (which clips every value over 255 to white). The TIFFs that clipcid
+//! does not read (a palette, JPEG or fax compression, YCbCr, floats) are refused, each with
+//! an error saying what it holds.
 
 mod common;
 
@@ -48,6 +52,15 @@ struct Longest {
 struct Cases {
     longest: Longest,
     cases: Vec<Case>,
+    refused: Vec<Refused>,
+}
+
+/// A file Pillow opens (in `mode`) and clipcid refuses, with a part of the error it gives.
+#[derive(serde::Deserialize)]
+struct Refused {
+    file: String,
+    mode: String,
+    error: String,
 }
 
 fn fixtures() -> (std::path::PathBuf, Vec<Case>) {
@@ -59,7 +72,7 @@ fn fixture_set() -> (std::path::PathBuf, Cases) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pillow-formats");
     let cases: Cases =
         serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
-    assert_eq!(cases.cases.len(), 31);
+    assert_eq!(cases.cases.len(), 42);
     (dir, cases)
 }
 
@@ -90,6 +103,23 @@ fn every_format_decodes_to_pillows_colour_and_alpha_bit_for_bit() {
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// The TIFFs Pillow opens and clipcid does not read are errors saying what the file holds,
+/// never some other pixels.
+#[test]
+fn tiffs_not_read_here_are_refused_saying_what_they_hold() {
+    let (dir, set) = fixture_set();
+    assert_eq!(set.refused.len(), 5);
+    for r in &set.refused {
+        let err = decode_image(&std::fs::read(dir.join(&r.file)).unwrap()).unwrap_err();
+        assert!(
+            err.contains("TIFF") && err.contains(&r.error),
+            "{} (Pillow: {}): {err}",
+            r.file,
+            r.mode
+        );
+    }
 }
 
 /// The 16-bit cases tell decoders apart: the `image` crate's own conversion to 8 bits
@@ -139,7 +169,7 @@ fn mode_is_pillows() {
     let count = |m: &str| cases.iter().filter(|c| c.mode == m).count();
     assert_eq!(
         (count("P"), count("1"), count("CMYK"), count("L")),
-        (6, 4, 1, 5)
+        (6, 5, 2, 7)
     );
     assert!(cases
         .iter()
@@ -280,4 +310,40 @@ fn converting_to_rgb_first_changes_exactly_the_images_not_opened_as_rgb_or_gray(
             "{expected}: {open_clip_changed:?}"
         );
     }
+}
+
+/// Damaged Netpbm and TIFF files (every fixture cut short at every 7th length, and each of
+/// its bytes overwritten with 0x00 and 0xFF: headers, a TIFF's tags wherever its writer put
+/// them, pixel data) give an image that preprocesses or an error, never a panic; a file cut
+/// in half (half its pixels gone) is an error.
+#[test]
+fn damaged_netpbm_and_tiff_files_are_errors_or_images_never_panics() {
+    let (dir, set) = fixture_set();
+    let files: Vec<&String> = set
+        .cases
+        .iter()
+        .map(|c| &c.file)
+        .chain(set.refused.iter().map(|r| &r.file))
+        .filter(|f| {
+            [".ppm", ".pgm", ".pbm", ".tif"]
+                .iter()
+                .any(|e| f.ends_with(e))
+        })
+        .collect();
+    assert_eq!(files.len(), 25);
+    let (mut decoded, mut refused) = (0, 0);
+    for file in files {
+        let bytes = std::fs::read(dir.join(file)).unwrap();
+        assert!(
+            decode_image(&bytes[..bytes.len() / 2]).is_err(),
+            "{file} cut in half decoded"
+        );
+        let variants = common::truncated_and_overwritten(&bytes, 7, bytes.len());
+        let (d, r) = common::decoded_and_refused(&variants);
+        (decoded, refused) = (decoded + d, refused + r);
+    }
+    assert!(
+        decoded > 10_000 && refused > 10_000,
+        "{decoded} decoded, {refused} refused"
+    );
 }

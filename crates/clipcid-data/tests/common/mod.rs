@@ -17,3 +17,24 @@ pub fn truncated_and_overwritten(bytes: &[u8], step: usize, head: usize) -> Vec<
     }
     variants
 }
+
+/// Decodes each hostile variant ([`truncated_and_overwritten`]) with
+/// `clipcid_data::decode_image_with_mode`: an image must preprocess (open_clip's transform) to
+/// 8 x 8, an error must say something. Returns how many decoded and how many were refused.
+pub fn decoded_and_refused(variants: &[Vec<u8>]) -> (usize, usize) {
+    let p = clipcid_data::Preprocess::open_clip(8);
+    let (mut decoded, mut refused) = (0, 0);
+    for b in variants {
+        match clipcid_data::decode_image_with_mode(b) {
+            Ok(img) => {
+                decoded += 1;
+                assert_eq!(p.resize_and_crop_decoded(&img).dimensions(), (8, 8));
+            }
+            Err(e) => {
+                assert!(!e.is_empty());
+                refused += 1;
+            }
+        }
+    }
+    (decoded, refused)
+}
