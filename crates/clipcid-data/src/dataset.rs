@@ -194,18 +194,42 @@ fn sub_folders(root: &Path) -> Result<Vec<PathBuf>, DataError> {
 /// not folders and whose lowercased name ends with `.` and one of
 /// [`IMAGE_FOLDER_EXTENSIONS`], by name. A link back to a folder above it is an error naming
 /// both: `os.walk` would follow it until paths grow too long, taking the same images again
-/// and again.
+/// and again. Each folder is listed once, and only links are looked up (a directory entry's
+/// own type says the rest), so a class of a million files costs no call per file.
 fn class_images(class_dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     let canonical = |dir: &Path| std::fs::canonicalize(dir).map_err(|e| DataError::io(dir, e));
-    let mut folders = Vec::new();
+    // Each folder listed, with its images.
+    let mut folders: Vec<(PathBuf, Vec<PathBuf>)> = Vec::new();
     // Folders to list, each with the real paths of the folders above it and itself.
     let mut pending = vec![(class_dir.to_path_buf(), vec![canonical(class_dir)?])];
     while let Some((dir, above)) = pending.pop() {
-        for sub in sub_folders(&dir)? {
-            let real = canonical(&sub)?;
+        let mut images = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(|e| DataError::io(&dir, e))? {
+            let entry = entry.map_err(|e| DataError::io(&dir, e))?;
+            let path = entry.path();
+            let kind = entry.file_type().map_err(|e| DataError::io(&path, e))?;
+            let is_dir = if kind.is_symlink() {
+                path.is_dir()
+            } else {
+                kind.is_dir()
+            };
+            let name = entry.file_name().to_string_lossy().to_lowercase();
+            if !is_dir {
+                let image = IMAGE_FOLDER_EXTENSIONS
+                    .iter()
+                    .any(|e| name.strip_suffix(e).is_some_and(|s| s.ends_with('.')));
+                if image {
+                    images.push(path);
+                }
+                continue;
+            }
+            if name.starts_with('.') {
+                continue;
+            }
+            let real = canonical(&path)?;
             if above.contains(&real) {
                 return Err(DataError::format(
-                    &sub,
+                    &path,
                     format!(
                         "links back to {} above it: a labelled set's folders must not loop",
                         real.display()
@@ -214,29 +238,17 @@ fn class_images(class_dir: &Path) -> Result<Vec<PathBuf>, DataError> {
             }
             let mut chain = above.clone();
             chain.push(real);
-            pending.push((sub, chain));
+            pending.push((path, chain));
         }
-        folders.push(dir);
+        images.sort();
+        folders.push((dir, images));
     }
-    folders.sort_by(|a, b| {
+    folders.sort_by(|(a, _), (b, _)| {
         a.as_os_str()
             .as_encoded_bytes()
             .cmp(b.as_os_str().as_encoded_bytes())
     });
-    let mut images = Vec::new();
-    for dir in folders {
-        images.extend(sorted_dir(&dir)?.into_iter().filter(|p| {
-            let name = p
-                .file_name()
-                .map(|n| n.to_string_lossy().to_lowercase())
-                .unwrap_or_default();
-            !p.is_dir()
-                && IMAGE_FOLDER_EXTENSIONS
-                    .iter()
-                    .any(|e| name.strip_suffix(e).is_some_and(|s| s.ends_with('.')))
-        }));
-    }
-    Ok(images)
+    Ok(folders.into_iter().flat_map(|(_, images)| images).collect())
 }
 
 fn sorted_dir(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
