@@ -468,8 +468,9 @@ impl Dataset {
             return Err(DataError::format(
                 root,
                 format!(
-                    "class folders with no image in them: {}; each sub-folder of a labelled set is a class (move other folders out)",
-                    empty.join(", ")
+                    "class folders with no image in them: {}; each sub-folder of a labelled set is a class (move other folders out), and its images are the files named *.{} in it or below it (torchvision's ImageFolder's)",
+                    empty.join(", "),
+                    IMAGE_FOLDER_EXTENSIONS.join(", *.")
                 ),
             ));
         }

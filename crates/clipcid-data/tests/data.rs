@@ -525,6 +525,17 @@ fn labelled_folder_and_detection_errors() {
         err.contains("class folders with no image in them: clip_benchmark"),
         "{err}"
     );
+    // A class of GIFs is one too, as in ImageFolder, whose extensions the error lists.
+    std::fs::remove_dir_all(dir.path().join("clip_benchmark")).unwrap();
+    std::fs::create_dir(dir.path().join("gifs")).unwrap();
+    RgbImage::new(8, 8)
+        .save(dir.path().join("gifs/0.gif"))
+        .unwrap();
+    let err = Dataset::open(dir.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("no image in them: gifs;") && err.contains("*.jpg, *.jpeg, *.png, *.ppm"),
+        "{err}"
+    );
 }
 
 /// A labelled folder lists what torchvision's `ImageFolder` lists, in its order: the class
