@@ -13,7 +13,7 @@ taller than wide, a CMYK JPEG (Pillow's `convert("RGB")` of CMYK is not linear, 
 open_clip resizes before it converts), and Netpbm (PPM, PGM and PBM from Pillow's writer; raw
 files with maximum values of 6, 1000 and 65535; plain PPM, PGM and PBM with comments), and
 TIFF (RGB uncompressed, LZW with the horizontal predictor, Deflate and PackBits; RGBA, LA,
-gray, white-is-zero gray, bilevel, 16-bit gray, CMYK); and beside each, `Image.open(f).convert("RGBA")` as an
+gray, white-is-zero gray and bilevel, bilevel, 16-bit gray, CMYK); and beside each, `Image.open(f).convert("RGBA")` as an
 8-bit PNG: the colour and alpha every PIL-based pipeline starts from (its `convert("RGB")` is
 the same colour with alpha dropped); and the 16 x 16 crop that open_clip's and transformers'
 preprocessing make of it, in Pillow alone (open_clip resizes before converting to RGB, and
@@ -211,6 +211,7 @@ def write(out):
         "gray.tif": lambda p: Image.fromarray(a8[..., 0], "L").save(p),
         "white-is-zero.tif": lambda p: Image.fromarray(a8[..., 1], "L").save(p, tiffinfo={262: 0}),
         "bilevel.tif": lambda p: Image.fromarray(a8[..., 2] > 128).save(p),
+        "white-is-zero-bilevel.tif": lambda p: Image.fromarray(a8[..., 0] > 128).save(p, tiffinfo={262: 0}),
         "gray16.tif": lambda p: Image.fromarray(np.ascontiguousarray(a16[..., 0])).save(p),
         "cmyk.tif": lambda p: Image.fromarray(a8, "CMYK").save(p, compression="tiff_lzw"),
     }

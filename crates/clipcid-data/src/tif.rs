@@ -123,7 +123,8 @@ pub(crate) fn decode_tiff(bytes: &[u8]) -> Result<DecodedImage, String> {
     if width == 0 || height == 0 {
         return Err("image has no pixels".into());
     }
-    let decoded_bytes = u64::from(width) * u64::from(height) * u64::from(samples) * 2;
+    let decoded_bytes =
+        u64::from(width) * u64::from(height) * u64::from(samples) * u64::from(depth.div_ceil(8));
     if decoded_bytes > MAX_DECODED_BYTES {
         return Err(format!(
             "cannot decode image: {width} x {height} is over the {MAX_DECODED_BYTES}-byte limit on a decoded image"
@@ -201,4 +202,58 @@ pub(crate) fn decode_tiff(bytes: &[u8]) -> Result<DecodedImage, String> {
         }
     };
     Ok(DecodedImage { image, mode })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A little-endian TIFF of one 8-bit gray strip: its directory (the tags given, sorted,
+    /// each a SHORT or LONG value held in the entry), then `data`.
+    fn gray_tiff(width: u32, height: u32, extra_tags: &[(u16, u32)], data: &[u8]) -> Vec<u8> {
+        let mut tags = vec![
+            (256, width),
+            (257, height),
+            (258, 8),
+            (259, 1),
+            (262, 1),
+            (277, 1),
+            (278, height),
+            (279, data.len() as u32),
+        ];
+        tags.extend_from_slice(extra_tags);
+        let data_at = 8 + 2 + (tags.len() as u32 + 1) * 12 + 4;
+        tags.push((273, data_at));
+        tags.sort_unstable();
+        let mut out = b"II*\0\x08\0\0\0".to_vec();
+        out.extend((tags.len() as u16).to_le_bytes());
+        for (tag, value) in tags {
+            out.extend(tag.to_le_bytes());
+            out.extend(4u16.to_le_bytes()); // LONG
+            out.extend(1u32.to_le_bytes());
+            out.extend(value.to_le_bytes());
+        }
+        out.extend(0u32.to_le_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    #[test]
+    fn a_hand_made_gray_strip_decodes_and_its_variants_are_refused() {
+        let img = decode_tiff(&gray_tiff(3, 2, &[], &[0, 1, 2, 3, 4, 255])).unwrap();
+        assert_eq!(img.image.into_bytes(), [0, 1, 2, 3, 4, 255]);
+        assert_eq!(img.mode, PillowMode::Direct);
+        let refused = |tags: &[(u16, u32)], want: &str| {
+            let e = decode_tiff(&gray_tiff(3, 2, tags, &[0; 6])).unwrap_err();
+            assert!(e.contains(want), "{tags:?}: {e}");
+        };
+        refused(&[(266, 2)], "reversed fill order");
+        refused(&[(339, 2)], "sample format [2]");
+        refused(&[(317, 3)], "floating point predictor");
+        // Sizes past the decoded-image limit are refused before any pixel is read.
+        let e = decode_tiff(&gray_tiff(100_000, 100_000, &[], &[0; 6])).unwrap_err();
+        assert!(e.contains("over the 536870912-byte limit"), "{e}");
+        let e = decode_tiff(&gray_tiff(3, 4, &[], &[0; 6])).unwrap_err();
+        assert!(e.contains("TIFF"), "{e}");
+    }
 }
