@@ -8,12 +8,14 @@ Writes small images in every other format clipcid reads: PNG (RGB, RGBA, graysca
 a palette with and without a transparent entry, 1-bit; and 16 bits a sample in RGB, RGBA,
 grayscale with alpha and grayscale, which pypng writes since Pillow cannot), WebP (lossy, lossy
 with alpha, lossless), GIF (colour, gray, and gray with every level, whose palette is the gray
-ramp that Pillow opens as `L`), BMP (24-bit, palette, gray palette, 1-bit), a palette PNG
-taller than wide, a CMYK JPEG (Pillow's `convert("RGB")` of CMYK is not linear, and
-open_clip resizes before it converts), and Netpbm (PPM, PGM and PBM from Pillow's writer; raw
-files with maximum values of 6, 1000 and 65535; plain PPM, PGM and PBM with comments), and
-TIFF (RGB uncompressed, LZW with the horizontal predictor, Deflate and PackBits; RGBA, LA,
-gray, white-is-zero gray and bilevel, bilevel, 16-bit gray, CMYK); and beside each, `Image.open(f).convert("RGBA")` as an
+ramp that Pillow opens as `L`; a transparent entry), BMP (24-bit, palette, gray palette,
+1-bit), a palette PNG taller than wide, an interlaced PNG, animated GIF, PNG and WebP (the
+first frame), a CMYK JPEG (Pillow's `convert("RGB")` of CMYK is not linear, and open_clip
+resizes before it converts), and Netpbm (PPM, PGM and PBM from Pillow's writer; raw files with
+maximum values of 6, 1000 and 65535; plain PPM, PGM and PBM with comments), and TIFF (RGB
+uncompressed, LZW with the horizontal predictor, Deflate and PackBits; RGBA, LA, gray,
+white-is-zero gray and bilevel, bilevel, 16-bit gray, CMYK); and beside each,
+`Image.open(f).convert("RGBA")` as an
 8-bit PNG: the colour and alpha every PIL-based pipeline starts from (its `convert("RGB")` is
 the same colour with alpha dropped); and the 16 x 16 crop that open_clip's and transformers'
 preprocessing make of it, in Pillow alone (open_clip resizes before converting to RGB, and
@@ -181,6 +183,12 @@ def write(out):
         "bilevel.png": lambda p: Image.fromarray(a8[..., 0] > 128).save(p),
         "palette.gif": lambda p: rgb.save(p),
         "gray.gif": lambda p: Image.fromarray(a8[..., 0], "L").save(p),
+        "palette-transparent.gif": lambda p: rgb.quantize(64).save(p, transparency=3),
+        # Animations: every reader here and in Pillow opens the first frame.
+        "animated.gif": lambda p: rgb.save(p, save_all=True, append_images=[rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]),
+        "animated.png": lambda p: rgb.save(p, save_all=True, append_images=[rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]),
+        "animated.webp": lambda p: rgb.save(p, save_all=True, lossless=True, append_images=[rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]),
+        "interlaced.png": lambda p: png.from_array(a8[..., :3].reshape(H, W * 3), "RGB", info={"interlace": True}).save(p),
         "gray-ramp.gif": lambda p: Image.fromarray(every_level, "L").save(p),
         "rgb.bmp": lambda p: rgb.save(p),
         "palette.bmp": lambda p: rgb.quantize(64).save(p),

@@ -2,7 +2,8 @@
 //! `decode_image` against Pillow on every format other than JPEG (`pillow_jpeg.rs` has
 //! those): PNG in 8 and 16 bits a sample (RGB, RGBA, grayscale with alpha, palettes with and
 //! without a transparent entry, 1-bit, 16-bit grayscale), WebP (lossy, lossy with alpha,
-//! lossless), GIF and BMP (with and without palettes), one CMYK JPEG for its
+//! lossless), GIF and BMP (with and without palettes; a GIF with a transparent entry), an
+//! interlaced PNG, animated GIF, PNG and WebP (their first frames), one CMYK JPEG for its
 //! preprocessing, Netpbm (raw and plain PPM, PGM and PBM; maximum values of 6, 9, 100,
 //! 1000 and 65535, where Pillow's scaling rounds halves to even), and TIFF (RGB with each
 //! lossless compression and the predictor, RGBA, LA, gray, white-is-zero gray and bilevel,
@@ -72,7 +73,7 @@ fn fixture_set() -> (std::path::PathBuf, Cases) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pillow-formats");
     let cases: Cases =
         serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
-    assert_eq!(cases.cases.len(), 43);
+    assert_eq!(cases.cases.len(), 48);
     (dir, cases)
 }
 
@@ -169,7 +170,7 @@ fn mode_is_pillows() {
     let count = |m: &str| cases.iter().filter(|c| c.mode == m).count();
     assert_eq!(
         (count("P"), count("1"), count("CMYK"), count("L")),
-        (6, 6, 2, 7)
+        (8, 6, 2, 7)
     );
     assert!(cases
         .iter()
