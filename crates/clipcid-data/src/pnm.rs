@@ -217,8 +217,10 @@ pub(crate) fn decode_pnm(bytes: &[u8]) -> Result<DecodedImage, String> {
                 .collect()
         }
         (Kind::Bilevel, true) => {
-            // Every byte but whitespace and comments is one pixel, `0` or `1`.
-            let mut pixels = Vec::with_capacity(samples);
+            // Every byte but whitespace and comments is one pixel, `0` or `1`. (Each sample of
+            // plain data takes a byte at least, so the data's length bounds what is reserved,
+            // whatever size the header claims.)
+            let mut pixels = Vec::with_capacity(samples.min(data.len()));
             for c in without_comments(data).into_iter().filter(|&c| !is_space(c)) {
                 if pixels.len() == samples {
                     break;
@@ -241,7 +243,7 @@ pub(crate) fn decode_pnm(bytes: &[u8]) -> Result<DecodedImage, String> {
         }
         (_, true) => {
             let text = without_comments(data);
-            let mut pixels = Vec::with_capacity(samples);
+            let mut pixels = Vec::with_capacity(samples.min(data.len()));
             for token in text.split(|&c| is_space(c)).filter(|t| !t.is_empty()) {
                 if pixels.len() == samples {
                     break;

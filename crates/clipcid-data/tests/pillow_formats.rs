@@ -1,21 +1,21 @@
 #![allow(clippy::unwrap_used)] // a failed fixture read should panic with its message
-//! `decode_image` against Pillow on every format other than JPEG (`pillow_jpeg.rs` has
-//! those): PNG in 8 and 16 bits a sample (RGB, RGBA, grayscale with alpha, palettes with and
-//! without a transparent entry, 1-bit, 16-bit grayscale), WebP (lossy, lossy with alpha,
-//! lossless), GIF and BMP (with and without palettes; a GIF with a transparent entry), an
-//! interlaced PNG, animated GIF, PNG and WebP (their first frames), one CMYK JPEG for its
-//! preprocessing, Netpbm (raw and plain PPM, PGM and PBM; maximum values of 6, 9, 100,
-//! 1000 and 65535, where Pillow's scaling rounds halves to even), and TIFF (RGB with each
-//! lossless compression and the predictor, RGBA, LA, gray, white-is-zero gray and bilevel,
-//! bilevel, 16-bit gray, CMYK); with Pillow's `Image.open(f).convert("RGBA")` of each, the 16 x 16 crops
-//! open_clip's and transformers' preprocessing make of it in Pillow, and the 19 x 19 image of
-//! open_clip's `resize_mode: "longest"` with `fill_color` 3, and the same three of Pillow's
+//! `decode_image` against Pillow on every format other than JPEG (`pillow_jpeg.rs` has those):
+//! PNG in 8 and 16 bits a sample (RGB, RGBA, grayscale with alpha, palettes with and without a
+//! transparent entry, 1-bit, 16-bit grayscale), WebP (lossy, lossy with alpha, lossless), GIF
+//! and BMP (with and without palettes; a GIF with a transparent entry), an interlaced PNG,
+//! animated GIF, PNG and WebP (their first frames), one CMYK JPEG for its preprocessing, Netpbm
+//! (raw and plain PPM, PGM and PBM; maximum values of 6, 9, 100, 1000 and 65535, where Pillow's
+//! scaling rounds halves to even), and TIFF (RGB with each lossless compression and the
+//! predictor, RGBA, LA, gray, white-is-zero gray and bilevel, bilevel, 16-bit gray, CMYK); with
+//! Pillow's `Image.open(f).convert("RGBA")` of each, the 16 x 16 crops open_clip's and
+//! transformers' preprocessing make of it in Pillow, and the 19 x 19 image of open_clip's
+//! `resize_mode: "longest"` with `fill_color` 3, and the same three of Pillow's
 //! `convert("RGB")` (a loader that converts first), written by
-//! `scripts/reference/formats_reference.py` (Pillow 13, libwebp 1.6). Pixels must agree bit
-//! for bit; the 16-bit grayscale cases' references (PNG, PGM, TIFF) are the high byte of each
+//! `scripts/reference/formats_reference.py` (Pillow 13, libwebp 1.6). Pixels must agree bit for
+//! bit; the 16-bit grayscale cases' references (PNG, PGM, TIFF) are the high byte of each
 //! sample, not Pillow's (which clips every value over 255 to white). The TIFFs that clipcid
-//! does not read (a palette, JPEG or fax compression, YCbCr, floats) are refused, each with
-//! an error saying what it holds.
+//! does not read (a palette, JPEG or fax compression, YCbCr, floats) are refused, each with an
+//! error saying what it holds.
 
 mod common;
 
