@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 
 use crate::{ClipBenchmarkSet, DataError};
 
-/// Image file extensions read from tar shards, captions folders, img2dataset's `files` output
-/// and plain folders of images: every format [`crate::decode_image`] reads, Netpbm's as
-/// `ppm`, `pgm`, `pbm` and `pnm`, TIFF's as `tif` and `tiff` (a kind of TIFF it does not
-/// read is skipped with a warning naming the file and what it holds).
+/// Image file extensions read from tar shards, img2dataset's `files` output and plain
+/// folders of images (a captions file names its images, whatever their extensions): every
+/// format [`crate::decode_image`] reads, Netpbm's as `ppm`, `pgm`, `pbm` and `pnm`, TIFF's as
+/// `tif` and `tiff` (a kind of TIFF it does not read is skipped with a warning naming the
+/// file and what it holds).
 pub const IMAGE_EXTENSIONS: &[&str] = &[
     "jpg", "jpeg", "png", "webp", "bmp", "gif", "ppm", "pgm", "pbm", "pnm", "tif", "tiff",
 ];
