@@ -579,6 +579,39 @@ mod turbo {
     }
 }
 
+/// Rows of packed bits (the first pixel in the top bit, each row padded to a whole byte), as
+/// PBM and bilevel TIFF store them, one byte a pixel: `one` where a bit is set, `!one` where
+/// it is clear (a PBM's 1 is black, a TIFF's white once the `tiff` crate has inverted
+/// white-is-zero). `None` where `packed` holds fewer than `height` rows.
+pub(crate) fn unpack_bits(packed: &[u8], width: usize, height: usize, one: u8) -> Option<Vec<u8>> {
+    let row_bytes = width.div_ceil(8);
+    let rows = packed.get(..row_bytes * height)?;
+    Some(
+        rows.chunks_exact(row_bytes)
+            .flat_map(|row| {
+                (0..width).map(move |x| {
+                    if row[x / 8] & (0x80 >> (x % 8)) != 0 {
+                        one
+                    } else {
+                        !one
+                    }
+                })
+            })
+            .collect(),
+    )
+}
+
+/// The error for a `width` x `height` image whose pixels would take more than
+/// [`MAX_DECODED_BYTES`] (Netpbm and TIFF, checked from their headers before any pixel).
+pub(crate) fn over_decoded_limit(
+    width: impl std::fmt::Display,
+    height: impl std::fmt::Display,
+) -> String {
+    format!(
+        "cannot decode image: {width} x {height} is over the {MAX_DECODED_BYTES}-byte limit on a decoded image"
+    )
+}
+
 /// CMYK values (as Pillow holds them) as RGB, as Pillow's `convert("RGB")` computes them:
 /// each channel to `(255 - k) - (255 - k) c / 255`, rounded as its `MULDIV255`.
 pub(crate) fn pillow_cmyk_to_rgb(cmyk: &[u8]) -> Vec<u8> {

@@ -12,7 +12,7 @@
 
 use image::{DynamicImage, GrayImage, RgbImage};
 
-use crate::decode::{DecodedImage, PillowMode, MAX_DECODED_BYTES};
+use crate::decode::{over_decoded_limit, unpack_bits, DecodedImage, PillowMode, MAX_DECODED_BYTES};
 
 /// Pillow's whitespace in these files (`b_whitespace`): space, tab, LF, VT, FF, CR.
 fn is_space(b: u8) -> bool {
@@ -173,11 +173,7 @@ pub(crate) fn decode_pnm(bytes: &[u8]) -> Result<DecodedImage, String> {
         .checked_mul(height)
         .and_then(|n| n.checked_mul(kind.channels() as u64))
         .filter(|&n| n <= MAX_DECODED_BYTES)
-        .ok_or_else(|| {
-            format!(
-                "cannot decode image: {width} x {height} is over the {MAX_DECODED_BYTES}-byte limit on a decoded image"
-            )
-        })? as usize;
+        .ok_or_else(|| over_decoded_limit(width, height))? as usize;
     let data = &bytes[header.at.min(bytes.len())..];
     let short = || {
         format!(
@@ -199,22 +195,9 @@ pub(crate) fn decode_pnm(bytes: &[u8]) -> Result<DecodedImage, String> {
         }
     };
     let pixels: Vec<u8> = match (kind, plain) {
+        // Rows of packed bits, each padded to a byte; a 1 is black.
         (Kind::Bilevel, false) => {
-            // Rows of packed bits, each padded to a byte; a 1 is black.
-            let (w, h) = (width as usize, height as usize);
-            let row_bytes = w.div_ceil(8);
-            let rows = data.get(..row_bytes * h).ok_or_else(short)?;
-            rows.chunks_exact(row_bytes)
-                .flat_map(|row| {
-                    (0..w).map(move |x| {
-                        if row[x / 8] & (0x80 >> (x % 8)) != 0 {
-                            0
-                        } else {
-                            255
-                        }
-                    })
-                })
-                .collect()
+            unpack_bits(data, width as usize, height as usize, 0).ok_or_else(short)?
         }
         (Kind::Bilevel, true) => {
             // Every byte but whitespace and comments is one pixel, `0` or `1`. (Each sample of

@@ -26,7 +26,10 @@ use image::{DynamicImage, GrayAlphaImage, GrayImage, RgbImage, RgbaImage};
 use tiff::decoder::{Decoder, DecodingResult, Limits};
 use tiff::tags::Tag;
 
-use crate::decode::{pillow_cmyk_to_rgb, DecodedImage, PillowMode, MAX_DECODED_BYTES};
+use crate::decode::{
+    over_decoded_limit, pillow_cmyk_to_rgb, unpack_bits, DecodedImage, PillowMode,
+    MAX_DECODED_BYTES,
+};
 
 /// Whether the bytes start as a TIFF does (`II*\0` or `MM\0*`; BigTIFF's 43 as well).
 pub(crate) fn is_tiff(bytes: &[u8]) -> bool {
@@ -126,9 +129,7 @@ pub(crate) fn decode_tiff(bytes: &[u8]) -> Result<DecodedImage, String> {
     let decoded_bytes =
         u64::from(width) * u64::from(height) * u64::from(samples) * u64::from(depth.div_ceil(8));
     if decoded_bytes > MAX_DECODED_BYTES {
-        return Err(format!(
-            "cannot decode image: {width} x {height} is over the {MAX_DECODED_BYTES}-byte limit on a decoded image"
-        ));
+        return Err(over_decoded_limit(width, height));
     }
     let data = decoder.read_image().map_err(tiff_error)?;
     let (w, h) = (width as usize, height as usize);
@@ -141,21 +142,7 @@ pub(crate) fn decode_tiff(bytes: &[u8]) -> Result<DecodedImage, String> {
         Kind::Bilevel => {
             // Rows of packed bits, each padded to a byte; the `tiff` crate has inverted a
             // white-is-zero image, so a 1 is white either way.
-            let packed = u8s(data)?;
-            let row_bytes = w.div_ceil(8);
-            let rows = packed.get(..row_bytes * h).ok_or_else(short)?;
-            let pixels = rows
-                .chunks_exact(row_bytes)
-                .flat_map(|row| {
-                    (0..w).map(move |x| {
-                        if row[x / 8] & (0x80 >> (x % 8)) != 0 {
-                            255
-                        } else {
-                            0
-                        }
-                    })
-                })
-                .collect();
+            let pixels = unpack_bits(&u8s(data)?, w, h, 255).ok_or_else(short)?;
             let image = GrayImage::from_raw(width, height, pixels).ok_or_else(short)?;
             (DynamicImage::ImageLuma8(image), PillowMode::Bilevel)
         }
