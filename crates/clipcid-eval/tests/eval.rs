@@ -125,6 +125,24 @@ fn classification_metrics_match_a_hand_count() {
     let truth: Vec<usize> = (0..10).collect();
     let flat = Classification::from_scores(&[0.5; 100], 10, &truth).unwrap();
     assert_eq!((flat.top1, flat.top5), (0.1, 0.5));
+    assert_eq!(flat.predictions, vec![0; 10]);
+    // A NaN score never wins, and a NaN for the truth is never a hit, not even in the top 5
+    // of 5 classes (it ranks last; counting only the scores above it ranked it first).
+    let broken = [
+        f32::NAN,
+        0.1,
+        0.2,
+        0.3,
+        0.4,
+        /**/ 0.4,
+        f32::NAN,
+        0.3,
+        0.2,
+        0.1,
+    ];
+    let c = Classification::from_scores(&broken, 5, &[0, 0]).unwrap();
+    assert_eq!(c.predictions, vec![4, 0]);
+    assert_eq!((c.top1, c.top5), (0.5, 0.5));
 }
 
 /// The objective computed the slow way, in f64 loops.
@@ -352,6 +370,10 @@ fn retrieval_recall_matches_brute_force() {
     }
     let sim = vec![0.0; images * texts];
     assert!(Retrieval::from_similarity(&sim, images, &[0, 99], &ks).is_err());
+    // A matrix of another size, no captions, or no images: an error, not a recall of 0/0.
+    assert!(Retrieval::from_similarity(&sim[..images * 3], images, &[0, 1], &ks).is_err());
+    assert!(Retrieval::from_similarity(&[], images, &[], &ks).is_err());
+    assert!(Retrieval::from_similarity(&[], 0, &[0], &ks).is_err());
 }
 
 /// `top_n`'s order is the one recall counts ranks in: for every entry, its position in the
@@ -427,6 +449,10 @@ fn average_precision_identical_disjoint_and_partial() {
     let small: Vec<f32> = (0..3 * 8).map(|_| rng.random()).collect();
     let a = Agreement::from_similarity(&small, &small, 8, 10..=20).unwrap();
     assert!(a.map_at_n.iter().all(|&(_, m)| m == 1.0), "{a:?}");
+    // Teacher and student over other numbers of queries or images are refused.
+    assert!(Agreement::from_similarity(&small, &small[..16], 8, 10..=20).is_err());
+    assert!(Agreement::from_similarity(&small, &small, 5, 10..=20).is_err());
+    assert!(Agreement::from_similarity(&[], &[], 0, 10..=20).is_err());
 }
 
 #[test]
