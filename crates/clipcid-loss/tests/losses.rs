@@ -421,6 +421,53 @@ fn partial_fc_gradients_only_reach_sampled_centres() {
     }
 }
 
+/// ArcFace past `pi - m`: InsightFace's fallback `cos - m sin(pi - m)` replaces
+/// `cos(theta + m)` for target cosines at or below `cos(pi - m)`, which random embeddings
+/// (cosines near 0) never reach. Rows on both sides of that threshold, value and gradients.
+#[test]
+fn arcface_past_pi_minus_m_takes_insightfaces_fallback() {
+    let m = 0.5;
+    let th = (std::f64::consts::PI - m).cos(); // -0.8776
+    let x: Mat = vec![
+        vec![1.0, 0.2, -0.3],
+        vec![0.1, 1.0, 0.4],
+        vec![-0.5, 0.3, 1.0],
+        vec![0.7, -0.6, 0.2],
+    ];
+    // Each row's target centre is its own embedding turned nearly around, by different
+    // amounts: target cosines of about -0.99, -0.96, -0.87 and -0.67.
+    let w: Mat = vec![
+        vec![-1.0, -0.2, 0.15],
+        vec![0.0, -1.0, -0.1],
+        vec![0.3, -1.0, -1.0],
+        vec![-0.2, 0.6, 0.3],
+        vec![0.3, 0.3, 0.3],
+    ];
+    let labels = [0u32, 1, 2, 3];
+    let cos = dot_t(&norm_rows(&x), &norm_rows(&w));
+    let target: Vec<f64> = (0..4).map(|r| cos[r][r]).collect();
+    assert!(
+        target.iter().filter(|&&c| c <= th).count() == 2
+            && target.iter().filter(|&&c| c > th).count() == 2,
+        "the rows must straddle cos(pi - m) = {th}: {target:?}"
+    );
+    let sampled = Sampled {
+        index: (0..5).collect(),
+        labels: labels.to_vec(),
+    };
+    let run = |t: &[Tensor]| {
+        PartialFc::new(&tensor(&w), 1.0, 8.0, Margin::ArcFace(m), 0)
+            .unwrap()
+            .forward_sampled(&t[0], sampled.clone())
+            .unwrap()
+            .loss
+    };
+    let got = scalar(&run(&[tensor(&x)]));
+    let want = partial_fc_ref(&x, &w, &sampled, Margin::ArcFace(m), 8.0);
+    assert!((got - want).abs() < 1e-10, "{got} vs {want}");
+    check_grads(std::slice::from_ref(&x), run);
+}
+
 #[test]
 fn cluster_distill_value_and_gradients() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
