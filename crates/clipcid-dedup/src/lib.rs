@@ -425,4 +425,35 @@ mod tests {
         );
         assert_eq!(whole[0], direct);
     }
+
+    /// "Pairs under a threshold": a pair exactly at it stays apart, in the partition, the
+    /// pair count and a sweep row at that threshold alike (0.25 and its square are exact).
+    #[test]
+    fn a_pair_exactly_at_the_threshold_is_not_merged() {
+        let t = 0.25f32;
+        let pairs = NearPairs {
+            i: vec![0, 1, 3],
+            j: vec![1, 2, 4],
+            dist2: vec![t * t, 0.5 * t * t, t * t],
+        };
+        let rows: Vec<f32> = (0..5)
+            .flat_map(|k| [(k as f32 * 0.1).cos(), (k as f32 * 0.1).sin()])
+            .collect();
+        let gather = |idx: &[u32]| -> Result<Vec<f32>, DedupError> {
+            Ok(idx
+                .iter()
+                .flat_map(|&r| rows[2 * r as usize..2 * r as usize + 2].to_vec())
+                .collect())
+        };
+        let opts = BalanceOptions {
+            threshold: t,
+            sweep: vec![t, 0.3],
+            ..Default::default()
+        };
+        let r = finish(5, &pairs, gather, &opts, 0.0).unwrap();
+        assert_eq!(r.set_id[1], r.set_id[2]);
+        assert_eq!((r.summary.sets, r.summary.pairs), (4, 1));
+        let kept: Vec<usize> = r.summary.sweep.iter().map(|w| w.kept).collect();
+        assert_eq!(kept, [4, 2]);
+    }
 }

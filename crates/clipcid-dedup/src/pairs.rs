@@ -457,6 +457,17 @@ mod tests {
     use candle_core::Device;
     use rand::{Rng, SeedableRng};
 
+    /// Past the first chunk of 65,536 rows, each row's squared norm is still its own.
+    #[test]
+    fn row_sq_norms_cross_a_chunk_boundary() {
+        let n = 65_536 + 3;
+        let v: Vec<f32> = (0..n).flat_map(|i| [(i % 7) as f32, 1.0]).collect();
+        let x = Tensor::from_vec(v, (n, 2), &Device::Cpu).unwrap();
+        let norms = row_sq_norms(&x).unwrap();
+        let want: Vec<f32> = (0..n).map(|i| ((i % 7) * (i % 7) + 1) as f32).collect();
+        assert_eq!(norms, want);
+    }
+
     /// Rows in groups of four around shared centres, spread so that many pairs fall just
     /// under and just over the threshold, plus lone rows.
     fn rows(n: usize, d: usize) -> Vec<f32> {

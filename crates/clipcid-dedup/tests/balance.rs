@@ -80,6 +80,24 @@ fn brute_force_labels(rows: &[Vec<f32>], thr: f64) -> Vec<usize> {
     label
 }
 
+/// Pairs `i < j` whose distance is under `thr - 1e-4`, and under `thr + 1e-4`.
+fn pair_count_bounds(rows: &[Vec<f32>], thr: f64) -> (usize, usize) {
+    let (mut sure, mut maybe) = (0, 0);
+    for i in 0..rows.len() {
+        for j in i + 1..rows.len() {
+            let d = rows[i]
+                .iter()
+                .zip(&rows[j])
+                .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            sure += usize::from(d < thr - 1e-4);
+            maybe += usize::from(d < thr + 1e-4);
+        }
+    }
+    (sure, maybe)
+}
+
 fn smallest_member_labels(set_id: &[u32]) -> Vec<usize> {
     let mut first: HashMap<u32, usize> = HashMap::new();
     set_id
@@ -148,6 +166,20 @@ fn partition_equals_brute_force_on(device: &Device) {
         }
         assert_eq!(r.summary.sets, groups.len());
         assert_eq!(r.keep.iter().filter(|k| **k).count(), groups.len());
+        // The summary's figures, as `clipcid balance` prints them: the share removed, and
+        // the pairs under the threshold (counted in f64 here; a pair within 1e-4 of the
+        // threshold may fall either way in f32).
+        assert_eq!(r.summary.removed, n - groups.len());
+        assert_eq!(
+            r.summary.removed_pct,
+            100.0 * (n - groups.len()) as f64 / n as f64
+        );
+        let (sure, maybe) = pair_count_bounds(&rows, thr);
+        assert!(
+            (sure..=maybe).contains(&r.summary.pairs),
+            "n={n} thr={thr}: {} pairs, brute force {sure}..={maybe}",
+            r.summary.pairs
+        );
         for members in groups.values() {
             let rep = reference_representative(&rows, members);
             assert!(
@@ -208,7 +240,15 @@ fn sweep_matches_separate_runs_and_thread_count_does_not_matter() {
         },
     )
     .unwrap();
+    let thresholds: Vec<f32> = r.summary.sweep.iter().map(|w| w.threshold).collect();
+    assert_eq!(thresholds, sweep);
     for row in &r.summary.sweep {
+        assert_eq!(
+            row.removed_pct,
+            100.0 * (400 - row.kept) as f64 / 400.0,
+            "threshold {}",
+            row.threshold
+        );
         let alone = balance(
             &x,
             &BalanceOptions {
@@ -243,6 +283,17 @@ fn sweep_matches_separate_runs_and_thread_count_does_not_matter() {
             })
     };
     let (a, b) = (in_pool(1), in_pool(4));
+    // The sweep searches out to its largest threshold (0.3), but the kept rows, the sets
+    // and the pair count are those of the threshold alone.
+    assert_eq!(
+        (&r.keep, &r.set_id, r.summary.pairs),
+        (&a.keep, &a.set_id, a.summary.pairs)
+    );
+    assert!(r
+        .summary
+        .sweep
+        .last()
+        .is_some_and(|w| w.kept < r.summary.kept));
     assert_eq!(
         (a.keep, a.set_id, a.representatives),
         (b.keep, b.set_id, b.representatives)
