@@ -707,3 +707,70 @@ fn three_parts_and_a_merge_give_the_one_process_keep_list_exactly() {
         );
     }
 }
+
+/// A pair file whose arrays disagree in length, or whose pair is not two distinct rows
+/// (`i < j < rows`) at a finite distance, is refused with the file's name, as is an array
+/// that is not a vector; the same file with good pairs reads back.
+#[test]
+fn pair_files_with_bad_pairs_are_refused_naming_the_file() {
+    use clipcid_dedup::{read_pair_file, write_pair_file, NearPairs, PairFile};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pairs-0.safetensors");
+    let good = PairFile {
+        pairs: NearPairs {
+            i: vec![0, 3],
+            j: vec![1, 9],
+            dist2: vec![0.001, 0.002],
+        },
+        rows: 10,
+        threshold: 0.1,
+        block_size: 4,
+        f16: false,
+        part: clipcid_store::Part::new(0, 1).unwrap(),
+        embeddings: None,
+        row_ids: None,
+    };
+    write_pair_file(&path, &good).unwrap();
+    assert_eq!(read_pair_file(&path).unwrap(), good);
+    // The good file's metadata around other arrays.
+    let metadata = clipcid_store::io::read_header(&path).unwrap().metadata;
+    let refused = |i: Tensor, j: Vec<u32>, dist2: Vec<f32>| {
+        let (nj, nd) = (j.len(), dist2.len());
+        let tensors = [
+            ("i".to_string(), i),
+            (
+                "j".to_string(),
+                Tensor::from_vec(j, nj, &Device::Cpu).unwrap(),
+            ),
+            (
+                "dist2".to_string(),
+                Tensor::from_vec(dist2, nd, &Device::Cpu).unwrap(),
+            ),
+        ];
+        clipcid_store::io::write_safetensors(&path, tensors, &metadata).unwrap();
+        let e = read_pair_file(&path).unwrap_err().to_string();
+        assert!(e.contains(&path.display().to_string()), "{e}");
+        e
+    };
+    let v = |i: Vec<u32>| Tensor::from_vec(i.clone(), i.len(), &Device::Cpu).unwrap();
+    for (i, j, dist2, why) in [
+        (vec![0, 3], vec![1], vec![0.001, 0.002], "lengths"),
+        (vec![0], vec![1], vec![0.001, 0.002], "lengths"),
+        (vec![0, 3], vec![1, 3], vec![0.001, 0.002], "distinct rows"),
+        (vec![0, 4], vec![1, 3], vec![0.001, 0.002], "distinct rows"),
+        (vec![0, 3], vec![1, 10], vec![0.001, 0.002], "distinct rows"),
+        (
+            vec![0, 3],
+            vec![1, 9],
+            vec![0.001, f32::NAN],
+            "distinct rows",
+        ),
+    ] {
+        let e = refused(v(i.clone()), j.clone(), dist2.clone());
+        assert!(e.contains(why), "{i:?} {j:?} {dist2:?}: {e}");
+    }
+    // `i` as a [2, 1] matrix: the right dtype and count, but not a vector.
+    let matrix = v(vec![0, 3]).reshape((2, 1)).unwrap();
+    let e = refused(matrix, vec![1, 9], vec![0.001, 0.002]);
+    assert!(e.contains("`i` must be a U32 vector"), "{e}");
+}

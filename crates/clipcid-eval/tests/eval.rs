@@ -503,6 +503,18 @@ fn textness_fraction_rises_with_the_scale() {
     let queries = Features::normalized(topics.concat(), dim).unwrap();
     let scales = [-2.0, -1.0, 0.0, 1.0, 2.0];
     let rows = textness_sweep(&dir, &queries, &pool, &has_text, &scales, 10).unwrap();
+    // Each row's fraction is its text-bearing share of the 4 x 10 images shown.
+    for r in &rows {
+        let shown: usize = r.top.iter().map(Vec::len).sum();
+        let with_text = r.top.iter().flatten().filter(|&&i| has_text[i]).count();
+        assert_eq!(shown, 40);
+        assert_eq!(
+            r.text_fraction,
+            with_text as f64 / 40.0,
+            "scale {}",
+            r.scale
+        );
+    }
     let f: Vec<f64> = rows.iter().map(|r| r.text_fraction).collect();
     assert!(f.windows(2).all(|w| w[0] <= w[1]), "{f:?}");
     assert!(f[0] < 0.2 && f[4] > 0.8, "{f:?}");
@@ -524,6 +536,48 @@ fn textness_fraction_rises_with_the_scale() {
     let back = TextnessDirection::load(&p).unwrap();
     assert_eq!(back.vector, dir.vector);
     assert_eq!(back.raw_norm, dir.raw_norm);
+}
+
+/// The probe needs both kinds of image at one width, and refuses to call a zero weight row a
+/// direction; a direction file must hold a unit vector.
+#[test]
+fn textness_direction_refuses_what_it_cannot_fit_or_load() {
+    let f = |rows: &[[f32; 3]]| Features::normalized(rows.concat(), 3).unwrap();
+    let (a, b) = (
+        f(&[[1.0, 0.0, 0.0], [0.9, 0.1, 0.0]]),
+        f(&[[0.0, 1.0, 0.0]]),
+    );
+    let narrow = Features::normalized(vec![1.0, 0.0], 2).unwrap();
+    let none = Features::normalized(vec![], 3).unwrap();
+    for (pos, neg) in [(&a, &narrow), (&narrow, &a), (&none, &b), (&a, &none)] {
+        let e = TextnessDirection::fit(pos, neg, 1e-3)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("both kinds of the same width"), "{e}");
+    }
+    // The same images on both sides: nothing tells them apart, and the probe says so.
+    let e = TextnessDirection::fit(&a, &a, 1e-3)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("learned nothing"), "{e}");
+    assert!(TextnessDirection::fit(&a, &b, 1e-3).is_ok());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("textness.safetensors");
+    for v in [vec![0.6f32, 0.0, 0.0], vec![]] {
+        let n = v.len();
+        let t = candle_core::Tensor::from_vec(v, n, &candle_core::Device::Cpu).unwrap();
+        clipcid_store::io::write_safetensors(
+            &path,
+            [("textness".to_string(), t)],
+            &Default::default(),
+        )
+        .unwrap();
+        let e = TextnessDirection::load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("not a unit vector") && e.contains(&path.display().to_string()),
+            "{e}"
+        );
+    }
 }
 
 #[test]
@@ -646,6 +700,41 @@ fn textness_study_adds_real_text_images_to_probe_and_pool() {
         "{e}"
     );
     assert!(!dir.path().join("both").exists());
+    // No words to draw, no scales, no queries, or fewer than 4 photos: refused before
+    // anything is written.
+    let mut no_words = opts.clone();
+    no_words.words.clear();
+    let mut no_scales = opts.clone();
+    no_scales.scales.clear();
+    let empty = dir.path().join("empty");
+    let with = |photos: &[clipcid_data::DecodedImage], queries: &[String]| {
+        clipcid_eval::textness_study(
+            &model,
+            &tok,
+            &clipcid_data::Preprocess::clip(model.config().vision_config.image_size),
+            photos,
+            queries,
+            &renderer,
+            &opts,
+            &empty,
+        )
+    };
+    for (k, (r, says)) in [
+        (study(&no_words, &empty), "needs queries, words and scales"),
+        (study(&no_scales, &empty), "needs queries, words and scales"),
+        (with(&photos, &[]), "needs queries, words and scales"),
+        (
+            with(&photos[..3], &["a photo".into()]),
+            "at least 4 images, got 3",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains(says), "case {k}: {e}");
+    }
+    assert!(!empty.exists());
     let r = study(&opts, dir.path()).unwrap();
     // 4 probe photos (+ 2 real text images), 4 pool photos x 2 (+ 1 real) = 9 entries.
     assert!(
