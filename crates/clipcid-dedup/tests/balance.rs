@@ -752,7 +752,10 @@ fn pair_files_with_bad_pairs_are_refused_naming_the_file() {
         assert!(e.contains(&path.display().to_string()), "{e}");
         e
     };
-    let v = |i: Vec<u32>| Tensor::from_vec(i.clone(), i.len(), &Device::Cpu).unwrap();
+    let v = |i: Vec<u32>| {
+        let n = i.len();
+        Tensor::from_vec(i, n, &Device::Cpu).unwrap()
+    };
     for (i, j, dist2, why) in [
         (vec![0, 3], vec![1], vec![0.001, 0.002], "lengths"),
         (vec![0], vec![1], vec![0.001, 0.002], "lengths"),

@@ -127,19 +127,13 @@ fn classification_metrics_match_a_hand_count() {
     assert_eq!((flat.top1, flat.top5), (0.1, 0.5));
     assert_eq!(flat.predictions, vec![0; 10]);
     // A NaN score never wins, and a NaN for the truth is never a hit, not even in the top 5
-    // of 5 classes (it ranks last; counting only the scores above it ranked it first).
-    let broken = [
-        f32::NAN,
-        0.1,
-        0.2,
-        0.3,
-        0.4,
-        /**/ 0.4,
-        f32::NAN,
-        0.3,
-        0.2,
-        0.1,
-    ];
+    // of 5 classes: it ranks last (no score is above a NaN, so counting the scores above
+    // it would rank it first).
+    let broken: Vec<f32> = [
+        [f32::NAN, 0.1, 0.2, 0.3, 0.4],
+        [0.4, f32::NAN, 0.3, 0.2, 0.1],
+    ]
+    .concat();
     let c = Classification::from_scores(&broken, 5, &[0, 0]).unwrap();
     assert_eq!(c.predictions, vec![4, 0]);
     assert_eq!((c.top1, c.top5), (0.5, 0.5));
