@@ -574,6 +574,51 @@ fn textness_direction_refuses_what_it_cannot_fit_or_load() {
     }
 }
 
+/// Features refuse values that are not rows and non-finite values, keep zero rows zero, and
+/// average row cosines as the demo's "image cosine to teacher" column reads them; the
+/// zero-shot classifier refuses prompt embeddings that are not classes x templates; encoding
+/// refuses a preprocessing of another size than the model takes.
+#[test]
+fn features_zero_shot_and_encoding_refuse_shapes_that_do_not_fit() {
+    assert!(Features::normalized(vec![1.0; 5], 2).is_err());
+    assert!(Features::normalized(vec![1.0; 4], 0).is_err());
+    let e = Features::normalized(vec![1.0, f32::NAN], 2).unwrap_err();
+    assert!(e.to_string().contains("non-finite"), "{e}");
+    let f = Features::normalized(vec![0.0, 0.0, 3.0, 4.0], 2).unwrap();
+    assert_eq!(f.data, [0.0, 0.0, 0.6, 0.8]);
+    let a = Features::normalized(vec![1.0, 0.0, 0.0, 1.0], 2).unwrap();
+    let b = Features::normalized(vec![1.0, 0.0, 0.6, 0.8], 2).unwrap();
+    // Row cosines 1 and 0.8.
+    let mean = a.mean_row_cosine(&b).unwrap();
+    assert!((mean - 0.9).abs() < 1e-6, "{mean}");
+    let c = Features::normalized(vec![1.0, 0.0, 0.0], 3).unwrap();
+    let one_row = Features::normalized(vec![1.0, 0.0], 2).unwrap();
+    assert!(a.mean_row_cosine(&c).is_err());
+    assert!(a.mean_row_cosine(&one_row).is_err());
+    // 2 classes x 2 templates: each class's weight is its prompts' normalised mean.
+    let text = Features::normalized(vec![1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0], 2).unwrap();
+    let zs = ZeroShotClassifier::from_text_features(&text, 2).unwrap();
+    assert_eq!(zs.classes(), 2);
+    let s = zs.scores(&a).unwrap();
+    let h = std::f32::consts::FRAC_1_SQRT_2;
+    assert!((s[0] - h).abs() < 1e-6 && s[1] == 0.0 && (s[2] - h).abs() < 1e-6 && s[3] == 1.0);
+    for (rows, templates) in [(4, 0), (0, 2), (3, 2)] {
+        let t = Features::normalized(vec![1.0; rows * 2], 2).unwrap();
+        let e = ZeroShotClassifier::from_text_features(&t, templates).unwrap_err();
+        assert!(e.to_string().contains("whole number of classes"), "{e}");
+    }
+    let cfg = clipcid_models::ClipConfig::preset("tiny").unwrap();
+    let model = clipcid_models::ClipModel::random(&cfg, 1, &candle_core::Device::Cpu).unwrap();
+    let size = model.config().vision_config.image_size;
+    let img = image::RgbImage::from_pixel(20, 20, image::Rgb([10, 20, 30]));
+    let other = clipcid_data::Preprocess::clip(size + 1);
+    let e = clipcid_eval::encode_images(&model, &other, std::slice::from_ref(&img), 4).unwrap_err();
+    assert!(e.to_string().contains("preprocessing makes"), "{e}");
+    let right = clipcid_data::Preprocess::clip(size);
+    let f = clipcid_eval::encode_images(&model, &right, &[img], 4).unwrap();
+    assert_eq!(f.rows(), 1);
+}
+
 #[test]
 fn rendered_text_changes_only_a_bounded_region() {
     let r = TextRenderer::dejavu_sans().unwrap();
