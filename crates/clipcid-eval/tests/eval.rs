@@ -872,6 +872,24 @@ fn every_bundled_clip_benchmark_template_set_and_class_list_loads() {
     assert_eq!(clipcid_eval::Templates::named("cifar10").unwrap().len(), 18);
 }
 
+/// A template file (`--templates FILE`): one template per line, blank lines and `#` lines
+/// left out, each line trimmed; a file of no templates, or a line without the class name's
+/// place, is refused naming the file.
+#[test]
+fn template_files_skip_blank_and_comment_lines() {
+    use clipcid_eval::Templates;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("templates.txt");
+    std::fs::write(&path, "# mine\n\na photo of {}.\n   a {c} drawing  \n\n").unwrap();
+    let t = Templates::parse(path.to_str().unwrap()).unwrap();
+    assert_eq!(t.prompts("cat"), ["a photo of cat.", "a cat drawing"]);
+    for text in ["# only a comment\n\n", "a photo of {}.\na photo\n"] {
+        std::fs::write(&path, text).unwrap();
+        let e = Templates::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains(&path.display().to_string()), "{e}");
+    }
+}
+
 /// A dataset encoded a few images at a time (each batch's features copied back after the
 /// next batch is decoded) gives the rows, keys, labels and skips of one batch.
 #[test]
