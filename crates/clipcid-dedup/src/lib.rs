@@ -192,12 +192,16 @@ pub fn balance(x: &Tensor, opts: &BalanceOptions) -> Result<BalanceResult, Dedup
     let pairs = near_pairs(&x, search, opts.block_size, opts.f16, || bar.inc(1))?;
     bar.finish_and_clear();
     let seconds_distance = t0.elapsed().as_secs_f64();
-    let gather = |idx: &[u32]| -> Result<Vec<f32>, DedupError> {
+    finish(n, &pairs, rows_of(&x), opts, seconds_distance)
+}
+
+/// The `gather` of [`finish`] over the rows of `x` (row-major, on the host).
+fn rows_of(x: &Tensor) -> impl Fn(&[u32]) -> Result<Vec<f32>, DedupError> + '_ {
+    |idx: &[u32]| {
         Ok(x.index_select(&Tensor::new(idx, x.device())?, 0)?
             .flatten_all()?
             .to_vec1()?)
-    };
-    finish(n, &pairs, gather, opts, seconds_distance)
+    }
 }
 
 /// Union-find over the pairs under `opts.threshold`, the sweep, and each set's
@@ -400,15 +404,11 @@ mod tests {
             vec![4, 6],
             vec![8, 10],
         ];
-        let gather = |idx: &[u32]| -> Result<Vec<f32>, DedupError> {
-            Ok(x.index_select(&Tensor::new(idx, x.device())?, 0)?
-                .flatten_all()?
-                .to_vec1()?)
-        };
-        let whole = representatives(gather, &members, usize::MAX).unwrap();
+        let gather = rows_of(&x);
+        let whole = representatives(&gather, &members, usize::MAX).unwrap();
         for chunk in [1, 2, 3, 5] {
             assert_eq!(
-                representatives(gather, &members, chunk).unwrap(),
+                representatives(&gather, &members, chunk).unwrap(),
                 whole,
                 "chunk {chunk}"
             );
@@ -436,21 +436,16 @@ mod tests {
             j: vec![1, 2, 4],
             dist2: vec![t * t, 0.5 * t * t, t * t],
         };
-        let rows: Vec<f32> = (0..5)
-            .flat_map(|k| [(k as f32 * 0.1).cos(), (k as f32 * 0.1).sin()])
+        let rows: Vec<Vec<f32>> = (0..5)
+            .map(|k| vec![(k as f32 * 0.1).cos(), (k as f32 * 0.1).sin()])
             .collect();
-        let gather = |idx: &[u32]| -> Result<Vec<f32>, DedupError> {
-            Ok(idx
-                .iter()
-                .flat_map(|&r| rows[2 * r as usize..2 * r as usize + 2].to_vec())
-                .collect())
-        };
+        let x = Tensor::new(rows, &candle_core::Device::Cpu).unwrap();
         let opts = BalanceOptions {
             threshold: t,
             sweep: vec![t, 0.3],
             ..Default::default()
         };
-        let r = finish(5, &pairs, gather, &opts, 0.0).unwrap();
+        let r = finish(5, &pairs, rows_of(&x), &opts, 0.0).unwrap();
         assert_eq!(r.set_id[1], r.set_id[2]);
         assert_eq!((r.summary.sets, r.summary.pairs), (4, 1));
         let kept: Vec<usize> = r.summary.sweep.iter().map(|w| w.kept).collect();

@@ -54,15 +54,7 @@ fn brute_force_labels(rows: &[Vec<f32>], thr: f64) -> Vec<usize> {
     let n = rows.len();
     let mut label: Vec<usize> = (0..n).collect();
     let mut changed = true;
-    let near = |a: usize, b: usize| {
-        rows[a]
-            .iter()
-            .zip(&rows[b])
-            .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-            .sum::<f64>()
-            .sqrt()
-            < thr
-    };
+    let near = |a: usize, b: usize| distance(&rows[a], &rows[b]) < thr;
     let adj: Vec<Vec<usize>> = (0..n)
         .map(|i| (0..n).filter(|&j| j != i && near(i, j)).collect())
         .collect();
@@ -80,17 +72,21 @@ fn brute_force_labels(rows: &[Vec<f32>], thr: f64) -> Vec<usize> {
     label
 }
 
+/// Euclidean distance, in f64.
+fn distance(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
 /// Pairs `i < j` whose distance is under `thr - 1e-4`, and under `thr + 1e-4`.
 fn pair_count_bounds(rows: &[Vec<f32>], thr: f64) -> (usize, usize) {
     let (mut sure, mut maybe) = (0, 0);
     for i in 0..rows.len() {
         for j in i + 1..rows.len() {
-            let d = rows[i]
-                .iter()
-                .zip(&rows[j])
-                .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-                .sum::<f64>()
-                .sqrt();
+            let d = distance(&rows[i], &rows[j]);
             sure += usize::from(d < thr - 1e-4);
             maybe += usize::from(d < thr + 1e-4);
         }
@@ -735,29 +731,18 @@ fn pair_files_with_bad_pairs_are_refused_naming_the_file() {
     // The good file's metadata around other arrays.
     let metadata = clipcid_store::io::read_header(&path).unwrap().metadata;
     let refused = |i: Tensor, j: Vec<u32>, dist2: Vec<f32>| {
-        let (nj, nd) = (j.len(), dist2.len());
         let tensors = [
             ("i".to_string(), i),
-            (
-                "j".to_string(),
-                Tensor::from_vec(j, nj, &Device::Cpu).unwrap(),
-            ),
-            (
-                "dist2".to_string(),
-                Tensor::from_vec(dist2, nd, &Device::Cpu).unwrap(),
-            ),
+            ("j".to_string(), vector(j)),
+            ("dist2".to_string(), vector(dist2)),
         ];
         clipcid_store::io::write_safetensors(&path, tensors, &metadata).unwrap();
         let e = read_pair_file(&path).unwrap_err().to_string();
         assert!(e.contains(&path.display().to_string()), "{e}");
         e
     };
-    let v = |i: Vec<u32>| {
-        let n = i.len();
-        Tensor::from_vec(i, n, &Device::Cpu).unwrap()
-    };
     for (i, j, dist2, why) in [
-        (vec![0, 3], vec![1], vec![0.001, 0.002], "lengths"),
+        (vec![0u32, 3], vec![1], vec![0.001, 0.002], "lengths"),
         (vec![0], vec![1], vec![0.001, 0.002], "lengths"),
         (vec![0, 3], vec![1, 3], vec![0.001, 0.002], "distinct rows"),
         (vec![0, 4], vec![1, 3], vec![0.001, 0.002], "distinct rows"),
@@ -769,11 +754,17 @@ fn pair_files_with_bad_pairs_are_refused_naming_the_file() {
             "distinct rows",
         ),
     ] {
-        let e = refused(v(i.clone()), j.clone(), dist2.clone());
+        let e = refused(vector(i.clone()), j.clone(), dist2.clone());
         assert!(e.contains(why), "{i:?} {j:?} {dist2:?}: {e}");
     }
     // `i` as a [2, 1] matrix: the right dtype and count, but not a vector.
-    let matrix = v(vec![0, 3]).reshape((2, 1)).unwrap();
+    let matrix = vector(vec![0u32, 3]).reshape((2, 1)).unwrap();
     let e = refused(matrix, vec![1, 9], vec![0.001, 0.002]);
     assert!(e.contains("`i` must be a U32 vector"), "{e}");
+}
+
+/// `v` as a CPU tensor of its length.
+fn vector<T: candle_core::WithDType>(v: Vec<T>) -> Tensor {
+    let n = v.len();
+    Tensor::from_vec(v, n, &Device::Cpu).unwrap()
 }

@@ -716,17 +716,23 @@ fn textness_study_adds_real_text_images_to_probe_and_pool() {
     };
     let dir = tempfile::tempdir().unwrap();
     let photos: Vec<_> = photos.into_iter().map(decoded).collect();
-    let study = |opts: &clipcid_eval::TextnessOptions, out: &std::path::Path| {
+    let run = |opts: &clipcid_eval::TextnessOptions,
+               photos: &[clipcid_data::DecodedImage],
+               queries: &[String],
+               out: &std::path::Path| {
         clipcid_eval::textness_study(
             &model,
             &tok,
             &clipcid_data::Preprocess::clip(model.config().vision_config.image_size),
-            &photos,
-            &["a photo".to_string()],
+            photos,
+            queries,
             &renderer,
             opts,
             out,
         )
+    };
+    let study = |opts: &clipcid_eval::TextnessOptions, out: &std::path::Path| {
+        run(opts, &photos, &["a photo".to_string()], out)
     };
     // A photo among the real text images is refused: one picture on both sides of the probe.
     let mut both = opts.clone();
@@ -747,16 +753,7 @@ fn textness_study_adds_real_text_images_to_probe_and_pool() {
     no_scales.scales.clear();
     let empty = dir.path().join("empty");
     let with = |photos: &[clipcid_data::DecodedImage], queries: &[String]| {
-        clipcid_eval::textness_study(
-            &model,
-            &tok,
-            &clipcid_data::Preprocess::clip(model.config().vision_config.image_size),
-            photos,
-            queries,
-            &renderer,
-            &opts,
-            &empty,
-        )
+        run(&opts, photos, queries, &empty)
     };
     for (k, (r, says)) in [
         (study(&no_words, &empty), "needs queries, words and scales"),
