@@ -48,8 +48,8 @@ pub use features::{
     encode_dataset, encode_decoded_images, encode_images, encode_texts, EncodedImages, Features,
 };
 pub use linear_probe::{
-    clip_benchmark_sweep, clip_benchmark_weight_decay, linear_probe, objective, AdamWProbe,
-    LabelledFeatures, LogisticRegression, ProbeMethod, ProbeOptions, ProbeResult,
+    clip_benchmark_sweep, clip_benchmark_weight_decay, clip_paper_sweep, linear_probe, objective,
+    AdamWProbe, LabelledFeatures, LogisticRegression, ProbeMethod, ProbeOptions, ProbeResult,
     CLIP_BENCHMARK_GRID, GRADIENT_TOLERANCE,
 };
 pub use metrics::{average_precision_at_n, top_n, Agreement, Classification, Retrieval};

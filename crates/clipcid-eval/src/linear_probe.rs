@@ -429,6 +429,58 @@ pub fn clip_benchmark_sweep<E>(
     Ok(peak)
 }
 
+/// CLIP's L2-strength search (its paper's appendix A.3) over `log10` of the strength, in
+/// `log10_range = (lo, hi)`: `accuracy(g)` is asked for the grid `hi, hi - 2, ...` down to
+/// `lo` (strong to weak), then, with the step halved each round until it is
+/// `1 / steps_per_decade`, for `best + step` and `best - step` in that order (those outside
+/// the range are skipped). A strictly better accuracy moves the best point; ties go to the
+/// stronger L2 (the larger `g`). Returns the best `g`. No point is asked for twice: each
+/// point of a refinement round lies an odd number of its steps from `hi`, every earlier
+/// point an even number.
+///
+/// ```
+/// use clipcid_eval::clip_paper_sweep;
+/// let mut asked = vec![];
+/// let best = clip_paper_sweep((-6.0, 2.0), 8.0, |g| -> Result<f64, ()> {
+///     asked.push(g);
+///     Ok(-(g + 3.3f64).powi(2))
+/// })
+/// .unwrap();
+/// assert_eq!(best, -3.25);
+/// assert_eq!(asked[..5], [2.0, 0.0, -2.0, -4.0, -6.0]);
+/// ```
+pub fn clip_paper_sweep<E>(
+    log10_range: (f64, f64),
+    steps_per_decade: f64,
+    mut accuracy: impl FnMut(f64) -> Result<f64, E>,
+) -> Result<f64, E> {
+    let (lo, hi) = log10_range;
+    let mut step = 2.0;
+    let mut best = (f64::NEG_INFINITY, hi);
+    let mut g = hi;
+    while g >= lo - 1e-9 {
+        let acc = accuracy(g)?;
+        if acc > best.0 {
+            best = (acc, g);
+        }
+        g -= step;
+    }
+    while step > 1.0 / steps_per_decade + 1e-9 {
+        step /= 2.0;
+        let centre = best.1;
+        for g in [centre + step, centre - step] {
+            if g < lo - 1e-9 || g > hi + 1e-9 {
+                continue;
+            }
+            let acc = accuracy(g)?;
+            if acc > best.0 || (acc == best.0 && g > best.1) {
+                best = (acc, g);
+            }
+        }
+    }
+    Ok(best.1)
+}
+
 /// Options of [`linear_probe`].
 #[derive(Debug, Clone)]
 pub struct ProbeOptions {
@@ -474,9 +526,10 @@ pub struct ProbeResult {
 }
 
 /// A linear probe by `opts.method`. [`ProbeMethod::Lbfgs`], CLIP's protocol: hold out
-/// `validation_fraction` of `train`, sweep the L2 strength over a log grid two decades apart,
-/// then repeatedly halve the step around the best value until `steps_per_decade` is reached
-/// (ties go to the stronger L2); refit on all of `train` with the winner and score `test`.
+/// `validation_fraction` of `train`, sweep the L2 strength by [`clip_paper_sweep`] (a log
+/// grid two decades apart, then the step halved around the best value until
+/// `steps_per_decade` is reached; ties go to the stronger L2); refit on all of `train` with
+/// the winner and score `test`.
 /// [`ProbeMethod::ClipBenchmark`]: the same held-out split, CLIP_benchmark's weight-decay
 /// search ([`clip_benchmark_sweep`]) with [`LogisticRegression::fit_adamw`], the final model
 /// trained on all of `train`; with `validation_fraction` 0, no search and weight decay 0.
@@ -509,49 +562,27 @@ pub fn linear_probe(
     if let ProbeMethod::ClipBenchmark(recipe) = opts.method {
         return clip_benchmark_probe(train, test, classes, opts, &recipe);
     }
+    let ((lo, hi), per_decade) = (opts.log10_range, opts.steps_per_decade);
+    if !(lo.is_finite() && hi.is_finite() && lo <= hi && per_decade.is_finite() && per_decade > 0.0)
+    {
+        return Err(EvalError::Input(format!(
+            "the L2 sweep needs a finite log10 range low <= high and steps per decade > 0, \
+             not ({lo}, {hi}) and {per_decade}"
+        )));
+    }
     let (fit_set, val_set) = validation_split(train, opts);
     let mut sweep: Vec<(f64, f64)> = vec![];
+    // The grid runs strong to weak: each fit warm-starts the next, less regular one.
     let mut warm: Option<LogisticRegression> = None;
-    let mut try_l2 = |log10: f64, sweep: &mut Vec<(f64, f64)>| -> Result<f64, EvalError> {
+    let best = clip_paper_sweep(opts.log10_range, opts.steps_per_decade, |log10| {
         let l2 = 10f64.powf(log10);
-        if let Some(&(_, acc)) = sweep.iter().find(|(v, _)| (v.log10() - log10).abs() < 1e-9) {
-            return Ok(acc);
-        }
         let m = LogisticRegression::fit(&fit_set, classes, l2, opts.max_iterations, warm.as_ref())?;
         let acc = m.accuracy(&val_set);
         warm = Some(m);
         sweep.push((l2, acc));
-        Ok(acc)
-    };
-    let (lo, hi) = opts.log10_range;
-    let mut step = 2.0;
-    let mut grid = vec![];
-    let mut v = hi; // strong to weak: each fit warm-starts the next, less regular one
-    while v >= lo - 1e-9 {
-        grid.push(v);
-        v -= step;
-    }
-    let mut best = (f64::NEG_INFINITY, hi);
-    for &g in &grid {
-        let acc = try_l2(g, &mut sweep)?;
-        if acc > best.0 {
-            best = (acc, g);
-        }
-    }
-    while step > 1.0 / opts.steps_per_decade + 1e-9 {
-        step /= 2.0;
-        let centre = best.1;
-        for g in [centre + step, centre - step] {
-            if g < lo - 1e-9 || g > hi + 1e-9 {
-                continue;
-            }
-            let acc = try_l2(g, &mut sweep)?;
-            if acc > best.0 || (acc == best.0 && g > best.1) {
-                best = (acc, g);
-            }
-        }
-    }
-    let l2 = 10f64.powf(best.1);
+        Ok::<f64, EvalError>(acc)
+    })?;
+    let l2 = 10f64.powf(best);
     let model = LogisticRegression::fit(train, classes, l2, opts.max_iterations, warm.as_ref())?;
     let test_scores = Classification::from_scores(&model.scores(test), classes, test.labels())?;
     Ok(ProbeResult {

@@ -2,11 +2,12 @@
 //! Evaluation measures against hand-computed and brute-force references.
 
 use clipcid_eval::{
-    average_precision_at_n, clip_benchmark_sweep, clip_benchmark_weight_decay, linear_probe,
-    objective, plot_textness_grid, textness_sweep, top_n, AdamWProbe, Agreement, Classification,
-    Features, LabelledFeatures, LogisticRegression, ProbeMethod, ProbeOptions, Retrieval,
-    TextRenderer, TextnessDirection, ZeroShotClassifier, GRADIENT_TOLERANCE,
+    average_precision_at_n, clip_benchmark_sweep, clip_benchmark_weight_decay, clip_paper_sweep,
+    linear_probe, objective, plot_textness_grid, textness_sweep, top_n, AdamWProbe, Agreement,
+    Classification, Features, LabelledFeatures, LogisticRegression, ProbeMethod, ProbeOptions,
+    Retrieval, TextRenderer, TextnessDirection, ZeroShotClassifier, GRADIENT_TOLERANCE,
 };
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -202,6 +203,31 @@ fn logistic_loss_and_gradient_match_references() {
         "gradient norm {gnorm} at the solution"
     );
     assert!(fit_loss < want);
+    // Accuracy is the share of rows predicted right (these random labels are not all fitted).
+    let hits = fit
+        .predict(&data)
+        .iter()
+        .zip(&y)
+        .filter(|(p, y)| p == y)
+        .count();
+    assert!(0 < hits && hits < n, "{hits} of {n}");
+    assert_eq!(fit.accuracy(&data), hits as f64 / n as f64);
+    // Warm-started at the solution, L-BFGS has nothing left to do; a previous fit of
+    // another shape is no start (the fit starts from zero, as without one).
+    let again = LogisticRegression::fit(&data, classes, l2, 500, Some(&fit)).unwrap();
+    assert!(
+        fit.iterations > 1 && again.iterations <= 1,
+        "{} then {}",
+        fit.iterations,
+        again.iterations
+    );
+    let wider = LabelledFeatures::new(&[0.5; 6], dim + 1, &[1], classes).unwrap();
+    let other = LogisticRegression::fit(&wider, classes, l2, 500, None).unwrap();
+    let cold = LogisticRegression::fit(&data, classes, l2, 500, Some(&other)).unwrap();
+    assert_eq!(
+        (cold.weights(), cold.bias(), cold.iterations),
+        (fit.weights(), fit.bias(), fit.iterations)
+    );
 }
 
 #[test]
@@ -216,6 +242,11 @@ fn linear_probe_on_separable_classes_is_perfect_and_deterministic() {
     assert_eq!(r.test.top1, 1.0, "sweep {:?}", r.sweep);
     // Grid two decades apart from 1e2 down to 1e-6, then refined to 1/8 decade.
     assert!(r.sweep.len() >= 9 && r.sweep.len() <= 5 + 2 * 4);
+    // Each accuracy is over the held-out 20% of the 150 training rows: a count of 30.
+    for &(_, acc) in &r.sweep {
+        let right = acc * 30.0;
+        assert!((right - right.round()).abs() < 1e-9, "{:?}", r.sweep);
+    }
     let again = linear_probe(&train, &test, classes, &opts).unwrap();
     assert_eq!(r.l2, again.l2);
     assert_eq!(r.test.predictions, again.test.predictions);
@@ -232,7 +263,7 @@ fn clip_benchmark_sweep_asks_what_its_find_peak_asks() {
     // its find_peak loop in Python on the same accuracy curves.
     // (accuracy curve, the peak, the indices asked for)
     type Case = (fn(usize) -> f64, usize, &'static [usize]);
-    let cases: [Case; 3] = [
+    let cases: [Case; 4] = [
         (
             |i| 1.0 - (i as f64 - 37.0).abs() / 100.0,
             37,
@@ -257,6 +288,14 @@ fn clip_benchmark_sweep_asks_what_its_find_peak_asks() {
                 0, 16, 32, 48, 64, 80, 96, 8, 16, 24, 12, 16, 20, 14, 16, 18, 15, 16, 17,
             ],
         ),
+        // Rising to the weakest decay: the right end is clamped to the grid's last index.
+        (
+            |i| i as f64 / 96.0,
+            96,
+            &[
+                0, 16, 32, 48, 64, 80, 96, 88, 96, 96, 92, 96, 96, 94, 96, 96, 95, 96, 96,
+            ],
+        ),
     ];
     for (curve, peak, asked) in cases {
         let mut seen = vec![];
@@ -272,6 +311,88 @@ fn clip_benchmark_sweep_asks_what_its_find_peak_asks() {
         let wd = clip_benchmark_weight_decay(i);
         assert!((wd / want - 1.0).abs() < 1e-12, "{i}: {wd}");
     }
+}
+
+#[test]
+fn clip_paper_sweep_asks_the_grid_then_halves_around_the_best() {
+    // (accuracy curve over log10 L2, the best point, the points asked for), worked by hand:
+    // the grid 2, 0, ..., -6, then best + step and best - step for steps 1, 1/2, 1/4, 1/8.
+    type Case = (fn(f64) -> f64, f64, &'static [f64]);
+    let cases: [Case; 3] = [
+        (
+            |g| -(g + 3.3) * (g + 3.3),
+            -3.25,
+            &[
+                2.0, 0.0, -2.0, -4.0, -6.0, -3.0, -5.0, -2.5, -3.5, -3.25, -3.75, -3.125, -3.375,
+            ],
+        ),
+        // A flat curve: every tie goes to the stronger L2, and points above 2 are skipped.
+        (
+            |_| 0.5,
+            2.0,
+            &[2.0, 0.0, -2.0, -4.0, -6.0, 1.0, 1.5, 1.75, 1.875],
+        ),
+        // Best at the weak end: points below -6 are skipped; a tie with the best point
+        // during refinement moves it only towards the stronger L2.
+        (
+            |g| if g <= -5.5 { 1.0 } else { 0.0 },
+            -5.5,
+            &[
+                2.0, 0.0, -2.0, -4.0, -6.0, -5.0, -5.5, -5.25, -5.75, -5.375, -5.625,
+            ],
+        ),
+    ];
+    for (curve, best, asked) in cases {
+        let mut seen = vec![];
+        let got = clip_paper_sweep((-6.0, 2.0), 8.0, |g| -> Result<f64, ()> {
+            seen.push(g);
+            Ok(curve(g))
+        })
+        .unwrap();
+        assert_eq!((got, seen.as_slice()), (best, asked));
+    }
+    // A range that is not a whole number of grid steps: the weak end itself is asked for in
+    // the refinement (and nothing beyond it).
+    let mut seen = vec![];
+    let got = clip_paper_sweep((-5.0, 2.0), 8.0, |g| -> Result<f64, ()> {
+        seen.push(g);
+        Ok(-(g + 5.0).abs())
+    });
+    let asked = [2.0, 0.0, -2.0, -4.0, -3.0, -5.0, -4.5, -4.75, -4.875];
+    assert_eq!((got, seen.as_slice()), (Ok(-5.0), asked.as_slice()));
+    // No point is asked for twice, whatever the curve and range.
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    for _ in 0..20 {
+        let (lo, hi) = (rng.random_range(-9.0..-1.0), rng.random_range(0.0..3.0));
+        let peak: f64 = rng.random_range(lo..hi);
+        let mut seen: Vec<f64> = vec![];
+        clip_paper_sweep((lo, hi), 16.0, |g| -> Result<f64, ()> {
+            assert!(
+                !seen.contains(&g) && (lo - 1e-9..=hi + 1e-9).contains(&g),
+                "{g}"
+            );
+            seen.push(g);
+            Ok(-(g - peak).abs())
+        })
+        .unwrap();
+    }
+    // Coarser resolution stops sooner; an error from a fit ends the sweep with it.
+    let mut n = 0;
+    let got = clip_paper_sweep((-6.0, 2.0), 2.0, |g| -> Result<f64, ()> {
+        n += 1;
+        Ok(-g.abs())
+    });
+    assert_eq!((got, n), (Ok(0.0), 5 + 2 * 2));
+    let mut n = 0;
+    let e = clip_paper_sweep((-6.0, 2.0), 8.0, |_| {
+        n += 1;
+        if n == 3 {
+            Err("fit failed")
+        } else {
+            Ok(0.5)
+        }
+    });
+    assert_eq!((e, n), (Err("fit failed"), 3));
 }
 
 #[test]
@@ -344,6 +465,141 @@ fn clip_benchmark_probe_on_separable_classes_is_perfect_and_deterministic() {
     };
     let e = linear_probe(&train, &test, classes, &bad).unwrap_err();
     assert!(e.to_string().contains("validation fraction 0"), "{e}");
+}
+
+#[test]
+fn adamw_probe_follows_torch_adamw_over_the_cosine_schedule() {
+    // torch.nn.Linear's initialisation drawn as the probe draws it (the weights row by row,
+    // then the bias, uniform in +-1/sqrt(dim)), the rows shuffled each epoch by the same
+    // generator and taken 4 at a time (two steps per epoch, the second of 2 rows), then
+    // torch.optim.AdamW at CLIP_benchmark's cosine learning rate 0.5 (1 + cos(pi t / T)) lr
+    // for step t of T.
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let (n, dim, classes) = (6, 16, 3);
+    let x: Vec<f32> = (0..n * dim).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let data = LabelledFeatures::new(&x, dim, &[0, 1, 2, 0, 1, 2], classes).unwrap();
+    let (lr, wd, epochs, batch_size, seed) = (0.1, 0.01, 3, 4, 5);
+    let recipe = AdamWProbe {
+        lr,
+        epochs,
+        batch_size,
+    };
+    let mut draws = ChaCha8Rng::seed_from_u64(seed);
+    let bound = 1.0 / (dim as f64).sqrt();
+    let mut p: Vec<f64> = (0..classes * (dim + 1))
+        .map(|_| draws.random_range(-bound..=bound))
+        .collect();
+    assert!(p.iter().any(|&v| v < -bound / 2.0) && p.iter().any(|&v| v > bound / 2.0));
+    let (mut m, mut v) = (vec![0.0; p.len()], vec![0.0; p.len()]);
+    let total = (epochs * 2) as f64;
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut t = 0;
+    for _ in 0..epochs {
+        order.shuffle(&mut draws);
+        for batch in order.chunks(batch_size) {
+            let lr_t = 0.5 * (1.0 + (std::f64::consts::PI * t as f64 / total).cos()) * lr;
+            let (_, g) = objective(&p, &data.select(batch), classes, 0.0).unwrap();
+            t += 1;
+            let (b1, b2) = (1.0 - 0.9f64.powi(t), 1.0 - 0.999f64.powi(t));
+            for i in 0..p.len() {
+                p[i] *= 1.0 - lr_t * wd;
+                m[i] = 0.9 * m[i] + 0.1 * g[i];
+                v[i] = 0.999 * v[i] + 0.001 * g[i] * g[i];
+                p[i] -= lr_t * (m[i] / b1) / ((v[i] / b2).sqrt() + 1e-8);
+            }
+        }
+    }
+    let fit = LogisticRegression::fit_adamw(&data, classes, wd, &recipe, seed).unwrap();
+    let got: Vec<f64> = fit.weights().iter().chain(fit.bias()).copied().collect();
+    for (a, b) in got.iter().zip(&p) {
+        assert!((a - b).abs() < 1e-9, "{a} vs {b}");
+    }
+    assert_eq!(fit.iterations, t as u64);
+    let loss = objective(&p, &data, classes, 0.0).unwrap().0;
+    assert!((fit.loss - loss).abs() < 1e-9, "{} vs {loss}", fit.loss);
+}
+
+#[test]
+fn probe_fits_refuse_what_they_cannot_fit() {
+    let x = [1.0f32, 0.2, 0.9, -0.1, -1.0, 0.1, -0.8, 0.3];
+    let data = LabelledFeatures::new(&x, 2, &[1, 1, 0, 0], 2).unwrap();
+    let empty = LabelledFeatures::new(&[], 2, &[], 2).unwrap();
+    let recipe = AdamWProbe::default();
+    let refused = |r: Result<LogisticRegression, clipcid_eval::EvalError>, what: &str| {
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains(what), "{e}");
+    };
+    for (rows, classes) in [(&empty, 2), (&data, 1)] {
+        let what = "at least 2 classes";
+        refused(LogisticRegression::fit(rows, classes, 1e-3, 50, None), what);
+        refused(
+            LogisticRegression::fit_adamw(rows, classes, 0.0, &recipe, 0),
+            what,
+        );
+    }
+    for bad in [-1e-3, f64::NAN, f64::INFINITY] {
+        refused(
+            LogisticRegression::fit(&data, 2, bad, 50, None),
+            "L2 strength",
+        );
+        refused(
+            LogisticRegression::fit_adamw(&data, 2, bad, &recipe, 0),
+            "weight decay",
+        );
+    }
+    for bad in [
+        AdamWProbe { lr: 0.0, ..recipe },
+        AdamWProbe {
+            lr: f64::NAN,
+            ..recipe
+        },
+        AdamWProbe {
+            epochs: 0,
+            ..recipe
+        },
+        AdamWProbe {
+            batch_size: 0,
+            ..recipe
+        },
+    ] {
+        refused(
+            LogisticRegression::fit_adamw(&data, 2, 0.0, &bad, 0),
+            "AdamW probe needs",
+        );
+    }
+    // A probe needs 2 training rows (one to fit, one to hold out), a validation fraction
+    // below 1 and a sweep range it can walk.
+    let opts = ProbeOptions {
+        max_iterations: 50,
+        ..ProbeOptions::default()
+    };
+    let one = data.select(&[0]);
+    let e = linear_probe(&one, &data, 2, &opts).unwrap_err();
+    assert!(e.to_string().contains("at least 2 training rows"), "{e}");
+    let two = data.select(&[0, 2]);
+    assert_eq!(
+        linear_probe(&two, &data, 2, &opts).unwrap().sweep.len(),
+        5 + 2 * 4 - 4
+    );
+    let all = ProbeOptions {
+        validation_fraction: 1.0,
+        ..opts.clone()
+    };
+    let e = linear_probe(&data, &data, 2, &all).unwrap_err();
+    assert!(e.to_string().contains("validation fraction 1"), "{e}");
+    for (range, per_decade) in [
+        ((2.0, -6.0), 8.0),
+        ((f64::NAN, 2.0), 8.0),
+        ((-6.0, 2.0), 0.0),
+    ] {
+        let bad = ProbeOptions {
+            log10_range: range,
+            steps_per_decade: per_decade,
+            ..opts.clone()
+        };
+        let e = linear_probe(&data, &data, 2, &bad).unwrap_err();
+        assert!(e.to_string().contains("the L2 sweep needs"), "{e}");
+    }
 }
 
 #[test]
