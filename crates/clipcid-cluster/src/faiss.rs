@@ -133,15 +133,13 @@ impl KMeans {
             Some(device) => gpu_train(&mut clustering, x, d, self.spherical, device)?,
         }
         let data: Vec<f32> = clustering.centroids()?.concat();
-        let stats = clustering.iteration_stats();
-        let objective = stats.last().map(|s| s.obj()).unwrap_or(f32::NAN);
+        let (objective, imbalance) = last_iteration(&clustering).unwrap_or((f32::NAN, 1.0));
         let objective = match unit_rows {
             // faiss reports the sum of squared distances there, and
             // |x - c|^2 = |x|^2 + 1 - 2 x.c for a unit centroid c, summed over the rows.
             Some(norms) => ((norms + (x.len() / d) as f64 - objective as f64) / 2.0) as f32,
             None => objective,
         };
-        let imbalance = stats.last().map(|s| s.imbalance_factor()).unwrap_or(1.0);
         Ok(Centroids {
             data,
             k: self.k,
@@ -181,6 +179,46 @@ impl KMeans {
         let host: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         self.fit_slice(&host, d)
     }
+}
+
+/// faiss's `ClusteringIterationStats` (faiss/Clustering.h), field for field. faiss-rs 0.13
+/// declares that struct as a zero-sized type, so every element of its
+/// `Clustering::iteration_stats()` slice is the first: `last()` read the first iteration's
+/// objective and imbalance (with k-means++ starts, the zeros of faiss's "copy the K given
+/// points" step), and `redo` could not tell its runs apart.
+#[repr(C)]
+struct IterationStats {
+    obj: f32,
+    time: f64,
+    time_search: f64,
+    imbalance_factor: f64,
+    nsplit: i32,
+}
+
+/// The objective and imbalance factor of faiss's last k-means iteration, or `None` when it
+/// made none (or the layout above does not read faiss's first iteration as faiss's own
+/// getters do).
+#[allow(unsafe_code)] // reads faiss's vector of stats through a mirror of its element type
+fn last_iteration(clustering: &Clustering) -> Option<(f32, f64)> {
+    let stats = clustering.iteration_stats();
+    let first = stats.first()?;
+    // SAFETY: faiss's C API gives the data pointer and length of the clustering's
+    // `std::vector<ClusteringIterationStats>`, which lives as long as `clustering`; its
+    // elements are the standard-layout C++ struct that the `repr(C)` `IterationStats`
+    // mirrors, and a vector's data is aligned for them.
+    let all: &[IterationStats] =
+        unsafe { std::slice::from_raw_parts(stats.as_ptr().cast(), stats.len()) };
+    let same = all[0].obj.to_bits() == first.obj().to_bits()
+        && all[0].imbalance_factor.to_bits() == first.imbalance_factor().to_bits();
+    let last = all.last()?;
+    log::trace!(
+        "k-means: {} iterations, the last took {:.3} s ({:.3} s searching, {} splits)",
+        all.len(),
+        last.time,
+        last.time_search,
+        last.nsplit
+    );
+    same.then_some((last.obj, last.imbalance_factor))
 }
 
 #[cfg(feature = "faiss-gpu")]

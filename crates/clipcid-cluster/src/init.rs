@@ -74,3 +74,71 @@ pub(crate) fn kmeans_plus_plus(x: &[f32], d: usize, k: usize, seed: u64) -> Vec<
     }
     centres
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Greedy k-means++ as scikit-learn's `_kmeans_plusplus` writes it, one row at a time in
+    /// f64, with the same draws: the first centre uniformly, then `2 + floor(ln K)` candidates
+    /// per centre by inverse-CDF draws on the running distances, the one that lowers their
+    /// sum most (the first of equals) taken.
+    fn reference(x: &[f32], d: usize, k: usize, seed: u64) -> Vec<f32> {
+        let n = x.len() / d;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let row = |i: usize| &x[i * d..(i + 1) * d];
+        let dist2 =
+            |a: &[f32], b: &[f32]| -> f32 { a.iter().zip(b).map(|(p, q)| (p - q) * (p - q)).sum() };
+        let trials = 2 + (k as f64).ln() as usize;
+        let first = rng.random_range(0..n);
+        let mut centres = row(first).to_vec();
+        let mut nearest: Vec<f32> = (0..n).map(|i| dist2(row(i), row(first))).collect();
+        for _ in 1..k {
+            let total: f64 = nearest.iter().map(|&v| v as f64).sum();
+            let mut candidates = vec![];
+            for _ in 0..trials {
+                let target = rng.random::<f64>() * total;
+                let (mut running, mut pick) = (0.0, n - 1);
+                for (i, &v) in nearest.iter().enumerate() {
+                    running += v as f64;
+                    if running > target {
+                        pick = i;
+                        break;
+                    }
+                }
+                candidates.push(pick);
+            }
+            let potential = |c: usize| -> f64 {
+                (0..n)
+                    .map(|i| nearest[i].min(dist2(row(i), row(c))) as f64)
+                    .sum()
+            };
+            let mut best = candidates[0];
+            for &c in &candidates[1..] {
+                if potential(c) < potential(best) {
+                    best = c;
+                }
+            }
+            centres.extend_from_slice(row(best));
+            for (i, m) in nearest.iter_mut().enumerate() {
+                *m = m.min(dist2(row(i), row(best)));
+            }
+        }
+        centres
+    }
+
+    #[test]
+    fn kmeans_plus_plus_matches_a_row_by_row_reference() {
+        // 5,000 rows: more than one 4,096-row block of the parallel potential sums.
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let (n, d) = (5000, 2);
+        let x: Vec<f32> = (0..n * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+        for (k, seed) in [(2, 1), (9, 2), (40, 3)] {
+            assert_eq!(
+                kmeans_plus_plus(&x, d, k, seed),
+                reference(&x, d, k, seed),
+                "K {k}"
+            );
+        }
+    }
+}

@@ -184,6 +184,146 @@ fn assignment_matches_brute_force() {
 }
 
 #[test]
+fn builder_options_read_back_and_reach_the_centroids() {
+    let km = KMeans::new(5)
+        .iterations(7)
+        .seed(99)
+        .spherical(false)
+        .init(KMeansInit::PlusPlus)
+        .gpu(Some(3));
+    assert_eq!(
+        (
+            km.k(),
+            km.get_iterations(),
+            km.get_seed(),
+            km.get_spherical()
+        ),
+        (5, 7, 99, false)
+    );
+    assert!(
+        KMeans::new(5).get_spherical(),
+        "spherical by default, as in the paper"
+    );
+    assert_eq!(
+        (km.get_init(), km.get_gpu()),
+        (KMeansInit::PlusPlus, Some(3))
+    );
+    let (x, _) = planted(5, 8, 6, 0.3, 4);
+    for spherical in [true, false] {
+        let c = km
+            .clone()
+            .gpu(None)
+            .spherical(spherical)
+            .train(&x, 6)
+            .unwrap();
+        assert_eq!((c.k(), c.dim(), c.is_spherical()), (5, 6, spherical));
+    }
+}
+
+/// The objective faiss reports is the last iteration's: once the centroids stop moving it
+/// is the brute-force sum over the rows with the final centroids, of inner products
+/// (spherical) or squared distances (L2). Spherical training on unit rows searches by L2 and
+/// converts faiss's figure back; rows of other norms and L2 k-means must not be converted.
+#[test]
+fn objective_is_the_sum_the_final_centroids_give() {
+    let d = 16;
+    let (unit, _) = planted(5, 40, d, 0.1, 21);
+    let scaled: Vec<f32> = unit
+        .chunks_exact(d)
+        .enumerate()
+        .flat_map(|(i, r)| r.iter().map(move |v| v * (1.0 + (i % 4) as f32)))
+        .collect();
+    for (x, spherical) in [
+        (&unit, true),
+        (&scaled, true),
+        (&unit, false),
+        (&scaled, false),
+    ] {
+        for init in [KMeansInit::Random, KMeansInit::PlusPlus] {
+            let fit = KMeans::new(5)
+                .iterations(25)
+                .seed(3)
+                .spherical(spherical)
+                .init(init)
+                .fit_slice(x, d)
+                .unwrap();
+            let c = fit.centroids.as_slice();
+            let want: f64 = x
+                .chunks_exact(d)
+                .zip(&fit.labels)
+                .map(|(row, &l)| {
+                    let cl = &c[l as usize * d..(l as usize + 1) * d];
+                    row.iter()
+                        .zip(cl)
+                        .map(|(&a, &b)| {
+                            let (a, b) = (a as f64, b as f64);
+                            if spherical {
+                                a * b
+                            } else {
+                                (a - b) * (a - b)
+                            }
+                        })
+                        .sum::<f64>()
+                })
+                .sum();
+            let got = fit.centroids.objective as f64;
+            assert!(
+                (got - want).abs() <= 1e-4 * want.abs(),
+                "spherical {spherical}, {init:?}: objective {got}, brute force {want}"
+            );
+            // And its imbalance factor, K sum(size^2) / n^2, is that of the final labels.
+            let n = fit.labels.len() as f64;
+            let squares: f64 = cluster_sizes(&fit.labels, 5)
+                .iter()
+                .map(|&s| (s as f64) * (s as f64))
+                .sum();
+            let imbalance = 5.0 * squares / (n * n);
+            assert!(
+                (fit.centroids.imbalance_factor - imbalance).abs() < 1e-9,
+                "{} vs {imbalance}",
+                fit.centroids.imbalance_factor
+            );
+        }
+    }
+}
+
+/// With k-means++ starts, `redo(n)` runs seeds `seed, seed + 1, ...` and keeps the run with
+/// the best objective: the largest sum of inner products (spherical), the smallest sum of
+/// squared distances (L2).
+#[test]
+fn redo_keeps_the_best_of_its_runs() {
+    let d = 24;
+    let (x, _) = planted(16, 30, d, 0.6, 9);
+    for spherical in [true, false] {
+        let km = KMeans::new(16)
+            .iterations(4)
+            .spherical(spherical)
+            .init(KMeansInit::PlusPlus);
+        let singles: Vec<_> = (0..3)
+            .map(|i| km.clone().seed(5 + i).train(&x, d).unwrap())
+            .collect();
+        let objectives: Vec<f32> = singles.iter().map(|c| c.objective).collect();
+        let best = if spherical {
+            objectives.iter().copied().fold(f32::MIN, f32::max)
+        } else {
+            objectives.iter().copied().fold(f32::MAX, f32::min)
+        };
+        let best = singles.iter().position(|c| c.objective == best).unwrap();
+        let runs = objectives
+            .iter()
+            .filter(|&&o| o == objectives[best])
+            .count();
+        assert!(runs == 1, "spherical {spherical}: runs tie {objectives:?}");
+        let redo = km.clone().seed(5).redo(3).train(&x, d).unwrap();
+        assert_eq!(
+            redo.as_slice(),
+            singles[best].as_slice(),
+            "spherical {spherical}: {objectives:?}"
+        );
+    }
+}
+
+#[test]
 fn adjusted_rand_index_matches_known_values() {
     // Values from scikit-learn's adjusted_rand_score.
     let ari = |a: &[u32], b: &[u32]| adjusted_rand_index(a, b).unwrap();
@@ -194,6 +334,11 @@ fn adjusted_rand_index_matches_known_values() {
     );
     assert!((ari(&[0, 0, 1, 1], &[0, 1, 0, 1]) + 0.5).abs() < 1e-12);
     assert!(adjusted_rand_index(&[0, 1], &[0]).is_err());
+    // Both all-one-cluster, or both all-singletons: the same partition, 1 (scikit-learn's
+    // special case; the formula would divide 0 by 0).
+    assert_eq!(ari(&[4, 4, 4], &[7, 7, 7]), 1.0);
+    assert_eq!(ari(&[0, 1, 2], &[2, 0, 1]), 1.0);
+    assert_eq!(ari(&[0, 1, 2], &[5, 5, 5]), 0.0);
 }
 
 #[test]
@@ -219,6 +364,37 @@ fn bad_inputs_are_clear_errors() {
         e.contains("max points per centroid must be at least 1"),
         "{e}"
     );
+    for km in [KMeans::new(2).iterations(0), KMeans::new(2).redo(0)] {
+        let e = msg(km.fit_slice(&x, 4).map(|_| ()));
+        assert!(e.contains("iterations and redo must be at least 1"), "{e}");
+    }
+    // As many centroids as rows is allowed.
+    assert_eq!(KMeans::new(6).fit_slice(&x, 4).unwrap().centroids.k(), 6);
+    for (data, k, d) in [(vec![], 0, 4), (vec![], 1, 0), (vec![0.5; 6], 2, 4)] {
+        let e = msg(clipcid_cluster::Centroids::from_vec(data, k, d, true).map(|_| ()));
+        assert!(e.contains("do not make"), "{e}");
+    }
+    // A non-finite value is found wherever it is, and its row named (9 values: an odd
+    // count, so a parity-like fold would also flag finite data).
+    let fine = vec![0.25f32; 9];
+    assert!(clipcid_cluster::Centroids::from_vec(fine.clone(), 3, 3, false).is_ok());
+    for at in 0..9 {
+        let mut bad = fine.clone();
+        bad[at] = f32::INFINITY;
+        let e = msg(clipcid_cluster::Centroids::from_vec(bad, 3, 3, false).map(|_| ()));
+        assert!(
+            e.contains(&format!(
+                "centroids: non-finite value inf in row {}",
+                at / 3
+            )),
+            "{e}"
+        );
+    }
+    // Past the first block of 65,536 values the row is still counted from the start.
+    let mut wide = vec![0.25f32; 70_000];
+    wide[68_005] = f32::NAN;
+    let e = msg(clipcid_cluster::Centroids::from_vec(wide, 7_000, 10, false).map(|_| ()));
+    assert!(e.contains("non-finite value NaN in row 6800"), "{e}");
     // Centroids of another width cannot label these rows.
     let c = KMeans::new(2).train(&x, 4).unwrap();
     let e = msg(c.assign(&x[..10]).map(|_| ()));
@@ -346,6 +522,47 @@ fn streaming_over_shards_equals_in_memory_and_round_trips() {
         .map(|(&i, _)| i)
         .collect();
     assert_eq!(kept_ids, expect_ids);
+    // The whole stage gathers the same centroids, labels and ids, and a summary of the
+    // options it ran with.
+    let staged = clipcid_cluster::cluster_shards(&km, &rows, false).unwrap();
+    assert_eq!(
+        (
+            &staged.centroids,
+            &staged.labels,
+            &staged.ids,
+            staged.k,
+            staged.dim
+        ),
+        (&streamed.normalized(), &labels, &expect_ids, 6, d)
+    );
+    assert_eq!(staged.sizes, cluster_sizes(&labels, 6));
+    let s = &staged.summary;
+    assert_eq!(
+        (
+            s.dim,
+            s.iterations,
+            s.seed,
+            s.spherical,
+            s.init,
+            s.trained_on
+        ),
+        (d, 6, 11, true, KMeansInit::Random, 120)
+    );
+    assert_eq!(s.objective, streamed.objective);
+    // As many centroids as kept rows is allowed; one more is not.
+    let kept = rows.kept();
+    let all = train_from_shards(&KMeans::new(kept).iterations(1), &rows).unwrap();
+    assert_eq!((all.k(), all.trained_on), (kept, kept));
+    let e = train_from_shards(&KMeans::new(kept + 1), &rows)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!(
+            "K = {} is larger than the number of kept embeddings ({kept})",
+            kept + 1
+        )),
+        "{e}"
+    );
 
     // Cluster file round trip, summary JSON beside it, histogram PNG that decodes.
     let sizes = cluster_sizes(&labels, 6);
@@ -544,4 +761,15 @@ fn assignment_on_a_candle_device_equals_faiss() {
         let on_device = c.device_assigner(&Device::Cpu).unwrap().assign(&x).unwrap();
         assert_eq!(on_device, faiss, "spherical {spherical}");
     }
+    // L2 centroids of different norms: the nearest is not the largest inner product.
+    let c = clipcid_cluster::Centroids::from_vec(vec![1.0, 0.0, 3.0, 0.0, 0.0, 0.5], 3, 2, false)
+        .unwrap();
+    let rows = [1.2f32, 0.1, 2.2, 0.0, 0.1, 0.3, 1.9, 0.2];
+    let on_device = c
+        .device_assigner(&Device::Cpu)
+        .unwrap()
+        .assign(&rows)
+        .unwrap();
+    assert_eq!(on_device, vec![0, 1, 2, 0]);
+    assert_eq!(c.assign(&rows).unwrap(), on_device);
 }
