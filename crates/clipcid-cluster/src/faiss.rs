@@ -218,6 +218,12 @@ fn last_iteration(clustering: &Clustering) -> Option<(f32, f64)> {
         last.time_search,
         last.nsplit
     );
+    if !same {
+        log::warn!(
+            "faiss's k-means statistics do not have the layout this build expects; \
+             the objective and imbalance factor are not reported"
+        );
+    }
     same.then_some((last.obj, last.imbalance_factor))
 }
 

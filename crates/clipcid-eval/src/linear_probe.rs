@@ -574,7 +574,7 @@ pub fn linear_probe(
     let mut sweep: Vec<(f64, f64)> = vec![];
     // The grid runs strong to weak: each fit warm-starts the next, less regular one.
     let mut warm: Option<LogisticRegression> = None;
-    let best = clip_paper_sweep(opts.log10_range, opts.steps_per_decade, |log10| {
+    let best = clip_paper_sweep((lo, hi), per_decade, |log10| {
         let l2 = 10f64.powf(log10);
         let m = LogisticRegression::fit(&fit_set, classes, l2, opts.max_iterations, warm.as_ref())?;
         let acc = m.accuracy(&val_set);
