@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use clipcid_cluster::{
-    adjusted_rand_index, assign_shards, cluster_sizes, plot_size_histogram, read_clusters,
-    train_from_shards, write_clusters, ClusterFile, ClusterSummary, KMeans, KMeansInit, ShardRows,
-    SizeSummary,
+    adjusted_rand_index, assign_shards, cluster_shards, cluster_sizes, plot_size_histogram,
+    read_clusters, train_from_shards, write_clusters, Centroids, ClusterFile, ClusterSummary,
+    KMeans, KMeansInit, ShardRows, SizeSummary,
 };
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
@@ -373,17 +373,17 @@ fn bad_inputs_are_clear_errors() {
     // As many centroids as rows is allowed.
     assert_eq!(KMeans::new(6).fit_slice(&x, 4).unwrap().centroids.k(), 6);
     for (data, k, d) in [(vec![], 0, 4), (vec![], 1, 0), (vec![0.5; 6], 2, 4)] {
-        let e = msg(clipcid_cluster::Centroids::from_vec(data, k, d, true).map(|_| ()));
+        let e = msg(Centroids::from_vec(data, k, d, true).map(|_| ()));
         assert!(e.contains("do not make"), "{e}");
     }
     // A non-finite value is found wherever it is, and its row named (9 values: an odd
     // count, so a parity-like fold would also flag finite data).
     let fine = vec![0.25f32; 9];
-    assert!(clipcid_cluster::Centroids::from_vec(fine.clone(), 3, 3, false).is_ok());
+    assert!(Centroids::from_vec(fine.clone(), 3, 3, false).is_ok());
     for at in 0..9 {
         let mut bad = fine.clone();
         bad[at] = f32::INFINITY;
-        let e = msg(clipcid_cluster::Centroids::from_vec(bad, 3, 3, false).map(|_| ()));
+        let e = msg(Centroids::from_vec(bad, 3, 3, false).map(|_| ()));
         assert!(
             e.contains(&format!(
                 "centroids: non-finite value inf in row {}",
@@ -395,7 +395,7 @@ fn bad_inputs_are_clear_errors() {
     // Past the first block of 65,536 values the row is still counted from the start.
     let mut wide = vec![0.25f32; 70_000];
     wide[68_005] = f32::NAN;
-    let e = msg(clipcid_cluster::Centroids::from_vec(wide, 7_000, 10, false).map(|_| ()));
+    let e = msg(Centroids::from_vec(wide, 7_000, 10, false).map(|_| ()));
     assert!(e.contains("non-finite value NaN in row 6800"), "{e}");
     // Centroids of another width cannot label these rows.
     let c = KMeans::new(2).train(&x, 4).unwrap();
@@ -526,7 +526,7 @@ fn streaming_over_shards_equals_in_memory_and_round_trips() {
     assert_eq!(kept_ids, expect_ids);
     // The whole stage gathers the same centroids, labels and ids, and a summary of the
     // options it ran with.
-    let staged = clipcid_cluster::cluster_shards(&km, &rows, false).unwrap();
+    let staged = cluster_shards(&km, &rows, false).unwrap();
     assert_eq!(
         (
             &staged.centroids,
@@ -743,8 +743,8 @@ fn a_keep_file_of_other_embeddings_is_refused() {
     write(None);
     assert_eq!(open().unwrap().kept(), 2);
     // The cluster file carries the shards' provenance on.
-    let kmeans = clipcid_cluster::KMeans::new(1).seed(1);
-    let file = clipcid_cluster::cluster_shards(&kmeans, &open().unwrap(), false).unwrap();
+    let kmeans = KMeans::new(1).seed(1);
+    let file = cluster_shards(&kmeans, &open().unwrap(), false).unwrap();
     assert_eq!(file.embeddings.as_deref(), Some(a));
 }
 
@@ -764,8 +764,7 @@ fn assignment_on_a_candle_device_equals_faiss() {
         assert_eq!(on_device, faiss, "spherical {spherical}");
     }
     // L2 centroids of different norms: the nearest is not the largest inner product.
-    let c = clipcid_cluster::Centroids::from_vec(vec![1.0, 0.0, 3.0, 0.0, 0.0, 0.5], 3, 2, false)
-        .unwrap();
+    let c = Centroids::from_vec(vec![1.0, 0.0, 3.0, 0.0, 0.0, 0.5], 3, 2, false).unwrap();
     let rows = [1.2f32, 0.1, 2.2, 0.0, 0.1, 0.3, 1.9, 0.2];
     let on_device = c
         .device_assigner(&Device::Cpu)

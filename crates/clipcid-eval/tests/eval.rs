@@ -167,6 +167,11 @@ fn reference_loss(
     total / n as f64 + 0.5 * l2 * wsq
 }
 
+/// A fitted model's `[W, b]`, the layout [`objective`] takes.
+fn params(m: &LogisticRegression) -> Vec<f64> {
+    m.weights().iter().chain(m.bias()).copied().collect()
+}
+
 #[test]
 fn logistic_loss_and_gradient_match_references() {
     let mut rng = ChaCha8Rng::seed_from_u64(2);
@@ -193,9 +198,7 @@ fn logistic_loss_and_gradient_match_references() {
     }
     // The fit reaches a stationary point of that objective.
     let fit = LogisticRegression::fit(&data, classes, l2, 500, None).unwrap();
-    let mut params: Vec<f64> = fit.weights().iter().copied().collect();
-    params.extend(fit.bias());
-    let (fit_loss, g) = objective(&params, &data, classes, l2).unwrap();
+    let (fit_loss, g) = objective(&params(&fit), &data, classes, l2).unwrap();
     assert!((fit_loss - fit.loss).abs() < 1e-12);
     let gnorm = g.iter().map(|v| v * v).sum::<f64>().sqrt();
     assert!(
@@ -408,13 +411,13 @@ fn adamw_probe_takes_torch_adamw_steps_and_is_seeded() {
     };
     let p0: Vec<f64> = {
         let m = LogisticRegression::fit_adamw(&data, 2, 0.0, &tiny, 7).unwrap();
-        m.weights().iter().chain(m.bias()).copied().collect()
+        params(&m)
     };
     let (_, g) = objective(&p0, &data, 2, 0.0).unwrap();
     let (lr, wd) = (0.05, 0.3);
     let step = AdamWProbe { lr, ..tiny };
     let m = LogisticRegression::fit_adamw(&data, 2, wd, &step, 7).unwrap();
-    let p1: Vec<f64> = m.weights().iter().chain(m.bias()).copied().collect();
+    let p1 = params(&m);
     for ((a, p), g) in p1.iter().zip(&p0).zip(&g) {
         let want = p * (1.0 - lr * wd) - lr * g / (g.abs() + 1e-8);
         assert!((a - want).abs() < 1e-12, "{a} vs {want}");
@@ -510,7 +513,7 @@ fn adamw_probe_follows_torch_adamw_over_the_cosine_schedule() {
         }
     }
     let fit = LogisticRegression::fit_adamw(&data, classes, wd, &recipe, seed).unwrap();
-    let got: Vec<f64> = fit.weights().iter().chain(fit.bias()).copied().collect();
+    let got = params(&fit);
     for (a, b) in got.iter().zip(&p) {
         assert!((a - b).abs() < 1e-9, "{a} vs {b}");
     }
