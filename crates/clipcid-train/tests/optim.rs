@@ -4,7 +4,10 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
-use clipcid_train::{clip_factor, clip_grad_norm, grad_norm, AdamW, AdamWConfig, WarmupCosine};
+use clipcid_train::{
+    clip_factor, clip_grad_norm, grad_norm, AdamW, AdamWConfig, LossScale, LossScaleConfig,
+    WarmupCosine,
+};
 
 /// PyTorch's AdamW on one scalar.
 struct RefAdamW {
@@ -316,4 +319,233 @@ fn saved_state_continues_bit_identically() {
         .collect();
     let e = opt.load_state(&bad, 3).unwrap_err().to_string();
     assert!(e.contains("[3]") && e.contains("[2, 3]"), "{e}");
+}
+
+fn reference(p: f64) -> RefAdamW {
+    RefAdamW {
+        p,
+        m: 0.0,
+        v: 0.0,
+        t: 0,
+    }
+}
+
+/// A tensor's values, widened to f64.
+fn values(t: &Tensor) -> Vec<f64> {
+    let t = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    t.to_vec1().unwrap()
+}
+
+/// Gradients near `eps` (1e-6), where it is half the denominator: updated in place (f32)
+/// and by tensor ops (f64), each parameter follows the reference.
+#[test]
+fn adamw_follows_the_reference_where_eps_matters() {
+    let c = AdamWConfig {
+        weight_decay: 0.0,
+        ..Default::default()
+    };
+    let f32s = Var::new(&[1.0f32, -0.5], &Device::Cpu).unwrap();
+    let f64s = Var::new(&[1.0f64, -0.5], &Device::Cpu).unwrap();
+    let named = vec![("a".into(), f32s.clone()), ("b".into(), f64s.clone())];
+    let mut opt = AdamW::new(named, c).unwrap();
+    let mut refs: Vec<RefAdamW> = [1.0, -0.5, 1.0, -0.5].map(reference).into();
+    for _ in 0..5 {
+        // Loss 1e-6 sum(p^2 / 2): gradient 1e-6 p.
+        let half_sq = |v: &Var| {
+            let t = v.as_tensor().to_dtype(DType::F64).unwrap();
+            (t.sqr().unwrap().sum_all().unwrap() * 0.5e-6).unwrap()
+        };
+        let grads = (half_sq(&f32s) + half_sq(&f64s))
+            .unwrap()
+            .backward()
+            .unwrap();
+        for r in &mut refs {
+            let g = 1e-6 * r.p;
+            r.step(g, 0.1, &c, false);
+        }
+        opt.step(&grads, 0.1).unwrap();
+    }
+    let got = [values(&f32s), values(&f64s)].concat();
+    for (g, r) in got.iter().zip(&refs) {
+        assert!((g - r.p).abs() < 1e-5, "{g} vs {}", r.p);
+    }
+    // Without eps each step would move each value by the whole learning rate.
+    assert!((got[0] - (1.0 - 0.5)).abs() > 0.05, "{got:?}");
+}
+
+/// Working copies ([`AdamW::working_copies`]): a step reads a parameter's gradient from its
+/// copy and its own together, updates the f32 or f64 parameter as the reference does, and
+/// leaves the copy holding the parameter rounded to bf16; after
+/// [`AdamW::clear_working_copies`] the copies are left alone.
+#[test]
+fn working_copies_carry_gradients_and_hold_the_rounded_parameters() {
+    let dev = Device::Cpu;
+    let w = Var::new(&[0.5f32, -0.3, 1.7], &dev).unwrap(); // updated in place
+    let s = Var::new(&[0.25f64, -2.0], &dev).unwrap(); // updated by tensor ops
+    let b = Var::new(&[0.2f32, -0.7], &dev).unwrap(); // no copy
+    let c = AdamWConfig {
+        weight_decay: 0.0,
+        ..Default::default()
+    };
+    let named = vec![
+        ("w".to_string(), w.clone()),
+        ("s".to_string(), s.clone()),
+        ("b".to_string(), b.clone()),
+    ];
+    let mut opt = AdamW::new(named, c).unwrap();
+    let names: Vec<&str> = opt.params().map(|(n, _)| n).collect();
+    assert_eq!(names, ["b", "s", "w"]);
+    let e = opt
+        .working_copies(DType::F32, |_| true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bf16 or f16"), "{e}");
+    let copies = opt.working_copies(DType::BF16, |n| n != "b").unwrap();
+    let names: Vec<&str> = copies.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["s", "w"]);
+    assert!(copies.iter().all(|(_, v)| v.dtype() == DType::BF16));
+    let (s16, w16) = (copies[0].1.clone(), copies[1].1.clone());
+    let ids = |vars: Vec<Var>| vars.iter().map(|v| v.id()).collect::<Vec<_>>();
+    assert_eq!(ids(opt.gradient_vars()), [b.id(), s16.id(), w16.id()]);
+
+    let mut refs: Vec<Vec<RefAdamW>> = [&b, &s, &w]
+        .map(|v| values(v).into_iter().map(reference).collect())
+        .into();
+    let lr = 0.05;
+    for _ in 0..6 {
+        let sq = |v: &Var, k: f64| {
+            let t = v.as_tensor().to_dtype(DType::F64).unwrap();
+            (t.sqr().unwrap().sum_all().unwrap() * k).unwrap()
+        };
+        let cube = (b.as_tensor().powf(3.0).unwrap().sum_all().unwrap() / 3.0).unwrap();
+        let loss = [sq(&w16, 1.5), sq(&w, 1.0), sq(&s16, 1.5), sq(&s, 1.0)]
+            .into_iter()
+            .fold(cube.to_dtype(DType::F64).unwrap(), |a, t| (a + t).unwrap());
+        let grads = loss.backward().unwrap();
+        // Each update reads 3 copy (a bf16 gradient, as the copy is bf16) + 2 parameter, and
+        // b^2 for b, which has no copy.
+        let through = |copy: &Var, param: &Var| -> Vec<f64> {
+            let c = (copy.as_tensor().to_dtype(DType::F64).unwrap() * 3.0).unwrap();
+            let c = values(&c.to_dtype(DType::BF16).unwrap());
+            c.iter()
+                .zip(values(param))
+                .map(|(c, p)| c + 2.0 * p)
+                .collect()
+        };
+        let want = [
+            values(&b).iter().map(|x| x * x).collect::<Vec<_>>(),
+            through(&s16, &s),
+            through(&w16, &w),
+        ];
+        let norm = want.iter().flatten().map(|g| g * g).sum::<f64>().sqrt();
+        let got = opt.grad_norm(&grads).unwrap();
+        assert!((got - norm).abs() <= 1e-6 * norm, "{got} vs {norm}");
+        for (rs, gs) in refs.iter_mut().zip(&want) {
+            for (r, g) in rs.iter_mut().zip(gs) {
+                r.step(*g, lr, &c, false);
+            }
+        }
+        opt.step(&grads, lr).unwrap();
+        for ((v, rs), copy) in [&b, &s, &w]
+            .iter()
+            .zip(&refs)
+            .zip([None, Some(&s16), Some(&w16)])
+        {
+            for (g, r) in values(v).iter().zip(rs) {
+                assert!((g - r.p).abs() < 1e-5, "{g} vs {}", r.p);
+            }
+            if let Some(copy) = copy {
+                let rounded = v.as_tensor().to_dtype(DType::BF16).unwrap();
+                assert_eq!(values(copy), values(&rounded));
+            }
+        }
+    }
+
+    opt.clear_working_copies();
+    assert_eq!(ids(opt.gradient_vars()), [b.id(), s.id(), w.id()]);
+    let before = (values(&w16), values(&s16), values(&w));
+    let loss = (w
+        .as_tensor()
+        .sum_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        + s.as_tensor().sum_all().unwrap())
+    .unwrap();
+    opt.step(&loss.backward().unwrap(), lr).unwrap();
+    assert_eq!((values(&w16), values(&s16)), (before.0, before.1));
+    assert_ne!(values(&w), before.2);
+}
+
+/// A learning rate or gradient factor that is negative or not finite is refused before
+/// anything changes; zero is a usable value of either (a schedule may end at a rate of 0).
+#[test]
+fn steps_refuse_unusable_rates_and_take_zero() {
+    let w = Var::new(&[[0.5f32, -0.3]], &Device::Cpu).unwrap();
+    let mut opt = AdamW::new(vec![("w.bias".into(), w.clone())], AdamWConfig::default()).unwrap();
+    let grads = loss(&[&w], &[0.3, -0.8]).backward().unwrap();
+    for lr in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -0.1] {
+        let e = opt.step(&grads, lr).unwrap_err().to_string();
+        assert!(e.contains("learning rate"), "{lr}: {e}");
+    }
+    for scale in [f64::NAN, f64::INFINITY, -0.5] {
+        let e = opt.step_scaled(&grads, 0.1, scale).unwrap_err().to_string();
+        assert!(e.contains("gradient scale"), "{scale}: {e}");
+    }
+    assert_eq!(opt.steps(), 0);
+    let start = values(&w);
+    // Zero gradients leave the moments at zero and the update 0 / (0 + eps); then a rate of 0.
+    opt.step_scaled(&grads, 0.1, 0.0).unwrap();
+    opt.step(&grads, 0.0).unwrap();
+    assert_eq!((values(&w), opt.steps()), (start, 2));
+}
+
+/// An infinite gradient norm is returned and nothing is scaled (scaling by
+/// `max / (inf + eps)` would turn the gradients into NaN and zeros); a norm exactly at the
+/// limit is not clipped.
+#[test]
+fn clipping_leaves_infinite_and_limit_norms_alone() {
+    let z = Var::new(&[1.0f64, 2.0], &Device::Cpu).unwrap();
+    let mut grads = z.as_tensor().sum_all().unwrap().backward().unwrap();
+    let inf = Tensor::new(&[f64::INFINITY, 3.0], &Device::Cpu).unwrap();
+    grads.insert(&z, inf);
+    assert_eq!(
+        clip_grad_norm(&mut grads, &[&z], 1.0).unwrap(),
+        f64::INFINITY
+    );
+    assert_eq!(values(grads.get(&z).unwrap()), [f64::INFINITY, 3.0]);
+    assert_eq!(clip_factor(2.0, 2.0), 1.0);
+}
+
+/// [`LossScale`] follows `torch.amp.GradScaler.update`: the scale backs off at once on an
+/// overflow and grows after `growth_interval` finite steps in a row, and the streak starts
+/// again at either change.
+#[test]
+fn loss_scale_follows_grad_scaler() {
+    let mut s = LossScale::new(LossScaleConfig {
+        init: 8.0,
+        growth_factor: 2.0,
+        backoff_factor: 0.25,
+        growth_interval: 3,
+    });
+    let mut trace = vec![(s.scale(), s.good_steps())];
+    for finite in [true, true, false, true, true, true, true] {
+        s.update(finite);
+        trace.push((s.scale(), s.good_steps()));
+    }
+    let want = [
+        (8.0, 0),
+        (8.0, 1),
+        (8.0, 2),
+        (2.0, 0),
+        (2.0, 1),
+        (2.0, 2),
+        (4.0, 0),
+        (4.0, 1),
+    ];
+    assert_eq!(trace, want);
+    s.restore(64.0, 2);
+    assert_eq!((s.scale(), s.good_steps()), (64.0, 2));
+    s.update(true);
+    assert_eq!((s.scale(), s.good_steps()), (128.0, 0));
 }
