@@ -652,8 +652,9 @@ pub struct Header {
 }
 
 /// Reads only the header of a safetensors file and checks that the file is complete (its
-/// length covers every tensor's byte range) and that each tensor's shape and dtype fill
-/// exactly its byte range, so a shape read here never promises more than the file holds.
+/// length is the header's and the data's, which the tensors' byte ranges tile with no gap or
+/// overlap) and that each tensor's shape and dtype fill exactly its byte range, so a shape
+/// read here never promises more than the file holds.
 pub fn read_header(path: &Path) -> Result<Header, StoreError> {
     read_header_of(&mut open_file(path)?, path)
 }
@@ -707,14 +708,13 @@ pub(crate) fn read_header_without(
         metadata,
         ..Header::default()
     };
-    let mut data_end = 0usize;
     for (name, value) in entries {
         let info: TensorInfo = serde_json::from_value(value)
             .map_err(|e| bad(format!("corrupt entry for `{name}`: {e}")))?;
         check_entry(&name, &info).map_err(bad)?;
-        data_end = data_end.max(info.data_offsets[1]);
         header.tensors.insert(name, info);
     }
+    let data_end = check_ranges_tile(&header.tensors).map_err(bad)?;
     if (data_end as u64).checked_add(8 + n) != Some(file_len) {
         return Err(bad(format!(
             "truncated or padded file: header promises {} data bytes, file holds {}",
@@ -831,6 +831,33 @@ fn check_entry(name: &str, info: &TensorInfo) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The end of the data section when the tensors' byte ranges, in order of their starts, tile
+/// it from 0 with no gap and no overlap, as the `safetensors` crate (and so Python's
+/// `safetensors` and candle) requires: two tensors over the same bytes would each read the
+/// other's values, and a file that one reader here takes should not be refused by the next.
+fn check_ranges_tile(tensors: &BTreeMap<String, TensorInfo>) -> Result<usize, String> {
+    let mut ranges: Vec<(usize, usize, &str)> = tensors
+        .iter()
+        .map(|(name, info)| (info.data_offsets[0], info.data_offsets[1], name.as_str()))
+        .collect();
+    ranges.sort_unstable();
+    let mut end = 0;
+    for (start, stop, name) in ranges {
+        if start < end {
+            return Err(format!(
+                "`{name}`'s data range {start}..{stop} overlaps the tensors before it, which end at byte {end}"
+            ));
+        }
+        if start > end {
+            return Err(format!(
+                "`{name}`'s data range {start}..{stop} leaves bytes {end}..{start} unused"
+            ));
+        }
+        end = stop;
+    }
+    Ok(end)
 }
 
 /// Loads every tensor of a safetensors file onto the CPU, with the file named in any error.
@@ -1066,5 +1093,239 @@ mod tests {
         // part of a well-formed header.
         let header = read(&format!("{{{entry}}}      "), &["keys"]).unwrap();
         assert_eq!(header.tensors["x"].shape, vec![1]);
+    }
+
+    /// Each entry's shape must fill its byte range, the ranges must tile the data section
+    /// (as the `safetensors` crate requires), and the file must end where the data does; a
+    /// header length past the file or past safetensors' 100,000,000-byte bound is no
+    /// safetensors file. Each refusal names the file and what is wrong.
+    #[test]
+    fn entries_must_fill_and_tile_the_data_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = |name: &str, dtype: &str, shape: &str, range: [usize; 2]| {
+            format!(
+                r#""{name}":{{"dtype":"{dtype}","shape":{shape},"data_offsets":[{},{}]}}"#,
+                range[0], range[1]
+            )
+        };
+        let refused = [
+            (
+                entry("x", "F32", "[2]", [0, 4]),
+                4,
+                "`x`: shape [2] of F32 does not fill its data range 0..4",
+            ),
+            (
+                entry("x", "F32", "[]", [8, 4]),
+                8,
+                "does not fill its data range 8..4",
+            ),
+            (
+                entry("x", "F128", "[1]", [0, 16]),
+                16,
+                "`x` has unknown dtype `F128`",
+            ),
+            (
+                format!(
+                    "{},{}",
+                    entry("x", "F32", "[1]", [0, 4]),
+                    entry("y", "I32", "[1]", [0, 4])
+                ),
+                4,
+                "`y`'s data range 0..4 overlaps the tensors before it, which end at byte 4",
+            ),
+            (
+                entry("x", "F32", "[1]", [4, 8]),
+                8,
+                "`x`'s data range 4..8 leaves bytes 0..4 unused",
+            ),
+            (
+                entry("x", "F32", "[2]", [0, 8]),
+                4,
+                "header promises 8 data bytes, file holds 4",
+            ),
+            (
+                entry("x", "F32", "[1]", [0, 4]),
+                8,
+                "header promises 4 data bytes, file holds 8",
+            ),
+        ];
+        for (entries, data, want) in refused {
+            let json = format!("{{{entries}}}");
+            let path = raw_file(dir.path(), &json, &vec![0; data]);
+            let e = read_header(&path).unwrap_err().to_string();
+            assert!(
+                e.contains(want) && e.contains("raw.safetensors"),
+                "{json}: {e}"
+            );
+        }
+        // Ranges in any order of names that tile the data are one file.
+        let json = format!(
+            "{{{},{}}}",
+            entry("a", "U8", "[2, 2]", [4, 8]),
+            entry("b", "F32", "[1]", [0, 4])
+        );
+        let header = read_header(&raw_file(dir.path(), &json, &[0; 8])).unwrap();
+        assert_eq!(header.tensors["a"].data_offsets, [4, 8]);
+
+        // Not an object, or metadata that is not one: the error says what was expected.
+        for (json, want) in [
+            (
+                "[1, 2]",
+                "a JSON object of tensor entries and `__metadata__`",
+            ),
+            (
+                r#"{"__metadata__":[1]}"#,
+                "`__metadata__` as an object of strings",
+            ),
+        ] {
+            let e = read_header(&raw_file(dir.path(), json, &[]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{json}: {e}");
+        }
+
+        // Header lengths: past the file, or past the bound (a sparse file long enough for
+        // it); at the bound itself the header is read, and then found not to be JSON.
+        let with_length = |n: u64, len: u64| {
+            let path = dir.path().join("long.safetensors");
+            std::fs::write(&path, n.to_le_bytes()).unwrap();
+            let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            file.set_len(len).unwrap();
+            read_header(&path).unwrap_err().to_string()
+        };
+        let e = with_length(1000, 500);
+        assert!(
+            e.contains("not a safetensors file (header length 1000, file length 500)"),
+            "{e}"
+        );
+        let e = with_length(100_000_001, 100_000_100);
+        assert!(
+            e.contains("not a safetensors file (header length 100000001"),
+            "{e}"
+        );
+        let e = with_length(100_000_000, 100_000_100);
+        assert!(e.contains("corrupt safetensors header"), "{e}");
+    }
+
+    /// Integer tensors of every integer dtype become the asked one exactly, up to and
+    /// including its largest value; a value outside it (named, the negative one first) and
+    /// any float tensor are refused.
+    #[test]
+    fn integer_vectors_convert_exactly_and_refuse_what_does_not_fit() {
+        let path = Path::new("ids.safetensors");
+        let cpu = Device::Cpu;
+        let convert = |t: Tensor, to: DType| integer_vector(path, "ids", t, to);
+        let as_i64 = |t: Tensor| t.to_dtype(DType::I64).unwrap().to_vec1::<i64>().unwrap();
+        let sources = [
+            Tensor::new(&[[0u8, 7], [255, 1]], &cpu).unwrap(),
+            Tensor::new(&[[0u32, 7], [255, 1]], &cpu).unwrap(),
+            Tensor::new(&[[0i64, 7], [255, 1]], &cpu).unwrap(),
+            Tensor::new(&[[0i32, 7], [255, 1]], &cpu).unwrap(),
+        ];
+        for t in sources {
+            for to in [DType::U8, DType::U32, DType::I64] {
+                let got = convert(t.clone(), to).unwrap();
+                assert_eq!((got.dtype(), got.dims()), (to, &[4][..]));
+                assert_eq!(as_i64(got), [0, 7, 255, 1], "{:?} to {to:?}", t.dtype());
+            }
+        }
+        let top = Tensor::new(&[u32::MAX as i64, 0], &cpu).unwrap();
+        assert_eq!(
+            as_i64(convert(top, DType::U32).unwrap()),
+            [u32::MAX as i64, 0]
+        );
+        let empty = Tensor::zeros(0, DType::I64, &cpu).unwrap();
+        assert_eq!(convert(empty, DType::U8).unwrap().dims(), [0]);
+
+        let refused = [
+            (
+                Tensor::new(&[3i64, 256], &cpu).unwrap(),
+                DType::U8,
+                "`ids` holds 256, outside 0..=255 (U8)",
+            ),
+            (
+                Tensor::new(&[300u32], &cpu).unwrap(),
+                DType::U8,
+                "holds 300, outside 0..=255",
+            ),
+            (
+                Tensor::new(&[-1i32, 2], &cpu).unwrap(),
+                DType::U8,
+                "holds -1, outside 0..=255",
+            ),
+            (
+                Tensor::new(&[-3i64, 300], &cpu).unwrap(),
+                DType::U8,
+                "holds -3,",
+            ),
+            (
+                Tensor::new(&[1i64 << 32], &cpu).unwrap(),
+                DType::U32,
+                "holds 4294967296, outside 0..=4294967295 (U32)",
+            ),
+            (
+                Tensor::new(&[-1i64], &cpu).unwrap(),
+                DType::U32,
+                "holds -1, outside 0..=4294967295",
+            ),
+            (
+                Tensor::new(&[1f32], &cpu).unwrap(),
+                DType::I64,
+                "`ids` holds F32 values; it must hold integers",
+            ),
+            (
+                Tensor::new(&[1f64], &cpu).unwrap(),
+                DType::U8,
+                "holds F64 values",
+            ),
+        ];
+        for (t, to, want) in refused {
+            let e = convert(t, to).unwrap_err().to_string();
+            assert!(
+                e.contains(want) && e.contains("ids.safetensors"),
+                "{want}: {e}"
+            );
+        }
+    }
+
+    /// The bound is inclusive: text of exactly `max_bytes` is read, one byte more is not.
+    #[test]
+    fn gunzip_reads_up_to_its_bound_exactly() {
+        use std::io::Write;
+        let gz = |len: usize| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(&vec![b'a'; len]).unwrap();
+            e.finish().unwrap()
+        };
+        assert_eq!(gunzip_text(&gz(1 << 20), 1 << 20).unwrap().len(), 1 << 20);
+        let e = gunzip_text(&gz((1 << 20) + 1), 1 << 20).unwrap_err();
+        assert_eq!(e, "decompresses to more than 1 MiB");
+    }
+
+    /// Only a staging folder's own name (the prefix, a process id, then a separator or the
+    /// end) after a separator is taken out; anything else that holds the prefix stays.
+    #[test]
+    fn without_staging_takes_out_staging_folders_only() {
+        let cases = [
+            (
+                "a/.clipcid-staging-1/x and b/.clipcid-staging-22/y",
+                "a/x and b/y",
+            ),
+            (r"out\.clipcid-staging-42\m", r"out\m"),
+            ("out/.clipcid-staging-42: gone", "out: gone"),
+            (
+                "a/.clipcid-staging-x/.clipcid-staging-3/z",
+                "a/.clipcid-staging-x/z",
+            ),
+            ("a/.clipcid-staging-/b", "a/.clipcid-staging-/b"),
+            ("x.clipcid-staging-42/m", "x.clipcid-staging-42/m"),
+            ("out/.clipcid-staging-42x/m", "out/.clipcid-staging-42x/m"),
+            ("out/.clipcid-staging-42-b/m", "out/.clipcid-staging-42-b/m"),
+            ("out/.clipcid-staging-42_b/m", "out/.clipcid-staging-42_b/m"),
+            ("no staging here", "no staging here"),
+        ];
+        for (text, want) in cases {
+            assert_eq!(without_staging(text), want, "{text}");
+        }
     }
 }

@@ -280,3 +280,43 @@ fn a_second_writer_into_a_folder_being_written_is_refused() {
     io::write_folder(&out, |d| io::write_atomic(&d.join("plot.png"), b"later")).unwrap();
     assert_eq!(names(&out), ["plot.png", "report.md"]);
 }
+
+/// Clashes anywhere under the output, not only at its top, are found before the first move:
+/// a file where a staged folder goes, and a folder where a staged file goes inside a
+/// sub-folder both hold. A write that succeeds keeps the folder it made, even with nothing in it.
+#[test]
+fn clashes_inside_sub_folders_are_found_before_anything_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("model");
+    let write = |out: &Path| {
+        io::write_folder(out, |d| -> Result<(), StoreError> {
+            io::write_atomic(&d.join("model.safetensors"), b"new weights")?;
+            std::fs::create_dir(d.join("onnx")).unwrap();
+            io::write_atomic(&d.join("onnx/vision.onnx"), b"graph")
+        })
+    };
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("model.safetensors"), b"old weights").unwrap();
+    std::fs::write(out.join("onnx"), b"a file").unwrap();
+    let e = write(&out).unwrap_err().to_string();
+    assert!(
+        e.contains("onnx: is a file where a folder is written"),
+        "{e}"
+    );
+    let weights = || std::fs::read(out.join("model.safetensors")).unwrap();
+    assert_eq!(weights(), b"old weights");
+
+    std::fs::remove_file(out.join("onnx")).unwrap();
+    std::fs::create_dir_all(out.join("onnx/vision.onnx")).unwrap();
+    let e = write(&out).unwrap_err().to_string();
+    assert!(
+        e.contains("vision.onnx: is a folder where a file is written"),
+        "{e}"
+    );
+    assert_eq!(weights(), b"old weights");
+    assert_eq!(names(&out), ["model.safetensors", "onnx"]);
+
+    let empty = dir.path().join("empty");
+    io::write_folder(&empty, |_| -> Result<(), StoreError> { Ok(()) }).unwrap();
+    assert!(empty.is_dir());
+}
