@@ -692,3 +692,131 @@ fn gathered_rows_equal_the_shards_read_whole() {
         assert!(e.to_string().contains("open the layout again"), "{e}");
     }
 }
+
+/// A shard of `n` rows `width` wide with ids `first..first + n`, and nothing else.
+fn plain_shard(path: &Path, n: usize, width: usize, first: i64) {
+    let image = Tensor::ones((n, width), DType::F32, &Device::Cpu).unwrap();
+    let ids = Tensor::arange(first, first + n as i64, &Device::Cpu).unwrap();
+    let tensors = [("image".to_string(), image), ("ids".to_string(), ids)];
+    write_safetensors(path, tensors, &HashMap::new()).unwrap();
+}
+
+/// Shards of one layout share one width, but an empty shard may record any; a shard that
+/// changes its row count or width after the layout was opened is refused when read.
+#[test]
+fn shards_of_other_widths_are_refused_and_empty_ones_take_any() {
+    let dir = tempfile::tempdir().unwrap();
+    plain_shard(&shard_path(dir.path(), 0), 2, 4, 0);
+    plain_shard(&shard_path(dir.path(), 1), 3, 3, 2);
+    let e = ShardLayout::open(&[dir.path().to_path_buf()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("embeddings-00001.safetensors: embeddings are 3 wide but")
+            && e.contains("embeddings-00000.safetensors has 4"),
+        "{e}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    plain_shard(&shard_path(dir.path(), 0), 0, 3, 0);
+    plain_shard(&shard_path(dir.path(), 1), 2, 4, 0);
+    plain_shard(&shard_path(dir.path(), 2), 0, 7, 2);
+    let layout = ShardLayout::open(&[dir.path().to_path_buf()]).unwrap();
+    assert_eq!((layout.counts.clone(), layout.dim), (vec![0, 2, 0], 4));
+    assert!(
+        (32..=4096).contains(&layout.open_files()),
+        "{}",
+        layout.open_files()
+    );
+    assert!(layout.read(0).unwrap().is_empty());
+    assert_eq!(layout.read(1).unwrap().len(), 2);
+    for (n, width, want) in [
+        (3, 4, "(3 x 4, expected 2 x 4)"),
+        (2, 5, "(2 x 5, expected 2 x 4)"),
+    ] {
+        plain_shard(&shard_path(dir.path(), 1), n, width, 0);
+        let e = layout.read(1).unwrap_err().to_string();
+        assert!(
+            e.contains("changed while being read") && e.contains(want),
+            "{e}"
+        );
+    }
+}
+
+/// A shard's own checks: a `text` tensor of another shape than `image`, caption flags of
+/// another count than rows, a sidecar or end record that exists but cannot be read; and
+/// the counts its readers give.
+#[test]
+fn a_shard_whose_parts_disagree_or_cannot_be_read_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = shard_path(dir.path(), 0);
+    let cpu = Device::Cpu;
+    let write = |tensors: Vec<(&str, Tensor)>| {
+        let tensors = tensors.into_iter().map(|(n, t)| (n.to_string(), t));
+        write_safetensors(&path, tensors, &HashMap::new()).unwrap();
+    };
+    let image = Tensor::ones((2, 4), DType::F32, &cpu).unwrap();
+    let text = Tensor::ones((2, 3), DType::F32, &cpu).unwrap();
+    write(vec![("image", image.clone()), ("text", text)]);
+    let e = EmbeddingShard::read(&path).unwrap_err().to_string();
+    assert!(e.contains("`text` is [2, 3] but `image` is [2, 4]"), "{e}");
+
+    let flags = Tensor::new(&[1u8, 0, 1], &cpu).unwrap();
+    let ids = Tensor::new(&[4i64, 9], &cpu).unwrap();
+    write(vec![
+        ("image", image.clone()),
+        ("has_text", flags),
+        ("ids", ids),
+    ]);
+    let e = EmbeddingShard::read(&path).unwrap_err().to_string();
+    assert!(
+        e.contains("2 image rows but 2 ids, 3 has_text flags"),
+        "{e}"
+    );
+    let e = RowIds::read(&path).unwrap_err().to_string();
+    assert!(
+        e.contains("2 image rows but 2 ids, 3 has_text flags"),
+        "{e}"
+    );
+
+    // Without an `ids` tensor the sidecar is read; one that is not a file is an error.
+    write(vec![("image", image)]);
+    let (shard, rows, index) = (
+        EmbeddingShard::read(&path).unwrap(),
+        RowIds::read(&path).unwrap(),
+        RowIndex::read(&path).unwrap(),
+    );
+    assert_eq!((shard.len(), rows.len(), index.len()), (2, 2, 2));
+    assert!(!shard.is_empty() && !rows.is_empty() && !index.is_empty());
+    std::fs::create_dir(clipcid_store::sidecar_ids_path(&path)).unwrap();
+    let e = RowIds::read(&path).unwrap_err().to_string();
+    assert!(e.contains("embeddings-00000.ids.txt: cannot read"), "{e}");
+    std::fs::remove_dir(clipcid_store::sidecar_ids_path(&path)).unwrap();
+
+    plain_shard(&path, 0, 4, 0);
+    let (shard, rows, index) = (
+        EmbeddingShard::read(&path).unwrap(),
+        RowIds::read(&path).unwrap(),
+        RowIndex::read(&path).unwrap(),
+    );
+    assert_eq!((shard.len(), rows.len(), index.len()), (0, 0, 0));
+    assert!(shard.is_empty() && rows.is_empty() && index.is_empty());
+
+    assert_eq!(EmbedEnd::read(dir.path()).unwrap(), None);
+    std::fs::create_dir(dir.path().join(EMBED_END_RECORD)).unwrap();
+    let e = EmbedEnd::read(dir.path()).unwrap_err().to_string();
+    assert!(
+        e.contains(EMBED_END_RECORD) && e.contains("cannot read"),
+        "{e}"
+    );
+}
+
+/// The digests are SHA-256 itself (FIPS 180-2's "abc" vector), whatever the chunking.
+#[test]
+fn digests_are_sha256() {
+    let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+    assert_eq!(clipcid_store::sha256_hex(["abc"]), abc);
+    assert_eq!(clipcid_store::sha256_hex(["a", "", "bc"]), abc);
+    let want = clipcid_store::sha256_hex([[1u8, 0, 0, 0, 0, 0, 0, 0], [2, 0, 0, 0, 0, 0, 0, 0]]);
+    assert_eq!(clipcid_store::row_ids_digest(&[1, 2]), want);
+}
