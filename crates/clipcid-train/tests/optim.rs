@@ -321,6 +321,7 @@ fn saved_state_continues_bit_identically() {
     assert!(e.contains("[3]") && e.contains("[2, 3]"), "{e}");
 }
 
+/// The reference at `p`, before its first step.
 fn reference(p: f64) -> RefAdamW {
     RefAdamW {
         p,
