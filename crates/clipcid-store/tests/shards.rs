@@ -820,3 +820,67 @@ fn digests_are_sha256() {
     let want = clipcid_store::sha256_hex([[1u8, 0, 0, 0, 0, 0, 0, 0], [2, 0, 0, 0, 0, 0, 0, 0]]);
     assert_eq!(clipcid_store::row_ids_digest(&[1, 2]), want);
 }
+
+/// Row readers give rows scaled to unit L2 norm as an f64 reference scales them (a zero row
+/// stays zero); read nothing for an empty range and refuse a reversed one; read only the
+/// rows asked for (a NaN row between two gathered ones is no error, and asking for it is);
+/// read another tensor only where every shard with rows has it at the image's shape (an
+/// empty shard may record any); and leave their layout equal to a fresh one, whatever files
+/// it holds open.
+#[test]
+fn row_readers_normalise_and_read_only_the_rows_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let cpu = Device::Cpu;
+    let image = [3f32, 4.0, f32::NAN, 1.0, 0.0, 0.0];
+    let text = [1f32, 2.0, -2.0, 0.5, 7.0, -1.0];
+    let write = |i: usize, n: usize, image: &[f32], text: &[f32], text_width: usize| {
+        let tensors = [
+            ("image", Tensor::from_slice(image, (n, 2), &cpu).unwrap()),
+            (
+                "text",
+                Tensor::from_slice(text, (n, text_width), &cpu).unwrap(),
+            ),
+            (
+                "ids",
+                Tensor::arange(10 * i as i64, (10 * i + n) as i64, &cpu).unwrap(),
+            ),
+        ];
+        let tensors = tensors.into_iter().map(|(n, t)| (n.to_string(), t));
+        write_safetensors(&shard_path(dir.path(), i), tensors, &HashMap::new()).unwrap();
+    };
+    write(0, 3, &image, &text, 2);
+    write(1, 0, &[], &[], 5);
+    let open = || ShardLayout::open(&[dir.path().to_path_buf()]).unwrap();
+    let reader = clipcid_store::RowReader::open(open()).unwrap();
+    assert_eq!((reader.len(), reader.is_empty()), (3, false));
+    assert_eq!(reader.row_ids().unwrap(), [0, 1, 2]);
+    assert_eq!(reader.rows(0..1).unwrap(), [0.6, 0.8]);
+    assert_eq!(reader.gather(&[2, 0]).unwrap(), [0.0, 0.0, 0.6, 0.8]);
+    assert!(reader.rows(1..1).unwrap().is_empty());
+    #[allow(clippy::reversed_empty_ranges)] // what a caller's arithmetic can give
+    let e = reader.rows(2..1).unwrap_err().to_string();
+    assert!(e.contains("rows 2..1 asked of 3 rows"), "{e}");
+    let e = reader.gather(&[0, 1]).unwrap_err().to_string();
+    assert!(e.contains("non-finite value NaN in row 1"), "{e}");
+    assert_eq!(reader.layout(), &open());
+
+    let texts = clipcid_store::RowReader::open_tensor(open(), "text").unwrap();
+    let got = texts.rows(0..3).unwrap();
+    for (row, want) in got.chunks(2).zip(text.chunks(2)) {
+        let norm = want
+            .iter()
+            .map(|&v| f64::from(v).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        for (g, w) in row.iter().zip(want) {
+            let w = f64::from(*w) / norm;
+            assert!((f64::from(*g) - w).abs() < 1e-7, "{g} vs {w}");
+        }
+    }
+
+    write(0, 3, &image, &[0.0; 9], 3);
+    let e = clipcid_store::RowReader::open_tensor(open(), "text")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`text` is [3, 3] but `image` is [3, 2]"), "{e}");
+}
