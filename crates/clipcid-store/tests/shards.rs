@@ -693,12 +693,17 @@ fn gathered_rows_equal_the_shards_read_whole() {
     }
 }
 
+/// A safetensors file at `path` of these named tensors and no metadata.
+fn write_tensors<'a>(path: &Path, tensors: impl IntoIterator<Item = (&'a str, Tensor)>) {
+    let tensors = tensors.into_iter().map(|(n, t)| (n.to_string(), t));
+    write_safetensors(path, tensors, &HashMap::new()).unwrap();
+}
+
 /// A shard of `n` rows `width` wide with ids `first..first + n`, and nothing else.
 fn plain_shard(path: &Path, n: usize, width: usize, first: i64) {
     let image = Tensor::ones((n, width), DType::F32, &Device::Cpu).unwrap();
     let ids = Tensor::arange(first, first + n as i64, &Device::Cpu).unwrap();
-    let tensors = [("image".to_string(), image), ("ids".to_string(), ids)];
-    write_safetensors(path, tensors, &HashMap::new()).unwrap();
+    write_tensors(path, [("image", image), ("ids", ids)]);
 }
 
 /// Shards of one layout share one width, but an empty shard may record any; a shard that
@@ -751,10 +756,7 @@ fn a_shard_whose_parts_disagree_or_cannot_be_read_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = shard_path(dir.path(), 0);
     let cpu = Device::Cpu;
-    let write = |tensors: Vec<(&str, Tensor)>| {
-        let tensors = tensors.into_iter().map(|(n, t)| (n.to_string(), t));
-        write_safetensors(&path, tensors, &HashMap::new()).unwrap();
-    };
+    let write = |tensors: Vec<(&str, Tensor)>| write_tensors(&path, tensors);
     let image = Tensor::ones((2, 4), DType::F32, &cpu).unwrap();
     let text = Tensor::ones((2, 3), DType::F32, &cpu).unwrap();
     write(vec![("image", image.clone()), ("text", text)]);
@@ -845,8 +847,7 @@ fn row_readers_normalise_and_read_only_the_rows_asked_for() {
                 Tensor::arange(10 * i as i64, (10 * i + n) as i64, &cpu).unwrap(),
             ),
         ];
-        let tensors = tensors.into_iter().map(|(n, t)| (n.to_string(), t));
-        write_safetensors(&shard_path(dir.path(), i), tensors, &HashMap::new()).unwrap();
+        write_tensors(&shard_path(dir.path(), i), tensors);
     };
     write(0, 3, &image, &text, 2);
     write(1, 0, &[], &[], 5);

@@ -69,24 +69,8 @@ fn adamw_matches_the_reference_with_and_without_decay() {
     .unwrap();
     assert_eq!(opt.decayed(), vec!["layer.weight"]);
     let a = [0.3, -0.8];
-    let mut rw: Vec<RefAdamW> = [0.5, -0.3]
-        .iter()
-        .map(|&p| RefAdamW {
-            p,
-            m: 0.0,
-            v: 0.0,
-            t: 0,
-        })
-        .collect();
-    let mut rb: Vec<RefAdamW> = [0.2, 0.7]
-        .iter()
-        .map(|&p| RefAdamW {
-            p,
-            m: 0.0,
-            v: 0.0,
-            t: 0,
-        })
-        .collect();
+    let mut rw: Vec<RefAdamW> = [0.5, -0.3].map(reference).into();
+    let mut rb: Vec<RefAdamW> = [0.2, 0.7].map(reference).into();
     let sched = WarmupCosine {
         peak_lr: 0.05,
         warmup_steps: 3,
