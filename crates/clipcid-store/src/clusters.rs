@@ -151,21 +151,51 @@ pub fn cluster_sizes(labels: &[u32], k: usize) -> Vec<u32> {
     sizes
 }
 
+/// What [`read_clusters`] refuses, checked before [`write_clusters`] writes too, so that no
+/// file is written that cannot be read: counts that do not fit `K`, a centroid count other
+/// than `K x D`, a label not below `K`, `sizes` other than the labels' counts, and a
+/// non-finite centroid.
+fn check_contents(file: &ClusterFile) -> Result<(), String> {
+    let k = file.k;
+    if file.labels.len() != file.ids.len() || file.sizes.len() != k {
+        return Err(format!(
+            "{} labels, {} ids and {} sizes for {k} clusters",
+            file.labels.len(),
+            file.ids.len(),
+            file.sizes.len()
+        ));
+    }
+    if k.checked_mul(file.dim) != Some(file.centroids.len()) {
+        return Err(format!(
+            "{} centroid values for {k} centroids of width {}",
+            file.centroids.len(),
+            file.dim
+        ));
+    }
+    if let Some(l) = file.labels.iter().find(|&&l| l as usize >= k) {
+        return Err(format!("label {l} is not below K = {k}"));
+    }
+    let counted = cluster_sizes(&file.labels, k);
+    if let Some(c) = (0..k).find(|&c| counted[c] != file.sizes[c]) {
+        return Err(format!(
+            "`sizes` says cluster {c} holds {} rows, but {} labels name it",
+            file.sizes[c], counted[c]
+        ));
+    }
+    if file.centroids.iter().any(|v| !v.is_finite()) {
+        return Err("non-finite value in `centroids`".into());
+    }
+    Ok(())
+}
+
 /// Writes a cluster file atomically: `centroids` f32 `[K, D]`, `labels` u32 `[n]`, `ids` i64
 /// `[n]`, `sizes` u32 `[K]`; metadata `summary` (JSON, also written beside it as
 /// `<name>.json`) and `embeddings` (the provenance of the embeddings clustered), when known.
+/// Contents that [`read_clusters`] would refuse are an error naming `path`, and nothing is
+/// written.
 pub fn write_clusters(path: &Path, file: &ClusterFile) -> Result<(), StoreError> {
     let cpu = Device::Cpu;
-    if file.labels.len() != file.ids.len() || file.sizes.len() != file.k {
-        return Err(StoreError::Invalid(format!(
-            "{}: {} labels, {} ids, {} sizes for {} clusters",
-            path.display(),
-            file.labels.len(),
-            file.ids.len(),
-            file.sizes.len(),
-            file.k
-        )));
-    }
+    check_contents(file).map_err(|msg| StoreError::file(path, format!("not written: {msg}")))?;
     let n = file.labels.len();
     let tensors = vec![
         ("centroids".to_string(), file.centroids_tensor(&cpu)?),
@@ -192,8 +222,9 @@ pub fn write_clusters(path: &Path, file: &ClusterFile) -> Result<(), StoreError>
     Ok(())
 }
 
-/// Reads a cluster file written by [`write_clusters`], checking names, shapes and that every
-/// label is below `K`.
+/// Reads a cluster file written by [`write_clusters`], checking names and shapes, and that
+/// the contents fit together: every label below `K`, `sizes` the labels' counts, the
+/// centroids finite.
 pub fn read_clusters(path: &Path) -> Result<ClusterFile, StoreError> {
     let bad = |msg: String| StoreError::file(path, msg);
     let header = crate::io::read_header(path)?;
@@ -219,34 +250,13 @@ pub fn read_clusters(path: &Path) -> Result<ClusterFile, StoreError> {
     let labels: Vec<u32> = integers("labels", candle_core::DType::U32)?.to_vec1()?;
     let ids: Vec<i64> = integers("ids", candle_core::DType::I64)?.to_vec1()?;
     let sizes: Vec<u32> = integers("sizes", candle_core::DType::U32)?.to_vec1()?;
-    if labels.len() != ids.len() || sizes.len() != k {
-        return Err(bad(format!(
-            "{} labels, {} ids and {} sizes for {k} clusters",
-            labels.len(),
-            ids.len(),
-            sizes.len()
-        )));
-    }
-    if let Some(l) = labels.iter().find(|&&l| l as usize >= k) {
-        return Err(bad(format!("label {l} is not below K = {k}")));
-    }
-    let counted = cluster_sizes(&labels, k);
-    if let Some(c) = (0..k).find(|&c| counted[c] != sizes[c]) {
-        return Err(bad(format!(
-            "`sizes` says cluster {c} holds {} rows, but {} labels name it",
-            sizes[c], counted[c]
-        )));
-    }
-    if centroids.iter().any(|v| !v.is_finite()) {
-        return Err(bad("non-finite value in `centroids`".into()));
-    }
     let summary = match header.metadata.get("summary") {
         Some(s) => {
             serde_json::from_str(s).map_err(|e| bad(format!("bad `summary` metadata: {e}")))?
         }
         None => ClusterSummary::default(),
     };
-    Ok(ClusterFile {
+    let file = ClusterFile {
         centroids,
         k,
         dim,
@@ -255,5 +265,7 @@ pub fn read_clusters(path: &Path) -> Result<ClusterFile, StoreError> {
         sizes,
         summary,
         embeddings: header.metadata.get(crate::EMBEDDINGS_META).cloned(),
-    })
+    };
+    check_contents(&file).map_err(bad)?;
+    Ok(file)
 }

@@ -123,10 +123,41 @@ impl KeepList {
     }
 }
 
+/// That the sets fit together as balance makes them: every row's set is one of the
+/// `representatives`, each set's representative is a row of that set, and the kept rows are
+/// exactly the representatives.
+fn check_sets(keep: &[bool], set_id: &[u32], representatives: &[u32]) -> Result<(), String> {
+    let sets = representatives.len();
+    if let Some(r) = set_id.iter().position(|&s| s as usize >= sets) {
+        return Err(format!(
+            "row {r} is in set {}, but there are {sets} sets (representatives)",
+            set_id[r]
+        ));
+    }
+    for (s, &r) in representatives.iter().enumerate() {
+        let row = r as usize;
+        if !(set_id.get(row) == Some(&(s as u32)) && keep[row]) {
+            return Err(format!(
+                "set {s}'s representative, row {r}, is not a kept row of that set"
+            ));
+        }
+    }
+    let kept = keep.iter().filter(|&&k| k).count();
+    if kept != sets {
+        return Err(format!(
+            "{kept} rows kept but {sets} sets: each set keeps exactly its representative"
+        ));
+    }
+    Ok(())
+}
+
 /// Writes a keep file atomically: `keep` u8 `[n]`, `set_id` u32 `[n]` (each row's duplicate
 /// set), `representatives` u32 `[sets]` (the row each set keeps), `ids` i64 `[n]`; metadata
 /// `clipcid.kind = balance`, `summary` (JSON, also written beside it as `<name>.json`) and
-/// `embeddings`, the provenance of the embeddings balanced, when they record one.
+/// `embeddings`, the provenance of the embeddings balanced, when they record one. Lengths
+/// that differ, or sets that do not fit together (a set id with no representative, a
+/// representative outside its set or not kept, a kept row that represents no set), are an
+/// error naming `path`, and nothing is written.
 ///
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -163,6 +194,8 @@ pub fn write_keep_file(
             ),
         ));
     }
+    check_sets(keep, set_id, representatives)
+        .map_err(|msg| StoreError::file(path, format!("not written: {msg}")))?;
     let keep: Vec<u8> = keep.iter().map(|&k| k as u8).collect();
     let tensors = vec![
         ("keep".to_string(), Tensor::from_vec(keep, n, &cpu)?),

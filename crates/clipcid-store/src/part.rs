@@ -59,9 +59,10 @@ impl Part {
     }
 
     /// The part a launcher gave this process in its environment: torchrun's `RANK` and
-    /// `WORLD_SIZE`, else a Slurm array's `SLURM_ARRAY_TASK_ID` (less `SLURM_ARRAY_TASK_MIN`)
-    /// of `SLURM_ARRAY_TASK_COUNT`; `None` when neither is set. A half-set or malformed pair
-    /// is an error naming the variables.
+    /// `WORLD_SIZE`, else a Slurm array's `SLURM_ARRAY_TASK_ID` (less `SLURM_ARRAY_TASK_MIN`,
+    /// over `SLURM_ARRAY_TASK_STEP`) of `SLURM_ARRAY_TASK_COUNT`; `None` when neither is set.
+    /// A half-set or malformed pair, or a Slurm id off its array's range and step, is an
+    /// error naming the variables.
     pub fn from_env() -> Result<Option<Self>, StoreError> {
         Self::from_vars(|k| std::env::var(k).ok())
     }
@@ -90,15 +91,33 @@ impl Part {
         };
         let found = match pair("RANK", "WORLD_SIZE")? {
             Some(p) => Some(p),
-            None => pair("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")?
-                .map(|(i, n)| {
-                    Ok::<_, StoreError>((i - num("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0).min(i), n))
-                })
-                .transpose()?,
+            None => match pair("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")? {
+                Some((id, n)) => Some((slurm_index(id, num)?, n)),
+                None => None,
+            },
         };
         found
             .map(|(i, n)| Part::new(i, n).map_err(StoreError::Invalid))
             .transpose()
+    }
+}
+
+/// A Slurm array task's index from 0: `(SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) /
+/// SLURM_ARRAY_TASK_STEP` (`--array=1-7:2` runs ids 1, 3, 5, 7 as parts 0..4 of 4), with
+/// the minimum 0 and the step 1 when unset. An id below the minimum, or off the step, is
+/// an error naming the variables: it would otherwise run another task's part.
+fn slurm_index(
+    id: u64,
+    num: impl Fn(&str) -> Result<Option<u64>, StoreError>,
+) -> Result<u64, StoreError> {
+    let min = num("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+    let step = num("SLURM_ARRAY_TASK_STEP")?.unwrap_or(1);
+    match id.checked_sub(min) {
+        Some(offset) if step > 0 && offset % step == 0 => Ok(offset / step),
+        _ => Err(StoreError::Invalid(format!(
+            "SLURM_ARRAY_TASK_ID={id} is not SLURM_ARRAY_TASK_MIN={min} plus a multiple of \
+             SLURM_ARRAY_TASK_STEP={step}; for an array of irregular ids, pass --part I/N"
+        ))),
     }
 }
 

@@ -85,7 +85,8 @@ fn shard_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 fn split_embed_and_balance_equal_one_process() {
     let tmp = setup();
     let d = tmp.path();
-    let embed = |out: &str, extra: &[&str]| {
+    // `clipcid embed` into `out`, with `extra` arguments and launcher variables `vars`.
+    let embed_with = |out: &str, extra: &[&str], vars: &[(&str, &str)]| {
         let mut args = vec![
             "embed",
             "--teacher",
@@ -102,8 +103,19 @@ fn split_embed_and_balance_equal_one_process() {
             "--quiet",
         ];
         args.extend_from_slice(extra);
-        ok(d, &args)
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_clipcid"))
+            .current_dir(d)
+            .args(&args)
+            .envs(vars.iter().copied())
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "clipcid {args:?} with {vars:?} failed:\n{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
     };
+    let embed = |out: &str, extra: &[&str]| embed_with(out, extra, &[]);
     embed("one", &[]);
     for part in ["0/2", "1/2"] {
         embed("split", &["--part", part]);
@@ -111,6 +123,37 @@ fn split_embed_and_balance_equal_one_process() {
     let one = shard_files(&d.join("one"));
     assert_eq!(one.len(), 6, "27 samples in shards of 5");
     assert!(one == shard_files(&d.join("split")), "split embed differs");
+    // The same two parts from the launchers' variables: torchrun's, and a Slurm array's
+    // `--array=1-3:2`, whose task ids are 1 and 3.
+    let slurm = |id| {
+        [
+            ("SLURM_ARRAY_TASK_ID", id),
+            ("SLURM_ARRAY_TASK_COUNT", "2"),
+            ("SLURM_ARRAY_TASK_MIN", "1"),
+            ("SLURM_ARRAY_TASK_STEP", "2"),
+        ]
+    };
+    for (out, tasks) in [
+        (
+            "torchrun",
+            [
+                vec![("RANK", "0"), ("WORLD_SIZE", "2")],
+                vec![("RANK", "1"), ("WORLD_SIZE", "2")],
+            ],
+        ),
+        ("slurm", [slurm("1").to_vec(), slurm("3").to_vec()]),
+    ] {
+        for (task, vars) in tasks.iter().enumerate() {
+            embed_with(out, &[], vars);
+            // Each task writes its own 3 shards, not all 6.
+            assert_eq!(
+                shard_files(&d.join(out)).len(),
+                3 * (task + 1),
+                "{out} {vars:?}"
+            );
+        }
+        assert!(one == shard_files(&d.join(out)), "{out} embed differs");
+    }
 
     let t = "0.05";
     ok(
