@@ -180,12 +180,14 @@ fn a_rank_that_ends_early_is_an_error_for_the_others_not_a_hang() {
     }
 }
 
+/// A local address nothing listens on (the port was free a moment ago).
+fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+}
+
 #[test]
 fn over_tcp_a_missing_or_departed_rank_is_an_error_naming_it() {
-    let free_port = || {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("127.0.0.1:{}", l.local_addr().unwrap().port())
-    };
     // Ranks that never join: rank 0 gives up after the limit instead of waiting in accept.
     let limit = std::time::Duration::from_millis(300);
     let e = clipcid_train::TcpRank::connect_within(0, 3, &free_port(), limit)
@@ -288,4 +290,140 @@ fn gradients_cross_the_ranks_in_one_call_and_each_value_is_divided() {
     let g = grads.get(unused.as_tensor()).unwrap();
     assert_eq!(g.dims(), &[2, 2]);
     assert_eq!(g.flatten_all().unwrap().to_vec1::<f32>().unwrap(), [0.0; 4]);
+}
+
+#[test]
+fn the_group_of_one_changes_nothing_and_a_rank_s_own_rows_carry_world_times_the_gradient() {
+    let dev = Device::Cpu;
+    let one = SingleProcess;
+    assert_eq!((one.rank(), one.world_size()), (0, 1));
+    assert_eq!(one.all_gather(&[1.5, -2.0]).unwrap(), vec![vec![1.5, -2.0]]);
+    let mut v = vec![1.5, -2.0];
+    one.all_reduce_sum(&mut v).unwrap();
+    assert_eq!(v, [1.5, -2.0]);
+    let t = Tensor::new(&[[1.0f32, 2.0], [3.0, 4.0]], &dev).unwrap();
+    let summed = one.all_reduce_sum_tensor(&t).unwrap();
+    assert_eq!(
+        summed.to_vec2::<f32>().unwrap(),
+        t.to_vec2::<f32>().unwrap()
+    );
+
+    // Rows gathered from `world` ranks: rank r holds the rows [r, r + 0.5]. The value is every
+    // rank's rows in rank order; d(sum(w * rows))/d(own rows) is `world * w` on the own
+    // slice (the others' rows are constants).
+    for world in [1usize, 3] {
+        let ranks = InProcessGroup::new(world);
+        let run = |c: &dyn Collective| {
+            let x = Var::from_tensor(
+                &Tensor::new(&[[c.rank() as f32, c.rank() as f32 + 0.5]], &dev).unwrap(),
+            )
+            .unwrap();
+            let all = all_gather_rows(c, x.as_tensor()).unwrap();
+            let w = Tensor::arange(0f32, 2.0 * world as f32, &dev)
+                .unwrap()
+                .reshape((world, 2))
+                .unwrap();
+            let grads = (&all * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let g = grads.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+            (all.to_vec2::<f32>().unwrap(), g)
+        };
+        let got: Vec<_> = if world == 1 {
+            vec![run(&SingleProcess)]
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = ranks.iter().map(|r| s.spawn(move || run(r))).collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            })
+        };
+        let rows: Vec<Vec<f32>> = (0..world).map(|r| vec![r as f32, r as f32 + 0.5]).collect();
+        for (r, (all, g)) in got.iter().enumerate() {
+            assert_eq!(all, &rows, "world {world}, rank {r}");
+            let w = world as f32;
+            assert_eq!(
+                g,
+                &vec![vec![w * (2 * r) as f32, w * (2 * r + 1) as f32]],
+                "world {world}, rank {r}"
+            );
+        }
+    }
+}
+
+#[test]
+fn no_variables_is_no_collective_call() {
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::new(&[1f32, 2.0], &dev).unwrap()).unwrap();
+    let mut grads = x.as_tensor().sum_all().unwrap().backward().unwrap();
+    let group = Tripled::default();
+    all_reduce_mean(&group, &mut grads, &[]).unwrap();
+    assert_eq!(group.calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let g: Vec<f32> = grads.get(x.as_tensor()).unwrap().to_vec1().unwrap();
+    assert_eq!(g, [1.0, 1.0]);
+}
+
+#[test]
+fn over_tcp_a_rank_started_before_rank_0_waits_for_it_within_the_limit() {
+    use clipcid_train::TcpRank;
+    let limit = std::time::Duration::from_secs(60);
+    // Rank 1 first: its connections are refused until rank 0 listens, and it retries.
+    let master = free_port();
+    let sums: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let early = s.spawn(|| {
+            let r = TcpRank::connect_within(1, 2, &master, limit).unwrap();
+            let mut v = vec![2.0f32, 3.0];
+            r.all_reduce_sum(&mut v).unwrap();
+            v
+        });
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        let r = TcpRank::connect_within(0, 2, &master, limit).unwrap();
+        let mut v = vec![10.0f32, 20.0];
+        r.all_reduce_sum(&mut v).unwrap();
+        vec![v, early.join().unwrap()]
+    });
+    assert_eq!(sums, vec![vec![12.0, 23.0]; 2]);
+    // No rank 0 at all: rank 1 gives up after the limit, naming the address.
+    let master = free_port();
+    let limit = std::time::Duration::from_millis(300);
+    let start = std::time::Instant::now();
+    let e = TcpRank::connect_within(1, 2, &master, limit)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        start.elapsed() >= limit,
+        "gave up after {:?}",
+        start.elapsed()
+    );
+    assert!(
+        e.contains("rank 1 of 2: cannot reach rank 0 at") && e.contains(&master),
+        "{e}"
+    );
+}
+
+#[test]
+fn over_tcp_a_peer_announcing_an_impossible_length_is_an_error_not_an_allocation() {
+    use std::io::Write;
+    let master = free_port();
+    let limit = std::time::Duration::from_secs(60);
+    let e = std::thread::scope(|s| {
+        let zero = s.spawn(|| {
+            let r = clipcid_train::TcpRank::connect_within(0, 2, &master, limit).unwrap();
+            r.all_gather(&[1.0]).err().unwrap().to_string()
+        });
+        // A peer that says it is rank 1, then announces 2^40 values (4 TiB).
+        let mut peer = loop {
+            match std::net::TcpStream::connect(&master) {
+                Ok(p) => break p,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        };
+        peer.write_all(&1u64.to_le_bytes()).unwrap();
+        peer.write_all(&(1u64 << 40).to_le_bytes()).unwrap();
+        let e = zero.join().unwrap();
+        drop(peer);
+        e
+    });
+    assert!(
+        e.contains("rank 0 of 2: lost rank 1") && e.contains("announced 1099511627776 values"),
+        "{e}"
+    );
 }
