@@ -112,7 +112,8 @@ fn cluster_files_round_trip_and_what_a_reader_refuses_is_never_written() {
         },
         "non-finite value in `centroids`",
     );
-    // The smallest valid change of each is written.
+    // Changes that keep the contents consistent are written: a label moved (its sizes
+    // recounted), the largest finite centroid value.
     for change in [
         (|f: &mut ClusterFile| f.labels[1] = 2) as fn(&mut ClusterFile),
         |f| f.centroids[4] = f32::MAX,
