@@ -293,7 +293,7 @@ fn gradients_cross_the_ranks_in_one_call_and_each_value_is_divided() {
 }
 
 #[test]
-fn the_group_of_one_changes_nothing_and_a_rank_s_own_rows_carry_world_times_the_gradient() {
+fn the_group_of_one_changes_nothing_and_own_rows_carry_world_times_the_gradient() {
     let dev = Device::Cpu;
     let one = SingleProcess;
     assert_eq!((one.rank(), one.world_size()), (0, 1));
