@@ -3,15 +3,17 @@
 //! provenance check and the `--part` share: round trips, and each refusal named, on read and
 //! before a write (a file a reader would refuse is never written).
 
-use std::collections::HashMap;
 use std::path::Path;
+
+mod common;
+use common::write_tensors;
 
 use candle_core::{Device, Tensor};
 use clipcid_store::clusters::cluster_sizes;
 use clipcid_store::{
-    check_same_embeddings, differing_fields, image_digest, io::write_safetensors, read_clusters,
-    sha256_hex, shard_path, write_clusters, write_keep_file, ClusterFile, ClusterSummary,
-    ImageDigests, KMeansInit, KeepList, Part, ShardLayout, SizeSummary,
+    check_same_embeddings, differing_fields, image_digest, read_clusters, sha256_hex, shard_path,
+    write_clusters, write_keep_file, ClusterFile, ClusterSummary, ImageDigests, KMeansInit,
+    KeepList, Part, ShardLayout, SizeSummary,
 };
 
 /// A consistent cluster file: 4 rows in 3 clusters of width 2.
@@ -134,14 +136,14 @@ fn cluster_files_from_other_writers_are_checked_when_read() {
     let write = |labels: &[u32], ids: &[i64], sizes: &[u32], centroids: &[f32]| {
         let tensors = [
             (
-                "centroids".to_string(),
+                "centroids",
                 Tensor::from_slice(centroids, (2, 2), &cpu).unwrap(),
             ),
-            ("labels".to_string(), Tensor::new(labels, &cpu).unwrap()),
-            ("ids".to_string(), Tensor::new(ids, &cpu).unwrap()),
-            ("sizes".to_string(), Tensor::new(sizes, &cpu).unwrap()),
+            ("labels", Tensor::new(labels, &cpu).unwrap()),
+            ("ids", Tensor::new(ids, &cpu).unwrap()),
+            ("sizes", Tensor::new(sizes, &cpu).unwrap()),
         ];
-        write_safetensors(&path, tensors, &HashMap::new()).unwrap();
+        write_tensors(&path, tensors);
         read_clusters(&path)
     };
     let unit = [1.0f32, 0.0, 0.0, 1.0];
@@ -175,8 +177,7 @@ fn cluster_files_from_other_writers_are_checked_when_read() {
         );
     }
     // A missing tensor is named.
-    let tensors = [("labels".to_string(), Tensor::new(&[0u32], &cpu).unwrap())];
-    write_safetensors(&path, tensors, &HashMap::new()).unwrap();
+    write_tensors(&path, [("labels", Tensor::new(&[0u32], &cpu).unwrap())]);
     let e = read_clusters(&path).unwrap_err().to_string();
     assert!(e.contains("no `centroids` tensor"), "{e}");
 }
@@ -314,10 +315,10 @@ fn keep_flags_other_than_zero_or_one_or_of_another_count_are_refused() {
     let cpu = Device::Cpu;
     let read = |flags: &[u8], ids: &[i64]| {
         let tensors = [
-            ("keep".to_string(), Tensor::new(flags, &cpu).unwrap()),
-            ("ids".to_string(), Tensor::new(ids, &cpu).unwrap()),
+            ("keep", Tensor::new(flags, &cpu).unwrap()),
+            ("ids", Tensor::new(ids, &cpu).unwrap()),
         ];
-        write_safetensors(&path, tensors, &HashMap::new()).unwrap();
+        write_tensors(&path, tensors);
         KeepList::read(&path)
     };
     assert_eq!(
@@ -501,28 +502,21 @@ fn image_digests_are_read_by_row_and_name_their_shard() {
             .collect()
     };
     // Shard 0: no digests, 2 rows. Shard 1: 3 rows with digests.
-    write_safetensors(
-        &shard_path(dir.path(), 0),
-        [("image".to_string(), image(2))],
-        &HashMap::new(),
-    )
-    .unwrap();
+    write_tensors(&shard_path(dir.path(), 0), [("image", image(2))]);
     let layout = || ShardLayout::open(&[dir.path().to_path_buf()]).unwrap();
     let none = ImageDigests::open(&layout()).unwrap();
     assert!(!none.any());
     assert_eq!(none.gather(&[1, 0]).unwrap(), vec![None, None]);
-    write_safetensors(
+    write_tensors(
         &shard_path(dir.path(), 1),
         [
-            ("image".to_string(), image(3)),
+            ("image", image(3)),
             (
-                "image_digest".to_string(),
+                "image_digest",
                 Tensor::from_vec(digests_of(&["a", "b", "c"]), (3, 8), &cpu).unwrap(),
             ),
         ],
-        &HashMap::new(),
-    )
-    .unwrap();
+    );
     let d = ImageDigests::open(&layout()).unwrap();
     assert!(d.any());
     assert_eq!(
@@ -547,15 +541,10 @@ fn image_digests_are_read_by_row_and_name_their_shard() {
         Tensor::from_vec(vec![0u32; 24], (3, 8), &cpu).unwrap(),
     ] {
         let shape = format!("{:?}", digest.dims());
-        write_safetensors(
+        write_tensors(
             &shard_path(dir.path(), 1),
-            [
-                ("image".to_string(), image(3)),
-                ("image_digest".to_string(), digest),
-            ],
-            &HashMap::new(),
-        )
-        .unwrap();
+            [("image", image(3)), ("image_digest", digest)],
+        );
         let e = ImageDigests::open(&layout()).unwrap_err().to_string();
         assert!(
             e.contains("00001") && e.contains("expected [3, 8] U8") && e.contains(&shape),

@@ -5,6 +5,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+mod common;
+use common::write_tensors;
+
 use candle_core::{DType, Device, Tensor};
 use clipcid_store::{
     io::write_safetensors, shard_path, EmbedEnd, EmbeddingShard, RowIds, RowIndex, ShardLayout,
@@ -691,12 +694,6 @@ fn gathered_rows_equal_the_shards_read_whole() {
         let e = changed.row_ids_of(0).unwrap_err();
         assert!(e.to_string().contains("open the layout again"), "{e}");
     }
-}
-
-/// A safetensors file at `path` of these named tensors and no metadata.
-fn write_tensors<'a>(path: &Path, tensors: impl IntoIterator<Item = (&'a str, Tensor)>) {
-    let tensors = tensors.into_iter().map(|(n, t)| (n.to_string(), t));
-    write_safetensors(path, tensors, &HashMap::new()).unwrap();
 }
 
 /// A shard of `n` rows `width` wide with ids `first..first + n`, and nothing else.
